@@ -1,0 +1,1 @@
+//! Portkeep server runtime.
