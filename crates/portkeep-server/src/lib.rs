@@ -1,1 +1,27 @@
-//! Sans-IO PCP server core.
+//! The Portkeep PCP server core, sans-IO.
+//!
+//! [`Server`] turns `(now, source, datagram)` into a reply and a list of
+//! [`Change`]s. It owns the mapping table (RFC 6887 sections 11-15), the
+//! external port allocator, per-subscriber quotas and epochs (section 8.5),
+//! and validates requests in the order of section 8.2. It reads no clock
+//! and does no I/O, so tests drive it with made-up time; the daemon wraps
+//! it with sockets and hands its changes to the dataplane.
+
+pub mod change;
+mod config;
+pub mod dataplane;
+pub mod prefix;
+mod server;
+mod subscriber;
+mod table;
+mod time;
+
+pub use change::{
+    Change, ChangeRecord, FilterRule, MappingKey, MappingKind, MappingRecord, RemoveReason,
+};
+pub use config::ServerConfig;
+pub use dataplane::{Dataplane, DataplaneError, MemoryDataplane};
+pub use prefix::Prefix;
+pub use server::{Outcome, Server, Stats};
+pub use subscriber::{SubscriberId, SubscriberKeying};
+pub use time::Timestamp;

@@ -1,0 +1,116 @@
+//! The change log: every mutation of server state, as data.
+//!
+//! DESIGN.md: the core returns `Change`s with the response, and the
+//! runtime hands them to the store, the replica link and the dataplane,
+//! releasing a response only once the sinks it needs have acknowledged.
+//! Storage recovery, backup synchronisation and NAT programming are all
+//! replays of this one log.
+
+use std::net::{IpAddr, SocketAddr};
+
+use portkeep_proto::{Nonce, Protocol};
+
+use crate::prefix::Prefix;
+use crate::{SubscriberId, Timestamp};
+
+/// What identifies a MAP mapping (RFC 6887 section 11.1: internal address,
+/// protocol, internal port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MappingKey {
+    /// Internal address (IPv4 as IPv4, never IPv4-mapped).
+    pub internal_ip: IpAddr,
+    /// Protocol; [`Protocol::ALL`] for all protocols.
+    pub protocol: Protocol,
+    /// Internal port; 0 for all ports.
+    pub internal_port: u16,
+}
+
+/// Whether a mapping was made by MAP or PEER.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MappingKind {
+    /// An inbound mapping (RFC 6887 section 11).
+    Map,
+    /// An outbound flow to one remote peer (RFC 6887 section 12).
+    Peer {
+        /// The remote peer.
+        remote: SocketAddr,
+    },
+}
+
+/// A FILTER rule kept with a MAP mapping (RFC 6887 section 13.3): only
+/// remote peers in `prefix` (and on `port`, unless 0) may use the mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FilterRule {
+    /// Permitted remote prefix.
+    pub prefix: Prefix,
+    /// Permitted remote port; 0 means any.
+    pub port: u16,
+}
+
+/// A mapping as the rest of the system sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MappingRecord {
+    /// MAP or PEER.
+    pub kind: MappingKind,
+    /// Internal side.
+    pub key: MappingKey,
+    /// Assigned external address and port (port 0: all ports).
+    pub external: SocketAddr,
+    /// The nonce that owns the mapping (RFC 6887 section 11.1).
+    pub nonce: Nonce,
+    /// When it expires.
+    pub expires: Timestamp,
+    /// The lifetime granted by the last request, in seconds.
+    pub lifetime: u32,
+    /// Tagged for check-pointing (RFC 7767 section 3.2).
+    pub checkpoint: bool,
+    /// FILTER rules (MAP only).
+    pub filters: Vec<FilterRule>,
+    /// DESCRIPTION text (RFC 7220).
+    pub description: Option<String>,
+    /// The subscriber the mapping counts against.
+    pub subscriber: SubscriberId,
+    /// Made on behalf of another host with THIRD_PARTY (RFC 6887 section 13.1).
+    pub third_party: bool,
+}
+
+/// Why a mapping went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoveReason {
+    /// Deleted by its owner (lifetime 0, RFC 6887 section 15).
+    Deleted,
+    /// Its lifetime ran out (RFC 6887 section 15).
+    Expired,
+    /// Cleared by the operator (failure-scenarios draft section 2.6.2).
+    Cleared,
+}
+
+/// One mutation of server state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A mapping was created or its state (lifetime, flags, filters) changed.
+    Upserted(MappingRecord),
+    /// A mapping was removed; the record is the mapping as it last was.
+    Removed {
+        /// The mapping that went away.
+        mapping: MappingRecord,
+        /// Why.
+        reason: RemoveReason,
+    },
+    /// A subscriber's epoch restarted at `anchor` (RFC 6887 section 8.5).
+    EpochReset {
+        /// Whose epoch.
+        subscriber: SubscriberId,
+        /// The time its epoch counts from.
+        anchor: Timestamp,
+    },
+}
+
+/// A change with its position in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeRecord {
+    /// Log sequence number, strictly increasing from 1.
+    pub seq: u64,
+    /// The change.
+    pub change: Change,
+}

@@ -1,0 +1,71 @@
+//! Settings of the server core (already validated; the daemon turns its
+//! TOML file into this).
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use portkeep_proto::CodePoints;
+
+use crate::prefix::Prefix;
+use crate::SubscriberKeying;
+
+/// Everything the core needs to know about its policy.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// External addresses mappings are allocated from.
+    pub external_addresses: Vec<IpAddr>,
+    /// Lowest external port handed out.
+    pub port_min: u16,
+    /// Highest external port handed out.
+    pub port_max: u16,
+    /// Shortest lifetime granted, seconds (RFC 6887 section 15: 120 s recommended).
+    pub min_lifetime: u32,
+    /// Longest lifetime granted, seconds.
+    pub max_lifetime: u32,
+    /// Lifetime of "long" errors (RFC 6887 section 7.4: 30 minutes recommended).
+    pub long_error_lifetime: u32,
+    /// Lifetime of "short" errors (RFC 6887 section 7.4: 30 seconds recommended).
+    pub short_error_lifetime: u32,
+    /// How internal addresses group into subscribers.
+    pub subscriber_keying: SubscriberKeying,
+    /// Mappings (MAP and PEER) one subscriber may hold (USER_EX_QUOTA beyond).
+    pub max_mappings_per_subscriber: u32,
+    /// Mappings the whole server may hold (NO_RESOURCES beyond).
+    pub max_mappings: u32,
+    /// FILTER rules one mapping may hold (EXCESSIVE_REMOTE_PEERS beyond).
+    pub max_filters_per_mapping: usize,
+    /// Clients allowed to use THIRD_PARTY (RFC 6887 section 13.1).
+    pub third_party_clients: Vec<Prefix>,
+    /// Code points of the failure-scenarios draft.
+    pub code_points: CodePoints,
+    /// Seed for port randomisation; fixed in tests, random in the daemon.
+    pub seed: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            external_addresses: vec![IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1))],
+            port_min: 1024,
+            port_max: 65535,
+            min_lifetime: 120,
+            max_lifetime: 24 * 3600,
+            long_error_lifetime: 30 * 60,
+            short_error_lifetime: 30,
+            subscriber_keying: SubscriberKeying::default(),
+            max_mappings_per_subscriber: 1024,
+            max_mappings: 4_000_000,
+            max_filters_per_mapping: 8,
+            third_party_clients: Vec::new(),
+            code_points: CodePoints::default(),
+            seed: 0x5eed,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The longest lifetime as a duration.
+    pub fn max_lifetime_duration(&self) -> Duration {
+        Duration::from_secs(u64::from(self.max_lifetime))
+    }
+}

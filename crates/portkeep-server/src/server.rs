@@ -1,0 +1,844 @@
+//! The PCP server state machine (RFC 6887 sections 8.2, 11-15).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use portkeep_proto::addr::{from_wire, is_unspecified, to_wire};
+use portkeep_proto::{
+    build_error_response, Disposition, Filter, MapData, OpData, PcpOption, PeerData, Protocol,
+    Request, Response, ResponseHeader, ResultCode, HEADER_LEN, VERSION,
+};
+
+use crate::change::{Change, ChangeRecord, FilterRule, MappingKey, MappingRecord, RemoveReason};
+use crate::prefix::{canonical, Prefix};
+use crate::table::{AllocError, Entry, Extra, Id, Pool, Suggestion, Table};
+use crate::{ServerConfig, SubscriberId, Timestamp};
+
+/// What to do with a datagram after [`Server::handle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Send the bytes written to `out` back to the source.
+    Reply,
+    /// Send nothing (RFC 6887 section 8.2 says to drop this datagram).
+    Drop,
+}
+
+/// Per-subscriber state: how many mappings it holds and, if its epoch was
+/// reset independently of the server's, when its epoch began.
+#[derive(Debug, Default, Clone, Copy)]
+struct Subscriber {
+    mappings: u32,
+    anchor: Option<Timestamp>,
+}
+
+/// Counters for the control interface and logs.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    /// Datagrams handled.
+    pub received: u64,
+    /// Datagrams dropped without a reply.
+    pub dropped: u64,
+    /// Replies by result code.
+    pub results: [u64; 256],
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            received: 0,
+            dropped: 0,
+            results: [0; 256],
+        }
+    }
+}
+
+/// The options of a MAP or PEER request, after RFC 6887 section 7.3 checks.
+#[derive(Debug, Default)]
+struct ReqOptions {
+    third_party: Option<IpAddr>,
+    prefer_failure: bool,
+    filters: Vec<Filter>,
+    description: Option<String>,
+    checkpoint: bool,
+}
+
+/// A request failed with this result code; `parsed` says whether the
+/// request was understood (RFC 6887 section 7.2: the reserved 96 bits of
+/// the response are then zero rather than a copy of the client address).
+#[derive(Debug, Clone, Copy)]
+struct Fail {
+    code: ResultCode,
+    parsed: bool,
+}
+
+impl Fail {
+    fn parsed(code: ResultCode) -> Fail {
+        Fail { code, parsed: true }
+    }
+    fn unparsed(code: ResultCode) -> Fail {
+        Fail {
+            code,
+            parsed: false,
+        }
+    }
+}
+
+/// The sans-IO PCP server.
+///
+/// Feed it datagrams with [`Server::handle`] and the passage of time with
+/// [`Server::handle_timeout`]; take the state changes it made with
+/// [`Server::drain_changes`]. It never reads a clock or touches a socket.
+#[derive(Debug)]
+pub struct Server {
+    cfg: ServerConfig,
+    table: Table,
+    subscribers: HashMap<SubscriberId, Subscriber>,
+    /// When the server's own epoch began (RFC 6887 section 8.5).
+    anchor: Timestamp,
+    log: Vec<ChangeRecord>,
+    seq: u64,
+    checkpoint_available: bool,
+    stats: Stats,
+}
+
+impl Server {
+    /// A server with an empty table whose epoch starts at `now`.
+    pub fn new(cfg: ServerConfig, now: Timestamp) -> Server {
+        let pool = Pool {
+            addrs: cfg
+                .external_addresses
+                .iter()
+                .copied()
+                .map(canonical)
+                .collect(),
+            port_lo: cfg.port_min.min(cfg.port_max),
+            port_hi: cfg.port_max.max(cfg.port_min),
+        };
+        Server {
+            table: Table::new(pool, cfg.seed),
+            cfg,
+            subscribers: HashMap::new(),
+            anchor: now,
+            log: Vec::new(),
+            seq: 0,
+            checkpoint_available: false,
+            stats: Stats::default(),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &ServerConfig {
+        &self.cfg
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Number of mappings (MAP and PEER) held.
+    pub fn mapping_count(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Whether check-point requests can currently be honoured (RFC 7767
+    /// section 3.2: "resources available for check-pointing"). A standalone
+    /// server has nowhere to check-point to, so this starts false.
+    pub fn set_checkpoint_available(&mut self, available: bool) {
+        self.checkpoint_available = available;
+    }
+
+    /// All mappings, in no particular order.
+    pub fn mappings(&self) -> Vec<MappingRecord> {
+        let keying = self.cfg.subscriber_keying;
+        self.table
+            .entries
+            .iter()
+            .filter_map(|(id, _)| self.table.record(id, &keying))
+            .collect()
+    }
+
+    /// The epoch a subscriber's client sees at `now` (RFC 6887 section 8.5):
+    /// seconds since its state began, wrapping at 2^32.
+    pub fn epoch_of(&self, now: Timestamp, sub: Option<SubscriberId>) -> u32 {
+        let anchor = sub
+            .and_then(|s| self.subscribers.get(&s))
+            .and_then(|s| s.anchor)
+            .unwrap_or(self.anchor);
+        now.secs_since(anchor) as u32
+    }
+
+    /// The server-wide epoch at `now`.
+    pub fn epoch(&self, now: Timestamp) -> u32 {
+        self.epoch_of(now, None)
+    }
+
+    /// Last log sequence number handed out.
+    pub fn last_seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Takes the changes made since the last call, in log order.
+    pub fn drain_changes(&mut self) -> std::vec::Drain<'_, ChangeRecord> {
+        self.log.drain(..)
+    }
+
+    /// When [`Server::handle_timeout`] next has work (the earliest expiry).
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        self.table.next_expiry()
+    }
+
+    /// Removes every mapping whose lifetime ended by `now` (RFC 6887 section 15).
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        while let Some(id) = self.table.first_expired(now) {
+            self.remove_entry(id, RemoveReason::Expired);
+        }
+    }
+
+    /// Writes an unsolicited ANNOUNCE response with the server-wide epoch
+    /// (RFC 6887 section 14.1.1), for sending after the server starts or
+    /// loses state.
+    pub fn unsolicited_announce(&self, now: Timestamp, out: &mut Vec<u8>) {
+        out.clear();
+        let resp = Response {
+            header: ResponseHeader {
+                result: ResultCode::SUCCESS,
+                lifetime: 0,
+                epoch: self.epoch(now),
+            },
+            data: OpData::Announce,
+            options: Vec::new(),
+        };
+        // A bare ANNOUNCE is 24 octets; encoding cannot exceed the limit.
+        let _ = resp.encode(&self.cfg.code_points, out);
+    }
+
+    /// Handles one datagram from `source`, writing any reply into `out`.
+    pub fn handle(
+        &mut self,
+        now: Timestamp,
+        source: SocketAddr,
+        datagram: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        out.clear();
+        self.stats.received += 1;
+        let src = canonical(source.ip());
+        let outcome = match self.process(now, src, datagram, out) {
+            Ok(()) => Outcome::Reply,
+            Err(None) => Outcome::Drop,
+            Err(Some(fail)) => {
+                let lifetime = if fail.code.is_long_lifetime_error() {
+                    self.cfg.long_error_lifetime
+                } else {
+                    self.cfg.short_error_lifetime
+                };
+                let sub = self.cfg.subscriber_keying.subscriber_of(src);
+                out.clear();
+                build_error_response(
+                    datagram,
+                    fail.code,
+                    lifetime,
+                    self.epoch_of(now, Some(sub)),
+                    out,
+                );
+                if fail.parsed {
+                    out[12..HEADER_LEN].fill(0);
+                }
+                Outcome::Reply
+            }
+        };
+        match outcome {
+            Outcome::Reply => {
+                let code = out.get(3).copied().unwrap_or(0);
+                self.stats.results[usize::from(code)] += 1;
+            }
+            Outcome::Drop => self.stats.dropped += 1,
+        }
+        outcome
+    }
+
+    /// RFC 6887 section 8.2, in its order. `Err(None)` drops silently.
+    fn process(
+        &mut self,
+        now: Timestamp,
+        src: IpAddr,
+        datagram: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), Option<Fail>> {
+        let cp = self.cfg.code_points;
+        // Section 8.2: a supported version but fewer than 24 octets is
+        // dropped, not answered; the version check comes first so that a
+        // short NAT-PMP request still learns the version we speak.
+        if datagram.len() >= 2
+            && datagram[1] & 0x80 == 0
+            && datagram[0] == VERSION
+            && datagram.len() < HEADER_LEN
+        {
+            return Err(None);
+        }
+        let req = match Request::parse(datagram, &cp) {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(match e.disposition() {
+                    Disposition::Drop => None,
+                    // Section 9 and appendix A: a NAT-PMP (version 0) request
+                    // gets a PCP UNSUPP_VERSION response, whose first four
+                    // octets a NAT-PMP client reads as result 1, "unsupported
+                    // version"; a PCP client learns we speak version 2.
+                    Disposition::Respond(code) => Some(Fail::unparsed(code)),
+                });
+            }
+        };
+        // Section 8.2: the client address field must be the packet's
+        // source, which detects a NAT between client and server. THIRD_PARTY
+        // names the internal host but does not lift this rule.
+        if canonical(from_wire(req.header.client_ip)) != src {
+            return Err(Some(Fail::parsed(ResultCode::ADDRESS_MISMATCH)));
+        }
+        match &req.data {
+            OpData::Announce => self.announce(now, src, &req, out),
+            OpData::Map(m) => {
+                let m = *m;
+                self.map(now, src, &req, &m, out)
+            }
+            OpData::Peer(p) => {
+                let p = *p;
+                self.peer(now, src, &req, &p, out)
+            }
+            // GET/NEXT is answered once the mapping-table walk exists.
+            OpData::Get(_) | OpData::Opaque { .. } => {
+                Err(Some(Fail::unparsed(ResultCode::UNSUPP_OPCODE)))
+            }
+        }
+    }
+
+    /// RFC 6887 section 7.3: unknown mandatory options are UNSUPP_OPTION,
+    /// unknown optional ones ignored; repeats beyond an option's maximum and
+    /// invalid contents are MALFORMED_OPTION. An option known but not valid
+    /// for the opcode is MALFORMED_OPTION when mandatory and ignored when
+    /// optional (so CHECKPOINT_REQUIRED on ANNOUNCE is ignored, as RFC 7767
+    /// section 3.1 lists it for MAP and PEER only), except PREFER_FAILURE
+    /// in PEER, which section 12.1 makes MALFORMED_REQUEST.
+    fn check_options(&self, req: &Request, src: IpAddr) -> Result<ReqOptions, Fail> {
+        let is_map = matches!(req.data, OpData::Map(_));
+        let is_mapish = is_map || matches!(req.data, OpData::Peer(_));
+        let mut o = ReqOptions::default();
+        let malformed = || Fail::parsed(ResultCode::MALFORMED_OPTION);
+        let mut seen_third_party = false;
+        for opt in &req.options {
+            let code = opt.code(&self.cfg.code_points);
+            let valid = match opt {
+                PcpOption::ThirdParty(_) | PcpOption::Description(_) => is_mapish,
+                PcpOption::CheckpointRequired => is_mapish,
+                PcpOption::PreferFailure | PcpOption::Filter(_) => is_map,
+                PcpOption::Next(_) => false,
+                PcpOption::Unknown { .. } => {
+                    if code.is_mandatory() {
+                        return Err(Fail::parsed(ResultCode::UNSUPP_OPTION));
+                    }
+                    continue;
+                }
+            };
+            if !valid {
+                if matches!(opt, PcpOption::PreferFailure) && !is_map && is_mapish {
+                    return Err(Fail::parsed(ResultCode::MALFORMED_REQUEST));
+                }
+                if code.is_mandatory() {
+                    return Err(malformed());
+                }
+                continue;
+            }
+            match opt {
+                PcpOption::ThirdParty(ip) => {
+                    if seen_third_party {
+                        return Err(malformed());
+                    }
+                    seen_third_party = true;
+                    let ip = canonical(from_wire(*ip));
+                    // Section 13.1: naming yourself is malformed.
+                    if ip == src {
+                        return Err(Fail::parsed(ResultCode::MALFORMED_REQUEST));
+                    }
+                    if is_unspecified(to_wire(ip)) {
+                        return Err(malformed());
+                    }
+                    o.third_party = Some(ip);
+                }
+                PcpOption::PreferFailure => {
+                    if o.prefer_failure {
+                        return Err(malformed());
+                    }
+                    o.prefer_failure = true;
+                }
+                PcpOption::Filter(f) => {
+                    // Section 13.3: prefix length counts over 128 bits, so
+                    // an IPv4 filter is 96..=128; 0 means "remove filters".
+                    let v4 = f.remote_ip.to_ipv4_mapped().is_some();
+                    let ok =
+                        f.prefix_len == 0 || f.prefix_len <= 128 && (!v4 || f.prefix_len >= 96);
+                    if !ok {
+                        return Err(malformed());
+                    }
+                    o.filters.push(*f);
+                }
+                PcpOption::Description(d) => {
+                    if o.description.is_some() {
+                        return Err(malformed());
+                    }
+                    o.description = Some(d.clone());
+                }
+                PcpOption::CheckpointRequired => {
+                    // RFC 7767 section 3.1: at most once.
+                    if o.checkpoint {
+                        return Err(malformed());
+                    }
+                    o.checkpoint = true;
+                }
+                PcpOption::Next(_) | PcpOption::Unknown { .. } => {}
+            }
+        }
+        if o.third_party.is_some() {
+            // Section 13.1: only authorised clients may act for others.
+            if !self.cfg.third_party_clients.iter().any(|p| p.contains(src)) {
+                return Err(Fail::parsed(ResultCode::NOT_AUTHORIZED));
+            }
+        }
+        if o.filters.len() > self.cfg.max_filters_per_mapping {
+            return Err(Fail::parsed(ResultCode::EXCESSIVE_REMOTE_PEERS));
+        }
+        Ok(o)
+    }
+
+    /// Section 14.1: ANNOUNCE carries no body; its lifetime is ignored.
+    fn announce(
+        &mut self,
+        now: Timestamp,
+        src: IpAddr,
+        req: &Request,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Option<Fail>> {
+        self.check_options(req, src).map_err(Some)?;
+        let sub = self.cfg.subscriber_keying.subscriber_of(src);
+        let resp = Response {
+            header: ResponseHeader {
+                result: ResultCode::SUCCESS,
+                lifetime: 0,
+                epoch: self.epoch_of(now, Some(sub)),
+            },
+            data: OpData::Announce,
+            options: Vec::new(),
+        };
+        self.encode(&resp, out)
+    }
+
+    fn encode(&self, resp: &Response, out: &mut Vec<u8>) -> Result<(), Option<Fail>> {
+        out.clear();
+        resp.encode(&self.cfg.code_points, out)
+            .map_err(|_| Some(Fail::parsed(ResultCode::NO_RESOURCES)))
+    }
+
+    fn clamp_lifetime(&self, requested: u32) -> u32 {
+        requested.clamp(
+            self.cfg.min_lifetime,
+            self.cfg.max_lifetime.max(self.cfg.min_lifetime),
+        )
+    }
+
+    fn suggestion(m: &MapData, prefer_failure: bool) -> Suggestion {
+        let ip = if is_unspecified(m.external_ip) {
+            None
+        } else {
+            Some(from_wire(m.external_ip))
+        };
+        Suggestion {
+            ip,
+            port: m.external_port,
+            prefer_failure,
+        }
+    }
+
+    /// The options echoed in a success response: those the server acted on
+    /// (RFC 6887 section 13: THIRD_PARTY, PREFER_FAILURE and FILTER appear
+    /// in a response only if they were in the request), and
+    /// CHECKPOINT_REQUIRED only when honoured (RFC 7767 section 3.2).
+    fn echo_options(req: &Request, checkpoint_honoured: bool) -> Vec<PcpOption> {
+        req.options
+            .iter()
+            .filter(|o| match o {
+                PcpOption::ThirdParty(_)
+                | PcpOption::PreferFailure
+                | PcpOption::Filter(_)
+                | PcpOption::Description(_) => true,
+                PcpOption::CheckpointRequired => checkpoint_honoured,
+                PcpOption::Next(_) | PcpOption::Unknown { .. } => false,
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Section 11.3 (MAP), with deletion per section 15.
+    fn map(
+        &mut self,
+        now: Timestamp,
+        src: IpAddr,
+        req: &Request,
+        m: &MapData,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Option<Fail>> {
+        let o = self.check_options(req, src).map_err(Some)?;
+        let internal_ip = o.third_party.unwrap_or(src);
+        // Section 11.1: with protocol 0 the internal port "MUST be ignored
+        // on reception".
+        let internal_port = if m.protocol == Protocol::ALL {
+            0
+        } else {
+            m.internal_port
+        };
+        let key = MappingKey {
+            internal_ip,
+            protocol: m.protocol,
+            internal_port,
+        };
+        let sub = self.cfg.subscriber_keying.subscriber_of(internal_ip);
+        if req.header.lifetime == 0 {
+            let external = self.delete_map(key, m.nonce).map_err(Some)?;
+            let mut data = *m;
+            if let Some(ext) = external {
+                data.external_ip = to_wire(ext.ip());
+                data.external_port = ext.port();
+            }
+            let resp = Response {
+                header: ResponseHeader {
+                    result: ResultCode::SUCCESS,
+                    lifetime: 0,
+                    epoch: self.epoch_of(now, Some(sub)),
+                },
+                data: OpData::Map(data),
+                options: Self::echo_options(req, false),
+            };
+            return self.encode(&resp, out);
+        }
+        let lifetime = self.clamp_lifetime(req.header.lifetime);
+        let expires = now + Duration::from_secs(u64::from(lifetime));
+        let checkpoint = o.checkpoint && self.checkpoint_available;
+        let suggestion = Self::suggestion(m, o.prefer_failure);
+        let id = match self.table.map_entry(&key) {
+            Some(id) => {
+                // Section 11.3: a refresh must come with the creator's nonce.
+                if self.table.get(id).map(|e| e.nonce) != Some(m.nonce) {
+                    return Err(Some(Fail::parsed(ResultCode::NOT_AUTHORIZED)));
+                }
+                let filters = apply_filters(
+                    self.table
+                        .get(id)
+                        .and_then(|e| e.extra.as_ref())
+                        .map(|x| x.filters.clone())
+                        .unwrap_or_default(),
+                    &o.filters,
+                );
+                if filters.len() > self.cfg.max_filters_per_mapping {
+                    return Err(Some(Fail::parsed(ResultCode::EXCESSIVE_REMOTE_PEERS)));
+                }
+                let description = o.description.clone();
+                self.table.update(id, |e| {
+                    e.expires = expires;
+                    e.lifetime = lifetime;
+                    e.checkpoint = checkpoint;
+                    let desc = description
+                        .map(String::into_boxed_str)
+                        .or_else(|| e.extra.as_ref().and_then(|x| x.description.clone()));
+                    e.extra = make_extra(filters, desc);
+                });
+                id
+            }
+            None => {
+                self.admit(sub)?;
+                let binding = self.bind(key, suggestion)?;
+                // An existing binding (made by PEER) keeps its external
+                // endpoint; PREFER_FAILURE then fails if that is not what
+                // was suggested (section 13.2).
+                if o.prefer_failure && !self.table.binding_matches(binding, &suggestion) {
+                    self.table.unbind_if_unused(binding);
+                    return Err(Some(Fail::parsed(ResultCode::CANNOT_PROVIDE_EXTERNAL)));
+                }
+                let filters = apply_filters(Vec::new(), &o.filters);
+                let id = self.table.insert(Entry {
+                    binding,
+                    remote: None,
+                    nonce: m.nonce,
+                    expires,
+                    lifetime,
+                    checkpoint,
+                    third_party: o.third_party.is_some(),
+                    extra: make_extra(filters, o.description.clone().map(String::into_boxed_str)),
+                });
+                self.subscriber_mut(sub).mappings += 1;
+                id
+            }
+        };
+        let record = self.record(id);
+        let external = record.as_ref().map(|r| r.external);
+        if let Some(r) = record {
+            self.push(Change::Upserted(r));
+        }
+        let mut data = *m;
+        if let Some(ext) = external {
+            data.external_ip = to_wire(ext.ip());
+            data.external_port = ext.port();
+        }
+        let resp = Response {
+            header: ResponseHeader {
+                result: ResultCode::SUCCESS,
+                lifetime,
+                epoch: self.epoch_of(now, Some(sub)),
+            },
+            data: OpData::Map(data),
+            options: Self::echo_options(req, checkpoint),
+        };
+        self.encode(&resp, out)
+    }
+
+    /// Section 12.3 (PEER).
+    fn peer(
+        &mut self,
+        now: Timestamp,
+        src: IpAddr,
+        req: &Request,
+        p: &PeerData,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Option<Fail>> {
+        // Section 12.1: protocol, internal port and remote port must not be
+        // zero, and the remote address must be a real address.
+        if p.map.protocol == Protocol::ALL
+            || p.map.internal_port == 0
+            || p.remote_port == 0
+            || is_unspecified(p.remote_ip)
+        {
+            return Err(Some(Fail::parsed(ResultCode::MALFORMED_REQUEST)));
+        }
+        let o = self.check_options(req, src).map_err(Some)?;
+        let internal_ip = o.third_party.unwrap_or(src);
+        let key = MappingKey {
+            internal_ip,
+            protocol: p.map.protocol,
+            internal_port: p.map.internal_port,
+        };
+        let remote = SocketAddr::new(from_wire(p.remote_ip), p.remote_port);
+        let sub = self.cfg.subscriber_keying.subscriber_of(internal_ip);
+        // Section 12.3: PEER cannot shorten or delete a mapping, so the
+        // expiry only ever moves later; lifetime 0 is clamped like any other.
+        let lifetime = self.clamp_lifetime(req.header.lifetime);
+        let expires = now + Duration::from_secs(u64::from(lifetime));
+        let checkpoint = o.checkpoint && self.checkpoint_available;
+        // Section 12.3: a PEER behaves as if PREFER_FAILURE were present.
+        let suggestion = Self::suggestion(&p.map, true);
+        let id = match self.table.peer_entry(&key, remote) {
+            Some(id) => {
+                if self.table.get(id).map(|e| e.nonce) != Some(p.map.nonce) {
+                    return Err(Some(Fail::parsed(ResultCode::NOT_AUTHORIZED)));
+                }
+                let description = o.description.clone();
+                self.table.update(id, |e| {
+                    if expires > e.expires {
+                        e.expires = expires;
+                        e.lifetime = lifetime;
+                    }
+                    e.checkpoint = checkpoint;
+                    if let Some(d) = description {
+                        e.extra = make_extra(Vec::new(), Some(d.into_boxed_str()));
+                    }
+                });
+                id
+            }
+            None => {
+                self.admit(sub)?;
+                let binding = self.bind(key, suggestion)?;
+                if !self.table.binding_matches(binding, &suggestion) {
+                    self.table.unbind_if_unused(binding);
+                    return Err(Some(Fail::parsed(ResultCode::CANNOT_PROVIDE_EXTERNAL)));
+                }
+                let id = self.table.insert(Entry {
+                    binding,
+                    remote: Some(remote),
+                    nonce: p.map.nonce,
+                    expires,
+                    lifetime,
+                    checkpoint,
+                    third_party: o.third_party.is_some(),
+                    extra: make_extra(
+                        Vec::new(),
+                        o.description.clone().map(String::into_boxed_str),
+                    ),
+                });
+                self.subscriber_mut(sub).mappings += 1;
+                id
+            }
+        };
+        let record = self.record(id);
+        let (external, granted) = match &record {
+            Some(r) => (Some(r.external), r.expires - now),
+            None => (None, Duration::ZERO),
+        };
+        if let Some(r) = record {
+            self.push(Change::Upserted(r));
+        }
+        let mut data = *p;
+        if let Some(ext) = external {
+            data.map.external_ip = to_wire(ext.ip());
+            data.map.external_port = ext.port();
+        }
+        let resp = Response {
+            header: ResponseHeader {
+                result: ResultCode::SUCCESS,
+                lifetime: u32::try_from(granted.as_secs()).unwrap_or(u32::MAX),
+                epoch: self.epoch_of(now, Some(sub)),
+            },
+            data: OpData::Peer(data),
+            options: Self::echo_options(req, checkpoint),
+        };
+        self.encode(&resp, out)
+    }
+
+    /// Quotas checked before a new mapping is made: the subscriber's own
+    /// (USER_EX_QUOTA) and the server's (NO_RESOURCES), which together bound
+    /// the memory any flood of requests can take.
+    fn admit(&self, sub: SubscriberId) -> Result<(), Option<Fail>> {
+        if self.table.len() >= self.cfg.max_mappings as usize {
+            return Err(Some(Fail::parsed(ResultCode::NO_RESOURCES)));
+        }
+        let held = self.subscribers.get(&sub).map_or(0, |s| s.mappings);
+        if held >= self.cfg.max_mappings_per_subscriber {
+            return Err(Some(Fail::parsed(ResultCode::USER_EX_QUOTA)));
+        }
+        Ok(())
+    }
+
+    fn bind(&mut self, key: MappingKey, s: Suggestion) -> Result<Id, Option<Fail>> {
+        self.table.bind(key, s).map_err(|e| {
+            Some(Fail::parsed(match e {
+                AllocError::CannotProvide => ResultCode::CANNOT_PROVIDE_EXTERNAL,
+                AllocError::Exhausted => ResultCode::NO_RESOURCES,
+            }))
+        })
+    }
+
+    /// Deletes the MAP mapping `key` (or, with internal port 0, every MAP
+    /// mapping of the internal address for that protocol, all protocols
+    /// when it is 0; section 11.1) whose nonce matches. Deleting nothing is
+    /// success; a mapping owned by another nonce is NOT_AUTHORIZED
+    /// (section 11.3) and stays. Returns the external endpoint of a single
+    /// deleted mapping.
+    fn delete_map(
+        &mut self,
+        key: MappingKey,
+        nonce: portkeep_proto::Nonce,
+    ) -> Result<Option<SocketAddr>, Fail> {
+        let exact = self.table.map_entry(&key);
+        let targets: Vec<Id> = match exact {
+            Some(id) => vec![id],
+            None if key.internal_port == 0 => self
+                .table
+                .map_entries_of(key.internal_ip)
+                .into_iter()
+                .filter(|&id| {
+                    key.protocol == Protocol::ALL
+                        || self
+                            .table
+                            .get(id)
+                            .and_then(|e| self.table.bindings.get(e.binding))
+                            .is_some_and(|b| b.key.protocol == key.protocol)
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let (mine, theirs): (Vec<Id>, Vec<Id>) = targets
+            .into_iter()
+            .partition(|&id| self.table.get(id).map(|e| e.nonce) == Some(nonce));
+        if mine.is_empty() && !theirs.is_empty() {
+            return Err(Fail::parsed(ResultCode::NOT_AUTHORIZED));
+        }
+        let mut external = None;
+        for id in &mine {
+            external = self
+                .table
+                .get(*id)
+                .and_then(|e| self.table.external_of(e.binding));
+            self.remove_entry(*id, RemoveReason::Deleted);
+        }
+        Ok(if mine.len() == 1 { external } else { None })
+    }
+
+    fn record(&self, id: Id) -> Option<MappingRecord> {
+        self.table.record(id, &self.cfg.subscriber_keying)
+    }
+
+    fn remove_entry(&mut self, id: Id, reason: RemoveReason) {
+        let Some(record) = self.record(id) else {
+            return;
+        };
+        self.table.remove(id);
+        let sub = record.subscriber;
+        if let Some(s) = self.subscribers.get_mut(&sub) {
+            s.mappings = s.mappings.saturating_sub(1);
+            if s.mappings == 0 && s.anchor.is_none() {
+                self.subscribers.remove(&sub);
+            }
+        }
+        self.push(Change::Removed {
+            mapping: record,
+            reason,
+        });
+    }
+
+    fn subscriber_mut(&mut self, sub: SubscriberId) -> &mut Subscriber {
+        self.subscribers.entry(sub).or_default()
+    }
+
+    fn push(&mut self, change: Change) {
+        self.seq += 1;
+        self.log.push(ChangeRecord {
+            seq: self.seq,
+            change,
+        });
+    }
+}
+
+/// Section 13.3: a FILTER with prefix length 0 removes all filters; the
+/// others are added (a refresh may add more), ignoring exact repeats.
+fn apply_filters(mut current: Vec<FilterRule>, new: &[Filter]) -> Vec<FilterRule> {
+    for f in new {
+        if f.prefix_len == 0 {
+            current.clear();
+            continue;
+        }
+        let ip = from_wire(f.remote_ip);
+        let len = if ip.is_ipv4() {
+            f.prefix_len.saturating_sub(96)
+        } else {
+            f.prefix_len
+        };
+        if let Ok(prefix) = Prefix::new(ip, len) {
+            let rule = FilterRule {
+                prefix,
+                port: f.remote_port,
+            };
+            if !current.contains(&rule) {
+                current.push(rule);
+            }
+        }
+    }
+    current
+}
+
+fn make_extra(filters: Vec<FilterRule>, description: Option<Box<str>>) -> Option<Box<Extra>> {
+    if filters.is_empty() && description.is_none() {
+        None
+    } else {
+        Some(Box::new(Extra {
+            filters,
+            description,
+        }))
+    }
+}

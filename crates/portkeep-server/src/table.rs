@@ -1,0 +1,474 @@
+//! The mapping table: external bindings, MAP and PEER entries, the port
+//! allocator and the expiry index.
+//!
+//! A *binding* is the NAT's endpoint-independent mapping of one internal
+//! (address, protocol, port) to one external (address, port). MAP and PEER
+//! entries for the same internal endpoint share it (RFC 6887 sections 11.3
+//! and 12.3: a PEER for an internal endpoint that already has a mapping
+//! gets that mapping's external address and port, and vice versa). A
+//! binding lives as long as any entry uses it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+
+use portkeep_proto::{Nonce, Protocol};
+
+use crate::change::{FilterRule, MappingKey, MappingKind, MappingRecord};
+use crate::{SubscriberKeying, Timestamp};
+
+/// Index of a binding or entry in its slab.
+pub(crate) type Id = u32;
+
+/// A vector with stable indices and a free list.
+#[derive(Debug)]
+pub(crate) struct Slab<T> {
+    items: Vec<Option<T>>,
+    free: Vec<Id>,
+    len: usize,
+}
+
+impl<T> Slab<T> {
+    fn new() -> Self {
+        Slab {
+            items: Vec::new(),
+            free: Vec::new(),
+            len: 0,
+        }
+    }
+
+    fn insert(&mut self, v: T) -> Id {
+        self.len += 1;
+        if let Some(id) = self.free.pop() {
+            self.items[id as usize] = Some(v);
+            id
+        } else {
+            self.items.push(Some(v));
+            // The table is bounded by configuration far below 2^32 entries.
+            Id::try_from(self.items.len() - 1).unwrap_or(Id::MAX)
+        }
+    }
+
+    fn remove(&mut self, id: Id) -> Option<T> {
+        let v = self.items.get_mut(id as usize)?.take()?;
+        self.free.push(id);
+        self.len -= 1;
+        Some(v)
+    }
+
+    pub(crate) fn get(&self, id: Id) -> Option<&T> {
+        self.items.get(id as usize)?.as_ref()
+    }
+
+    fn get_mut(&mut self, id: Id) -> Option<&mut T> {
+        self.items.get_mut(id as usize)?.as_mut()
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (Id, &T)> {
+        self.items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| Some((Id::try_from(i).ok()?, v.as_ref()?)))
+    }
+}
+
+/// An external binding.
+#[derive(Debug)]
+pub(crate) struct Binding {
+    pub(crate) key: MappingKey,
+    /// Index into the external address pool.
+    pub(crate) ext_ip: u16,
+    /// External port; 0 when the binding holds the whole address.
+    pub(crate) ext_port: u16,
+    /// The MAP entry using this binding, if any.
+    pub(crate) map_entry: Option<Id>,
+    /// Number of PEER entries using this binding.
+    pub(crate) peers: u32,
+}
+
+/// Rarely present parts of an entry, boxed to keep the common entry small.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Extra {
+    pub(crate) filters: Vec<FilterRule>,
+    pub(crate) description: Option<Box<str>>,
+}
+
+/// A MAP or PEER mapping.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub(crate) binding: Id,
+    /// The remote peer, for PEER entries.
+    pub(crate) remote: Option<SocketAddr>,
+    pub(crate) nonce: Nonce,
+    pub(crate) expires: Timestamp,
+    pub(crate) lifetime: u32,
+    pub(crate) checkpoint: bool,
+    pub(crate) third_party: bool,
+    pub(crate) extra: Option<Box<Extra>>,
+}
+
+/// Why no external endpoint could be allocated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AllocError {
+    /// The suggestion could not be honoured and PREFER_FAILURE forbids
+    /// anything else (RFC 6887 section 13.2).
+    CannotProvide,
+    /// Nothing free (RFC 6887 section 7.4, NO_RESOURCES).
+    Exhausted,
+}
+
+/// What the client suggested for the external side (RFC 6887 section 11.3).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Suggestion {
+    pub(crate) ip: Option<IpAddr>,
+    pub(crate) port: u16,
+    pub(crate) prefer_failure: bool,
+}
+
+/// Where allocation looks for free ports.
+#[derive(Debug, Clone)]
+pub(crate) struct Pool {
+    pub(crate) addrs: Vec<IpAddr>,
+    pub(crate) port_lo: u16,
+    pub(crate) port_hi: u16,
+}
+
+#[derive(Debug)]
+pub(crate) struct Table {
+    pool: Pool,
+    pub(crate) bindings: Slab<Binding>,
+    binding_by_key: HashMap<MappingKey, Id>,
+    /// Occupied external ports, by [`ext_key`].
+    binding_by_ext: HashMap<u64, Id>,
+    /// Per pool address: the binding that holds the whole address.
+    whole: Vec<Option<Id>>,
+    /// Per pool address: number of bindings on it.
+    on_addr: Vec<u32>,
+    /// Per (pool address, protocol): ports in use, to skip full addresses.
+    used: HashMap<(u16, Protocol), u32>,
+    pub(crate) entries: Slab<Entry>,
+    peer_by_flow: HashMap<(Id, SocketAddr), Id>,
+    expiry: BTreeSet<(Timestamp, Id)>,
+    rng: u64,
+}
+
+fn ext_key(protocol: Protocol, ip: u16, port: u16) -> u64 {
+    (u64::from(protocol.0) << 32) | (u64::from(ip) << 16) | u64::from(port)
+}
+
+impl Table {
+    pub(crate) fn new(pool: Pool, seed: u64) -> Table {
+        let n = pool.addrs.len();
+        Table {
+            pool,
+            bindings: Slab::new(),
+            binding_by_key: HashMap::new(),
+            binding_by_ext: HashMap::new(),
+            whole: vec![None; n],
+            on_addr: vec![0; n],
+            used: HashMap::new(),
+            entries: Slab::new(),
+            peer_by_flow: HashMap::new(),
+            expiry: BTreeSet::new(),
+            // splitmix64 needs any non-zero-ish start; mix the seed once.
+            rng: seed ^ 0x9e37_79b9_7f4a_7c15,
+        }
+    }
+
+    /// splitmix64: deterministic under a seed, good enough to spread
+    /// allocations (RFC 6056 port randomisation) without a dependency.
+    fn next_rand(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len
+    }
+
+    pub(crate) fn pool_ip(&self, idx: u16) -> IpAddr {
+        self.pool
+            .addrs
+            .get(usize::from(idx))
+            .copied()
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+    }
+
+    fn pool_index(&self, ip: IpAddr) -> Option<u16> {
+        let i = self.pool.addrs.iter().position(|a| *a == ip)?;
+        u16::try_from(i).ok()
+    }
+
+    pub(crate) fn binding_of(&self, key: &MappingKey) -> Option<Id> {
+        self.binding_by_key.get(key).copied()
+    }
+
+    pub(crate) fn map_entry(&self, key: &MappingKey) -> Option<Id> {
+        self.bindings.get(self.binding_of(key)?)?.map_entry
+    }
+
+    pub(crate) fn peer_entry(&self, key: &MappingKey, remote: SocketAddr) -> Option<Id> {
+        let b = self.binding_of(key)?;
+        self.peer_by_flow.get(&(b, remote)).copied()
+    }
+
+    /// The entries whose internal address is `ip`, MAP entries only.
+    pub(crate) fn map_entries_of(&self, ip: IpAddr) -> Vec<Id> {
+        self.bindings
+            .iter()
+            .filter(|(_, b)| b.key.internal_ip == ip)
+            .filter_map(|(_, b)| b.map_entry)
+            .collect()
+    }
+
+    pub(crate) fn external_of(&self, binding: Id) -> Option<SocketAddr> {
+        let b = self.bindings.get(binding)?;
+        Some(SocketAddr::new(self.pool_ip(b.ext_ip), b.ext_port))
+    }
+
+    /// Finds or allocates the binding for `key`.
+    pub(crate) fn bind(&mut self, key: MappingKey, s: Suggestion) -> Result<Id, AllocError> {
+        if let Some(b) = self.binding_of(&key) {
+            return Ok(b);
+        }
+        let (ip, port) = if key.internal_port == 0 {
+            (self.alloc_whole(s)?, 0)
+        } else {
+            self.alloc_port(key.protocol, s)?
+        };
+        let id = self.bindings.insert(Binding {
+            key,
+            ext_ip: ip,
+            ext_port: port,
+            map_entry: None,
+            peers: 0,
+        });
+        self.binding_by_key.insert(key, id);
+        if port == 0 {
+            self.whole[usize::from(ip)] = Some(id);
+        } else {
+            self.binding_by_ext
+                .insert(ext_key(key.protocol, ip, port), id);
+            *self.used.entry((ip, key.protocol)).or_insert(0) += 1;
+        }
+        self.on_addr[usize::from(ip)] += 1;
+        Ok(id)
+    }
+
+    /// Whether the external endpoint suggested fits the binding.
+    pub(crate) fn binding_matches(&self, binding: Id, s: &Suggestion) -> bool {
+        let Some(b) = self.bindings.get(binding) else {
+            return false;
+        };
+        (s.ip.is_none() || s.ip == Some(self.pool_ip(b.ext_ip)))
+            && (s.port == 0 || s.port == b.ext_port)
+    }
+
+    /// A whole external address, for protocol-0 or port-0 mappings
+    /// (RFC 6887 section 11.1: "all protocols" / "all ports").
+    fn alloc_whole(&mut self, s: Suggestion) -> Result<u16, AllocError> {
+        let free = |t: &Table, i: u16| t.on_addr[usize::from(i)] == 0;
+        if let Some(ip) = s.ip {
+            match self.pool_index(ip) {
+                Some(i) if free(self, i) => return Ok(i),
+                _ if s.prefer_failure => return Err(AllocError::CannotProvide),
+                _ => {}
+            }
+        }
+        let n = self.pool.addrs.len();
+        (0..n)
+            .filter_map(|i| u16::try_from(i).ok())
+            .find(|&i| free(self, i))
+            .ok_or(AllocError::Exhausted)
+    }
+
+    fn port_free(&self, protocol: Protocol, ip: u16, port: u16) -> bool {
+        self.whole[usize::from(ip)].is_none()
+            && !self
+                .binding_by_ext
+                .contains_key(&ext_key(protocol, ip, port))
+    }
+
+    fn alloc_port(&mut self, protocol: Protocol, s: Suggestion) -> Result<(u16, u16), AllocError> {
+        let n = self.pool.addrs.len();
+        if n == 0 {
+            return Err(AllocError::Exhausted);
+        }
+        let suggested_ip = match s.ip {
+            Some(ip) => match self.pool_index(ip) {
+                Some(i) => Some(i),
+                None if s.prefer_failure => return Err(AllocError::CannotProvide),
+                None => None,
+            },
+            None => None,
+        };
+        let in_range = (self.pool.port_lo..=self.pool.port_hi).contains(&s.port);
+        // Try the suggestion first (RFC 6887 section 11.3: honoured when free).
+        if s.port != 0 && in_range {
+            let candidates: Vec<u16> = match suggested_ip {
+                Some(i) => vec![i],
+                None => (0..n).filter_map(|i| u16::try_from(i).ok()).collect(),
+            };
+            if let Some(&ip) = candidates
+                .iter()
+                .find(|&&ip| self.port_free(protocol, ip, s.port))
+            {
+                return Ok((ip, s.port));
+            }
+        }
+        // RFC 6887 section 13.2: with PREFER_FAILURE, a suggested port that
+        // is taken means failure; a suggested address alone confines the
+        // search to that address.
+        if s.prefer_failure && s.port != 0 {
+            return Err(AllocError::CannotProvide);
+        }
+        let span = u32::from(self.pool.port_hi - self.pool.port_lo) + 1;
+        let start_ip = match suggested_ip {
+            Some(i) => usize::from(i),
+            None => (self.next_rand() % n as u64) as usize,
+        };
+        let confined = s.prefer_failure && suggested_ip.is_some();
+        let tries = if confined { 1 } else { n };
+        for k in 0..tries {
+            let Ok(ip) = u16::try_from((start_ip + k) % n) else {
+                continue;
+            };
+            if self.whole[usize::from(ip)].is_some() {
+                continue;
+            }
+            if self.used.get(&(ip, protocol)).copied().unwrap_or(0) >= span {
+                continue;
+            }
+            let start = (self.next_rand() % u64::from(span)) as u32;
+            for j in 0..span {
+                let off = (start + j) % span;
+                let Ok(port) = u16::try_from(u32::from(self.pool.port_lo) + off) else {
+                    continue;
+                };
+                if self.port_free(protocol, ip, port) {
+                    return Ok((ip, port));
+                }
+            }
+        }
+        if confined {
+            return Err(AllocError::CannotProvide);
+        }
+        Err(AllocError::Exhausted)
+    }
+
+    fn release_if_unused(&mut self, binding: Id) {
+        let unused =
+            matches!(self.bindings.get(binding), Some(b) if b.map_entry.is_none() && b.peers == 0);
+        if !unused {
+            return;
+        }
+        if let Some(b) = self.bindings.remove(binding) {
+            self.binding_by_key.remove(&b.key);
+            let ip = usize::from(b.ext_ip);
+            if b.ext_port == 0 {
+                self.whole[ip] = None;
+            } else {
+                self.binding_by_ext
+                    .remove(&ext_key(b.key.protocol, b.ext_ip, b.ext_port));
+                if let Some(u) = self.used.get_mut(&(b.ext_ip, b.key.protocol)) {
+                    *u = u.saturating_sub(1);
+                }
+            }
+            self.on_addr[ip] = self.on_addr[ip].saturating_sub(1);
+        }
+    }
+
+    /// Drops a binding that `bind` created but no entry took.
+    pub(crate) fn unbind_if_unused(&mut self, binding: Id) {
+        self.release_if_unused(binding);
+    }
+
+    pub(crate) fn insert(&mut self, entry: Entry) -> Id {
+        let binding = entry.binding;
+        let remote = entry.remote;
+        let expires = entry.expires;
+        let id = self.entries.insert(entry);
+        if let Some(b) = self.bindings.get_mut(binding) {
+            match remote {
+                None => b.map_entry = Some(id),
+                Some(r) => {
+                    b.peers += 1;
+                    self.peer_by_flow.insert((binding, r), id);
+                }
+            }
+        }
+        self.expiry.insert((expires, id));
+        id
+    }
+
+    pub(crate) fn remove(&mut self, id: Id) -> Option<Entry> {
+        let e = self.entries.remove(id)?;
+        self.expiry.remove(&(e.expires, id));
+        if let Some(b) = self.bindings.get_mut(e.binding) {
+            match e.remote {
+                None => b.map_entry = None,
+                Some(r) => {
+                    b.peers = b.peers.saturating_sub(1);
+                    self.peer_by_flow.remove(&(e.binding, r));
+                }
+            }
+        }
+        self.release_if_unused(e.binding);
+        Some(e)
+    }
+
+    pub(crate) fn get(&self, id: Id) -> Option<&Entry> {
+        self.entries.get(id)
+    }
+
+    /// Changes an entry; keeps the expiry index in step.
+    pub(crate) fn update(&mut self, id: Id, f: impl FnOnce(&mut Entry)) {
+        let Some(e) = self.entries.get_mut(id) else {
+            return;
+        };
+        let before = e.expires;
+        f(e);
+        let after = e.expires;
+        if before != after {
+            self.expiry.remove(&(before, id));
+            self.expiry.insert((after, id));
+        }
+    }
+
+    pub(crate) fn next_expiry(&self) -> Option<Timestamp> {
+        self.expiry.first().map(|&(t, _)| t)
+    }
+
+    /// The first entry that has expired by `now`.
+    pub(crate) fn first_expired(&self, now: Timestamp) -> Option<Id> {
+        match self.expiry.first() {
+            Some(&(t, id)) if t <= now => Some(id),
+            _ => None,
+        }
+    }
+
+    /// The public view of an entry.
+    pub(crate) fn record(&self, id: Id, keying: &SubscriberKeying) -> Option<MappingRecord> {
+        let e = self.entries.get(id)?;
+        let b = self.bindings.get(e.binding)?;
+        let extra = e.extra.as_deref();
+        Some(MappingRecord {
+            kind: match e.remote {
+                None => MappingKind::Map,
+                Some(remote) => MappingKind::Peer { remote },
+            },
+            key: b.key,
+            external: SocketAddr::new(self.pool_ip(b.ext_ip), b.ext_port),
+            nonce: e.nonce,
+            expires: e.expires,
+            lifetime: e.lifetime,
+            checkpoint: e.checkpoint,
+            filters: extra.map(|x| x.filters.clone()).unwrap_or_default(),
+            description: extra.and_then(|x| x.description.as_deref().map(str::to_owned)),
+            subscriber: keying.subscriber_of(b.key.internal_ip),
+            third_party: e.third_party,
+        })
+    }
+}
