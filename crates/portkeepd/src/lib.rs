@@ -1,1 +1,12 @@
-//! Portkeep server runtime.
+//! The Portkeep PCP server daemon: configuration, the UDP runtime around
+//! the sans-IO core in `portkeep-server`, and process concerns (logging,
+//! signals). The binary `portkeepd` is a thin wrapper; tests and the
+//! benchmark start a [`runtime::Daemon`] in-process.
+
+pub mod clock;
+pub mod config;
+pub mod mmsg;
+pub mod runtime;
+
+pub use config::{ConfigError, ConfigFile, Settings};
+pub use runtime::Daemon;

@@ -1,0 +1,507 @@
+//! The configuration file (TOML) and its validation into [`Settings`].
+//!
+//! Two stages, as in hickory's and ripgrep's binaries: serde reads the file
+//! into [`ConfigFile`] rejecting unknown keys, then [`ConfigFile::validate`]
+//! checks meaning and builds the core's [`ServerConfig`]. Every error names
+//! the key and what was expected. `docs/config.md` documents each key.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+use portkeep_proto::{CodePoints, Opcode, OptionCode, ResultCode};
+use portkeep_server::{Prefix, ServerConfig, SubscriberKeying};
+use serde::Deserialize;
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key, or a value of the wrong type.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The parser's message, which names the key and line.
+        message: String,
+    },
+    /// A value of the right type but wrong meaning.
+    #[error("config key `{key}`: {message}")]
+    Invalid {
+        /// Dotted key path.
+        key: &'static str,
+        /// What was expected.
+        message: String,
+    },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// The file as written. Every table rejects unknown keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Addresses to serve PCP on.
+    pub listen: Option<Vec<String>>,
+    /// External addresses or prefixes mappings are allocated from.
+    pub external_addresses: Option<Vec<String>>,
+    /// External port range, "LOW-HIGH".
+    pub port_range: Option<String>,
+    /// Number of UDP worker threads (0 = one per core).
+    pub workers: Option<usize>,
+    /// Lifetime limits.
+    #[serde(default)]
+    pub lifetime: LifetimeSection,
+    /// Error lifetimes.
+    #[serde(default)]
+    pub errors: ErrorSection,
+    /// Subscriber keying and quota.
+    #[serde(default)]
+    pub subscribers: SubscriberSection,
+    /// Server-wide limits.
+    #[serde(default)]
+    pub limits: LimitSection,
+    /// THIRD_PARTY authorisation.
+    #[serde(default)]
+    pub third_party: ThirdPartySection,
+    /// Unsolicited ANNOUNCE destinations.
+    #[serde(default)]
+    pub announce: AnnounceSection,
+    /// Code points of the failure-scenarios draft.
+    #[serde(default)]
+    pub extensions: ExtensionSection,
+    /// Dataplane selection.
+    #[serde(default)]
+    pub dataplane: DataplaneSection,
+}
+
+/// `[lifetime]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LifetimeSection {
+    /// Shortest granted lifetime, seconds.
+    pub min: Option<u32>,
+    /// Longest granted lifetime, seconds.
+    pub max: Option<u32>,
+}
+
+/// `[errors]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorSection {
+    /// Lifetime of long-lifetime errors, seconds.
+    pub long_lifetime: Option<u32>,
+    /// Lifetime of short-lifetime errors, seconds.
+    pub short_lifetime: Option<u32>,
+}
+
+/// `[subscribers]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriberSection {
+    /// IPv4 prefix length that identifies a subscriber.
+    pub ipv4_prefix_len: Option<u8>,
+    /// IPv6 prefix length that identifies a subscriber.
+    pub ipv6_prefix_len: Option<u8>,
+    /// Mappings per subscriber.
+    pub max_mappings: Option<u32>,
+}
+
+/// `[limits]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSection {
+    /// Mappings in the whole server.
+    pub max_mappings: Option<u32>,
+    /// FILTER rules per mapping.
+    pub max_filters: Option<usize>,
+}
+
+/// `[third_party]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThirdPartySection {
+    /// Client prefixes allowed to use THIRD_PARTY.
+    pub allow: Option<Vec<String>>,
+}
+
+/// `[announce]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnnounceSection {
+    /// Interfaces to multicast unsolicited ANNOUNCEs on.
+    pub multicast_interfaces: Option<Vec<String>>,
+    /// Client addresses to unicast them to.
+    pub unicast: Option<Vec<String>>,
+}
+
+/// `[extensions]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtensionSection {
+    /// GET opcode.
+    pub get_opcode: Option<u8>,
+    /// NEXT option code.
+    pub next_option: Option<u8>,
+    /// NONEXIST_MAP result code.
+    pub nonexist_map_result: Option<u8>,
+}
+
+/// `[dataplane]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataplaneSection {
+    /// "memory" (the only kind so far).
+    pub kind: Option<String>,
+}
+
+/// Which dataplane to program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataplaneKind {
+    /// Remember rules in memory only.
+    Memory,
+}
+
+impl std::fmt::Display for DataplaneKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DataplaneKind::Memory => "memory",
+        })
+    }
+}
+
+/// Validated settings for the daemon.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where to serve PCP.
+    pub listen: Vec<SocketAddr>,
+    /// UDP worker threads.
+    pub workers: usize,
+    /// The core's configuration.
+    pub server: ServerConfig,
+    /// Interfaces for multicast ANNOUNCE.
+    pub announce_interfaces: Vec<String>,
+    /// Unicast ANNOUNCE destinations.
+    pub announce_unicast: Vec<SocketAddr>,
+    /// Dataplane.
+    pub dataplane: DataplaneKind,
+}
+
+/// The embedded default: loopback on both families, in-memory dataplane,
+/// external address 192.0.2.1 (TEST-NET-1, RFC 5737).
+pub const DEFAULT_LISTEN: [&str; 2] = ["127.0.0.1:5351", "[::1]:5351"];
+
+impl ConfigFile {
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<ConfigFile, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })
+    }
+
+    /// Checks meaning and builds [`Settings`].
+    pub fn validate(self) -> Result<Settings, ConfigError> {
+        let d = ServerConfig::default();
+        let listen = match self.listen {
+            Some(v) if v.is_empty() => return Err(invalid("listen", "needs at least one address")),
+            Some(v) => v
+                .iter()
+                .map(|s| parse_listen(s).map_err(|m| invalid("listen", m)))
+                .collect::<Result<Vec<_>, _>>()?,
+            None => DEFAULT_LISTEN
+                .iter()
+                .filter_map(|s| s.parse().ok())
+                .collect(),
+        };
+        let external_addresses = match self.external_addresses {
+            None => d.external_addresses.clone(),
+            Some(v) => expand_pool(&v)?,
+        };
+        let (port_min, port_max) = match self.port_range {
+            None => (d.port_min, d.port_max),
+            Some(s) => parse_range(&s).map_err(|m| invalid("port_range", m))?,
+        };
+        let min_lifetime = self.lifetime.min.unwrap_or(d.min_lifetime);
+        let max_lifetime = self.lifetime.max.unwrap_or(d.max_lifetime);
+        if min_lifetime == 0 {
+            return Err(invalid("lifetime.min", "must be at least 1 second"));
+        }
+        if max_lifetime < min_lifetime {
+            return Err(invalid(
+                "lifetime.max",
+                format!("{max_lifetime} is below lifetime.min ({min_lifetime})"),
+            ));
+        }
+        let ipv4_prefix_len = self
+            .subscribers
+            .ipv4_prefix_len
+            .unwrap_or(d.subscriber_keying.ipv4_prefix_len);
+        if !(1..=32).contains(&ipv4_prefix_len) {
+            return Err(invalid("subscribers.ipv4_prefix_len", "expected 1 to 32"));
+        }
+        let ipv6_prefix_len = self
+            .subscribers
+            .ipv6_prefix_len
+            .unwrap_or(d.subscriber_keying.ipv6_prefix_len);
+        if !(1..=128).contains(&ipv6_prefix_len) {
+            return Err(invalid("subscribers.ipv6_prefix_len", "expected 1 to 128"));
+        }
+        let max_mappings = self.limits.max_mappings.unwrap_or(d.max_mappings);
+        if max_mappings == 0 {
+            return Err(invalid("limits.max_mappings", "must be at least 1"));
+        }
+        let third_party_clients = self
+            .third_party
+            .allow
+            .unwrap_or_default()
+            .iter()
+            .map(|s| s.parse::<Prefix>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid("third_party.allow", e.to_string()))?;
+        let cp = CodePoints {
+            get_opcode: Opcode(self.extensions.get_opcode.unwrap_or(Opcode::GET.0)),
+            next_option: OptionCode(self.extensions.next_option.unwrap_or(OptionCode::NEXT.0)),
+            nonexist_map: ResultCode(
+                self.extensions
+                    .nonexist_map_result
+                    .unwrap_or(ResultCode::NONEXIST_MAP.0),
+            ),
+        };
+        if cp.get_opcode.0 > 127 || cp.get_opcode.name().is_some() && cp.get_opcode != Opcode::GET {
+            return Err(invalid(
+                "extensions.get_opcode",
+                format!(
+                    "{} collides with a defined opcode or exceeds 127",
+                    cp.get_opcode.0
+                ),
+            ));
+        }
+        if cp.next_option.0 >= 128
+            || cp.next_option.name().is_some() && cp.next_option != OptionCode::NEXT
+        {
+            return Err(invalid(
+                "extensions.next_option",
+                "must be an unassigned mandatory-range option code (0-127)",
+            ));
+        }
+        if cp.nonexist_map.name().is_some() && cp.nonexist_map != ResultCode::NONEXIST_MAP {
+            return Err(invalid(
+                "extensions.nonexist_map_result",
+                "collides with a defined result code",
+            ));
+        }
+        let announce_unicast = self
+            .announce
+            .unicast
+            .unwrap_or_default()
+            .iter()
+            .map(|s| parse_client(s).map_err(|m| invalid("announce.unicast", m)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let dataplane = match self.dataplane.kind.as_deref() {
+            None | Some("memory") => DataplaneKind::Memory,
+            Some(other) => {
+                return Err(invalid(
+                    "dataplane.kind",
+                    format!("unknown dataplane `{other}` (expected \"memory\")"),
+                ))
+            }
+        };
+        let workers = match self.workers {
+            None | Some(0) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            Some(n) if n > 64 => return Err(invalid("workers", "expected 0 to 64")),
+            Some(n) => n,
+        };
+        Ok(Settings {
+            listen,
+            workers,
+            server: ServerConfig {
+                external_addresses,
+                port_min,
+                port_max,
+                min_lifetime,
+                max_lifetime,
+                long_error_lifetime: self.errors.long_lifetime.unwrap_or(d.long_error_lifetime),
+                short_error_lifetime: self.errors.short_lifetime.unwrap_or(d.short_error_lifetime),
+                subscriber_keying: SubscriberKeying {
+                    ipv4_prefix_len,
+                    ipv6_prefix_len,
+                },
+                max_mappings_per_subscriber: self
+                    .subscribers
+                    .max_mappings
+                    .unwrap_or(d.max_mappings_per_subscriber),
+                max_mappings,
+                max_filters_per_mapping: self
+                    .limits
+                    .max_filters
+                    .unwrap_or(d.max_filters_per_mapping),
+                third_party_clients,
+                code_points: cp,
+                seed: rand::random(),
+            },
+            announce_interfaces: self.announce.multicast_interfaces.unwrap_or_default(),
+            announce_unicast,
+            dataplane,
+        })
+    }
+}
+
+/// `IP:PORT`, `[IPv6]:PORT`, or a bare IP meaning port 5351.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, portkeep_proto::SERVER_PORT))
+        .map_err(|_| {
+            format!("`{s}` is not an address (expected e.g. 127.0.0.1:5351 or [::1]:5351)")
+        })
+}
+
+fn parse_client(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, portkeep_proto::CLIENT_PORT))
+        .map_err(|_| {
+            format!("`{s}` is not an address (expected e.g. 198.51.100.7 or 198.51.100.7:5350)")
+        })
+}
+
+fn parse_range(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("`{s}` is not a port range (expected LOW-HIGH, e.g. 1024-65535)");
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let lo: u16 = a.trim().parse().map_err(|_| bad())?;
+    let hi: u16 = b.trim().parse().map_err(|_| bad())?;
+    if lo == 0 || hi < lo {
+        return Err(format!("`{s}`: expected 1 <= LOW <= HIGH <= 65535"));
+    }
+    Ok((lo, hi))
+}
+
+/// Expands addresses and prefixes (at most 65536 addresses in all).
+fn expand_pool(items: &[String]) -> Result<Vec<IpAddr>, ConfigError> {
+    const KEY: &str = "external_addresses";
+    let mut out = Vec::new();
+    for s in items {
+        let p: Prefix = s
+            .parse()
+            .map_err(|e: portkeep_server::prefix::PrefixError| invalid(KEY, e.to_string()))?;
+        let host_bits = if p.addr().is_ipv4() { 32 } else { 128 } - u32::from(p.len());
+        if host_bits > 16 {
+            return Err(invalid(
+                KEY,
+                format!("{p} is too large (at most 65536 addresses)"),
+            ));
+        }
+        let base: u128 = match p.addr() {
+            IpAddr::V4(v4) => u128::from(u32::from(v4)),
+            IpAddr::V6(v6) => u128::from(v6),
+        };
+        for i in 0..(1u128 << host_bits) {
+            let n = base + i;
+            out.push(match p.addr() {
+                IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::from(n as u32)),
+                IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::from(n)),
+            });
+        }
+        if out.len() > 65536 {
+            return Err(invalid(KEY, "more than 65536 addresses in all"));
+        }
+    }
+    if out.is_empty() {
+        return Err(invalid(KEY, "needs at least one address"));
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = out.iter().find(|a| !seen.insert(**a)) {
+        return Err(invalid(KEY, format!("{dup} is listed twice")));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        match ConfigFile::parse(text, "test.toml").and_then(ConfigFile::validate) {
+            Ok(_) => panic!("accepted: {text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn empty_file_is_the_embedded_default() {
+        let s = ConfigFile::parse("", "x").unwrap().validate().unwrap();
+        assert_eq!(s.listen.len(), 2);
+        assert_eq!(
+            s.server.external_addresses,
+            vec!["192.0.2.1".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!((s.server.min_lifetime, s.server.max_lifetime), (120, 86400));
+        assert_eq!(s.dataplane, DataplaneKind::Memory);
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let text = include_str!("../../../examples/portkeepd.toml");
+        let s = ConfigFile::parse(text, "example")
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert!(s.server.external_addresses.len() > 1);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(err("listne = []").contains("unknown field `listne`"));
+        assert!(err("[lifetime]\nmin = \"x\"").contains("lifetime"));
+        assert!(err("[lifetime]\nmin = 300\nmax = 200").contains("`lifetime.max`"));
+        assert!(err("port_range = \"9-2\"").contains("`port_range`"));
+        assert!(err("port_range = \"abc\"").contains("`port_range`"));
+        assert!(err("external_addresses = [\"10.0.0.0/8\"]").contains("too large"));
+        assert!(err("external_addresses = [\"banana\"]").contains("`external_addresses`"));
+        assert!(err("external_addresses = [\"192.0.2.1\", \"192.0.2.1\"]").contains("twice"));
+        assert!(err("listen = [\"nowhere\"]").contains("`listen`"));
+        assert!(err("[subscribers]\nipv6_prefix_len = 0").contains("ipv6_prefix_len"));
+        assert!(err("[third_party]\nallow = [\"1.2.3.4/40\"]").contains("third_party.allow"));
+        assert!(err("[dataplane]\nkind = \"pf\"").contains("dataplane.kind"));
+        assert!(err("[extensions]\nget_opcode = 1").contains("extensions.get_opcode"));
+        assert!(err("[extensions]\nnext_option = 200").contains("extensions.next_option"));
+        assert!(err("[surprise]\nx = 1").contains("surprise"));
+    }
+
+    #[test]
+    fn prefixes_expand_into_the_pool() {
+        let s = ConfigFile::parse(
+            "external_addresses = [\"192.0.2.0/30\", \"2001:db8::1\"]",
+            "x",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(s.server.external_addresses.len(), 5);
+    }
+}
