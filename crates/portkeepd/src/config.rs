@@ -214,9 +214,19 @@ impl ConfigFile {
 
     /// Parses TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<ConfigFile, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: origin.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
+        let de = toml::Deserializer::new(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            let message = if key.is_empty() || key == "." {
+                inner.trim_end().to_owned()
+            } else {
+                format!("key `{key}`: {}", inner.trim_end())
+            };
+            ConfigError::Parse {
+                path: origin.to_owned(),
+                message,
+            }
         })
     }
 
@@ -477,7 +487,8 @@ mod tests {
     #[test]
     fn errors_name_the_key() {
         assert!(err("listne = []").contains("unknown field `listne`"));
-        assert!(err("[lifetime]\nmin = \"x\"").contains("lifetime"));
+        assert!(err("[lifetime]\nmin = \"x\"").contains("key `lifetime.min`"));
+        assert!(err("[lifetime]\nmin = \"x\"").contains("expected u32"));
         assert!(err("[lifetime]\nmin = 300\nmax = 200").contains("`lifetime.max`"));
         assert!(err("port_range = \"9-2\"").contains("`port_range`"));
         assert!(err("port_range = \"abc\"").contains("`port_range`"));
