@@ -290,3 +290,362 @@ pub(crate) fn ip_at(buf: &[u8], off: usize) -> Ipv6Addr {
     b.copy_from_slice(&buf[off..off + 16]);
     Ipv6Addr::from(b)
 }
+
+#[cfg(test)]
+mod tests {
+    //! One hand-written vector per option, both directions, then the ways an
+    //! option can be malformed (RFC 6887 section 7.3: MALFORMED_OPTION).
+
+    use super::*;
+    use crate::{Disposition, ResultCode};
+
+    fn unhex(s: &str) -> Vec<u8> {
+        hex::decode(s.split_whitespace().collect::<String>()).unwrap()
+    }
+
+    const CP: CodePoints = CodePoints {
+        get_opcode: crate::Opcode::GET,
+        next_option: OptionCode::NEXT,
+        nonexist_map: crate::ResultCode::NONEXIST_MAP,
+    };
+
+    /// `bytes` is exactly `opt`, in a message going `dir`.
+    fn check(bytes: &str, dir: Direction, opt: PcpOption) {
+        let bytes = unhex(bytes);
+        assert_eq!(
+            parse_options(&bytes, dir, &CP, false),
+            Ok(vec![opt.clone()]),
+            "parse"
+        );
+        let mut out = Vec::new();
+        opt.emit(&CP, &mut out);
+        assert_eq!(hex::encode(out), hex::encode(&bytes), "encode");
+    }
+
+    fn both(bytes: &str, opt: PcpOption) {
+        check(bytes, Direction::Request, opt.clone());
+        check(bytes, Direction::Response, opt);
+    }
+
+    fn err(bytes: &str, dir: Direction, code: u8, reason: &'static str) {
+        let e = parse_options(&unhex(bytes), dir, &CP, false).unwrap_err();
+        assert_eq!(
+            e,
+            ParseError::MalformedOption {
+                code: OptionCode(code),
+                reason
+            }
+        );
+        assert_eq!(
+            e.disposition(),
+            Disposition::Respond(ResultCode::MALFORMED_OPTION)
+        );
+    }
+
+    const WRONG_LEN: &str = "option length does not match its definition";
+
+    #[test]
+    fn rfc6887_s13_1_third_party_vector() {
+        both(
+            concat!(
+                "01",                                  // option code 1 (THIRD_PARTY)
+                "00",                                  // reserved
+                "0010",                                // option length 16
+                "20010db8 00000000 00000000 00000099", // internal IP 2001:db8::99
+            ),
+            PcpOption::ThirdParty("2001:db8::99".parse().unwrap()),
+        );
+    }
+
+    #[test]
+    fn rfc6887_s13_2_prefer_failure_vector() {
+        both(
+            "02 00 0000", // code 2 (PREFER_FAILURE), reserved, length 0
+            PcpOption::PreferFailure,
+        );
+    }
+
+    #[test]
+    fn rfc6887_s13_3_filter_vector() {
+        both(
+            concat!(
+                "03 00 0014",                          // code 3 (FILTER), reserved, length 20
+                "00",                                  // reserved
+                "78",                                  // prefix length 120 (an IPv4 /24)
+                "0050",                                // remote peer port 80
+                "00000000 00000000 0000ffff c6336400", // remote peer IP ::ffff:198.51.100.0
+            ),
+            PcpOption::Filter(Filter {
+                prefix_len: 120,
+                remote_port: 80,
+                remote_ip: std::net::Ipv4Addr::new(198, 51, 100, 0).to_ipv6_mapped(),
+            }),
+        );
+    }
+
+    /// RFC 7220: free UTF-8, length without padding, zero padding to 4.
+    #[test]
+    fn rfc7220_description_vector_with_padding() {
+        both(
+            concat!(
+                "80 00 0005", // code 128 (DESCRIPTION), reserved, length 5
+                "68656c6c6f", // "hello"
+                "000000",     // padding to a 4-octet boundary
+            ),
+            PcpOption::Description("hello".into()),
+        );
+        // Multi-octet UTF-8: "cafe" with e-acute is 5 octets.
+        both(
+            "80 00 0005 636166c3a9 000000",
+            PcpOption::Description("caf\u{e9}".into()),
+        );
+        // Empty description: length 0, nothing else.
+        both("80 00 0000", PcpOption::Description(String::new()));
+        // Exactly 4 octets: no padding.
+        both("80 00 0004 74657374", PcpOption::Description("test".into()));
+    }
+
+    #[test]
+    fn rfc7767_s3_1_checkpoint_required_vector() {
+        both(
+            "c0 00 0000", // code 192 (CHECKPOINT_REQUIRED), reserved, length 0
+            PcpOption::CheckpointRequired,
+        );
+        assert!(!OptionCode::CHECKPOINT_REQUIRED.is_mandatory());
+    }
+
+    #[test]
+    fn rfc6887_s7_3_unknown_optional_option_vector() {
+        both(
+            "81 00 0003 aabbcc 00", // code 129 (unassigned, optional), length 3, data, padding
+            PcpOption::Unknown {
+                code: OptionCode(0x81),
+                data: vec![0xaa, 0xbb, 0xcc],
+            },
+        );
+        assert!(!OptionCode(0x81).is_mandatory());
+    }
+
+    #[test]
+    fn rfc6887_s7_3_unknown_mandatory_option_vector() {
+        both(
+            "7f 00 0004 deadbeef", // code 127 (mandatory range), length 4, data
+            PcpOption::Unknown {
+                code: OptionCode(0x7f),
+                data: vec![0xde, 0xad, 0xbe, 0xef],
+            },
+        );
+        assert!(OptionCode(0x7f).is_mandatory());
+        // PORT_SET (RFC 7753) is named but not interpreted.
+        both(
+            "82 00 0004 0010 c000",
+            PcpOption::Unknown {
+                code: OptionCode::PORT_SET,
+                data: vec![0, 0x10, 0xc0, 0],
+            },
+        );
+    }
+
+    #[test]
+    fn rfc6887_s7_3_reserved_and_padding_octets_ignored() {
+        // Reserved octet and padding are "sent as 0, ignored when received".
+        let bytes = unhex("80 ff 0001 41 ffffff");
+        assert_eq!(
+            parse_options(&bytes, Direction::Request, &CP, false),
+            Ok(vec![PcpOption::Description("A".into())])
+        );
+    }
+
+    #[test]
+    fn draft_s4_4_next_request_codes_vector() {
+        check(
+            concat!(
+                "60 00 002d",  // code 96 (NEXT), reserved, length 45 = 44 + 1 code
+                "06 02 01 01", // TCP, internal AF IPv6, external AF IPv4, END
+                "20010db8 00000000 00000000 00000010", // internal 2001:db8::10
+                "cb007107 00000000 00000000 00000000", // external 203.0.113.7 + 96 zero bits
+                "00000000",    // remaining lifetime (0 in requests)
+                "0016 1f90",   // internal port 22, external port 8080
+                "80",          // wanted: DESCRIPTION
+                "000000",      // padding
+            ),
+            Direction::Request,
+            PcpOption::Next(Next {
+                protocol: Protocol::TCP,
+                internal_af: crate::addr::AF_IPV6,
+                external_af: crate::addr::AF_IPV4,
+                more_end: NEXT_END,
+                internal_ip: "2001:db8::10".parse().unwrap(),
+                external_ip: "cb00:7107::".parse().unwrap(),
+                lifetime: 0,
+                internal_port: 22,
+                external_port: 8080,
+                items: NextItems::Codes(vec![OptionCode::DESCRIPTION]),
+            }),
+        );
+    }
+
+    #[test]
+    fn draft_s4_4_next_response_embedded_options_vector() {
+        let bytes = concat!(
+            "60 00 0038", // NEXT, length 56 = 44 + 12
+            "11 01 01 00",
+            "c0000201 00000000 00000000 00000000", // internal 192.0.2.1
+            "cb007107 00000000 00000000 00000000", // external 203.0.113.7
+            "00000e10",                            // remaining lifetime 3600
+            "1f90 c350",                           // 8080 -> 50000
+            "c0 00 0000",                          // embedded CHECKPOINT_REQUIRED
+            "80 00 0002 6869 0000",                // embedded DESCRIPTION "hi"
+        );
+        let next = Next {
+            protocol: Protocol::UDP,
+            internal_af: 1,
+            external_af: 1,
+            more_end: 0,
+            internal_ip: "c000:201::".parse().unwrap(),
+            external_ip: "cb00:7107::".parse().unwrap(),
+            lifetime: 3600,
+            internal_port: 8080,
+            external_port: 50000,
+            items: NextItems::Options(vec![
+                PcpOption::CheckpointRequired,
+                PcpOption::Description("hi".into()),
+            ]),
+        };
+        check(bytes, Direction::Response, PcpOption::Next(next.clone()));
+        // In a request the same tail is read as 12 one-octet codes.
+        let parsed = parse_options(&unhex(bytes), Direction::Request, &CP, false).unwrap();
+        let [PcpOption::Next(n)] = &parsed[..] else {
+            panic!("{parsed:?}")
+        };
+        assert_eq!(
+            n.items,
+            NextItems::Codes(
+                unhex("c0000000 80000002 68690000")
+                    .into_iter()
+                    .map(OptionCode)
+                    .collect()
+            )
+        );
+    }
+
+    // --- MALFORMED_OPTION cases ---------------------------------------------
+
+    #[test]
+    fn rfc6887_s7_3_option_overruns_message() {
+        // Length 8 but only 4 octets follow.
+        err(
+            "81 00 0008 00000000",
+            Direction::Request,
+            0x81,
+            "option data overruns the message",
+        );
+        // Length 5 needs 8 with padding; only 5 follow (padding missing).
+        err(
+            "81 00 0005 0000000000",
+            Direction::Request,
+            0x81,
+            "option data overruns the message",
+        );
+        // A length near 65535 must not overflow anything.
+        err(
+            "81 00 ffff 00000000",
+            Direction::Response,
+            0x81,
+            "option data overruns the message",
+        );
+    }
+
+    #[test]
+    fn rfc6887_s7_3_option_header_truncated() {
+        err("c0 00", Direction::Request, 0xc0, "option header truncated");
+        // After a valid option.
+        err(
+            "02 00 0000 01",
+            Direction::Request,
+            0x01,
+            "option header truncated",
+        );
+    }
+
+    #[test]
+    fn rfc6887_s13_wrong_option_lengths() {
+        // THIRD_PARTY must be 16 octets (13.1).
+        err(
+            "01 00 000c 00000000 00000000 00000000",
+            Direction::Request,
+            1,
+            WRONG_LEN,
+        );
+        err(
+            "01 00 0014 00000000 00000000 00000000 00000000 00000000",
+            Direction::Request,
+            1,
+            WRONG_LEN,
+        );
+        // PREFER_FAILURE carries no data (13.2).
+        err("02 00 0004 00000000", Direction::Request, 2, WRONG_LEN);
+        // FILTER must be 20 octets (13.3).
+        err(
+            "03 00 0010 00000000 00000000 00000000 00000000",
+            Direction::Request,
+            3,
+            WRONG_LEN,
+        );
+        // CHECKPOINT_REQUIRED has length 0 (RFC 7767 section 3.1).
+        err("c0 00 0004 00000000", Direction::Request, 0xc0, WRONG_LEN);
+        err("c0 00 0001 00000000", Direction::Response, 0xc0, WRONG_LEN);
+    }
+
+    #[test]
+    fn rfc7220_description_must_be_utf8() {
+        err(
+            "80 00 0002 fffe 0000",
+            Direction::Request,
+            0x80,
+            "DESCRIPTION is not UTF-8 (RFC 7220)",
+        );
+        // A UTF-8 sequence cut by the length is not UTF-8 either.
+        err(
+            "80 00 0001 c3a9 0000",
+            Direction::Response,
+            0x80,
+            "DESCRIPTION is not UTF-8 (RFC 7220)",
+        );
+    }
+
+    #[test]
+    fn draft_s4_4_next_shorter_than_fixed_part() {
+        let short = concat!(
+            "60 00 0028",
+            "00000000 00000000 00000000 00000000 00000000",
+            "00000000 00000000 00000000 00000000 00000000"
+        ); // length 40
+        err(
+            short,
+            Direction::Request,
+            0x60,
+            "NEXT shorter than its 44-octet fixed part",
+        );
+        err(
+            short,
+            Direction::Response,
+            0x60,
+            "NEXT shorter than its 44-octet fixed part",
+        );
+    }
+
+    #[test]
+    fn draft_s4_4_next_nested_in_next() {
+        let zeros44 = "00000000".repeat(11);
+        // Outer length 92 = 44 + an inner NEXT of 4 + 44.
+        let bytes = ["60 00 005c", &zeros44, "60 00 002c", &zeros44].concat();
+        err(&bytes, Direction::Response, 0x60, "NEXT embedded in NEXT");
+        // An embedded option that is itself malformed is reported as such.
+        // Length 46: two octets of tail, then padding.
+        let bytes = ["60 00 002e", &zeros44, "c0 00 0000"].concat();
+        err(&bytes, Direction::Response, 0xc0, "option header truncated");
+        let bytes = ["60 00 0034", &zeros44, "01 00 0004 00000000"].concat();
+        err(&bytes, Direction::Response, 0x01, WRONG_LEN);
+    }
+}
