@@ -1,1 +1,42 @@
-//! PCP client.
+//! PCP client (RFC 6887, with RFC 7767 CHECKPOINT_REQUIRED).
+//!
+//! Two layers:
+//!
+//! - a sans-IO core that never touches a socket or reads a clock:
+//!   [`Transaction`] (one request with the retransmission rules of RFC 6887
+//!   section 8.1.1 and the response matching of sections 8.3, 11.4, 12.4)
+//!   and [`EpochTracker`] (the epoch check of section 8.5);
+//! - [`Client`], a small tokio driver around them, and [`RequestBuilder`]
+//!   for MAP, PEER, ANNOUNCE and delete requests.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), portkeep_client::ClientError> {
+//! use portkeep_client::{Client, RequestBuilder, RequestOptions};
+//! use portkeep_proto::Protocol;
+//! use std::time::Duration;
+//!
+//! let client = Client::connect("192.0.2.1:5351".parse().unwrap()).await?;
+//! let map = RequestBuilder::map(Protocol::TCP, 8080).checkpoint_required();
+//! let opts = RequestOptions { max_duration: Some(Duration::from_secs(10)), ..Default::default() };
+//! let reply = client.send(&map, opts).await?;
+//! println!("{:?} for {} s", reply.external(), reply.lifetime());
+//! # Ok(()) }
+//! ```
+
+mod driver;
+mod epoch;
+mod error;
+mod reply;
+mod request;
+mod retransmit;
+mod transaction;
+
+pub use driver::{Client, ClientConfig, RequestOptions};
+pub use epoch::{EpochInvalid, EpochTracker, EpochVerdict};
+pub use error::ClientError;
+pub use reply::{result_name, Reply};
+pub use request::{
+    filter, random_nonce, random_nonce_from, BuildError, RequestBuilder, DEFAULT_LIFETIME,
+};
+pub use retransmit::{RetransmitParams, IRT, MRC, MRD, MRT};
+pub use transaction::{Event, Ignored, MappingKey, ResponseKey, TimedOut, Transaction};

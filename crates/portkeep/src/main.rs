@@ -1,1 +1,21 @@
-fn main() {}
+//! `portkeep`: the Portkeep PCP client command line.
+//!
+//! Exit status: 0 SUCCESS, 1 I/O or other failure, 2 PCP error result,
+//! 3 timeout, 64 bad arguments (sysexits EX_USAGE).
+
+mod cli;
+mod exit;
+mod output;
+mod parse;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    match cli::Cli::try_parse() {
+        Ok(cli) => run::run(cli),
+        Err(e) => exit::clap_error(&e),
+    }
+}

@@ -1,0 +1,245 @@
+//! The tokio driver: one UDP socket connected to one PCP server, running
+//! the sans-IO [`Transaction`] against the real clock.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use portkeep_proto::{CodePoints, PcpOption, Request, ResultCode, MAX_MESSAGE_LEN};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::net::UdpSocket;
+use tokio::sync::Mutex;
+
+use crate::epoch::EpochTracker;
+use crate::error::ClientError;
+use crate::reply::Reply;
+use crate::request::RequestBuilder;
+use crate::retransmit::RetransmitParams;
+use crate::transaction::{Event, Transaction};
+
+/// The driver's single clock read.
+///
+/// The sans-IO core takes `now` as an argument so tests can drive it with
+/// a fake clock, and clippy.toml bans `Instant::now` to keep it that way;
+/// the runtime boundary is the one place that must read the real clock.
+#[allow(clippy::disallowed_methods)]
+fn clock_now() -> Instant {
+    Instant::now()
+}
+
+/// How a [`Client`] behaves; the defaults are the RFC's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ClientConfig {
+    /// Code points of the unassigned extensions (GET/NEXT).
+    pub code_points: CodePoints,
+    /// Retransmission parameters (RFC 6887 section 8.1.1); per-request
+    /// [`RequestOptions`] may bound them further.
+    pub retransmit: RetransmitParams,
+    /// Seed for the jitter RNG; `None` seeds from the OS. Nonces never come
+    /// from this generator.
+    pub jitter_seed: Option<u64>,
+}
+
+/// Per-request bounds on retransmission (RFC 6887 section 8.1.1 leaves
+/// MRC and MRD at 0, unbounded, unless the caller sets them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RequestOptions {
+    /// MRD: give up this long after the first transmission.
+    pub max_duration: Option<Duration>,
+    /// MRC: give up after this many unanswered transmissions.
+    pub max_transmissions: Option<u32>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    rng: StdRng,
+    epoch: EpochTracker,
+}
+
+/// A PCP client talking to one server.
+///
+/// Requests are serialised: the socket is shared, and one transaction at a
+/// time keeps every response unambiguous.
+#[derive(Debug)]
+pub struct Client {
+    socket: UdpSocket,
+    server: SocketAddr,
+    local: SocketAddr,
+    config: ClientConfig,
+    shared: Mutex<Shared>,
+}
+
+impl Client {
+    /// Opens a UDP socket connected to `server` (usually port 5351,
+    /// RFC 6887 section 19.1) with the RFC's retransmission parameters.
+    pub async fn connect(server: SocketAddr) -> Result<Client, ClientError> {
+        Self::connect_with(server, ClientConfig::default()).await
+    }
+
+    /// Like [`Client::connect`], with explicit configuration.
+    pub async fn connect_with(
+        server: SocketAddr,
+        config: ClientConfig,
+    ) -> Result<Client, ClientError> {
+        let io = |source| ClientError::Io { server, source };
+        let any: IpAddr = match server {
+            SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+            SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+        };
+        let socket = UdpSocket::bind((any, 0)).await.map_err(io)?;
+        socket.connect(server).await.map_err(io)?;
+        // After connect() the kernel has chosen the source address the
+        // server will see, which is what the client IP field must carry
+        // (RFC 6887 section 8.1, checked by the server per section 8.3).
+        let local = socket.local_addr().map_err(io)?;
+        let rng = match config.jitter_seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_entropy(),
+        };
+        Ok(Client {
+            socket,
+            server,
+            local,
+            config,
+            shared: Mutex::new(Shared {
+                rng,
+                epoch: EpochTracker::new(),
+            }),
+        })
+    }
+
+    /// The server's address.
+    pub fn server(&self) -> SocketAddr {
+        self.server
+    }
+
+    /// The socket's local address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The address written into the client IP field of requests.
+    pub fn client_ip(&self) -> IpAddr {
+        self.local.ip()
+    }
+
+    /// The code points in use.
+    pub fn code_points(&self) -> &CodePoints {
+        &self.config.code_points
+    }
+
+    /// Builds `builder` with this client's address and sends it.
+    pub async fn send(
+        &self,
+        builder: &RequestBuilder,
+        opts: RequestOptions,
+    ) -> Result<Reply, ClientError> {
+        let req = builder.build(self.client_ip())?;
+        self.request(&req, opts).await
+    }
+
+    /// Sends `req`, retransmitting per RFC 6887 section 8.1.1, and waits
+    /// for the matching response.
+    ///
+    /// A SUCCESS response is `Ok`; any other result code is
+    /// [`ClientError::Pcp`], which carries the whole reply.
+    pub async fn request(&self, req: &Request, opts: RequestOptions) -> Result<Reply, ClientError> {
+        let io = |source| ClientError::Io {
+            server: self.server,
+            source,
+        };
+        let mut shared = self.shared.lock().await;
+        let mut params = self.config.retransmit;
+        if let Some(d) = opts.max_duration {
+            params.mrd = d;
+        }
+        if let Some(n) = opts.max_transmissions {
+            params.mrc = n;
+        }
+        let rng = StdRng::seed_from_u64(shared.rng.gen());
+        let start = clock_now();
+        let mut tx = Transaction::new(start, req, self.config.code_points, params, rng)?;
+        // Larger than any PCP message, so an oversized datagram arrives
+        // whole and is rejected by the parser rather than truncated.
+        let mut buf = vec![0u8; MAX_MESSAGE_LEN + 512];
+        // Late duplicates answering an earlier transaction would otherwise
+        // be read first, and a renewal reuses its nonce, so they could
+        // match (RFC 6887 section 8.1.1 retransmissions can each be
+        // answered). Whatever is queued before we send is not for us.
+        while self.socket.try_recv(&mut buf).is_ok() {}
+        loop {
+            let now = clock_now();
+            tx.handle_timeout(now);
+            while let Some(datagram) = tx.poll_transmit(now) {
+                match self.socket.send(&datagram).await {
+                    Ok(_) => {}
+                    // An ICMP error from an earlier send; the server may
+                    // just not be up yet, and 8.1.1 says keep trying.
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        tracing::debug!(server = %self.server, "send: connection refused");
+                    }
+                    Err(e) => return Err(io(e)),
+                }
+            }
+            while let Some(event) = tx.poll_event() {
+                match event {
+                    Event::Response {
+                        response,
+                        received,
+                        transmissions,
+                    } => {
+                        let epoch_verdict = shared.epoch.observe(received, response.header.epoch);
+                        let reply = Reply {
+                            opcode: tx.key().opcode,
+                            nonce: tx.key().mapping.map(|m| m.nonce),
+                            checkpoint_requested: req
+                                .options
+                                .iter()
+                                .any(|o| matches!(o, PcpOption::CheckpointRequired)),
+                            epoch_verdict,
+                            transmissions,
+                            elapsed: received.saturating_duration_since(start),
+                            response,
+                        };
+                        if reply.result() == ResultCode::SUCCESS {
+                            return Ok(reply);
+                        }
+                        return Err(ClientError::Pcp {
+                            reply: Box::new(reply),
+                        });
+                    }
+                    Event::TimedOut(t) => {
+                        return Err(ClientError::Timeout {
+                            server: self.server,
+                            transmissions: t.transmissions,
+                            elapsed: t.elapsed,
+                        })
+                    }
+                    Event::Ignored(why) => {
+                        tracing::debug!(server = %self.server, %why, "ignored datagram");
+                    }
+                }
+            }
+            let deadline = tx.poll_timeout();
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                r = self.socket.recv(&mut buf) => match r {
+                    Ok(n) => {
+                        let datagram = buf.get(..n).unwrap_or_default();
+                        tx.handle_input(clock_now(), datagram);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        tracing::debug!(server = %self.server, "recv: connection refused");
+                    }
+                    Err(e) => return Err(io(e)),
+                },
+                () = sleep => {}
+            }
+        }
+    }
+}

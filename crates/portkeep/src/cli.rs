@@ -1,0 +1,133 @@
+//! The command line, as clap derive types.
+//!
+//! The verbs are one-shot PCP exchanges. Room is left for a long-running
+//! `agent` verb family (the host's mapping keeper of DESIGN.md) and for
+//! `list`/`get` (GET/NEXT retrieval, failure-scenarios draft section 4):
+//! each becomes one more [`Command`] variant with its own args struct.
+
+// The doc comments below are clap's help text, where `[IPv6]:PORT` is
+// literal syntax, not a rustdoc link.
+#![allow(rustdoc::broken_intra_doc_links)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use portkeep_proto::{Filter, Nonce, Protocol};
+
+use crate::parse;
+
+/// Port Control Protocol (RFC 6887) client: ask a PCP server for port
+/// mappings.
+#[derive(Debug, Parser)]
+#[command(name = "portkeep", version, propagate_version = true)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+    #[command(flatten)]
+    pub(crate) common: Common,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Create or renew an inbound mapping (RFC 6887 MAP).
+    Map(MapArgs),
+    /// Create or renew the mapping of an outbound flow (RFC 6887 PEER).
+    Peer(PeerArgs),
+    /// Delete a mapping: MAP with lifetime 0 and the creator's nonce.
+    Delete(DeleteArgs),
+    /// Ask the server for its epoch (RFC 6887 ANNOUNCE).
+    Announce,
+}
+
+/// Flags every verb takes, before or after it.
+#[derive(Debug, Args)]
+pub(crate) struct Common {
+    /// PCP server: IP, IP:PORT or [IPv6]:PORT; port 5351 when omitted.
+    #[arg(long, global = true, value_name = "ADDR", default_value = "127.0.0.1:5351", value_parser = parse::server)]
+    pub(crate) server: SocketAddr,
+    /// Give up after this many seconds of retransmitting (RFC 6887
+    /// section 8.1.1 MRD; 0 retries forever).
+    #[arg(
+        long,
+        global = true,
+        value_name = "SECONDS",
+        default_value = "10",
+        allow_negative_numbers = true,
+        value_parser = parse::timeout
+    )]
+    pub(crate) timeout: Duration,
+    /// Print one JSON object instead of text.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+}
+
+/// What MAP and PEER share.
+#[derive(Debug, Args)]
+pub(crate) struct MappingArgs {
+    /// Protocol: tcp, udp, sctp, dccp, icmp, icmpv6, all, or a number.
+    #[arg(value_name = "PROTO", value_parser = parse::protocol)]
+    pub(crate) proto: Protocol,
+    /// Internal port (0 with `all`).
+    #[arg(value_name = "INTERNAL_PORT")]
+    pub(crate) internal_port: u16,
+    /// Requested lifetime in seconds; the server may grant less.
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true, default_value_t = portkeep_client::DEFAULT_LIFETIME)]
+    pub(crate) lifetime: u32,
+    /// Suggested external address: IP:PORT, IP or :PORT.
+    #[arg(long, value_name = "IP:PORT", value_parser = parse::suggest)]
+    pub(crate) suggest: Option<(Option<IpAddr>, u16)>,
+    /// Ask on behalf of this internal host (THIRD_PARTY option).
+    #[arg(long, value_name = "IP")]
+    pub(crate) third_party: Option<IpAddr>,
+    /// Free-text label (DESCRIPTION option, RFC 7220).
+    #[arg(long, value_name = "TEXT")]
+    pub(crate) description: Option<String>,
+    /// Ask the server to checkpoint the mapping so that it survives a
+    /// failover (CHECKPOINT_REQUIRED, RFC 7767).
+    #[arg(long)]
+    pub(crate) checkpoint: bool,
+    /// Mapping nonce, 24 hex digits: reuse the one printed by an earlier
+    /// run to renew its mapping. Random when omitted.
+    #[arg(long, value_name = "HEX", value_parser = parse::nonce)]
+    pub(crate) nonce: Option<Nonce>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct MapArgs {
+    #[command(flatten)]
+    pub(crate) mapping: MappingArgs,
+    /// Fail rather than accept another external address or port than
+    /// suggested (PREFER_FAILURE option).
+    #[arg(long)]
+    pub(crate) prefer_failure: bool,
+    /// Only let these remote peers in: PREFIX/LEN[:PORT], repeatable
+    /// (FILTER option; IPv4 lengths count IPv4 bits).
+    #[arg(long = "filter", value_name = "PREFIX/LEN[:PORT]", value_parser = parse::filter)]
+    pub(crate) filters: Vec<Filter>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct PeerArgs {
+    #[command(flatten)]
+    pub(crate) mapping: MappingArgs,
+    /// The remote peer of the flow: IP:PORT or [IPv6]:PORT.
+    #[arg(value_name = "REMOTE_IP:PORT", value_parser = parse::remote)]
+    pub(crate) remote: SocketAddr,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DeleteArgs {
+    /// Protocol of the mapping.
+    #[arg(value_name = "PROTO", value_parser = parse::protocol)]
+    pub(crate) proto: Protocol,
+    /// Internal port of the mapping.
+    #[arg(value_name = "INTERNAL_PORT")]
+    pub(crate) internal_port: u16,
+    /// The nonce the mapping was created with (24 hex digits).
+    #[arg(long, value_name = "HEX", value_parser = parse::nonce)]
+    pub(crate) nonce: Nonce,
+    /// Delete on behalf of this internal host (THIRD_PARTY option).
+    #[arg(long, value_name = "IP")]
+    pub(crate) third_party: Option<IpAddr>,
+}

@@ -1,0 +1,137 @@
+//! Turning parsed arguments into one PCP exchange.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::process::ExitCode;
+
+use clap::error::ErrorKind;
+use clap::CommandFactory;
+use portkeep_client::{BuildError, Client, ClientError, Reply, RequestBuilder, RequestOptions};
+use portkeep_proto::CodePoints;
+
+use crate::cli::{Cli, Command, Common, MappingArgs};
+use crate::{exit, output};
+
+/// What to send, decided before any socket is opened.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    pub(crate) builder: RequestBuilder,
+    pub(crate) remote: Option<SocketAddr>,
+}
+
+pub(crate) fn run(cli: Cli) -> ExitCode {
+    let plan = match plan(&cli.command, cli.common.server) {
+        Ok(p) => p,
+        Err(e) => return exit::clap_error(&e),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    let result = runtime.block_on(execute(&cli.common, &plan));
+    ExitCode::from(output::report(&cli.common, &plan, &result))
+}
+
+async fn execute(common: &Common, plan: &Plan) -> Result<Reply, ClientError> {
+    let client = Client::connect(common.server).await?;
+    let opts = RequestOptions {
+        // Zero is the RFC's "no bound" and passes through as such.
+        max_duration: Some(common.timeout),
+        ..RequestOptions::default()
+    };
+    client.send(&plan.builder, opts).await
+}
+
+fn with_mapping(b: RequestBuilder, m: &MappingArgs) -> RequestBuilder {
+    let mut b = b.lifetime(m.lifetime);
+    if let Some(n) = m.nonce {
+        b = b.nonce(n);
+    }
+    if let Some((ip, port)) = m.suggest {
+        b = b.suggest(ip, port);
+    }
+    if let Some(ip) = m.third_party {
+        b = b.third_party(ip);
+    }
+    if let Some(d) = &m.description {
+        b = b.description(d.clone());
+    }
+    if m.checkpoint {
+        b = b.checkpoint_required();
+    }
+    b
+}
+
+fn plan(command: &Command, server: SocketAddr) -> Result<Plan, clap::Error> {
+    let (builder, remote) = match command {
+        Command::Map(a) => {
+            let mut b = with_mapping(
+                RequestBuilder::map(a.mapping.proto, a.mapping.internal_port),
+                &a.mapping,
+            );
+            if a.prefer_failure {
+                b = b.prefer_failure();
+            }
+            for f in &a.filters {
+                b = b.filter(*f);
+            }
+            (b, None)
+        }
+        Command::Peer(a) => (
+            with_mapping(
+                RequestBuilder::peer(a.mapping.proto, a.mapping.internal_port, a.remote),
+                &a.mapping,
+            ),
+            Some(a.remote),
+        ),
+        Command::Delete(a) => {
+            let mut b = RequestBuilder::delete(a.proto, a.internal_port, a.nonce);
+            if let Some(ip) = a.third_party {
+                b = b.third_party(ip);
+            }
+            (b, None)
+        }
+        Command::Announce => (RequestBuilder::announce(), None),
+    };
+    validate(&builder, server)?;
+    Ok(Plan { builder, remote })
+}
+
+/// Catches what the RFC forbids before talking to anyone, naming the
+/// argument at fault. The real client address is not known yet; one of
+/// the server's family stands in, which does not change the size.
+fn validate(builder: &RequestBuilder, server: SocketAddr) -> Result<(), clap::Error> {
+    let stand_in: IpAddr = match server {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let usage = |msg: String| Cli::command().error(ErrorKind::ValueValidation, msg);
+    let req = builder.build(stand_in).map_err(|e| {
+        usage(match e {
+            BuildError::AllProtocolsWithPort(p) => format!(
+                "invalid value '{p}' for '<INTERNAL_PORT>': must be 0 when <PROTO> is all \
+                 (RFC 6887 section 11.1)"
+            ),
+            BuildError::PeerWithoutProtocolOrPort => "invalid value for '<PROTO>' or \
+                '<INTERNAL_PORT>': PEER needs a protocol other than all and a non-zero \
+                internal port (RFC 6887 section 12.1)"
+                .to_owned(),
+            BuildError::BadRemotePeer(r) => format!(
+                "invalid value '{r}' for '<REMOTE_IP:PORT>': needs a specified address and a \
+                 non-zero port (RFC 6887 section 12.1)"
+            ),
+            other => other.to_string(),
+        })
+    })?;
+    req.to_bytes(&CodePoints::default()).map_err(|e| {
+        usage(format!(
+            "{e}: shorten '--description' or give fewer '--filter' (RFC 6887 section 7)"
+        ))
+    })?;
+    Ok(())
+}
