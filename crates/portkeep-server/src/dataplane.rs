@@ -1,6 +1,6 @@
 //! Where mappings take effect: the packet-forwarding side of the NAT.
 
-use std::collections::BTreeMap;
+use hashbrown::HashMap;
 use std::net::SocketAddr;
 
 use portkeep_proto::Protocol;
@@ -39,8 +39,8 @@ type OutboundKey = (Protocol, SocketAddr, SocketAddr);
 /// path; tests use it to check that the change log describes the table.
 #[derive(Debug, Default)]
 pub struct MemoryDataplane {
-    inbound: BTreeMap<InboundKey, SocketAddr>,
-    outbound: BTreeMap<OutboundKey, SocketAddr>,
+    inbound: HashMap<InboundKey, SocketAddr>,
+    outbound: HashMap<OutboundKey, SocketAddr>,
 }
 
 impl MemoryDataplane {

@@ -1,6 +1,6 @@
 //! The PCP server state machine (RFC 6887 sections 8.2, 11-15).
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 

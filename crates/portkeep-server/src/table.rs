@@ -8,7 +8,9 @@
 //! gets that mapping's external address and port, and vice versa). A
 //! binding lives as long as any entry uses it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+use hashbrown::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
 use portkeep_proto::{Nonce, Protocol};

@@ -51,6 +51,11 @@ impl Core {
 }
 
 fn log_change(c: &ChangeRecord) {
+    // Formatting costs more than the request itself; skip it when nobody
+    // will read the line.
+    if !tracing::enabled!(tracing::Level::INFO) {
+        return;
+    }
     match &c.change {
         Change::Upserted(m) => {
             let kind = match m.kind {

@@ -1,0 +1,455 @@
+//! `portkeep-bench`: drives virtual PCP clients against a server over
+//! loopback and reports throughput, latency percentiles and server memory.
+//!
+//! Each virtual client has its own loopback address (127.1.x.y), so the
+//! server sees it as a separate subscriber with its own quota, exactly as
+//! distinct hosts would be. Requests are MAP creates (first pass over a
+//! client's ports) and refreshes (every later pass, same nonce), sent and
+//! received in batches with `sendmmsg`/`recvmmsg`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use hdrhistogram::Histogram;
+use portkeep_proto::addr::to_wire;
+use portkeep_proto::{CodePoints, MapData, OpData, Protocol, Request, RequestHeader};
+use portkeepd::mmsg::{recv_batch, RecvBatch, SendBatch};
+
+#[derive(Debug, Parser)]
+#[command(name = "portkeep-bench", version)]
+struct Args {
+    /// Server to load (ignored with --spawn).
+    #[arg(long, default_value = "127.0.0.1:5351")]
+    server: SocketAddr,
+    /// Start this portkeepd binary on a free loopback port for the run, and
+    /// measure its memory.
+    #[arg(long, value_name = "PORTKEEPD")]
+    spawn: Option<PathBuf>,
+    /// Measure the memory of an already running server with this pid.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Server worker threads when spawning.
+    #[arg(long, default_value_t = 1)]
+    server_workers: usize,
+    /// Virtual clients (each a distinct loopback address and subscriber).
+    #[arg(long, default_value_t = 256)]
+    clients: usize,
+    /// Mappings per client (distinct internal ports).
+    #[arg(long, default_value_t = 64)]
+    mappings_per_client: usize,
+    /// Seconds of refresh load after the create pass (0: create pass only).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Load threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Requests sent to one client's server socket per round.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Clients with a batch in flight at once, per load thread.
+    #[arg(long, default_value_t = 4)]
+    inflight: usize,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Reads the clock; the bench is all I/O, the cores never do this.
+#[allow(clippy::disallowed_methods)]
+fn now() -> Instant {
+    Instant::now()
+}
+
+struct VClient {
+    sock: UdpSocket,
+    index: usize,
+    next: usize,
+    /// An encoded MAP request for this client; the nonce and internal port
+    /// are patched in per mapping.
+    template: Vec<u8>,
+    /// Send time of each mapping's outstanding request.
+    sent_at: Vec<Option<Instant>>,
+    /// Requests of the current round still unanswered.
+    waiting: usize,
+    /// Still in the first pass over the ports (creates, not refreshes).
+    creating: bool,
+}
+
+/// Offsets in a MAP request (RFC 6887 sections 7.1, 11.1).
+const NONCE_AT: usize = 24;
+const INTERNAL_PORT_AT: usize = 40;
+
+#[derive(Default)]
+struct PhaseResult {
+    sent: u64,
+    ok: u64,
+    errors: u64,
+    lost: u64,
+}
+
+fn client_ip(i: usize) -> Ipv4Addr {
+    let n = i + 1;
+    Ipv4Addr::new(127, 1 + (n >> 16) as u8, (n >> 8) as u8, n as u8)
+}
+
+fn nonce(client: usize, port: u16) -> [u8; 12] {
+    let mut n = [0u8; 12];
+    n[..8].copy_from_slice(&(client as u64).to_be_bytes());
+    n[8..10].copy_from_slice(&port.to_be_bytes());
+    n[10] = 0x5a;
+    n
+}
+
+fn map_request(ip: Ipv4Addr, client: usize, port: u16) -> Vec<u8> {
+    Request {
+        header: RequestHeader {
+            lifetime: 3600,
+            client_ip: to_wire(IpAddr::V4(ip)),
+        },
+        data: OpData::Map(MapData {
+            nonce: nonce(client, port),
+            protocol: Protocol::TCP,
+            internal_port: port,
+            external_port: 0,
+            external_ip: std::net::Ipv6Addr::UNSPECIFIED,
+        }),
+        options: vec![],
+    }
+    .to_bytes(&CodePoints::default())
+    .unwrap_or_default()
+}
+
+/// Sends one batch of requests for `c`.
+fn send_round(
+    c: &mut VClient,
+    server: SocketAddr,
+    per_client: usize,
+    batch: usize,
+    sb: &mut SendBatch,
+    res: &mut PhaseResult,
+) {
+    let start = now();
+    let n = batch.min(per_client);
+    for k in 0..n {
+        let idx = (c.next + k) % per_client;
+        let port = 1000 + idx as u16;
+        c.template[NONCE_AT..NONCE_AT + 12].copy_from_slice(&nonce(c.index, port));
+        c.template[INTERNAL_PORT_AT..INTERNAL_PORT_AT + 2].copy_from_slice(&port.to_be_bytes());
+        sb.push(server, &c.template);
+        c.sent_at[idx] = Some(start);
+    }
+    c.next = (c.next + n) % per_client;
+    if c.next == 0 {
+        c.creating = false;
+    }
+    if sb.flush(&c.sock).is_err() {
+        res.lost += n as u64;
+        c.waiting = 0;
+        return;
+    }
+    res.sent += n as u64;
+    c.waiting = n;
+}
+
+/// Collects the replies to `c`'s outstanding batch.
+fn recv_round(
+    c: &mut VClient,
+    hist: &mut Histogram<u64>,
+    rb: &mut RecvBatch,
+    res: &mut PhaseResult,
+) {
+    while c.waiting > 0 {
+        match recv_batch(&c.sock, rb) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let t = now();
+        for (_, d) in rb.iter() {
+            c.waiting = c.waiting.saturating_sub(1);
+            if d.len() < 44 || d[3] != 0 {
+                res.errors += 1;
+                continue;
+            }
+            res.ok += 1;
+            let port = u16::from_be_bytes([d[INTERNAL_PORT_AT], d[INTERNAL_PORT_AT + 1]]);
+            let idx = usize::from(port.wrapping_sub(1000));
+            if let Some(Some(s)) = c.sent_at.get_mut(idx).map(Option::take) {
+                let _ = hist.record(t.duration_since(s).as_micros() as u64);
+            }
+        }
+    }
+    res.lost += c.waiting as u64;
+    c.waiting = 0;
+}
+
+fn run_phase(
+    clients: &mut [VClient],
+    args: &Args,
+    server: SocketAddr,
+    deadline: Option<Instant>,
+    stop: &AtomicBool,
+) -> (PhaseResult, Histogram<u64>) {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| {
+        Histogram::new(3).unwrap_or_else(|_| unreachable!("valid histogram precision"))
+    });
+    let mut rb = RecvBatch::default();
+    let mut sb = SendBatch::default();
+    let mut res = PhaseResult::default();
+    let per = args.mappings_per_client;
+    let window = args.inflight.max(1);
+    // Rounds per client: one pass over its ports for the create phase,
+    // unbounded (until the deadline) for the refresh phase.
+    let passes = per.div_ceil(args.batch);
+    let mut pass = 0;
+    'outer: loop {
+        if deadline.is_none() && pass == passes {
+            break;
+        }
+        for group in clients.chunks_mut(window) {
+            if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| now() >= d) {
+                break 'outer;
+            }
+            for c in group.iter_mut() {
+                send_round(c, server, per, args.batch, &mut sb, &mut res);
+            }
+            for c in group.iter_mut() {
+                recv_round(c, &mut hist, &mut rb, &mut res);
+            }
+        }
+        pass += 1;
+    }
+    (res, hist)
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+struct Spawned(Child);
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_server(bin: &PathBuf, args: &Args) -> anyhow::Result<(Spawned, SocketAddr)> {
+    let port = {
+        let s = UdpSocket::bind("127.0.0.1:0")?;
+        s.local_addr()?.port()
+    };
+    let addr: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+    let dir = std::env::temp_dir().join(format!("portkeep-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let cfg = dir.join("portkeepd.toml");
+    let total = args.clients * args.mappings_per_client;
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = [\"{addr}\"]\nexternal_addresses = [\"192.0.2.0/26\", \"198.18.0.0/26\"]\nworkers = {}\n\
+             [subscribers]\nmax_mappings = {}\n[limits]\nmax_mappings = {}\n",
+            args.server_workers,
+            args.mappings_per_client.max(1024),
+            (total + 1024).max(4_000_000),
+        ),
+    )?;
+    let child = Command::new(bin)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--log-level")
+        .arg("warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let child = Spawned(child);
+    // Wait until it answers an ANNOUNCE.
+    let probe = UdpSocket::bind("127.0.0.1:0")?;
+    probe.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let announce = Request {
+        header: RequestHeader {
+            lifetime: 0,
+            client_ip: to_wire(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        },
+        data: OpData::Announce,
+        options: vec![],
+    }
+    .to_bytes(&CodePoints::default())?;
+    let mut buf = [0u8; 1100];
+    for _ in 0..100 {
+        let _ = probe.send_to(&announce, addr);
+        if probe.recv(&mut buf).is_ok() {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Ok((child, addr));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    bail!("spawned server did not answer on {addr}")
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.batch == 0 || args.clients == 0 || args.mappings_per_client == 0 || args.threads == 0 {
+        bail!("--batch, --clients, --mappings-per-client and --threads must be at least 1");
+    }
+    if args.mappings_per_client > 60000 {
+        bail!("--mappings-per-client is at most 60000");
+    }
+    let (_child, server, pid) = match &args.spawn {
+        Some(bin) => {
+            let (c, a) = spawn_server(bin, &args)?;
+            let pid = c.0.id();
+            (Some(c), a, Some(pid))
+        }
+        None => (None, args.server, args.server_pid),
+    };
+    let rss_before = pid.and_then(rss_kib);
+    let mut clients = Vec::with_capacity(args.clients);
+    for i in 0..args.clients {
+        let ip = client_ip(i);
+        let sock = UdpSocket::bind(SocketAddr::new(IpAddr::V4(ip), 0))
+            .with_context(|| format!("cannot bind {ip} (loopback 127.0.0.0/8)"))?;
+        sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let s2 = socket2::SockRef::from(&sock);
+        let _ = s2.set_recv_buffer_size(1 << 20);
+        clients.push(VClient {
+            sock,
+            index: i,
+            next: 0,
+            template: map_request(ip, i, 1000),
+            sent_at: vec![None; args.mappings_per_client],
+            waiting: 0,
+            creating: true,
+        });
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = args.threads.min(args.clients);
+    let chunk = args.clients.div_ceil(threads);
+    let mut groups: Vec<Vec<VClient>> = Vec::new();
+    let mut it = clients.into_iter();
+    loop {
+        let g: Vec<VClient> = it.by_ref().take(chunk).collect();
+        if g.is_empty() {
+            break;
+        }
+        groups.push(g);
+    }
+    let args = Arc::new(args);
+    let phase = |groups: Vec<Vec<VClient>>, secs: Option<f64>| {
+        let start = now();
+        let deadline = secs.map(|s| start + Duration::from_secs_f64(s));
+        let handles: Vec<_> = groups
+            .into_iter()
+            .map(|mut g| {
+                let args = args.clone();
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let r = run_phase(&mut g, &args, server, deadline, &stop);
+                    (g, r)
+                })
+            })
+            .collect();
+        let mut back = Vec::new();
+        let mut total = PhaseResult::default();
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+            .unwrap_or_else(|_| unreachable!("valid histogram bounds"));
+        for h in handles {
+            let Ok((g, (r, hi))) = h.join() else { continue };
+            back.push(g);
+            total.sent += r.sent;
+            total.ok += r.ok;
+            total.errors += r.errors;
+            total.lost += r.lost;
+            let _ = hist.add(&hi);
+        }
+        (back, total, hist, start.elapsed())
+    };
+    let (groups, create, create_hist, create_t) = phase(groups, None);
+    let rss_after_create = pid.and_then(rss_kib);
+    let (refresh, refresh_hist, refresh_t) = if args.duration > 0.0 {
+        let (_, r, h, t) = phase(groups, Some(args.duration));
+        (Some(r), Some(h), t)
+    } else {
+        (None, None, Duration::ZERO)
+    };
+    let rss_end = pid.and_then(rss_kib);
+    let mappings = (args.clients * args.mappings_per_client) as u64;
+    let report = |name: &str, r: &PhaseResult, h: &Histogram<u64>, t: Duration| {
+        serde_json::json!({
+            "phase": name,
+            "requests": r.sent,
+            "success": r.ok,
+            "errors": r.errors,
+            "lost": r.lost,
+            "seconds": t.as_secs_f64(),
+            "requests_per_second": (r.ok as f64 / t.as_secs_f64()).round(),
+            "latency_us": {
+                "p50": h.value_at_quantile(0.50),
+                "p99": h.value_at_quantile(0.99),
+                "p99.9": h.value_at_quantile(0.999),
+                "max": h.max(),
+            }
+        })
+    };
+    let mut phases = vec![report("create", &create, &create_hist, create_t)];
+    if let (Some(r), Some(h)) = (&refresh, &refresh_hist) {
+        phases.push(report("refresh", r, h, refresh_t));
+    }
+    let memory = match (rss_before, rss_after_create) {
+        (Some(b), Some(a)) => serde_json::json!({
+            "rss_before_kib": b,
+            "rss_after_create_kib": a,
+            "rss_end_kib": rss_end,
+            "bytes_per_mapping": ((a.saturating_sub(b)) as f64 * 1024.0 / mappings as f64).round(),
+        }),
+        _ => serde_json::Value::Null,
+    };
+    let out = serde_json::json!({
+        "server": server.to_string(),
+        "clients": args.clients,
+        "mappings": mappings,
+        "threads": args.threads,
+        "batch": args.batch,
+        "phases": phases,
+        "server_memory": memory,
+    });
+    if args.json {
+        println!("{out}");
+    } else {
+        println!(
+            "portkeep-bench against {server}: {} clients x {} mappings = {mappings}",
+            args.clients, args.mappings_per_client
+        );
+        for p in out["phases"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<8} {:>9} req/s  ({} ok, {} errors, {} lost in {:.2} s)  latency p50 {} us  p99 {} us  p99.9 {} us  max {} us",
+                p["phase"].as_str().unwrap_or(""),
+                p["requests_per_second"],
+                p["success"],
+                p["errors"],
+                p["lost"],
+                p["seconds"].as_f64().unwrap_or(0.0),
+                p["latency_us"]["p50"],
+                p["latency_us"]["p99"],
+                p["latency_us"]["p99.9"],
+                p["latency_us"]["max"],
+            );
+        }
+        if !memory.is_null() {
+            println!(
+                "  server RSS {} KiB before, {} KiB after create: {} bytes per mapping",
+                memory["rss_before_kib"],
+                memory["rss_after_create_kib"],
+                memory["bytes_per_mapping"]
+            );
+        }
+    }
+    Ok(())
+}
