@@ -549,7 +549,7 @@ impl Server {
                     let desc = description
                         .map(String::into_boxed_str)
                         .or_else(|| e.extra.as_ref().and_then(|x| x.description.clone()));
-                    e.extra = make_extra(filters, desc);
+                    e.extra = make_extra(filters, desc, None);
                 });
                 id
             }
@@ -566,13 +566,16 @@ impl Server {
                 let filters = apply_filters(Vec::new(), &o.filters);
                 let id = self.table.insert(Entry {
                     binding,
-                    remote: None,
                     nonce: m.nonce,
                     expires,
                     lifetime,
                     checkpoint,
                     third_party: o.third_party.is_some(),
-                    extra: make_extra(filters, o.description.clone().map(String::into_boxed_str)),
+                    extra: make_extra(
+                        filters,
+                        o.description.clone().map(String::into_boxed_str),
+                        None,
+                    ),
                 });
                 self.subscriber_mut(sub).mappings += 1;
                 id
@@ -647,7 +650,7 @@ impl Server {
                     }
                     e.checkpoint = checkpoint;
                     if let Some(d) = description {
-                        e.extra = make_extra(Vec::new(), Some(d.into_boxed_str()));
+                        e.extra = make_extra(Vec::new(), Some(d.into_boxed_str()), Some(remote));
                     }
                 });
                 id
@@ -661,7 +664,6 @@ impl Server {
                 }
                 let id = self.table.insert(Entry {
                     binding,
-                    remote: Some(remote),
                     nonce: p.map.nonce,
                     expires,
                     lifetime,
@@ -670,6 +672,7 @@ impl Server {
                     extra: make_extra(
                         Vec::new(),
                         o.description.clone().map(String::into_boxed_str),
+                        Some(remote),
                     ),
                 });
                 self.subscriber_mut(sub).mappings += 1;
@@ -832,13 +835,18 @@ fn apply_filters(mut current: Vec<FilterRule>, new: &[Filter]) -> Vec<FilterRule
     current
 }
 
-fn make_extra(filters: Vec<FilterRule>, description: Option<Box<str>>) -> Option<Box<Extra>> {
-    if filters.is_empty() && description.is_none() {
+fn make_extra(
+    filters: Vec<FilterRule>,
+    description: Option<Box<str>>,
+    remote: Option<SocketAddr>,
+) -> Option<Box<Extra>> {
+    if filters.is_empty() && description.is_none() && remote.is_none() {
         None
     } else {
         Some(Box::new(Extra {
             filters,
             description,
+            remote,
         }))
     }
 }

@@ -9,8 +9,9 @@
 //! binding lives as long as any entry uses it.
 
 use std::collections::BTreeSet;
+use std::hash::BuildHasher;
 
-use hashbrown::HashMap;
+use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
 use std::net::{IpAddr, SocketAddr};
 
 use portkeep_proto::{Nonce, Protocol};
@@ -87,25 +88,39 @@ pub(crate) struct Binding {
     pub(crate) peers: u32,
 }
 
-/// Rarely present parts of an entry, boxed to keep the common entry small.
+impl Binding {
+    fn ext(&self) -> u64 {
+        ext_key(self.key.protocol, self.ext_ip, self.ext_port)
+    }
+}
+
+/// Rarely present parts of an entry, boxed to keep the common entry small
+/// (a plain MAP entry is 40 bytes; see docs/performance.md).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Extra {
     pub(crate) filters: Vec<FilterRule>,
     pub(crate) description: Option<Box<str>>,
+    /// The remote peer, for PEER entries.
+    pub(crate) remote: Option<SocketAddr>,
 }
 
 /// A MAP or PEER mapping.
 #[derive(Debug)]
 pub(crate) struct Entry {
     pub(crate) binding: Id,
-    /// The remote peer, for PEER entries.
-    pub(crate) remote: Option<SocketAddr>,
-    pub(crate) nonce: Nonce,
-    pub(crate) expires: Timestamp,
     pub(crate) lifetime: u32,
+    pub(crate) expires: Timestamp,
+    pub(crate) nonce: Nonce,
     pub(crate) checkpoint: bool,
     pub(crate) third_party: bool,
     pub(crate) extra: Option<Box<Extra>>,
+}
+
+impl Entry {
+    /// The remote peer of a PEER entry; `None` for MAP.
+    pub(crate) fn remote(&self) -> Option<SocketAddr> {
+        self.extra.as_ref().and_then(|x| x.remote)
+    }
 }
 
 /// Why no external endpoint could be allocated.
@@ -138,9 +153,13 @@ pub(crate) struct Pool {
 pub(crate) struct Table {
     pool: Pool,
     pub(crate) bindings: Slab<Binding>,
-    binding_by_key: HashMap<MappingKey, Id>,
-    /// Occupied external ports, by [`ext_key`].
-    binding_by_ext: HashMap<u64, Id>,
+    /// Bindings by internal key. The index stores only ids and hashes the
+    /// binding in the slab, so a slot costs 4 bytes instead of a copy of
+    /// the key.
+    binding_by_key: HashTable<Id>,
+    /// Bindings holding one external port, by [`ext_key`].
+    binding_by_ext: HashTable<Id>,
+    hasher: DefaultHashBuilder,
     /// Per pool address: the binding that holds the whole address.
     whole: Vec<Option<Id>>,
     /// Per pool address: number of bindings on it.
@@ -163,8 +182,9 @@ impl Table {
         Table {
             pool,
             bindings: Slab::new(),
-            binding_by_key: HashMap::new(),
-            binding_by_ext: HashMap::new(),
+            binding_by_key: HashTable::new(),
+            binding_by_ext: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
             whole: vec![None; n],
             on_addr: vec![0; n],
             used: HashMap::new(),
@@ -204,7 +224,19 @@ impl Table {
     }
 
     pub(crate) fn binding_of(&self, key: &MappingKey) -> Option<Id> {
-        self.binding_by_key.get(key).copied()
+        let h = self.hasher.hash_one(key);
+        let bindings = &self.bindings;
+        self.binding_by_key
+            .find(h, |&id| bindings.get(id).is_some_and(|b| b.key == *key))
+            .copied()
+    }
+
+    fn binding_at_ext(&self, ext: u64) -> Option<Id> {
+        let h = self.hasher.hash_one(ext);
+        let bindings = &self.bindings;
+        self.binding_by_ext
+            .find(h, |&id| bindings.get(id).is_some_and(|b| b.ext() == ext))
+            .copied()
     }
 
     pub(crate) fn map_entry(&self, key: &MappingKey) -> Option<Id> {
@@ -247,12 +279,24 @@ impl Table {
             map_entry: None,
             peers: 0,
         });
-        self.binding_by_key.insert(key, id);
+        let Table {
+            bindings,
+            binding_by_key,
+            binding_by_ext,
+            hasher,
+            ..
+        } = self;
+        let rehash_key = |&id: &Id| bindings.get(id).map_or(0, |b| hasher.hash_one(b.key));
+        binding_by_key.insert_unique(hasher.hash_one(key), id, rehash_key);
         if port == 0 {
             self.whole[usize::from(ip)] = Some(id);
         } else {
-            self.binding_by_ext
-                .insert(ext_key(key.protocol, ip, port), id);
+            let rehash_ext = |&id: &Id| bindings.get(id).map_or(0, |b| hasher.hash_one(b.ext()));
+            binding_by_ext.insert_unique(
+                hasher.hash_one(ext_key(key.protocol, ip, port)),
+                id,
+                rehash_ext,
+            );
             *self.used.entry((ip, key.protocol)).or_insert(0) += 1;
         }
         self.on_addr[usize::from(ip)] += 1;
@@ -288,9 +332,7 @@ impl Table {
 
     fn port_free(&self, protocol: Protocol, ip: u16, port: u16) -> bool {
         self.whole[usize::from(ip)].is_none()
-            && !self
-                .binding_by_ext
-                .contains_key(&ext_key(protocol, ip, port))
+            && self.binding_at_ext(ext_key(protocol, ip, port)).is_none()
     }
 
     fn alloc_port(&mut self, protocol: Protocol, s: Suggestion) -> Result<(u16, u16), AllocError> {
@@ -367,13 +409,18 @@ impl Table {
             return;
         }
         if let Some(b) = self.bindings.remove(binding) {
-            self.binding_by_key.remove(&b.key);
+            let hk = self.hasher.hash_one(b.key);
+            if let Ok(slot) = self.binding_by_key.find_entry(hk, |&id| id == binding) {
+                slot.remove();
+            }
             let ip = usize::from(b.ext_ip);
             if b.ext_port == 0 {
                 self.whole[ip] = None;
             } else {
-                self.binding_by_ext
-                    .remove(&ext_key(b.key.protocol, b.ext_ip, b.ext_port));
+                let he = self.hasher.hash_one(b.ext());
+                if let Ok(slot) = self.binding_by_ext.find_entry(he, |&id| id == binding) {
+                    slot.remove();
+                }
                 if let Some(u) = self.used.get_mut(&(b.ext_ip, b.key.protocol)) {
                     *u = u.saturating_sub(1);
                 }
@@ -389,7 +436,7 @@ impl Table {
 
     pub(crate) fn insert(&mut self, entry: Entry) -> Id {
         let binding = entry.binding;
-        let remote = entry.remote;
+        let remote = entry.remote();
         let expires = entry.expires;
         let id = self.entries.insert(entry);
         if let Some(b) = self.bindings.get_mut(binding) {
@@ -409,7 +456,7 @@ impl Table {
         let e = self.entries.remove(id)?;
         self.expiry.remove(&(e.expires, id));
         if let Some(b) = self.bindings.get_mut(e.binding) {
-            match e.remote {
+            match e.remote() {
                 None => b.map_entry = None,
                 Some(r) => {
                     b.peers = b.peers.saturating_sub(1);
@@ -457,7 +504,7 @@ impl Table {
         let b = self.bindings.get(e.binding)?;
         let extra = e.extra.as_deref();
         Some(MappingRecord {
-            kind: match e.remote {
+            kind: match e.remote() {
                 None => MappingKind::Map,
                 Some(remote) => MappingKind::Peer { remote },
             },
