@@ -136,6 +136,12 @@ fn send_round(
 ) {
     let start = now();
     let n = batch.min(per_client);
+    // The create pass covers each port exactly once.
+    let n = if c.creating {
+        n.min(per_client - c.next)
+    } else {
+        n
+    };
     for k in 0..n {
         let idx = (c.next + k) % per_client;
         let port = 1000 + idx as u16;

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Runs Portkeep's whole test suite, installing what it needs first.
+#
+# On a fresh Debian machine, run it as root: it installs the packages the
+# end-to-end tests use (tshark for the Wireshark dissector check,
+# miniupnpd-nftables for client interop, nftables and iproute2 for network
+# namespaces) and cargo-fuzz for the fuzz smoke run. As a normal user it
+# installs nothing and the tests that need root skip with a loud message.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+packages=(tshark nftables miniupnpd-nftables iproute2 conntrack)
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if [ "$(id -u)" = 0 ]; then
+    missing=()
+    for p in "${packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        step "installing ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        # miniupnpd's package asks questions and may try to start its own
+        # service; the tests never use either, they run it by hand.
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    # The packaged miniupnpd service must not hold the PCP port.
+    systemctl stop miniupnpd 2>/dev/null || true
+else
+    echo "!!! not root: packages not installed; namespace, nftables and capture tests will SKIP" >&2
+fi
+
+step "formatting"
+cargo fmt --all -- --check
+
+step "lints"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "build"
+cargo build --workspace --bins --locked
+
+step "tests"
+cargo test --workspace --locked
+
+step "fuzz smoke (10 s per parser)"
+if ! command -v cargo-fuzz >/dev/null 2>&1; then
+    cargo install cargo-fuzz --locked --quiet
+fi
+corpus=$(mktemp -d)
+trap 'rm -rf "$corpus"' EXIT
+for target in request response; do
+    mkdir -p "$corpus/$target"
+    # cargo-fuzz needs nightly-only flags; RUSTC_BOOTSTRAP lets the stable
+    # toolchain accept them (docs/fuzzing.md). New inputs go to the
+    # temporary corpus, never into the checked-in seeds.
+    RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" "$corpus/$target" "fuzz/seeds/$target" -- \
+        -max_total_time=10 2>&1 | tail -n 2
+done
+
+step "all tests passed"
