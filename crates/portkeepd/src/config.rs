@@ -298,27 +298,56 @@ impl ConfigFile {
                     .unwrap_or(ResultCode::NONEXIST_MAP.0),
             ),
         };
-        if cp.get_opcode.0 > 127 || cp.get_opcode.name().is_some() && cp.get_opcode != Opcode::GET {
+        // The draft's code points were never assigned by IANA; only the
+        // private-use ranges of RFC 6887 section 19 are safe to squat.
+        if !(96..=126).contains(&cp.get_opcode.0) {
             return Err(invalid(
                 "extensions.get_opcode",
                 format!(
-                    "{} collides with a defined opcode or exceeds 127",
+                    "{} is outside the private-use opcodes 96-126",
                     cp.get_opcode.0
                 ),
             ));
         }
-        if cp.next_option.0 >= 128
-            || cp.next_option.name().is_some() && cp.next_option != OptionCode::NEXT
-        {
+        if !(96..=126).contains(&cp.next_option.0) {
             return Err(invalid(
                 "extensions.next_option",
-                "must be an unassigned mandatory-range option code (0-127)",
+                format!(
+                    "{} is outside the private-use mandatory options 96-126",
+                    cp.next_option.0
+                ),
             ));
         }
-        if cp.nonexist_map.name().is_some() && cp.nonexist_map != ResultCode::NONEXIST_MAP {
+        if !(192..=254).contains(&cp.nonexist_map.0) {
             return Err(invalid(
                 "extensions.nonexist_map_result",
-                "collides with a defined result code",
+                format!(
+                    "{} is outside the private-use result codes 192-254",
+                    cp.nonexist_map.0
+                ),
+            ));
+        }
+        let long_error_lifetime = self.errors.long_lifetime.unwrap_or(d.long_error_lifetime);
+        let short_error_lifetime = self.errors.short_lifetime.unwrap_or(d.short_error_lifetime);
+        // RFC 6887 section 7.4: the error lifetime tells the client how long
+        // to wait; 0 would invite an immediate retry storm.
+        if long_error_lifetime == 0 {
+            return Err(invalid("errors.long_lifetime", "must be at least 1 second"));
+        }
+        if short_error_lifetime == 0 {
+            return Err(invalid(
+                "errors.short_lifetime",
+                "must be at least 1 second",
+            ));
+        }
+        let max_per_subscriber = self
+            .subscribers
+            .max_mappings
+            .unwrap_or(d.max_mappings_per_subscriber);
+        if max_per_subscriber == 0 {
+            return Err(invalid(
+                "subscribers.max_mappings",
+                "must be at least 1 (0 would refuse every mapping)",
             ));
         }
         let announce_unicast = self
@@ -357,10 +386,7 @@ impl ConfigFile {
                     ipv4_prefix_len,
                     ipv6_prefix_len,
                 },
-                max_mappings_per_subscriber: self
-                    .subscribers
-                    .max_mappings
-                    .unwrap_or(d.max_mappings_per_subscriber),
+                max_mappings_per_subscriber: max_per_subscriber,
                 max_mappings,
                 max_filters_per_mapping: self
                     .limits
@@ -444,8 +470,12 @@ fn expand_pool(items: &[String]) -> Result<Vec<IpAddr>, ConfigError> {
     if out.is_empty() {
         return Err(invalid(KEY, "needs at least one address"));
     }
+    // `::ffff:192.0.2.1` is 192.0.2.1: compare in canonical form.
     let mut seen = std::collections::HashSet::new();
-    if let Some(dup) = out.iter().find(|a| !seen.insert(**a)) {
+    if let Some(dup) = out
+        .iter()
+        .find(|a| !seen.insert(portkeep_server::prefix::canonical(**a)))
+    {
         return Err(invalid(KEY, format!("{dup} is listed twice")));
     }
     Ok(out)
@@ -501,6 +531,14 @@ mod tests {
         assert!(err("[dataplane]\nkind = \"pf\"").contains("dataplane.kind"));
         assert!(err("[extensions]\nget_opcode = 1").contains("extensions.get_opcode"));
         assert!(err("[extensions]\nnext_option = 200").contains("extensions.next_option"));
+        assert!(err("[extensions]\nnext_option = 5").contains("extensions.next_option"));
+        assert!(err("[extensions]\nget_opcode = 127").contains("extensions.get_opcode"));
+        assert!(err("[extensions]\nnonexist_map_result = 255").contains("nonexist_map_result"));
+        assert!(err("[errors]\nlong_lifetime = 0").contains("errors.long_lifetime"));
+        assert!(err("[subscribers]\nmax_mappings = 0").contains("subscribers.max_mappings"));
+        assert!(
+            err("external_addresses = [\"192.0.2.1\", \"::ffff:192.0.2.1\"]").contains("twice")
+        );
         assert!(err("[surprise]\nx = 1").contains("surprise"));
     }
 
