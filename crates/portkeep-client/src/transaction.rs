@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use portkeep_proto::{
     CodePoints, EncodeError, Nonce, OpData, Opcode, ParseError, Protocol, Request, Response,
+    ResultCode, MAP_BODY_LEN, NONCE_LEN, PEER_BODY_LEN,
 };
 use rand::Rng;
 
@@ -76,9 +77,9 @@ impl ResponseKey {
             });
         }
         if let Some(want) = &self.mapping {
-            // An error response copied from a request too short for its
-            // opcode has no body to compare; it cannot be ours, since our
-            // requests always carry the full body.
+            if let OpData::Opaque { payload, .. } = &response.data {
+                return self.check_opaque(response.header.result, payload, want);
+            }
             let Some(got) = response.data.map_part() else {
                 return Err(Ignored::MissingBody);
             };
@@ -102,6 +103,78 @@ impl ResponseKey {
             match &response.data {
                 OpData::Peer(p) if (p.remote_port, p.remote_ip) == want => {}
                 _ => return Err(Ignored::RemotePeerMismatch),
+            }
+        }
+        Ok(())
+    }
+
+    /// Matches a MAP/PEER response the codec could not parse into a body
+    /// ([`OpData::Opaque`]), the opcode having matched already.
+    ///
+    /// An error response is a copy of the request (RFC 6887 sections 7.2
+    /// and 8.2), so when the request failed to parse on the server (a
+    /// MALFORMED_OPTION reply echoes the bad option), the copy does not
+    /// parse either, yet it is the answer the client waits for: ignoring it
+    /// would turn every such error into a timeout. The rule:
+    ///
+    /// - a SUCCESS response must parse: an unparsable one is never ours
+    ///   ([`Ignored::MissingBody`]);
+    /// - an error response must start with the request's mapping nonce
+    ///   (the first 12 octets of the MAP and PEER bodies, RFC 6887
+    ///   sections 11.1 and 12.1). The nonce is the client's defence against
+    ///   spoofed and stale responses (section 8.3: a response that does not
+    ///   match an outstanding request is ignored; section 11.4: the nonce
+    ///   must match), so it is never skipped: a different one is
+    ///   [`Ignored::NonceMismatch`];
+    /// - the copy must hold our whole opcode body (36 octets for MAP, 56
+    ///   for PEER). Our requests always carry it and the server copies up
+    ///   to 1100 octets, so a shorter payload, even one that starts with our
+    ///   nonce, is not a copy of our request ([`Ignored::MissingBody`]);
+    /// - protocol, internal port and (PEER) remote peer port and address
+    ///   must match too, as sections 11.4 and 12.4 ask of parsed responses.
+    fn check_opaque(
+        &self,
+        result: ResultCode,
+        payload: &[u8],
+        want: &MappingKey,
+    ) -> Result<(), Ignored> {
+        if result == ResultCode::SUCCESS {
+            return Err(Ignored::MissingBody);
+        }
+        let body_len = if self.remote.is_some() {
+            PEER_BODY_LEN
+        } else {
+            MAP_BODY_LEN
+        };
+        let Some(body) = payload.get(..body_len) else {
+            return Err(Ignored::MissingBody);
+        };
+        // MAP body: nonce (12) | protocol (1) | reserved (3) |
+        // internal port (2) | external port (2) | external IP (16); PEER
+        // continues: remote port (2) | reserved (2) | remote IP (16).
+        if body[..NONCE_LEN] != want.nonce {
+            return Err(Ignored::NonceMismatch);
+        }
+        let protocol = Protocol(body[12]);
+        if protocol != want.protocol {
+            return Err(Ignored::ProtocolMismatch {
+                expected: want.protocol,
+                got: protocol,
+            });
+        }
+        let internal_port = u16::from_be_bytes([body[16], body[17]]);
+        if internal_port != want.internal_port {
+            return Err(Ignored::InternalPortMismatch {
+                expected: want.internal_port,
+                got: internal_port,
+            });
+        }
+        if let Some(want) = self.remote {
+            let mut ip = [0u8; 16];
+            ip.copy_from_slice(&body[40..56]);
+            let got = (u16::from_be_bytes([body[36], body[37]]), Ipv6Addr::from(ip));
+            if got != want {
+                return Err(Ignored::RemotePeerMismatch);
             }
         }
         Ok(())
@@ -726,6 +799,148 @@ mod tests {
             panic!("expected the error response")
         };
         assert_eq!(response.header.result, ResultCode::NOT_AUTHORIZED);
+    }
+
+    /// A MAP request carrying a THIRD_PARTY option of the wrong length (4
+    /// octets instead of 16), which a server answers MALFORMED_OPTION.
+    fn request_with_bad_option(nonce: Nonce) -> Request {
+        let mut req = RequestBuilder::map(Protocol::TCP, 8080)
+            .nonce(nonce)
+            .build(CLIENT)
+            .unwrap();
+        req.options.push(portkeep_proto::PcpOption::Unknown {
+            code: portkeep_proto::OptionCode::THIRD_PARTY,
+            data: vec![192, 0, 2, 99],
+        });
+        req
+    }
+
+    /// What the server sends for `datagram` (RFC 6887 section 8.2: a copy
+    /// of the request with R, the result, the error lifetime and the epoch).
+    fn error_copy(datagram: &[u8], result: ResultCode) -> Vec<u8> {
+        let mut out = Vec::new();
+        portkeep_proto::build_error_response(datagram, result, 1800, 9, &mut out);
+        out
+    }
+
+    #[test]
+    fn rfc6887_s8_3_malformed_option_reply_copying_the_request_completes_it() {
+        let start = t0();
+        let req = request_with_bad_option([0x5a; 12]);
+        let mut tx = tx_with(&req, RetransmitParams::default(), 1, start);
+        let sent = tx.poll_transmit(start).unwrap();
+        let reply = error_copy(&sent, ResultCode::MALFORMED_OPTION);
+        // The premise: the codec cannot parse the copied body.
+        let parsed = Response::parse(&reply, &CodePoints::default()).unwrap();
+        assert!(
+            matches!(
+                parsed.data,
+                OpData::Opaque {
+                    opcode: Opcode::MAP,
+                    ..
+                }
+            ),
+            "{parsed:?}"
+        );
+        assert!(tx.handle_input(start, &reply));
+        let Some(Event::Response {
+            response,
+            transmissions,
+            ..
+        }) = tx.poll_event()
+        else {
+            panic!("expected the MALFORMED_OPTION response")
+        };
+        assert_eq!(response.header.result, ResultCode::MALFORMED_OPTION);
+        assert_eq!(response.header.lifetime, 1800);
+        assert_eq!(transmissions, 1);
+        assert!(tx.is_finished());
+    }
+
+    #[test]
+    fn rfc6887_s11_4_unparsable_error_reply_must_carry_our_nonce() {
+        let start = t0();
+        let req = request_with_bad_option([0x5a; 12]);
+        let mut tx = tx_with(&req, RetransmitParams::default(), 1, start);
+        let sent = tx.poll_transmit(start).unwrap();
+        let cp = CodePoints::default();
+
+        // The same reply to somebody else's request (another nonce): spoofed
+        // or stale, ignored.
+        let other = request_with_bad_option([0x5b; 12]).to_bytes(&cp).unwrap();
+        assert!(!tx.handle_input(start, &error_copy(&other, ResultCode::MALFORMED_OPTION)));
+        assert_eq!(
+            tx.poll_event(),
+            Some(Event::Ignored(Ignored::NonceMismatch))
+        );
+
+        // Our nonce but another internal port or protocol: not ours either.
+        let mut port = sent.clone();
+        port[24 + 16..24 + 18].copy_from_slice(&8081u16.to_be_bytes());
+        assert!(!tx.handle_input(start, &error_copy(&port, ResultCode::MALFORMED_OPTION)));
+        assert_eq!(
+            tx.poll_event(),
+            Some(Event::Ignored(Ignored::InternalPortMismatch {
+                expected: 8080,
+                got: 8081
+            }))
+        );
+        let mut proto = sent.clone();
+        proto[24 + 12] = Protocol::UDP.0;
+        assert!(!tx.handle_input(start, &error_copy(&proto, ResultCode::MALFORMED_OPTION)));
+        assert!(matches!(
+            tx.poll_event(),
+            Some(Event::Ignored(Ignored::ProtocolMismatch { .. }))
+        ));
+
+        // An error reply too short to hold a nonce cannot be checked, and
+        // one holding our nonce but not our whole body is not a copy of our
+        // request: both ignored.
+        for cut in [24 + 8, 24 + 12, 24 + 32] {
+            let short = error_copy(&sent[..cut], ResultCode::MALFORMED_REQUEST);
+            assert!(matches!(
+                Response::parse(&short, &cp).unwrap().data,
+                OpData::Opaque { .. }
+            ));
+            assert!(!tx.handle_input(start, &short));
+            assert_eq!(tx.poll_event(), Some(Event::Ignored(Ignored::MissingBody)));
+        }
+
+        // A SUCCESS response must parse in full; this one does not.
+        let mut success = error_copy(&sent, ResultCode::SUCCESS);
+        success[3] = 0;
+        assert!(!tx.handle_input(start, &success));
+        assert!(matches!(tx.poll_event(), Some(Event::Ignored(_))));
+
+        assert!(!tx.is_finished());
+        assert!(tx.handle_input(start, &error_copy(&sent, ResultCode::MALFORMED_OPTION)));
+    }
+
+    #[test]
+    fn rfc6887_s12_4_unparsable_peer_error_reply_must_match_remote_peer() {
+        let start = t0();
+        let mut req =
+            RequestBuilder::peer(Protocol::UDP, 5000, "198.51.100.9:3478".parse().unwrap())
+                .nonce([0x77; 12])
+                .build(CLIENT)
+                .unwrap();
+        req.options.push(portkeep_proto::PcpOption::Unknown {
+            code: portkeep_proto::OptionCode::THIRD_PARTY,
+            data: vec![1, 2],
+        });
+        let mut tx = tx_with(&req, RetransmitParams::default(), 1, start);
+        let sent = tx.poll_transmit(start).unwrap();
+        let mut other_peer = sent.clone();
+        other_peer[24 + 36..24 + 38].copy_from_slice(&3479u16.to_be_bytes());
+        assert!(!tx.handle_input(
+            start,
+            &error_copy(&other_peer, ResultCode::MALFORMED_OPTION)
+        ));
+        assert_eq!(
+            tx.poll_event(),
+            Some(Event::Ignored(Ignored::RemotePeerMismatch))
+        );
+        assert!(tx.handle_input(start, &error_copy(&sent, ResultCode::MALFORMED_OPTION)));
     }
 
     #[test]
