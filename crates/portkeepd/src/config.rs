@@ -6,7 +6,12 @@
 //! the key and what was expected. `docs/config.md` documents each key.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Default data directory, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "portkeep-data";
+/// Name of the control socket inside the data directory.
+pub const CONTROL_SOCKET: &str = "control.sock";
 
 use portkeep_proto::{CodePoints, Opcode, OptionCode, ResultCode};
 use portkeep_server::{Prefix, ServerConfig, SubscriberKeying};
@@ -52,6 +57,10 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
+    /// Directory for the store, the lock and the control socket.
+    pub data_dir: Option<String>,
+    /// Control socket path (default: `control.sock` in the data directory).
+    pub control_socket: Option<String>,
     /// Addresses to serve PCP on.
     pub listen: Option<Vec<String>>,
     /// External addresses or prefixes mappings are allocated from.
@@ -184,6 +193,10 @@ impl std::fmt::Display for DataplaneKind {
 /// Validated settings for the daemon.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Directory for the store, the lock and the control socket.
+    pub data_dir: PathBuf,
+    /// Control socket path.
+    pub control_socket: PathBuf,
     /// Where to serve PCP.
     pub listen: Vec<SocketAddr>,
     /// UDP worker threads.
@@ -371,7 +384,16 @@ impl ConfigFile {
             Some(n) if n > 64 => return Err(invalid("workers", "expected 0 to 64")),
             Some(n) => n,
         };
+        let data_dir = PathBuf::from(self.data_dir.as_deref().unwrap_or(DEFAULT_DATA_DIR));
+        if data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        let control_socket = self
+            .control_socket
+            .map_or_else(|| data_dir.join(CONTROL_SOCKET), PathBuf::from);
         Ok(Settings {
+            data_dir,
+            control_socket,
             listen,
             workers,
             server: ServerConfig {

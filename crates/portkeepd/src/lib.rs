@@ -5,6 +5,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod mmsg;
 pub mod runtime;
 

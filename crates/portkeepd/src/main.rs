@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use portkeepd::config::{parse_listen, ConfigFile};
 use portkeepd::Daemon;
 
@@ -13,6 +13,12 @@ use portkeepd::Daemon;
 #[derive(Debug, Parser)]
 #[command(name = "portkeepd", version)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Directory for the store, the lock and the control socket, replacing
+    /// the config's `data_dir` (default ./portkeep-data, created if missing).
+    #[arg(long, value_name = "DIR", global = true)]
+    data_dir: Option<PathBuf>,
     /// TOML configuration file (see docs/config.md).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -31,6 +37,34 @@ struct Args {
         env = "PORTKEEPD_LOG"
     )]
     log_level: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Ask a running portkeepd for its state through the control socket.
+    Ctl(CtlArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CtlArgs {
+    /// Control socket (default: control.sock in the data directory).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Print the daemon's reply as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    what: CtlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum CtlCommand {
+    /// Role, uptime, epoch, number of mappings.
+    Status,
+    /// Every mapping with its external endpoint, expiry and flags.
+    Mappings,
+    /// Requests received and replies by result code.
+    Counters,
 }
 
 fn main() -> ExitCode {
@@ -60,6 +94,9 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+    if let Some(Command::Ctl(ctl)) = &args.command {
+        return run_ctl(&args, ctl);
+    }
     let file = match &args.config {
         Some(p) => ConfigFile::load(p),
         None => Ok(ConfigFile::default()),
@@ -73,6 +110,10 @@ fn main() -> ExitCode {
     };
     if !args.listen.is_empty() {
         settings.listen = args.listen.clone();
+    }
+    if let Some(dir) = &args.data_dir {
+        settings.data_dir = dir.clone();
+        settings.control_socket = dir.join(portkeepd::config::CONTROL_SOCKET);
     }
     let s = &settings.server;
     let summary = format!(
@@ -130,4 +171,101 @@ fn wait_for_signal() {
             _ = term.recv() => {}
         }
     });
+}
+
+/// `portkeepd ctl`: one request to the control socket, printed for people
+/// or as JSON.
+fn run_ctl(args: &Args, ctl: &CtlArgs) -> ExitCode {
+    let socket = match (&ctl.socket, &args.data_dir, &args.config) {
+        (Some(s), _, _) => s.clone(),
+        (None, Some(d), _) => d.join(portkeepd::config::CONTROL_SOCKET),
+        (None, None, Some(c)) => match ConfigFile::load(c).and_then(ConfigFile::validate) {
+            Ok(s) => s.control_socket,
+            Err(e) => {
+                eprintln!("portkeepd: {e}");
+                return ExitCode::from(78);
+            }
+        },
+        (None, None, None) => PathBuf::from(portkeepd::config::DEFAULT_DATA_DIR)
+            .join(portkeepd::config::CONTROL_SOCKET),
+    };
+    let command = match ctl.what {
+        CtlCommand::Status => "status",
+        CtlCommand::Mappings => "mappings",
+        CtlCommand::Counters => "counters",
+    };
+    let reply =
+        match portkeepd::control::request(&socket, &serde_json::json!({ "command": command })) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("portkeepd ctl: {e:#}");
+                return ExitCode::from(69);
+            }
+        };
+    if reply["ok"] != serde_json::Value::Bool(true) {
+        eprintln!(
+            "portkeepd ctl: {}",
+            reply["error"]
+                .as_str()
+                .unwrap_or("the daemon refused the request")
+        );
+        return ExitCode::from(1);
+    }
+    if ctl.json {
+        println!("{reply}");
+        return ExitCode::SUCCESS;
+    }
+    match ctl.what {
+        CtlCommand::Mappings => print_mappings(&reply),
+        _ => {
+            if let Some(obj) = reply.as_object() {
+                for (k, v) in obj.iter().filter(|(k, _)| *k != "ok") {
+                    match v {
+                        serde_json::Value::String(s) => println!("{k}: {s}"),
+                        other => println!("{k}: {other}"),
+                    }
+                }
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn print_mappings(reply: &serde_json::Value) {
+    let list = reply["mappings"].as_array().cloned().unwrap_or_default();
+    println!(
+        "{:<5} {:<5} {:<28} {:<28} {:<24} {:>9} {:<4} NONCE",
+        "KIND", "PROTO", "INTERNAL", "EXTERNAL", "REMOTE", "EXPIRES", "CKPT"
+    );
+    for m in &list {
+        let proto = m["protocol_name"]
+            .as_str()
+            .map_or_else(|| m["protocol"].to_string(), str::to_lowercase);
+        let ip = m["internal_ip"].as_str().unwrap_or("");
+        let internal = if ip.contains(':') {
+            format!("[{ip}]:{}", m["internal_port"])
+        } else {
+            format!("{ip}:{}", m["internal_port"])
+        };
+        println!(
+            "{:<5} {:<5} {:<28} {:<28} {:<24} {:>8}s {:<4} {}",
+            m["kind"].as_str().unwrap_or(""),
+            proto,
+            internal,
+            m["external"].as_str().unwrap_or(""),
+            m["remote"].as_str().unwrap_or("-"),
+            m["expires_in_s"],
+            if m["checkpoint"] == serde_json::Value::Bool(true) {
+                "yes"
+            } else {
+                "no"
+            },
+            m["nonce"].as_str().unwrap_or(""),
+        );
+    }
+    println!(
+        "{} mapping{}",
+        list.len(),
+        if list.len() == 1 { "" } else { "s" }
+    );
 }

@@ -7,7 +7,11 @@
 //! their address, so one lock acquisition serves up to [`mmsg::BATCH`]
 //! requests. A housekeeping thread expires mappings on the core's timer.
 
+use std::fs::File;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -19,17 +23,17 @@ use portkeep_server::{
 };
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::clock;
 use crate::config::{DataplaneKind, Settings};
 use crate::mmsg::{self, RecvBatch, SendBatch};
+use crate::{clock, control};
 
 /// How often workers look up from a quiet socket to check for shutdown.
 const POLL: Duration = Duration::from_millis(100);
 
 /// The core and its effects, behind one lock.
-struct Core {
-    server: Server,
-    dataplane: Box<dyn Dataplane>,
+pub(crate) struct Core {
+    pub(crate) server: Server,
+    pub(crate) dataplane: Box<dyn Dataplane>,
     scratch: Vec<ChangeRecord>,
 }
 
@@ -94,14 +98,15 @@ fn log_change(c: &ChangeRecord) {
     }
 }
 
-struct Shared {
-    core: Mutex<Core>,
-    stop: AtomicBool,
-    origin: Instant,
+pub(crate) struct Shared {
+    pub(crate) core: Mutex<Core>,
+    pub(crate) stop: AtomicBool,
+    pub(crate) origin: Instant,
+    pub(crate) listen: Vec<SocketAddr>,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Core> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Core> {
         // A worker that panicked cannot have left the core half-updated in a
         // way later requests would trip over more than a restart would, and
         // keeping the rest serving is better than taking the daemon down.
@@ -114,6 +119,51 @@ pub struct Daemon {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     local_addrs: Vec<SocketAddr>,
+    data: DataDir,
+}
+
+/// The data directory, locked for this daemon's lifetime.
+struct DataDir {
+    control_socket: PathBuf,
+    /// Held open: the advisory lock lives as long as the handle.
+    _lock: File,
+}
+
+impl DataDir {
+    /// Creates (mode 0700) and locks the data directory, so that two
+    /// daemons never share one store or control socket.
+    fn open(dir: &Path, control_socket: &Path) -> anyhow::Result<DataDir> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create data directory {}", dir.display()))?;
+        let lock_path = dir.join("lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("cannot open {}", lock_path.display()))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "data directory {} is in use by another portkeepd (lock {} is held); give each daemon its own --data-dir",
+                dir.display(),
+                lock_path.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", lock_path.display()))
+            }
+        }
+        // We hold the lock, so a socket file left here is from a daemon
+        // that died without cleaning up.
+        let _ = std::fs::remove_file(control_socket);
+        Ok(DataDir {
+            control_socket: control_socket.to_owned(),
+            _lock: lock,
+        })
+    }
 }
 
 impl std::fmt::Debug for Daemon {
@@ -146,21 +196,19 @@ fn bind(addr: SocketAddr, reuse_port: bool) -> anyhow::Result<UdpSocket> {
 impl Daemon {
     /// Binds every listen address and starts serving.
     pub fn start(settings: Settings) -> anyhow::Result<Daemon> {
+        let data = DataDir::open(&settings.data_dir, &settings.control_socket)?;
+        let control = UnixListener::bind(&settings.control_socket).with_context(|| {
+            format!(
+                "cannot create control socket {}",
+                settings.control_socket.display()
+            )
+        })?;
         let origin = clock::origin();
         let now = clock::now(origin);
         let dataplane: Box<dyn Dataplane> = match settings.dataplane {
             DataplaneKind::Memory => Box::new(MemoryDataplane::new()),
         };
         let server = Server::new(settings.server.clone(), now);
-        let shared = Arc::new(Shared {
-            core: Mutex::new(Core {
-                server,
-                dataplane,
-                scratch: Vec::new(),
-            }),
-            stop: AtomicBool::new(false),
-            origin,
-        });
         let workers = settings.workers.max(1);
         // Bind every worker's socket before serving, so a port conflict is
         // reported at start and an ephemeral port (`:0`) is shared.
@@ -175,6 +223,16 @@ impl Daemon {
                 w.push(bind(actual, true)?);
             }
         }
+        let shared = Arc::new(Shared {
+            core: Mutex::new(Core {
+                server,
+                dataplane,
+                scratch: Vec::new(),
+            }),
+            stop: AtomicBool::new(false),
+            origin,
+            listen: local_addrs.clone(),
+        });
         let announce_from: Vec<UdpSocket> = sockets[0]
             .iter()
             .map(|s| s.try_clone())
@@ -208,10 +266,19 @@ impl Daemon {
                     .spawn(move || announce(&shared, &announce_from, &unicast, &ifaces))?,
             );
         }
+        {
+            let shared = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("control".into())
+                    .spawn(move || control::serve(&shared, &control))?,
+            );
+        }
         Ok(Daemon {
             shared,
             threads,
             local_addrs,
+            data,
         })
     }
 
@@ -235,6 +302,12 @@ impl Daemon {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        let _ = std::fs::remove_file(&self.data.control_socket);
+    }
+
+    /// The control socket's path.
+    pub fn control_socket(&self) -> &Path {
+        &self.data.control_socket
     }
 }
 

@@ -144,8 +144,10 @@ impl Daemon {
                 }
             };
             let log = File::create(dir.path().join("stderr.log")).unwrap();
+            // The default data directory is relative: keep it in the temp dir.
             let child = Command::new(daemon_bin())
                 .args(&args)
+                .current_dir(dir.path())
                 .env_remove("PORTKEEPD_LOG")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -239,6 +241,20 @@ impl Daemon {
         matches!(self.child_mut().try_wait(), Ok(None))
     }
 
+    /// The daemon's data directory (the default, relative to its working
+    /// directory, which is its temp dir).
+    pub(crate) fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("portkeep-data")
+    }
+
+    /// Runs `portkeepd ctl --data-dir <its data dir> ARGS`.
+    pub(crate) fn ctl(&self, args: &[&str]) -> CliRun {
+        let dir = self.data_dir();
+        let mut all = vec!["ctl", "--data-dir", dir.to_str().unwrap()];
+        all.extend_from_slice(args);
+        cli_output(Command::new(daemon_bin()).args(&all).output().unwrap())
+    }
+
     pub(crate) fn pid(&self) -> u32 {
         self.child.as_ref().expect("daemon already reaped").id()
     }
@@ -320,6 +336,7 @@ pub(crate) fn run_daemon_to_exit(args: &[&str], within: Duration) -> CliRun {
     let err_path = dir.path().join("stderr");
     let mut child = Command::new(daemon_bin())
         .args(args)
+        .current_dir(dir.path())
         .env_remove("PORTKEEPD_LOG")
         .stdin(Stdio::null())
         .stdout(File::create(&out_path).unwrap())

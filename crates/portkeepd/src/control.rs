@@ -1,0 +1,176 @@
+//! The control interface: a Unix socket in the data directory that
+//! `portkeepd ctl` (or any script: one JSON object per line) talks to.
+//!
+//! A request is one line, `{"command": "NAME", ...arguments}`; the reply is
+//! one line, `{"ok": true, ...}` or `{"ok": false, "error": "..."}`. The
+//! socket lives in the data directory, which is created mode 0700, so only
+//! its owner can reach it.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use portkeep_proto::ResultCode;
+use portkeep_server::{MappingKind, MappingRecord, Timestamp};
+use serde_json::{json, Value};
+
+use crate::clock;
+use crate::runtime::Shared;
+
+/// Longest request line accepted; anything longer is refused.
+const MAX_REQUEST: u64 = 64 * 1024;
+
+/// Serves control connections until the daemon stops.
+pub(crate) fn serve(shared: &Shared, listener: &UnixListener) {
+    if let Err(e) = listener.set_nonblocking(true) {
+        tracing::error!(error = %e, "control socket unusable");
+        return;
+    }
+    while !shared.stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if let Err(e) = handle_connection(shared, stream) {
+                    tracing::debug!(error = %e, "control connection failed");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "control accept failed");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+fn handle_connection(shared: &Shared, stream: UnixStream) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(stream.try_clone()?.take(MAX_REQUEST));
+    let mut writer = stream;
+    let mut line = String::new();
+    while reader.read_line(&mut line)? > 0 {
+        let reply = match serde_json::from_str::<Value>(&line) {
+            Ok(req) => dispatch(shared, &req),
+            Err(e) => error(format!("request is not JSON: {e}")),
+        };
+        writer.write_all(reply.to_string().as_bytes())?;
+        writer.write_all(b"\n")?;
+        line.clear();
+    }
+    Ok(())
+}
+
+fn error(message: impl Into<String>) -> Value {
+    json!({ "ok": false, "error": message.into() })
+}
+
+/// Runs one command.
+pub(crate) fn dispatch(shared: &Shared, req: &Value) -> Value {
+    let Some(command) = req.get("command").and_then(Value::as_str) else {
+        return error("missing \"command\"");
+    };
+    match command {
+        "status" => status(shared),
+        "mappings" => mappings(shared),
+        "counters" => counters(shared),
+        other => error(format!(
+            "unknown command `{other}` (known: status, mappings, counters)"
+        )),
+    }
+}
+
+fn status(shared: &Shared) -> Value {
+    let now = clock::now(shared.origin);
+    let core = shared.lock();
+    json!({
+        "ok": true,
+        "version": env!("CARGO_PKG_VERSION"),
+        "role": "standalone",
+        "uptime_s": now.as_millis() / 1000,
+        "epoch": core.server.epoch(now),
+        "mappings": core.server.mapping_count(),
+        "listen": shared.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "dataplane": core.dataplane.name(),
+    })
+}
+
+/// One mapping as the control interface shows it.
+pub fn mapping_json(m: &MappingRecord, now: Timestamp) -> Value {
+    let (kind, remote) = match m.kind {
+        MappingKind::Map => ("map", None),
+        MappingKind::Peer { remote } => ("peer", Some(remote.to_string())),
+    };
+    json!({
+        "kind": kind,
+        "protocol": m.key.protocol.0,
+        "protocol_name": m.key.protocol.name(),
+        "internal_ip": m.key.internal_ip.to_string(),
+        "internal_port": m.key.internal_port,
+        "external": m.external.to_string(),
+        "remote": remote,
+        "nonce": hex::encode(m.nonce),
+        "lifetime": m.lifetime,
+        "expires_in_s": m.expires.as_millis().saturating_sub(now.as_millis()) / 1000,
+        "checkpoint": m.checkpoint,
+        "third_party": m.third_party,
+        "subscriber": m.subscriber.to_string(),
+        "description": m.description,
+        "filters": m.filters.iter().map(|f| json!({"prefix": f.prefix.to_string(), "port": f.port})).collect::<Vec<_>>(),
+    })
+}
+
+fn mappings(shared: &Shared) -> Value {
+    let now = clock::now(shared.origin);
+    let mut list = shared.lock().server.mappings();
+    list.sort_by_key(|m| (m.key, m.kind));
+    json!({
+        "ok": true,
+        "mappings": list.iter().map(|m| mapping_json(m, now)).collect::<Vec<_>>(),
+    })
+}
+
+fn counters(shared: &Shared) -> Value {
+    let core = shared.lock();
+    let stats = core.server.stats();
+    let results: serde_json::Map<String, Value> = stats
+        .results
+        .iter()
+        .enumerate()
+        .filter(|(_, &n)| n > 0)
+        .map(|(code, &n)| {
+            let rc = ResultCode(code as u8);
+            let name = rc.name().map_or_else(|| code.to_string(), str::to_owned);
+            (name, json!(n))
+        })
+        .collect();
+    json!({
+        "ok": true,
+        "received": stats.received,
+        "dropped": stats.dropped,
+        "results": results,
+        "mappings": core.server.mapping_count(),
+    })
+}
+
+/// Sends one request to a running daemon and returns its reply.
+pub fn request(socket: &Path, req: &Value) -> anyhow::Result<Value> {
+    use anyhow::Context;
+    let mut stream = UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot reach portkeepd's control socket {} (is the daemon running with this data directory?)",
+            socket.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(req.to_string().as_bytes())?;
+    stream.write_all(b"\n")?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    serde_json::from_str(&line).context("daemon sent a reply that is not JSON")
+}

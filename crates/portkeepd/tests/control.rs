@@ -1,0 +1,148 @@
+//! The control interface (`portkeepd ctl`) and the data directory lock,
+//! against the real daemon.
+
+#![allow(clippy::unwrap_used)]
+
+mod e2e_support;
+
+use std::time::Duration;
+
+use e2e_support::{cli_at, run_daemon_to_exit, Daemon};
+
+#[test]
+fn control_mappings_lists_what_clients_created() {
+    let d = Daemon::start();
+    let server = d.server();
+    let map = cli_at(
+        &server,
+        &["--json", "map", "tcp", "8080", "--description", "web"],
+    );
+    assert_eq!(map.code, Some(0), "{map:?}");
+    let peer = cli_at(
+        &server,
+        &["--json", "peer", "udp", "5000", "203.0.113.9:3478"],
+    );
+    assert_eq!(peer.code, Some(0), "{peer:?}");
+    let run = d.ctl(&["--json", "mappings"]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let reply = run.json();
+    let list = reply["mappings"].as_array().unwrap();
+    assert_eq!(list.len(), 2, "{reply}");
+    let m = list.iter().find(|m| m["kind"] == "map").unwrap();
+    assert_eq!(m["internal_port"], 8080);
+    assert_eq!(
+        m["external"],
+        map.json()["external_ip"].as_str().unwrap().to_owned()
+            + ":"
+            + &map.json()["external_port"].to_string()
+    );
+    assert_eq!(m["nonce"], map.json()["nonce"]);
+    assert_eq!(m["description"], "web");
+    assert_eq!(m["checkpoint"], false);
+    let p = list.iter().find(|m| m["kind"] == "peer").unwrap();
+    assert_eq!(p["remote"], "203.0.113.9:3478");
+    // The human table names both.
+    let table = d.ctl(&["mappings"]);
+    assert!(
+        table.stdout.contains("8080") && table.stdout.contains("203.0.113.9:3478"),
+        "{table:?}"
+    );
+    assert!(table.stdout.contains("2 mappings"), "{table:?}");
+}
+
+#[test]
+fn control_status_and_counters() {
+    let d = Daemon::start();
+    let server = d.server();
+    assert_eq!(cli_at(&server, &["map", "tcp", "1"]).code, Some(0));
+    assert_eq!(
+        cli_at(
+            &server,
+            &["delete", "tcp", "2", "--nonce", "000000000000000000000001"]
+        )
+        .code,
+        Some(0)
+    );
+    let status = d.ctl(&["--json", "status"]).json();
+    assert_eq!(status["role"], "standalone");
+    assert_eq!(status["mappings"], 1);
+    assert_eq!(status["listen"][0], server);
+    let counters = d.ctl(&["--json", "counters"]).json();
+    assert!(
+        counters["results"]["SUCCESS"].as_u64().unwrap() >= 2,
+        "{counters}"
+    );
+    assert_eq!(counters["mappings"], 1);
+}
+
+#[test]
+fn control_unknown_command_and_bad_json_are_refused() {
+    use std::io::{BufRead, BufReader, Write};
+    let d = Daemon::start();
+    let sock = d.data_dir().join("control.sock");
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    s.write_all(b"{\"command\":\"launch\"}\nnot json\n")
+        .unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let lines: Vec<serde_json::Value> = BufReader::new(s)
+        .lines()
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["ok"], false);
+    assert!(lines[0]["error"]
+        .as_str()
+        .unwrap()
+        .contains("unknown command `launch`"));
+    assert_eq!(lines[1]["ok"], false);
+    assert!(lines[1]["error"].as_str().unwrap().contains("not JSON"));
+}
+
+#[test]
+fn control_without_a_daemon_exits_69_naming_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = run_daemon_to_exit(
+        &["ctl", "--data-dir", dir.path().to_str().unwrap(), "status"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(run.code, Some(69), "{run:?}");
+    assert!(run.stderr.contains("control.sock"), "{run:?}");
+}
+
+#[test]
+fn data_dir_is_locked_against_a_second_daemon() {
+    let d = Daemon::start();
+    let dir = d.data_dir();
+    let run = run_daemon_to_exit(
+        &[
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        Duration::from_secs(10),
+    );
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr.contains("in use by another portkeepd"),
+        "{run:?}"
+    );
+    // The first daemon is untouched and still answers its control socket.
+    assert_eq!(d.ctl(&["status"]).code, Some(0));
+}
+
+#[test]
+fn data_dir_is_created_private_and_cleaned_on_stop() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut d = Daemon::start();
+    let dir = d.data_dir();
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "only the owner may reach the control socket");
+    assert!(dir.join("control.sock").exists());
+    let status = d.signal_and_wait("TERM", Duration::from_secs(5)).unwrap();
+    assert!(status.success());
+    assert!(
+        !dir.join("control.sock").exists(),
+        "socket removed on clean stop"
+    );
+}
