@@ -213,7 +213,7 @@ fn check_length(len: usize) -> Result<(), ParseError> {
     if len < HEADER_LEN {
         return Err(ParseError::Malformed("shorter than the 24-octet header"));
     }
-    if len % 4 != 0 {
+    if !len.is_multiple_of(4) {
         return Err(ParseError::Malformed("length not a multiple of 4"));
     }
     Ok(())

@@ -32,7 +32,7 @@ fn valid_map(client: IpAddr, port: u16) -> Vec<u8> {
 fn check_reply(outcome: Outcome, out: &[u8]) {
     if outcome == Outcome::Reply {
         assert!(
-            out.len() >= 24 && out.len() <= 1100 && out.len() % 4 == 0,
+            out.len() >= 24 && out.len() <= 1100 && out.len().is_multiple_of(4),
             "{}",
             out.len()
         );

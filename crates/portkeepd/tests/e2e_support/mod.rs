@@ -4,6 +4,9 @@
 //! Every daemon gets its own ephemeral port and temporary directory, and is
 //! killed and reaped when its guard drops, so tests run in parallel safely.
 
+// Each test binary uses a different subset of these helpers.
+#![allow(dead_code, clippy::unwrap_used, clippy::panic, clippy::expect_used)]
+
 use std::fs::File;
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
