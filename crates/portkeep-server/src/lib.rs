@@ -22,6 +22,6 @@ pub use change::{
 pub use config::ServerConfig;
 pub use dataplane::{Dataplane, DataplaneError, MemoryDataplane};
 pub use prefix::Prefix;
-pub use server::{Outcome, Server, Stats};
+pub use server::{ClearSelector, Cleared, Outcome, RestoreReport, Restored, Server, Stats};
 pub use subscriber::{SubscriberId, SubscriberKeying};
 pub use time::Timestamp;

@@ -18,6 +18,21 @@ pub struct SubscriberId {
 }
 
 impl SubscriberId {
+    /// A subscriber from its stored parts (the prefix it stands for), as
+    /// written by [`SubscriberId::addr`] and [`SubscriberId::prefix_len`].
+    pub fn from_parts(addr: IpAddr, len: u8) -> SubscriberId {
+        let addr = canonical(addr);
+        let len = if addr.is_ipv4() {
+            len.min(32)
+        } else {
+            len.min(128)
+        };
+        SubscriberId {
+            addr: mask(addr, len),
+            len,
+        }
+    }
+
     /// The subscriber's prefix address.
     pub fn addr(&self) -> IpAddr {
         self.addr
