@@ -408,6 +408,24 @@ impl Server {
         let _ = resp.encode(&self.cfg.code_points, out);
     }
 
+    /// Writes an unsolicited ANNOUNCE carrying `sub`'s epoch (the server's
+    /// with `None`), for telling one subscriber's clients that their state
+    /// was lost (RFC 6887 section 14.1.1; failure-scenarios draft 2.6.2).
+    pub fn announce_for(&self, now: Timestamp, sub: Option<SubscriberId>, out: &mut Vec<u8>) {
+        out.clear();
+        let resp = Response {
+            header: ResponseHeader {
+                result: ResultCode::SUCCESS,
+                lifetime: 0,
+                epoch: self.epoch_of(now, sub),
+            },
+            data: OpData::Announce,
+            options: Vec::new(),
+        };
+        // A bare ANNOUNCE is 24 octets; encoding cannot exceed the limit.
+        let _ = resp.encode(&self.cfg.code_points, out);
+    }
+
     /// Handles one datagram from `source`, writing any reply into `out`.
     pub fn handle(
         &mut self,

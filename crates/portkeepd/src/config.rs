@@ -93,6 +93,32 @@ pub struct ConfigFile {
     /// Dataplane selection.
     #[serde(default)]
     pub dataplane: DataplaneSection,
+    /// Stable storage.
+    #[serde(default)]
+    pub store: StoreSection,
+}
+
+/// `[store]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// "durable" (default), "relaxed" or "memory".
+    pub mode: Option<String>,
+    /// Page cache of the store, in MiB.
+    pub cache_mb: Option<usize>,
+}
+
+/// Validated `[store]` settings.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    /// The store file; `None` in memory mode.
+    pub path: Option<PathBuf>,
+    /// Commit durability.
+    pub durability: crate::store::Durability,
+    /// What to do with a damaged store.
+    pub recovery: crate::store::Recovery,
+    /// Page cache size.
+    pub cache_bytes: usize,
 }
 
 /// `[lifetime]`.
@@ -209,6 +235,22 @@ pub struct Settings {
     pub announce_unicast: Vec<SocketAddr>,
     /// Dataplane.
     pub dataplane: DataplaneKind,
+    /// Stable storage.
+    pub store: StoreSettings,
+}
+
+/// Name of the store file inside the data directory.
+pub const STORE_FILE: &str = "store.redb";
+
+impl Settings {
+    /// Points the data directory (and what lives in it) somewhere else.
+    pub fn set_data_dir(&mut self, dir: PathBuf) {
+        self.control_socket = dir.join(CONTROL_SOCKET);
+        if self.store.path.is_some() {
+            self.store.path = Some(dir.join(STORE_FILE));
+        }
+        self.data_dir = dir;
+    }
 }
 
 /// The embedded default: loopback on both families, in-memory dataplane,
@@ -391,6 +433,29 @@ impl ConfigFile {
         let control_socket = self
             .control_socket
             .map_or_else(|| data_dir.join(CONTROL_SOCKET), PathBuf::from);
+        use crate::store::{Durability, Recovery};
+        let (store_path, durability) =
+            match self.store.mode.as_deref() {
+                None | Some("durable") => (Some(data_dir.join(STORE_FILE)), Durability::Durable),
+                Some("relaxed") => (Some(data_dir.join(STORE_FILE)), Durability::Relaxed),
+                Some("memory") => (None, Durability::Durable),
+                Some(other) => return Err(invalid(
+                    "store.mode",
+                    format!(
+                        "unknown mode `{other}` (expected \"durable\", \"relaxed\" or \"memory\")"
+                    ),
+                )),
+            };
+        let cache_mb = self.store.cache_mb.unwrap_or(64);
+        if !(1..=65536).contains(&cache_mb) {
+            return Err(invalid("store.cache_mb", "expected 1 to 65536"));
+        }
+        let store = StoreSettings {
+            path: store_path,
+            durability,
+            recovery: Recovery::Fail,
+            cache_bytes: cache_mb << 20,
+        };
         Ok(Settings {
             data_dir,
             control_socket,
@@ -421,6 +486,7 @@ impl ConfigFile {
             announce_interfaces: self.announce.multicast_interfaces.unwrap_or_default(),
             announce_unicast,
             dataplane,
+            store,
         })
     }
 }
