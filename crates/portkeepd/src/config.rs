@@ -106,6 +106,9 @@ pub struct StoreSection {
     pub mode: Option<String>,
     /// Page cache of the store, in MiB.
     pub cache_mb: Option<usize>,
+    /// Microseconds the committer waits, after a quiet spell, for more
+    /// requests to join the same commit.
+    pub commit_delay_us: Option<u64>,
 }
 
 /// Validated `[store]` settings.
@@ -119,6 +122,8 @@ pub struct StoreSettings {
     pub recovery: crate::store::Recovery,
     /// Page cache size.
     pub cache_bytes: usize,
+    /// Group-commit gathering delay.
+    pub commit_delay: std::time::Duration,
 }
 
 /// `[lifetime]`.
@@ -434,27 +439,33 @@ impl ConfigFile {
             .control_socket
             .map_or_else(|| data_dir.join(CONTROL_SOCKET), PathBuf::from);
         use crate::store::{Durability, Recovery};
-        let (store_path, durability) =
-            match self.store.mode.as_deref() {
-                None | Some("durable") => (Some(data_dir.join(STORE_FILE)), Durability::Durable),
-                Some("relaxed") => (Some(data_dir.join(STORE_FILE)), Durability::Relaxed),
-                Some("memory") => (None, Durability::Durable),
-                Some(other) => return Err(invalid(
+        let (store_path, durability) = match self.store.mode.as_deref() {
+            None | Some("durable") => (Some(data_dir.join(STORE_FILE)), Durability::Durable),
+            Some("relaxed") => (Some(data_dir.join(STORE_FILE)), Durability::Relaxed),
+            Some("memory") => (None, Durability::Durable),
+            Some(other) => {
+                return Err(invalid(
                     "store.mode",
                     format!(
                         "unknown mode `{other}` (expected \"durable\", \"relaxed\" or \"memory\")"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         let cache_mb = self.store.cache_mb.unwrap_or(64);
         if !(1..=65536).contains(&cache_mb) {
             return Err(invalid("store.cache_mb", "expected 1 to 65536"));
+        }
+        let commit_delay_us = self.store.commit_delay_us.unwrap_or(500);
+        if commit_delay_us > 100_000 {
+            return Err(invalid("store.commit_delay_us", "expected 0 to 100000"));
         }
         let store = StoreSettings {
             path: store_path,
             durability,
             recovery: Recovery::Fail,
             cache_bytes: cache_mb << 20,
+            commit_delay: std::time::Duration::from_micros(commit_delay_us),
         };
         Ok(Settings {
             data_dir,

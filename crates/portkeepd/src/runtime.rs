@@ -61,6 +61,13 @@ struct Queue {
     jobs: VecDeque<Job>,
 }
 
+/// Replies whose changes are committed, waiting to be sent.
+#[derive(Default)]
+struct Outbox {
+    batches: VecDeque<(usize, SendBatch)>,
+    closed: bool,
+}
+
 pub(crate) struct Shared {
     pub(crate) core: Mutex<Core>,
     pub(crate) dataplane: Mutex<Box<dyn Dataplane>>,
@@ -77,6 +84,10 @@ pub(crate) struct Shared {
     sockets: Vec<UdpSocket>,
     /// `None` in memory mode.
     queue: Option<(Mutex<Queue>, Condvar)>,
+    /// Committed replies for the sender thread.
+    outbox: (Mutex<Outbox>, Condvar),
+    /// How long the committer waits for more work before committing.
+    commit_delay: Duration,
 }
 
 fn log_change(c: &ChangeRecord) {
@@ -228,7 +239,7 @@ impl Shared {
 pub struct Daemon {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
-    committer: Option<JoinHandle<()>>,
+    committer: Option<(JoinHandle<()>, JoinHandle<()>)>,
     local_addrs: Vec<SocketAddr>,
     data: DataDir,
 }
@@ -440,15 +451,20 @@ impl Daemon {
             listen: local_addrs.clone(),
             sockets,
             queue,
+            outbox: (Mutex::new(Outbox::default()), Condvar::new()),
+            commit_delay: settings.store.commit_delay,
         });
         let committer = match start.store {
             Some(store) => {
-                let shared = shared.clone();
-                Some(
-                    std::thread::Builder::new()
-                        .name("committer".into())
-                        .spawn(move || committer(&shared, store))?,
-                )
+                let s1 = shared.clone();
+                let s2 = shared.clone();
+                let c = std::thread::Builder::new()
+                    .name("committer".into())
+                    .spawn(move || committer(&s1, store))?;
+                let s = std::thread::Builder::new()
+                    .name("sender".into())
+                    .spawn(move || sender(&s2))?;
+                Some((c, s))
             }
             None => None,
         };
@@ -533,8 +549,12 @@ impl Daemon {
         if let Some((_, cv)) = &self.shared.queue {
             cv.notify_all();
         }
-        if let Some(c) = self.committer.take() {
+        if let Some((c, s)) = self.committer.take() {
             let _ = c.join();
+            let (q, cv) = &self.shared.outbox;
+            q.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
+            cv.notify_all();
+            let _ = s.join();
         }
         let _ = std::fs::remove_file(&self.data.control_socket);
     }
@@ -577,20 +597,31 @@ fn worker(shared: &Shared, sock: &UdpSocket, index: usize) {
 }
 
 /// Group commit: everything queued goes into one transaction, then to the
-/// dataplane, then the replies leave.
+/// dataplane; the replies then go to the sender thread, so the next commit
+/// starts while they are sent.
 fn committer(shared: &Shared, mut store: Store) {
     let Some((q, cv)) = &shared.queue else {
         return;
     };
     loop {
+        let mut waited = false;
         let jobs: Vec<Job> = {
             let mut g = q.lock().unwrap_or_else(|p| p.into_inner());
             while g.jobs.is_empty() && !shared.drained.load(Ordering::Relaxed) {
                 let (ng, _) = cv.wait_timeout(g, POLL).unwrap_or_else(|p| p.into_inner());
                 g = ng;
+                waited = true;
                 if g.jobs.is_empty() && store.flush_due(shared.clock.now()) {
                     break;
                 }
+            }
+            if waited && !g.jobs.is_empty() && !shared.commit_delay.is_zero() {
+                // Work arrived after a quiet spell: give the rest of its
+                // burst a moment to join the same fsync.
+                let (ng, _) = cv
+                    .wait_timeout(g, shared.commit_delay)
+                    .unwrap_or_else(|p| p.into_inner());
+                g = ng;
             }
             g.jobs.drain(..).collect()
         };
@@ -605,10 +636,11 @@ fn committer(shared: &Shared, mut store: Store) {
             }
             continue;
         }
-        let changes: Vec<ChangeRecord> = jobs
-            .iter()
-            .flat_map(|j| j.changes.iter().cloned())
-            .collect();
+        let mut jobs = jobs;
+        let mut changes: Vec<ChangeRecord> = Vec::new();
+        for j in &mut jobs {
+            changes.append(&mut j.changes);
+        }
         if !changes.is_empty() {
             if let Err(e) = store.write(&changes, now) {
                 fail(shared, &e);
@@ -616,9 +648,35 @@ fn committer(shared: &Shared, mut store: Store) {
             }
             shared.apply(&changes);
         }
-        for mut j in jobs {
-            if let Some(s) = shared.sockets.get(j.socket) {
-                let _ = j.replies.flush(s);
+        let (oq, ocv) = &shared.outbox;
+        let mut o = oq.lock().unwrap_or_else(|p| p.into_inner());
+        o.batches.extend(
+            jobs.into_iter()
+                .filter(|j| !j.replies.is_empty())
+                .map(|j| (j.socket, j.replies)),
+        );
+        drop(o);
+        ocv.notify_one();
+    }
+}
+
+/// Sends replies whose changes are committed.
+fn sender(shared: &Shared) {
+    let (q, cv) = &shared.outbox;
+    loop {
+        let batches: Vec<(usize, SendBatch)> = {
+            let mut g = q.lock().unwrap_or_else(|p| p.into_inner());
+            while g.batches.is_empty() && !g.closed {
+                g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+            if g.batches.is_empty() {
+                return;
+            }
+            g.batches.drain(..).collect()
+        };
+        for (socket, mut replies) in batches {
+            if let Some(s) = shared.sockets.get(socket) {
+                let _ = replies.flush(s);
             }
         }
     }
