@@ -65,6 +65,12 @@ struct Args {
     /// same store, and time how long until it serves every mapping again.
     #[arg(long, requires = "spawn")]
     restart: bool,
+    /// Walk mode (GET/NEXT, failure-scenarios draft section 4): create
+    /// this many mappings for one client (127.1.0.1; TCP then UDP ports),
+    /// then time one full MORE walk of them with the client library's
+    /// walker. Replaces the MAP load phases.
+    #[arg(long, value_name = "MAPPINGS")]
+    walk: Option<usize>,
 }
 
 /// Reads the clock; the bench is all I/O, the cores never do this.
@@ -281,7 +287,9 @@ impl Spawned {
                  [subscribers]\nmax_mappings = {}\n[limits]\nmax_mappings = {}\n[store]\nmode = \"{}\"\n",
                 dir.join("data").display(),
                 args.server_workers,
-                args.mappings_per_client.max(1024),
+                args.mappings_per_client
+                    .max(args.walk.unwrap_or(0) + 1)
+                    .max(1024),
                 (total + 1024).max(4_000_000),
                 args.store,
             ),
@@ -355,6 +363,8 @@ impl Spawned {
     }
 }
 
+mod walk;
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.batch == 0 || args.clients == 0 || args.mappings_per_client == 0 || args.threads == 0 {
@@ -372,6 +382,9 @@ fn main() -> anyhow::Result<()> {
         None => (None, args.server, args.server_pid),
     };
     let rss_before = pid.and_then(rss_kib);
+    if let Some(n) = args.walk {
+        return walk::run(server, n, args.json);
+    }
     let mut clients = Vec::with_capacity(args.clients);
     for i in 0..args.clients {
         let ip = client_ip(i);

@@ -16,6 +16,7 @@ use crate::reply::Reply;
 use crate::request::RequestBuilder;
 use crate::retransmit::RetransmitParams;
 use crate::transaction::{Event, Transaction};
+use crate::walk::{GetFilter, MappedEntry, Walker};
 
 /// The driver's single clock read.
 ///
@@ -138,6 +139,49 @@ impl Client {
         self.request(&req, opts).await
     }
 
+    /// Walks the server's table of this client's mappings matching
+    /// `filter` with GET / NEXT (failure-scenarios draft section 4): each
+    /// GET is an ordinary retransmitted transaction (RFC 6887 section
+    /// 8.1.1) bounded by `opts`. Pull mappings with [`Walk::next`].
+    pub fn walk(&self, filter: GetFilter, opts: RequestOptions) -> Walk<'_> {
+        Walk {
+            client: self,
+            walker: Walker::new(filter),
+            opts,
+            buffered: std::collections::VecDeque::new(),
+            failed: false,
+        }
+    }
+
+    /// A "pure" GET (draft section 4.5): the first mapping matching
+    /// `filter`, `None` on NONEXIST_MAP.
+    pub async fn get_mapping(
+        &self,
+        filter: &GetFilter,
+        opts: RequestOptions,
+    ) -> Result<Option<MappedEntry>, ClientError> {
+        let req = filter.pure_get(self.client_ip());
+        let reply = match self.request(&req, opts).await {
+            Ok(r) => r,
+            Err(ClientError::Pcp { reply })
+                if reply.result() == self.config.code_points.nonexist_map =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        let first = reply.response.options.iter().find_map(|o| match o {
+            PcpOption::Next(n) => Some(n),
+            _ => None,
+        });
+        match first {
+            Some(n) => Ok(Some(
+                MappedEntry::from_next(n).ok_or(crate::walk::WalkError::BadNext)?,
+            )),
+            None => Err(crate::walk::WalkError::NoNext.into()),
+        }
+    }
+
     /// Sends `req`, retransmitting per RFC 6887 section 8.1.1, and waits
     /// for the matching response.
     ///
@@ -241,5 +285,67 @@ impl Client {
                 () = sleep => {}
             }
         }
+    }
+}
+
+/// A walk of the server's mapping table in progress ([`Client::walk`]).
+///
+/// An async iterator rather than a `futures::Stream`, so that the client
+/// needs no futures crate: `while let Some(m) = walk.next().await`.
+#[derive(Debug)]
+pub struct Walk<'c> {
+    client: &'c Client,
+    walker: Walker,
+    opts: RequestOptions,
+    buffered: std::collections::VecDeque<MappedEntry>,
+    failed: bool,
+}
+
+impl Walk<'_> {
+    /// The next mapping, `None` at the end of the walk. After an error the
+    /// walk is over.
+    pub async fn next(&mut self) -> Option<Result<MappedEntry, ClientError>> {
+        loop {
+            if let Some(e) = self.buffered.pop_front() {
+                return Some(Ok(e));
+            }
+            if self.failed {
+                return None;
+            }
+            let cp = self.client.config.code_points;
+            let req = self.walker.request(self.client.client_ip())?;
+            let response = match self.client.request(&req, self.opts).await {
+                Ok(reply) => reply.response,
+                // Draft section 4.6: NONEXIST_MAP means nothing (more) matches.
+                Err(ClientError::Pcp { reply }) if reply.result() == cp.nonexist_map => {
+                    reply.response
+                }
+                Err(e) => {
+                    self.failed = true;
+                    return Some(Err(e));
+                }
+            };
+            match self.walker.handle(&response, &cp) {
+                Ok(entries) => self.buffered.extend(entries),
+                Err(e) => {
+                    self.failed = true;
+                    return Some(Err(e.into()));
+                }
+            }
+        }
+    }
+
+    /// GET requests sent so far.
+    pub fn requests(&self) -> u32 {
+        self.walker.requests()
+    }
+
+    /// Runs the walk to its end.
+    pub async fn collect(mut self) -> Result<Vec<MappedEntry>, ClientError> {
+        let mut all = Vec::new();
+        while let Some(m) = self.next().await {
+            all.push(m?);
+        }
+        Ok(all)
     }
 }

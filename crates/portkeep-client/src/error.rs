@@ -45,6 +45,9 @@ pub enum ClientError {
     /// The request does not fit in a PCP message.
     #[error("cannot encode request: {0}")]
     Encode(#[from] EncodeError),
+    /// A GET / NEXT walk got a response it cannot continue from.
+    #[error("GET/NEXT walk: {0}")]
+    Walk(#[from] crate::walk::WalkError),
     /// A socket operation failed.
     #[error("I/O error talking to PCP server {server}: {source}")]
     Io {

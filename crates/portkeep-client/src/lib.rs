@@ -7,7 +7,9 @@
 //!   section 8.1.1 and the response matching of sections 8.3, 11.4, 12.4)
 //!   and [`EpochTracker`] (the epoch check of section 8.5);
 //! - [`Client`], a small tokio driver around them, and [`RequestBuilder`]
-//!   for MAP, PEER, ANNOUNCE and delete requests.
+//!   for MAP, PEER, ANNOUNCE and delete requests;
+//! - [`Walker`] (sans-IO) and [`Client::walk`]: retrieving the client's
+//!   mappings with GET / NEXT (PCP failure-scenarios draft, section 4).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), portkeep_client::ClientError> {
@@ -30,8 +32,9 @@ mod reply;
 mod request;
 mod retransmit;
 mod transaction;
+mod walk;
 
-pub use driver::{Client, ClientConfig, RequestOptions};
+pub use driver::{Client, ClientConfig, RequestOptions, Walk};
 pub use epoch::{EpochInvalid, EpochTracker, EpochVerdict};
 pub use error::ClientError;
 pub use reply::{result_name, Reply};
@@ -40,3 +43,4 @@ pub use request::{
 };
 pub use retransmit::{RetransmitParams, IRT, MRC, MRD, MRT};
 pub use transaction::{Event, Ignored, MappingKey, ResponseKey, TimedOut, Transaction};
+pub use walk::{same_mapping, GetFilter, MappedEntry, WalkError, Walker};

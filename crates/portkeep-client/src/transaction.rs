@@ -13,8 +13,8 @@ use std::net::Ipv6Addr;
 use std::time::{Duration, Instant};
 
 use portkeep_proto::{
-    CodePoints, EncodeError, Nonce, OpData, Opcode, ParseError, Protocol, Request, Response,
-    ResultCode, MAP_BODY_LEN, NONCE_LEN, PEER_BODY_LEN,
+    CodePoints, EncodeError, GetData, Nonce, OpData, Opcode, ParseError, Protocol, Request,
+    Response, ResultCode, GET_BODY_LEN, MAP_BODY_LEN, NONCE_LEN, PEER_BODY_LEN,
 };
 use rand::Rng;
 
@@ -35,6 +35,9 @@ pub struct ResponseKey {
     pub mapping: Option<MappingKey>,
     /// PEER only: remote peer port and address.
     pub remote: Option<(u16, Ipv6Addr)>,
+    /// GET only: the filter, which a response copies bit for bit
+    /// (failure-scenarios draft section 4.1).
+    pub get: Option<GetData>,
 }
 
 /// The MAP-shaped fields a MAP or PEER response must echo (RFC 6887 section 11.4).
@@ -60,10 +63,15 @@ impl ResponseKey {
             OpData::Peer(p) => Some((p.remote_port, p.remote_ip)),
             _ => None,
         };
+        let get = match &request.data {
+            OpData::Get(g) => Some(*g),
+            _ => None,
+        };
         ResponseKey {
             opcode: request.data.opcode(cp),
             mapping,
             remote,
+            get,
         }
     }
 
@@ -103,6 +111,24 @@ impl ResponseKey {
             match &response.data {
                 OpData::Peer(p) if (p.remote_port, p.remote_ip) == want => {}
                 _ => return Err(Ignored::RemotePeerMismatch),
+            }
+        }
+        if let Some(want) = &self.get {
+            let echoed = match &response.data {
+                OpData::Get(g) => g == want,
+                // An error copy of a GET whose options did not parse.
+                OpData::Opaque { payload, .. } if response.header.result != ResultCode::SUCCESS => {
+                    let mut body = Vec::with_capacity(GET_BODY_LEN);
+                    OpData::Get(*want).emit_body(&mut body);
+                    payload.get(..GET_BODY_LEN).is_some_and(|p| {
+                        // The reserved octet is not compared.
+                        p[..3] == body[..3] && p[4..] == body[4..]
+                    })
+                }
+                _ => false,
+            };
+            if !echoed {
+                return Err(Ignored::GetFilterMismatch);
             }
         }
         Ok(())
@@ -216,6 +242,8 @@ pub enum Ignored {
     },
     /// A PEER response for another remote peer.
     RemotePeerMismatch,
+    /// A GET response whose body is not a copy of our filter.
+    GetFilterMismatch,
     /// The transaction already completed or failed.
     Finished,
 }
@@ -236,6 +264,7 @@ impl std::fmt::Display for Ignored {
                 write!(f, "internal port {got} does not match {expected}")
             }
             Ignored::RemotePeerMismatch => f.write_str("remote peer does not match"),
+            Ignored::GetFilterMismatch => f.write_str("GET filter does not match"),
             Ignored::Finished => f.write_str("transaction already finished"),
         }
     }

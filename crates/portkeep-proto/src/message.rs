@@ -118,6 +118,12 @@ impl OpData {
         }
     }
 
+    /// Appends the body as it goes on the wire after the common header
+    /// (reserved fields zero).
+    pub fn emit_body(&self, out: &mut Vec<u8>) {
+        self.emit(out);
+    }
+
     fn emit(&self, out: &mut Vec<u8>) {
         match self {
             OpData::Announce => {}

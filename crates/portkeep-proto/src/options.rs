@@ -139,6 +139,28 @@ impl PcpOption {
         }
     }
 
+    /// Octets the option takes in a message: the 4-octet header, the data
+    /// and its padding to a 4-octet boundary (RFC 6887 section 7.3). Lets a
+    /// server size a response before building it (the 1100-octet limit of
+    /// section 7).
+    pub fn wire_len(&self) -> usize {
+        let data = match self {
+            PcpOption::ThirdParty(_) => 16,
+            PcpOption::PreferFailure | PcpOption::CheckpointRequired => 0,
+            PcpOption::Filter(_) => 20,
+            PcpOption::Description(s) => s.len(),
+            PcpOption::Next(n) => {
+                NEXT_FIXED_LEN
+                    + match &n.items {
+                        NextItems::Codes(c) => c.len(),
+                        NextItems::Options(o) => o.iter().map(PcpOption::wire_len).sum(),
+                    }
+            }
+            PcpOption::Unknown { data, .. } => data.len(),
+        };
+        4 + ((data + 3) & !3)
+    }
+
     /// Appends the option, padded to 4 octets.
     pub(crate) fn emit(&self, cp: &CodePoints, out: &mut Vec<u8>) {
         let start = out.len();
@@ -319,7 +341,8 @@ mod tests {
         );
         let mut out = Vec::new();
         opt.emit(&CP, &mut out);
-        assert_eq!(hex::encode(out), hex::encode(&bytes), "encode");
+        assert_eq!(hex::encode(&out), hex::encode(&bytes), "encode");
+        assert_eq!(opt.wire_len(), out.len(), "wire_len");
     }
 
     fn both(bytes: &str, opt: PcpOption) {

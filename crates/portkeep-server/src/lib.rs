@@ -10,6 +10,7 @@
 pub mod change;
 mod config;
 pub mod dataplane;
+mod getnext;
 pub mod prefix;
 mod server;
 mod subscriber;

@@ -6,11 +6,13 @@ use std::time::Duration;
 
 use portkeep_proto::addr::{from_wire, is_unspecified, to_wire};
 use portkeep_proto::{
-    build_error_response, Disposition, Filter, MapData, OpData, PcpOption, PeerData, Protocol,
-    Request, Response, ResponseHeader, ResultCode, HEADER_LEN, VERSION,
+    build_error_response, Disposition, Filter, GetData, MapData, Next, OpData, PcpOption, PeerData,
+    Protocol, Request, Response, ResponseHeader, ResultCode, GET_BODY_LEN, HEADER_LEN,
+    MAX_MESSAGE_LEN, VERSION,
 };
 
 use crate::change::{Change, ChangeRecord, FilterRule, MappingKey, MappingRecord, RemoveReason};
+use crate::getnext::{self, Answer, GetFilter, Query};
 use crate::prefix::{canonical, Prefix};
 use crate::table::{AllocError, Entry, Extra, Id, Pool, Suggestion, Table};
 use crate::{ServerConfig, SubscriberId, Timestamp};
@@ -61,6 +63,8 @@ struct ReqOptions {
     filters: Vec<Filter>,
     description: Option<String>,
     checkpoint: bool,
+    /// GET only: the request's NEXT (failure-scenarios draft section 4.4).
+    next: Option<Next>,
 }
 
 /// A request failed with this result code; `parsed` says whether the
@@ -519,10 +523,11 @@ impl Server {
                 let p = *p;
                 self.peer(now, src, &req, &p, out)
             }
-            // GET/NEXT is answered once the mapping-table walk exists.
-            OpData::Get(_) | OpData::Opaque { .. } => {
-                Err(Some(Fail::unparsed(ResultCode::UNSUPP_OPCODE)))
+            OpData::Get(g) => {
+                let g = *g;
+                self.get(now, src, &req, &g, datagram, out)
             }
+            OpData::Opaque { .. } => Err(Some(Fail::unparsed(ResultCode::UNSUPP_OPCODE))),
         }
     }
 
@@ -532,9 +537,13 @@ impl Server {
     /// for the opcode is MALFORMED_OPTION when mandatory and ignored when
     /// optional (so CHECKPOINT_REQUIRED on ANNOUNCE is ignored, as RFC 7767
     /// section 3.1 lists it for MAP and PEER only), except PREFER_FAILURE
-    /// in PEER, which section 12.1 makes MALFORMED_REQUEST.
+    /// in PEER, which section 12.1 makes MALFORMED_REQUEST. GET takes
+    /// THIRD_PARTY (to name the host whose mappings an authorised client
+    /// retrieves, failure-scenarios draft section 6) and at most one NEXT
+    /// (draft section 4.4: "at most one in requests").
     fn check_options(&self, req: &Request, src: IpAddr) -> Result<ReqOptions, Fail> {
         let is_map = matches!(req.data, OpData::Map(_));
+        let is_get = matches!(req.data, OpData::Get(_));
         let is_mapish = is_map || matches!(req.data, OpData::Peer(_));
         let mut o = ReqOptions::default();
         let malformed = || Fail::parsed(ResultCode::MALFORMED_OPTION);
@@ -542,10 +551,11 @@ impl Server {
         for opt in &req.options {
             let code = opt.code(&self.cfg.code_points);
             let valid = match opt {
-                PcpOption::ThirdParty(_) | PcpOption::Description(_) => is_mapish,
+                PcpOption::ThirdParty(_) => is_mapish || is_get,
+                PcpOption::Description(_) => is_mapish,
                 PcpOption::CheckpointRequired => is_mapish,
                 PcpOption::PreferFailure | PcpOption::Filter(_) => is_map,
-                PcpOption::Next(_) => false,
+                PcpOption::Next(_) => is_get,
                 PcpOption::Unknown { .. } => {
                     if code.is_mandatory() {
                         return Err(Fail::parsed(ResultCode::UNSUPP_OPTION));
@@ -608,7 +618,13 @@ impl Server {
                     }
                     o.checkpoint = true;
                 }
-                PcpOption::Next(_) | PcpOption::Unknown { .. } => {}
+                PcpOption::Next(n) => {
+                    if o.next.is_some() {
+                        return Err(malformed());
+                    }
+                    o.next = Some(n.clone());
+                }
+                PcpOption::Unknown { .. } => {}
             }
         }
         if o.third_party.is_some() {
@@ -621,6 +637,81 @@ impl Server {
             return Err(Fail::parsed(ResultCode::EXCESSIVE_REMOTE_PEERS));
         }
         Ok(o)
+    }
+
+    /// GET (failure-scenarios draft section 4), after the checks of RFC
+    /// 6887 section 8.2 and the option checks of section 7.3: an unsound
+    /// filter is MALFORMED_REQUEST (draft 4.1), a locator that is not a
+    /// mapping's fields MALFORMED_OPTION (RFC 6887 7.3). The answer copies
+    /// the request's GET body bit for bit (draft 4.1), echoes THIRD_PARTY
+    /// (RFC 6887 section 13) and carries the NEXT options of
+    /// [`getnext::answer`], or is NONEXIST_MAP without NEXT (draft 4.6).
+    /// The header lifetime is 0: each NEXT carries its mapping's remaining
+    /// lifetime, and a NONEXIST_MAP may stop being true at any moment.
+    fn get(
+        &mut self,
+        now: Timestamp,
+        src: IpAddr,
+        req: &Request,
+        g: &GetData,
+        datagram: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), Option<Fail>> {
+        let o = self.check_options(req, src).map_err(Some)?;
+        let filter = GetFilter::parse(g).map_err(|e| {
+            tracing::debug!(reason = e.0, "unsound GET filter");
+            Some(Fail::parsed(ResultCode::MALFORMED_REQUEST))
+        })?;
+        let next = match &o.next {
+            Some(n) => {
+                let locator = getnext::parse_locator(n, &self.table).map_err(|reason| {
+                    tracing::debug!(reason, "malformed NEXT locator");
+                    Some(Fail::parsed(ResultCode::MALFORMED_OPTION))
+                })?;
+                Some((n, locator))
+            }
+            None => None,
+        };
+        // Draft section 6: without THIRD_PARTY a client sees the mappings
+        // of its own address; check_options has checked the allow-list.
+        let host = o.third_party.unwrap_or(src);
+        let echo: Vec<PcpOption> = req
+            .options
+            .iter()
+            .filter(|opt| matches!(opt, PcpOption::ThirdParty(_)))
+            .cloned()
+            .collect();
+        let fixed = HEADER_LEN + GET_BODY_LEN + echo.iter().map(PcpOption::wire_len).sum::<usize>();
+        let query = Query {
+            host,
+            filter,
+            next,
+            room: MAX_MESSAGE_LEN.saturating_sub(fixed),
+        };
+        let cp = self.cfg.code_points;
+        let (result, nexts) = match getnext::answer(&self.table, now, &query) {
+            Answer::Found(n) => (ResultCode::SUCCESS, n),
+            Answer::Nonexistent => (cp.nonexist_map, Vec::new()),
+        };
+        let sub = self.cfg.subscriber_keying.subscriber_of(host);
+        let mut options = echo;
+        options.extend(nexts);
+        let resp = Response {
+            header: ResponseHeader {
+                result,
+                lifetime: 0,
+                epoch: self.epoch_of(now, Some(sub)),
+            },
+            data: OpData::Get(*g),
+            options,
+        };
+        self.encode(&resp, out)?;
+        // Draft 4.1: "a bit-to-bit copy of the OpCode", reserved octet too.
+        let body = HEADER_LEN..HEADER_LEN + GET_BODY_LEN;
+        if let (Some(dst), Some(src)) = (out.get_mut(body.clone()), datagram.get(body)) {
+            dst.copy_from_slice(src);
+        }
+        Ok(())
     }
 
     /// Section 14.1: ANNOUNCE carries no body; its lifetime is ignored.

@@ -8,12 +8,13 @@
 //! gets that mapping's external address and port, and vice versa). A
 //! binding lives as long as any entry uses it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::hash::BuildHasher;
 
 use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
 use std::net::{IpAddr, SocketAddr};
 
+use portkeep_proto::addr::to_wire;
 use portkeep_proto::{Nonce, Protocol};
 
 use crate::change::{FilterRule, MappingKey, MappingKind, MappingRecord};
@@ -169,7 +170,93 @@ pub(crate) struct Table {
     pub(crate) entries: Slab<Entry>,
     peer_by_flow: HashMap<(Id, SocketAddr), Id>,
     expiry: BTreeSet<(Timestamp, Id)>,
+    /// MAP entries in the GET/NEXT order (failure-scenarios draft section
+    /// 4.3), so a walk seeks to its locator in O(log n). Keys are packed
+    /// ([`OrderKey`]): 24 bytes plus the 4-byte id per slot.
+    order: BTreeMap<OrderKey, Id>,
+    /// Per pool address: its rank among the pool addresses in 128-bit wire
+    /// order, which stands for the external address in [`OrderKey`].
+    ext_rank: Vec<u16>,
+    /// The pool addresses in 128-bit wire order (index = rank).
+    ext_sorted: Vec<u128>,
     rng: u64,
+}
+
+/// A MAP entry's position in the GET/NEXT order.
+///
+/// The failure-scenarios draft (section 4.3) only asks for an order that
+/// is stable between two GET requests and leaves lexicographic or lifetime
+/// order to the implementer. Ours is lexicographic over the fields of the
+/// draft's equality, taken in this sequence:
+///
+/// 1. internal address, as its 128-bit RFC 6887 form (IPv4-mapped for
+///    IPv4), which folds the internal address family in: every IPv4
+///    address sorts in `::ffff:0:0/96`;
+/// 2. protocol;
+/// 3. internal port;
+/// 4. external address, likewise in its 128-bit form (with the external
+///    family folded in);
+/// 5. external port.
+///
+/// The internal address comes first so that one host's mappings, and one
+/// subscriber prefix's, form a contiguous range: a walk, which only ever
+/// sees the requester's own (section 6), is a range scan. Lifetime order
+/// would move a mapping at every renewal and break the walk's
+/// no-skip/no-repeat guarantee.
+///
+/// Packed as `(address high 64 bits, address low 64 bits, protocol << 48 |
+/// internal port << 32 | external address rank << 16 | external port)`;
+/// the external address is its rank in the sorted pool (every mapping's
+/// external address is a pool address), which keeps the key at 24 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct OrderKey(u64, u64, u64);
+
+/// Bits of [`OrderKey`]'s third word below the protocol, and below the
+/// internal port.
+const BELOW_PROTOCOL: u64 = (1 << 48) - 1;
+const BELOW_INTERNAL_PORT: u64 = (1 << 32) - 1;
+
+impl OrderKey {
+    fn new(
+        internal: IpAddr,
+        protocol: Protocol,
+        internal_port: u16,
+        rank: u16,
+        ext_port: u16,
+    ) -> Self {
+        let a = u128::from(to_wire(internal));
+        OrderKey(
+            (a >> 64) as u64,
+            a as u64,
+            (u64::from(protocol.0) << 48)
+                | (u64::from(internal_port) << 32)
+                | (u64::from(rank) << 16)
+                | u64::from(ext_port),
+        )
+    }
+
+    /// The range of keys of `internal`'s mappings, narrowed to one
+    /// protocol and one internal port when given (zero = any, draft
+    /// section 4.1).
+    pub(crate) fn host_range(
+        internal: IpAddr,
+        protocol: Protocol,
+        internal_port: u16,
+    ) -> (OrderKey, OrderKey) {
+        let lo = OrderKey::new(internal, Protocol::ALL, 0, 0, 0);
+        let (base, below) = match (protocol.0, internal_port) {
+            (0, _) => (0, u64::MAX),
+            (p, 0) => (u64::from(p) << 48, BELOW_PROTOCOL),
+            (p, port) => (
+                (u64::from(p) << 48) | (u64::from(port) << 32),
+                BELOW_INTERNAL_PORT,
+            ),
+        };
+        (
+            OrderKey(lo.0, lo.1, base),
+            OrderKey(lo.0, lo.1, base | below),
+        )
+    }
 }
 
 fn ext_key(protocol: Protocol, ip: u16, port: u16) -> u64 {
@@ -179,6 +266,19 @@ fn ext_key(protocol: Protocol, ip: u16, port: u16) -> u64 {
 impl Table {
     pub(crate) fn new(pool: Pool, seed: u64) -> Table {
         let n = pool.addrs.len();
+        let mut ext_sorted: Vec<u128> =
+            pool.addrs.iter().map(|&a| u128::from(to_wire(a))).collect();
+        ext_sorted.sort_unstable();
+        ext_sorted.dedup();
+        let ext_rank = pool
+            .addrs
+            .iter()
+            .map(|&a| {
+                let w = u128::from(to_wire(a));
+                // The pool is bounded far below 2^16 addresses (pool indexes are u16).
+                u16::try_from(ext_sorted.partition_point(|&x| x < w)).unwrap_or(u16::MAX)
+            })
+            .collect();
         Table {
             pool,
             bindings: Slab::new(),
@@ -191,6 +291,9 @@ impl Table {
             entries: Slab::new(),
             peer_by_flow: HashMap::new(),
             expiry: BTreeSet::new(),
+            order: BTreeMap::new(),
+            ext_rank,
+            ext_sorted,
             // splitmix64 needs any non-zero-ish start; mix the seed once.
             rng: seed ^ 0x9e37_79b9_7f4a_7c15,
         }
@@ -474,9 +577,15 @@ impl Table {
         let remote = entry.remote();
         let expires = entry.expires;
         let id = self.entries.insert(entry);
+        let order_key = self.bindings.get(binding).map(|b| self.order_key_of(b));
         if let Some(b) = self.bindings.get_mut(binding) {
             match remote {
-                None => b.map_entry = Some(id),
+                None => {
+                    b.map_entry = Some(id);
+                    if let Some(k) = order_key {
+                        self.order.insert(k, id);
+                    }
+                }
                 Some(r) => {
                     b.peers += 1;
                     self.peer_by_flow.insert((binding, r), id);
@@ -490,9 +599,15 @@ impl Table {
     pub(crate) fn remove(&mut self, id: Id) -> Option<Entry> {
         let e = self.entries.remove(id)?;
         self.expiry.remove(&(e.expires, id));
+        let order_key = self.bindings.get(e.binding).map(|b| self.order_key_of(b));
         if let Some(b) = self.bindings.get_mut(e.binding) {
             match e.remote() {
-                None => b.map_entry = None,
+                None => {
+                    b.map_entry = None;
+                    if let Some(k) = order_key {
+                        self.order.remove(&k);
+                    }
+                }
                 Some(r) => {
                     b.peers = b.peers.saturating_sub(1);
                     self.peer_by_flow.remove(&(e.binding, r));
@@ -519,6 +634,65 @@ impl Table {
             self.expiry.remove(&(before, id));
             self.expiry.insert((after, id));
         }
+    }
+
+    fn order_key_of(&self, b: &Binding) -> OrderKey {
+        let rank = self
+            .ext_rank
+            .get(usize::from(b.ext_ip))
+            .copied()
+            .unwrap_or(u16::MAX);
+        OrderKey::new(
+            b.key.internal_ip,
+            b.key.protocol,
+            b.key.internal_port,
+            rank,
+            b.ext_port,
+        )
+    }
+
+    /// The key a NEXT locator stands for, and whether a mapping could
+    /// equal it (draft section 4.3 equality). An external address outside
+    /// the pool equals no mapping; its key is then the smallest one after
+    /// every mapping the locator is greater than, so seeking to it still
+    /// lands on "the first mapping greater than the locator".
+    pub(crate) fn locator_key(
+        &self,
+        internal: IpAddr,
+        protocol: Protocol,
+        internal_port: u16,
+        external: IpAddr,
+        ext_port: u16,
+    ) -> (OrderKey, bool) {
+        let w = u128::from(to_wire(external));
+        let pos = self.ext_sorted.partition_point(|&x| x < w);
+        let exact = self.ext_sorted.get(pos) == Some(&w);
+        let rank = u16::try_from(pos).unwrap_or(u16::MAX);
+        let port = if exact { ext_port } else { 0 };
+        (
+            OrderKey::new(internal, protocol, internal_port, rank, port),
+            exact,
+        )
+    }
+
+    /// MAP entries with keys in `from..=to`, in order.
+    pub(crate) fn ordered(
+        &self,
+        from: OrderKey,
+        to: OrderKey,
+    ) -> impl Iterator<Item = (OrderKey, Id)> + '_ {
+        let range = if from <= to {
+            Some(self.order.range(from..=to))
+        } else {
+            None
+        };
+        range.into_iter().flatten().map(|(&k, &id)| (k, id))
+    }
+
+    /// An entry with its binding.
+    pub(crate) fn entry_and_binding(&self, id: Id) -> Option<(&Entry, &Binding)> {
+        let e = self.entries.get(id)?;
+        Some((e, self.bindings.get(e.binding)?))
     }
 
     pub(crate) fn next_expiry(&self) -> Option<Timestamp> {

@@ -1,9 +1,9 @@
 //! The command line, as clap derive types.
 //!
-//! The verbs are one-shot PCP exchanges. Room is left for a long-running
-//! `agent` verb family (the host's mapping keeper of DESIGN.md) and for
-//! `list`/`get` (GET/NEXT retrieval, failure-scenarios draft section 4):
-//! each becomes one more [`Command`] variant with its own args struct.
+//! The verbs are PCP exchanges: one-shot MAP, PEER, delete and ANNOUNCE,
+//! and `list`/`get` (GET/NEXT retrieval, failure-scenarios draft section
+//! 4). Room is left for a long-running `agent` verb family (the host's
+//! mapping keeper of DESIGN.md).
 
 // The doc comments below are clap's help text, where `[IPv6]:PORT` is
 // literal syntax, not a rustdoc link.
@@ -13,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use portkeep_proto::{Filter, Nonce, Protocol};
+use portkeep_proto::{Filter, Nonce, Opcode, OptionCode, Protocol, ResultCode};
 
 use crate::parse;
 
@@ -38,6 +38,42 @@ pub(crate) enum Command {
     Delete(DeleteArgs),
     /// Ask the server for its epoch (RFC 6887 ANNOUNCE).
     Announce,
+    /// List this host's mappings on the server (GET/NEXT walk,
+    /// failure-scenarios draft section 4).
+    List(ListArgs),
+    /// Show one of this host's mappings (a "pure" GET, draft section 4.5);
+    /// exits 2 with NONEXIST_MAP when there is none.
+    Get(GetArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ListArgs {
+    /// Only this protocol (needed for any port below).
+    #[arg(long, value_name = "PROTO", value_parser = parse::protocol)]
+    pub(crate) protocol: Option<Protocol>,
+    /// Only this internal address, and port: IP, IP:PORT or [IPv6]:PORT.
+    #[arg(long, value_name = "IP[:PORT]", value_parser = parse::endpoint)]
+    pub(crate) internal: Option<(IpAddr, u16)>,
+    /// Only this external address, and port: IP, IP:PORT or [IPv6]:PORT.
+    #[arg(long, value_name = "IP[:PORT]", value_parser = parse::endpoint)]
+    pub(crate) external: Option<(IpAddr, u16)>,
+    /// List this host's mappings instead (THIRD_PARTY option; the server
+    /// must allow this client).
+    #[arg(long, value_name = "IP")]
+    pub(crate) third_party: Option<IpAddr>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct GetArgs {
+    /// Protocol of the mapping.
+    #[arg(value_name = "PROTO", value_parser = parse::protocol)]
+    pub(crate) proto: Protocol,
+    /// Internal port of the mapping.
+    #[arg(value_name = "INTERNAL_PORT")]
+    pub(crate) internal_port: u16,
+    /// The mapping of this internal host (THIRD_PARTY option).
+    #[arg(long, value_name = "IP")]
+    pub(crate) third_party: Option<IpAddr>,
 }
 
 /// Flags every verb takes, before or after it.
@@ -57,9 +93,31 @@ pub(crate) struct Common {
         value_parser = parse::timeout
     )]
     pub(crate) timeout: Duration,
-    /// Print one JSON object instead of text.
+    /// Print JSON instead of text (`list`: one array).
     #[arg(long, global = true)]
     pub(crate) json: bool,
+    /// GET opcode; must match the server's `extensions.get_opcode`
+    /// (private use, docs/extensions.md).
+    #[arg(long, global = true, value_name = "N", default_value_t = Opcode::GET.0)]
+    pub(crate) get_opcode: u8,
+    /// NEXT option code; must match the server's `extensions.next_option`.
+    #[arg(long, global = true, value_name = "N", default_value_t = OptionCode::NEXT.0)]
+    pub(crate) next_option: u8,
+    /// NONEXIST_MAP result code; must match the server's
+    /// `extensions.nonexist_map_result`.
+    #[arg(long, global = true, value_name = "N", default_value_t = ResultCode::NONEXIST_MAP.0)]
+    pub(crate) nonexist_map: u8,
+}
+
+impl Common {
+    /// The code points of the draft's extensions, from the flags.
+    pub(crate) fn code_points(&self) -> portkeep_proto::CodePoints {
+        portkeep_proto::CodePoints {
+            get_opcode: Opcode(self.get_opcode),
+            next_option: OptionCode(self.next_option),
+            nonexist_map: ResultCode(self.nonexist_map),
+        }
+    }
 }
 
 /// What MAP and PEER share.

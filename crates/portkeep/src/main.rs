@@ -1,12 +1,14 @@
 //! `portkeep`: the Portkeep PCP client command line.
 //!
 //! Exit status: 0 SUCCESS, 1 I/O or other failure, 2 PCP error result,
-//! 3 timeout, 64 bad arguments (sysexits EX_USAGE).
+//! 3 timeout, 64 bad arguments (sysexits EX_USAGE). `get` exits 2 with
+//! NONEXIST_MAP when the mapping does not exist.
 
 mod cli;
 mod exit;
 mod output;
 mod parse;
+mod retrieve;
 mod run;
 
 use std::process::ExitCode;

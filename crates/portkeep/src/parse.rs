@@ -42,6 +42,21 @@ pub(crate) fn server(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| "expected IP, IP:PORT or [IPv6]:PORT".to_owned())
 }
 
+/// `IP`, `IP:PORT` or `[IPv6]:PORT`: an address and a port, 0 when
+/// omitted (a GET filter's wildcard, failure-scenarios draft section 4.1).
+pub(crate) fn endpoint(s: &str) -> Result<(IpAddr, u16), String> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok((sa.ip(), sa.port()));
+    }
+    let bare = s
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .unwrap_or(s);
+    bare.parse::<IpAddr>()
+        .map(|ip| (ip, 0))
+        .map_err(|_| "expected IP, IP:PORT or [IPv6]:PORT".to_owned())
+}
+
 /// Seconds, fractions allowed; 0 means no bound (RFC 6887 section 8.1.1,
 /// MRD 0).
 pub(crate) fn timeout(s: &str) -> Result<Duration, String> {
@@ -142,6 +157,24 @@ mod tests {
         assert_eq!(server("[::1]:6000"), Ok("[::1]:6000".parse().unwrap()));
         assert!(server("example").is_err());
         assert!(server("1.2.3.4:99999").is_err());
+    }
+
+    #[test]
+    fn draft_s4_1_endpoints_default_to_port_0() {
+        assert_eq!(endpoint("192.0.2.1"), Ok(("192.0.2.1".parse().unwrap(), 0)));
+        assert_eq!(
+            endpoint("192.0.2.1:80"),
+            Ok(("192.0.2.1".parse().unwrap(), 80))
+        );
+        assert_eq!(
+            endpoint("[2001:db8::1]:80"),
+            Ok(("2001:db8::1".parse().unwrap(), 80))
+        );
+        assert_eq!(
+            endpoint("2001:db8::1"),
+            Ok(("2001:db8::1".parse().unwrap(), 0))
+        );
+        assert!(endpoint("nope").is_err());
     }
 
     #[test]

@@ -19,6 +19,9 @@ pub(crate) struct Plan {
 }
 
 pub(crate) fn run(cli: Cli) -> ExitCode {
+    if matches!(cli.command, Command::List(_) | Command::Get(_)) {
+        return crate::retrieve::run(&cli);
+    }
     let plan = match plan(&cli.command, cli.common.server) {
         Ok(p) => p,
         Err(e) => return exit::clap_error(&e),
@@ -97,6 +100,9 @@ fn plan(command: &Command, server: SocketAddr) -> Result<Plan, clap::Error> {
             (b, None)
         }
         Command::Announce => (RequestBuilder::announce(), None),
+        Command::List(_) | Command::Get(_) => {
+            return Err(Cli::command().error(ErrorKind::InvalidSubcommand, "not a MAP-like verb"))
+        }
     };
     validate(&builder, server)?;
     Ok(Plan { builder, remote })

@@ -335,6 +335,9 @@ fn rfc6887_s8_5_epoch_continues_across_restart_and_resets_when_the_store_is_lost
     sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let m = exchange(&sock, addr, &map_request(client, 7000, 3600, [5; 12])).unwrap();
     assert_eq!(m.header.result.0, 0);
+    let server = addr.to_string();
+    let made = e2e_support::cli_at(&server, &["--json", "map", "udp", "9000"]);
+    assert_eq!(made.code, Some(0), "{made:?}");
     std::thread::sleep(Duration::from_millis(1200));
     // Crash and come back with the store intact. What the first run's
     // start-up schedule still sent is drained, so only the second run's
