@@ -407,6 +407,7 @@ impl ConfigFile {
                 subscriber_keying: SubscriberKeying {
                     ipv4_prefix_len,
                     ipv6_prefix_len,
+                    named: Vec::new(),
                 },
                 max_mappings_per_subscriber: max_per_subscriber,
                 max_mappings,
@@ -416,6 +417,7 @@ impl ConfigFile {
                     .unwrap_or(d.max_filters_per_mapping),
                 third_party_clients,
                 code_points: cp,
+                checkpoint: d.checkpoint.clone(),
                 seed: rand::random(),
             },
             announce_interfaces: self.announce.multicast_interfaces.unwrap_or_default(),
