@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use portkeep_proto::ResultCode;
-use portkeep_server::{MappingKind, MappingRecord, Timestamp};
+use portkeep_server::{MappingKind, MappingRecord, RefusalReason, Server, Timestamp};
 use serde_json::{json, Value};
 
 use crate::clock;
@@ -94,6 +94,8 @@ fn status(shared: &Shared) -> Value {
         "uptime_s": now.as_millis() / 1000,
         "epoch": core.server.epoch(now),
         "mappings": core.server.mapping_count(),
+        "checkpointed": core.server.checkpointed_count(),
+        "backup": core.server.backup_state().as_str(),
         "listen": shared.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "dataplane": core.dataplane.name(),
     })
@@ -124,13 +126,43 @@ pub fn mapping_json(m: &MappingRecord, now: Timestamp) -> Value {
     })
 }
 
+/// [`mapping_json`] plus what the server knows about the subscriber: the
+/// operator's name for it (`[[subscribers.named]]`) and its check-point
+/// class (RFC 7767 section 4).
+fn mapping_json_in(server: &Server, m: &MappingRecord, now: Timestamp) -> Value {
+    let mut v = mapping_json(m, now);
+    v["subscriber_name"] = json!(server.config().subscriber_keying.name_of(m.subscriber));
+    v["class"] = json!(server
+        .checkpoint_class_of(m.subscriber)
+        .map(|c| c.name.as_str()));
+    v
+}
+
 fn mappings(shared: &Shared) -> Value {
     let now = clock::now(shared.origin);
-    let mut list = shared.lock().server.mappings();
+    let core = shared.lock();
+    let mut list = core.server.mappings();
     list.sort_by_key(|m| (m.key, m.kind));
     json!({
         "ok": true,
-        "mappings": list.iter().map(|m| mapping_json(m, now)).collect::<Vec<_>>(),
+        "mappings": list.iter().map(|m| mapping_json_in(&core.server, m, now)).collect::<Vec<_>>(),
+    })
+}
+
+/// RFC 7767 check-point decisions: requests granted, refused by reason
+/// (stable names), and mappings an `always` class protected unasked.
+fn checkpoint_counters(server: &Server) -> Value {
+    let c = server.stats().checkpoint;
+    let refused: serde_json::Map<String, Value> = RefusalReason::ALL
+        .iter()
+        .map(|r| (r.as_str().to_owned(), json!(c.refused(*r))))
+        .collect();
+    json!({
+        "granted": c.granted,
+        "refused": refused,
+        "refused_total": c.refused_total(),
+        "forced": c.forced,
+        "checkpointed": server.checkpointed_count(),
     })
 }
 
@@ -154,6 +186,7 @@ fn counters(shared: &Shared) -> Value {
         "dropped": stats.dropped,
         "results": results,
         "mappings": core.server.mapping_count(),
+        "checkpoint": checkpoint_counters(&core.server),
     })
 }
 

@@ -217,7 +217,8 @@ fn run_ctl(args: &Args, ctl: &CtlArgs) -> ExitCode {
     }
     match ctl.what {
         CtlCommand::Mappings => print_mappings(&reply),
-        _ => {
+        CtlCommand::Counters => print_counters(&reply),
+        CtlCommand::Status => {
             if let Some(obj) = reply.as_object() {
                 for (k, v) in obj.iter().filter(|(k, _)| *k != "ok") {
                     match v {
@@ -231,11 +232,30 @@ fn run_ctl(args: &Args, ctl: &CtlArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Counters, with the RFC 7767 check-point decisions one per line so that
+/// a refusal reason can be read (and grepped) at a glance.
+fn print_counters(reply: &serde_json::Value) {
+    if let Some(obj) = reply.as_object() {
+        for (k, v) in obj.iter().filter(|(k, _)| *k != "ok" && *k != "checkpoint") {
+            println!("{k}: {v}");
+        }
+    }
+    let c = &reply["checkpoint"];
+    println!("checkpoint granted: {}", c["granted"]);
+    if let Some(refused) = c["refused"].as_object() {
+        for (reason, n) in refused {
+            println!("checkpoint refused {reason}: {n}");
+        }
+    }
+    println!("checkpoint forced by class: {}", c["forced"]);
+    println!("checkpointed mappings: {}", c["checkpointed"]);
+}
+
 fn print_mappings(reply: &serde_json::Value) {
     let list = reply["mappings"].as_array().cloned().unwrap_or_default();
     println!(
-        "{:<5} {:<5} {:<28} {:<28} {:<24} {:>9} {:<4} NONCE",
-        "KIND", "PROTO", "INTERNAL", "EXTERNAL", "REMOTE", "EXPIRES", "CKPT"
+        "{:<5} {:<5} {:<28} {:<28} {:<24} {:>9} {:<4} {:<24} {:<10} NONCE",
+        "KIND", "PROTO", "INTERNAL", "EXTERNAL", "REMOTE", "EXPIRES", "CKPT", "SUBSCRIBER", "CLASS"
     );
     for m in &list {
         let proto = m["protocol_name"]
@@ -248,7 +268,7 @@ fn print_mappings(reply: &serde_json::Value) {
             format!("{ip}:{}", m["internal_port"])
         };
         println!(
-            "{:<5} {:<5} {:<28} {:<28} {:<24} {:>8}s {:<4} {}",
+            "{:<5} {:<5} {:<28} {:<28} {:<24} {:>8}s {:<4} {:<24} {:<10} {}",
             m["kind"].as_str().unwrap_or(""),
             proto,
             internal,
@@ -260,6 +280,11 @@ fn print_mappings(reply: &serde_json::Value) {
             } else {
                 "no"
             },
+            m["subscriber_name"]
+                .as_str()
+                .or_else(|| m["subscriber"].as_str())
+                .unwrap_or("-"),
+            m["class"].as_str().unwrap_or("-"),
             m["nonce"].as_str().unwrap_or(""),
         );
     }
