@@ -45,6 +45,13 @@ pub enum ClientError {
     /// The request does not fit in a PCP message.
     #[error("cannot encode request: {0}")]
     Encode(#[from] EncodeError),
+    /// [`crate::Client::create`] got SUCCESS for a request that makes no
+    /// mapping (ANNOUNCE or a delete).
+    #[error("the request made no mapping to renew (ANNOUNCE or delete)")]
+    NotAMapping {
+        /// The reply.
+        reply: Box<Reply>,
+    },
     /// A socket operation failed.
     #[error("I/O error talking to PCP server {server}: {source}")]
     Io {
@@ -60,7 +67,7 @@ impl ClientError {
     /// The error response, for [`ClientError::Pcp`].
     pub fn reply(&self) -> Option<&Reply> {
         match self {
-            ClientError::Pcp { reply } => Some(reply),
+            ClientError::Pcp { reply } | ClientError::NotAMapping { reply } => Some(reply),
             _ => None,
         }
     }

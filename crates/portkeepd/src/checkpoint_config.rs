@@ -125,24 +125,25 @@ pub fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
 
 fn class(name: &str, c: &ClassSection) -> Result<CheckpointClass, ConfigError> {
     let key = |k: &str| format!("checkpoint.classes.{name}.{k}");
-    let mode =
-        match c.checkpoint.as_deref() {
-            Some("always") => CheckpointMode::Always,
-            Some("on-request") => CheckpointMode::OnRequest,
-            Some("never") => CheckpointMode::Never,
-            Some(other) => return Err(invalid(
+    let mode = match c.checkpoint.as_deref() {
+        Some("always") => CheckpointMode::Always,
+        Some("on-request") => CheckpointMode::OnRequest,
+        Some("never") => CheckpointMode::Never,
+        Some(other) => {
+            return Err(invalid(
                 key("checkpoint"),
                 format!(
                     "`{other}` is not a mode (expected \"always\", \"on-request\" or \"never\")"
                 ),
-            )),
-            None => {
-                return Err(invalid(
-                    key("checkpoint"),
-                    "is required (\"always\", \"on-request\" or \"never\")",
-                ))
-            }
-        };
+            ))
+        }
+        None => {
+            return Err(invalid(
+                key("checkpoint"),
+                "is required (\"always\", \"on-request\" or \"never\")",
+            ))
+        }
+    };
     if mode != CheckpointMode::OnRequest {
         // `always` is bounded by the server's capacity only; `never` has
         // nothing to bound. A limit there would be silently meaningless.
