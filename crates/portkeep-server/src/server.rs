@@ -894,14 +894,9 @@ impl Server {
     }
 
     /// The check-point decision for a new mapping (RFC 7767 section 3.2).
+    /// The caller inserts the mapping next, so a grant takes its slot now.
     fn new_checkpoint(&mut self, now: Timestamp, sub: SubscriberId, requested: bool) -> bool {
-        let flag = self.decide_checkpoint(now, sub, requested, false);
-        if flag {
-            // The caller inserts the mapping next; it holds one slot.
-            self.checkpointed += 1;
-            self.subscriber_mut(sub).checkpointed += 1;
-        }
-        flag
+        self.checkpoint_flag(now, sub, requested, false)
     }
 
     /// The check-point decision for a renewal of mapping `id` (RFC 7767
@@ -916,56 +911,45 @@ impl Server {
         requested: bool,
     ) -> bool {
         let before = self.table.get(id).is_some_and(|e| e.checkpoint);
-        let after = self.decide_checkpoint(now, sub, requested, before);
-        match (before, after) {
-            (false, true) => {
-                self.checkpointed += 1;
-                self.subscriber_mut(sub).checkpointed += 1;
-            }
-            (true, false) => {
-                self.checkpointed = self.checkpointed.saturating_sub(1);
-                if let Some(s) = self.subscribers.get_mut(&sub) {
-                    s.checkpointed = s.checkpointed.saturating_sub(1);
-                }
-            }
-            _ => {}
-        }
-        after
+        self.checkpoint_flag(now, sub, requested, before)
     }
 
-    /// Runs [`policy::decide`] for `sub` and counts the outcome. Only
+    /// Runs [`policy::decide`] for `sub`, counts the outcome and moves the
+    /// capacity and quota counts when the flag changes from `before`. Only
     /// called once the MAP or PEER itself is sure to succeed, so a token is
-    /// never spent on a request that fails for other reasons.
-    fn decide_checkpoint(
+    /// never spent on a request that fails for other reasons. One lookup of
+    /// the subscriber: this runs for every request carrying the option.
+    fn checkpoint_flag(
         &mut self,
         now: Timestamp,
         sub: SubscriberId,
         requested: bool,
-        already: bool,
+        before: bool,
     ) -> bool {
-        if !requested && !self.any_always {
+        if !requested && !self.any_always && !before {
             return false;
         }
-        let server_held = self.checkpointed;
-        let state = self.subscriber_mut(sub);
-        let subscriber_held = state.checkpointed;
-        let mut bucket = state.bucket;
         let p = &self.cfg.checkpoint;
-        let Some(class) = p.class(p.class_of(sub)) else {
-            return false;
+        let class = p.class(p.class_of(sub));
+        let idle = &mut self.idle_buckets;
+        let state = self.subscribers.entry(sub).or_insert_with(|| Subscriber {
+            bucket: idle.remove(&sub).unwrap_or_default(),
+            ..Subscriber::default()
+        });
+        let decision = match class {
+            Some(class) => {
+                let ask = Ask {
+                    requested,
+                    already: before,
+                    server_held: self.checkpointed,
+                    subscriber_held: state.checkpointed,
+                };
+                policy::decide(p, class, self.backup, ask, &mut state.bucket, now)
+            }
+            None => Decision::NotWanted,
         };
-        let ask = Ask {
-            requested,
-            already,
-            server_held,
-            subscriber_held,
-        };
-        let decision = policy::decide(p, class, self.backup, ask, &mut bucket, now);
-        if let Some(s) = self.subscribers.get_mut(&sub) {
-            s.bucket = bucket;
-        }
         let stats = &mut self.stats.checkpoint;
-        match decision {
+        let after = match decision {
             Decision::NotWanted => false,
             Decision::Grant => {
                 if requested {
@@ -981,7 +965,19 @@ impl Server {
                 }
                 false
             }
+        };
+        match (before, after) {
+            (false, true) => {
+                self.checkpointed += 1;
+                state.checkpointed += 1;
+            }
+            (true, false) => {
+                self.checkpointed = self.checkpointed.saturating_sub(1);
+                state.checkpointed = state.checkpointed.saturating_sub(1);
+            }
+            _ => {}
         }
+        after
     }
 
     fn push(&mut self, change: Change) {

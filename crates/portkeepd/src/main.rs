@@ -242,10 +242,10 @@ fn print_counters(reply: &serde_json::Value) {
     }
     let c = &reply["checkpoint"];
     println!("checkpoint granted: {}", c["granted"]);
-    if let Some(refused) = c["refused"].as_object() {
-        for (reason, n) in refused {
-            println!("checkpoint refused {reason}: {n}");
-        }
+    // In evaluation order (RFC 7767 section 3.2 checks), not alphabetical.
+    for reason in portkeep_server::RefusalReason::ALL {
+        let name = reason.as_str();
+        println!("checkpoint refused {name}: {}", c["refused"][name]);
     }
     println!("checkpoint forced by class: {}", c["forced"]);
     println!("checkpointed mappings: {}", c["checkpointed"]);
