@@ -70,6 +70,13 @@ struct Args {
     /// both alike); prints both rates and their ratio.
     #[arg(long, conflicts_with_all = ["spawn", "server_pid", "checkpoint"])]
     core_ab: bool,
+    /// Store of the spawned server: memory, durable or relaxed.
+    #[arg(long, default_value = "memory")]
+    store: String,
+    /// After the run, kill -9 the spawned server, start it again on the
+    /// same store, and time how long until it serves every mapping again.
+    #[arg(long, requires = "spawn")]
+    restart: bool,
 }
 
 /// Reads the clock; the bench is all I/O, the cores never do this.
@@ -256,77 +263,125 @@ fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-struct Spawned(Child);
+/// A server this run started; killed and its directory removed on drop.
+struct Spawned {
+    child: Child,
+    dir: PathBuf,
+    bin: PathBuf,
+    cfg: PathBuf,
+    addr: SocketAddr,
+}
+
 impl Drop for Spawned {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-fn spawn_server(bin: &PathBuf, args: &Args) -> anyhow::Result<(Spawned, SocketAddr)> {
-    let port = {
-        let s = UdpSocket::bind("127.0.0.1:0")?;
-        s.local_addr()?.port()
-    };
-    let addr: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
-    let dir = std::env::temp_dir().join(format!("portkeep-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let cfg = dir.join("portkeepd.toml");
-    let total = args.clients * args.mappings_per_client;
-    // A class that never refuses before the backup gate: every request
-    // reaches the last check (a standalone server has no backup).
-    let checkpoint = if args.checkpoint {
-        format!(
-            "[checkpoint]\nmax_mappings = {}\n[checkpoint.classes.bench]\ncheckpoint = \"on-request\"\n\
-             max = {}\nrate = \"1000000/s\"\nburst = 1000000\n",
-            total + 1,
-            args.mappings_per_client.max(1),
-        )
-    } else {
-        String::new()
-    };
-    std::fs::write(
-        &cfg,
-        format!(
-            "listen = [\"{addr}\"]\nexternal_addresses = [\"192.0.2.0/26\", \"198.18.0.0/26\"]\nworkers = {}\n\
-             [subscribers]\nmax_mappings = {}\n[limits]\nmax_mappings = {}\n{checkpoint}",
-            args.server_workers,
-            args.mappings_per_client.max(1024),
-            (total + 1024).max(4_000_000),
-        ),
-    )?;
-    let child = Command::new(bin)
-        .arg("--config")
-        .arg(&cfg)
-        .arg("--log-level")
-        .arg("warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .with_context(|| format!("cannot start {}", bin.display()))?;
-    let child = Spawned(child);
-    // Wait until it answers an ANNOUNCE.
-    let probe = UdpSocket::bind("127.0.0.1:0")?;
-    probe.set_read_timeout(Some(Duration::from_millis(100)))?;
-    let announce = Request {
-        header: RequestHeader {
-            lifetime: 0,
-            client_ip: to_wire(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-        },
-        data: OpData::Announce,
-        options: vec![],
+impl Spawned {
+    fn start(bin: &PathBuf, args: &Args) -> anyhow::Result<Spawned> {
+        let port = {
+            let s = UdpSocket::bind("127.0.0.1:0")?;
+            s.local_addr()?.port()
+        };
+        let addr: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+        let dir = std::env::temp_dir().join(format!("portkeep-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let cfg = dir.join("portkeepd.toml");
+        let total = args.clients * args.mappings_per_client;
+        // A class that never refuses before the backup gate: every request
+        // reaches the last check (a standalone server has no backup).
+        let checkpoint = if args.checkpoint {
+            format!(
+                "[checkpoint]\nmax_mappings = {}\n[checkpoint.classes.bench]\ncheckpoint = \"on-request\"\n\
+                 max = {}\nrate = \"1000000/s\"\nburst = 1000000\n",
+                total + 1,
+                args.mappings_per_client.max(1),
+            )
+        } else {
+            String::new()
+        };
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen = [\"{addr}\"]\ndata_dir = \"{}\"\nexternal_addresses = [\"192.0.2.0/26\", \"198.18.0.0/26\"]\nworkers = {}\n\
+                 [subscribers]\nmax_mappings = {}\n[limits]\nmax_mappings = {}\n[store]\nmode = \"{}\"\n{checkpoint}",
+                dir.join("data").display(),
+                args.server_workers,
+                args.mappings_per_client.max(1024),
+                (total + 1024).max(4_000_000),
+                args.store,
+            ),
+        )?;
+        let child = Self::launch(bin, &cfg)?;
+        let s = Spawned {
+            child,
+            dir,
+            bin: bin.clone(),
+            cfg,
+            addr,
+        };
+        s.wait_serving(Duration::from_secs(10))?;
+        Ok(s)
     }
-    .to_bytes(&CodePoints::default())?;
-    let mut buf = [0u8; 1100];
-    for _ in 0..100 {
-        let _ = probe.send_to(&announce, addr);
-        if probe.recv(&mut buf).is_ok() {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Ok((child, addr));
+
+    fn launch(bin: &PathBuf, cfg: &PathBuf) -> anyhow::Result<Child> {
+        Command::new(bin)
+            .arg("--config")
+            .arg(cfg)
+            .arg("--log-level")
+            .arg("warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))
+    }
+
+    /// Polls with ANNOUNCE until the server answers.
+    fn wait_serving(&self, within: Duration) -> anyhow::Result<Duration> {
+        let start = now();
+        let probe = UdpSocket::bind("127.0.0.1:0")?;
+        probe.set_read_timeout(Some(Duration::from_millis(20)))?;
+        let announce = Request {
+            header: RequestHeader {
+                lifetime: 0,
+                client_ip: to_wire(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            },
+            data: OpData::Announce,
+            options: vec![],
         }
+        .to_bytes(&CodePoints::default())?;
+        let mut buf = [0u8; 1100];
+        while start.elapsed() < within {
+            let _ = probe.send_to(&announce, self.addr);
+            if probe.recv(&mut buf).is_ok() {
+                return Ok(start.elapsed());
+            }
+        }
+        bail!("server did not answer on {} within {within:?}", self.addr)
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    bail!("spawned server did not answer on {addr}")
+
+    /// kill -9, then start again on the same store; the time from the new
+    /// process's start to its first answer.
+    fn kill_and_restart(&mut self) -> anyhow::Result<Duration> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::launch(&self.bin, &self.cfg)?;
+        self.wait_serving(Duration::from_secs(60))
+    }
+
+    /// The mapping count the server reports through its control socket.
+    fn mapping_count(&self) -> anyhow::Result<u64> {
+        let out = Command::new(&self.bin)
+            .arg("--config")
+            .arg(&self.cfg)
+            .args(["ctl", "--json", "status"])
+            .output()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?;
+        v["mappings"].as_u64().context("no mapping count in status")
+    }
 }
 
 /// `--core-ab`: the core's MAP refresh rate without and with
@@ -449,11 +504,11 @@ fn main() -> anyhow::Result<()> {
     if args.mappings_per_client > 60000 {
         bail!("--mappings-per-client is at most 60000");
     }
-    let (_child, server, pid) = match &args.spawn {
+    let (mut spawned, server, pid) = match &args.spawn {
         Some(bin) => {
-            let (c, a) = spawn_server(bin, &args)?;
-            let pid = c.0.id();
-            (Some(c), a, Some(pid))
+            let s = Spawned::start(bin, &args)?;
+            let (addr, pid) = (s.addr, s.child.id());
+            (Some(s), addr, Some(pid))
         }
         None => (None, args.server, args.server_pid),
     };
@@ -558,8 +613,23 @@ fn main() -> anyhow::Result<()> {
         }),
         _ => serde_json::Value::Null,
     };
+    let restart = match (&mut spawned, args.restart) {
+        (Some(s), true) => {
+            let before = s.mapping_count()?;
+            let t = s.kill_and_restart()?;
+            let after = s.mapping_count()?;
+            serde_json::json!({
+                "mappings_before": before,
+                "mappings_after": after,
+                "kill_9_to_serving_ms": t.as_millis(),
+            })
+        }
+        _ => serde_json::Value::Null,
+    };
     let out = serde_json::json!({
         "server": server.to_string(),
+        "store": args.store,
+        "restart": restart,
         "clients": args.clients,
         "mappings": mappings,
         "threads": args.threads,
@@ -594,6 +664,14 @@ fn main() -> anyhow::Result<()> {
                 p["latency_us"]["p99"],
                 p["latency_us"]["p99.9"],
                 p["latency_us"]["max"],
+            );
+        }
+        if !restart.is_null() {
+            println!(
+                "  restart after kill -9: serving again in {} ms with {} of {} mappings",
+                restart["kill_9_to_serving_ms"],
+                restart["mappings_after"],
+                restart["mappings_before"]
             );
         }
         if !memory.is_null() {

@@ -104,6 +104,13 @@ pub enum Change {
         /// The time its epoch counts from.
         anchor: Timestamp,
     },
+    /// The server-wide epoch restarted at `anchor`: every subscriber
+    /// without an epoch of its own now counts from there (failure-scenarios
+    /// draft section 2.6: all state was lost or cleared).
+    ServerEpochReset {
+        /// The time the server's epoch counts from.
+        anchor: Timestamp,
+    },
 }
 
 /// A change with its position in the log.

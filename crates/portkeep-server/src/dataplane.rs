@@ -153,7 +153,7 @@ impl Dataplane for MemoryDataplane {
                         }
                     }
                 }
-                Change::EpochReset { .. } => {}
+                Change::EpochReset { .. } | Change::ServerEpochReset { .. } => {}
             }
         }
         Ok(())

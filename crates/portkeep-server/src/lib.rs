@@ -27,6 +27,6 @@ pub use policy::{
     RefusalReason,
 };
 pub use prefix::Prefix;
-pub use server::{Outcome, Server, Stats};
+pub use server::{ClearSelector, Cleared, Outcome, RestoreReport, Restored, Server, Stats};
 pub use subscriber::{NamedSubscriber, SubscriberId, SubscriberKeying};
 pub use time::Timestamp;

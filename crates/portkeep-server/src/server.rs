@@ -94,6 +94,54 @@ impl Fail {
     }
 }
 
+/// What a server restarting from stable storage starts from.
+#[derive(Debug, Clone, Default)]
+pub struct Restored {
+    /// When the server-wide epoch began.
+    pub anchor: Timestamp,
+    /// Subscribers whose epoch began at their own time.
+    pub subscriber_anchors: Vec<(SubscriberId, Timestamp)>,
+    /// The mappings as last stored.
+    pub mappings: Vec<MappingRecord>,
+    /// The last log sequence number written.
+    pub last_seq: u64,
+}
+
+/// What [`Server::restore`] did with the stored state.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreReport {
+    /// Mappings back in the table.
+    pub restored: usize,
+    /// Mappings that expired while the server was down (dropped).
+    pub expired: usize,
+    /// Mappings that could not be restored (their external address left the
+    /// pool, or their endpoint was claimed twice); their subscribers' epochs
+    /// were reset, because those subscribers lost state.
+    pub dropped: Vec<MappingRecord>,
+}
+
+/// Which subscribers `portkeepd ctl clear` clears.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClearSelector {
+    /// Every mapping; the server-wide epoch restarts.
+    All,
+    /// One subscriber.
+    Subscriber(SubscriberId),
+    /// Every mapping whose internal address is in the prefix.
+    Prefix(Prefix),
+}
+
+/// A subscriber whose state `clear` removed: who to send an ANNOUNCE to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cleared {
+    /// The subscriber.
+    pub subscriber: SubscriberId,
+    /// Internal addresses its mappings had (its clients' addresses).
+    pub hosts: Vec<IpAddr>,
+    /// Mappings removed.
+    pub mappings: usize,
+}
+
 /// The sans-IO PCP server.
 ///
 /// Feed it datagrams with [`Server::handle`] and the passage of time with
@@ -162,6 +210,160 @@ impl Server {
             idle_buckets: HashMap::new(),
             idle_sweep_at: IDLE_SWEEP_MIN,
         }
+    }
+
+    /// Rebuilds a server from stable storage (failure-scenarios draft
+    /// section 2.6: with its state intact the server keeps every epoch, so
+    /// clients see no reset and re-create nothing). Mappings that expired
+    /// while the server was down are dropped and logged as expired, so the
+    /// store forgets them too. Every other mapping gets back exactly the
+    /// external endpoint it had; one that cannot (its address left the pool)
+    /// is dropped and its subscriber's epoch reset, as that subscriber did
+    /// lose state.
+    pub fn restore(cfg: ServerConfig, now: Timestamp, state: Restored) -> (Server, RestoreReport) {
+        let mut s = Server::new(cfg, state.anchor);
+        s.seq = state.last_seq;
+        for (sub, anchor) in state.subscriber_anchors {
+            s.subscriber_mut(sub).anchor = Some(anchor);
+        }
+        let mut report = RestoreReport::default();
+        let mut lost = Vec::new();
+        for m in state.mappings {
+            let sub = s.cfg.subscriber_keying.subscriber_of(m.key.internal_ip);
+            if m.expires <= now {
+                report.expired += 1;
+                s.push(Change::Removed {
+                    mapping: m,
+                    reason: RemoveReason::Expired,
+                });
+                continue;
+            }
+            let Ok(binding) = s.table.bind_exact(m.key, m.external) else {
+                lost.push(sub);
+                s.push(Change::Removed {
+                    mapping: m.clone(),
+                    reason: RemoveReason::Cleared,
+                });
+                report.dropped.push(m);
+                continue;
+            };
+            let remote = match m.kind {
+                crate::MappingKind::Map => None,
+                crate::MappingKind::Peer { remote } => Some(remote),
+            };
+            let duplicate = match remote {
+                None => s.table.map_entry(&m.key).is_some(),
+                Some(r) => s.table.peer_entry(&m.key, r).is_some(),
+            };
+            if duplicate {
+                report.dropped.push(m);
+                continue;
+            }
+            s.table.insert(Entry {
+                binding,
+                nonce: m.nonce,
+                expires: m.expires,
+                lifetime: m.lifetime,
+                checkpoint: m.checkpoint,
+                third_party: m.third_party,
+                extra: make_extra(m.filters, m.description.map(String::into_boxed_str), remote),
+            });
+            // RFC 7767 section 3.2: a restored check-pointed mapping holds
+            // its slot in the server's capacity and its subscriber's quota;
+            // its next renewal is decided afresh.
+            let state = s.subscriber_mut(sub);
+            state.mappings += 1;
+            if m.checkpoint {
+                state.checkpointed += 1;
+                s.checkpointed += 1;
+            }
+            report.restored += 1;
+        }
+        lost.sort();
+        lost.dedup();
+        for sub in lost {
+            s.reset_subscriber_epoch(now, sub);
+        }
+        (s, report)
+    }
+
+    /// Removes mappings by operator command and resets the epoch of exactly
+    /// the subscribers affected (failure-scenarios draft section 2.6.2:
+    /// clearing mappings is a loss of state for their owners, so their
+    /// clients must see a new epoch; nobody else's epoch moves). Returns the
+    /// affected subscribers and their hosts, to send ANNOUNCEs to.
+    pub fn clear(&mut self, now: Timestamp, which: ClearSelector) -> Vec<Cleared> {
+        let keying = &self.cfg.subscriber_keying;
+        let victims: Vec<(Id, MappingRecord)> = self
+            .table
+            .entries
+            .iter()
+            .filter_map(|(id, _)| Some((id, self.table.record(id, keying)?)))
+            .filter(|(_, m)| match which {
+                ClearSelector::All => true,
+                ClearSelector::Subscriber(sub) => m.subscriber == sub,
+                ClearSelector::Prefix(p) => p.contains(m.key.internal_ip),
+            })
+            .collect();
+        let mut affected: std::collections::BTreeMap<SubscriberId, Cleared> =
+            std::collections::BTreeMap::new();
+        if let ClearSelector::Subscriber(sub) = which {
+            affected.insert(
+                sub,
+                Cleared {
+                    subscriber: sub,
+                    hosts: Vec::new(),
+                    mappings: 0,
+                },
+            );
+        }
+        for (id, m) in victims {
+            let c = affected.entry(m.subscriber).or_insert_with(|| Cleared {
+                subscriber: m.subscriber,
+                hosts: Vec::new(),
+                mappings: 0,
+            });
+            c.mappings += 1;
+            if !c.hosts.contains(&m.key.internal_ip) {
+                c.hosts.push(m.key.internal_ip);
+            }
+            self.remove_entry(id, RemoveReason::Cleared);
+        }
+        if which == ClearSelector::All {
+            self.anchor = now;
+            self.subscribers.retain(|_, s| {
+                s.anchor = None;
+                s.mappings > 0
+            });
+            self.push(Change::ServerEpochReset { anchor: now });
+        } else {
+            for sub in affected.keys().copied().collect::<Vec<_>>() {
+                self.reset_subscriber_epoch(now, sub);
+            }
+        }
+        affected.into_values().collect()
+    }
+
+    /// Restarts one subscriber's epoch at `now` (RFC 6887 section 8.5).
+    fn reset_subscriber_epoch(&mut self, now: Timestamp, sub: SubscriberId) {
+        self.subscriber_mut(sub).anchor = Some(now);
+        self.push(Change::EpochReset {
+            subscriber: sub,
+            anchor: now,
+        });
+    }
+
+    /// When the server-wide epoch began.
+    pub fn anchor(&self) -> Timestamp {
+        self.anchor
+    }
+
+    /// Subscribers whose epoch began at their own time.
+    pub fn subscriber_anchors(&self) -> Vec<(SubscriberId, Timestamp)> {
+        self.subscribers
+            .iter()
+            .filter_map(|(id, s)| Some((*id, s.anchor?)))
+            .collect()
     }
 
     /// The configuration in force.
@@ -264,6 +466,24 @@ impl Server {
                 result: ResultCode::SUCCESS,
                 lifetime: 0,
                 epoch: self.epoch(now),
+            },
+            data: OpData::Announce,
+            options: Vec::new(),
+        };
+        // A bare ANNOUNCE is 24 octets; encoding cannot exceed the limit.
+        let _ = resp.encode(&self.cfg.code_points, out);
+    }
+
+    /// Writes an unsolicited ANNOUNCE carrying `sub`'s epoch (the server's
+    /// with `None`), for telling one subscriber's clients that their state
+    /// was lost (RFC 6887 section 14.1.1; failure-scenarios draft 2.6.2).
+    pub fn announce_for(&self, now: Timestamp, sub: Option<SubscriberId>, out: &mut Vec<u8>) {
+        out.clear();
+        let resp = Response {
+            header: ResponseHeader {
+                result: ResultCode::SUCCESS,
+                lifetime: 0,
+                epoch: self.epoch_of(now, sub),
             },
             data: OpData::Announce,
             options: Vec::new(),

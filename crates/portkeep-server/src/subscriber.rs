@@ -18,6 +18,21 @@ pub struct SubscriberId {
 }
 
 impl SubscriberId {
+    /// A subscriber from its stored parts (the prefix it stands for), as
+    /// written by [`SubscriberId::addr`] and [`SubscriberId::prefix_len`].
+    pub fn from_parts(addr: IpAddr, len: u8) -> SubscriberId {
+        let addr = canonical(addr);
+        let len = if addr.is_ipv4() {
+            len.min(32)
+        } else {
+            len.min(128)
+        };
+        SubscriberId {
+            addr: mask(addr, len),
+            len,
+        }
+    }
+
     /// The subscriber's prefix address.
     pub fn addr(&self) -> IpAddr {
         self.addr
@@ -107,6 +122,17 @@ impl SubscriberKeying {
         }
     }
 
+    /// The subscriber the table names `name`, if any.
+    pub fn subscriber_named(&self, name: &str) -> Option<SubscriberId> {
+        self.named
+            .iter()
+            .find(|n| n.name == name)
+            .map(|n| SubscriberId {
+                addr: n.prefix.addr(),
+                len: n.prefix.len(),
+            })
+    }
+
     /// The operator's name for a subscriber of the table, if it is one.
     pub fn name_of(&self, sub: SubscriberId) -> Option<&str> {
         self.named
@@ -161,6 +187,20 @@ mod tests {
         assert_eq!(of("198.51.100.1").to_string(), "198.51.100.0/24");
         assert_eq!(k.name_of(of("198.51.100.1")), Some("cust-42"));
         assert_eq!(k.name_of(of("198.51.100.200")), Some("cust-43"));
+        // By name, even where a longer named prefix holds the network address.
+        let k2 = SubscriberKeying {
+            named: vec![n("10.0.0.0/8", "outer"), n("10.0.0.0/16", "inner")],
+            ..SubscriberKeying::default()
+        };
+        assert_eq!(
+            k2.subscriber_named("outer").unwrap().to_string(),
+            "10.0.0.0/8"
+        );
+        assert_eq!(
+            k2.subscriber_of("10.0.0.1".parse().unwrap()).to_string(),
+            "10.0.0.0/16"
+        );
+        assert_eq!(k2.subscriber_named("nobody"), None);
         assert_ne!(of("198.51.100.1"), of("198.51.100.200"));
         assert_eq!(of("::ffff:198.51.100.1"), of("198.51.100.1"));
         assert_eq!(of("2001:db8:aa12::1"), of("2001:db8:aaff::1"));

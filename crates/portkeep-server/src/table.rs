@@ -272,6 +272,10 @@ impl Table {
         } else {
             self.alloc_port(key.protocol, s)?
         };
+        Ok(self.insert_binding(key, ip, port))
+    }
+
+    fn insert_binding(&mut self, key: MappingKey, ip: u16, port: u16) -> Id {
         let id = self.bindings.insert(Binding {
             key,
             ext_ip: ip,
@@ -300,7 +304,38 @@ impl Table {
             *self.used.entry((ip, key.protocol)).or_insert(0) += 1;
         }
         self.on_addr[usize::from(ip)] += 1;
-        Ok(id)
+        id
+    }
+
+    /// Re-creates the binding of a restored mapping with exactly the
+    /// external endpoint it had (a client believes in that endpoint, so
+    /// restoring must never re-allocate it). Fails if the address left the
+    /// pool or another binding already holds the endpoint.
+    pub(crate) fn bind_exact(
+        &mut self,
+        key: MappingKey,
+        external: SocketAddr,
+    ) -> Result<Id, AllocError> {
+        if let Some(b) = self.binding_of(&key) {
+            return if self.external_of(b) == Some(external) {
+                Ok(b)
+            } else {
+                Err(AllocError::CannotProvide)
+            };
+        }
+        let ip = self
+            .pool_index(crate::prefix::canonical(external.ip()))
+            .ok_or(AllocError::CannotProvide)?;
+        let port = external.port();
+        let free = if port == 0 {
+            self.on_addr[usize::from(ip)] == 0
+        } else {
+            self.port_free(key.protocol, ip, port)
+        };
+        if !free {
+            return Err(AllocError::CannotProvide);
+        }
+        Ok(self.insert_binding(key, ip, port))
     }
 
     /// Whether the external endpoint suggested fits the binding.

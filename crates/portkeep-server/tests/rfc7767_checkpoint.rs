@@ -704,3 +704,39 @@ fn rfc7767_s5_abuse_is_confined_to_the_abuser() {
     assert_eq!(held_a, 8);
     assert!(map_cp(&mut s, t + Duration::from_secs(10), B, 200));
 }
+
+// ---- Stable storage and operator clearing -------------------------------
+
+#[test]
+fn rfc7767_s3_2_restored_checkpoints_keep_their_quota_and_clear_returns_it() {
+    use portkeep_server::{ClearSelector, Restored};
+    let p = policy(vec![class(
+        "silver",
+        CheckpointMode::OnRequest,
+        Some(1),
+        None,
+    )]);
+    let mut s = in_sync(p.clone());
+    assert!(map_cp(&mut s, T0, A, 80));
+    let state = Restored {
+        anchor: s.anchor(),
+        subscriber_anchors: s.subscriber_anchors(),
+        mappings: s.mappings(),
+        last_seq: s.last_seq(),
+    };
+    let (mut r, report) = Server::restore(cfg(p), T0, state);
+    assert_eq!(report.restored, 1);
+    r.set_backup_state(BackupState::InSync);
+    assert!(flag(&r, A, 80), "the flag survives the restart");
+    assert_eq!(r.checkpointed_count(), 1, "and holds its slot");
+    assert!(
+        !map_cp(&mut r, T0, A, 81),
+        "so the quota of 1 is still spent"
+    );
+    only_refusal(&r, RefusalReason::SubscriberQuota, 1);
+    // Clearing the subscriber gives the slot back.
+    let sub = r.config().subscriber_keying.subscriber_of(ip(A));
+    r.clear(T0, ClearSelector::Subscriber(sub));
+    assert_eq!(r.checkpointed_count(), 0);
+    assert!(map_cp(&mut r, T0, A, 82));
+}

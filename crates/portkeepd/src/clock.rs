@@ -1,17 +1,44 @@
 //! The one place the daemon reads the clock; the cores are handed `now`.
 
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use portkeep_server::Timestamp;
 
-/// Monotonic milliseconds since `origin`, as the core's [`Timestamp`].
-#[allow(clippy::disallowed_methods)] // The runtime boundary: see clippy.toml.
-pub fn now(origin: Instant) -> Timestamp {
-    Timestamp(u64::try_from(Instant::now().duration_since(origin).as_millis()).unwrap_or(u64::MAX))
+/// The daemon's clock: wall-clock milliseconds since the Unix epoch at
+/// start, advanced by a monotonic clock.
+///
+/// Wall-clock based values mean the same thing after a restart, so stored
+/// expiry times and epoch anchors stay valid; advancing them monotonically
+/// means a clock step while running never moves an epoch backwards or
+/// expires mappings early.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    start: Instant,
+    wall_ms: u64,
 }
 
-/// The origin for [`now`].
-#[allow(clippy::disallowed_methods)] // The runtime boundary: see clippy.toml.
-pub fn origin() -> Instant {
-    Instant::now()
+impl Clock {
+    /// Reads both clocks once.
+    #[allow(clippy::disallowed_methods)] // The runtime boundary: see clippy.toml.
+    pub fn start() -> Clock {
+        let wall_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Clock {
+            start: Instant::now(),
+            wall_ms,
+        }
+    }
+
+    /// Now, as the core's [`Timestamp`].
+    #[allow(clippy::disallowed_methods)] // The runtime boundary: see clippy.toml.
+    pub fn now(&self) -> Timestamp {
+        let elapsed = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        Timestamp(self.wall_ms.saturating_add(elapsed))
+    }
+
+    /// Milliseconds since this clock started.
+    pub fn uptime_ms(&self) -> u64 {
+        self.now().as_millis().saturating_sub(self.wall_ms)
+    }
 }

@@ -100,6 +100,37 @@ pub struct ConfigFile {
     /// Check-pointing policy (RFC 7767).
     #[serde(default)]
     pub checkpoint: CheckpointSection,
+    /// Stable storage.
+    #[serde(default)]
+    pub store: StoreSection,
+}
+
+/// `[store]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// "durable" (default), "relaxed" or "memory".
+    pub mode: Option<String>,
+    /// Page cache of the store, in MiB.
+    pub cache_mb: Option<usize>,
+    /// Microseconds the committer waits, after a quiet spell, for more
+    /// requests to join the same commit.
+    pub commit_delay_us: Option<u64>,
+}
+
+/// Validated `[store]` settings.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    /// The store file; `None` in memory mode.
+    pub path: Option<PathBuf>,
+    /// Commit durability.
+    pub durability: crate::store::Durability,
+    /// What to do with a damaged store.
+    pub recovery: crate::store::Recovery,
+    /// Page cache size.
+    pub cache_bytes: usize,
+    /// Group-commit gathering delay.
+    pub commit_delay: std::time::Duration,
 }
 
 /// `[lifetime]`.
@@ -218,6 +249,22 @@ pub struct Settings {
     pub announce_unicast: Vec<SocketAddr>,
     /// Dataplane.
     pub dataplane: DataplaneKind,
+    /// Stable storage.
+    pub store: StoreSettings,
+}
+
+/// Name of the store file inside the data directory.
+pub const STORE_FILE: &str = "store.redb";
+
+impl Settings {
+    /// Points the data directory (and what lives in it) somewhere else.
+    pub fn set_data_dir(&mut self, dir: PathBuf) {
+        self.control_socket = dir.join(CONTROL_SOCKET);
+        if self.store.path.is_some() {
+            self.store.path = Some(dir.join(STORE_FILE));
+        }
+        self.data_dir = dir;
+    }
 }
 
 /// The embedded default: loopback on both families, in-memory dataplane,
@@ -403,6 +450,35 @@ impl ConfigFile {
         let control_socket = self
             .control_socket
             .map_or_else(|| data_dir.join(CONTROL_SOCKET), PathBuf::from);
+        use crate::store::{Durability, Recovery};
+        let (store_path, durability) = match self.store.mode.as_deref() {
+            None | Some("durable") => (Some(data_dir.join(STORE_FILE)), Durability::Durable),
+            Some("relaxed") => (Some(data_dir.join(STORE_FILE)), Durability::Relaxed),
+            Some("memory") => (None, Durability::Durable),
+            Some(other) => {
+                return Err(invalid(
+                    "store.mode",
+                    format!(
+                        "unknown mode `{other}` (expected \"durable\", \"relaxed\" or \"memory\")"
+                    ),
+                ))
+            }
+        };
+        let cache_mb = self.store.cache_mb.unwrap_or(64);
+        if !(1..=65536).contains(&cache_mb) {
+            return Err(invalid("store.cache_mb", "expected 1 to 65536"));
+        }
+        let commit_delay_us = self.store.commit_delay_us.unwrap_or(500);
+        if commit_delay_us > 100_000 {
+            return Err(invalid("store.commit_delay_us", "expected 0 to 100000"));
+        }
+        let store = StoreSettings {
+            path: store_path,
+            durability,
+            recovery: Recovery::Fail,
+            cache_bytes: cache_mb << 20,
+            commit_delay: std::time::Duration::from_micros(commit_delay_us),
+        };
         Ok(Settings {
             data_dir,
             control_socket,
@@ -435,6 +511,7 @@ impl ConfigFile {
             announce_interfaces: self.announce.multicast_interfaces.unwrap_or_default(),
             announce_unicast,
             dataplane,
+            store,
         })
     }
 }

@@ -13,10 +13,14 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use portkeep_proto::ResultCode;
-use portkeep_server::{MappingKind, MappingRecord, RefusalReason, Server, Timestamp};
+use std::net::IpAddr;
+
+use portkeep_server::{
+    ClearSelector, MappingKind, MappingRecord, Prefix, RefusalReason, Server, SubscriberId,
+    Timestamp,
+};
 use serde_json::{json, Value};
 
-use crate::clock;
 use crate::runtime::Shared;
 
 /// Longest request line accepted; anything longer is refused.
@@ -78,26 +82,29 @@ pub(crate) fn dispatch(shared: &Shared, req: &Value) -> Value {
         "status" => status(shared),
         "mappings" => mappings(shared),
         "counters" => counters(shared),
+        "clear" => clear(shared, req),
         other => error(format!(
-            "unknown command `{other}` (known: status, mappings, counters)"
+            "unknown command `{other}` (known: status, mappings, counters, clear)"
         )),
     }
 }
 
 fn status(shared: &Shared) -> Value {
-    let now = clock::now(shared.origin);
+    let now = shared.clock.now();
+    let dataplane = shared.dataplane.lock().map_or("unknown", |d| d.name());
     let core = shared.lock();
     json!({
         "ok": true,
         "version": env!("CARGO_PKG_VERSION"),
         "role": "standalone",
-        "uptime_s": now.as_millis() / 1000,
+        "uptime_s": shared.clock.uptime_ms() / 1000,
         "epoch": core.server.epoch(now),
         "mappings": core.server.mapping_count(),
         "checkpointed": core.server.checkpointed_count(),
         "backup": core.server.backup_state().as_str(),
+        "last_seq": core.server.last_seq(),
         "listen": shared.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "dataplane": core.dataplane.name(),
+        "dataplane": dataplane,
     })
 }
 
@@ -118,6 +125,7 @@ pub fn mapping_json(m: &MappingRecord, now: Timestamp) -> Value {
         "nonce": hex::encode(m.nonce),
         "lifetime": m.lifetime,
         "expires_in_s": m.expires.as_millis().saturating_sub(now.as_millis()) / 1000,
+        "expires_at_ms": m.expires.as_millis(),
         "checkpoint": m.checkpoint,
         "third_party": m.third_party,
         "subscriber": m.subscriber.to_string(),
@@ -139,7 +147,7 @@ fn mapping_json_in(server: &Server, m: &MappingRecord, now: Timestamp) -> Value 
 }
 
 fn mappings(shared: &Shared) -> Value {
-    let now = clock::now(shared.origin);
+    let now = shared.clock.now();
     let core = shared.lock();
     let mut list = core.server.mappings();
     list.sort_by_key(|m| (m.key, m.kind));
@@ -163,6 +171,57 @@ fn checkpoint_counters(server: &Server) -> Value {
         "refused_total": c.refused_total(),
         "forced": c.forced,
         "checkpointed": server.checkpointed_count(),
+    })
+}
+
+/// `clear`: removes mappings by operator command and resets the epoch of
+/// exactly the subscribers affected, then tells their hosts with an
+/// unsolicited ANNOUNCE (failure-scenarios draft section 2.6.2). Takes one
+/// of `{"all": true}`, `{"subscriber": "198.51.100.7/32"}` (the subscriber
+/// id as `ctl mappings` shows it) or `{"prefix": "198.51.100.0/24"}`.
+fn clear(shared: &Shared, req: &Value) -> Value {
+    let keying = shared.lock().server.config().subscriber_keying.clone();
+    let which = match (
+        req.get("all").and_then(Value::as_bool),
+        req.get("subscriber").and_then(Value::as_str),
+        req.get("prefix").and_then(Value::as_str),
+    ) {
+        (Some(true), None, None) => ClearSelector::All,
+        (None, Some(s), None) => match s.parse::<Prefix>() {
+            // A subscriber is named by its id (its prefix) or by any of its
+            // addresses.
+            Ok(p) => ClearSelector::Subscriber(keying.subscriber_of(p.addr())),
+            // Or by its `[[subscribers.named]]` id.
+            Err(e) => match keying.subscriber_named(s) {
+                Some(sub) => ClearSelector::Subscriber(sub),
+                None => return error(format!("bad subscriber: {e}")),
+            },
+        },
+        (None, None, Some(p)) => match p.parse::<Prefix>() {
+            Ok(p) => ClearSelector::Prefix(p),
+            Err(e) => return error(format!("bad prefix: {e}")),
+        },
+        _ => {
+            return error("clear takes exactly one of \"all\": true, \"subscriber\" or \"prefix\"")
+        }
+    };
+    let now = shared.clock.now();
+    let mut core = shared.lock();
+    let cleared = core.server.clear(now, which);
+    let targets: Vec<(SubscriberId, IpAddr)> = cleared
+        .iter()
+        .flat_map(|c| c.hosts.iter().map(move |h| (c.subscriber, *h)))
+        .collect();
+    let removed: usize = cleared.iter().map(|c| c.mappings).sum();
+    shared.announce_to(core, &targets);
+    json!({
+        "ok": true,
+        "removed": removed,
+        "subscribers": cleared.iter().map(|c| json!({
+            "subscriber": c.subscriber.to_string(),
+            "mappings": c.mappings,
+            "announced_to": c.hosts.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
     })
 }
 

@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod mmsg;
 pub mod runtime;
+pub mod store;
 
 pub use config::{ConfigError, ConfigFile, Settings};
 pub use runtime::Daemon;

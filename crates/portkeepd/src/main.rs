@@ -29,6 +29,11 @@ struct Args {
     /// Check the configuration, print a summary, and exit.
     #[arg(long)]
     check_config: bool,
+    /// What to do when the store cannot be read: `fail` (stop with an error,
+    /// the default) or `fresh` (move it aside and start with no mappings;
+    /// every client's epoch resets).
+    #[arg(long, value_enum, value_name = "HOW", default_value = "fail")]
+    store_recovery: StoreRecovery,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive.
     #[arg(
         long,
@@ -37,6 +42,12 @@ struct Args {
         env = "PORTKEEPD_LOG"
     )]
     log_level: String,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum StoreRecovery {
+    Fail,
+    Fresh,
 }
 
 #[derive(Debug, Subcommand)]
@@ -65,6 +76,23 @@ enum CtlCommand {
     Mappings,
     /// Requests received and replies by result code.
     Counters,
+    /// Remove mappings and reset the epoch of the subscribers affected,
+    /// announcing it to their hosts (failure-scenarios draft 2.6.2).
+    Clear(ClearArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+struct ClearArgs {
+    /// One subscriber: its id as `ctl mappings` shows it, or any of its addresses.
+    #[arg(long, value_name = "ID")]
+    subscriber: Option<String>,
+    /// Every mapping whose internal address is in the prefix.
+    #[arg(long, value_name = "PREFIX")]
+    prefix: Option<String>,
+    /// Every mapping; the server-wide epoch restarts.
+    #[arg(long)]
+    all: bool,
 }
 
 fn main() -> ExitCode {
@@ -112,12 +140,21 @@ fn main() -> ExitCode {
         settings.listen = args.listen.clone();
     }
     if let Some(dir) = &args.data_dir {
-        settings.data_dir = dir.clone();
-        settings.control_socket = dir.join(portkeepd::config::CONTROL_SOCKET);
+        settings.set_data_dir(dir.clone());
     }
+    settings.store.recovery = match args.store_recovery {
+        StoreRecovery::Fail => portkeepd::store::Recovery::Fail,
+        StoreRecovery::Fresh => portkeepd::store::Recovery::Fresh,
+    };
     let s = &settings.server;
     let summary = format!(
-        "listen {}; external {} ({} address{}), ports {}-{}; lifetimes {}-{} s; {} mappings per subscriber; dataplane {}",
+        "data {} (store: {}); listen {}; external {} ({} address{}), ports {}-{}; lifetimes {}-{} s; {} mappings per subscriber; dataplane {}",
+        settings.data_dir.display(),
+        match (&settings.store.path, settings.store.durability) {
+            (None, _) => "memory only",
+            (Some(_), portkeepd::store::Durability::Durable) => "durable",
+            (Some(_), portkeepd::store::Durability::Relaxed) => "relaxed",
+        },
         settings.listen.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
         s.external_addresses.first().map(ToString::to_string).unwrap_or_default(),
         s.external_addresses.len(),
@@ -137,18 +174,31 @@ fn main() -> ExitCode {
         Ok(d) => d,
         Err(e) => {
             tracing::error!("{e:#}");
-            return ExitCode::from(1);
+            // EX_DATAERR for a store that cannot be read: the operator must
+            // choose (restore it, or --store-recovery=fresh).
+            let damaged = matches!(
+                e.downcast_ref::<portkeepd::store::StoreError>(),
+                Some(portkeepd::store::StoreError::Damaged { .. })
+            );
+            return ExitCode::from(if damaged { 65 } else { 1 });
         }
     };
     tracing::info!("portkeepd serving PCP: {summary}");
-    wait_for_signal();
-    tracing::info!("shutting down");
+    wait_for_signal(&daemon);
+    let failed = daemon.has_failed();
+    if !failed {
+        tracing::info!("shutting down");
+    }
     daemon.shutdown();
+    if failed {
+        // EX_SOFTWARE-style: the store failed and the daemon stopped itself.
+        return ExitCode::from(70);
+    }
     ExitCode::SUCCESS
 }
 
-/// Blocks until SIGINT or SIGTERM.
-fn wait_for_signal() {
+/// Blocks until SIGINT or SIGTERM, or until the daemon stops itself.
+fn wait_for_signal(daemon: &Daemon) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -166,9 +216,15 @@ fn wait_for_signal() {
             let _ = tokio::signal::ctrl_c().await;
             return;
         };
+        let failed = async {
+            while !daemon.has_failed() {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
+            _ = failed => {}
         }
     });
 }
@@ -189,19 +245,23 @@ fn run_ctl(args: &Args, ctl: &CtlArgs) -> ExitCode {
         (None, None, None) => PathBuf::from(portkeepd::config::DEFAULT_DATA_DIR)
             .join(portkeepd::config::CONTROL_SOCKET),
     };
-    let command = match ctl.what {
-        CtlCommand::Status => "status",
-        CtlCommand::Mappings => "mappings",
-        CtlCommand::Counters => "counters",
+    let request = match &ctl.what {
+        CtlCommand::Status => serde_json::json!({ "command": "status" }),
+        CtlCommand::Mappings => serde_json::json!({ "command": "mappings" }),
+        CtlCommand::Counters => serde_json::json!({ "command": "counters" }),
+        CtlCommand::Clear(c) => match (&c.subscriber, &c.prefix, c.all) {
+            (Some(s), _, _) => serde_json::json!({ "command": "clear", "subscriber": s }),
+            (_, Some(p), _) => serde_json::json!({ "command": "clear", "prefix": p }),
+            _ => serde_json::json!({ "command": "clear", "all": true }),
+        },
     };
-    let reply =
-        match portkeepd::control::request(&socket, &serde_json::json!({ "command": command })) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("portkeepd ctl: {e:#}");
-                return ExitCode::from(69);
-            }
-        };
+    let reply = match portkeepd::control::request(&socket, &request) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("portkeepd ctl: {e:#}");
+            return ExitCode::from(69);
+        }
+    };
     if reply["ok"] != serde_json::Value::Bool(true) {
         eprintln!(
             "portkeepd ctl: {}",
@@ -218,7 +278,26 @@ fn run_ctl(args: &Args, ctl: &CtlArgs) -> ExitCode {
     match ctl.what {
         CtlCommand::Mappings => print_mappings(&reply),
         CtlCommand::Counters => print_counters(&reply),
-        CtlCommand::Status => {
+        CtlCommand::Clear(_) => {
+            println!("removed {} mapping(s)", reply["removed"]);
+            for sub in reply["subscribers"].as_array().into_iter().flatten() {
+                println!(
+                    "  {}: {} mapping(s), epoch reset, ANNOUNCE sent to {}",
+                    sub["subscriber"].as_str().unwrap_or(""),
+                    sub["mappings"],
+                    sub["announced_to"]
+                        .as_array()
+                        .map(|a| a
+                            .iter()
+                            .filter_map(|h| h.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "))
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or_else(|| "nobody (no hosts known)".into())
+                );
+            }
+        }
+        _ => {
             if let Some(obj) = reply.as_object() {
                 for (k, v) in obj.iter().filter(|(k, _)| *k != "ok") {
                     match v {

@@ -1,57 +1,93 @@
 //! The UDP service around the sans-IO core.
 //!
 //! Each worker thread owns one `SO_REUSEPORT` socket per listen address,
-//! receives a batch of datagrams, runs the whole batch through the core
-//! under one lock, hands the resulting changes to the dataplane, and sends
-//! the replies in one batch. The kernel spreads clients over the workers by
-//! their address, so one lock acquisition serves up to [`mmsg::BATCH`]
-//! requests. A housekeeping thread expires mappings on the core's timer.
+//! receives a batch of datagrams, and runs the whole batch through the core
+//! under one lock. What happens next depends on the store:
+//!
+//! - with a store (the default), the batch's changes and replies go to the
+//!   committer thread, and the worker goes back to receiving. The committer
+//!   takes everything queued, writes it in one transaction (group commit:
+//!   one fsync for many requests), applies it to the dataplane, and only
+//!   then sends the replies. No response ever leaves before the change it
+//!   reports is durable and installed.
+//! - without one (`[store] mode = "memory"`), the worker applies the
+//!   changes to the dataplane and sends the replies itself.
+//!
+//! A housekeeping thread expires mappings on the core's timer, and the
+//! control thread serves `portkeepd ctl`.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use portkeep_server::{
     Change, ChangeRecord, Dataplane, MappingKind, MemoryDataplane, Outcome, RemoveReason, Server,
+    SubscriberId,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::clock::Clock;
 use crate::config::{DataplaneKind, Settings};
+use crate::control;
 use crate::mmsg::{self, RecvBatch, SendBatch};
-use crate::{clock, control};
+use crate::store::{Opened, Store};
 
-/// How often workers look up from a quiet socket to check for shutdown.
+/// How often threads look up from waiting to check for shutdown.
 const POLL: Duration = Duration::from_millis(100);
 
-/// The core and its effects, behind one lock.
+/// The core, behind one lock.
 pub(crate) struct Core {
     pub(crate) server: Server,
-    pub(crate) dataplane: Box<dyn Dataplane>,
-    scratch: Vec<ChangeRecord>,
 }
 
-impl Core {
-    /// Hands the changes made so far to the dataplane and the log.
-    fn commit(&mut self) {
-        self.scratch.clear();
-        self.scratch.extend(self.server.drain_changes());
-        if self.scratch.is_empty() {
-            return;
-        }
-        for c in &self.scratch {
-            log_change(c);
-        }
-        if let Err(e) = self.dataplane.apply(&self.scratch) {
-            tracing::error!(error = %e, "dataplane rejected a batch of changes");
-        }
-    }
+/// Work for the committer: changes to make durable and install, then the
+/// replies that report them.
+struct Job {
+    changes: Vec<ChangeRecord>,
+    replies: SendBatch,
+    socket: usize,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+}
+
+/// Replies whose changes are committed, waiting to be sent.
+#[derive(Default)]
+struct Outbox {
+    batches: VecDeque<(usize, SendBatch)>,
+    closed: bool,
+}
+
+pub(crate) struct Shared {
+    pub(crate) core: Mutex<Core>,
+    pub(crate) dataplane: Mutex<Box<dyn Dataplane>>,
+    pub(crate) stop: AtomicBool,
+    /// Set once the workers have stopped: the committer then drains the
+    /// queue and exits.
+    drained: AtomicBool,
+    /// Set when the store failed: the daemon stops rather than answer
+    /// without durability.
+    pub(crate) failed: AtomicBool,
+    pub(crate) clock: Clock,
+    pub(crate) listen: Vec<SocketAddr>,
+    /// Every PCP socket, for sending replies and ANNOUNCEs.
+    sockets: Vec<UdpSocket>,
+    /// `None` in memory mode.
+    queue: Option<(Mutex<Queue>, Condvar)>,
+    /// Committed replies for the sender thread.
+    outbox: (Mutex<Outbox>, Condvar),
+    /// How long the committer waits for more work before committing.
+    commit_delay: Duration,
 }
 
 fn log_change(c: &ChangeRecord) {
@@ -95,14 +131,10 @@ fn log_change(c: &ChangeRecord) {
         Change::EpochReset { subscriber, .. } => {
             tracing::info!(seq = c.seq, "epoch reset for subscriber {subscriber}");
         }
+        Change::ServerEpochReset { .. } => {
+            tracing::info!(seq = c.seq, "server-wide epoch reset");
+        }
     }
-}
-
-pub(crate) struct Shared {
-    pub(crate) core: Mutex<Core>,
-    pub(crate) stop: AtomicBool,
-    pub(crate) origin: Instant,
-    pub(crate) listen: Vec<SocketAddr>,
 }
 
 impl Shared {
@@ -112,14 +144,112 @@ impl Shared {
         // keeping the rest serving is better than taking the daemon down.
         self.core.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn dataplane(&self) -> MutexGuard<'_, Box<dyn Dataplane>> {
+        self.dataplane.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn apply(&self, changes: &[ChangeRecord]) {
+        for c in changes {
+            log_change(c);
+        }
+        if let Err(e) = self.dataplane().apply(changes) {
+            tracing::error!(error = %e, "dataplane rejected a batch of changes");
+        }
+    }
+
+    /// Hands the core's pending changes and the replies that depend on them
+    /// on. Called with the core locked, so jobs queue in log order.
+    pub(crate) fn submit(
+        &self,
+        mut core: MutexGuard<'_, Core>,
+        mut replies: SendBatch,
+        socket: usize,
+    ) {
+        let changes: Vec<ChangeRecord> = core.server.drain_changes().collect();
+        match &self.queue {
+            None => {
+                self.apply(&changes);
+                drop(core);
+                if let Some(s) = self.sockets.get(socket) {
+                    let _ = replies.flush(s);
+                }
+            }
+            Some((q, cv)) => {
+                if changes.is_empty() && replies.is_empty() {
+                    return;
+                }
+                q.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .jobs
+                    .push_back(Job {
+                        changes,
+                        replies,
+                        socket,
+                    });
+                drop(core);
+                cv.notify_one();
+            }
+        }
+    }
+
+    /// A socket of the family of `dest`, to send ANNOUNCEs from.
+    pub(crate) fn socket_for(&self, dest: SocketAddr) -> Option<usize> {
+        self.sockets
+            .iter()
+            .position(|s| s.local_addr().is_ok_and(|a| a.is_ipv4() == dest.is_ipv4()))
+    }
+
+    /// Queues an ANNOUNCE (with `sub`'s epoch) to each host's port 5350
+    /// (RFC 6887 section 14.1.1), behind the changes that caused it.
+    pub(crate) fn announce_to(
+        &self,
+        core: MutexGuard<'_, Core>,
+        targets: &[(SubscriberId, IpAddr)],
+    ) {
+        let now = self.clock.now();
+        let mut by_socket: std::collections::BTreeMap<usize, SendBatch> = Default::default();
+        let mut out = Vec::new();
+        for &(sub, host) in targets {
+            let dest = SocketAddr::new(host, portkeep_proto::CLIENT_PORT);
+            let Some(i) = self.socket_for(dest) else {
+                continue;
+            };
+            core.server.announce_for(now, Some(sub), &mut out);
+            by_socket.entry(i).or_default().push(dest, &out);
+        }
+        let mut core = Some(core);
+        if by_socket.is_empty() {
+            if let Some(c) = core.take() {
+                self.submit(c, SendBatch::default(), 0);
+            }
+            return;
+        }
+        for (i, batch) in by_socket {
+            let guard = match core.take() {
+                Some(c) => c,
+                None => self.lock(),
+            };
+            self.submit(guard, batch, i);
+        }
+    }
 }
 
 /// A running server.
 pub struct Daemon {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    committer: Option<(JoinHandle<()>, JoinHandle<()>)>,
     local_addrs: Vec<SocketAddr>,
     data: DataDir,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("local_addrs", &self.local_addrs)
+            .finish()
+    }
 }
 
 /// The data directory, locked for this daemon's lifetime.
@@ -166,14 +296,6 @@ impl DataDir {
     }
 }
 
-impl std::fmt::Debug for Daemon {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Daemon")
-            .field("local_addrs", &self.local_addrs)
-            .finish()
-    }
-}
-
 fn bind(addr: SocketAddr, reuse_port: bool) -> anyhow::Result<UdpSocket> {
     let domain = Domain::for_address(addr);
     let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
@@ -193,8 +315,81 @@ fn bind(addr: SocketAddr, reuse_port: bool) -> anyhow::Result<UdpSocket> {
     Ok(s.into())
 }
 
+/// What the daemon starts from.
+struct Start {
+    server: Server,
+    store: Option<Store>,
+    /// Whether state was restored (then no start-up ANNOUNCE storm).
+    restored: bool,
+    /// Hosts whose state was lost in the restore, to ANNOUNCE to.
+    lost: Vec<(SubscriberId, IpAddr)>,
+}
+
+fn load(settings: &Settings, clock: &Clock) -> anyhow::Result<Start> {
+    let now = clock.now();
+    let cfg = settings.server.clone();
+    let Some(path) = settings.store.path.as_ref() else {
+        return Ok(Start {
+            server: Server::new(cfg, now),
+            store: None,
+            restored: false,
+            lost: Vec::new(),
+        });
+    };
+    let (mut store, opened) = Store::open(
+        path,
+        settings.store.durability,
+        settings.store.recovery,
+        settings.store.cache_bytes,
+        now,
+        &cfg.subscriber_keying,
+    )?;
+    let (mut server, restored, lost) = match opened {
+        Opened::Fresh { moved_aside } => {
+            tracing::info!(
+                "no usable store at {}: starting fresh, every epoch at 0{}",
+                path.display(),
+                moved_aside.map_or_else(String::new, |p| format!(
+                    " (damaged store moved to {})",
+                    p.display()
+                ))
+            );
+            (Server::new(cfg, now), false, Vec::new())
+        }
+        Opened::Restored(state) => {
+            let stored = state.mappings.len();
+            let (server, report) = Server::restore(cfg, now, state);
+            tracing::info!(
+                "restored {} of {stored} mappings from {} ({} expired while down, {} dropped); epochs continue",
+                report.restored,
+                path.display(),
+                report.expired,
+                report.dropped.len()
+            );
+            let lost: Vec<(SubscriberId, IpAddr)> = report
+                .dropped
+                .iter()
+                .map(|m| (m.subscriber, m.key.internal_ip))
+                .collect();
+            (server, true, lost)
+        }
+    };
+    // Expiries and resets found while restoring are stored before serving.
+    let changes: Vec<ChangeRecord> = server.drain_changes().collect();
+    if !changes.is_empty() {
+        store.write(&changes, now)?;
+    }
+    Ok(Start {
+        server,
+        store: Some(store),
+        restored,
+        lost,
+    })
+}
+
 impl Daemon {
-    /// Binds every listen address and starts serving.
+    /// Opens the data directory and store, binds every listen address and
+    /// starts serving.
     pub fn start(settings: Settings) -> anyhow::Result<Daemon> {
         let data = DataDir::open(&settings.data_dir, &settings.control_socket)?;
         let control = UnixListener::bind(&settings.control_socket).with_context(|| {
@@ -203,50 +398,84 @@ impl Daemon {
                 settings.control_socket.display()
             )
         })?;
-        let origin = clock::origin();
-        let now = clock::now(origin);
-        let dataplane: Box<dyn Dataplane> = match settings.dataplane {
+        let clock = Clock::start();
+        let start = load(&settings, &clock)?;
+        let mut dataplane: Box<dyn Dataplane> = match settings.dataplane {
             DataplaneKind::Memory => Box::new(MemoryDataplane::new()),
         };
-        let server = Server::new(settings.server.clone(), now);
+        // Re-install what was restored, before anyone is answered.
+        let installed: Vec<ChangeRecord> = start
+            .server
+            .mappings()
+            .into_iter()
+            .map(|m| ChangeRecord {
+                seq: 0,
+                change: Change::Upserted(m),
+            })
+            .collect();
+        if !installed.is_empty() {
+            dataplane.apply(&installed)?;
+        }
         let workers = settings.workers.max(1);
         // Bind every worker's socket before serving, so a port conflict is
         // reported at start and an ephemeral port (`:0`) is shared.
-        let mut sockets: Vec<Vec<UdpSocket>> = (0..workers).map(|_| Vec::new()).collect();
+        let mut per_worker: Vec<Vec<UdpSocket>> = (0..workers).map(|_| Vec::new()).collect();
         let mut local_addrs = Vec::new();
         for &addr in &settings.listen {
             let first = bind(addr, workers > 1)?;
             let actual = first.local_addr()?;
             local_addrs.push(actual);
-            sockets[0].push(first);
-            for w in sockets.iter_mut().skip(1) {
+            per_worker[0].push(first);
+            for w in per_worker.iter_mut().skip(1) {
                 w.push(bind(actual, true)?);
             }
         }
+        let flat: Vec<UdpSocket> = per_worker.into_iter().flatten().collect();
+        let sockets = flat
+            .iter()
+            .map(UdpSocket::try_clone)
+            .collect::<Result<Vec<_>, _>>()?;
+        let queue = start
+            .store
+            .as_ref()
+            .map(|_| (Mutex::new(Queue::default()), Condvar::new()));
         let shared = Arc::new(Shared {
             core: Mutex::new(Core {
-                server,
-                dataplane,
-                scratch: Vec::new(),
+                server: start.server,
             }),
+            dataplane: Mutex::new(dataplane),
             stop: AtomicBool::new(false),
-            origin,
+            drained: AtomicBool::new(false),
+            failed: AtomicBool::new(false),
+            clock,
             listen: local_addrs.clone(),
+            sockets,
+            queue,
+            outbox: (Mutex::new(Outbox::default()), Condvar::new()),
+            commit_delay: settings.store.commit_delay,
         });
-        let announce_from: Vec<UdpSocket> = sockets[0]
-            .iter()
-            .map(|s| s.try_clone())
-            .collect::<Result<_, _>>()?;
-        let mut threads = Vec::new();
-        for (i, socks) in sockets.into_iter().enumerate() {
-            for (j, sock) in socks.into_iter().enumerate() {
-                let shared = shared.clone();
-                threads.push(
-                    std::thread::Builder::new()
-                        .name(format!("pcp-{i}-{j}"))
-                        .spawn(move || worker(&shared, &sock))?,
-                );
+        let committer = match start.store {
+            Some(store) => {
+                let s1 = shared.clone();
+                let s2 = shared.clone();
+                let c = std::thread::Builder::new()
+                    .name("committer".into())
+                    .spawn(move || committer(&s1, store))?;
+                let s = std::thread::Builder::new()
+                    .name("sender".into())
+                    .spawn(move || sender(&s2))?;
+                Some((c, s))
             }
+            None => None,
+        };
+        let mut threads = Vec::new();
+        for (i, sock) in flat.into_iter().enumerate() {
+            let shared = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("pcp-{i}"))
+                    .spawn(move || worker(&shared, &sock, i))?,
+            );
         }
         {
             let shared = shared.clone();
@@ -258,25 +487,32 @@ impl Daemon {
         }
         {
             let shared = shared.clone();
-            let unicast = settings.announce_unicast.clone();
-            let ifaces = settings.announce_interfaces.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name("announce".into())
-                    .spawn(move || announce(&shared, &announce_from, &unicast, &ifaces))?,
-            );
-        }
-        {
-            let shared = shared.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name("control".into())
                     .spawn(move || control::serve(&shared, &control))?,
             );
         }
+        if start.restored {
+            // State survived: no storm of ANNOUNCEs, except to the few
+            // subscribers that lost mappings in the restore.
+            if !start.lost.is_empty() {
+                shared.announce_to(shared.lock(), &start.lost);
+            }
+        } else {
+            let shared = shared.clone();
+            let unicast = settings.announce_unicast.clone();
+            let ifaces = settings.announce_interfaces.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("announce".into())
+                    .spawn(move || announce(&shared, &unicast, &ifaces))?,
+            );
+        }
         Ok(Daemon {
             shared,
             threads,
+            committer,
             local_addrs,
             data,
         })
@@ -292,7 +528,13 @@ impl Daemon {
         self.shared.lock().server.mapping_count()
     }
 
-    /// Stops every thread and waits for them.
+    /// Whether the daemon stopped itself because its store failed.
+    pub fn has_failed(&self) -> bool {
+        self.shared.failed.load(Ordering::SeqCst)
+    }
+
+    /// Stops every thread and waits for them; everything queued is
+    /// committed first.
     pub fn shutdown(mut self) {
         self.stop_and_join();
     }
@@ -301,6 +543,18 @@ impl Daemon {
         self.shared.stop.store(true, Ordering::SeqCst);
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+        // The committer drains what the workers queued before they stopped.
+        self.shared.drained.store(true, Ordering::SeqCst);
+        if let Some((_, cv)) = &self.shared.queue {
+            cv.notify_all();
+        }
+        if let Some((c, s)) = self.committer.take() {
+            let _ = c.join();
+            let (q, cv) = &self.shared.outbox;
+            q.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
+            cv.notify_all();
+            let _ = s.join();
         }
         let _ = std::fs::remove_file(&self.data.control_socket);
     }
@@ -317,9 +571,8 @@ impl Drop for Daemon {
     }
 }
 
-fn worker(shared: &Shared, sock: &UdpSocket) {
+fn worker(shared: &Shared, sock: &UdpSocket, index: usize) {
     let mut rb = RecvBatch::default();
-    let mut sb = SendBatch::default();
     let mut out = Vec::with_capacity(mmsg::BUF);
     while !shared.stop.load(Ordering::Relaxed) {
         match mmsg::recv_batch(sock, &mut rb) {
@@ -331,43 +584,136 @@ fn worker(shared: &Shared, sock: &UdpSocket) {
                 continue;
             }
         }
-        {
-            let now = clock::now(shared.origin);
-            let mut core = shared.lock();
-            for (src, data) in rb.iter() {
-                if core.server.handle(now, src, data, &mut out) == Outcome::Reply {
-                    sb.push(src, &out);
+        let now = shared.clock.now();
+        let mut replies = SendBatch::default();
+        let mut core = shared.lock();
+        for (src, data) in rb.iter() {
+            if core.server.handle(now, src, data, &mut out) == Outcome::Reply {
+                replies.push(src, &out);
+            }
+        }
+        shared.submit(core, replies, index);
+    }
+}
+
+/// Group commit: everything queued goes into one transaction, then to the
+/// dataplane; the replies then go to the sender thread, so the next commit
+/// starts while they are sent.
+fn committer(shared: &Shared, mut store: Store) {
+    let Some((q, cv)) = &shared.queue else {
+        return;
+    };
+    loop {
+        let mut waited = false;
+        let jobs: Vec<Job> = {
+            let mut g = q.lock().unwrap_or_else(|p| p.into_inner());
+            while g.jobs.is_empty() && !shared.drained.load(Ordering::Relaxed) {
+                let (ng, _) = cv.wait_timeout(g, POLL).unwrap_or_else(|p| p.into_inner());
+                g = ng;
+                waited = true;
+                if g.jobs.is_empty() && store.flush_due(shared.clock.now()) {
+                    break;
                 }
             }
-            core.commit();
+            if waited && !g.jobs.is_empty() && !shared.commit_delay.is_zero() {
+                // Work arrived after a quiet spell: give the rest of its
+                // burst a moment to join the same fsync.
+                let (ng, _) = cv
+                    .wait_timeout(g, shared.commit_delay)
+                    .unwrap_or_else(|p| p.into_inner());
+                g = ng;
+            }
+            g.jobs.drain(..).collect()
+        };
+        let now = shared.clock.now();
+        if jobs.is_empty() {
+            if let Err(e) = store.flush(now) {
+                fail(shared, &e);
+                return;
+            }
+            if shared.drained.load(Ordering::Relaxed) {
+                return;
+            }
+            continue;
         }
-        if let Err(e) = sb.flush(sock) {
-            tracing::error!(error = %e, "send failed");
+        let mut jobs = jobs;
+        let mut changes: Vec<ChangeRecord> = Vec::new();
+        for j in &mut jobs {
+            changes.append(&mut j.changes);
         }
+        if !changes.is_empty() {
+            if let Err(e) = store.write(&changes, now) {
+                fail(shared, &e);
+                return;
+            }
+            shared.apply(&changes);
+        }
+        let (oq, ocv) = &shared.outbox;
+        let mut o = oq.lock().unwrap_or_else(|p| p.into_inner());
+        o.batches.extend(
+            jobs.into_iter()
+                .filter(|j| !j.replies.is_empty())
+                .map(|j| (j.socket, j.replies)),
+        );
+        drop(o);
+        ocv.notify_one();
+    }
+}
+
+/// Sends replies whose changes are committed.
+fn sender(shared: &Shared) {
+    let (q, cv) = &shared.outbox;
+    loop {
+        let batches: Vec<(usize, SendBatch)> = {
+            let mut g = q.lock().unwrap_or_else(|p| p.into_inner());
+            while g.batches.is_empty() && !g.closed {
+                g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+            if g.batches.is_empty() {
+                return;
+            }
+            g.batches.drain(..).collect()
+        };
+        for (socket, mut replies) in batches {
+            if let Some(s) = shared.sockets.get(socket) {
+                let _ = replies.flush(s);
+            }
+        }
+    }
+}
+
+/// The store failed: answering on would acknowledge what might be lost,
+/// so the daemon stops (fail-stop); queued replies are never sent.
+fn fail(shared: &Shared, e: &crate::store::StoreError) {
+    tracing::error!("{e}; stopping: no response is sent for changes that are not stored");
+    shared.failed.store(true, Ordering::SeqCst);
+    shared.stop.store(true, Ordering::SeqCst);
+    if let Some((q, _)) = &shared.queue {
+        q.lock().unwrap_or_else(|p| p.into_inner()).jobs.clear();
     }
 }
 
 /// Expires mappings when the core's timer says so (RFC 6887 section 15).
 fn housekeeping(shared: &Shared) {
     while !shared.stop.load(Ordering::Relaxed) {
-        let wait = {
-            let now = clock::now(shared.origin);
-            let mut core = shared.lock();
-            core.server.handle_timeout(now);
-            core.commit();
-            core.server
-                .poll_timeout()
-                .map_or(POLL, |t| (t - now).clamp(Duration::from_millis(1), POLL))
-        };
+        let now = shared.clock.now();
+        let mut core = shared.lock();
+        core.server.handle_timeout(now);
+        let wait = core
+            .server
+            .poll_timeout()
+            .map_or(POLL, |t| (t - now).clamp(Duration::from_millis(1), POLL));
+        shared.submit(core, SendBatch::default(), 0);
         std::thread::sleep(wait);
     }
 }
 
-/// Sends unsolicited ANNOUNCEs after start (RFC 6887 section 14.1.1): to
-/// the configured unicast clients and to the all-hosts groups on the
-/// configured interfaces, ten times at doubling intervals from 250 ms, the
-/// schedule NAT-PMP uses for the same purpose (RFC 6886 section 3.2.1).
-fn announce(shared: &Shared, listen: &[UdpSocket], unicast: &[SocketAddr], ifaces: &[String]) {
+/// Sends unsolicited ANNOUNCEs after a fresh start (RFC 6887 section
+/// 14.1.1): to the configured unicast clients and to the all-hosts groups
+/// on the configured interfaces, ten times at doubling intervals from
+/// 250 ms, the schedule NAT-PMP uses for the same purpose (RFC 6886 section
+/// 3.2.1).
+fn announce(shared: &Shared, unicast: &[SocketAddr], ifaces: &[String]) {
     if unicast.is_empty() && ifaces.is_empty() {
         return;
     }
@@ -390,12 +736,9 @@ fn announce(shared: &Shared, listen: &[UdpSocket], unicast: &[SocketAddr], iface
         shared
             .lock()
             .server
-            .unsolicited_announce(clock::now(shared.origin), &mut out);
+            .unsolicited_announce(shared.clock.now(), &mut out);
         for dest in unicast {
-            let from = listen
-                .iter()
-                .find(|s| s.local_addr().is_ok_and(|a| a.is_ipv4() == dest.is_ipv4()));
-            if let Some(s) = from {
+            if let Some(s) = shared.socket_for(*dest).and_then(|i| shared.sockets.get(i)) {
                 if let Err(e) = s.send_to(&out, dest) {
                     tracing::debug!(%dest, error = %e, "ANNOUNCE not sent");
                 }

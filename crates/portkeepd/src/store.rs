@@ -1,0 +1,604 @@
+//! Stable storage of the server's state, on redb.
+//!
+//! Every [`Change`] the core makes is written here before the response that
+//! depends on it leaves the daemon (the runtime's committer groups many
+//! requests into one transaction). The store holds exactly what a restart
+//! needs (failure-scenarios draft sections 2.6 and 6): the mappings with
+//! their external endpoints (which are the port allocations), every
+//! subscriber's epoch anchor, the server-wide anchor, and the last log
+//! sequence number, from which the HA link can resume.
+//!
+//! Records are a small versioned binary format, read with bounds checks:
+//! a record that does not decode means the store is damaged, and the daemon
+//! refuses to half-load it.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use portkeep_proto::addr::{from_wire, to_wire};
+use portkeep_proto::Protocol;
+use portkeep_server::{
+    Change, ChangeRecord, FilterRule, MappingKey, MappingKind, MappingRecord, Prefix, Restored,
+    SubscriberId, SubscriberKeying, Timestamp,
+};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+const MAPPINGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("mappings");
+const SUBSCRIBERS: TableDefinition<&[u8], u64> = TableDefinition::new("subscriber_anchors");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Version of the record format; bumped on any incompatible change.
+const FORMAT: u64 = 1;
+const RECORD_VERSION: u8 = 1;
+
+/// How hard each commit works to survive a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Every commit is on disk (fsync) before any response that depends on
+    /// it is sent: nothing acknowledged is ever lost.
+    Durable,
+    /// Commits reach the disk at most about a second later: faster, but a
+    /// crash of the machine (or of the daemon) can lose the last second of
+    /// acknowledged changes. For labs and benchmarks.
+    Relaxed,
+}
+
+/// What to do with a store that cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// Stop with an error (the default): a damaged store is never silently
+    /// half-loaded.
+    Fail,
+    /// Move the damaged file aside and start fresh (all epochs reset).
+    Fresh,
+}
+
+/// Why the store cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The file exists but cannot be read as a store.
+    #[error(
+        "store {path} is damaged ({detail}); refusing to load part of it. \
+         Either restore it from a backup, or restart with --store-recovery=fresh \
+         to move it aside and start with no mappings (every client's epoch resets)"
+    )]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        detail: String,
+    },
+    /// Reading or writing failed.
+    #[error("store {path}: {detail}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        detail: String,
+    },
+}
+
+/// An open store.
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+    durability: Durability,
+    /// Relaxed mode: whether commits since the last durable one exist.
+    dirty: bool,
+    last_durable: Timestamp,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+/// What opening found.
+#[derive(Debug)]
+pub enum Opened {
+    /// No store existed (or a damaged one was moved aside): a fresh start,
+    /// whose epoch begins now.
+    Fresh {
+        /// Where a damaged file was moved, if one was.
+        moved_aside: Option<PathBuf>,
+    },
+    /// The state as last committed.
+    Restored(Restored),
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    }
+}
+
+fn damaged(path: &Path, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Damaged {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`.
+    ///
+    /// `now` becomes the epoch anchor of a fresh store; `keying` rebuilds
+    /// each mapping's subscriber under the configuration in force now.
+    pub fn open(
+        path: &Path,
+        durability: Durability,
+        recovery: Recovery,
+        cache_bytes: usize,
+        now: Timestamp,
+        keying: &SubscriberKeying,
+    ) -> Result<(Store, Opened), StoreError> {
+        let existed = path.exists();
+        if existed {
+            match Self::open_existing_guarded(path, durability, cache_bytes, now, keying) {
+                Ok(r) => return Ok(r),
+                Err(StoreError::Damaged { detail, .. }) if recovery == Recovery::Fresh => {
+                    let aside = path.with_extension(format!("redb.damaged-{}", now.as_millis()));
+                    std::fs::rename(path, &aside).map_err(|e| io(path, e))?;
+                    tracing::warn!(
+                        "store {} was damaged ({detail}); moved to {} and starting fresh",
+                        path.display(),
+                        aside.display()
+                    );
+                    let store = Self::create(path, durability, cache_bytes, now)?;
+                    return Ok((
+                        store,
+                        Opened::Fresh {
+                            moved_aside: Some(aside),
+                        },
+                    ));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let store = Self::create(path, durability, cache_bytes, now)?;
+        Ok((store, Opened::Fresh { moved_aside: None }))
+    }
+
+    fn builder(cache_bytes: usize) -> redb::Builder {
+        let mut b = Database::builder();
+        b.set_cache_size(cache_bytes);
+        b
+    }
+
+    fn create(
+        path: &Path,
+        durability: Durability,
+        cache_bytes: usize,
+        now: Timestamp,
+    ) -> Result<Store, StoreError> {
+        let db = Self::builder(cache_bytes)
+            .create(path)
+            .map_err(|e| io(path, e))?;
+        let mut s = Store {
+            db,
+            path: path.to_owned(),
+            durability,
+            dirty: false,
+            last_durable: now,
+        };
+        // Tables and the anchor exist from the first commit, so a restart
+        // right away continues this epoch.
+        let txn = s.db.begin_write().map_err(|e| io(path, e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| io(path, e))?;
+            meta.insert("format", FORMAT).map_err(|e| io(path, e))?;
+            meta.insert("anchor", now.as_millis())
+                .map_err(|e| io(path, e))?;
+            meta.insert("last_seq", 0).map_err(|e| io(path, e))?;
+            txn.open_table(MAPPINGS).map_err(|e| io(path, e))?;
+            txn.open_table(SUBSCRIBERS).map_err(|e| io(path, e))?;
+        }
+        txn.commit().map_err(|e| io(path, e))?;
+        s.durability = durability;
+        Ok(s)
+    }
+
+    /// Opens an existing file, containing any panic of the storage engine.
+    ///
+    /// redb trusts the structure it finds; on some corruptions it panics
+    /// rather than returning an error. A damaged file must produce the
+    /// clear "damaged store" error, never a crash, so the open (which runs
+    /// before any other thread starts) is isolated, with the default panic
+    /// message silenced for its duration.
+    fn open_existing_guarded(
+        path: &Path,
+        durability: Durability,
+        cache_bytes: usize,
+        now: Timestamp,
+        keying: &SubscriberKeying,
+    ) -> Result<(Store, Opened), StoreError> {
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Self::open_existing(path, durability, cache_bytes, now, keying)
+        }));
+        std::panic::set_hook(hook);
+        match result {
+            Ok(r) => r,
+            Err(payload) => {
+                let what = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "internal inconsistency".to_owned());
+                Err(damaged(
+                    path,
+                    format!("the storage engine failed reading it: {what}"),
+                ))
+            }
+        }
+    }
+
+    fn open_existing(
+        path: &Path,
+        durability: Durability,
+        cache_bytes: usize,
+        now: Timestamp,
+        keying: &SubscriberKeying,
+    ) -> Result<(Store, Opened), StoreError> {
+        let db = Self::builder(cache_bytes)
+            .open(path)
+            .map_err(|e| damaged(path, e))?;
+        let txn = db.begin_read().map_err(|e| damaged(path, e))?;
+        let meta = txn.open_table(META).map_err(|e| damaged(path, e))?;
+        let get = |k: &str| -> Result<u64, StoreError> {
+            meta.get(k)
+                .map_err(|e| damaged(path, e))?
+                .map(|v| v.value())
+                .ok_or_else(|| damaged(path, format!("missing meta key `{k}`")))
+        };
+        let format = get("format")?;
+        if format != FORMAT {
+            return Err(damaged(
+                path,
+                format!("format {format}, this portkeepd reads format {FORMAT}"),
+            ));
+        }
+        let anchor = Timestamp(get("anchor")?);
+        let last_seq = get("last_seq")?;
+        let mut mappings = Vec::new();
+        let table = txn.open_table(MAPPINGS).map_err(|e| damaged(path, e))?;
+        for item in table.iter().map_err(|e| damaged(path, e))? {
+            let (k, v) = item.map_err(|e| damaged(path, e))?;
+            let m = decode_mapping(v.value(), keying).ok_or_else(|| {
+                damaged(
+                    path,
+                    format!("mapping record {} does not decode", hex::encode(k.value())),
+                )
+            })?;
+            if key_of(&m) != k.value() {
+                return Err(damaged(path, "a mapping is stored under the wrong key"));
+            }
+            mappings.push(m);
+        }
+        let mut subscriber_anchors = Vec::new();
+        let subs = txn.open_table(SUBSCRIBERS).map_err(|e| damaged(path, e))?;
+        for item in subs.iter().map_err(|e| damaged(path, e))? {
+            let (k, v) = item.map_err(|e| damaged(path, e))?;
+            let sub = decode_subscriber(k.value())
+                .ok_or_else(|| damaged(path, "a subscriber anchor does not decode"))?;
+            subscriber_anchors.push((sub, Timestamp(v.value())));
+        }
+        drop((meta, table, subs, txn));
+        let store = Store {
+            db,
+            path: path.to_owned(),
+            durability,
+            dirty: false,
+            last_durable: now,
+        };
+        Ok((
+            store,
+            Opened::Restored(Restored {
+                anchor,
+                subscriber_anchors,
+                mappings,
+                last_seq,
+            }),
+        ))
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes a batch of changes in one transaction. In durable mode the
+    /// data is on disk when this returns; in relaxed mode at most about a
+    /// second later (`now` drives that).
+    pub fn write(&mut self, changes: &[ChangeRecord], now: Timestamp) -> Result<(), StoreError> {
+        let p = self.path.clone();
+        let e = |err: &dyn std::fmt::Display| io(&p, err);
+        let mut txn = self.db.begin_write().map_err(|x| e(&x))?;
+        let durable = match self.durability {
+            Durability::Durable => true,
+            Durability::Relaxed => now.as_millis() >= self.last_durable.as_millis() + 1000,
+        };
+        txn.set_durability(if durable {
+            redb::Durability::Immediate
+        } else {
+            redb::Durability::None
+        })
+        .map_err(|x| e(&x))?;
+        // Keeps recovery after a crash fast: the allocator state is saved
+        // with each commit instead of being rebuilt by a full scan.
+        txn.set_quick_repair(true);
+        {
+            let mut maps = txn.open_table(MAPPINGS).map_err(|x| e(&x))?;
+            let mut subs = txn.open_table(SUBSCRIBERS).map_err(|x| e(&x))?;
+            let mut meta = txn.open_table(META).map_err(|x| e(&x))?;
+            let mut last = None;
+            for c in changes {
+                last = Some(c.seq);
+                match &c.change {
+                    Change::Upserted(m) => {
+                        maps.insert(key_of(m).as_slice(), encode_mapping(m).as_slice())
+                            .map_err(|x| e(&x))?;
+                    }
+                    Change::Removed { mapping, .. } => {
+                        maps.remove(key_of(mapping).as_slice()).map_err(|x| e(&x))?;
+                    }
+                    Change::EpochReset { subscriber, anchor } => {
+                        subs.insert(encode_subscriber(subscriber).as_slice(), anchor.as_millis())
+                            .map_err(|x| e(&x))?;
+                    }
+                    Change::ServerEpochReset { anchor } => {
+                        meta.insert("anchor", anchor.as_millis())
+                            .map_err(|x| e(&x))?;
+                        subs.retain(|_, _| false).map_err(|x| e(&x))?;
+                    }
+                }
+            }
+            if let Some(seq) = last {
+                meta.insert("last_seq", seq).map_err(|x| e(&x))?;
+            }
+        }
+        txn.commit().map_err(|x| e(&x))?;
+        if durable {
+            self.dirty = false;
+            self.last_durable = now;
+        } else {
+            self.dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Relaxed mode: makes everything committed so far durable.
+    pub fn flush(&mut self, now: Timestamp) -> Result<(), StoreError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        self.last_durable = Timestamp(0);
+        self.write(&[], now)
+    }
+
+    /// Relaxed mode: whether a flush is due.
+    pub fn flush_due(&self, now: Timestamp) -> bool {
+        self.dirty && now.as_millis() >= self.last_durable.as_millis() + 1000
+    }
+}
+
+/// The key of a mapping: its identity (RFC 6887 sections 11.1 and 12.1).
+fn key_of(m: &MappingRecord) -> Vec<u8> {
+    let mut k = Vec::with_capacity(40);
+    match m.kind {
+        MappingKind::Map => k.push(0),
+        MappingKind::Peer { .. } => k.push(1),
+    }
+    k.extend_from_slice(&to_wire(m.key.internal_ip).octets());
+    k.push(m.key.protocol.0);
+    k.extend_from_slice(&m.key.internal_port.to_be_bytes());
+    if let MappingKind::Peer { remote } = m.kind {
+        k.extend_from_slice(&to_wire(remote.ip()).octets());
+        k.extend_from_slice(&remote.port().to_be_bytes());
+    }
+    k
+}
+
+fn encode_mapping(m: &MappingRecord) -> Vec<u8> {
+    let mut v = Vec::with_capacity(96);
+    v.push(RECORD_VERSION);
+    v.extend_from_slice(&key_of(m));
+    v.extend_from_slice(&to_wire(m.external.ip()).octets());
+    v.extend_from_slice(&m.external.port().to_be_bytes());
+    v.extend_from_slice(&m.nonce);
+    v.extend_from_slice(&m.expires.as_millis().to_be_bytes());
+    v.extend_from_slice(&m.lifetime.to_be_bytes());
+    v.push(u8::from(m.checkpoint) | (u8::from(m.third_party) << 1));
+    // Bounded by the server's filter limit, far below 255.
+    v.push(u8::try_from(m.filters.len()).unwrap_or(u8::MAX));
+    for f in m.filters.iter().take(255) {
+        v.extend_from_slice(&to_wire(f.prefix.addr()).octets());
+        v.push(f.prefix.len());
+        v.extend_from_slice(&f.port.to_be_bytes());
+    }
+    let d = m.description.as_deref().unwrap_or("").as_bytes();
+    // A DESCRIPTION fits in a 1100-octet message.
+    let d = &d[..d.len().min(usize::from(u16::MAX))];
+    v.extend_from_slice(&(d.len() as u16).to_be_bytes());
+    v.extend_from_slice(d);
+    v
+}
+
+/// Bounds-checked reading; `None` means malformed.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Some(a)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn ip(&mut self) -> Option<IpAddr> {
+        let b: [u8; 16] = self.take(16)?.try_into().ok()?;
+        Some(from_wire(Ipv6Addr::from(b)))
+    }
+}
+
+fn decode_mapping(v: &[u8], keying: &SubscriberKeying) -> Option<MappingRecord> {
+    let mut r = Reader(v);
+    if r.u8()? != RECORD_VERSION {
+        return None;
+    }
+    let kind = r.u8()?;
+    let internal_ip = r.ip()?;
+    let protocol = Protocol(r.u8()?);
+    let internal_port = r.u16()?;
+    let kind = match kind {
+        0 => MappingKind::Map,
+        1 => {
+            let ip = r.ip()?;
+            MappingKind::Peer {
+                remote: SocketAddr::new(ip, r.u16()?),
+            }
+        }
+        _ => return None,
+    };
+    let ext_ip = r.ip()?;
+    let external = SocketAddr::new(ext_ip, r.u16()?);
+    let nonce: [u8; 12] = r.take(12)?.try_into().ok()?;
+    let expires = Timestamp(r.u64()?);
+    let lifetime = r.u32()?;
+    let flags = r.u8()?;
+    let nfilters = r.u8()?;
+    let mut filters = Vec::with_capacity(usize::from(nfilters));
+    for _ in 0..nfilters {
+        let ip = r.ip()?;
+        let len = r.u8()?;
+        let port = r.u16()?;
+        filters.push(FilterRule {
+            prefix: Prefix::new(ip, len).ok()?,
+            port,
+        });
+    }
+    let dlen = usize::from(r.u16()?);
+    let d = r.take(dlen)?;
+    if !r.0.is_empty() {
+        return None;
+    }
+    let description = if d.is_empty() {
+        None
+    } else {
+        Some(std::str::from_utf8(d).ok()?.to_owned())
+    };
+    Some(MappingRecord {
+        kind,
+        key: MappingKey {
+            internal_ip,
+            protocol,
+            internal_port,
+        },
+        external,
+        nonce,
+        expires,
+        lifetime,
+        checkpoint: flags & 1 != 0,
+        filters,
+        description,
+        subscriber: keying.subscriber_of(internal_ip),
+        third_party: flags & 2 != 0,
+    })
+}
+
+fn encode_subscriber(s: &SubscriberId) -> Vec<u8> {
+    let mut v = to_wire(s.addr()).octets().to_vec();
+    v.push(s.prefix_len());
+    v
+}
+
+fn decode_subscriber(b: &[u8]) -> Option<SubscriberId> {
+    let mut r = Reader(b);
+    let ip = r.ip()?;
+    let len = r.u8()?;
+    r.0.is_empty().then(|| SubscriberId::from_parts(ip, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(peer: bool) -> MappingRecord {
+        let k = SubscriberKeying::default();
+        MappingRecord {
+            kind: if peer {
+                MappingKind::Peer {
+                    remote: "[2001:db8::9]:443".parse().unwrap(),
+                }
+            } else {
+                MappingKind::Map
+            },
+            key: MappingKey {
+                internal_ip: "198.51.100.7".parse().unwrap(),
+                protocol: Protocol::TCP,
+                internal_port: 8080,
+            },
+            external: "192.0.2.1:30000".parse().unwrap(),
+            nonce: [7; 12],
+            expires: Timestamp(1_700_000_123_456),
+            lifetime: 3600,
+            checkpoint: true,
+            filters: vec![FilterRule {
+                prefix: "203.0.113.0/24".parse().unwrap(),
+                port: 443,
+            }],
+            description: Some("web ✓".into()),
+            subscriber: k.subscriber_of("198.51.100.7".parse().unwrap()),
+            third_party: true,
+        }
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let k = SubscriberKeying::default();
+        for peer in [false, true] {
+            let m = record(peer);
+            assert_eq!(decode_mapping(&encode_mapping(&m), &k), Some(m));
+        }
+        let mut plain = record(false);
+        plain.filters.clear();
+        plain.description = None;
+        plain.checkpoint = false;
+        assert_eq!(decode_mapping(&encode_mapping(&plain), &k), Some(plain));
+        let sub = SubscriberId::from_parts("2001:db8:0:100::".parse().unwrap(), 56);
+        assert_eq!(decode_subscriber(&encode_subscriber(&sub)), Some(sub));
+    }
+
+    #[test]
+    fn damaged_records_never_decode_or_panic() {
+        let k = SubscriberKeying::default();
+        let good = encode_mapping(&record(true));
+        for cut in 0..good.len() {
+            assert_eq!(decode_mapping(&good[..cut], &k), None, "cut at {cut}");
+        }
+        let mut longer = good.clone();
+        longer.push(0);
+        assert_eq!(decode_mapping(&longer, &k), None);
+        for i in 0..good.len() {
+            let mut b = good.clone();
+            b[i] ^= 0xff;
+            let _ = decode_mapping(&b, &k);
+        }
+    }
+}
