@@ -18,7 +18,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use portkeep_proto::addr::to_wire;
-use portkeep_proto::{CodePoints, MapData, OpData, Protocol, Request, RequestHeader};
+use portkeep_proto::{CodePoints, MapData, OpData, PcpOption, Protocol, Request, RequestHeader};
 use portkeepd::mmsg::{recv_batch, RecvBatch, SendBatch};
 
 #[derive(Debug, Parser)]
@@ -58,6 +58,18 @@ struct Args {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+    /// Every request carries CHECKPOINT_REQUIRED (RFC 7767). With
+    /// --spawn, the server gets a class whose quota and rate never bite,
+    /// so each request runs the whole policy (class, capacity, quota, token
+    /// bucket) up to the backup gate.
+    #[arg(long)]
+    checkpoint: bool,
+    /// Instead of loading a server over UDP, run the sans-IO core in this
+    /// process and alternate short slices of refreshes without and with
+    /// CHECKPOINT_REQUIRED (A/B in the same moments, so machine noise hits
+    /// both alike); prints both rates and their ratio.
+    #[arg(long, conflicts_with_all = ["spawn", "server_pid", "checkpoint"])]
+    core_ab: bool,
     /// Store of the spawned server: memory, durable or relaxed.
     #[arg(long, default_value = "memory")]
     store: String,
@@ -119,7 +131,7 @@ fn nonce(client: usize, port: u16) -> [u8; 12] {
     n
 }
 
-fn map_request(ip: Ipv4Addr, client: usize, port: u16) -> Vec<u8> {
+fn map_request(ip: Ipv4Addr, client: usize, port: u16, checkpoint: bool) -> Vec<u8> {
     Request {
         header: RequestHeader {
             lifetime: 3600,
@@ -132,7 +144,12 @@ fn map_request(ip: Ipv4Addr, client: usize, port: u16) -> Vec<u8> {
             external_port: 0,
             external_ip: std::net::Ipv6Addr::UNSPECIFIED,
         }),
-        options: vec![],
+        // After the MAP body, so the nonce and port offsets do not move.
+        options: if checkpoint {
+            vec![PcpOption::CheckpointRequired]
+        } else {
+            vec![]
+        },
     }
     .to_bytes(&CodePoints::default())
     .unwrap_or_default()
@@ -280,11 +297,23 @@ impl Spawned {
         std::fs::create_dir_all(&dir)?;
         let cfg = dir.join("portkeepd.toml");
         let total = args.clients * args.mappings_per_client;
+        // A class that never refuses before the backup gate: every request
+        // reaches the last check (a standalone server has no backup).
+        let checkpoint = if args.checkpoint {
+            format!(
+                "[checkpoint]\nmax_mappings = {}\n[checkpoint.classes.bench]\ncheckpoint = \"on-request\"\n\
+                 max = {}\nrate = \"1000000/s\"\nburst = 1000000\n",
+                total + 1,
+                args.mappings_per_client.max(1),
+            )
+        } else {
+            String::new()
+        };
         std::fs::write(
             &cfg,
             format!(
                 "listen = [\"{addr}\"]\ndata_dir = \"{}\"\nexternal_addresses = [\"192.0.2.0/26\", \"198.18.0.0/26\"]\nworkers = {}\n\
-                 [subscribers]\nmax_mappings = {}\n[limits]\nmax_mappings = {}\n[store]\nmode = \"{}\"\n",
+                 [subscribers]\nmax_mappings = {}\n[limits]\nmax_mappings = {}\n[store]\nmode = \"{}\"\n{checkpoint}",
                 dir.join("data").display(),
                 args.server_workers,
                 args.mappings_per_client
@@ -364,11 +393,122 @@ impl Spawned {
 }
 
 mod walk;
+/// `--core-ab`: the core's MAP refresh rate without and with
+/// CHECKPOINT_REQUIRED, measured in alternating 100 ms slices.
+fn core_ab(args: &Args) -> anyhow::Result<()> {
+    use portkeep_server::{
+        CheckpointClass, CheckpointMode, CheckpointPolicy, Outcome, RateLimit, Server,
+        ServerConfig, Timestamp,
+    };
+    let total = args.clients * args.mappings_per_client;
+    let cfg = ServerConfig {
+        external_addresses: (0..64u8)
+            .map(|i| IpAddr::V4(Ipv4Addr::new(192, 0, 2, i)))
+            .collect(),
+        max_mappings_per_subscriber: u32::try_from(args.mappings_per_client.max(1024))?,
+        max_mappings: u32::try_from(total + 1024)?,
+        checkpoint: CheckpointPolicy {
+            max_mappings: u32::try_from(total + 1)?,
+            classes: vec![CheckpointClass {
+                name: "bench".into(),
+                mode: CheckpointMode::OnRequest,
+                max: Some(u32::try_from(args.mappings_per_client)?),
+                rate: Some(RateLimit {
+                    count: 1_000_000,
+                    per: Duration::from_secs(1),
+                    burst: 1_000_000,
+                }),
+            }],
+            default_class: 0,
+            assign: Vec::new(),
+        },
+        ..ServerConfig::default()
+    };
+    let start = now();
+    let stamp = || Timestamp(u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX));
+    // Requests per side: [without, with].
+    let mut reqs: [Vec<(SocketAddr, Vec<u8>)>; 2] = [Vec::new(), Vec::new()];
+    for (side, cp) in [(0, false), (1, true)] {
+        for c in 0..args.clients {
+            let ip = client_ip(c);
+            for m in 0..args.mappings_per_client {
+                let port = 1000 + u16::try_from(m)?;
+                reqs[side].push((
+                    SocketAddr::new(IpAddr::V4(ip), 40000),
+                    map_request(ip, c, port, cp),
+                ));
+            }
+        }
+    }
+    let mut servers = [Server::new(cfg.clone(), stamp()), Server::new(cfg, stamp())];
+    let mut out = Vec::with_capacity(1100);
+    // Create pass, then alternate.
+    for side in 0..2 {
+        for (src, r) in &reqs[side] {
+            servers[side].handle(stamp(), *src, r, &mut out);
+        }
+    }
+    let mut done = [0u64; 2];
+    let mut spent = [Duration::ZERO; 2];
+    let mut next = [0usize; 2];
+    let slice = Duration::from_millis(100);
+    let deadline = now() + Duration::from_secs_f64(args.duration.max(0.2));
+    while now() < deadline {
+        for side in 0..2 {
+            let t0 = now();
+            while t0.elapsed() < slice {
+                let ts = stamp();
+                for _ in 0..256 {
+                    let (src, r) = &reqs[side][next[side]];
+                    next[side] = (next[side] + 1) % reqs[side].len();
+                    if servers[side].handle(ts, *src, r, &mut out) != Outcome::Reply
+                        || out.get(3) != Some(&0)
+                    {
+                        bail!("the core refused a refresh");
+                    }
+                    done[side] += 1;
+                }
+            }
+            spent[side] += t0.elapsed();
+        }
+    }
+    let rate = |side: usize| done[side] as f64 / spent[side].as_secs_f64();
+    let refused = servers[1].stats().checkpoint.refused_total();
+    let out = serde_json::json!({
+        "mode": "core-ab",
+        "clients": args.clients,
+        "mappings": total,
+        "without_checkpoint_per_second": rate(0).round(),
+        "with_checkpoint_per_second": rate(1).round(),
+        "ratio": rate(1) / rate(0),
+        "checkpoint_refused": refused,
+        "checkpoint_refused_no_backup": servers[1]
+            .stats()
+            .checkpoint
+            .refused(portkeep_server::RefusalReason::NoBackup),
+    });
+    if args.json {
+        println!("{out}");
+    } else {
+        println!(
+            "core A/B, {total} mappings: without CHECKPOINT_REQUIRED {:.0} req/s, with {:.0} req/s, ratio {:.3} ({} refused, all at no_backup: {})",
+            rate(0),
+            rate(1),
+            rate(1) / rate(0),
+            refused,
+            out["checkpoint_refused_no_backup"] == refused,
+        );
+    }
+    Ok(())
+}
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.batch == 0 || args.clients == 0 || args.mappings_per_client == 0 || args.threads == 0 {
         bail!("--batch, --clients, --mappings-per-client and --threads must be at least 1");
+    }
+    if args.core_ab {
+        return core_ab(&args);
     }
     if args.mappings_per_client > 60000 {
         bail!("--mappings-per-client is at most 60000");
@@ -397,7 +537,7 @@ fn main() -> anyhow::Result<()> {
             sock,
             index: i,
             next: 0,
-            template: map_request(ip, i, 1000),
+            template: map_request(ip, i, 1000, args.checkpoint),
             sent_at: vec![None; args.mappings_per_client],
             waiting: 0,
             creating: true,
@@ -506,6 +646,7 @@ fn main() -> anyhow::Result<()> {
         "mappings": mappings,
         "threads": args.threads,
         "batch": args.batch,
+        "checkpoint": args.checkpoint,
         "phases": phases,
         "server_memory": memory,
     });
@@ -513,8 +654,14 @@ fn main() -> anyhow::Result<()> {
         println!("{out}");
     } else {
         println!(
-            "portkeep-bench against {server}: {} clients x {} mappings = {mappings}",
-            args.clients, args.mappings_per_client
+            "portkeep-bench against {server}: {} clients x {} mappings = {mappings}{}",
+            args.clients,
+            args.mappings_per_client,
+            if args.checkpoint {
+                ", every request with CHECKPOINT_REQUIRED"
+            } else {
+                ""
+            }
         );
         for p in out["phases"].as_array().into_iter().flatten() {
             println!(

@@ -22,7 +22,7 @@ fn create(sock: &UdpSocket, ip: Ipv4Addr, n: usize) -> anyhow::Result<Duration> 
     let mut next = 0;
     let mut done = 0;
     let mut buf = [0u8; 1100];
-    let mut template = map_request(ip, 0, 1024);
+    let mut template = map_request(ip, 0, 1024, false);
     while done < n {
         while next < n && pending.len() < 128 {
             let port = u16::try_from(1024 + next % PORTS)?;

@@ -48,6 +48,13 @@ pub enum ClientError {
     /// A GET / NEXT walk got a response it cannot continue from.
     #[error("GET/NEXT walk: {0}")]
     Walk(#[from] crate::walk::WalkError),
+    /// [`crate::Client::create`] got SUCCESS for a request that makes no
+    /// mapping (ANNOUNCE or a delete).
+    #[error("the request made no mapping to renew (ANNOUNCE or delete)")]
+    NotAMapping {
+        /// The reply.
+        reply: Box<Reply>,
+    },
     /// A socket operation failed.
     #[error("I/O error talking to PCP server {server}: {source}")]
     Io {
@@ -63,7 +70,7 @@ impl ClientError {
     /// The error response, for [`ClientError::Pcp`].
     pub fn reply(&self) -> Option<&Reply> {
         match self {
-            ClientError::Pcp { reply } => Some(reply),
+            ClientError::Pcp { reply } | ClientError::NotAMapping { reply } => Some(reply),
             _ => None,
         }
     }

@@ -6,8 +6,10 @@
 //!   [`Transaction`] (one request with the retransmission rules of RFC 6887
 //!   section 8.1.1 and the response matching of sections 8.3, 11.4, 12.4)
 //!   and [`EpochTracker`] (the epoch check of section 8.5);
-//! - [`Client`], a small tokio driver around them, and [`RequestBuilder`]
-//!   for MAP, PEER, ANNOUNCE and delete requests;
+//! - [`Client`], a small tokio driver around them, [`RequestBuilder`]
+//!   for MAP, PEER, ANNOUNCE and delete requests, and [`Mapping`], a
+//!   granted mapping that [`Client::renew`] renews with the same nonce and
+//!   options (so a CHECKPOINT_REQUIRED refused at first can be won later);
 //! - [`Walker`] (sans-IO) and [`Client::walk`]: retrieving the client's
 //!   mappings with GET / NEXT (PCP failure-scenarios draft, section 4).
 //!
@@ -28,6 +30,7 @@
 mod driver;
 mod epoch;
 mod error;
+mod mapping;
 mod reply;
 mod request;
 mod retransmit;
@@ -37,6 +40,7 @@ mod walk;
 pub use driver::{Client, ClientConfig, RequestOptions, Walk};
 pub use epoch::{EpochInvalid, EpochTracker, EpochVerdict};
 pub use error::ClientError;
+pub use mapping::Mapping;
 pub use reply::{result_name, Reply};
 pub use request::{
     filter, random_nonce, random_nonce_from, BuildError, RequestBuilder, DEFAULT_LIFETIME,

@@ -210,6 +210,33 @@ impl RequestBuilder {
         self
     }
 
+    /// Sets whether CHECKPOINT_REQUIRED is sent (RFC 7767 section 3.2: a
+    /// renewal without it asks the server to clear the mapping's flag).
+    #[must_use]
+    pub fn checkpoint(mut self, wanted: bool) -> Self {
+        self.checkpoint = wanted;
+        self
+    }
+
+    /// The requested lifetime in seconds.
+    pub fn lifetime_value(&self) -> u32 {
+        self.lifetime
+    }
+
+    /// The delete of the mapping this MAP request makes: same protocol,
+    /// port, nonce and THIRD_PARTY, lifetime 0 (RFC 6887 section 15).
+    /// `None` for PEER and ANNOUNCE.
+    pub fn delete_of(&self) -> Option<RequestBuilder> {
+        match self.kind {
+            Kind::Map => {
+                let mut d = RequestBuilder::delete(self.protocol, self.internal_port, self.nonce);
+                d.third_party = self.third_party;
+                Some(d)
+            }
+            Kind::Peer(_) | Kind::Announce => None,
+        }
+    }
+
     /// The nonce a MAP/PEER request carries (none for ANNOUNCE).
     pub fn nonce_value(&self) -> Option<Nonce> {
         match self.kind {

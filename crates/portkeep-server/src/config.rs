@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use portkeep_proto::CodePoints;
 
+use crate::policy::CheckpointPolicy;
 use crate::prefix::Prefix;
 use crate::SubscriberKeying;
 
@@ -38,6 +39,8 @@ pub struct ServerConfig {
     pub third_party_clients: Vec<Prefix>,
     /// Code points of the failure-scenarios draft.
     pub code_points: CodePoints,
+    /// Check-pointing classes, quotas and rates (RFC 7767 sections 3.2, 4, 5).
+    pub checkpoint: CheckpointPolicy,
     /// Seed for port randomisation; fixed in tests, random in the daemon.
     pub seed: u64,
 }
@@ -58,6 +61,7 @@ impl Default for ServerConfig {
             max_filters_per_mapping: 8,
             third_party_clients: Vec::new(),
             code_points: CodePoints::default(),
+            checkpoint: CheckpointPolicy::default(),
             seed: 0x5eed,
         }
     }

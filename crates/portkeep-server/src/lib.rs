@@ -11,6 +11,7 @@ pub mod change;
 mod config;
 pub mod dataplane;
 mod getnext;
+pub mod policy;
 pub mod prefix;
 mod server;
 mod subscriber;
@@ -22,7 +23,11 @@ pub use change::{
 };
 pub use config::ServerConfig;
 pub use dataplane::{Dataplane, DataplaneError, MemoryDataplane};
+pub use policy::{
+    BackupState, CheckpointClass, CheckpointMode, CheckpointPolicy, CheckpointStats, RateLimit,
+    RefusalReason,
+};
 pub use prefix::Prefix;
 pub use server::{ClearSelector, Cleared, Outcome, RestoreReport, Restored, Server, Stats};
-pub use subscriber::{SubscriberId, SubscriberKeying};
+pub use subscriber::{NamedSubscriber, SubscriberId, SubscriberKeying};
 pub use time::Timestamp;

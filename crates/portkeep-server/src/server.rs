@@ -13,6 +13,9 @@ use portkeep_proto::{
 
 use crate::change::{Change, ChangeRecord, FilterRule, MappingKey, MappingRecord, RemoveReason};
 use crate::getnext::{self, Answer, GetFilter, Query};
+use crate::policy::{
+    self, Ask, BackupState, CheckpointClass, CheckpointMode, CheckpointStats, Decision, TokenBucket,
+};
 use crate::prefix::{canonical, Prefix};
 use crate::table::{AllocError, Entry, Extra, Id, Pool, Suggestion, Table};
 use crate::{ServerConfig, SubscriberId, Timestamp};
@@ -27,11 +30,15 @@ pub enum Outcome {
 }
 
 /// Per-subscriber state: how many mappings it holds and, if its epoch was
-/// reset independently of the server's, when its epoch began.
+/// reset independently of the server's, when its epoch began; how many of
+/// its mappings are check-pointed and its check-point rate (RFC 7767
+/// section 3.2: both limited "per network attachment point").
 #[derive(Debug, Default, Clone, Copy)]
 struct Subscriber {
     mappings: u32,
     anchor: Option<Timestamp>,
+    checkpointed: u32,
+    bucket: TokenBucket,
 }
 
 /// Counters for the control interface and logs.
@@ -43,6 +50,8 @@ pub struct Stats {
     pub dropped: u64,
     /// Replies by result code.
     pub results: [u64; 256],
+    /// CHECKPOINT_REQUIRED decisions (RFC 7767).
+    pub checkpoint: CheckpointStats,
 }
 
 impl Default for Stats {
@@ -51,6 +60,7 @@ impl Default for Stats {
             received: 0,
             dropped: 0,
             results: [0; 256],
+            checkpoint: CheckpointStats::default(),
         }
     }
 }
@@ -150,9 +160,26 @@ pub struct Server {
     anchor: Timestamp,
     log: Vec<ChangeRecord>,
     seq: u64,
-    checkpoint_available: bool,
     stats: Stats,
+    /// The latest `now` seen, for bookkeeping inside calls that take none.
+    now: Timestamp,
+    /// The link to the backup (RFC 7767: where check-pointed state goes).
+    backup: BackupState,
+    /// Check-pointed mappings held, against `checkpoint.max_mappings`.
+    checkpointed: u32,
+    /// Whether any class check-points without being asked; when none does,
+    /// requests without the option skip the policy entirely.
+    any_always: bool,
+    /// Rate buckets of subscribers that hold no mapping any more but have
+    /// not refilled: deleting every mapping must not reset the rate
+    /// (RFC 7767 section 5: the abuse stays confined to the abuser).
+    idle_buckets: HashMap<SubscriberId, TokenBucket>,
+    /// Size of `idle_buckets` at which full buckets are swept out.
+    idle_sweep_at: usize,
 }
+
+/// Size of `idle_buckets` below which it is never swept.
+const IDLE_SWEEP_MIN: usize = 1024;
 
 impl Server {
     /// A server with an empty table whose epoch starts at `now`.
@@ -167,6 +194,11 @@ impl Server {
             port_lo: cfg.port_min.min(cfg.port_max),
             port_hi: cfg.port_max.max(cfg.port_min),
         };
+        let any_always = cfg
+            .checkpoint
+            .classes
+            .iter()
+            .any(|c| c.mode == CheckpointMode::Always);
         Server {
             table: Table::new(pool, cfg.seed),
             cfg,
@@ -174,8 +206,13 @@ impl Server {
             anchor: now,
             log: Vec::new(),
             seq: 0,
-            checkpoint_available: false,
             stats: Stats::default(),
+            now,
+            backup: BackupState::Standalone,
+            checkpointed: 0,
+            any_always,
+            idle_buckets: HashMap::new(),
+            idle_sweep_at: IDLE_SWEEP_MIN,
         }
     }
 
@@ -235,7 +272,15 @@ impl Server {
                 third_party: m.third_party,
                 extra: make_extra(m.filters, m.description.map(String::into_boxed_str), remote),
             });
-            s.subscriber_mut(sub).mappings += 1;
+            // RFC 7767 section 3.2: a restored check-pointed mapping holds
+            // its slot in the server's capacity and its subscriber's quota;
+            // its next renewal is decided afresh.
+            let state = s.subscriber_mut(sub);
+            state.mappings += 1;
+            if m.checkpoint {
+                state.checkpointed += 1;
+                s.checkpointed += 1;
+            }
             report.restored += 1;
         }
         lost.sort();
@@ -252,12 +297,12 @@ impl Server {
     /// clients must see a new epoch; nobody else's epoch moves). Returns the
     /// affected subscribers and their hosts, to send ANNOUNCEs to.
     pub fn clear(&mut self, now: Timestamp, which: ClearSelector) -> Vec<Cleared> {
-        let keying = self.cfg.subscriber_keying;
+        let keying = &self.cfg.subscriber_keying;
         let victims: Vec<(Id, MappingRecord)> = self
             .table
             .entries
             .iter()
-            .filter_map(|(id, _)| Some((id, self.table.record(id, &keying)?)))
+            .filter_map(|(id, _)| Some((id, self.table.record(id, keying)?)))
             .filter(|(_, m)| match which {
                 ClearSelector::All => true,
                 ClearSelector::Subscriber(sub) => m.subscriber == sub,
@@ -340,20 +385,40 @@ impl Server {
         self.table.len()
     }
 
-    /// Whether check-point requests can currently be honoured (RFC 7767
-    /// section 3.2: "resources available for check-pointing"). A standalone
-    /// server has nowhere to check-point to, so this starts false.
-    pub fn set_checkpoint_available(&mut self, available: bool) {
-        self.checkpoint_available = available;
+    /// Tells the core the state of its link to the backup, the last check
+    /// of RFC 7767 section 3.2's "resources available for check-pointing":
+    /// only [`BackupState::InSync`] lets a check-point be honoured. A
+    /// server starts [`BackupState::Standalone`]: nowhere to check-point
+    /// to, so it honours nothing and never echoes the option. Mappings
+    /// already check-pointed keep their flag; each one's next renewal is
+    /// decided afresh.
+    pub fn set_backup_state(&mut self, state: BackupState) {
+        self.backup = state;
+    }
+
+    /// The backup link state last set.
+    pub fn backup_state(&self) -> BackupState {
+        self.backup
+    }
+
+    /// Number of check-pointed mappings held.
+    pub fn checkpointed_count(&self) -> u32 {
+        self.checkpointed
+    }
+
+    /// The check-point class of a subscriber (RFC 7767 section 4).
+    pub fn checkpoint_class_of(&self, sub: SubscriberId) -> Option<&CheckpointClass> {
+        let p = &self.cfg.checkpoint;
+        p.class(p.class_of(sub))
     }
 
     /// All mappings, in no particular order.
     pub fn mappings(&self) -> Vec<MappingRecord> {
-        let keying = self.cfg.subscriber_keying;
+        let keying = &self.cfg.subscriber_keying;
         self.table
             .entries
             .iter()
-            .filter_map(|(id, _)| self.table.record(id, &keying))
+            .filter_map(|(id, _)| self.table.record(id, keying))
             .collect()
     }
 
@@ -389,6 +454,7 @@ impl Server {
 
     /// Removes every mapping whose lifetime ended by `now` (RFC 6887 section 15).
     pub fn handle_timeout(&mut self, now: Timestamp) {
+        self.now = self.now.max(now);
         while let Some(id) = self.table.first_expired(now) {
             self.remove_entry(id, RemoveReason::Expired);
         }
@@ -440,6 +506,7 @@ impl Server {
     ) -> Outcome {
         out.clear();
         self.stats.received += 1;
+        self.now = self.now.max(now);
         let src = canonical(source.ip());
         let outcome = match self.process(now, src, datagram, out) {
             Ok(()) => Outcome::Reply,
@@ -825,8 +892,8 @@ impl Server {
         }
         let lifetime = self.clamp_lifetime(req.header.lifetime);
         let expires = now + Duration::from_secs(u64::from(lifetime));
-        let checkpoint = o.checkpoint && self.checkpoint_available;
         let suggestion = Self::suggestion(m, o.prefer_failure);
+        let checkpoint;
         let id = match self.table.map_entry(&key) {
             Some(id) => {
                 // Section 11.3: a refresh must come with the creator's nonce.
@@ -844,6 +911,7 @@ impl Server {
                 if filters.len() > self.cfg.max_filters_per_mapping {
                     return Err(Some(Fail::parsed(ResultCode::EXCESSIVE_REMOTE_PEERS)));
                 }
+                checkpoint = self.renew_checkpoint(now, sub, id, o.checkpoint);
                 let description = o.description.clone();
                 self.table.update(id, |e| {
                     e.expires = expires;
@@ -866,6 +934,7 @@ impl Server {
                     self.table.unbind_if_unused(binding);
                     return Err(Some(Fail::parsed(ResultCode::CANNOT_PROVIDE_EXTERNAL)));
                 }
+                checkpoint = self.new_checkpoint(now, sub, o.checkpoint);
                 let filters = apply_filters(Vec::new(), &o.filters);
                 let id = self.table.insert(Entry {
                     binding,
@@ -901,7 +970,7 @@ impl Server {
                 epoch: self.epoch_of(now, Some(sub)),
             },
             data: OpData::Map(data),
-            options: Self::echo_options(req, checkpoint),
+            options: Self::echo_options(req, checkpoint && o.checkpoint),
         };
         self.encode(&resp, out)
     }
@@ -937,14 +1006,15 @@ impl Server {
         // expiry only ever moves later; lifetime 0 is clamped like any other.
         let lifetime = self.clamp_lifetime(req.header.lifetime);
         let expires = now + Duration::from_secs(u64::from(lifetime));
-        let checkpoint = o.checkpoint && self.checkpoint_available;
         // Section 12.3: a PEER behaves as if PREFER_FAILURE were present.
         let suggestion = Self::suggestion(&p.map, true);
+        let checkpoint;
         let id = match self.table.peer_entry(&key, remote) {
             Some(id) => {
                 if self.table.get(id).map(|e| e.nonce) != Some(p.map.nonce) {
                     return Err(Some(Fail::parsed(ResultCode::NOT_AUTHORIZED)));
                 }
+                checkpoint = self.renew_checkpoint(now, sub, id, o.checkpoint);
                 let description = o.description.clone();
                 self.table.update(id, |e| {
                     if expires > e.expires {
@@ -965,6 +1035,7 @@ impl Server {
                     self.table.unbind_if_unused(binding);
                     return Err(Some(Fail::parsed(ResultCode::CANNOT_PROVIDE_EXTERNAL)));
                 }
+                checkpoint = self.new_checkpoint(now, sub, o.checkpoint);
                 let id = self.table.insert(Entry {
                     binding,
                     nonce: p.map.nonce,
@@ -1002,7 +1073,7 @@ impl Server {
                 epoch: self.epoch_of(now, Some(sub)),
             },
             data: OpData::Peer(data),
-            options: Self::echo_options(req, checkpoint),
+            options: Self::echo_options(req, checkpoint && o.checkpoint),
         };
         self.encode(&resp, out)
     }
@@ -1086,10 +1157,20 @@ impl Server {
         };
         self.table.remove(id);
         let sub = record.subscriber;
+        // RFC 7767 section 3.2: a deleted or expired mapping gives its
+        // check-point back to the server's capacity and the subscriber's quota.
+        if record.checkpoint {
+            self.checkpointed = self.checkpointed.saturating_sub(1);
+        }
         if let Some(s) = self.subscribers.get_mut(&sub) {
             s.mappings = s.mappings.saturating_sub(1);
+            if record.checkpoint {
+                s.checkpointed = s.checkpointed.saturating_sub(1);
+            }
             if s.mappings == 0 && s.anchor.is_none() {
+                let bucket = s.bucket;
                 self.subscribers.remove(&sub);
+                self.park_bucket(sub, bucket);
             }
         }
         self.push(Change::Removed {
@@ -1099,7 +1180,115 @@ impl Server {
     }
 
     fn subscriber_mut(&mut self, sub: SubscriberId) -> &mut Subscriber {
-        self.subscribers.entry(sub).or_default()
+        let idle = &mut self.idle_buckets;
+        self.subscribers.entry(sub).or_insert_with(|| Subscriber {
+            bucket: idle.remove(&sub).unwrap_or_default(),
+            ..Subscriber::default()
+        })
+    }
+
+    /// Keeps the rate bucket of a subscriber that no longer holds mappings
+    /// until it has refilled, so that deleting and re-creating mappings
+    /// does not reset the rate (RFC 7767 section 3.2). Full buckets are
+    /// swept whenever the set has doubled, so it stays bounded by the
+    /// subscribers that asked within the last refill time.
+    fn park_bucket(&mut self, sub: SubscriberId, bucket: TokenBucket) {
+        let now = self.now;
+        if bucket.is_full(now) {
+            return;
+        }
+        self.idle_buckets.insert(sub, bucket);
+        if self.idle_buckets.len() >= self.idle_sweep_at {
+            self.idle_buckets.retain(|_, b| !b.is_full(now));
+            self.idle_sweep_at = (self.idle_buckets.len() * 2).max(IDLE_SWEEP_MIN);
+        }
+    }
+
+    /// The check-point decision for a new mapping (RFC 7767 section 3.2).
+    /// The caller inserts the mapping next, so a grant takes its slot now.
+    fn new_checkpoint(&mut self, now: Timestamp, sub: SubscriberId, requested: bool) -> bool {
+        self.checkpoint_flag(now, sub, requested, false)
+    }
+
+    /// The check-point decision for a renewal of mapping `id` (RFC 7767
+    /// section 3.2: "it is set if a CHECKPOINT_REQUIRED option was included
+    /// in the update request or it is cleared if no CHECKPOINT_REQUIRED
+    /// option was included"). Clearing gives the slot back.
+    fn renew_checkpoint(
+        &mut self,
+        now: Timestamp,
+        sub: SubscriberId,
+        id: Id,
+        requested: bool,
+    ) -> bool {
+        let before = self.table.get(id).is_some_and(|e| e.checkpoint);
+        self.checkpoint_flag(now, sub, requested, before)
+    }
+
+    /// Runs [`policy::decide`] for `sub`, counts the outcome and moves the
+    /// capacity and quota counts when the flag changes from `before`. Only
+    /// called once the MAP or PEER itself is sure to succeed, so a token is
+    /// never spent on a request that fails for other reasons. One lookup of
+    /// the subscriber: this runs for every request carrying the option.
+    fn checkpoint_flag(
+        &mut self,
+        now: Timestamp,
+        sub: SubscriberId,
+        requested: bool,
+        before: bool,
+    ) -> bool {
+        if !requested && !self.any_always && !before {
+            return false;
+        }
+        let p = &self.cfg.checkpoint;
+        let class = p.class(p.class_of(sub));
+        let idle = &mut self.idle_buckets;
+        let state = self.subscribers.entry(sub).or_insert_with(|| Subscriber {
+            bucket: idle.remove(&sub).unwrap_or_default(),
+            ..Subscriber::default()
+        });
+        let decision = match class {
+            Some(class) => {
+                let ask = Ask {
+                    requested,
+                    already: before,
+                    server_held: self.checkpointed,
+                    subscriber_held: state.checkpointed,
+                };
+                policy::decide(p, class, self.backup, ask, &mut state.bucket, now)
+            }
+            None => Decision::NotWanted,
+        };
+        let stats = &mut self.stats.checkpoint;
+        let after = match decision {
+            Decision::NotWanted => false,
+            Decision::Grant => {
+                if requested {
+                    stats.granted += 1;
+                } else {
+                    stats.forced += 1;
+                }
+                true
+            }
+            Decision::Refuse(reason) => {
+                if requested {
+                    stats.count_refusal(reason);
+                }
+                false
+            }
+        };
+        match (before, after) {
+            (false, true) => {
+                self.checkpointed += 1;
+                state.checkpointed += 1;
+            }
+            (true, false) => {
+                self.checkpointed = self.checkpointed.saturating_sub(1);
+                state.checkpointed = state.checkpointed.saturating_sub(1);
+            }
+            _ => {}
+        }
+        after
     }
 
     fn push(&mut self, change: Change) {

@@ -828,7 +828,7 @@ fn draft_s4_4_embedded_options() {
     let mut c = cfg();
     c.third_party_clients = vec!["198.51.100.200/32".parse().unwrap()];
     let mut s = Server::new(c, T0);
-    s.set_checkpoint_available(true);
+    s.set_backup_state(portkeep_server::BackupState::InSync);
     let filter = |a: &str, len: u8, port: u16| {
         PcpOption::Filter(Filter {
             prefix_len: len,

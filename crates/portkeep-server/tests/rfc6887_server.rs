@@ -901,7 +901,7 @@ fn rfc7767_s3_2_standalone_server_does_not_echo_checkpoint() {
 #[test]
 fn rfc7767_s3_2_honoured_checkpoint_is_echoed_and_renewal_without_it_clears() {
     let mut s = server();
-    s.set_checkpoint_available(true);
+    s.set_backup_state(portkeep_server::BackupState::InSync);
     let r = send(
         &mut s,
         T0,

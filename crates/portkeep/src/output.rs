@@ -148,7 +148,9 @@ fn print_human(plan: &Plan, reply: &Reply) {
         let honoured = match (reply.checkpoint_requested, reply.checkpoint_honoured()) {
             (false, _) => "no (not requested)",
             (true, true) => "yes",
-            (true, false) => "no",
+            // RFC 7767 section 3.2: no echo means not protected, whatever
+            // the reason (unsupported, policy, quota, rate, no backup).
+            (true, false) => "no (not echoed: the mapping is not check-pointed)",
         };
         println!("checkpoint honoured: {honoured}");
     }

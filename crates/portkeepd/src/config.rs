@@ -15,6 +15,10 @@ pub const CONTROL_SOCKET: &str = "control.sock";
 
 use portkeep_proto::{CodePoints, Opcode, OptionCode, ResultCode};
 use portkeep_server::{Prefix, ServerConfig, SubscriberKeying};
+
+use crate::checkpoint_config::{
+    checkpoint_policy, named_subscribers, CheckpointSection, NamedEntry,
+};
 use serde::Deserialize;
 
 /// A configuration problem, naming the key.
@@ -40,15 +44,15 @@ pub enum ConfigError {
     #[error("config key `{key}`: {message}")]
     Invalid {
         /// Dotted key path.
-        key: &'static str,
+        key: String,
         /// What was expected.
         message: String,
     },
 }
 
-fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
-        key,
+        key: key.into(),
         message: message.into(),
     }
 }
@@ -93,6 +97,9 @@ pub struct ConfigFile {
     /// Dataplane selection.
     #[serde(default)]
     pub dataplane: DataplaneSection,
+    /// Check-pointing policy (RFC 7767).
+    #[serde(default)]
+    pub checkpoint: CheckpointSection,
     /// Stable storage.
     #[serde(default)]
     pub store: StoreSection,
@@ -156,6 +163,8 @@ pub struct SubscriberSection {
     pub ipv6_prefix_len: Option<u8>,
     /// Mappings per subscriber.
     pub max_mappings: Option<u32>,
+    /// Explicit subscribers: prefix -> id.
+    pub named: Option<Vec<NamedEntry>>,
 }
 
 /// `[limits]`.
@@ -337,6 +346,9 @@ impl ConfigFile {
         if !(1..=128).contains(&ipv6_prefix_len) {
             return Err(invalid("subscribers.ipv6_prefix_len", "expected 1 to 128"));
         }
+        let named = named_subscribers(self.subscribers.named.as_deref().unwrap_or_default())?;
+        let checkpoint =
+            checkpoint_policy(self.checkpoint, ipv4_prefix_len, ipv6_prefix_len, &named)?;
         let max_mappings = self.limits.max_mappings.unwrap_or(d.max_mappings);
         if max_mappings == 0 {
             return Err(invalid("limits.max_mappings", "must be at least 1"));
@@ -483,6 +495,7 @@ impl ConfigFile {
                 subscriber_keying: SubscriberKeying {
                     ipv4_prefix_len,
                     ipv6_prefix_len,
+                    named,
                 },
                 max_mappings_per_subscriber: max_per_subscriber,
                 max_mappings,
@@ -492,6 +505,7 @@ impl ConfigFile {
                     .unwrap_or(d.max_filters_per_mapping),
                 third_party_clients,
                 code_points: cp,
+                checkpoint,
                 seed: rand::random(),
             },
             announce_interfaces: self.announce.multicast_interfaces.unwrap_or_default(),

@@ -15,7 +15,10 @@ use std::time::Duration;
 use portkeep_proto::ResultCode;
 use std::net::IpAddr;
 
-use portkeep_server::{ClearSelector, MappingKind, MappingRecord, Prefix, SubscriberId, Timestamp};
+use portkeep_server::{
+    ClearSelector, MappingKind, MappingRecord, Prefix, RefusalReason, Server, SubscriberId,
+    Timestamp,
+};
 use serde_json::{json, Value};
 
 use crate::runtime::Shared;
@@ -97,6 +100,8 @@ fn status(shared: &Shared) -> Value {
         "uptime_s": shared.clock.uptime_ms() / 1000,
         "epoch": core.server.epoch(now),
         "mappings": core.server.mapping_count(),
+        "checkpointed": core.server.checkpointed_count(),
+        "backup": core.server.backup_state().as_str(),
         "last_seq": core.server.last_seq(),
         "listen": shared.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "dataplane": dataplane,
@@ -129,13 +134,43 @@ pub fn mapping_json(m: &MappingRecord, now: Timestamp) -> Value {
     })
 }
 
+/// [`mapping_json`] plus what the server knows about the subscriber: the
+/// operator's name for it (`[[subscribers.named]]`) and its check-point
+/// class (RFC 7767 section 4).
+fn mapping_json_in(server: &Server, m: &MappingRecord, now: Timestamp) -> Value {
+    let mut v = mapping_json(m, now);
+    v["subscriber_name"] = json!(server.config().subscriber_keying.name_of(m.subscriber));
+    v["class"] = json!(server
+        .checkpoint_class_of(m.subscriber)
+        .map(|c| c.name.as_str()));
+    v
+}
+
 fn mappings(shared: &Shared) -> Value {
     let now = shared.clock.now();
-    let mut list = shared.lock().server.mappings();
+    let core = shared.lock();
+    let mut list = core.server.mappings();
     list.sort_by_key(|m| (m.key, m.kind));
     json!({
         "ok": true,
-        "mappings": list.iter().map(|m| mapping_json(m, now)).collect::<Vec<_>>(),
+        "mappings": list.iter().map(|m| mapping_json_in(&core.server, m, now)).collect::<Vec<_>>(),
+    })
+}
+
+/// RFC 7767 check-point decisions: requests granted, refused by reason
+/// (stable names), and mappings an `always` class protected unasked.
+fn checkpoint_counters(server: &Server) -> Value {
+    let c = server.stats().checkpoint;
+    let refused: serde_json::Map<String, Value> = RefusalReason::ALL
+        .iter()
+        .map(|r| (r.as_str().to_owned(), json!(c.refused(*r))))
+        .collect();
+    json!({
+        "granted": c.granted,
+        "refused": refused,
+        "refused_total": c.refused_total(),
+        "forced": c.forced,
+        "checkpointed": server.checkpointed_count(),
     })
 }
 
@@ -145,7 +180,7 @@ fn mappings(shared: &Shared) -> Value {
 /// of `{"all": true}`, `{"subscriber": "198.51.100.7/32"}` (the subscriber
 /// id as `ctl mappings` shows it) or `{"prefix": "198.51.100.0/24"}`.
 fn clear(shared: &Shared, req: &Value) -> Value {
-    let keying = shared.lock().server.config().subscriber_keying;
+    let keying = shared.lock().server.config().subscriber_keying.clone();
     let which = match (
         req.get("all").and_then(Value::as_bool),
         req.get("subscriber").and_then(Value::as_str),
@@ -156,7 +191,11 @@ fn clear(shared: &Shared, req: &Value) -> Value {
             // A subscriber is named by its id (its prefix) or by any of its
             // addresses.
             Ok(p) => ClearSelector::Subscriber(keying.subscriber_of(p.addr())),
-            Err(e) => return error(format!("bad subscriber: {e}")),
+            // Or by its `[[subscribers.named]]` id.
+            Err(e) => match keying.subscriber_named(s) {
+                Some(sub) => ClearSelector::Subscriber(sub),
+                None => return error(format!("bad subscriber: {e}")),
+            },
         },
         (None, None, Some(p)) => match p.parse::<Prefix>() {
             Ok(p) => ClearSelector::Prefix(p),
@@ -206,6 +245,7 @@ fn counters(shared: &Shared) -> Value {
         "dropped": stats.dropped,
         "results": results,
         "mappings": core.server.mapping_count(),
+        "checkpoint": checkpoint_counters(&core.server),
     })
 }
 

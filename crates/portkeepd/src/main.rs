@@ -277,6 +277,7 @@ fn run_ctl(args: &Args, ctl: &CtlArgs) -> ExitCode {
     }
     match ctl.what {
         CtlCommand::Mappings => print_mappings(&reply),
+        CtlCommand::Counters => print_counters(&reply),
         CtlCommand::Clear(_) => {
             println!("removed {} mapping(s)", reply["removed"]);
             for sub in reply["subscribers"].as_array().into_iter().flatten() {
@@ -310,11 +311,30 @@ fn run_ctl(args: &Args, ctl: &CtlArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Counters, with the RFC 7767 check-point decisions one per line so that
+/// a refusal reason can be read (and grepped) at a glance.
+fn print_counters(reply: &serde_json::Value) {
+    if let Some(obj) = reply.as_object() {
+        for (k, v) in obj.iter().filter(|(k, _)| *k != "ok" && *k != "checkpoint") {
+            println!("{k}: {v}");
+        }
+    }
+    let c = &reply["checkpoint"];
+    println!("checkpoint granted: {}", c["granted"]);
+    // In evaluation order (RFC 7767 section 3.2 checks), not alphabetical.
+    for reason in portkeep_server::RefusalReason::ALL {
+        let name = reason.as_str();
+        println!("checkpoint refused {name}: {}", c["refused"][name]);
+    }
+    println!("checkpoint forced by class: {}", c["forced"]);
+    println!("checkpointed mappings: {}", c["checkpointed"]);
+}
+
 fn print_mappings(reply: &serde_json::Value) {
     let list = reply["mappings"].as_array().cloned().unwrap_or_default();
     println!(
-        "{:<5} {:<5} {:<28} {:<28} {:<24} {:>9} {:<4} NONCE",
-        "KIND", "PROTO", "INTERNAL", "EXTERNAL", "REMOTE", "EXPIRES", "CKPT"
+        "{:<5} {:<5} {:<28} {:<28} {:<24} {:>9} {:<4} {:<24} {:<10} NONCE",
+        "KIND", "PROTO", "INTERNAL", "EXTERNAL", "REMOTE", "EXPIRES", "CKPT", "SUBSCRIBER", "CLASS"
     );
     for m in &list {
         let proto = m["protocol_name"]
@@ -327,7 +347,7 @@ fn print_mappings(reply: &serde_json::Value) {
             format!("{ip}:{}", m["internal_port"])
         };
         println!(
-            "{:<5} {:<5} {:<28} {:<28} {:<24} {:>8}s {:<4} {}",
+            "{:<5} {:<5} {:<28} {:<28} {:<24} {:>8}s {:<4} {:<24} {:<10} {}",
             m["kind"].as_str().unwrap_or(""),
             proto,
             internal,
@@ -339,6 +359,11 @@ fn print_mappings(reply: &serde_json::Value) {
             } else {
                 "no"
             },
+            m["subscriber_name"]
+                .as_str()
+                .or_else(|| m["subscriber"].as_str())
+                .unwrap_or("-"),
+            m["class"].as_str().unwrap_or("-"),
             m["nonce"].as_str().unwrap_or(""),
         );
     }
