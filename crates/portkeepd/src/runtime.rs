@@ -659,6 +659,7 @@ fn committer(shared: &Shared, mut store: Store) {
             shared.apply(&changes);
         }
         let checkpoint_due = store.checkpoint_due();
+        let committed = changes.len();
         let (oq, ocv) = &shared.outbox;
         let mut o = oq.lock().unwrap_or_else(|p| p.into_inner());
         o.batches.extend(
@@ -669,9 +670,13 @@ fn committer(shared: &Shared, mut store: Store) {
         drop(o);
         ocv.notify_one();
         // Under sustained load the committer is never idle: keep the log
-        // bounded anyway (the replies above are already on their way).
+        // bounded anyway (the replies above are already on their way),
+        // folding about twice what was just written, so the log shrinks
+        // while each step stays short.
         if checkpoint_due {
-            if let Err(e) = store.checkpoint(crate::store::CHECKPOINT_BUSY) {
+            let step =
+                (2 * committed).clamp(crate::store::CHECKPOINT_IDLE, crate::store::CHECKPOINT_BUSY);
+            if let Err(e) = store.checkpoint(step) {
                 fail(shared, &e);
                 return;
             }

@@ -38,8 +38,8 @@ const SUBSCRIBERS: TableDefinition<&[u8], u64> = TableDefinition::new("subscribe
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 
-/// Log entries folded per checkpoint while requests are waiting.
-pub const CHECKPOINT_BUSY: usize = 65_536;
+/// Most log entries folded by one checkpoint while requests are waiting.
+pub const CHECKPOINT_BUSY: usize = 16_384;
 /// Log entries folded per checkpoint step while idle: small, so a burst
 /// that arrives meanwhile waits only a few milliseconds.
 pub const CHECKPOINT_IDLE: usize = 4_096;
