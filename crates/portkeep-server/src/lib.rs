@@ -13,6 +13,7 @@ pub mod dataplane;
 mod getnext;
 pub mod policy;
 pub mod prefix;
+pub mod record;
 mod server;
 mod subscriber;
 mod table;

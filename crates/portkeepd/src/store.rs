@@ -22,15 +22,12 @@
 //! folded, and the next durable commit persists it otherwise. A restart
 //! loads the table and replays the log on top, in order.
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use portkeep_proto::addr::{from_wire, to_wire};
-use portkeep_proto::Protocol;
-use portkeep_server::{
-    Change, ChangeRecord, FilterRule, MappingKey, MappingKind, MappingRecord, Prefix, Restored,
-    SubscriberId, SubscriberKeying, Timestamp,
+use portkeep_server::record::{
+    decode_mapping, decode_subscriber, encode_mapping, encode_subscriber, key_of, Reader,
 };
+use portkeep_server::{Change, ChangeRecord, Restored, SubscriberKeying, Timestamp};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 const MAPPINGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("mappings");
@@ -53,7 +50,6 @@ const LOG_SERVER_EPOCH: u8 = 4;
 
 /// Version of the record format; bumped on any incompatible change.
 const FORMAT: u64 = 1;
-const RECORD_VERSION: u8 = 1;
 
 /// How hard each commit works to survive a crash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -586,159 +582,12 @@ fn decode_log(b: &[u8]) -> Option<LogEntry> {
     })
 }
 
-/// The key of a mapping: its identity (RFC 6887 sections 11.1 and 12.1).
-fn key_of(m: &MappingRecord) -> Vec<u8> {
-    let mut k = Vec::with_capacity(40);
-    match m.kind {
-        MappingKind::Map => k.push(0),
-        MappingKind::Peer { .. } => k.push(1),
-    }
-    k.extend_from_slice(&to_wire(m.key.internal_ip).octets());
-    k.push(m.key.protocol.0);
-    k.extend_from_slice(&m.key.internal_port.to_be_bytes());
-    if let MappingKind::Peer { remote } = m.kind {
-        k.extend_from_slice(&to_wire(remote.ip()).octets());
-        k.extend_from_slice(&remote.port().to_be_bytes());
-    }
-    k
-}
-
-fn encode_mapping(m: &MappingRecord) -> Vec<u8> {
-    let mut v = Vec::with_capacity(96);
-    v.push(RECORD_VERSION);
-    v.extend_from_slice(&key_of(m));
-    v.extend_from_slice(&to_wire(m.external.ip()).octets());
-    v.extend_from_slice(&m.external.port().to_be_bytes());
-    v.extend_from_slice(&m.nonce);
-    v.extend_from_slice(&m.expires.as_millis().to_be_bytes());
-    v.extend_from_slice(&m.lifetime.to_be_bytes());
-    v.push(u8::from(m.checkpoint) | (u8::from(m.third_party) << 1));
-    // Bounded by the server's filter limit, far below 255.
-    v.push(u8::try_from(m.filters.len()).unwrap_or(u8::MAX));
-    for f in m.filters.iter().take(255) {
-        v.extend_from_slice(&to_wire(f.prefix.addr()).octets());
-        v.push(f.prefix.len());
-        v.extend_from_slice(&f.port.to_be_bytes());
-    }
-    let d = m.description.as_deref().unwrap_or("").as_bytes();
-    // A DESCRIPTION fits in a 1100-octet message.
-    let d = &d[..d.len().min(usize::from(u16::MAX))];
-    v.extend_from_slice(&(d.len() as u16).to_be_bytes());
-    v.extend_from_slice(d);
-    v
-}
-
-/// Bounds-checked reading; `None` means malformed.
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        if self.0.len() < n {
-            return None;
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Some(a)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        self.take(1).map(|b| b[0])
-    }
-    fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
-    }
-    fn ip(&mut self) -> Option<IpAddr> {
-        let b: [u8; 16] = self.take(16)?.try_into().ok()?;
-        Some(from_wire(Ipv6Addr::from(b)))
-    }
-}
-
-fn decode_mapping(v: &[u8], keying: &SubscriberKeying) -> Option<MappingRecord> {
-    let mut r = Reader(v);
-    if r.u8()? != RECORD_VERSION {
-        return None;
-    }
-    let kind = r.u8()?;
-    let internal_ip = r.ip()?;
-    let protocol = Protocol(r.u8()?);
-    let internal_port = r.u16()?;
-    let kind = match kind {
-        0 => MappingKind::Map,
-        1 => {
-            let ip = r.ip()?;
-            MappingKind::Peer {
-                remote: SocketAddr::new(ip, r.u16()?),
-            }
-        }
-        _ => return None,
-    };
-    let ext_ip = r.ip()?;
-    let external = SocketAddr::new(ext_ip, r.u16()?);
-    let nonce: [u8; 12] = r.take(12)?.try_into().ok()?;
-    let expires = Timestamp(r.u64()?);
-    let lifetime = r.u32()?;
-    let flags = r.u8()?;
-    let nfilters = r.u8()?;
-    let mut filters = Vec::with_capacity(usize::from(nfilters));
-    for _ in 0..nfilters {
-        let ip = r.ip()?;
-        let len = r.u8()?;
-        let port = r.u16()?;
-        filters.push(FilterRule {
-            prefix: Prefix::new(ip, len).ok()?,
-            port,
-        });
-    }
-    let dlen = usize::from(r.u16()?);
-    let d = r.take(dlen)?;
-    if !r.0.is_empty() {
-        return None;
-    }
-    let description = if d.is_empty() {
-        None
-    } else {
-        Some(std::str::from_utf8(d).ok()?.to_owned())
-    };
-    Some(MappingRecord {
-        kind,
-        key: MappingKey {
-            internal_ip,
-            protocol,
-            internal_port,
-        },
-        external,
-        nonce,
-        expires,
-        lifetime,
-        checkpoint: flags & 1 != 0,
-        filters,
-        description,
-        subscriber: keying.subscriber_of(internal_ip),
-        third_party: flags & 2 != 0,
-    })
-}
-
-fn encode_subscriber(s: &SubscriberId) -> Vec<u8> {
-    let mut v = to_wire(s.addr()).octets().to_vec();
-    v.push(s.prefix_len());
-    v
-}
-
-fn decode_subscriber(b: &[u8]) -> Option<SubscriberId> {
-    let mut r = Reader(b);
-    let ip = r.ip()?;
-    let len = r.u8()?;
-    r.0.is_empty().then(|| SubscriberId::from_parts(ip, len))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use portkeep_proto::Protocol;
+    use portkeep_server::{FilterRule, MappingKey, MappingKind, MappingRecord, SubscriberId};
+    use std::net::IpAddr;
 
     fn record(peer: bool) -> MappingRecord {
         let k = SubscriberKeying::default();
