@@ -1,0 +1,336 @@
+//! The active node's end of the replication link.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use portkeep_server::{SubscriberKeying, Timestamp};
+
+use crate::wire::{FrameError, Item, Message};
+use crate::Term;
+
+/// Timing of the link.
+#[derive(Debug, Clone, Copy)]
+pub struct ActiveConfig {
+    /// How long a change may wait for the backup's acknowledgement before
+    /// the backup counts as out of sync (RFC 7767 section 3.2: honoured
+    /// check-points wait for the backup, within this bound).
+    pub ack_timeout: Duration,
+    /// Interval of heartbeats when there is nothing else to send.
+    pub heartbeat: Duration,
+    /// The backup is considered gone after this long without a word.
+    pub dead_after: Duration,
+    /// Items per snapshot message.
+    pub snapshot_part: usize,
+}
+
+impl Default for ActiveConfig {
+    fn default() -> Self {
+        ActiveConfig {
+            ack_timeout: Duration::from_millis(200),
+            heartbeat: Duration::from_millis(100),
+            dead_after: Duration::from_millis(1000),
+            snapshot_part: 512,
+        }
+    }
+}
+
+/// Where the link stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// No connection to a backup.
+    Disconnected,
+    /// Connected; waiting for the backup's hello.
+    Handshake,
+    /// The backup asked to be brought up to date: the daemon must call
+    /// [`Active::send_snapshot`].
+    NeedSnapshot,
+    /// Snapshot sent; waiting for the backup to acknowledge it.
+    Resyncing {
+        /// Log position of the snapshot.
+        seq: u64,
+    },
+    /// Every change sent was acknowledged within the bound: check-points
+    /// can be honoured.
+    InSync,
+    /// An acknowledgement is overdue: honour nothing until it catches up.
+    Lagging,
+    /// A node with a higher term exists: this node must stop acting as
+    /// active.
+    Fenced {
+        /// The higher term.
+        term: Term,
+    },
+}
+
+/// What the daemon must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActiveEvent {
+    /// Everything up to this log position is on the backup: responses
+    /// waiting for it can be released.
+    Acked(u64),
+    /// The backup is in sync (again).
+    InSync,
+    /// The backup is not in sync: responses still waiting must be answered
+    /// as not honoured, and nothing new honoured.
+    OutOfSync(&'static str),
+    /// The backup asked for a full snapshot.
+    NeedSnapshot,
+    /// A higher term was seen: stop acting as active.
+    Fenced(Term),
+}
+
+/// The active node's end of one replication link.
+#[derive(Debug)]
+pub struct Active {
+    term: Term,
+    cfg: ActiveConfig,
+    keying: SubscriberKeying,
+    state: LinkState,
+    out: Vec<u8>,
+    inbuf: Vec<u8>,
+    events: VecDeque<ActiveEvent>,
+    /// Highest position the backup acknowledged.
+    acked: u64,
+    /// Highest position sent.
+    sent: u64,
+    /// Sent, unacknowledged positions with when they were sent.
+    pending: VecDeque<(u64, Timestamp)>,
+    last_heard: Timestamp,
+    last_sent: Timestamp,
+}
+
+impl Active {
+    /// A link end for an active node in `term`.
+    pub fn new(term: Term, cfg: ActiveConfig, keying: SubscriberKeying) -> Active {
+        Active {
+            term,
+            cfg,
+            keying,
+            state: LinkState::Disconnected,
+            out: Vec::new(),
+            inbuf: Vec::new(),
+            events: VecDeque::new(),
+            acked: 0,
+            sent: 0,
+            pending: VecDeque::new(),
+            last_heard: Timestamp(0),
+            last_sent: Timestamp(0),
+        }
+    }
+
+    /// The term this node acts in.
+    pub fn term(&self) -> Term {
+        self.term
+    }
+
+    /// Where the link stands.
+    pub fn state(&self) -> LinkState {
+        self.state
+    }
+
+    /// Whether check-points can be honoured now (the `InSync` input of the
+    /// server's check-point decision).
+    pub fn in_sync(&self) -> bool {
+        self.state == LinkState::InSync
+    }
+
+    /// Highest log position the backup acknowledged.
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    /// A connection to the backup is up: introduce ourselves.
+    pub fn connected(&mut self, now: Timestamp, applied: u64) {
+        self.out.clear();
+        self.inbuf.clear();
+        self.pending.clear();
+        self.state = LinkState::Handshake;
+        self.last_heard = now;
+        self.send(
+            now,
+            &Message::Hello {
+                term: self.term,
+                active: true,
+                applied,
+            },
+        );
+    }
+
+    /// The connection is gone.
+    pub fn disconnected(&mut self) {
+        if !matches!(
+            self.state,
+            LinkState::Disconnected | LinkState::Fenced { .. }
+        ) {
+            self.events.push_back(ActiveEvent::OutOfSync("link down"));
+        }
+        if !matches!(self.state, LinkState::Fenced { .. }) {
+            self.state = LinkState::Disconnected;
+        }
+        self.pending.clear();
+    }
+
+    fn send(&mut self, now: Timestamp, m: &Message) {
+        m.encode(&mut self.out);
+        self.last_sent = now;
+    }
+
+    fn fence(&mut self, term: Term) {
+        if term > self.term {
+            self.state = LinkState::Fenced { term };
+            self.events.push_back(ActiveEvent::Fenced(term));
+            self.pending.clear();
+        }
+    }
+
+    /// Sends the full check-pointed state as of `seq` (after
+    /// [`ActiveEvent::NeedSnapshot`]); changes after `seq` are then streamed
+    /// with [`Active::push`]. The items must hold the server-wide epoch
+    /// anchor ([`Item::ServerEpoch`]), every subscriber's own anchor, every
+    /// check-pointed mapping, and the volatile marker of every subscriber
+    /// that holds volatile mappings: that is all a takeover needs.
+    pub fn send_snapshot(&mut self, now: Timestamp, seq: u64, items: Vec<Item>) {
+        if matches!(
+            self.state,
+            LinkState::Disconnected | LinkState::Fenced { .. }
+        ) {
+            return;
+        }
+        let term = self.term;
+        self.send(now, &Message::SnapshotBegin { term, seq });
+        let part = self.cfg.snapshot_part.max(1);
+        let mut items = items;
+        while !items.is_empty() {
+            let rest = items.split_off(items.len().min(part));
+            self.send(now, &Message::SnapshotPart { term, items });
+            items = rest;
+        }
+        self.send(now, &Message::SnapshotEnd { term, seq });
+        self.sent = seq;
+        self.pending.push_back((seq, now));
+        self.state = LinkState::Resyncing { seq };
+    }
+
+    /// Streams the items of the changes up to log position `seq`. Returns
+    /// whether they were sent (nothing is sent while disconnected, fenced,
+    /// or before the snapshot: the snapshot will carry the state).
+    pub fn push(&mut self, now: Timestamp, seq: u64, items: Vec<Item>) -> bool {
+        match self.state {
+            LinkState::Resyncing { .. } | LinkState::InSync | LinkState::Lagging => {}
+            _ => return false,
+        }
+        if seq <= self.sent {
+            return false;
+        }
+        let term = self.term;
+        self.send(now, &Message::Changes { term, seq, items });
+        self.sent = seq;
+        self.pending.push_back((seq, now));
+        true
+    }
+
+    /// Feeds bytes received from the backup.
+    pub fn handle_input(&mut self, now: Timestamp, bytes: &[u8]) -> Result<(), FrameError> {
+        self.inbuf.extend_from_slice(bytes);
+        while let Some(m) = Message::decode(&mut self.inbuf, &self.keying)? {
+            self.last_heard = now;
+            if m.term() > self.term {
+                self.fence(m.term());
+                continue;
+            }
+            match m {
+                Message::Hello { active, .. } if self.state == LinkState::Handshake => {
+                    if active {
+                        // Two actives in one term: neither may stream to the
+                        // other; the operator's fencing must settle it.
+                        self.events
+                            .push_back(ActiveEvent::OutOfSync("peer claims to be active"));
+                        continue;
+                    }
+                    self.state = LinkState::NeedSnapshot;
+                    self.events.push_back(ActiveEvent::NeedSnapshot);
+                }
+                Message::Ack { seq, .. } => self.on_ack(seq),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn on_ack(&mut self, seq: u64) {
+        if seq <= self.acked {
+            return;
+        }
+        self.acked = seq;
+        while self.pending.front().is_some_and(|&(s, _)| s <= seq) {
+            self.pending.pop_front();
+        }
+        self.events.push_back(ActiveEvent::Acked(seq));
+        let caught_up = self.pending.is_empty();
+        match self.state {
+            LinkState::Resyncing { seq: snap } if seq >= snap => {
+                self.state = LinkState::InSync;
+                self.events.push_back(ActiveEvent::InSync);
+            }
+            LinkState::Lagging if caught_up => {
+                self.state = LinkState::InSync;
+                self.events.push_back(ActiveEvent::InSync);
+            }
+            _ => {}
+        }
+    }
+
+    /// When [`Active::handle_timeout`] next has work.
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        if matches!(
+            self.state,
+            LinkState::Disconnected | LinkState::Fenced { .. }
+        ) {
+            return None;
+        }
+        let hb = self.last_sent + self.cfg.heartbeat;
+        let dead = self.last_heard + self.cfg.dead_after;
+        let ack = self.pending.front().map(|&(_, t)| t + self.cfg.ack_timeout);
+        Some(ack.map_or(hb.min(dead), |a| a.min(hb).min(dead)))
+    }
+
+    /// Heartbeats, overdue acknowledgements, a silent backup.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        if matches!(
+            self.state,
+            LinkState::Disconnected | LinkState::Fenced { .. }
+        ) {
+            return;
+        }
+        if now >= self.last_heard + self.cfg.dead_after {
+            self.events
+                .push_back(ActiveEvent::OutOfSync("backup silent"));
+            self.state = LinkState::Disconnected;
+            self.pending.clear();
+            return;
+        }
+        let overdue = self
+            .pending
+            .front()
+            .is_some_and(|&(_, t)| now >= t + self.cfg.ack_timeout);
+        if overdue && self.state == LinkState::InSync {
+            self.state = LinkState::Lagging;
+            self.events
+                .push_back(ActiveEvent::OutOfSync("acknowledgement overdue"));
+        }
+        if now >= self.last_sent + self.cfg.heartbeat {
+            let term = self.term;
+            self.send(now, &Message::Heartbeat { term });
+        }
+    }
+
+    /// Bytes to write to the backup.
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        (!self.out.is_empty()).then(|| std::mem::take(&mut self.out))
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<ActiveEvent> {
+        self.events.pop_front()
+    }
+}

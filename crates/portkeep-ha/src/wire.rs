@@ -1,0 +1,366 @@
+//! Replication messages and their framing on an ordered byte stream.
+//!
+//! A frame is `length (u32, big-endian) | type (u8) | payload`, the length
+//! counting type and payload. Frames longer than [`MAX_FRAME`] are refused,
+//! so a peer cannot make the other allocate without bound.
+
+use portkeep_server::record::{
+    decode_mapping, decode_subscriber, encode_mapping, encode_subscriber, key_of, Reader,
+};
+use portkeep_server::{
+    Change, ChangeRecord, MappingRecord, SubscriberId, SubscriberKeying, Timestamp,
+};
+
+use crate::Term;
+
+/// Largest frame accepted.
+pub const MAX_FRAME: usize = 4 << 20;
+
+/// One unit of replicated state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    /// A check-pointed mapping, created or refreshed.
+    Upsert(MappingRecord),
+    /// A mapping that is no longer check-pointed (removed, expired, or
+    /// renewed without the option), by its stored key.
+    Remove(Vec<u8>),
+    /// A subscriber's epoch restarted.
+    Epoch {
+        /// Whose.
+        subscriber: SubscriberId,
+        /// When its epoch began.
+        anchor: Timestamp,
+    },
+    /// The server-wide epoch restarted.
+    ServerEpoch {
+        /// When it began.
+        anchor: Timestamp,
+    },
+    /// Which of a subscriber's hosts hold volatile (not check-pointed)
+    /// mappings; empty when none do. If any do when the backup takes over,
+    /// that subscriber lost state: its epoch resets and those hosts are
+    /// sent an ANNOUNCE (failure-scenarios draft section 2.6).
+    Volatile {
+        /// Whose.
+        subscriber: SubscriberId,
+        /// Its hosts with volatile mappings.
+        hosts: Vec<std::net::IpAddr>,
+    },
+}
+
+impl Item {
+    /// What, if anything, a change means for the backup.
+    ///
+    /// An upsert of a check-pointed mapping travels whole; an upsert of a
+    /// volatile one travels as a removal (it may just have lost its flag;
+    /// the backup ignores removals of what it does not hold); removals
+    /// travel; epoch resets travel.
+    pub fn from_change(change: &Change) -> Option<Item> {
+        Some(match change {
+            Change::Upserted(m) if m.checkpoint => Item::Upsert(m.clone()),
+            Change::Upserted(m) => Item::Remove(key_of(m)),
+            Change::Removed { mapping, .. } => Item::Remove(key_of(mapping)),
+            Change::EpochReset { subscriber, anchor } => Item::Epoch {
+                subscriber: *subscriber,
+                anchor: *anchor,
+            },
+            Change::ServerEpochReset { anchor } => Item::ServerEpoch { anchor: *anchor },
+        })
+    }
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Item::Upsert(m) => {
+                out.push(1);
+                let v = encode_mapping(m);
+                out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                out.extend_from_slice(&v);
+            }
+            Item::Remove(k) => {
+                out.push(2);
+                out.push(k.len() as u8);
+                out.extend_from_slice(k);
+            }
+            Item::Epoch { subscriber, anchor } => {
+                out.push(3);
+                out.extend_from_slice(&encode_subscriber(subscriber));
+                out.extend_from_slice(&anchor.as_millis().to_be_bytes());
+            }
+            Item::ServerEpoch { anchor } => {
+                out.push(4);
+                out.extend_from_slice(&anchor.as_millis().to_be_bytes());
+            }
+            Item::Volatile { subscriber, hosts } => {
+                out.push(5);
+                out.extend_from_slice(&encode_subscriber(subscriber));
+                out.extend_from_slice(&(hosts.len().min(u16::MAX as usize) as u16).to_be_bytes());
+                for h in hosts.iter().take(u16::MAX as usize) {
+                    out.extend_from_slice(&portkeep_proto_addr(*h));
+                }
+            }
+        }
+    }
+
+    fn decode(r: &mut Reader<'_>, keying: &SubscriberKeying) -> Option<Item> {
+        // A subscriber is 16 address octets and a prefix length.
+        let sub = |r: &mut Reader<'_>| decode_subscriber(r.take(17)?);
+        Some(match r.u8()? {
+            1 => {
+                let n = r.u32()? as usize;
+                Item::Upsert(decode_mapping(r.take(n)?, keying)?)
+            }
+            2 => {
+                let n = usize::from(r.u8()?);
+                Item::Remove(r.take(n)?.to_vec())
+            }
+            3 => Item::Epoch {
+                subscriber: sub(r)?,
+                anchor: Timestamp(r.u64()?),
+            },
+            4 => Item::ServerEpoch {
+                anchor: Timestamp(r.u64()?),
+            },
+            5 => {
+                let subscriber = sub(r)?;
+                let n = usize::from(r.u16()?);
+                let mut hosts = Vec::with_capacity(n.min(r.0.len() / 16));
+                for _ in 0..n {
+                    hosts.push(r.ip()?);
+                }
+                Item::Volatile { subscriber, hosts }
+            }
+            _ => return None,
+        })
+    }
+}
+
+/// One replication message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// First message in each direction: who I am and what I have.
+    Hello {
+        /// Sender's term.
+        term: Term,
+        /// Whether the sender believes it is active.
+        active: bool,
+        /// Last log sequence number the sender applied.
+        applied: u64,
+    },
+    /// Active to backup: the full check-pointed state as of `seq` follows.
+    SnapshotBegin {
+        /// Sender's term.
+        term: Term,
+        /// The log position the snapshot stands for.
+        seq: u64,
+    },
+    /// Active to backup: part of the snapshot.
+    SnapshotPart {
+        /// Sender's term.
+        term: Term,
+        /// State items.
+        items: Vec<Item>,
+    },
+    /// Active to backup: the snapshot is complete.
+    SnapshotEnd {
+        /// Sender's term.
+        term: Term,
+        /// The log position the snapshot stands for.
+        seq: u64,
+    },
+    /// Active to backup: changes in log order, ending at `seq`.
+    Changes {
+        /// Sender's term.
+        term: Term,
+        /// Log position of the last change in this message.
+        seq: u64,
+        /// The items.
+        items: Vec<Item>,
+    },
+    /// Backup to active: everything up to `seq` is applied.
+    Ack {
+        /// Sender's term.
+        term: Term,
+        /// Highest applied log position.
+        seq: u64,
+    },
+    /// Either way: still here.
+    Heartbeat {
+        /// Sender's term.
+        term: Term,
+    },
+}
+
+/// A frame that cannot be read: the link is closed and re-established.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Longer than [`MAX_FRAME`].
+    #[error("replication frame of {0} octets exceeds the limit")]
+    TooLong(usize),
+    /// Malformed content.
+    #[error("malformed replication frame (type {0})")]
+    Malformed(u8),
+}
+
+impl Message {
+    /// The sender's term.
+    pub fn term(&self) -> Term {
+        match self {
+            Message::Hello { term, .. }
+            | Message::SnapshotBegin { term, .. }
+            | Message::SnapshotPart { term, .. }
+            | Message::SnapshotEnd { term, .. }
+            | Message::Changes { term, .. }
+            | Message::Ack { term, .. }
+            | Message::Heartbeat { term } => *term,
+        }
+    }
+
+    /// Appends the framed message.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0; 4]);
+        let items = |out: &mut Vec<u8>, items: &[Item]| {
+            out.extend_from_slice(&(items.len() as u32).to_be_bytes());
+            for i in items {
+                i.encode(out);
+            }
+        };
+        match self {
+            Message::Hello {
+                term,
+                active,
+                applied,
+            } => {
+                out.push(1);
+                out.extend_from_slice(&term.to_be_bytes());
+                out.push(u8::from(*active));
+                out.extend_from_slice(&applied.to_be_bytes());
+            }
+            Message::SnapshotBegin { term, seq } => {
+                out.push(2);
+                out.extend_from_slice(&term.to_be_bytes());
+                out.extend_from_slice(&seq.to_be_bytes());
+            }
+            Message::SnapshotPart { term, items: it } => {
+                out.push(3);
+                out.extend_from_slice(&term.to_be_bytes());
+                items(out, it);
+            }
+            Message::SnapshotEnd { term, seq } => {
+                out.push(4);
+                out.extend_from_slice(&term.to_be_bytes());
+                out.extend_from_slice(&seq.to_be_bytes());
+            }
+            Message::Changes {
+                term,
+                seq,
+                items: it,
+            } => {
+                out.push(5);
+                out.extend_from_slice(&term.to_be_bytes());
+                out.extend_from_slice(&seq.to_be_bytes());
+                items(out, it);
+            }
+            Message::Ack { term, seq } => {
+                out.push(6);
+                out.extend_from_slice(&term.to_be_bytes());
+                out.extend_from_slice(&seq.to_be_bytes());
+            }
+            Message::Heartbeat { term } => {
+                out.push(7);
+                out.extend_from_slice(&term.to_be_bytes());
+            }
+        }
+        let len = (out.len() - start - 4) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// Takes one complete frame off the front of `buf`: `Ok(None)` when
+    /// more bytes are needed.
+    pub fn decode(
+        buf: &mut Vec<u8>,
+        keying: &SubscriberKeying,
+    ) -> Result<Option<Message>, FrameError> {
+        if buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        if len > MAX_FRAME {
+            return Err(FrameError::TooLong(len));
+        }
+        if buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let msg = Self::parse(&buf[4..4 + len], keying);
+        buf.drain(..4 + len);
+        msg.map(Some)
+    }
+
+    fn parse(b: &[u8], keying: &SubscriberKeying) -> Result<Message, FrameError> {
+        let kind = b.first().copied().unwrap_or(0);
+        let bad = FrameError::Malformed(kind);
+        let mut r = Reader(b.get(1..).ok_or(bad.clone())?);
+        let items = |r: &mut Reader<'_>| -> Option<Vec<Item>> {
+            let n = r.u32()? as usize;
+            // Each item takes at least 9 octets: bound the allocation by
+            // what the frame can hold.
+            let mut v = Vec::with_capacity(n.min(r.0.len() / 9 + 1));
+            for _ in 0..n {
+                v.push(Item::decode(r, keying)?);
+            }
+            Some(v)
+        };
+        let m = (|| {
+            Some(match kind {
+                1 => Message::Hello {
+                    term: r.u64()?,
+                    active: r.u8()? != 0,
+                    applied: r.u64()?,
+                },
+                2 => Message::SnapshotBegin {
+                    term: r.u64()?,
+                    seq: r.u64()?,
+                },
+                3 => Message::SnapshotPart {
+                    term: r.u64()?,
+                    items: items(&mut r)?,
+                },
+                4 => Message::SnapshotEnd {
+                    term: r.u64()?,
+                    seq: r.u64()?,
+                },
+                5 => Message::Changes {
+                    term: r.u64()?,
+                    seq: r.u64()?,
+                    items: items(&mut r)?,
+                },
+                6 => Message::Ack {
+                    term: r.u64()?,
+                    seq: r.u64()?,
+                },
+                7 => Message::Heartbeat { term: r.u64()? },
+                _ => return None,
+            })
+        })();
+        match m {
+            Some(m) if r.0.is_empty() => Ok(m),
+            _ => Err(bad),
+        }
+    }
+}
+
+/// An address in its 128-bit wire form (IPv4-mapped for IPv4).
+fn portkeep_proto_addr(ip: std::net::IpAddr) -> [u8; 16] {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The items of a batch of changes.
+pub fn items_of(changes: &[ChangeRecord]) -> Vec<Item> {
+    changes
+        .iter()
+        .filter_map(|c| Item::from_change(&c.change))
+        .collect()
+}

@@ -1,0 +1,362 @@
+//! The replication link's two ends, connected by hand in memory with
+//! made-up time: resync, acknowledgement, the bound on waiting, fencing and
+//! takeover (RFC 7767 sections 1 and 3.2; failure-scenarios draft 2.6).
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use portkeep_ha::wire::items_of;
+use portkeep_ha::{Active, ActiveConfig, ActiveEvent, Backup, Item, LinkState, Message};
+use portkeep_proto::Protocol;
+use portkeep_server::{
+    Change, ChangeRecord, MappingKey, MappingKind, MappingRecord, RemoveReason, SubscriberKeying,
+    Timestamp,
+};
+use proptest::prelude::*;
+
+const T0: Timestamp = Timestamp(1_700_000_000_000);
+
+fn at(ms: u64) -> Timestamp {
+    Timestamp(T0.0 + ms)
+}
+
+fn mapping(host: &str, port: u16, checkpoint: bool) -> MappingRecord {
+    let ip: IpAddr = host.parse().unwrap();
+    MappingRecord {
+        kind: MappingKind::Map,
+        key: MappingKey {
+            internal_ip: ip,
+            protocol: Protocol::TCP,
+            internal_port: port,
+        },
+        external: SocketAddr::new("192.0.2.1".parse().unwrap(), 20000 + port),
+        nonce: [port as u8; 12],
+        expires: at(3_600_000),
+        lifetime: 3600,
+        checkpoint,
+        filters: vec![],
+        description: None,
+        subscriber: SubscriberKeying::default().subscriber_of(ip),
+        third_party: false,
+    }
+}
+
+fn events(a: &mut Active) -> Vec<ActiveEvent> {
+    std::iter::from_fn(|| a.poll_event()).collect()
+}
+
+/// Moves every pending byte both ways until quiet.
+fn pump(a: &mut Active, b: &mut Backup, now: Timestamp) {
+    loop {
+        let mut moved = false;
+        if let Some(bytes) = a.poll_transmit() {
+            b.handle_input(&bytes).unwrap();
+            moved = true;
+        }
+        if let Some(bytes) = b.poll_transmit() {
+            a.handle_input(now, &bytes).unwrap();
+            moved = true;
+        }
+        if !moved {
+            return;
+        }
+    }
+}
+
+fn linked(term: u64) -> (Active, Backup) {
+    let k = SubscriberKeying::default();
+    let mut a = Active::new(term, ActiveConfig::default(), k.clone());
+    let mut b = Backup::new(term, k);
+    a.connected(at(0), 10);
+    b.connected();
+    pump(&mut a, &mut b, at(0));
+    (a, b)
+}
+
+fn snapshot_items() -> Vec<Item> {
+    vec![
+        Item::ServerEpoch { anchor: T0 },
+        Item::Upsert(mapping("198.51.100.1", 80, true)),
+        Item::Upsert(mapping("198.51.100.2", 443, true)),
+        Item::Volatile {
+            subscriber: SubscriberKeying::default().subscriber_of("198.51.100.2".parse().unwrap()),
+            hosts: vec!["198.51.100.2".parse().unwrap()],
+        },
+    ]
+}
+
+#[test]
+fn rfc7767_s3_2_resync_then_in_sync() {
+    let (mut a, mut b) = linked(3);
+    assert_eq!(a.state(), LinkState::NeedSnapshot);
+    assert_eq!(events(&mut a), vec![ActiveEvent::NeedSnapshot]);
+    assert!(
+        !a.in_sync(),
+        "no check-point honoured before the snapshot is acknowledged"
+    );
+    assert!(
+        !a.push(at(1), 11, vec![]),
+        "nothing streams before the snapshot"
+    );
+    a.send_snapshot(at(1), 10, snapshot_items());
+    assert!(!a.in_sync());
+    pump(&mut a, &mut b, at(2));
+    assert!(a.in_sync());
+    assert_eq!(
+        events(&mut a),
+        vec![ActiveEvent::Acked(10), ActiveEvent::InSync]
+    );
+    assert!(b.in_sync());
+    assert_eq!(b.mapping_count(), 2);
+    assert_eq!(b.applied(), 10);
+}
+
+#[test]
+fn rfc7767_s3_2_one_acknowledgement_covers_many_changes() {
+    let (mut a, mut b) = linked(3);
+    a.send_snapshot(at(1), 10, snapshot_items());
+    pump(&mut a, &mut b, at(1));
+    events(&mut a);
+    for (seq, port) in [(11, 81), (12, 82), (13, 83)] {
+        let c = ChangeRecord {
+            seq,
+            change: Change::Upserted(mapping("198.51.100.1", port, true)),
+        };
+        assert!(a.push(at(2), seq, items_of(&[c])));
+    }
+    // The backup processes all three; only its last acknowledgement is
+    // delivered (the others are still in flight, or coalesced).
+    let bytes = a.poll_transmit().unwrap();
+    b.handle_input(&bytes).unwrap();
+    let acks = b.poll_transmit().unwrap();
+    let mut buf = acks.clone();
+    let mut last = None;
+    while let Some(m) = Message::decode(&mut buf, &SubscriberKeying::default()).unwrap() {
+        last = Some(m);
+    }
+    let mut only_last = Vec::new();
+    last.unwrap().encode(&mut only_last);
+    a.handle_input(at(3), &only_last).unwrap();
+    assert_eq!(
+        events(&mut a),
+        vec![ActiveEvent::Acked(13)],
+        "releases 11, 12 and 13 at once"
+    );
+    assert_eq!(a.acked(), 13);
+    assert_eq!(b.mapping_count(), 5);
+}
+
+#[test]
+fn rfc7767_s3_2_volatile_changes_travel_only_as_removals() {
+    let up = |c| ChangeRecord {
+        seq: 1,
+        change: Change::Upserted(mapping("198.51.100.1", 80, c)),
+    };
+    assert!(matches!(items_of(&[up(true)])[..], [Item::Upsert(_)]));
+    // A renewal without the option clears the flag: the backup must drop it.
+    assert!(matches!(items_of(&[up(false)])[..], [Item::Remove(_)]));
+    let gone = ChangeRecord {
+        seq: 2,
+        change: Change::Removed {
+            mapping: mapping("198.51.100.1", 80, true),
+            reason: RemoveReason::Expired,
+        },
+    };
+    assert!(matches!(items_of(&[gone])[..], [Item::Remove(_)]));
+}
+
+#[test]
+fn rfc7767_s3_2_overdue_acknowledgement_stops_honouring_until_caught_up() {
+    let (mut a, mut b) = linked(3);
+    a.send_snapshot(at(1), 10, snapshot_items());
+    pump(&mut a, &mut b, at(1));
+    events(&mut a);
+    a.push(at(10), 11, vec![]);
+    let held = a.poll_transmit().unwrap();
+    a.handle_timeout(at(10 + 199));
+    assert!(a.in_sync(), "within the bound");
+    a.handle_timeout(at(10 + 200));
+    assert_eq!(a.state(), LinkState::Lagging);
+    assert!(events(&mut a).contains(&ActiveEvent::OutOfSync("acknowledgement overdue")));
+    assert!(!a.in_sync());
+    // The backup catches up: check-pointing resumes.
+    b.handle_input(&held).unwrap();
+    pump(&mut a, &mut b, at(300));
+    assert!(a.in_sync());
+    assert_eq!(events(&mut a).last(), Some(&ActiveEvent::InSync));
+}
+
+#[test]
+fn rfc7767_s3_2_silent_backup_is_out_of_sync() {
+    let (mut a, mut b) = linked(3);
+    a.send_snapshot(at(1), 10, snapshot_items());
+    pump(&mut a, &mut b, at(1));
+    events(&mut a);
+    let mut t = 1;
+    while a.state() != LinkState::Disconnected {
+        t += 50;
+        a.handle_timeout(at(t));
+        let _ = a.poll_transmit(); // heartbeats go nowhere
+        assert!(t < 5_000);
+    }
+    assert!(t >= 1_000, "declared dead only after dead_after: {t}");
+    assert!(events(&mut a).contains(&ActiveEvent::OutOfSync("backup silent")));
+}
+
+#[test]
+fn design_fencing_higher_term_stops_the_active() {
+    // The backup was promoted meanwhile (term 4); the old active (term 3)
+    // comes back and connects: it must learn it is deposed.
+    let k = SubscriberKeying::default();
+    let mut old = Active::new(3, ActiveConfig::default(), k.clone());
+    let mut newer = Backup::new(4, k);
+    old.connected(at(0), 0);
+    newer.connected();
+    pump(&mut old, &mut newer, at(0));
+    assert_eq!(old.state(), LinkState::Fenced { term: 4 });
+    assert!(events(&mut old).contains(&ActiveEvent::Fenced(4)));
+    assert!(!old.push(
+        at(1),
+        99,
+        vec![Item::Upsert(mapping("198.51.100.1", 1, true))]
+    ));
+    assert_eq!(
+        newer.mapping_count(),
+        0,
+        "nothing injected by a stale active"
+    );
+}
+
+#[test]
+fn design_fencing_stale_stream_is_refused() {
+    let k = SubscriberKeying::default();
+    let mut b = Backup::new(5, k.clone());
+    b.connected();
+    let _ = b.poll_transmit();
+    let mut stale = Vec::new();
+    Message::SnapshotBegin { term: 4, seq: 1 }.encode(&mut stale);
+    Message::SnapshotPart {
+        term: 4,
+        items: vec![Item::Upsert(mapping("198.51.100.1", 1, true))],
+    }
+    .encode(&mut stale);
+    Message::SnapshotEnd { term: 4, seq: 1 }.encode(&mut stale);
+    b.handle_input(&stale).unwrap();
+    assert!(!b.in_sync());
+    assert_eq!(b.mapping_count(), 0);
+    let mut reply = b.poll_transmit().unwrap();
+    let m = Message::decode(&mut reply, &k).unwrap().unwrap();
+    assert_eq!(m.term(), 5, "the stale sender is told the current term");
+}
+
+#[test]
+fn draft_s2_6_takeover_keeps_checkpointed_epochs_and_resets_volatile_subscribers() {
+    let (mut a, mut b) = linked(3);
+    a.send_snapshot(at(1), 10, snapshot_items());
+    pump(&mut a, &mut b, at(1));
+    let t = b.promote(at(50_000));
+    assert_eq!(t.term, 4);
+    assert!(t.was_in_sync);
+    assert_eq!(t.state.anchor, T0, "the anchor travelled: epochs continue");
+    assert_eq!(t.state.mappings.len(), 2);
+    let k = SubscriberKeying::default();
+    let sub2 = k.subscriber_of("198.51.100.2".parse().unwrap());
+    let sub1 = k.subscriber_of("198.51.100.1".parse().unwrap());
+    assert_eq!(
+        t.state.subscriber_anchors,
+        vec![(sub2, at(50_000))],
+        "only the volatile one resets"
+    );
+    assert!(!t.state.subscriber_anchors.iter().any(|(s, _)| *s == sub1));
+    assert_eq!(
+        t.reset,
+        vec![(sub2, vec!["198.51.100.2".parse::<IpAddr>().unwrap()])]
+    );
+}
+
+#[test]
+fn draft_s2_6_cold_standby_resets_every_epoch() {
+    let (mut a, b) = linked(3);
+    a.send_snapshot(at(1), 10, snapshot_items());
+    // The snapshot never arrived.
+    let t = b.promote(at(9_000));
+    assert!(!t.was_in_sync);
+    assert_eq!(t.state.anchor, at(9_000));
+    assert!(t.state.mappings.is_empty());
+    assert!(t.state.subscriber_anchors.is_empty());
+}
+
+#[test]
+fn frames_round_trip_and_reassemble_across_reads() {
+    let k = SubscriberKeying::default();
+    let msgs = vec![
+        Message::Hello {
+            term: 7,
+            active: true,
+            applied: 42,
+        },
+        Message::SnapshotBegin { term: 7, seq: 42 },
+        Message::SnapshotPart {
+            term: 7,
+            items: snapshot_items(),
+        },
+        Message::SnapshotEnd { term: 7, seq: 42 },
+        Message::Changes {
+            term: 7,
+            seq: 43,
+            items: vec![
+                Item::Remove(vec![1, 2, 3]),
+                Item::Epoch {
+                    subscriber: k.subscriber_of("2001:db8::1".parse().unwrap()),
+                    anchor: at(5),
+                },
+            ],
+        },
+        Message::Ack { term: 7, seq: 43 },
+        Message::Heartbeat { term: 7 },
+    ];
+    let mut bytes = Vec::new();
+    for m in &msgs {
+        m.encode(&mut bytes);
+    }
+    // Delivered one octet at a time.
+    let mut buf = Vec::new();
+    let mut got = Vec::new();
+    for b in bytes {
+        buf.push(b);
+        while let Some(m) = Message::decode(&mut buf, &k).unwrap() {
+            got.push(m);
+        }
+    }
+    assert_eq!(got, msgs);
+    let mut huge = (portkeep_ha::wire::MAX_FRAME as u32 + 1)
+        .to_be_bytes()
+        .to_vec();
+    assert!(
+        Message::decode(&mut huge, &k).is_err(),
+        "oversized frames are refused"
+    );
+}
+
+proptest! {
+    #[test]
+    fn frames_never_panic_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let k = SubscriberKeying::default();
+        let mut buf = bytes;
+        while let Ok(Some(_)) = Message::decode(&mut buf, &k) {}
+        let mut b = Backup::new(1, k.clone());
+        let _ = b.handle_input(&buf);
+        let mut a = Active::new(1, ActiveConfig::default(), k);
+        a.connected(at(0), 0);
+        let _ = a.handle_input(at(0), &buf);
+    }
+}
+
+#[test]
+fn link_timeouts_are_scheduled() {
+    let (mut a, _b) = linked(1);
+    let t = a.poll_timeout().unwrap();
+    assert!(t <= at(0) + Duration::from_millis(100));
+}
