@@ -356,7 +356,7 @@ proptest! {
 
 #[test]
 fn link_timeouts_are_scheduled() {
-    let (mut a, _b) = linked(1);
+    let (a, _b) = linked(1);
     let t = a.poll_timeout().unwrap();
     assert!(t <= at(0) + Duration::from_millis(100));
 }
