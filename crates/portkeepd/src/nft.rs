@@ -430,10 +430,112 @@ pub(crate) fn conntrack_lines(m: &MappingRecord, out: &mut Vec<String>) {
     }
 }
 
+/// Batches with more statements than this go through `nft -f -` (one
+/// process); smaller ones through the long-lived `nft -i` session, which
+/// takes one line per transaction and saves the ~5 ms of a process start.
+const SESSION_MAX_STATEMENTS: usize = 2000;
+/// How long a session batch may take before the session is abandoned.
+const SESSION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A long-lived `nft -i`. Each batch is written as one line (statements
+/// joined by `;`), which nft runs as one transaction. nft says nothing on
+/// success, so each batch is followed by a command that is sure to fail,
+/// naming a table that does not exist: its error on stderr marks the end
+/// of the batch's output, and any other error before it is the batch's.
+#[derive(Debug)]
+struct Session {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stderr: std::sync::mpsc::Receiver<String>,
+    seq: u64,
+}
+
+impl Session {
+    fn start(nft: &std::path::Path) -> Result<Session, String> {
+        let mut child = Command::new(nft)
+            .arg("-i")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run {} -i: {e}", nft.display()))?;
+        let stdin = child.stdin.take().ok_or("nft -i: no stdin")?;
+        let mut err = child.stderr.take().ok_or("nft -i: no stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("nft-stderr".into())
+            .spawn(move || {
+                use std::io::Read as _;
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = err.read(&mut buf) {
+                    if n == 0
+                        || tx
+                            .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                            .is_err()
+                    {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start nft reader: {e}"))?;
+        Ok(Session {
+            child,
+            stdin,
+            stderr: rx,
+            seq: 0,
+        })
+    }
+
+    /// Runs one batch. `Ok(Err(msg))`: nft refused it (nothing applied);
+    /// `Err(msg)`: the session is broken.
+    fn run(&mut self, statements: &[&str]) -> Result<Result<(), String>, String> {
+        self.seq += 1;
+        let marker = format!("list table inet pksync{}", self.seq);
+        let mut line = statements.join("; ");
+        line.push('\n');
+        line.push_str(&marker);
+        line.push('\n');
+        self.stdin
+            .write_all(line.as_bytes())
+            .and_then(|()| self.stdin.flush())
+            .map_err(|e| format!("writing to nft -i: {e}"))?;
+        let mut out = String::new();
+        loop {
+            match self.stderr.recv_timeout(SESSION_TIMEOUT) {
+                Ok(chunk) => out.push_str(&chunk),
+                Err(_) => return Err(format!("nft -i stopped answering: {out}")),
+            }
+            // The marker's own error ends with its caret line.
+            if let Some(at) = out.find(&format!("\n{marker}\n")) {
+                if out[at + 1..].contains("^\n") {
+                    let before = &out[..at];
+                    // Drop the marker's "Error: ..." line.
+                    let before = before.rfind("Error:").map_or(before, |e| &before[..e]);
+                    let before = before.trim_end();
+                    return Ok(if before.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(format!("nft refused the batch: {before}"))
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The nftables dataplane.
 #[derive(Debug)]
 pub struct NftDataplane {
     settings: NftSettings,
+    /// The `nft -i` session for small batches, started on first use.
+    session: Option<Session>,
     /// What each mapping has installed, as of the last successful batch.
     installed: HashMap<Ident, Vec<Elem>>,
     /// Whether the table has been (re)built since start.
@@ -459,6 +561,7 @@ impl NftDataplane {
     pub fn new(settings: NftSettings) -> NftDataplane {
         NftDataplane {
             settings,
+            session: None,
             installed: HashMap::new(),
             built: false,
         }
@@ -469,8 +572,9 @@ impl NftDataplane {
         &self.settings
     }
 
-    /// Turns changes into nft input, against the installed state (or an
-    /// empty table when it is to be rebuilt).
+    /// Turns changes into nft input, against the installed state; when the
+    /// table is to be (re)built, the script first re-creates it with every
+    /// installed element (none at start).
     pub fn plan(&self, changes: &[ChangeRecord]) -> Batch {
         let t = &self.settings.table;
         let mut b = Batch::default();
@@ -479,6 +583,10 @@ impl NftDataplane {
             // everything in it, and build it afresh.
             let _ = writeln!(b.script, "add table inet {t}\ndelete table inet {t}");
             b.script.push_str(&table_definition(&self.settings));
+            // After a failure, whatever is known to be installed goes back.
+            for e in self.installed.values().flatten() {
+                push_elem(&mut b.script, "add", t, e);
+            }
         }
         let mut overlay: HashMap<Ident, Option<Vec<Elem>>> = HashMap::new();
         let empty: Vec<Elem> = Vec::new();
@@ -503,8 +611,7 @@ impl NftDataplane {
             };
             let old: &Vec<Elem> = match overlay.get(&id) {
                 Some(o) => o.as_ref().unwrap_or(&empty),
-                None if self.built => self.installed.get(&id).unwrap_or(&empty),
-                None => &empty,
+                None => self.installed.get(&id).unwrap_or(&empty),
             };
             let newv = new.as_ref().unwrap_or(&empty);
             for e in old.iter().filter(|e| !newv.contains(e)) {
@@ -517,6 +624,39 @@ impl NftDataplane {
         }
         b.updates = overlay.into_iter().collect();
         b
+    }
+
+    /// Runs a batch as one transaction: through the session when it is a
+    /// plain list of element statements of modest size, else `nft -f -`.
+    fn run_script(&mut self, script: &str) -> Result<(), String> {
+        let statements: Vec<&str> = script.lines().collect();
+        if !self.built || statements.len() > SESSION_MAX_STATEMENTS {
+            return self.run_nft(script);
+        }
+        if self.session.is_none() {
+            match Session::start(&self.settings.nft) {
+                Ok(s) => self.session = Some(s),
+                Err(e) => {
+                    tracing::warn!("{e}; using nft -f");
+                    return self.run_nft(script);
+                }
+            }
+        }
+        let Some(session) = self.session.as_mut() else {
+            return self.run_nft(script);
+        };
+        match session.run(&statements) {
+            Ok(result) => result,
+            Err(e) => {
+                // A broken session may or may not have applied the batch:
+                // the next batch rebuilds the table from what is known to
+                // be installed, in one transaction.
+                tracing::warn!("{e}; restarting nft -i");
+                self.session = None;
+                self.built = false;
+                Err(e)
+            }
+        }
     }
 
     /// Runs `nft -f -` with `script`.
@@ -629,7 +769,7 @@ impl Dataplane for NftDataplane {
         let rejected = std::mem::take(&mut b.rejected);
         let lines = std::mem::take(&mut b.conntrack);
         if !b.script.is_empty() {
-            self.run_nft(&b.script).map_err(err)?;
+            self.run_script(&b.script).map_err(err)?;
         }
         self.commit(b);
         self.flush_conntrack(&lines);
