@@ -359,15 +359,30 @@ pub fn table_definition(s: &NftSettings) -> String {
     d
 }
 
-fn push_elem(out: &mut String, op: &str, table: &str, e: &Elem) {
-    let _ = match &e.value {
-        Some(v) => writeln!(
-            out,
-            "{op} element inet {table} {} {{ {} : {v} }}",
-            e.set, e.key
-        ),
-        None => writeln!(out, "{op} element inet {table} {} {{ {} }}", e.set, e.key),
-    };
+/// One statement per set, in order of first appearance: nft parses one
+/// statement of many elements far faster than many statements.
+fn push_grouped(out: &mut String, op: &str, table: &str, elems: &[&Elem]) {
+    let mut sets: Vec<(&'static str, Vec<&Elem>)> = Vec::new();
+    for e in elems {
+        match sets.iter_mut().find(|(s, _)| *s == e.set) {
+            Some((_, v)) => v.push(e),
+            None => sets.push((e.set, vec![e])),
+        }
+    }
+    for (set, v) in sets {
+        let _ = write!(out, "{op} element inet {table} {set} {{ ");
+        for (i, e) in v.iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            out.push_str(&e.key);
+            if let Some(val) = &e.value {
+                out.push_str(" : ");
+                out.push_str(val);
+            }
+        }
+        out.push_str(" }\n");
+    }
 }
 
 /// `conntrack -p` names for the protocols that have ports.
@@ -430,10 +445,10 @@ pub(crate) fn conntrack_lines(m: &MappingRecord, out: &mut Vec<String>) {
     }
 }
 
-/// Batches with more statements than this go through `nft -f -` (one
-/// process); smaller ones through the long-lived `nft -i` session, which
-/// takes one line per transaction and saves the ~5 ms of a process start.
-const SESSION_MAX_STATEMENTS: usize = 2000;
+/// Batches of more elements than this go through `nft -f -` (one process);
+/// smaller ones through the long-lived `nft -i` session, which takes one
+/// line per transaction and saves the ~5 ms of a process start.
+const SESSION_MAX_ELEMENTS: usize = 2000;
 /// How long a session batch may take before the session is abandoned.
 const SESSION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -553,6 +568,8 @@ pub struct Batch {
     updates: Vec<(Ident, Option<Vec<Elem>>)>,
     /// Changes that cannot be programmed, with why.
     pub rejected: Vec<(u64, String)>,
+    /// Elements added or deleted.
+    pub elements: usize,
 }
 
 impl NftDataplane {
@@ -578,18 +595,9 @@ impl NftDataplane {
     pub fn plan(&self, changes: &[ChangeRecord]) -> Batch {
         let t = &self.settings.table;
         let mut b = Batch::default();
-        if !self.built {
-            // One transaction: make sure the table exists, delete it with
-            // everything in it, and build it afresh.
-            let _ = writeln!(b.script, "add table inet {t}\ndelete table inet {t}");
-            b.script.push_str(&table_definition(&self.settings));
-            // After a failure, whatever is known to be installed goes back.
-            for e in self.installed.values().flatten() {
-                push_elem(&mut b.script, "add", t, e);
-            }
-        }
+        // Each mapping's state after the batch, in first-touched order.
+        let mut order: Vec<Ident> = Vec::new();
         let mut overlay: HashMap<Ident, Option<Vec<Elem>>> = HashMap::new();
-        let empty: Vec<Elem> = Vec::new();
         for c in changes {
             let (m, new) = match &c.change {
                 Change::Upserted(m) => match elements(m) {
@@ -609,28 +617,57 @@ impl NftDataplane {
                 kind: m.kind,
                 key: m.key,
             };
-            let old: &Vec<Elem> = match overlay.get(&id) {
-                Some(o) => o.as_ref().unwrap_or(&empty),
-                None => self.installed.get(&id).unwrap_or(&empty),
-            };
-            let newv = new.as_ref().unwrap_or(&empty);
-            for e in old.iter().filter(|e| !newv.contains(e)) {
-                push_elem(&mut b.script, "delete", t, e);
+            if overlay.insert(id, new).is_none() {
+                order.push(id);
             }
-            for e in newv.iter().filter(|e| !old.contains(e)) {
-                push_elem(&mut b.script, "add", t, e);
-            }
-            overlay.insert(id, new);
         }
-        b.updates = overlay.into_iter().collect();
+        // The net difference: what goes, then what comes. Deletes first,
+        // so an element that moves from one mapping to another in the
+        // same batch (an external port reused) is deleted before it is
+        // added again.
+        let empty: Vec<Elem> = Vec::new();
+        let mut dels: Vec<&Elem> = Vec::new();
+        let mut adds: Vec<&Elem> = Vec::new();
+        if self.built {
+            for id in &order {
+                let old = self.installed.get(id).unwrap_or(&empty);
+                let new = overlay.get(id).and_then(Option::as_ref).unwrap_or(&empty);
+                dels.extend(old.iter().filter(|e| !new.contains(e)));
+                adds.extend(new.iter().filter(|e| !old.contains(e)));
+            }
+        } else {
+            // One transaction: make sure the table exists, delete it with
+            // everything in it, and build it afresh with every mapping
+            // (after a failure, what is known to be installed comes back).
+            let _ = writeln!(b.script, "add table inet {t}\ndelete table inet {t}");
+            b.script.push_str(&table_definition(&self.settings));
+            for (id, els) in &self.installed {
+                if !overlay.contains_key(id) {
+                    adds.extend(els);
+                }
+            }
+            for id in &order {
+                adds.extend(overlay.get(id).and_then(Option::as_ref).unwrap_or(&empty));
+            }
+        }
+        b.elements = dels.len() + adds.len();
+        push_grouped(&mut b.script, "delete", t, &dels);
+        push_grouped(&mut b.script, "add", t, &adds);
+        b.updates = order
+            .into_iter()
+            .map(|id| {
+                let v = overlay.remove(&id).flatten();
+                (id, v)
+            })
+            .collect();
         b
     }
 
     /// Runs a batch as one transaction: through the session when it is a
     /// plain list of element statements of modest size, else `nft -f -`.
-    fn run_script(&mut self, script: &str) -> Result<(), String> {
+    fn run_script(&mut self, script: &str, elements: usize) -> Result<(), String> {
         let statements: Vec<&str> = script.lines().collect();
-        if !self.built || statements.len() > SESSION_MAX_STATEMENTS {
+        if !self.built || elements > SESSION_MAX_ELEMENTS {
             return self.run_nft(script);
         }
         if self.session.is_none() {
@@ -769,7 +806,7 @@ impl Dataplane for NftDataplane {
         let rejected = std::mem::take(&mut b.rejected);
         let lines = std::mem::take(&mut b.conntrack);
         if !b.script.is_empty() {
-            self.run_script(&b.script).map_err(err)?;
+            self.run_script(&b.script, b.elements).map_err(err)?;
         }
         self.commit(b);
         self.flush_conntrack(&lines);
@@ -901,8 +938,7 @@ mod tests {
             "add element inet portkeep dnat4 { 6 . 198.51.100.1 . 30022 : 10.0.0.2 . 22 }\n\
              add element inet portkeep snat4 { 6 . 10.0.0.2 . 22 : 198.51.100.1 . 30022 }\n\
              add element inet portkeep filtered4 { 6 . 198.51.100.1 . 30022 }\n\
-             add element inet portkeep allow4 { 6 . 198.51.100.1 . 30022 . 203.0.113.0/24 . 0-65535 }\n\
-             add element inet portkeep allow4 { 6 . 198.51.100.1 . 30022 . 192.0.2.7/32 . 5000 }\n"
+             add element inet portkeep allow4 { 6 . 198.51.100.1 . 30022 . 203.0.113.0/24 . 0-65535, 6 . 198.51.100.1 . 30022 . 192.0.2.7/32 . 5000 }\n"
         );
         // Filters on an all-ports mapping cannot be expressed: refused,
         // never silently dropped (that would open more than was asked).
@@ -999,17 +1035,30 @@ mod tests {
     }
 
     #[test]
+    fn an_external_port_reused_in_one_batch_is_deleted_before_added() {
+        let mut dp = built();
+        let a = map(Protocol::TCP, "10.0.0.2:22", "198.51.100.1:30022");
+        let b = dp.plan(&[up(1, &a)]);
+        dp.commit(b);
+        let c = map(Protocol::TCP, "10.0.0.3:22", "198.51.100.1:30022");
+        let d = map(Protocol::TCP, "10.0.0.4:80", "198.51.100.1:30080");
+        let b = dp.plan(&[down(2, &a), up(3, &c), up(4, &d)]);
+        assert_eq!(
+            b.script,
+            "delete element inet portkeep dnat4 { 6 . 198.51.100.1 . 30022 : 10.0.0.2 . 22 }\n\
+             delete element inet portkeep snat4 { 6 . 10.0.0.2 . 22 : 198.51.100.1 . 30022 }\n\
+             add element inet portkeep dnat4 { 6 . 198.51.100.1 . 30022 : 10.0.0.3 . 22, 6 . 198.51.100.1 . 30080 : 10.0.0.4 . 80 }\n\
+             add element inet portkeep snat4 { 6 . 10.0.0.3 . 22 : 198.51.100.1 . 30022, 6 . 10.0.0.4 . 80 : 198.51.100.1 . 30080 }\n"
+        );
+        assert_eq!(b.elements, 6);
+    }
+
+    #[test]
     fn create_and_delete_in_one_batch_cancel_out() {
         let dp = built();
         let m = map(Protocol::TCP, "10.0.0.2:22", "198.51.100.1:30022");
         let b = dp.plan(&[up(1, &m), down(2, &m)]);
-        assert_eq!(
-            b.script,
-            "add element inet portkeep dnat4 { 6 . 198.51.100.1 . 30022 : 10.0.0.2 . 22 }\n\
-             add element inet portkeep snat4 { 6 . 10.0.0.2 . 22 : 198.51.100.1 . 30022 }\n\
-             delete element inet portkeep dnat4 { 6 . 198.51.100.1 . 30022 : 10.0.0.2 . 22 }\n\
-             delete element inet portkeep snat4 { 6 . 10.0.0.2 . 22 : 198.51.100.1 . 30022 }\n"
-        );
+        assert_eq!(b.script, "");
         assert_eq!(b.updates.len(), 1);
         assert!(b.updates[0].1.is_none());
     }
