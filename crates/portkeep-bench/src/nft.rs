@@ -25,7 +25,7 @@ fn record(i: usize) -> MappingRecord {
         kind: MappingKind::Map,
         key: MappingKey {
             internal_ip: internal,
-            protocol: if i % 2 == 0 {
+            protocol: if i.is_multiple_of(2) {
                 Protocol::TCP
             } else {
                 Protocol::UDP
@@ -150,7 +150,7 @@ pub(crate) fn paced(server: SocketAddr, rate: f64, count: usize, json: bool) -> 
     for i in 0..count {
         let due = Duration::from_secs_f64(i as f64 / rate);
         while start.elapsed() < due {
-            let left = due - start.elapsed();
+            let left = due.saturating_sub(start.elapsed());
             if left > Duration::from_micros(200) {
                 std::thread::sleep(left - Duration::from_micros(100));
             } else {
