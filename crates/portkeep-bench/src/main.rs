@@ -83,6 +83,22 @@ struct Args {
     /// walker. Replaces the MAP load phases.
     #[arg(long, value_name = "MAPPINGS")]
     walk: Option<usize>,
+    /// nftables: install this many mappings through the nftables
+    /// dataplane in one batch (table `inet pkbench`, in the current network
+    /// namespace; needs root), time it, remove them, and exit.
+    #[arg(long, value_name = "MAPPINGS")]
+    nft_install: Option<usize>,
+    /// Paced mode: send MAP creates at this many per second, one at a
+    /// time, and report reply latency percentiles (replaces the load phases).
+    #[arg(long, value_name = "PER_SECOND")]
+    rate: Option<f64>,
+    /// Paced mode: how many requests.
+    #[arg(long, default_value_t = 10000)]
+    count: usize,
+    /// Dataplane of the spawned server: memory or nftables (nftables needs
+    /// root; run the bench in a scratch network namespace).
+    #[arg(long, default_value = "memory")]
+    dataplane: String,
 }
 
 /// Reads the clock; the bench is all I/O, the cores never do this.
@@ -313,14 +329,17 @@ impl Spawned {
             &cfg,
             format!(
                 "listen = [\"{addr}\"]\ndata_dir = \"{}\"\nexternal_addresses = [\"192.0.2.0/26\", \"198.18.0.0/26\"]\nworkers = {}\n\
-                 [subscribers]\nmax_mappings = {}\n[limits]\nmax_mappings = {}\n[store]\nmode = \"{}\"\n{checkpoint}",
+                 [subscribers]\nmax_mappings = {}\n[limits]\nmax_mappings = {}\n[store]\nmode = \"{}\"\n\
+                 [dataplane]\nkind = \"{}\"\n{checkpoint}",
                 dir.join("data").display(),
                 args.server_workers,
                 args.mappings_per_client
                     .max(args.walk.unwrap_or(0) + 1)
+                    .max(args.count + 1)
                     .max(1024),
                 (total + 1024).max(4_000_000),
                 args.store,
+                args.dataplane,
             ),
         )?;
         let child = Self::launch(bin, &cfg)?;
@@ -392,6 +411,7 @@ impl Spawned {
     }
 }
 
+mod nft;
 mod walk;
 /// `--core-ab`: the core's MAP refresh rate without and with
 /// CHECKPOINT_REQUIRED, measured in alternating 100 ms slices.
@@ -510,6 +530,9 @@ fn main() -> anyhow::Result<()> {
     if args.core_ab {
         return core_ab(&args);
     }
+    if let Some(n) = args.nft_install {
+        return nft::install(n, args.json);
+    }
     if args.mappings_per_client > 60000 {
         bail!("--mappings-per-client is at most 60000");
     }
@@ -524,6 +547,9 @@ fn main() -> anyhow::Result<()> {
     let rss_before = pid.and_then(rss_kib);
     if let Some(n) = args.walk {
         return walk::run(server, n, args.json);
+    }
+    if let Some(rate) = args.rate {
+        return nft::paced(server, rate, args.count, args.json);
     }
     let mut clients = Vec::with_capacity(args.clients);
     for i in 0..args.clients {

@@ -211,22 +211,129 @@ pub struct ExtensionSection {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataplaneSection {
-    /// "memory" (the only kind so far).
+    /// "memory" (default) or "nftables".
     pub kind: Option<String>,
+    /// nftables: the table Portkeep owns (family inet).
+    pub table: Option<String>,
+    /// nftables: "keep" (default) or "flush" the table on a clean stop.
+    pub on_stop: Option<String>,
+    /// nftables: interfaces inbound mappings apply on.
+    pub external_interfaces: Option<Vec<String>>,
+    /// nftables: interfaces whose outbound traffic the SNAT pins apply to.
+    pub internal_interfaces: Option<Vec<String>>,
+    /// nftables: path of the `nft` binary.
+    pub nft_path: Option<String>,
+    /// nftables: path of the `conntrack` binary.
+    pub conntrack_path: Option<String>,
+    /// nftables: delete the flows of removed mappings (default true).
+    pub conntrack_cleanup: Option<bool>,
 }
 
 /// Which dataplane to program.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DataplaneKind {
     /// Remember rules in memory only.
     Memory,
+    /// Program the Linux NAT through nftables.
+    Nftables(crate::nft::NftSettings),
 }
 
 impl std::fmt::Display for DataplaneKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            DataplaneKind::Memory => "memory",
-        })
+        match self {
+            DataplaneKind::Memory => f.write_str("memory"),
+            DataplaneKind::Nftables(n) => write!(f, "nftables (table inet {})", n.table),
+        }
+    }
+}
+
+impl DataplaneSection {
+    /// Checks the section; every error names its key.
+    fn validate(self) -> Result<DataplaneKind, ConfigError> {
+        let nft_keys = self.table.is_some()
+            || self.on_stop.is_some()
+            || self.external_interfaces.is_some()
+            || self.internal_interfaces.is_some()
+            || self.nft_path.is_some()
+            || self.conntrack_path.is_some()
+            || self.conntrack_cleanup.is_some();
+        match self.kind.as_deref() {
+            None | Some("memory") => {
+                if nft_keys {
+                    return Err(invalid(
+                        "dataplane.kind",
+                        "the nftables keys need kind = \"nftables\"",
+                    ));
+                }
+                return Ok(DataplaneKind::Memory);
+            }
+            Some("nftables") => {}
+            Some(other) => {
+                return Err(invalid(
+                    "dataplane.kind",
+                    format!("unknown dataplane `{other}` (expected \"memory\" or \"nftables\")"),
+                ))
+            }
+        }
+        let mut n = crate::nft::NftSettings::default();
+        if let Some(t) = self.table {
+            // nft identifiers; anything else would need quoting.
+            let ok = !t.is_empty()
+                && t.len() <= 64
+                && t.starts_with(|c: char| c.is_ascii_alphabetic())
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !ok {
+                return Err(invalid(
+                    "dataplane.table",
+                    format!("`{t}` is not a table name (letters, digits, `_`, `-`; at most 64, starting with a letter)"),
+                ));
+            }
+            n.table = t;
+        }
+        n.on_stop = match self.on_stop.as_deref() {
+            None | Some("keep") => crate::nft::OnStop::Keep,
+            Some("flush") => crate::nft::OnStop::Flush,
+            Some(other) => {
+                return Err(invalid(
+                    "dataplane.on_stop",
+                    format!("unknown value `{other}` (expected \"keep\" or \"flush\")"),
+                ))
+            }
+        };
+        let ifaces = |key: &str, v: Option<Vec<String>>| -> Result<Vec<String>, ConfigError> {
+            let v = v.unwrap_or_default();
+            for name in &v {
+                // IFNAMSIZ is 16 with the terminating NUL.
+                let ok = !name.is_empty()
+                    && name.len() <= 15
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_graphic() && c != '"' && c != '/' && c != '\\');
+                if !ok {
+                    return Err(invalid(key, format!("`{name}` is not an interface name")));
+                }
+            }
+            Ok(v)
+        };
+        n.external_interfaces = ifaces("dataplane.external_interfaces", self.external_interfaces)?;
+        n.internal_interfaces = ifaces("dataplane.internal_interfaces", self.internal_interfaces)?;
+        if let Some(p) = self.nft_path {
+            if p.is_empty() {
+                return Err(invalid("dataplane.nft_path", "must not be empty"));
+            }
+            n.nft = PathBuf::from(p);
+        }
+        if let Some(p) = self.conntrack_path {
+            if p.is_empty() {
+                return Err(invalid("dataplane.conntrack_path", "must not be empty"));
+            }
+            n.conntrack = Some(PathBuf::from(p));
+        }
+        if self.conntrack_cleanup == Some(false) {
+            n.conntrack = None;
+        }
+        Ok(DataplaneKind::Nftables(n))
     }
 }
 
@@ -429,15 +536,7 @@ impl ConfigFile {
             .iter()
             .map(|s| parse_client(s).map_err(|m| invalid("announce.unicast", m)))
             .collect::<Result<Vec<_>, _>>()?;
-        let dataplane = match self.dataplane.kind.as_deref() {
-            None | Some("memory") => DataplaneKind::Memory,
-            Some(other) => {
-                return Err(invalid(
-                    "dataplane.kind",
-                    format!("unknown dataplane `{other}` (expected \"memory\")"),
-                ))
-            }
-        };
+        let dataplane = self.dataplane.validate()?;
         let workers = match self.workers {
             None | Some(0) => std::thread::available_parallelism().map_or(1, |n| n.get()),
             Some(n) if n > 64 => return Err(invalid("workers", "expected 0 to 64")),
@@ -642,6 +741,17 @@ mod tests {
         assert!(err("[subscribers]\nipv6_prefix_len = 0").contains("ipv6_prefix_len"));
         assert!(err("[third_party]\nallow = [\"1.2.3.4/40\"]").contains("third_party.allow"));
         assert!(err("[dataplane]\nkind = \"pf\"").contains("dataplane.kind"));
+        assert!(err("[dataplane]\ntable = \"x\"").contains("dataplane.kind"));
+        let nft = "[dataplane]\nkind = \"nftables\"\n";
+        assert!(err(&format!("{nft}table = \"a b\"")).contains("dataplane.table"));
+        assert!(err(&format!("{nft}on_stop = \"maybe\"")).contains("dataplane.on_stop"));
+        assert!(err(&format!("{nft}external_interfaces = [\"a\\\"b\"]"))
+            .contains("dataplane.external_interfaces"));
+        assert!(err(&format!(
+            "{nft}internal_interfaces = [\"0123456789abcdef\"]"
+        ))
+        .contains("dataplane.internal_interfaces"));
+        assert!(err(&format!("{nft}nft_path = \"\"")).contains("dataplane.nft_path"));
         assert!(err("[extensions]\nget_opcode = 1").contains("extensions.get_opcode"));
         assert!(err("[extensions]\nnext_option = 200").contains("extensions.next_option"));
         assert!(err("[extensions]\nnext_option = 5").contains("extensions.next_option"));
@@ -665,5 +775,27 @@ mod tests {
         .validate()
         .unwrap();
         assert_eq!(s.server.external_addresses.len(), 5);
+    }
+
+    #[test]
+    fn nftables_section() {
+        let s = ConfigFile::parse(
+            "[dataplane]\nkind = \"nftables\"\ntable = \"pk_test\"\non_stop = \"flush\"\n\
+             external_interfaces = [\"wan0\"]\ninternal_interfaces = [\"lan0\", \"lan1\"]\n\
+             conntrack_cleanup = false",
+            "x",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        let DataplaneKind::Nftables(n) = s.dataplane else {
+            panic!("not nftables: {:?}", s.dataplane);
+        };
+        assert_eq!(n.table, "pk_test");
+        assert_eq!(n.on_stop, crate::nft::OnStop::Flush);
+        assert_eq!(n.external_interfaces, vec!["wan0"]);
+        assert_eq!(n.internal_interfaces, vec!["lan0", "lan1"]);
+        assert_eq!(n.conntrack, None);
+        assert_eq!(n.nft, PathBuf::from("nft"));
     }
 }

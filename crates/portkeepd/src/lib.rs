@@ -8,6 +8,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod mmsg;
+pub mod nft;
 pub mod runtime;
 pub mod store;
 

@@ -400,10 +400,13 @@ impl Daemon {
         })?;
         let clock = Clock::start();
         let start = load(&settings, &clock)?;
-        let mut dataplane: Box<dyn Dataplane> = match settings.dataplane {
+        let mut dataplane: Box<dyn Dataplane> = match &settings.dataplane {
             DataplaneKind::Memory => Box::new(MemoryDataplane::new()),
+            DataplaneKind::Nftables(n) => Box::new(crate::nft::NftDataplane::new(n.clone())),
         };
-        // Re-install what was restored, before anyone is answered.
+        // Re-install what was restored, before anyone is answered. The
+        // first apply also builds (or rebuilds) the nftables table, so it
+        // runs even with nothing to install.
         let installed: Vec<ChangeRecord> = start
             .server
             .mappings()
@@ -413,9 +416,7 @@ impl Daemon {
                 change: Change::Upserted(m),
             })
             .collect();
-        if !installed.is_empty() {
-            dataplane.apply(&installed)?;
-        }
+        dataplane.apply(&installed)?;
         let workers = settings.workers.max(1);
         // Bind every worker's socket before serving, so a port conflict is
         // reported at start and an ephemeral port (`:0`) is shared.
