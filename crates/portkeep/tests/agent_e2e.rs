@@ -655,3 +655,72 @@ fn rfc7767_s4_policy_file_overrides_application() {
         .iter()
         .all(|m| m["checkpoint_honoured"] == json!(false)));
 }
+
+/// CPU time (user + system) of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at ")".
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat(5), 12 and 13 here.
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// The docs/performance.md benchmark: one agent keeps 10,000 mappings;
+/// after `ctl clear --all` (state loss with an ANNOUNCE) all are re-created.
+/// Run with `cargo test -p portkeep --test agent_e2e -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark: about a minute; run explicitly"]
+fn bench_agent_10k_mappings_recreated_after_clear() {
+    const N: u16 = 10_000;
+    let ip = host_ip();
+    let config = "[store]\nmode = \"relaxed\"\n[subscribers]\nmax_mappings = 20000\n";
+    let server = Server::start(config);
+    let state = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&state.path().join("a"), server.addr(), ip, &[]);
+    // Pipelined adds on one connection: a writer thread and this reader.
+    let t_add = now();
+    let stream = UnixStream::connect(state.path().join("a").join("agent.sock")).unwrap();
+    let mut w = stream.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        for i in 0..N {
+            let line = json!({"op": "add", "app": format!("app{}", i % 50), "protocol": "udp", "port": 20_000 + i});
+            writeln!(w, "{line}").unwrap();
+        }
+    });
+    let mut r = BufReader::new(stream);
+    for _ in 0..N {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.contains("\"ok\":true"), "{line}");
+    }
+    writer.join().unwrap();
+    wait_until("10,000 granted", Duration::from_secs(60), || {
+        (agent.status()["granted"] == json!(N)).then_some(())
+    });
+    eprintln!("10,000 adds answered and granted in {:?}", t_add.elapsed());
+    std::thread::sleep(Duration::from_secs(1));
+    // Idle CPU over 10 s.
+    let hz = 100.0; // USER_HZ on Linux
+    let c0 = cpu_ticks(agent.pid());
+    std::thread::sleep(Duration::from_secs(10));
+    let idle = (cpu_ticks(agent.pid()) - c0) as f64 / hz / 10.0 * 100.0;
+    eprintln!("agent idle CPU with 10,000 mappings: {idle:.2}% of one core");
+    let s0 = agent.status();
+    let t0 = now();
+    let cleared = server.ctl(&["clear", "--all"]);
+    assert_eq!(cleared["removed"], json!(N), "{cleared}");
+    wait_until("all re-created", Duration::from_secs(30), || {
+        (server.ctl(&["status"])["mappings"] == json!(N)).then_some(())
+    });
+    let took = t0.elapsed();
+    let s1 = agent.status();
+    let recreates = counter(&s1, "recreates") - counter(&s0, "recreates");
+    let sent = counter(&s1, "datagrams_sent") - counter(&s0, "datagrams_sent");
+    eprintln!(
+        "re-created {recreates} mappings in {took:?} after ctl clear --all ({sent} datagrams, {:.0}/s average)",
+        sent as f64 / took.as_secs_f64()
+    );
+    assert_eq!(recreates, u64::from(N));
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+}

@@ -148,6 +148,8 @@ struct Agent {
     session: Session,
     policy: Policy,
     mappings: BTreeMap<MappingId, AppMapping>,
+    /// (protocol, internal port) to mapping: the server's key for this host.
+    by_port: HashMap<(Protocol, u16), MappingId>,
     next_id: u64,
     /// Orphans awaiting adoption, until `adopt_deadline`.
     orphans: Vec<Orphan>,
@@ -281,7 +283,14 @@ impl Agent {
             } => {
                 let sg = self.stored_grant(&grant);
                 let mut v = self.event_base(id);
+                let mut changed = kind != GrantKind::Renewed;
                 if let Some(m) = self.mappings.get_mut(&id) {
+                    // A renewal that changes nothing but the expiry is not
+                    // written: after a restart the mapping is merely renewed
+                    // sooner. This keeps an idle agent's disk and CPU quiet.
+                    changed |= m.grant.as_ref().is_none_or(|g| {
+                        g.external != sg.external || g.checkpoint_honoured != sg.checkpoint_honoured
+                    });
                     m.grant = Some(sg);
                     m.state = "granted";
                     m.last_result = Some(0);
@@ -298,7 +307,9 @@ impl Agent {
                 v["checkpoint_requested"] = json!(checkpoint_requested);
                 v["checkpoint_honoured"] = json!(grant.checkpoint_honoured);
                 self.emit(v);
-                self.mark_dirty(now);
+                if changed {
+                    self.mark_dirty(now);
+                }
             }
             SessionEvent::Failed {
                 id,
@@ -391,10 +402,9 @@ impl Agent {
         let asked_life = self.policy.lifetime(&app, lifetime, self.opts.lifetime);
         // The same application asking again for what it holds: it restarted.
         let existing = self
-            .mappings
-            .iter()
-            .find(|(_, m)| m.protocol == protocol && m.port == port)
-            .map(|(id, m)| (*id, m.app.clone()));
+            .by_port
+            .get(&(protocol, port))
+            .and_then(|id| Some((*id, self.mappings.get(id)?.app.clone())));
         if let Some((id, owner)) = existing {
             if owner != app {
                 return err(format!(
@@ -422,7 +432,7 @@ impl Agent {
             let (life, want) = (m.lifetime, cp);
             self.session
                 .update_request(id, |b| b.lifetime(life).checkpoint(want));
-            self.flush();
+            self.mark_dirty(now);
             return json!({"ok": true, "id": id, "existing": true, "lifetime": life, "crash_looping": crashing, "checkpoint": cp, "checkpoint_source": source});
         }
         let id = self.next_id;
@@ -471,9 +481,12 @@ impl Agent {
                     m.grant = Some(self.stored_grant(&g));
                     m.state = "granted";
                 }
+                self.by_port.insert((protocol, port), id);
                 self.mappings.insert(id, m);
-                // The nonce is on disk before the request leaves.
-                self.flush();
+                // Written within FLUSH_DELAY, not before the request leaves:
+                // the nonce derives from the key, so a crash in between
+                // loses nothing the application's next `add` cannot redo.
+                self.mark_dirty(now);
                 json!({"ok": true, "id": id, "nonce": nonce, "checkpoint": cp, "checkpoint_source": source, "lifetime": asked_life})
             }
             Err(e) => err(e.to_string()),
@@ -498,10 +511,10 @@ impl Agent {
                     return err(format!("bad protocol {protocol}"));
                 };
                 let id = self
-                    .mappings
-                    .iter()
-                    .find(|(_, m)| m.app == app && m.protocol == protocol && m.port == port)
-                    .map(|(id, _)| *id);
+                    .by_port
+                    .get(&(protocol, port))
+                    .copied()
+                    .filter(|id| self.mappings.get(id).is_some_and(|m| m.app == app));
                 let Some(id) = id else {
                     return err(format!(
                         "app {app} has no {} {port} mapping",
@@ -509,8 +522,9 @@ impl Agent {
                     ));
                 };
                 self.mappings.remove(&id);
+                self.by_port.remove(&(protocol, port));
                 self.session.remove(now, id);
-                self.flush();
+                self.mark_dirty(now);
                 json!({"ok": true, "id": id})
             }
             ApiRequest::List => {
@@ -740,6 +754,7 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
         session: Session::new(stored_server, client_ip, session_cfg, seed),
         policy,
         mappings: BTreeMap::new(),
+        by_port: HashMap::new(),
         next_id: 1,
         orphans: Vec::new(),
         adopt_deadline: None,
@@ -794,6 +809,7 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
                 match r {
                     Ok(()) => {
                         agent.next_id = agent.next_id.max(sm.id + 1);
+                        agent.by_port.insert((m.protocol, m.port), sm.id);
                         agent.mappings.insert(sm.id, m);
                     }
                     Err(e) => eprintln!("portkeep agent: stored mapping {} dropped: {e}", sm.id),
