@@ -126,6 +126,9 @@ pub enum RecreateReason {
     Announce(EpochInvalid),
     /// The server's address changed (failure-scenarios draft section 2.1).
     ServerChanged,
+    /// The client's own address changed (failure-scenarios draft
+    /// section 2.4).
+    ClientAddressChanged,
 }
 
 /// Something the session's owner should know.
@@ -507,6 +510,21 @@ impl Session {
         }
     }
 
+    /// Renews a held mapping now rather than at its scheduled point, so a
+    /// changed request (shorter lifetime, check-pointing) applies at once.
+    /// Nothing happens to a mapping that is not held or is in the middle
+    /// of an exchange or an error hold-off.
+    pub fn renew_now(&mut self, now: Instant, id: MappingId) {
+        let Some(e) = self.entries.get_mut(&id) else {
+            return;
+        };
+        let held = e.grant.is_some() && !e.removing && e.tx.is_none();
+        if held && e.hold_until.is_none_or(|h| h <= now) {
+            e.next = Some((now, Purpose::Renew));
+            self.reschedule(id);
+        }
+    }
+
     /// Stops keeping a mapping and deletes it on the server (a MAP with
     /// lifetime 0 and its nonce, RFC 6887 section 15). A mapping never
     /// sent is dropped at once.
@@ -560,6 +578,31 @@ impl Session {
         self.epoch.reset();
         self.announce = None;
         self.recreate_all(now, None, RecreateReason::ServerChanged);
+    }
+
+    /// The client's address changed (failure-scenarios draft section 2.4):
+    /// every mapping is installed again from `ip`, and the returned
+    /// datagrams delete the stale ones (MAP, lifetime 0, same nonce, the
+    /// old address in the header, RFC 6887 section 15). They must leave
+    /// from the old address, or the server answers ADDRESS_MISMATCH; they
+    /// are best effort (a stale mapping nobody deletes simply expires).
+    pub fn set_client_ip(&mut self, now: Instant, ip: IpAddr) -> Vec<Vec<u8>> {
+        if ip == self.client_ip {
+            return Vec::new();
+        }
+        let old = self.client_ip;
+        let cp = self.config.code_points;
+        let stale: Vec<Vec<u8>> = self
+            .entries
+            .values()
+            .filter(|e| e.grant.is_some() || e.tx.is_some())
+            .filter_map(|e| e.request.delete_of()?.build(old).ok()?.to_bytes(&cp).ok())
+            .collect();
+        self.client_ip = ip;
+        self.announce = None;
+        self.recreate_all(now, None, RecreateReason::ClientAddressChanged);
+        self.counters.deletes += stale.len() as u64;
+        stale
     }
 
     fn jitter(&mut self) -> Duration {
@@ -1462,6 +1505,31 @@ mod tests {
             }]
         );
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn draft_s2_4_new_client_address_reinstalls_and_deletes_stale() {
+        let t = t0();
+        let mut s = granted(2, t, 1);
+        let new_ip: IpAddr = "10.0.0.3".parse().unwrap();
+        let stale = s.set_client_ip(t, new_ip);
+        assert_eq!(stale.len(), 2);
+        for d in &stale {
+            let r = Request::parse(d, &CodePoints::default()).unwrap();
+            assert_eq!(r.header.lifetime, 0, "a delete");
+            assert_eq!(
+                portkeep_proto::addr::from_wire(r.header.client_ip),
+                client_ip(),
+                "from the old address"
+            );
+        }
+        s.handle_timeout(t + Duration::from_millis(500));
+        let sent = drain(&mut s);
+        assert_eq!(sent.len(), 2);
+        for r in &sent {
+            assert_eq!(portkeep_proto::addr::from_wire(r.header.client_ip), new_ip);
+            assert_eq!(r.header.lifetime, 1000);
+        }
     }
 
     #[test]

@@ -656,6 +656,82 @@ fn rfc7767_s4_policy_file_overrides_application() {
         .all(|m| m["checkpoint_honoured"] == json!(false)));
 }
 
+#[test]
+fn draft_s2_4_internal_address_change_reinstalls_and_deletes_stale() {
+    let ip = host_ip();
+    let IpAddr::V4(v4) = ip else { unreachable!() };
+    let [a, b, c, _] = v4.octets();
+    let ip2 = IpAddr::V4(Ipv4Addr::new(a, b, c, 2));
+    let server = Server::start(RELAXED);
+    let state = tempfile::tempdir().unwrap();
+    let cfg = state.path().join("agent.toml");
+    std::fs::write(&cfg, format!("bind = \"{ip}\"\n")).unwrap();
+    let agent = Agent::start(
+        &state.path().join("a"),
+        server.addr(),
+        ip,
+        &["--config", cfg.to_str().unwrap()],
+    );
+    agent.add("web", 8080, json!({}));
+    agent.add("ssh", 22, json!({}));
+    agent.wait_granted(2, Duration::from_secs(5));
+    let internal = |s: &Server| -> Vec<String> {
+        let v = s.ctl(&["mappings"]);
+        let mut ips: Vec<String> = v["mappings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["internal_ip"].as_str().unwrap().to_owned())
+            .collect();
+        ips.sort();
+        ips
+    };
+    assert_eq!(internal(&server), vec![ip.to_string(); 2]);
+    std::fs::write(&cfg, format!("bind = \"{ip2}\"\n")).unwrap();
+    let t0 = now();
+    let ok = Command::new("kill")
+        .args(["-HUP", &agent.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    // Re-installed from the new address, the stale ones deleted.
+    wait_until(
+        "mappings moved to the new address",
+        Duration::from_secs(5),
+        || (internal(&server) == vec![ip2.to_string(); 2]).then_some(()),
+    );
+    eprintln!("internal address change recovery: {:?}", t0.elapsed());
+    agent.wait_granted(2, Duration::from_secs(2));
+    assert_eq!(agent.status()["client_ip"], json!(ip2.to_string()));
+}
+
+#[test]
+fn draft_s2_3_crash_looping_application_gets_short_lifetimes() {
+    let ip = host_ip();
+    let server = Server::start(RELAXED);
+    let state = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&state.path().join("a"), server.addr(), ip, &[]);
+    let first = agent.add("flaky", 8080, json!({"lifetime": 3600}));
+    assert_eq!(first["lifetime"], json!(3600));
+    agent.wait_granted(1, Duration::from_secs(5));
+    // The application restarts twice more and asks again each time.
+    agent.add("flaky", 8080, json!({"lifetime": 3600}));
+    let third = agent.add("flaky", 8080, json!({"lifetime": 3600}));
+    assert_eq!(third["crash_looping"], json!(true), "{third}");
+    assert_eq!(third["lifetime"], json!(120));
+    // Applied at once with a renewal, not an hour later.
+    wait_until(
+        "the server's lifetime shortened",
+        Duration::from_secs(5),
+        || {
+            let v = server.ctl(&["mappings"]);
+            let l = v["mappings"][0]["lifetime"].as_u64()?;
+            (l <= 120).then_some(())
+        },
+    );
+    assert_eq!(server.mappings().len(), 1, "the same mapping, renewed");
+}
+
 /// CPU time (user + system) of a process, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

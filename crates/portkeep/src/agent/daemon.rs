@@ -44,6 +44,8 @@ const CRASH_WINDOW: Duration = Duration::from_secs(600);
 const CRASH_ADDS: usize = 3;
 /// The short lifetime a crashing application gets, seconds.
 const CRASH_LIFETIME: u32 = 120;
+/// How often the source address towards the server is re-checked.
+const ADDRESS_POLL: Duration = Duration::from_secs(5);
 /// Store writes are batched this long while grants change.
 const FLUSH_DELAY: Duration = Duration::from_millis(250);
 
@@ -353,6 +355,7 @@ impl Agent {
                     RecreateReason::Epoch(_) => "epoch",
                     RecreateReason::Announce(_) => "announce",
                     RecreateReason::ServerChanged => "server_changed",
+                    RecreateReason::ClientAddressChanged => "client_address_changed",
                 };
                 self.emit(json!({"event": "recreating", "reason": reason, "count": count}));
             }
@@ -418,6 +421,7 @@ impl Agent {
             m.adds
                 .retain(|&t| wall.saturating_sub(t) < CRASH_WINDOW.as_millis() as u64);
             m.adds.push(wall);
+            let life_before = m.lifetime;
             let crashing = m.adds.len() >= CRASH_ADDS;
             // Failure-scenarios draft section 2.3: a crash-looping
             // application gets short lifetimes until it stays up.
@@ -426,12 +430,16 @@ impl Agent {
             } else {
                 asked_life
             };
+            let changed = m.lifetime != life_before || m.checkpoint != cp;
             m.app_checkpoint = checkpoint;
             m.checkpoint = cp;
             m.source = source;
             let (life, want) = (m.lifetime, cp);
             self.session
                 .update_request(id, |b| b.lifetime(life).checkpoint(want));
+            if changed {
+                self.session.renew_now(now, id);
+            }
             self.mark_dirty(now);
             return json!({"ok": true, "id": id, "existing": true, "lifetime": life, "crash_looping": crashing, "checkpoint": cp, "checkpoint_source": source});
         }
@@ -644,6 +652,49 @@ impl Agent {
     }
 }
 
+/// Moves the agent to a new source address (failure-scenarios draft
+/// section 2.4): a socket on `ip`, every mapping installed again from it,
+/// the stale ones deleted from the old address while it still exists.
+async fn rebind(agent: &mut Agent, sock: &mut UdpSocket, now: Instant, ip: IpAddr) {
+    let new = match UdpSocket::bind((ip, 0)).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("portkeep agent: cannot bind the new address {ip}: {e}");
+            return;
+        }
+    };
+    let old_ip = agent.session.client_ip();
+    let stale = agent.session.set_client_ip(now, ip);
+    let server = agent.session.server();
+    let deleted = match StdUdpSocket::bind((old_ip, 0)) {
+        Ok(old) => stale
+            .iter()
+            .filter(|d| old.send_to(d, server).is_ok())
+            .count(),
+        Err(e) => {
+            eprintln!(
+                "portkeep agent: old address {old_ip} is gone ({e}); stale mappings will expire"
+            );
+            0
+        }
+    };
+    *sock = new;
+    eprintln!("portkeep agent: address {old_ip} -> {ip}; re-creating every mapping");
+    agent.emit(json!({"event": "client_address_changed", "from": old_ip.to_string(), "to": ip.to_string(), "stale_deletes_sent": deleted}));
+    agent.mark_dirty(now);
+}
+
+/// The address requests should come from: `bind` in the config file,
+/// else `--bind`, else the route's source towards the server.
+fn wanted_ip(agent: &Agent) -> Option<IpAddr> {
+    agent
+        .policy
+        .user
+        .bind
+        .or(agent.opts.bind)
+        .or_else(|| route_source(agent.session.server()).ok())
+}
+
 /// Binds a socket for unsolicited ANNOUNCEs; joins 224.0.0.1 when it
 /// listens on the IPv4 wildcard (RFC 6887 section 14.1.1).
 fn announce_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
@@ -712,11 +763,11 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
     if let Some(s) = policy.user.server.as_deref() {
         server = crate::parse::server(s).map_err(|e| format!("config server: {e}"))?;
     }
-    let client_ip = match opts.bind {
+    let client_ip = match policy.user.bind.or(opts.bind) {
         Some(ip) => ip,
         None => route_source(server).map_err(|e| format!("no route to {server}: {e}"))?,
     };
-    let sock = UdpSocket::bind((client_ip, 0))
+    let mut sock = UdpSocket::bind((client_ip, 0))
         .await
         .map_err(|e| format!("cannot bind {client_ip}: {e}"))?;
     let (ann_tx, mut ann_rx) = mpsc::channel::<(SocketAddr, Vec<u8>)>(1024);
@@ -751,7 +802,17 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
     let mut agent = Agent {
         tag: format!("pk-agent/{}/", key.id()),
         key,
-        session: Session::new(stored_server, client_ip, session_cfg, seed),
+        // Resumed mappings were made from the stored address; a change is
+        // handled right after (draft section 2.4).
+        session: Session::new(
+            stored_server,
+            stored
+                .as_ref()
+                .and_then(|s| s.client_ip)
+                .unwrap_or(client_ip),
+            session_cfg,
+            seed,
+        ),
         policy,
         mappings: BTreeMap::new(),
         by_port: HashMap::new(),
@@ -883,6 +944,9 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
         }
     }
 
+    if agent.session.client_ip() != client_ip {
+        rebind(&mut agent, &mut sock, now, client_ip).await;
+    }
     let sock_path = store::socket_path(&dir);
     // We hold the lock: a socket file left behind is stale.
     let _ = std::fs::remove_file(&sock_path);
@@ -907,6 +971,7 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
     );
     let mut buf = vec![0u8; 2048];
     let mut relax_at = clock.now() + Duration::from_secs(10);
+    let mut addr_check_at = clock.now() + ADDRESS_POLL;
     loop {
         let now = clock.now();
         agent.session.handle_timeout(now);
@@ -930,11 +995,21 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
             agent.relax_crashers(now);
             relax_at = now + Duration::from_secs(10);
         }
+        if now >= addr_check_at {
+            // No netlink here: the route's source is polled (one
+            // connect() on a throw-away socket) unless the address is fixed.
+            addr_check_at = now + ADDRESS_POLL;
+            if let Some(ip) = wanted_ip(&agent).filter(|ip| *ip != agent.session.client_ip()) {
+                rebind(&mut agent, &mut sock, now, ip).await;
+                continue;
+            }
+        }
         let wake = [
             agent.session.poll_timeout(),
             agent.adopt_deadline,
             agent.dirty,
             Some(relax_at),
+            Some(addr_check_at),
         ]
         .into_iter()
         .flatten()
@@ -959,7 +1034,11 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
                 let _ = reply.send(answer);
             }
             () = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {}
-            _ = sighup.recv() => agent.reload(clock.now()),
+            _ = sighup.recv() => {
+                agent.reload(clock.now());
+                // A new `bind` in the config applies at once.
+                addr_check_at = clock.now();
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }

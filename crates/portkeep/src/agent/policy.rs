@@ -34,6 +34,10 @@ pub(crate) struct PolicyFile {
     /// Config only: the PCP server, re-read on SIGHUP (failure-scenarios
     /// draft section 2.1: a new server address re-creates everything).
     pub(crate) server: Option<String>,
+    /// Config only: the address requests come from, re-read on SIGHUP
+    /// (failure-scenarios draft section 2.4: a new internal address
+    /// re-installs every mapping and deletes the stale ones).
+    pub(crate) bind: Option<std::net::IpAddr>,
     #[serde(default)]
     pub(crate) defaults: AppSettings,
     /// Policy only: applies to every application.
