@@ -732,6 +732,39 @@ fn draft_s2_3_crash_looping_application_gets_short_lifetimes() {
     assert_eq!(server.mappings().len(), 1, "the same mapping, renewed");
 }
 
+#[test]
+fn api_bad_requests_are_refused_and_the_agent_keeps_running() {
+    let ip = host_ip();
+    let server = Server::start(RELAXED);
+    let state = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&state.path().join("a"), server.addr(), ip, &[]);
+    let sock = state.path().join("a").join("agent.sock");
+    let ask = |line: &str| -> Value {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = writeln!(s, "{line}");
+        let mut answer = String::new();
+        let _ = BufReader::new(s).read_line(&mut answer);
+        serde_json::from_str(&answer).unwrap_or(Value::Null)
+    };
+    for bad in [
+        "not json",
+        r#"{"op":"frobnicate"}"#,
+        r#"{"op":"add","app":"x","protocol":"bogus","port":1}"#,
+        r#"{"op":"add","app":"x","protocol":"tcp","port":0}"#,
+        r#"{"op":"add","app":"x","protocol":"tcp","port":70000}"#,
+        r#"{"op":"add","app":"","protocol":"tcp","port":80}"#,
+        r#"{"op":"remove","app":"nobody","protocol":"tcp","port":80}"#,
+    ] {
+        let v = ask(bad);
+        assert_eq!(v["ok"], json!(false), "{bad} -> {v}");
+    }
+    let long = "x".repeat(100_000);
+    assert_eq!(ask(&long)["ok"], json!(false));
+    assert_eq!(agent.status()["ok"], json!(true), "still serving");
+    assert!(agent.list().is_empty());
+}
+
 /// CPU time (user + system) of a process, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

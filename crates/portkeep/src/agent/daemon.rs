@@ -29,7 +29,7 @@ use portkeep_client::{
 };
 use portkeep_proto::{CodePoints, PcpOption, Protocol};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UdpSocket, UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -44,6 +44,8 @@ const CRASH_WINDOW: Duration = Duration::from_secs(600);
 const CRASH_ADDS: usize = 3;
 /// The short lifetime a crashing application gets, seconds.
 const CRASH_LIFETIME: u32 = 120;
+/// Longest API request line accepted, octets.
+const MAX_API_LINE: u64 = 64 * 1024;
 /// How often the source address towards the server is re-checked.
 const ADDRESS_POLL: Duration = Duration::from_secs(5);
 /// Store writes are batched this long while grants change.
@@ -695,13 +697,21 @@ fn wanted_ip(agent: &Agent) -> Option<IpAddr> {
         .or_else(|| route_source(agent.session.server()).ok())
 }
 
-/// Binds a socket for unsolicited ANNOUNCEs; joins 224.0.0.1 when it
-/// listens on the IPv4 wildcard (RFC 6887 section 14.1.1).
+/// Binds a socket for unsolicited ANNOUNCEs; joins 224.0.0.1 (ff02::1)
+/// when it listens on the IPv4 (IPv6) wildcard (RFC 6887 section 14.1.1).
 fn announce_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let s = StdUdpSocket::bind(addr)?;
     if addr.ip() == IpAddr::V4(Ipv4Addr::UNSPECIFIED) {
         if let Err(e) = s.join_multicast_v4(&Ipv4Addr::new(224, 0, 0, 1), &Ipv4Addr::UNSPECIFIED) {
             eprintln!("portkeep agent: cannot join 224.0.0.1: {e}");
+        }
+    }
+    if addr.ip() == IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) {
+        // ff02::1 on the default interface (index 0).
+        if let Err(e) =
+            s.join_multicast_v6(&std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1), 0)
+        {
+            eprintln!("portkeep agent: cannot join ff02::1: {e}");
         }
     }
     s.set_nonblocking(true)?;
@@ -1054,8 +1064,21 @@ async fn serve_connection(
     events: broadcast::Sender<String>,
 ) {
     let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+    let mut reader = BufReader::new(read);
+    loop {
+        // A request is small; a client sending an endless line is cut off
+        // rather than buffered without bound.
+        let mut line = String::new();
+        match (&mut reader).take(MAX_API_LINE).read_line(&mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) if !line.ends_with('\n') && line.len() as u64 >= MAX_API_LINE => {
+                let _ = write
+                    .write_all(b"{\"ok\":false,\"error\":\"request line too long\"}\n")
+                    .await;
+                return;
+            }
+            Ok(_) => {}
+        }
         if line.trim().is_empty() {
             continue;
         }
