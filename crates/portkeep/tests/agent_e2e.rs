@@ -443,6 +443,34 @@ fn draft_s2_3_agent_crash_resumes_from_store_without_requests() {
 }
 
 #[test]
+fn rfc6887_s8_5_server_lost_state_while_the_agent_was_down() {
+    let ip = host_ip();
+    let mut server = Server::start(RELAXED);
+    let state = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(&state.path().join("a"), server.addr(), ip, &[]);
+    agent.add("web", 8080, json!({}));
+    agent.wait_granted(1, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(400)); // the store's batch
+    agent.kill9();
+    // The server restarts empty while nobody listens for its ANNOUNCEs.
+    server.stop("KILL");
+    std::fs::remove_dir_all(server.data_dir()).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    server.spawn();
+    assert!(server.mappings().is_empty());
+    let t0 = now();
+    agent.spawn();
+    // The stored epoch and one ANNOUNCE tell the agent the state is gone.
+    wait_until("the mapping re-created", Duration::from_secs(5), || {
+        (server.mappings().len() == 1).then_some(())
+    });
+    eprintln!("agent restart after server state loss: {:?}", t0.elapsed());
+    let st = agent.status();
+    assert_eq!(counter(&st, "epoch_failures"), 1, "{st}");
+    assert_eq!(counter(&st, "recreates"), 1, "{st}");
+}
+
+#[test]
 fn draft_s2_3_store_deleted_reconstructs_with_get_next() {
     let ip = host_ip();
     let server = Server::start(RELAXED);

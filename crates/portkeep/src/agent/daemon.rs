@@ -65,6 +65,8 @@ pub(crate) struct RunOptions {
     pub(crate) rate: u32,
     pub(crate) lifetime: u32,
     pub(crate) code_points: CodePoints,
+    /// Follow the default gateway as the server (polled).
+    pub(crate) server_from_gateway: bool,
 }
 
 /// The boundary's clocks, each read in one place; `Instant`s are mapped
@@ -697,6 +699,42 @@ fn wanted_ip(agent: &Agent) -> Option<IpAddr> {
         .or_else(|| route_source(agent.session.server()).ok())
 }
 
+/// The IPv4 default gateway from `/proc/net/route` (RFC 6887 section
+/// 8.1: absent other configuration, the PCP server is the default
+/// router). `None` when there is none or the file cannot be read.
+fn default_gateway() -> Option<IpAddr> {
+    let text = std::fs::read_to_string("/proc/net/route").ok()?;
+    parse_default_gateway(&text)
+}
+
+/// Parses `/proc/net/route`: the first up (`RTF_UP`) gateway
+/// (`RTF_GATEWAY`) route to 0.0.0.0/0. Addresses are hex of the
+/// address's octets read as a little-endian word.
+fn parse_default_gateway(text: &str) -> Option<IpAddr> {
+    text.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (dest, gw, flags, mask) = (f.get(1)?, f.get(2)?, f.get(3)?, f.get(7)?);
+        let flags = u16::from_str_radix(flags, 16).ok()?;
+        if *dest != "00000000" || *mask != "00000000" || flags & 0x3 != 0x3 {
+            return None;
+        }
+        let gw = u32::from_str_radix(gw, 16).ok()?;
+        Some(IpAddr::V4(Ipv4Addr::from(gw.to_le_bytes())))
+    })
+}
+
+/// Where the server should be: `server` in the config file, else the
+/// default gateway when asked to follow it, else the command line's.
+fn wanted_server(agent: &Agent) -> Option<SocketAddr> {
+    if let Some(s) = agent.policy.user.server.as_deref() {
+        return crate::parse::server(s).ok();
+    }
+    if agent.opts.server_from_gateway {
+        return default_gateway().map(|ip| SocketAddr::new(ip, agent.opts.server.port()));
+    }
+    None
+}
+
 /// Binds a socket for unsolicited ANNOUNCEs; joins 224.0.0.1 (ff02::1)
 /// when it listens on the IPv4 (IPv6) wildcard (RFC 6887 section 14.1.1).
 fn announce_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
@@ -770,6 +808,12 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
         }
     };
     let mut server = opts.server;
+    if opts.server_from_gateway {
+        match default_gateway() {
+            Some(gw) => server = SocketAddr::new(gw, opts.server.port()),
+            None => eprintln!("portkeep agent: no default gateway yet; using {server}"),
+        }
+    }
     if let Some(s) = policy.user.server.as_deref() {
         server = crate::parse::server(s).map_err(|e| format!("config server: {e}"))?;
     }
@@ -1009,6 +1053,14 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
             // No netlink here: the route's source is polled (one
             // connect() on a throw-away socket) unless the address is fixed.
             addr_check_at = now + ADDRESS_POLL;
+            // Draft section 2.1: a new gateway is a new server.
+            if let Some(srv) = wanted_server(&agent).filter(|s| *s != agent.session.server()) {
+                eprintln!("portkeep agent: server is now {srv}; re-creating every mapping");
+                agent.session.set_server(now, srv);
+                agent.emit(json!({"event": "server_changed", "server": srv.to_string()}));
+                agent.mark_dirty(now);
+                continue;
+            }
             if let Some(ip) = wanted_ip(&agent).filter(|ip| *ip != agent.session.client_ip()) {
                 rebind(&mut agent, &mut sock, now, ip).await;
                 continue;
@@ -1123,5 +1175,36 @@ async fn serve_connection(
         if write.write_all(out.as_bytes()).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc6887_s8_1_default_gateway_from_proc_net_route() {
+        let text =
+            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+            eth0\t0000A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
+            eth0\t00000000\t0100A8C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n";
+        assert_eq!(
+            parse_default_gateway(text),
+            Some("192.168.0.1".parse().unwrap())
+        );
+        assert_eq!(parse_default_gateway("Iface\n"), None);
+        assert_eq!(
+            parse_default_gateway("x\neth0 00000000 zz 0003 0 0 0 00000000"),
+            None
+        );
+    }
+
+    #[test]
+    fn clock_round_trips_wall_time() {
+        let c = Clock::new();
+        let later = c.base + Duration::from_millis(1500);
+        assert_eq!(c.instant_of(c.wall_ms(later)), later);
+        let earlier = c.instant_of(c.base_wall_ms - 2000);
+        assert_eq!(c.wall_ms(earlier), c.base_wall_ms - 2000);
     }
 }

@@ -78,6 +78,12 @@ pub(crate) struct RunArgs {
     /// Re-creations after a server lost state spread over this many ms.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     pub(crate) recreate_jitter_ms: u64,
+    /// Use the IPv4 default gateway as the server (at the `--server`
+    /// port), re-checked every 5 s; a change re-creates every mapping
+    /// there (failure-scenarios draft section 2.1). `server` in the
+    /// config file wins.
+    #[arg(long)]
+    pub(crate) server_from_gateway: bool,
     /// New requests per second at most (0: unlimited).
     #[arg(long, value_name = "N", default_value_t = 4000)]
     pub(crate) rate: u32,
@@ -143,6 +149,7 @@ pub(crate) fn run(common: &Common, args: &AgentArgs) -> ExitCode {
                 rate: r.rate,
                 lifetime: r.lifetime,
                 code_points: common.code_points(),
+                server_from_gateway: r.server_from_gateway,
             });
         }
         AgentCommand::Subscribe => {
