@@ -506,6 +506,34 @@ fn draft_s2_3_store_deleted_reconstructs_with_get_next() {
 }
 
 #[test]
+fn draft_s2_3_crash_during_the_grace_period_still_deletes_orphans() {
+    let ip = host_ip();
+    let server = Server::start(RELAXED);
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().join("a");
+    let mut agent = Agent::start(&dir, server.addr(), ip, &["--adopt-grace", "60"]);
+    agent.add("old", 9090, json!({}));
+    agent.wait_granted(1, Duration::from_secs(5));
+    agent.kill9();
+    std::fs::remove_file(dir.join("store.json")).unwrap();
+    agent.spawn();
+    assert_eq!(agent.status()["orphans_pending"], json!(1));
+    // Crash again inside the 60 s grace; come back with a short one.
+    agent.kill9();
+    let grace = agent
+        .args
+        .iter()
+        .position(|a| a == "--adopt-grace")
+        .unwrap()
+        + 1;
+    agent.args[grace] = "0.5".into();
+    agent.spawn();
+    wait_until("the orphan deleted", Duration::from_secs(5), || {
+        server.mappings().is_empty().then_some(())
+    });
+}
+
+#[test]
 fn draft_s2_3_two_agents_never_touch_each_others_mappings() {
     let ip = host_ip();
     let server = Server::start(RELAXED);

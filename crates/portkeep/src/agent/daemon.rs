@@ -35,7 +35,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::api::ApiRequest;
 use super::policy::{Policy, Source};
-use super::store::{self, AgentKey, Store, StoredGrant, StoredMapping};
+use super::store::{self, AgentKey, Store, StoredGrant, StoredMapping, StoredOrphan};
 
 /// How long a crash-looping application keeps short lifetimes after its
 /// last restart (failure-scenarios draft section 2.3).
@@ -225,6 +225,18 @@ impl Agent {
                     nonce: hex::encode(m.nonce),
                     grant: m.grant.clone(),
                     adds_unix_ms: m.adds.clone(),
+                })
+                .collect(),
+            orphans: self
+                .orphans
+                .iter()
+                .map(|o| StoredOrphan {
+                    app: o.app.clone(),
+                    protocol: o.protocol.0,
+                    port: o.port,
+                    external: o.external,
+                    lifetime: o.lifetime,
+                    checkpoint: o.checkpoint,
                 })
                 .collect(),
         }
@@ -579,6 +591,7 @@ impl Agent {
     /// application asked for (failure-scenarios draft section 2.3).
     fn delete_orphans(&mut self, now: Instant) {
         self.adopt_deadline = None;
+        self.mark_dirty(now);
         for o in std::mem::take(&mut self.orphans) {
             let id = self.next_id;
             self.next_id += 1;
@@ -929,6 +942,22 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
                     }
                     Err(e) => eprintln!("portkeep agent: stored mapping {} dropped: {e}", sm.id),
                 }
+            }
+            // A crash during the grace period: the grace starts again.
+            agent.orphans = st
+                .orphans
+                .into_iter()
+                .map(|o| Orphan {
+                    app: o.app,
+                    protocol: Protocol(o.protocol),
+                    port: o.port,
+                    external: o.external,
+                    lifetime: o.lifetime,
+                    checkpoint: o.checkpoint,
+                })
+                .collect();
+            if !agent.orphans.is_empty() {
+                agent.adopt_deadline = Some(now + opts.adopt_grace);
             }
             if stored_server != server {
                 agent.session.set_server(now, server);

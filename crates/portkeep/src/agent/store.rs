@@ -150,6 +150,22 @@ pub(crate) struct Store {
     pub(crate) epoch: Option<(u32, u64)>,
     pub(crate) next_id: u64,
     pub(crate) mappings: Vec<StoredMapping>,
+    /// Mappings found with GET after a lost store that no application has
+    /// claimed yet; kept so a crash during the grace period does not
+    /// forget to delete them.
+    #[serde(default)]
+    pub(crate) orphans: Vec<StoredOrphan>,
+}
+
+/// A mapping of this agent found on the server, not yet claimed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct StoredOrphan {
+    pub(crate) app: String,
+    pub(crate) protocol: u8,
+    pub(crate) port: u16,
+    pub(crate) external: SocketAddr,
+    pub(crate) lifetime: u32,
+    pub(crate) checkpoint: bool,
 }
 
 impl Store {
