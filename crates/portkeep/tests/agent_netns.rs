@@ -81,14 +81,13 @@ impl Net {
         ip_ok(&["link", "set", &va, "netns", &net.a]);
         ip_ok(&["link", "set", &vs, "netns", &net.s]);
         let p = &net.prefix;
-        net.exec_ok(
-            &net.s,
-            &["ip", "addr", "add", &format!("{p}.1/24"), "dev", &vs],
-        );
-        net.exec_ok(
-            &net.s,
-            &["ip", "addr", "add", &format!("{p}.4/24"), "dev", &vs],
-        );
+        // .4 first: it is the link's primary address, the source of the
+        // multicast ANNOUNCE of the server at .4 (which the agent believes
+        // only from its server's address, RFC 6887 section 14.1.1).
+        for host in ["4", "1"] {
+            let addr = format!("{p}.{host}/24");
+            net.exec_ok(&net.s, &["ip", "addr", "add", &addr, "dev", &vs]);
+        }
         net.exec_ok(
             &net.a,
             &["ip", "addr", "add", &format!("{p}.2/24"), "dev", &va],
@@ -295,4 +294,49 @@ fn draft_s2_1_and_2_4_addresses_change_under_a_running_agent() {
         log()
     );
     assert_eq!(st["client_ip"], json!(format!("{p}.3")));
+
+    // RFC 6887 section 14.1.1: server .4 restarts empty and multicasts
+    // its ANNOUNCE to 224.0.0.1:5350 on the link; the agent (listening on
+    // 0.0.0.0:5350, member of 224.0.0.1) notices and re-creates.
+    std::thread::sleep(Duration::from_secs(3)); // beyond section 8.5's 2 s slack
+    let failures0 = st["counters"]["epoch_failures"].as_u64().unwrap();
+    let mut old = procs.0.remove(1);
+    let _ = old.kill();
+    let _ = old.wait();
+    let srv4 = dirs[1].parent().unwrap().to_path_buf();
+    std::fs::remove_dir_all(&dirs[1]).unwrap();
+    let vs = format!("pk7vs{}", std::process::id() % 100_000);
+    std::fs::write(
+        srv4.join("pk.toml"),
+        format!("[store]\nmode = \"relaxed\"\n[announce]\nmulticast_interfaces = [\"{vs}\"]\n"),
+    )
+    .unwrap();
+    let args = vec![
+        "--config".to_owned(),
+        "pk.toml".to_owned(),
+        "--listen".to_owned(),
+        format!("{p}.4:5351"),
+    ];
+    let t0 = now();
+    procs
+        .0
+        .push(net.spawn(&net.s, &daemon_bin(), &args, &srv4, &srv4.join("log2")));
+    let deadline = now() + Duration::from_secs(10);
+    while internal_ips(&dirs[1]) != vec![format!("{p}.3")] {
+        assert!(
+            now() < deadline,
+            "not re-created after the multicast ANNOUNCE\nserver:\n{}\nagent:\n{}\nstatus: {:?}",
+            std::fs::read_to_string(srv4.join("log2")).unwrap_or_default(),
+            log(),
+            call(&sock, &json!({"op": "status"}))
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("multicast ANNOUNCE recovery: {:?}", t0.elapsed());
+    let st = call(&sock, &json!({"op": "status"})).unwrap();
+    assert!(
+        st["counters"]["epoch_failures"].as_u64().unwrap() > failures0,
+        "{st}\n{}",
+        log()
+    );
 }
