@@ -412,6 +412,26 @@ impl Session {
         self.entries.contains_key(&id)
     }
 
+    /// A mapping being removed gives its nonce up to a new one: the
+    /// application came back (e.g. restarted) before the delete finished.
+    /// The delete is abandoned; the new request (same nonce) re-creates or
+    /// refreshes the mapping whatever the server did with the delete.
+    fn reclaim_nonce(&mut self, request: &RequestBuilder) {
+        let Some(nonce) = request.nonce_value() else {
+            return;
+        };
+        let Some(&old) = self.by_nonce.get(&nonce) else {
+            return;
+        };
+        if self.entries.get(&old).is_some_and(|e| e.removing) {
+            self.drop_entry(old);
+            self.events.push_back(SessionEvent::Removed {
+                id: old,
+                confirmed: false,
+            });
+        }
+    }
+
     fn check_new(&self, id: MappingId, request: &RequestBuilder) -> Result<Nonce, SessionError> {
         if self.entries.contains_key(&id) {
             return Err(SessionError::DuplicateId(id));
@@ -451,6 +471,7 @@ impl Session {
         id: MappingId,
         request: RequestBuilder,
     ) -> Result<(), SessionError> {
+        self.reclaim_nonce(&request);
         let nonce = self.check_new(id, &request)?;
         let mut e = Self::new_entry(request, nonce);
         e.next = Some((now, Purpose::Create));
@@ -472,6 +493,7 @@ impl Session {
         request: RequestBuilder,
         grant: Grant,
     ) -> Result<(), SessionError> {
+        self.reclaim_nonce(&request);
         let nonce = self.check_new(id, &request)?;
         let mut e = Self::new_entry(request, nonce);
         e.grant = Some(grant);
@@ -1530,6 +1552,35 @@ mod tests {
             assert_eq!(portkeep_proto::addr::from_wire(r.header.client_ip), new_ip);
             assert_eq!(r.header.lifetime, 1000);
         }
+    }
+
+    #[test]
+    fn re_adding_during_a_delete_takes_the_nonce_back() {
+        let t = t0();
+        let mut s = granted(1, t, 1);
+        s.remove(t, 1);
+        s.handle_timeout(t);
+        assert_eq!(drain(&mut s)[0].header.lifetime, 0);
+        s.insert(t, 2, map(1, 8001)).unwrap();
+        assert_eq!(
+            events(&mut s),
+            vec![SessionEvent::Removed {
+                id: 1,
+                confirmed: false
+            }]
+        );
+        s.handle_timeout(t);
+        let sent = drain(&mut s);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(
+            sent[0].header.lifetime, 1000,
+            "a create with the same nonce"
+        );
+        // A nonce a live mapping holds cannot be taken.
+        assert_eq!(
+            s.insert(t, 3, map(1, 8001)),
+            Err(SessionError::DuplicateNonce)
+        );
     }
 
     #[test]

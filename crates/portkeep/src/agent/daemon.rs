@@ -300,7 +300,14 @@ impl Agent {
                 epoch,
             } => {
                 let sg = self.stored_grant(&grant);
-                let mut v = self.event_base(id);
+                // Renewals are the steady-state work: build the event only
+                // for someone listening.
+                let listening = self.events.receiver_count() > 0;
+                let mut v = if listening {
+                    self.event_base(id)
+                } else {
+                    Value::Null
+                };
                 let mut changed = kind != GrantKind::Renewed;
                 if let Some(m) = self.mappings.get_mut(&id) {
                     // A renewal that changes nothing but the expiry is not
@@ -313,18 +320,20 @@ impl Agent {
                     m.state = "granted";
                     m.last_result = Some(0);
                 }
-                v["event"] = json!("granted");
-                v["kind"] = json!(match kind {
-                    GrantKind::Created => "created",
-                    GrantKind::Renewed => "renewed",
-                    GrantKind::Recreated => "recreated",
-                });
-                v["external"] = json!(grant.external.map(|e| e.to_string()));
-                v["lifetime"] = json!(grant.lifetime);
-                v["epoch"] = json!(epoch);
-                v["checkpoint_requested"] = json!(checkpoint_requested);
-                v["checkpoint_honoured"] = json!(grant.checkpoint_honoured);
-                self.emit(v);
+                if listening {
+                    v["event"] = json!("granted");
+                    v["kind"] = json!(match kind {
+                        GrantKind::Created => "created",
+                        GrantKind::Renewed => "renewed",
+                        GrantKind::Recreated => "recreated",
+                    });
+                    v["external"] = json!(grant.external.map(|e| e.to_string()));
+                    v["lifetime"] = json!(grant.lifetime);
+                    v["epoch"] = json!(epoch);
+                    v["checkpoint_requested"] = json!(checkpoint_requested);
+                    v["checkpoint_honoured"] = json!(grant.checkpoint_honoured);
+                    self.emit(v);
+                }
                 if changed {
                     self.mark_dirty(now);
                 }
