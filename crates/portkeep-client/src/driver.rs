@@ -82,12 +82,23 @@ impl Client {
         server: SocketAddr,
         config: ClientConfig,
     ) -> Result<Client, ClientError> {
-        let io = |source| ClientError::Io { server, source };
         let any: IpAddr = match server {
             SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
             SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
         };
-        let socket = UdpSocket::bind((any, 0)).await.map_err(io)?;
+        Self::connect_from(server, SocketAddr::new(any, 0), config).await
+    }
+
+    /// Like [`Client::connect_with`], from the local address `local`
+    /// (a host with several addresses must keep using the one its
+    /// mappings were made from, failure-scenarios draft section 2.4).
+    pub async fn connect_from(
+        server: SocketAddr,
+        local: SocketAddr,
+        config: ClientConfig,
+    ) -> Result<Client, ClientError> {
+        let io = |source| ClientError::Io { server, source };
+        let socket = UdpSocket::bind(local).await.map_err(io)?;
         socket.connect(server).await.map_err(io)?;
         // After connect() the kernel has chosen the source address the
         // server will see, which is what the client IP field must carry

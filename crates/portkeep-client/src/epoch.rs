@@ -92,6 +92,17 @@ impl EpochTracker {
         self.prev
     }
 
+    /// A tracker that remembers `epoch`, received at `received`: a client
+    /// restarting from its store checks the server's next answer against
+    /// what it saw before (RFC 6887 section 8.5; failure-scenarios draft
+    /// section 2.3: after its own restart the client needs no query, but
+    /// must still notice a server that lost state meanwhile).
+    pub fn resume(epoch: u32, received: Instant) -> Self {
+        EpochTracker {
+            prev: Some((epoch, received)),
+        }
+    }
+
     /// Forgets the server (RFC 6887 section 8.5 compares responses from
     /// one server; a new server address starts afresh).
     pub fn reset(&mut self) {

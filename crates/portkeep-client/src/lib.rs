@@ -10,6 +10,9 @@
 //!   for MAP, PEER, ANNOUNCE and delete requests, and [`Mapping`], a
 //!   granted mapping that [`Client::renew`] renews with the same nonce and
 //!   options (so a CHECKPOINT_REQUIRED refused at first can be won later);
+//! - [`Session`] (sans-IO): every mapping a client keeps with one server,
+//!   renewed per RFC 6887 section 11.2.1 and re-created after a failed
+//!   epoch check, an ANNOUNCE, expiry or a server change;
 //! - [`Walker`] (sans-IO) and [`Client::walk`]: retrieving the client's
 //!   mappings with GET / NEXT (PCP failure-scenarios draft, section 4).
 //!
@@ -34,6 +37,7 @@ mod mapping;
 mod reply;
 mod request;
 mod retransmit;
+mod session;
 mod transaction;
 mod walk;
 
@@ -46,5 +50,9 @@ pub use request::{
     filter, random_nonce, random_nonce_from, BuildError, RequestBuilder, DEFAULT_LIFETIME,
 };
 pub use retransmit::{RetransmitParams, IRT, MRC, MRD, MRT};
+pub use session::{
+    Grant, GrantKind, MappingId, RecreateReason, Session, SessionConfig, SessionCounters,
+    SessionError, SessionEvent, MIN_RENEWAL_SPACING,
+};
 pub use transaction::{Event, Ignored, MappingKey, ResponseKey, TimedOut, Transaction};
 pub use walk::{same_mapping, GetFilter, MappedEntry, WalkError, Walker};

@@ -245,6 +245,21 @@ impl RequestBuilder {
         }
     }
 
+    /// The protocol of a MAP/PEER request.
+    pub fn protocol_value(&self) -> Protocol {
+        self.protocol
+    }
+
+    /// The internal port of a MAP/PEER request.
+    pub fn internal_port_value(&self) -> u16 {
+        self.internal_port
+    }
+
+    /// Whether this is a MAP request (not PEER or ANNOUNCE).
+    pub fn is_map(&self) -> bool {
+        self.kind == Kind::Map
+    }
+
     /// Whether CHECKPOINT_REQUIRED will be sent.
     pub fn checkpoint_requested(&self) -> bool {
         self.checkpoint

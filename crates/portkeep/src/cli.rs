@@ -2,8 +2,8 @@
 //!
 //! The verbs are PCP exchanges: one-shot MAP, PEER, delete and ANNOUNCE,
 //! and `list`/`get` (GET/NEXT retrieval, failure-scenarios draft section
-//! 4). Room is left for a long-running `agent` verb family (the host's
-//! mapping keeper of DESIGN.md).
+//! 4), and the `agent` verb family (the host's mapping keeper of
+//! DESIGN.md).
 
 // The doc comments below are clap's help text, where `[IPv6]:PORT` is
 // literal syntax, not a rustdoc link.
@@ -44,6 +44,9 @@ pub(crate) enum Command {
     /// Show one of this host's mappings (a "pure" GET, draft section 4.5);
     /// exits 2 with NONEXIST_MAP when there is none.
     Get(GetArgs),
+    /// The host's mapping keeper: `agent run` is the daemon, the other
+    /// verbs talk to it (JSON lines on a Unix socket).
+    Agent(crate::agent::AgentArgs),
 }
 
 #[derive(Debug, Args)]

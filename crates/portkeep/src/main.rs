@@ -4,6 +4,7 @@
 //! 3 timeout, 64 bad arguments (sysexits EX_USAGE). `get` exits 2 with
 //! NONEXIST_MAP when the mapping does not exist.
 
+mod agent;
 mod cli;
 mod exit;
 mod output;

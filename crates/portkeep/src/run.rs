@@ -19,6 +19,9 @@ pub(crate) struct Plan {
 }
 
 pub(crate) fn run(cli: Cli) -> ExitCode {
+    if let Command::Agent(a) = &cli.command {
+        return crate::agent::run(&cli.common, a);
+    }
     if matches!(cli.command, Command::List(_) | Command::Get(_)) {
         return crate::retrieve::run(&cli);
     }
@@ -100,7 +103,7 @@ fn plan(command: &Command, server: SocketAddr) -> Result<Plan, clap::Error> {
             (b, None)
         }
         Command::Announce => (RequestBuilder::announce(), None),
-        Command::List(_) | Command::Get(_) => {
+        Command::List(_) | Command::Get(_) | Command::Agent(_) => {
             return Err(Cli::command().error(ErrorKind::InvalidSubcommand, "not a MAP-like verb"))
         }
     };

@@ -1,0 +1,94 @@
+//! The agent's local API: JSON lines over a Unix socket.
+//!
+//! Each request is one JSON object on one line, with an `op` field; each
+//! answer is one line with `"ok": true` or `"ok": false, "error": ...`.
+//! `subscribe` answers `{"ok": true}` and then writes one event per line
+//! until the client closes the connection. Easily scripted:
+//!
+//! ```text
+//! $ echo '{"op":"add","app":"web","protocol":"tcp","port":8080,"checkpoint":true}' \
+//!     | socat - UNIX-CONNECT:/run/portkeep-agent/agent.sock
+//! {"ok":true,"id":1,"nonce":"...","checkpoint":true,"checkpoint_source":"application"}
+//! ```
+//!
+//! | op | fields | answer |
+//! |---|---|---|
+//! | `add` | `app`, `protocol` (name or number), `port`, optional `checkpoint`, `lifetime` | `id`, `checkpoint`, `checkpoint_source` |
+//! | `remove` | `app`, `protocol`, `port` | `id` |
+//! | `list` | | `mappings`: one object per mapping |
+//! | `status` | | server, client address, epoch, counters |
+//! | `subscribe` | | then events: `granted`, `failed`, `lost`, `recreating`, `removed`, `unknown_options`, `adopted`, `orphan_deleted` |
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// A request line.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub(crate) enum ApiRequest {
+    Add {
+        app: String,
+        protocol: String,
+        port: u16,
+        checkpoint: Option<bool>,
+        lifetime: Option<u32>,
+    },
+    Remove {
+        app: String,
+        protocol: String,
+        port: u16,
+    },
+    List,
+    Status,
+    Subscribe,
+}
+
+/// Sends one request to the agent using `dir` and returns its answer.
+pub(crate) fn call(dir: &Path, request: &Value) -> Result<Value, String> {
+    let path = super::store::socket_path(dir);
+    let mut stream = UnixStream::connect(&path).map_err(|e| {
+        format!(
+            "cannot reach the agent at {} ({e}); is `portkeep agent run --state-dir {}` running?",
+            path.display(),
+            dir.display()
+        )
+    })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    let mut line = request.to_string();
+    line.push('\n');
+    stream
+        .write_all(line.as_bytes())
+        .map_err(|e| format!("cannot send to the agent: {e}"))?;
+    let mut reader = BufReader::new(stream);
+    let mut answer = String::new();
+    reader
+        .read_line(&mut answer)
+        .map_err(|e| format!("no answer from the agent: {e}"))?;
+    serde_json::from_str(&answer).map_err(|e| format!("bad answer from the agent ({e}): {answer}"))
+}
+
+/// Prints events from the agent until it closes the connection.
+pub(crate) fn subscribe(dir: &Path) -> Result<(), String> {
+    let path = super::store::socket_path(dir);
+    let mut stream = UnixStream::connect(&path)
+        .map_err(|e| format!("cannot reach the agent at {}: {e}", path.display()))?;
+    stream
+        .write_all(b"{\"op\":\"subscribe\"}\n")
+        .map_err(|e| e.to_string())?;
+    let reader = BufReader::new(stream);
+    let mut out = std::io::stdout().lock();
+    for line in reader.lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            break;
+        }
+    }
+    Ok(())
+}

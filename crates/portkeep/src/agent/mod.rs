@@ -1,0 +1,222 @@
+//! `portkeep agent`: the host's one PCP client (DESIGN.md "Client"; the
+//! failure-scenarios draft section 2.2 suggests a per-host service that
+//! mediates between applications and PCP). `agent run` is the daemon;
+//! `add`, `remove`, `list`, `status` and `subscribe` talk to it over its
+//! Unix socket ([`api`] documents the protocol).
+
+pub(crate) mod api;
+mod daemon;
+mod policy;
+mod store;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use crate::cli::Common;
+
+#[derive(Debug, Args)]
+pub(crate) struct AgentArgs {
+    /// The agent's state directory: key, store, lock and API socket. Each
+    /// agent on a host needs its own.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "PORTKEEP_AGENT_DIR",
+        default_value = "/var/lib/portkeep-agent",
+        global = true
+    )]
+    pub(crate) state_dir: PathBuf,
+    #[command(subcommand)]
+    pub(crate) command: AgentCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AgentCommand {
+    /// Run the agent (towards the server given by the global `--server`).
+    Run(RunArgs),
+    /// Ask the agent to keep a mapping for an application.
+    Add(AddArgs),
+    /// Ask the agent to delete an application's mapping.
+    Remove(KeyArgs),
+    /// The agent's mappings.
+    List,
+    /// The agent's server, epoch and counters.
+    Status,
+    /// Print the agent's events, one JSON object per line, until interrupted.
+    Subscribe,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// User settings (TOML): `server`, `[defaults]`, `[apps.NAME]`
+    /// (`checkpoint`, `lifetime`). Re-read on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+    /// Administrator policy (TOML): `[all]` and `[apps.NAME]` `checkpoint`;
+    /// wins over the user and the application (RFC 7767 section 4).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) policy: Option<PathBuf>,
+    /// Source address of requests (default: the route's towards the server).
+    #[arg(long, value_name = "IP")]
+    pub(crate) bind: Option<IpAddr>,
+    /// Where to listen for unsolicited ANNOUNCEs (repeatable; default
+    /// 0.0.0.0:5350, which also joins 224.0.0.1).
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) announce_listen: Vec<SocketAddr>,
+    /// Do not listen for ANNOUNCEs (e.g. a second agent on the host).
+    #[arg(long, conflicts_with = "announce_listen")]
+    pub(crate) no_announce_listen: bool,
+    /// After a lost store: how long applications have to ask again for
+    /// the mappings found on the server before they are deleted.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
+    pub(crate) adopt_grace: f64,
+    /// Re-creations after a server lost state spread over this many ms.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    pub(crate) recreate_jitter_ms: u64,
+    /// Use the IPv4 default gateway as the server (at the `--server`
+    /// port), re-checked every 5 s; a change re-creates every mapping
+    /// there (failure-scenarios draft section 2.1). `server` in the
+    /// config file wins.
+    #[arg(long)]
+    pub(crate) server_from_gateway: bool,
+    /// New requests per second at most (0: unlimited).
+    #[arg(long, value_name = "N", default_value_t = 4000)]
+    pub(crate) rate: u32,
+    /// Lifetime asked for when neither the application nor the config says.
+    #[arg(long, value_name = "SECONDS", default_value_t = portkeep_client::DEFAULT_LIFETIME)]
+    pub(crate) lifetime: u32,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct KeyArgs {
+    /// The application's name.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) app: String,
+    /// tcp, udp, sctp, dccp or a number.
+    #[arg(long, value_name = "PROTO")]
+    pub(crate) protocol: String,
+    /// Internal port.
+    #[arg(long, value_name = "PORT")]
+    pub(crate) port: u16,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct AddArgs {
+    #[command(flatten)]
+    pub(crate) key: KeyArgs,
+    /// The application's wish for check-pointing (RFC 7767); the user's
+    /// config and the administrator's policy may override it.
+    #[arg(long, conflicts_with = "no_checkpoint")]
+    pub(crate) checkpoint: bool,
+    /// The application does not want check-pointing.
+    #[arg(long)]
+    pub(crate) no_checkpoint: bool,
+    /// Requested lifetime in seconds.
+    #[arg(long, value_name = "SECONDS")]
+    pub(crate) lifetime: Option<u32>,
+}
+
+/// Runs an `agent` verb.
+pub(crate) fn run(common: &Common, args: &AgentArgs) -> ExitCode {
+    let dir = args.state_dir.clone();
+    let request = match &args.command {
+        AgentCommand::Run(r) => {
+            let announce_listen = if r.no_announce_listen {
+                Vec::new()
+            } else if r.announce_listen.is_empty() {
+                vec![SocketAddr::from(([0, 0, 0, 0], 5350))]
+            } else {
+                r.announce_listen.clone()
+            };
+            let Ok(adopt_grace) = Duration::try_from_secs_f64(r.adopt_grace) else {
+                eprintln!("error: --adopt-grace must be a non-negative number of seconds");
+                return ExitCode::from(crate::exit::USAGE);
+            };
+            return daemon::run(daemon::RunOptions {
+                state_dir: dir,
+                server: common.server,
+                config: r.config.clone(),
+                policy: r.policy.clone(),
+                bind: r.bind,
+                announce_listen,
+                adopt_grace,
+                recreate_jitter: Duration::from_millis(r.recreate_jitter_ms),
+                rate: r.rate,
+                lifetime: r.lifetime,
+                code_points: common.code_points(),
+                server_from_gateway: r.server_from_gateway,
+            });
+        }
+        AgentCommand::Subscribe => {
+            return match api::subscribe(&dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(crate::exit::FAILURE)
+                }
+            };
+        }
+        AgentCommand::Add(a) => {
+            let checkpoint = match (a.checkpoint, a.no_checkpoint) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            };
+            json!({"op": "add", "app": a.key.app, "protocol": a.key.protocol, "port": a.key.port,
+                   "checkpoint": checkpoint, "lifetime": a.lifetime})
+        }
+        AgentCommand::Remove(k) => {
+            json!({"op": "remove", "app": k.app, "protocol": k.protocol, "port": k.port})
+        }
+        AgentCommand::List => json!({"op": "list"}),
+        AgentCommand::Status => json!({"op": "status"}),
+    };
+    match api::call(&dir, &request) {
+        Ok(answer) => {
+            let ok = answer["ok"] == json!(true);
+            if common.json || !ok {
+                println!("{answer}");
+            } else {
+                print_text(&answer);
+            }
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(crate::exit::FAILURE)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(crate::exit::FAILURE)
+        }
+    }
+}
+
+fn print_text(answer: &serde_json::Value) {
+    if let Some(list) = answer["mappings"].as_array() {
+        for m in list {
+            println!(
+                "{:<12} {} {:<5} -> {:<22} {:<10} checkpoint={} ({}) honoured={}",
+                m["app"].as_str().unwrap_or("?"),
+                m["protocol"].as_str().unwrap_or("?"),
+                m["port"],
+                m["external"].as_str().unwrap_or("-"),
+                m["state"].as_str().unwrap_or("?"),
+                m["checkpoint"],
+                m["checkpoint_source"].as_str().unwrap_or("?"),
+                m["checkpoint_honoured"],
+            );
+        }
+    } else if let Some(obj) = answer.as_object() {
+        for (k, v) in obj {
+            if k != "ok" {
+                println!("{k}: {v}");
+            }
+        }
+    }
+}
