@@ -464,18 +464,7 @@ impl Server {
     /// (RFC 6887 section 14.1.1), for sending after the server starts or
     /// loses state.
     pub fn unsolicited_announce(&self, now: Timestamp, out: &mut Vec<u8>) {
-        out.clear();
-        let resp = Response {
-            header: ResponseHeader {
-                result: ResultCode::SUCCESS,
-                lifetime: 0,
-                epoch: self.epoch(now),
-            },
-            data: OpData::Announce,
-            options: Vec::new(),
-        };
-        // A bare ANNOUNCE is 24 octets; encoding cannot exceed the limit.
-        let _ = resp.encode(&self.cfg.code_points, out);
+        self.announce_for(now, None, out);
     }
 
     /// Writes an unsolicited ANNOUNCE carrying `sub`'s epoch (the server's
@@ -791,14 +780,29 @@ impl Server {
     ) -> Result<(), Option<Fail>> {
         self.check_options(req, src).map_err(Some)?;
         let sub = self.cfg.subscriber_keying.subscriber_of(src);
+        self.announce_for(now, Some(sub), out);
+        Ok(())
+    }
+
+    /// Writes a SUCCESS response carrying `sub`'s epoch (RFC 6887 section
+    /// 7.2: the epoch is the one of the state the response is about).
+    fn success(
+        &self,
+        now: Timestamp,
+        sub: SubscriberId,
+        lifetime: u32,
+        data: OpData,
+        options: Vec<PcpOption>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Option<Fail>> {
         let resp = Response {
             header: ResponseHeader {
                 result: ResultCode::SUCCESS,
-                lifetime: 0,
+                lifetime,
                 epoch: self.epoch_of(now, Some(sub)),
             },
-            data: OpData::Announce,
-            options: Vec::new(),
+            data,
+            options,
         };
         self.encode(&resp, out)
     }
@@ -874,21 +878,8 @@ impl Server {
         let sub = self.cfg.subscriber_keying.subscriber_of(internal_ip);
         if req.header.lifetime == 0 {
             let external = self.delete_map(key, m.nonce).map_err(Some)?;
-            let mut data = *m;
-            if let Some(ext) = external {
-                data.external_ip = to_wire(ext.ip());
-                data.external_port = ext.port();
-            }
-            let resp = Response {
-                header: ResponseHeader {
-                    result: ResultCode::SUCCESS,
-                    lifetime: 0,
-                    epoch: self.epoch_of(now, Some(sub)),
-                },
-                data: OpData::Map(data),
-                options: Self::echo_options(req, false),
-            };
-            return self.encode(&resp, out);
+            let data = OpData::Map(assigned(*m, external));
+            return self.success(now, sub, 0, data, Self::echo_options(req, false), out);
         }
         let lifetime = self.clamp_lifetime(req.header.lifetime);
         let expires = now + Duration::from_secs(u64::from(lifetime));
@@ -958,21 +949,9 @@ impl Server {
         if let Some(r) = record {
             self.push(Change::Upserted(r));
         }
-        let mut data = *m;
-        if let Some(ext) = external {
-            data.external_ip = to_wire(ext.ip());
-            data.external_port = ext.port();
-        }
-        let resp = Response {
-            header: ResponseHeader {
-                result: ResultCode::SUCCESS,
-                lifetime,
-                epoch: self.epoch_of(now, Some(sub)),
-            },
-            data: OpData::Map(data),
-            options: Self::echo_options(req, checkpoint && o.checkpoint),
-        };
-        self.encode(&resp, out)
+        let data = OpData::Map(assigned(*m, external));
+        let options = Self::echo_options(req, checkpoint && o.checkpoint);
+        self.success(now, sub, lifetime, data, options, out)
     }
 
     /// Section 12.3 (PEER).
@@ -1061,21 +1040,13 @@ impl Server {
         if let Some(r) = record {
             self.push(Change::Upserted(r));
         }
-        let mut data = *p;
-        if let Some(ext) = external {
-            data.map.external_ip = to_wire(ext.ip());
-            data.map.external_port = ext.port();
-        }
-        let resp = Response {
-            header: ResponseHeader {
-                result: ResultCode::SUCCESS,
-                lifetime: u32::try_from(granted.as_secs()).unwrap_or(u32::MAX),
-                epoch: self.epoch_of(now, Some(sub)),
-            },
-            data: OpData::Peer(data),
-            options: Self::echo_options(req, checkpoint && o.checkpoint),
-        };
-        self.encode(&resp, out)
+        let data = OpData::Peer(PeerData {
+            map: assigned(p.map, external),
+            ..*p
+        });
+        let lifetime = u32::try_from(granted.as_secs()).unwrap_or(u32::MAX);
+        let options = Self::echo_options(req, checkpoint && o.checkpoint);
+        self.success(now, sub, lifetime, data, options, out)
     }
 
     /// Quotas checked before a new mapping is made: the subscriber's own
@@ -1325,6 +1296,18 @@ fn apply_filters(mut current: Vec<FilterRule>, new: &[Filter]) -> Vec<FilterRule
         }
     }
     current
+}
+
+/// The request's MAP-shaped body with the external endpoint the server
+/// assigned (RFC 6887 sections 11.3 and 12.3: the response copies the
+/// request's fields, with the assigned address and port in place of the
+/// suggested ones).
+fn assigned(mut m: MapData, external: Option<SocketAddr>) -> MapData {
+    if let Some(ext) = external {
+        m.external_ip = to_wire(ext.ip());
+        m.external_port = ext.port();
+    }
+    m
 }
 
 fn make_extra(

@@ -589,6 +589,18 @@ mod tests {
     use portkeep_server::{FilterRule, MappingKey, MappingKind, MappingRecord, SubscriberId};
     use std::net::IpAddr;
 
+    /// A durable store with a small cache and default keying.
+    fn open_test_store(path: &Path, now: Timestamp) -> Result<(Store, Opened), StoreError> {
+        Store::open(
+            path,
+            Durability::Durable,
+            Recovery::Fail,
+            1 << 20,
+            now,
+            &SubscriberKeying::default(),
+        )
+    }
+
     fn record(peer: bool) -> MappingRecord {
         let k = SubscriberKeying::default();
         MappingRecord {
@@ -645,16 +657,7 @@ mod tests {
     }
 
     fn reopen(path: &Path) -> Model {
-        let k = SubscriberKeying::default();
-        let (_, opened) = Store::open(
-            path,
-            Durability::Durable,
-            Recovery::Fail,
-            1 << 20,
-            Timestamp(5),
-            &k,
-        )
-        .unwrap();
+        let (_, opened) = open_test_store(path, Timestamp(5)).unwrap();
         let Opened::Restored(r) = opened else {
             panic!("fresh")
         };
@@ -675,15 +678,7 @@ mod tests {
         let k = SubscriberKeying::default();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
-        let (mut store, _) = Store::open(
-            &path,
-            Durability::Durable,
-            Recovery::Fail,
-            1 << 20,
-            Timestamp(1),
-            &k,
-        )
-        .unwrap();
+        let (mut store, _) = open_test_store(&path, Timestamp(1)).unwrap();
         let mut model = Model {
             anchor: 1,
             ..Model::default()
@@ -741,15 +736,7 @@ mod tests {
             if round % 10 == 9 {
                 drop(store);
                 assert_eq!(reopen(&path), model, "after round {round}");
-                let (s, _) = Store::open(
-                    &path,
-                    Durability::Durable,
-                    Recovery::Fail,
-                    1 << 20,
-                    Timestamp(1),
-                    &k,
-                )
-                .unwrap();
+                let (s, _) = open_test_store(&path, Timestamp(1)).unwrap();
                 store = s;
             }
         }
@@ -762,19 +749,10 @@ mod tests {
 
     #[test]
     fn draft_s6_damaged_log_entry_is_refused() {
-        let k = SubscriberKeying::default();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.redb");
         {
-            let (store, _) = Store::open(
-                &path,
-                Durability::Durable,
-                Recovery::Fail,
-                1 << 20,
-                Timestamp(1),
-                &k,
-            )
-            .unwrap();
+            let (store, _) = open_test_store(&path, Timestamp(1)).unwrap();
             let txn = store.db.begin_write().unwrap();
             txn.open_table(LOG)
                 .unwrap()
@@ -782,15 +760,7 @@ mod tests {
                 .unwrap();
             txn.commit().unwrap();
         }
-        let err = Store::open(
-            &path,
-            Durability::Durable,
-            Recovery::Fail,
-            1 << 20,
-            Timestamp(1),
-            &k,
-        )
-        .unwrap_err();
+        let err = open_test_store(&path, Timestamp(1)).unwrap_err();
         assert!(matches!(err, StoreError::Damaged { .. }), "{err}");
         assert!(err.to_string().contains("--store-recovery=fresh"));
     }
