@@ -7,11 +7,13 @@ use std::time::Duration;
 use portkeep_proto::addr::{from_wire, is_unspecified, to_wire};
 use portkeep_proto::{
     build_error_response, Disposition, Filter, GetData, MapData, Next, OpData, PcpOption, PeerData,
-    Protocol, Request, Response, ResponseHeader, ResultCode, GET_BODY_LEN, HEADER_LEN,
+    Nonce, Protocol, Request, Response, ResponseHeader, ResultCode, GET_BODY_LEN, HEADER_LEN,
     MAX_MESSAGE_LEN, VERSION,
 };
 
-use crate::change::{Change, ChangeRecord, FilterRule, MappingKey, MappingRecord, RemoveReason};
+use crate::change::{
+    Change, ChangeRecord, FilterRule, MappingKey, MappingKind, MappingRecord, RemoveReason,
+};
 use crate::getnext::{self, Answer, GetFilter, Query};
 use crate::policy::{
     self, Ask, BackupState, CheckpointClass, CheckpointMode, CheckpointStats, Decision, TokenBucket,
@@ -176,6 +178,21 @@ pub struct Server {
     idle_buckets: HashMap<SubscriberId, TokenBucket>,
     /// Size of `idle_buckets` at which full buckets are swept out.
     idle_sweep_at: usize,
+    /// Per subscriber, its hosts holding volatile (not check-pointed)
+    /// mappings, with how many each holds. RFC 7767 saves replicating
+    /// volatile mappings, but the backup must still know who holds them:
+    /// on takeover exactly those subscribers lost state (failure-scenarios
+    /// draft section 2.6).
+    volatile: HashMap<SubscriberId, Vec<(IpAddr, u32)>>,
+    /// Subscribers whose set of volatile hosts changed since
+    /// [`Server::drain_volatile`] was last called.
+    volatile_dirty: Vec<SubscriberId>,
+}
+
+fn sorted_hosts(hosts: &[(IpAddr, u32)]) -> Vec<IpAddr> {
+    let mut v: Vec<IpAddr> = hosts.iter().map(|(h, _)| *h).collect();
+    v.sort_unstable();
+    v
 }
 
 /// Size of `idle_buckets` below which it is never swept.
@@ -213,6 +230,8 @@ impl Server {
             any_always,
             idle_buckets: HashMap::new(),
             idle_sweep_at: IDLE_SWEEP_MIN,
+            volatile: HashMap::new(),
+            volatile_dirty: Vec::new(),
         }
     }
 
@@ -281,6 +300,7 @@ impl Server {
                 state.checkpointed += 1;
                 s.checkpointed += 1;
             }
+            s.note_volatile(sub, m.key.internal_ip, None, Some(m.checkpoint));
             report.restored += 1;
         }
         lost.sort();
@@ -445,6 +465,82 @@ impl Server {
     /// Takes the changes made since the last call, in log order.
     pub fn drain_changes(&mut self) -> std::vec::Drain<'_, ChangeRecord> {
         self.log.drain(..)
+    }
+
+    /// Every subscriber holding volatile (not check-pointed) mappings, with
+    /// the hosts that hold them: what a backup needs to know to reset
+    /// exactly the right epochs on takeover (failure-scenarios draft
+    /// section 2.6; RFC 7767 section 3.2 keeps the mappings themselves off
+    /// the link).
+    pub fn volatile_hosts(&self) -> Vec<(SubscriberId, Vec<IpAddr>)> {
+        self.volatile
+            .iter()
+            .map(|(s, hosts)| (*s, sorted_hosts(hosts)))
+            .collect()
+    }
+
+    /// The subscribers whose set of volatile hosts changed since the last
+    /// call, each with its current set (empty: none any more).
+    pub fn drain_volatile(&mut self) -> Vec<(SubscriberId, Vec<IpAddr>)> {
+        if self.volatile_dirty.is_empty() {
+            return Vec::new();
+        }
+        let mut dirty = std::mem::take(&mut self.volatile_dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        dirty
+            .into_iter()
+            .map(|s| {
+                let hosts = self.volatile.get(&s).map(|h| sorted_hosts(h));
+                (s, hosts.unwrap_or_default())
+            })
+            .collect()
+    }
+
+    /// The check-pointed mappings, in no particular order: the state a
+    /// backup receives on (re)connection (RFC 7767 section 1).
+    pub fn checkpointed_mappings(&self) -> Vec<MappingRecord> {
+        let keying = &self.cfg.subscriber_keying;
+        self.table
+            .entries
+            .iter()
+            .filter(|(_, e)| e.checkpoint)
+            .filter_map(|(id, _)| self.table.record(id, keying))
+            .collect()
+    }
+
+    /// Clears the check-point flag of a mapping whose check-point could not
+    /// be confirmed by the backup in time (RFC 7767 section 3.2: if the
+    /// state cannot be check-pointed, the request is not honoured and the
+    /// mapping is not flagged). Only a mapping that still has `nonce` and
+    /// the flag is changed; the change is logged like any other. Returns
+    /// whether it was.
+    pub fn unflag(&mut self, key: &MappingKey, kind: MappingKind, nonce: Nonce) -> bool {
+        let id = match kind {
+            MappingKind::Map => self.table.map_entry(key),
+            MappingKind::Peer { remote } => self.table.peer_entry(key, remote),
+        };
+        let Some(id) = id else {
+            return false;
+        };
+        if !self
+            .table
+            .get(id)
+            .is_some_and(|e| e.checkpoint && e.nonce == nonce)
+        {
+            return false;
+        }
+        self.table.update(id, |e| e.checkpoint = false);
+        let sub = self.cfg.subscriber_keying.subscriber_of(key.internal_ip);
+        self.checkpointed = self.checkpointed.saturating_sub(1);
+        if let Some(s) = self.subscribers.get_mut(&sub) {
+            s.checkpointed = s.checkpointed.saturating_sub(1);
+        }
+        self.note_volatile(sub, key.internal_ip, Some(true), Some(false));
+        if let Some(r) = self.record(id) {
+            self.push(Change::Upserted(r));
+        }
+        true
     }
 
     /// When [`Server::handle_timeout`] next has work (the earliest expiry).
@@ -902,7 +998,9 @@ impl Server {
                 if filters.len() > self.cfg.max_filters_per_mapping {
                     return Err(Some(Fail::parsed(ResultCode::EXCESSIVE_REMOTE_PEERS)));
                 }
+                let before = self.table.get(id).is_some_and(|e| e.checkpoint);
                 checkpoint = self.renew_checkpoint(now, sub, id, o.checkpoint);
+                self.note_volatile(sub, internal_ip, Some(before), Some(checkpoint));
                 let description = o.description.clone();
                 self.table.update(id, |e| {
                     e.expires = expires;
@@ -941,6 +1039,7 @@ impl Server {
                     ),
                 });
                 self.subscriber_mut(sub).mappings += 1;
+                self.note_volatile(sub, internal_ip, None, Some(checkpoint));
                 id
             }
         };
@@ -993,7 +1092,9 @@ impl Server {
                 if self.table.get(id).map(|e| e.nonce) != Some(p.map.nonce) {
                     return Err(Some(Fail::parsed(ResultCode::NOT_AUTHORIZED)));
                 }
+                let before = self.table.get(id).is_some_and(|e| e.checkpoint);
                 checkpoint = self.renew_checkpoint(now, sub, id, o.checkpoint);
+                self.note_volatile(sub, internal_ip, Some(before), Some(checkpoint));
                 let description = o.description.clone();
                 self.table.update(id, |e| {
                     if expires > e.expires {
@@ -1029,6 +1130,7 @@ impl Server {
                     ),
                 });
                 self.subscriber_mut(sub).mappings += 1;
+                self.note_volatile(sub, internal_ip, None, Some(checkpoint));
                 id
             }
         };
@@ -1128,6 +1230,7 @@ impl Server {
         };
         self.table.remove(id);
         let sub = record.subscriber;
+        self.note_volatile(sub, record.key.internal_ip, Some(record.checkpoint), None);
         // RFC 7767 section 3.2: a deleted or expired mapping gives its
         // check-point back to the server's capacity and the subscriber's quota.
         if record.checkpoint {
@@ -1260,6 +1363,51 @@ impl Server {
             _ => {}
         }
         after
+    }
+
+    /// Keeps [`Server::volatile_hosts`] current as mapping `host` of `sub`
+    /// goes from `before` to `after` (`None`: absent; `Some(flag)`: present,
+    /// check-pointed or not).
+    fn note_volatile(
+        &mut self,
+        sub: SubscriberId,
+        host: IpAddr,
+        before: Option<bool>,
+        after: Option<bool>,
+    ) {
+        let was = before == Some(false);
+        let is = after == Some(false);
+        if was == is {
+            return;
+        }
+        let hosts = self.volatile.entry(sub).or_default();
+        let i = hosts.iter().position(|(h, _)| *h == host);
+        let changed = match (i, is) {
+            (Some(i), true) => {
+                hosts[i].1 += 1;
+                false
+            }
+            (None, true) => {
+                hosts.push((host, 1));
+                true
+            }
+            (Some(i), false) => {
+                hosts[i].1 = hosts[i].1.saturating_sub(1);
+                if hosts[i].1 == 0 {
+                    hosts.swap_remove(i);
+                    true
+                } else {
+                    false
+                }
+            }
+            (None, false) => false,
+        };
+        if hosts.is_empty() {
+            self.volatile.remove(&sub);
+        }
+        if changed {
+            self.volatile_dirty.push(sub);
+        }
     }
 
     fn push(&mut self, change: Change) {

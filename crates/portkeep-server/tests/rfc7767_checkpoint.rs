@@ -740,3 +740,84 @@ fn rfc7767_s3_2_restored_checkpoints_keep_their_quota_and_clear_returns_it() {
     assert_eq!(r.checkpointed_count(), 0);
     assert!(map_cp(&mut r, T0, A, 82));
 }
+
+// ---- What the backup must know (failure-scenarios draft section 2.6) --
+
+/// The subscriber of `client` under the default keying.
+fn sub_of(s: &Server, client: &str) -> portkeep_server::SubscriberId {
+    s.config().subscriber_keying.subscriber_of(ip(client))
+}
+
+#[test]
+fn draft_2_6_volatile_hosts_are_tracked_per_subscriber() {
+    let mut s = in_sync(unlimited());
+    // A check-pointed mapping is not volatile state.
+    assert!(map_cp(&mut s, T0, A, 80));
+    assert!(s.drain_volatile().is_empty());
+    assert!(s.volatile_hosts().is_empty());
+    // The first volatile mapping of a host marks it, once.
+    send(&mut s, T0, A, &map_req(A, 81, 3600, 1, vec![]));
+    send(&mut s, T0, A, &map_req(A, 82, 3600, 1, vec![]));
+    let a = sub_of(&s, A);
+    assert_eq!(s.drain_volatile(), vec![(a, vec![ip(A)])]);
+    assert!(s.drain_volatile().is_empty(), "drained");
+    // A renewal without the option turns a check-pointed mapping volatile:
+    // no new host, so nothing to report.
+    send(&mut s, T0, A, &map_req(A, 80, 3600, 1, vec![]));
+    assert!(!flag(&s, A, 80));
+    assert!(s.drain_volatile().is_empty());
+    // Deleting every volatile mapping of the host unmarks it.
+    for port in [80, 81, 82] {
+        send(&mut s, T0, A, &map_req(A, port, 0, 1, vec![]));
+    }
+    assert_eq!(s.drain_volatile(), vec![(a, vec![])]);
+    assert!(s.volatile_hosts().is_empty());
+}
+
+#[test]
+fn draft_2_6_volatile_markers_follow_peer_expiry_and_flag_changes() {
+    let mut s = in_sync(unlimited());
+    let b = sub_of(&s, B);
+    send(&mut s, T0, B, &peer_req(B, 5000, 2, vec![]));
+    assert_eq!(s.drain_volatile(), vec![(b, vec![ip(B)])]);
+    // The renewal with the option check-points it: the host holds nothing
+    // volatile any more.
+    let r = send(&mut s, T0, B, &peer_req(B, 5000, 2, vec![CP]));
+    assert!(r.checkpoint_honoured());
+    assert_eq!(s.drain_volatile(), vec![(b, vec![])]);
+    // Expiry of a volatile mapping unmarks its host too.
+    send(&mut s, T0, A, &map_req(A, 90, 60, 3, vec![]));
+    let a = sub_of(&s, A);
+    assert_eq!(s.volatile_hosts(), vec![(a, vec![ip(A)])]);
+    s.drain_volatile();
+    s.handle_timeout(T0 + Duration::from_secs(100_000));
+    assert_eq!(s.drain_volatile(), vec![(a, vec![])]);
+}
+
+#[test]
+fn rfc7767_s3_2_unflag_when_the_backup_did_not_confirm() {
+    let mut s = in_sync(unlimited());
+    assert!(map_cp(&mut s, T0, A, 80));
+    let m = s.checkpointed_mappings();
+    assert_eq!(m.len(), 1);
+    let m = m[0].clone();
+    s.drain_changes();
+    // A different nonce does not own the mapping.
+    assert!(!s.unflag(&m.key, m.kind, [9; 12]));
+    assert!(s.unflag(&m.key, m.kind, m.nonce));
+    assert!(!flag(&s, A, 80));
+    assert_eq!(s.checkpointed_count(), 0);
+    assert!(s.checkpointed_mappings().is_empty());
+    let changes: Vec<_> = s.drain_changes().collect();
+    assert_eq!(changes.len(), 1, "the unflag is logged: {changes:?}");
+    match &changes[0].change {
+        portkeep_server::Change::Upserted(r) => {
+            assert!(!r.checkpoint);
+            assert_eq!(r.external, m.external, "the mapping itself stays");
+        }
+        other => panic!("unexpected change {other:?}"),
+    }
+    assert_eq!(s.volatile_hosts(), vec![(sub_of(&s, A), vec![ip(A)])]);
+    // Twice is a no-op.
+    assert!(!s.unflag(&m.key, m.kind, m.nonce));
+}
