@@ -139,6 +139,11 @@ impl Active {
         self.acked
     }
 
+    /// Highest log position sent.
+    pub fn sent(&self) -> u64 {
+        self.sent
+    }
+
     /// A connection to the backup is up: introduce ourselves.
     pub fn connected(&mut self, now: Timestamp, applied: u64) {
         self.out.clear();
@@ -152,6 +157,7 @@ impl Active {
                 term: self.term,
                 active: true,
                 applied,
+                now,
             },
         );
     }
@@ -320,7 +326,7 @@ impl Active {
         }
         if now >= self.last_sent + self.cfg.heartbeat {
             let term = self.term;
-            self.send(now, &Message::Heartbeat { term });
+            self.send(now, &Message::Heartbeat { term, now });
         }
     }
 

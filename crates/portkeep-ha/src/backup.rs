@@ -45,21 +45,38 @@ impl State {
     }
 }
 
+/// How much of the active's state a promoted backup can vouch for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TakeoverKind {
+    /// In sync until the active was lost: check-pointed mappings and the
+    /// epochs of fully check-pointed subscribers continue; subscribers
+    /// that held volatile state reset (failure-scenarios draft 2.6).
+    Hot,
+    /// A snapshot was received once, but the link was down (or resyncing)
+    /// for longer than the bound before promotion, so the active may have
+    /// made volatile state this node never heard of: the check-pointed
+    /// mappings continue (each was acknowledged), every epoch resets.
+    Stale,
+    /// No snapshot was ever completed (cold standby): nothing continues.
+    Cold,
+}
+
 /// What a promoted backup starts from.
 #[derive(Debug, Clone)]
 pub struct Takeover {
     /// The new term (one above the highest seen).
     pub term: Term,
     /// The state to restore the server core from
-    /// (`portkeep_server::Server::restore`).
+    /// (`portkeep_server::Server::restore`), in this node's clock.
     pub state: Restored,
     /// Subscribers whose state was lost (they held volatile mappings, or
-    /// this was a cold standby), with the hosts to send an unsolicited
-    /// ANNOUNCE to. Their epochs are already reset in `state`.
+    /// every subscriber on a stale takeover), with the hosts to send an
+    /// unsolicited ANNOUNCE to. Their epochs are already reset in `state`.
     pub reset: Vec<(SubscriberId, Vec<IpAddr>)>,
-    /// Whether the backup was in sync: if not, this is a cold takeover and
-    /// every epoch resets.
+    /// Whether the backup was in sync ([`TakeoverKind::Hot`]).
     pub was_in_sync: bool,
+    /// How much continues.
+    pub kind: TakeoverKind,
 }
 
 /// The backup node's end of one replication link.
@@ -70,7 +87,16 @@ pub struct Backup {
     state: State,
     staging: Option<State>,
     applied: u64,
+    /// A snapshot completed at some point: `state` holds real data.
+    has_state: bool,
+    /// The current connection delivered a complete snapshot.
     synced: bool,
+    /// When the last connection was lost, if it is down.
+    lost_at: Option<Timestamp>,
+    /// The active's clock minus ours, in milliseconds, as last measured:
+    /// the active's timestamps are translated by it on takeover, so the
+    /// two nodes' clocks need not agree (the "anchors travel").
+    offset_ms: i64,
     out: Vec<u8>,
     inbuf: Vec<u8>,
 }
@@ -84,7 +110,10 @@ impl Backup {
             state: State::default(),
             staging: None,
             applied: 0,
+            has_state: false,
             synced: false,
+            lost_at: None,
+            offset_ms: 0,
             out: Vec::new(),
             inbuf: Vec::new(),
         }
@@ -95,9 +124,10 @@ impl Backup {
         self.term
     }
 
-    /// Whether a full snapshot has been received and applied.
+    /// Whether the current connection delivered a full snapshot and the
+    /// stream since.
     pub fn in_sync(&self) -> bool {
-        self.synced
+        self.synced && self.lost_at.is_none()
     }
 
     /// Last log position applied.
@@ -110,24 +140,55 @@ impl Backup {
         self.state.mappings.len()
     }
 
+    /// Number of subscribers known to hold volatile state.
+    pub fn volatile_count(&self) -> usize {
+        self.state.volatile.len()
+    }
+
+    /// Items of the snapshot being received, so far (resync progress).
+    pub fn staging_count(&self) -> Option<usize> {
+        self.staging.as_ref().map(|s| s.mappings.len())
+    }
+
+    /// The active's clock minus ours, in milliseconds.
+    pub fn clock_offset_ms(&self) -> i64 {
+        self.offset_ms
+    }
+
     /// A connection from the active is up.
-    pub fn connected(&mut self) {
+    pub fn connected(&mut self, now: Timestamp) {
         self.inbuf.clear();
         self.staging = None;
         // Until a new snapshot completes, this backup cannot vouch for
         // being current.
         self.synced = false;
+        self.lost_at = None;
         let (term, applied) = (self.term, self.applied);
         Message::Hello {
             term,
             active: false,
             applied,
+            now,
         }
         .encode(&mut self.out);
     }
 
-    /// Feeds bytes from the active.
-    pub fn handle_input(&mut self, bytes: &[u8]) -> Result<(), FrameError> {
+    /// The connection is gone.
+    pub fn disconnected(&mut self, now: Timestamp) {
+        self.staging = None;
+        self.out.clear();
+        if self.lost_at.is_none() {
+            self.lost_at = Some(now);
+        }
+    }
+
+    fn measure(&mut self, now: Timestamp, theirs: Timestamp) {
+        let d = i128::from(theirs.as_millis()) - i128::from(now.as_millis());
+        self.offset_ms = d.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64;
+    }
+
+    /// Feeds bytes from the active, received at `now`.
+    pub fn handle_input(&mut self, now: Timestamp, bytes: &[u8]) -> Result<(), FrameError> {
         self.inbuf.extend_from_slice(bytes);
         while let Some(m) = Message::decode(&mut self.inbuf, &self.keying)? {
             if m.term() < self.term {
@@ -138,12 +199,14 @@ impl Backup {
                     term,
                     active: false,
                     applied,
+                    now,
                 }
                 .encode(&mut self.out);
                 continue;
             }
             self.term = m.term();
             match m {
+                Message::Hello { now: theirs, .. } => self.measure(now, theirs),
                 Message::SnapshotBegin { .. } => self.staging = Some(State::default()),
                 Message::SnapshotPart { items, .. } => {
                     if let Some(s) = &mut self.staging {
@@ -157,6 +220,7 @@ impl Backup {
                         self.state = s;
                         self.applied = seq;
                         self.synced = true;
+                        self.has_state = true;
                         Message::Ack { term, seq }.encode(&mut self.out);
                     }
                 }
@@ -170,8 +234,11 @@ impl Backup {
                     self.applied = seq;
                     Message::Ack { term, seq }.encode(&mut self.out);
                 }
-                Message::Heartbeat { term } => Message::Heartbeat { term }.encode(&mut self.out),
-                Message::Hello { .. } | Message::Ack { .. } => {}
+                Message::Heartbeat { term, now: theirs } => {
+                    self.measure(now, theirs);
+                    Message::Heartbeat { term, now }.encode(&mut self.out);
+                }
+                Message::Ack { .. } => {}
             }
         }
         Ok(())
@@ -185,16 +252,20 @@ impl Backup {
     /// Becomes active (keepalived's notify hook, `portkeepd ctl promote`).
     ///
     /// Failure-scenarios draft section 2.6: a subscriber whose whole state
-    /// was check-pointed keeps its epoch (the anchor travelled, so the two
-    /// nodes' clocks need not agree); one that held volatile mappings lost
-    /// state: its epoch resets at `now` and its hosts get an ANNOUNCE. A
-    /// backup that never completed a snapshot is a cold standby: every
-    /// epoch resets.
-    pub fn promote(self, now: Timestamp) -> Takeover {
+    /// was check-pointed keeps its epoch (the anchor travelled, and is
+    /// translated into this node's clock, so the two clocks need not
+    /// agree); one that held volatile mappings lost state: its epoch resets
+    /// at `now` and its hosts get an ANNOUNCE.
+    ///
+    /// The link must have been up until at most `stale_after` before `now`
+    /// for that: the active stops waiting for a backup it lost, so after a
+    /// longer outage it may have made volatile state this node never heard
+    /// of, and every epoch resets instead ([`TakeoverKind::Stale`]; the
+    /// check-pointed mappings still continue). A backup that never
+    /// completed a snapshot is a cold standby: every epoch resets.
+    pub fn promote(self, now: Timestamp, stale_after: std::time::Duration) -> Takeover {
         let term = self.term + 1;
-        let synced = self.synced;
-        let st = self.state;
-        if !synced {
+        if !self.has_state {
             return Takeover {
                 term,
                 state: Restored {
@@ -205,9 +276,63 @@ impl Backup {
                 },
                 reset: Vec::new(),
                 was_in_sync: false,
+                kind: TakeoverKind::Cold,
             };
         }
-        let mut anchors = st.anchors.clone();
+        let recent = self.lost_at.is_none_or(|t| now <= t + stale_after);
+        let kind = if self.synced && recent {
+            TakeoverKind::Hot
+        } else {
+            TakeoverKind::Stale
+        };
+        let off = self.offset_ms;
+        let local = |t: Timestamp| -> Timestamp {
+            let v = i128::from(t.as_millis()) - i128::from(off);
+            Timestamp(v.clamp(0, i128::from(u64::MAX)) as u64)
+        };
+        let st = self.state;
+        let mappings: Vec<_> = st
+            .mappings
+            .into_values()
+            .map(|mut m| {
+                m.expires = local(m.expires);
+                m
+            })
+            .collect();
+        if kind == TakeoverKind::Stale {
+            // Every subscriber restarts its epoch: the server-wide anchor
+            // moves to now and no subscriber keeps its own. Every host this
+            // node knows of is told.
+            let mut hosts: BTreeMap<SubscriberId, Vec<IpAddr>> = BTreeMap::new();
+            for m in &mappings {
+                hosts.entry(m.subscriber).or_default().push(m.key.internal_ip);
+            }
+            for (sub, v) in &st.volatile {
+                hosts.entry(*sub).or_default().extend(v.iter().copied());
+            }
+            let reset = hosts
+                .into_iter()
+                .map(|(s, mut v)| {
+                    v.sort_unstable();
+                    v.dedup();
+                    (s, v)
+                })
+                .collect();
+            return Takeover {
+                term,
+                state: Restored {
+                    anchor: now,
+                    subscriber_anchors: Vec::new(),
+                    mappings,
+                    last_seq: self.applied,
+                },
+                reset,
+                was_in_sync: false,
+                kind,
+            };
+        }
+        let mut anchors: BTreeMap<SubscriberId, Timestamp> =
+            st.anchors.iter().map(|(s, a)| (*s, local(*a))).collect();
         let mut reset = Vec::new();
         for (sub, hosts) in &st.volatile {
             anchors.insert(*sub, now);
@@ -215,17 +340,18 @@ impl Backup {
         }
         // Subscribers the active never reset share its server anchor, which
         // the snapshot carries.
-        let anchor = st.server_anchor.unwrap_or(now);
+        let anchor = st.server_anchor.map_or(now, local);
         Takeover {
             term,
             state: Restored {
                 anchor,
                 subscriber_anchors: anchors.into_iter().collect(),
-                mappings: st.mappings.into_values().collect(),
+                mappings,
                 last_seq: self.applied,
             },
             reset,
             was_in_sync: true,
+            kind,
         }
     }
 }

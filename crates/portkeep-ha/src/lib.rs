@@ -28,7 +28,7 @@ mod backup;
 pub mod wire;
 
 pub use active::{Active, ActiveConfig, ActiveEvent, LinkState};
-pub use backup::{Backup, Takeover};
+pub use backup::{Backup, Takeover, TakeoverKind};
 pub use wire::{FrameError, Item, Message};
 
 /// A replication term: promotion increments it, and a node that learns of

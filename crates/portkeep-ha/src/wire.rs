@@ -145,6 +145,9 @@ pub enum Message {
         active: bool,
         /// Last log sequence number the sender applied.
         applied: u64,
+        /// The sender's clock, so the backup can translate the active's
+        /// timestamps into its own clock on takeover.
+        now: Timestamp,
     },
     /// Active to backup: the full check-pointed state as of `seq` follows.
     SnapshotBegin {
@@ -187,6 +190,8 @@ pub enum Message {
     Heartbeat {
         /// Sender's term.
         term: Term,
+        /// The sender's clock (see [`Message::Hello`]).
+        now: Timestamp,
     },
 }
 
@@ -211,7 +216,7 @@ impl Message {
             | Message::SnapshotEnd { term, .. }
             | Message::Changes { term, .. }
             | Message::Ack { term, .. }
-            | Message::Heartbeat { term } => *term,
+            | Message::Heartbeat { term, .. } => *term,
         }
     }
 
@@ -230,11 +235,13 @@ impl Message {
                 term,
                 active,
                 applied,
+                now,
             } => {
                 out.push(1);
                 out.extend_from_slice(&term.to_be_bytes());
                 out.push(u8::from(*active));
                 out.extend_from_slice(&applied.to_be_bytes());
+                out.extend_from_slice(&now.as_millis().to_be_bytes());
             }
             Message::SnapshotBegin { term, seq } => {
                 out.push(2);
@@ -266,9 +273,10 @@ impl Message {
                 out.extend_from_slice(&term.to_be_bytes());
                 out.extend_from_slice(&seq.to_be_bytes());
             }
-            Message::Heartbeat { term } => {
+            Message::Heartbeat { term, now } => {
                 out.push(7);
                 out.extend_from_slice(&term.to_be_bytes());
+                out.extend_from_slice(&now.as_millis().to_be_bytes());
             }
         }
         let len = (out.len() - start - 4) as u32;
@@ -316,6 +324,7 @@ impl Message {
                     term: r.u64()?,
                     active: r.u8()? != 0,
                     applied: r.u64()?,
+                    now: Timestamp(r.u64()?),
                 },
                 2 => Message::SnapshotBegin {
                     term: r.u64()?,
@@ -338,7 +347,10 @@ impl Message {
                     term: r.u64()?,
                     seq: r.u64()?,
                 },
-                7 => Message::Heartbeat { term: r.u64()? },
+                7 => Message::Heartbeat {
+                    term: r.u64()?,
+                    now: Timestamp(r.u64()?),
+                },
                 _ => return None,
             })
         })();

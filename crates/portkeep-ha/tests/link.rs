@@ -18,6 +18,9 @@ use proptest::prelude::*;
 
 const T0: Timestamp = Timestamp(1_700_000_000_000);
 
+/// How long after losing the link a promotion still counts as hot.
+const STALE: Duration = Duration::from_secs(3);
+
 fn at(ms: u64) -> Timestamp {
     Timestamp(T0.0 + ms)
 }
@@ -52,7 +55,7 @@ fn pump(a: &mut Active, b: &mut Backup, now: Timestamp) {
     loop {
         let mut moved = false;
         if let Some(bytes) = a.poll_transmit() {
-            b.handle_input(&bytes).unwrap();
+            b.handle_input(now, &bytes).unwrap();
             moved = true;
         }
         if let Some(bytes) = b.poll_transmit() {
@@ -70,7 +73,7 @@ fn linked(term: u64) -> (Active, Backup) {
     let mut a = Active::new(term, ActiveConfig::default(), k.clone());
     let mut b = Backup::new(term, k);
     a.connected(at(0), 10);
-    b.connected();
+    b.connected(at(0));
     pump(&mut a, &mut b, at(0));
     (a, b)
 }
@@ -129,7 +132,7 @@ fn rfc7767_s3_2_one_acknowledgement_covers_many_changes() {
     // The backup processes all three; only its last acknowledgement is
     // delivered (the others are still in flight, or coalesced).
     let bytes = a.poll_transmit().unwrap();
-    b.handle_input(&bytes).unwrap();
+    b.handle_input(at(2), &bytes).unwrap();
     let acks = b.poll_transmit().unwrap();
     let mut buf = acks.clone();
     let mut last = None;
@@ -182,7 +185,7 @@ fn rfc7767_s3_2_overdue_acknowledgement_stops_honouring_until_caught_up() {
     assert!(events(&mut a).contains(&ActiveEvent::OutOfSync("acknowledgement overdue")));
     assert!(!a.in_sync());
     // The backup catches up: check-pointing resumes.
-    b.handle_input(&held).unwrap();
+    b.handle_input(at(300), &held).unwrap();
     pump(&mut a, &mut b, at(300));
     assert!(a.in_sync());
     assert_eq!(events(&mut a).last(), Some(&ActiveEvent::InSync));
@@ -213,7 +216,7 @@ fn design_fencing_higher_term_stops_the_active() {
     let mut old = Active::new(3, ActiveConfig::default(), k.clone());
     let mut newer = Backup::new(4, k);
     old.connected(at(0), 0);
-    newer.connected();
+    newer.connected(at(0));
     pump(&mut old, &mut newer, at(0));
     assert_eq!(old.state(), LinkState::Fenced { term: 4 });
     assert!(events(&mut old).contains(&ActiveEvent::Fenced(4)));
@@ -233,7 +236,7 @@ fn design_fencing_higher_term_stops_the_active() {
 fn design_fencing_stale_stream_is_refused() {
     let k = SubscriberKeying::default();
     let mut b = Backup::new(5, k.clone());
-    b.connected();
+    b.connected(at(0));
     let _ = b.poll_transmit();
     let mut stale = Vec::new();
     Message::SnapshotBegin { term: 4, seq: 1 }.encode(&mut stale);
@@ -243,7 +246,7 @@ fn design_fencing_stale_stream_is_refused() {
     }
     .encode(&mut stale);
     Message::SnapshotEnd { term: 4, seq: 1 }.encode(&mut stale);
-    b.handle_input(&stale).unwrap();
+    b.handle_input(at(0), &stale).unwrap();
     assert!(!b.in_sync());
     assert_eq!(b.mapping_count(), 0);
     let mut reply = b.poll_transmit().unwrap();
@@ -256,7 +259,7 @@ fn draft_s2_6_takeover_keeps_checkpointed_epochs_and_resets_volatile_subscribers
     let (mut a, mut b) = linked(3);
     a.send_snapshot(at(1), 10, snapshot_items());
     pump(&mut a, &mut b, at(1));
-    let t = b.promote(at(50_000));
+    let t = b.promote(at(50_000), STALE);
     assert_eq!(t.term, 4);
     assert!(t.was_in_sync);
     assert_eq!(t.state.anchor, T0, "the anchor travelled: epochs continue");
@@ -281,7 +284,7 @@ fn draft_s2_6_cold_standby_resets_every_epoch() {
     let (mut a, b) = linked(3);
     a.send_snapshot(at(1), 10, snapshot_items());
     // The snapshot never arrived.
-    let t = b.promote(at(9_000));
+    let t = b.promote(at(9_000), STALE);
     assert!(!t.was_in_sync);
     assert_eq!(t.state.anchor, at(9_000));
     assert!(t.state.mappings.is_empty());
@@ -296,6 +299,7 @@ fn frames_round_trip_and_reassemble_across_reads() {
             term: 7,
             active: true,
             applied: 42,
+            now: at(1),
         },
         Message::SnapshotBegin { term: 7, seq: 42 },
         Message::SnapshotPart {
@@ -315,7 +319,10 @@ fn frames_round_trip_and_reassemble_across_reads() {
             ],
         },
         Message::Ack { term: 7, seq: 43 },
-        Message::Heartbeat { term: 7 },
+        Message::Heartbeat {
+            term: 7,
+            now: at(2),
+        },
     ];
     let mut bytes = Vec::new();
     for m in &msgs {
@@ -347,7 +354,7 @@ proptest! {
         let mut buf = bytes;
         while let Ok(Some(_)) = Message::decode(&mut buf, &k) {}
         let mut b = Backup::new(1, k.clone());
-        let _ = b.handle_input(&buf);
+        let _ = b.handle_input(at(0), &buf);
         let mut a = Active::new(1, ActiveConfig::default(), k);
         a.connected(at(0), 0);
         let _ = a.handle_input(at(0), &buf);
@@ -359,4 +366,98 @@ fn link_timeouts_are_scheduled() {
     let (a, _b) = linked(1);
     let t = a.poll_timeout().unwrap();
     assert!(t <= at(0) + Duration::from_millis(100));
+}
+
+/// Like [`pump`], but the backup's clock runs `skew_ms` behind the
+/// active's.
+fn pump_skewed(a: &mut Active, b: &mut Backup, now: Timestamp, skew_ms: u64) {
+    let theirs = Timestamp(now.0 - skew_ms);
+    loop {
+        let mut moved = false;
+        if let Some(bytes) = a.poll_transmit() {
+            b.handle_input(theirs, &bytes).unwrap();
+            moved = true;
+        }
+        if let Some(bytes) = b.poll_transmit() {
+            a.handle_input(now, &bytes).unwrap();
+            moved = true;
+        }
+        if !moved {
+            return;
+        }
+    }
+}
+
+#[test]
+fn draft_s2_6_takeover_translates_anchors_into_the_backups_clock() {
+    // The backup's clock is 40 s behind the active's. Epochs must continue
+    // as the clients saw them, and expiry times must not move.
+    let skew = 40_000;
+    let k = SubscriberKeying::default();
+    let mut a = Active::new(3, ActiveConfig::default(), k.clone());
+    let mut b = Backup::new(3, k);
+    a.connected(at(0), 0);
+    b.connected(Timestamp(at(0).0 - skew));
+    pump_skewed(&mut a, &mut b, at(0), skew);
+    a.send_snapshot(at(1), 10, snapshot_items());
+    pump_skewed(&mut a, &mut b, at(1), skew);
+    assert_eq!(b.clock_offset_ms(), skew as i64);
+    // Promoted 10 s later in the backup's own clock.
+    let now_backup = Timestamp(at(10_000).0 - skew);
+    let t = b.promote(now_backup, STALE);
+    assert_eq!(t.kind, portkeep_ha::TakeoverKind::Hot);
+    // The server-wide epoch the clients see: (now - anchor) in each
+    // node's own clock is the same.
+    let epoch_before = at(10_000).secs_since(T0);
+    assert_eq!(now_backup.secs_since(t.state.anchor), epoch_before);
+    for m in &t.state.mappings {
+        assert_eq!(m.expires.0, at(3_600_000).0 - skew, "expiry in our clock");
+    }
+}
+
+#[test]
+fn draft_s2_6_promotion_long_after_losing_the_link_resets_every_epoch() {
+    let (mut a, mut b) = linked(3);
+    a.send_snapshot(at(1), 10, snapshot_items());
+    pump(&mut a, &mut b, at(1));
+    b.disconnected(at(2));
+    // Promoted within the bound: the active died with the link.
+    let hot = {
+        let (mut a2, mut b2) = linked(3);
+        a2.send_snapshot(at(1), 10, snapshot_items());
+        pump(&mut a2, &mut b2, at(1));
+        b2.disconnected(at(2));
+        b2.promote(at(2) + STALE, STALE)
+    };
+    assert_eq!(hot.kind, portkeep_ha::TakeoverKind::Hot);
+    // Promoted long after: the active may have lived on without us.
+    let t = b.promote(at(60_000), STALE);
+    assert_eq!(t.kind, portkeep_ha::TakeoverKind::Stale);
+    assert_eq!(t.state.mappings.len(), 2, "acknowledged check-points survive");
+    assert_eq!(t.state.anchor, at(60_000), "every epoch restarts");
+    assert!(t.state.subscriber_anchors.is_empty());
+    let hosts: Vec<IpAddr> = t.reset.iter().flat_map(|(_, h)| h.clone()).collect();
+    assert!(hosts.contains(&"198.51.100.1".parse().unwrap()), "{hosts:?}");
+    assert!(hosts.contains(&"198.51.100.2".parse().unwrap()), "{hosts:?}");
+}
+
+#[test]
+fn draft_s2_6_promotion_mid_resync_keeps_acknowledged_checkpoints() {
+    let (mut a, mut b) = linked(3);
+    a.send_snapshot(at(1), 10, snapshot_items());
+    pump(&mut a, &mut b, at(1));
+    // The link drops and comes back; the new snapshot is cut short.
+    a.disconnected();
+    b.disconnected(at(5));
+    a.connected(at(6), 10);
+    b.connected(at(6));
+    pump(&mut a, &mut b, at(6));
+    a.send_snapshot(at(7), 20, snapshot_items());
+    let mut partial = a.poll_transmit().unwrap();
+    partial.truncate(partial.len() / 2);
+    b.handle_input(at(7), &partial).unwrap();
+    assert!(b.staging_count().is_some(), "resync in progress");
+    let t = b.promote(at(8), STALE);
+    assert_eq!(t.kind, portkeep_ha::TakeoverKind::Stale);
+    assert_eq!(t.state.mappings.len(), 2);
 }
