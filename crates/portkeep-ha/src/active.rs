@@ -264,16 +264,17 @@ impl Active {
     }
 
     fn on_ack(&mut self, seq: u64) {
-        if seq <= self.acked {
-            return;
-        }
-        self.acked = seq;
         while self.pending.front().is_some_and(|&(s, _)| s <= seq) {
             self.pending.pop_front();
         }
-        self.events.push_back(ActiveEvent::Acked(seq));
+        if seq > self.acked {
+            self.acked = seq;
+            self.events.push_back(ActiveEvent::Acked(seq));
+        }
         let caught_up = self.pending.is_empty();
         match self.state {
+            // A snapshot of an empty log (position 0) is acknowledged at 0
+            // too: compare against the snapshot, not the last ack.
             LinkState::Resyncing { seq: snap } if seq >= snap => {
                 self.state = LinkState::InSync;
                 self.events.push_back(ActiveEvent::InSync);

@@ -305,7 +305,10 @@ impl Backup {
             // node knows of is told.
             let mut hosts: BTreeMap<SubscriberId, Vec<IpAddr>> = BTreeMap::new();
             for m in &mappings {
-                hosts.entry(m.subscriber).or_default().push(m.key.internal_ip);
+                hosts
+                    .entry(m.subscriber)
+                    .or_default()
+                    .push(m.key.internal_ip);
             }
             for (sub, v) in &st.volatile {
                 hosts.entry(*sub).or_default().extend(v.iter().copied());

@@ -433,12 +433,22 @@ fn draft_s2_6_promotion_long_after_losing_the_link_resets_every_epoch() {
     // Promoted long after: the active may have lived on without us.
     let t = b.promote(at(60_000), STALE);
     assert_eq!(t.kind, portkeep_ha::TakeoverKind::Stale);
-    assert_eq!(t.state.mappings.len(), 2, "acknowledged check-points survive");
+    assert_eq!(
+        t.state.mappings.len(),
+        2,
+        "acknowledged check-points survive"
+    );
     assert_eq!(t.state.anchor, at(60_000), "every epoch restarts");
     assert!(t.state.subscriber_anchors.is_empty());
     let hosts: Vec<IpAddr> = t.reset.iter().flat_map(|(_, h)| h.clone()).collect();
-    assert!(hosts.contains(&"198.51.100.1".parse().unwrap()), "{hosts:?}");
-    assert!(hosts.contains(&"198.51.100.2".parse().unwrap()), "{hosts:?}");
+    assert!(
+        hosts.contains(&"198.51.100.1".parse().unwrap()),
+        "{hosts:?}"
+    );
+    assert!(
+        hosts.contains(&"198.51.100.2".parse().unwrap()),
+        "{hosts:?}"
+    );
 }
 
 #[test]
@@ -460,4 +470,15 @@ fn draft_s2_6_promotion_mid_resync_keeps_acknowledged_checkpoints() {
     let t = b.promote(at(8), STALE);
     assert_eq!(t.kind, portkeep_ha::TakeoverKind::Stale);
     assert_eq!(t.state.mappings.len(), 2);
+}
+
+#[test]
+fn rfc7767_s1_resync_of_an_empty_log_completes() {
+    // A fresh active (log position 0) syncs a fresh backup.
+    let (mut a, mut b) = linked(1);
+    a.send_snapshot(at(1), 0, vec![Item::ServerEpoch { anchor: T0 }]);
+    pump(&mut a, &mut b, at(1));
+    assert!(a.in_sync());
+    assert!(events(&mut a).contains(&ActiveEvent::InSync));
+    assert!(b.in_sync());
 }

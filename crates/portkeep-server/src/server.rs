@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use portkeep_proto::addr::{from_wire, is_unspecified, to_wire};
 use portkeep_proto::{
-    build_error_response, Disposition, Filter, GetData, MapData, Next, OpData, PcpOption, PeerData,
-    Nonce, Protocol, Request, Response, ResponseHeader, ResultCode, GET_BODY_LEN, HEADER_LEN,
+    build_error_response, Disposition, Filter, GetData, MapData, Next, Nonce, OpData, PcpOption,
+    PeerData, Protocol, Request, Response, ResponseHeader, ResultCode, GET_BODY_LEN, HEADER_LEN,
     MAX_MESSAGE_LEN, VERSION,
 };
 

@@ -103,6 +103,9 @@ pub struct ConfigFile {
     /// Stable storage.
     #[serde(default)]
     pub store: StoreSection,
+    /// Active/backup pair (RFC 7767).
+    #[serde(default)]
+    pub ha: crate::ha_config::HaSection,
 }
 
 /// `[store]`.
@@ -358,6 +361,8 @@ pub struct Settings {
     pub dataplane: DataplaneKind,
     /// Stable storage.
     pub store: StoreSettings,
+    /// Role and replication link.
+    pub ha: crate::ha_config::HaSettings,
 }
 
 /// Name of the store file inside the data directory.
@@ -578,6 +583,7 @@ impl ConfigFile {
             cache_bytes: cache_mb << 20,
             commit_delay: std::time::Duration::from_micros(commit_delay_us),
         };
+        let ha = self.ha.validate()?;
         Ok(Settings {
             data_dir,
             control_socket,
@@ -611,6 +617,7 @@ impl ConfigFile {
             announce_unicast,
             dataplane,
             store,
+            ha,
         })
     }
 }

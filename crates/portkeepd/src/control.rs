@@ -83,8 +83,10 @@ pub(crate) fn dispatch(shared: &Shared, req: &Value) -> Value {
         "mappings" => mappings(shared),
         "counters" => counters(shared),
         "clear" => clear(shared, req),
+        "promote" => crate::ha::promote(shared),
+        "demote" => crate::ha::demote(shared, None, "demoted by the operator"),
         other => error(format!(
-            "unknown command `{other}` (known: status, mappings, counters, clear)"
+            "unknown command `{other}` (known: status, mappings, counters, clear, promote, demote)"
         )),
     }
 }
@@ -92,11 +94,14 @@ pub(crate) fn dispatch(shared: &Shared, req: &Value) -> Value {
 fn status(shared: &Shared) -> Value {
     let now = shared.clock.now();
     let dataplane = shared.dataplane.lock().map_or("unknown", |d| d.name());
+    let ha = shared.ha.status(now);
     let core = shared.lock();
     json!({
         "ok": true,
         "version": env!("CARGO_PKG_VERSION"),
-        "role": "standalone",
+        "role": ha["role"].clone(),
+        "term": ha["term"].clone(),
+        "ha": ha,
         "uptime_s": shared.clock.uptime_ms() / 1000,
         "epoch": core.server.epoch(now),
         "mappings": core.server.mapping_count(),

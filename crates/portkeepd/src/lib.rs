@@ -7,6 +7,8 @@ pub mod checkpoint_config;
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod ha;
+pub mod ha_config;
 pub mod mmsg;
 pub mod nft;
 pub mod runtime;

@@ -54,6 +54,16 @@ enum StoreRecovery {
 enum Command {
     /// Ask a running portkeepd for its state through the control socket.
     Ctl(CtlArgs),
+    /// Write a CA and one certificate per node for the replication link's
+    /// mutual TLS (`ca.pem`, `NAME.pem`, `NAME.key`; see docs/ha.md).
+    GenCerts {
+        /// Directory to write into (created if missing).
+        dir: PathBuf,
+        /// Node names; each certificate carries its name, which the other
+        /// node's `ha.peer_name` must match.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -79,6 +89,12 @@ enum CtlCommand {
     /// Remove mappings and reset the epoch of the subscribers affected,
     /// announcing it to their hosts (failure-scenarios draft 2.6.2).
     Clear(ClearArgs),
+    /// Become active: install the check-pointed state received as backup
+    /// and serve (keepalived's notify hook on MASTER).
+    Promote,
+    /// Stop serving, drop this node's state and wait for the active's link
+    /// as backup (keepalived's notify hook on BACKUP or FAULT).
+    Demote,
 }
 
 #[derive(Debug, clap::Args)]
@@ -122,8 +138,23 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    if let Some(Command::Ctl(ctl)) = &args.command {
-        return run_ctl(&args, ctl);
+    match &args.command {
+        Some(Command::Ctl(ctl)) => return run_ctl(&args, ctl),
+        Some(Command::GenCerts { dir, names }) => {
+            return match portkeepd::ha_config::generate_certs(dir, names) {
+                Ok(files) => {
+                    for f in files {
+                        println!("wrote {}", f.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("portkeepd gen-certs: {e:#}");
+                    ExitCode::from(73)
+                }
+            };
+        }
+        None => {}
     }
     let file = match &args.config {
         Some(p) => ConfigFile::load(p),
@@ -249,6 +280,8 @@ fn run_ctl(args: &Args, ctl: &CtlArgs) -> ExitCode {
         CtlCommand::Status => serde_json::json!({ "command": "status" }),
         CtlCommand::Mappings => serde_json::json!({ "command": "mappings" }),
         CtlCommand::Counters => serde_json::json!({ "command": "counters" }),
+        CtlCommand::Promote => serde_json::json!({ "command": "promote" }),
+        CtlCommand::Demote => serde_json::json!({ "command": "demote" }),
         CtlCommand::Clear(c) => match (&c.subscriber, &c.prefix, c.all) {
             (Some(s), _, _) => serde_json::json!({ "command": "clear", "subscriber": s }),
             (_, Some(p), _) => serde_json::json!({ "command": "clear", "prefix": p }),
@@ -302,6 +335,14 @@ fn run_ctl(args: &Args, ctl: &CtlArgs) -> ExitCode {
                 for (k, v) in obj.iter().filter(|(k, _)| *k != "ok") {
                     match v {
                         serde_json::Value::String(s) => println!("{k}: {s}"),
+                        serde_json::Value::Object(inner) => {
+                            for (ik, iv) in inner {
+                                match iv {
+                                    serde_json::Value::String(s) => println!("{k}.{ik}: {s}"),
+                                    other => println!("{k}.{ik}: {other}"),
+                                }
+                            }
+                        }
                         other => println!("{k}: {other}"),
                     }
                 }

@@ -128,6 +128,19 @@ impl SendBatch {
         self.items.push((SockAddr::from(dest), start, bytes.len()));
     }
 
+    /// A batch with every datagram passed through `f` (same destinations,
+    /// same order): for replies whose content changed after they were built.
+    pub fn rewrite(&self, mut f: impl FnMut(&[u8]) -> Vec<u8>) -> SendBatch {
+        let mut out = SendBatch::default();
+        for (dest, start, len) in &self.items {
+            let bytes = f(&self.data[*start..*start + *len]);
+            let s = out.data.len();
+            out.data.extend_from_slice(&bytes);
+            out.items.push((dest.clone(), s, bytes.len()));
+        }
+        out
+    }
+
     /// Number queued.
     pub fn len(&self) -> usize {
         self.items.len()

@@ -29,14 +29,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use portkeep_server::{
-    Change, ChangeRecord, Dataplane, MappingKind, MemoryDataplane, Outcome, RemoveReason, Server,
-    SubscriberId,
+    Change, ChangeRecord, Dataplane, MappingKind, MemoryDataplane, Outcome, RemoveReason, Restored,
+    Server, ServerConfig, SubscriberId,
 };
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::clock::Clock;
 use crate::config::{DataplaneKind, Settings};
 use crate::control;
+use crate::ha::{self, Ha};
+use crate::ha_config::Role;
 use crate::mmsg::{self, RecvBatch, SendBatch};
 use crate::store::{Opened, Store};
 
@@ -54,6 +56,18 @@ struct Job {
     changes: Vec<ChangeRecord>,
     replies: SendBatch,
     socket: usize,
+    /// Subscribers whose hosts with volatile mappings changed (for the
+    /// backup; see `Server::drain_volatile`).
+    volatile: Vec<(SubscriberId, Vec<IpAddr>)>,
+    /// Replace the store and the dataplane with this state first
+    /// (promotion and demotion), in log order.
+    reset: Option<Reset>,
+}
+
+/// The whole state a node switches to on promotion or demotion.
+#[derive(Debug)]
+pub(crate) struct Reset {
+    pub(crate) state: Restored,
 }
 
 #[derive(Default)]
@@ -88,6 +102,13 @@ pub(crate) struct Shared {
     outbox: (Mutex<Outbox>, Condvar),
     /// How long the committer waits for more work before committing.
     commit_delay: Duration,
+    /// Role in an active/backup pair, and the replication link.
+    pub(crate) ha: Ha,
+    /// The core's configuration, for the state a promotion or demotion
+    /// starts from.
+    pub(crate) server_cfg: ServerConfig,
+    /// Which dataplane to build again on promotion and demotion.
+    dataplane_kind: DataplaneKind,
 }
 
 fn log_change(c: &ChangeRecord) {
@@ -167,6 +188,11 @@ impl Shared {
         socket: usize,
     ) {
         let changes: Vec<ChangeRecord> = core.server.drain_changes().collect();
+        let volatile = if changes.is_empty() {
+            Vec::new()
+        } else {
+            core.server.drain_volatile()
+        };
         match &self.queue {
             None => {
                 self.apply(&changes);
@@ -186,11 +212,73 @@ impl Shared {
                         changes,
                         replies,
                         socket,
+                        volatile,
+                        reset: None,
                     });
                 drop(core);
                 cv.notify_one();
             }
         }
+    }
+
+    /// Queues a switch of the store and dataplane to `reset` (plus any
+    /// changes the core made since), behind everything queued before and
+    /// ahead of every reply to come.
+    pub(crate) fn submit_reset(&self, mut core: MutexGuard<'_, Core>, reset: Reset) {
+        let changes: Vec<ChangeRecord> = core.server.drain_changes().collect();
+        let _ = core.server.drain_volatile();
+        match &self.queue {
+            None => {
+                self.reset_dataplane(&reset.state);
+                self.apply(&changes);
+            }
+            Some((q, cv)) => {
+                q.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .jobs
+                    .push_back(Job {
+                        changes,
+                        replies: SendBatch::default(),
+                        socket: 0,
+                        volatile: Vec::new(),
+                        reset: Some(reset),
+                    });
+                drop(core);
+                cv.notify_one();
+            }
+        }
+    }
+
+    /// Rebuilds the dataplane from scratch holding exactly `state`'s
+    /// mappings (a new instance rebuilds its nftables table on first use).
+    fn reset_dataplane(&self, state: &Restored) {
+        let mut dp = new_dataplane(&self.dataplane_kind);
+        let install: Vec<ChangeRecord> = state
+            .mappings
+            .iter()
+            .map(|m| ChangeRecord {
+                seq: 0,
+                change: Change::Upserted(m.clone()),
+            })
+            .collect();
+        if let Err(e) = dp.apply(&install) {
+            tracing::error!(error = %e, "dataplane rejected the state taken over");
+        }
+        *self.dataplane() = dp;
+    }
+
+    /// Hands replies whose changes are committed (and, for check-points,
+    /// acknowledged by the backup) to the sender thread.
+    pub(crate) fn send_committed(&self, batches: Vec<(usize, SendBatch)>) {
+        if batches.is_empty() {
+            return;
+        }
+        let (oq, ocv) = &self.outbox;
+        oq.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .batches
+            .extend(batches);
+        ocv.notify_one();
     }
 
     /// A socket of the family of `dest`, to send ANNOUNCEs from.
@@ -232,6 +320,13 @@ impl Shared {
             };
             self.submit(guard, batch, i);
         }
+    }
+}
+
+fn new_dataplane(kind: &DataplaneKind) -> Box<dyn Dataplane> {
+    match kind {
+        DataplaneKind::Memory => Box::new(MemoryDataplane::new()),
+        DataplaneKind::Nftables(n) => Box::new(crate::nft::NftDataplane::new(n.clone())),
     }
 }
 
@@ -327,6 +422,7 @@ struct Start {
 
 fn load(settings: &Settings, clock: &Clock) -> anyhow::Result<Start> {
     let now = clock.now();
+    let backup = settings.ha.role == Role::Backup;
     let cfg = settings.server.clone();
     let Some(path) = settings.store.path.as_ref() else {
         return Ok(Start {
@@ -355,6 +451,15 @@ fn load(settings: &Settings, clock: &Clock) -> anyhow::Result<Start> {
                 ))
             );
             (Server::new(cfg, now), false, Vec::new())
+        }
+        Opened::Restored(_) if backup => {
+            // A backup serves nothing of its own: what it will serve comes
+            // from the active, and replaces this store on promotion.
+            tracing::info!(
+                "starting as backup: the store at {} is not served",
+                path.display()
+            );
+            (Server::new(cfg, now), true, Vec::new())
         }
         Opened::Restored(state) => {
             let stored = state.mappings.len();
@@ -399,11 +504,32 @@ impl Daemon {
             )
         })?;
         let clock = Clock::start();
-        let start = load(&settings, &clock)?;
-        let mut dataplane: Box<dyn Dataplane> = match &settings.dataplane {
-            DataplaneKind::Memory => Box::new(MemoryDataplane::new()),
-            DataplaneKind::Nftables(n) => Box::new(crate::nft::NftDataplane::new(n.clone())),
+        let ha = Ha::new(
+            settings.ha.clone(),
+            &settings.data_dir,
+            settings.server.subscriber_keying.clone(),
+        )?;
+        let mut start = load(&settings, &clock)?;
+        if settings.ha.role == Role::Active {
+            // RFC 7767 section 3.2: nothing is honoured until the backup is
+            // in sync.
+            start
+                .server
+                .set_backup_state(portkeep_server::BackupState::Disconnected);
+        }
+        // The link listens before anything is served, so a port conflict
+        // is reported at start.
+        let link_listener = match &settings.ha.link {
+            Some(l) => {
+                let t = std::net::TcpListener::bind(l.listen).with_context(|| {
+                    format!("cannot listen for the replication link on {}", l.listen)
+                })?;
+                t.set_nonblocking(true)?;
+                Some((l.clone(), t))
+            }
+            None => None,
         };
+        let mut dataplane = new_dataplane(&settings.dataplane);
         // Re-install what was restored, before anyone is answered. The
         // first apply also builds (or rebuilds) the nftables table, so it
         // runs even with nothing to install.
@@ -436,10 +562,11 @@ impl Daemon {
             .iter()
             .map(UdpSocket::try_clone)
             .collect::<Result<Vec<_>, _>>()?;
-        let queue = start
-            .store
-            .as_ref()
-            .map(|_| (Mutex::new(Queue::default()), Condvar::new()));
+        // Replies go through the committer whenever something must happen
+        // before they are sent: a store commit, or the backup's
+        // acknowledgement.
+        let queue = (start.store.is_some() || settings.ha.role != Role::Standalone)
+            .then(|| (Mutex::new(Queue::default()), Condvar::new()));
         let shared = Arc::new(Shared {
             core: Mutex::new(Core {
                 server: start.server,
@@ -454,9 +581,12 @@ impl Daemon {
             queue,
             outbox: (Mutex::new(Outbox::default()), Condvar::new()),
             commit_delay: settings.store.commit_delay,
+            ha,
+            server_cfg: settings.server.clone(),
+            dataplane_kind: settings.dataplane.clone(),
         });
-        let committer = match start.store {
-            Some(store) => {
+        let committer = match (start.store, &shared.queue) {
+            (store, Some(_)) => {
                 let s1 = shared.clone();
                 let s2 = shared.clone();
                 let c = std::thread::Builder::new()
@@ -467,9 +597,17 @@ impl Daemon {
                     .spawn(move || sender(&s2))?;
                 Some((c, s))
             }
-            None => None,
+            (_, None) => None,
         };
         let mut threads = Vec::new();
+        if let Some((link, listener)) = link_listener {
+            let shared = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("replication".into())
+                    .spawn(move || ha::run(shared, link, listener))?,
+            );
+        }
         for (i, sock) in flat.into_iter().enumerate() {
             let shared = shared.clone();
             threads.push(
@@ -494,7 +632,9 @@ impl Daemon {
                     .spawn(move || control::serve(&shared, &control))?,
             );
         }
-        if start.restored {
+        if settings.ha.role == Role::Backup {
+            // Not serving: nothing to announce until promoted.
+        } else if start.restored {
             // State survived: no storm of ANNOUNCEs, except to the few
             // subscribers that lost mappings in the restore.
             if !start.lost.is_empty() {
@@ -585,6 +725,12 @@ fn worker(shared: &Shared, sock: &UdpSocket, index: usize) {
                 continue;
             }
         }
+        if !shared.ha.serving.load(Ordering::Relaxed) {
+            // A backup, or an active node not yet sure it was not deposed:
+            // clients retransmit (RFC 6887 section 8.1.1) and reach
+            // whichever node serves.
+            continue;
+        }
         let now = shared.clock.now();
         let mut replies = SendBatch::default();
         let mut core = shared.lock();
@@ -598,9 +744,10 @@ fn worker(shared: &Shared, sock: &UdpSocket, index: usize) {
 }
 
 /// Group commit: everything queued goes into one transaction, then to the
-/// dataplane; the replies then go to the sender thread, so the next commit
-/// starts while they are sent.
-fn committer(shared: &Shared, mut store: Store) {
+/// dataplane and (for an active node) to the backup; the replies then go to
+/// the sender thread, so the next commit starts while they are sent. A
+/// reply whose check-point the backup must confirm waits for that first.
+fn committer(shared: &Shared, mut store: Option<Store>) {
     let Some((q, cv)) = &shared.queue else {
         return;
     };
@@ -608,25 +755,32 @@ fn committer(shared: &Shared, mut store: Store) {
         let mut waited = false;
         let jobs: Vec<Job> = {
             let mut g = q.lock().unwrap_or_else(|p| p.into_inner());
-            if g.jobs.is_empty() && store.log_len() > 0 && !shared.drained.load(Ordering::Relaxed) {
-                // Idle: fold a little of the log into the tables now,
-                // while nobody is waiting for a commit.
-                drop(g);
-                if let Err(e) = store.checkpoint(crate::store::CHECKPOINT_IDLE) {
-                    fail(shared, &e);
-                    return;
+            if let Some(st) = store.as_mut() {
+                if g.jobs.is_empty() && st.log_len() > 0 && !shared.drained.load(Ordering::Relaxed)
+                {
+                    // Idle: fold a little of the log into the tables now,
+                    // while nobody is waiting for a commit.
+                    drop(g);
+                    if let Err(e) = st.checkpoint(crate::store::CHECKPOINT_IDLE) {
+                        fail(shared, &e);
+                        return;
+                    }
+                    continue;
                 }
-                continue;
             }
             while g.jobs.is_empty() && !shared.drained.load(Ordering::Relaxed) {
                 let (ng, _) = cv.wait_timeout(g, POLL).unwrap_or_else(|p| p.into_inner());
                 g = ng;
                 waited = true;
-                if g.jobs.is_empty() && store.flush_due(shared.clock.now()) {
+                if g.jobs.is_empty()
+                    && store
+                        .as_ref()
+                        .is_some_and(|s| s.flush_due(shared.clock.now()))
+                {
                     break;
                 }
             }
-            if waited && !g.jobs.is_empty() && !shared.commit_delay.is_zero() {
+            if waited && !g.jobs.is_empty() && !shared.commit_delay.is_zero() && store.is_some() {
                 // Work arrived after a quiet spell: give the rest of its
                 // burst a moment to join the same fsync.
                 let (ng, _) = cv
@@ -638,51 +792,108 @@ fn committer(shared: &Shared, mut store: Store) {
         };
         let now = shared.clock.now();
         if jobs.is_empty() {
-            if let Err(e) = store.flush(now) {
-                fail(shared, &e);
-                return;
+            if let Some(st) = store.as_mut() {
+                if let Err(e) = st.flush(now) {
+                    fail(shared, &e);
+                    return;
+                }
             }
             if shared.drained.load(Ordering::Relaxed) {
                 return;
             }
             continue;
         }
-        let mut jobs = jobs;
-        let mut changes: Vec<ChangeRecord> = Vec::new();
-        for j in &mut jobs {
-            changes.append(&mut j.changes);
-        }
-        if !changes.is_empty() {
-            if let Err(e) = store.write(&changes, now) {
-                fail(shared, &e);
-                return;
+        // A reset (promotion, demotion) splits the batch: what came before
+        // it is committed first.
+        let mut segment = Vec::with_capacity(jobs.len());
+        for mut job in jobs {
+            if let Some(reset) = job.reset.take() {
+                if !commit(shared, &mut store, std::mem::take(&mut segment), now) {
+                    return;
+                }
+                if let Some(st) = store.as_mut() {
+                    if let Err(e) = st.replace(&reset.state) {
+                        fail(shared, &e);
+                        return;
+                    }
+                }
+                shared.reset_dataplane(&reset.state);
             }
-            shared.apply(&changes);
+            segment.push(job);
         }
-        let checkpoint_due = store.checkpoint_due();
-        let committed = changes.len();
-        let (oq, ocv) = &shared.outbox;
-        let mut o = oq.lock().unwrap_or_else(|p| p.into_inner());
-        o.batches.extend(
+        if !commit(shared, &mut store, segment, now) {
+            return;
+        }
+    }
+}
+
+/// Commits one run of jobs; false if the store failed.
+fn commit(
+    shared: &Shared,
+    store: &mut Option<Store>,
+    mut jobs: Vec<Job>,
+    now: portkeep_server::Timestamp,
+) -> bool {
+    if jobs.is_empty() {
+        return true;
+    }
+    let replicating = shared.ha.replicating();
+    let mut changes: Vec<ChangeRecord> = Vec::new();
+    let mut metas = Vec::with_capacity(if replicating { jobs.len() } else { 0 });
+    for j in &mut jobs {
+        if replicating {
+            metas.push(shared.ha.meta(&j.changes, std::mem::take(&mut j.volatile)));
+        }
+        changes.append(&mut j.changes);
+    }
+    if !changes.is_empty() {
+        if let Some(st) = store.as_mut() {
+            if let Err(e) = st.write(&changes, now) {
+                fail(shared, &e);
+                return false;
+            }
+        }
+        shared.apply(&changes);
+    }
+    let checkpoint_due = store.as_ref().is_some_and(Store::checkpoint_due);
+    let committed = changes.len();
+    let mut release = Vec::with_capacity(jobs.len());
+    let rejected = if replicating {
+        let jobs = jobs
+            .into_iter()
+            .zip(metas)
+            .map(|(j, m)| (j.socket, j.replies, m))
+            .collect();
+        shared.ha.after_commit(now, jobs, &mut release)
+    } else if shared.ha.role() == Role::Backup {
+        // Demoted while these were queued: a backup answers nothing.
+        Vec::new()
+    } else {
+        release.extend(
             jobs.into_iter()
                 .filter(|j| !j.replies.is_empty())
                 .map(|j| (j.socket, j.replies)),
         );
-        drop(o);
-        ocv.notify_one();
-        // Under sustained load the committer is never idle: keep the log
-        // bounded anyway (the replies above are already on their way),
-        // folding about twice what was just written, so the log shrinks
-        // while each step stays short.
-        if checkpoint_due {
-            let step =
-                (2 * committed).clamp(crate::store::CHECKPOINT_IDLE, crate::store::CHECKPOINT_BUSY);
-            if let Err(e) = store.checkpoint(step) {
+        Vec::new()
+    };
+    release.retain(|(_, r)| !r.is_empty());
+    shared.send_committed(release);
+    ha::reject(shared, rejected);
+    // Under sustained load the committer is never idle: keep the log
+    // bounded anyway (the replies above are already on their way),
+    // folding about twice what was just written, so the log shrinks
+    // while each step stays short.
+    if checkpoint_due {
+        let step =
+            (2 * committed).clamp(crate::store::CHECKPOINT_IDLE, crate::store::CHECKPOINT_BUSY);
+        if let Some(st) = store.as_mut() {
+            if let Err(e) = st.checkpoint(step) {
                 fail(shared, &e);
-                return;
+                return false;
             }
         }
     }
+    true
 }
 
 /// Sends replies whose changes are committed.

@@ -503,6 +503,49 @@ impl Store {
         Ok(folded)
     }
 
+    /// Replaces everything stored with `state`, durably, in one
+    /// transaction: a promoted backup's store becomes the state it took
+    /// over (sequence numbers and all), and a demoted node's store forgets
+    /// what is no longer true.
+    pub fn replace(&mut self, state: &Restored) -> Result<(), StoreError> {
+        let p = self.path.clone();
+        let e = |err: &dyn std::fmt::Display| io(&p, err);
+        let mut txn = self.db.begin_write().map_err(|x| e(&x))?;
+        txn.set_durability(redb::Durability::Immediate)
+            .map_err(|x| e(&x))?;
+        txn.set_quick_repair(true);
+        {
+            let mut log = txn.open_table(LOG).map_err(|x| e(&x))?;
+            log.retain(|_, _| false).map_err(|x| e(&x))?;
+            let mut maps = txn.open_table(MAPPINGS).map_err(|x| e(&x))?;
+            maps.retain(|_, _| false).map_err(|x| e(&x))?;
+            let mut entries: Vec<(Vec<u8>, Vec<u8>)> = state
+                .mappings
+                .iter()
+                .map(|m| (key_of(m), encode_mapping(m)))
+                .collect();
+            // Sorted keys insert fastest into the B-tree.
+            entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            for (k, v) in &entries {
+                maps.insert(k.as_slice(), v.as_slice()).map_err(|x| e(&x))?;
+            }
+            let mut subs = txn.open_table(SUBSCRIBERS).map_err(|x| e(&x))?;
+            subs.retain(|_, _| false).map_err(|x| e(&x))?;
+            for (sub, anchor) in &state.subscriber_anchors {
+                subs.insert(encode_subscriber(sub).as_slice(), anchor.as_millis())
+                    .map_err(|x| e(&x))?;
+            }
+            let mut meta = txn.open_table(META).map_err(|x| e(&x))?;
+            meta.insert("anchor", state.anchor.as_millis())
+                .map_err(|x| e(&x))?;
+            meta.insert("last_seq", state.last_seq).map_err(|x| e(&x))?;
+        }
+        txn.commit().map_err(|x| e(&x))?;
+        self.log_len = 0;
+        self.dirty = false;
+        Ok(())
+    }
+
     /// Relaxed mode: makes everything committed so far durable.
     pub fn flush(&mut self, now: Timestamp) -> Result<(), StoreError> {
         if !self.dirty {

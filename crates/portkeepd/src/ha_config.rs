@@ -1,0 +1,328 @@
+//! `[ha]`: the node's role in an active/backup pair and its replication
+//! link (RFC 7767 section 1: check-pointing is "state replication and
+//! synchronization between active and backup PCP-controlled devices").
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde::Deserialize;
+
+use crate::config::{invalid, ConfigError};
+
+/// `[ha]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaSection {
+    /// "standalone" (default), "active" or "backup".
+    pub role: Option<String>,
+    /// Where this node accepts the link (when it is the backup).
+    pub listen: Option<String>,
+    /// Where the other node accepts it (when this node is active).
+    pub peer: Option<String>,
+    /// Certificate authority both nodes' certificates are issued by (PEM).
+    pub tls_ca: Option<String>,
+    /// This node's certificate chain (PEM).
+    pub tls_cert: Option<String>,
+    /// This node's private key (PEM).
+    pub tls_key: Option<String>,
+    /// The name the peer's certificate must carry.
+    pub peer_name: Option<String>,
+    /// No TLS on the link: only for a dedicated cable, and only when said.
+    pub plaintext: Option<bool>,
+    /// How long a check-pointed response waits for the backup, in ms.
+    pub ack_timeout_ms: Option<u64>,
+    /// Heartbeat interval, ms.
+    pub heartbeat_ms: Option<u64>,
+    /// Silence after which the other end is gone, ms.
+    pub dead_after_ms: Option<u64>,
+    /// How long after losing the link a promotion still trusts what it
+    /// knows of volatile state, ms.
+    pub stale_after_ms: Option<u64>,
+}
+
+/// The node's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// No pair: check-points are never honoured.
+    Standalone,
+    /// Serves PCP and replicates check-pointed state to the backup.
+    Active,
+    /// Receives the state and answers no PCP until promoted.
+    Backup,
+}
+
+impl Role {
+    /// As the config and the control interface spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Standalone => "standalone",
+            Role::Active => "active",
+            Role::Backup => "backup",
+        }
+    }
+}
+
+/// TLS for the link, loaded.
+#[derive(Clone)]
+pub struct LinkTls {
+    /// For accepting the active's connection (client certificate required).
+    pub server: Arc<rustls::ServerConfig>,
+    /// For connecting to the backup.
+    pub client: Arc<rustls::ClientConfig>,
+    /// The name the backup's certificate must carry.
+    pub peer_name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for LinkTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkTls")
+            .field("peer_name", &self.peer_name)
+            .finish()
+    }
+}
+
+/// The replication link.
+#[derive(Debug, Clone)]
+pub struct LinkSettings {
+    /// Where this node accepts the link.
+    pub listen: SocketAddr,
+    /// Where the other node accepts it.
+    pub peer: SocketAddr,
+    /// `None`: plaintext, as the config explicitly asked.
+    pub tls: Option<LinkTls>,
+    /// Link timing.
+    pub timing: portkeep_ha::ActiveConfig,
+    /// See [`HaSection::stale_after_ms`].
+    pub stale_after: Duration,
+}
+
+/// Validated `[ha]`.
+#[derive(Debug, Clone)]
+pub struct HaSettings {
+    /// Role at start.
+    pub role: Role,
+    /// `None`: no link (standalone, or a cold standby).
+    pub link: Option<LinkSettings>,
+}
+
+impl Default for HaSettings {
+    fn default() -> Self {
+        HaSettings {
+            role: Role::Standalone,
+            link: None,
+        }
+    }
+}
+
+fn ms(key: &str, v: Option<u64>, default: u64, lo: u64, hi: u64) -> Result<Duration, ConfigError> {
+    let v = v.unwrap_or(default);
+    if !(lo..=hi).contains(&v) {
+        return Err(invalid(key, format!("expected {lo} to {hi}")));
+    }
+    Ok(Duration::from_millis(v))
+}
+
+fn addr(key: &str, v: &str) -> Result<SocketAddr, ConfigError> {
+    v.parse()
+        .map_err(|_| invalid(key, format!("`{v}` is not IP:PORT")))
+}
+
+impl HaSection {
+    /// Checks meaning, and loads the TLS material so a bad file is a
+    /// configuration error rather than a failure at the first connection.
+    pub fn validate(self) -> Result<HaSettings, ConfigError> {
+        let role = match self.role.as_deref() {
+            None | Some("standalone") => Role::Standalone,
+            Some("active") => Role::Active,
+            Some("backup") => Role::Backup,
+            Some(other) => return Err(invalid(
+                "ha.role",
+                format!(
+                    "unknown role `{other}` (expected \"standalone\", \"active\" or \"backup\")"
+                ),
+            )),
+        };
+        let link = match (&self.listen, &self.peer) {
+            (None, None) => None,
+            (Some(_), None) => return Err(invalid("ha.peer", "needed with ha.listen")),
+            (None, Some(_)) => return Err(invalid("ha.listen", "needed with ha.peer")),
+            (Some(l), Some(p)) => {
+                if role == Role::Standalone {
+                    return Err(invalid(
+                        "ha.role",
+                        "a replication link needs role \"active\" or \"backup\"",
+                    ));
+                }
+                let listen = addr("ha.listen", l)?;
+                let peer = addr("ha.peer", p)?;
+                let files = [&self.tls_ca, &self.tls_cert, &self.tls_key];
+                let plaintext = self.plaintext.unwrap_or(false);
+                let tls = match (files.iter().all(|f| f.is_some()), plaintext) {
+                    (true, true) => {
+                        return Err(invalid(
+                            "ha.plaintext",
+                            "TLS files are configured too: choose one",
+                        ))
+                    }
+                    (true, false) => Some(load_tls(
+                        self.tls_ca.as_deref().unwrap_or_default(),
+                        self.tls_cert.as_deref().unwrap_or_default(),
+                        self.tls_key.as_deref().unwrap_or_default(),
+                        self.peer_name.as_deref(),
+                    )?),
+                    (false, true) => None,
+                    (false, false) => {
+                        return Err(invalid(
+                            "ha.tls_ca",
+                            "the replication link needs tls_ca, tls_cert and tls_key (mutual TLS), or `plaintext = true` for a dedicated cable",
+                        ))
+                    }
+                };
+                let dead_after = ms("ha.dead_after_ms", self.dead_after_ms, 1000, 50, 60_000)?;
+                let timing = portkeep_ha::ActiveConfig {
+                    ack_timeout: ms("ha.ack_timeout_ms", self.ack_timeout_ms, 200, 1, 60_000)?,
+                    heartbeat: ms("ha.heartbeat_ms", self.heartbeat_ms, 100, 10, 10_000)?,
+                    dead_after,
+                    snapshot_part: 512,
+                };
+                if timing.heartbeat >= dead_after {
+                    return Err(invalid("ha.heartbeat_ms", "must be below ha.dead_after_ms"));
+                }
+                Some(LinkSettings {
+                    listen,
+                    peer,
+                    tls,
+                    timing,
+                    stale_after: ms("ha.stale_after_ms", self.stale_after_ms, 3000, 0, 3_600_000)?,
+                })
+            }
+        };
+        if role == Role::Active && link.is_none() {
+            return Err(invalid(
+                "ha.peer",
+                "role \"active\" needs the replication link (ha.listen and ha.peer)",
+            ));
+        }
+        Ok(HaSettings { role, link })
+    }
+}
+
+fn read_pem_file(key: &str, path: &str) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(Path::new(path)).map_err(|e| invalid(key, format!("cannot read {path}: {e}")))
+}
+
+/// Loads the pair's CA, this node's certificate and key, and builds both
+/// ends' TLS configurations: each side requires the other to present a
+/// certificate issued by the CA (mutual authentication).
+fn load_tls(
+    ca: &str,
+    cert: &str,
+    key: &str,
+    peer_name: Option<&str>,
+) -> Result<LinkTls, ConfigError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let ca_pem = read_pem_file("ha.tls_ca", ca)?;
+    let mut roots = rustls::RootCertStore::empty();
+    let mut n = 0;
+    for c in CertificateDer::pem_slice_iter(&ca_pem) {
+        let c = c.map_err(|e| invalid("ha.tls_ca", format!("{ca}: {e}")))?;
+        roots
+            .add(c)
+            .map_err(|e| invalid("ha.tls_ca", format!("{ca}: {e}")))?;
+        n += 1;
+    }
+    if n == 0 {
+        return Err(invalid("ha.tls_ca", format!("{ca} holds no certificate")));
+    }
+    let roots = Arc::new(roots);
+    let cert_pem = read_pem_file("ha.tls_cert", cert)?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| invalid("ha.tls_cert", format!("{cert}: {e}")))?;
+    if chain.is_empty() {
+        return Err(invalid(
+            "ha.tls_cert",
+            format!("{cert} holds no certificate"),
+        ));
+    }
+    let key_pem = read_pem_file("ha.tls_key", key)?;
+    let private = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| invalid("ha.tls_key", format!("{key}: {e}")))?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots.clone(),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| invalid("ha.tls_ca", e.to_string()))?;
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| invalid("ha", e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.clone(), private.clone_key())
+        .map_err(|e| invalid("ha.tls_key", format!("{key} does not match {cert}: {e}")))?;
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| invalid("ha", e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, private)
+        .map_err(|e| invalid("ha.tls_key", format!("{key} does not match {cert}: {e}")))?;
+    let name = peer_name.unwrap_or("portkeep-peer").to_owned();
+    let peer_name = ServerName::try_from(name.clone())
+        .map_err(|_| invalid("ha.peer_name", format!("`{name}` is not a DNS name")))?;
+    Ok(LinkTls {
+        server: Arc::new(server),
+        client: Arc::new(client),
+        peer_name,
+    })
+}
+
+/// Writes a certificate authority and one certificate per node name into
+/// `dir` (`ca.pem`, `<name>.pem`, `<name>.key`), for `portkeepd gen-certs`:
+/// the pair's own CA, so nothing else can join the link.
+pub fn generate_certs(dir: &Path, names: &[String]) -> anyhow::Result<Vec<PathBuf>> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    std::fs::create_dir_all(dir)?;
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Portkeep pair CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = ca_params.self_signed(&ca_key)?;
+    let mut written = Vec::new();
+    let mut write = |name: String, text: String, secret: bool| -> anyhow::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let p = dir.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(if secret { 0o600 } else { 0o644 })
+            .open(&p)?;
+        f.write_all(text.as_bytes())?;
+        written.push(p);
+        Ok(())
+    };
+    write("ca.pem".into(), ca.pem(), false)?;
+    for n in names {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec![n.clone()])?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, n.as_str());
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = params.signed_by(&key, &ca, &ca_key)?;
+        write(format!("{n}.pem"), cert.pem(), false)?;
+        write(format!("{n}.key"), key.serialize_pem(), true)?;
+    }
+    Ok(written)
+}
