@@ -139,12 +139,14 @@ impl HaSection {
             None | Some("standalone") => Role::Standalone,
             Some("active") => Role::Active,
             Some("backup") => Role::Backup,
-            Some(other) => return Err(invalid(
-                "ha.role",
-                format!(
+            Some(other) => {
+                return Err(invalid(
+                    "ha.role",
+                    format!(
                     "unknown role `{other}` (expected \"standalone\", \"active\" or \"backup\")"
                 ),
-            )),
+                ))
+            }
         };
         let link = match (&self.listen, &self.peer) {
             (None, None) => None,

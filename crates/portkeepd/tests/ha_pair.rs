@@ -1,0 +1,767 @@
+//! An active/backup pair of real `portkeepd` processes on loopback, linked
+//! over mutual TLS: check-pointed mappings are on the backup before their
+//! response (RFC 7767 section 3.2), `kill -9` of the active loses none of
+//! them, epochs continue exactly for the subscribers whose whole state was
+//! check-pointed (failure-scenarios draft section 2.6, RFC 6887 section
+//! 8.5), a cut link makes check-points not honoured until it resyncs, a
+//! deposed active that returns is fenced, and a peer with the wrong key is
+//! refused.
+
+#![allow(clippy::unwrap_used, clippy::panic, clippy::disallowed_methods)]
+
+mod e2e_support;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use e2e_support::{daemon_bin, free_port, LOCALHOST};
+use portkeep_client::{EpochTracker, EpochVerdict};
+use portkeep_proto::addr::{from_wire, to_wire};
+use portkeep_proto::{
+    CodePoints, MapData, OpData, PcpOption, Protocol, Request, RequestHeader, Response,
+};
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind((LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Certificates for node names, from `portkeepd gen-certs`.
+fn certs(dir: &Path, names: &[&str]) {
+    let mut args = vec!["gen-certs".to_owned(), dir.display().to_string()];
+    args.extend(names.iter().map(|s| (*s).to_owned()));
+    let out = Command::new(daemon_bin()).args(&args).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// One node's fixed addresses and files.
+#[derive(Clone)]
+struct NodeSpec {
+    name: &'static str,
+    peer_name: &'static str,
+    pcp: SocketAddr,
+    link: SocketAddr,
+    peer_link: SocketAddr,
+    data: PathBuf,
+    certs: PathBuf,
+    /// Appended to `[ha]` (e.g. `plaintext = true` instead of TLS).
+    ha_extra: String,
+}
+
+const POLICY: &str = r#"
+[checkpoint]
+max_mappings = 1000000
+default_class = "open"
+[checkpoint.classes.open]
+checkpoint = "on-request"
+[subscribers]
+max_mappings = 100000
+[limits]
+max_mappings = 1000000
+"#;
+
+impl NodeSpec {
+    fn config(&self, role: &str) -> String {
+        let tls = if self.ha_extra.contains("plaintext") {
+            String::new()
+        } else {
+            format!(
+                "tls_ca = \"{c}/ca.pem\"\ntls_cert = \"{c}/{n}.pem\"\ntls_key = \"{c}/{n}.key\"\npeer_name = \"{p}\"\n",
+                c = self.certs.display(),
+                n = self.name,
+                p = self.peer_name
+            )
+        };
+        format!(
+            "data_dir = \"{}\"\nlisten = [\"{}\"]\nworkers = 1\n{POLICY}\n[store]\nmode = \"durable\"\ncommit_delay_us = 0\n[ha]\nrole = \"{role}\"\nlisten = \"{}\"\npeer = \"{}\"\nack_timeout_ms = 200\nheartbeat_ms = 50\ndead_after_ms = 500\n{tls}{}\n",
+            self.data.display(),
+            self.pcp,
+            self.link,
+            self.peer_link,
+            self.ha_extra
+        )
+    }
+}
+
+struct Node {
+    spec: NodeSpec,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Node {
+    fn start(spec: &NodeSpec, role: &str) -> Node {
+        let cfg = spec.data.with_extension(format!("{role}.toml"));
+        std::fs::write(&cfg, spec.config(role)).unwrap();
+        let log = spec.data.with_extension(format!("{}.log", wall_ms()));
+        let child = Command::new(daemon_bin())
+            .args(["--config", cfg.to_str().unwrap(), "--log-level", "info"])
+            .env_remove("PORTKEEPD_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut n = Node {
+            spec: spec.clone(),
+            child: Some(child),
+            log,
+        };
+        n.wait(Duration::from_secs(10), "control socket", |s| {
+            s["ok"] == true
+        });
+        n
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn try_ctl(&self, args: &[&str]) -> Option<serde_json::Value> {
+        let mut all = vec![
+            "ctl",
+            "--data-dir",
+            self.spec.data.to_str().unwrap(),
+            "--json",
+        ];
+        all.extend_from_slice(args);
+        let out = Command::new(daemon_bin()).args(&all).output().ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    fn ctl(&self, args: &[&str]) -> serde_json::Value {
+        self.try_ctl(args)
+            .unwrap_or_else(|| panic!("ctl {args:?} failed; log:\n{}", self.log()))
+    }
+
+    fn status(&self) -> serde_json::Value {
+        self.ctl(&["status"])
+    }
+
+    /// Waits until `status` satisfies `ok`.
+    fn wait(&mut self, within: Duration, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!(
+                        "{} exited ({st}) waiting for {what}:\n{}",
+                        self.spec.name,
+                        self.log()
+                    );
+                }
+            }
+            if let Some(s) = self.try_ctl(&["status"]) {
+                if ok(&s) {
+                    return;
+                }
+                if Instant::now() > deadline {
+                    panic!(
+                        "{}: no {what} within {within:?}; status {s:#}\nlog:\n{}",
+                        self.spec.name,
+                        self.log()
+                    );
+                }
+            } else if Instant::now() > deadline {
+                panic!("{}: no {what}; log:\n{}", self.spec.name, self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_in_sync(&mut self) {
+        self.wait(Duration::from_secs(20), "backup in sync", |s| {
+            s["ha"]["in_sync"] == true && s["ha"]["role"] == "active"
+        });
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let ok = Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(c.id().to_string())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok);
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Every mapping the node holds, by (internal address, port).
+    fn mappings(&self) -> HashMap<(IpAddr, u16), serde_json::Value> {
+        self.ctl(&["mappings"])["mappings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                let ip: IpAddr = m["internal_ip"].as_str().unwrap().parse().unwrap();
+                ((ip, m["internal_port"].as_u64().unwrap() as u16), m.clone())
+            })
+            .collect()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            // A stopped process must be continued to die cleanly.
+            let _ = Command::new("kill")
+                .arg("-CONT")
+                .arg(c.id().to_string())
+                .status();
+        }
+        self.kill9();
+    }
+}
+
+/// Two node specs on loopback sharing one CA.
+fn pair(dir: &Path) -> (NodeSpec, NodeSpec) {
+    let certs_dir = dir.join("certs");
+    certs(&certs_dir, &["node-a", "node-b"]);
+    let (la, lb) = (
+        SocketAddr::new(LOCALHOST, free_tcp_port()),
+        SocketAddr::new(LOCALHOST, free_tcp_port()),
+    );
+    let a = NodeSpec {
+        name: "node-a",
+        peer_name: "node-b",
+        pcp: SocketAddr::new(LOCALHOST, free_port(LOCALHOST)),
+        link: la,
+        peer_link: lb,
+        data: dir.join("a"),
+        certs: certs_dir.clone(),
+        ha_extra: String::new(),
+    };
+    let b = NodeSpec {
+        name: "node-b",
+        peer_name: "node-a",
+        pcp: SocketAddr::new(LOCALHOST, free_port(LOCALHOST)),
+        link: lb,
+        peer_link: la,
+        data: dir.join("b"),
+        certs: certs_dir,
+        ha_extra: String::new(),
+    };
+    (a, b)
+}
+
+fn map_request(client: IpAddr, port: u16, lifetime: u32, nonce: [u8; 12], cp: bool) -> Vec<u8> {
+    Request {
+        header: RequestHeader {
+            lifetime,
+            client_ip: to_wire(client),
+        },
+        data: OpData::Map(MapData {
+            nonce,
+            protocol: Protocol::TCP,
+            internal_port: port,
+            external_port: 0,
+            external_ip: Ipv6Addr::UNSPECIFIED,
+        }),
+        options: if cp {
+            vec![PcpOption::CheckpointRequired]
+        } else {
+            vec![]
+        },
+    }
+    .to_bytes(&CodePoints::default())
+    .unwrap()
+}
+
+/// One request, one reply (or none within the socket's timeout); a reply
+/// to another request is skipped.
+fn exchange(sock: &UdpSocket, server: SocketAddr, req: &[u8]) -> Option<Response> {
+    let sent = Request::parse(req, &CodePoints::default()).ok()?;
+    sock.send_to(req, server).ok()?;
+    let mut buf = [0u8; 1100];
+    loop {
+        let (n, from) = sock.recv_from(&mut buf).ok()?;
+        if from != server {
+            continue;
+        }
+        let Ok(r) = Response::parse(&buf[..n], &CodePoints::default()) else {
+            continue;
+        };
+        match (sent.data.map_part(), r.data.map_part()) {
+            (Some(a), Some(b)) if a.nonce != b.nonce || a.internal_port != b.internal_port => {
+                continue
+            }
+            (Some(_), None) => continue,
+            _ => return Some(r),
+        }
+    }
+}
+
+fn client_socket(ip: IpAddr) -> UdpSocket {
+    let s = UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    s
+}
+
+/// The epoch check of RFC 6887 section 8.5 with an ANNOUNCE to `server`.
+fn epoch_check(tracker: &mut EpochTracker, server: SocketAddr, client: IpAddr) -> EpochVerdict {
+    let sock = client_socket(client);
+    let req = Request {
+        header: RequestHeader {
+            lifetime: 0,
+            client_ip: to_wire(client),
+        },
+        data: OpData::Announce,
+        options: vec![],
+    }
+    .to_bytes(&CodePoints::default())
+    .unwrap();
+    let r = exchange(&sock, server, &req).expect("ANNOUNCE answered");
+    tracker.observe(Instant::now(), r.header.epoch)
+}
+
+#[derive(Debug, Clone)]
+struct Granted {
+    external: SocketAddr,
+    nonce: [u8; 12],
+}
+
+type Key = (IpAddr, u16);
+
+/// Check-pointed (and, for `mixed` clients, volatile) MAP load against
+/// `server` until `stop`; records every mapping whose response carried
+/// CHECKPOINT_REQUIRED.
+fn load(
+    server: SocketAddr,
+    clients: &[(IpAddr, bool)],
+    first_port: u16,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<HashMap<Key, Granted>>>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    clients
+        .iter()
+        .map(|&(client, mixed)| {
+            let (stop, acked) = (stop.clone(), acked.clone());
+            std::thread::spawn(move || {
+                let sock = client_socket(client);
+                sock.set_read_timeout(Some(Duration::from_millis(400)))
+                    .unwrap();
+                let mut port = first_port;
+                while !stop.load(Ordering::Relaxed) {
+                    port += 1;
+                    let cp = !mixed || port % 2 == 0;
+                    let o = client.to_string();
+                    let last = o.rsplit('.').next().unwrap().parse::<u8>().unwrap();
+                    let nonce = [
+                        last,
+                        (port >> 8) as u8,
+                        port as u8,
+                        7,
+                        7,
+                        7,
+                        7,
+                        7,
+                        7,
+                        7,
+                        7,
+                        7,
+                    ];
+                    let req = map_request(client, port, 3600, nonce, cp);
+                    let Some(r) = exchange(&sock, server, &req) else {
+                        continue;
+                    };
+                    if r.header.result.0 != 0 || !r.checkpoint_honoured() {
+                        continue;
+                    }
+                    let m = r.data.map_part().unwrap();
+                    acked.lock().unwrap().insert(
+                        (client, port),
+                        Granted {
+                            external: SocketAddr::new(from_wire(m.external_ip), m.external_port),
+                            nonce,
+                        },
+                    );
+                }
+            })
+        })
+        .collect()
+}
+
+/// Every check-point whose response carried the option is on `node`, with
+/// the same external endpoint and nonce, still flagged.
+fn verify_checkpoints(node: &Node, acked: &HashMap<Key, Granted>) {
+    let table = node.mappings();
+    for (k, g) in acked {
+        let m = table.get(k).unwrap_or_else(|| {
+            panic!(
+                "acknowledged check-point {k:?} lost on {}; log:\n{}",
+                node.spec.name,
+                node.log()
+            )
+        });
+        assert_eq!(
+            m["external"].as_str().unwrap(),
+            g.external.to_string(),
+            "{k:?}"
+        );
+        assert_eq!(m["nonce"].as_str().unwrap(), hex::encode(g.nonce), "{k:?}");
+        assert_eq!(m["checkpoint"], true, "{k:?}");
+    }
+}
+
+/// A UDP socket on the client's port 5350, to see ANNOUNCEs.
+fn announce_listener(ip: IpAddr) -> UdpSocket {
+    let s = UdpSocket::bind(SocketAddr::new(ip, portkeep_proto::CLIENT_PORT)).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    s
+}
+
+fn got_announce(sock: &UdpSocket, within: Duration) -> Option<u32> {
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 1100];
+    while Instant::now() < deadline {
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            if let Ok(r) = Response::parse(&buf[..n], &CodePoints::default()) {
+                if matches!(r.data, OpData::Announce) {
+                    return Some(r.header.epoch);
+                }
+            }
+        }
+    }
+    None
+}
+
+fn seeded(seed: u64) -> impl FnMut(u64) -> u64 {
+    let mut rng = seed;
+    move |n: u64| {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (rng >> 33) % n
+    }
+}
+
+#[test]
+fn rfc7767_s3_2_kill_9_active_loses_no_acknowledged_checkpoint_and_epochs_follow_draft_2_6() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sa, sb) = pair(dir.path());
+    let mut b = Node::start(&sb, "backup");
+    let mut a = Node::start(&sa, "active");
+    a.wait_in_sync();
+    let seed = u64::from(std::process::id()) ^ wall_ms();
+    eprintln!("kill schedule seed {seed}");
+    let mut next = seeded(seed);
+    // .50/.51 only ever ask for check-points; .52/.53 also hold volatile
+    // mappings, so a takeover loses some of their state.
+    let full: [IpAddr; 2] = ["127.0.0.50".parse().unwrap(), "127.0.0.51".parse().unwrap()];
+    let mixed: [IpAddr; 2] = ["127.0.0.52".parse().unwrap(), "127.0.0.53".parse().unwrap()];
+    let clients: Vec<(IpAddr, bool)> = full
+        .iter()
+        .map(|&c| (c, false))
+        .chain(mixed.iter().map(|&c| (c, true)))
+        .collect();
+    let announces: Vec<UdpSocket> = mixed.iter().map(|&c| announce_listener(c)).collect();
+    let full_ann: Vec<UdpSocket> = full.iter().map(|&c| announce_listener(c)).collect();
+    let acked: Arc<Mutex<HashMap<Key, Granted>>> = Arc::default();
+    let mut trackers: HashMap<IpAddr, EpochTracker> = HashMap::new();
+    for (c, _) in &clients {
+        let mut t = EpochTracker::new();
+        assert_eq!(epoch_check(&mut t, sa.pcp, *c), EpochVerdict::First);
+        trackers.insert(*c, t);
+    }
+    // Round 1: kill the active under load at a random moment: requests are
+    // in flight before and after their acknowledgement.
+    let (mut active, mut backup) = (a, b);
+    let (mut active_spec, mut backup_spec) = (sa.clone(), sb.clone());
+    for round in 0..3u16 {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = load(
+            active_spec.pcp,
+            &clients,
+            1000 + round * 10_000,
+            stop.clone(),
+            acked.clone(),
+        );
+        // Round 0 runs long enough for a reset epoch to be detectable by
+        // the section 8.5 check, which tolerates 2 s of disagreement.
+        let base = if round == 0 { 3000 } else { 300 };
+        std::thread::sleep(Duration::from_millis(base + next(700)));
+        if round == 2 {
+            // Mid-resync: the backup stalls past the bound, the active
+            // gives up on it, and is killed while it resyncs the backup.
+            backup.signal("STOP");
+            active.wait(Duration::from_secs(10), "backup lost", |s| {
+                s["ha"]["in_sync"] == false
+            });
+            backup.signal("CONT");
+            std::thread::sleep(Duration::from_millis(next(30)));
+        }
+        active.kill9();
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            t.join().unwrap();
+        }
+        let promoted = backup.ctl(&["promote"]);
+        assert_eq!(promoted["ok"], true, "{promoted}");
+        eprintln!("round {round}: takeover {promoted}");
+        let a = acked.lock().unwrap().clone();
+        assert!(
+            a.len() > 20 * (usize::from(round) + 1),
+            "load too light: {}",
+            a.len()
+        );
+        verify_checkpoints(&backup, &a);
+        if round == 0 {
+            assert_eq!(promoted["takeover"], "hot", "{promoted}");
+            // Draft 2.6: a subscriber whose whole state was check-pointed
+            // keeps its epoch; one with volatile state gets a reset epoch
+            // and an ANNOUNCE.
+            for c in &full {
+                let v = epoch_check(trackers.get_mut(c).unwrap(), backup_spec.pcp, *c);
+                assert_eq!(v, EpochVerdict::Valid, "{c}: fully check-pointed");
+            }
+            for (c, s) in mixed.iter().zip(&announces) {
+                let epoch = got_announce(s, Duration::from_secs(3));
+                assert!(epoch.is_some(), "{c}: ANNOUNCE after losing state");
+                let v = epoch_check(trackers.get_mut(c).unwrap(), backup_spec.pcp, *c);
+                assert!(v.is_invalid(), "{c}: epoch must reset, got {v:?}");
+            }
+            for (c, s) in full.iter().zip(&full_ann) {
+                assert!(
+                    got_announce(s, Duration::from_millis(300)).is_none(),
+                    "{c}: no ANNOUNCE for a subscriber that lost nothing"
+                );
+            }
+        }
+        // The old active comes back as backup of the new one.
+        std::mem::swap(&mut active_spec, &mut backup_spec);
+        active = backup;
+        let _ = std::fs::remove_dir_all(&backup_spec.data);
+        backup = Node::start(&backup_spec, "backup");
+        active.wait_in_sync();
+        // Synced again: everything acknowledged is on the new backup too.
+        let st = backup.status();
+        assert_eq!(
+            st["ha"]["checkpointed_mappings"].as_u64().unwrap() as usize,
+            active.status()["checkpointed"].as_u64().unwrap() as usize,
+            "{st}"
+        );
+    }
+}
+
+#[test]
+fn rfc7767_s3_2_link_cut_answers_without_the_option_then_resyncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sa, sb) = pair(dir.path());
+    let b = Node::start(&sb, "backup");
+    let mut a = Node::start(&sa, "active");
+    a.wait_in_sync();
+    let client: IpAddr = "127.0.0.60".parse().unwrap();
+    let sock = client_socket(client);
+    let ask = |port: u16| {
+        let req = map_request(client, port, 3600, [port as u8; 12], true);
+        let r = exchange(&sock, sa.pcp, &req).expect("answered");
+        assert_eq!(r.header.result.0, 0);
+        r.checkpoint_honoured()
+    };
+    assert!(ask(1), "in sync: honoured");
+    // The backup stalls: the held response is answered without the option
+    // once the acknowledgement is overdue, and the mapping is not flagged.
+    b.signal("STOP");
+    assert!(!ask(2), "unconfirmed check-point answered as not honoured");
+    let m = a.mappings();
+    assert_eq!(m[&(client, 2)]["checkpoint"], false);
+    assert_eq!(
+        m[&(client, 1)]["checkpoint"],
+        true,
+        "earlier ones keep theirs"
+    );
+    assert!(
+        a.status()["ha"]["checkpoints_not_confirmed"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+    // While out of sync nothing is honoured, with no wait.
+    let t = Instant::now();
+    assert!(!ask(3));
+    assert!(t.elapsed() < Duration::from_millis(1000));
+    b.signal("CONT");
+    a.wait_in_sync();
+    assert!(ask(4), "resynced: check-pointing resumes");
+    let st = b.status();
+    assert_eq!(st["ha"]["checkpointed_mappings"], 2, "{st}");
+    // The backup goes away entirely, then comes back.
+    let mut b = b;
+    b.kill9();
+    a.wait(Duration::from_secs(10), "backup gone", |s| {
+        s["ha"]["in_sync"] == false
+    });
+    assert!(!ask(5));
+    let b = Node::start(&sb, "backup");
+    a.wait_in_sync();
+    assert!(ask(6));
+    assert_eq!(b.status()["ha"]["checkpointed_mappings"], 3);
+}
+
+#[test]
+fn design_fencing_old_active_returns_and_becomes_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sa, sb) = pair(dir.path());
+    let b = Node::start(&sb, "backup");
+    let mut a = Node::start(&sa, "active");
+    a.wait_in_sync();
+    let client: IpAddr = "127.0.0.70".parse().unwrap();
+    let sock = client_socket(client);
+    for port in 1..=5u16 {
+        let r = exchange(
+            &sock,
+            sa.pcp,
+            &map_request(client, port, 3600, [9; 12], true),
+        )
+        .unwrap();
+        assert!(r.checkpoint_honoured());
+    }
+    a.kill9();
+    let promoted = b.ctl(&["promote"]);
+    assert_eq!(promoted["term"], 1, "{promoted}");
+    // The new active changes state the old one never saw.
+    let r = exchange(&sock, sb.pcp, &map_request(client, 1, 0, [9; 12], true)).unwrap();
+    assert_eq!(r.header.result.0, 0);
+    // The old active restarts with its old store and its old role: it must
+    // never answer PCP, and must end up as the new active's backup.
+    let probing = Arc::new(AtomicBool::new(true));
+    let answered = Arc::new(AtomicBool::new(false));
+    let prober = {
+        let (probing, answered) = (probing.clone(), answered.clone());
+        let pcp = sa.pcp;
+        std::thread::spawn(move || {
+            let s = client_socket("127.0.0.71".parse().unwrap());
+            s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            while probing.load(Ordering::Relaxed) {
+                let req = map_request("127.0.0.71".parse().unwrap(), 1, 3600, [1; 12], false);
+                if exchange(&s, pcp, &req).is_some() {
+                    answered.store(true, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    let mut old = Node::start(&sa, "active");
+    old.wait(Duration::from_secs(10), "fenced", |s| {
+        s["ha"]["role"] == "backup"
+    });
+    let mut b = b;
+    b.wait_in_sync();
+    probing.store(false, Ordering::Relaxed);
+    prober.join().unwrap();
+    assert!(
+        !answered.load(Ordering::Relaxed),
+        "a deposed active answered PCP; log:\n{}",
+        old.log()
+    );
+    let st = old.status();
+    assert_eq!(st["ha"]["term"], 1, "{st}");
+    assert_eq!(st["ha"]["serving"], false);
+    assert_eq!(
+        st["ha"]["checkpointed_mappings"], 4,
+        "the new active's state: {st}"
+    );
+    assert!(old.mappings().is_empty(), "no stale state served");
+}
+
+#[test]
+fn design_link_wrong_key_or_plaintext_peer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sa, sb) = pair(dir.path());
+    // The active's certificate comes from another CA.
+    let other = dir.path().join("other");
+    certs(&other, &["node-a"]);
+    let mut rogue = sa.clone();
+    rogue.certs = other;
+    let b = Node::start(&sb, "backup");
+    let mut a = Node::start(&rogue, "active");
+    a.wait(Duration::from_secs(10), "serving", |s| {
+        s["ha"]["serving"] == true
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    let client: IpAddr = "127.0.0.80".parse().unwrap();
+    let sock = client_socket(client);
+    let r = exchange(
+        &sock,
+        rogue.pcp,
+        &map_request(client, 1, 3600, [3; 12], true),
+    )
+    .unwrap();
+    assert_eq!(r.header.result.0, 0);
+    assert!(
+        !r.checkpoint_honoured(),
+        "no authenticated backup: not honoured"
+    );
+    let st = b.status();
+    assert!(
+        st["ha"]["refused_connections"].as_u64().unwrap() >= 1,
+        "{st}"
+    );
+    assert_eq!(st["ha"]["checkpointed_mappings"], 0);
+    assert_eq!(st["ha"]["in_sync"], false);
+    drop(a);
+    // A plaintext peer gets nowhere with a TLS backup either.
+    let mut plain = sa.clone();
+    plain.ha_extra = "plaintext = true".into();
+    let mut a = Node::start(&plain, "active");
+    a.wait(Duration::from_secs(10), "serving", |s| {
+        s["ha"]["serving"] == true
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(a.status()["ha"]["in_sync"], false);
+    let st = b.status();
+    assert!(
+        st["ha"]["refused_connections"].as_u64().unwrap() >= 2,
+        "{st}"
+    );
+    assert!(
+        b.log().contains("replication peer refused"),
+        "refusals are logged"
+    );
+}
+
+#[test]
+fn design_link_config_requires_tls_or_explicit_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        "[ha]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\npeer = \"127.0.0.1:2\"\n",
+    )
+    .unwrap();
+    let out = Command::new(daemon_bin())
+        .args(["--config", cfg.to_str().unwrap(), "--check-config"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ha.tls_ca") && err.contains("plaintext"),
+        "{err}"
+    );
+}
