@@ -368,7 +368,7 @@ fn load(
                 let mut port = first_port;
                 while !stop.load(Ordering::Relaxed) {
                     port += 1;
-                    let cp = !mixed || port % 2 == 0;
+                    let cp = !mixed || port.is_multiple_of(2);
                     let o = client.to_string();
                     let last = o.rsplit('.').next().unwrap().parse::<u8>().unwrap();
                     let nonce = [
@@ -465,7 +465,7 @@ fn seeded(seed: u64) -> impl FnMut(u64) -> u64 {
 fn rfc7767_s3_2_kill_9_active_loses_no_acknowledged_checkpoint_and_epochs_follow_draft_2_6() {
     let dir = tempfile::tempdir().unwrap();
     let (sa, sb) = pair(dir.path());
-    let mut b = Node::start(&sb, "backup");
+    let b = Node::start(&sb, "backup");
     let mut a = Node::start(&sa, "active");
     a.wait_in_sync();
     let seed = u64::from(std::process::id()) ^ wall_ms();
