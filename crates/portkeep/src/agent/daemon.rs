@@ -9,8 +9,11 @@
 //! - an ANNOUNCE on the listening sockets (section 14.1.1; port 5350 and
 //!   224.0.0.1 by default);
 //! - expiry without a successful renewal (section 11.2.1);
-//! - a new server address in the config file on SIGHUP
-//!   (failure-scenarios draft section 2.1);
+//! - a new server address in the config file on SIGHUP, or a new default
+//!   gateway with `--server-from-gateway` (failure-scenarios draft
+//!   section 2.1);
+//! - a new source address towards the server (draft section 2.4), noticed
+//!   through netlink address and route notifications ([`super::watch`]);
 //! - the agent's own restart: mappings resume from the store without a
 //!   request (draft section 2.3), checked by one ANNOUNCE;
 //! - a lost store: GET/NEXT finds what the server holds for this agent
@@ -36,6 +39,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use super::api::ApiRequest;
 use super::policy::{Policy, Source};
 use super::store::{self, AgentKey, Store, StoredGrant, StoredMapping, StoredOrphan};
+use super::watch::AddressWatch;
 
 /// How long a crash-looping application keeps short lifetimes after its
 /// last restart (failure-scenarios draft section 2.3).
@@ -46,8 +50,13 @@ const CRASH_ADDS: usize = 3;
 const CRASH_LIFETIME: u32 = 120;
 /// Longest API request line accepted, octets.
 const MAX_API_LINE: u64 = 64 * 1024;
-/// How often the source address towards the server is re-checked.
-const ADDRESS_POLL: Duration = Duration::from_secs(5);
+/// How often the source address (and gateway) towards the server is
+/// re-checked without a notification: the fallback when netlink cannot be
+/// opened, and a safety net against lost notifications otherwise.
+const ADDRESS_POLL: Duration = Duration::from_secs(30);
+/// After an address or route notification, the re-check waits this long
+/// so that the rest of a multi-step change (address, then route) lands.
+const ADDRESS_SETTLE: Duration = Duration::from_millis(20);
 /// Store writes are batched this long while grants change.
 const FLUSH_DELAY: Duration = Duration::from_millis(250);
 
@@ -65,7 +74,8 @@ pub(crate) struct RunOptions {
     pub(crate) rate: u32,
     pub(crate) lifetime: u32,
     pub(crate) code_points: CodePoints,
-    /// Follow the default gateway as the server (polled).
+    /// Follow the default gateway as the server (re-checked on route
+    /// changes).
     pub(crate) server_from_gateway: bool,
 }
 
@@ -1061,9 +1071,17 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
         sock_path.display(),
         agent.session.server()
     );
+    let mut watch = AddressWatch::open(ADDRESS_POLL);
     let mut buf = vec![0u8; 2048];
     let mut relax_at = clock.now() + Duration::from_secs(10);
-    let mut addr_check_at = clock.now() + ADDRESS_POLL;
+    // A change between the start-up check and the subscription is caught
+    // by one re-check once subscribed.
+    let mut addr_check_at = clock.now()
+        + if watch.is_active() {
+            ADDRESS_SETTLE
+        } else {
+            ADDRESS_POLL
+        };
     loop {
         let now = clock.now();
         agent.session.handle_timeout(now);
@@ -1088,8 +1106,9 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
             relax_at = now + Duration::from_secs(10);
         }
         if now >= addr_check_at {
-            // No netlink here: the route's source is polled (one
-            // connect() on a throw-away socket) unless the address is fixed.
+            // After a netlink notification or the slow poll: ask the
+            // kernel for the route's source (one connect() on a throw-away
+            // socket) unless the address is fixed.
             addr_check_at = now + ADDRESS_POLL;
             // Draft section 2.1: a new gateway is a new server.
             if let Some(srv) = wanted_server(&agent).filter(|s| *s != agent.session.server()) {
@@ -1097,6 +1116,8 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
                 agent.session.set_server(now, srv);
                 agent.emit(json!({"event": "server_changed", "server": srv.to_string()}));
                 agent.mark_dirty(now);
+                // The source towards the new server may differ too.
+                addr_check_at = now;
                 continue;
             }
             if let Some(ip) = wanted_ip(&agent).filter(|ip| *ip != agent.session.client_ip()) {
@@ -1132,6 +1153,11 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
             Some((req, reply)) = cmd_rx.recv() => {
                 let answer = agent.api(clock.now(), req);
                 let _ = reply.send(answer);
+            }
+            () = watch.changed() => {
+                // Draft sections 2.1 and 2.4: an address or route changed;
+                // re-check soon, not later than already due.
+                addr_check_at = addr_check_at.min(clock.now() + ADDRESS_SETTLE);
             }
             () = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {}
             _ = sighup.recv() => {

@@ -8,6 +8,7 @@ pub(crate) mod api;
 mod daemon;
 mod policy;
 mod store;
+mod watch;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
