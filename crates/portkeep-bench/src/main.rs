@@ -99,6 +99,21 @@ struct Args {
     /// root; run the bench in a scratch network namespace).
     #[arg(long, default_value = "memory")]
     dataplane: String,
+    /// With --spawn: start an active/backup pair (mutual TLS link on
+    /// loopback) and load the active once the backup is in sync; with
+    /// --checkpoint every honoured response waited for the backup's
+    /// acknowledgement (RFC 7767 section 3.2).
+    #[arg(long, requires = "spawn")]
+    ha: bool,
+    /// With --ha: after the load, restart the backup empty and time its
+    /// resync (snapshot of every check-pointed mapping) until in sync.
+    #[arg(long, requires = "ha")]
+    resync: bool,
+    /// With --ha: after the load, kill -9 the active, send `ctl promote` to
+    /// the backup, and time until it answers a refresh of a check-pointed
+    /// mapping with its state installed.
+    #[arg(long, requires = "ha")]
+    takeover: bool,
 }
 
 /// Reads the clock; the bench is all I/O, the cores never do this.
@@ -132,7 +147,12 @@ struct PhaseResult {
     ok: u64,
     errors: u64,
     lost: u64,
+    /// Successes whose response carried CHECKPOINT_REQUIRED.
+    honoured: u64,
 }
+
+/// Length of a MAP response without options (RFC 6887 sections 7.2, 11.1).
+const MAP_RESPONSE_LEN: usize = 60;
 
 fn client_ip(i: usize) -> Ipv4Addr {
     let n = i + 1;
@@ -229,6 +249,10 @@ fn recv_round(
                 continue;
             }
             res.ok += 1;
+            // The only option the server echoes here: CHECKPOINT_REQUIRED.
+            if d.len() > MAP_RESPONSE_LEN && d[MAP_RESPONSE_LEN] == 192 {
+                res.honoured += 1;
+            }
             let port = u16::from_be_bytes([d[INTERNAL_PORT_AT], d[INTERNAL_PORT_AT + 1]]);
             let idx = usize::from(port.wrapping_sub(1000));
             if let Some(Some(s)) = c.sent_at.get_mut(idx).map(Option::take) {
@@ -292,12 +316,18 @@ struct Spawned {
     bin: PathBuf,
     cfg: PathBuf,
     addr: SocketAddr,
+    /// With --ha: the backup, its config and PCP address.
+    backup: Option<(Child, PathBuf, SocketAddr)>,
 }
 
 impl Drop for Spawned {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some((b, _, _)) = &mut self.backup {
+            let _ = b.kill();
+            let _ = b.wait();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -342,6 +372,11 @@ impl Spawned {
                 args.dataplane,
             ),
         )?;
+        let backup = if args.ha {
+            Some(Self::start_pair(bin, &dir, &cfg)?)
+        } else {
+            None
+        };
         let child = Self::launch(bin, &cfg)?;
         let s = Spawned {
             child,
@@ -349,9 +384,171 @@ impl Spawned {
             bin: bin.clone(),
             cfg,
             addr,
+            backup,
         };
         s.wait_serving(Duration::from_secs(10))?;
+        if args.ha {
+            s.wait_in_sync(Duration::from_secs(60))?;
+        }
         Ok(s)
+    }
+
+    /// Adds `[ha]` to the active's config, writes the backup's (same
+    /// policy, its own port and data directory), creates the pair's
+    /// certificates and starts the backup.
+    fn start_pair(
+        bin: &PathBuf,
+        dir: &std::path::Path,
+        cfg: &PathBuf,
+    ) -> anyhow::Result<(Child, PathBuf, SocketAddr)> {
+        let certs = dir.join("certs");
+        let ok = Command::new(bin)
+            .arg("gen-certs")
+            .arg(&certs)
+            .args(["node-a", "node-b"])
+            .stdout(Stdio::null())
+            .status()?
+            .success();
+        if !ok {
+            bail!("gen-certs failed");
+        }
+        let free_tcp = || -> anyhow::Result<SocketAddr> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+        };
+        let (la, lb) = (free_tcp()?, free_tcp()?);
+        let baddr: SocketAddr = UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+        let ha = |role: &str, me: &str, peer: &str, l: SocketAddr, p: SocketAddr| {
+            format!(
+                "\n[ha]\nrole = \"{role}\"\nlisten = \"{l}\"\npeer = \"{p}\"\ntls_ca = \"{c}/ca.pem\"\n\
+                 tls_cert = \"{c}/{me}.pem\"\ntls_key = \"{c}/{me}.key\"\npeer_name = \"{peer}\"\n",
+                c = certs.display()
+            )
+        };
+        let base = std::fs::read_to_string(cfg)?;
+        let active_text = format!("{base}{}", ha("active", "node-a", "node-b", la, lb));
+        let bcfg = dir.join("backup.toml");
+        let backup_text = base
+            .replace(
+                &format!("data_dir = \"{}\"", dir.join("data").display()),
+                &format!("data_dir = \"{}\"", dir.join("backup-data").display()),
+            )
+            .lines()
+            .map(|l| {
+                if l.starts_with("listen = ") {
+                    format!("listen = [\"{baddr}\"]")
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            + &ha("backup", "node-b", "node-a", lb, la);
+        std::fs::write(cfg, active_text)?;
+        std::fs::write(&bcfg, backup_text)?;
+        let child = Self::launch(bin, &bcfg)?;
+        Ok((child, bcfg, baddr))
+    }
+
+    fn status_of(&self, cfg: &PathBuf) -> anyhow::Result<serde_json::Value> {
+        let out = Command::new(&self.bin)
+            .arg("--config")
+            .arg(cfg)
+            .args(["ctl", "--json", "status"])
+            .output()?;
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// Polls the active's status until its backup is in sync.
+    fn wait_in_sync(&self, within: Duration) -> anyhow::Result<Duration> {
+        let start = now();
+        while start.elapsed() < within {
+            if self
+                .status_of(&self.cfg)
+                .is_ok_and(|v| v["ha"]["in_sync"] == true)
+            {
+                return Ok(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        bail!("backup not in sync within {within:?}")
+    }
+
+    /// Kills the backup, wipes its directory and starts it again: the
+    /// time until the active reports it in sync, and the snapshot's size.
+    fn resync(&mut self) -> anyhow::Result<(Duration, serde_json::Value)> {
+        let Some((b, bcfg, _)) = &mut self.backup else {
+            bail!("no backup");
+        };
+        let _ = b.kill();
+        let _ = b.wait();
+        let bcfg = bcfg.clone();
+        let _ = std::fs::remove_dir_all(self.dir.join("backup-data"));
+        // The active notices the loss first, so the timing below is the
+        // resync alone.
+        let start = now();
+        while self
+            .status_of(&self.cfg)
+            .is_ok_and(|v| v["ha"]["in_sync"] == true)
+        {
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("the active never noticed the backup's loss");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let start = now();
+        let child = Self::launch(&self.bin, &bcfg)?;
+        if let Some(b) = &mut self.backup {
+            b.0 = child;
+        }
+        let t = self.wait_in_sync(Duration::from_secs(120))?;
+        let _ = start;
+        let st = self.status_of(&self.cfg)?;
+        Ok((t, st["ha"].clone()))
+    }
+
+    /// kill -9 the active, `ctl promote` the backup, and time until a
+    /// refresh of check-pointed mapping `(client 0, port 1000)` succeeds on
+    /// it.
+    fn takeover(&mut self, args: &Args) -> anyhow::Result<serde_json::Value> {
+        let Some((_, bcfg, baddr)) = &self.backup else {
+            bail!("no backup");
+        };
+        let (bcfg, baddr) = (bcfg.clone(), *baddr);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let ip = client_ip(0);
+        let sock = UdpSocket::bind(SocketAddr::new(IpAddr::V4(ip), 0))?;
+        sock.set_read_timeout(Some(Duration::from_millis(5)))?;
+        let req = map_request(ip, 0, 1000, args.checkpoint);
+        let start = now();
+        let out = Command::new(&self.bin)
+            .arg("--config")
+            .arg(&bcfg)
+            .args(["ctl", "--json", "promote"])
+            .output()?;
+        let promote_cmd = start.elapsed();
+        let promoted: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?;
+        let mut buf = [0u8; 1100];
+        loop {
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("the promoted backup never answered");
+            }
+            sock.send_to(&req, baddr)?;
+            if let Ok(n) = sock.recv(&mut buf) {
+                if n >= MAP_RESPONSE_LEN && buf[3] == 0 {
+                    break;
+                }
+                bail!("refresh after takeover failed with result {}", buf[3]);
+            }
+        }
+        let serving = start.elapsed();
+        Ok(serde_json::json!({
+            "promote": promoted,
+            "ctl_promote_ms": promote_cmd.as_secs_f64() * 1000.0,
+            "promote_to_refresh_answered_ms": serving.as_secs_f64() * 1000.0,
+        }))
     }
 
     fn launch(bin: &PathBuf, cfg: &PathBuf) -> anyhow::Result<Child> {
@@ -607,6 +804,7 @@ fn main() -> anyhow::Result<()> {
             total.ok += r.ok;
             total.errors += r.errors;
             total.lost += r.lost;
+            total.honoured += r.honoured;
             let _ = hist.add(&hi);
         }
         (back, total, hist, start.elapsed())
@@ -628,6 +826,7 @@ fn main() -> anyhow::Result<()> {
             "success": r.ok,
             "errors": r.errors,
             "lost": r.lost,
+            "checkpoint_honoured": r.honoured,
             "seconds": t.as_secs_f64(),
             "requests_per_second": (r.ok as f64 / t.as_secs_f64()).round(),
             "latency_us": {
@@ -651,6 +850,21 @@ fn main() -> anyhow::Result<()> {
         }),
         _ => serde_json::Value::Null,
     };
+    let resync = match (&mut spawned, args.resync) {
+        (Some(s), true) => {
+            let (t, st) = s.resync()?;
+            serde_json::json!({
+                "snapshot_items": st["last_snapshot_items"],
+                "start_to_in_sync_ms": t.as_millis(),
+                "snapshot_sent_to_acked_ms": st["last_snapshot_ack_ms"],
+            })
+        }
+        _ => serde_json::Value::Null,
+    };
+    let takeover = match (&mut spawned, args.takeover) {
+        (Some(s), true) => s.takeover(&args)?,
+        _ => serde_json::Value::Null,
+    };
     let restart = match (&mut spawned, args.restart) {
         (Some(s), true) => {
             let before = s.mapping_count()?;
@@ -668,6 +882,9 @@ fn main() -> anyhow::Result<()> {
         "server": server.to_string(),
         "store": args.store,
         "restart": restart,
+        "ha": args.ha,
+        "resync": resync,
+        "takeover": takeover,
         "clients": args.clients,
         "mappings": mappings,
         "threads": args.threads,
@@ -691,10 +908,11 @@ fn main() -> anyhow::Result<()> {
         );
         for p in out["phases"].as_array().into_iter().flatten() {
             println!(
-                "  {:<8} {:>9} req/s  ({} ok, {} errors, {} lost in {:.2} s)  latency p50 {} us  p99 {} us  p99.9 {} us  max {} us",
+                "  {:<8} {:>9} req/s  ({} ok, {} honoured, {} errors, {} lost in {:.2} s)  latency p50 {} us  p99 {} us  p99.9 {} us  max {} us",
                 p["phase"].as_str().unwrap_or(""),
                 p["requests_per_second"],
                 p["success"],
+                p["checkpoint_honoured"],
                 p["errors"],
                 p["lost"],
                 p["seconds"].as_f64().unwrap_or(0.0),
@@ -702,6 +920,20 @@ fn main() -> anyhow::Result<()> {
                 p["latency_us"]["p99"],
                 p["latency_us"]["p99.9"],
                 p["latency_us"]["max"],
+            );
+        }
+        if !resync.is_null() {
+            println!(
+                "  resync: {} items, backup started to in sync in {} ms (snapshot sent to acknowledged {} ms)",
+                resync["snapshot_items"], resync["start_to_in_sync_ms"], resync["snapshot_sent_to_acked_ms"]
+            );
+        }
+        if !takeover.is_null() {
+            println!(
+                "  takeover: ctl promote returned in {:.1} ms; a check-pointed mapping refreshed on the new active {:.1} ms after the command ({})",
+                takeover["ctl_promote_ms"].as_f64().unwrap_or(0.0),
+                takeover["promote_to_refresh_answered_ms"].as_f64().unwrap_or(0.0),
+                takeover["promote"]
             );
         }
         if !restart.is_null() {

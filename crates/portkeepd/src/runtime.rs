@@ -400,6 +400,13 @@ fn bind(addr: SocketAddr, reuse_port: bool) -> anyhow::Result<UdpSocket> {
     if reuse_port {
         s.set_reuse_port(true)?;
     }
+    // A backup binds the pair's virtual address before keepalived moves it
+    // here, so that on promotion it answers from that address at once.
+    if addr.is_ipv6() {
+        let _ = s.set_freebind_ipv6(true);
+    } else {
+        let _ = s.set_freebind(true);
+    }
     // Bursts of requests should queue, not drop; the kernel caps this at
     // net.core.rmem_max.
     let _ = s.set_recv_buffer_size(4 << 20);
