@@ -765,3 +765,43 @@ fn design_link_config_requires_tls_or_explicit_plaintext() {
         "{err}"
     );
 }
+
+#[test]
+fn example_ha_loopback_script_shows_the_failover() {
+    // The one-command demonstration in examples/ stays true: check-pointed
+    // mappings keep their external ports, the fully check-pointed client's
+    // epoch continues and the other one's resets.
+    let bin = daemon_bin();
+    let out = Command::new("bash")
+        .arg(e2e_support::examples_dir().join("ha-loopback.sh"))
+        .env("PORTKEEP_BIN", bin.parent().unwrap())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with("127.0.0.") && l.contains("external port"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    for l in &lines {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        let at = |word: &str| w.iter().position(|x| *x == word).unwrap();
+        let p = at("port");
+        assert_eq!(w[p + 1], w[p + 3], "same external port: {l}");
+        let e = at("epoch");
+        let (before, after): (u32, u32) = (
+            w[e + 1].parse().unwrap(),
+            w[e + 3].trim_end_matches(',').parse().unwrap(),
+        );
+        if l.contains("127.0.0.2") {
+            assert!(after >= before + 2, "epoch continues: {l}");
+        } else {
+            assert_eq!(after, 0, "epoch reset: {l}");
+        }
+    }
+}
