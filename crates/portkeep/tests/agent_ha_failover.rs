@@ -140,13 +140,14 @@ impl Net {
                 "-n", &ns, "link", "add", "vip0", "link", "eth0", "type", "macvlan", "mode",
                 "bridge",
             ]);
+            // Written from inside the namespace: /proc/sys/net is per namespace.
             ip_ok(&[
                 "netns",
                 "exec",
                 &ns,
-                "sysctl",
-                "-qw",
-                "net.ipv4.conf.vip0.arp_notify=1",
+                "sh",
+                "-c",
+                "echo 1 > /proc/sys/net/ipv4/conf/vip0/arp_notify",
             ]);
         }
         net.take_vip("a");
