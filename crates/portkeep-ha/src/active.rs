@@ -79,6 +79,25 @@ pub enum ActiveEvent {
     Fenced(Term),
 }
 
+/// The frames of a snapshot of `items` as of log position `seq`, in parts
+/// of `part` items.
+pub fn encode_snapshot(term: Term, seq: u64, items: Vec<Item>, part: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    Message::SnapshotBegin { term, seq }.encode(&mut out);
+    // Front to back without moving the rest each time (`split_off` at the
+    // front would copy the remainder per part: quadratic in the snapshot).
+    let mut it = items.into_iter();
+    loop {
+        let items: Vec<Item> = it.by_ref().take(part.max(1)).collect();
+        if items.is_empty() {
+            break;
+        }
+        Message::SnapshotPart { term, items }.encode(&mut out);
+    }
+    Message::SnapshotEnd { term, seq }.encode(&mut out);
+    out
+}
+
 /// The active node's end of one replication link.
 #[derive(Debug)]
 pub struct Active {
@@ -196,22 +215,25 @@ impl Active {
     /// check-pointed mapping, and the volatile marker of every subscriber
     /// that holds volatile mappings: that is all a takeover needs.
     pub fn send_snapshot(&mut self, now: Timestamp, seq: u64, items: Vec<Item>) {
-        if matches!(
-            self.state,
-            LinkState::Disconnected | LinkState::Fenced { .. }
-        ) {
+        let bytes = encode_snapshot(self.term, seq, items, self.cfg.snapshot_part);
+        self.send_encoded_snapshot(now, self.term, seq, bytes);
+    }
+
+    /// [`Active::send_snapshot`] with the bytes encoded beforehand by
+    /// [`encode_snapshot`] (for `term`), so that a large snapshot is
+    /// encoded without holding whatever guards this link. Ignored if the
+    /// term changed meanwhile.
+    pub fn send_encoded_snapshot(&mut self, now: Timestamp, term: Term, seq: u64, bytes: Vec<u8>) {
+        if term != self.term
+            || matches!(
+                self.state,
+                LinkState::Disconnected | LinkState::Fenced { .. }
+            )
+        {
             return;
         }
-        let term = self.term;
-        self.send(now, &Message::SnapshotBegin { term, seq });
-        let part = self.cfg.snapshot_part.max(1);
-        let mut items = items;
-        while !items.is_empty() {
-            let rest = items.split_off(items.len().min(part));
-            self.send(now, &Message::SnapshotPart { term, items });
-            items = rest;
-        }
-        self.send(now, &Message::SnapshotEnd { term, seq });
+        self.out.extend_from_slice(&bytes);
+        self.last_sent = now;
         self.sent = seq;
         self.pending.push_back((seq, now));
         self.state = LinkState::Resyncing { seq };

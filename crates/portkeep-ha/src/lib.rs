@@ -27,7 +27,7 @@ mod active;
 mod backup;
 pub mod wire;
 
-pub use active::{Active, ActiveConfig, ActiveEvent, LinkState};
+pub use active::{encode_snapshot, Active, ActiveConfig, ActiveEvent, LinkState};
 pub use backup::{Backup, Takeover, TakeoverKind};
 pub use wire::{FrameError, Item, Message};
 

@@ -482,3 +482,30 @@ fn rfc7767_s1_resync_of_an_empty_log_completes() {
     assert!(events(&mut a).contains(&ActiveEvent::InSync));
     assert!(b.in_sync());
 }
+
+#[test]
+fn rfc7767_s1_a_long_snapshot_keeps_the_link_alive() {
+    // 20,000 items take 40 parts: the backup must be heard from while they
+    // arrive, or the active would declare it dead mid-resync.
+    let (mut a, mut b) = linked(2);
+    let items: Vec<Item> = (0..20_000u32)
+        .map(|i| Item::Upsert(mapping("198.51.100.1", (i % 60_000) as u16, true)))
+        .collect();
+    a.send_snapshot(at(1), 5, items);
+    let bytes = a.poll_transmit().unwrap();
+    // Deliver half, 2 s later (past dead_after): the backup has spoken.
+    b.handle_input(at(2_000), &bytes[..bytes.len() / 2])
+        .unwrap();
+    let heard = b.poll_transmit().expect("heartbeats during the snapshot");
+    a.handle_input(at(2_000), &heard).unwrap();
+    a.handle_timeout(at(2_500));
+    assert!(
+        matches!(a.state(), LinkState::Resyncing { .. }),
+        "{:?}",
+        a.state()
+    );
+    b.handle_input(at(2_600), &bytes[bytes.len() / 2..])
+        .unwrap();
+    pump(&mut a, &mut b, at(2_600));
+    assert!(a.in_sync());
+}

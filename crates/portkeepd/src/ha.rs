@@ -493,7 +493,7 @@ pub(crate) fn reject(shared: &Shared, held: Vec<Held>) {
     }
 }
 
-fn handle_events(shared: &Shared, events: Vec<ActiveEvent>) {
+fn handle_events(shared: &Arc<Shared>, events: Vec<ActiveEvent>) {
     for e in events {
         match e {
             ActiveEvent::Acked(seq) => {
@@ -548,7 +548,38 @@ fn handle_events(shared: &Shared, events: Vec<ActiveEvent>) {
 /// The full check-pointed state, for a backup that (re)connected (RFC 7767
 /// section 1), taken under the core lock so that it stands exactly for the
 /// log position it names; later changes follow on the stream.
-fn send_snapshot(shared: &Shared) {
+fn send_snapshot(shared: &Arc<Shared>) {
+    // Encoding a million mappings takes a while: off the link's runtime, so
+    // heartbeats keep both ends from declaring the other dead meanwhile.
+    let shared = shared.clone();
+    let spawned = std::thread::Builder::new()
+        .name("snapshot".into())
+        .spawn(move || build_snapshot(&shared));
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the snapshot: {e}");
+    }
+}
+
+fn build_snapshot(shared: &Shared) {
+    let (term, part) = {
+        let s = shared.ha.lock();
+        let Some(a) = s.active.as_ref() else {
+            return;
+        };
+        if a.state() != LinkState::NeedSnapshot {
+            return;
+        }
+        let part = shared
+            .ha
+            .settings
+            .link
+            .as_ref()
+            .map_or(512, |l| l.timing.snapshot_part);
+        (a.term(), part)
+    };
+    // The core stays locked until the snapshot is queued on the link, so
+    // that it stands exactly for `seq` and no later change is pushed
+    // before it.
     let core = shared.lock();
     let now = shared.clock.now();
     let seq = core.server.last_seq();
@@ -567,11 +598,17 @@ fn send_snapshot(shared: &Shared) {
     for (subscriber, hosts) in core.server.volatile_hosts() {
         items.push(Item::Volatile { subscriber, hosts });
     }
-    let mut s = shared.ha.lock();
     let n = items.len();
-    if let Some(a) = s.active.as_mut() {
-        a.send_snapshot(now, seq, items);
+    let bytes = portkeep_ha::encode_snapshot(term, seq, items, part);
+    let mut s = shared.ha.lock();
+    let Some(a) = s.active.as_mut() else {
+        return;
+    };
+    if a.state() != LinkState::NeedSnapshot {
+        // The link went down (or we were deposed) meanwhile.
+        return;
     }
+    a.send_encoded_snapshot(now, term, seq, bytes);
     s.replicated = hashes;
     s.stats.resyncs += 1;
     s.stats.snapshot_items = n;
