@@ -220,7 +220,7 @@ impl Backup {
                         // silence bound to arrive, and its heartbeats queue
                         // behind it: say we are alive as parts come in.
                         self.parts += 1;
-                        if self.parts % 16 == 0 {
+                        if self.parts.is_multiple_of(16) {
                             Message::Heartbeat { term, now }.encode(&mut self.out);
                         }
                     }
