@@ -42,3 +42,21 @@ impl Clock {
         self.now().as_millis().saturating_sub(self.wall_ms)
     }
 }
+
+/// Times an operation to the microsecond, for logs and the control
+/// interface (the core's clock only has milliseconds).
+#[derive(Debug, Clone, Copy)]
+pub struct Stopwatch(Instant);
+
+impl Stopwatch {
+    /// Starts timing.
+    #[allow(clippy::disallowed_methods)] // The runtime boundary: see clippy.toml.
+    pub fn start() -> Stopwatch {
+        Stopwatch(Instant::now())
+    }
+
+    /// Microseconds since [`Stopwatch::start`].
+    pub fn micros(&self) -> u64 {
+        u64::try_from(self.0.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+}

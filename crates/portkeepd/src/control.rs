@@ -219,6 +219,7 @@ fn clear(shared: &Shared, req: &Value) -> Value {
         .collect();
     let removed: usize = cleared.iter().map(|c| c.mappings).sum();
     shared.announce_to(core, &targets);
+    shared.schedule_announce(targets.clone());
     json!({
         "ok": true,
         "removed": removed,

@@ -667,7 +667,7 @@ pub(crate) fn demote(shared: &Shared, seen: Option<Term>, why: &str) -> Value {
 /// the subscribers that lost state and ANNOUNCEs it to their hosts
 /// (failure-scenarios draft section 2.6), then serves.
 pub(crate) fn promote(shared: &Shared) -> Value {
-    let start = shared.clock.now();
+    let watch = crate::clock::Stopwatch::start();
     let mut core = shared.lock();
     let mut s = shared.ha.lock();
     match s.role {
@@ -736,9 +736,10 @@ pub(crate) fn promote(shared: &Shared) -> Value {
     shared.ha.serving.store(true, Ordering::SeqCst);
     if !targets.is_empty() {
         shared.announce_to(shared.lock(), &targets);
+        shared.schedule_announce(targets.clone());
     }
     shared.ha.bump_role();
-    let took = (shared.clock.now() - start).as_micros() as u64;
+    let took = watch.micros();
     tracing::warn!(
         term = takeover.term,
         kind,

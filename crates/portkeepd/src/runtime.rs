@@ -109,6 +109,17 @@ pub(crate) struct Shared {
     pub(crate) server_cfg: ServerConfig,
     /// Which dataplane to build again on promotion and demotion.
     dataplane_kind: DataplaneKind,
+    /// ANNOUNCEs to repeat: when, to whom, the interval after that, and how
+    /// many more.
+    announces: Mutex<Vec<Repeat>>,
+}
+
+/// A repeated unsolicited ANNOUNCE to hosts that lost state.
+struct Repeat {
+    due: portkeep_server::Timestamp,
+    interval: Duration,
+    left: u32,
+    targets: Vec<(SubscriberId, IpAddr)>,
 }
 
 fn log_change(c: &ChangeRecord) {
@@ -279,6 +290,51 @@ impl Shared {
             .batches
             .extend(batches);
         ocv.notify_one();
+    }
+
+    /// Repeats the ANNOUNCE just sent to `targets` three more times, after
+    /// 250 ms, 750 ms and 1.75 s (the start of the schedule RFC 6886
+    /// section 3.2.1 uses for the same purpose): one lost datagram must
+    /// not leave a client unaware that its state is gone until its next
+    /// renewal (RFC 6887 section 14.1.1 lets the server send it more than
+    /// once).
+    pub(crate) fn schedule_announce(&self, targets: Vec<(SubscriberId, IpAddr)>) {
+        if targets.is_empty() {
+            return;
+        }
+        let interval = Duration::from_millis(250);
+        self.announces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Repeat {
+                due: self.clock.now() + interval,
+                interval,
+                left: 3,
+                targets,
+            });
+    }
+
+    /// Sends the repeats that are due.
+    fn repeat_announces(&self) {
+        let now = self.clock.now();
+        let due: Vec<Vec<(SubscriberId, IpAddr)>> = {
+            let mut g = self.announces.lock().unwrap_or_else(|p| p.into_inner());
+            if g.is_empty() {
+                return;
+            }
+            let mut due = Vec::new();
+            for r in g.iter_mut().filter(|r| r.due <= now) {
+                due.push(r.targets.clone());
+                r.left -= 1;
+                r.interval *= 2;
+                r.due = now + r.interval;
+            }
+            g.retain(|r| r.left > 0);
+            due
+        };
+        for targets in due {
+            self.announce_to(self.lock(), &targets);
+        }
     }
 
     /// A socket of the family of `dest`, to send ANNOUNCEs from.
@@ -591,6 +647,7 @@ impl Daemon {
             ha,
             server_cfg: settings.server.clone(),
             dataplane_kind: settings.dataplane.clone(),
+            announces: Mutex::new(Vec::new()),
         });
         let committer = match (start.store, &shared.queue) {
             (store, Some(_)) => {
@@ -947,6 +1004,7 @@ fn housekeeping(shared: &Shared) {
             .poll_timeout()
             .map_or(POLL, |t| (t - now).clamp(Duration::from_millis(1), POLL));
         shared.submit(core, SendBatch::default(), 0);
+        shared.repeat_announces();
         std::thread::sleep(wait);
     }
 }

@@ -543,6 +543,12 @@ fn rfc7767_s3_2_kill_9_active_loses_no_acknowledged_checkpoint_and_epochs_follow
             for (c, s) in mixed.iter().zip(&announces) {
                 let epoch = got_announce(s, Duration::from_secs(3));
                 assert!(epoch.is_some(), "{c}: ANNOUNCE after losing state");
+                // Repeated, so one lost datagram does not hide the loss.
+                let mut more = 0;
+                while got_announce(s, Duration::from_millis(1500)).is_some() {
+                    more += 1;
+                }
+                assert!(more >= 2, "{c}: ANNOUNCE repeated, got {more} more");
                 let v = epoch_check(trackers.get_mut(c).unwrap(), backup_spec.pcp, *c);
                 assert!(v.is_invalid(), "{c}: epoch must reset, got {v:?}");
             }
