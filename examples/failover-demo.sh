@@ -148,10 +148,11 @@ EOF
     ip netns exec "${NS[$i]}" "$PORTKEEPD" --config "$d/portkeepd.toml" >"$d/portkeepd.log" 2>&1 &
     disown
     sed -e "s#/etc/keepalived/portkeepd-notify.sh#$repo/examples/keepalived/portkeepd-notify.sh --log $d/notify.log#" \
+        -e "s#/etc/keepalived/portkeepd-check.sh#$repo/examples/keepalived/portkeepd-check.sh#" \
         -e "s#/usr/local/bin/portkeepd#$PORTKEEPD#g" \
         -e "s#/var/lib/portkeep#$d/data#g" \
-        -e "s#10.0.0.1/24#$IN_VIP/24#" \
-        -e "s#192.0.2.1/24#$EXT_VIP/24#" \
+        -e "s#10\.0\.0\.1\b#$IN_VIP#g" \
+        -e "s#192\.0\.2\.1\b#$EXT_VIP#g" \
         "$repo/examples/keepalived/keepalived.conf" >"$d/keepalived.conf"
 done
 for i in 0 1; do

@@ -17,8 +17,11 @@
 //! keepalived; the other keepalived takes the VIP and promotes its
 //! portkeepd, and the client's refreshes through the VIP find the same
 //! mappings. The old node comes back as backup and keepalived does not
-//! hand it the VIP (nopreempt); then the active's portkeepd alone dies and
-//! keepalived's health check moves the VIP back.
+//! hand it the VIP (nopreempt). Then the active's portkeepd is demoted
+//! while its keepalived holds the VIP; then a partition splits VRRP (both
+//! nodes MASTER, the old active fenced by the newer term); then the
+//! active's portkeepd dies alone: each time keepalived's health check
+//! (`portkeepd-check.sh`) gives the VIP up and the other node takes over.
 //!
 //! Needs root, `ip` and `keepalived`; otherwise prints `SKIPPED: <reason>`
 //! and passes.
@@ -33,8 +36,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ha_netns::{
-    gen_certs, ha_section, map_ok, now, refresh_until_answered, skip_reason, udp_in, Granted, Lab,
-    Node,
+    gen_certs, ha_section, map_ok, now, ns_exec, refresh_until_answered, skip_reason, udp_in,
+    Granted, Lab, Node,
 };
 
 const VIP: &str = "10.78.0.1";
@@ -62,8 +65,8 @@ fn keepalived_conf(node: &Node) -> String {
     node.keepalived_conf(vec![
         // One network here: both instances on lan0.
         ("wan0", "lan0".to_owned()),
-        ("10.0.0.1/24", format!("{VIP}/24")),
-        ("192.0.2.1/24", format!("{EXT_VIP}/24")),
+        ("10.0.0.1", VIP.to_owned()),
+        ("192.0.2.1", EXT_VIP.to_owned()),
     ])
 }
 
@@ -167,18 +170,60 @@ fn keepalived_moves_the_vip_and_promotes_the_backup_with_every_checkpoint() {
         n.ha()["checkpointed_mappings"] == 5
     });
 
-    for round in 0..2 {
+    let keepalived_log =
+        |n: &Node| std::fs::read_to_string(n.dir.join("keepalived.log")).unwrap_or_default();
+    for round in 0..4 {
         let old = active;
         let new = other(active);
+        let log_before = keepalived_log(&nodes[old]).len();
         let t0 = now();
-        if round == 0 {
-            // The active node's daemons crash.
-            nodes[old].crash();
-        } else {
-            // Only portkeepd dies: keepalived's health check
-            // (`portkeepd ctl status`) fails and it gives the VIP up.
-            nodes[old].kill_portkeepd();
-        }
+        let how = match round {
+            0 => {
+                nodes[old].crash();
+                "kill -9 of the active's portkeepd and keepalived"
+            }
+            1 => {
+                // The active's portkeepd stands down while keepalived keeps
+                // the VIP there (an operator's demote; or fenced by a node
+                // active in a newer term): the health check sees a backup
+                // holding the VIP and keepalived gives the VIP up.
+                let r = nodes[old].ctl(&["demote"]).unwrap();
+                assert_eq!(r["changed"], true, "{r}");
+                "ctl demote of the active (keepalived's health check)"
+            }
+            2 => {
+                // A partition that splits VRRP but not the replication
+                // link: each node stops hearing the other's adverts, both
+                // are MASTER, and the backup is promoted in a newer term.
+                // The old active meets that term on the link and stands
+                // down; holding the VIP as a backup fails its health
+                // check, so keepalived gives the VIP up.
+                for n in &nodes {
+                    ns_exec(
+                        &n.ns,
+                        &["nft", "add table inet vrrpcut; add chain inet vrrpcut in { type filter hook input priority -300; }; add rule inet vrrpcut in ip protocol vrrp drop"],
+                    )
+                    .unwrap();
+                }
+                nodes[old].wait(Duration::from_secs(15), "fenced and VIP given up", |n| {
+                    n.ha()["role"] == "backup" && !n.holds(VIP)
+                });
+                eprintln!(
+                    "split VRRP: {} fenced by the newer term and its VIP given up after {} ms",
+                    nodes[old].name,
+                    t0.elapsed().as_millis()
+                );
+                for n in &nodes {
+                    ns_exec(&n.ns, &["nft", "delete table inet vrrpcut"]).unwrap();
+                }
+                "VRRP partition (fencing by term, then keepalived's health check)"
+            }
+            _ => {
+                // Only portkeepd dies: the health check fails.
+                nodes[old].kill_portkeepd();
+                "kill -9 of the active's portkeepd (keepalived's health check)"
+            }
+        };
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
         let (took, first) = refresh_until_answered(
@@ -189,11 +234,6 @@ fn keepalived_moves_the_vip_and_promotes_the_backup_with_every_checkpoint() {
             t0,
             Duration::from_secs(15),
         );
-        let how = if round == 0 {
-            "kill -9 of the active's portkeepd and keepalived"
-        } else {
-            "kill -9 of the active's portkeepd (keepalived's health check)"
-        };
         eprintln!(
             "FAILOVER round {round}: {how} -> first refresh answered via the VIP: {} ms",
             took.as_millis()
@@ -215,34 +255,46 @@ fn keepalived_moves_the_vip_and_promotes_the_backup_with_every_checkpoint() {
             "a volatile mapping survived the takeover"
         );
         // The client's refreshes, with the same nonces, get the same
-        // external ports. Not honoured as check-points: no backup yet.
+        // external ports.
+        sock.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
         for g in &granted {
             let r = map_ok(&sock, server, client, g.port, g.nonce, true);
             assert_eq!(r.external, g.external, "{g:?}");
-            assert!(!r.honoured, "honoured with no backup: {r:?}");
+            if round == 0 || round == 3 {
+                assert!(!r.honoured, "honoured with no backup: {r:?}");
+            }
         }
         let notified = std::fs::read_to_string(nodes[new].notify_log()).unwrap_or_default();
         assert!(notified.contains("MASTER: promote: done"), "{notified}");
+        if round > 0 {
+            let log = keepalived_log(&nodes[old]);
+            assert!(
+                log[log_before..].contains("Entering FAULT STATE"),
+                "{}",
+                &log[log_before..]
+            );
+        }
         active = new;
-        if round == 1 {
-            let log =
-                std::fs::read_to_string(nodes[old].dir.join("keepalived.log")).unwrap_or_default();
-            assert!(log.contains("Entering FAULT STATE"), "{log}");
+        if round == 3 {
             break;
         }
-
-        // The old node comes back: portkeepd as backup (its data dir and
-        // term as it left them), then keepalived.
-        nodes[old].kill_keepalived();
-        let cfg = portkeepd_config(&nodes[old], &lab, old);
-        nodes[old].start_portkeepd(&cfg);
-        let conf = keepalived_conf(&nodes[old]);
-        nodes[old].start_keepalived(&conf);
-        nodes[new].wait(Duration::from_secs(15), "returning node in sync", |n| {
+        if round == 0 {
+            // The old node comes back: portkeepd as backup (its data dir
+            // and term as it left them), then keepalived.
+            nodes[old].kill_keepalived();
+            let cfg = portkeepd_config(&nodes[old], &lab, old);
+            nodes[old].start_portkeepd(&cfg);
+            let conf = keepalived_conf(&nodes[old]);
+            nodes[old].start_keepalived(&conf);
+        }
+        // Rounds 1 and 2: the demoted node, without the VIP, passes the
+        // health check again and goes from FAULT to BACKUP by itself.
+        nodes[new].wait(Duration::from_secs(15), "old node back in sync", |n| {
             n.ha()["in_sync"] == true
         });
-        // keepalived removed the address the crash left behind, and does
-        // not preempt even with the higher priority.
+        // keepalived removed the address a crash left behind, and does not
+        // preempt even with the higher priority.
         std::thread::sleep(Duration::from_millis(1500));
         assert!(!nodes[old].holds(VIP), "{}", nodes[old].logs());
         assert!(nodes[new].holds(VIP));
@@ -250,8 +302,6 @@ fn keepalived_moves_the_vip_and_promotes_the_backup_with_every_checkpoint() {
         assert_eq!(nodes[old].ha()["role"], "backup");
         // With a backup in sync again the renewals are honoured, so the
         // mappings are check-pointed anew (and replicated).
-        sock.set_read_timeout(Some(Duration::from_millis(1500)))
-            .unwrap();
         granted = granted
             .iter()
             .map(|g| {

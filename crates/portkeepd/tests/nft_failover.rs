@@ -345,8 +345,8 @@ fn established_tcp_connection_survives_failover_of_the_nat_pair() {
     }
     for n in &mut nodes {
         let conf = n.keepalived_conf(vec![
-            ("10.0.0.1/24", format!("{IN_VIP}/24")),
-            ("192.0.2.1/24", format!("{EXT_VIP}/24")),
+            ("10.0.0.1", IN_VIP.to_owned()),
+            ("192.0.2.1", EXT_VIP.to_owned()),
         ]);
         n.start_keepalived(&conf);
     }

@@ -287,6 +287,13 @@ impl Node {
                     self.notify_log().display()
                 ),
             ),
+            (
+                "/etc/keepalived/portkeepd-check.sh",
+                keepalived_examples()
+                    .join("portkeepd-check.sh")
+                    .display()
+                    .to_string(),
+            ),
             ("/usr/local/bin/portkeepd", DAEMON.to_owned()),
             ("/var/lib/portkeep", self.data.display().to_string()),
         ]);
