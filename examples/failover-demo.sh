@@ -147,8 +147,11 @@ peer_name = "${NODES[$j]}"
 EOF
     ip netns exec "${NS[$i]}" "$PORTKEEPD" --config "$d/portkeepd.toml" >"$d/portkeepd.log" 2>&1 &
     disown
-    sed -e "s#/etc/keepalived/portkeepd-notify.sh#$repo/examples/keepalived/portkeepd-notify.sh --log $d/notify.log#" \
-        -e "s#/etc/keepalived/portkeepd-check.sh#$repo/examples/keepalived/portkeepd-check.sh#" \
+    # keepalived runs only scripts that no user but root can change: use
+    # copies in this root-owned directory, whoever owns the checkout.
+    install -m 0755 "$repo"/examples/keepalived/portkeepd-{notify,check}.sh "$d/"
+    sed -e "s#/etc/keepalived/portkeepd-notify.sh#$d/portkeepd-notify.sh --log $d/notify.log#" \
+        -e "s#/etc/keepalived/portkeepd-check.sh#$d/portkeepd-check.sh#" \
         -e "s#/usr/local/bin/portkeepd#$PORTKEEPD#g" \
         -e "s#/var/lib/portkeep#$d/data#g" \
         -e "s#10\.0\.0\.1\b#$IN_VIP#g" \

@@ -276,23 +276,28 @@ impl Node {
         self.dir.join("notify.log")
     }
 
-    /// The example's keepalived configuration for this node.
+    /// The example's keepalived configuration for this node, with the
+    /// example's scripts. They are copied next to the configuration:
+    /// keepalived refuses to run a script that a user other than root
+    /// could change, which a checkout owned by someone else would be.
     pub(crate) fn keepalived_conf(&self, mut subs: Vec<(&str, String)>) -> String {
+        let script = |name: &str| {
+            let to = self.dir.join(name);
+            fs::copy(keepalived_examples().join(name), &to).unwrap();
+            to.display().to_string()
+        };
         subs.extend([
             (
                 "/etc/keepalived/portkeepd-notify.sh",
                 format!(
                     "{} --log {}",
-                    keepalived_examples().join("portkeepd-notify.sh").display(),
+                    script("portkeepd-notify.sh"),
                     self.notify_log().display()
                 ),
             ),
             (
                 "/etc/keepalived/portkeepd-check.sh",
-                keepalived_examples()
-                    .join("portkeepd-check.sh")
-                    .display()
-                    .to_string(),
+                script("portkeepd-check.sh"),
             ),
             ("/usr/local/bin/portkeepd", DAEMON.to_owned()),
             ("/var/lib/portkeep", self.data.display().to_string()),
