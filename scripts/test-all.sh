@@ -3,14 +3,15 @@
 #
 # On a fresh Debian machine, run it as root: it installs the packages the
 # end-to-end tests use (tshark for the Wireshark dissector check,
-# miniupnpd-nftables for client interop, nftables and iproute2 for network
-# namespaces) and cargo-fuzz for the fuzz smoke run. As a normal user it
+# miniupnpd-nftables for client interop, nftables, conntrack and iproute2 for
+# network namespaces, keepalived for the active/backup failover tests)
+# and cargo-fuzz for the fuzz smoke run. As a normal user it
 # installs nothing and the tests that need root skip with a loud message.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
-packages=(tshark nftables miniupnpd-nftables iproute2 conntrack)
+packages=(tshark nftables miniupnpd-nftables iproute2 conntrack keepalived)
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -29,6 +30,9 @@ if [ "$(id -u)" = 0 ]; then
     fi
     # The packaged miniupnpd service must not hold the PCP port.
     systemctl stop miniupnpd 2>/dev/null || true
+    # Nor may a packaged keepalived move addresses around: the failover
+    # tests run their own, one per node namespace.
+    systemctl stop keepalived 2>/dev/null || true
 else
     echo "!!! not root: packages not installed; namespace, nftables and capture tests will SKIP" >&2
 fi
