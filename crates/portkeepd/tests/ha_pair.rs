@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use e2e_support::{daemon_bin, free_port, LOCALHOST};
+use e2e_support::{daemon_bin, LOCALHOST};
 use portkeep_client::{EpochTracker, EpochVerdict};
 use portkeep_proto::addr::{from_wire, to_wire};
 use portkeep_proto::{
@@ -34,12 +34,21 @@ fn wall_ms() -> u64 {
         .as_millis() as u64
 }
 
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind((LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A port free for both UDP and TCP, below the kernel's ephemeral range
+/// (32768 and up), so that no client socket of a test running alongside
+/// can take it between our probe and a node's (re)start.
+fn fixed_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 600) as u16 * 20;
+    loop {
+        let p = base + NEXT.fetch_add(1, Ordering::Relaxed) % 12_000;
+        let p = 20_000 + (p - 20_000) % 12_000;
+        let udp = UdpSocket::bind((LOCALHOST, p)).is_ok();
+        let tcp = std::net::TcpListener::bind((LOCALHOST, p)).is_ok();
+        if udp && tcp {
+            return p;
+        }
+    }
 }
 
 /// Certificates for node names, from `portkeepd gen-certs`.
@@ -242,13 +251,13 @@ fn pair(dir: &Path) -> (NodeSpec, NodeSpec) {
     let certs_dir = dir.join("certs");
     certs(&certs_dir, &["node-a", "node-b"]);
     let (la, lb) = (
-        SocketAddr::new(LOCALHOST, free_tcp_port()),
-        SocketAddr::new(LOCALHOST, free_tcp_port()),
+        SocketAddr::new(LOCALHOST, fixed_port()),
+        SocketAddr::new(LOCALHOST, fixed_port()),
     );
     let a = NodeSpec {
         name: "node-a",
         peer_name: "node-b",
-        pcp: SocketAddr::new(LOCALHOST, free_port(LOCALHOST)),
+        pcp: SocketAddr::new(LOCALHOST, fixed_port()),
         link: la,
         peer_link: lb,
         data: dir.join("a"),
@@ -258,7 +267,7 @@ fn pair(dir: &Path) -> (NodeSpec, NodeSpec) {
     let b = NodeSpec {
         name: "node-b",
         peer_name: "node-a",
-        pcp: SocketAddr::new(LOCALHOST, free_port(LOCALHOST)),
+        pcp: SocketAddr::new(LOCALHOST, fixed_port()),
         link: lb,
         peer_link: la,
         data: dir.join("b"),
