@@ -77,6 +77,9 @@ pub struct MappingRecord {
 /// Why a mapping went away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RemoveReason {
+    /// The dataplane could not install it: the request that made it is
+    /// answered NETWORK_FAILURE instead (RFC 6887 section 7.4).
+    Failed,
     /// Deleted by its owner (lifetime 0, RFC 6887 section 15).
     Deleted,
     /// Its lifetime ran out (RFC 6887 section 15).

@@ -15,6 +15,9 @@ pub struct DataplaneError {
     pub dataplane: &'static str,
     /// What failed, including the failing statement where there is one.
     pub message: String,
+    /// Sequence numbers of the changes that did not take effect (the rest
+    /// of the batch did).
+    pub failed: Vec<u64>,
 }
 
 /// Applies the change log to a forwarding plane.

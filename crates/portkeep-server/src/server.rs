@@ -543,6 +543,25 @@ impl Server {
         true
     }
 
+    /// Takes back a mapping the dataplane could not install (RFC 6887
+    /// section 7.4: the request is answered NETWORK_FAILURE, so the mapping
+    /// must not exist either). Only the mapping `nonce` still owns is
+    /// removed; the removal is logged like any other. Returns whether it
+    /// was.
+    pub fn remove_failed(&mut self, key: &MappingKey, kind: MappingKind, nonce: Nonce) -> bool {
+        let id = match kind {
+            MappingKind::Map => self.table.map_entry(key),
+            MappingKind::Peer { remote } => self.table.peer_entry(key, remote),
+        };
+        match id {
+            Some(id) if self.table.get(id).is_some_and(|e| e.nonce == nonce) => {
+                self.remove_entry(id, RemoveReason::Failed);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// When [`Server::handle_timeout`] next has work (the earliest expiry).
     pub fn poll_timeout(&self) -> Option<Timestamp> {
         self.table.next_expiry()

@@ -789,13 +789,6 @@ impl NftDataplane {
     }
 }
 
-fn err(message: String) -> DataplaneError {
-    DataplaneError {
-        dataplane: "nftables",
-        message,
-    }
-}
-
 impl Dataplane for NftDataplane {
     fn name(&self) -> &'static str {
         "nftables"
@@ -805,19 +798,59 @@ impl Dataplane for NftDataplane {
         let mut b = self.plan(changes);
         let rejected = std::mem::take(&mut b.rejected);
         let lines = std::mem::take(&mut b.conntrack);
-        if !b.script.is_empty() {
-            self.run_script(&b.script, b.elements).map_err(err)?;
+        let mut failed: Vec<u64> = rejected.iter().map(|(seq, _)| *seq).collect();
+        let mut why: Vec<String> = rejected
+            .iter()
+            .map(|(seq, w)| format!("change {seq}: {w}"))
+            .collect();
+        if b.script.is_empty() {
+            self.commit(b);
+        } else {
+            match self.run_script(&b.script, b.elements) {
+                Ok(()) => self.commit(b),
+                Err(e) if changes.len() > 1 => {
+                    // One bad change must not take the batch down with it
+                    // (a transaction is all or nothing): apply them one by
+                    // one, so that exactly the failing ones are reported
+                    // and answered NETWORK_FAILURE.
+                    tracing::warn!(
+                        "nft transaction of {} changes failed ({e}); applying them one by one",
+                        changes.len()
+                    );
+                    for c in changes {
+                        if failed.contains(&c.seq) {
+                            continue;
+                        }
+                        let mut one = self.plan(std::slice::from_ref(c));
+                        one.conntrack.clear();
+                        if one.script.is_empty() {
+                            self.commit(one);
+                            continue;
+                        }
+                        match self.run_script(&one.script, one.elements) {
+                            Ok(()) => self.commit(one),
+                            Err(e) => {
+                                failed.push(c.seq);
+                                why.push(format!("change {}: {e}", c.seq));
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    failed.extend(changes.iter().map(|c| c.seq));
+                    why.push(e);
+                }
+            }
         }
-        self.commit(b);
         self.flush_conntrack(&lines);
-        if rejected.is_empty() {
+        if failed.is_empty() {
             return Ok(());
         }
-        Err(err(rejected
-            .iter()
-            .map(|(seq, why)| format!("change {seq}: {why}"))
-            .collect::<Vec<_>>()
-            .join("; ")))
+        Err(DataplaneError {
+            dataplane: "nftables",
+            message: why.join("; "),
+            failed,
+        })
     }
 }
 

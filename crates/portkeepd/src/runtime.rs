@@ -150,6 +150,7 @@ fn log_change(c: &ChangeRecord) {
                 RemoveReason::Deleted => "deleted",
                 RemoveReason::Expired => "expired",
                 RemoveReason::Cleared => "cleared",
+                RemoveReason::Failed => "not installed (dataplane failure)",
             };
             tracing::info!(
                 seq = c.seq,
@@ -181,12 +182,49 @@ impl Shared {
         self.dataplane.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn apply(&self, changes: &[ChangeRecord]) {
+    /// Applies changes to the dataplane; returns the sequence numbers of
+    /// those that did not take effect.
+    fn apply(&self, changes: &[ChangeRecord]) -> Vec<u64> {
         for c in changes {
             log_change(c);
         }
-        if let Err(e) = self.dataplane().apply(changes) {
-            tracing::error!(error = %e, "dataplane rejected a batch of changes");
+        match self.dataplane().apply(changes) {
+            Ok(()) => Vec::new(),
+            Err(e) => {
+                tracing::error!(error = %e, "dataplane did not apply {} change(s)", e.failed.len());
+                e.failed
+            }
+        }
+    }
+
+    /// RFC 6887 section 7.4: a mapping the dataplane could not install is
+    /// answered NETWORK_FAILURE ("a network failure ... unable to create
+    /// mapping"; a short-lifetime error: the client may retry soon) and
+    /// taken back from the core, so that what the server holds and what the
+    /// NAT does stay the same. `replies` are rewritten in place.
+    fn undo_failed(
+        &self,
+        core: &mut Core,
+        changes: &[ChangeRecord],
+        failed: &[u64],
+        replies: &mut [&mut SendBatch],
+    ) {
+        let mut undone: Vec<(portkeep_proto::Nonce, portkeep_proto::Protocol, u16)> = Vec::new();
+        for c in changes.iter().filter(|c| failed.contains(&c.seq)) {
+            if let Change::Upserted(m) = &c.change {
+                if core.server.remove_failed(&m.key, m.kind, m.nonce) {
+                    undone.push((m.nonce, m.key.protocol, m.key.internal_port));
+                }
+            }
+        }
+        if undone.is_empty() {
+            return;
+        }
+        let cfg = core.server.config();
+        let cp = cfg.code_points;
+        let lifetime = cfg.short_error_lifetime;
+        for r in replies.iter_mut() {
+            **r = r.rewrite(|bytes| network_failure(bytes, &cp, lifetime, &undone));
         }
     }
 
@@ -206,7 +244,12 @@ impl Shared {
         };
         match &self.queue {
             None => {
-                self.apply(&changes);
+                let failed = self.apply(&changes);
+                if !failed.is_empty() {
+                    self.undo_failed(&mut core, &changes, &failed, &mut [&mut replies]);
+                    let undo: Vec<ChangeRecord> = core.server.drain_changes().collect();
+                    self.apply(&undo);
+                }
                 drop(core);
                 if let Some(s) = self.sockets.get(socket) {
                     let _ = replies.flush(s);
@@ -241,7 +284,7 @@ impl Shared {
         match &self.queue {
             None => {
                 self.reset_dataplane(&reset.state);
-                self.apply(&changes);
+                let _ = self.apply(&changes);
             }
             Some((q, cv)) => {
                 q.lock()
@@ -376,6 +419,38 @@ impl Shared {
             };
             self.submit(guard, batch, i);
         }
+    }
+}
+
+/// `bytes` (a reply) turned into NETWORK_FAILURE if it reports one of the
+/// `undone` mappings (by nonce, protocol and internal port, as a client
+/// matches it: RFC 6887 section 11.4).
+fn network_failure(
+    bytes: &[u8],
+    cp: &portkeep_proto::CodePoints,
+    lifetime: u32,
+    undone: &[(portkeep_proto::Nonce, portkeep_proto::Protocol, u16)],
+) -> Vec<u8> {
+    use portkeep_proto::{PcpOption, Response, ResultCode};
+    let Ok(mut r) = Response::parse(bytes, cp) else {
+        return bytes.to_vec();
+    };
+    let hit = r.header.result == ResultCode::SUCCESS
+        && r.data.map_part().is_some_and(|m| {
+            undone
+                .iter()
+                .any(|(n, p, port)| m.nonce == *n && m.protocol == *p && m.internal_port == *port)
+        });
+    if !hit {
+        return bytes.to_vec();
+    }
+    r.header.result = ResultCode::NETWORK_FAILURE;
+    r.header.lifetime = lifetime;
+    r.options.retain(|o| *o != PcpOption::CheckpointRequired);
+    let mut out = Vec::with_capacity(bytes.len());
+    match r.encode(cp, &mut out) {
+        Ok(()) => out,
+        Err(_) => bytes.to_vec(),
     }
 }
 
@@ -917,7 +992,15 @@ fn commit(
                 return false;
             }
         }
-        shared.apply(&changes);
+        let failed = shared.apply(&changes);
+        if !failed.is_empty() {
+            let mut core = shared.lock();
+            let mut all: Vec<&mut SendBatch> = jobs.iter_mut().map(|j| &mut j.replies).collect();
+            shared.undo_failed(&mut core, &changes, &failed, &mut all);
+            // The removals are committed (and taken off the dataplane) in
+            // the next round, like any change.
+            shared.submit(core, SendBatch::default(), 0);
+        }
     }
     let checkpoint_due = store.as_ref().is_some_and(Store::checkpoint_due);
     let committed = changes.len();
