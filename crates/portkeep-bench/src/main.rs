@@ -114,6 +114,9 @@ struct Args {
     /// mapping with its state installed.
     #[arg(long, requires = "ha")]
     takeover: bool,
+    /// `[store] commit_delay_us` of the spawned server (its default: 500).
+    #[arg(long, value_name = "MICROSECONDS")]
+    commit_delay_us: Option<u64>,
 }
 
 /// Reads the clock; the bench is all I/O, the cores never do this.
@@ -359,7 +362,7 @@ impl Spawned {
             &cfg,
             format!(
                 "listen = [\"{addr}\"]\ndata_dir = \"{}\"\nexternal_addresses = [\"192.0.2.0/26\", \"198.18.0.0/26\"]\nworkers = {}\n\
-                 [subscribers]\nmax_mappings = {}\n[limits]\nmax_mappings = {}\n[store]\nmode = \"{}\"\n\
+                 [subscribers]\nmax_mappings = {}\n[limits]\nmax_mappings = {}\n[store]\nmode = \"{}\"\n{}\
                  [dataplane]\nkind = \"{}\"\n{checkpoint}",
                 dir.join("data").display(),
                 args.server_workers,
@@ -369,6 +372,8 @@ impl Spawned {
                     .max(1024),
                 (total + 1024).max(4_000_000),
                 args.store,
+                args.commit_delay_us
+                    .map_or_else(String::new, |d| format!("commit_delay_us = {d}\n")),
                 args.dataplane,
             ),
         )?;

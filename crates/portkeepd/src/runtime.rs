@@ -986,13 +986,28 @@ fn commit(
         changes.append(&mut j.changes);
     }
     if !changes.is_empty() {
-        if let Some(st) = store.as_mut() {
-            if let Err(e) = st.write(&changes, now) {
-                fail(shared, &e);
-                return false;
+        // nftables takes about as long as an fsync: run the two side by
+        // side rather than one after the other (replies wait for both). If
+        // the store then fails, the daemon stops, and on restart the table
+        // is rebuilt from the store, so nothing unstored stays installed.
+        let parallel = store.is_some() && matches!(shared.dataplane_kind, DataplaneKind::Nftables(_));
+        let (written, failed) = if parallel {
+            std::thread::scope(|s| {
+                let dp = s.spawn(|| shared.apply(&changes));
+                let w = store.as_mut().map_or(Ok(()), |st| st.write(&changes, now));
+                (w, dp.join().unwrap_or_default())
+            })
+        } else {
+            let w = store.as_mut().map_or(Ok(()), |st| st.write(&changes, now));
+            match w {
+                Ok(()) => (Ok(()), shared.apply(&changes)),
+                Err(e) => (Err(e), Vec::new()),
             }
+        };
+        if let Err(e) = written {
+            fail(shared, &e);
+            return false;
         }
-        let failed = shared.apply(&changes);
         if !failed.is_empty() {
             let mut core = shared.lock();
             let mut all: Vec<&mut SendBatch> = jobs.iter_mut().map(|j| &mut j.replies).collect();
