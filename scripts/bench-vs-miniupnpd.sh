@@ -35,7 +35,8 @@
 # install iproute2 nftables jq miniupnpd-nftables). Nothing leaves the two
 # namespaces: neither has a route elsewhere and the external interface's
 # peer is in the NAT namespace too. On exit (trap) the script stops every
-# server it started and deletes both namespaces.
+# server it started and deletes both namespaces; Ctrl-C stops it at once, a
+# SIGTERM sent to the script alone when the current measurement ends.
 set -euo pipefail
 
 runs=3
