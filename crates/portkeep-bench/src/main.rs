@@ -6,6 +6,10 @@
 //! distinct hosts would be. Requests are MAP creates (first pass over a
 //! client's ports) and refreshes (every later pass, same nonce), sent and
 //! received in batches with `sendmmsg`/`recvmmsg`.
+//!
+//! With `--server`, `--client-base` and `--disjoint-ports` it loads any PCP
+//! server, for example one in another network namespace
+//! (scripts/bench-vs-miniupnpd.sh).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
@@ -117,6 +121,22 @@ struct Args {
     /// `[store] commit_delay_us` of the spawned server (its default: 500).
     #[arg(long, value_name = "MICROSECONDS")]
     commit_delay_us: Option<u64>,
+    /// Address of the first virtual client; client N binds this address
+    /// plus N. The addresses must be local (127.0.0.0/8 always is).
+    #[arg(long, default_value = "127.1.0.1")]
+    client_base: Ipv4Addr,
+    /// First internal port of each client (the paced mode's first port).
+    #[arg(long, default_value_t = 1000)]
+    port_base: u16,
+    /// Each client's internal ports follow the previous client's, so no two
+    /// clients ask for the same internal port (for servers that try the
+    /// internal port as the external one first, such as miniupnpd).
+    #[arg(long)]
+    disjoint_ports: bool,
+    /// How long to wait for the replies of a batch before counting the rest
+    /// as lost.
+    #[arg(long, default_value_t = 200)]
+    reply_timeout_ms: u64,
 }
 
 /// Reads the clock; the bench is all I/O, the cores never do this.
@@ -128,6 +148,8 @@ fn now() -> Instant {
 struct VClient {
     sock: UdpSocket,
     index: usize,
+    /// Internal port of this client's first mapping.
+    port0: u16,
     next: usize,
     /// An encoded MAP request for this client; the nonce and internal port
     /// are patched in per mapping.
@@ -152,14 +174,19 @@ struct PhaseResult {
     lost: u64,
     /// Successes whose response carried CHECKPOINT_REQUIRED.
     honoured: u64,
+    /// When the `ok` count reached each multiple of `mark_every`.
+    marks: Vec<Instant>,
+    mark_every: u64,
+    /// Successes per second in each tenth of a single thread's create pass.
+    tenths: Vec<u64>,
 }
 
 /// Length of a MAP response without options (RFC 6887 sections 7.2, 11.1).
 const MAP_RESPONSE_LEN: usize = 60;
 
-fn client_ip(i: usize) -> Ipv4Addr {
-    let n = i + 1;
-    Ipv4Addr::new(127, 1 + (n >> 16) as u8, (n >> 8) as u8, n as u8)
+/// The address of virtual client `i`: `base` plus `i`.
+fn client_ip(base: Ipv4Addr, i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(base).wrapping_add(i as u32))
 }
 
 fn nonce(client: usize, port: u16) -> [u8; 12] {
@@ -213,7 +240,7 @@ fn send_round(
     };
     for k in 0..n {
         let idx = (c.next + k) % per_client;
-        let port = 1000 + idx as u16;
+        let port = c.port0.wrapping_add(idx as u16);
         c.template[NONCE_AT..NONCE_AT + 12].copy_from_slice(&nonce(c.index, port));
         c.template[INTERNAL_PORT_AT..INTERNAL_PORT_AT + 2].copy_from_slice(&port.to_be_bytes());
         sb.push(server, &c.template);
@@ -256,8 +283,11 @@ fn recv_round(
             if d.len() > MAP_RESPONSE_LEN && d[MAP_RESPONSE_LEN] == 192 {
                 res.honoured += 1;
             }
+            if res.mark_every > 0 && res.ok.is_multiple_of(res.mark_every) {
+                res.marks.push(t);
+            }
             let port = u16::from_be_bytes([d[INTERNAL_PORT_AT], d[INTERNAL_PORT_AT + 1]]);
-            let idx = usize::from(port.wrapping_sub(1000));
+            let idx = usize::from(port.wrapping_sub(c.port0));
             if let Some(Some(s)) = c.sent_at.get_mut(idx).map(Option::take) {
                 let _ = hist.record(t.duration_since(s).as_micros() as u64);
             }
@@ -281,6 +311,11 @@ fn run_phase(
     let mut sb = SendBatch::default();
     let mut res = PhaseResult::default();
     let per = args.mappings_per_client;
+    if deadline.is_none() && args.threads == 1 {
+        // The create pass of a single load thread: time each tenth, to show
+        // whether the rate holds as the table grows.
+        res.mark_every = (clients.len() * per / 10) as u64;
+    }
     let window = args.inflight.max(1);
     // Rounds per client: one pass over its ports for the create phase,
     // unbounded (until the deadline) for the refresh phase.
@@ -522,10 +557,10 @@ impl Spawned {
         let (bcfg, baddr) = (bcfg.clone(), *baddr);
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let ip = client_ip(0);
+        let ip = client_ip(args.client_base, 0);
         let sock = UdpSocket::bind(SocketAddr::new(IpAddr::V4(ip), 0))?;
         sock.set_read_timeout(Some(Duration::from_millis(5)))?;
-        let req = map_request(ip, 0, 1000, args.checkpoint);
+        let req = map_request(ip, 0, args.port_base, args.checkpoint);
         let start = now();
         let out = Command::new(&self.bin)
             .arg("--config")
@@ -652,7 +687,7 @@ fn core_ab(args: &Args) -> anyhow::Result<()> {
     let mut reqs: [Vec<(SocketAddr, Vec<u8>)>; 2] = [Vec::new(), Vec::new()];
     for (side, cp) in [(0, false), (1, true)] {
         for c in 0..args.clients {
-            let ip = client_ip(c);
+            let ip = client_ip(args.client_base, c);
             for m in 0..args.mappings_per_client {
                 let port = 1000 + u16::try_from(m)?;
                 reqs[side].push((
@@ -738,6 +773,14 @@ fn main() -> anyhow::Result<()> {
     if args.mappings_per_client > 60000 {
         bail!("--mappings-per-client is at most 60000");
     }
+    let ports_needed = if args.disjoint_ports {
+        args.clients * args.mappings_per_client
+    } else {
+        args.mappings_per_client
+    };
+    if usize::from(args.port_base) + ports_needed > 65536 {
+        bail!("--port-base plus the ports each client needs ({ports_needed}) passes 65535");
+    }
     let (mut spawned, server, pid) = match &args.spawn {
         Some(bin) => {
             let s = Spawned::start(bin, &args)?;
@@ -751,21 +794,34 @@ fn main() -> anyhow::Result<()> {
         return walk::run(server, n, args.json);
     }
     if let Some(rate) = args.rate {
-        return nft::paced(server, rate, args.count, args.json);
+        return nft::paced(
+            server,
+            client_ip(args.client_base, 0),
+            args.port_base,
+            rate,
+            args.count,
+            args.json,
+        );
     }
     let mut clients = Vec::with_capacity(args.clients);
     for i in 0..args.clients {
-        let ip = client_ip(i);
+        let ip = client_ip(args.client_base, i);
         let sock = UdpSocket::bind(SocketAddr::new(IpAddr::V4(ip), 0))
-            .with_context(|| format!("cannot bind {ip} (loopback 127.0.0.0/8)"))?;
-        sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+            .with_context(|| format!("cannot bind {ip} (not a local address)"))?;
+        sock.set_read_timeout(Some(Duration::from_millis(args.reply_timeout_ms.max(1))))?;
         let s2 = socket2::SockRef::from(&sock);
         let _ = s2.set_recv_buffer_size(1 << 20);
+        let port0 = if args.disjoint_ports {
+            args.port_base + (i * args.mappings_per_client) as u16
+        } else {
+            args.port_base
+        };
         clients.push(VClient {
             sock,
             index: i,
+            port0,
             next: 0,
-            template: map_request(ip, i, 1000, args.checkpoint),
+            template: map_request(ip, i, port0, args.checkpoint),
             sent_at: vec![None; args.mappings_per_client],
             waiting: 0,
             creating: true,
@@ -810,6 +866,14 @@ fn main() -> anyhow::Result<()> {
             total.errors += r.errors;
             total.lost += r.lost;
             total.honoured += r.honoured;
+            let mut prev = start;
+            for m in &r.marks {
+                let secs = m.duration_since(prev).as_secs_f64();
+                total
+                    .tenths
+                    .push((r.mark_every as f64 / secs.max(1e-9)).round() as u64);
+                prev = *m;
+            }
             let _ = hist.add(&hi);
         }
         (back, total, hist, start.elapsed())
@@ -834,6 +898,7 @@ fn main() -> anyhow::Result<()> {
             "checkpoint_honoured": r.honoured,
             "seconds": t.as_secs_f64(),
             "requests_per_second": (r.ok as f64 / t.as_secs_f64()).round(),
+            "tenths_per_second": r.tenths,
             "latency_us": {
                 "p50": h.value_at_quantile(0.50),
                 "p99": h.value_at_quantile(0.99),
@@ -926,6 +991,10 @@ fn main() -> anyhow::Result<()> {
                 p["latency_us"]["p99.9"],
                 p["latency_us"]["max"],
             );
+            if let Some(t) = p["tenths_per_second"].as_array().filter(|t| !t.is_empty()) {
+                let t: Vec<String> = t.iter().map(ToString::to_string).collect();
+                println!("           req/s in each tenth: {}", t.join(" "));
+            }
         }
         if !resync.is_null() {
             println!(

@@ -99,16 +99,23 @@ pub(crate) fn install(n: usize, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sends `count` MAP creates (client 127.1.0.1, one new internal port each)
-/// at `rate` per second, each at its own time, and records every reply's
-/// latency.
-pub(crate) fn paced(server: SocketAddr, rate: f64, count: usize, json: bool) -> anyhow::Result<()> {
+/// Sends `count` MAP creates (client `ip`, one new internal port each from
+/// `port_base` up) at `rate` per second, each at its own time, and records
+/// every reply's latency.
+pub(crate) fn paced(
+    server: SocketAddr,
+    ip: Ipv4Addr,
+    port_base: u16,
+    rate: f64,
+    count: usize,
+    json: bool,
+) -> anyhow::Result<()> {
     anyhow::ensure!(
-        rate > 0.0 && count > 0 && count <= 60000,
-        "bad --rate/--count"
+        rate > 0.0 && count > 0 && usize::from(port_base) + count <= 65536,
+        "bad --rate/--count/--port-base"
     );
-    let ip = Ipv4Addr::new(127, 1, 0, 1);
-    let sock = UdpSocket::bind(SocketAddr::new(IpAddr::V4(ip), 0)).context("bind 127.1.0.1")?;
+    let sock = UdpSocket::bind(SocketAddr::new(IpAddr::V4(ip), 0))
+        .with_context(|| format!("bind {ip}"))?;
     sock.set_read_timeout(Some(Duration::from_millis(200)))?;
     let rx = sock.try_clone()?;
     let start = now();
@@ -135,7 +142,7 @@ pub(crate) fn paced(server: SocketAddr, rate: f64, count: usize, json: bool) -> 
                 continue;
             }
             let port = u16::from_be_bytes([buf[40], buf[41]]) as usize;
-            let Some(i) = port.checked_sub(1000) else {
+            let Some(i) = port.checked_sub(usize::from(port_base)) else {
                 continue;
             };
             let Some(s) = sent2.get(i) else { continue };
@@ -157,7 +164,7 @@ pub(crate) fn paced(server: SocketAddr, rate: f64, count: usize, json: bool) -> 
                 std::hint::spin_loop();
             }
         }
-        let port = 1000 + i as u16;
+        let port = port_base + i as u16;
         let req = map_request(ip, 0, port, false);
         let mut req = req;
         req[crate::INTERNAL_PORT_AT..crate::INTERNAL_PORT_AT + 2]

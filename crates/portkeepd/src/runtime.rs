@@ -990,7 +990,8 @@ fn commit(
         // side rather than one after the other (replies wait for both). If
         // the store then fails, the daemon stops, and on restart the table
         // is rebuilt from the store, so nothing unstored stays installed.
-        let parallel = store.is_some() && matches!(shared.dataplane_kind, DataplaneKind::Nftables(_));
+        let parallel =
+            store.is_some() && matches!(shared.dataplane_kind, DataplaneKind::Nftables(_));
         let (written, failed) = if parallel {
             std::thread::scope(|s| {
                 let dp = s.spawn(|| shared.apply(&changes));
