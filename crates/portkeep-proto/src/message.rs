@@ -1189,7 +1189,7 @@ mod tests {
     #[test]
     fn rfc6887_s8_3_malformed_option_error_response_parses() {
         let mut req = unhex(MAP_REQUEST);
-        req.extend_from_slice(&unhex("c0 00 0004 00000000")); // CHECKPOINT_REQUIRED, length 4
+        req.extend_from_slice(&unhex("02 00 0004 00000000")); // PREFER_FAILURE, length 4
         let err = Request::parse(&req, &CP).unwrap_err();
         assert_eq!(
             err.disposition(),
@@ -1212,7 +1212,7 @@ mod tests {
         assert_eq!(
             Response::parse(&out, &CP),
             Err(ParseError::MalformedOption {
-                code: OptionCode::CHECKPOINT_REQUIRED,
+                code: OptionCode::PREFER_FAILURE,
                 reason: "option length does not match its definition"
             })
         );

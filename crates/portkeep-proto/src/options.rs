@@ -295,10 +295,12 @@ fn parse_option(
             Ok(s) => PcpOption::Description(s.to_owned()),
             Err(_) => return Err(malformed("DESCRIPTION is not UTF-8 (RFC 7220)")),
         },
-        OptionCode::CHECKPOINT_REQUIRED => {
-            exact(0)?;
-            PcpOption::CheckpointRequired
-        }
+        // RFC 7767 section 3.1: length 0, valid for MAP and PEER only. A
+        // wrong length is malformed only where the option is valid, which
+        // the codec cannot know (RFC 6887 section 7.3: an optional option
+        // not valid for the opcode is ignored): it is kept as an unknown
+        // option, and the server answers MALFORMED_OPTION for MAP and PEER.
+        OptionCode::CHECKPOINT_REQUIRED if data.is_empty() => PcpOption::CheckpointRequired,
         _ => PcpOption::Unknown {
             code,
             data: data.to_vec(),
@@ -615,9 +617,25 @@ mod tests {
             3,
             WRONG_LEN,
         );
-        // CHECKPOINT_REQUIRED has length 0 (RFC 7767 section 3.1).
-        err("c0 00 0004 00000000", Direction::Request, 0xc0, WRONG_LEN);
-        err("c0 00 0001 00000000", Direction::Response, 0xc0, WRONG_LEN);
+    }
+
+    #[test]
+    fn rfc7767_s3_1_checkpoint_with_data_is_left_to_the_opcode() {
+        // Length 0 is the option; with data it is kept as unknown, for the
+        // server to reject on MAP/PEER and ignore elsewhere.
+        for (bytes, data) in [
+            ("c0 00 0004 01020304", vec![1, 2, 3, 4]),
+            ("c0 00 0001 05000000", vec![5]),
+        ] {
+            let got = parse_options(&unhex(bytes), Direction::Request, &CP, false).unwrap();
+            assert_eq!(
+                got,
+                vec![PcpOption::Unknown {
+                    code: OptionCode::CHECKPOINT_REQUIRED,
+                    data
+                }]
+            );
+        }
     }
 
     #[test]

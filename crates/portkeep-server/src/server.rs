@@ -727,6 +727,14 @@ impl Server {
                 PcpOption::CheckpointRequired => is_mapish,
                 PcpOption::PreferFailure | PcpOption::Filter(_) => is_map,
                 PcpOption::Next(_) => is_get,
+                // RFC 7767 section 3.1: CHECKPOINT_REQUIRED has length 0;
+                // with data (kept as unknown by the codec) it is malformed
+                // where it is valid, and ignored elsewhere.
+                PcpOption::Unknown { code: c, .. }
+                    if *c == portkeep_proto::OptionCode::CHECKPOINT_REQUIRED && is_mapish =>
+                {
+                    return Err(malformed());
+                }
                 PcpOption::Unknown { .. } => {
                     if code.is_mandatory() {
                         return Err(Fail::parsed(ResultCode::UNSUPP_OPTION));

@@ -205,6 +205,13 @@ fn rfc7767_s3_1_option_on_announce_is_ignored() {
     assert!(r.options.is_empty(), "not echoed on ANNOUNCE");
     assert_eq!(s.stats().checkpoint.granted, 0);
     assert_eq!(s.stats().checkpoint.refused_total(), 0);
+    // Not valid for ANNOUNCE, so not checked either: even with data it is
+    // ignored (RFC 6887 section 7.3, optional-to-process options).
+    let mut bytes = bytes[..24].to_vec();
+    bytes.extend_from_slice(&[192, 0, 0, 4, 1, 2, 3, 4]);
+    let r = send(&mut s, T0, A, &bytes);
+    assert_eq!(r.header.result, ResultCode::SUCCESS);
+    assert!(r.options.is_empty());
 }
 
 // ---- Section 3.2: honouring, echoing, renewals ------------------------
