@@ -30,6 +30,7 @@
 // One `setns(2)` call in the helpers: no safe wrapper among the dependencies.
 #![allow(unsafe_code)]
 
+mod e2e_support;
 mod ha_netns;
 
 use std::net::{IpAddr, SocketAddr};

@@ -13,19 +13,17 @@ mod e2e_support;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use e2e_support::{daemon_bin, LOCALHOST};
+use e2e_support::{daemon_bin, exchange_once, map_request, LOCALHOST};
 use portkeep_client::{EpochTracker, EpochVerdict};
 use portkeep_proto::addr::{from_wire, to_wire};
-use portkeep_proto::{
-    CodePoints, MapData, OpData, PcpOption, Protocol, Request, RequestHeader, Response,
-};
+use portkeep_proto::{CodePoints, OpData, Request, RequestHeader, Response};
 
 fn wall_ms() -> u64 {
     SystemTime::now()
@@ -277,53 +275,6 @@ fn pair(dir: &Path) -> (NodeSpec, NodeSpec) {
     (a, b)
 }
 
-fn map_request(client: IpAddr, port: u16, lifetime: u32, nonce: [u8; 12], cp: bool) -> Vec<u8> {
-    Request {
-        header: RequestHeader {
-            lifetime,
-            client_ip: to_wire(client),
-        },
-        data: OpData::Map(MapData {
-            nonce,
-            protocol: Protocol::TCP,
-            internal_port: port,
-            external_port: 0,
-            external_ip: Ipv6Addr::UNSPECIFIED,
-        }),
-        options: if cp {
-            vec![PcpOption::CheckpointRequired]
-        } else {
-            vec![]
-        },
-    }
-    .to_bytes(&CodePoints::default())
-    .unwrap()
-}
-
-/// One request, one reply (or none within the socket's timeout); a reply
-/// to another request is skipped.
-fn exchange(sock: &UdpSocket, server: SocketAddr, req: &[u8]) -> Option<Response> {
-    let sent = Request::parse(req, &CodePoints::default()).ok()?;
-    sock.send_to(req, server).ok()?;
-    let mut buf = [0u8; 1100];
-    loop {
-        let (n, from) = sock.recv_from(&mut buf).ok()?;
-        if from != server {
-            continue;
-        }
-        let Ok(r) = Response::parse(&buf[..n], &CodePoints::default()) else {
-            continue;
-        };
-        match (sent.data.map_part(), r.data.map_part()) {
-            (Some(a), Some(b)) if a.nonce != b.nonce || a.internal_port != b.internal_port => {
-                continue
-            }
-            (Some(_), None) => continue,
-            _ => return Some(r),
-        }
-    }
-}
-
 fn client_socket(ip: IpAddr) -> UdpSocket {
     let s = UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap();
     s.set_read_timeout(Some(Duration::from_millis(1500)))
@@ -344,7 +295,7 @@ fn epoch_check(tracker: &mut EpochTracker, server: SocketAddr, client: IpAddr) -
     }
     .to_bytes(&CodePoints::default())
     .unwrap();
-    let r = exchange(&sock, server, &req).expect("ANNOUNCE answered");
+    let r = exchange_once(&sock, server, &req).expect("ANNOUNCE answered");
     tracker.observe(Instant::now(), r.header.epoch)
 }
 
@@ -395,7 +346,7 @@ fn load(
                         7,
                     ];
                     let req = map_request(client, port, 3600, nonce, cp);
-                    let Some(r) = exchange(&sock, server, &req) else {
+                    let Some(r) = exchange_once(&sock, server, &req) else {
                         continue;
                     };
                     if r.header.result.0 != 0 || !r.checkpoint_honoured() {
@@ -595,7 +546,7 @@ fn rfc7767_s3_2_link_cut_answers_without_the_option_then_resyncs() {
     let sock = client_socket(client);
     let ask = |port: u16| {
         let req = map_request(client, port, 3600, [port as u8; 12], true);
-        let r = exchange(&sock, sa.pcp, &req).expect("answered");
+        let r = exchange_once(&sock, sa.pcp, &req).expect("answered");
         assert_eq!(r.header.result.0, 0);
         r.checkpoint_honoured()
     };
@@ -649,7 +600,7 @@ fn design_fencing_old_active_returns_and_becomes_backup() {
     let client: IpAddr = "127.0.0.70".parse().unwrap();
     let sock = client_socket(client);
     for port in 1..=5u16 {
-        let r = exchange(
+        let r = exchange_once(
             &sock,
             sa.pcp,
             &map_request(client, port, 3600, [9; 12], true),
@@ -661,7 +612,7 @@ fn design_fencing_old_active_returns_and_becomes_backup() {
     let promoted = b.ctl(&["promote"]);
     assert_eq!(promoted["term"], 1, "{promoted}");
     // The new active changes state the old one never saw.
-    let r = exchange(&sock, sb.pcp, &map_request(client, 1, 0, [9; 12], true)).unwrap();
+    let r = exchange_once(&sock, sb.pcp, &map_request(client, 1, 0, [9; 12], true)).unwrap();
     assert_eq!(r.header.result.0, 0);
     // The old active restarts with its old store and its old role: it must
     // never answer PCP, and must end up as the new active's backup.
@@ -675,7 +626,7 @@ fn design_fencing_old_active_returns_and_becomes_backup() {
             s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
             while probing.load(Ordering::Relaxed) {
                 let req = map_request("127.0.0.71".parse().unwrap(), 1, 3600, [1; 12], false);
-                if exchange(&s, pcp, &req).is_some() {
+                if exchange_once(&s, pcp, &req).is_some() {
                     answered.store(true, Ordering::Relaxed);
                 }
             }
@@ -721,7 +672,7 @@ fn design_link_wrong_key_or_plaintext_peer_is_refused() {
     std::thread::sleep(Duration::from_millis(800));
     let client: IpAddr = "127.0.0.80".parse().unwrap();
     let sock = client_socket(client);
-    let r = exchange(
+    let r = exchange_once(
         &sock,
         rogue.pcp,
         &map_request(client, 1, 3600, [3; 12], true),

@@ -9,16 +9,18 @@
 mod e2e_support;
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use e2e_support::{free_port, run_daemon_to_exit, Daemon, DaemonSpec, LOCALHOST};
+use e2e_support::{
+    exchange_once, free_port, map_request, run_daemon_to_exit, Daemon, DaemonSpec, LOCALHOST,
+};
 use portkeep_client::{EpochTracker, EpochVerdict};
 use portkeep_proto::addr::{from_wire, to_wire};
-use portkeep_proto::{CodePoints, MapData, OpData, Protocol, Request, RequestHeader, Response};
+use portkeep_proto::{CodePoints, OpData, Request, RequestHeader, Response};
 
 fn wall_ms() -> u64 {
     SystemTime::now()
@@ -51,25 +53,6 @@ fn ctl(data: &Path, args: &[&str]) -> serde_json::Value {
     run.json()
 }
 
-fn map_request(client: IpAddr, port: u16, lifetime: u32, nonce: [u8; 12]) -> Vec<u8> {
-    Request {
-        header: RequestHeader {
-            lifetime,
-            client_ip: to_wire(client),
-        },
-        data: OpData::Map(MapData {
-            nonce,
-            protocol: Protocol::TCP,
-            internal_port: port,
-            external_port: 0,
-            external_ip: Ipv6Addr::UNSPECIFIED,
-        }),
-        options: vec![],
-    }
-    .to_bytes(&CodePoints::default())
-    .unwrap()
-}
-
 fn announce_request(client: IpAddr) -> Vec<u8> {
     Request {
         header: RequestHeader {
@@ -81,29 +64,6 @@ fn announce_request(client: IpAddr) -> Vec<u8> {
     }
     .to_bytes(&CodePoints::default())
     .unwrap()
-}
-
-/// Sends one request and waits briefly for its reply (no retransmission:
-/// the load must notice the moment the daemon dies). A late reply to an
-/// earlier request is skipped: for MAP the reply must carry this request's
-/// nonce and internal port (RFC 6887 section 11.4).
-fn exchange(sock: &UdpSocket, server: SocketAddr, req: &[u8]) -> Option<Response> {
-    let sent = Request::parse(req, &CodePoints::default()).ok()?;
-    sock.send_to(req, server).ok()?;
-    let mut buf = [0u8; 1100];
-    loop {
-        let (n, _) = sock.recv_from(&mut buf).ok()?;
-        let Ok(r) = Response::parse(&buf[..n], &CodePoints::default()) else {
-            continue;
-        };
-        match (sent.data.map_part(), r.data.map_part()) {
-            (Some(a), Some(b)) if a.nonce != b.nonce || a.internal_port != b.internal_port => {
-                continue
-            }
-            (Some(_), None) => continue,
-            _ => return Some(r),
-        }
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -200,9 +160,11 @@ fn draft_s2_6_kill_9_under_load_loses_no_acknowledged_mapping() {
                         let nonce = [c, (port >> 8) as u8, port as u8, 1, 2, 3, 4, 5, 6, 7, 8, 9];
                         let lifetime = 600 + u32::from(port % 100);
                         let sent = wall_ms();
-                        let Some(r) =
-                            exchange(&sock, addr, &map_request(client, port, lifetime, nonce))
-                        else {
+                        let Some(r) = exchange_once(
+                            &sock,
+                            addr,
+                            &map_request(client, port, lifetime, nonce, false),
+                        ) else {
                             continue;
                         };
                         let got = wall_ms();
@@ -228,9 +190,11 @@ fn draft_s2_6_kill_9_under_load_loses_no_acknowledged_mapping() {
                         // reply: it may be committed with the reply lost.
                         if port % 5 == 0 {
                             acked.lock().unwrap().remove(&(client, port));
-                            if let Some(r) =
-                                exchange(&sock, addr, &map_request(client, port, 0, nonce))
-                            {
+                            if let Some(r) = exchange_once(
+                                &sock,
+                                addr,
+                                &map_request(client, port, 0, nonce, false),
+                            ) {
                                 if r.header.result.0 == 0 {
                                     deleted.lock().unwrap().insert((client, port));
                                 }
@@ -264,10 +228,10 @@ fn draft_s2_6_kill_9_under_load_loses_no_acknowledged_mapping() {
         sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let taken: HashSet<SocketAddr> = a.values().map(|x| x.external).collect();
         for p in 0..50 {
-            let r = exchange(
+            let r = exchange_once(
                 &sock,
                 addr,
-                &map_request(other, 40000 + round * 100 + p, 600, [9; 12]),
+                &map_request(other, 40000 + round * 100 + p, 600, [9; 12], false),
             )
             .unwrap();
             let m = r.data.map_part().unwrap();
@@ -282,7 +246,7 @@ fn draft_s2_6_kill_9_under_load_loses_no_acknowledged_mapping() {
 fn epoch_check(tracker: &mut EpochTracker, server: SocketAddr, client: IpAddr) -> EpochVerdict {
     let sock = UdpSocket::bind(SocketAddr::new(client, 0)).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let r = exchange(&sock, server, &announce_request(client)).unwrap();
+    let r = exchange_once(&sock, server, &announce_request(client)).unwrap();
     tracker.observe(Instant::now(), r.header.epoch)
 }
 
@@ -333,7 +297,12 @@ fn rfc6887_s8_5_epoch_continues_across_restart_and_resets_when_the_store_is_lost
     assert_eq!(epoch_check(&mut tracker, addr, client), EpochVerdict::First);
     let sock = UdpSocket::bind(SocketAddr::new(client, 0)).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let m = exchange(&sock, addr, &map_request(client, 7000, 3600, [5; 12])).unwrap();
+    let m = exchange_once(
+        &sock,
+        addr,
+        &map_request(client, 7000, 3600, [5; 12], false),
+    )
+    .unwrap();
     assert_eq!(m.header.result.0, 0);
     let server = addr.to_string();
     let made = e2e_support::cli_at(&server, &["--json", "map", "udp", "9000"]);
@@ -354,7 +323,12 @@ fn rfc6887_s8_5_epoch_continues_across_restart_and_resets_when_the_store_is_lost
     );
     let v = epoch_check(&mut tracker, addr, client);
     assert_eq!(v, EpochVerdict::Valid, "epoch continues across the restart");
-    let again = exchange(&sock, addr, &map_request(client, 7000, 3600, [5; 12])).unwrap();
+    let again = exchange_once(
+        &sock,
+        addr,
+        &map_request(client, 7000, 3600, [5; 12], false),
+    )
+    .unwrap();
     assert_eq!(
         again.data.map_part().unwrap().external_port,
         m.data.map_part().unwrap().external_port
@@ -392,7 +366,7 @@ fn draft_s2_6_2_clearing_one_subscriber_leaves_the_others_epochs_untouched() {
         s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         for p in [80, 81] {
             assert_eq!(
-                exchange(&s, addr, &map_request(host, p, 3600, [1; 12]))
+                exchange_once(&s, addr, &map_request(host, p, 3600, [1; 12], false))
                     .unwrap()
                     .header
                     .result
@@ -451,7 +425,7 @@ fn damaged_store_is_refused(damage: impl Fn(&Path)) {
     let s = UdpSocket::bind(SocketAddr::new(client, 0)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     for p in 1..200 {
-        exchange(&s, addr, &map_request(client, p, 3600, [1; 12])).unwrap();
+        exchange_once(&s, addr, &map_request(client, p, 3600, [1; 12], false)).unwrap();
     }
     d.signal_and_wait("TERM", Duration::from_secs(5)).unwrap();
     let store = data.join("store.redb");

@@ -9,13 +9,16 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use portkeep_client::RequestBuilder;
-use portkeep_proto::{CodePoints, Request, Response};
+use portkeep_proto::addr::to_wire;
+use portkeep_proto::{
+    CodePoints, MapData, OpData, PcpOption, Protocol, Request, RequestHeader, Response,
+};
 
 /// How long a daemon may take to answer its first ANNOUNCE.
 const READY_WITHIN: Duration = Duration::from_secs(10);
@@ -368,6 +371,64 @@ pub(crate) fn run_daemon_to_exit(args: &[&str], within: Duration) -> CliRun {
         "portkeepd {args:?} still running after {within:?}: {run:?}"
     );
     run
+}
+
+/// A MAP request for TCP `port` on behalf of `client`, with
+/// CHECKPOINT_REQUIRED (RFC 7767) if `checkpoint`.
+pub(crate) fn map_request(
+    client: IpAddr,
+    port: u16,
+    lifetime: u32,
+    nonce: [u8; 12],
+    checkpoint: bool,
+) -> Vec<u8> {
+    Request {
+        header: RequestHeader {
+            lifetime,
+            client_ip: to_wire(client),
+        },
+        data: OpData::Map(MapData {
+            nonce,
+            protocol: Protocol::TCP,
+            internal_port: port,
+            external_port: 0,
+            external_ip: Ipv6Addr::UNSPECIFIED,
+        }),
+        options: if checkpoint {
+            vec![PcpOption::CheckpointRequired]
+        } else {
+            vec![]
+        },
+    }
+    .to_bytes(&CodePoints::default())
+    .unwrap()
+}
+
+/// Sends `req` once from `sock` and waits for its reply within the
+/// socket's timeout (no retransmission: load tests must notice the moment
+/// a daemon dies). Datagrams from elsewhere, and late replies to earlier
+/// requests, are skipped: for MAP the reply must carry this request's nonce
+/// and internal port (RFC 6887 section 11.4).
+pub(crate) fn exchange_once(sock: &UdpSocket, server: SocketAddr, req: &[u8]) -> Option<Response> {
+    let sent = Request::parse(req, &CodePoints::default()).ok()?;
+    sock.send_to(req, server).ok()?;
+    let mut buf = [0u8; 1100];
+    loop {
+        let (n, from) = sock.recv_from(&mut buf).ok()?;
+        if from != server {
+            continue;
+        }
+        let Ok(r) = Response::parse(&buf[..n], &CodePoints::default()) else {
+            continue;
+        };
+        match (sent.data.map_part(), r.data.map_part()) {
+            (Some(a), Some(b)) if a.nonce != b.nonce || a.internal_port != b.internal_port => {
+                continue
+            }
+            (Some(_), None) => continue,
+            _ => return Some(r),
+        }
+    }
 }
 
 /// One request/response exchange from a socket bound to `src`, with up to

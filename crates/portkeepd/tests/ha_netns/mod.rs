@@ -12,7 +12,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::panic, clippy::expect_used)]
 
 use std::fs;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -20,10 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use portkeep_proto::addr::to_wire;
-use portkeep_proto::{
-    CodePoints, MapData, OpData, PcpOption, Protocol, Request, RequestHeader, Response,
-};
+pub(crate) use crate::e2e_support::{exchange_once as exchange, map_request};
 
 pub(crate) const DAEMON: &str = env!("CARGO_BIN_EXE_portkeepd");
 
@@ -505,60 +502,6 @@ pub(crate) fn ha_section(
          peer_name = \"{peer}\"\nheartbeat_ms = 50\ndead_after_ms = 500\n",
         c = certs.display()
     )
-}
-
-/// A MAP request for TCP `port`, with CHECKPOINT_REQUIRED if `cp`.
-pub(crate) fn map_request(
-    client: IpAddr,
-    port: u16,
-    lifetime: u32,
-    nonce: [u8; 12],
-    cp: bool,
-) -> Vec<u8> {
-    Request {
-        header: RequestHeader {
-            lifetime,
-            client_ip: to_wire(client),
-        },
-        data: OpData::Map(MapData {
-            nonce,
-            protocol: Protocol::TCP,
-            internal_port: port,
-            external_port: 0,
-            external_ip: Ipv6Addr::UNSPECIFIED,
-        }),
-        options: if cp {
-            vec![PcpOption::CheckpointRequired]
-        } else {
-            vec![]
-        },
-    }
-    .to_bytes(&CodePoints::default())
-    .unwrap()
-}
-
-/// One request, one reply (or none within the socket's timeout); replies
-/// to other requests are skipped.
-pub(crate) fn exchange(sock: &UdpSocket, server: SocketAddr, req: &[u8]) -> Option<Response> {
-    let sent = Request::parse(req, &CodePoints::default()).ok()?;
-    sock.send_to(req, server).ok()?;
-    let mut buf = [0u8; 1100];
-    loop {
-        let (n, from) = sock.recv_from(&mut buf).ok()?;
-        if from != server {
-            continue;
-        }
-        let Ok(r) = Response::parse(&buf[..n], &CodePoints::default()) else {
-            continue;
-        };
-        match (sent.data.map_part(), r.data.map_part()) {
-            (Some(a), Some(b)) if a.nonce != b.nonce || a.internal_port != b.internal_port => {
-                continue
-            }
-            (Some(_), None) => continue,
-            _ => return Some(r),
-        }
-    }
 }
 
 /// A UDP socket in namespace `ns`, bound to `ip`.
