@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use portkeep_ha::{Active, ActiveEvent, Backup, Item, LinkState, Term};
-use portkeep_proto::{CodePoints, PcpOption, Response};
+use portkeep_proto::{CodePoints, PcpOption};
 use portkeep_server::record::key_of;
 use portkeep_server::{
     BackupState, Change, ChangeRecord, MappingKey, MappingKind, Restored, Server, SubscriberId,
@@ -447,19 +447,11 @@ fn sync_backup_state(shared: &Shared) {
 /// cannot be honoured is processed as if the option were absent, and the
 /// option is not echoed).
 fn strip_checkpoint(bytes: &[u8], cp: &CodePoints) -> Vec<u8> {
-    let Ok(mut r) = Response::parse(bytes, cp) else {
-        return bytes.to_vec();
-    };
-    let before = r.options.len();
-    r.options.retain(|o| *o != PcpOption::CheckpointRequired);
-    if r.options.len() == before {
-        return bytes.to_vec();
-    }
-    let mut out = Vec::with_capacity(bytes.len());
-    match r.encode(cp, &mut out) {
-        Ok(()) => out,
-        Err(_) => bytes.to_vec(),
-    }
+    crate::runtime::rewrite_response(bytes, cp, |r| {
+        let before = r.options.len();
+        r.options.retain(|o| *o != PcpOption::CheckpointRequired);
+        r.options.len() != before
+    })
 }
 
 /// Answers held replies whose check-point the backup never confirmed: the

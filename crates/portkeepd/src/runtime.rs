@@ -431,22 +431,37 @@ fn network_failure(
     lifetime: u32,
     undone: &[(portkeep_proto::Nonce, portkeep_proto::Protocol, u16)],
 ) -> Vec<u8> {
-    use portkeep_proto::{PcpOption, Response, ResultCode};
-    let Ok(mut r) = Response::parse(bytes, cp) else {
+    use portkeep_proto::{PcpOption, ResultCode};
+    rewrite_response(bytes, cp, |r| {
+        let hit = r.header.result == ResultCode::SUCCESS
+            && r.data.map_part().is_some_and(|m| {
+                undone.iter().any(|(n, p, port)| {
+                    m.nonce == *n && m.protocol == *p && m.internal_port == *port
+                })
+            });
+        if hit {
+            r.header.result = ResultCode::NETWORK_FAILURE;
+            r.header.lifetime = lifetime;
+            r.options.retain(|o| *o != PcpOption::CheckpointRequired);
+        }
+        hit
+    })
+}
+
+/// A reply changed after it was built: `edit` returns whether it changed
+/// the parsed response, which is then encoded again; otherwise (or if the
+/// bytes do not parse) the reply goes out as it was.
+pub(crate) fn rewrite_response(
+    bytes: &[u8],
+    cp: &portkeep_proto::CodePoints,
+    edit: impl FnOnce(&mut portkeep_proto::Response) -> bool,
+) -> Vec<u8> {
+    let Ok(mut r) = portkeep_proto::Response::parse(bytes, cp) else {
         return bytes.to_vec();
     };
-    let hit = r.header.result == ResultCode::SUCCESS
-        && r.data.map_part().is_some_and(|m| {
-            undone
-                .iter()
-                .any(|(n, p, port)| m.nonce == *n && m.protocol == *p && m.internal_port == *port)
-        });
-    if !hit {
+    if !edit(&mut r) {
         return bytes.to_vec();
     }
-    r.header.result = ResultCode::NETWORK_FAILURE;
-    r.header.lifetime = lifetime;
-    r.options.retain(|o| *o != PcpOption::CheckpointRequired);
     let mut out = Vec::with_capacity(bytes.len());
     match r.encode(cp, &mut out) {
         Ok(()) => out,
