@@ -536,13 +536,11 @@ impl Spawned {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        let start = now();
         let child = Self::launch(&self.bin, &bcfg)?;
         if let Some(b) = &mut self.backup {
             b.0 = child;
         }
         let t = self.wait_in_sync(Duration::from_secs(120))?;
-        let _ = start;
         let st = self.status_of(&self.cfg)?;
         Ok((t, st["ha"].clone()))
     }

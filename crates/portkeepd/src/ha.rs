@@ -207,10 +207,10 @@ impl Ha {
         self.lock().role
     }
 
-    /// Whether the committer should prepare replication metadata.
-    pub(crate) fn replicating(&self) -> bool {
-        let s = self.lock();
-        s.role == Role::Active && s.active.is_some()
+    /// Whether a node in `role` replicates (an active node has a link end
+    /// exactly when a link is configured).
+    pub(crate) fn replicates(&self, role: Role) -> bool {
+        role == Role::Active && self.settings.link.is_some()
     }
 
     fn key_hash(&self, key: &[u8]) -> u64 {
@@ -974,6 +974,27 @@ fn drain_events(shared: &Shared) -> Vec<ActiveEvent> {
     std::iter::from_fn(|| a.poll_event()).collect()
 }
 
+/// Writes whatever the link end has to send, sleeping until woken when it
+/// has nothing; returns only on a write error.
+async fn write_loop(
+    shared: &Shared,
+    wr: &mut tokio::io::WriteHalf<Box<dyn Stream>>,
+) -> anyhow::Result<()> {
+    loop {
+        let out = {
+            let mut s = shared.ha.lock();
+            s.active.as_mut().and_then(Active::poll_transmit)
+        };
+        match out {
+            Some(bytes) => {
+                wr.write_all(&bytes).await?;
+                wr.flush().await?;
+            }
+            None => shared.ha.wake.notified().await,
+        }
+    }
+}
+
 async fn connect_and_stream(
     shared: &Arc<Shared>,
     link: &LinkSettings,
@@ -1007,23 +1028,7 @@ async fn connect_and_stream(
     }
     tracing::info!(peer = %link.peer, "replication link to the backup is up");
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let writer = async {
-        loop {
-            let out = {
-                let mut s = shared.ha.lock();
-                s.active.as_mut().and_then(Active::poll_transmit)
-            };
-            match out {
-                Some(bytes) => {
-                    wr.write_all(&bytes).await?;
-                    wr.flush().await?;
-                }
-                None => shared.ha.wake.notified().await,
-            }
-        }
-        #[allow(unreachable_code)]
-        Ok::<(), anyhow::Error>(())
-    };
+    let writer = write_loop(shared, &mut wr);
     let reader = async {
         let mut buf = vec![0u8; 64 * 1024];
         loop {

@@ -991,7 +991,8 @@ fn commit(
     if jobs.is_empty() {
         return true;
     }
-    let replicating = shared.ha.replicating();
+    let role = shared.ha.role();
+    let replicating = shared.ha.replicates(role);
     let mut changes: Vec<ChangeRecord> = Vec::new();
     let mut metas = Vec::with_capacity(if replicating { jobs.len() } else { 0 });
     for j in &mut jobs {
@@ -1043,7 +1044,7 @@ fn commit(
             .map(|(j, m)| (j.socket, j.replies, m))
             .collect();
         shared.ha.after_commit(now, jobs, &mut release)
-    } else if shared.ha.role() == Role::Backup {
+    } else if role == Role::Backup {
         // Demoted while these were queued: a backup answers nothing.
         Vec::new()
     } else {
