@@ -15,6 +15,8 @@
 
 #![allow(clippy::unwrap_used, clippy::panic, clippy::expect_used)]
 
+mod netns_support;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -23,6 +25,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use netns_support::{cli_bin, daemon_bin, ip, ip_ok, now, wait_until};
 use serde_json::{json, Value};
 
 /// Bound on the volatile mappings being held again on the new active,
@@ -34,48 +37,6 @@ const RECOVERED_WITHIN: Duration = Duration::from_secs(3);
 /// cross the takeover. A renewal sent during the outage is retransmitted
 /// after 3 s (RFC 6887 section 8.1.1), well within the lifetime.
 const SHORT_LIFETIME: u32 = 12;
-
-#[allow(clippy::disallowed_methods)]
-fn now() -> Instant {
-    Instant::now()
-}
-
-fn cli_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_portkeep"))
-}
-
-fn daemon_bin() -> PathBuf {
-    let bin = cli_bin().with_file_name("portkeepd");
-    assert!(
-        bin.is_file(),
-        "the `portkeepd` binary is missing at {}: run `cargo build --workspace --bins` first",
-        bin.display()
-    );
-    bin
-}
-
-fn wait_until<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn ip(args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(args)
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn ip_ok(args: &[&str]) {
-    assert!(ip(args), "ip {args:?} failed");
-}
 
 fn is_root() -> bool {
     Command::new("id")

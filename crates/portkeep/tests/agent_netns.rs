@@ -9,61 +9,22 @@
 
 #![allow(clippy::unwrap_used, clippy::panic, clippy::expect_used)]
 
+mod netns_support;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use netns_support::{cli_bin, daemon_bin, ip, ip_ok, now, wait_until};
 use serde_json::{json, Value};
 
 /// Bound on re-installing after an address or gateway change: far below
 /// the agent's 30 s fallback poll, far above the few hundred milliseconds
 /// the notification path takes (logged with each run).
 const NOTICED_WITHIN: Duration = Duration::from_secs(3);
-
-#[allow(clippy::disallowed_methods)]
-fn now() -> Instant {
-    Instant::now()
-}
-
-fn cli_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_portkeep"))
-}
-
-fn daemon_bin() -> PathBuf {
-    let bin = cli_bin().with_file_name("portkeepd");
-    assert!(
-        bin.is_file(),
-        "the `portkeepd` binary is missing at {}: run `cargo build --workspace --bins` first",
-        bin.display()
-    );
-    bin
-}
-
-fn wait_until<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn ip(args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(args)
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn ip_ok(args: &[&str]) {
-    assert!(ip(args), "ip {args:?} failed");
-}
 
 /// Two namespaces, `a` (the host with the agent, 10.77.N.2) and `s` (the
 /// servers, 10.77.N.1 and 10.77.N.4), deleted on drop.
