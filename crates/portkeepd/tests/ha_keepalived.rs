@@ -27,11 +27,10 @@
 //! and passes.
 
 #![allow(clippy::unwrap_used, clippy::panic, clippy::disallowed_methods)]
-// One `setns(2)` call in the helpers: no safe wrapper among the dependencies.
-#![allow(unsafe_code)]
 
 mod e2e_support;
 mod ha_netns;
+mod netns;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;

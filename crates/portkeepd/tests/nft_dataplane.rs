@@ -19,18 +19,19 @@
 //! drop, even when an assertion fails.
 
 #![allow(clippy::unwrap_used, clippy::panic, clippy::expect_used)]
-// One `setns(2)` call: there is no safe wrapper among the dependencies.
-#![allow(unsafe_code)]
+
+mod netns;
 
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use netns::{in_ns, ip, now, run, skip_reason};
 
 const DAEMON: &str = env!("CARGO_BIN_EXE_portkeepd");
 const INSIDE: &str = "10.77.0.2";
@@ -41,12 +42,6 @@ const OUT_B: &str = "198.51.100.3";
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
-/// The clock, read in one place (the workspace reserves `Instant::now`).
-#[allow(clippy::disallowed_methods)]
-fn now() -> std::time::Instant {
-    std::time::Instant::now()
-}
-
 fn cli() -> PathBuf {
     let bin = Path::new(DAEMON).with_file_name("portkeep");
     assert!(
@@ -55,66 +50,6 @@ fn cli() -> PathBuf {
         bin.display()
     );
     bin
-}
-
-fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
-}
-
-fn tool(name: &str) -> bool {
-    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-        .iter()
-        .any(|d| Path::new(d).join(name).is_file())
-}
-
-fn skip_reason() -> Option<String> {
-    if !is_root() {
-        return Some("not root (network namespaces need it)".into());
-    }
-    for t in ["ip", "nft", "conntrack"] {
-        if !tool(t) {
-            return Some(format!("`{t}` not found"));
-        }
-    }
-    None
-}
-
-fn run(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn ip(args: &[&str]) -> Result<String, String> {
-    run(Command::new("ip").args(args))
-}
-
-/// Runs `f` on a thread that has joined network namespace `ns`.
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = fs::File::open(&path).unwrap();
-        // SAFETY: setns on a valid namespace fd; it changes only this
-        // thread's network namespace, which ends with the thread.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .unwrap()
 }
 
 /// Everything one test made; removed on drop.
@@ -421,7 +356,7 @@ fn udp_echoes(s: &UdpSocket, to: SocketAddr, msg: &[u8]) -> bool {
 }
 
 fn setup(name: &str) -> Option<Topo> {
-    if let Some(r) = skip_reason() {
+    if let Some(r) = skip_reason(&["ip", "nft", "conntrack"]) {
         eprintln!("\n*** SKIPPED: {name}: {r} ***\n");
         return None;
     }

@@ -16,11 +16,10 @@
 //! `SKIPPED: <reason>` and passes.
 
 #![allow(clippy::unwrap_used, clippy::panic, clippy::disallowed_methods)]
-// One `setns(2)` call in the helpers: no safe wrapper among the dependencies.
-#![allow(unsafe_code)]
 
 mod e2e_support;
 mod ha_netns;
+mod netns;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
