@@ -637,7 +637,6 @@ pub(crate) fn demote(shared: &Shared, seen: Option<Term>, why: &str) -> Value {
     let term = s.term;
     drop(s);
     core.server = Server::new(shared.server_cfg.clone(), now);
-    let _ = core.server.drain_changes();
     shared.submit_reset(
         core,
         Reset {
