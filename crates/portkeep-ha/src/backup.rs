@@ -99,6 +99,13 @@ pub struct Backup {
     offset_ms: i64,
     /// Snapshot parts received on this connection.
     parts: u64,
+    /// Positions applied but not yet reported persisted: acknowledged
+    /// only once they are ([`Backup::persisted`]).
+    unpersisted: Vec<u64>,
+    /// Whether a connection is up (acknowledgements have somewhere to go).
+    up: bool,
+    #[cfg(feature = "planted-ack-before-persist")]
+    ack_before_persist: bool,
     out: Vec<u8>,
     inbuf: Vec<u8>,
 }
@@ -117,6 +124,10 @@ impl Backup {
             lost_at: None,
             offset_ms: 0,
             parts: 0,
+            unpersisted: Vec::new(),
+            up: false,
+            #[cfg(feature = "planted-ack-before-persist")]
+            ack_before_persist: false,
             out: Vec::new(),
             inbuf: Vec::new(),
         }
@@ -158,8 +169,49 @@ impl Backup {
         self.offset_ms
     }
 
+    /// Planted defect: acknowledge on receipt, before persisting.
+    #[cfg(feature = "planted-ack-before-persist")]
+    pub fn set_ack_before_persist(&mut self, on: bool) {
+        self.ack_before_persist = on;
+    }
+
+    /// Positions applied since the last call: each must be persisted, then
+    /// reported with [`Backup::persisted`], before it is acknowledged
+    /// (an acknowledged check-point must survive this node's crash).
+    pub fn take_unpersisted(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.unpersisted)
+    }
+
+    /// Everything applied up to `seq` is persisted: acknowledge it (one
+    /// acknowledgement covers every position up to it).
+    pub fn persisted(&mut self, seq: u64) {
+        if !self.up || seq > self.applied {
+            return;
+        }
+        #[cfg(feature = "planted-ack-before-persist")]
+        if self.ack_before_persist {
+            return;
+        }
+        Message::Ack {
+            term: self.term,
+            seq,
+        }
+        .encode(&mut self.out);
+    }
+
+    fn applied_up_to(&mut self, term: Term, seq: u64) {
+        self.unpersisted.push(seq);
+        #[cfg(feature = "planted-ack-before-persist")]
+        if self.ack_before_persist {
+            Message::Ack { term, seq }.encode(&mut self.out);
+        }
+        let _ = term;
+    }
+
     /// A connection from the active is up.
     pub fn connected(&mut self, now: Timestamp) {
+        self.up = true;
+        self.unpersisted.clear();
         self.inbuf.clear();
         self.staging = None;
         // Until a new snapshot completes, this backup cannot vouch for
@@ -178,6 +230,8 @@ impl Backup {
 
     /// The connection is gone.
     pub fn disconnected(&mut self, now: Timestamp) {
+        self.up = false;
+        self.unpersisted.clear();
         self.staging = None;
         self.out.clear();
         if self.lost_at.is_none() {
@@ -231,7 +285,7 @@ impl Backup {
                         self.applied = seq;
                         self.synced = true;
                         self.has_state = true;
-                        Message::Ack { term, seq }.encode(&mut self.out);
+                        self.applied_up_to(term, seq);
                     }
                 }
                 Message::Changes { seq, items, term } => {
@@ -242,7 +296,7 @@ impl Backup {
                         self.state.apply(i);
                     }
                     self.applied = seq;
-                    Message::Ack { term, seq }.encode(&mut self.out);
+                    self.applied_up_to(term, seq);
                 }
                 Message::Heartbeat { term, now: theirs } => {
                     self.measure(now, theirs);

@@ -8,6 +8,9 @@
 //! without sockets or clocks: the daemon moves the bytes (over TLS) and
 //! passes the time in.
 //!
+//! - [`Node`] is one node of the pair: role, term, link end, and the
+//!   replies held until the backup acknowledged them. The daemon drives it
+//!   and sends exactly what it releases.
 //! - [`Active`] streams, to one backup, a snapshot of the check-pointed
 //!   state and then every relevant change, and reports which log sequence
 //!   numbers the backup has acknowledged; responses that depend on them can
@@ -25,10 +28,21 @@
 
 mod active;
 mod backup;
+mod node;
 pub mod wire;
 
 pub use active::{encode_snapshot, Active, ActiveConfig, ActiveEvent, LinkState};
 pub use backup::{Backup, Takeover, TakeoverKind};
+#[cfg(any(
+    feature = "planted-release-before-ack",
+    feature = "planted-skip-term-check",
+    feature = "planted-ack-before-persist"
+))]
+pub use node::Planted;
+pub use node::{
+    strip_checkpoint, Effect, Grant, JobMeta, Node, NodeConfig, NodeStats, PromoteError, Role,
+    SnapshotSource,
+};
 pub use wire::{FrameError, Item, Message};
 
 /// A replication term: promotion increments it, and a node that learns of

@@ -46,6 +46,16 @@ fn mapping(host: &str, port: u16, checkpoint: bool) -> MappingRecord {
     }
 }
 
+/// Delivers bytes to the backup and reports everything it applied as
+/// persisted at once (a backup acknowledges only what is persisted).
+fn feed(b: &mut Backup, now: Timestamp, bytes: &[u8]) -> Result<(), portkeep_ha::FrameError> {
+    let r = b.handle_input(now, bytes);
+    if let Some(&seq) = b.take_unpersisted().iter().max() {
+        b.persisted(seq);
+    }
+    r
+}
+
 fn events(a: &mut Active) -> Vec<ActiveEvent> {
     std::iter::from_fn(|| a.poll_event()).collect()
 }
@@ -55,7 +65,7 @@ fn pump(a: &mut Active, b: &mut Backup, now: Timestamp) {
     loop {
         let mut moved = false;
         if let Some(bytes) = a.poll_transmit() {
-            b.handle_input(now, &bytes).unwrap();
+            feed(b, now, &bytes).unwrap();
             moved = true;
         }
         if let Some(bytes) = b.poll_transmit() {
@@ -132,7 +142,7 @@ fn rfc7767_s3_2_one_acknowledgement_covers_many_changes() {
     // The backup processes all three; only its last acknowledgement is
     // delivered (the others are still in flight, or coalesced).
     let bytes = a.poll_transmit().unwrap();
-    b.handle_input(at(2), &bytes).unwrap();
+    feed(&mut b, at(2), &bytes).unwrap();
     let acks = b.poll_transmit().unwrap();
     let mut buf = acks.clone();
     let mut last = None;
@@ -185,7 +195,7 @@ fn rfc7767_s3_2_overdue_acknowledgement_stops_honouring_until_caught_up() {
     assert!(events(&mut a).contains(&ActiveEvent::OutOfSync("acknowledgement overdue")));
     assert!(!a.in_sync());
     // The backup catches up: check-pointing resumes.
-    b.handle_input(at(300), &held).unwrap();
+    feed(&mut b, at(300), &held).unwrap();
     pump(&mut a, &mut b, at(300));
     assert!(a.in_sync());
     assert_eq!(events(&mut a).last(), Some(&ActiveEvent::InSync));
@@ -246,7 +256,7 @@ fn design_fencing_stale_stream_is_refused() {
     }
     .encode(&mut stale);
     Message::SnapshotEnd { term: 4, seq: 1 }.encode(&mut stale);
-    b.handle_input(at(0), &stale).unwrap();
+    feed(&mut b, at(0), &stale).unwrap();
     assert!(!b.in_sync());
     assert_eq!(b.mapping_count(), 0);
     let mut reply = b.poll_transmit().unwrap();
@@ -375,7 +385,7 @@ fn pump_skewed(a: &mut Active, b: &mut Backup, now: Timestamp, skew_ms: u64) {
     loop {
         let mut moved = false;
         if let Some(bytes) = a.poll_transmit() {
-            b.handle_input(theirs, &bytes).unwrap();
+            feed(b, theirs, &bytes).unwrap();
             moved = true;
         }
         if let Some(bytes) = b.poll_transmit() {
@@ -465,7 +475,7 @@ fn draft_s2_6_promotion_mid_resync_keeps_acknowledged_checkpoints() {
     a.send_snapshot(at(7), 20, snapshot_items());
     let mut partial = a.poll_transmit().unwrap();
     partial.truncate(partial.len() / 2);
-    b.handle_input(at(7), &partial).unwrap();
+    feed(&mut b, at(7), &partial).unwrap();
     assert!(b.staging_count().is_some(), "resync in progress");
     let t = b.promote(at(8), STALE);
     assert_eq!(t.kind, portkeep_ha::TakeoverKind::Stale);
@@ -494,8 +504,7 @@ fn rfc7767_s1_a_long_snapshot_keeps_the_link_alive() {
     a.send_snapshot(at(1), 5, items);
     let bytes = a.poll_transmit().unwrap();
     // Deliver half, 2 s later (past dead_after): the backup has spoken.
-    b.handle_input(at(2_000), &bytes[..bytes.len() / 2])
-        .unwrap();
+    feed(&mut b, at(2_000), &bytes[..bytes.len() / 2]).unwrap();
     let heard = b.poll_transmit().expect("heartbeats during the snapshot");
     a.handle_input(at(2_000), &heard).unwrap();
     a.handle_timeout(at(2_500));
@@ -504,8 +513,7 @@ fn rfc7767_s1_a_long_snapshot_keeps_the_link_alive() {
         "{:?}",
         a.state()
     );
-    b.handle_input(at(2_600), &bytes[bytes.len() / 2..])
-        .unwrap();
+    feed(&mut b, at(2_600), &bytes[bytes.len() / 2..]).unwrap();
     pump(&mut a, &mut b, at(2_600));
     assert!(a.in_sync());
 }

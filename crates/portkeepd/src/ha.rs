@@ -904,6 +904,10 @@ async fn serve_backup(
                 anyhow::bail!("no longer a backup");
             };
             b.handle_input(now, &buf[..n])?;
+            // The replica lives in memory: applied is persisted.
+            if let Some(&seq) = b.take_unpersisted().iter().max() {
+                b.persisted(seq);
+            }
             let term = b.term();
             if term > before {
                 s.term = term;

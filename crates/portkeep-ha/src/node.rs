@@ -1,0 +1,814 @@
+//! One node of the pair: its role and term, its end of the replication
+//! link, and every decision about when a reply may leave.
+//!
+//! RFC 7767 section 3.2: the state of an honoured check-point should be on
+//! the backup before the response is sent. The daemon hands each group
+//! commit to [`Node::handle_commit`] and sends exactly the replies the node
+//! gives back as [`Effect::Release`]; a reply whose check-point the backup
+//! cannot confirm comes back as [`Effect::Rewrite`] (the mapping loses its
+//! flag, the option is stripped) and a reply of a node that was deposed is
+//! never given back at all. Promotion and demotion, with their epoch
+//! decisions (failure-scenarios draft section 2.6), are inputs too.
+//!
+//! The node is generic over `R`, the daemon's handle for the replies of one
+//! job (the simulator uses its own), and does no I/O: it takes `now` and
+//! bytes and returns effects, like the link ends it drives.
+
+use std::collections::{HashSet, VecDeque};
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use portkeep_proto::Nonce;
+use portkeep_server::record::key_of;
+use portkeep_server::{
+    BackupState, Change, ChangeRecord, MappingKey, MappingKind, MappingRecord, SubscriberId,
+    Timestamp,
+};
+
+use crate::active::{encode_snapshot, Active, ActiveConfig, ActiveEvent, LinkState};
+use crate::backup::{Backup, Takeover};
+use crate::wire::{FrameError, Item};
+use crate::Term;
+
+/// A node's part in the pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// No pair: check-points are never honoured.
+    Standalone,
+    /// Serves PCP and replicates check-pointed state to the backup.
+    Active,
+    /// Receives the state and answers no PCP until promoted.
+    Backup,
+}
+
+impl Role {
+    /// As the config and the control interface spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Standalone => "standalone",
+            Role::Active => "active",
+            Role::Backup => "backup",
+        }
+    }
+}
+
+/// How a node is set up.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeConfig {
+    /// The role it starts in.
+    pub role: Role,
+    /// Timing of the link, when a peer is configured (`None`: an active
+    /// node without a peer replicates nothing and honours nothing).
+    pub link: Option<ActiveConfig>,
+    /// A backup promoted more than this long after losing the link cannot
+    /// vouch for the epochs ([`crate::TakeoverKind::Stale`]).
+    pub stale_after: Duration,
+    /// Planted defects, for showing that the simulator finds them. Only
+    /// builds with the matching cargo feature have these switches.
+    #[cfg(any(
+        feature = "planted-release-before-ack",
+        feature = "planted-skip-term-check",
+        feature = "planted-ack-before-persist"
+    ))]
+    pub planted: Planted,
+}
+
+impl NodeConfig {
+    /// A node in `role` with the given link timing.
+    pub fn new(role: Role, link: Option<ActiveConfig>, stale_after: Duration) -> NodeConfig {
+        NodeConfig {
+            role,
+            link,
+            stale_after,
+            #[cfg(any(
+                feature = "planted-release-before-ack",
+                feature = "planted-skip-term-check",
+                feature = "planted-ack-before-persist"
+            ))]
+            planted: Planted::default(),
+        }
+    }
+}
+
+/// Defects that can be switched on in test builds, each behind its own
+/// cargo feature, so that a test can show the simulator catches it.
+#[cfg(any(
+    feature = "planted-release-before-ack",
+    feature = "planted-skip-term-check",
+    feature = "planted-ack-before-persist"
+))]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Planted {
+    /// Replies are released without waiting for the backup's
+    /// acknowledgement.
+    #[cfg(feature = "planted-release-before-ack")]
+    pub release_before_ack: bool,
+    /// A higher term seen on the link is ignored (no fencing).
+    #[cfg(feature = "planted-skip-term-check")]
+    pub skip_term_check: bool,
+    /// The backup acknowledges changes before they are persisted.
+    #[cfg(feature = "planted-ack-before-persist")]
+    pub ack_before_persist: bool,
+}
+
+/// A check-point granted in a reply: taken back if never confirmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The mapping's key.
+    pub key: MappingKey,
+    /// MAP or PEER (with its remote peer).
+    pub kind: MappingKind,
+    /// The nonce it was granted to.
+    pub nonce: Nonce,
+}
+
+/// What replication needs from one job's changes (see [`Node::prepare`]).
+#[derive(Debug, Default, Clone)]
+pub struct JobMeta {
+    last_seq: Option<u64>,
+    /// Items with the hash of their mapping key (upserts and removals).
+    items: Vec<(Item, Option<u64>)>,
+    grants: Vec<Grant>,
+}
+
+impl JobMeta {
+    /// The check-points the job's replies report.
+    pub fn grants(&self) -> &[Grant] {
+        &self.grants
+    }
+}
+
+/// What the daemon must do.
+#[derive(Debug)]
+pub enum Effect<R> {
+    /// Send these replies: whatever they report is as durable and
+    /// replicated as it must be.
+    Release(R),
+    /// These replies report check-points the backup did not confirm: take
+    /// the flag off each granted mapping (a stored change like any other),
+    /// then send the replies with CHECKPOINT_REQUIRED removed
+    /// ([`strip_checkpoint`]) after that change is committed. A reply that
+    /// cannot be rewritten is dropped (its client retransmits), never sent
+    /// as it was (RFC 7767 section 3.2).
+    Rewrite {
+        /// The replies.
+        reply: R,
+        /// The check-points to take back.
+        grants: Vec<Grant>,
+    },
+    /// Tell the server core what the backup allows now (the input of its
+    /// check-point decision).
+    BackupState(BackupState),
+    /// The backup asked for the whole check-pointed state: take a
+    /// [`SnapshotSource`] of the core and pass it to
+    /// [`Node::send_snapshot`].
+    NeedSnapshot,
+    /// Store this term durably: a node must never come back in a term
+    /// lower than one it saw (fencing).
+    PersistTerm(Term),
+    /// A node in a higher term serves: this node stopped serving (its held
+    /// replies were dropped) and is a backup now. Replace the core, the
+    /// store and the dataplane with an empty state.
+    Deposed {
+        /// The higher term.
+        term: Term,
+    },
+    /// The backup's replica changed up to `seq`: once it is persisted, call
+    /// [`Node::persisted`] (only then is it acknowledged).
+    Persist {
+        /// Log position.
+        seq: u64,
+    },
+}
+
+/// The core's check-pointed state as of a log position, copied under the
+/// core lock (encoding happens outside it, in [`Node::send_snapshot`]).
+#[derive(Debug, Clone)]
+pub struct SnapshotSource {
+    /// Term the snapshot was requested in.
+    pub term: Term,
+    /// Log position the copy stands for.
+    pub seq: u64,
+    /// Server-wide epoch anchor.
+    pub anchor: Timestamp,
+    /// Subscribers' own anchors.
+    pub subscriber_anchors: Vec<(SubscriberId, Timestamp)>,
+    /// Check-pointed mappings.
+    pub mappings: Vec<MappingRecord>,
+    /// Subscribers' hosts with volatile mappings.
+    pub volatile: Vec<(SubscriberId, Vec<IpAddr>)>,
+}
+
+/// Why a node cannot be promoted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PromoteError {
+    /// Already active.
+    #[error("this node is already active")]
+    AlreadyActive,
+    /// Standalone nodes have no replica to take over.
+    #[error("this node is standalone: configure [ha] role = \"backup\" to make it promotable")]
+    Standalone,
+}
+
+/// Counters for status and metrics.
+#[derive(Debug, Default, Clone)]
+pub struct NodeStats {
+    /// Responses released after the backup's acknowledgement.
+    pub released: u64,
+    /// Check-points confirmed by the backup.
+    pub checkpoints_acked: u64,
+    /// Check-points answered as not honoured because the backup did not
+    /// confirm them in time.
+    pub checkpoints_rewritten: u64,
+    /// Replies dropped because this node was deposed while holding them.
+    pub dropped_deposed: u64,
+    /// Snapshots sent.
+    pub resyncs: u64,
+    /// Items in the last snapshot.
+    pub snapshot_items: usize,
+    /// When the last snapshot was queued.
+    pub snapshot_sent: Option<Timestamp>,
+    /// How long the last snapshot took to be acknowledged.
+    pub snapshot_acked_ms: Option<u64>,
+    /// Takeovers done by this node.
+    pub takeovers: u64,
+}
+
+struct Held<R> {
+    seq: u64,
+    reply: R,
+    grants: Vec<Grant>,
+}
+
+/// The node.
+pub struct Node<R> {
+    cfg: NodeConfig,
+    keying: portkeep_server::SubscriberKeying,
+    role: Role,
+    term: Term,
+    serving: bool,
+    /// An active node with a peer first learns whether it was deposed
+    /// while away: it serves after the first contact (or failed attempt).
+    first_contact: bool,
+    active: Option<Active>,
+    backup: Option<Backup>,
+    held: VecDeque<Held<R>>,
+    /// Hashes of the keys of the mappings the backup holds, so volatile
+    /// mappings (whose upserts are removals for the backup) do not travel
+    /// at all. A collision only sends a harmless extra removal.
+    replicated: HashSet<u64>,
+    /// Items committed while a requested snapshot is being copied: those
+    /// after the snapshot's position follow it on the stream.
+    deferred: Vec<(u64, Vec<(Item, Option<u64>)>)>,
+    /// A deterministic hasher: runs replay exactly (simulator seeds).
+    hasher: BuildHasherDefault<DefaultHasher>,
+    effects: VecDeque<Effect<R>>,
+    stats: NodeStats,
+}
+
+impl<R> std::fmt::Debug for Node<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("role", &self.role)
+            .field("term", &self.term)
+            .field("serving", &self.serving)
+            .field("held", &self.held.len())
+            .finish()
+    }
+}
+
+impl<R> Node<R> {
+    /// A node starting in `cfg.role`, in `term` (as persisted by its last
+    /// run).
+    pub fn new(cfg: NodeConfig, term: Term, keying: portkeep_server::SubscriberKeying) -> Self {
+        let role = cfg.role;
+        let active = match (role, cfg.link) {
+            (Role::Active, Some(t)) => Some(Active::new(term, t, keying.clone())),
+            _ => None,
+        };
+        let backup = (role == Role::Backup).then(|| Backup::new(term, keying.clone()));
+        Node {
+            serving: role == Role::Standalone || (role == Role::Active && cfg.link.is_none()),
+            first_contact: role == Role::Active && cfg.link.is_some(),
+            cfg,
+            keying,
+            role,
+            term,
+            active,
+            backup,
+            held: VecDeque::new(),
+            replicated: HashSet::new(),
+            deferred: Vec::new(),
+            hasher: BuildHasherDefault::default(),
+            effects: VecDeque::new(),
+            stats: NodeStats::default(),
+        }
+    }
+
+    /// The role now.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The highest term this node acted in or saw.
+    pub fn term(&self) -> Term {
+        self.term
+    }
+
+    /// Whether this node answers PCP now. Only an active (or standalone)
+    /// node does, and an active one with a peer only once it knows it was
+    /// not deposed while away.
+    pub fn serving(&self) -> bool {
+        self.serving
+    }
+
+    /// Whether this node replicates (an active node with a peer).
+    pub fn replicates(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// Whether a link is configured at all.
+    pub fn has_peer(&self) -> bool {
+        self.cfg.link.is_some()
+    }
+
+    /// The link end of an active node.
+    pub fn active(&self) -> Option<&Active> {
+        self.active.as_ref()
+    }
+
+    /// The link end of a backup.
+    pub fn backup(&self) -> Option<&Backup> {
+        self.backup.as_ref()
+    }
+
+    /// Replies waiting for the backup.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &NodeStats {
+        &self.stats
+    }
+
+    /// The core's view of the link (RFC 7767 section 3.2's "resources
+    /// available": only an in-sync backup lets a check-point be honoured).
+    pub fn backup_state(&self) -> BackupState {
+        match (&self.role, &self.active) {
+            (Role::Active, Some(a)) => match a.state() {
+                LinkState::InSync => BackupState::InSync,
+                LinkState::Resyncing { .. } | LinkState::NeedSnapshot | LinkState::Lagging => {
+                    BackupState::Syncing
+                }
+                _ => BackupState::Disconnected,
+            },
+            (Role::Active, None) => BackupState::Disconnected,
+            _ => BackupState::Standalone,
+        }
+    }
+
+    /// The next thing the daemon must do.
+    pub fn poll_effect(&mut self) -> Option<Effect<R>> {
+        self.effects.pop_front()
+    }
+
+    fn key_hash(&self, key: &[u8]) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// The replication view of one job's changes and volatile markers
+    /// (pure: the committer computes it before folding the jobs' changes
+    /// into one store transaction).
+    pub fn prepare(
+        &self,
+        changes: &[ChangeRecord],
+        volatile: Vec<(SubscriberId, Vec<IpAddr>)>,
+    ) -> JobMeta {
+        let mut m = JobMeta {
+            last_seq: changes.last().map(|c| c.seq),
+            ..JobMeta::default()
+        };
+        for c in changes {
+            if let Change::Upserted(r) = &c.change {
+                if r.checkpoint {
+                    m.grants.push(Grant {
+                        key: r.key,
+                        kind: r.kind,
+                        nonce: r.nonce,
+                    });
+                }
+            }
+            let Some(item) = Item::from_change(&c.change) else {
+                continue;
+            };
+            let hash = match &item {
+                Item::Upsert(r) => Some(self.key_hash(&key_of(r))),
+                Item::Remove(k) => Some(self.key_hash(k)),
+                _ => None,
+            };
+            m.items.push((item, hash));
+        }
+        for (subscriber, hosts) in volatile {
+            m.items.push((Item::Volatile { subscriber, hosts }, None));
+        }
+        m
+    }
+
+    /// After a group commit (store written, dataplane applied): streams
+    /// what the backup must hear and decides, per job, whether its replies
+    /// leave now ([`Effect::Release`]), wait for the backup's
+    /// acknowledgement, or report check-points that can no longer be
+    /// confirmed ([`Effect::Rewrite`]). The jobs come in log order.
+    ///
+    /// A node that does not serve (a backup, or an active node deposed
+    /// meanwhile) releases nothing: whatever it handled before it learned
+    /// that is not answered, and its clients retransmit to the node that
+    /// serves (RFC 6887 section 8.1.1).
+    pub fn handle_commit(&mut self, now: Timestamp, jobs: Vec<(R, JobMeta)>) {
+        if !self.serving {
+            self.stats.dropped_deposed += jobs.len() as u64;
+            return;
+        }
+        let Some(active) = self.active.as_mut() else {
+            // Standalone, or active without a peer: nothing to wait for
+            // (and the core honoured no check-point).
+            for (r, _) in jobs {
+                self.effects.push_back(Effect::Release(r));
+            }
+            return;
+        };
+        let streaming = matches!(
+            active.state(),
+            LinkState::Resyncing { .. } | LinkState::InSync | LinkState::Lagging
+        );
+        let snapshot_pending = active.state() == LinkState::NeedSnapshot;
+        let in_sync = active.in_sync();
+        let sent = active.sent();
+        let mut items = Vec::new();
+        let mut top = 0;
+        let mut sorted = Vec::with_capacity(jobs.len());
+        for (reply, meta) in jobs {
+            let seq = meta.last_seq.unwrap_or(0);
+            let mut needs = false;
+            if streaming && seq > sent {
+                // Jobs at or below the snapshot's position are in it.
+                for (item, hash) in meta.items {
+                    let keep = match (&item, hash) {
+                        (Item::Upsert(_), Some(h)) => {
+                            self.replicated.insert(h);
+                            true
+                        }
+                        (Item::Remove(_), Some(h)) => self.replicated.remove(&h),
+                        _ => true,
+                    };
+                    if keep {
+                        items.push(item);
+                        needs = true;
+                    }
+                }
+                top = top.max(seq);
+            } else {
+                needs = !meta.items.is_empty();
+                if snapshot_pending && !meta.items.is_empty() {
+                    // The snapshot being copied may stand for a position
+                    // before this job: keep its items to follow it.
+                    self.deferred.push((seq, meta.items));
+                }
+            }
+            sorted.push((reply, meta.grants, seq, needs));
+        }
+        if !items.is_empty() {
+            active.push(now, top.max(sent + 1), items);
+        }
+        #[allow(unused_mut)]
+        let mut acked = active.acked();
+        #[cfg(feature = "planted-release-before-ack")]
+        if self.cfg.planted.release_before_ack {
+            acked = u64::MAX;
+        }
+        for (reply, grants, seq, needs) in sorted {
+            if !needs && grants.is_empty() {
+                // Nothing the backup must hear (volatile refreshes, errors,
+                // GET answers).
+                self.effects.push_back(Effect::Release(reply));
+            } else if seq <= acked {
+                self.stats.released += 1;
+                self.stats.checkpoints_acked += grants.len() as u64;
+                self.effects.push_back(Effect::Release(reply));
+            } else if in_sync {
+                self.held.push_back(Held { seq, reply, grants });
+            } else if grants.is_empty() {
+                // Out of sync: nothing is waited for; the backup learns the
+                // rest from the next snapshot.
+                self.effects.push_back(Effect::Release(reply));
+            } else {
+                self.stats.checkpoints_rewritten += grants.len() as u64;
+                self.effects.push_back(Effect::Rewrite { reply, grants });
+            }
+        }
+    }
+
+    /// A connection to the peer is up (the active connected, or the backup
+    /// accepted the active's connection).
+    pub fn link_connected(&mut self, now: Timestamp) {
+        if let Some(a) = self.active.as_mut() {
+            a.connected(now, 0);
+        } else if let Some(b) = self.backup.as_mut() {
+            b.connected(now);
+        }
+    }
+
+    /// The connection is gone, or an attempt to make one failed.
+    pub fn link_lost(&mut self, now: Timestamp) {
+        if let Some(a) = self.active.as_mut() {
+            a.disconnected();
+            self.deferred.clear();
+            self.drain_active_events(now);
+            if self.first_contact {
+                // The peer cannot be reached: nobody deposed us (as far
+                // as this node can know; an external witness is what
+                // settles a partition).
+                self.first_contact = false;
+                self.serving = self.role == Role::Active;
+            }
+        } else if let Some(b) = self.backup.as_mut() {
+            b.disconnected(now);
+        }
+    }
+
+    /// Bytes from the peer.
+    pub fn handle_link_input(&mut self, now: Timestamp, bytes: &[u8]) -> Result<(), FrameError> {
+        if let Some(a) = self.active.as_mut() {
+            let r = a.handle_input(now, bytes);
+            let heard = self.drain_active_events(now);
+            if heard && self.first_contact && self.role == Role::Active {
+                self.first_contact = false;
+                self.serving = true;
+            }
+            return r;
+        }
+        if let Some(b) = self.backup.as_mut() {
+            let before = b.term();
+            let r = b.handle_input(now, bytes);
+            let term = b.term();
+            for seq in b.take_unpersisted() {
+                self.effects.push_back(Effect::Persist { seq });
+            }
+            if term > before {
+                self.term = term;
+                self.effects.push_back(Effect::PersistTerm(term));
+            }
+            return r;
+        }
+        Ok(())
+    }
+
+    /// A backup's replica is persisted up to `seq`: acknowledge it.
+    pub fn persisted(&mut self, seq: u64) {
+        if let Some(b) = self.backup.as_mut() {
+            b.persisted(seq);
+        }
+    }
+
+    /// When [`Node::handle_timeout`] next has work.
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        self.active.as_ref().and_then(Active::poll_timeout)
+    }
+
+    /// Heartbeats, overdue acknowledgements, a silent backup.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        if let Some(a) = self.active.as_mut() {
+            a.handle_timeout(now);
+            self.drain_active_events(now);
+        }
+    }
+
+    /// Bytes to write to the peer.
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        if let Some(a) = self.active.as_mut() {
+            return a.poll_transmit();
+        }
+        self.backup.as_mut().and_then(Backup::poll_transmit)
+    }
+
+    /// Whether the active's link is down (the daemon should reconnect).
+    pub fn link_down(&self) -> bool {
+        self.active
+            .as_ref()
+            .is_some_and(|a| matches!(a.state(), LinkState::Disconnected))
+    }
+
+    /// Sends the snapshot the backup asked for ([`Effect::NeedSnapshot`]):
+    /// `src` was copied under the core lock; it is encoded here. Items of
+    /// commits after `src.seq` that arrived meanwhile follow it. Ignored if
+    /// the link went down or the term changed since.
+    pub fn send_snapshot(&mut self, now: Timestamp, src: SnapshotSource) {
+        let part = self.cfg.link.map_or(512, |l| l.snapshot_part);
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        if active.state() != LinkState::NeedSnapshot || src.term != active.term() {
+            return;
+        }
+        let mut items = Vec::with_capacity(
+            2 + src.subscriber_anchors.len() + src.mappings.len() + src.volatile.len(),
+        );
+        items.push(Item::ServerEpoch { anchor: src.anchor });
+        for (subscriber, anchor) in src.subscriber_anchors {
+            items.push(Item::Epoch { subscriber, anchor });
+        }
+        let hasher = self.hasher.clone();
+        let hashes: HashSet<u64> = src
+            .mappings
+            .iter()
+            .map(|m| hasher.hash_one(key_of(m)))
+            .collect();
+        items.extend(src.mappings.into_iter().map(Item::Upsert));
+        for (subscriber, hosts) in src.volatile {
+            items.push(Item::Volatile { subscriber, hosts });
+        }
+        let n = items.len();
+        let bytes = encode_snapshot(src.term, src.seq, items, part);
+        active.send_encoded_snapshot(now, src.term, src.seq, bytes);
+        self.replicated = hashes;
+        self.stats.resyncs += 1;
+        self.stats.snapshot_items = n;
+        self.stats.snapshot_sent = Some(now);
+        self.stats.snapshot_acked_ms = None;
+        // What was committed after the copy's position follows it, in log
+        // order, as one change.
+        let deferred = std::mem::take(&mut self.deferred);
+        let mut items = Vec::new();
+        let mut top = 0;
+        for (seq, its) in deferred {
+            if seq <= src.seq {
+                continue;
+            }
+            top = top.max(seq);
+            for (item, hash) in its {
+                let keep = match (&item, hash) {
+                    (Item::Upsert(_), Some(h)) => {
+                        self.replicated.insert(h);
+                        true
+                    }
+                    (Item::Remove(_), Some(h)) => self.replicated.remove(&h),
+                    _ => true,
+                };
+                if keep {
+                    items.push(item);
+                }
+            }
+        }
+        if top > 0 {
+            if let Some(a) = self.active.as_mut() {
+                a.push(now, top, items);
+            }
+        }
+    }
+
+    fn drain_active_events(&mut self, now: Timestamp) -> bool {
+        let mut any = false;
+        while let Some(e) = self.active.as_mut().and_then(Active::poll_event) {
+            any = true;
+            match e {
+                ActiveEvent::Acked(seq) => {
+                    while self.held.front().is_some_and(|h| h.seq <= seq) {
+                        if let Some(h) = self.held.pop_front() {
+                            self.stats.released += 1;
+                            self.stats.checkpoints_acked += h.grants.len() as u64;
+                            self.effects.push_back(Effect::Release(h.reply));
+                        }
+                    }
+                }
+                ActiveEvent::InSync => {
+                    if let Some(t) = self.stats.snapshot_sent {
+                        if self.stats.snapshot_acked_ms.is_none() {
+                            self.stats.snapshot_acked_ms = Some((now - t).as_millis() as u64);
+                        }
+                    }
+                    self.effects
+                        .push_back(Effect::BackupState(self.backup_state()));
+                }
+                ActiveEvent::OutOfSync(_) => {
+                    self.effects
+                        .push_back(Effect::BackupState(self.backup_state()));
+                    for h in std::mem::take(&mut self.held) {
+                        self.stats.checkpoints_rewritten += h.grants.len() as u64;
+                        self.effects.push_back(Effect::Rewrite {
+                            reply: h.reply,
+                            grants: h.grants,
+                        });
+                    }
+                }
+                ActiveEvent::NeedSnapshot => {
+                    self.deferred.clear();
+                    self.effects
+                        .push_back(Effect::BackupState(self.backup_state()));
+                    self.effects.push_back(Effect::NeedSnapshot);
+                }
+                ActiveEvent::Fenced(term) => {
+                    #[cfg(feature = "planted-skip-term-check")]
+                    if self.cfg.planted.skip_term_check {
+                        continue;
+                    }
+                    self.step_down(Some(term));
+                    self.effects.push_back(Effect::Deposed { term: self.term });
+                    return any;
+                }
+            }
+        }
+        any
+    }
+
+    /// Becomes a backup in `max(term, seen)`: serves nothing, drops what it
+    /// held (those replies are never sent).
+    fn step_down(&mut self, seen: Option<Term>) {
+        self.serving = false;
+        self.first_contact = false;
+        self.term = self.term.max(seen.unwrap_or(0));
+        self.role = Role::Backup;
+        self.active = None;
+        self.stats.dropped_deposed += self.held.len() as u64;
+        self.held.clear();
+        self.replicated.clear();
+        self.deferred.clear();
+        #[allow(unused_mut)]
+        let mut b = Backup::new(self.term, self.keying.clone());
+        #[cfg(feature = "planted-ack-before-persist")]
+        b.set_ack_before_persist(self.cfg.planted.ack_before_persist);
+        self.backup = Some(b);
+        self.effects.push_back(Effect::PersistTerm(self.term));
+    }
+
+    /// Stops acting as active (`ctl demote`, or keepalived moved the
+    /// address away): serves nothing from now on. Returns whether the
+    /// role changed; if so, the daemon replaces its state with an empty
+    /// one, as for [`Effect::Deposed`].
+    pub fn demote(&mut self) -> bool {
+        if self.role != Role::Active {
+            return false;
+        }
+        self.step_down(None);
+        true
+    }
+
+    /// The term a promotion would act in, to be persisted before
+    /// [`Node::promote`] (fencing depends on never acting twice in one
+    /// term).
+    pub fn promotion_term(&self) -> Result<Term, PromoteError> {
+        match self.role {
+            Role::Active => Err(PromoteError::AlreadyActive),
+            Role::Standalone => Err(PromoteError::Standalone),
+            Role::Backup => Ok(self.backup.as_ref().map_or(self.term, Backup::term) + 1),
+        }
+    }
+
+    /// Becomes active (`ctl promote`, keepalived's notify hook), after the
+    /// term of [`Node::promotion_term`] was persisted. The takeover names
+    /// the state to serve, the epochs that continue and the hosts to
+    /// ANNOUNCE to (failure-scenarios draft section 2.6); the node serves
+    /// at once.
+    pub fn promote(&mut self, now: Timestamp) -> Result<Takeover, PromoteError> {
+        self.promotion_term()?;
+        let backup = self
+            .backup
+            .take()
+            .unwrap_or_else(|| Backup::new(self.term, self.keying.clone()));
+        let takeover = backup.promote(now, self.cfg.stale_after);
+        self.role = Role::Active;
+        self.term = takeover.term;
+        self.active = self
+            .cfg
+            .link
+            .map(|t| Active::new(takeover.term, t, self.keying.clone()));
+        self.held.clear();
+        self.replicated.clear();
+        self.deferred.clear();
+        self.serving = true;
+        self.first_contact = false;
+        self.stats.takeovers += 1;
+        self.effects
+            .push_back(Effect::BackupState(self.backup_state()));
+        Ok(takeover)
+    }
+}
+
+/// `bytes` (a PCP response) without CHECKPOINT_REQUIRED, or `None` if it
+/// cannot be rewritten: the caller then drops it, since sending it as it
+/// was would report a check-point the backup never confirmed (RFC 7767
+/// section 3.2: a request that cannot be honoured is processed as if the
+/// option were absent, and the option is not echoed).
+pub fn strip_checkpoint(bytes: &[u8], cp: &portkeep_proto::CodePoints) -> Option<Vec<u8>> {
+    use portkeep_proto::{PcpOption, Response};
+    let mut r = Response::parse(bytes, cp).ok()?;
+    let before = r.options.len();
+    r.options.retain(|o| *o != PcpOption::CheckpointRequired);
+    if r.options.len() == before {
+        return Some(bytes.to_vec());
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    r.encode(cp, &mut out).ok()?;
+    Some(out)
+}

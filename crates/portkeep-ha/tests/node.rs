@@ -1,0 +1,317 @@
+//! The node state machine: when replies leave, role changes, fencing.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use portkeep_ha::{
+    ActiveConfig, Effect, LinkState, Node, NodeConfig, Role, SnapshotSource, TakeoverKind,
+};
+use portkeep_proto::Protocol;
+use portkeep_server::{
+    BackupState, Change, ChangeRecord, MappingKey, MappingKind, MappingRecord, SubscriberKeying,
+    Timestamp,
+};
+
+const T0: Timestamp = Timestamp(1_000_000);
+
+fn at(ms: u64) -> Timestamp {
+    Timestamp(T0.0 + ms)
+}
+
+fn mapping(host: &str, port: u16, checkpoint: bool) -> MappingRecord {
+    let ip: IpAddr = host.parse().unwrap();
+    MappingRecord {
+        key: MappingKey {
+            internal_ip: ip,
+            protocol: Protocol::TCP,
+            internal_port: port,
+        },
+        kind: MappingKind::Map,
+        nonce: [7; 12],
+        external: "192.0.2.1:40000".parse().unwrap(),
+        expires: at(3_600_000),
+        lifetime: 3600,
+        checkpoint,
+        filters: vec![],
+        description: None,
+        subscriber: SubscriberKeying::default().subscriber_of(ip),
+        third_party: false,
+    }
+}
+
+fn upsert(seq: u64, m: MappingRecord) -> Vec<ChangeRecord> {
+    vec![ChangeRecord {
+        seq,
+        change: Change::Upserted(m),
+    }]
+}
+
+fn node(role: Role) -> Node<u32> {
+    Node::new(
+        NodeConfig::new(role, Some(ActiveConfig::default()), Duration::from_secs(2)),
+        1,
+        SubscriberKeying::default(),
+    )
+}
+
+fn effects(n: &mut Node<u32>) -> Vec<Effect<u32>> {
+    std::iter::from_fn(|| n.poll_effect()).collect()
+}
+
+fn released(e: &[Effect<u32>]) -> Vec<u32> {
+    e.iter()
+        .filter_map(|e| match e {
+            Effect::Release(r) => Some(*r),
+            _ => None,
+        })
+        .collect()
+}
+
+fn rewritten(e: &[Effect<u32>]) -> Vec<u32> {
+    e.iter()
+        .filter_map(|e| match e {
+            Effect::Rewrite { reply, .. } => Some(*reply),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Moves bytes both ways until quiet; the backup persists at once. Every
+/// effect is kept, in order.
+fn pump(a: &mut Node<u32>, b: &mut Node<u32>, now: Timestamp) -> Vec<Effect<u32>> {
+    let mut seen = Vec::new();
+    loop {
+        let mut moved = false;
+        if let Some(bytes) = a.poll_transmit() {
+            b.handle_link_input(now, &bytes).unwrap();
+            moved = true;
+        }
+        for e in effects(b) {
+            if let Effect::Persist { seq } = e {
+                b.persisted(seq);
+            }
+        }
+        if let Some(bytes) = b.poll_transmit() {
+            a.handle_link_input(now, &bytes).unwrap();
+            moved = true;
+        }
+        for e in effects(a) {
+            if matches!(e, Effect::NeedSnapshot) {
+                a.send_snapshot(
+                    now,
+                    SnapshotSource {
+                        term: a.term(),
+                        seq: 0,
+                        anchor: T0,
+                        subscriber_anchors: vec![],
+                        mappings: vec![],
+                        volatile: vec![],
+                    },
+                );
+                moved = true;
+            }
+            seen.push(e);
+        }
+        if !moved {
+            return seen;
+        }
+    }
+}
+
+fn in_sync_pair() -> (Node<u32>, Node<u32>) {
+    let mut a = node(Role::Active);
+    let mut b = node(Role::Backup);
+    assert!(
+        !a.serving(),
+        "an active node with a peer waits for first contact"
+    );
+    a.link_connected(at(0));
+    b.link_connected(at(0));
+    pump(&mut a, &mut b, at(0));
+    assert!(a.serving());
+    assert_eq!(a.backup_state(), BackupState::InSync);
+    (a, b)
+}
+
+#[test]
+fn rfc7767_s3_2_checkpointed_reply_leaves_only_after_the_backups_ack() {
+    let (mut a, mut b) = in_sync_pair();
+    let meta = a.prepare(&upsert(1, mapping("198.51.100.1", 80, true)), vec![]);
+    a.handle_commit(at(1), vec![(10, meta)]);
+    assert!(
+        released(&effects(&mut a)).is_empty(),
+        "held until acknowledged"
+    );
+    assert_eq!(a.held(), 1);
+    let e = pump(&mut a, &mut b, at(2));
+    assert_eq!(released(&e), vec![10]);
+    assert_eq!(a.held(), 0);
+}
+
+#[test]
+fn rfc7767_s3_2_backup_acknowledges_only_what_it_persisted() {
+    let (mut a, mut b) = in_sync_pair();
+    let meta = a.prepare(&upsert(1, mapping("198.51.100.1", 80, true)), vec![]);
+    a.handle_commit(at(1), vec![(10, meta)]);
+    let bytes = a.poll_transmit().unwrap();
+    b.handle_link_input(at(1), &bytes).unwrap();
+    let persist: Vec<u64> = effects(&mut b)
+        .into_iter()
+        .filter_map(|e| match e {
+            Effect::Persist { seq } => Some(seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(persist, vec![1]);
+    assert!(b.poll_transmit().is_none(), "no ack before persisted");
+    b.persisted(1);
+    let ack = b.poll_transmit().expect("ack after persisted");
+    a.handle_link_input(at(2), &ack).unwrap();
+    assert_eq!(released(&effects(&mut a)), vec![10]);
+}
+
+#[test]
+fn rfc7767_s3_2_volatile_reply_is_not_held() {
+    let (mut a, _b) = in_sync_pair();
+    let meta = a.prepare(&upsert(1, mapping("198.51.100.1", 80, false)), vec![]);
+    a.handle_commit(at(1), vec![(10, meta)]);
+    assert_eq!(released(&effects(&mut a)), vec![10]);
+}
+
+#[test]
+fn rfc7767_s3_2_unconfirmed_checkpoints_are_rewritten_when_the_ack_is_late() {
+    let (mut a, _b) = in_sync_pair();
+    let meta = a.prepare(&upsert(1, mapping("198.51.100.1", 80, true)), vec![]);
+    a.handle_commit(at(1), vec![(10, meta)]);
+    effects(&mut a);
+    a.handle_timeout(at(1) + ActiveConfig::default().ack_timeout);
+    let e = effects(&mut a);
+    assert_eq!(rewritten(&e), vec![10]);
+    assert!(released(&e).is_empty());
+    assert!(e
+        .iter()
+        .any(|e| matches!(e, Effect::BackupState(BackupState::Syncing))));
+    assert_eq!(a.stats().checkpoints_rewritten, 1);
+}
+
+#[test]
+fn rfc7767_s3_2_checkpoint_granted_out_of_sync_is_rewritten_at_once() {
+    let mut a = node(Role::Active);
+    a.link_lost(at(0)); // the peer cannot be reached: serve, honour nothing
+    assert!(a.serving());
+    effects(&mut a);
+    let meta = a.prepare(&upsert(1, mapping("198.51.100.1", 80, true)), vec![]);
+    a.handle_commit(at(1), vec![(10, meta)]);
+    assert_eq!(rewritten(&effects(&mut a)), vec![10]);
+}
+
+#[test]
+fn design_fencing_deposed_node_releases_nothing_and_drops_what_it_held() {
+    let (mut a, _b) = in_sync_pair();
+    let meta = a.prepare(&upsert(1, mapping("198.51.100.1", 80, true)), vec![]);
+    a.handle_commit(at(1), vec![(10, meta)]);
+    effects(&mut a);
+    assert_eq!(a.held(), 1);
+    // A node promoted meanwhile speaks in a higher term.
+    let mut hello = Vec::new();
+    portkeep_ha::Message::Hello {
+        term: 5,
+        active: false,
+        applied: 0,
+        now: at(2),
+    }
+    .encode(&mut hello);
+    a.handle_link_input(at(2), &hello).unwrap();
+    let e = effects(&mut a);
+    assert!(e.iter().any(|e| matches!(e, Effect::Deposed { term: 5 })));
+    assert!(e.iter().any(|e| matches!(e, Effect::PersistTerm(5))));
+    assert!(released(&e).is_empty() && rewritten(&e).is_empty());
+    assert!(!a.serving());
+    assert_eq!(a.role(), Role::Backup);
+    assert_eq!(a.held(), 0);
+    // Whatever it still commits is never answered.
+    let meta = a.prepare(&upsert(2, mapping("198.51.100.1", 81, false)), vec![]);
+    a.handle_commit(at(3), vec![(11, meta)]);
+    assert!(released(&effects(&mut a)).is_empty());
+}
+
+#[test]
+fn design_fencing_returning_active_serves_only_after_first_contact() {
+    let mut a = node(Role::Active);
+    assert!(!a.serving());
+    a.link_connected(at(0));
+    assert!(!a.serving(), "connected, but not heard yet");
+    let mut hello = Vec::new();
+    portkeep_ha::Message::Hello {
+        term: 1,
+        active: false,
+        applied: 0,
+        now: at(0),
+    }
+    .encode(&mut hello);
+    a.handle_link_input(at(1), &hello).unwrap();
+    assert!(a.serving());
+}
+
+#[test]
+fn draft_s2_6_promotion_persists_a_higher_term_and_serves() {
+    let (mut a, mut b) = in_sync_pair();
+    let meta = a.prepare(&upsert(1, mapping("198.51.100.1", 80, true)), vec![]);
+    a.handle_commit(at(1), vec![(10, meta)]);
+    pump(&mut a, &mut b, at(2));
+    assert_eq!(b.promotion_term().unwrap(), 2);
+    b.link_lost(at(3));
+    let t = b.promote(at(4)).unwrap();
+    assert_eq!(t.kind, TakeoverKind::Hot);
+    assert_eq!(t.term, 2);
+    assert_eq!(t.state.mappings.len(), 1);
+    assert!(b.serving());
+    assert_eq!(b.role(), Role::Active);
+    assert!(b.promote(at(5)).is_err(), "already active");
+}
+
+#[test]
+fn demotion_stops_serving_at_once() {
+    let (mut a, _b) = in_sync_pair();
+    assert!(a.demote());
+    assert!(!a.serving());
+    assert_eq!(a.role(), Role::Backup);
+    assert!(!a.demote());
+}
+
+#[test]
+fn rfc7767_s1_changes_committed_while_a_snapshot_is_copied_follow_it() {
+    let mut a = node(Role::Active);
+    let mut b = node(Role::Backup);
+    a.link_connected(at(0));
+    b.link_connected(at(0));
+    // Hello both ways, but keep the snapshot request pending.
+    let hb = b.poll_transmit().unwrap();
+    a.handle_link_input(at(0), &hb).unwrap();
+    let ha = a.poll_transmit().unwrap();
+    b.handle_link_input(at(0), &ha).unwrap();
+    assert!(effects(&mut a)
+        .iter()
+        .any(|e| matches!(e, Effect::NeedSnapshot)));
+    assert_eq!(a.active().unwrap().state(), LinkState::NeedSnapshot);
+    // Seq 1 is in the copy; seq 2 was committed after it.
+    let m1 = mapping("198.51.100.1", 80, true);
+    let m2 = mapping("198.51.100.2", 80, true);
+    let meta1 = a.prepare(&upsert(1, m1.clone()), vec![]);
+    let meta2 = a.prepare(&upsert(2, m2), vec![]);
+    a.handle_commit(at(1), vec![(1, meta1), (2, meta2)]);
+    a.send_snapshot(
+        at(2),
+        SnapshotSource {
+            term: a.term(),
+            seq: 1,
+            anchor: T0,
+            subscriber_anchors: vec![],
+            mappings: vec![m1],
+            volatile: vec![],
+        },
+    );
+    pump(&mut a, &mut b, at(3));
+    assert_eq!(a.backup_state(), BackupState::InSync);
+    assert_eq!(b.backup().unwrap().mapping_count(), 2);
+}
