@@ -200,6 +200,62 @@ pub struct SnapshotSource {
     pub volatile: Vec<(SubscriberId, Vec<IpAddr>)>,
 }
 
+impl SnapshotSource {
+    /// The snapshot's frames, in parts of `part` items (pure: run it
+    /// outside every lock, so a large snapshot stalls nobody).
+    pub fn encode(self, part: usize) -> EncodedSnapshot {
+        let mut items = Vec::with_capacity(
+            2 + self.subscriber_anchors.len() + self.mappings.len() + self.volatile.len(),
+        );
+        items.push(Item::ServerEpoch {
+            anchor: self.anchor,
+        });
+        for (subscriber, anchor) in self.subscriber_anchors {
+            items.push(Item::Epoch { subscriber, anchor });
+        }
+        let hasher = BuildHasherDefault::<DefaultHasher>::default();
+        let hashes: HashSet<u64> = self
+            .mappings
+            .iter()
+            .map(|m| hasher.hash_one(key_of(m)))
+            .collect();
+        items.extend(self.mappings.into_iter().map(Item::Upsert));
+        for (subscriber, hosts) in self.volatile {
+            items.push(Item::Volatile { subscriber, hosts });
+        }
+        let n = items.len();
+        EncodedSnapshot {
+            term: self.term,
+            seq: self.seq,
+            bytes: encode_snapshot(self.term, self.seq, items, part),
+            hashes,
+            items: n,
+        }
+    }
+}
+
+/// A snapshot ready for the link ([`Node::send_snapshot`]).
+#[derive(Debug)]
+pub struct EncodedSnapshot {
+    term: Term,
+    seq: u64,
+    bytes: Vec<u8>,
+    hashes: HashSet<u64>,
+    items: usize,
+}
+
+impl EncodedSnapshot {
+    /// Items it holds.
+    pub fn items(&self) -> usize {
+        self.items
+    }
+
+    /// Log position it stands for.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
 /// Why a node cannot be promoted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PromoteError {
@@ -600,41 +656,28 @@ impl<R> Node<R> {
             .is_some_and(|a| matches!(a.state(), LinkState::Disconnected))
     }
 
-    /// Sends the snapshot the backup asked for ([`Effect::NeedSnapshot`]):
-    /// `src` was copied under the core lock; it is encoded here. Items of
-    /// commits after `src.seq` that arrived meanwhile follow it. Ignored if
-    /// the link went down or the term changed since.
-    pub fn send_snapshot(&mut self, now: Timestamp, src: SnapshotSource) {
-        let part = self.cfg.link.map_or(512, |l| l.snapshot_part);
+    /// Items per snapshot message, for [`SnapshotSource::encode`].
+    pub fn snapshot_part(&self) -> usize {
+        self.cfg.link.map_or(512, |l| l.snapshot_part)
+    }
+
+    /// Sends the snapshot the backup asked for ([`Effect::NeedSnapshot`]),
+    /// copied under the core lock and encoded by
+    /// [`SnapshotSource::encode`] outside every lock. Items of commits
+    /// after its position that arrived meanwhile follow it. Ignored if the
+    /// link went down or the term changed since.
+    pub fn send_snapshot(&mut self, now: Timestamp, snap: EncodedSnapshot) {
         let Some(active) = self.active.as_mut() else {
             return;
         };
-        if active.state() != LinkState::NeedSnapshot || src.term != active.term() {
+        if active.state() != LinkState::NeedSnapshot || snap.term != active.term() {
             return;
         }
-        let mut items = Vec::with_capacity(
-            2 + src.subscriber_anchors.len() + src.mappings.len() + src.volatile.len(),
-        );
-        items.push(Item::ServerEpoch { anchor: src.anchor });
-        for (subscriber, anchor) in src.subscriber_anchors {
-            items.push(Item::Epoch { subscriber, anchor });
-        }
-        let hasher = self.hasher.clone();
-        let hashes: HashSet<u64> = src
-            .mappings
-            .iter()
-            .map(|m| hasher.hash_one(key_of(m)))
-            .collect();
-        items.extend(src.mappings.into_iter().map(Item::Upsert));
-        for (subscriber, hosts) in src.volatile {
-            items.push(Item::Volatile { subscriber, hosts });
-        }
-        let n = items.len();
-        let bytes = encode_snapshot(src.term, src.seq, items, part);
-        active.send_encoded_snapshot(now, src.term, src.seq, bytes);
-        self.replicated = hashes;
+        let src_seq = snap.seq;
+        active.send_encoded_snapshot(now, snap.term, snap.seq, snap.bytes);
+        self.replicated = snap.hashes;
         self.stats.resyncs += 1;
-        self.stats.snapshot_items = n;
+        self.stats.snapshot_items = snap.items;
         self.stats.snapshot_sent = Some(now);
         self.stats.snapshot_acked_ms = None;
         // What was committed after the copy's position follows it, in log
@@ -643,7 +686,7 @@ impl<R> Node<R> {
         let mut items = Vec::new();
         let mut top = 0;
         for (seq, its) in deferred {
-            if seq <= src.seq {
+            if seq <= src_seq {
                 continue;
             }
             top = top.max(seq);

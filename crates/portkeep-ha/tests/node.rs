@@ -97,17 +97,16 @@ fn pump(a: &mut Node<u32>, b: &mut Node<u32>, now: Timestamp) -> Vec<Effect<u32>
         }
         for e in effects(a) {
             if matches!(e, Effect::NeedSnapshot) {
-                a.send_snapshot(
-                    now,
-                    SnapshotSource {
-                        term: a.term(),
-                        seq: 0,
-                        anchor: T0,
-                        subscriber_anchors: vec![],
-                        mappings: vec![],
-                        volatile: vec![],
-                    },
-                );
+                let snap = SnapshotSource {
+                    term: a.term(),
+                    seq: 0,
+                    anchor: T0,
+                    subscriber_anchors: vec![],
+                    mappings: vec![],
+                    volatile: vec![],
+                }
+                .encode(a.snapshot_part());
+                a.send_snapshot(now, snap);
                 moved = true;
             }
             seen.push(e);
@@ -300,17 +299,16 @@ fn rfc7767_s1_changes_committed_while_a_snapshot_is_copied_follow_it() {
     let meta1 = a.prepare(&upsert(1, m1.clone()), vec![]);
     let meta2 = a.prepare(&upsert(2, m2), vec![]);
     a.handle_commit(at(1), vec![(1, meta1), (2, meta2)]);
-    a.send_snapshot(
-        at(2),
-        SnapshotSource {
-            term: a.term(),
-            seq: 1,
-            anchor: T0,
-            subscriber_anchors: vec![],
-            mappings: vec![m1],
-            volatile: vec![],
-        },
-    );
+    let snap = SnapshotSource {
+        term: a.term(),
+        seq: 1,
+        anchor: T0,
+        subscriber_anchors: vec![],
+        mappings: vec![m1],
+        volatile: vec![],
+    }
+    .encode(a.snapshot_part());
+    a.send_snapshot(at(2), snap);
     pump(&mut a, &mut b, at(3));
     assert_eq!(a.backup_state(), BackupState::InSync);
     assert_eq!(b.backup().unwrap().mapping_count(), 2);
