@@ -123,12 +123,15 @@ pub struct Grant {
     pub nonce: Nonce,
 }
 
+/// An item with the hash of its mapping key (upserts and removals).
+type HashedItem = (Item, Option<u64>);
+
 /// What replication needs from one job's changes (see [`Node::prepare`]).
 #[derive(Debug, Default, Clone)]
 pub struct JobMeta {
     last_seq: Option<u64>,
     /// Items with the hash of their mapping key (upserts and removals).
-    items: Vec<(Item, Option<u64>)>,
+    items: Vec<HashedItem>,
     grants: Vec<Grant>,
 }
 
@@ -316,7 +319,7 @@ pub struct Node<R> {
     replicated: HashSet<u64>,
     /// Items committed while a requested snapshot is being copied: those
     /// after the snapshot's position follow it on the stream.
-    deferred: Vec<(u64, Vec<(Item, Option<u64>)>)>,
+    deferred: Vec<(u64, Vec<HashedItem>)>,
     /// A deterministic hasher: runs replay exactly (simulator seeds).
     hasher: BuildHasherDefault<DefaultHasher>,
     effects: VecDeque<Effect<R>>,

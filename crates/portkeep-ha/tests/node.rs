@@ -1,5 +1,7 @@
 //! The node state machine: when replies leave, role changes, fencing.
 
+#![allow(clippy::unwrap_used, clippy::panic)]
+
 use std::net::IpAddr;
 use std::time::Duration;
 

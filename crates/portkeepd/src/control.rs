@@ -21,13 +21,15 @@ use portkeep_server::{
 };
 use serde_json::{json, Value};
 
-use crate::runtime::Shared;
+use std::sync::Arc;
+
+use crate::node::Shared;
 
 /// Longest request line accepted; anything longer is refused.
 const MAX_REQUEST: u64 = 64 * 1024;
 
 /// Serves control connections until the daemon stops.
-pub(crate) fn serve(shared: &Shared, listener: &UnixListener) {
+pub(crate) fn serve(shared: &Arc<Shared>, listener: &UnixListener) {
     if let Err(e) = listener.set_nonblocking(true) {
         tracing::error!(error = %e, "control socket unusable");
         return;
@@ -50,7 +52,7 @@ pub(crate) fn serve(shared: &Shared, listener: &UnixListener) {
     }
 }
 
-fn handle_connection(shared: &Shared, stream: UnixStream) -> std::io::Result<()> {
+fn handle_connection(shared: &Arc<Shared>, stream: UnixStream) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
@@ -74,7 +76,7 @@ fn error(message: impl Into<String>) -> Value {
 }
 
 /// Runs one command.
-pub(crate) fn dispatch(shared: &Shared, req: &Value) -> Value {
+pub(crate) fn dispatch(shared: &Arc<Shared>, req: &Value) -> Value {
     let Some(command) = req.get("command").and_then(Value::as_str) else {
         return error("missing \"command\"");
     };
@@ -83,8 +85,8 @@ pub(crate) fn dispatch(shared: &Shared, req: &Value) -> Value {
         "mappings" => mappings(shared),
         "counters" => counters(shared),
         "clear" => clear(shared, req),
-        "promote" => crate::ha::promote(shared),
-        "demote" => crate::ha::demote(shared, None, "demoted by the operator"),
+        "promote" => crate::node::promote(shared),
+        "demote" => crate::node::demote(shared),
         other => error(format!(
             "unknown command `{other}` (known: status, mappings, counters, clear, promote, demote)"
         )),
@@ -94,7 +96,7 @@ pub(crate) fn dispatch(shared: &Shared, req: &Value) -> Value {
 fn status(shared: &Shared) -> Value {
     let now = shared.clock.now();
     let dataplane = shared.dataplane.lock().map_or("unknown", |d| d.name());
-    let ha = shared.ha.status(now);
+    let ha = shared.pair.status(now);
     let core = shared.lock();
     json!({
         "ok": true,

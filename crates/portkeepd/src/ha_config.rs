@@ -44,27 +44,8 @@ pub struct HaSection {
     pub stale_after_ms: Option<u64>,
 }
 
-/// The node's role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// No pair: check-points are never honoured.
-    Standalone,
-    /// Serves PCP and replicates check-pointed state to the backup.
-    Active,
-    /// Receives the state and answers no PCP until promoted.
-    Backup,
-}
-
-impl Role {
-    /// As the config and the control interface spell it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Standalone => "standalone",
-            Role::Active => "active",
-            Role::Backup => "backup",
-        }
-    }
-}
+/// The node's role (the pair's state machine defines it).
+pub use portkeep_ha::Role;
 
 /// TLS for the link, loaded.
 #[derive(Clone)]

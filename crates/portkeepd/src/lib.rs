@@ -7,10 +7,12 @@ pub mod checkpoint_config;
 pub mod clock;
 pub mod config;
 pub mod control;
-pub mod ha;
 pub mod ha_config;
+pub mod link;
 pub mod mmsg;
 pub mod nft;
+pub mod node;
+pub mod pair;
 pub mod runtime;
 pub mod store;
 

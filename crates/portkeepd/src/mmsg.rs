@@ -129,11 +129,14 @@ impl SendBatch {
     }
 
     /// A batch with every datagram passed through `f` (same destinations,
-    /// same order): for replies whose content changed after they were built.
-    pub fn rewrite(&self, mut f: impl FnMut(&[u8]) -> Vec<u8>) -> SendBatch {
+    /// same order): for replies whose content changed after they were
+    /// built. A datagram for which `f` returns `None` is left out.
+    pub fn rewrite(&self, mut f: impl FnMut(&[u8]) -> Option<Vec<u8>>) -> SendBatch {
         let mut out = SendBatch::default();
         for (dest, start, len) in &self.items {
-            let bytes = f(&self.data[*start..*start + *len]);
+            let Some(bytes) = f(&self.data[*start..*start + *len]) else {
+                continue;
+            };
             let s = out.data.len();
             out.data.extend_from_slice(&bytes);
             out.items.push((dest.clone(), s, bytes.len()));

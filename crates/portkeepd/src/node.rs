@@ -1,0 +1,959 @@
+//! The serving node: the core behind its lock, the committer that makes
+//! every change durable and installed before its reply leaves, and the
+//! driver of the pair's sans-IO state machine ([`portkeep_ha::Node`]),
+//! whose effects it carries out.
+//!
+//! With a store (the default), a worker's batch of changes and replies goes
+//! to the committer thread. The committer takes everything queued, writes
+//! it in one transaction (group commit: one fsync for many requests),
+//! applies it to the dataplane, and hands the replies to the node, which
+//! says which leave now, which wait for the backup, and which must be
+//! rewritten. Without a store and without a pair, the worker applies the
+//! changes and sends the replies itself.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use portkeep_ha::{Effect, Grant, SnapshotSource, Term};
+use portkeep_server::{
+    Change, ChangeRecord, Dataplane, MappingKind, MemoryDataplane, RemoveReason, Restored, Server,
+    ServerConfig, SubscriberId, Timestamp,
+};
+use serde_json::{json, Value};
+
+use crate::clock::Clock;
+use crate::config::DataplaneKind;
+use crate::mmsg::SendBatch;
+use crate::pair::{Pair, Reply};
+use crate::store::Store;
+
+/// How often threads look up from waiting to check for shutdown.
+pub(crate) const POLL: Duration = Duration::from_millis(100);
+
+/// The core, behind one lock.
+pub(crate) struct Core {
+    pub(crate) server: Server,
+}
+
+/// Work for the committer: changes to make durable and install, then the
+/// replies that report them.
+pub(crate) struct Job {
+    changes: Vec<ChangeRecord>,
+    replies: SendBatch,
+    socket: usize,
+    /// Subscribers whose hosts with volatile mappings changed (for the
+    /// backup; see `Server::drain_volatile`).
+    volatile: Vec<(SubscriberId, Vec<IpAddr>)>,
+    /// Replace the store and the dataplane with this state first
+    /// (promotion and demotion), in log order.
+    reset: Option<Reset>,
+}
+
+/// The whole state a node switches to on promotion or demotion.
+#[derive(Debug)]
+pub(crate) struct Reset {
+    pub(crate) state: Restored,
+}
+
+#[derive(Default)]
+pub(crate) struct Queue {
+    jobs: VecDeque<Job>,
+}
+
+/// Replies whose changes are committed, waiting to be sent.
+#[derive(Default)]
+pub(crate) struct Outbox {
+    batches: VecDeque<(usize, SendBatch)>,
+    pub(crate) closed: bool,
+}
+
+pub(crate) struct Shared {
+    pub(crate) core: Mutex<Core>,
+    pub(crate) dataplane: Mutex<Box<dyn Dataplane>>,
+    pub(crate) stop: AtomicBool,
+    /// Set once the workers have stopped: the committer then drains the
+    /// queue and exits.
+    pub(crate) drained: AtomicBool,
+    /// Set when the store failed: the daemon stops rather than answer
+    /// without durability.
+    pub(crate) failed: AtomicBool,
+    pub(crate) clock: Clock,
+    pub(crate) listen: Vec<SocketAddr>,
+    /// Every PCP socket, for sending replies and ANNOUNCEs.
+    pub(crate) sockets: Vec<UdpSocket>,
+    /// `None` in memory mode.
+    pub(crate) queue: Option<(Mutex<Queue>, Condvar)>,
+    /// Committed replies for the sender thread.
+    pub(crate) outbox: (Mutex<Outbox>, Condvar),
+    /// How long the committer waits for more work before committing.
+    pub(crate) commit_delay: Duration,
+    /// Role in an active/backup pair, and the replication link.
+    pub(crate) pair: Pair,
+    /// The core's configuration, for the state a promotion or demotion
+    /// starts from.
+    pub(crate) server_cfg: ServerConfig,
+    /// Which dataplane to build again on promotion and demotion.
+    pub(crate) dataplane_kind: DataplaneKind,
+    /// ANNOUNCEs to repeat: when, to whom, the interval after that, and how
+    /// many more.
+    pub(crate) announces: Mutex<Vec<Repeat>>,
+}
+
+/// A repeated unsolicited ANNOUNCE to hosts that lost state.
+pub(crate) struct Repeat {
+    due: portkeep_server::Timestamp,
+    interval: Duration,
+    left: u32,
+    targets: Vec<(SubscriberId, IpAddr)>,
+}
+
+fn log_change(c: &ChangeRecord) {
+    // Formatting costs more than the request itself; skip it when nobody
+    // will read the line.
+    if !tracing::enabled!(tracing::Level::INFO) {
+        return;
+    }
+    match &c.change {
+        Change::Upserted(m) => {
+            let kind = match m.kind {
+                MappingKind::Map => "MAP".to_owned(),
+                MappingKind::Peer { remote } => format!("PEER to {remote}"),
+            };
+            tracing::info!(
+                seq = c.seq,
+                "{kind} {} {}:{} -> {} lifetime {}s{}",
+                m.key.protocol,
+                m.key.internal_ip,
+                m.key.internal_port,
+                m.external,
+                m.lifetime,
+                if m.checkpoint { " check-pointed" } else { "" }
+            );
+        }
+        Change::Removed { mapping: m, reason } => {
+            let why = match reason {
+                RemoveReason::Deleted => "deleted",
+                RemoveReason::Expired => "expired",
+                RemoveReason::Cleared => "cleared",
+                RemoveReason::Failed => "not installed (dataplane failure)",
+            };
+            tracing::info!(
+                seq = c.seq,
+                "{why}: {} {}:{} -> {}",
+                m.key.protocol,
+                m.key.internal_ip,
+                m.key.internal_port,
+                m.external
+            );
+        }
+        Change::EpochReset { subscriber, .. } => {
+            tracing::info!(seq = c.seq, "epoch reset for subscriber {subscriber}");
+        }
+        Change::ServerEpochReset { .. } => {
+            tracing::info!(seq = c.seq, "server-wide epoch reset");
+        }
+    }
+}
+
+impl Shared {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Core> {
+        // A worker that panicked cannot have left the core half-updated in a
+        // way later requests would trip over more than a restart would, and
+        // keeping the rest serving is better than taking the daemon down.
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn dataplane(&self) -> MutexGuard<'_, Box<dyn Dataplane>> {
+        self.dataplane.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies changes to the dataplane; returns the sequence numbers of
+    /// those that did not take effect.
+    fn apply(&self, changes: &[ChangeRecord]) -> Vec<u64> {
+        for c in changes {
+            log_change(c);
+        }
+        apply_guarded(&mut **self.dataplane(), changes)
+    }
+
+    /// RFC 6887 section 7.4: a mapping the dataplane could not install is
+    /// answered NETWORK_FAILURE ("a network failure ... unable to create
+    /// mapping"; a short-lifetime error: the client may retry soon) and
+    /// taken back from the core, so that what the server holds and what the
+    /// NAT does stay the same. `replies` are rewritten in place.
+    fn undo_failed(
+        &self,
+        core: &mut Core,
+        changes: &[ChangeRecord],
+        failed: &[u64],
+        replies: &mut [&mut SendBatch],
+    ) {
+        let mut undone: Vec<(portkeep_proto::Nonce, portkeep_proto::Protocol, u16)> = Vec::new();
+        for c in changes.iter().filter(|c| failed.contains(&c.seq)) {
+            if let Change::Upserted(m) = &c.change {
+                if core.server.remove_failed(&m.key, m.kind, m.nonce) {
+                    undone.push((m.nonce, m.key.protocol, m.key.internal_port));
+                }
+            }
+        }
+        if undone.is_empty() {
+            return;
+        }
+        let cfg = core.server.config();
+        let cp = cfg.code_points;
+        let lifetime = cfg.short_error_lifetime;
+        for r in replies.iter_mut() {
+            **r = r.rewrite(|bytes| network_failure(bytes, &cp, lifetime, &undone));
+        }
+    }
+
+    /// Hands the core's pending changes and the replies that depend on them
+    /// on. Called with the core locked, so jobs queue in log order.
+    pub(crate) fn submit(
+        &self,
+        mut core: MutexGuard<'_, Core>,
+        mut replies: SendBatch,
+        socket: usize,
+    ) {
+        let changes: Vec<ChangeRecord> = core.server.drain_changes().collect();
+        let volatile = if changes.is_empty() {
+            Vec::new()
+        } else {
+            core.server.drain_volatile()
+        };
+        match &self.queue {
+            None => {
+                let failed = self.apply(&changes);
+                if !failed.is_empty() {
+                    self.undo_failed(&mut core, &changes, &failed, &mut [&mut replies]);
+                    let undo: Vec<ChangeRecord> = core.server.drain_changes().collect();
+                    self.apply(&undo);
+                }
+                drop(core);
+                if let Some(s) = self.sockets.get(socket) {
+                    let _ = replies.flush(s);
+                }
+            }
+            Some((q, cv)) => {
+                if changes.is_empty() && replies.is_empty() {
+                    return;
+                }
+                q.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .jobs
+                    .push_back(Job {
+                        changes,
+                        replies,
+                        socket,
+                        volatile,
+                        reset: None,
+                    });
+                drop(core);
+                cv.notify_one();
+            }
+        }
+    }
+
+    /// Queues a switch of the store and dataplane to `reset` (plus any
+    /// changes the core made since), behind everything queued before and
+    /// ahead of every reply to come.
+    pub(crate) fn submit_reset(&self, mut core: MutexGuard<'_, Core>, reset: Reset) {
+        let changes: Vec<ChangeRecord> = core.server.drain_changes().collect();
+        let _ = core.server.drain_volatile();
+        match &self.queue {
+            None => {
+                self.reset_dataplane(&reset.state);
+                let _ = self.apply(&changes);
+            }
+            Some((q, cv)) => {
+                q.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .jobs
+                    .push_back(Job {
+                        changes,
+                        replies: SendBatch::default(),
+                        socket: 0,
+                        volatile: Vec::new(),
+                        reset: Some(reset),
+                    });
+                drop(core);
+                cv.notify_one();
+            }
+        }
+    }
+
+    /// Rebuilds the dataplane from scratch holding exactly `state`'s
+    /// mappings (a new instance rebuilds its nftables table on first use).
+    fn reset_dataplane(&self, state: &Restored) {
+        let mut dp = new_dataplane(&self.dataplane_kind);
+        let install: Vec<ChangeRecord> = state
+            .mappings
+            .iter()
+            .map(|m| ChangeRecord {
+                seq: 0,
+                change: Change::Upserted(m.clone()),
+            })
+            .collect();
+        if let Err(e) = dp.apply(&install) {
+            tracing::error!(error = %e, "dataplane rejected the state taken over");
+        }
+        *self.dataplane() = dp;
+    }
+
+    /// Hands replies whose changes are committed (and, for check-points,
+    /// acknowledged by the backup) to the sender thread.
+    pub(crate) fn send_committed(&self, batches: Vec<(usize, SendBatch)>) {
+        if batches.is_empty() {
+            return;
+        }
+        let (oq, ocv) = &self.outbox;
+        oq.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .batches
+            .extend(batches);
+        ocv.notify_one();
+    }
+
+    /// Repeats the ANNOUNCE just sent to `targets` three more times, after
+    /// 250 ms, 750 ms and 1.75 s (the start of the schedule RFC 6886
+    /// section 3.2.1 uses for the same purpose): one lost datagram must
+    /// not leave a client unaware that its state is gone until its next
+    /// renewal (RFC 6887 section 14.1.1 lets the server send it more than
+    /// once).
+    pub(crate) fn schedule_announce(&self, targets: Vec<(SubscriberId, IpAddr)>) {
+        if targets.is_empty() {
+            return;
+        }
+        let interval = Duration::from_millis(250);
+        self.announces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Repeat {
+                due: self.clock.now() + interval,
+                interval,
+                left: 3,
+                targets,
+            });
+    }
+
+    /// Sends the repeats that are due.
+    fn repeat_announces(&self) {
+        let now = self.clock.now();
+        let due: Vec<Vec<(SubscriberId, IpAddr)>> = {
+            let mut g = self.announces.lock().unwrap_or_else(|p| p.into_inner());
+            if g.is_empty() {
+                return;
+            }
+            let mut due = Vec::new();
+            for r in g.iter_mut().filter(|r| r.due <= now) {
+                due.push(r.targets.clone());
+                r.left -= 1;
+                r.interval *= 2;
+                r.due = now + r.interval;
+            }
+            g.retain(|r| r.left > 0);
+            due
+        };
+        for targets in due {
+            self.announce_to(self.lock(), &targets);
+        }
+    }
+
+    /// A socket of the family of `dest`, to send ANNOUNCEs from.
+    pub(crate) fn socket_for(&self, dest: SocketAddr) -> Option<usize> {
+        self.sockets
+            .iter()
+            .position(|s| s.local_addr().is_ok_and(|a| a.is_ipv4() == dest.is_ipv4()))
+    }
+
+    /// Queues an ANNOUNCE (with `sub`'s epoch) to each host's port 5350
+    /// (RFC 6887 section 14.1.1), behind the changes that caused it.
+    pub(crate) fn announce_to(
+        &self,
+        core: MutexGuard<'_, Core>,
+        targets: &[(SubscriberId, IpAddr)],
+    ) {
+        let now = self.clock.now();
+        let mut by_socket: std::collections::BTreeMap<usize, SendBatch> = Default::default();
+        let mut out = Vec::new();
+        for &(sub, host) in targets {
+            let dest = SocketAddr::new(host, portkeep_proto::CLIENT_PORT);
+            let Some(i) = self.socket_for(dest) else {
+                continue;
+            };
+            core.server.announce_for(now, Some(sub), &mut out);
+            by_socket.entry(i).or_default().push(dest, &out);
+        }
+        let mut core = Some(core);
+        if by_socket.is_empty() {
+            if let Some(c) = core.take() {
+                self.submit(c, SendBatch::default(), 0);
+            }
+            return;
+        }
+        for (i, batch) in by_socket {
+            let guard = match core.take() {
+                Some(c) => c,
+                None => self.lock(),
+            };
+            self.submit(guard, batch, i);
+        }
+    }
+}
+
+/// Applies `changes` to `dp`; returns the sequence numbers of those that
+/// did not take effect. A dataplane that panics installed nothing this
+/// node can vouch for: every change of the batch counts as failed, so no
+/// client is told SUCCESS for a mapping the NAT may not have (fail closed).
+pub(crate) fn apply_guarded(dp: &mut dyn Dataplane, changes: &[ChangeRecord]) -> Vec<u64> {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dp.apply(changes)));
+    match r {
+        Ok(Ok(())) => Vec::new(),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "dataplane did not apply {} change(s)", e.failed.len());
+            e.failed
+        }
+        Err(_) => {
+            tracing::error!(
+                "the dataplane panicked: all {} change(s) of the batch count as failed",
+                changes.len()
+            );
+            changes.iter().map(|c| c.seq).collect()
+        }
+    }
+}
+
+/// `bytes` (a reply) turned into NETWORK_FAILURE if it reports one of the
+/// `undone` mappings (by nonce, protocol and internal port, as a client
+/// matches it: RFC 6887 section 11.4); `None` (drop it) if it cannot be
+/// read or written again, since it might report an undone mapping.
+fn network_failure(
+    bytes: &[u8],
+    cp: &portkeep_proto::CodePoints,
+    lifetime: u32,
+    undone: &[(portkeep_proto::Nonce, portkeep_proto::Protocol, u16)],
+) -> Option<Vec<u8>> {
+    use portkeep_proto::{PcpOption, ResultCode};
+    rewrite_response(bytes, cp, |r| {
+        let hit = r.header.result == ResultCode::SUCCESS
+            && r.data.map_part().is_some_and(|m| {
+                undone.iter().any(|(n, p, port)| {
+                    m.nonce == *n && m.protocol == *p && m.internal_port == *port
+                })
+            });
+        if hit {
+            r.header.result = ResultCode::NETWORK_FAILURE;
+            r.header.lifetime = lifetime;
+            r.options.retain(|o| *o != PcpOption::CheckpointRequired);
+        }
+        hit
+    })
+}
+
+/// A reply changed after it was built: `edit` returns whether it changed
+/// the parsed response, which is then encoded again; unchanged replies go
+/// out as they were. `None` when the reply cannot be parsed or encoded
+/// again: the caller drops it (its client retransmits) rather than send
+/// something the edit was meant to correct.
+pub(crate) fn rewrite_response(
+    bytes: &[u8],
+    cp: &portkeep_proto::CodePoints,
+    edit: impl FnOnce(&mut portkeep_proto::Response) -> bool,
+) -> Option<Vec<u8>> {
+    let mut r = portkeep_proto::Response::parse(bytes, cp).ok()?;
+    if !edit(&mut r) {
+        return Some(bytes.to_vec());
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    r.encode(cp, &mut out).ok()?;
+    Some(out)
+}
+
+/// Carries out what the node asked for. Called without the node's lock
+/// (it takes the core's).
+pub(crate) fn act(shared: &Arc<Shared>, effects: Vec<Effect<Reply>>) {
+    if effects.is_empty() {
+        return;
+    }
+    let mut release = Vec::new();
+    let mut rewrite = Vec::new();
+    for e in effects {
+        match e {
+            Effect::Release(r) => release.push(r),
+            Effect::Rewrite { reply, grants } => rewrite.push((reply, grants)),
+            Effect::BackupState(st) => shared.lock().server.set_backup_state(st),
+            Effect::NeedSnapshot => {
+                let shared = shared.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("snapshot".into())
+                    .spawn(move || send_snapshot(&shared));
+                if let Err(e) = spawned {
+                    tracing::error!("cannot start the snapshot: {e}");
+                }
+            }
+            Effect::PersistTerm(term) => {
+                if let Err(e) = shared.pair.persist_term(term) {
+                    tracing::error!("cannot persist term {term}: {e}");
+                }
+            }
+            Effect::Deposed { term } => deposed(shared, term),
+            Effect::Persist { seq } => {
+                // The backup's replica lives in memory: applied is
+                // persisted.
+                shared.pair.node().persisted(seq);
+                shared.pair.wake.notify_one();
+            }
+        }
+    }
+    release.retain(|(_, r): &Reply| !r.is_empty());
+    shared.send_committed(release);
+    reject(shared, rewrite);
+}
+
+/// Answers replies whose check-point the backup never confirmed: the
+/// mappings lose their flag (logged and stored like any change) and the
+/// replies go out without the option, after that change is committed; a
+/// reply that cannot be rewritten is dropped ([`portkeep_ha::strip_checkpoint`]).
+fn reject(shared: &Shared, held: Vec<(Reply, Vec<Grant>)>) {
+    if held.is_empty() {
+        return;
+    }
+    let mut core = shared.lock();
+    let cp = core.server.config().code_points;
+    let mut n = 0u64;
+    for (_, grants) in &held {
+        for g in grants {
+            if core.server.unflag(&g.key, g.kind, g.nonce) {
+                n += 1;
+            }
+        }
+    }
+    tracing::warn!(
+        responses = held.len(),
+        unflagged = n,
+        "backup did not confirm check-points in time: answered as not honoured"
+    );
+    let mut core = Some(core);
+    for ((socket, replies), _) in held {
+        let replies = replies.rewrite(|b| portkeep_ha::strip_checkpoint(b, &cp));
+        let guard = core.take().unwrap_or_else(|| shared.lock());
+        shared.submit(guard, replies, socket);
+    }
+}
+
+/// The full check-pointed state for a backup that (re)connected (RFC 7767
+/// section 1): copied under the core lock, so it stands exactly for the
+/// log position it names, and encoded outside every lock; changes
+/// committed meanwhile follow it (the node keeps them).
+fn send_snapshot(shared: &Arc<Shared>) {
+    let (term, part) = {
+        let n = shared.pair.node();
+        match n.active() {
+            Some(a) if a.state() == portkeep_ha::LinkState::NeedSnapshot => {
+                (a.term(), n.snapshot_part())
+            }
+            _ => return,
+        }
+    };
+    let src = {
+        let core = shared.lock();
+        SnapshotSource {
+            term,
+            seq: core.server.last_seq(),
+            anchor: core.server.anchor(),
+            subscriber_anchors: core.server.subscriber_anchors(),
+            mappings: core.server.checkpointed_mappings(),
+            volatile: core.server.volatile_hosts(),
+        }
+    };
+    let snap = src.encode(part);
+    let (items, seq) = (snap.items(), snap.seq());
+    let effects = {
+        let mut n = shared.pair.node();
+        n.send_snapshot(shared.clock.now(), snap);
+        n.effects()
+    };
+    act(shared, effects);
+    tracing::info!(items, seq, "resync: snapshot sent to the backup");
+    shared.pair.wake.notify_one();
+}
+
+/// An empty state: what a node that stopped serving keeps.
+fn empty_state(now: Timestamp) -> Restored {
+    Restored {
+        anchor: now,
+        subscriber_anchors: Vec::new(),
+        mappings: Vec::new(),
+        last_seq: 0,
+    }
+}
+
+/// A node in a higher term serves: the node already stopped serving; its
+/// state goes (the new active's is the truth; a stale copy must never be
+/// served again) and it waits for the active's link as a backup.
+fn deposed(shared: &Shared, term: Term) {
+    let now = shared.clock.now();
+    let mut core = shared.lock();
+    core.server = Server::new(shared.server_cfg.clone(), now);
+    shared.submit_reset(
+        core,
+        Reset {
+            state: empty_state(now),
+        },
+    );
+    shared.pair.bump_role();
+    tracing::warn!(
+        term,
+        "a node in term {term} is active: demoted to backup; state dropped"
+    );
+}
+
+/// Stops acting as active (`ctl demote`): the node answers no more PCP,
+/// forgets its state and waits for the active's link as a backup.
+pub(crate) fn demote(shared: &Arc<Shared>) -> Value {
+    let now = shared.clock.now();
+    let mut core = shared.lock();
+    let (changed, role, term, effects) = {
+        let mut n = shared.pair.node();
+        let changed = n.demote();
+        (changed, n.role(), n.term(), n.effects())
+    };
+    if !changed {
+        return json!({"ok": true, "role": role.as_str(), "term": term, "changed": false});
+    }
+    core.server = Server::new(shared.server_cfg.clone(), now);
+    shared.submit_reset(
+        core,
+        Reset {
+            state: empty_state(now),
+        },
+    );
+    act(shared, effects);
+    shared.pair.bump_role();
+    tracing::warn!(term, "demoted to backup by the operator; state dropped");
+    json!({"ok": true, "role": "backup", "term": term, "changed": true})
+}
+
+/// Becomes active (`ctl promote`, keepalived's notify hook): the node
+/// decides the takeover (term, state, epochs; failure-scenarios draft
+/// section 2.6) once its term is persisted; this installs it, ANNOUNCEs to
+/// the hosts that lost state, then serves.
+pub(crate) fn promote(shared: &Arc<Shared>) -> Value {
+    let watch = crate::clock::Stopwatch::start();
+    let mut core = shared.lock();
+    let mut n = shared.pair.node();
+    let next = match n.promotion_term() {
+        Ok(t) => t,
+        Err(portkeep_ha::PromoteError::AlreadyActive) => {
+            return json!({"ok": true, "role": "active", "term": n.term(), "changed": false})
+        }
+        Err(e) => return json!({"ok": false, "error": e.to_string()}),
+    };
+    // Fencing depends on never acting twice in one term: persist first.
+    if let Err(e) = shared.pair.persist_term(next) {
+        return json!({"ok": false, "error": format!("cannot persist term {next}: {e}")});
+    }
+    let now = shared.clock.now();
+    let takeover = match n.promote(now) {
+        Ok(t) => t,
+        Err(e) => return json!({"ok": false, "error": e.to_string()}),
+    };
+    let effects = n.effects();
+    drop(n);
+    let state = takeover.state.clone();
+    let (server, report) = Server::restore(shared.server_cfg.clone(), now, takeover.state);
+    core.server = server;
+    let mut targets: Vec<(SubscriberId, IpAddr)> = takeover
+        .reset
+        .iter()
+        .flat_map(|(sub, hosts)| hosts.iter().map(move |h| (*sub, *h)))
+        .collect();
+    targets.extend(
+        report
+            .dropped
+            .iter()
+            .map(|m| (m.subscriber, m.key.internal_ip)),
+    );
+    targets.sort();
+    targets.dedup();
+    let mut rest = Vec::new();
+    for e in effects {
+        match e {
+            Effect::BackupState(st) => core.server.set_backup_state(st),
+            other => rest.push(other),
+        }
+    }
+    let kind = format!("{:?}", takeover.kind).to_lowercase();
+    let restored = report.restored;
+    // The store and the dataplane are replaced in log order, before any
+    // request handled from now on is answered.
+    shared.submit_reset(core, Reset { state });
+    act(shared, rest);
+    if !targets.is_empty() {
+        shared.announce_to(shared.lock(), &targets);
+        shared.schedule_announce(targets.clone());
+    }
+    shared.pair.bump_role();
+    let took = watch.micros();
+    tracing::warn!(
+        term = takeover.term,
+        kind,
+        mappings = restored,
+        reset = targets.len(),
+        took_us = took,
+        "promoted to active"
+    );
+    json!({
+        "ok": true,
+        "role": "active",
+        "term": takeover.term,
+        "changed": true,
+        "takeover": kind,
+        "mappings": restored,
+        "reset_subscribers": takeover.reset.len(),
+        "announced_hosts": targets.len(),
+        "took_us": took,
+    })
+}
+
+pub(crate) fn new_dataplane(kind: &DataplaneKind) -> Box<dyn Dataplane> {
+    match kind {
+        DataplaneKind::Memory => Box::new(MemoryDataplane::new()),
+        DataplaneKind::Nftables(n) => Box::new(crate::nft::NftDataplane::new(n.clone())),
+    }
+}
+
+/// Group commit: everything queued goes into one transaction, then to the
+/// dataplane and (for an active node) to the backup; the replies then go to
+/// the sender thread, so the next commit starts while they are sent. A
+/// reply whose check-point the backup must confirm waits for that first.
+pub(crate) fn committer(shared: &Arc<Shared>, mut store: Option<Store>) {
+    let Some((q, cv)) = &shared.queue else {
+        return;
+    };
+    loop {
+        let mut waited = false;
+        let jobs: Vec<Job> = {
+            let mut g = q.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(st) = store.as_mut() {
+                if g.jobs.is_empty() && st.log_len() > 0 && !shared.drained.load(Ordering::Relaxed)
+                {
+                    // Idle: fold a little of the log into the tables now,
+                    // while nobody is waiting for a commit.
+                    drop(g);
+                    if let Err(e) = st.checkpoint(crate::store::CHECKPOINT_IDLE) {
+                        fail(shared, &e);
+                        return;
+                    }
+                    continue;
+                }
+            }
+            while g.jobs.is_empty() && !shared.drained.load(Ordering::Relaxed) {
+                let (ng, _) = cv.wait_timeout(g, POLL).unwrap_or_else(|p| p.into_inner());
+                g = ng;
+                waited = true;
+                if g.jobs.is_empty()
+                    && store
+                        .as_ref()
+                        .is_some_and(|s| s.flush_due(shared.clock.now()))
+                {
+                    break;
+                }
+            }
+            if waited && !g.jobs.is_empty() && !shared.commit_delay.is_zero() && store.is_some() {
+                // Work arrived after a quiet spell: give the rest of its
+                // burst a moment to join the same fsync.
+                let (ng, _) = cv
+                    .wait_timeout(g, shared.commit_delay)
+                    .unwrap_or_else(|p| p.into_inner());
+                g = ng;
+            }
+            g.jobs.drain(..).collect()
+        };
+        let now = shared.clock.now();
+        if jobs.is_empty() {
+            if let Some(st) = store.as_mut() {
+                if let Err(e) = st.flush(now) {
+                    fail(shared, &e);
+                    return;
+                }
+            }
+            if shared.drained.load(Ordering::Relaxed) {
+                return;
+            }
+            continue;
+        }
+        // A reset (promotion, demotion) splits the batch: what came before
+        // it is committed first.
+        let mut segment = Vec::with_capacity(jobs.len());
+        for mut job in jobs {
+            if let Some(reset) = job.reset.take() {
+                if !commit(shared, &mut store, std::mem::take(&mut segment), now) {
+                    return;
+                }
+                if let Some(st) = store.as_mut() {
+                    if let Err(e) = st.replace(&reset.state) {
+                        fail(shared, &e);
+                        return;
+                    }
+                }
+                shared.reset_dataplane(&reset.state);
+            }
+            segment.push(job);
+        }
+        if !commit(shared, &mut store, segment, now) {
+            return;
+        }
+    }
+}
+
+/// Commits one run of jobs; false if the store failed.
+fn commit(
+    shared: &Arc<Shared>,
+    store: &mut Option<Store>,
+    mut jobs: Vec<Job>,
+    now: portkeep_server::Timestamp,
+) -> bool {
+    if jobs.is_empty() {
+        return true;
+    }
+    let mut changes: Vec<ChangeRecord> = Vec::new();
+    let metas: Vec<portkeep_ha::JobMeta> = {
+        let node = shared.pair.node();
+        let replicating = node.replicates();
+        jobs.iter_mut()
+            .map(|j| {
+                let volatile = std::mem::take(&mut j.volatile);
+                // Only a replicating node needs the view (it clones the
+                // check-pointed records); the others honour no check-point.
+                let m = if replicating {
+                    node.prepare(&j.changes, volatile)
+                } else {
+                    portkeep_ha::JobMeta::default()
+                };
+                changes.append(&mut j.changes);
+                m
+            })
+            .collect()
+    };
+    if !changes.is_empty() {
+        // nftables takes about as long as an fsync: run the two side by
+        // side rather than one after the other (replies wait for both). If
+        // the store then fails, the daemon stops, and on restart the table
+        // is rebuilt from the store, so nothing unstored stays installed.
+        let parallel =
+            store.is_some() && matches!(shared.dataplane_kind, DataplaneKind::Nftables(_));
+        let (written, failed) = if parallel {
+            std::thread::scope(|s| {
+                let dp = s.spawn(|| shared.apply(&changes));
+                let w = store.as_mut().map_or(Ok(()), |st| st.write(&changes, now));
+                // A dataplane thread that panicked installed nothing we can
+                // vouch for: every change of the batch failed.
+                let failed = dp.join().unwrap_or_else(|_| {
+                    tracing::error!("the dataplane panicked: the whole batch counts as failed");
+                    changes.iter().map(|c| c.seq).collect()
+                });
+                (w, failed)
+            })
+        } else {
+            let w = store.as_mut().map_or(Ok(()), |st| st.write(&changes, now));
+            match w {
+                Ok(()) => (Ok(()), shared.apply(&changes)),
+                Err(e) => (Err(e), Vec::new()),
+            }
+        };
+        if let Err(e) = written {
+            fail(shared, &e);
+            return false;
+        }
+        if !failed.is_empty() {
+            let mut core = shared.lock();
+            let mut all: Vec<&mut SendBatch> = jobs.iter_mut().map(|j| &mut j.replies).collect();
+            shared.undo_failed(&mut core, &changes, &failed, &mut all);
+            // The removals are committed (and taken off the dataplane) in
+            // the next round, like any change.
+            shared.submit(core, SendBatch::default(), 0);
+        }
+    }
+    let checkpoint_due = store.as_ref().is_some_and(Store::checkpoint_due);
+    let committed = changes.len();
+    let effects = {
+        let mut node = shared.pair.node();
+        node.handle_commit(
+            now,
+            jobs.into_iter()
+                .zip(metas)
+                .map(|(j, m)| ((j.socket, j.replies), m))
+                .collect(),
+        );
+        node.effects()
+    };
+    act(shared, effects);
+    // Under sustained load the committer is never idle: keep the log
+    // bounded anyway (the replies above are already on their way),
+    // folding about twice what was just written, so the log shrinks
+    // while each step stays short.
+    if checkpoint_due {
+        let step =
+            (2 * committed).clamp(crate::store::CHECKPOINT_IDLE, crate::store::CHECKPOINT_BUSY);
+        if let Some(st) = store.as_mut() {
+            if let Err(e) = st.checkpoint(step) {
+                fail(shared, &e);
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Sends replies whose changes are committed.
+pub(crate) fn sender(shared: &Shared) {
+    let (q, cv) = &shared.outbox;
+    loop {
+        let batches: Vec<(usize, SendBatch)> = {
+            let mut g = q.lock().unwrap_or_else(|p| p.into_inner());
+            while g.batches.is_empty() && !g.closed {
+                g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+            }
+            if g.batches.is_empty() {
+                return;
+            }
+            g.batches.drain(..).collect()
+        };
+        for (socket, mut replies) in batches {
+            if let Some(s) = shared.sockets.get(socket) {
+                let _ = replies.flush(s);
+            }
+        }
+    }
+}
+
+/// The store failed: answering on would acknowledge what might be lost,
+/// so the daemon stops (fail-stop); queued replies are never sent.
+fn fail(shared: &Shared, e: &crate::store::StoreError) {
+    tracing::error!("{e}; stopping: no response is sent for changes that are not stored");
+    shared.failed.store(true, Ordering::SeqCst);
+    shared.stop.store(true, Ordering::SeqCst);
+    if let Some((q, _)) = &shared.queue {
+        q.lock().unwrap_or_else(|p| p.into_inner()).jobs.clear();
+    }
+}
+
+/// Expires mappings when the core's timer says so (RFC 6887 section 15).
+pub(crate) fn housekeeping(shared: &Shared) {
+    while !shared.stop.load(Ordering::Relaxed) {
+        let now = shared.clock.now();
+        let mut core = shared.lock();
+        core.server.handle_timeout(now);
+        let wait = core
+            .server
+            .poll_timeout()
+            .map_or(POLL, |t| (t - now).clamp(Duration::from_millis(1), POLL));
+        shared.submit(core, SendBatch::default(), 0);
+        shared.repeat_announces();
+        std::thread::sleep(wait);
+    }
+}

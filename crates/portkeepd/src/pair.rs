@@ -1,0 +1,261 @@
+//! The node's place in an active/backup pair, as the daemon holds it: the
+//! sans-IO [`portkeep_ha::Node`] behind its lock, the term file, and the
+//! flags the threads read. Every decision (when a reply may leave, role
+//! changes, fencing, epochs on takeover) is the node's; this module only
+//! keeps it and its durable term.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use anyhow::Context;
+use portkeep_ha::{Effect, LinkState, Node, NodeConfig, Role, Term};
+use portkeep_server::Timestamp;
+use serde_json::{json, Value};
+
+use crate::ha_config::HaSettings;
+use crate::mmsg::SendBatch;
+
+/// The replies of one job and the socket they leave from.
+pub(crate) type Reply = (usize, SendBatch);
+
+/// Reads the term persisted in `path` (0 if none).
+fn read_term(path: &Path) -> anyhow::Result<Term> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .with_context(|| format!("{} does not hold a term", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Persists `term` atomically and durably: a node must never come back
+/// in a lower term than one it acted in (fencing).
+fn write_term(path: &Path, term: Term) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "{term}")?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Link refusals, for `ctl status`.
+#[derive(Debug, Default)]
+struct Refusals {
+    count: u64,
+    last: Option<String>,
+}
+
+/// The node's part in the pair.
+pub(crate) struct Pair {
+    pub(crate) settings: HaSettings,
+    node: Mutex<Node<Reply>>,
+    /// Mirrors `Node::serving` after every call into the node. It turns
+    /// false only with the core lock held too (demotion) or when the node
+    /// was deposed (then the node releases nothing anyway), so a worker
+    /// that checks it under the core lock never answers for a node that
+    /// stopped serving.
+    serving: AtomicBool,
+    /// Wakes the link's writer.
+    pub(crate) wake: tokio::sync::Notify,
+    term_path: PathBuf,
+    /// Bumped on role changes, for the link thread's loops.
+    role_gen: AtomicU64,
+    /// Bumped by every accepted connection, so a superseded one ends.
+    pub(crate) conn_gen: AtomicU64,
+    refusals: Mutex<Refusals>,
+}
+
+impl std::fmt::Debug for Pair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pair")
+            .field("serving", &self.serving.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// A locked node; dropping it mirrors `serving` and hands back nothing:
+/// callers drain effects with [`NodeGuard::effects`] and act on them once
+/// the lock is gone.
+pub(crate) struct NodeGuard<'a> {
+    pair: &'a Pair,
+    node: MutexGuard<'a, Node<Reply>>,
+}
+
+impl std::ops::Deref for NodeGuard<'_> {
+    type Target = Node<Reply>;
+    fn deref(&self) -> &Node<Reply> {
+        &self.node
+    }
+}
+
+impl std::ops::DerefMut for NodeGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Node<Reply> {
+        &mut self.node
+    }
+}
+
+impl NodeGuard<'_> {
+    /// Everything the node asked for so far.
+    pub(crate) fn effects(&mut self) -> Vec<Effect<Reply>> {
+        std::iter::from_fn(|| self.node.poll_effect()).collect()
+    }
+}
+
+impl Drop for NodeGuard<'_> {
+    fn drop(&mut self) {
+        self.pair
+            .serving
+            .store(self.node.serving(), Ordering::SeqCst);
+    }
+}
+
+impl Pair {
+    pub(crate) fn new(
+        settings: HaSettings,
+        data_dir: &Path,
+        keying: portkeep_server::SubscriberKeying,
+    ) -> anyhow::Result<Pair> {
+        let term_path = data_dir.join("term");
+        let term = read_term(&term_path)?;
+        let cfg = NodeConfig::new(
+            settings.role,
+            settings.link.as_ref().map(|l| l.timing),
+            settings
+                .link
+                .as_ref()
+                .map_or(std::time::Duration::ZERO, |l| l.stale_after),
+        );
+        let node = Node::new(cfg, term, keying);
+        Ok(Pair {
+            serving: AtomicBool::new(node.serving()),
+            node: Mutex::new(node),
+            settings,
+            wake: tokio::sync::Notify::new(),
+            term_path,
+            role_gen: AtomicU64::new(0),
+            conn_gen: AtomicU64::new(0),
+            refusals: Mutex::new(Refusals::default()),
+        })
+    }
+
+    /// The node, locked. Lock order: the core first, then the node.
+    pub(crate) fn node(&self) -> NodeGuard<'_> {
+        NodeGuard {
+            pair: self,
+            node: self.node.lock().unwrap_or_else(|p| p.into_inner()),
+        }
+    }
+
+    /// Whether this node answers PCP (see [`Pair::serving`]'s field).
+    pub(crate) fn serving(&self) -> bool {
+        self.serving.load(Ordering::SeqCst)
+    }
+
+    /// The role now.
+    pub(crate) fn role(&self) -> Role {
+        self.node().role()
+    }
+
+    /// Persists a term.
+    pub(crate) fn persist_term(&self, term: Term) -> std::io::Result<()> {
+        write_term(&self.term_path, term)
+    }
+
+    /// The role generation (see [`Pair::bump_role`]).
+    pub(crate) fn role_gen(&self) -> u64 {
+        self.role_gen.load(Ordering::SeqCst)
+    }
+
+    /// Tells the link thread the role changed.
+    pub(crate) fn bump_role(&self) {
+        self.role_gen.fetch_add(1, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    /// Records a refused link peer.
+    pub(crate) fn refused(&self, from: std::net::SocketAddr, why: &str) {
+        tracing::warn!(%from, "replication peer refused: {why}");
+        let mut r = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        r.count += 1;
+        r.last = Some(format!("{from}: {why}"));
+    }
+
+    /// Status for `ctl status`.
+    pub(crate) fn status(&self, now: Timestamp) -> Value {
+        let (count, last) = {
+            let r = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+            (r.count, r.last.clone())
+        };
+        let n = self.node();
+        let s = n.stats();
+        let link = self.settings.link.as_ref();
+        let mut v = json!({
+            "role": n.role().as_str(),
+            "term": n.term(),
+            "serving": n.serving(),
+            "link": link.map(|l| json!({
+                "listen": l.listen.to_string(),
+                "peer": l.peer.to_string(),
+                "tls": l.tls.is_some(),
+            })),
+            "held_responses": n.held(),
+            "responses_released_after_ack": s.released,
+            "checkpoints_acknowledged": s.checkpoints_acked,
+            "checkpoints_not_confirmed": s.checkpoints_rewritten,
+            "responses_dropped_deposed": s.dropped_deposed,
+            "resyncs": s.resyncs,
+            "last_snapshot_items": s.snapshot_items,
+            "last_snapshot_ack_ms": s.snapshot_acked_ms,
+            "refused_connections": count,
+            "last_refusal": last,
+            "takeovers": s.takeovers,
+        });
+        if let Some(a) = n.active() {
+            let state = match a.state() {
+                LinkState::Disconnected => "disconnected",
+                LinkState::Handshake => "handshake",
+                LinkState::NeedSnapshot => "snapshot requested",
+                LinkState::Resyncing { .. } => "resyncing",
+                LinkState::InSync => "in sync",
+                LinkState::Lagging => "lagging",
+                LinkState::Fenced { .. } => "fenced",
+            };
+            v["link_state"] = json!(state);
+            v["in_sync"] = json!(a.in_sync());
+            v["sent_seq"] = json!(a.sent());
+            v["acked_seq"] = json!(a.acked());
+            v["lag"] = json!(a.sent().saturating_sub(a.acked()));
+            if let (LinkState::Resyncing { .. }, Some(t)) = (a.state(), s.snapshot_sent) {
+                v["resync_elapsed_ms"] = json!((now - t).as_millis() as u64);
+            }
+        }
+        if let Some(b) = n.backup() {
+            v["link_state"] = json!(if b.in_sync() {
+                "in sync"
+            } else if b.staging_count().is_some() {
+                "resyncing"
+            } else {
+                "not in sync"
+            });
+            v["in_sync"] = json!(b.in_sync());
+            v["applied_seq"] = json!(b.applied());
+            v["checkpointed_mappings"] = json!(b.mapping_count());
+            v["volatile_subscribers"] = json!(b.volatile_count());
+            v["clock_offset_ms"] = json!(b.clock_offset_ms());
+            if let Some(n) = b.staging_count() {
+                v["resync_received_mappings"] = json!(n);
+            }
+        }
+        v
+    }
+}
