@@ -810,7 +810,10 @@ async fn accept_loop(shared: Arc<Shared>, link: LinkSettings, listener: TcpListe
                 Some(tls) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
                     match tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await {
-                        Ok(Ok(s)) => Box::new(s),
+                        Ok(Ok(s)) => match tls.check_peer(s.get_ref().1) {
+                            Ok(()) => Box::new(s),
+                            Err(why) => return refused(&shared, from, &why),
+                        },
                         Ok(Err(e)) => return refused(&shared, from, &e.to_string()),
                         Err(_) => return refused(&shared, from, "TLS handshake timed out"),
                     }
