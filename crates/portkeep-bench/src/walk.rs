@@ -1,4 +1,4 @@
-//! `--walk`: the GET/NEXT walk benchmark (issue 5: walking 100,000
+//! `--walk`: the GET/NEXT walk benchmark (target: walking 100,000
 //! mappings of one client over loopback in under a second).
 
 use std::collections::VecDeque;

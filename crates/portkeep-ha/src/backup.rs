@@ -95,7 +95,7 @@ pub struct Backup {
     lost_at: Option<Timestamp>,
     /// The active's clock minus ours, in milliseconds, as last measured:
     /// the active's timestamps are translated by it on takeover, so the
-    /// two nodes' clocks need not agree (the "anchors travel").
+    /// two nodes' clocks need not agree (the anchors travel, not the clocks).
     offset_ms: i64,
     /// Snapshot parts received on this connection.
     parts: u64,

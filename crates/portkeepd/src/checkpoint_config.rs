@@ -11,7 +11,7 @@ use portkeep_server::{
 };
 use serde::Deserialize;
 
-use crate::config::{invalid, ConfigError};
+use crate::config_error::{invalid, ConfigError};
 
 /// `[checkpoint]`.
 #[derive(Debug, Default, Deserialize)]

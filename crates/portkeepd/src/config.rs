@@ -19,43 +19,9 @@ use portkeep_server::{Prefix, ServerConfig, SubscriberKeying};
 use crate::checkpoint_config::{
     checkpoint_policy, named_subscribers, CheckpointSection, NamedEntry,
 };
+use crate::config_error::invalid;
+pub use crate::config_error::ConfigError;
 use serde::Deserialize;
-
-/// A configuration problem, naming the key.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: String,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// TOML syntax, an unknown key, or a value of the wrong type.
-    #[error("config file {path}: {message}")]
-    Parse {
-        /// The file.
-        path: String,
-        /// The parser's message, which names the key and line.
-        message: String,
-    },
-    /// A value of the right type but wrong meaning.
-    #[error("config key `{key}`: {message}")]
-    Invalid {
-        /// Dotted key path.
-        key: String,
-        /// What was expected.
-        message: String,
-    },
-}
-
-pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key: key.into(),
-        message: message.into(),
-    }
-}
 
 /// The file as written. Every table rejects unknown keys.
 #[derive(Debug, Default, Deserialize)]

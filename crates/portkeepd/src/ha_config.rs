@@ -11,7 +11,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde::Deserialize;
 
-use crate::config::{invalid, ConfigError};
+use crate::config_error::{invalid, ConfigError};
 
 /// `[ha]` as written.
 #[derive(Debug, Default, Deserialize)]
@@ -54,8 +54,37 @@ pub struct LinkTls {
     pub server: Arc<rustls::ServerConfig>,
     /// For connecting to the backup.
     pub client: Arc<rustls::ClientConfig>,
-    /// The name the backup's certificate must carry.
+    /// The name the other node's certificate must carry: the active checks
+    /// it in the handshake, the backup with [`LinkTls::check_peer`].
     pub peer_name: ServerName<'static>,
+}
+
+impl LinkTls {
+    /// The backup's half of the name check, after the handshake verified
+    /// the connecting node's chain against the pair's CA: its certificate
+    /// must also be valid for `peer_name`, as the active requires of the
+    /// backup's. Without this, any certificate the pair's CA ever issued
+    /// could act as the active.
+    pub fn check_peer(&self, conn: &rustls::ServerConnection) -> Result<(), String> {
+        let cert = conn
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .ok_or("the peer presented no certificate")?;
+        valid_for(cert, &self.peer_name)
+    }
+}
+
+/// Whether `cert` names `name` (a DNS subject alternative name, matched
+/// as a TLS client matches a server's).
+fn valid_for(cert: &CertificateDer<'_>, name: &ServerName<'_>) -> Result<(), String> {
+    let ee = webpki::EndEntityCert::try_from(cert)
+        .map_err(|e| format!("the peer's certificate does not parse: {e}"))?;
+    ee.verify_is_valid_for_subject_name(name).map_err(|e| {
+        format!(
+            "the peer's certificate is not valid for `{}` (ha.peer_name): {e}",
+            name.to_str()
+        )
+    })
 }
 
 impl std::fmt::Debug for LinkTls {
@@ -308,4 +337,86 @@ pub fn generate_certs(dir: &Path, names: &[String]) -> anyhow::Result<Vec<PathBu
         write(format!("{n}.key"), key.serialize_pem(), true)?;
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each node's TLS from `generate_certs`: (own name, peer name).
+    fn nodes(dir: &Path, pairs: &[(&str, &str)]) -> Vec<LinkTls> {
+        let names: Vec<String> = pairs.iter().map(|(n, _)| (*n).to_owned()).collect();
+        generate_certs(dir, &names).unwrap();
+        let p = |f: String| dir.join(f).display().to_string();
+        pairs
+            .iter()
+            .map(|(n, peer)| {
+                load_tls(
+                    &p("ca.pem".into()),
+                    &p(format!("{n}.pem")),
+                    &p(format!("{n}.key")),
+                    Some(peer),
+                )
+                .unwrap()
+            })
+            .collect()
+    }
+
+    /// A TLS handshake in memory; the server's end after it.
+    fn handshake(client: &LinkTls, server: &LinkTls) -> rustls::ServerConnection {
+        let mut c =
+            rustls::ClientConnection::new(client.client.clone(), client.peer_name.clone()).unwrap();
+        let mut s = rustls::ServerConnection::new(server.server.clone()).unwrap();
+        while c.is_handshaking() || s.is_handshaking() {
+            let mut wire = Vec::new();
+            c.write_tls(&mut wire).unwrap();
+            let mut rd = &wire[..];
+            while !rd.is_empty() {
+                s.read_tls(&mut rd).unwrap();
+                s.process_new_packets().unwrap();
+            }
+            let mut wire = Vec::new();
+            s.write_tls(&mut wire).unwrap();
+            let mut rd = &wire[..];
+            while !rd.is_empty() {
+                c.read_tls(&mut rd).unwrap();
+                c.process_new_packets().unwrap();
+            }
+        }
+        s
+    }
+
+    #[test]
+    fn backup_accepts_only_the_certificate_named_peer_name() {
+        let dir = tempfile::tempdir().unwrap();
+        // node-c has a certificate from the same CA but another name.
+        let tls = nodes(
+            dir.path(),
+            &[
+                ("node-a", "node-b"),
+                ("node-b", "node-a"),
+                ("node-c", "node-b"),
+            ],
+        );
+        let (a, b, c) = (&tls[0], &tls[1], &tls[2]);
+        assert_eq!(b.check_peer(&handshake(a, b)), Ok(()));
+        let err = b.check_peer(&handshake(c, b)).unwrap_err();
+        assert!(err.contains("not valid for `node-a`"), "{err}");
+    }
+
+    #[test]
+    fn name_check_reads_the_subject_alternative_name() {
+        let dir = tempfile::tempdir().unwrap();
+        generate_certs(dir.path(), &["node-a".to_owned()]).unwrap();
+        let pem = std::fs::read(dir.path().join("node-a.pem")).unwrap();
+        let cert = CertificateDer::from_pem_slice(&pem).unwrap();
+        let name = |n: &str| ServerName::try_from(n.to_owned()).unwrap();
+        assert_eq!(valid_for(&cert, &name("node-a")), Ok(()));
+        assert!(valid_for(&cert, &name("node-b")).is_err());
+        assert!(valid_for(&cert, &name("node-a.example")).is_err());
+        let garbage = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00]);
+        assert!(valid_for(&garbage, &name("node-a"))
+            .unwrap_err()
+            .contains("does not parse"));
+    }
 }

@@ -6,6 +6,7 @@
 pub mod checkpoint_config;
 pub mod clock;
 pub mod config;
+pub mod config_error;
 pub mod control;
 pub mod ha_config;
 pub mod link;

@@ -79,7 +79,12 @@ async fn accept_loop(shared: Arc<Shared>, link: LinkSettings, listener: TcpListe
                 Some(tls) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
                     match tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await {
-                        Ok(Ok(s)) => Box::new(s),
+                        // The chain alone is not enough: any certificate of the
+                        // pair's CA would pass; the active's name must match too.
+                        Ok(Ok(s)) => match tls.check_peer(s.get_ref().1) {
+                            Ok(()) => Box::new(s),
+                            Err(why) => return shared.pair.refused(from, &why),
+                        },
                         Ok(Err(e)) => return shared.pair.refused(from, &e.to_string()),
                         Err(_) => return shared.pair.refused(from, "TLS handshake timed out"),
                     }

@@ -4,8 +4,8 @@
 //! them, epochs continue exactly for the subscribers whose whole state was
 //! check-pointed (failure-scenarios draft section 2.6, RFC 6887 section
 //! 8.5), a cut link makes check-points not honoured until it resyncs, a
-//! deposed active that returns is fenced, and a peer with the wrong key is
-//! refused.
+//! deposed active that returns is fenced, and a peer with the wrong key or
+//! the wrong name is refused.
 
 #![allow(clippy::unwrap_used, clippy::panic, clippy::disallowed_methods)]
 
@@ -709,6 +709,55 @@ fn design_link_wrong_key_or_plaintext_peer_is_refused() {
         b.log().contains("replication peer refused"),
         "refusals are logged"
     );
+}
+
+#[test]
+fn design_link_backup_refuses_a_certificate_of_the_pair_ca_with_another_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sa, mut sb) = pair(dir.path());
+    // One CA for three names: node-c's chain is as valid as node-a's, but
+    // the backup's `peer_name` is node-a.
+    let three = dir.path().join("three");
+    certs(&three, &["node-a", "node-b", "node-c"]);
+    sb.certs = three.clone();
+    let mut rogue = sa.clone();
+    rogue.name = "node-c";
+    rogue.certs = three.clone();
+    let mut b = Node::start(&sb, "backup");
+    let mut a = Node::start(&rogue, "active");
+    a.wait(Duration::from_secs(10), "serving", |s| {
+        s["ha"]["serving"] == true
+    });
+    b.wait(Duration::from_secs(10), "a refused connection", |s| {
+        s["ha"]["refused_connections"].as_u64().unwrap_or(0) >= 1
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    let client: IpAddr = "127.0.0.81".parse().unwrap();
+    let sock = client_socket(client);
+    let r = exchange_once(
+        &sock,
+        rogue.pcp,
+        &map_request(client, 1, 3600, [4; 12], true),
+    )
+    .unwrap();
+    assert_eq!(r.header.result.0, 0);
+    assert!(
+        !r.checkpoint_honoured(),
+        "no authenticated backup: not honoured"
+    );
+    assert_eq!(a.status()["ha"]["in_sync"], false);
+    let st = b.status();
+    let why = st["ha"]["last_refusal"].as_str().unwrap_or_default();
+    assert!(why.contains("not valid for `node-a`"), "{st}");
+    assert_eq!(st["ha"]["checkpointed_mappings"], 0);
+    assert_eq!(st["ha"]["in_sync"], false);
+    drop(a);
+    // The certificate that does carry the name gets the same backup in sync.
+    let mut genuine = sa.clone();
+    genuine.certs = three;
+    genuine.data = dir.path().join("a2");
+    let mut a = Node::start(&genuine, "active");
+    a.wait_in_sync();
 }
 
 #[test]
