@@ -957,3 +957,74 @@ pub(crate) fn housekeeping(shared: &Shared) {
         std::thread::sleep(wait);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+
+    use super::*;
+    use portkeep_server::{DataplaneError, MappingKey};
+
+    struct Panicking;
+
+    impl Dataplane for Panicking {
+        fn name(&self) -> &'static str {
+            "panicking"
+        }
+        fn apply(&mut self, _: &[ChangeRecord]) -> Result<(), DataplaneError> {
+            panic!("dataplane bug");
+        }
+    }
+
+    fn upsert(seq: u64) -> ChangeRecord {
+        let ip: IpAddr = "198.51.100.1".parse().unwrap();
+        ChangeRecord {
+            seq,
+            change: Change::Upserted(portkeep_server::MappingRecord {
+                key: MappingKey {
+                    internal_ip: ip,
+                    protocol: portkeep_proto::Protocol::TCP,
+                    internal_port: 80 + seq as u16,
+                },
+                kind: MappingKind::Map,
+                nonce: [1; 12],
+                external: "192.0.2.1:40000".parse().unwrap(),
+                expires: Timestamp(1_000_000),
+                lifetime: 600,
+                checkpoint: false,
+                filters: vec![],
+                description: None,
+                subscriber: portkeep_server::SubscriberKeying::default().subscriber_of(ip),
+                third_party: false,
+            }),
+        }
+    }
+
+    /// RFC 6887 section 7.4 (fail closed): a dataplane that panics
+    /// installed nothing this node can vouch for, so every change of its
+    /// batch is reported failed and answered NETWORK_FAILURE, never SUCCESS.
+    #[test]
+    fn rfc6887_s7_4_a_panicking_dataplane_fails_the_whole_batch() {
+        let changes = [upsert(1), upsert(2), upsert(3)];
+        let failed = apply_guarded(&mut Panicking, &changes);
+        assert_eq!(failed, vec![1, 2, 3]);
+    }
+
+    /// RFC 7767 section 3.2: a reply that cannot be re-encoded after an
+    /// edit is dropped, never sent as it was (it might report a check-point
+    /// or a mapping that is not true).
+    #[test]
+    fn rfc7767_s3_2_a_reply_that_cannot_be_rewritten_is_dropped() {
+        let cp = portkeep_proto::CodePoints::default();
+        assert_eq!(rewrite_response(&[0xff; 7], &cp, |_| true), None);
+        let mut batch = SendBatch::default();
+        let dest: SocketAddr = "127.0.0.1:5350".parse().unwrap();
+        batch.push(dest, &[0xff; 7]);
+        let out = batch.rewrite(|b| portkeep_ha::strip_checkpoint(b, &cp));
+        assert!(out.is_empty(), "the unparsable reply must not be sent");
+        let out = batch.rewrite(|b| {
+            network_failure(b, &cp, 30, &[([1; 12], portkeep_proto::Protocol::TCP, 80)])
+        });
+        assert!(out.is_empty());
+    }
+}

@@ -542,3 +542,96 @@ fn multicast_sockets(iface: &str) -> anyhow::Result<Vec<(UdpSocket, SocketAddr)>
     v.push((s6.into(), SocketAddr::V6(dest)));
     Ok(v)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+
+    use std::net::Ipv6Addr;
+
+    use portkeep_proto::{
+        CodePoints, MapData, OpData, PcpOption, Protocol, Request, RequestHeader,
+    };
+
+    use super::*;
+    use crate::config::ConfigFile;
+
+    fn map_request(client: SocketAddr) -> Vec<u8> {
+        let IpAddr::V4(v4) = client.ip() else {
+            panic!("IPv4 expected")
+        };
+        Request {
+            header: RequestHeader {
+                lifetime: 600,
+                client_ip: v4.to_ipv6_mapped(),
+            },
+            data: OpData::Map(MapData {
+                nonce: [9; 12],
+                protocol: Protocol::TCP,
+                internal_port: 8080,
+                external_port: 0,
+                external_ip: Ipv6Addr::UNSPECIFIED,
+            }),
+            options: vec![PcpOption::CheckpointRequired],
+        }
+        .to_bytes(&CodePoints::default())
+        .unwrap()
+    }
+
+    /// A deposed node never answers PCP: a worker that passed the serving
+    /// check just before a demotion and then waited for the core must not
+    /// handle its requests against the empty state the demotion installs
+    /// (that would create mappings, and a reply, on a node that no longer
+    /// serves).
+    #[test]
+    fn design_demotion_a_worker_waiting_for_the_core_does_not_serve_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = ConfigFile::parse(
+            // The peer is unreachable (nothing listens on the discard
+            // port): the node serves after its first attempt.
+            "[ha]\nrole = \"active\"\nlisten = \"127.0.0.1:0\"\npeer = \"127.0.0.1:9\"\nplaintext = true\n[store]\nmode = \"memory\"\n",
+            "test.toml",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        s.set_data_dir(dir.path().join("data"));
+        s.listen = vec!["127.0.0.1:0".parse().unwrap()];
+        s.workers = 1;
+        let d = Daemon::start(s).unwrap();
+        for _ in 0..100 {
+            if d.shared.pair.serving() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(d.shared.pair.serving());
+        let server = d.local_addrs()[0];
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        // Hold the core as `ctl demote` does while a request arrives: the
+        // worker passes its first check and waits for the lock.
+        let mut core = d.shared.lock();
+        client
+            .send_to(&map_request(client.local_addr().unwrap()), server)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(d.shared.pair.node().demote());
+        let now = d.shared.clock.now();
+        core.server = Server::new(d.shared.server_cfg.clone(), now);
+        drop(core);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            d.mapping_count(),
+            0,
+            "the demoted node handled a request against its new empty state"
+        );
+        let mut buf = [0u8; 1100];
+        assert!(
+            client.recv_from(&mut buf).is_err(),
+            "the demoted node answered"
+        );
+    }
+}
