@@ -144,6 +144,9 @@ pub struct LimitSection {
     pub max_mappings: Option<u32>,
     /// FILTER rules per mapping.
     pub max_filters: Option<usize>,
+    /// Replies handled and waiting for the committer, or committed and
+    /// waiting for the sender, beyond which new datagrams are shed.
+    pub max_queued_replies: Option<usize>,
 }
 
 /// `[third_party]`.
@@ -329,7 +332,15 @@ pub struct Settings {
     pub store: StoreSettings,
     /// Role and replication link.
     pub ha: crate::ha_config::HaSettings,
+    /// Bound of each reply queue (committer, sender): past it, workers
+    /// shed datagrams before the core handles them.
+    pub max_queued_replies: usize,
 }
+
+/// Default of `[limits] max_queued_replies`: about a quarter of a second
+/// of replies at the daemon's measured peak, so a stalled disk or
+/// dataplane costs bounded memory (a few MB) while ordinary bursts pass.
+pub const DEFAULT_MAX_QUEUED_REPLIES: usize = 65_536;
 
 /// Name of the store file inside the data directory.
 pub const STORE_FILE: &str = "store.redb";
@@ -550,7 +561,18 @@ impl ConfigFile {
             commit_delay: std::time::Duration::from_micros(commit_delay_us),
         };
         let ha = self.ha.validate()?;
+        let max_queued_replies = self
+            .limits
+            .max_queued_replies
+            .unwrap_or(DEFAULT_MAX_QUEUED_REPLIES);
+        if !(64..=16_777_216).contains(&max_queued_replies) {
+            return Err(invalid(
+                "limits.max_queued_replies",
+                "expected 64 to 16777216",
+            ));
+        }
         Ok(Settings {
+            max_queued_replies,
             data_dir,
             control_socket,
             listen,

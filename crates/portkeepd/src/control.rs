@@ -141,26 +141,47 @@ pub fn mapping_json(m: &MappingRecord, now: Timestamp) -> Value {
     })
 }
 
-/// [`mapping_json`] plus what the server knows about the subscriber: the
-/// operator's name for it (`[[subscribers.named]]`) and its check-point
-/// class (RFC 7767 section 4).
-fn mapping_json_in(server: &Server, m: &MappingRecord, now: Timestamp) -> Value {
-    let mut v = mapping_json(m, now);
-    v["subscriber_name"] = json!(server.config().subscriber_keying.name_of(m.subscriber));
-    v["class"] = json!(server
-        .checkpoint_class_of(m.subscriber)
-        .map(|c| c.name.as_str()));
-    v
-}
-
+/// `mappings`: every mapping with what the server knows about its
+/// subscriber: the operator's name for it (`[[subscribers.named]]`) and its
+/// check-point class (RFC 7767 section 4).
 fn mappings(shared: &Shared) -> Value {
     let now = shared.clock.now();
-    let core = shared.lock();
-    let mut list = core.server.mappings();
+    // Copied under the core lock, encoded outside it: a million mappings
+    // take a while to serialise, and PCP waits for nobody's listing.
+    let (mut list, names) = {
+        let core = shared.lock();
+        let list = core.server.mappings();
+        let mut subs: Vec<SubscriberId> = list.iter().map(|m| m.subscriber).collect();
+        subs.sort_unstable();
+        subs.dedup();
+        let names: std::collections::HashMap<SubscriberId, (Option<String>, Option<String>)> = subs
+            .into_iter()
+            .map(|s| {
+                let name = core
+                    .server
+                    .config()
+                    .subscriber_keying
+                    .name_of(s)
+                    .map(str::to_owned);
+                let class = core.server.checkpoint_class_of(s).map(|c| c.name.clone());
+                (s, (name, class))
+            })
+            .collect();
+        (list, names)
+    };
     list.sort_by_key(|m| (m.key, m.kind));
     json!({
         "ok": true,
-        "mappings": list.iter().map(|m| mapping_json_in(&core.server, m, now)).collect::<Vec<_>>(),
+        "mappings": list
+            .iter()
+            .map(|m| {
+                let mut v = mapping_json(m, now);
+                let (name, class) = names.get(&m.subscriber).cloned().unwrap_or_default();
+                v["subscriber_name"] = json!(name);
+                v["class"] = json!(class);
+                v
+            })
+            .collect::<Vec<_>>(),
     })
 }
 
@@ -254,6 +275,9 @@ fn counters(shared: &Shared) -> Value {
         "results": results,
         "mappings": core.server.mapping_count(),
         "checkpoint": checkpoint_counters(&core.server),
+        "shed": shared.shed.load(Ordering::Relaxed),
+        "queued_replies": shared.queued.load(Ordering::Relaxed),
+        "unsent_replies": shared.outboxed.load(Ordering::Relaxed),
     })
 }
 

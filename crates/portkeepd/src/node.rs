@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -100,6 +100,14 @@ pub(crate) struct Shared {
     /// ANNOUNCEs to repeat: when, to whom, the interval after that, and how
     /// many more.
     pub(crate) announces: Mutex<Vec<Repeat>>,
+    /// Bound of each reply queue (`[limits] max_queued_replies`).
+    pub(crate) max_queued: usize,
+    /// Replies handled by the core and waiting for the committer.
+    pub(crate) queued: AtomicUsize,
+    /// Replies committed and waiting for the sender.
+    pub(crate) outboxed: AtomicUsize,
+    /// Datagrams shed because a queue was full.
+    pub(crate) shed: AtomicU64,
 }
 
 /// A repeated unsolicited ANNOUNCE to hosts that lost state.
@@ -210,6 +218,16 @@ impl Shared {
         }
     }
 
+    /// Whether a reply queue is past its bound: new datagrams are then
+    /// shed before the core handles them (their clients retransmit, RFC
+    /// 6887 section 8.1.1), never after, so no change the core applied is
+    /// ever dropped. Each queue stays within its bound plus one batch per
+    /// worker.
+    pub(crate) fn overloaded(&self) -> bool {
+        self.queued.load(Ordering::Relaxed) >= self.max_queued
+            || self.outboxed.load(Ordering::Relaxed) >= self.max_queued
+    }
+
     /// Hands the core's pending changes and the replies that depend on them
     /// on. Called with the core locked, so jobs queue in log order.
     pub(crate) fn submit(
@@ -241,6 +259,7 @@ impl Shared {
                 if changes.is_empty() && replies.is_empty() {
                     return;
                 }
+                self.queued.fetch_add(replies.len(), Ordering::Relaxed);
                 q.lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .jobs
@@ -309,6 +328,8 @@ impl Shared {
         if batches.is_empty() {
             return;
         }
+        let n: usize = batches.iter().map(|(_, b)| b.len()).sum();
+        self.outboxed.fetch_add(n, Ordering::Relaxed);
         let (oq, ocv) = &self.outbox;
         oq.lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -773,6 +794,15 @@ pub(crate) fn committer(shared: &Arc<Shared>, mut store: Option<Store>) {
             }
             g.jobs.drain(..).collect()
         };
+        let n: usize = jobs.iter().map(|j| j.replies.len()).sum();
+        shared.queued.fetch_sub(n, Ordering::Relaxed);
+        // A slow sender holds the committer back rather than let its queue
+        // grow: the committer's queue fills in turn and the workers shed.
+        while shared.outboxed.load(Ordering::Relaxed) > shared.max_queued
+            && !shared.stop.load(Ordering::Relaxed)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let now = shared.clock.now();
         if jobs.is_empty() {
             if let Some(st) = store.as_mut() {
@@ -924,9 +954,11 @@ pub(crate) fn sender(shared: &Shared) {
             g.batches.drain(..).collect()
         };
         for (socket, mut replies) in batches {
+            let n = replies.len();
             if let Some(s) = shared.sockets.get(socket) {
                 let _ = replies.flush(s);
             }
+            shared.outboxed.fetch_sub(n, Ordering::Relaxed);
         }
     }
 }

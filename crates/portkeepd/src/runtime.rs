@@ -302,6 +302,10 @@ impl Daemon {
             server_cfg: settings.server.clone(),
             dataplane_kind: settings.dataplane.clone(),
             announces: Mutex::new(Vec::new()),
+            max_queued: settings.max_queued_replies,
+            queued: std::sync::atomic::AtomicUsize::new(0),
+            outboxed: std::sync::atomic::AtomicUsize::new(0),
+            shed: std::sync::atomic::AtomicU64::new(0),
         });
         let committer = match (start.store, &shared.queue) {
             (store, Some(_)) => {
@@ -449,6 +453,12 @@ pub(crate) fn worker(shared: &Shared, sock: &UdpSocket, index: usize) {
             // whichever node serves.
             continue;
         }
+        if shared.overloaded() {
+            shared
+                .shed
+                .fetch_add(rb.iter().count() as u64, Ordering::Relaxed);
+            continue;
+        }
         let now = shared.clock.now();
         let mut replies = SendBatch::default();
         let mut core = shared.lock();
@@ -557,6 +567,10 @@ mod tests {
     use crate::config::ConfigFile;
 
     fn map_request(client: SocketAddr) -> Vec<u8> {
+        map_request_port(client, 8080)
+    }
+
+    fn map_request_port(client: SocketAddr, port: u16) -> Vec<u8> {
         let IpAddr::V4(v4) = client.ip() else {
             panic!("IPv4 expected")
         };
@@ -568,7 +582,7 @@ mod tests {
             data: OpData::Map(MapData {
                 nonce: [9; 12],
                 protocol: Protocol::TCP,
-                internal_port: 8080,
+                internal_port: port,
                 external_port: 0,
                 external_ip: Ipv6Addr::UNSPECIFIED,
             }),
@@ -633,5 +647,88 @@ mod tests {
             client.recv_from(&mut buf).is_err(),
             "the demoted node answered"
         );
+    }
+
+    /// Holds every apply until released: a dataplane (or disk) that stalls.
+    struct Stall(Arc<(Mutex<bool>, Condvar)>);
+
+    impl portkeep_server::Dataplane for Stall {
+        fn name(&self) -> &'static str {
+            "stall"
+        }
+        fn apply(&mut self, _: &[ChangeRecord]) -> Result<(), portkeep_server::DataplaneError> {
+            let (m, cv) = &*self.0;
+            let mut open = m.lock().unwrap();
+            while !*open {
+                open = cv.wait(open).unwrap();
+            }
+            Ok(())
+        }
+    }
+
+    /// Opens the stall when dropped, so a failing assertion ends the test
+    /// instead of leaving the committer waiting forever.
+    struct Release(Arc<(Mutex<bool>, Condvar)>);
+
+    impl Drop for Release {
+        fn drop(&mut self) {
+            let (m, cv) = &*self.0;
+            *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            cv.notify_all();
+        }
+    }
+
+    /// A stalled committer does not let the queues grow without bound:
+    /// past `[limits] max_queued_replies`, datagrams are shed before the
+    /// core handles them (counted; their clients retransmit, RFC 6887
+    /// section 8.1.1), and every request the core did handle is answered
+    /// once the stall ends.
+    #[test]
+    fn queues_are_bounded_and_shed_only_before_the_core() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = ConfigFile::parse(
+            "[limits]\nmax_queued_replies = 64\n[subscribers]\nmax_mappings = 100000\n",
+            "test.toml",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        s.set_data_dir(dir.path().join("data"));
+        s.listen = vec!["127.0.0.1:0".parse().unwrap()];
+        s.workers = 1;
+        let d = Daemon::start(s).unwrap();
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        *d.shared.dataplane.lock().unwrap() = Box::new(Stall(gate.clone()));
+        let release = Release(gate);
+        let server = d.local_addrs()[0];
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let me = client.local_addr().unwrap();
+        let sent = 2_000u16;
+        for p in 0..sent {
+            client.send_to(&map_request_port(me, 1000 + p), server).unwrap();
+            if p % 64 == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let shed = d.shared.shed.load(Ordering::Relaxed);
+        let queued = d.shared.queued.load(Ordering::Relaxed);
+        assert!(shed > 0, "nothing was shed while the committer stalled");
+        assert!(
+            queued <= 64 + 64,
+            "{queued} replies queued: past the bound plus one batch per worker"
+        );
+        let handled = d.shared.lock().server.stats().received;
+        assert_eq!(shed + handled, u64::from(sent), "every datagram handled or shed");
+        drop(release);
+        client
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut buf = [0u8; 1100];
+        let mut answered = 0u64;
+        while client.recv_from(&mut buf).is_ok() {
+            answered += 1;
+        }
+        assert_eq!(answered, handled, "a request the core handled went unanswered");
     }
 }
