@@ -705,7 +705,9 @@ mod tests {
         let me = client.local_addr().unwrap();
         let sent = 2_000u16;
         for p in 0..sent {
-            client.send_to(&map_request_port(me, 1000 + p), server).unwrap();
+            client
+                .send_to(&map_request_port(me, 1000 + p), server)
+                .unwrap();
             if p % 64 == 0 {
                 std::thread::sleep(Duration::from_millis(2));
             }
@@ -719,7 +721,11 @@ mod tests {
             "{queued} replies queued: past the bound plus one batch per worker"
         );
         let handled = d.shared.lock().server.stats().received;
-        assert_eq!(shed + handled, u64::from(sent), "every datagram handled or shed");
+        assert_eq!(
+            shed + handled,
+            u64::from(sent),
+            "every datagram handled or shed"
+        );
         drop(release);
         client
             .set_read_timeout(Some(Duration::from_millis(500)))
@@ -729,6 +735,9 @@ mod tests {
         while client.recv_from(&mut buf).is_ok() {
             answered += 1;
         }
-        assert_eq!(answered, handled, "a request the core handled went unanswered");
+        assert_eq!(
+            answered, handled,
+            "a request the core handled went unanswered"
+        );
     }
 }
