@@ -313,6 +313,28 @@ pub fn start_pair(
     nodes
 }
 
+/// The index of the first of `nodes` that satisfies `ok`, polled every
+/// 20 ms; panics with every node's logs after `within`.
+pub fn wait_for_node(
+    nodes: &[Node],
+    within: Duration,
+    what: &str,
+    ok: impl Fn(&Node) -> bool,
+) -> usize {
+    let t = now();
+    loop {
+        if let Some(i) = nodes.iter().position(&ok) {
+            return i;
+        }
+        assert!(
+            t.elapsed() < within,
+            "no node {what} within {within:?}:\n{}",
+            nodes.iter().map(Node::logs).collect::<String>()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// `[ha]` for a node of the pair: backup at start (keepalived decides),
 /// the replication link between the nodes' own addresses over mutual TLS.
 pub fn ha_section(certs: &Path, me: &str, peer: &str, listen: &str, peer_addr: &str) -> String {

@@ -34,7 +34,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use portkeep_test_support::keepalived::{
-    ha_section, map_ok, refresh_until_answered, start_pair, udp_in, Granted, Node,
+    ha_section, map_ok, refresh_until_answered, start_pair, udp_in, wait_for_node, Granted, Node,
 };
 use portkeep_test_support::netns::{assert_gone, ns_exec, setup, Lab};
 use portkeep_test_support::process::{now, Bins};
@@ -125,18 +125,7 @@ fn keepalived_moves_the_vip_and_promotes_the_backup_with_every_checkpoint() {
     // keepalived elects one (both start BACKUP; the higher priority's
     // timer runs out first) and its notify script promotes it.
     let t = now();
-    let mut active = loop {
-        if let Some(i) = (0..2).find(|&i| nodes[i].is_active()) {
-            break i;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(15),
-            "nobody promoted:\n{}{}",
-            nodes[0].logs(),
-            nodes[1].logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let mut active = wait_for_node(&nodes, Duration::from_secs(15), "promoted", Node::is_active);
     eprintln!("{} is active after {:?}", nodes[active].name, t.elapsed());
     nodes[active].wait(Duration::from_secs(15), "backup in sync", |n| {
         n.ha()["in_sync"] == true

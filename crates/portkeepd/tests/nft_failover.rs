@@ -26,7 +26,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use portkeep_test_support::keepalived::{ha_section, start_pair, Node};
+use portkeep_test_support::keepalived::{ha_section, start_pair, wait_for_node, Node};
 use portkeep_test_support::netns::{assert_gone, in_ns, ip, ns_exec, setup, Lab};
 use portkeep_test_support::process::{now, Bins};
 
@@ -336,20 +336,12 @@ fn established_tcp_connection_survives_failover_of_the_nat_pair() {
             ])
         },
     );
-    let t = now();
-    let active = loop {
-        if let Some(i) = (0..2).find(|&i| nodes[i].is_active() && nodes[i].ha()["in_sync"] == true)
-        {
-            break i;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "no active with its backup in sync:\n{}{}",
-            nodes[0].logs(),
-            nodes[1].logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let active = wait_for_node(
+        &nodes,
+        Duration::from_secs(20),
+        "active with its backup in sync",
+        |n| n.is_active() && n.ha()["in_sync"] == true,
+    );
     let backup = 1 - active;
     assert!(nodes[active].holds(IN_VIP) && nodes[active].holds(EXT_VIP));
 
