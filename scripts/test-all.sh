@@ -3,17 +3,37 @@
 #
 # On a fresh Debian machine, run it as root: it installs the packages the
 # end-to-end tests use (tshark for the Wireshark dissector check,
-# miniupnpd-nftables for client interop, nftables, conntrack and iproute2 for
-# network namespaces, keepalived for the active/backup failover tests)
-# and cargo-fuzz for the fuzz smoke run. As a normal user it
+# miniupnpd-nftables for client interop, nftables, conntrack, iproute2 and
+# procps for network namespaces, keepalived for the active/backup failover
+# tests) and cargo-fuzz for the fuzz smoke run. As a normal user it
 # installs nothing and the tests that need root skip with a loud message.
+#
+# A test that cannot run here (not root, a tool missing) fails when CI is
+# set (CI=true), and skips otherwise; every skip is recorded in the file
+# named by PORTKEEP_SKIP_LOG, and the run ends with their count and list.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
-packages=(tshark nftables miniupnpd-nftables iproute2 conntrack keepalived)
+packages=(tshark nftables miniupnpd-nftables iproute2 procps conntrack keepalived)
 
 step() { printf '\n==> %s\n' "$*"; }
+
+skip_log=$(mktemp)
+export PORTKEEP_SKIP_LOG="$skip_log"
+corpus=""
+# Always the last words, whether the run passed or not: the skipped tests.
+finish() {
+    local status=$?
+    local n
+    n=$(grep -c . "$skip_log" || true)
+    printf '\nskipped tests: %s\n' "$n"
+    sed 's/^/  /' "$skip_log"
+    rm -f "$skip_log"
+    if [ -n "$corpus" ]; then rm -rf "$corpus"; fi
+    exit "$status"
+}
+trap finish EXIT
 
 if [ "$(id -u)" = 0 ]; then
     missing=()
@@ -34,7 +54,7 @@ if [ "$(id -u)" = 0 ]; then
     # tests run their own, one per node namespace.
     systemctl stop keepalived 2>/dev/null || true
 else
-    echo "!!! not root: packages not installed; namespace, nftables and capture tests will SKIP" >&2
+    echo "!!! not root: packages not installed; namespace, nftables and capture tests will SKIP (FAIL under CI)" >&2
 fi
 
 step "formatting"
@@ -54,7 +74,6 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked --quiet
 fi
 corpus=$(mktemp -d)
-trap 'rm -rf "$corpus"' EXIT
 for target in request response; do
     mkdir -p "$corpus/$target"
     # cargo-fuzz needs nightly-only flags; RUSTC_BOOTSTRAP lets the stable

@@ -5,8 +5,9 @@
 //! captures them, then checks that tshark reads every field back as the
 //! value we encoded, with no malformed-packet or warning/error expert items.
 //!
-//! Needs root (to capture on `lo`) and tshark; otherwise it prints
-//! `SKIPPED: ...` to stderr and passes.
+//! Needs root (to capture on `lo`) and tshark: under CI (`CI=true`) it
+//! fails without them; elsewhere it prints `SKIPPED: ...` to stderr,
+//! records the skip (`PORTKEEP_SKIP_LOG`) and passes.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::panic)]
@@ -62,17 +63,9 @@ impl Drop for Capture {
     }
 }
 
+/// This machine cannot run the test (under CI: the test fails).
 fn skip(why: &str) {
-    eprintln!("\n========================================================");
-    eprintln!("SKIPPED: wireshark_dissector: {why}");
-    eprintln!("========================================================\n");
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+    portkeep_test_support::skip::skip("wireshark_dissector", why);
 }
 
 /// Starts tshark on `lo` for UDP port `port`, returning once it reports
@@ -483,9 +476,9 @@ fn datagrams(cp: &CodePoints) -> Vec<Datagram> {
 #[test]
 fn wireshark_portcontrol_dissector_agrees() {
     if !Path::new(TSHARK).exists() {
-        return skip("tshark not installed at /usr/bin/tshark");
+        return skip("tshark not installed at /usr/bin/tshark (apt-get install tshark)");
     }
-    if !is_root() {
+    if !portkeep_test_support::skip::is_root() {
         return skip("capturing on lo needs root");
     }
     let cp = CodePoints::default();

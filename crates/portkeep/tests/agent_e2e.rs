@@ -15,29 +15,14 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
+use portkeep_test_support::pcp::LOCALHOST;
+use portkeep_test_support::process::{agent_call, ctl_json, now, wait_until, Bins, Portkeepd};
 use serde_json::{json, Value};
 
-#[allow(clippy::disallowed_methods)]
-fn now() -> Instant {
-    Instant::now()
-}
-
-fn cli_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_portkeep"))
-}
-
-/// `portkeepd`, built in the same target directory.
-fn daemon_bin() -> PathBuf {
-    let bin = cli_bin().with_file_name(format!("portkeepd{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.is_file(),
-        "the `portkeepd` binary is missing at {}: run `cargo build --workspace --bins` first",
-        bin.display()
-    );
-    bin
-}
+static BINS: LazyLock<Bins> = LazyLock::new(|| Bins::from_cli(env!("CARGO_BIN_EXE_portkeep")));
 
 /// A loopback address of this test alone, whose port 5350 is free.
 fn host_ip() -> IpAddr {
@@ -53,28 +38,13 @@ fn host_ip() -> IpAddr {
 }
 
 fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_until<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    portkeep_test_support::pcp::free_port(LOCALHOST)
 }
 
 /// A `portkeepd` on a fixed 127.0.0.1 port, restartable with or without
 /// its data directory.
 struct Server {
-    child: Option<Child>,
+    proc: Option<Portkeepd>,
     dir: tempfile::TempDir,
     port: u16,
 }
@@ -84,7 +54,7 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("portkeepd.toml"), config).unwrap();
         let mut s = Server {
-            child: None,
+            proc: None,
             dir,
             port: free_port(),
         };
@@ -102,25 +72,29 @@ impl Server {
             .append(true)
             .open(self.dir.path().join("stderr.log"))
             .unwrap();
-        let child = Command::new(daemon_bin())
-            .args([
-                "--config",
-                "portkeepd.toml",
-                "--listen",
-                &self.addr().to_string(),
-            ])
-            .current_dir(self.dir.path())
-            .env_remove("PORTKEEPD_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        wait_until(
-            "portkeepd to answer ctl status",
+        let mut cmd = Command::new(BINS.daemon());
+        cmd.args([
+            "--config",
+            "portkeepd.toml",
+            "--listen",
+            &self.addr().to_string(),
+        ])
+        .current_dir(self.dir.path())
+        .env_remove("PORTKEEPD_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+        let p = self.proc.insert(Portkeepd::spawn(
+            "portkeepd",
+            BINS.daemon(),
+            &mut cmd,
+            self.data_dir(),
+            self.dir.path().join("stderr.log"),
+        ));
+        p.wait(
             Duration::from_secs(10),
-            || self.try_ctl(&["status"]).filter(|v| v["ok"] == json!(true)),
+            "portkeepd to answer ctl status",
+            |v| v["ok"] == json!(true),
         );
     }
 
@@ -129,11 +103,7 @@ impl Server {
     }
 
     fn try_ctl(&self, args: &[&str]) -> Option<Value> {
-        let dir = self.data_dir();
-        let mut all = vec!["ctl", "--data-dir", dir.to_str().unwrap(), "--json"];
-        all.extend_from_slice(args);
-        let out = Command::new(daemon_bin()).args(&all).output().ok()?;
-        serde_json::from_slice(&out.stdout).ok()
+        ctl_json(BINS.daemon(), &self.data_dir(), args)
     }
 
     fn ctl(&self, args: &[&str]) -> Value {
@@ -160,12 +130,8 @@ impl Server {
     }
 
     fn stop(&mut self, signal: &str) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg(format!("-{signal}"))
-                .arg(c.id().to_string())
-                .status();
-            let _ = c.wait();
+        if let Some(mut p) = self.proc.take() {
+            p.stop(signal);
         }
     }
 
@@ -224,7 +190,7 @@ impl Agent {
             .open(&self.log)
             .unwrap();
         self.child = Some(
-            Command::new(cli_bin())
+            Command::new(BINS.cli())
                 .args(&self.args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -238,12 +204,7 @@ impl Agent {
     }
 
     fn try_call(&self, req: &Value) -> Option<Value> {
-        let mut s = UnixStream::connect(self.dir.join("agent.sock")).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        writeln!(s, "{req}").ok()?;
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).ok()?;
-        serde_json::from_str(&line).ok()
+        agent_call(&self.dir.join("agent.sock"), req)
     }
 
     fn call(&self, req: &Value) -> Value {

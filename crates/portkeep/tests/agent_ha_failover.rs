@@ -11,22 +11,30 @@
 //! gratuitous ARP, as a VRRP daemon would; the address is moved by hand.
 //! The replication link runs between the nodes' own addresses. Host `c1`
 //! holds only check-pointed mappings; host `c2` also holds volatile ones.
-//! Needs root (`ip netns`); skipped otherwise, saying so.
+//! Needs root and `ip`: under CI (`CI=true`) it fails without them;
+//! elsewhere it is skipped, saying so and recording the skip
+//! (`PORTKEEP_SKIP_LOG`).
 
 #![allow(clippy::unwrap_used, clippy::panic, clippy::expect_used)]
-
-mod netns_support;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-use netns_support::{cli_bin, daemon_bin, ip, ip_ok, now, wait_until};
+use portkeep_test_support::netns::{ip_ok, setup, Lab};
+use portkeep_test_support::process::{
+    agent_call, gen_certs, now, wait_until, Bins, Children, Portkeepd,
+};
 use serde_json::{json, Value};
+
+static BINS: LazyLock<Bins> = LazyLock::new(|| Bins::from_cli(env!("CARGO_BIN_EXE_portkeep")));
+
+/// Names the test in skips.
+const WHAT: &str = "HA failover in network namespaces";
 
 /// Bound on the volatile mappings being held again on the new active,
 /// from `ctl promote`: the ANNOUNCE, the agent's re-creation jitter (200
@@ -38,22 +46,17 @@ const RECOVERED_WITHIN: Duration = Duration::from_secs(3);
 /// after 3 s (RFC 6887 section 8.1.1), well within the lifetime.
 const SHORT_LIFETIME: u32 = 12;
 
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
-/// The namespaces, deleted on drop (which removes their interfaces too).
+/// The namespaces: a switch with bridge `br0`, the two nodes and the two
+/// hosts, each on the bridge as `eth0`; deleted on drop (which removes
+/// their interfaces too).
 struct Net {
-    names: Vec<String>,
+    lab: Lab,
     prefix: String,
 }
 
 impl Net {
     fn ns(&self, role: &str) -> String {
-        format!("pkfo{role}-{}", std::process::id() % 100_000)
+        format!("pkfo{role}-{}", self.lab.id)
     }
 
     /// Host `n` of the test's /24.
@@ -65,34 +68,18 @@ impl Net {
         self.addr(10)
     }
 
-    fn new() -> Option<Net> {
+    /// The namespaces; `Err` if this machine cannot make one.
+    fn new() -> Result<Net, String> {
         let id = std::process::id() % 100_000;
         let mut net = Net {
-            names: Vec::new(),
+            lab: Lab::with_switch("pkfo", &["br0"])?,
             prefix: format!("10.78.{}", id % 250),
         };
-        let br = net.ns("br");
-        if !ip(&["netns", "add", &br]) {
-            return None;
-        }
-        net.names.push(br.clone());
-        ip_ok(&["-n", &br, "link", "add", "br0", "type", "bridge"]);
-        ip_ok(&["-n", &br, "link", "set", "br0", "up"]);
         for (role, host) in [("a", 11), ("b", 12), ("c1", 21), ("c2", 22)] {
             let ns = net.ns(role);
-            ip_ok(&["netns", "add", &ns]);
-            net.names.push(ns.clone());
-            let port = format!("v{role}");
-            ip_ok(&[
-                "-n", &br, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
-                &ns,
-            ]);
-            ip_ok(&["-n", &br, "link", "set", &port, "master", "br0"]);
-            ip_ok(&["-n", &br, "link", "set", &port, "up"]);
+            net.lab.add_ns(&ns).unwrap();
             let a = format!("{}/24", net.addr(host));
-            ip_ok(&["-n", &ns, "addr", "add", &a, "dev", "eth0"]);
-            ip_ok(&["-n", &ns, "link", "set", "eth0", "up"]);
-            ip_ok(&["-n", &ns, "link", "set", "lo", "up"]);
+            net.lab.plug(&ns, "eth0", "br0", &[&a]).unwrap();
         }
         // The virtual address's device on both nodes, down on the backup.
         for role in ["a", "b"] {
@@ -112,7 +99,7 @@ impl Net {
             ]);
         }
         net.take_vip("a");
-        Some(net)
+        Ok(net)
     }
 
     /// The virtual address on `role`'s node: added, then the device
@@ -131,48 +118,21 @@ impl Net {
         ip_ok(&["-n", &ns, "link", "set", "vip0", "down"]);
     }
 
-    fn spawn(&self, role: &str, prog: &Path, args: &[String], log: &Path) -> Child {
-        Command::new("ip")
-            .args(["netns", "exec", &self.ns(role)])
+    /// `prog ARGS` in `role`'s namespace, its stderr to `log`.
+    fn command(&self, role: &str, prog: &Path, args: &[String], log: &Path) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(role)])
             .arg(prog)
             .args(args)
             .env_remove("PORTKEEPD_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(File::create(log).unwrap())
-            .spawn()
-            .unwrap()
+            .stderr(File::create(log).unwrap());
+        cmd
     }
-}
 
-impl Drop for Net {
-    fn drop(&mut self) {
-        for ns in self.names.iter().rev() {
-            let _ = ip(&["netns", "del", ns]);
-        }
-    }
-}
-
-/// Processes killed (and reaped) on drop.
-#[derive(Default)]
-struct Procs(Vec<(String, Child)>);
-
-impl Procs {
-    fn kill9(&mut self, name: &str) {
-        if let Some(i) = self.0.iter().position(|(n, _)| n == name) {
-            let (_, mut c) = self.0.remove(i);
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for (_, c) in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+    fn spawn(&self, role: &str, prog: &Path, args: &[String], log: &Path) -> Child {
+        self.command(role, prog, args, log).spawn().unwrap()
     }
 }
 
@@ -190,13 +150,11 @@ min = 10
 
 /// One server node.
 struct Node {
-    role: &'static str,
-    data: PathBuf,
-    log: PathBuf,
+    proc: Portkeepd,
 }
 
 impl Node {
-    fn start(net: &Net, procs: &mut Procs, dir: &Path, role: &'static str, ha: &str) -> Node {
+    fn start(net: &Net, dir: &Path, role: &'static str, ha: &str) -> Node {
         let (name, own, peer_name, peer) = if role == "a" {
             ("node-a", 11, "node-b", 12)
         } else {
@@ -229,47 +187,29 @@ impl Node {
             "--log-level".to_owned(),
             "info".to_owned(),
         ];
-        procs
-            .0
-            .push((role.to_owned(), net.spawn(role, &daemon_bin(), &args, &log)));
-        let n = Node { role, data, log };
+        let mut cmd = net.command(role, BINS.daemon(), &args, &log);
+        let mut n = Node {
+            proc: Portkeepd::spawn(role, BINS.daemon(), &mut cmd, data, log),
+        };
         n.wait("its control socket", |s| s["ok"] == true);
         n
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn try_ctl(&self, args: &[&str]) -> Option<Value> {
-        let mut all = vec!["ctl", "--data-dir", self.data.to_str().unwrap(), "--json"];
-        all.extend_from_slice(args);
-        let out = Command::new(daemon_bin()).args(&all).output().ok()?;
-        serde_json::from_slice(&out.stdout).ok()
+        self.proc.log()
     }
 
     fn ctl(&self, args: &[&str]) -> Value {
-        self.try_ctl(args)
-            .unwrap_or_else(|| panic!("{}: ctl {args:?} failed; log:\n{}", self.role, self.log()))
+        self.proc.ctl(args)
     }
 
-    fn wait(&self, what: &str, ok: impl Fn(&Value) -> bool) {
-        let deadline = now() + Duration::from_secs(15);
-        loop {
-            if let Some(s) = self.try_ctl(&["status"]) {
-                if ok(&s) {
-                    return;
-                }
-            }
-            assert!(
-                now() < deadline,
-                "{}: no {what}; status {:?}\nlog:\n{}",
-                self.role,
-                self.try_ctl(&["status"]),
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    fn wait(&mut self, what: &str, ok: impl Fn(&Value) -> bool) {
+        self.proc.wait(Duration::from_secs(15), what, ok);
+    }
+
+    /// `kill -9`.
+    fn kill9(&mut self) {
+        self.proc.kill9();
     }
 
     /// Mappings by internal (address, port): (external, nonce, check-point).
@@ -305,7 +245,7 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(net: &Net, procs: &mut Procs, dir: &Path, host: &'static str, n: u8) -> Agent {
+    fn start(net: &Net, procs: &mut Children, dir: &Path, host: &'static str, n: u8) -> Agent {
         let state = dir.join(format!("agent-{host}"));
         let log = dir.join(format!("agent-{host}.log"));
         let args: Vec<String> = [
@@ -321,9 +261,7 @@ impl Agent {
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
-        procs
-            .0
-            .push((host.to_owned(), net.spawn(host, &cli_bin(), &args, &log)));
+        procs.0.push(net.spawn(host, BINS.cli(), &args, &log));
         let a = Agent {
             host,
             ip: net.addr(n),
@@ -354,12 +292,7 @@ impl Agent {
     }
 
     fn try_call(&self, req: &Value) -> Option<Value> {
-        let mut s = UnixStream::connect(self.state.join("agent.sock")).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        writeln!(s, "{req}").ok()?;
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).ok()?;
-        serde_json::from_str(&line).ok()
+        agent_call(&self.state.join("agent.sock"), req)
     }
 
     fn call(&self, req: &Value) -> Value {
@@ -440,25 +373,15 @@ fn of_host(
 
 #[test]
 fn draft_s2_6_ha_failover_keeps_checkpointed_and_recreates_volatile() {
-    if !is_root() {
-        eprintln!("SKIPPED: HA failover in network namespaces needs root (ip netns)");
-        return;
-    }
-    let Some(net) = Net::new() else {
-        eprintln!("SKIPPED: cannot create network namespaces (needs root and iproute2)");
+    let Some(net) = setup(WHAT, &["ip"], Net::new) else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mut procs = Procs::default();
-    let out = Command::new(daemon_bin())
-        .args(["gen-certs", dir.join("certs").to_str().unwrap()])
-        .args(["node-a", "node-b"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let b = Node::start(&net, &mut procs, dir, "b", "backup");
-    let a = Node::start(&net, &mut procs, dir, "a", "active");
+    let mut procs = Children::default();
+    gen_certs(BINS.daemon(), &dir.join("certs"), &["node-a", "node-b"]);
+    let mut b = Node::start(&net, dir, "b", "backup");
+    let mut a = Node::start(&net, dir, "a", "active");
     a.wait("the backup in sync", |s| s["ha"]["in_sync"] == true);
 
     // c1: only check-pointed mappings, short lifetimes. c2: one
@@ -488,7 +411,7 @@ fn draft_s2_6_ha_failover_keeps_checkpointed_and_recreates_volatile() {
 
     // The active dies; its address moves to the backup, which is promoted.
     let t_kill = now();
-    procs.kill9("a");
+    a.kill9();
     net.drop_vip("a");
     net.take_vip("b");
     let t0 = now();
@@ -576,7 +499,7 @@ fn draft_s2_6_ha_failover_keeps_checkpointed_and_recreates_volatile() {
     // The old active returns, empty, as the new one's backup: c1's next
     // renewals are check-pointed again.
     std::fs::remove_dir_all(dir.join("a")).unwrap();
-    let a = Node::start(&net, &mut procs, dir, "a", "backup");
+    let a = Node::start(&net, dir, "a", "backup");
     b.wait("the old active in sync as backup", |s| {
         s["ha"]["in_sync"] == true
     });

@@ -411,7 +411,7 @@ fn rfc6887_s8_1_1_timeout_exits_3() {
 #[test]
 fn rfc6887_s19_1_ipv6_server_address() {
     let Ok(r) = Responder::start_on("[::1]:0", Behaviour::Success) else {
-        eprintln!("SKIPPED: no IPv6 loopback");
+        portkeep_test_support::skip::skip("IPv6 server address", "no IPv6 loopback");
         return;
     };
     let out = portkeep(&[

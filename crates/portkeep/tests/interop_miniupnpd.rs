@@ -7,8 +7,10 @@
 //!                                pk-ext 198.51.101.1/24 ─veth─ pk-ext-peer
 //! ```
 //!
-//! Needs root (namespaces, nftables) and Debian's `miniupnpd-nftables`;
-//! otherwise it prints `SKIPPED: <reason>` and passes. No packet leaves the
+//! Needs root (namespaces, nftables), `ip`, `nft` and Debian's
+//! `miniupnpd-nftables`: under CI (`CI=true`) it fails without them;
+//! elsewhere it prints `SKIPPED: <reason>`, records the skip
+//! (`PORTKEEP_SKIP_LOG`) and passes. No packet leaves the
 //! two namespaces: neither has a route anywhere else, and the external
 //! interface's peer is in the NAT namespace too.
 
@@ -17,8 +19,11 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use portkeep_test_support::netns::{ip, run, setup, Lab};
+use portkeep_test_support::skip::skip;
 
 const BIN: &str = env!("CARGO_BIN_EXE_portkeep");
 const MINIUPNPD: &str = "/usr/sbin/miniupnpd";
@@ -41,6 +46,9 @@ struct Topology {
     nat_ns: String,
     dir: PathBuf,
     miniupnpd: Option<Child>,
+    // Last: the namespaces (their veths and nft tables with them) and the
+    // directory go once miniupnpd is reaped.
+    lab: Lab,
 }
 
 impl Drop for Topology {
@@ -50,100 +58,26 @@ impl Drop for Topology {
             let _ = child.kill();
             let _ = child.wait();
         }
-        // Deleting a namespace removes its veths and nft tables with it.
-        for ns in [&self.client_ns, &self.nat_ns] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-        let _ = fs::remove_dir_all(&self.dir);
     }
-}
-
-fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file());
-    found
-}
-
-fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
-}
-
-fn skip_reason() -> Option<String> {
-    if !is_root() {
-        return Some("not root (network namespaces need it)".into());
-    }
-    if !Path::new(MINIUPNPD).is_file() {
-        return Some(format!(
-            "{MINIUPNPD} not installed (apt-get install miniupnpd-nftables)"
-        ));
-    }
-    for tool in ["ip", "nft"] {
-        if find_tool(tool).is_none() {
-            return Some(format!("`{tool}` not found"));
-        }
-    }
-    None
-}
-
-fn run(cmd: &mut Command) -> Result<Output, String> {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(out)
-}
-
-fn ip(args: &[&str]) -> Result<Output, String> {
-    run(Command::new("ip").args(args))
 }
 
 impl Topology {
     fn build() -> Result<Topology, String> {
-        let pid = std::process::id();
-        let dir = std::env::temp_dir().join(format!("portkeep-interop-{pid}"));
+        let mut lab = Lab::new("interop")?;
+        let (c, n) = (format!("pkc-{}", lab.id), format!("pkn-{}", lab.id));
+        lab.add_ns(&c)?;
+        lab.add_ns(&n)?;
         let topo = Topology {
-            client_ns: format!("pkc-{pid}"),
-            nat_ns: format!("pkn-{pid}"),
-            dir,
+            client_ns: c.clone(),
+            nat_ns: n.clone(),
+            dir: lab.dir.clone(),
             miniupnpd: None,
+            lab,
         };
-        fs::create_dir_all(&topo.dir).map_err(|e| e.to_string())?;
-        let (c, n) = (topo.client_ns.clone(), topo.nat_ns.clone());
-        ip(&["netns", "add", &c])?;
-        ip(&["netns", "add", &n])?;
         // Both veth pairs are created inside the NAT namespace, so the
         // host's own namespace never sees them.
-        ip(&[
-            "-n", &n, "link", "add", "pk-lan", "type", "veth", "peer", "name", "pk-cli", "netns",
-            &c,
-        ])?;
-        ip(&[
-            "-n",
-            &n,
-            "link",
-            "add",
-            "pk-ext",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "pk-ext-peer",
-        ])?;
+        topo.lab.veth(&n, "pk-lan", &c, "pk-cli")?;
+        topo.lab.veth(&n, "pk-ext", &n, "pk-ext-peer")?;
         ip(&[
             "-n",
             &c,
@@ -172,9 +106,7 @@ impl Topology {
             "pk-ext",
         ])?;
         for (ns, dev) in [
-            (&c, "lo"),
             (&c, "pk-cli"),
-            (&n, "lo"),
             (&n, "pk-lan"),
             (&n, "pk-ext"),
             (&n, "pk-ext-peer"),
@@ -297,18 +229,15 @@ impl Topology {
 
 #[test]
 fn interop_miniupnpd_map_renew_delete() {
-    if let Some(reason) = skip_reason() {
-        eprintln!("\n*** SKIPPED: interop_miniupnpd: {reason} ***\n");
+    if !Path::new(MINIUPNPD).is_file() {
+        skip(
+            "interop_miniupnpd",
+            &format!("{MINIUPNPD} not installed (apt-get install miniupnpd-nftables)"),
+        );
         return;
     }
-    let mut topo = match Topology::build() {
-        Ok(t) => t,
-        Err(e) => {
-            // Root without CAP_SYS_ADMIN (some containers) cannot make
-            // namespaces; that is the environment, not the client.
-            eprintln!("\n*** SKIPPED: interop_miniupnpd: cannot build namespaces: {e} ***\n");
-            return;
-        }
+    let Some(mut topo) = setup("interop_miniupnpd", &["ip", "nft"], Topology::build) else {
+        return;
     };
     topo.start_miniupnpd().unwrap();
 

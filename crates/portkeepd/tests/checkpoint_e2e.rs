@@ -9,10 +9,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod e2e_support;
+use std::sync::LazyLock;
 
-use e2e_support::{cli_at, Daemon};
+use portkeep_test_support::daemon::Daemon;
+use portkeep_test_support::process::Bins;
 use serde_json::Value;
+
+static BINS: LazyLock<Bins> = LazyLock::new(|| Bins::from_daemon(env!("CARGO_BIN_EXE_portkeepd")));
 
 fn counters(d: &Daemon) -> Value {
     let run = d.ctl(&["--json", "counters"]);
@@ -26,14 +29,14 @@ fn refused(c: &Value, reason: &str) -> u64 {
 
 #[test]
 fn rfc7767_s3_2_standalone_daemon_never_honours_and_counts_no_backup() {
-    let d = Daemon::start();
+    let d = Daemon::start(&BINS);
     let server = d.server();
-    let map = cli_at(&server, &["--json", "map", "tcp", "8080", "--checkpoint"]);
+    let map = BINS.cli_at(&server, &["--json", "map", "tcp", "8080", "--checkpoint"]);
     assert_eq!(map.code, Some(0), "the MAP itself succeeds: {map:?}");
     let v = map.json();
     assert_eq!(v["checkpoint_requested"], true);
     assert_eq!(v["checkpoint_honoured"], false);
-    let peer = cli_at(
+    let peer = BINS.cli_at(
         &server,
         &["peer", "udp", "5000", "203.0.113.9:3478", "--checkpoint"],
     );
@@ -43,7 +46,7 @@ fn rfc7767_s3_2_standalone_daemon_never_honours_and_counts_no_backup() {
         "plainly reported: {peer:?}"
     );
     // Without the option: nothing is counted.
-    assert_eq!(cli_at(&server, &["map", "tcp", "8081"]).code, Some(0));
+    assert_eq!(BINS.cli_at(&server, &["map", "tcp", "8081"]).code, Some(0));
 
     let c = counters(&d);
     assert_eq!(c["granted"], 0, "{c}");
@@ -74,6 +77,7 @@ fn rfc7767_s3_2_standalone_daemon_never_honours_and_counts_no_backup() {
 #[test]
 fn rfc7767_s5_never_class_refuses_for_policy() {
     let d = Daemon::with_config(
+        &BINS,
         r#"
 [checkpoint]
 default_class = "bronze"
@@ -83,7 +87,7 @@ checkpoint = "never"
 checkpoint = "on-request"
 "#,
     );
-    let map = cli_at(
+    let map = BINS.cli_at(
         &d.server(),
         &["--json", "map", "tcp", "8080", "--checkpoint"],
     );
@@ -102,6 +106,7 @@ fn rfc7767_s3_2_rate_bites_before_the_backup_gate() {
     // Burst 2, then one an hour: the first two requests reach the backup
     // gate (no backup), the third is refused for rate.
     let d = Daemon::with_config(
+        &BINS,
         r#"
 [checkpoint.classes.silver]
 checkpoint = "on-request"
@@ -112,7 +117,7 @@ burst = 2
     );
     let server = d.server();
     for port in ["8080", "8081", "8082"] {
-        let run = cli_at(&server, &["--json", "map", "tcp", port, "--checkpoint"]);
+        let run = BINS.cli_at(&server, &["--json", "map", "tcp", port, "--checkpoint"]);
         assert_eq!(run.code, Some(0), "{run:?}");
         assert_eq!(run.json()["checkpoint_honoured"], false);
     }
@@ -126,6 +131,7 @@ burst = 2
 #[test]
 fn rfc7767_s3_2_named_subscriber_and_class_in_the_admin_view() {
     let d = Daemon::with_config(
+        &BINS,
         r#"
 [[subscribers.named]]
 prefix = "127.0.0.0/8"
@@ -141,7 +147,7 @@ prefix = "127.0.0.0/8"
 class = "gold"
 "#,
     );
-    let map = cli_at(&d.server(), &["--json", "map", "tcp", "8080"]);
+    let map = BINS.cli_at(&d.server(), &["--json", "map", "tcp", "8080"]);
     assert_eq!(map.code, Some(0), "{map:?}");
     // Gold without a backup: not protected; never echoed unasked.
     assert_eq!(map.json()["checkpoint_honoured"], false);

@@ -3,22 +3,24 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod e2e_support;
-
+use std::sync::LazyLock;
 use std::time::Duration;
 
-use e2e_support::{cli_at, run_daemon_to_exit, Daemon};
+use portkeep_test_support::daemon::Daemon;
+use portkeep_test_support::process::Bins;
+
+static BINS: LazyLock<Bins> = LazyLock::new(|| Bins::from_daemon(env!("CARGO_BIN_EXE_portkeepd")));
 
 #[test]
 fn control_mappings_lists_what_clients_created() {
-    let d = Daemon::start();
+    let d = Daemon::start(&BINS);
     let server = d.server();
-    let map = cli_at(
+    let map = BINS.cli_at(
         &server,
         &["--json", "map", "tcp", "8080", "--description", "web"],
     );
     assert_eq!(map.code, Some(0), "{map:?}");
-    let peer = cli_at(
+    let peer = BINS.cli_at(
         &server,
         &["--json", "peer", "udp", "5000", "203.0.113.9:3478"],
     );
@@ -52,11 +54,11 @@ fn control_mappings_lists_what_clients_created() {
 
 #[test]
 fn control_status_and_counters() {
-    let d = Daemon::start();
+    let d = Daemon::start(&BINS);
     let server = d.server();
-    assert_eq!(cli_at(&server, &["map", "tcp", "1"]).code, Some(0));
+    assert_eq!(BINS.cli_at(&server, &["map", "tcp", "1"]).code, Some(0));
     assert_eq!(
-        cli_at(
+        BINS.cli_at(
             &server,
             &["delete", "tcp", "2", "--nonce", "000000000000000000000001"]
         )
@@ -78,7 +80,7 @@ fn control_status_and_counters() {
 #[test]
 fn control_unknown_command_and_bad_json_are_refused() {
     use std::io::{BufRead, BufReader, Write};
-    let d = Daemon::start();
+    let d = Daemon::start(&BINS);
     let sock = d.data_dir().join("control.sock");
     let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
     s.write_all(b"{\"command\":\"launch\"}\nnot json\n")
@@ -101,7 +103,7 @@ fn control_unknown_command_and_bad_json_are_refused() {
 #[test]
 fn control_without_a_daemon_exits_69_naming_the_socket() {
     let dir = tempfile::tempdir().unwrap();
-    let run = run_daemon_to_exit(
+    let run = BINS.run_daemon_to_exit(
         &["ctl", "--data-dir", dir.path().to_str().unwrap(), "status"],
         Duration::from_secs(10),
     );
@@ -111,9 +113,9 @@ fn control_without_a_daemon_exits_69_naming_the_socket() {
 
 #[test]
 fn data_dir_is_locked_against_a_second_daemon() {
-    let d = Daemon::start();
+    let d = Daemon::start(&BINS);
     let dir = d.data_dir();
-    let run = run_daemon_to_exit(
+    let run = BINS.run_daemon_to_exit(
         &[
             "--data-dir",
             dir.to_str().unwrap(),
@@ -134,7 +136,7 @@ fn data_dir_is_locked_against_a_second_daemon() {
 #[test]
 fn data_dir_is_created_private_and_cleaned_on_stop() {
     use std::os::unix::fs::PermissionsExt;
-    let mut d = Daemon::start();
+    let mut d = Daemon::start(&BINS);
     let dir = d.data_dir();
     let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "only the owner may reach the control socket");

@@ -10,17 +10,20 @@
 
 #![allow(clippy::unwrap_used, clippy::panic, clippy::disallowed_methods)]
 
-mod e2e_support;
-
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
+use std::sync::LazyLock;
 use std::time::Duration;
 
-use e2e_support::{Daemon, DaemonSpec, LOCALHOST};
 use portkeep_proto::addr::to_wire;
 use portkeep_proto::{
     CodePoints, MapData, OpData, Protocol, Request, RequestHeader, Response, ResultCode,
 };
+use portkeep_test_support::daemon::{Daemon, DaemonSpec};
+use portkeep_test_support::pcp::LOCALHOST;
+use portkeep_test_support::process::Bins;
+
+static BINS: LazyLock<Bins> = LazyLock::new(|| Bins::from_daemon(env!("CARGO_BIN_EXE_portkeepd")));
 
 const BAD_PORT: u16 = 6666;
 
@@ -80,13 +83,16 @@ fn map_request(client: IpAddr, port: u16, nonce: u8) -> Vec<u8> {
 fn rfc6887_s7_4_dataplane_failure_is_answered_network_failure_and_undone() {
     let dir = tempfile::tempdir().unwrap();
     let nft = fake_nft(dir.path());
-    let d = Daemon::spawn(&DaemonSpec {
-        config: Some(&format!(
-            "[dataplane]\nkind = \"nftables\"\nnft_path = \"{}\"\nconntrack_cleanup = false\n",
-            nft.display()
-        )),
-        ..DaemonSpec::default()
-    });
+    let d = Daemon::spawn(
+        &BINS,
+        &DaemonSpec {
+            config: Some(&format!(
+                "[dataplane]\nkind = \"nftables\"\nnft_path = \"{}\"\nconntrack_cleanup = false\n",
+                nft.display()
+            )),
+            ..DaemonSpec::default()
+        },
+    );
     let client = LOCALHOST;
     let sock = UdpSocket::bind(SocketAddr::new(client, 0)).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();

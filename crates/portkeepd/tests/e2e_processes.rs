@@ -12,20 +12,21 @@
 
 #![allow(clippy::unwrap_used, clippy::panic, clippy::expect_used)]
 
-mod e2e_support;
-
 use std::net::{SocketAddr, UdpSocket};
+use std::sync::LazyLock;
 use std::time::Duration;
 
-use e2e_support::{
-    bindable, cli, cli_at, examples_dir, exchange, now, request, run_daemon_to_exit, v4, Daemon,
-    DaemonSpec, LOCALHOST, LOCALHOST6,
-};
 use portkeep_client::{RequestBuilder, RetransmitParams, Transaction};
 use portkeep_proto::{
     CodePoints, OpData, Opcode, OptionCode, PcpOption, Protocol, Request, Response, ResultCode,
 };
+use portkeep_test_support::daemon::{examples_dir, CliRun, Daemon, DaemonSpec};
+use portkeep_test_support::pcp::{bindable, exchange, request, v4, LOCALHOST, LOCALHOST6};
+use portkeep_test_support::process::{now, Bins};
+use portkeep_test_support::skip::skip;
 use serde_json::Value;
+
+static BINS: LazyLock<Bins> = LazyLock::new(|| Bins::from_daemon(env!("CARGO_BIN_EXE_portkeepd")));
 
 /// The default external address (TEST-NET-1, RFC 5737).
 const EXTERNAL: &str = "192.0.2.1";
@@ -45,7 +46,7 @@ fn nonce(j: &Value) -> String {
 }
 
 /// A successful CLI run's JSON, with context on failure.
-fn ok_json(run: &e2e_support::CliRun, d: &Daemon) -> Value {
+fn ok_json(run: &CliRun, d: &Daemon) -> Value {
     assert_eq!(
         run.code,
         Some(EXIT_OK),
@@ -58,7 +59,7 @@ fn ok_json(run: &e2e_support::CliRun, d: &Daemon) -> Value {
 }
 
 /// A CLI run that must end with the PCP error `result`.
-fn pcp_error(run: &e2e_support::CliRun, result: &str, d: &Daemon) -> Value {
+fn pcp_error(run: &CliRun, result: &str, d: &Daemon) -> Value {
     assert_eq!(
         run.code,
         Some(EXIT_PCP_ERROR),
@@ -100,22 +101,31 @@ fn rfc6887_s19_1_no_arguments_serves_loopback_port_5351() {
     let v4_addr = SocketAddr::new(LOCALHOST, 5351);
     let v6_addr = SocketAddr::new(LOCALHOST6, 5351);
     if !bindable(v4_addr) || !bindable(v6_addr) {
-        eprintln!("SKIPPED: port 5351 busy (or [::1] unavailable)");
+        skip(
+            "no-argument daemon on port 5351",
+            "port 5351 busy (or [::1] unavailable)",
+        );
         return;
     }
     // Someone may take the port between the check and the start.
-    let d = match Daemon::try_spawn(&DaemonSpec {
-        raw_args: Some(Vec::new()),
-        fixed_addrs: vec![v4_addr, v6_addr],
-        ..DaemonSpec::default()
-    }) {
+    let d = match Daemon::try_spawn(
+        &BINS,
+        &DaemonSpec {
+            raw_args: Some(Vec::new()),
+            fixed_addrs: vec![v4_addr, v6_addr],
+            ..DaemonSpec::default()
+        },
+    ) {
         Ok(d) => d,
         Err(log) => {
-            eprintln!("SKIPPED: port 5351 busy:\n{log}");
+            skip(
+                "no-argument daemon on port 5351",
+                &format!("port 5351 busy:\n{log}"),
+            );
             return;
         }
     };
-    let run = cli(&["map", "tcp", "8080"]);
+    let run = BINS.run_cli(&["map", "tcp", "8080"]);
     assert_eq!(run.code, Some(EXIT_OK), "{run:?}\n{}", d.log());
     assert!(run.stdout.contains("result: SUCCESS"), "{run:?}");
     let external = run
@@ -130,7 +140,7 @@ fn rfc6887_s19_1_no_arguments_serves_loopback_port_5351() {
     assert!(d.log().contains(&ext.to_string()), "{}", d.log());
 
     // The README's other two commands.
-    let peer = cli(&["--json", "peer", "udp", "5000", "203.0.113.9:3478"]);
+    let peer = BINS.run_cli(&["--json", "peer", "udp", "5000", "203.0.113.9:3478"]);
     assert_eq!(peer.code, Some(EXIT_OK), "{peer:?}\n{}", d.log());
     assert_eq!(peer.json()["external_ip"], EXTERNAL);
     let nonce = run
@@ -138,7 +148,7 @@ fn rfc6887_s19_1_no_arguments_serves_loopback_port_5351() {
         .lines()
         .find_map(|l| l.strip_prefix("nonce: "))
         .unwrap_or_else(|| panic!("no nonce line: {run:?}"));
-    let del = cli(&["delete", "tcp", "8080", "--nonce", nonce]);
+    let del = BINS.run_cli(&["delete", "tcp", "8080", "--nonce", nonce]);
     assert_eq!(del.code, Some(EXIT_OK), "{del:?}\n{}", d.log());
     assert!(del.stdout.contains("result: SUCCESS"), "{del:?}");
 }
@@ -151,9 +161,9 @@ fn rfc6887_s19_1_no_arguments_serves_loopback_port_5351() {
 /// another nonce is NOT_AUTHORIZED and leaves the mapping alone.
 #[test]
 fn rfc6887_s11_3_renew_and_delete_need_the_nonce() {
-    let d = Daemon::start();
+    let d = Daemon::start(&BINS);
     let s = d.server();
-    let first = ok_json(&cli_at(&s, &["map", "tcp", "8080", "--json"]), &d);
+    let first = ok_json(&BINS.cli_at(&s, &["map", "tcp", "8080", "--json"]), &d);
     assert_eq!(first["opcode"], "MAP");
     assert_eq!(first["external_ip"], EXTERNAL);
     let port = external_port(&first);
@@ -161,7 +171,7 @@ fn rfc6887_s11_3_renew_and_delete_need_the_nonce() {
     assert_eq!(n.len(), 24);
 
     let renewed = ok_json(
-        &cli_at(&s, &["map", "tcp", "8080", "--nonce", &n, "--json"]),
+        &BINS.cli_at(&s, &["map", "tcp", "8080", "--nonce", &n, "--json"]),
         &d,
     );
     assert_eq!(external_port(&renewed), port, "renewal keeps the port");
@@ -171,30 +181,30 @@ fn rfc6887_s11_3_renew_and_delete_need_the_nonce() {
     let other = "00112233445566778899aabb";
     assert_ne!(n, other);
     pcp_error(
-        &cli_at(&s, &["map", "tcp", "8080", "--nonce", other, "--json"]),
+        &BINS.cli_at(&s, &["map", "tcp", "8080", "--nonce", other, "--json"]),
         "NOT_AUTHORIZED",
         &d,
     );
     let j = pcp_error(
-        &cli_at(&s, &["delete", "tcp", "8080", "--nonce", other, "--json"]),
+        &BINS.cli_at(&s, &["delete", "tcp", "8080", "--nonce", other, "--json"]),
         "NOT_AUTHORIZED",
         &d,
     );
     assert_eq!(j["lifetime"], 1800, "long-lifetime error (section 7.4)");
     let still = ok_json(
-        &cli_at(&s, &["map", "tcp", "8080", "--nonce", &n, "--json"]),
+        &BINS.cli_at(&s, &["map", "tcp", "8080", "--nonce", &n, "--json"]),
         &d,
     );
     assert_eq!(external_port(&still), port, "the failed delete kept it");
 
     let deleted = ok_json(
-        &cli_at(&s, &["delete", "tcp", "8080", "--nonce", &n, "--json"]),
+        &BINS.cli_at(&s, &["delete", "tcp", "8080", "--nonce", &n, "--json"]),
         &d,
     );
     assert_eq!(deleted["lifetime"], 0);
     // Gone: a stranger's nonce now creates a fresh mapping.
     ok_json(
-        &cli_at(&s, &["map", "tcp", "8080", "--nonce", other, "--json"]),
+        &BINS.cli_at(&s, &["map", "tcp", "8080", "--nonce", other, "--json"]),
         &d,
     );
 }
@@ -204,11 +214,11 @@ fn rfc6887_s11_3_renew_and_delete_need_the_nonce() {
 /// one the MAP of the same internal port got, whatever the remote peer.
 #[test]
 fn rfc6887_s12_3_peer_shares_the_endpoint_independent_mapping() {
-    let d = Daemon::start();
+    let d = Daemon::start(&BINS);
     let s = d.server();
-    let map = ok_json(&cli_at(&s, &["map", "tcp", "5000", "--json"]), &d);
+    let map = ok_json(&BINS.cli_at(&s, &["map", "tcp", "5000", "--json"]), &d);
     let peer = ok_json(
-        &cli_at(&s, &["peer", "tcp", "5000", "203.0.113.9:443", "--json"]),
+        &BINS.cli_at(&s, &["peer", "tcp", "5000", "203.0.113.9:443", "--json"]),
         &d,
     );
     assert_eq!(peer["opcode"], "PEER");
@@ -216,12 +226,12 @@ fn rfc6887_s12_3_peer_shares_the_endpoint_independent_mapping() {
     assert_eq!(peer["external_ip"], map["external_ip"]);
     assert_eq!(external_port(&peer), external_port(&map), "{map}\n{peer}");
     let peer2 = ok_json(
-        &cli_at(&s, &["peer", "tcp", "5000", "198.51.100.20:80", "--json"]),
+        &BINS.cli_at(&s, &["peer", "tcp", "5000", "198.51.100.20:80", "--json"]),
         &d,
     );
     assert_eq!(external_port(&peer2), external_port(&map), "{peer2}");
     // Another internal port gets another external port.
-    let other = ok_json(&cli_at(&s, &["map", "tcp", "5001", "--json"]), &d);
+    let other = ok_json(&BINS.cli_at(&s, &["map", "tcp", "5001", "--json"]), &d);
     assert_ne!(external_port(&other), external_port(&map));
 }
 
@@ -234,12 +244,12 @@ fn rfc6887_s12_3_peer_shares_the_endpoint_independent_mapping() {
 /// without it the server assigns another port.
 #[test]
 fn rfc6887_s13_2_suggestion_honoured_and_prefer_failure_fails_when_taken() {
-    let d = Daemon::start();
+    let d = Daemon::start(&BINS);
     let s = d.server();
     let want = some_port();
     let sug = format!("{EXTERNAL}:{want}");
     let first = ok_json(
-        &cli_at(&s, &["map", "tcp", "7000", "--suggest", &sug, "--json"]),
+        &BINS.cli_at(&s, &["map", "tcp", "7000", "--suggest", &sug, "--json"]),
         &d,
     );
     assert_eq!(external_port(&first), want, "free suggestion honoured");
@@ -247,7 +257,7 @@ fn rfc6887_s13_2_suggestion_honoured_and_prefer_failure_fails_when_taken() {
 
     // The same host, another internal port, the taken suggestion.
     let j = pcp_error(
-        &cli_at(
+        &BINS.cli_at(
             &s,
             &[
                 "map",
@@ -292,7 +302,7 @@ fn rfc6887_s13_2_suggestion_honoured_and_prefer_failure_fails_when_taken() {
     // A free suggestion with PREFER_FAILURE succeeds exactly.
     let free = if want == 65535 { want - 1 } else { want + 1 };
     let j = ok_json(
-        &cli_at(
+        &BINS.cli_at(
             &s,
             &[
                 "map",
@@ -316,9 +326,9 @@ fn rfc6887_s13_2_suggestion_honoured_and_prefer_failure_fails_when_taken() {
 /// allow is NOT_AUTHORIZED (the default allows nobody).
 #[test]
 fn rfc6887_s13_1_third_party_refused_by_default() {
-    let d = Daemon::start();
+    let d = Daemon::start(&BINS);
     let j = pcp_error(
-        &cli_at(
+        &BINS.cli_at(
             &d.server(),
             &["map", "tcp", "9000", "--third-party", "127.0.0.9", "--json"],
         ),
@@ -336,10 +346,10 @@ fn rfc6887_s13_1_third_party_refused_by_default() {
 /// response echoes the option (section 13: it appeared in the request).
 #[test]
 fn rfc6887_s13_1_third_party_allowed_by_config() {
-    let d = Daemon::with_config("[third_party]\nallow = [\"127.0.0.0/8\"]\n");
+    let d = Daemon::with_config(&BINS, "[third_party]\nallow = [\"127.0.0.0/8\"]\n");
     let s = d.server();
     let j = ok_json(
-        &cli_at(
+        &BINS.cli_at(
             &s,
             &["map", "tcp", "9000", "--third-party", "127.0.0.9", "--json"],
         ),
@@ -356,12 +366,12 @@ fn rfc6887_s13_1_third_party_allowed_by_config() {
     let r = request(v4("127.0.0.9"), d.addr(), &map_builder(9000));
     assert_eq!(r.header.result, ResultCode::NOT_AUTHORIZED, "{r:?}");
     // ... while the CLI's own address has no mapping on that port.
-    let mine = ok_json(&cli_at(&s, &["map", "tcp", "9000", "--json"]), &d);
+    let mine = ok_json(&BINS.cli_at(&s, &["map", "tcp", "9000", "--json"]), &d);
     assert_ne!(external_port(&mine), external_port(&j));
     // The third party's creator deletes it with the nonce.
     let n = nonce(&j);
     ok_json(
-        &cli_at(
+        &BINS.cli_at(
             &s,
             &[
                 "delete",
@@ -388,9 +398,9 @@ fn rfc6887_s13_1_third_party_allowed_by_config() {
 /// out of the response.
 #[test]
 fn rfc7767_s3_2_standalone_server_does_not_honour_checkpoint() {
-    let d = Daemon::start();
+    let d = Daemon::start(&BINS);
     let j = ok_json(
-        &cli_at(
+        &BINS.cli_at(
             &d.server(),
             &["map", "tcp", "8443", "--checkpoint", "--json"],
         ),
@@ -417,11 +427,11 @@ fn rfc7767_s3_2_standalone_server_does_not_honour_checkpoint() {
 /// and its external port are freed.
 #[test]
 fn rfc6887_s15_mapping_expires_and_frees_its_external_port() {
-    let d = Daemon::with_config("[lifetime]\nmin = 1\nmax = 2\n");
+    let d = Daemon::with_config(&BINS, "[lifetime]\nmin = 1\nmax = 2\n");
     let s = d.server();
     // Asking for an hour gets the configured maximum.
     let j = ok_json(
-        &cli_at(&s, &["map", "tcp", "7100", "--lifetime", "3600", "--json"]),
+        &BINS.cli_at(&s, &["map", "tcp", "7100", "--lifetime", "3600", "--json"]),
         &d,
     );
     let mapped_at = now();
@@ -429,7 +439,7 @@ fn rfc6887_s15_mapping_expires_and_frees_its_external_port() {
     let port = external_port(&j);
     let n = nonce(&j);
     let short = ok_json(
-        &cli_at(&s, &["map", "tcp", "7101", "--lifetime", "1", "--json"]),
+        &BINS.cli_at(&s, &["map", "tcp", "7101", "--lifetime", "1", "--json"]),
         &d,
     );
     assert_eq!(short["lifetime"], 1, "{short}");
@@ -466,7 +476,7 @@ fn rfc6887_s15_mapping_expires_and_frees_its_external_port() {
     // The old owner's renewal now finds no mapping: it gets a new one, on
     // another port, since its old port went to 127.0.0.3.
     let again = ok_json(
-        &cli_at(
+        &BINS.cli_at(
             &s,
             &[
                 "map",
@@ -493,7 +503,7 @@ fn rfc6887_s15_mapping_expires_and_frees_its_external_port() {
 /// zeroed (section 7.2: the request was parsed).
 #[test]
 fn rfc6887_s8_2_address_mismatch() {
-    let d = Daemon::start();
+    let d = Daemon::start(&BINS);
     let req = map_builder(6000)
         .nonce([0xab; 12])
         .build(v4("127.0.0.77"))
@@ -523,28 +533,31 @@ fn rfc6887_s8_2_address_mismatch() {
 /// mappings still work.
 #[test]
 fn rfc6887_s7_4_user_ex_quota_per_subscriber() {
-    let d = Daemon::with_config("[subscribers]\nmax_mappings = 3\n");
+    let d = Daemon::with_config(&BINS, "[subscribers]\nmax_mappings = 3\n");
     let s = d.server();
     let mut held = Vec::new();
     for port in ["7301", "7302", "7303"] {
-        held.push(ok_json(&cli_at(&s, &["map", "tcp", port, "--json"]), &d));
+        held.push(ok_json(
+            &BINS.cli_at(&s, &["map", "tcp", port, "--json"]),
+            &d,
+        ));
     }
     let j = pcp_error(
-        &cli_at(&s, &["map", "tcp", "7304", "--json"]),
+        &BINS.cli_at(&s, &["map", "tcp", "7304", "--json"]),
         "USER_EX_QUOTA",
         &d,
     );
     assert_eq!(j["lifetime"], 30, "short-lifetime error: {j}");
     // A PEER would be a fourth mapping too.
     pcp_error(
-        &cli_at(&s, &["peer", "tcp", "7305", "203.0.113.9:443", "--json"]),
+        &BINS.cli_at(&s, &["peer", "tcp", "7305", "203.0.113.9:443", "--json"]),
         "USER_EX_QUOTA",
         &d,
     );
     // Renewing one already held is not a new mapping.
     let n = nonce(&held[0]);
     let renewed = ok_json(
-        &cli_at(&s, &["map", "tcp", "7301", "--nonce", &n, "--json"]),
+        &BINS.cli_at(&s, &["map", "tcp", "7301", "--nonce", &n, "--json"]),
         &d,
     );
     assert_eq!(external_port(&renewed), external_port(&held[0]));
@@ -553,7 +566,7 @@ fn rfc6887_s7_4_user_ex_quota_per_subscriber() {
     assert_eq!(r.header.result, ResultCode::SUCCESS, "{r:?}");
     // Deleting one frees a slot.
     ok_json(
-        &cli_at(
+        &BINS.cli_at(
             &s,
             &[
                 "delete",
@@ -566,7 +579,7 @@ fn rfc6887_s7_4_user_ex_quota_per_subscriber() {
         ),
         &d,
     );
-    ok_json(&cli_at(&s, &["map", "tcp", "7304", "--json"]), &d);
+    ok_json(&BINS.cli_at(&s, &["map", "tcp", "7304", "--json"]), &d);
 }
 
 // ---------------------------------------------------------------------------
@@ -581,7 +594,7 @@ fn rfc6887_s14_1_1_unsolicited_announce_after_start() {
     let client_addr = client.local_addr().unwrap();
     let config = format!("[announce]\nunicast = [\"{client_addr}\"]\n");
     let started = now();
-    let d = Daemon::with_config(&config);
+    let d = Daemon::with_config(&BINS, &config);
     client
         .set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
@@ -627,7 +640,7 @@ fn rfc6887_s14_1_1_unsolicited_announce_after_start() {
 #[test]
 fn daemon_check_config_accepts_the_example() {
     let path = examples_dir().join("portkeepd.toml");
-    let run = run_daemon_to_exit(
+    let run = BINS.run_daemon_to_exit(
         &["--config", path.to_str().unwrap(), "--check-config"],
         Duration::from_secs(10),
     );
@@ -650,14 +663,14 @@ fn daemon_config_errors_exit_78_naming_the_key() {
         for extra in [&["--check-config"][..], &["--listen", "127.0.0.1:0"][..]] {
             let mut args = vec!["--config", p];
             args.extend_from_slice(extra);
-            let run = run_daemon_to_exit(&args, Duration::from_secs(10));
+            let run = BINS.run_daemon_to_exit(&args, Duration::from_secs(10));
             assert_eq!(run.code, Some(EXIT_CONFIG), "{text:?} {extra:?}: {run:?}");
             assert!(run.stderr.contains(key), "{text:?} names `{key}`: {run:?}");
         }
     }
     let missing = dir.path().join("no-such-file.toml");
     let p = missing.to_str().unwrap();
-    let run = run_daemon_to_exit(
+    let run = BINS.run_daemon_to_exit(
         &["--config", p, "--listen", "127.0.0.1:0"],
         Duration::from_secs(10),
     );
@@ -667,7 +680,7 @@ fn daemon_config_errors_exit_78_naming_the_key() {
 
 #[test]
 fn daemon_rejects_a_bad_listen_address() {
-    let run = run_daemon_to_exit(&["--listen", "nonsense"], Duration::from_secs(10));
+    let run = BINS.run_daemon_to_exit(&["--listen", "nonsense"], Duration::from_secs(10));
     assert_eq!(
         run.code,
         Some(64),
@@ -681,9 +694,12 @@ fn daemon_rejects_a_bad_listen_address() {
 // Shutdown.
 
 fn clean_shutdown_on(signal: &str) {
-    let mut d = Daemon::start();
+    let mut d = Daemon::start(&BINS);
     // Some state to tear down.
-    ok_json(&cli_at(&d.server(), &["map", "udp", "4500", "--json"]), &d);
+    ok_json(
+        &BINS.cli_at(&d.server(), &["map", "udp", "4500", "--json"]),
+        &d,
+    );
     let status = d.signal_and_wait(signal, Duration::from_secs(2));
     let log = d.log();
     let status = status.unwrap_or_else(|| panic!("still running 2 s after SIG{signal}:\n{log}"));
@@ -711,7 +727,7 @@ fn daemon_sigint_exits_0_within_2s() {
 #[test]
 fn rfc6887_s8_2_garbage_does_not_hurt_the_daemon() {
     use rand::{Rng, SeedableRng};
-    let mut d = Daemon::start();
+    let mut d = Daemon::start(&BINS);
     let cp = CodePoints::default();
     let sock = UdpSocket::bind((LOCALHOST, 0)).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x9a7b);
@@ -764,7 +780,10 @@ fn rfc6887_s8_2_garbage_does_not_hurt_the_daemon() {
         }
     }
     assert!(d.is_running(), "portkeepd died:\n{}", d.log());
-    let j = ok_json(&cli_at(&d.server(), &["map", "tcp", "6200", "--json"]), &d);
+    let j = ok_json(
+        &BINS.cli_at(&d.server(), &["map", "tcp", "6200", "--json"]),
+        &d,
+    );
     assert_eq!(j["external_ip"], EXTERNAL);
     assert_ne!(external_port(&j), 0);
     let r = request(v4("127.0.0.2"), d.addr(), &map_builder(6200));
@@ -779,7 +798,7 @@ fn rfc6887_s8_2_garbage_does_not_hurt_the_daemon() {
 #[test]
 fn rfc6887_s8_3_client_accepts_the_daemons_malformed_option_copy() {
     use rand::SeedableRng;
-    let d = Daemon::start();
+    let d = Daemon::start(&BINS);
     let cp = CodePoints::default();
     let mut req: Request = map_builder(6300)
         .nonce([0x3c; 12])
@@ -825,22 +844,25 @@ fn rfc6887_s8_3_client_accepts_the_daemons_malformed_option_copy() {
 #[test]
 fn rfc6887_s5_map_over_ipv6_loopback() {
     if !bindable(SocketAddr::new(LOCALHOST6, 0)) {
-        eprintln!("SKIPPED: [::1] is not bindable, IPv6 test not run");
+        skip("MAP over IPv6 loopback", "[::1] is not bindable");
         return;
     }
-    let d = Daemon::spawn(&DaemonSpec {
-        listen_ips: vec![LOCALHOST6],
-        ..DaemonSpec::default()
-    });
+    let d = Daemon::spawn(
+        &BINS,
+        &DaemonSpec {
+            listen_ips: vec![LOCALHOST6],
+            ..DaemonSpec::default()
+        },
+    );
     assert!(d.addr().is_ipv6());
     let server = format!("[::1]:{}", d.addr().port());
-    let j = ok_json(&cli_at(&server, &["map", "udp", "5353", "--json"]), &d);
+    let j = ok_json(&BINS.cli_at(&server, &["map", "udp", "5353", "--json"]), &d);
     assert_eq!(j["opcode"], "MAP");
     assert_eq!(j["external_ip"], EXTERNAL);
     assert_ne!(external_port(&j), 0);
     let n = nonce(&j);
     let again = ok_json(
-        &cli_at(&server, &["map", "udp", "5353", "--nonce", &n, "--json"]),
+        &BINS.cli_at(&server, &["map", "udp", "5353", "--nonce", &n, "--json"]),
         &d,
     );
     assert_eq!(external_port(&again), external_port(&j));

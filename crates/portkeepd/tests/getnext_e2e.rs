@@ -6,12 +6,16 @@
 
 #![allow(clippy::unwrap_used, clippy::panic, clippy::expect_used)]
 
-mod e2e_support;
+use std::sync::LazyLock;
 
-use e2e_support::{cli_at, request, v4, Daemon, LOCALHOST};
 use portkeep_client::RequestBuilder;
 use portkeep_proto::{Protocol, ResultCode};
+use portkeep_test_support::daemon::Daemon;
+use portkeep_test_support::pcp::{request, v4, LOCALHOST};
+use portkeep_test_support::process::Bins;
 use serde_json::Value;
+
+static BINS: LazyLock<Bins> = LazyLock::new(|| Bins::from_daemon(env!("CARGO_BIN_EXE_portkeepd")));
 
 fn populate(d: &Daemon) {
     for p in 0..30u16 {
@@ -43,10 +47,10 @@ fn populate(d: &Daemon) {
 /// prints one array; filters narrow it (section 4.1).
 #[test]
 fn draft_s4_list_walks_this_hosts_mappings() {
-    let d = Daemon::start();
+    let d = Daemon::start(&BINS);
     populate(&d);
     let server = d.server();
-    let run = cli_at(&server, &["list", "--json"]);
+    let run = BINS.cli_at(&server, &["list", "--json"]);
     assert_eq!(run.code, Some(0), "{run:?}");
     let all = run.json();
     let all = all.as_array().unwrap();
@@ -72,29 +76,34 @@ fn draft_s4_list_walks_this_hosts_mappings() {
     assert_eq!(web.len(), 1);
     assert_eq!(web[0]["internal"], "127.0.0.1:8001");
 
-    let run = cli_at(&server, &["list"]);
+    let run = BINS.cli_at(&server, &["list"]);
     assert_eq!(run.code, Some(0));
     let lines: Vec<&str> = run.stdout.lines().collect();
     assert_eq!(lines.len(), 31, "header + 30: {}", run.stdout);
     assert!(lines[0].starts_with("PROTO"));
     assert!(run.stdout.contains("web server"));
 
-    let udp = cli_at(&server, &["list", "--protocol", "udp", "--json"]).json();
+    let udp = BINS
+        .cli_at(&server, &["list", "--protocol", "udp", "--json"])
+        .json();
     assert_eq!(udp.as_array().unwrap().len(), 10);
-    let one = cli_at(
-        &server,
-        &[
-            "list",
-            "--protocol",
-            "tcp",
-            "--internal",
-            "127.0.0.1:8002",
-            "--json",
-        ],
-    )
-    .json();
+    let one = BINS
+        .cli_at(
+            &server,
+            &[
+                "list",
+                "--protocol",
+                "tcp",
+                "--internal",
+                "127.0.0.1:8002",
+                "--json",
+            ],
+        )
+        .json();
     assert_eq!(one.as_array().unwrap().len(), 1);
-    let other = cli_at(&server, &["list", "--internal", "127.0.0.2", "--json"]).json();
+    let other = BINS
+        .cli_at(&server, &["list", "--internal", "127.0.0.2", "--json"])
+        .json();
     assert_eq!(
         other.as_array().unwrap().len(),
         0,
@@ -102,7 +111,7 @@ fn draft_s4_list_walks_this_hosts_mappings() {
     );
 
     // Section 4.1: a port without a protocol is unsound: usage error.
-    let run = cli_at(&server, &["list", "--internal", "127.0.0.1:8002"]);
+    let run = BINS.cli_at(&server, &["list", "--internal", "127.0.0.1:8002"]);
     assert_eq!(run.code, Some(64), "{run:?}");
 }
 
@@ -110,16 +119,16 @@ fn draft_s4_list_walks_this_hosts_mappings() {
 /// NONEXIST_MAP.
 #[test]
 fn draft_s4_5_get_shows_one_mapping_or_nonexist_map() {
-    let d = Daemon::start();
+    let d = Daemon::start(&BINS);
     populate(&d);
     let server = d.server();
-    let run = cli_at(&server, &["get", "tcp", "8001", "--json"]);
+    let run = BINS.cli_at(&server, &["get", "tcp", "8001", "--json"]);
     assert_eq!(run.code, Some(0), "{run:?}");
     let m = run.json();
     assert_eq!(m["internal"], "127.0.0.1:8001");
     assert_eq!(m["protocol"], "tcp");
     assert_eq!(m["description"], "web server");
-    let run = cli_at(&server, &["get", "udp", "8001"]);
+    let run = BINS.cli_at(&server, &["get", "udp", "8001"]);
     assert_eq!(run.code, Some(2), "{run:?}");
     assert!(run.stderr.contains("NONEXIST_MAP"), "{run:?}");
 }
@@ -130,6 +139,7 @@ fn draft_s4_5_get_shows_one_mapping_or_nonexist_map() {
 #[test]
 fn draft_s4_code_points_configured_on_both_sides() {
     let d = Daemon::with_config(
+        &BINS,
         "[extensions]\nget_opcode = 100\nnext_option = 99\nnonexist_map_result = 200\n",
     );
     populate(&d);
@@ -144,15 +154,15 @@ fn draft_s4_code_points_configured_on_both_sides() {
     ];
     let mut args = flags.to_vec();
     args.extend(["list", "--json"]);
-    let run = cli_at(&server, &args);
+    let run = BINS.cli_at(&server, &args);
     assert_eq!(run.code, Some(0), "{run:?}");
     assert_eq!(run.json().as_array().unwrap().len(), 30);
     let mut args = flags.to_vec();
     args.extend(["get", "sctp", "1"]);
-    let run = cli_at(&server, &args);
+    let run = BINS.cli_at(&server, &args);
     assert_eq!(run.code, Some(2), "{run:?}");
     assert!(run.stderr.contains("NONEXIST_MAP"), "{run:?}");
-    let run = cli_at(&server, &["list"]);
+    let run = BINS.cli_at(&server, &["list"]);
     assert_eq!(run.code, Some(2), "{run:?}");
     assert!(run.stderr.contains("UNSUPP_OPCODE"), "{run:?}");
 }

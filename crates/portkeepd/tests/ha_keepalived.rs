@@ -23,22 +23,23 @@
 //! active's portkeepd dies alone: each time keepalived's health check
 //! (`portkeepd-check.sh`) gives the VIP up and the other node takes over.
 //!
-//! Needs root, `ip` and `keepalived`; otherwise prints `SKIPPED: <reason>`
-//! and passes.
+//! Needs root, `ip`, `nft` and `keepalived`: under CI (`CI=true`) it fails
+//! without them; elsewhere it prints `SKIPPED: <reason>`, records the skip
+//! (`PORTKEEP_SKIP_LOG`) and passes.
 
 #![allow(clippy::unwrap_used, clippy::panic, clippy::disallowed_methods)]
 
-mod e2e_support;
-mod ha_netns;
-mod netns;
-
 use std::net::{IpAddr, SocketAddr};
+use std::sync::LazyLock;
 use std::time::Duration;
 
-use ha_netns::{
-    gen_certs, ha_section, map_ok, now, ns_exec, refresh_until_answered, skip_reason, udp_in,
-    Granted, Lab, Node,
+use portkeep_test_support::keepalived::{
+    ha_section, map_ok, refresh_until_answered, start_pair, udp_in, wait_for_node, Granted, Node,
 };
+use portkeep_test_support::netns::{assert_gone, ns_exec, setup, Lab};
+use portkeep_test_support::process::{now, Bins};
+
+static BINS: LazyLock<Bins> = LazyLock::new(|| Bins::from_daemon(env!("CARGO_BIN_EXE_portkeepd")));
 
 const VIP: &str = "10.78.0.1";
 const EXT_VIP: &str = "10.78.0.2";
@@ -97,16 +98,10 @@ fn other(i: usize) -> usize {
 
 #[test]
 fn keepalived_moves_the_vip_and_promotes_the_backup_with_every_checkpoint() {
-    if let Some(r) = skip_reason(&["ip", "keepalived"]) {
-        eprintln!("\n*** SKIPPED: keepalived failover: {r} ***\n");
+    let Some(mut lab) = setup("keepalived failover", &["ip", "nft", "keepalived"], || {
+        Lab::with_switch("pkk", &["br0"])
+    }) else {
         return;
-    }
-    let mut lab = match Lab::new("pkk", &["br0"]) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("\n*** SKIPPED: keepalived failover: cannot build namespaces: {e} ***\n");
-            return;
-        }
     };
     let id = lab.id.clone();
     let ns = [format!("pkka-{id}"), format!("pkkb-{id}")];
@@ -119,32 +114,18 @@ fn keepalived_moves_the_vip_and_promotes_the_backup_with_every_checkpoint() {
     lab.add_ns(&client_ns).unwrap();
     lab.plug(&client_ns, "eth0", "br0", &[&format!("{CLIENT}/24")])
         .unwrap();
-    gen_certs(&lab.dir.join("certs"));
-
-    let mut nodes: Vec<Node> = (0..2).map(|i| Node::new(&lab, NAMES[i], &ns[i])).collect();
-    for (i, n) in nodes.iter_mut().enumerate() {
-        let cfg = portkeepd_config(n, &lab, i);
-        n.start_portkeepd(&cfg);
-    }
-    for n in &mut nodes {
-        let conf = keepalived_conf(n);
-        n.start_keepalived(&conf);
-    }
+    let mut nodes = start_pair(
+        &lab,
+        BINS.daemon(),
+        NAMES,
+        &ns,
+        |n, i| portkeepd_config(n, &lab, i),
+        keepalived_conf,
+    );
     // keepalived elects one (both start BACKUP; the higher priority's
     // timer runs out first) and its notify script promotes it.
     let t = now();
-    let mut active = loop {
-        if let Some(i) = (0..2).find(|&i| nodes[i].is_active()) {
-            break i;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(15),
-            "nobody promoted:\n{}{}",
-            nodes[0].logs(),
-            nodes[1].logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let mut active = wait_for_node(&nodes, Duration::from_secs(15), "promoted", Node::is_active);
     eprintln!("{} is active after {:?}", nodes[active].name, t.elapsed());
     nodes[active].wait(Duration::from_secs(15), "backup in sync", |n| {
         n.ha()["in_sync"] == true
@@ -318,5 +299,5 @@ fn keepalived_moves_the_vip_and_promotes_the_backup_with_every_checkpoint() {
     let names = lab.names();
     drop(nodes);
     drop(lab);
-    ha_netns::assert_gone(&names);
+    assert_gone(&names);
 }

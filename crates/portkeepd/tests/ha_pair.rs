@@ -9,28 +9,23 @@
 
 #![allow(clippy::unwrap_used, clippy::panic, clippy::disallowed_methods)]
 
-mod e2e_support;
-
 use std::collections::HashMap;
 use std::fs::File;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
-use e2e_support::{daemon_bin, exchange_once, map_request, LOCALHOST};
 use portkeep_client::{EpochTracker, EpochVerdict};
-use portkeep_proto::addr::{from_wire, to_wire};
-use portkeep_proto::{CodePoints, OpData, Request, RequestHeader, Response};
+use portkeep_proto::addr::from_wire;
+use portkeep_proto::{CodePoints, OpData, Response};
+use portkeep_test_support::daemon::examples_dir;
+use portkeep_test_support::pcp::{exchange_once, map_request, LOCALHOST};
+use portkeep_test_support::process::{gen_certs, wall_ms, Bins, Portkeepd};
 
-fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
+static BINS: LazyLock<Bins> = LazyLock::new(|| Bins::from_daemon(env!("CARGO_BIN_EXE_portkeepd")));
 
 /// A port free for both UDP and TCP, below the kernel's ephemeral range
 /// (32768 and up), so that no client socket of a test running alongside
@@ -51,10 +46,7 @@ fn fixed_port() -> u16 {
 
 /// Certificates for node names, from `portkeepd gen-certs`.
 fn certs(dir: &Path, names: &[&str]) {
-    let mut args = vec!["gen-certs".to_owned(), dir.display().to_string()];
-    args.extend(names.iter().map(|s| (*s).to_owned()));
-    let out = Command::new(daemon_bin()).args(&args).output().unwrap();
-    assert!(out.status.success(), "{out:?}");
+    gen_certs(BINS.daemon(), dir, names);
 }
 
 /// One node's fixed addresses and files.
@@ -108,8 +100,7 @@ impl NodeSpec {
 
 struct Node {
     spec: NodeSpec,
-    child: Option<Child>,
-    log: PathBuf,
+    proc: Portkeepd,
 }
 
 impl Node {
@@ -117,18 +108,15 @@ impl Node {
         let cfg = spec.data.with_extension(format!("{role}.toml"));
         std::fs::write(&cfg, spec.config(role)).unwrap();
         let log = spec.data.with_extension(format!("{}.log", wall_ms()));
-        let child = Command::new(daemon_bin())
-            .args(["--config", cfg.to_str().unwrap(), "--log-level", "info"])
+        let mut cmd = Command::new(BINS.daemon());
+        cmd.args(["--config", cfg.to_str().unwrap(), "--log-level", "info"])
             .env_remove("PORTKEEPD_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+            .stderr(File::create(&log).unwrap());
         let mut n = Node {
             spec: spec.clone(),
-            child: Some(child),
-            log,
+            proc: Portkeepd::spawn(spec.name, BINS.daemon(), &mut cmd, spec.data.clone(), log),
         };
         n.wait(Duration::from_secs(10), "control socket", |s| {
             s["ok"] == true
@@ -137,24 +125,11 @@ impl Node {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn try_ctl(&self, args: &[&str]) -> Option<serde_json::Value> {
-        let mut all = vec![
-            "ctl",
-            "--data-dir",
-            self.spec.data.to_str().unwrap(),
-            "--json",
-        ];
-        all.extend_from_slice(args);
-        let out = Command::new(daemon_bin()).args(&all).output().ok()?;
-        serde_json::from_slice(&out.stdout).ok()
+        self.proc.log()
     }
 
     fn ctl(&self, args: &[&str]) -> serde_json::Value {
-        self.try_ctl(args)
-            .unwrap_or_else(|| panic!("ctl {args:?} failed; log:\n{}", self.log()))
+        self.proc.ctl(args)
     }
 
     fn status(&self) -> serde_json::Value {
@@ -163,33 +138,7 @@ impl Node {
 
     /// Waits until `status` satisfies `ok`.
     fn wait(&mut self, within: Duration, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(st)) = c.try_wait() {
-                    panic!(
-                        "{} exited ({st}) waiting for {what}:\n{}",
-                        self.spec.name,
-                        self.log()
-                    );
-                }
-            }
-            if let Some(s) = self.try_ctl(&["status"]) {
-                if ok(&s) {
-                    return;
-                }
-                if Instant::now() > deadline {
-                    panic!(
-                        "{}: no {what} within {within:?}; status {s:#}\nlog:\n{}",
-                        self.spec.name,
-                        self.log()
-                    );
-                }
-            } else if Instant::now() > deadline {
-                panic!("{}: no {what}; log:\n{}", self.spec.name, self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.proc.wait(within, what, ok);
     }
 
     fn wait_in_sync(&mut self) {
@@ -199,22 +148,11 @@ impl Node {
     }
 
     fn signal(&self, sig: &str) {
-        if let Some(c) = &self.child {
-            let ok = Command::new("kill")
-                .arg(format!("-{sig}"))
-                .arg(c.id().to_string())
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok);
-        }
+        self.proc.signal(sig);
     }
 
     fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.proc.kill9();
     }
 
     /// Every mapping the node holds, by (internal address, port).
@@ -228,19 +166,6 @@ impl Node {
                 ((ip, m["internal_port"].as_u64().unwrap() as u16), m.clone())
             })
             .collect()
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Some(c) = &self.child {
-            // A stopped process must be continued to die cleanly.
-            let _ = Command::new("kill")
-                .arg("-CONT")
-                .arg(c.id().to_string())
-                .status();
-        }
-        self.kill9();
     }
 }
 
@@ -284,19 +209,7 @@ fn client_socket(ip: IpAddr) -> UdpSocket {
 
 /// The epoch check of RFC 6887 section 8.5 with an ANNOUNCE to `server`.
 fn epoch_check(tracker: &mut EpochTracker, server: SocketAddr, client: IpAddr) -> EpochVerdict {
-    let sock = client_socket(client);
-    let req = Request {
-        header: RequestHeader {
-            lifetime: 0,
-            client_ip: to_wire(client),
-        },
-        data: OpData::Announce,
-        options: vec![],
-    }
-    .to_bytes(&CodePoints::default())
-    .unwrap();
-    let r = exchange_once(&sock, server, &req).expect("ANNOUNCE answered");
-    tracker.observe(Instant::now(), r.header.epoch)
+    portkeep_test_support::pcp::epoch_check(tracker, server, client, Duration::from_millis(1500))
 }
 
 #[derive(Debug, Clone)]
@@ -769,7 +682,7 @@ fn design_link_config_requires_tls_or_explicit_plaintext() {
         "[ha]\nrole = \"active\"\nlisten = \"127.0.0.1:1\"\npeer = \"127.0.0.1:2\"\n",
     )
     .unwrap();
-    let out = Command::new(daemon_bin())
+    let out = Command::new(BINS.daemon())
         .args(["--config", cfg.to_str().unwrap(), "--check-config"])
         .output()
         .unwrap();
@@ -786,9 +699,9 @@ fn example_ha_loopback_script_shows_the_failover() {
     // The one-command demonstration in examples/ stays true: check-pointed
     // mappings keep their external ports, the fully check-pointed client's
     // epoch continues and the other one's resets.
-    let bin = daemon_bin();
+    let bin = BINS.daemon();
     let out = Command::new("bash")
-        .arg(e2e_support::examples_dir().join("ha-loopback.sh"))
+        .arg(examples_dir().join("ha-loopback.sh"))
         .env("PORTKEEP_BIN", bin.parent().unwrap())
         .output()
         .unwrap();

@@ -14,43 +14,31 @@
 //! made in). The outside host has no route to 10.77.0.0/24, so anything
 //! that reaches it from inside was translated.
 //!
-//! Needs root, `ip`, `nft` and `conntrack`; otherwise it prints
-//! `SKIPPED: <reason>` and passes. Everything it creates is removed on
+//! Needs root, `ip`, `nft` and `conntrack`: under CI (`CI=true`) it fails
+//! without them; elsewhere it prints `SKIPPED: <reason>`, records the skip
+//! (`PORTKEEP_SKIP_LOG`) and passes. Everything it creates is removed on
 //! drop, even when an assertion fails.
 
 #![allow(clippy::unwrap_used, clippy::panic, clippy::expect_used)]
 
-mod netns;
-
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use netns::{in_ns, ip, now, run, skip_reason};
+use portkeep_test_support::netns::{self, assert_gone, in_ns, ip, run, Lab};
+use portkeep_test_support::process::{now, Bins};
 
-const DAEMON: &str = env!("CARGO_BIN_EXE_portkeepd");
+static BINS: LazyLock<Bins> = LazyLock::new(|| Bins::from_daemon(env!("CARGO_BIN_EXE_portkeepd")));
 const INSIDE: &str = "10.77.0.2";
 const NAT_LAN: &str = "10.77.0.1";
 const EXT: &str = "198.51.100.1";
 const OUT_A: &str = "198.51.100.2";
 const OUT_B: &str = "198.51.100.3";
-
-static SEQ: AtomicUsize = AtomicUsize::new(0);
-
-fn cli() -> PathBuf {
-    let bin = Path::new(DAEMON).with_file_name("portkeep");
-    assert!(
-        bin.is_file(),
-        "the `portkeep` CLI is missing at {}: run `cargo build --workspace --bins` first",
-        bin.display()
-    );
-    bin
-}
 
 /// Everything one test made; removed on drop.
 struct Topo {
@@ -60,46 +48,40 @@ struct Topo {
     dir: PathBuf,
     daemon: Option<Child>,
     stop: Arc<AtomicBool>,
+    // Last: dropped after the daemon is killed.
+    lab: Lab,
 }
 
 impl Drop for Topo {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         self.kill_daemon();
-        for ns in [&self.inside, &self.nat, &self.outside] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
 impl Topo {
     fn build() -> Result<Topo, String> {
-        let id = format!(
-            "{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::SeqCst)
+        let mut lab = Lab::new("nft")?;
+        let id = lab.id.clone();
+        let (i, n, o) = (
+            format!("pk8i-{id}"),
+            format!("pk8n-{id}"),
+            format!("pk8o-{id}"),
         );
-        let dir = std::env::temp_dir().join(format!("portkeep-nft-{id}"));
+        for ns in [&i, &n, &o] {
+            lab.add_ns(ns)?;
+        }
         let t = Topo {
-            inside: format!("pk8i-{id}"),
-            nat: format!("pk8n-{id}"),
-            outside: format!("pk8o-{id}"),
-            dir,
+            inside: i.clone(),
+            nat: n.clone(),
+            outside: o.clone(),
+            dir: lab.dir.clone(),
             daemon: None,
             stop: Arc::new(AtomicBool::new(false)),
+            lab,
         };
-        fs::create_dir_all(&t.dir).map_err(|e| e.to_string())?;
-        let (i, n, o) = (t.inside.clone(), t.nat.clone(), t.outside.clone());
-        for ns in [&i, &n, &o] {
-            ip(&["netns", "add", ns])?;
-        }
-        ip(&[
-            "-n", &n, "link", "add", "lan0", "type", "veth", "peer", "name", "in0", "netns", &i,
-        ])?;
-        ip(&[
-            "-n", &n, "link", "add", "wan0", "type", "veth", "peer", "name", "out0", "netns", &o,
-        ])?;
+        t.lab.veth(&n, "lan0", &i, "in0")?;
+        t.lab.veth(&n, "wan0", &o, "out0")?;
         ip(&[
             "-n",
             &i,
@@ -137,15 +119,7 @@ impl Topo {
             "dev",
             "out0",
         ])?;
-        for (ns, dev) in [
-            (&i, "lo"),
-            (&i, "in0"),
-            (&n, "lo"),
-            (&n, "lan0"),
-            (&n, "wan0"),
-            (&o, "lo"),
-            (&o, "out0"),
-        ] {
+        for (ns, dev) in [(&i, "in0"), (&n, "lan0"), (&n, "wan0"), (&o, "out0")] {
             ip(&["-n", ns, "link", "set", dev, "up"])?;
         }
         ip(&["-n", &i, "route", "add", "default", "via", NAT_LAN])?;
@@ -187,7 +161,9 @@ impl Topo {
             .open(self.dir.join("portkeepd.log"))
             .unwrap();
         let child = Command::new("ip")
-            .args(["netns", "exec", &self.nat, DAEMON, "--config"])
+            .args(["netns", "exec", &self.nat])
+            .arg(BINS.daemon())
+            .arg("--config")
             .arg(&conf)
             .arg("--data-dir")
             .arg(self.dir.join("data"))
@@ -238,7 +214,7 @@ impl Topo {
     fn portkeep(&self, args: &[&str]) -> serde_json::Value {
         let out = Command::new("ip")
             .args(["netns", "exec", &self.inside])
-            .arg(cli())
+            .arg(BINS.cli())
             .args(args)
             .args(["--server", NAT_LAN, "--json", "--timeout", "2"])
             .output()
@@ -355,25 +331,10 @@ fn udp_echoes(s: &UdpSocket, to: SocketAddr, msg: &[u8]) -> bool {
     false
 }
 
+/// The topology, or `None` (after saying why, and failing under CI) if
+/// this machine cannot build it.
 fn setup(name: &str) -> Option<Topo> {
-    if let Some(r) = skip_reason(&["ip", "nft", "conntrack"]) {
-        eprintln!("\n*** SKIPPED: {name}: {r} ***\n");
-        return None;
-    }
-    match Topo::build() {
-        Ok(t) => Some(t),
-        Err(e) => {
-            eprintln!("\n*** SKIPPED: {name}: cannot build namespaces: {e} ***\n");
-            None
-        }
-    }
-}
-
-fn assert_gone(names: [String; 3]) {
-    let list = ip(&["netns", "list"]).unwrap_or_default();
-    for n in names {
-        assert!(!list.contains(&n), "namespace {n} left behind");
-    }
+    netns::setup(name, &["ip", "nft", "conntrack", "sysctl"], Topo::build)
 }
 
 #[test]
@@ -381,7 +342,7 @@ fn map_peer_filter_delete_and_expiry_with_real_traffic() {
     let Some(mut t) = setup("nft map/peer/filter") else {
         return;
     };
-    let names = [t.inside.clone(), t.nat.clone(), t.outside.clone()];
+    let names = t.lab.names();
     t.start_daemon("[store]\nmode = \"memory\"\n");
     t.tcp_echo(&format!("{INSIDE}:8080"));
     t.udp_echo(&format!("{INSIDE}:5353"));
@@ -525,7 +486,7 @@ fn map_peer_filter_delete_and_expiry_with_real_traffic() {
     assert!(echoes(&mut again, b"still allowed"));
 
     drop(t);
-    assert_gone(names);
+    assert_gone(&names);
 }
 
 #[test]
@@ -533,7 +494,7 @@ fn restart_with_a_store_installs_every_rule_exactly_once() {
     let Some(mut t) = setup("nft restart") else {
         return;
     };
-    let names = [t.inside.clone(), t.nat.clone(), t.outside.clone()];
+    let names = t.lab.names();
     t.start_daemon("");
     t.tcp_echo(&format!("{INSIDE}:8080"));
     let ext = t.map(&[
@@ -595,5 +556,5 @@ fn restart_with_a_store_installs_every_rule_exactly_once() {
     assert_eq!(t.nft_list(), "", "table left after on_stop = flush");
 
     drop(t);
-    assert_gone(names);
+    assert_gone(&names);
 }

@@ -6,28 +6,21 @@
 
 #![allow(clippy::unwrap_used, clippy::panic, clippy::disallowed_methods)]
 
-mod e2e_support;
-
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
 
-use e2e_support::{
-    exchange_once, free_port, map_request, run_daemon_to_exit, Daemon, DaemonSpec, LOCALHOST,
-};
 use portkeep_client::{EpochTracker, EpochVerdict};
-use portkeep_proto::addr::{from_wire, to_wire};
-use portkeep_proto::{CodePoints, OpData, Request, RequestHeader, Response};
+use portkeep_proto::addr::from_wire;
+use portkeep_proto::{CodePoints, OpData, Response};
+use portkeep_test_support::daemon::{Daemon, DaemonSpec};
+use portkeep_test_support::pcp::{exchange_once, free_port, map_request, LOCALHOST};
+use portkeep_test_support::process::{wall_ms, Bins};
 
-fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
+static BINS: LazyLock<Bins> = LazyLock::new(|| Bins::from_daemon(env!("CARGO_BIN_EXE_portkeepd")));
 
 /// Starts (or restarts) a daemon on `addr` with `data` as its data directory.
 fn daemon(addr: SocketAddr, data: &Path, extra: &[&str]) -> Daemon {
@@ -38,32 +31,22 @@ fn daemon(addr: SocketAddr, data: &Path, extra: &[&str]) -> Daemon {
         data.display().to_string(),
     ];
     args.extend(extra.iter().map(|s| (*s).to_owned()));
-    Daemon::spawn(&DaemonSpec {
-        raw_args: Some(args),
-        fixed_addrs: vec![addr],
-        ..DaemonSpec::default()
-    })
+    Daemon::spawn(
+        &BINS,
+        &DaemonSpec {
+            raw_args: Some(args),
+            fixed_addrs: vec![addr],
+            ..DaemonSpec::default()
+        },
+    )
 }
 
 fn ctl(data: &Path, args: &[&str]) -> serde_json::Value {
     let mut all = vec!["ctl", "--data-dir", data.to_str().unwrap(), "--json"];
     all.extend_from_slice(args);
-    let run = run_daemon_to_exit(&all, Duration::from_secs(10));
+    let run = BINS.run_daemon_to_exit(&all, Duration::from_secs(10));
     assert_eq!(run.code, Some(0), "{run:?}");
     run.json()
-}
-
-fn announce_request(client: IpAddr) -> Vec<u8> {
-    Request {
-        header: RequestHeader {
-            lifetime: 0,
-            client_ip: to_wire(client),
-        },
-        data: OpData::Announce,
-        options: vec![],
-    }
-    .to_bytes(&CodePoints::default())
-    .unwrap()
 }
 
 #[derive(Debug, Clone)]
@@ -244,10 +227,7 @@ fn draft_s2_6_kill_9_under_load_loses_no_acknowledged_mapping() {
 /// Requests an ANNOUNCE and feeds the epoch to the client's RFC 6887
 /// section 8.5 check.
 fn epoch_check(tracker: &mut EpochTracker, server: SocketAddr, client: IpAddr) -> EpochVerdict {
-    let sock = UdpSocket::bind(SocketAddr::new(client, 0)).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let r = exchange_once(&sock, server, &announce_request(client)).unwrap();
-    tracker.observe(Instant::now(), r.header.epoch)
+    portkeep_test_support::pcp::epoch_check(tracker, server, client, Duration::from_secs(2))
 }
 
 /// Collects the unsolicited ANNOUNCEs arriving at `sock` within `within`.
@@ -305,7 +285,7 @@ fn rfc6887_s8_5_epoch_continues_across_restart_and_resets_when_the_store_is_lost
     .unwrap();
     assert_eq!(m.header.result.0, 0);
     let server = addr.to_string();
-    let made = e2e_support::cli_at(&server, &["--json", "map", "udp", "9000"]);
+    let made = BINS.cli_at(&server, &["--json", "map", "udp", "9000"]);
     assert_eq!(made.code, Some(0), "{made:?}");
     std::thread::sleep(Duration::from_millis(1200));
     // Crash and come back with the store intact. What the first run's
@@ -436,7 +416,7 @@ fn damaged_store_is_refused(damage: impl Fn(&Path)) {
         "--data-dir",
         data.to_str().unwrap(),
     ];
-    let run = run_daemon_to_exit(&args, Duration::from_secs(20));
+    let run = BINS.run_daemon_to_exit(&args, Duration::from_secs(20));
     assert_eq!(run.code, Some(65), "{run:?}");
     assert!(
         run.stderr.contains(store.to_str().unwrap()),

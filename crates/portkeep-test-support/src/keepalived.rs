@@ -1,139 +1,27 @@
-//! Helpers for the tests that run an active/backup pair under keepalived in
-//! network namespaces: namespaces wired to bridges in a "switch"
-//! namespace, real `portkeepd` and `keepalived` processes per node, a
-//! keepalived configuration generated from `examples/keepalived/`, and
-//! raw PCP from a client namespace.
+//! An active/backup pair under keepalived in network namespaces: nodes
+//! plugged into the bridges of a [`Lab`], real `portkeepd` and
+//! `keepalived` processes per node, a keepalived configuration generated
+//! from `examples/keepalived/`, and raw PCP from a client namespace.
 //!
-//! Everything is removed on drop, even when an assertion fails: each
-//! namespace's processes are killed (`ip netns pids`), the namespaces
-//! deleted and the temporary directory removed.
-
-// Each test binary uses a different subset of these helpers.
-#![allow(dead_code, clippy::unwrap_used, clippy::panic, clippy::expect_used)]
+//! Everything is removed on drop, even when an assertion fails: the
+//! nodes' processes are killed, then the [`Lab`] kills whatever is left in
+//! its namespaces, deletes them and removes its directory.
 
 use std::fs;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-pub(crate) use crate::e2e_support::{exchange_once as exchange, map_request};
-
-pub(crate) const DAEMON: &str = env!("CARGO_BIN_EXE_portkeepd");
-
-static SEQ: AtomicUsize = AtomicUsize::new(0);
-
-/// The clock, read in one place (the workspace reserves `Instant::now`).
-pub(crate) use crate::netns::{in_ns, ip, now, ns_exec, skip_reason};
-
-/// Namespaces, a switch namespace holding the bridges, and a temporary
-/// directory; all removed on drop.
-pub(crate) struct Lab {
-    pub(crate) id: String,
-    pub(crate) dir: PathBuf,
-    pub(crate) switch: String,
-    namespaces: Vec<String>,
-    ports: usize,
-}
-
-impl Lab {
-    /// A lab whose namespace names start with `prefix` (a few letters).
-    pub(crate) fn new(prefix: &str, bridges: &[&str]) -> Result<Lab, String> {
-        let id = format!(
-            "{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::SeqCst)
-        );
-        let dir = std::env::temp_dir().join(format!("portkeep-{prefix}-{id}"));
-        fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let mut lab = Lab {
-            switch: format!("{prefix}s-{id}"),
-            id,
-            dir,
-            namespaces: Vec::new(),
-            ports: 0,
-        };
-        let sw = lab.switch.clone();
-        lab.add_ns(&sw)?;
-        for b in bridges {
-            ip(&["-n", &sw, "link", "add", b, "type", "bridge"])?;
-            ip(&["-n", &sw, "link", "set", b, "up"])?;
-        }
-        Ok(lab)
-    }
-
-    /// A new namespace with its loopback up.
-    pub(crate) fn add_ns(&mut self, name: &str) -> Result<(), String> {
-        ip(&["netns", "add", name])?;
-        self.namespaces.push(name.to_owned());
-        ip(&["-n", name, "link", "set", "lo", "up"])?;
-        Ok(())
-    }
-
-    /// Connects `ns` to `bridge` with a veth whose end in `ns` is `ifname`
-    /// and carries `addrs` (CIDR).
-    pub(crate) fn plug(
-        &mut self,
-        ns: &str,
-        ifname: &str,
-        bridge: &str,
-        addrs: &[&str],
-    ) -> Result<(), String> {
-        self.ports += 1;
-        let port = format!("p{}", self.ports);
-        let sw = self.switch.clone();
-        ip(&[
-            "-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", ifname, "netns", ns,
-        ])?;
-        ip(&["-n", &sw, "link", "set", &port, "master", bridge])?;
-        ip(&["-n", &sw, "link", "set", &port, "up"])?;
-        for a in addrs {
-            ip(&["-n", ns, "addr", "add", a, "dev", ifname])?;
-        }
-        ip(&["-n", ns, "link", "set", ifname, "up"])?;
-        Ok(())
-    }
-
-    pub(crate) fn names(&self) -> Vec<String> {
-        self.namespaces.clone()
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for ns in &self.namespaces {
-            // Whatever still runs in there: keepalived, its scripts,
-            // portkeepd, nft sessions.
-            if let Ok(pids) = ip(&["netns", "pids", ns]) {
-                for pid in pids.split_whitespace() {
-                    let _ = Command::new("kill").args(["-9", pid]).output();
-                }
-            }
-        }
-        for ns in &self.namespaces {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Asserts that none of `names` is left.
-pub(crate) fn assert_gone(names: &[String]) {
-    let list = ip(&["netns", "list"]).unwrap_or_default();
-    for n in names {
-        assert!(
-            !list.split_whitespace().any(|l| l == n),
-            "namespace {n} left behind"
-        );
-    }
-}
+use crate::netns::{in_ns, ip, Lab};
+use crate::pcp::{exchange_once as exchange, map_request};
+use crate::process::{ctl_json, gen_certs, now, Portkeepd};
 
 /// The repository's `examples/keepalived/` directory.
-pub(crate) fn keepalived_examples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../examples/keepalived")
+pub fn keepalived_examples() -> PathBuf {
+    crate::daemon::examples_dir()
+        .join("keepalived")
         .canonicalize()
         .unwrap()
 }
@@ -141,7 +29,7 @@ pub(crate) fn keepalived_examples() -> PathBuf {
 /// `examples/keepalived/keepalived.conf` with the values of this lab:
 /// every `(from, to)` must occur in the example (a changed example fails
 /// loudly here rather than testing something else).
-pub(crate) fn keepalived_conf(subs: &[(&str, String)]) -> String {
+pub fn keepalived_conf(subs: &[(&str, String)]) -> String {
     let path = keepalived_examples().join("keepalived.conf");
     let mut text = fs::read_to_string(&path).unwrap();
     for (from, to) in subs {
@@ -155,27 +43,22 @@ pub(crate) fn keepalived_conf(subs: &[(&str, String)]) -> String {
     text
 }
 
-/// Certificates for both nodes, from `portkeepd gen-certs`.
-pub(crate) fn gen_certs(dir: &Path) {
-    let out = Command::new(DAEMON)
-        .args(["gen-certs", dir.to_str().unwrap(), "node-a", "node-b"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-}
-
 /// One node of the pair: its namespace, `portkeepd` and `keepalived`.
-pub(crate) struct Node {
-    pub(crate) name: String,
-    pub(crate) ns: String,
-    pub(crate) dir: PathBuf,
-    pub(crate) data: PathBuf,
-    portkeepd: Option<Child>,
+#[derive(Debug)]
+pub struct Node {
+    pub name: String,
+    pub ns: String,
+    pub dir: PathBuf,
+    pub data: PathBuf,
+    daemon: PathBuf,
+    portkeepd: Option<Portkeepd>,
     keepalived: Option<Child>,
 }
 
 impl Node {
-    pub(crate) fn new(lab: &Lab, name: &str, ns: &str) -> Node {
+    /// Node `name` in namespace `ns` of `lab`, running the `portkeepd`
+    /// binary `daemon`.
+    pub fn new(lab: &Lab, name: &str, ns: &str, daemon: &Path) -> Node {
         let dir = lab.dir.join(name);
         fs::create_dir_all(&dir).unwrap();
         Node {
@@ -183,6 +66,7 @@ impl Node {
             ns: ns.to_owned(),
             data: dir.join("data"),
             dir,
+            daemon: daemon.to_owned(),
             portkeepd: None,
             keepalived: None,
         }
@@ -196,7 +80,7 @@ impl Node {
             .unwrap()
     }
 
-    pub(crate) fn notify_log(&self) -> PathBuf {
+    pub fn notify_log(&self) -> PathBuf {
         self.dir.join("notify.log")
     }
 
@@ -204,7 +88,7 @@ impl Node {
     /// example's scripts. They are copied next to the configuration:
     /// keepalived refuses to run a script that a user other than root
     /// could change, which a checkout owned by someone else would be.
-    pub(crate) fn keepalived_conf(&self, mut subs: Vec<(&str, String)>) -> String {
+    pub fn keepalived_conf(&self, mut subs: Vec<(&str, String)>) -> String {
         let script = |name: &str| {
             let to = self.dir.join(name);
             fs::copy(keepalived_examples().join(name), &to).unwrap();
@@ -223,49 +107,43 @@ impl Node {
                 "/etc/keepalived/portkeepd-check.sh",
                 script("portkeepd-check.sh"),
             ),
-            ("/usr/local/bin/portkeepd", DAEMON.to_owned()),
+            (
+                "/usr/local/bin/portkeepd",
+                self.daemon.display().to_string(),
+            ),
             ("/var/lib/portkeep", self.data.display().to_string()),
         ]);
         keepalived_conf(&subs)
     }
 
     /// Starts `portkeepd` with `config` and waits for its control socket.
-    pub(crate) fn start_portkeepd(&mut self, config: &str) {
+    pub fn start_portkeepd(&mut self, config: &str) {
         let cfg = self.dir.join("portkeepd.toml");
         fs::write(&cfg, config).unwrap();
         let log = self.append("portkeepd.log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns, DAEMON, "--config"])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns])
+            .arg(&self.daemon)
+            .arg("--config")
             .arg(&cfg)
             .args(["--log-level", "info"])
             .env_remove("PORTKEEPD_LOG")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.portkeepd = Some(child);
-        let deadline = now() + Duration::from_secs(10);
-        loop {
-            if self.status().is_some() {
-                return;
-            }
-            if let Some(Ok(Some(st))) = self.portkeepd.as_mut().map(Child::try_wait) {
-                panic!("{}: portkeepd exited ({st}):\n{}", self.name, self.logs());
-            }
-            assert!(
-                now() < deadline,
-                "{}: no control socket:\n{}",
-                self.name,
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            .stderr(log);
+        let p = self.portkeepd.insert(Portkeepd::spawn(
+            &self.name,
+            &self.daemon,
+            &mut cmd,
+            self.data.clone(),
+            self.dir.join("portkeepd.log"),
+        ));
+        p.wait(Duration::from_secs(10), "control socket", |_| true);
     }
 
     /// Starts keepalived (VRRP only) in its own process group, with its
     /// own pid files, logging to the console (a file here).
-    pub(crate) fn start_keepalived(&mut self, conf: &str) {
+    pub fn start_keepalived(&mut self, conf: &str) {
         let cfg = self.dir.join("keepalived.conf");
         fs::write(&cfg, conf).unwrap();
         let log = self.append("keepalived.log");
@@ -295,38 +173,33 @@ impl Node {
 
     /// `portkeepd ctl --json ARGS` (the control socket is a file: no
     /// namespace needed); `None` if it does not answer.
-    pub(crate) fn ctl(&self, args: &[&str]) -> Option<serde_json::Value> {
-        let out = Command::new(DAEMON)
-            .args(["ctl", "--data-dir", self.data.to_str().unwrap(), "--json"])
-            .args(args)
-            .output()
-            .ok()?;
-        serde_json::from_slice(&out.stdout).ok()
+    pub fn ctl(&self, args: &[&str]) -> Option<serde_json::Value> {
+        ctl_json(&self.daemon, &self.data, args)
     }
 
-    pub(crate) fn status(&self) -> Option<serde_json::Value> {
+    pub fn status(&self) -> Option<serde_json::Value> {
         self.ctl(&["status"])
     }
 
     /// The `ha` part of the status, or null.
-    pub(crate) fn ha(&self) -> serde_json::Value {
+    pub fn ha(&self) -> serde_json::Value {
         self.status().map(|s| s["ha"].clone()).unwrap_or_default()
     }
 
-    pub(crate) fn is_active(&self) -> bool {
+    pub fn is_active(&self) -> bool {
         let h = self.ha();
         h["role"] == "active" && h["serving"] == true
     }
 
     /// Every mapping the node holds.
-    pub(crate) fn mappings(&self) -> Vec<serde_json::Value> {
+    pub fn mappings(&self) -> Vec<serde_json::Value> {
         self.ctl(&["mappings"])
             .and_then(|v| v["mappings"].as_array().cloned())
             .unwrap_or_default()
     }
 
     /// Whether the node's namespace holds `addr` on some interface.
-    pub(crate) fn holds(&self, addr: &str) -> bool {
+    pub fn holds(&self, addr: &str) -> bool {
         ip(&["-n", &self.ns, "-br", "addr"])
             .unwrap_or_default()
             .split_whitespace()
@@ -336,7 +209,7 @@ impl Node {
     /// `kill -9` of keepalived's whole process group (the parent, the
     /// VRRP child and any notify script): no priority-0 advertisement, no
     /// address removal, as when the process crashes.
-    pub(crate) fn kill_keepalived(&mut self) {
+    pub fn kill_keepalived(&mut self) {
         if let Some(mut c) = self.keepalived.take() {
             // The VRRP child first, so that its parent (started with
             // --dont-respawn) reaps it rather than leaving a zombie.
@@ -363,22 +236,21 @@ impl Node {
         }
     }
 
-    pub(crate) fn kill_portkeepd(&mut self) {
-        if let Some(mut c) = self.portkeepd.take() {
+    pub fn kill_portkeepd(&mut self) {
+        if let Some(mut p) = self.portkeepd.take() {
             // `ip netns exec` execs the daemon: this is its pid.
-            let _ = c.kill();
-            let _ = c.wait();
+            p.kill9();
         }
     }
 
     /// Both, keepalived first.
-    pub(crate) fn crash(&mut self) {
+    pub fn crash(&mut self) {
         self.kill_keepalived();
         self.kill_portkeepd();
     }
 
     /// The node's logs, for failure messages.
-    pub(crate) fn logs(&self) -> String {
+    pub fn logs(&self) -> String {
         let mut s = String::new();
         for f in ["portkeepd.log", "keepalived.log", "notify.log"] {
             let text = fs::read_to_string(self.dir.join(f)).unwrap_or_default();
@@ -393,7 +265,7 @@ impl Node {
     }
 
     /// Waits until `ok` holds, polling every 20 ms.
-    pub(crate) fn wait(&self, within: Duration, what: &str, ok: impl Fn(&Node) -> bool) {
+    pub fn wait(&self, within: Duration, what: &str, ok: impl Fn(&Node) -> bool) {
         let deadline = now() + within;
         while !ok(self) {
             assert!(
@@ -414,15 +286,58 @@ impl Drop for Node {
     }
 }
 
+/// The pair: certificates for both nodes in `LAB_DIR/certs`, node
+/// `names[i]` in namespace `ns[i]`, each node's `portkeepd` started with
+/// `config(node, i)` (both answering `ctl`), then each node's keepalived
+/// with `keepalived(node)`.
+pub fn start_pair(
+    lab: &Lab,
+    daemon: &Path,
+    names: [&str; 2],
+    ns: &[String; 2],
+    config: impl Fn(&Node, usize) -> String,
+    keepalived: impl Fn(&Node) -> String,
+) -> Vec<Node> {
+    gen_certs(daemon, &lab.dir.join("certs"), &names);
+    let mut nodes: Vec<Node> = (0..2)
+        .map(|i| Node::new(lab, names[i], &ns[i], daemon))
+        .collect();
+    for (i, n) in nodes.iter_mut().enumerate() {
+        let cfg = config(n, i);
+        n.start_portkeepd(&cfg);
+    }
+    for n in &mut nodes {
+        let conf = keepalived(n);
+        n.start_keepalived(&conf);
+    }
+    nodes
+}
+
+/// The index of the first of `nodes` that satisfies `ok`, polled every
+/// 20 ms; panics with every node's logs after `within`.
+pub fn wait_for_node(
+    nodes: &[Node],
+    within: Duration,
+    what: &str,
+    ok: impl Fn(&Node) -> bool,
+) -> usize {
+    let t = now();
+    loop {
+        if let Some(i) = nodes.iter().position(&ok) {
+            return i;
+        }
+        assert!(
+            t.elapsed() < within,
+            "no node {what} within {within:?}:\n{}",
+            nodes.iter().map(Node::logs).collect::<String>()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// `[ha]` for a node of the pair: backup at start (keepalived decides),
 /// the replication link between the nodes' own addresses over mutual TLS.
-pub(crate) fn ha_section(
-    certs: &Path,
-    me: &str,
-    peer: &str,
-    listen: &str,
-    peer_addr: &str,
-) -> String {
+pub fn ha_section(certs: &Path, me: &str, peer: &str, listen: &str, peer_addr: &str) -> String {
     format!(
         "[ha]\nrole = \"backup\"\nlisten = \"{listen}\"\npeer = \"{peer_addr}\"\n\
          tls_ca = \"{c}/ca.pem\"\ntls_cert = \"{c}/{me}.pem\"\ntls_key = \"{c}/{me}.key\"\n\
@@ -432,7 +347,7 @@ pub(crate) fn ha_section(
 }
 
 /// A UDP socket in namespace `ns`, bound to `ip`.
-pub(crate) fn udp_in(ns: &str, ip: IpAddr, timeout: Duration) -> UdpSocket {
+pub fn udp_in(ns: &str, ip: IpAddr, timeout: Duration) -> UdpSocket {
     let s = in_ns(ns, move || UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap());
     s.set_read_timeout(Some(timeout)).unwrap();
     s
@@ -440,15 +355,15 @@ pub(crate) fn udp_in(ns: &str, ip: IpAddr, timeout: Duration) -> UdpSocket {
 
 /// A granted mapping.
 #[derive(Debug, Clone)]
-pub(crate) struct Granted {
-    pub(crate) port: u16,
-    pub(crate) external: SocketAddr,
-    pub(crate) nonce: [u8; 12],
-    pub(crate) honoured: bool,
+pub struct Granted {
+    pub port: u16,
+    pub external: SocketAddr,
+    pub nonce: [u8; 12],
+    pub honoured: bool,
 }
 
 /// A MAP that must succeed.
-pub(crate) fn map_ok(
+pub fn map_ok(
     sock: &UdpSocket,
     server: SocketAddr,
     client: IpAddr,
@@ -474,7 +389,7 @@ pub(crate) fn map_ok(
 /// Repeats the MAP of `g` every few tens of milliseconds until it is
 /// answered with SUCCESS, and returns when (from `since`); panics after
 /// `within`.
-pub(crate) fn refresh_until_answered(
+pub fn refresh_until_answered(
     sock: &UdpSocket,
     server: SocketAddr,
     client: IpAddr,
