@@ -5,7 +5,8 @@
 # end-to-end tests use (tshark for the Wireshark dissector check,
 # miniupnpd-nftables for client interop, nftables, conntrack, iproute2 and
 # procps for network namespaces, keepalived for the active/backup failover
-# tests) and cargo-fuzz for the fuzz smoke run. As a normal user it
+# tests, strace to inject fsync failures) and cargo-fuzz for the fuzz
+# smoke run. As a normal user it
 # installs nothing and the tests that need root skip with a loud message.
 #
 # A test that cannot run here (not root, a tool missing) fails when CI is
@@ -15,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
-packages=(tshark nftables miniupnpd-nftables iproute2 procps conntrack keepalived)
+packages=(tshark nftables miniupnpd-nftables iproute2 procps conntrack keepalived strace)
 
 step() { printf '\n==> %s\n' "$*"; }
 

@@ -9,34 +9,30 @@
 
 #![allow(clippy::unwrap_used, clippy::panic, clippy::disallowed_methods)]
 
-mod e2e_support;
-
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e_support::{daemon_bin, exchange_once, free_port, map_request, LOCALHOST};
+use portkeep_test_support::pcp::{exchange_once, free_port, map_request, LOCALHOST};
+use portkeep_test_support::skip;
+
+fn daemon_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_portkeepd")
+}
 use portkeep_proto::ResultCode;
 
-/// strace is what injects the failure; a CI run without it must fail, not
-/// skip.
-fn strace() -> Option<&'static str> {
-    let ok = Command::new("strace")
-        .arg("-V")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if ok {
-        return Some("strace");
+/// strace injects the failure; without it the test cannot run (under CI
+/// that fails it).
+fn have_strace() -> bool {
+    if skip::find_tool("strace").is_some() {
+        return true;
     }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "strace is not installed: it is needed to inject an fsync failure (apt-get install strace)"
+    skip::skip(
+        "fsync failure injection",
+        "`strace` not found on PATH (apt-get install strace)",
     );
-    eprintln!("SKIPPED: strace is not installed");
-    None
+    false
 }
 
 /// The daemon under strace, counting its fdatasync calls into `trace`, and
@@ -84,7 +80,7 @@ fn map(sock: &UdpSocket, server: SocketAddr, port: u16) -> Option<ResultCode> {
 
 #[test]
 fn draft_s6_failed_fsync_stops_the_node_and_loses_nothing_acknowledged() {
-    if strace().is_none() {
+    if !have_strace() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
