@@ -222,6 +222,40 @@ fn map_request(ip: Ipv4Addr, client: usize, port: u16, checkpoint: bool) -> Vec<
 }
 
 /// Sends one batch of requests for `c`.
+/// Answer times (µs) of volatile MAPs sent one at a time, one per
+/// millisecond, from `ip` to `server` until `stop`: what a client sees
+/// while something else happens on the server. A MAP unanswered within
+/// 2 s counts as 2 s.
+fn probe(server: SocketAddr, ip: Ipv4Addr, stop: &AtomicBool) -> anyhow::Result<Histogram<u64>> {
+    let sock = UdpSocket::bind(SocketAddr::new(IpAddr::V4(ip), 0))?;
+    sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut buf = [0u8; 1100];
+    let mut port = 40_000u16;
+    while !stop.load(Ordering::Relaxed) {
+        let req = map_request(ip, usize::MAX, port, false);
+        port = if port == 40_999 { 40_000 } else { port + 1 };
+        let t = now();
+        sock.send_to(&req, server)?;
+        let waited = match sock.recv_from(&mut buf) {
+            Ok(_) => t.elapsed(),
+            Err(_) => Duration::from_secs(2),
+        };
+        h.record(waited.as_micros().max(1) as u64)?;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(h)
+}
+
+fn probe_json(h: &Histogram<u64>) -> serde_json::Value {
+    serde_json::json!({
+        "requests": h.len(),
+        "p50_us": h.value_at_quantile(0.5),
+        "p99_us": h.value_at_quantile(0.99),
+        "max_us": h.max(),
+    })
+}
+
 fn send_round(
     c: &mut VClient,
     server: SocketAddr,
@@ -516,7 +550,10 @@ impl Spawned {
 
     /// Kills the backup, wipes its directory and starts it again: the
     /// time until the active reports it in sync, and the snapshot's size.
-    fn resync(&mut self) -> anyhow::Result<(Duration, serde_json::Value)> {
+    fn resync(
+        &mut self,
+        probe_ip: Ipv4Addr,
+    ) -> anyhow::Result<(Duration, serde_json::Value, serde_json::Value)> {
         let Some((b, bcfg, _)) = &mut self.backup else {
             bail!("no backup");
         };
@@ -536,13 +573,36 @@ impl Spawned {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        let child = Self::launch(&self.bin, &bcfg)?;
-        if let Some(b) = &mut self.backup {
-            b.0 = child;
-        }
-        let t = self.wait_in_sync(Duration::from_secs(120))?;
+        // A client's view, side by side: one second of probes with the
+        // backup away, then probes from the backup's start until in sync.
+        let server = self.addr;
+        let quiet = {
+            let stop = AtomicBool::new(false);
+            std::thread::scope(|sc| {
+                let h = sc.spawn(|| probe(server, probe_ip, &stop));
+                std::thread::sleep(Duration::from_secs(1));
+                stop.store(true, Ordering::Relaxed);
+                h.join().map_err(|_| anyhow::anyhow!("probe panicked"))?
+            })?
+        };
+        let stop = AtomicBool::new(false);
+        let (t, during) = std::thread::scope(|sc| -> anyhow::Result<_> {
+            let h = sc.spawn(|| probe(server, probe_ip, &stop));
+            let child = Self::launch(&self.bin, &bcfg)?;
+            if let Some(b) = &mut self.backup {
+                b.0 = child;
+            }
+            let t = self.wait_in_sync(Duration::from_secs(120));
+            stop.store(true, Ordering::Relaxed);
+            let during = h.join().map_err(|_| anyhow::anyhow!("probe panicked"))??;
+            Ok((t?, during))
+        })?;
         let st = self.status_of(&self.cfg)?;
-        Ok((t, st["ha"].clone()))
+        let probes = serde_json::json!({
+            "backup_away": probe_json(&quiet),
+            "during_resync": probe_json(&during),
+        });
+        Ok((t, st["ha"].clone(), probes))
     }
 
     /// kill -9 the active, `ctl promote` the backup, and time until a
@@ -920,11 +980,12 @@ fn main() -> anyhow::Result<()> {
     };
     let resync = match (&mut spawned, args.resync) {
         (Some(s), true) => {
-            let (t, st) = s.resync()?;
+            let (t, st, probes) = s.resync(client_ip(args.client_base, args.clients))?;
             serde_json::json!({
                 "snapshot_items": st["last_snapshot_items"],
                 "start_to_in_sync_ms": t.as_millis(),
                 "snapshot_sent_to_acked_ms": st["last_snapshot_ack_ms"],
+                "pcp_probe": probes,
             })
         }
         _ => serde_json::Value::Null,
@@ -996,8 +1057,10 @@ fn main() -> anyhow::Result<()> {
         }
         if !resync.is_null() {
             println!(
-                "  resync: {} items, backup started to in sync in {} ms (snapshot sent to acknowledged {} ms)",
-                resync["snapshot_items"], resync["start_to_in_sync_ms"], resync["snapshot_sent_to_acked_ms"]
+                "  resync: {} items, backup started to in sync in {} ms (snapshot sent to acknowledged {} ms); a volatile MAP every ms: p99 {} µs (max {} µs) during the resync, {} µs (max {} µs) with the backup away",
+                resync["snapshot_items"], resync["start_to_in_sync_ms"], resync["snapshot_sent_to_acked_ms"],
+                resync["pcp_probe"]["during_resync"]["p99_us"], resync["pcp_probe"]["during_resync"]["max_us"],
+                resync["pcp_probe"]["backup_away"]["p99_us"], resync["pcp_probe"]["backup_away"]["max_us"]
             );
         }
         if !takeover.is_null() {
