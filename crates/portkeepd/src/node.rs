@@ -921,6 +921,9 @@ fn commit(
         );
         node.effects()
     };
+    // What the node queued for the backup leaves now, not at the link's
+    // next timer tick.
+    shared.pair.wake.notify_one();
     act(shared, effects);
     // Under sustained load the committer is never idle: keep the log
     // bounded anyway (the replies above are already on their way),
