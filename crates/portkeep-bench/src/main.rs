@@ -222,28 +222,72 @@ fn map_request(ip: Ipv4Addr, client: usize, port: u16, checkpoint: bool) -> Vec<
 }
 
 /// Sends one batch of requests for `c`.
-/// Answer times (µs) of volatile MAPs sent one at a time, one per
-/// millisecond, from `ip` to `server` until `stop`: what a client sees
-/// while something else happens on the server. A MAP unanswered within
-/// 2 s counts as 2 s.
+/// Answer times (µs) of volatile MAPs sent from `ip` to `server` once a
+/// millisecond until `stop`, open loop (a request leaves on time whether or
+/// not earlier ones were answered, as independent clients' requests do, so
+/// a stall delays every request sent during it): what clients see while
+/// something else happens on the server. A MAP unanswered within 2 s of
+/// the end counts as 2 s.
 fn probe(server: SocketAddr, ip: Ipv4Addr, stop: &AtomicBool) -> anyhow::Result<Histogram<u64>> {
+    const PORTS: u16 = 20_000;
     let sock = UdpSocket::bind(SocketAddr::new(IpAddr::V4(ip), 0))?;
-    sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+    sock.set_read_timeout(Some(Duration::from_millis(20)))?;
+    let rx = sock.try_clone()?;
+    let sent: std::sync::Mutex<Vec<Option<Instant>>> =
+        std::sync::Mutex::new(vec![None; usize::from(PORTS)]);
     let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut buf = [0u8; 1100];
-    let mut port = 40_000u16;
-    while !stop.load(Ordering::Relaxed) {
-        let req = map_request(ip, usize::MAX, port, false);
-        port = if port == 40_999 { 40_000 } else { port + 1 };
-        let t = now();
-        sock.send_to(&req, server)?;
-        let waited = match sock.recv_from(&mut buf) {
-            Ok(_) => t.elapsed(),
-            Err(_) => Duration::from_secs(2),
-        };
-        h.record(waited.as_micros().max(1) as u64)?;
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    let sending_done = AtomicBool::new(false);
+    std::thread::scope(|sc| -> anyhow::Result<()> {
+        let sender = sc.spawn(|| -> anyhow::Result<()> {
+            let start = now();
+            let mut n: u64 = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let port = 40_000 + (n % u64::from(PORTS)) as u16;
+                let req = map_request(ip, usize::MAX, port, false);
+                if let Ok(mut g) = sent.lock() {
+                    g[usize::from(port - 40_000)] = Some(now());
+                }
+                sock.send_to(&req, server)?;
+                n += 1;
+                let due = start + Duration::from_millis(n);
+                let t = now();
+                if due > t {
+                    std::thread::sleep(due - t);
+                }
+            }
+            sending_done.store(true, Ordering::Relaxed);
+            Ok(())
+        });
+        let mut buf = [0u8; 1100];
+        let mut quiet_since: Option<Instant> = None;
+        loop {
+            match rx.recv_from(&mut buf) {
+                Ok((n, _)) if n >= 42 => {
+                    let port = u16::from_be_bytes([buf[40], buf[41]]);
+                    let t0 = port
+                        .checked_sub(40_000)
+                        .and_then(|i| sent.lock().ok()?.get_mut(usize::from(i))?.take());
+                    if let Some(t0) = t0 {
+                        h.record(t0.elapsed().as_micros().max(1) as u64)?;
+                    }
+                }
+                _ => {}
+            }
+            if sending_done.load(Ordering::Relaxed) {
+                let q = *quiet_since.get_or_insert_with(now);
+                let pending = sent.lock().map_or(0, |g| g.iter().flatten().count());
+                if pending == 0 || q.elapsed() > Duration::from_secs(2) {
+                    for _ in 0..pending {
+                        h.record(2_000_000)?;
+                    }
+                    break;
+                }
+            }
+        }
+        sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("probe sender panicked"))?
+    })?;
     Ok(h)
 }
 

@@ -509,6 +509,30 @@ impl Server {
             .collect()
     }
 
+    /// The check-pointed mappings among `slots` table slots from `from`, in
+    /// slot order, and the slot the next page starts at (`None`: done).
+    ///
+    /// For copying a large table a page at a time, each page under its own
+    /// short hold of whatever guards the server: a mapping made, changed
+    /// or removed between pages carries a later sequence number, so a copy
+    /// that is then brought forward by every change after the first page's
+    /// position ends exactly at the table's state (upserts and removals by
+    /// key are idempotent). Slots never move while their mapping lives.
+    pub fn checkpointed_page(&self, from: u32, slots: usize) -> (Vec<MappingRecord>, Option<u32>) {
+        let keying = &self.cfg.subscriber_keying;
+        let from = from as usize;
+        let page = self
+            .table
+            .entries
+            .iter_range(from, slots)
+            .filter(|(_, e)| e.checkpoint)
+            .filter_map(|(id, _)| self.table.record(id, keying))
+            .collect();
+        let next = from.saturating_add(slots);
+        let more = (next < self.table.entries.slots()).then(|| u32::try_from(next).ok());
+        (page, more.flatten())
+    }
+
     /// Clears the check-point flag of a mapping whose check-point could not
     /// be confirmed by the backup in time (RFC 7767 section 3.2: if the
     /// state cannot be check-pointed, the request is not honoured and the

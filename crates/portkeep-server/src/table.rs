@@ -67,6 +67,21 @@ impl<T> Slab<T> {
         self.items.get_mut(id as usize)?.as_mut()
     }
 
+    /// Slots, used or free.
+    pub(crate) fn slots(&self) -> usize {
+        self.items.len()
+    }
+
+    /// The used slots among `from..from + n`.
+    pub(crate) fn iter_range(&self, from: usize, n: usize) -> impl Iterator<Item = (Id, &T)> {
+        self.items
+            .iter()
+            .enumerate()
+            .skip(from)
+            .take(n)
+            .filter_map(|(i, v)| Some((Id::try_from(i).ok()?, v.as_ref()?)))
+    }
+
     pub(crate) fn iter(&self) -> impl Iterator<Item = (Id, &T)> {
         self.items
             .iter()

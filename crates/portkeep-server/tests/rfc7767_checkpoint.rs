@@ -828,3 +828,69 @@ fn rfc7767_s3_2_unflag_when_the_backup_did_not_confirm() {
     // Twice is a no-op.
     assert!(!s.unflag(&m.key, m.kind, m.nonce));
 }
+
+/// RFC 7767 section 1 (resync): a table copied a page at a time, with
+/// mappings made, renewed without the option and deleted between pages,
+/// ends exactly at the table's state once the changes after the first
+/// page's position are applied on top.
+#[test]
+fn rfc7767_s1_a_paged_copy_brought_forward_equals_the_table() {
+    use portkeep_server::record::key_of;
+    use portkeep_server::{Change, MappingRecord};
+    use std::collections::BTreeMap;
+
+    let mut s = in_sync(unlimited());
+    let t = Timestamp(1_000);
+    for p in 0..300u16 {
+        assert!(map_cp(&mut s, t, "198.51.100.1", 1000 + p));
+    }
+    let _ = s.drain_changes().count();
+    let start = s.last_seq();
+    let mut copy: BTreeMap<Vec<u8>, MappingRecord> = BTreeMap::new();
+    let mut from = Some(0u32);
+    let mut round = 0u16;
+    while let Some(f) = from {
+        let (page, next) = s.checkpointed_page(f, 37);
+        for m in page {
+            copy.insert(key_of(&m), m);
+        }
+        from = next;
+        // Between pages: a new check-pointed mapping, one renewed without
+        // the option (no longer check-pointed), one deleted.
+        round += 1;
+        assert!(map_cp(&mut s, t, "198.51.100.2", 2000 + round));
+        send(
+            &mut s,
+            t,
+            "198.51.100.1",
+            &map_req("198.51.100.1", 1000 + round, 600, 1, vec![]),
+        );
+        send(
+            &mut s,
+            t,
+            "198.51.100.1",
+            &map_req("198.51.100.1", 1100 + round, 0, 1, vec![]),
+        );
+    }
+    assert!(round > 5, "the copy took several pages");
+    for c in s.drain_changes().filter(|c| c.seq > start) {
+        match c.change {
+            Change::Upserted(m) if m.checkpoint => {
+                copy.insert(key_of(&m), m);
+            }
+            Change::Upserted(m) => {
+                copy.remove(&key_of(&m));
+            }
+            Change::Removed { mapping, .. } => {
+                copy.remove(&key_of(&mapping));
+            }
+            _ => {}
+        }
+    }
+    let table: BTreeMap<Vec<u8>, MappingRecord> = s
+        .checkpointed_mappings()
+        .into_iter()
+        .map(|m| (key_of(&m), m))
+        .collect();
+    assert_eq!(copy, table);
+}

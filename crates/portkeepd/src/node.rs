@@ -566,9 +566,9 @@ fn reject(shared: &Shared, held: Vec<(Reply, Vec<Grant>)>) {
 }
 
 /// The full check-pointed state for a backup that (re)connected (RFC 7767
-/// section 1): copied under the core lock, so it stands exactly for the
-/// log position it names, and encoded outside every lock; changes
-/// committed meanwhile follow it (the node keeps them).
+/// section 1): copied a page at a time under the core lock, encoded
+/// outside every lock; changes after the copy's position follow it (the
+/// node keeps them), so the backup ends at the table's exact state.
 fn send_snapshot(shared: &Arc<Shared>) {
     let (term, part) = {
         let n = shared.pair.node();
@@ -579,17 +579,35 @@ fn send_snapshot(shared: &Arc<Shared>) {
             _ => return,
         }
     };
-    let src = {
+    // A page of the table at a time, each under its own short hold of the
+    // core lock: the copy stands for the first page's position, and the
+    // node sends every change after that position behind it (it keeps
+    // them while the snapshot is pending), which brings each mapping
+    // copied later to its latest state (`Server::checkpointed_page`).
+    let mut src = {
         let core = shared.lock();
-        SnapshotSource {
-            term,
-            seq: core.server.last_seq(),
-            anchor: core.server.anchor(),
-            subscriber_anchors: core.server.subscriber_anchors(),
-            mappings: core.server.checkpointed_mappings(),
-            volatile: core.server.volatile_hosts(),
-        }
+        let (mappings, next) = core.server.checkpointed_page(0, SNAPSHOT_PAGE_SLOTS);
+        (
+            SnapshotSource {
+                term,
+                seq: core.server.last_seq(),
+                anchor: core.server.anchor(),
+                subscriber_anchors: core.server.subscriber_anchors(),
+                mappings,
+                volatile: core.server.volatile_hosts(),
+            },
+            next,
+        )
     };
+    while let Some(from) = src.1 {
+        let (page, next) = shared
+            .lock()
+            .server
+            .checkpointed_page(from, SNAPSHOT_PAGE_SLOTS);
+        src.0.mappings.extend(page);
+        src.1 = next;
+    }
+    let src = src.0;
     let snap = src.encode(part);
     let (items, seq) = (snap.items(), snap.seq());
     let effects = {
@@ -601,6 +619,10 @@ fn send_snapshot(shared: &Arc<Shared>) {
     tracing::info!(items, seq, "resync: snapshot sent to the backup");
     shared.pair.wake.notify_one();
 }
+
+/// Table slots copied per hold of the core lock while a snapshot is taken:
+/// about a millisecond of copying, so PCP requests wait at most that long.
+const SNAPSHOT_PAGE_SLOTS: usize = 8_192;
 
 /// An empty state: what a node that stopped serving keeps.
 fn empty_state(now: Timestamp) -> Restored {
