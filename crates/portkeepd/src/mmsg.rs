@@ -2,17 +2,19 @@
 //!
 //! One system call moves up to [`BATCH`] datagrams, which is what lets one
 //! core answer hundreds of thousands of small requests a second (DESIGN.md:
-//! "UDP I/O is batched"). This is the project's only `unsafe` code: the
-//! kernel fills buffers we own, and every pointer handed to it is rebuilt
-//! from live borrows right before each call.
-#![allow(unsafe_code)]
+//! "UDP I/O is batched"). The calls go through crates that own the
+//! `unsafe` part, so the daemon has none: `nix` receives (`rustix` has no
+//! `recvmmsg`), `rustix` sends (it returns how many datagrams left, which
+//! `nix`'s `sendmmsg` reports only through an iterator that reads
+//! addresses it never wrote).
 
-use std::io;
-use std::mem::{size_of, zeroed};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 
-use socket2::SockAddr;
+use nix::errno::Errno;
+use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
+use rustix::net::{sendmmsg, MMsgHdr, SendAncillaryBuffer, SendFlags, SocketAddrAny};
 
 /// Datagrams per system call.
 pub const BATCH: usize = 64;
@@ -22,18 +24,21 @@ pub const BATCH: usize = 64;
 pub const BUF: usize = portkeep_proto::MAX_MESSAGE_LEN + 4;
 
 /// Buffers for one received batch.
+///
+/// The headers are allocated once and reused: `nix` sets each header's
+/// address length when it allocates them and the kernel overwrites it with
+/// the received address's length, so a socket must receive one address
+/// family only (every PCP socket does: IPv6 ones are `IPV6_V6ONLY`).
 pub struct RecvBatch {
     bufs: Vec<[u8; BUF]>,
-    addrs: Vec<libc::sockaddr_storage>,
-    lens: Vec<usize>,
-    addr_lens: Vec<libc::socklen_t>,
-    count: usize,
+    headers: MultiHeaders<SockaddrStorage>,
+    received: Vec<(SocketAddr, usize)>,
 }
 
 impl std::fmt::Debug for RecvBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RecvBatch")
-            .field("count", &self.count)
+            .field("count", &self.received.len())
             .finish()
     }
 }
@@ -42,11 +47,8 @@ impl Default for RecvBatch {
     fn default() -> Self {
         RecvBatch {
             bufs: vec![[0u8; BUF]; BATCH],
-            // SAFETY: sockaddr_storage is plain old data; all-zero is valid.
-            addrs: vec![unsafe { zeroed() }; BATCH],
-            lens: vec![0; BATCH],
-            addr_lens: vec![0; BATCH],
-            count: 0,
+            headers: MultiHeaders::preallocate(BATCH, None),
+            received: Vec::with_capacity(BATCH),
         }
     }
 }
@@ -54,70 +56,63 @@ impl Default for RecvBatch {
 impl RecvBatch {
     /// The datagrams of the last receive, with their sources.
     pub fn iter(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> + '_ {
-        (0..self.count).filter_map(move |i| {
-            let len = self.addr_lens[i];
-            // SAFETY: the kernel wrote a socket address of `len` bytes into
-            // this sockaddr_storage, which is large enough for any family.
-            let addr = unsafe { SockAddr::new(self.addrs[i], len) };
-            Some((addr.as_socket()?, &self.bufs[i][..self.lens[i]]))
-        })
+        self.received
+            .iter()
+            .zip(&self.bufs)
+            .map(|(&(from, len), buf)| (from, &buf[..len.min(BUF)]))
     }
+}
+
+fn to_std(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
 }
 
 /// Receives at least one and up to [`BATCH`] datagrams. Returns 0 when the
 /// socket's read timeout expires with nothing received.
 pub fn recv_batch(sock: &UdpSocket, batch: &mut RecvBatch) -> io::Result<usize> {
-    batch.count = 0;
-    let mut iovecs: Vec<libc::iovec> = batch
-        .bufs
+    let RecvBatch {
+        bufs,
+        headers,
+        received,
+    } = batch;
+    received.clear();
+    let mut slices: Vec<[IoSliceMut<'_>; 1]> = bufs
         .iter_mut()
-        .map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: BUF,
-        })
+        .map(|b| [IoSliceMut::new(&mut b[..])])
         .collect();
-    // SAFETY: mmsghdr is plain old data; all-zero is a valid empty header.
-    let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { zeroed() }; BATCH];
-    for (i, m) in msgs.iter_mut().enumerate() {
-        m.msg_hdr.msg_name = (&mut batch.addrs[i] as *mut libc::sockaddr_storage).cast();
-        m.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        m.msg_hdr.msg_iov = &mut iovecs[i];
-        m.msg_hdr.msg_iovlen = 1;
-    }
-    // SAFETY: every pointer in `msgs` points into buffers borrowed mutably
-    // for the duration of this call; lengths match those buffers.
-    let n = unsafe {
-        libc::recvmmsg(
-            sock.as_raw_fd(),
-            msgs.as_mut_ptr(),
-            BATCH as libc::c_uint,
-            libc::MSG_WAITFORONE,
-            std::ptr::null_mut(),
-        )
+    let results = match recvmmsg(
+        sock.as_raw_fd(),
+        headers,
+        slices.iter_mut(),
+        MsgFlags::MSG_WAITFORONE,
+        None,
+    ) {
+        Ok(r) => r,
+        Err(Errno::EAGAIN | Errno::EINTR | Errno::ETIMEDOUT) => return Ok(0),
+        Err(e) => return Err(e.into()),
     };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        return match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted => {
-                Ok(0)
-            }
-            _ => Err(e),
-        };
+    for m in results {
+        // A datagram from an address of no IP family cannot come from a
+        // PCP client: it keeps its slot (so buffers stay in step) but is
+        // given an unspecified source, which the core drops.
+        let from = m
+            .address
+            .as_ref()
+            .and_then(to_std)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        received.push((from, m.bytes));
     }
-    let n = n as usize;
-    for (i, m) in msgs.iter().take(n).enumerate() {
-        batch.lens[i] = m.msg_len as usize;
-        batch.addr_lens[i] = m.msg_hdr.msg_namelen;
-    }
-    batch.count = n;
-    Ok(n)
+    Ok(received.len())
 }
 
 /// Replies queued for one batched send.
 #[derive(Debug, Default)]
 pub struct SendBatch {
     data: Vec<u8>,
-    items: Vec<(SockAddr, usize, usize)>,
+    items: Vec<(SocketAddr, usize, usize)>,
 }
 
 impl SendBatch {
@@ -125,7 +120,7 @@ impl SendBatch {
     pub fn push(&mut self, dest: SocketAddr, bytes: &[u8]) {
         let start = self.data.len();
         self.data.extend_from_slice(bytes);
-        self.items.push((SockAddr::from(dest), start, bytes.len()));
+        self.items.push((dest, start, bytes.len()));
     }
 
     /// A batch with every datagram passed through `f` (same destinations,
@@ -139,7 +134,7 @@ impl SendBatch {
             };
             let s = out.data.len();
             out.data.extend_from_slice(&bytes);
-            out.items.push((dest.clone(), s, bytes.len()));
+            out.items.push((*dest, s, bytes.len()));
         }
         out
     }
@@ -162,52 +157,95 @@ impl SendBatch {
         let mut sent = 0;
         while sent < self.items.len() {
             let chunk = &self.items[sent..self.items.len().min(sent + BATCH)];
-            let mut iovecs: Vec<libc::iovec> = chunk
+            let addrs: Vec<SocketAddrAny> = chunk.iter().map(|(a, _, _)| (*a).into()).collect();
+            let slices: Vec<[IoSlice<'_>; 1]> = chunk
                 .iter()
-                .map(|(_, start, len)| libc::iovec {
-                    iov_base: self.data[*start..].as_ptr() as *mut libc::c_void,
-                    iov_len: *len,
-                })
+                .map(|(_, start, len)| [IoSlice::new(&self.data[*start..*start + *len])])
                 .collect();
-            // SAFETY: plain old data, all-zero is valid.
-            let mut msgs: Vec<libc::mmsghdr> = vec![unsafe { zeroed() }; chunk.len()];
-            for (i, m) in msgs.iter_mut().enumerate() {
-                m.msg_hdr.msg_name = chunk[i].0.as_ptr() as *mut libc::c_void;
-                m.msg_hdr.msg_namelen = chunk[i].0.len();
-                m.msg_hdr.msg_iov = &mut iovecs[i];
-                m.msg_hdr.msg_iovlen = 1;
-            }
-            // SAFETY: pointers reference `self.data`, `iovecs` and the
-            // SockAddrs in `self.items`, all alive and unmoved during the
-            // call; the kernel only reads them.
-            let n = unsafe {
-                libc::sendmmsg(
-                    sock.as_raw_fd(),
-                    msgs.as_mut_ptr(),
-                    msgs.len() as libc::c_uint,
-                    0,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::Interrupted => continue,
-                    io::ErrorKind::WouldBlock => {
-                        // Socket buffer full: let it drain a moment.
-                        std::thread::yield_now();
-                        continue;
-                    }
-                    _ => {
-                        tracing::debug!(error = %e, "send failed; skipping one reply");
-                        sent += 1;
-                        continue;
-                    }
+            let mut controls: Vec<SendAncillaryBuffer<'_, '_, '_>> = chunk
+                .iter()
+                .map(|_| SendAncillaryBuffer::default())
+                .collect();
+            let mut msgs: Vec<MMsgHdr<'_>> = addrs
+                .iter()
+                .zip(&slices)
+                .zip(controls.iter_mut())
+                .map(|((a, iov), c)| MMsgHdr::new_with_addr(a, iov, c))
+                .collect();
+            match sendmmsg(sock, &mut msgs, SendFlags::empty()) {
+                Ok(n) => sent += n.max(1),
+                Err(rustix::io::Errno::INTR) => continue,
+                // Socket buffer full: let it drain a moment.
+                Err(rustix::io::Errno::AGAIN) => std::thread::yield_now(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "send failed; skipping one reply");
+                    sent += 1;
                 }
             }
-            sent += (n as usize).max(1);
         }
         self.items.clear();
         self.data.clear();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+
+    use std::time::Duration;
+
+    use super::*;
+
+    fn round_trip(local: &str) {
+        let a = UdpSocket::bind(local).unwrap();
+        let b = UdpSocket::bind(local).unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut out = SendBatch::default();
+        // More than one system call's worth, of varying sizes.
+        for i in 0..(BATCH + 5) {
+            out.push(b.local_addr().unwrap(), &vec![i as u8; 1 + i % 40]);
+        }
+        out.flush(&a).unwrap();
+        assert!(out.is_empty());
+        let mut rb = RecvBatch::default();
+        let mut got = Vec::new();
+        while got.len() < BATCH + 5 {
+            let n = recv_batch(&b, &mut rb).unwrap();
+            assert!(n > 0, "timed out after {} datagrams", got.len());
+            for (from, data) in rb.iter() {
+                assert_eq!(from, a.local_addr().unwrap());
+                got.push(data.to_vec());
+            }
+        }
+        for (i, d) in got.iter().enumerate() {
+            assert_eq!(d, &vec![i as u8; 1 + i % 40]);
+        }
+    }
+
+    #[test]
+    fn batches_round_trip_over_ipv4() {
+        round_trip("127.0.0.1:0");
+    }
+
+    #[test]
+    fn batches_round_trip_over_ipv6() {
+        if UdpSocket::bind("[::1]:0").is_err() {
+            portkeep_test_support::skip::skip("batched UDP over IPv6", "no [::1] here");
+            return;
+        }
+        round_trip("[::1]:0");
+    }
+
+    #[test]
+    fn an_oversized_datagram_is_seen_longer_than_the_limit() {
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        a.send_to(&[7u8; 2000], b.local_addr().unwrap()).unwrap();
+        let mut rb = RecvBatch::default();
+        assert_eq!(recv_batch(&b, &mut rb).unwrap(), 1);
+        let (_, data) = rb.iter().next().unwrap();
+        assert!(data.len() > portkeep_proto::MAX_MESSAGE_LEN);
     }
 }
