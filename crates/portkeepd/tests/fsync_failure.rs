@@ -10,6 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::panic, clippy::disallowed_methods)]
 
 use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -35,9 +36,24 @@ fn have_strace() -> bool {
     false
 }
 
-/// The daemon under strace, counting its fdatasync calls into `trace`, and
-/// failing them with EIO from the `fail_from`th on (if given).
-fn traced(data: &Path, addr: SocketAddr, trace: &Path, fail_from: Option<u32>) -> Child {
+/// A process group killed on drop: killing strace alone would detach the
+/// daemon it traces and leave it running.
+struct Group(Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-9", "--", &format!("-{}", self.0.id())])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+/// The daemon under strace (in a process group of its own), counting its
+/// fdatasync calls into `trace`, and failing them with EIO from the
+/// `fail_from`th on (if given).
+fn traced(data: &Path, addr: SocketAddr, trace: &Path, fail_from: Option<u32>) -> Group {
     let mut cmd = Command::new("strace");
     cmd.args(["-f", "-qq", "-e", "trace=fdatasync,fsync"]);
     if let Some(n) = fail_from {
@@ -51,8 +67,9 @@ fn traced(data: &Path, addr: SocketAddr, trace: &Path, fail_from: Option<u32>) -
         .arg("--data-dir")
         .arg(data)
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    cmd.spawn().unwrap()
+        .stderr(Stdio::null())
+        .process_group(0);
+    Group(cmd.spawn().unwrap())
 }
 
 fn syncs(trace: &Path) -> u32 {
@@ -124,11 +141,10 @@ fn draft_s6_failed_fsync_stops_the_node_and_loses_nothing_acknowledged() {
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = child.0.try_wait().unwrap() {
             break s;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
             panic!("the daemon kept running after its fsync failed");
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -144,15 +160,18 @@ fn draft_s6_failed_fsync_stops_the_node_and_loses_nothing_acknowledged() {
 
     // A restart (without the fault) has both acknowledged mappings.
     let addr = SocketAddr::new(LOCALHOST, free_port(LOCALHOST));
-    let mut child = Command::new(daemon_bin())
-        .arg("--listen")
-        .arg(addr.to_string())
-        .arg("--data-dir")
-        .arg(&data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let _child = Group(
+        Command::new(daemon_bin())
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap(),
+    );
     wait_ready(&data);
     let out = Command::new(daemon_bin())
         .args(["ctl", "--json", "--data-dir"])
@@ -160,8 +179,6 @@ fn draft_s6_failed_fsync_stops_the_node_and_loses_nothing_acknowledged() {
         .arg("mappings")
         .output()
         .unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let ports: Vec<u64> = v["mappings"]
         .as_array()
