@@ -158,7 +158,7 @@ fn draft_s6_failed_fsync_stops_the_node_and_loses_nothing_acknowledged() {
         "the failed fsync was retried (or none failed):\n{log}"
     );
 
-    // A restart (without the fault) has both acknowledged mappings.
+    // A restart (without the fault) has every acknowledged mapping.
     let addr = SocketAddr::new(LOCALHOST, free_port(LOCALHOST));
     let _child = Group(
         Command::new(daemon_bin())
