@@ -514,15 +514,7 @@ impl<R> Node<R> {
             if streaming && seq > sent {
                 // Jobs at or below the snapshot's position are in it.
                 for (item, hash) in meta.items {
-                    let keep = match (&item, hash) {
-                        (Item::Upsert(_), Some(h)) => {
-                            self.replicated.insert(h);
-                            true
-                        }
-                        (Item::Remove(_), Some(h)) => self.replicated.remove(&h),
-                        _ => true,
-                    };
-                    if keep {
+                    if keep_for_backup(&mut self.replicated, &item, hash) {
                         items.push(item);
                         needs = true;
                     }
@@ -694,15 +686,7 @@ impl<R> Node<R> {
             }
             top = top.max(seq);
             for (item, hash) in its {
-                let keep = match (&item, hash) {
-                    (Item::Upsert(_), Some(h)) => {
-                        self.replicated.insert(h);
-                        true
-                    }
-                    (Item::Remove(_), Some(h)) => self.replicated.remove(&h),
-                    _ => true,
-                };
-                if keep {
+                if keep_for_backup(&mut self.replicated, &item, hash) {
                     items.push(item);
                 }
             }
@@ -838,6 +822,21 @@ impl<R> Node<R> {
         self.effects
             .push_back(Effect::BackupState(self.backup_state()));
         Ok(takeover)
+    }
+}
+
+/// Whether `item` must travel to the backup, keeping `replicated` (the
+/// hashes of the keys the backup holds) up to date: upserts always travel;
+/// a removal only of a key the backup holds, so volatile refreshes (whose
+/// upserts are removals for the backup) cost the link nothing.
+fn keep_for_backup(replicated: &mut HashSet<u64>, item: &Item, hash: Option<u64>) -> bool {
+    match (item, hash) {
+        (Item::Upsert(_), Some(h)) => {
+            replicated.insert(h);
+            true
+        }
+        (Item::Remove(_), Some(h)) => replicated.remove(&h),
+        _ => true,
     }
 }
 

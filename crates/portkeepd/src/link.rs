@@ -20,6 +20,19 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::ha_config::LinkSettings;
 use crate::node::{act, Shared};
+use crate::pair::Reply;
+
+/// Runs `f` on the locked node, then carries out what it asked for once
+/// the lock is released.
+fn drive<T>(shared: &Arc<Shared>, f: impl FnOnce(&mut portkeep_ha::Node<Reply>) -> T) -> T {
+    let (r, effects) = {
+        let mut node = shared.pair.node();
+        let r = f(&mut node);
+        (r, node.effects())
+    };
+    act(shared, effects);
+    r
+}
 
 /// The link thread.
 pub(crate) fn run(shared: Arc<Shared>, link: LinkSettings, listener: std::net::TcpListener) {
@@ -158,24 +171,14 @@ async fn serve_backup(
                 anyhow::bail!("superseded");
             }
             let now = shared.clock.now();
-            let (r, effects) = {
-                let mut node = shared.pair.node();
-                let r = node.handle_link_input(now, &buf[..n]);
-                (r, node.effects())
-            };
-            act(shared, effects);
+            let r = drive(shared, |node| node.handle_link_input(now, &buf[..n]));
             r?;
         }
     }
     .await;
     if shared.pair.conn_gen.load(Ordering::SeqCst) == gen {
         let now = shared.clock.now();
-        let effects = {
-            let mut node = shared.pair.node();
-            node.link_lost(now);
-            node.effects()
-        };
-        act(shared, effects);
+        drive(shared, |node| node.link_lost(now));
     }
     result
 }
@@ -193,12 +196,7 @@ async fn active_loop(shared: Arc<Shared>, link: LinkSettings) {
         let r = connect_and_stream(&shared, &link, gen).await;
         if shared.pair.role_gen() == gen {
             let now = shared.clock.now();
-            let effects = {
-                let mut node = shared.pair.node();
-                node.link_lost(now);
-                node.effects()
-            };
-            act(&shared, effects);
+            drive(&shared, |node| node.link_lost(now));
         }
         if let Err(e) = r {
             tracing::debug!("replication link to the backup: {e}");
@@ -260,12 +258,7 @@ async fn connect_and_stream(
                 anyhow::bail!("closed by the backup");
             }
             let now = shared.clock.now();
-            let (r, effects) = {
-                let mut node = shared.pair.node();
-                let r = node.handle_link_input(now, &buf[..n]);
-                (r, node.effects())
-            };
-            act(shared, effects);
+            let r = drive(shared, |node| node.handle_link_input(now, &buf[..n]));
             r?;
             shared.pair.wake.notify_one();
             if shared.pair.role_gen() != gen {
@@ -286,12 +279,10 @@ async fn connect_and_stream(
             });
             tokio::time::sleep(wait).await;
             let now = shared.clock.now();
-            let (dead, effects) = {
-                let mut node = shared.pair.node();
+            let dead = drive(shared, |node| {
                 node.handle_timeout(now);
-                (node.link_down(), node.effects())
-            };
-            act(shared, effects);
+                node.link_down()
+            });
             shared.pair.wake.notify_one();
             if dead {
                 anyhow::bail!("the backup went silent");

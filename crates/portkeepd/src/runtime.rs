@@ -566,6 +566,20 @@ mod tests {
     use super::*;
     use crate::config::ConfigFile;
 
+    /// A daemon with one worker on an ephemeral loopback port, configured
+    /// by `toml`, in a temporary data directory (kept alive by the caller).
+    fn daemon(toml: &str) -> (tempfile::TempDir, Daemon) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = ConfigFile::parse(toml, "test.toml")
+            .unwrap()
+            .validate()
+            .unwrap();
+        s.set_data_dir(dir.path().join("data"));
+        s.listen = vec!["127.0.0.1:0".parse().unwrap()];
+        s.workers = 1;
+        (dir, Daemon::start(s).unwrap())
+    }
+
     fn map_request(client: SocketAddr) -> Vec<u8> {
         map_request_port(client, 8080)
     }
@@ -599,20 +613,11 @@ mod tests {
     /// serves).
     #[test]
     fn design_demotion_a_worker_waiting_for_the_core_does_not_serve_after_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = ConfigFile::parse(
-            // The peer is unreachable (nothing listens on the discard
-            // port): the node serves after its first attempt.
+        // The peer is unreachable (nothing listens on the discard port):
+        // the node serves after its first attempt.
+        let (_dir, d) = daemon(
             "[ha]\nrole = \"active\"\nlisten = \"127.0.0.1:0\"\npeer = \"127.0.0.1:9\"\nplaintext = true\n[store]\nmode = \"memory\"\n",
-            "test.toml",
-        )
-        .unwrap()
-        .validate()
-        .unwrap();
-        s.set_data_dir(dir.path().join("data"));
-        s.listen = vec!["127.0.0.1:0".parse().unwrap()];
-        s.workers = 1;
-        let d = Daemon::start(s).unwrap();
+        );
         for _ in 0..100 {
             if d.shared.pair.serving() {
                 break;
@@ -685,18 +690,8 @@ mod tests {
     /// once the stall ends.
     #[test]
     fn queues_are_bounded_and_shed_only_before_the_core() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = ConfigFile::parse(
-            "[limits]\nmax_queued_replies = 64\n[subscribers]\nmax_mappings = 100000\n",
-            "test.toml",
-        )
-        .unwrap()
-        .validate()
-        .unwrap();
-        s.set_data_dir(dir.path().join("data"));
-        s.listen = vec!["127.0.0.1:0".parse().unwrap()];
-        s.workers = 1;
-        let d = Daemon::start(s).unwrap();
+        let (_dir, d) =
+            daemon("[limits]\nmax_queued_replies = 64\n[subscribers]\nmax_mappings = 100000\n");
         let gate = Arc::new((Mutex::new(false), Condvar::new()));
         *d.shared.dataplane.lock().unwrap() = Box::new(Stall(gate.clone()));
         let release = Release(gate);
