@@ -133,6 +133,18 @@ struct Args {
     /// internal port as the external one first, such as miniupnpd).
     #[arg(long)]
     disjoint_ports: bool,
+    /// Load a zero-work echo server run in this process instead of a PCP
+    /// server: `--server-workers` threads, each with its own SO_REUSEPORT
+    /// socket, receiving and sending with the same batched calls as
+    /// portkeepd, answering each request with itself marked as a SUCCESS
+    /// response. The floor of the UDP path on this machine, for ratios.
+    #[arg(long, conflicts_with_all = ["spawn", "server_pid"])]
+    echo: bool,
+    /// Time `--count` 512-octet appends, each followed by fdatasync, to a
+    /// new file in this directory (removed afterwards): what one durable
+    /// commit costs the disk at least. Replaces the load phases.
+    #[arg(long, value_name = "DIR")]
+    fsync_probe: Option<PathBuf>,
     /// How long to wait for the replies of a batch before counting the rest
     /// as lost.
     #[arg(long, default_value_t = 200)]
@@ -298,6 +310,105 @@ fn probe_json(h: &Histogram<u64>) -> serde_json::Value {
         "p99_us": h.value_at_quantile(0.99),
         "max_us": h.max(),
     })
+}
+
+/// The zero-work server of `--echo`: its address and threads.
+fn echo_server(
+    workers: usize,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<(SocketAddr, Vec<std::thread::JoinHandle<()>>)> {
+    let bind = |addr: SocketAddr| -> anyhow::Result<UdpSocket> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+        s.set_reuse_port(true)?;
+        let _ = s.set_recv_buffer_size(4 << 20);
+        let _ = s.set_send_buffer_size(4 << 20);
+        s.bind(&addr.into())?;
+        let s: UdpSocket = s.into();
+        s.set_read_timeout(Some(Duration::from_millis(100)))?;
+        Ok(s)
+    };
+    let first = bind("127.0.0.1:0".parse()?)?;
+    let addr = first.local_addr()?;
+    let mut socks = vec![first];
+    for _ in 1..workers {
+        socks.push(bind(addr)?);
+    }
+    let threads = socks
+        .into_iter()
+        .map(|sock| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut rb = RecvBatch::default();
+                let mut sb = SendBatch::default();
+                let mut out = Vec::with_capacity(1100);
+                while !stop.load(Ordering::Relaxed) {
+                    if !matches!(recv_batch(&sock, &mut rb), Ok(n) if n > 0) {
+                        continue;
+                    }
+                    for (from, d) in rb.iter() {
+                        if d.len() < 24 {
+                            continue;
+                        }
+                        out.clear();
+                        out.extend_from_slice(d);
+                        // R bit: a response; result 0: SUCCESS.
+                        out[1] |= 0x80;
+                        out[3] = 0;
+                        sb.push(from, &out);
+                    }
+                    let _ = sb.flush(&sock);
+                }
+            })
+        })
+        .collect();
+    Ok((addr, threads))
+}
+
+/// `--fsync-probe`: 512-octet appends, each made durable with fdatasync.
+fn fsync_probe(dir: &std::path::Path, count: usize, json: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let path = dir.join(format!("portkeep-fsync-probe.{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    let block = [0x5au8; 512];
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let result = (|| -> anyhow::Result<()> {
+        for _ in 0..count {
+            let t = now();
+            f.write_all(&block)?;
+            f.sync_data()?;
+            h.record(t.elapsed().as_micros().max(1) as u64)?;
+        }
+        Ok(())
+    })();
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    result?;
+    let v = serde_json::json!({
+        "fsync_probe": {
+            "dir": dir.display().to_string(),
+            "appends": count,
+            "p50_us": h.value_at_quantile(0.5),
+            "p99_us": h.value_at_quantile(0.99),
+            "max_us": h.max(),
+        }
+    });
+    if json {
+        println!("{v}");
+    } else {
+        println!(
+            "fdatasync probe in {}: {} appends of 512 octets, p50 {} us, p99 {} us, max {} us",
+            dir.display(),
+            count,
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.99),
+            h.max()
+        );
+    }
+    Ok(())
 }
 
 fn send_round(
@@ -883,13 +994,25 @@ fn main() -> anyhow::Result<()> {
     if usize::from(args.port_base) + ports_needed > 65536 {
         bail!("--port-base plus the ports each client needs ({ports_needed}) passes 65535");
     }
+    if let Some(dir) = &args.fsync_probe {
+        return fsync_probe(dir, args.count, args.json);
+    }
+    let echo_stop = Arc::new(AtomicBool::new(false));
+    let echo = if args.echo {
+        Some(echo_server(args.server_workers.max(1), echo_stop.clone())?)
+    } else {
+        None
+    };
     let (mut spawned, server, pid) = match &args.spawn {
         Some(bin) => {
             let s = Spawned::start(bin, &args)?;
             let (addr, pid) = (s.addr, s.child.id());
             (Some(s), addr, Some(pid))
         }
-        None => (None, args.server, args.server_pid),
+        None => match &echo {
+            Some((addr, _)) => (None, *addr, None),
+            None => (None, args.server, args.server_pid),
+        },
     };
     let rss_before = pid.and_then(rss_kib);
     if let Some(n) = args.walk {
@@ -1130,6 +1253,12 @@ fn main() -> anyhow::Result<()> {
                 memory["rss_after_create_kib"],
                 memory["bytes_per_mapping"]
             );
+        }
+    }
+    echo_stop.store(true, Ordering::Relaxed);
+    if let Some((_, threads)) = echo {
+        for t in threads {
+            let _ = t.join();
         }
     }
     Ok(())
