@@ -198,6 +198,10 @@ pub struct Report {
     pub third_party_epoch_disagreements: u64,
     /// Replies that echoed CHECKPOINT_REQUIRED, as accepted by clients.
     pub checkpoints_promised: u64,
+    /// Check-points a node ended (a later answer without the option) whose
+    /// answer never reached the client, found missing after a failover:
+    /// the server reported it, so not a violation (see docs/testing.md).
+    pub unseen_downgrades: u64,
     /// Takeovers (promotions).
     pub takeovers: u64,
     /// Steps taken.
@@ -228,6 +232,8 @@ pub struct Totals {
     pub third_party_epoch_disagreements: u64,
     /// Check-points promised to clients.
     pub checkpoints_promised: u64,
+    /// Check-points ended by an answer the client never received.
+    pub unseen_downgrades: u64,
     /// Takeovers.
     pub takeovers: u64,
     /// Steps.
@@ -248,6 +254,7 @@ impl Totals {
         }
         self.third_party_epoch_disagreements += r.third_party_epoch_disagreements;
         self.checkpoints_promised += r.checkpoints_promised;
+        self.unseen_downgrades += r.unseen_downgrades;
         self.takeovers += r.takeovers;
         self.steps += r.steps;
     }

@@ -77,8 +77,12 @@ fn main() -> ExitCode {
             println!("  {k:<32} {n}");
         }
         println!(
-            "check-points promised {}, takeovers {}, steps {}, THIRD_PARTY epoch disagreements (not violations) {}",
-            r.checkpoints_promised, r.takeovers, r.steps, r.third_party_epoch_disagreements
+            "check-points promised {}, takeovers {}, steps {}",
+            r.checkpoints_promised, r.takeovers, r.steps
+        );
+        println!(
+            "not violations: THIRD_PARTY epoch disagreements {}, check-points ended by an answer the client never received {}",
+            r.third_party_epoch_disagreements, r.unseen_downgrades
         );
         for v in &r.violations {
             println!("{v}");
@@ -103,15 +107,32 @@ fn main() -> ExitCode {
         println!("  {k:<32} {c}");
     }
     println!(
-        "check-points promised {}, takeovers {}, steps {}, THIRD_PARTY epoch disagreements (not violations) {}",
-        t.checkpoints_promised, t.takeovers, t.steps, t.third_party_epoch_disagreements
+        "check-points promised {}, takeovers {}, steps {}",
+        t.checkpoints_promised, t.takeovers, t.steps
     );
-    println!("wall time {:.1} s on {threads} thread(s)", took.as_secs_f64());
+    println!(
+        "not violations: THIRD_PARTY epoch disagreements {}, check-points ended by an answer the client never received {}",
+        t.third_party_epoch_disagreements, t.unseen_downgrades
+    );
+    println!(
+        "wall time {:.1} s on {threads} thread(s)",
+        took.as_secs_f64()
+    );
     for v in &t.examples {
         println!("{v}");
-        println!("  replay: cargo run --release -p portkeep-sim -- --seed {}{}{}", v.seed,
-            template.enable.iter().map(|s| format!(" --enable {}", s.name())).collect::<String>(),
-            template.planted.map(|p| format!(" --planted {}", p.name())).unwrap_or_default());
+        println!(
+            "  replay: cargo run --release -p portkeep-sim -- --seed {}{}{}",
+            v.seed,
+            template
+                .enable
+                .iter()
+                .map(|s| format!(" --enable {}", s.name()))
+                .collect::<String>(),
+            template
+                .planted
+                .map(|p| format!(" --planted {}", p.name()))
+                .unwrap_or_default()
+        );
     }
     println!("{} seeds, {} invariant violations", t.seeds, t.violations);
     if t.violations == 0 {

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use portkeep_client::{EpochTracker, RequestBuilder, Session, SessionConfig, SessionEvent};
 use portkeep_ha::{
-    strip_checkpoint, ActiveConfig, Effect, Grant, Message, Node, NodeConfig, Role,
-    SnapshotSource, TakeoverKind,
+    strip_checkpoint, ActiveConfig, Effect, Grant, Message, Node, NodeConfig, Role, SnapshotSource,
+    TakeoverKind,
 };
 use portkeep_proto::{Nonce, Protocol};
 use portkeep_server::record::key_of;
@@ -51,23 +51,48 @@ type MapKey = (IpAddr, u8, u16);
 #[derive(Debug)]
 enum Ev {
     /// A PCP datagram from a client reaches the VIP.
-    ToVip { client: usize, bytes: Vec<u8> },
+    ToVip {
+        client: usize,
+        bytes: Vec<u8>,
+    },
     /// A PCP datagram from a node reaches a host.
     ToHost {
         host: IpAddr,
         bytes: Vec<u8>,
         handled_at: u64,
     },
-    LinkDeliver { conn: u64, dir: usize },
-    LinkEstablish { conn: u64 },
-    LinkFailed { node: usize, gen: u64 },
-    TellTermClose { conn: u64 },
-    ConnectRetry { node: usize, gen: u64 },
-    FsyncDone { node: usize, gen: u64 },
+    LinkDeliver {
+        conn: u64,
+        dir: usize,
+    },
+    LinkEstablish {
+        conn: u64,
+    },
+    LinkFailed {
+        node: usize,
+        gen: u64,
+    },
+    TellTermClose {
+        conn: u64,
+    },
+    ConnectRetry {
+        node: usize,
+        gen: u64,
+    },
+    FsyncDone {
+        node: usize,
+        gen: u64,
+    },
     Work(Work),
     Fault(Fault, u32),
-    Restart { node: usize, gen: u64 },
-    PromoterAct { early: bool, target: Option<usize> },
+    Restart {
+        node: usize,
+        gen: u64,
+    },
+    PromoterAct {
+        early: bool,
+        target: Option<usize>,
+    },
     AnnounceRepeat {
         node: usize,
         gen: u64,
@@ -238,6 +263,13 @@ struct SimNode {
     last_rx: u64,
     /// A backup that completed a snapshot since it started.
     ever_synced: bool,
+    /// Its table as the change log describes it (every mutation of the
+    /// core goes through the log: the store and the backup are built from
+    /// it); compared with the real table every virtual second.
+    shadow: HashMap<MapKey, (Nonce, SocketAddr, SubscriberId)>,
+    /// Which mappings hold each external endpoint (invariant 4).
+    owners: HashMap<(u8, SocketAddr), Vec<(MapKey, SubscriberId)>>,
+    full_check_at: u64,
     dirty: bool,
     fail_next_fsync: bool,
     was_serving: bool,
@@ -269,6 +301,11 @@ struct MapSpec {
     checkpoint: bool,
     lifetime: u32,
     in_session: bool,
+    /// Asked to be deleted, the delete not yet answered (or given up).
+    deleting: bool,
+    /// Found lost at a node that started serving (and the client was
+    /// told, or could see it), not granted since.
+    lost_told: bool,
     /// Lower bound of the server's expiry after the last success the
     /// client accepted.
     server_expires: u64,
@@ -294,6 +331,9 @@ struct Client {
 
 #[derive(Debug, Clone)]
 struct Promise {
+    /// A reply without the option for this mapping left a node after the
+    /// promise, but the client never accepted it.
+    downgrade_sent: bool,
     nonce: Nonce,
     external: Option<SocketAddr>,
     expires: u64,
@@ -329,6 +369,7 @@ pub struct World {
     nodes: Vec<SimNode>,
     clients: Vec<Client>,
     by_ip: HashMap<IpAddr, usize>,
+    by_nonce: HashMap<Nonce, MapKey>,
     conns: BTreeMap<u64, Conn>,
     next_conn: u64,
     vip: usize,
@@ -347,6 +388,8 @@ pub struct World {
     obligations: Vec<(IpAddr, u64, usize)>,
     max_term_sent: u64,
     two_serving: bool,
+    /// The table of the node that served last, when it stopped.
+    last_served: HashMap<MapKey, (Nonce, SocketAddr)>,
     server_seeds: [u64; 2],
     report: Report,
     kept: BTreeMap<Invariant, usize>,
@@ -384,6 +427,7 @@ impl World {
             nodes: Vec::new(),
             clients: Vec::new(),
             by_ip: HashMap::new(),
+            by_nonce: HashMap::new(),
             conns: BTreeMap::new(),
             next_conn: 1,
             vip: 0,
@@ -402,6 +446,7 @@ impl World {
             obligations: Vec::new(),
             max_term_sent: 0,
             two_serving: false,
+            last_served: HashMap::new(),
             server_seeds,
             report: Report {
                 seed: opts.seed,
@@ -446,6 +491,9 @@ impl World {
                 connecting: false,
                 last_rx: 0,
                 ever_synced: false,
+                shadow: HashMap::new(),
+                owners: HashMap::new(),
+                full_check_at: 0,
                 dirty: true,
                 fail_next_fsync: false,
                 was_serving: false,
@@ -459,10 +507,13 @@ impl World {
         if keepalived {
             // keepalived elects a master at start and its notify hook
             // promotes it.
-            w.schedule(100, Ev::PromoterAct {
-                early: false,
-                target: Some(0),
-            });
+            w.schedule(
+                100,
+                Ev::PromoterAct {
+                    early: false,
+                    target: Some(0),
+                },
+            );
             w.promoter_pending = true;
         }
         w.make_clients();
@@ -533,9 +584,8 @@ impl World {
             port_max: 20_999,
             min_lifetime: 20,
             max_lifetime: 3600,
-            third_party_clients: vec![Prefix::new(ip4(10, 1, 0, 0), 24).unwrap_or_else(|_| {
-                Prefix::host(ip4(10, 1, 0, 1))
-            })],
+            third_party_clients: vec![Prefix::new(ip4(10, 1, 0, 0), 24)
+                .unwrap_or_else(|_| Prefix::host(ip4(10, 1, 0, 1)))],
             seed: self.server_seeds[node],
             ..ServerConfig::default()
         }
@@ -613,6 +663,8 @@ impl World {
                     checkpoint,
                     lifetime,
                     in_session: false,
+                    deleting: false,
+                    lost_told: false,
                     server_expires: 0,
                 });
                 next_id += 1;
@@ -622,7 +674,9 @@ impl World {
                 let start = self.rng.gen_range(1_000..end.clamp(2_000, 120_000));
                 self.schedule(start, Ev::Work(Work::Create { client: idx, m: k }));
                 if self.rng.gen_bool(0.3) {
-                    let del = self.rng.gen_range(start + 5_000..end.max(start + 5_001) + 1);
+                    let del = self
+                        .rng
+                        .gen_range(start + 5_000..end.max(start + 5_001) + 1);
                     if del < end {
                         self.schedule(del, Ev::Work(Work::Delete { client: idx, m: k }));
                         // Some come back later (a new transaction, same
@@ -641,6 +695,9 @@ impl World {
                 self.schedule(at, Ev::Work(Work::Depart { client: idx }));
             }
             self.by_ip.insert(ip, idx);
+            for m in &maps {
+                self.by_nonce.insert(m.nonce, m.key());
+            }
             self.clients.push(Client {
                 ip,
                 third_party,
@@ -885,13 +942,16 @@ impl World {
                     self.announce_to(node, &targets);
                     if left > 1 {
                         let next = interval * 2;
-                        self.schedule(self.now + next, Ev::AnnounceRepeat {
-                            node,
-                            gen,
-                            targets,
-                            left: left - 1,
-                            interval: next,
-                        });
+                        self.schedule(
+                            self.now + next,
+                            Ev::AnnounceRepeat {
+                                node,
+                                gen,
+                                targets,
+                                left: left - 1,
+                                interval: next,
+                            },
+                        );
                     }
                 }
             }
@@ -934,6 +994,7 @@ impl World {
                 let id = c.maps[m].id;
                 c.session.remove(at, id);
                 c.maps[m].in_session = false;
+                c.maps[m].deleting = true;
                 let key = c.maps[m].key();
                 self.promises.remove(&key);
                 self.promises_dirty = true;
@@ -953,6 +1014,12 @@ impl World {
             self.send_pcp(c, d);
         }
         while let Some(e) = self.clients[c].session.poll_event() {
+            if let SessionEvent::Removed { id, .. } = e {
+                if let Some(m) = self.clients[c].maps.iter_mut().find(|m| m.id == id) {
+                    m.deleting = false;
+                }
+                continue;
+            }
             if let SessionEvent::Granted { id, grant, .. } = e {
                 let Some(m) = self.clients[c].maps.iter().position(|m| m.id == id) else {
                     continue;
@@ -962,14 +1029,37 @@ impl World {
                 if let Some(h) = handled_at {
                     let exp = h + u64::from(grant.lifetime) * 1000;
                     self.clients[c].maps[m].server_expires = exp;
+                    self.clients[c].maps[m].lost_told = false;
+                    if self.opts.trace {
+                        self.trace(format!(
+                            "client {}: {}/{}:{} granted {:?} for {} s (handled at {}.{:03}){}",
+                            self.clients[c].ip,
+                            key.0,
+                            key.1,
+                            key.2,
+                            grant.external,
+                            grant.lifetime,
+                            h / 1000,
+                            h % 1000,
+                            if grant.checkpoint_honoured {
+                                ", check-pointed"
+                            } else {
+                                ""
+                            }
+                        ));
+                    }
                     if grant.checkpoint_honoured {
                         self.report.checkpoints_promised += 1;
-                        self.promises.insert(key, Promise {
-                            nonce: spec.nonce,
-                            external: grant.external,
-                            expires: exp,
-                            client: c,
-                        });
+                        self.promises.insert(
+                            key,
+                            Promise {
+                                downgrade_sent: false,
+                                nonce: spec.nonce,
+                                external: grant.external,
+                                expires: exp,
+                                client: c,
+                            },
+                        );
                     } else {
                         self.promises.remove(&key);
                     }
@@ -999,7 +1089,9 @@ impl World {
             let ip = cl.ip;
             self.violation(
                 Invariant::Epochs,
-                format!("client {ip}: RFC 6887 s8.5 epoch check failed, but none of its state was lost"),
+                format!(
+                    "client {ip}: RFC 6887 s8.5 epoch check failed, but none of its state was lost"
+                ),
             );
         }
     }
@@ -1010,17 +1102,23 @@ impl World {
         if self.rng.gen_bool(loss.min(0.95)) {
             return;
         }
-        let copies = if self.rng.gen_bool((self.base_dup + self.dup.get(now)).min(0.9)) {
+        let copies = if self
+            .rng
+            .gen_bool((self.base_dup + self.dup.get(now)).min(0.9))
+        {
             2
         } else {
             1
         };
         for _ in 0..copies {
             let at = now + self.pcp_delay();
-            self.schedule(at, Ev::ToVip {
-                client: c,
-                bytes: d.clone(),
-            });
+            self.schedule(
+                at,
+                Ev::ToVip {
+                    client: c,
+                    bytes: d.clone(),
+                },
+            );
         }
     }
 
@@ -1040,21 +1138,30 @@ impl World {
 
     fn send_to_host(&mut self, host: IpAddr, bytes: Vec<u8>, handled_at: u64) {
         let now = self.now;
-        if self.rng.gen_bool((self.base_loss + self.loss.get(now)).min(0.95)) {
+        if self
+            .rng
+            .gen_bool((self.base_loss + self.loss.get(now)).min(0.95))
+        {
             return;
         }
-        let copies = if self.rng.gen_bool((self.base_dup + self.dup.get(now)).min(0.9)) {
+        let copies = if self
+            .rng
+            .gen_bool((self.base_dup + self.dup.get(now)).min(0.9))
+        {
             2
         } else {
             1
         };
         for _ in 0..copies {
             let at = now + self.pcp_delay();
-            self.schedule(at, Ev::ToHost {
-                host,
-                bytes: bytes.clone(),
-                handled_at,
-            });
+            self.schedule(
+                at,
+                Ev::ToHost {
+                    host,
+                    bytes: bytes.clone(),
+                    handled_at,
+                },
+            );
         }
     }
 
@@ -1094,6 +1201,10 @@ impl World {
         } else {
             node.server.drain_volatile()
         };
+        if !changes.is_empty() {
+            self.shadow_apply(n, &changes);
+        }
+        let node = &mut self.nodes[n];
         if changes.is_empty() && reply.out.is_empty() && reset.is_none() {
             return;
         }
@@ -1104,6 +1215,66 @@ impl World {
             reset,
         });
         self.maybe_fsync(n);
+    }
+
+    /// Rebuilds the shadow from the real table (after the core was
+    /// replaced, and every virtual second).
+    fn resync(&mut self, n: usize) {
+        let node = &mut self.nodes[n];
+        node.shadow.clear();
+        node.owners.clear();
+        node.dirty = true;
+        let all = node.server.mappings();
+        self.shadow_insert(n, all.iter());
+    }
+
+    fn shadow_apply(&mut self, n: usize, changes: &[ChangeRecord]) {
+        for c in changes {
+            match &c.change {
+                Change::Upserted(m) => self.shadow_insert(n, std::iter::once(m)),
+                Change::Removed { mapping: m, .. } if m.kind == MappingKind::Map => {
+                    let key = (m.key.internal_ip, m.key.protocol.0, m.key.internal_port);
+                    let node = &mut self.nodes[n];
+                    if let Some((_, ext, _)) = node.shadow.remove(&key) {
+                        if let Some(v) = node.owners.get_mut(&(key.1, ext)) {
+                            v.retain(|(k, _)| *k != key);
+                        }
+                    }
+                    node.dirty = true;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn shadow_insert<'a>(&mut self, n: usize, ms: impl Iterator<Item = &'a MappingRecord>) {
+        let mut clash = None;
+        let node = &mut self.nodes[n];
+        for m in ms {
+            if m.kind != MappingKind::Map {
+                continue;
+            }
+            let key = (m.key.internal_ip, m.key.protocol.0, m.key.internal_port);
+            if let Some((_, ext, _)) = node.shadow.insert(key, (m.nonce, m.external, m.subscriber))
+            {
+                if let Some(v) = node.owners.get_mut(&(key.1, ext)) {
+                    v.retain(|(k, _)| *k != key);
+                }
+            }
+            let v = node.owners.entry((key.1, m.external)).or_default();
+            if v.iter().any(|(_, s)| *s != m.subscriber) {
+                clash = Some((key.1, m.external));
+            }
+            v.push((key, m.subscriber));
+            node.dirty = true;
+        }
+        if let Some((p, e)) = clash {
+            let what = format!(
+                "node {}: external {p}/{e} held by two subscribers",
+                self.nodes[n].name
+            );
+            self.violation(Invariant::UniqueExternal, what);
+        }
     }
 
     fn maybe_fsync(&mut self, n: usize) {
@@ -1124,7 +1295,10 @@ impl World {
             // The store failed: the daemon stops (fail-stop), sending no
             // reply for what is not stored.
             self.nodes[n].fail_next_fsync = false;
-            self.trace(format!("node {}: fsync failed: fail-stop", self.nodes[n].name));
+            self.trace(format!(
+                "node {}: fsync failed: fail-stop",
+                self.nodes[n].name
+            ));
             self.crash(n);
             return;
         }
@@ -1181,6 +1355,14 @@ impl World {
                         volatile: node.server.volatile_hosts(),
                     };
                     let ts = self.ts();
+                    let line = format!(
+                        "node {}: snapshot of {} check-pointed mappings at seq {} (of {} mappings)",
+                        node.name,
+                        src.mappings.len(),
+                        src.seq,
+                        node.server.mapping_count()
+                    );
+                    self.trace(line);
                     self.nodes[n].ha.send_snapshot(ts, src);
                 }
                 Effect::PersistTerm(t) => {
@@ -1188,6 +1370,9 @@ impl World {
                     self.nodes[n].term = self.nodes[n].term.max(t);
                 }
                 Effect::Deposed { term } => {
+                    if self.nodes[n].was_serving {
+                        self.last_served = self.table(n);
+                    }
                     self.trace(format!(
                         "node {}: deposed by term {term}: state dropped, now backup",
                         self.nodes[n].name
@@ -1195,7 +1380,7 @@ impl World {
                     let cfg = self.server_cfg(n);
                     let ts = self.ts();
                     self.nodes[n].server = Server::new(cfg, ts);
-                    self.nodes[n].dirty = true;
+                    self.resync(n);
                     let empty = Restored {
                         anchor: ts,
                         subscriber_anchors: Vec::new(),
@@ -1241,8 +1426,33 @@ impl World {
         for (host, bytes) in r.out {
             if r.announce {
                 self.obligations.retain(|o| o.0 != host);
+            } else {
+                self.note_downgrade(&bytes);
             }
             self.send_to_host(host, bytes, r.handled_at);
+        }
+    }
+
+    /// A success without CHECKPOINT_REQUIRED for a mapping the client
+    /// holds a promise for: the server told it the check-point is gone.
+    fn note_downgrade(&mut self, bytes: &[u8]) {
+        let cp = portkeep_proto::CodePoints::default();
+        let Ok(r) = portkeep_proto::Response::parse(bytes, &cp) else {
+            return;
+        };
+        if r.header.result != portkeep_proto::ResultCode::SUCCESS || r.checkpoint_honoured() {
+            return;
+        }
+        let Some(m) = r.data.map_part() else {
+            return;
+        };
+        let Some(key) = self.by_nonce.get(&m.nonce) else {
+            return;
+        };
+        if let Some(p) = self.promises.get_mut(key) {
+            if p.nonce == m.nonce {
+                p.downgrade_sent = true;
+            }
         }
     }
 
@@ -1290,13 +1500,16 @@ impl World {
             return;
         }
         let gen = self.nodes[n].gen;
-        self.schedule(self.now + 250, Ev::AnnounceRepeat {
-            node: n,
-            gen,
-            targets,
-            left: 3,
-            interval: 250,
-        });
+        self.schedule(
+            self.now + 250,
+            Ev::AnnounceRepeat {
+                node: n,
+                gen,
+                targets,
+                left: 3,
+                interval: 250,
+            },
+        );
     }
 
     // ------------------------------------------------------------------
@@ -1348,6 +1561,7 @@ impl World {
             "node {name}: starts as {} in term {term}",
             role.as_str()
         ));
+        self.resync(n);
         if !lost.is_empty() {
             self.announce_to(n, &lost);
         }
@@ -1397,10 +1611,13 @@ impl World {
             } else {
                 dead + self.rng.gen_range(200..3_000)
             };
-            self.schedule(self.now + d, Ev::PromoterAct {
-                early,
-                target: None,
-            });
+            self.schedule(
+                self.now + d,
+                Ev::PromoterAct {
+                    early,
+                    target: None,
+                },
+            );
         }
     }
 
@@ -1411,7 +1628,8 @@ impl World {
             // operator (or keepalived) brings it back only when the peer
             // serves and can be reached (the named schedules lift this).
             let p = Self::other(n);
-            let ok = self.nodes[p].up && self.nodes[p].ha.serving() && self.now >= self.partition_until;
+            let ok =
+                self.nodes[p].up && self.nodes[p].ha.serving() && self.now >= self.partition_until;
             if !ok {
                 let gen = self.nodes[n].gen;
                 self.schedule(self.now + 500, Ev::Restart { node: n, gen });
@@ -1427,7 +1645,8 @@ impl World {
 
     fn promoter_act(&mut self, early: bool, target: Option<usize>) {
         let holder = self.vip;
-        if target.is_none() && self.nodes[holder].up && self.nodes[holder].ha.role() == Role::Active {
+        if target.is_none() && self.nodes[holder].up && self.nodes[holder].ha.role() == Role::Active
+        {
             // The old active came back first: keepalived sees it again.
             self.promoter_pending = false;
             return;
@@ -1446,7 +1665,11 @@ impl World {
         };
         self.promoter_pending = false;
         if target.is_none() {
-            self.count_fault(if early { "promote-early" } else { "promote-late" });
+            self.count_fault(if early {
+                "promote-early"
+            } else {
+                "promote-late"
+            });
         }
         self.vip = c;
         self.promote(c);
@@ -1473,7 +1696,12 @@ impl World {
             .iter()
             .flat_map(|(s, hosts)| hosts.iter().map(move |h| (*s, *h)))
             .collect();
-        targets.extend(report.dropped.iter().map(|m| (m.subscriber, m.key.internal_ip)));
+        targets.extend(
+            report
+                .dropped
+                .iter()
+                .map(|m| (m.subscriber, m.key.internal_ip)),
+        );
         targets.sort();
         targets.dedup();
         let name = self.nodes[n].name;
@@ -1486,12 +1714,12 @@ impl World {
         ));
         let node = &mut self.nodes[n];
         node.server = server;
-        node.dirty = true;
         node.takeover = Some(t.kind);
         // The backup's connection is superseded.
         if let Some(c) = node.link {
             self.close_conn_side(c, n, false);
         }
+        self.resync(n);
         self.after_ha(n);
         self.submit(n, Reply::default(), Some(state));
         if !targets.is_empty() {
@@ -1537,15 +1765,18 @@ impl World {
         } else {
             let id = self.next_conn;
             self.next_conn += 1;
-            self.conns.insert(id, Conn {
-                connector: n,
-                acceptor: p,
-                tell_term: false,
-                open: [true, true],
-                q: [VecDeque::new(), VecDeque::new()],
-                scheduled: [false, false],
-                bytes: [0, 0],
-            });
+            self.conns.insert(
+                id,
+                Conn {
+                    connector: n,
+                    acceptor: p,
+                    tell_term: false,
+                    open: [true, true],
+                    q: [VecDeque::new(), VecDeque::new()],
+                    scheduled: [false, false],
+                    bytes: [0, 0],
+                },
+            );
             self.schedule(self.now + lat, Ev::LinkEstablish { conn: id });
         }
     }
@@ -1597,7 +1828,10 @@ impl World {
                 }
                 .encode(&mut out);
                 self.write(id, 1, out);
-                self.schedule(self.now + TELL_TERM_CLOSE_MS, Ev::TellTermClose { conn: id });
+                self.schedule(
+                    self.now + TELL_TERM_CLOSE_MS,
+                    Ev::TellTermClose { conn: id },
+                );
             }
         }
     }
@@ -1614,7 +1848,10 @@ impl World {
             self.nodes[n].ha.link_lost(ts);
             self.after_ha(n);
             let gen = self.nodes[n].gen;
-            self.schedule(self.now + CONNECT_RETRY_MS, Ev::ConnectRetry { node: n, gen });
+            self.schedule(
+                self.now + CONNECT_RETRY_MS,
+                Ev::ConnectRetry { node: n, gen },
+            );
         }
     }
 
@@ -1662,7 +1899,13 @@ impl World {
         if !c.scheduled[side] {
             if let Some(&(t, _)) = c.q[side].front() {
                 c.scheduled[side] = true;
-                self.schedule(t, Ev::LinkDeliver { conn: id, dir: side });
+                self.schedule(
+                    t,
+                    Ev::LinkDeliver {
+                        conn: id,
+                        dir: side,
+                    },
+                );
             }
         }
     }
@@ -1762,21 +2005,34 @@ impl World {
             c.q[side].push_back((last, None));
             if !c.scheduled[side] {
                 c.scheduled[side] = true;
-                self.schedule(last, Ev::LinkDeliver { conn: id, dir: side });
+                self.schedule(
+                    last,
+                    Ev::LinkDeliver {
+                        conn: id,
+                        dir: side,
+                    },
+                );
             }
         }
         self.gc_conn(id);
     }
 
     fn gc_conn(&mut self, id: u64) {
-        if self.conns.get(&id).is_some_and(|c| !c.open[0] && !c.open[1]) {
+        if self
+            .conns
+            .get(&id)
+            .is_some_and(|c| !c.open[0] && !c.open[1])
+        {
             self.conns.remove(&id);
         }
     }
 
     /// A connection reset (both ends learn it at once).
     fn reset_link(&mut self) -> bool {
-        let Some((&id, c)) = self.conns.iter().find(|(_, c)| !c.tell_term && c.open[0] && c.open[1])
+        let Some((&id, c)) = self
+            .conns
+            .iter()
+            .find(|(_, c)| !c.tell_term && c.open[0] && c.open[1])
         else {
             return false;
         };
@@ -1875,10 +2131,16 @@ impl World {
                     return postpone(self);
                 }
                 if f == Fault::CrashActive {
-                    self.trace(format!("fault: crash of the active (node {})", self.nodes[holder].name));
+                    self.trace(format!(
+                        "fault: crash of the active (node {})",
+                        self.nodes[holder].name
+                    ));
                     self.crash(holder);
                 } else {
-                    self.trace(format!("fault: the next fsync of node {} fails", self.nodes[holder].name));
+                    self.trace(format!(
+                        "fault: the next fsync of node {} fails",
+                        self.nodes[holder].name
+                    ));
                     self.nodes[holder].fail_next_fsync = true;
                 }
             }
@@ -1886,7 +2148,10 @@ impl World {
                 if self.guards && !pair_healthy {
                     return postpone(self);
                 }
-                self.trace(format!("fault: crash of the backup (node {})", self.nodes[other].name));
+                self.trace(format!(
+                    "fault: crash of the backup (node {})",
+                    self.nodes[other].name
+                ));
                 self.crash(other);
             }
             Fault::BothDown => {
@@ -1901,7 +2166,10 @@ impl World {
                 if !self.nodes[other].up || self.nodes[other].ha.role() != Role::Backup {
                     return postpone(self);
                 }
-                self.trace("schedule promote-empty: the backup restarts, then the active is lost".to_owned());
+                self.trace(
+                    "schedule promote-empty: the backup restarts, then the active is lost"
+                        .to_owned(),
+                );
                 self.crash(other);
                 // Back within a second, empty, and the active is lost
                 // before it synced.
@@ -1930,7 +2198,10 @@ impl World {
         }
         let name = f.name();
         self.count_fault(name);
-        if !matches!(f, Fault::CrashActive | Fault::CrashBackup | Fault::FsyncFailure) {
+        if !matches!(
+            f,
+            Fault::CrashActive | Fault::CrashBackup | Fault::FsyncFailure
+        ) {
             self.trace(format!("fault: {name}"));
         }
     }
@@ -1963,24 +2234,61 @@ impl World {
             if s && !self.nodes[n].was_serving {
                 self.serving_started(n);
             }
+            if !s && self.nodes[n].was_serving && self.nodes[n].ha.role() == Role::Active {
+                // Stopped serving with its state (a crash, a failed
+                // fsync): what a successor must hold.
+                self.last_served = self.table(n);
+            }
             self.nodes[n].was_serving = s;
         }
         // 1: every promised check-point is served.
+        for &n in &serving {
+            if now >= self.nodes[n].full_check_at {
+                // The real table, every virtual second.
+                self.nodes[n].full_check_at = now + 1_000;
+                let before = std::mem::take(&mut self.nodes[n].shadow);
+                self.resync(n);
+                let after = &self.nodes[n].shadow;
+                if before.len() != after.len()
+                    || before.iter().any(|(k, v)| after.get(k) != Some(v))
+                {
+                    let what = format!(
+                        "node {}: its table differs from what its change log says",
+                        self.nodes[n].name
+                    );
+                    self.violation(Invariant::CheckpointServed, what);
+                }
+            }
+        }
         if self.promises_dirty || serving.iter().any(|&n| self.nodes[n].dirty) {
             self.promises.retain(|_, p| p.expires > now);
             for &n in &serving {
-                let table = self.table(n);
+                let table = &self.nodes[n].shadow;
                 let mut broken = Vec::new();
                 for (k, p) in &self.promises {
-                    let ok = table
-                        .get(k)
-                        .is_some_and(|(nonce, ext)| *nonce == p.nonce && Some(*ext) == p.external);
+                    let ok = table.get(k).is_some_and(|(nonce, ext, _)| {
+                        *nonce == p.nonce && Some(*ext) == p.external
+                    });
                     if !ok {
                         broken.push((*k, p.clone()));
                     }
                 }
                 for (k, p) in broken {
                     self.promises.remove(&k);
+                    if p.downgrade_sent {
+                        // A node answered a later request for it without
+                        // the option (RFC 7767 section 3.2: not honoured
+                        // then), and that answer was lost: the server did
+                        // report it; the client learns at its next
+                        // exchange. Counted, not a violation.
+                        self.report.unseen_downgrades += 1;
+                        let line = format!(
+                            "client {}: check-point of {}/{}:{} ended by an answer it never received",
+                            self.clients[p.client].ip, k.0, k.1, k.2
+                        );
+                        self.trace(line);
+                        continue;
+                    }
                     let what = format!(
                         "node {} serves without the check-pointed mapping {}/{}:{} of client {} (promised external {:?}, {} s of lifetime left)",
                         self.nodes[n].name,
@@ -1989,7 +2297,7 @@ impl World {
                         k.2,
                         self.clients[p.client].ip,
                         p.external,
-                        (p.expires - now) / 1000
+                        (p.expires - now) / 1000,
                     );
                     self.violation(Invariant::CheckpointServed, what);
                 }
@@ -2011,7 +2319,9 @@ impl World {
                 }
                 self.violation(
                     Invariant::Epochs,
-                    format!("client {host} lost state its epoch check cannot see, and got no ANNOUNCE"),
+                    format!(
+                        "client {host} lost state its epoch check cannot see, and got no ANNOUNCE"
+                    ),
                 );
             }
         }
@@ -2020,27 +2330,8 @@ impl World {
             if !self.nodes[n].up {
                 continue;
             }
-            if self.nodes[n].dirty {
-                let mut owners: HashMap<(u8, SocketAddr), SubscriberId> = HashMap::new();
-                let mut dup = None;
-                for m in self.nodes[n].server.mappings() {
-                    let k = (m.key.protocol.0, m.external);
-                    match owners.get(&k) {
-                        Some(s) if *s != m.subscriber => dup = Some(k),
-                        _ => {
-                            owners.insert(k, m.subscriber);
-                        }
-                    }
-                }
-                if let Some(k) = dup {
-                    let what = format!(
-                        "node {}: external {}/{} held by two subscribers",
-                        self.nodes[n].name, k.0, k.1
-                    );
-                    self.violation(Invariant::UniqueExternal, what);
-                }
-                self.nodes[n].dirty = false;
-            }
+            // 4 is checked as the log is applied to the shadow.
+            self.nodes[n].dirty = false;
             let held = self.nodes[n].ha.held();
             let q = self.nodes[n].store.queue.len();
             if held > HELD_BOUND || q > STORE_QUEUE_BOUND {
@@ -2056,7 +2347,10 @@ impl World {
             .values()
             .any(|c| c.bytes[0] > LINK_BUFFER_BOUND || c.bytes[1] > LINK_BUFFER_BOUND);
         if over {
-            self.violation(Invariant::Bounded, "a link buffer is over its bound".to_owned());
+            self.violation(
+                Invariant::Bounded,
+                "a link buffer is over its bound".to_owned(),
+            );
         }
         let _ = ts;
     }
@@ -2092,18 +2386,65 @@ impl World {
             if cl.departed || cl.third_party {
                 continue;
             }
-            let missing = cl.maps.iter().any(|m| {
-                m.in_session
-                    && m.server_expires > now + 1_000
-                    && cl.session.grant(m.id).is_some()
-                    && table
-                        .get(&m.key())
-                        .is_none_or(|(nonce, ext)| *nonce != m.nonce || cl.session.grant(m.id).and_then(|g| g.external) != Some(*ext))
-            });
+            let lost: Vec<usize> = (0..cl.maps.len())
+                .filter(|&i| {
+                    let m = &cl.maps[i];
+                    // A mapping being deleted counts as held until the
+                    // delete is answered: its loss is a loss too.
+                    m.in_session
+                        && m.server_expires > now + 1_000
+                        && cl.session.grant(m.id).is_some()
+                        && table.get(&m.key()).is_none_or(|(nonce, ext)| {
+                            *nonce != m.nonce
+                                || cl.session.grant(m.id).and_then(|g| g.external) != Some(*ext)
+                        })
+                })
+                .collect();
+            // A mapping being deleted counts as held until the delete is
+            // answered: losing it may reset the epoch (the client wants it
+            // gone, so nobody owes it an ANNOUNCE).
+            let deleting = cl
+                .maps
+                .iter()
+                .any(|m| m.deleting && table.get(&m.key()).is_none());
+            // State the last node to serve held for this host and this
+            // one lacks (including creations whose answer never came).
+            let ip = cl.ip;
+            let dropped = self
+                .last_served
+                .iter()
+                .any(|(k, v)| k.0 == ip && table.get(k).is_none_or(|w| w.0 != v.0 || w.1 != v.1));
+            let missing = !lost.is_empty() || dropped || deleting;
+            // A loss found before (and ANNOUNCEd then, or visible) that
+            // the client has not repaired yet is not a new one.
+            // Only losses the client knows of need telling: a creation
+            // whose answer never came is retransmitted anyway.
+            let fresh = lost.iter().any(|&i| !cl.maps[i].lost_told);
+            for &i in &lost {
+                self.clients[c].maps[i].lost_told = true;
+            }
             if missing || resets_all {
                 self.clients[c].excused_at = Some(now);
             }
-            if missing {
+            if missing && self.opts.trace {
+                let cl = &self.clients[c];
+                let lost: Vec<String> = cl
+                    .maps
+                    .iter()
+                    .filter(|m| {
+                        m.in_session
+                            && m.server_expires > now + 1_000
+                            && cl.session.grant(m.id).is_some()
+                            && table
+                                .get(&m.key())
+                                .is_none_or(|(nonce, _)| *nonce != m.nonce)
+                    })
+                    .map(|m| format!("{}/{}:{}", m.host, m.protocol.0, m.port))
+                    .collect();
+                let line = format!("client {}: lost {} at node {name}", cl.ip, lost.join(" "));
+                self.trace(line);
+            }
+            if fresh {
                 let cl = &self.clients[c];
                 let sub = SubscriberKeying::default().subscriber_of(cl.ip);
                 let visible = match cl.session.epoch() {
@@ -2116,7 +2457,8 @@ impl World {
                     None => true,
                 };
                 if !visible {
-                    self.obligations.push((cl.ip, now + ANNOUNCE_DEADLINE_MS, n));
+                    self.obligations
+                        .push((cl.ip, now + ANNOUNCE_DEADLINE_MS, n));
                 }
             }
         }
