@@ -302,3 +302,19 @@ pub fn run_seeds(template: &Options, first: u64, n: u64, threads: usize) -> Tota
     }
     t
 }
+
+/// Runs seeds from `first` in batches until one violates an invariant
+/// (returning its first violation) or `max` seeds ran without any.
+pub fn first_violation(template: &Options, first: u64, max: u64, threads: usize) -> Option<Violation> {
+    let batch = (threads.max(1) as u64) * 8;
+    let mut seed = first;
+    while seed < first + max {
+        let n = batch.min(first + max - seed);
+        let t = run_seeds(template, seed, n, threads);
+        if let Some(v) = t.examples.into_iter().next() {
+            return Some(v);
+        }
+        seed += n;
+    }
+    None
+}
