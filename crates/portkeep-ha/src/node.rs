@@ -235,6 +235,9 @@ pub struct NodeStats {
     pub takeovers: u64,
 }
 
+/// An item with the hash of its mapping key (upserts and removals).
+type HashedItem = (Item, Option<u64>);
+
 struct Held<R> {
     seq: u64,
     reply: R,
@@ -260,7 +263,7 @@ pub struct Node<R> {
     replicated: HashSet<u64>,
     /// Items committed while a requested snapshot is being copied: those
     /// after the snapshot's position follow it on the stream.
-    deferred: Vec<(u64, Vec<(Item, Option<u64>)>)>,
+    deferred: Vec<(u64, Vec<HashedItem>)>,
     /// A deterministic hasher: runs replay exactly (simulator seeds).
     hasher: BuildHasherDefault<DefaultHasher>,
     effects: VecDeque<Effect<R>>,
