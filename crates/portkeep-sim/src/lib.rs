@@ -305,7 +305,12 @@ pub fn run_seeds(template: &Options, first: u64, n: u64, threads: usize) -> Tota
 
 /// Runs seeds from `first` in batches until one violates an invariant
 /// (returning its first violation) or `max` seeds ran without any.
-pub fn first_violation(template: &Options, first: u64, max: u64, threads: usize) -> Option<Violation> {
+pub fn first_violation(
+    template: &Options,
+    first: u64,
+    max: u64,
+    threads: usize,
+) -> Option<Violation> {
     let batch = (threads.max(1) as u64) * 8;
     let mut seed = first;
     while seed < first + max {

@@ -745,7 +745,7 @@ impl World {
         let enabled = self.opts.enable.clone();
         let hi = end.saturating_sub(60_000).max(120_001);
         for s in enabled {
-            let at = self.rng.gen_range(120_000..hi.min(400_000).max(120_001));
+            let at = self.rng.gen_range(120_000..hi.clamp(120_001, 400_000));
             let f = match s {
                 Schedule::BothDown => Fault::BothDown,
                 Schedule::PromoteEmpty => Fault::EmptyCrashBackup,
@@ -2406,7 +2406,7 @@ impl World {
             let deleting = cl
                 .maps
                 .iter()
-                .any(|m| m.deleting && table.get(&m.key()).is_none());
+                .any(|m| m.deleting && !table.contains_key(&m.key()));
             // State the last node to serve held for this host and this
             // one lacks (including creations whose answer never came).
             let ip = cl.ip;

@@ -45,10 +45,18 @@ fn default_faults_1000_seeds_hold_every_invariant() {
         "promote-late",
         "old-active-return",
     ] {
-        assert!(t.faults.get(kind).copied().unwrap_or(0) > 0, "no {kind}: {:?}", t.faults);
+        assert!(
+            t.faults.get(kind).copied().unwrap_or(0) > 0,
+            "no {kind}: {:?}",
+            t.faults
+        );
     }
     assert!(t.takeovers > 1000, "{}", t.takeovers);
-    assert!(t.checkpoints_promised > 100_000, "{}", t.checkpoints_promised);
+    assert!(
+        t.checkpoints_promised > 100_000,
+        "{}",
+        t.checkpoints_promised
+    );
 }
 
 #[test]
