@@ -238,10 +238,24 @@ pub struct Totals {
     pub takeovers: u64,
     /// Steps.
     pub steps: u64,
+    /// The fewest faults injected in one seed (promotions and returns of
+    /// the old active, which follow from other faults, not counted).
+    pub min_faults_per_seed: u64,
 }
 
 impl Totals {
     fn add(&mut self, r: Report) {
+        let injected: u64 = r
+            .faults
+            .iter()
+            .filter(|(k, _)| !k.starts_with("promote-") && **k != "old-active-return")
+            .map(|(_, n)| n)
+            .sum();
+        self.min_faults_per_seed = if self.seeds == 0 {
+            injected
+        } else {
+            self.min_faults_per_seed.min(injected)
+        };
         self.seeds += 1;
         self.violations += r.violation_count;
         for v in r.violations {

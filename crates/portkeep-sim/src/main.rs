@@ -102,7 +102,10 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let t = run_seeds(&template, args.first, n, threads);
     let took = started.elapsed();
-    println!("faults by kind:");
+    println!(
+        "faults by kind (at least {} in every seed):",
+        t.min_faults_per_seed
+    );
     for (k, c) in &t.faults {
         println!("  {k:<32} {c}");
     }

@@ -30,6 +30,7 @@ fn default_faults_1000_seeds_hold_every_invariant() {
         .map(|(_, n)| n)
         .sum();
     assert!(total >= 5 * 1000, "{:?}", t.faults);
+    assert!(t.min_faults_per_seed >= 5, "{}", t.min_faults_per_seed);
     for kind in [
         "pcp-loss",
         "pcp-delay",
