@@ -1291,7 +1291,13 @@ impl World {
     }
 
     fn fsync_done(&mut self, n: usize) {
-        if self.nodes[n].fail_next_fsync {
+        let p = Self::other(n);
+        let peer_ready = self.nodes[p].up
+            && self.nodes[p].ha.role() == Role::Backup
+            && self.nodes[p].ever_synced;
+        // An armed failure waits (in the default faults) until losing
+        // this node leaves a synced backup to promote.
+        if self.nodes[n].fail_next_fsync && (peer_ready || !self.guards) {
             // The store failed: the daemon stops (fail-stop), sending no
             // reply for what is not stored.
             self.nodes[n].fail_next_fsync = false;
@@ -1576,6 +1582,7 @@ impl World {
         node.up = false;
         node.gen += 1;
         node.holder_at_crash = holder;
+        node.fail_next_fsync = false;
         node.store.queue.clear();
         node.store.syncing = None;
         node.link = None;
