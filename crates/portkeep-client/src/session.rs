@@ -1026,12 +1026,15 @@ impl Session {
     }
 
     fn recreate_all(&mut self, now: Instant, except: Option<MappingId>, reason: RecreateReason) {
-        let ids: Vec<MappingId> = self
+        let mut ids: Vec<MappingId> = self
             .entries
             .iter()
             .filter(|(id, e)| Some(**id) != except && !e.removing)
             .map(|(id, _)| *id)
             .collect();
+        // Jitter is drawn per mapping: in id order, so a seeded session
+        // replays exactly (the map's iteration order is random).
+        ids.sort_unstable();
         self.events.push_back(SessionEvent::Recreating {
             reason,
             count: ids.len(),

@@ -116,6 +116,8 @@ pub struct Active {
     pending: VecDeque<(u64, Timestamp)>,
     last_heard: Timestamp,
     last_sent: Timestamp,
+    /// The term of a peer that answered our hello claiming to be active.
+    peer_active: Option<Term>,
 }
 
 impl Active {
@@ -134,6 +136,7 @@ impl Active {
             pending: VecDeque::new(),
             last_heard: Timestamp(0),
             last_sent: Timestamp(0),
+            peer_active: None,
         }
     }
 
@@ -163,8 +166,16 @@ impl Active {
         self.sent
     }
 
+    /// The term of the peer if, on this connection, it answered our hello
+    /// claiming to be active itself (in a term not above ours: a higher
+    /// one fences at once).
+    pub fn peer_claims_active(&self) -> Option<Term> {
+        self.peer_active
+    }
+
     /// A connection to the backup is up: introduce ourselves.
     pub fn connected(&mut self, now: Timestamp, applied: u64) {
+        self.peer_active = None;
         self.out.clear();
         self.inbuf.clear();
         self.pending.clear();
@@ -274,8 +285,9 @@ impl Active {
                 continue;
             }
             match m {
-                Message::Hello { active, .. } if self.state == LinkState::Handshake => {
+                Message::Hello { active, term, .. } if self.state == LinkState::Handshake => {
                     if active {
+                        self.peer_active = Some(term);
                         // Two actives in one term: neither may stream to the
                         // other; the operator's fencing must settle it.
                         self.events

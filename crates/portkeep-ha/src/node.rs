@@ -593,10 +593,23 @@ impl<R> Node<R> {
     pub fn handle_link_input(&mut self, now: Timestamp, bytes: &[u8]) -> Result<(), FrameError> {
         if let Some(a) = self.active.as_mut() {
             let r = a.handle_input(now, bytes);
+            let claimed = a.peer_claims_active();
             let heard = self.drain_active_events(now);
-            if heard && self.first_contact && self.role == Role::Active {
-                self.first_contact = false;
-                self.serving = true;
+            if self.first_contact && self.role == Role::Active {
+                if let Some(t) = claimed.filter(|t| *t >= self.term) {
+                    // The peer is active in our own term: it was promoted
+                    // into it while we were away (a node deposed by term t
+                    // persists t, and comes back configured active in it).
+                    // Two actives in one term must not both serve; the one
+                    // returning stands down, as for a higher term.
+                    self.step_down(Some(t));
+                    self.effects.push_back(Effect::Deposed { term: self.term });
+                    return r;
+                }
+                if heard {
+                    self.first_contact = false;
+                    self.serving = true;
+                }
             }
             return r;
         }

@@ -315,3 +315,54 @@ fn rfc7767_s1_changes_committed_while_a_snapshot_is_copied_follow_it() {
     assert_eq!(a.backup_state(), BackupState::InSync);
     assert_eq!(b.backup().unwrap().mapping_count(), 2);
 }
+
+#[test]
+fn design_fencing_returning_active_in_the_peers_own_term_stands_down() {
+    // Node a was deposed by term 1 (and persisted it); it comes back
+    // configured active in term 1, where node b is the active. b answers
+    // its connection with a hello of term 1, active: a must not serve.
+    let mut a: Node<u32> = Node::new(
+        NodeConfig::new(
+            Role::Active,
+            Some(ActiveConfig::default()),
+            Duration::from_secs(2),
+        ),
+        1,
+        SubscriberKeying::default(),
+    );
+    a.link_connected(at(0));
+    let mut hello = Vec::new();
+    portkeep_ha::Message::Hello {
+        term: 1,
+        active: true,
+        applied: 0,
+        now: at(0),
+    }
+    .encode(&mut hello);
+    a.handle_link_input(at(1), &hello).unwrap();
+    let e = effects(&mut a);
+    assert!(!a.serving(), "two actives in term 1");
+    assert_eq!(a.role(), Role::Backup);
+    assert!(e.iter().any(|e| matches!(e, Effect::Deposed { term: 1 })));
+}
+
+#[test]
+fn design_fencing_serving_active_is_not_deposed_by_a_stale_peer_in_its_term() {
+    // The active that serves connects to a stale node that still claims to
+    // be active in the same term: it keeps serving (the stale node is the
+    // one fenced, by its own connection).
+    let (mut a, _b) = in_sync_pair();
+    a.link_lost(at(5));
+    a.link_connected(at(6));
+    let mut hello = Vec::new();
+    portkeep_ha::Message::Hello {
+        term: a.term(),
+        active: true,
+        applied: 0,
+        now: at(6),
+    }
+    .encode(&mut hello);
+    a.handle_link_input(at(7), &hello).unwrap();
+    assert!(a.serving());
+    assert_eq!(a.role(), Role::Active);
+}

@@ -1,0 +1,2479 @@
+//! The simulated world: clients, two nodes, the network, the faults, and
+//! the invariants, on one virtual clock.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use portkeep_client::{EpochTracker, RequestBuilder, Session, SessionConfig, SessionEvent};
+use portkeep_ha::{
+    strip_checkpoint, ActiveConfig, Effect, Grant, Message, Node, NodeConfig, Role, SnapshotSource,
+    TakeoverKind,
+};
+use portkeep_proto::{Nonce, Protocol};
+use portkeep_server::record::key_of;
+use portkeep_server::{
+    BackupState, Change, ChangeRecord, MappingKind, MappingRecord, Outcome, Prefix, Restored,
+    Server, ServerConfig, SubscriberId, SubscriberKeying, Timestamp,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::{Invariant, Options, PlantedBug, Report, Schedule, Violation};
+
+/// Virtual time 0 as the cores see it (a wall-clock-like origin, as the
+/// daemon's clock gives).
+const T0: u64 = 1_700_000_000_000;
+/// The address keepalived moves between the nodes.
+const VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 255, 0, 1)), 5351);
+/// The daemon's active retries its connection this often (`ha.rs`).
+const CONNECT_RETRY_MS: u64 = 200;
+/// A node that is active and accepts a connection tells its term, then
+/// closes after this long (`ha.rs`, `tell_term`).
+const TELL_TERM_CLOSE_MS: u64 = 200;
+/// Bounds of invariant 5.
+const HELD_BOUND: usize = 10_000;
+const STORE_QUEUE_BOUND: usize = 10_000;
+const LINK_BUFFER_BOUND: usize = 8 << 20;
+/// After a client's epoch check failed for a loss, late answers of the old
+/// node may fail it again for this long.
+const EXCUSE_GRACE_MS: u64 = 5_000;
+/// An excuse not used within this long is forgotten.
+const EXCUSE_TTL_MS: u64 = 15 * 60 * 1000;
+/// A loss the epoch check cannot see must be ANNOUNCEd within this long.
+const ANNOUNCE_DEADLINE_MS: u64 = 10_000;
+/// Violations kept per invariant per run (all are counted).
+const KEEP_PER_INVARIANT: usize = 3;
+
+type MapKey = (IpAddr, u8, u16);
+
+#[derive(Debug)]
+enum Ev {
+    /// A PCP datagram from a client reaches the VIP.
+    ToVip {
+        client: usize,
+        bytes: Vec<u8>,
+    },
+    /// A PCP datagram from a node reaches a host.
+    ToHost {
+        host: IpAddr,
+        bytes: Vec<u8>,
+        handled_at: u64,
+    },
+    LinkDeliver {
+        conn: u64,
+        dir: usize,
+    },
+    LinkEstablish {
+        conn: u64,
+    },
+    LinkFailed {
+        node: usize,
+        gen: u64,
+    },
+    TellTermClose {
+        conn: u64,
+    },
+    ConnectRetry {
+        node: usize,
+        gen: u64,
+    },
+    FsyncDone {
+        node: usize,
+        gen: u64,
+    },
+    Work(Work),
+    Fault(Fault, u32),
+    Restart {
+        node: usize,
+        gen: u64,
+    },
+    PromoterAct {
+        early: bool,
+        target: Option<usize>,
+    },
+    AnnounceRepeat {
+        node: usize,
+        gen: u64,
+        targets: Vec<(SubscriberId, IpAddr)>,
+        left: u32,
+        interval: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Work {
+    Create { client: usize, m: usize },
+    Delete { client: usize, m: usize },
+    Depart { client: usize },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    PcpLoss,
+    PcpDelay,
+    PcpDup,
+    PcpReorder,
+    LinkReset,
+    LinkPartition,
+    LinkDelay,
+    CrashActive,
+    CrashBackup,
+    FsyncFailure,
+    // Named schedules.
+    BothDown,
+    EmptyCrashBackup,
+    EmptyCrashActive,
+    PartitionOldActive,
+    PartitionPromote,
+}
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::PcpLoss => "pcp-loss",
+            Fault::PcpDelay => "pcp-delay",
+            Fault::PcpDup => "pcp-dup",
+            Fault::PcpReorder => "pcp-reorder",
+            Fault::LinkReset => "link-reset",
+            Fault::LinkPartition => "link-partition",
+            Fault::LinkDelay => "link-delay",
+            Fault::CrashActive => "crash-active",
+            Fault::CrashBackup => "crash-backup",
+            Fault::FsyncFailure => "fsync-failure",
+            Fault::BothDown => "both-down",
+            Fault::EmptyCrashBackup => "promote-empty",
+            Fault::EmptyCrashActive => "promote-empty-crash-active",
+            Fault::PartitionOldActive => "partitioned-old-active",
+            Fault::PartitionPromote => "partitioned-old-active-promote",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Scheduled {
+    at: u64,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(o.at, o.seq))
+    }
+}
+
+/// The replies of one job, as the node's handle for them.
+#[derive(Debug, Default)]
+struct Reply {
+    /// When the server handled the request (its mapping's expiry counts
+    /// from here).
+    handled_at: u64,
+    out: Vec<(IpAddr, Vec<u8>)>,
+    announce: bool,
+}
+
+#[derive(Debug, Default)]
+struct Job {
+    changes: Vec<ChangeRecord>,
+    volatile: Vec<(SubscriberId, Vec<IpAddr>)>,
+    reply: Reply,
+    reset: Option<Restored>,
+}
+
+/// The store: what an fsync made durable, and the jobs not yet durable.
+#[derive(Debug, Default)]
+struct Store {
+    exists: bool,
+    anchor: Timestamp,
+    subs: BTreeMap<SubscriberId, Timestamp>,
+    maps: BTreeMap<Vec<u8>, MappingRecord>,
+    last_seq: u64,
+    queue: VecDeque<Job>,
+    /// The jobs of the fsync under way (group commit).
+    syncing: Option<Vec<Job>>,
+}
+
+impl Store {
+    fn apply(&mut self, changes: &[ChangeRecord]) {
+        for c in changes {
+            match &c.change {
+                Change::Upserted(m) => {
+                    self.maps.insert(key_of(m), m.clone());
+                }
+                Change::Removed { mapping, .. } => {
+                    self.maps.remove(&key_of(mapping));
+                }
+                Change::EpochReset { subscriber, anchor } => {
+                    self.subs.insert(*subscriber, *anchor);
+                }
+                Change::ServerEpochReset { anchor } => {
+                    self.anchor = *anchor;
+                    self.subs.clear();
+                }
+            }
+            self.last_seq = self.last_seq.max(c.seq);
+        }
+    }
+
+    fn replace(&mut self, r: &Restored) {
+        self.anchor = r.anchor;
+        self.subs = r.subscriber_anchors.iter().copied().collect();
+        self.maps = r.mappings.iter().map(|m| (key_of(m), m.clone())).collect();
+        self.last_seq = r.last_seq;
+    }
+
+    fn restored(&self) -> Restored {
+        Restored {
+            anchor: self.anchor,
+            subscriber_anchors: self.subs.iter().map(|(s, a)| (*s, *a)).collect(),
+            mappings: self.maps.values().cloned().collect(),
+            last_seq: self.last_seq,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SimNode {
+    name: &'static str,
+    cfg_role: Role,
+    up: bool,
+    /// Bumped at every crash and restart: stale events are ignored.
+    gen: u64,
+    server: Server,
+    ha: Node<Reply>,
+    store: Store,
+    /// The durable term.
+    term: u64,
+    /// The connection this node's link end is attached to.
+    link: Option<u64>,
+    connecting: bool,
+    last_rx: u64,
+    /// A backup that completed a snapshot since it started.
+    ever_synced: bool,
+    /// Its table as the change log describes it (every mutation of the
+    /// core goes through the log: the store and the backup are built from
+    /// it); compared with the real table every virtual second.
+    shadow: HashMap<MapKey, (Nonce, SocketAddr, SubscriberId)>,
+    /// Which mappings hold each external endpoint (invariant 4).
+    owners: HashMap<(u8, SocketAddr), Vec<(MapKey, SubscriberId)>>,
+    full_check_at: u64,
+    dirty: bool,
+    fail_next_fsync: bool,
+    was_serving: bool,
+    holder_at_crash: bool,
+    /// The kind of the takeover that made it active, until it serves.
+    takeover: Option<TakeoverKind>,
+    next_timer_floor: u64,
+}
+
+#[derive(Debug)]
+struct Conn {
+    connector: usize,
+    acceptor: usize,
+    tell_term: bool,
+    open: [bool; 2],
+    /// Segments per direction: 0 connector to acceptor, 1 the other way.
+    q: [VecDeque<(u64, Option<Vec<u8>>)>; 2],
+    scheduled: [bool; 2],
+    bytes: [usize; 2],
+}
+
+#[derive(Debug, Clone)]
+struct MapSpec {
+    id: u64,
+    host: IpAddr,
+    protocol: Protocol,
+    port: u16,
+    nonce: Nonce,
+    checkpoint: bool,
+    lifetime: u32,
+    in_session: bool,
+    /// Asked to be deleted, the delete not yet answered (or given up).
+    deleting: bool,
+    /// Found lost at a node that started serving (and the client was
+    /// told, or could see it), not granted since.
+    lost_told: bool,
+    /// Lower bound of the server's expiry after the last success the
+    /// client accepted.
+    server_expires: u64,
+}
+
+impl MapSpec {
+    fn key(&self) -> MapKey {
+        (self.host, self.protocol.0, self.port)
+    }
+}
+
+#[derive(Debug)]
+struct Client {
+    ip: IpAddr,
+    third_party: bool,
+    session: Session,
+    departed: bool,
+    maps: Vec<MapSpec>,
+    epoch_failures: u64,
+    excused_at: Option<u64>,
+    grace_until: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Promise {
+    /// A reply without the option for this mapping left a node after the
+    /// promise, but the client never accepted it.
+    downgrade_sent: bool,
+    nonce: Nonce,
+    external: Option<SocketAddr>,
+    expires: u64,
+    client: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Window {
+    until: u64,
+    value: f64,
+}
+
+impl Window {
+    fn get(&self, now: u64) -> f64 {
+        if now < self.until {
+            self.value
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The world of one seed.
+#[derive(Debug)]
+pub struct World {
+    opts: Options,
+    rng: ChaCha8Rng,
+    base: Instant,
+    now: u64,
+    end: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<Scheduled>>,
+    nodes: Vec<SimNode>,
+    clients: Vec<Client>,
+    by_ip: HashMap<IpAddr, usize>,
+    by_nonce: HashMap<Nonce, MapKey>,
+    conns: BTreeMap<u64, Conn>,
+    next_conn: u64,
+    vip: usize,
+    partition_until: u64,
+    link_delay: Window,
+    base_loss: f64,
+    base_dup: f64,
+    loss: Window,
+    dup: Window,
+    delay: Window,
+    reorder: Window,
+    promoter_pending: bool,
+    guards: bool,
+    promises: BTreeMap<MapKey, Promise>,
+    promises_dirty: bool,
+    obligations: Vec<(IpAddr, u64, usize)>,
+    max_term_sent: u64,
+    two_serving: bool,
+    /// The table of the node that served last, when it stopped.
+    last_served: HashMap<MapKey, (Nonce, SocketAddr)>,
+    server_seeds: [u64; 2],
+    report: Report,
+    kept: BTreeMap<Invariant, usize>,
+}
+
+fn ip4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+}
+
+fn link_cfg() -> ActiveConfig {
+    ActiveConfig::default()
+}
+
+fn stale_after() -> Duration {
+    Duration::from_millis(3000)
+}
+
+impl World {
+    /// A world for `opts`, nothing run yet.
+    #[allow(clippy::disallowed_methods)] // One reading, as an origin: only offsets from it matter.
+    pub fn new(opts: Options) -> World {
+        let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+        let keepalived = rng.gen_bool(0.5);
+        let server_seeds = [rng.gen(), rng.gen()];
+        let base = Instant::now();
+        let end = opts.duration_ms;
+        let guards = opts.enable.is_empty();
+        let mut w = World {
+            rng,
+            base,
+            now: 0,
+            end,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            nodes: Vec::new(),
+            clients: Vec::new(),
+            by_ip: HashMap::new(),
+            by_nonce: HashMap::new(),
+            conns: BTreeMap::new(),
+            next_conn: 1,
+            vip: 0,
+            partition_until: 0,
+            link_delay: Window::default(),
+            base_loss: 0.0,
+            base_dup: 0.0,
+            loss: Window::default(),
+            dup: Window::default(),
+            delay: Window::default(),
+            reorder: Window::default(),
+            promoter_pending: false,
+            guards,
+            promises: BTreeMap::new(),
+            promises_dirty: false,
+            obligations: Vec::new(),
+            max_term_sent: 0,
+            two_serving: false,
+            last_served: HashMap::new(),
+            server_seeds,
+            report: Report {
+                seed: opts.seed,
+                ..Report::default()
+            },
+            kept: BTreeMap::new(),
+            opts,
+        };
+        w.base_loss = w.rng.gen_range(0.0..0.03);
+        w.base_dup = w.rng.gen_range(0.0..0.03);
+        let roles = if keepalived {
+            [Role::Backup, Role::Backup]
+        } else {
+            [Role::Active, Role::Backup]
+        };
+        w.trace(format!(
+            "layout: {} (node a {}, node b {}); base loss {:.3}, dup {:.3}",
+            if keepalived {
+                "keepalived"
+            } else {
+                "active+backup"
+            },
+            roles[0].as_str(),
+            roles[1].as_str(),
+            w.base_loss,
+            w.base_dup
+        ));
+        for (i, role) in roles.into_iter().enumerate() {
+            let name = if i == 0 { "a" } else { "b" };
+            let server = Server::new(w.server_cfg(i), w.ts());
+            let ha = Node::new(w.node_cfg(role), 0, SubscriberKeying::default());
+            w.nodes.push(SimNode {
+                name,
+                cfg_role: role,
+                up: false,
+                gen: 0,
+                server,
+                ha,
+                store: Store::default(),
+                term: 0,
+                link: None,
+                connecting: false,
+                last_rx: 0,
+                ever_synced: false,
+                shadow: HashMap::new(),
+                owners: HashMap::new(),
+                full_check_at: 0,
+                dirty: true,
+                fail_next_fsync: false,
+                was_serving: false,
+                holder_at_crash: false,
+                takeover: None,
+                next_timer_floor: 0,
+            });
+        }
+        w.start_node(0);
+        w.start_node(1);
+        if keepalived {
+            // keepalived elects a master at start and its notify hook
+            // promotes it.
+            w.schedule(
+                100,
+                Ev::PromoterAct {
+                    early: false,
+                    target: Some(0),
+                },
+            );
+            w.promoter_pending = true;
+        }
+        w.make_clients();
+        w.plan_faults();
+        w
+    }
+
+    fn ts(&self) -> Timestamp {
+        Timestamp(T0 + self.now)
+    }
+
+    fn inst(&self, ms: u64) -> Instant {
+        self.base + Duration::from_millis(ms)
+    }
+
+    fn ms_of(&self, t: Instant) -> u64 {
+        let d = t.saturating_duration_since(self.base);
+        let ms = d.as_millis() as u64;
+        if Duration::from_millis(ms) < d {
+            ms + 1
+        } else {
+            ms
+        }
+    }
+
+    fn trace(&mut self, line: String) {
+        if self.opts.trace {
+            let t = self.now;
+            self.report
+                .trace
+                .push(format!("{:>4}.{:03} {line}", t / 1000, t % 1000));
+        }
+    }
+
+    fn violation(&mut self, inv: Invariant, what: String) {
+        self.report.violation_count += 1;
+        let kept = self.kept.entry(inv).or_default();
+        let line = format!("VIOLATION invariant {}: {what}", inv.number());
+        if *kept < KEEP_PER_INVARIANT {
+            *kept += 1;
+            self.report.violations.push(Violation {
+                seed: self.opts.seed,
+                at_ms: self.now,
+                invariant: inv,
+                what,
+            });
+        }
+        self.trace(line);
+    }
+
+    fn count_fault(&mut self, kind: &'static str) {
+        *self.report.faults.entry(kind).or_default() += 1;
+    }
+
+    fn schedule(&mut self, at: u64, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Reverse(Scheduled {
+            at,
+            seq: self.seq,
+            ev,
+        }));
+    }
+
+    fn server_cfg(&self, node: usize) -> ServerConfig {
+        ServerConfig {
+            external_addresses: vec![ip4(198, 51, 100, 1), ip4(198, 51, 100, 2)],
+            port_min: 20_000,
+            port_max: 20_999,
+            min_lifetime: 20,
+            max_lifetime: 3600,
+            third_party_clients: vec![Prefix::new(ip4(10, 1, 0, 0), 24)
+                .unwrap_or_else(|_| Prefix::host(ip4(10, 1, 0, 1)))],
+            seed: self.server_seeds[node],
+            ..ServerConfig::default()
+        }
+    }
+
+    fn node_cfg(&self, role: Role) -> NodeConfig {
+        let mut c = NodeConfig::new(role, Some(link_cfg()), stale_after());
+        match self.opts.planted {
+            Some(PlantedBug::ReleaseBeforeAck) => c.planted.release_before_ack = true,
+            Some(PlantedBug::SkipTermCheck) => c.planted.skip_term_check = true,
+            Some(PlantedBug::AckBeforePersist) => c.planted.ack_before_persist = true,
+            None => {}
+        }
+        c
+    }
+
+    fn other(n: usize) -> usize {
+        1 - n
+    }
+
+    // ------------------------------------------------------------------
+    // Set-up: clients and the fault plan.
+
+    fn make_clients(&mut self) {
+        let n = self.opts.clients;
+        let tp = self.opts.third_party_clients;
+        let end = self.end;
+        let mut next_id = 0u64;
+        for i in 0..n + tp {
+            let third_party = i >= n;
+            let ip = if third_party {
+                ip4(10, 1, 0, (i - n + 1) as u8)
+            } else {
+                ip4(10, 0, (i / 200) as u8, (i % 200 + 1) as u8)
+            };
+            let cfg = SessionConfig {
+                rate: 50,
+                burst: 10,
+                ..SessionConfig::default()
+            };
+            let session = Session::new(VIP, ip, cfg, self.rng.gen());
+            // Profiles: every mapping check-pointed, none, or a mix.
+            let profile = self.rng.gen_range(0..3u8);
+            let count = self.rng.gen_range(3..=6usize);
+            let mut maps = Vec::new();
+            for k in 0..count {
+                let host = if third_party {
+                    ip4(10, 2, (i - n) as u8, (k + 1) as u8)
+                } else {
+                    ip
+                };
+                let checkpoint = match profile {
+                    0 => true,
+                    1 => false,
+                    _ => self.rng.gen_bool(0.5),
+                };
+                let lifetime = if self.rng.gen_bool(0.2) {
+                    self.rng.gen_range(20..=60)
+                } else {
+                    self.rng.gen_range(120..=600)
+                };
+                let mut nonce = [0u8; 12];
+                self.rng.fill(&mut nonce);
+                let protocol = if self.rng.gen_bool(0.5) {
+                    Protocol::TCP
+                } else {
+                    Protocol::UDP
+                };
+                maps.push(MapSpec {
+                    id: next_id,
+                    host,
+                    protocol,
+                    port: 1000 + k as u16 * 7 + self.rng.gen_range(0..5u16),
+                    nonce,
+                    checkpoint,
+                    lifetime,
+                    in_session: false,
+                    deleting: false,
+                    lost_told: false,
+                    server_expires: 0,
+                });
+                next_id += 1;
+            }
+            let idx = self.clients.len();
+            for k in 0..maps.len() {
+                let start = self.rng.gen_range(1_000..end.clamp(2_000, 120_000));
+                self.schedule(start, Ev::Work(Work::Create { client: idx, m: k }));
+                if self.rng.gen_bool(0.3) {
+                    let del = self
+                        .rng
+                        .gen_range(start + 5_000..end.max(start + 5_001) + 1);
+                    if del < end {
+                        self.schedule(del, Ev::Work(Work::Delete { client: idx, m: k }));
+                        // Some come back later (a new transaction, same
+                        // mapping).
+                        if self.rng.gen_bool(0.5) {
+                            let again = del + self.rng.gen_range(1_000..60_000);
+                            if again < end {
+                                self.schedule(again, Ev::Work(Work::Create { client: idx, m: k }));
+                            }
+                        }
+                    }
+                }
+            }
+            if self.rng.gen_bool(0.1) {
+                let at = self.rng.gen_range(60_000..end.max(60_001) + 1);
+                self.schedule(at, Ev::Work(Work::Depart { client: idx }));
+            }
+            self.by_ip.insert(ip, idx);
+            for m in &maps {
+                self.by_nonce.insert(m.nonce, m.key());
+            }
+            self.clients.push(Client {
+                ip,
+                third_party,
+                session,
+                departed: false,
+                maps,
+                epoch_failures: 0,
+                excused_at: None,
+                grace_until: 0,
+            });
+        }
+    }
+
+    fn plan_faults(&mut self) {
+        let end = self.end;
+        let lo = 20_000.min(end / 4);
+        let hi = end.saturating_sub(30_000).max(lo + 1);
+        let n = self.rng.gen_range(6..=12);
+        let kinds = [
+            (Fault::PcpLoss, 2),
+            (Fault::PcpDelay, 1),
+            (Fault::PcpDup, 1),
+            (Fault::PcpReorder, 1),
+            (Fault::LinkReset, 2),
+            (Fault::LinkPartition, 2),
+            (Fault::LinkDelay, 2),
+            (Fault::CrashActive, 3),
+            (Fault::CrashBackup, 2),
+            (Fault::FsyncFailure, 1),
+        ];
+        let total: u32 = kinds.iter().map(|(_, w)| w).sum();
+        for _ in 0..n {
+            let mut pick = self.rng.gen_range(0..total);
+            let mut kind = Fault::PcpLoss;
+            for (k, w) in kinds {
+                if pick < w {
+                    kind = k;
+                    break;
+                }
+                pick -= w;
+            }
+            let at = self.rng.gen_range(lo..hi);
+            self.schedule(at, Ev::Fault(kind, 0));
+        }
+        let enabled = self.opts.enable.clone();
+        let hi = end.saturating_sub(60_000).max(120_001);
+        for s in enabled {
+            let at = self.rng.gen_range(120_000..hi.clamp(120_001, 400_000));
+            let f = match s {
+                Schedule::BothDown => Fault::BothDown,
+                Schedule::PromoteEmpty => Fault::EmptyCrashBackup,
+                Schedule::PartitionedOldActive => Fault::PartitionOldActive,
+            };
+            self.schedule(at, Ev::Fault(f, 0));
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // The loop.
+
+    /// Runs to the end of the workload.
+    pub fn run(&mut self) {
+        loop {
+            let next_ev = self.queue.peek().map(|Reverse(s)| s.at);
+            let next_timer = self.next_timer();
+            let next = match (next_ev, next_timer) {
+                (Some(a), Some(b)) => a.min(b),
+                (Some(a), None) => a,
+                (None, Some(b)) => b,
+                (None, None) => break,
+            };
+            if next > self.end {
+                break;
+            }
+            self.now = self.now.max(next);
+            self.report.steps += 1;
+            if next_ev.is_some_and(|t| t <= self.now) {
+                if let Some(Reverse(s)) = self.queue.pop() {
+                    self.handle(s.ev);
+                }
+            } else {
+                self.fire_timers();
+            }
+            self.check();
+        }
+        self.now = self.end;
+    }
+
+    fn next_timer(&self) -> Option<u64> {
+        let mut t: Option<u64> = None;
+        let mut put = |x: u64| t = Some(t.map_or(x, |y: u64| y.min(x)));
+        for c in &self.clients {
+            if c.departed {
+                continue;
+            }
+            if let Some(i) = c.session.poll_timeout() {
+                put(self.ms_of(i));
+            }
+        }
+        for n in &self.nodes {
+            if !n.up {
+                continue;
+            }
+            if let Some(x) = n.ha.poll_timeout() {
+                put(x.0.saturating_sub(T0).max(n.next_timer_floor));
+            }
+            if let Some(x) = n.server.poll_timeout() {
+                put(x.0.saturating_sub(T0).max(n.next_timer_floor));
+            }
+            if n.link.is_some() && n.ha.role() == Role::Backup {
+                put((n.last_rx + link_cfg().dead_after.as_millis() as u64).max(n.next_timer_floor));
+            }
+        }
+        t
+    }
+
+    fn fire_timers(&mut self) {
+        let now = self.now;
+        for c in 0..self.clients.len() {
+            if self.clients[c].departed {
+                continue;
+            }
+            let due = self.clients[c]
+                .session
+                .poll_timeout()
+                .is_some_and(|i| self.ms_of(i) <= now);
+            if due {
+                let at = self.inst(now);
+                self.clients[c].session.handle_timeout(at);
+                self.client_after(c, None);
+            }
+        }
+        for n in 0..2 {
+            if !self.nodes[n].up || self.nodes[n].next_timer_floor > now {
+                continue;
+            }
+            let ts = self.ts();
+            let mut fired = false;
+            if self.nodes[n].ha.poll_timeout().is_some_and(|t| t <= ts) {
+                fired = true;
+                self.nodes[n].ha.handle_timeout(ts);
+                self.after_ha(n);
+                // The daemon's timer task: a silent backup ends the
+                // connection, and the active reconnects.
+                if self.nodes[n].ha.role() == Role::Active
+                    && self.nodes[n].ha.link_down()
+                    && self.nodes[n].link.is_some()
+                {
+                    if let Some(c) = self.nodes[n].link {
+                        self.close_conn_side(c, n, true);
+                    }
+                    self.active_link_ended(n);
+                }
+            }
+            if self.nodes[n].server.poll_timeout().is_some_and(|t| t <= ts) {
+                fired = true;
+                self.nodes[n].server.handle_timeout(ts);
+                self.nodes[n].dirty = true;
+                self.submit(n, Reply::default(), None);
+            }
+            let dead = link_cfg().dead_after.as_millis() as u64;
+            if self.nodes[n].ha.role() == Role::Backup
+                && self.nodes[n].link.is_some()
+                && now >= self.nodes[n].last_rx + dead
+            {
+                // serve_backup's read timed out: "the active went silent".
+                fired = true;
+                if let Some(c) = self.nodes[n].link {
+                    self.close_conn_side(c, n, true);
+                }
+                self.nodes[n].ha.link_lost(ts);
+                self.after_ha(n);
+            }
+            if fired {
+                // Active::poll_timeout keeps returning an overdue
+                // acknowledgement's deadline while the link lags (the
+                // daemon's timer task then spins): step at most once per
+                // millisecond.
+                self.nodes[n].next_timer_floor = now + 1;
+            }
+        }
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::ToVip { client, bytes } => self.pcp_at_vip(client, &bytes),
+            Ev::ToHost {
+                host,
+                bytes,
+                handled_at,
+            } => {
+                let Some(&c) = self.by_ip.get(&host) else {
+                    return;
+                };
+                if self.clients[c].departed {
+                    return;
+                }
+                let at = self.inst(self.now);
+                self.clients[c].session.handle_input(at, VIP, &bytes);
+                self.client_after(c, Some(handled_at));
+            }
+            Ev::LinkDeliver { conn, dir } => self.link_deliver(conn, dir),
+            Ev::LinkEstablish { conn } => self.link_establish(conn),
+            Ev::LinkFailed { node, gen } => {
+                if self.nodes[node].gen == gen && self.nodes[node].up {
+                    self.nodes[node].connecting = false;
+                    self.active_link_ended(node);
+                }
+            }
+            Ev::TellTermClose { conn } => {
+                if let Some(c) = self.conns.get(&conn) {
+                    let acceptor = c.acceptor;
+                    self.close_conn_side(conn, acceptor, false);
+                }
+            }
+            Ev::ConnectRetry { node, gen } => {
+                if self.nodes[node].gen == gen {
+                    self.try_connect(node);
+                }
+            }
+            Ev::FsyncDone { node, gen } => {
+                if self.nodes[node].gen == gen && self.nodes[node].up {
+                    self.fsync_done(node);
+                }
+            }
+            Ev::Work(w) => self.work(w),
+            Ev::Fault(f, attempt) => self.fault(f, attempt),
+            Ev::Restart { node, gen } => {
+                if self.nodes[node].gen == gen && !self.nodes[node].up {
+                    self.restart(node);
+                }
+            }
+            Ev::PromoterAct { early, target } => self.promoter_act(early, target),
+            Ev::AnnounceRepeat {
+                node,
+                gen,
+                targets,
+                left,
+                interval,
+            } => {
+                if self.nodes[node].gen == gen && self.nodes[node].up {
+                    self.announce_to(node, &targets);
+                    if left > 1 {
+                        let next = interval * 2;
+                        self.schedule(
+                            self.now + next,
+                            Ev::AnnounceRepeat {
+                                node,
+                                gen,
+                                targets,
+                                left: left - 1,
+                                interval: next,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Clients.
+
+    fn work(&mut self, w: Work) {
+        let now = self.now;
+        match w {
+            Work::Create { client, m } => {
+                let c = &mut self.clients[client];
+                if c.departed || c.maps[m].in_session {
+                    return;
+                }
+                let spec = c.maps[m].clone();
+                let mut b = RequestBuilder::map(spec.protocol, spec.port)
+                    .nonce(spec.nonce)
+                    .lifetime(spec.lifetime);
+                if spec.checkpoint {
+                    b = b.checkpoint_required();
+                }
+                if c.third_party {
+                    b = b.third_party(spec.host);
+                }
+                let at = self.base + Duration::from_millis(now);
+                if c.session.insert(at, spec.id, b).is_ok() {
+                    c.maps[m].in_session = true;
+                }
+                self.client_after(client, None);
+            }
+            Work::Delete { client, m } => {
+                let c = &mut self.clients[client];
+                if c.departed || !c.maps[m].in_session {
+                    return;
+                }
+                let at = self.base + Duration::from_millis(now);
+                let id = c.maps[m].id;
+                c.session.remove(at, id);
+                c.maps[m].in_session = false;
+                c.maps[m].deleting = true;
+                let key = c.maps[m].key();
+                self.promises.remove(&key);
+                self.promises_dirty = true;
+                self.client_after(client, None);
+            }
+            Work::Depart { client } => {
+                // The client stops: its mappings expire on the server (its
+                // promises hold until then).
+                self.clients[client].departed = true;
+                self.trace(format!("client {} departs", self.clients[client].ip));
+            }
+        }
+    }
+
+    fn client_after(&mut self, c: usize, handled_at: Option<u64>) {
+        while let Some(d) = self.clients[c].session.poll_transmit() {
+            self.send_pcp(c, d);
+        }
+        while let Some(e) = self.clients[c].session.poll_event() {
+            if let SessionEvent::Removed { id, .. } = e {
+                if let Some(m) = self.clients[c].maps.iter_mut().find(|m| m.id == id) {
+                    m.deleting = false;
+                }
+                continue;
+            }
+            if let SessionEvent::Granted { id, grant, .. } = e {
+                let Some(m) = self.clients[c].maps.iter().position(|m| m.id == id) else {
+                    continue;
+                };
+                let spec = self.clients[c].maps[m].clone();
+                let key = spec.key();
+                if let Some(h) = handled_at {
+                    let exp = h + u64::from(grant.lifetime) * 1000;
+                    self.clients[c].maps[m].server_expires = exp;
+                    self.clients[c].maps[m].lost_told = false;
+                    if self.opts.trace {
+                        self.trace(format!(
+                            "client {}: {}/{}:{} granted {:?} for {} s (handled at {}.{:03}){}",
+                            self.clients[c].ip,
+                            key.0,
+                            key.1,
+                            key.2,
+                            grant.external,
+                            grant.lifetime,
+                            h / 1000,
+                            h % 1000,
+                            if grant.checkpoint_honoured {
+                                ", check-pointed"
+                            } else {
+                                ""
+                            }
+                        ));
+                    }
+                    if grant.checkpoint_honoured {
+                        self.report.checkpoints_promised += 1;
+                        self.promises.insert(
+                            key,
+                            Promise {
+                                downgrade_sent: false,
+                                nonce: spec.nonce,
+                                external: grant.external,
+                                expires: exp,
+                                client: c,
+                            },
+                        );
+                    } else {
+                        self.promises.remove(&key);
+                    }
+                    self.promises_dirty = true;
+                }
+            }
+        }
+        let f = self.clients[c].session.counters().epoch_failures;
+        while self.clients[c].epoch_failures < f {
+            self.clients[c].epoch_failures += 1;
+            self.obligations.retain(|o| o.0 != self.clients[c].ip);
+            let now = self.now;
+            let cl = &mut self.clients[c];
+            if cl.third_party {
+                self.report.third_party_epoch_disagreements += 1;
+                continue;
+            }
+            if let Some(t) = cl.excused_at.take() {
+                if now <= t + EXCUSE_TTL_MS {
+                    cl.grace_until = now + EXCUSE_GRACE_MS;
+                    continue;
+                }
+            }
+            if now <= cl.grace_until {
+                continue;
+            }
+            let ip = cl.ip;
+            self.violation(
+                Invariant::Epochs,
+                format!(
+                    "client {ip}: RFC 6887 s8.5 epoch check failed, but none of its state was lost"
+                ),
+            );
+        }
+    }
+
+    fn send_pcp(&mut self, c: usize, d: Vec<u8>) {
+        let now = self.now;
+        let loss = self.base_loss + self.loss.get(now);
+        if self.rng.gen_bool(loss.min(0.95)) {
+            return;
+        }
+        let copies = if self
+            .rng
+            .gen_bool((self.base_dup + self.dup.get(now)).min(0.9))
+        {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let at = now + self.pcp_delay();
+            self.schedule(
+                at,
+                Ev::ToVip {
+                    client: c,
+                    bytes: d.clone(),
+                },
+            );
+        }
+    }
+
+    fn pcp_delay(&mut self) -> u64 {
+        let now = self.now;
+        let mut d = self.rng.gen_range(1..20u64);
+        let r = self.reorder.get(now);
+        if r > 0.0 {
+            d += self.rng.gen_range(0..r as u64 + 1);
+        }
+        let x = self.delay.get(now);
+        if x > 0.0 {
+            d += x as u64 + self.rng.gen_range(0..50);
+        }
+        d
+    }
+
+    fn send_to_host(&mut self, host: IpAddr, bytes: Vec<u8>, handled_at: u64) {
+        let now = self.now;
+        if self
+            .rng
+            .gen_bool((self.base_loss + self.loss.get(now)).min(0.95))
+        {
+            return;
+        }
+        let copies = if self
+            .rng
+            .gen_bool((self.base_dup + self.dup.get(now)).min(0.9))
+        {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let at = now + self.pcp_delay();
+            self.schedule(
+                at,
+                Ev::ToHost {
+                    host,
+                    bytes: bytes.clone(),
+                    handled_at,
+                },
+            );
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Nodes: PCP, the committer, effects.
+
+    fn pcp_at_vip(&mut self, client: usize, bytes: &[u8]) {
+        let n = self.vip;
+        // Workers drop datagrams unless the node serves (runtime.rs).
+        if !self.nodes[n].up || !self.nodes[n].ha.serving() {
+            return;
+        }
+        let src = SocketAddr::new(self.clients[client].ip, portkeep_proto::CLIENT_PORT);
+        let ts = self.ts();
+        let mut out = Vec::new();
+        let node = &mut self.nodes[n];
+        let outcome = node.server.handle(ts, src, bytes, &mut out);
+        node.dirty = true;
+        let mut reply = Reply {
+            handled_at: self.now,
+            ..Reply::default()
+        };
+        if outcome == Outcome::Reply {
+            reply.out.push((src.ip(), out));
+        }
+        self.submit(n, reply, None);
+    }
+
+    /// `Shared::submit`: the core's changes and the replies that depend on
+    /// them queue for the committer, in log order.
+    fn submit(&mut self, n: usize, reply: Reply, reset: Option<Restored>) {
+        let node = &mut self.nodes[n];
+        let changes: Vec<ChangeRecord> = node.server.drain_changes().collect();
+        let volatile = if changes.is_empty() || reset.is_some() {
+            let _ = node.server.drain_volatile();
+            Vec::new()
+        } else {
+            node.server.drain_volatile()
+        };
+        if !changes.is_empty() {
+            self.shadow_apply(n, &changes);
+        }
+        let node = &mut self.nodes[n];
+        if changes.is_empty() && reply.out.is_empty() && reset.is_none() {
+            return;
+        }
+        node.store.queue.push_back(Job {
+            changes,
+            volatile,
+            reply,
+            reset,
+        });
+        self.maybe_fsync(n);
+    }
+
+    /// Rebuilds the shadow from the real table (after the core was
+    /// replaced, and every virtual second).
+    fn resync(&mut self, n: usize) {
+        let node = &mut self.nodes[n];
+        node.shadow.clear();
+        node.owners.clear();
+        node.dirty = true;
+        let all = node.server.mappings();
+        self.shadow_insert(n, all.iter());
+    }
+
+    fn shadow_apply(&mut self, n: usize, changes: &[ChangeRecord]) {
+        for c in changes {
+            match &c.change {
+                Change::Upserted(m) => self.shadow_insert(n, std::iter::once(m)),
+                Change::Removed { mapping: m, .. } if m.kind == MappingKind::Map => {
+                    let key = (m.key.internal_ip, m.key.protocol.0, m.key.internal_port);
+                    let node = &mut self.nodes[n];
+                    if let Some((_, ext, _)) = node.shadow.remove(&key) {
+                        if let Some(v) = node.owners.get_mut(&(key.1, ext)) {
+                            v.retain(|(k, _)| *k != key);
+                        }
+                    }
+                    node.dirty = true;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn shadow_insert<'a>(&mut self, n: usize, ms: impl Iterator<Item = &'a MappingRecord>) {
+        let mut clash = None;
+        let node = &mut self.nodes[n];
+        for m in ms {
+            if m.kind != MappingKind::Map {
+                continue;
+            }
+            let key = (m.key.internal_ip, m.key.protocol.0, m.key.internal_port);
+            if let Some((_, ext, _)) = node.shadow.insert(key, (m.nonce, m.external, m.subscriber))
+            {
+                if let Some(v) = node.owners.get_mut(&(key.1, ext)) {
+                    v.retain(|(k, _)| *k != key);
+                }
+            }
+            let v = node.owners.entry((key.1, m.external)).or_default();
+            if v.iter().any(|(_, s)| *s != m.subscriber) {
+                clash = Some((key.1, m.external));
+            }
+            v.push((key, m.subscriber));
+            node.dirty = true;
+        }
+        if let Some((p, e)) = clash {
+            let what = format!(
+                "node {}: external {p}/{e} held by two subscribers",
+                self.nodes[n].name
+            );
+            self.violation(Invariant::UniqueExternal, what);
+        }
+    }
+
+    fn maybe_fsync(&mut self, n: usize) {
+        let node = &mut self.nodes[n];
+        if node.store.syncing.is_some() || node.store.queue.is_empty() {
+            return;
+        }
+        // Group commit: everything queued while the last fsync ran.
+        let jobs: Vec<Job> = node.store.queue.drain(..).collect();
+        node.store.syncing = Some(jobs);
+        let gen = node.gen;
+        let d = self.rng.gen_range(2..=8);
+        self.schedule(self.now + d, Ev::FsyncDone { node: n, gen });
+    }
+
+    fn fsync_done(&mut self, n: usize) {
+        let p = Self::other(n);
+        let peer_ready = self.nodes[p].up
+            && self.nodes[p].ha.role() == Role::Backup
+            && self.nodes[p].ever_synced;
+        // An armed failure waits (in the default faults) until losing
+        // this node leaves a synced backup to promote.
+        if self.nodes[n].fail_next_fsync && (peer_ready || !self.guards) {
+            // The store failed: the daemon stops (fail-stop), sending no
+            // reply for what is not stored.
+            self.nodes[n].fail_next_fsync = false;
+            self.trace(format!(
+                "node {}: fsync failed: fail-stop",
+                self.nodes[n].name
+            ));
+            self.crash(n);
+            return;
+        }
+        let Some(jobs) = self.nodes[n].store.syncing.take() else {
+            return;
+        };
+        let ts = self.ts();
+        let mut segment: Vec<(Reply, portkeep_ha::JobMeta)> = Vec::new();
+        for mut job in jobs {
+            if let Some(r) = job.reset.take() {
+                let seg = std::mem::take(&mut segment);
+                self.commit_segment(n, seg, ts);
+                self.nodes[n].store.replace(&r);
+            }
+            let node = &mut self.nodes[n];
+            node.store.apply(&job.changes);
+            let meta = node
+                .ha
+                .prepare(&job.changes, std::mem::take(&mut job.volatile));
+            segment.push((job.reply, meta));
+        }
+        self.commit_segment(n, segment, ts);
+        self.maybe_fsync(n);
+    }
+
+    fn commit_segment(&mut self, n: usize, seg: Vec<(Reply, portkeep_ha::JobMeta)>, ts: Timestamp) {
+        if seg.is_empty() {
+            return;
+        }
+        self.nodes[n].ha.handle_commit(ts, seg);
+        self.after_ha(n);
+    }
+
+    /// Executes the node's effects, then moves its link bytes.
+    fn after_ha(&mut self, n: usize) {
+        while let Some(e) = self.nodes[n].ha.poll_effect() {
+            match e {
+                Effect::Release(r) => self.release(n, r),
+                Effect::Rewrite { reply, grants } => self.reject(n, reply, &grants),
+                Effect::BackupState(s) => {
+                    self.nodes[n].server.set_backup_state(s);
+                    if s == BackupState::InSync {
+                        self.trace(format!("node {}: backup in sync", self.nodes[n].name));
+                    }
+                }
+                Effect::NeedSnapshot => {
+                    let node = &self.nodes[n];
+                    let src = SnapshotSource {
+                        term: node.ha.term(),
+                        seq: node.server.last_seq(),
+                        anchor: node.server.anchor(),
+                        subscriber_anchors: node.server.subscriber_anchors(),
+                        mappings: node.server.checkpointed_mappings(),
+                        volatile: node.server.volatile_hosts(),
+                    };
+                    let ts = self.ts();
+                    let line = format!(
+                        "node {}: snapshot of {} check-pointed mappings at seq {} (of {} mappings)",
+                        node.name,
+                        src.mappings.len(),
+                        src.seq,
+                        node.server.mapping_count()
+                    );
+                    self.trace(line);
+                    let part = self.nodes[n].ha.snapshot_part();
+                    self.nodes[n].ha.send_snapshot(ts, src.encode(part));
+                }
+                Effect::PersistTerm(t) => {
+                    // A synchronous durable write in the daemon.
+                    self.nodes[n].term = self.nodes[n].term.max(t);
+                }
+                Effect::Deposed { term } => {
+                    if self.nodes[n].was_serving {
+                        self.last_served = self.table(n);
+                    }
+                    self.trace(format!(
+                        "node {}: deposed by term {term}: state dropped, now backup",
+                        self.nodes[n].name
+                    ));
+                    let cfg = self.server_cfg(n);
+                    let ts = self.ts();
+                    self.nodes[n].server = Server::new(cfg, ts);
+                    self.resync(n);
+                    let empty = Restored {
+                        anchor: ts,
+                        subscriber_anchors: Vec::new(),
+                        mappings: Vec::new(),
+                        last_seq: 0,
+                    };
+                    self.submit(n, Reply::default(), Some(empty));
+                    // The link thread's streaming loop ends (no longer
+                    // active); as a backup it waits for the active.
+                    if let Some(c) = self.nodes[n].link {
+                        self.close_conn_side(c, n, false);
+                    }
+                    self.nodes[n].connecting = false;
+                }
+                Effect::Persist { seq } => {
+                    // The daemon's backup keeps its replica in memory:
+                    // applied is persisted.
+                    self.nodes[n].ha.persisted(seq);
+                }
+            }
+        }
+        if let Some(b) = self.nodes[n].ha.backup() {
+            if b.in_sync() && !self.nodes[n].ever_synced {
+                self.nodes[n].ever_synced = true;
+            }
+        }
+        self.pump(n);
+    }
+
+    fn release(&mut self, n: usize, r: Reply) {
+        if r.out.is_empty() {
+            return;
+        }
+        let term = self.nodes[n].ha.term();
+        if term < self.max_term_sent {
+            let what = format!(
+                "node {} sent a reply in term {term} after one in term {} left",
+                self.nodes[n].name, self.max_term_sent
+            );
+            self.violation(Invariant::OneServer, what);
+        }
+        self.max_term_sent = self.max_term_sent.max(term);
+        for (host, bytes) in r.out {
+            if r.announce {
+                self.obligations.retain(|o| o.0 != host);
+            } else {
+                self.note_downgrade(&bytes);
+            }
+            self.send_to_host(host, bytes, r.handled_at);
+        }
+    }
+
+    /// A success without CHECKPOINT_REQUIRED for a mapping the client
+    /// holds a promise for: the server told it the check-point is gone.
+    fn note_downgrade(&mut self, bytes: &[u8]) {
+        let cp = portkeep_proto::CodePoints::default();
+        let Ok(r) = portkeep_proto::Response::parse(bytes, &cp) else {
+            return;
+        };
+        if r.header.result != portkeep_proto::ResultCode::SUCCESS || r.checkpoint_honoured() {
+            return;
+        }
+        let Some(m) = r.data.map_part() else {
+            return;
+        };
+        let Some(key) = self.by_nonce.get(&m.nonce) else {
+            return;
+        };
+        if let Some(p) = self.promises.get_mut(key) {
+            if p.nonce == m.nonce {
+                p.downgrade_sent = true;
+            }
+        }
+    }
+
+    /// `ha::reject`: the mappings lose their flag (a stored change), and
+    /// the replies leave without the option behind that change.
+    fn reject(&mut self, n: usize, reply: Reply, grants: &[Grant]) {
+        let node = &mut self.nodes[n];
+        for g in grants {
+            node.server.unflag(&g.key, g.kind, g.nonce);
+        }
+        node.dirty = true;
+        let cp = node.server.config().code_points;
+        let out = reply
+            .out
+            .into_iter()
+            .filter_map(|(h, b)| strip_checkpoint(&b, &cp).map(|b| (h, b)))
+            .collect();
+        let r = Reply {
+            handled_at: reply.handled_at,
+            out,
+            announce: reply.announce,
+        };
+        self.submit(n, r, None);
+    }
+
+    /// ANNOUNCEs with each subscriber's epoch, queued behind the changes
+    /// that caused them (`Shared::announce_to`).
+    fn announce_to(&mut self, n: usize, targets: &[(SubscriberId, IpAddr)]) {
+        let ts = self.ts();
+        let mut r = Reply {
+            handled_at: self.now,
+            out: Vec::new(),
+            announce: true,
+        };
+        for &(sub, host) in targets {
+            let mut out = Vec::new();
+            self.nodes[n].server.announce_for(ts, Some(sub), &mut out);
+            r.out.push((host, out));
+        }
+        self.submit(n, r, None);
+    }
+
+    fn schedule_announce(&mut self, n: usize, targets: Vec<(SubscriberId, IpAddr)>) {
+        if targets.is_empty() {
+            return;
+        }
+        let gen = self.nodes[n].gen;
+        self.schedule(
+            self.now + 250,
+            Ev::AnnounceRepeat {
+                node: n,
+                gen,
+                targets,
+                left: 3,
+                interval: 250,
+            },
+        );
+    }
+
+    // ------------------------------------------------------------------
+    // Life and death of nodes.
+
+    fn start_node(&mut self, n: usize) {
+        let ts = self.ts();
+        let cfg = self.server_cfg(n);
+        let ncfg = self.node_cfg(self.nodes[n].cfg_role);
+        let node = &mut self.nodes[n];
+        node.up = true;
+        node.gen += 1;
+        node.ha = Node::new(ncfg, node.term, SubscriberKeying::default());
+        node.link = None;
+        node.connecting = false;
+        node.ever_synced = false;
+        node.dirty = true;
+        node.was_serving = false;
+        node.takeover = None;
+        node.next_timer_floor = 0;
+        let mut lost = Vec::new();
+        if node.cfg_role == Role::Active && node.store.exists {
+            let (mut server, report) = Server::restore(cfg, ts, node.store.restored());
+            // Expiries found while restoring are stored before serving.
+            let changes: Vec<ChangeRecord> = server.drain_changes().collect();
+            node.store.apply(&changes);
+            lost = report
+                .dropped
+                .iter()
+                .map(|m| (m.subscriber, m.key.internal_ip))
+                .collect();
+            node.server = server;
+        } else {
+            if !node.store.exists {
+                node.store.exists = true;
+                node.store.anchor = ts;
+            }
+            node.server = Server::new(cfg, ts);
+        }
+        if node.cfg_role == Role::Active {
+            // RFC 7767 section 3.2: nothing is honoured until the backup
+            // is in sync.
+            node.server.set_backup_state(BackupState::Disconnected);
+        }
+        let name = node.name;
+        let role = node.cfg_role;
+        let term = node.term;
+        self.trace(format!(
+            "node {name}: starts as {} in term {term}",
+            role.as_str()
+        ));
+        self.resync(n);
+        if !lost.is_empty() {
+            self.announce_to(n, &lost);
+        }
+        if role == Role::Active {
+            self.try_connect(n);
+        }
+    }
+
+    fn crash(&mut self, n: usize) {
+        let holder = self.vip == n && self.nodes[n].ha.role() == Role::Active;
+        let node = &mut self.nodes[n];
+        node.up = false;
+        node.gen += 1;
+        node.holder_at_crash = holder;
+        node.fail_next_fsync = false;
+        node.store.queue.clear();
+        node.store.syncing = None;
+        node.link = None;
+        node.connecting = false;
+        let ids: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.connector == n || c.acceptor == n)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            // A machine that dies sends no FIN: the peer finds out by its
+            // own timeouts.
+            if let Some(c) = self.conns.get_mut(&id) {
+                let side = usize::from(c.acceptor == n);
+                c.open[side] = false;
+                c.q[1 - side].clear();
+                c.bytes[1 - side] = 0;
+            }
+            self.gc_conn(id);
+        }
+        let name = self.nodes[n].name;
+        self.trace(format!("node {name}: down"));
+        let down = self.rng.gen_range(1_000..20_000);
+        let gen = self.nodes[n].gen;
+        self.schedule(self.now + down, Ev::Restart { node: n, gen });
+        if holder && !self.promoter_pending {
+            self.promoter_pending = true;
+            let early = self.rng.gen_bool(0.4);
+            let dead = link_cfg().dead_after.as_millis() as u64;
+            let d = if early {
+                self.rng.gen_range(50..dead - 100)
+            } else {
+                dead + self.rng.gen_range(200..3_000)
+            };
+            self.schedule(
+                self.now + d,
+                Ev::PromoterAct {
+                    early,
+                    target: None,
+                },
+            );
+        }
+    }
+
+    fn restart(&mut self, n: usize) {
+        if self.guards && self.nodes[n].cfg_role == Role::Active {
+            // A node configured active learns whether it was deposed at
+            // its first contact; without one it serves what it stored. An
+            // operator (or keepalived) brings it back only when the peer
+            // serves and can be reached (the named schedules lift this).
+            let p = Self::other(n);
+            let ok =
+                self.nodes[p].up && self.nodes[p].ha.serving() && self.now >= self.partition_until;
+            if !ok {
+                let gen = self.nodes[n].gen;
+                self.schedule(self.now + 500, Ev::Restart { node: n, gen });
+                return;
+            }
+        }
+        if self.nodes[n].holder_at_crash {
+            self.count_fault("old-active-return");
+            self.nodes[n].holder_at_crash = false;
+        }
+        self.start_node(n);
+    }
+
+    fn promoter_act(&mut self, early: bool, target: Option<usize>) {
+        let holder = self.vip;
+        if target.is_none() && self.nodes[holder].up && self.nodes[holder].ha.role() == Role::Active
+        {
+            // The old active came back first: keepalived sees it again.
+            self.promoter_pending = false;
+            return;
+        }
+        let candidates: Vec<usize> = match target {
+            Some(t) => vec![t],
+            None => vec![Self::other(holder), holder],
+        };
+        let pick = candidates
+            .into_iter()
+            .find(|&c| self.nodes[c].up && self.nodes[c].ha.role() == Role::Backup);
+        let Some(c) = pick else {
+            // Nobody to promote yet: keepalived keeps trying.
+            self.schedule(self.now + 500, Ev::PromoterAct { early, target });
+            return;
+        };
+        self.promoter_pending = false;
+        if target.is_none() {
+            self.count_fault(if early {
+                "promote-early"
+            } else {
+                "promote-late"
+            });
+        }
+        self.vip = c;
+        self.promote(c);
+    }
+
+    /// `ha::promote`: persist the next term, take over, restore the core
+    /// from the replica, replace the store, ANNOUNCE to the hosts that
+    /// lost state.
+    fn promote(&mut self, n: usize) {
+        let ts = self.ts();
+        let Ok(term) = self.nodes[n].ha.promotion_term() else {
+            return;
+        };
+        self.nodes[n].term = term;
+        let Ok(t) = self.nodes[n].ha.promote(ts) else {
+            return;
+        };
+        self.report.takeovers += 1;
+        let cfg = self.server_cfg(n);
+        let state = t.state.clone();
+        let (server, report) = Server::restore(cfg, ts, t.state);
+        let mut targets: Vec<(SubscriberId, IpAddr)> = t
+            .reset
+            .iter()
+            .flat_map(|(s, hosts)| hosts.iter().map(move |h| (*s, *h)))
+            .collect();
+        targets.extend(
+            report
+                .dropped
+                .iter()
+                .map(|m| (m.subscriber, m.key.internal_ip)),
+        );
+        targets.sort();
+        targets.dedup();
+        let name = self.nodes[n].name;
+        self.trace(format!(
+            "node {name}: promoted to term {} ({:?}, {} mappings, {} hosts to announce to)",
+            t.term,
+            t.kind,
+            report.restored,
+            targets.len()
+        ));
+        let node = &mut self.nodes[n];
+        node.server = server;
+        node.takeover = Some(t.kind);
+        // The backup's connection is superseded.
+        if let Some(c) = node.link {
+            self.close_conn_side(c, n, false);
+        }
+        self.resync(n);
+        self.after_ha(n);
+        self.submit(n, Reply::default(), Some(state));
+        if !targets.is_empty() {
+            self.announce_to(n, &targets);
+            self.schedule_announce(n, targets);
+        }
+        let gen = self.nodes[n].gen;
+        self.schedule(self.now + 20, Ev::ConnectRetry { node: n, gen });
+    }
+
+    // ------------------------------------------------------------------
+    // The replication link: an ordered byte stream per connection.
+
+    fn partitioned(&self) -> bool {
+        self.now < self.partition_until
+    }
+
+    fn link_latency(&mut self) -> u64 {
+        let mut d = self.rng.gen_range(1..=3u64);
+        let x = self.link_delay.get(self.now);
+        if x > 0.0 {
+            d += x as u64;
+        }
+        d
+    }
+
+    fn try_connect(&mut self, n: usize) {
+        let node = &self.nodes[n];
+        if !node.up || node.ha.role() != Role::Active || node.link.is_some() || node.connecting {
+            return;
+        }
+        self.nodes[n].connecting = true;
+        let p = Self::other(n);
+        let lat = self.link_latency();
+        let gen = self.nodes[n].gen;
+        if self.partitioned() {
+            // connect times out after dead_after.
+            let d = link_cfg().dead_after.as_millis() as u64;
+            self.schedule(self.now + d, Ev::LinkFailed { node: n, gen });
+        } else if !self.nodes[p].up {
+            // Refused.
+            self.schedule(self.now + 2 * lat, Ev::LinkFailed { node: n, gen });
+        } else {
+            let id = self.next_conn;
+            self.next_conn += 1;
+            self.conns.insert(
+                id,
+                Conn {
+                    connector: n,
+                    acceptor: p,
+                    tell_term: false,
+                    open: [true, true],
+                    q: [VecDeque::new(), VecDeque::new()],
+                    scheduled: [false, false],
+                    bytes: [0, 0],
+                },
+            );
+            self.schedule(self.now + lat, Ev::LinkEstablish { conn: id });
+        }
+    }
+
+    fn link_establish(&mut self, id: u64) {
+        let Some(c) = self.conns.get(&id) else {
+            return;
+        };
+        let (n, p) = (c.connector, c.acceptor);
+        let ts = self.ts();
+        let connector_ok = self.nodes[n].up && self.nodes[n].connecting && c.open[0];
+        if !connector_ok {
+            self.conns.remove(&id);
+            return;
+        }
+        self.nodes[n].connecting = false;
+        if !self.nodes[p].up || self.partitioned() || !c.open[1] {
+            self.conns.remove(&id);
+            self.active_link_ended(n);
+            return;
+        }
+        self.nodes[n].link = Some(id);
+        self.nodes[n].ha.link_connected(ts);
+        self.after_ha(n);
+        match self.nodes[p].ha.role() {
+            Role::Backup => {
+                // A newer connection supersedes the one being served.
+                if let Some(old) = self.nodes[p].link {
+                    self.close_conn_side(old, p, false);
+                }
+                self.nodes[p].link = Some(id);
+                self.nodes[p].last_rx = self.now;
+                self.nodes[p].ha.link_connected(ts);
+                self.after_ha(p);
+            }
+            _ => {
+                // A node that is active and accepts a connection tells its
+                // term (active: true) and closes: that fences a returning
+                // old active.
+                if let Some(c) = self.conns.get_mut(&id) {
+                    c.tell_term = true;
+                }
+                let mut out = Vec::new();
+                Message::Hello {
+                    term: self.nodes[p].ha.term(),
+                    active: true,
+                    applied: 0,
+                    now: ts,
+                }
+                .encode(&mut out);
+                self.write(id, 1, out);
+                self.schedule(
+                    self.now + TELL_TERM_CLOSE_MS,
+                    Ev::TellTermClose { conn: id },
+                );
+            }
+        }
+    }
+
+    /// The active's connection ended (closed, failed or timed out): the
+    /// link end learns it, and the daemon retries after 200 ms.
+    fn active_link_ended(&mut self, n: usize) {
+        if !self.nodes[n].up {
+            return;
+        }
+        self.nodes[n].link = None;
+        if self.nodes[n].ha.role() == Role::Active {
+            let ts = self.ts();
+            self.nodes[n].ha.link_lost(ts);
+            self.after_ha(n);
+            let gen = self.nodes[n].gen;
+            self.schedule(
+                self.now + CONNECT_RETRY_MS,
+                Ev::ConnectRetry { node: n, gen },
+            );
+        }
+    }
+
+    fn pump(&mut self, n: usize) {
+        while let Some(bytes) = self.nodes[n].ha.poll_transmit() {
+            let Some(id) = self.nodes[n].link else {
+                continue;
+            };
+            let Some(c) = self.conns.get(&id) else {
+                continue;
+            };
+            let side = usize::from(c.acceptor == n);
+            self.write(id, side, bytes);
+        }
+    }
+
+    /// Writes from `side` (0 connector, 1 acceptor): the bytes arrive in
+    /// order, split into chunks at random points.
+    fn write(&mut self, id: u64, side: usize, bytes: Vec<u8>) {
+        let lat = self.link_latency();
+        let pieces = self.rng.gen_range(1..=3usize).min(bytes.len().max(1));
+        let mut cuts: Vec<usize> = (1..pieces)
+            .map(|_| self.rng.gen_range(0..=bytes.len()))
+            .collect();
+        cuts.sort_unstable();
+        let now = self.now;
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if !c.open[side] {
+            return;
+        }
+        let mut last = c.q[side].back().map_or(0, |(t, _)| *t);
+        let mut start = 0;
+        cuts.push(bytes.len());
+        for cut in cuts {
+            if cut <= start {
+                continue;
+            }
+            last = last.max(now + lat);
+            c.q[side].push_back((last, Some(bytes[start..cut].to_vec())));
+            c.bytes[side] += cut - start;
+            start = cut;
+        }
+        if !c.scheduled[side] {
+            if let Some(&(t, _)) = c.q[side].front() {
+                c.scheduled[side] = true;
+                self.schedule(
+                    t,
+                    Ev::LinkDeliver {
+                        conn: id,
+                        dir: side,
+                    },
+                );
+            }
+        }
+    }
+
+    fn link_deliver(&mut self, id: u64, dir: usize) {
+        if self.partitioned() {
+            // TCP retransmits across the partition: the bytes are late.
+            let at = self.partition_until + 1;
+            self.schedule(at, Ev::LinkDeliver { conn: id, dir });
+            return;
+        }
+        let now = self.now;
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        c.scheduled[dir] = false;
+        let mut data = Vec::new();
+        let mut fin = false;
+        while c.q[dir].front().is_some_and(|(t, _)| *t <= now) {
+            if let Some((_, seg)) = c.q[dir].pop_front() {
+                match seg {
+                    Some(b) => {
+                        c.bytes[dir] -= b.len();
+                        data.extend_from_slice(&b);
+                    }
+                    None => {
+                        fin = true;
+                        break;
+                    }
+                }
+            }
+        }
+        let to = if dir == 0 { c.acceptor } else { c.connector };
+        let to_side = 1 - dir;
+        let open = c.open[to_side];
+        let tell = c.tell_term;
+        if let Some(&(t, _)) = c.q[dir].front() {
+            c.scheduled[dir] = true;
+            self.schedule(t, Ev::LinkDeliver { conn: id, dir });
+        }
+        let attached = self.nodes[to].up && self.nodes[to].link == Some(id);
+        if open && attached && !data.is_empty() && !(tell && to_side == 1) {
+            let ts = self.ts();
+            self.nodes[to].last_rx = now;
+            let r = self.nodes[to].ha.handle_link_input(ts, &data);
+            self.after_ha(to);
+            if r.is_err() {
+                self.trace(format!("node {}: link frame error", self.nodes[to].name));
+                self.close_conn_side(id, to, true);
+                self.link_ended_at(to);
+            }
+        }
+        if fin {
+            // The peer closed: this end closes too.
+            self.conns.remove(&id);
+            if open && attached {
+                self.nodes[to].link = None;
+                self.link_ended_at(to);
+            }
+        }
+    }
+
+    /// A connection of `n` ended from the other side (or on an error).
+    fn link_ended_at(&mut self, n: usize) {
+        self.nodes[n].link = None;
+        match self.nodes[n].ha.role() {
+            Role::Active => self.active_link_ended(n),
+            _ => {
+                let ts = self.ts();
+                self.nodes[n].ha.link_lost(ts);
+                self.after_ha(n);
+            }
+        }
+    }
+
+    /// `n` closes its side: a FIN follows its data (unless `reset`, which
+    /// drops what is in flight both ways and tells the peer at once).
+    fn close_conn_side(&mut self, id: u64, n: usize, reset: bool) {
+        let lat = self.link_latency();
+        let now = self.now;
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let side = usize::from(c.acceptor == n);
+        if !c.open[side] {
+            return;
+        }
+        c.open[side] = false;
+        if self.nodes[n].link == Some(id) {
+            self.nodes[n].link = None;
+        }
+        if reset {
+            c.q = [VecDeque::new(), VecDeque::new()];
+            c.bytes = [0, 0];
+        } else {
+            let last = c.q[side].back().map_or(0, |(t, _)| *t).max(now + lat);
+            c.q[side].push_back((last, None));
+            if !c.scheduled[side] {
+                c.scheduled[side] = true;
+                self.schedule(
+                    last,
+                    Ev::LinkDeliver {
+                        conn: id,
+                        dir: side,
+                    },
+                );
+            }
+        }
+        self.gc_conn(id);
+    }
+
+    fn gc_conn(&mut self, id: u64) {
+        if self
+            .conns
+            .get(&id)
+            .is_some_and(|c| !c.open[0] && !c.open[1])
+        {
+            self.conns.remove(&id);
+        }
+    }
+
+    /// A connection reset (both ends learn it at once).
+    fn reset_link(&mut self) -> bool {
+        let Some((&id, c)) = self
+            .conns
+            .iter()
+            .find(|(_, c)| !c.tell_term && c.open[0] && c.open[1])
+        else {
+            return false;
+        };
+        let (a, b) = (c.connector, c.acceptor);
+        self.conns.remove(&id);
+        for n in [a, b] {
+            if self.nodes[n].link == Some(id) {
+                self.link_ended_at(n);
+            }
+        }
+        true
+    }
+
+    // ------------------------------------------------------------------
+    // Faults.
+
+    fn first_contact_pending(&self) -> bool {
+        self.nodes
+            .iter()
+            .any(|n| n.up && n.ha.role() == Role::Active && !n.ha.serving())
+    }
+
+    fn fault(&mut self, f: Fault, attempt: u32) {
+        let now = self.now;
+        let holder = self.vip;
+        let other = Self::other(holder);
+        let postpone = |w: &mut World| {
+            if attempt < 20 {
+                let d = w.rng.gen_range(2_000..5_000);
+                w.schedule(w.now + d, Ev::Fault(f, attempt + 1));
+            }
+        };
+        // The default faults stay within what the design assumes: the
+        // promoter only acts after the active is lost; a backup is only
+        // promoted once it has synced; a returning node configured active
+        // can reach its peer at its first contact.
+        let pair_healthy = self.nodes[holder].up
+            && self.nodes[holder].ha.role() == Role::Active
+            && self.nodes[holder].ha.serving()
+            && self.nodes[other].up
+            && self.nodes[other].ha.role() == Role::Backup
+            && !self.promoter_pending;
+        match f {
+            Fault::PcpLoss => {
+                let d = self.rng.gen_range(5_000..30_000);
+                self.loss = Window {
+                    until: now + d,
+                    value: self.rng.gen_range(0.2..0.5),
+                };
+            }
+            Fault::PcpDelay => {
+                let d = self.rng.gen_range(5_000..30_000);
+                self.delay = Window {
+                    until: now + d,
+                    value: self.rng.gen_range(100.0..800.0),
+                };
+            }
+            Fault::PcpDup => {
+                let d = self.rng.gen_range(5_000..30_000);
+                self.dup = Window {
+                    until: now + d,
+                    value: self.rng.gen_range(0.2..0.5),
+                };
+            }
+            Fault::PcpReorder => {
+                let d = self.rng.gen_range(5_000..30_000);
+                self.reorder = Window {
+                    until: now + d,
+                    value: self.rng.gen_range(100.0..1000.0),
+                };
+            }
+            Fault::LinkDelay => {
+                let d = self.rng.gen_range(2_000..20_000);
+                self.link_delay = Window {
+                    until: now + d,
+                    value: self.rng.gen_range(20.0..400.0),
+                };
+            }
+            Fault::LinkReset => {
+                if self.guards && self.first_contact_pending() {
+                    return postpone(self);
+                }
+                if !self.reset_link() {
+                    return postpone(self);
+                }
+            }
+            Fault::LinkPartition => {
+                if self.guards && (self.first_contact_pending() || self.partitioned()) {
+                    return postpone(self);
+                }
+                let d = self.rng.gen_range(500..20_000);
+                self.partition_until = now + d;
+            }
+            Fault::CrashActive | Fault::FsyncFailure => {
+                if self.guards && !(pair_healthy && self.nodes[other].ever_synced) {
+                    return postpone(self);
+                }
+                if f == Fault::CrashActive {
+                    self.trace(format!(
+                        "fault: crash of the active (node {})",
+                        self.nodes[holder].name
+                    ));
+                    self.crash(holder);
+                } else {
+                    self.trace(format!(
+                        "fault: the next fsync of node {} fails",
+                        self.nodes[holder].name
+                    ));
+                    self.nodes[holder].fail_next_fsync = true;
+                }
+            }
+            Fault::CrashBackup => {
+                if self.guards && !pair_healthy {
+                    return postpone(self);
+                }
+                self.trace(format!(
+                    "fault: crash of the backup (node {})",
+                    self.nodes[other].name
+                ));
+                self.crash(other);
+            }
+            Fault::BothDown => {
+                self.trace("schedule both-down: both nodes crash".to_owned());
+                for n in [holder, other] {
+                    if self.nodes[n].up {
+                        self.crash(n);
+                    }
+                }
+            }
+            Fault::EmptyCrashBackup => {
+                if !self.nodes[other].up || self.nodes[other].ha.role() != Role::Backup {
+                    return postpone(self);
+                }
+                self.trace(
+                    "schedule promote-empty: the backup restarts, then the active is lost"
+                        .to_owned(),
+                );
+                self.crash(other);
+                // Back within a second, empty, and the active is lost
+                // before it synced.
+                let gen = self.nodes[other].gen;
+                self.schedule(now + 1_000, Ev::Restart { node: other, gen });
+                self.schedule(now + 1_020, Ev::Fault(Fault::EmptyCrashActive, 0));
+            }
+            Fault::EmptyCrashActive => {
+                if self.nodes[holder].up {
+                    self.crash(holder);
+                }
+            }
+            Fault::PartitionOldActive => {
+                self.trace("schedule partitioned-old-active: link cut, backup promoted".to_owned());
+                self.partition_until = now + 30_000;
+                self.schedule(now + 2_500, Ev::Fault(Fault::PartitionPromote, 0));
+            }
+            Fault::PartitionPromote => {
+                if !self.nodes[other].up || self.nodes[other].ha.role() != Role::Backup {
+                    return postpone(self);
+                }
+                self.promoter_pending = false;
+                self.vip = other;
+                self.promote(other);
+            }
+        }
+        let name = f.name();
+        self.count_fault(name);
+        if !matches!(
+            f,
+            Fault::CrashActive | Fault::CrashBackup | Fault::FsyncFailure
+        ) {
+            self.trace(format!("fault: {name}"));
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Invariants, after every step.
+
+    fn check(&mut self) {
+        let now = self.now;
+        let ts = self.ts();
+        // 2: one node answers PCP at a time.
+        let serving: Vec<usize> = (0..2)
+            .filter(|&n| self.nodes[n].up && self.nodes[n].ha.serving())
+            .collect();
+        if serving.len() > 1 {
+            if !self.two_serving {
+                self.two_serving = true;
+                let what = format!(
+                    "both nodes serve PCP (terms {} and {})",
+                    self.nodes[0].ha.term(),
+                    self.nodes[1].ha.term()
+                );
+                self.violation(Invariant::OneServer, what);
+            }
+        } else {
+            self.two_serving = false;
+        }
+        for n in 0..2 {
+            let s = serving.contains(&n);
+            if s && !self.nodes[n].was_serving {
+                self.serving_started(n);
+            }
+            if !s && self.nodes[n].was_serving && self.nodes[n].ha.role() == Role::Active {
+                // Stopped serving with its state (a crash, a failed
+                // fsync): what a successor must hold.
+                self.last_served = self.table(n);
+            }
+            self.nodes[n].was_serving = s;
+        }
+        // 1: every promised check-point is served.
+        for &n in &serving {
+            if now >= self.nodes[n].full_check_at {
+                // The real table, every virtual second.
+                self.nodes[n].full_check_at = now + 1_000;
+                let before = std::mem::take(&mut self.nodes[n].shadow);
+                self.resync(n);
+                let after = &self.nodes[n].shadow;
+                if before.len() != after.len()
+                    || before.iter().any(|(k, v)| after.get(k) != Some(v))
+                {
+                    let what = format!(
+                        "node {}: its table differs from what its change log says",
+                        self.nodes[n].name
+                    );
+                    self.violation(Invariant::CheckpointServed, what);
+                }
+            }
+        }
+        if self.promises_dirty || serving.iter().any(|&n| self.nodes[n].dirty) {
+            self.promises.retain(|_, p| p.expires > now);
+            for &n in &serving {
+                let table = &self.nodes[n].shadow;
+                let mut broken = Vec::new();
+                for (k, p) in &self.promises {
+                    let ok = table.get(k).is_some_and(|(nonce, ext, _)| {
+                        *nonce == p.nonce && Some(*ext) == p.external
+                    });
+                    if !ok {
+                        broken.push((*k, p.clone()));
+                    }
+                }
+                for (k, p) in broken {
+                    self.promises.remove(&k);
+                    if p.downgrade_sent {
+                        // A node answered a later request for it without
+                        // the option (RFC 7767 section 3.2: not honoured
+                        // then), and that answer was lost: the server did
+                        // report it; the client learns at its next
+                        // exchange. Counted, not a violation.
+                        self.report.unseen_downgrades += 1;
+                        let line = format!(
+                            "client {}: check-point of {}/{}:{} ended by an answer it never received",
+                            self.clients[p.client].ip, k.0, k.1, k.2
+                        );
+                        self.trace(line);
+                        continue;
+                    }
+                    let what = format!(
+                        "node {} serves without the check-pointed mapping {}/{}:{} of client {} (promised external {:?}, {} s of lifetime left)",
+                        self.nodes[n].name,
+                        k.0,
+                        k.1,
+                        k.2,
+                        self.clients[p.client].ip,
+                        p.external,
+                        (p.expires - now) / 1000,
+                    );
+                    self.violation(Invariant::CheckpointServed, what);
+                }
+            }
+            self.promises_dirty = false;
+        }
+        // 3: losses the epoch check cannot see are ANNOUNCEd.
+        if !self.obligations.is_empty() {
+            let due: Vec<(IpAddr, u64, usize)> = self
+                .obligations
+                .iter()
+                .filter(|o| o.1 <= now)
+                .copied()
+                .collect();
+            self.obligations.retain(|o| o.1 > now);
+            for (host, _, n) in due {
+                if !(self.nodes[n].up && self.nodes[n].ha.serving()) {
+                    continue;
+                }
+                self.violation(
+                    Invariant::Epochs,
+                    format!(
+                        "client {host} lost state its epoch check cannot see, and got no ANNOUNCE"
+                    ),
+                );
+            }
+        }
+        // 4 and 5, per node.
+        for n in 0..2 {
+            if !self.nodes[n].up {
+                continue;
+            }
+            // 4 is checked as the log is applied to the shadow.
+            self.nodes[n].dirty = false;
+            let held = self.nodes[n].ha.held();
+            let q = self.nodes[n].store.queue.len();
+            if held > HELD_BOUND || q > STORE_QUEUE_BOUND {
+                let what = format!(
+                    "node {}: {held} replies held, {q} jobs queued for the store",
+                    self.nodes[n].name
+                );
+                self.violation(Invariant::Bounded, what);
+            }
+        }
+        let over = self
+            .conns
+            .values()
+            .any(|c| c.bytes[0] > LINK_BUFFER_BOUND || c.bytes[1] > LINK_BUFFER_BOUND);
+        if over {
+            self.violation(
+                Invariant::Bounded,
+                "a link buffer is over its bound".to_owned(),
+            );
+        }
+        let _ = ts;
+    }
+
+    fn table(&self, n: usize) -> HashMap<MapKey, (Nonce, SocketAddr)> {
+        self.nodes[n]
+            .server
+            .mappings()
+            .into_iter()
+            .filter(|m| m.kind == MappingKind::Map)
+            .map(|m| {
+                (
+                    (m.key.internal_ip, m.key.protocol.0, m.key.internal_port),
+                    (m.nonce, m.external),
+                )
+            })
+            .collect()
+    }
+
+    /// A node starts serving: which clients lost state there, and can
+    /// their epoch check see it?
+    fn serving_started(&mut self, n: usize) {
+        let now = self.now;
+        let ts = self.ts();
+        let table = self.table(n);
+        let kind = self.nodes[n].takeover.take();
+        let resets_all = matches!(kind, Some(TakeoverKind::Stale | TakeoverKind::Cold));
+        let name = self.nodes[n].name;
+        let term = self.nodes[n].ha.term();
+        self.trace(format!("node {name}: serves PCP in term {term}"));
+        for c in 0..self.clients.len() {
+            let cl = &self.clients[c];
+            if cl.departed || cl.third_party {
+                continue;
+            }
+            let lost: Vec<usize> = (0..cl.maps.len())
+                .filter(|&i| {
+                    let m = &cl.maps[i];
+                    // A mapping being deleted counts as held until the
+                    // delete is answered: its loss is a loss too.
+                    m.in_session
+                        && m.server_expires > now + 1_000
+                        && cl.session.grant(m.id).is_some()
+                        && table.get(&m.key()).is_none_or(|(nonce, ext)| {
+                            *nonce != m.nonce
+                                || cl.session.grant(m.id).and_then(|g| g.external) != Some(*ext)
+                        })
+                })
+                .collect();
+            // A mapping being deleted counts as held until the delete is
+            // answered: losing it may reset the epoch (the client wants it
+            // gone, so nobody owes it an ANNOUNCE).
+            let deleting = cl
+                .maps
+                .iter()
+                .any(|m| m.deleting && !table.contains_key(&m.key()));
+            // State the last node to serve held for this host and this
+            // one lacks (including creations whose answer never came).
+            let ip = cl.ip;
+            let dropped = self
+                .last_served
+                .iter()
+                .any(|(k, v)| k.0 == ip && table.get(k).is_none_or(|w| w.0 != v.0 || w.1 != v.1));
+            let missing = !lost.is_empty() || dropped || deleting;
+            // A loss found before (and ANNOUNCEd then, or visible) that
+            // the client has not repaired yet is not a new one.
+            // Only losses the client knows of need telling: a creation
+            // whose answer never came is retransmitted anyway.
+            let fresh = lost.iter().any(|&i| !cl.maps[i].lost_told);
+            for &i in &lost {
+                self.clients[c].maps[i].lost_told = true;
+            }
+            if missing || resets_all {
+                self.clients[c].excused_at = Some(now);
+            }
+            if missing && self.opts.trace {
+                let cl = &self.clients[c];
+                let lost: Vec<String> = cl
+                    .maps
+                    .iter()
+                    .filter(|m| {
+                        m.in_session
+                            && m.server_expires > now + 1_000
+                            && cl.session.grant(m.id).is_some()
+                            && table
+                                .get(&m.key())
+                                .is_none_or(|(nonce, _)| *nonce != m.nonce)
+                    })
+                    .map(|m| format!("{}/{}:{}", m.host, m.protocol.0, m.port))
+                    .collect();
+                let line = format!("client {}: lost {} at node {name}", cl.ip, lost.join(" "));
+                self.trace(line);
+            }
+            if fresh {
+                let cl = &self.clients[c];
+                let sub = SubscriberKeying::default().subscriber_of(cl.ip);
+                let visible = match cl.session.epoch() {
+                    Some((e, t)) => {
+                        let fresh = self.nodes[n].server.epoch_of(ts, Some(sub));
+                        EpochTracker::resume(e, t)
+                            .observe(self.inst(now), fresh)
+                            .is_invalid()
+                    }
+                    None => true,
+                };
+                if !visible {
+                    self.obligations
+                        .push((cl.ip, now + ANNOUNCE_DEADLINE_MS, n));
+                }
+            }
+        }
+    }
+
+    /// The report, once run.
+    pub fn into_report(self) -> Report {
+        self.report
+    }
+}
