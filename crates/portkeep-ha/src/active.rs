@@ -338,7 +338,12 @@ impl Active {
         }
         let hb = self.last_sent + self.cfg.heartbeat;
         let dead = self.last_heard + self.cfg.dead_after;
-        let ack = self.pending.front().map(|&(_, t)| t + self.cfg.ack_timeout);
+        // An overdue acknowledgement matters only to a link in sync (it
+        // then lags); once lagging, its deadline has passed and must not
+        // wake the caller again and again.
+        let ack = (self.state == LinkState::InSync)
+            .then(|| self.pending.front().map(|&(_, t)| t + self.cfg.ack_timeout))
+            .flatten();
         Some(ack.map_or(hb.min(dead), |a| a.min(hb).min(dead)))
     }
 

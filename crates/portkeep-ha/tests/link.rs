@@ -517,3 +517,21 @@ fn rfc7767_s1_a_long_snapshot_keeps_the_link_alive() {
     pump(&mut a, &mut b, at(2_600));
     assert!(a.in_sync());
 }
+
+/// A lagging link's overdue acknowledgement does not keep asking for the
+/// timer: the next deadline is a heartbeat or the silence bound, never one
+/// already past (a driver would otherwise spin).
+#[test]
+fn rfc7767_s3_2_lagging_link_schedules_no_deadline_in_the_past() {
+    let (mut a, mut b) = linked(1);
+    a.send_snapshot(at(0), 0, snapshot_items());
+    pump(&mut a, &mut b, at(0));
+    assert!(a.in_sync());
+    assert!(a.push(at(1), 1, vec![Item::Upsert(mapping("198.51.100.9", 80, true))]));
+    let _ = a.poll_transmit(); // never reaches the backup
+    let late = at(1) + ActiveConfig::default().ack_timeout;
+    a.handle_timeout(late);
+    assert_eq!(a.state(), LinkState::Lagging);
+    let next = a.poll_timeout().unwrap();
+    assert!(next > late, "deadline {next:?} is not after {late:?}");
+}

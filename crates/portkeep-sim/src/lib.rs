@@ -3,7 +3,7 @@
 //! Real cores run on one seeded virtual clock: `portkeep_client::Session`s
 //! for the clients, and for each node a `portkeep_server::Server`, a
 //! `portkeep_ha::Node` and a model of the store with crash semantics. The
-//! driver mirrors the daemon (`portkeepd`'s `runtime.rs` and `ha.rs`) rule
+//! driver mirrors the daemon (`portkeepd`'s `runtime.rs`, `node.rs` and `link.rs`) rule
 //! for rule; faults chosen by the seed hit the network, the replication
 //! link, the stores and the nodes; invariants are checked after every step.
 //! Any run replays exactly from its seed (STYLE.md: FoundationDB's

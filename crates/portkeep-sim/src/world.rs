@@ -27,10 +27,10 @@ use crate::{Invariant, Options, PlantedBug, Report, Schedule, Violation};
 const T0: u64 = 1_700_000_000_000;
 /// The address keepalived moves between the nodes.
 const VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 255, 0, 1)), 5351);
-/// The daemon's active retries its connection this often (`ha.rs`).
+/// The daemon's active retries its connection this often (`link.rs`).
 const CONNECT_RETRY_MS: u64 = 200;
 /// A node that is active and accepts a connection tells its term, then
-/// closes after this long (`ha.rs`, `tell_term`).
+/// closes after this long (`link.rs`, `tell_term`).
 const TELL_TERM_CLOSE_MS: u64 = 200;
 /// Bounds of invariant 5.
 const HELD_BOUND: usize = 10_000;

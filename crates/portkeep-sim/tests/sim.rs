@@ -114,7 +114,7 @@ fn planted_skip_term_check_is_found() {
 }
 
 #[test]
-#[ignore = "invisible to a faithful model: the daemon's backup keeps its replica in memory and reports it persisted at once (ha.rs serve_backup), so acknowledging before persisting changes nothing; a backup crash loses the replica either way"]
+#[ignore = "invisible to a faithful model: the daemon's backup keeps its replica in memory and reports it persisted at once (node.rs, Effect::Persist), so acknowledging before persisting changes nothing; a backup crash loses the replica either way"]
 fn planted_ack_before_persist_is_found() {
     planted_is_caught(PlantedBug::AckBeforePersist);
 }
