@@ -527,7 +527,11 @@ fn rfc7767_s3_2_lagging_link_schedules_no_deadline_in_the_past() {
     a.send_snapshot(at(0), 0, snapshot_items());
     pump(&mut a, &mut b, at(0));
     assert!(a.in_sync());
-    assert!(a.push(at(1), 1, vec![Item::Upsert(mapping("198.51.100.9", 80, true))]));
+    assert!(a.push(
+        at(1),
+        1,
+        vec![Item::Upsert(mapping("198.51.100.9", 80, true))]
+    ));
     let _ = a.poll_transmit(); // never reaches the backup
     let late = at(1) + ActiveConfig::default().ack_timeout;
     a.handle_timeout(late);
