@@ -79,6 +79,28 @@ pub struct Takeover {
     pub kind: TakeoverKind,
 }
 
+impl Takeover {
+    /// The hosts to send an unsolicited ANNOUNCE to once the state is
+    /// restored (failure-scenarios draft section 2.6; RFC 6887 section
+    /// 14.1.1): those of the subscribers whose epochs reset, and those of
+    /// the mappings the restore had to drop (`RestoreReport::dropped`),
+    /// each once.
+    pub fn announce_targets(
+        &self,
+        dropped: &[portkeep_server::MappingRecord],
+    ) -> Vec<(SubscriberId, IpAddr)> {
+        let mut t: Vec<(SubscriberId, IpAddr)> = self
+            .reset
+            .iter()
+            .flat_map(|(s, hosts)| hosts.iter().map(move |h| (*s, *h)))
+            .chain(dropped.iter().map(|m| (m.subscriber, m.key.internal_ip)))
+            .collect();
+        t.sort();
+        t.dedup();
+        t
+    }
+}
+
 /// The backup node's end of one replication link.
 #[derive(Debug)]
 pub struct Backup {

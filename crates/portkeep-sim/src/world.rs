@@ -1698,20 +1698,8 @@ impl World {
         self.report.takeovers += 1;
         let cfg = self.server_cfg(n);
         let state = t.state.clone();
-        let (server, report) = Server::restore(cfg, ts, t.state);
-        let mut targets: Vec<(SubscriberId, IpAddr)> = t
-            .reset
-            .iter()
-            .flat_map(|(s, hosts)| hosts.iter().map(move |h| (*s, *h)))
-            .collect();
-        targets.extend(
-            report
-                .dropped
-                .iter()
-                .map(|m| (m.subscriber, m.key.internal_ip)),
-        );
-        targets.sort();
-        targets.dedup();
+        let (server, report) = Server::restore(cfg, ts, state.clone());
+        let targets = t.announce_targets(&report.dropped);
         let name = self.nodes[n].name;
         self.trace(format!(
             "node {name}: promoted to term {} ({:?}, {} mappings, {} hosts to announce to)",

@@ -707,21 +707,9 @@ pub(crate) fn promote(shared: &Arc<Shared>) -> Value {
     let effects = n.effects();
     drop(n);
     let state = takeover.state.clone();
-    let (server, report) = Server::restore(shared.server_cfg.clone(), now, takeover.state);
+    let (server, report) = Server::restore(shared.server_cfg.clone(), now, state.clone());
     core.server = server;
-    let mut targets: Vec<(SubscriberId, IpAddr)> = takeover
-        .reset
-        .iter()
-        .flat_map(|(sub, hosts)| hosts.iter().map(move |h| (*sub, *h)))
-        .collect();
-    targets.extend(
-        report
-            .dropped
-            .iter()
-            .map(|m| (m.subscriber, m.key.internal_ip)),
-    );
-    targets.sort();
-    targets.dedup();
+    let targets = takeover.announce_targets(&report.dropped);
     let mut rest = Vec::new();
     for e in effects {
         match e {
