@@ -21,6 +21,14 @@ pub struct ActiveConfig {
     pub dead_after: Duration,
     /// Items per snapshot message.
     pub snapshot_part: usize,
+    /// How long each [`Message::Lease`] promises the backup that nothing
+    /// it has not acknowledged reaches a client: replies that depend on
+    /// unacknowledged changes wait up to this long after the last grant
+    /// when the backup falls silent or behind, and a backup promoted
+    /// within it keeps the epochs. Zero grants nothing (every takeover
+    /// resets every epoch). Kept under 2 s, so a held reply still passes
+    /// its client's RFC 6887 section 8.5 check.
+    pub lease: Duration,
 }
 
 impl Default for ActiveConfig {
@@ -30,6 +38,7 @@ impl Default for ActiveConfig {
             heartbeat: Duration::from_millis(100),
             dead_after: Duration::from_millis(1000),
             snapshot_part: 512,
+            lease: Duration::from_millis(1500),
         }
     }
 }
@@ -118,6 +127,12 @@ pub struct Active {
     last_sent: Timestamp,
     /// The term of a peer that answered our hello claiming to be active.
     peer_active: Option<Term>,
+    /// Until when this node promised (by [`Message::Lease`]) to release
+    /// nothing the backup has not acknowledged; it outlives the
+    /// connection that carried it.
+    lease_until: Option<Timestamp>,
+    /// When the last grant was made.
+    granted_at: Option<Timestamp>,
 }
 
 impl Active {
@@ -137,7 +152,48 @@ impl Active {
             last_heard: Timestamp(0),
             last_sent: Timestamp(0),
             peer_active: None,
+            lease_until: None,
+            granted_at: None,
         }
+    }
+
+    /// Whether a lease granted to the backup still runs at `now`: replies
+    /// that depend on changes it has not acknowledged must wait.
+    pub fn lease_holds(&self, now: Timestamp) -> bool {
+        self.lease_until.is_some_and(|t| now < t)
+    }
+
+    /// When the last lease granted ends.
+    pub fn lease_until(&self) -> Option<Timestamp> {
+        self.lease_until
+    }
+
+    /// Answers a frame the backup sent at `since` (its clock) with a
+    /// lease, while it is synced on this connection. Grants are spaced
+    /// (an eighth of the lease apart), and the promise is recorded before
+    /// the grant leaves, counted from when the frame arrived here: the
+    /// backup counts from when it sent it, earlier, so its lease ends
+    /// first.
+    fn grant(&mut self, now: Timestamp, since: Timestamp) {
+        let len = self.cfg.lease;
+        if len.is_zero() || !matches!(self.state, LinkState::InSync | LinkState::Lagging) {
+            return;
+        }
+        if self.granted_at.is_some_and(|g| now < g + len / 8) {
+            return;
+        }
+        let until = now + len;
+        self.lease_until = Some(self.lease_until.map_or(until, |t| t.max(until)));
+        self.granted_at = Some(now);
+        let term = self.term;
+        self.send(
+            now,
+            &Message::Lease {
+                term,
+                since,
+                for_ms: len.as_millis() as u64,
+            },
+        );
     }
 
     /// The term this node acts in.
@@ -297,7 +353,13 @@ impl Active {
                     self.state = LinkState::NeedSnapshot;
                     self.events.push_back(ActiveEvent::NeedSnapshot);
                 }
-                Message::Ack { seq, .. } => self.on_ack(seq),
+                Message::Ack {
+                    seq, now: since, ..
+                } => {
+                    self.on_ack(seq);
+                    self.grant(now, since);
+                }
+                Message::Heartbeat { now: since, .. } => self.grant(now, since),
                 _ => {}
             }
         }

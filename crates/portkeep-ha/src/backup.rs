@@ -52,10 +52,10 @@ pub enum TakeoverKind {
     /// epochs of fully check-pointed subscribers continue; subscribers
     /// that held volatile state reset (failure-scenarios draft 2.6).
     Hot,
-    /// A snapshot was received once, but the link was down (or resyncing)
-    /// for longer than the bound before promotion, so the active may have
-    /// made volatile state this node never heard of: the check-pointed
-    /// mappings continue (each was acknowledged), every epoch resets.
+    /// A snapshot was received once, but the active's lease had ended (or
+    /// the link was resyncing) at promotion, so the active may have made
+    /// volatile state this node never heard of: the check-pointed mappings
+    /// continue (each was acknowledged), every epoch resets.
     Stale,
     /// No snapshot was ever completed (cold standby): nothing continues.
     Cold,
@@ -126,6 +126,12 @@ pub struct Backup {
     unpersisted: Vec<u64>,
     /// Whether a connection is up (acknowledgements have somewhere to go).
     up: bool,
+    /// The latest clock reading handed in: acknowledgements carry it, so
+    /// a lease counted from it starts no later than the frame left.
+    last_now: Timestamp,
+    /// Until when the active promised to release nothing this node has not
+    /// acknowledged ([`Message::Lease`]), in this node's clock.
+    lease_until: Option<Timestamp>,
     #[cfg(feature = "planted-ack-before-persist")]
     ack_before_persist: bool,
     out: Vec<u8>,
@@ -148,6 +154,8 @@ impl Backup {
             parts: 0,
             unpersisted: Vec::new(),
             up: false,
+            last_now: Timestamp(0),
+            lease_until: None,
             #[cfg(feature = "planted-ack-before-persist")]
             ack_before_persist: false,
             out: Vec::new(),
@@ -173,7 +181,11 @@ impl Backup {
 
     /// Number of check-pointed mappings held.
     pub fn mapping_count(&self) -> usize {
-        self.state.mappings.len()
+        self.state
+            .mappings
+            .values()
+            .filter(|m| m.checkpoint)
+            .count()
     }
 
     /// Number of subscribers known to hold volatile state.
@@ -217,6 +229,7 @@ impl Backup {
         Message::Ack {
             term: self.term,
             seq,
+            now: self.last_now,
         }
         .encode(&mut self.out);
     }
@@ -225,14 +238,21 @@ impl Backup {
         self.unpersisted.push(seq);
         #[cfg(feature = "planted-ack-before-persist")]
         if self.ack_before_persist {
-            Message::Ack { term, seq }.encode(&mut self.out);
+            let now = self.last_now;
+            Message::Ack { term, seq, now }.encode(&mut self.out);
         }
         let _ = term;
+    }
+
+    /// Until when the active's last lease runs, in this node's clock.
+    pub fn lease_until(&self) -> Option<Timestamp> {
+        self.lease_until
     }
 
     /// A connection from the active is up.
     pub fn connected(&mut self, now: Timestamp) {
         self.up = true;
+        self.last_now = self.last_now.max(now);
         self.unpersisted.clear();
         self.inbuf.clear();
         self.staging = None;
@@ -268,6 +288,7 @@ impl Backup {
 
     /// Feeds bytes from the active, received at `now`.
     pub fn handle_input(&mut self, now: Timestamp, bytes: &[u8]) -> Result<(), FrameError> {
+        self.last_now = self.last_now.max(now);
         self.inbuf.extend_from_slice(bytes);
         while let Some(m) = Message::decode(&mut self.inbuf, &self.keying)? {
             if m.term() < self.term {
@@ -324,6 +345,16 @@ impl Backup {
                     self.measure(now, theirs);
                     Message::Heartbeat { term, now }.encode(&mut self.out);
                 }
+                Message::Lease { since, for_ms, .. } => {
+                    // Only a synced replica can be vouched for. A
+                    // thirty-second of the lease is left for the two
+                    // clocks' rates to differ.
+                    if self.synced {
+                        let len = for_ms.saturating_sub(for_ms / 32);
+                        let until = Timestamp(since.as_millis().saturating_add(len));
+                        self.lease_until = Some(self.lease_until.map_or(until, |t| t.max(until)));
+                    }
+                }
                 Message::Ack { .. } => {}
             }
         }
@@ -343,13 +374,16 @@ impl Backup {
     /// agree); one that held volatile mappings lost state: its epoch resets
     /// at `now` and its hosts get an ANNOUNCE.
     ///
-    /// The link must have been up until at most `stale_after` before `now`
-    /// for that: the active stops waiting for a backup it lost, so after a
-    /// longer outage it may have made volatile state this node never heard
-    /// of, and every epoch resets instead ([`TakeoverKind::Stale`]; the
-    /// check-pointed mappings still continue). A backup that never
-    /// completed a snapshot is a cold standby: every epoch resets.
-    pub fn promote(self, now: Timestamp, stale_after: std::time::Duration) -> Takeover {
+    /// That needs the active's lease ([`Message::Lease`]) to run at `now`:
+    /// until it ends the active released nothing this node has not
+    /// acknowledged, but after it the active may have answered volatile
+    /// requests this node never heard of, so every epoch resets instead
+    /// ([`TakeoverKind::Stale`]; the check-pointed mappings still
+    /// continue, each was acknowledged). Whether the link failed or the
+    /// active died, and how late the frames travelled, does not matter. A
+    /// backup that never completed a snapshot is a cold standby: every
+    /// epoch resets.
+    pub fn promote(self, now: Timestamp) -> Takeover {
         let term = self.term + 1;
         if !self.has_state {
             return Takeover {
@@ -365,8 +399,8 @@ impl Backup {
                 kind: TakeoverKind::Cold,
             };
         }
-        let recent = self.lost_at.is_none_or(|t| now <= t + stale_after);
-        let kind = if self.synced && recent {
+        let leased = self.lease_until.is_some_and(|t| now < t);
+        let kind = if self.synced && leased {
             TakeoverKind::Hot
         } else {
             TakeoverKind::Stale

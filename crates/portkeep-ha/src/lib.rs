@@ -40,8 +40,8 @@ pub use backup::{Backup, Takeover, TakeoverKind};
 ))]
 pub use node::Planted;
 pub use node::{
-    strip_checkpoint, Effect, EncodedSnapshot, Grant, JobMeta, Node, NodeConfig, NodeStats,
-    PromoteError, Role, SnapshotSource,
+    age_reply, strip_checkpoint, Effect, EncodedSnapshot, Grant, JobMeta, Node, NodeConfig,
+    NodeStats, PromoteError, Role, SnapshotSource,
 };
 pub use wire::{FrameError, Item, Message};
 

@@ -61,8 +61,9 @@ pub struct NodeConfig {
     /// Timing of the link, when a peer is configured (`None`: an active
     /// node without a peer replicates nothing and honours nothing).
     pub link: Option<ActiveConfig>,
-    /// A backup promoted more than this long after losing the link cannot
-    /// vouch for the epochs ([`crate::TakeoverKind::Stale`]).
+    /// The lease an active grants its backup ([`ActiveConfig::lease`],
+    /// which this overrides): a backup promoted after the last one ended
+    /// cannot vouch for the epochs ([`crate::TakeoverKind::Stale`]).
     pub stale_after: Duration,
     /// Planted defects, for showing that the simulator finds them. Only
     /// builds with the matching cargo feature have these switches.
@@ -75,6 +76,11 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
+    fn leased(&self, mut t: ActiveConfig) -> ActiveConfig {
+        t.lease = self.stale_after;
+        t
+    }
+
     /// A node in `role` with the given link timing.
     pub fn new(role: Role, link: Option<ActiveConfig>, stale_after: Duration) -> NodeConfig {
         NodeConfig {
@@ -133,12 +139,21 @@ pub struct JobMeta {
     /// Items with the hash of their mapping key (upserts and removals).
     items: Vec<HashedItem>,
     grants: Vec<Grant>,
+    /// A log position the replies depend on besides the job's own.
+    after: u64,
 }
 
 impl JobMeta {
     /// The check-points the job's replies report.
     pub fn grants(&self) -> &[Grant] {
         &self.grants
+    }
+
+    /// The job's replies also depend on log position `seq` (see
+    /// [`Effect::Rewrite`]).
+    pub fn after(mut self, seq: u64) -> JobMeta {
+        self.after = self.after.max(seq);
+        self
     }
 }
 
@@ -148,6 +163,19 @@ pub enum Effect<R> {
     /// Send these replies: whatever they report is as durable and
     /// replicated as it must be.
     Release(R),
+    /// [`Effect::Release`] for replies that waited (for the backup, or for
+    /// the end of a lease) about `by_secs` seconds after they were made:
+    /// send each with its epoch time that much later and its lifetime that
+    /// much shorter ([`age_reply`]), as it would read if made now, so its
+    /// client's RFC 6887 section 8.5 check does not take the wait for a
+    /// lost state and the mapping does not outlive what the server holds.
+    /// A reply that cannot be aged is dropped (its client retransmits).
+    ReleaseAged {
+        /// The replies.
+        reply: R,
+        /// Whole seconds waited.
+        by_secs: u32,
+    },
     /// These replies report check-points the backup did not confirm: take
     /// the flag off each granted mapping (a stored change like any other),
     /// then send the replies with CHECKPOINT_REQUIRED removed
@@ -159,6 +187,11 @@ pub enum Effect<R> {
         reply: R,
         /// The check-points to take back.
         grants: Vec<Grant>,
+        /// The log position the replies depend on: give it to
+        /// [`JobMeta::after`] for the job that carries them again, so they
+        /// wait for the backup as their first version did (the unflagging
+        /// may change nothing: a retransmission answered twice).
+        after: u64,
     },
     /// Tell the server core what the backup allows now (the input of its
     /// check-point decision).
@@ -282,6 +315,9 @@ pub struct NodeStats {
     pub checkpoints_rewritten: u64,
     /// Replies dropped because this node was deposed while holding them.
     pub dropped_deposed: u64,
+    /// Replies released with changes the backup had not acknowledged,
+    /// once no lease ran (a promotion would then reset every epoch).
+    pub released_unconfirmed: u64,
     /// Snapshots sent.
     pub resyncs: u64,
     /// Items in the last snapshot.
@@ -298,6 +334,25 @@ struct Held<R> {
     seq: u64,
     reply: R,
     grants: Vec<Grant>,
+    /// When it started waiting.
+    at: Timestamp,
+}
+
+impl<R> Held<R> {
+    /// Its release: replies that waited a second or more are aged by the
+    /// whole seconds they waited (see [`Effect::ReleaseAged`]).
+    fn release(self, now: Timestamp) -> Effect<R> {
+        let waited = now.as_millis().saturating_sub(self.at.as_millis());
+        let by_secs = u32::try_from(waited.saturating_add(500) / 1000).unwrap_or(u32::MAX);
+        if by_secs == 0 {
+            Effect::Release(self.reply)
+        } else {
+            Effect::ReleaseAged {
+                reply: self.reply,
+                by_secs,
+            }
+        }
+    }
 }
 
 /// The node.
@@ -343,7 +398,7 @@ impl<R> Node<R> {
     pub fn new(cfg: NodeConfig, term: Term, keying: portkeep_server::SubscriberKeying) -> Self {
         let role = cfg.role;
         let active = match (role, cfg.link) {
-            (Role::Active, Some(t)) => Some(Active::new(term, t, keying.clone())),
+            (Role::Active, Some(t)) => Some(Active::new(term, cfg.leased(t), keying.clone())),
             _ => None,
         };
         let backup = (role == Role::Backup).then(|| Backup::new(term, keying.clone()));
@@ -504,6 +559,7 @@ impl<R> Node<R> {
         );
         let snapshot_pending = active.state() == LinkState::NeedSnapshot;
         let in_sync = active.in_sync();
+        let leased = active.lease_holds(now);
         let sent = active.sent();
         let mut items = Vec::new();
         let mut top = 0;
@@ -528,7 +584,11 @@ impl<R> Node<R> {
                     self.deferred.push((seq, meta.items));
                 }
             }
-            sorted.push((reply, meta.grants, seq, needs));
+            // Released once the backup has everything the replies
+            // depend on: their own changes and, for rewritten replies, what
+            // their first version did.
+            let needs = needs || meta.after > 0;
+            sorted.push((reply, meta.grants, seq.max(meta.after), needs));
         }
         if !items.is_empty() {
             active.push(now, top.max(sent + 1), items);
@@ -548,15 +608,29 @@ impl<R> Node<R> {
                 self.stats.released += 1;
                 self.stats.checkpoints_acked += grants.len() as u64;
                 self.effects.push_back(Effect::Release(reply));
-            } else if in_sync {
-                self.held.push_back(Held { seq, reply, grants });
+            } else if in_sync || (leased && grants.is_empty()) {
+                // Out of sync but leased: the backup may still be promoted
+                // hot, so nothing it has not heard of leaves until it
+                // acknowledges or the lease ends.
+                self.held.push_back(Held {
+                    seq,
+                    reply,
+                    grants,
+                    at: now,
+                });
             } else if grants.is_empty() {
-                // Out of sync: nothing is waited for; the backup learns the
-                // rest from the next snapshot.
+                // Out of sync and no lease: nothing is waited for; the
+                // backup learns the rest from the next snapshot, and a
+                // promotion now resets every epoch.
+                self.stats.released_unconfirmed += 1;
                 self.effects.push_back(Effect::Release(reply));
             } else {
                 self.stats.checkpoints_rewritten += grants.len() as u64;
-                self.effects.push_back(Effect::Rewrite { reply, grants });
+                self.effects.push_back(Effect::Rewrite {
+                    reply,
+                    grants,
+                    after: seq,
+                });
             }
         }
     }
@@ -638,14 +712,52 @@ impl<R> Node<R> {
 
     /// When [`Node::handle_timeout`] next has work.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        self.active.as_ref().and_then(Active::poll_timeout)
+        let a = self.active.as_ref()?;
+        let link = a.poll_timeout();
+        // Replies held past the link's sync wait for the lease's end.
+        let lease = (!self.held.is_empty() && !a.in_sync())
+            .then(|| a.lease_until())
+            .flatten();
+        match (link, lease) {
+            (Some(x), Some(y)) => Some(x.min(y)),
+            (x, y) => x.or(y),
+        }
     }
 
-    /// Heartbeats, overdue acknowledgements, a silent backup.
+    /// Heartbeats, overdue acknowledgements, a silent backup, the end of
+    /// a lease.
     pub fn handle_timeout(&mut self, now: Timestamp) {
-        if let Some(a) = self.active.as_mut() {
-            a.handle_timeout(now);
-            self.drain_active_events(now);
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        a.handle_timeout(now);
+        self.drain_active_events(now);
+        self.release_after_lease(now);
+    }
+
+    /// Once the lease has ended and the link is out of sync, a promotion
+    /// of the backup would reset every epoch: what waited for it leaves
+    /// (check-points among it were rewritten when the link fell out of
+    /// sync).
+    fn release_after_lease(&mut self, now: Timestamp) {
+        let Some(a) = self.active.as_ref() else {
+            return;
+        };
+        if a.in_sync() || a.lease_holds(now) {
+            return;
+        }
+        for h in std::mem::take(&mut self.held) {
+            if h.grants.is_empty() {
+                self.stats.released_unconfirmed += 1;
+                self.effects.push_back(h.release(now));
+            } else {
+                self.stats.checkpoints_rewritten += h.grants.len() as u64;
+                self.effects.push_back(Effect::Rewrite {
+                    reply: h.reply,
+                    grants: h.grants,
+                    after: h.seq,
+                });
+            }
         }
     }
 
@@ -721,7 +833,7 @@ impl<R> Node<R> {
                         if let Some(h) = self.held.pop_front() {
                             self.stats.released += 1;
                             self.stats.checkpoints_acked += h.grants.len() as u64;
-                            self.effects.push_back(Effect::Release(h.reply));
+                            self.effects.push_back(h.release(now));
                         }
                     }
                 }
@@ -737,12 +849,25 @@ impl<R> Node<R> {
                 ActiveEvent::OutOfSync(_) => {
                     self.effects
                         .push_back(Effect::BackupState(self.backup_state()));
+                    // Check-points can no longer be confirmed in time (RFC
+                    // 7767 section 3.2): rewritten at once (the rewrite is a
+                    // change of its own, held again under the lease). The
+                    // rest wait for an acknowledgement or the lease's end.
+                    let leased = self.active.as_ref().is_some_and(|a| a.lease_holds(now));
                     for h in std::mem::take(&mut self.held) {
-                        self.stats.checkpoints_rewritten += h.grants.len() as u64;
-                        self.effects.push_back(Effect::Rewrite {
-                            reply: h.reply,
-                            grants: h.grants,
-                        });
+                        if !h.grants.is_empty() {
+                            self.stats.checkpoints_rewritten += h.grants.len() as u64;
+                            self.effects.push_back(Effect::Rewrite {
+                                reply: h.reply,
+                                grants: h.grants,
+                                after: h.seq,
+                            });
+                        } else if leased {
+                            self.held.push_back(h);
+                        } else {
+                            self.stats.released_unconfirmed += 1;
+                            self.effects.push_back(h.release(now));
+                        }
                     }
                 }
                 ActiveEvent::NeedSnapshot => {
@@ -819,13 +944,13 @@ impl<R> Node<R> {
             .backup
             .take()
             .unwrap_or_else(|| Backup::new(self.term, self.keying.clone()));
-        let takeover = backup.promote(now, self.cfg.stale_after);
+        let takeover = backup.promote(now);
         self.role = Role::Active;
         self.term = takeover.term;
         self.active = self
             .cfg
             .link
-            .map(|t| Active::new(takeover.term, t, self.keying.clone()));
+            .map(|t| Active::new(takeover.term, self.cfg.leased(t), self.keying.clone()));
         self.held.clear();
         self.replicated.clear();
         self.deferred.clear();
@@ -839,18 +964,39 @@ impl<R> Node<R> {
 }
 
 /// Whether `item` must travel to the backup, keeping `replicated` (the
-/// hashes of the keys the backup holds) up to date: upserts always travel;
-/// a removal only of a key the backup holds, so volatile refreshes (whose
-/// upserts are removals for the backup) cost the link nothing.
+/// hashes of the keys the backup holds) up to date: check-pointed upserts
+/// always travel; other upserts and removals only for a key the backup
+/// holds, so volatile mappings cost the link nothing.
 fn keep_for_backup(replicated: &mut HashSet<u64>, item: &Item, hash: Option<u64>) -> bool {
     match (item, hash) {
-        (Item::Upsert(_), Some(h)) => {
+        (Item::Upsert(r), Some(h)) if r.checkpoint => {
             replicated.insert(h);
             true
         }
+        // A mapping that is not check-pointed travels only if the backup
+        // follows it already (it was check-pointed earlier in its life).
+        (Item::Upsert(_), Some(h)) => replicated.contains(&h),
         (Item::Remove(_), Some(h)) => replicated.remove(&h),
         _ => true,
     }
+}
+
+/// `bytes` (a PCP response) as it would read `by_secs` seconds later:
+/// epoch time that much later, lifetime that much shorter (not below one
+/// second if it was not zero: a lifetime of zero means deleted, RFC 6887
+/// section 15). `None` if it cannot be parsed and encoded again (the caller
+/// then drops it; the client retransmits). RFC 6887 section 8.5: the
+/// epoch time is the server's at the moment the response is sent.
+pub fn age_reply(bytes: &[u8], by_secs: u32, cp: &portkeep_proto::CodePoints) -> Option<Vec<u8>> {
+    use portkeep_proto::Response;
+    let mut r = Response::parse(bytes, cp).ok()?;
+    r.header.epoch = r.header.epoch.wrapping_add(by_secs);
+    if r.header.lifetime > 0 {
+        r.header.lifetime = r.header.lifetime.saturating_sub(by_secs).max(1);
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    r.encode(cp, &mut out).ok()?;
+    Some(out)
 }
 
 /// `bytes` (a PCP response) without CHECKPOINT_REQUIRED, or `None` if it

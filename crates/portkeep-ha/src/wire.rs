@@ -19,10 +19,10 @@ pub const MAX_FRAME: usize = 4 << 20;
 /// One unit of replicated state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Item {
-    /// A check-pointed mapping, created or refreshed.
+    /// A mapping the backup follows, created or changed: check-pointed, or
+    /// one that was check-pointed and lost its flag.
     Upsert(MappingRecord),
-    /// A mapping that is no longer check-pointed (removed, expired, or
-    /// renewed without the option), by its stored key.
+    /// A mapping that is gone (deleted or expired), by its stored key.
     Remove(Vec<u8>),
     /// A subscriber's epoch restarted.
     Epoch {
@@ -51,14 +51,13 @@ pub enum Item {
 impl Item {
     /// What, if anything, a change means for the backup.
     ///
-    /// An upsert of a check-pointed mapping travels whole; an upsert of a
-    /// volatile one travels as a removal (it may just have lost its flag;
-    /// the backup ignores removals of what it does not hold); removals
-    /// travel; epoch resets travel.
+    /// Upserts travel whole, check-pointed or not (the active sends a
+    /// volatile one only for a mapping the backup follows, see
+    /// `portkeep_server::Server::replicated_mappings`); removals (deleted,
+    /// expired) travel; epoch resets travel.
     pub fn from_change(change: &Change) -> Option<Item> {
         Some(match change {
-            Change::Upserted(m) if m.checkpoint => Item::Upsert(m.clone()),
-            Change::Upserted(m) => Item::Remove(key_of(m)),
+            Change::Upserted(m) => Item::Upsert(m.clone()),
             Change::Removed { mapping, .. } => Item::Remove(key_of(mapping)),
             Change::EpochReset { subscriber, anchor } => Item::Epoch {
                 subscriber: *subscriber,
@@ -185,6 +184,25 @@ pub enum Message {
         term: Term,
         /// Highest applied log position.
         seq: u64,
+        /// The sender's clock at or before sending: what a
+        /// [`Message::Lease`] in answer counts from.
+        now: Timestamp,
+    },
+    /// Active to backup: until `since + for_ms` in the backup's own clock,
+    /// the active releases no reply that depends on a change the backup has
+    /// not acknowledged, so a backup promoted before then holds everything
+    /// any client was told (failure-scenarios draft section 2.6: it may
+    /// keep the epochs). `since` echoes the `now` of the backup's
+    /// [`Message::Ack`] or [`Message::Heartbeat`] that the grant answers,
+    /// so the backup's lease never outlasts the active's promise, however
+    /// late the frames travel.
+    Lease {
+        /// Sender's term.
+        term: Term,
+        /// The backup's clock when it sent the frame answered.
+        since: Timestamp,
+        /// Length of the promise, in milliseconds.
+        for_ms: u64,
     },
     /// Either way: still here.
     Heartbeat {
@@ -216,6 +234,7 @@ impl Message {
             | Message::SnapshotEnd { term, .. }
             | Message::Changes { term, .. }
             | Message::Ack { term, .. }
+            | Message::Lease { term, .. }
             | Message::Heartbeat { term, .. } => *term,
         }
     }
@@ -268,10 +287,21 @@ impl Message {
                 out.extend_from_slice(&seq.to_be_bytes());
                 items(out, it);
             }
-            Message::Ack { term, seq } => {
+            Message::Ack { term, seq, now } => {
                 out.push(6);
                 out.extend_from_slice(&term.to_be_bytes());
                 out.extend_from_slice(&seq.to_be_bytes());
+                out.extend_from_slice(&now.as_millis().to_be_bytes());
+            }
+            Message::Lease {
+                term,
+                since,
+                for_ms,
+            } => {
+                out.push(8);
+                out.extend_from_slice(&term.to_be_bytes());
+                out.extend_from_slice(&since.as_millis().to_be_bytes());
+                out.extend_from_slice(&for_ms.to_be_bytes());
             }
             Message::Heartbeat { term, now } => {
                 out.push(7);
@@ -346,6 +376,12 @@ impl Message {
                 6 => Message::Ack {
                     term: r.u64()?,
                     seq: r.u64()?,
+                    now: Timestamp(r.u64()?),
+                },
+                8 => Message::Lease {
+                    term: r.u64()?,
+                    since: Timestamp(r.u64()?),
+                    for_ms: r.u64()?,
                 },
                 7 => Message::Heartbeat {
                     term: r.u64()?,

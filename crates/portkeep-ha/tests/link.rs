@@ -18,8 +18,8 @@ use proptest::prelude::*;
 
 const T0: Timestamp = Timestamp(1_700_000_000_000);
 
-/// How long after losing the link a promotion still counts as hot.
-const STALE: Duration = Duration::from_secs(3);
+/// The lease `ActiveConfig::default()` grants.
+const LEASE: Duration = Duration::from_millis(1500);
 
 fn at(ms: u64) -> Timestamp {
     Timestamp(T0.0 + ms)
@@ -162,14 +162,15 @@ fn rfc7767_s3_2_one_acknowledgement_covers_many_changes() {
 }
 
 #[test]
-fn rfc7767_s3_2_volatile_changes_travel_only_as_removals() {
+fn rfc7767_s3_2_changes_travel_as_upserts_and_removals() {
     let up = |c| ChangeRecord {
         seq: 1,
         change: Change::Upserted(mapping("198.51.100.1", 80, c)),
     };
-    assert!(matches!(items_of(&[up(true)])[..], [Item::Upsert(_)]));
-    // A renewal without the option clears the flag: the backup must drop it.
-    assert!(matches!(items_of(&[up(false)])[..], [Item::Remove(_)]));
+    assert!(matches!(&items_of(&[up(true)])[..], [Item::Upsert(m)] if m.checkpoint));
+    // A renewal without the option clears the flag; the record travels as
+    // it is (the active sends it only for a mapping the backup follows).
+    assert!(matches!(&items_of(&[up(false)])[..], [Item::Upsert(m)] if !m.checkpoint));
     let gone = ChangeRecord {
         seq: 2,
         change: Change::Removed {
@@ -269,7 +270,8 @@ fn draft_s2_6_takeover_keeps_checkpointed_epochs_and_resets_volatile_subscribers
     let (mut a, mut b) = linked(3);
     a.send_snapshot(at(1), 10, snapshot_items());
     pump(&mut a, &mut b, at(1));
-    let t = b.promote(at(50_000), STALE);
+    // Within the lease the active granted with its acknowledgement.
+    let t = b.promote(at(1_000));
     assert_eq!(t.term, 4);
     assert!(t.was_in_sync);
     assert_eq!(t.state.anchor, T0, "the anchor travelled: epochs continue");
@@ -279,7 +281,7 @@ fn draft_s2_6_takeover_keeps_checkpointed_epochs_and_resets_volatile_subscribers
     let sub1 = k.subscriber_of("198.51.100.1".parse().unwrap());
     assert_eq!(
         t.state.subscriber_anchors,
-        vec![(sub2, at(50_000))],
+        vec![(sub2, at(1_000))],
         "only the volatile one resets"
     );
     assert!(!t.state.subscriber_anchors.iter().any(|(s, _)| *s == sub1));
@@ -294,7 +296,7 @@ fn draft_s2_6_cold_standby_resets_every_epoch() {
     let (mut a, b) = linked(3);
     a.send_snapshot(at(1), 10, snapshot_items());
     // The snapshot never arrived.
-    let t = b.promote(at(9_000), STALE);
+    let t = b.promote(at(9_000));
     assert!(!t.was_in_sync);
     assert_eq!(t.state.anchor, at(9_000));
     assert!(t.state.mappings.is_empty());
@@ -328,7 +330,16 @@ fn frames_round_trip_and_reassemble_across_reads() {
                 },
             ],
         },
-        Message::Ack { term: 7, seq: 43 },
+        Message::Ack {
+            term: 7,
+            seq: 43,
+            now: at(3),
+        },
+        Message::Lease {
+            term: 7,
+            since: at(3),
+            for_ms: 1500,
+        },
         Message::Heartbeat {
             term: 7,
             now: at(2),
@@ -412,13 +423,14 @@ fn draft_s2_6_takeover_translates_anchors_into_the_backups_clock() {
     a.send_snapshot(at(1), 10, snapshot_items());
     pump_skewed(&mut a, &mut b, at(1), skew);
     assert_eq!(b.clock_offset_ms(), skew as i64);
-    // Promoted 10 s later in the backup's own clock.
-    let now_backup = Timestamp(at(10_000).0 - skew);
-    let t = b.promote(now_backup, STALE);
+    // Promoted 1.2 s later in the backup's own clock (within the lease,
+    // which the backup counts in its own clock too).
+    let now_backup = Timestamp(at(1_200).0 - skew);
+    let t = b.promote(now_backup);
     assert_eq!(t.kind, portkeep_ha::TakeoverKind::Hot);
     // The server-wide epoch the clients see: (now - anchor) in each
     // node's own clock is the same.
-    let epoch_before = at(10_000).secs_since(T0);
+    let epoch_before = at(1_200).secs_since(T0);
     assert_eq!(now_backup.secs_since(t.state.anchor), epoch_before);
     for m in &t.state.mappings {
         assert_eq!(m.expires.0, at(3_600_000).0 - skew, "expiry in our clock");
@@ -426,29 +438,30 @@ fn draft_s2_6_takeover_translates_anchors_into_the_backups_clock() {
 }
 
 #[test]
-fn draft_s2_6_promotion_long_after_losing_the_link_resets_every_epoch() {
+fn draft_s2_6_promotion_after_the_lease_ends_resets_every_epoch() {
     let (mut a, mut b) = linked(3);
     a.send_snapshot(at(1), 10, snapshot_items());
     pump(&mut a, &mut b, at(1));
     b.disconnected(at(2));
-    // Promoted within the bound: the active died with the link.
+    // Promoted within the lease: the active released nothing the backup
+    // had not acknowledged, whether it died or only the link did.
     let hot = {
         let (mut a2, mut b2) = linked(3);
         a2.send_snapshot(at(1), 10, snapshot_items());
         pump(&mut a2, &mut b2, at(1));
         b2.disconnected(at(2));
-        b2.promote(at(2) + STALE, STALE)
+        b2.promote(at(1) + (LEASE - Duration::from_millis(100)))
     };
     assert_eq!(hot.kind, portkeep_ha::TakeoverKind::Hot);
-    // Promoted long after: the active may have lived on without us.
-    let t = b.promote(at(60_000), STALE);
+    // Promoted after it: the active may have lived on without us.
+    let t = b.promote(at(1) + LEASE);
     assert_eq!(t.kind, portkeep_ha::TakeoverKind::Stale);
     assert_eq!(
         t.state.mappings.len(),
         2,
         "acknowledged check-points survive"
     );
-    assert_eq!(t.state.anchor, at(60_000), "every epoch restarts");
+    assert_eq!(t.state.anchor, at(1) + LEASE, "every epoch restarts");
     assert!(t.state.subscriber_anchors.is_empty());
     let hosts: Vec<IpAddr> = t.reset.iter().flat_map(|(_, h)| h.clone()).collect();
     assert!(
@@ -459,6 +472,58 @@ fn draft_s2_6_promotion_long_after_losing_the_link_resets_every_epoch() {
         hosts.contains(&"198.51.100.2".parse().unwrap()),
         "{hosts:?}"
     );
+}
+
+#[test]
+fn draft_s2_6_the_backups_lease_never_outlasts_the_actives_promise() {
+    // A slow link: the acknowledgement the backup sends at 100 ms reaches
+    // the active at 900 ms, and the lease in answer reaches the backup at
+    // 1,700 ms. The active promised until 900 + 1,500; the backup counts
+    // from when it sent the acknowledgement, so its lease ends first.
+    let (mut a, mut b) = linked(3);
+    a.send_snapshot(at(1), 10, snapshot_items());
+    let snap = a.poll_transmit().unwrap();
+    feed(&mut b, at(100), &snap).unwrap();
+    let ack = b.poll_transmit().unwrap();
+    a.handle_input(at(900), &ack).unwrap();
+    assert!(a.in_sync());
+    let lease = a.poll_transmit().unwrap();
+    feed(&mut b, at(1_700), &lease).unwrap();
+    let promised = a.lease_until().unwrap();
+    let held = b.lease_until().unwrap();
+    assert_eq!(promised, at(900) + LEASE);
+    assert!(held <= at(100) + LEASE, "{held:?}");
+    assert!(held < promised);
+    // Nothing extends it on the backup but a grant: a backup that hears
+    // nothing more takes over stale once it ends, however long the link
+    // took to fail.
+    let t = b.promote(held);
+    assert_eq!(t.kind, portkeep_ha::TakeoverKind::Stale);
+}
+
+#[test]
+fn draft_s2_6_a_lease_counts_only_for_a_synced_replica() {
+    // A grant that reaches a backup mid-resync is ignored: what it holds
+    // is not current.
+    let (mut a, mut b) = linked(3);
+    a.send_snapshot(at(1), 10, snapshot_items());
+    pump(&mut a, &mut b, at(1));
+    assert!(b.lease_until().is_some());
+    let before = b.lease_until();
+    a.disconnected();
+    b.disconnected(at(5));
+    a.connected(at(6), 10);
+    b.connected(at(6));
+    pump(&mut a, &mut b, at(6));
+    let mut lease = Vec::new();
+    Message::Lease {
+        term: 3,
+        since: at(6),
+        for_ms: 60_000,
+    }
+    .encode(&mut lease);
+    feed(&mut b, at(7), &lease).unwrap();
+    assert_eq!(b.lease_until(), before);
 }
 
 #[test]
@@ -477,7 +542,7 @@ fn draft_s2_6_promotion_mid_resync_keeps_acknowledged_checkpoints() {
     partial.truncate(partial.len() / 2);
     feed(&mut b, at(7), &partial).unwrap();
     assert!(b.staging_count().is_some(), "resync in progress");
-    let t = b.promote(at(8), STALE);
+    let t = b.promote(at(8));
     assert_eq!(t.kind, portkeep_ha::TakeoverKind::Stale);
     assert_eq!(t.state.mappings.len(), 2);
 }

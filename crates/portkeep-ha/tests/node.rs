@@ -180,6 +180,33 @@ fn rfc7767_s3_2_volatile_reply_is_not_held() {
 }
 
 #[test]
+fn rfc7767_s3_2_a_mapping_that_loses_its_flag_stays_followed_by_the_backup() {
+    let (mut a, mut b) = in_sync_pair();
+    let m = mapping("198.51.100.1", 80, true);
+    let meta = a.prepare(&upsert(1, m.clone()), vec![]);
+    a.handle_commit(at(1), vec![(10, meta)]);
+    assert_eq!(released(&pump(&mut a, &mut b, at(2))), vec![10]);
+    // Renewed without the option: its client may not hear that the
+    // check-point ended before a takeover, so the backup keeps following
+    // the mapping, and the reply waits for it like any other.
+    let mut renewed = m.clone();
+    renewed.checkpoint = false;
+    renewed.expires = at(7_200_000);
+    let meta = a.prepare(&upsert(2, renewed.clone()), vec![]);
+    a.handle_commit(at(3), vec![(11, meta)]);
+    assert!(released(&effects(&mut a)).is_empty());
+    assert_eq!(released(&pump(&mut a, &mut b, at(4))), vec![11]);
+    // A mapping that was never check-pointed costs the link nothing.
+    let meta = a.prepare(&upsert(3, mapping("198.51.100.1", 81, false)), vec![]);
+    a.handle_commit(at(5), vec![(12, meta)]);
+    assert_eq!(released(&effects(&mut a)), vec![12]);
+    let t = b.promote(at(6)).unwrap();
+    assert_eq!(t.kind, TakeoverKind::Hot);
+    assert_eq!(t.state.mappings, vec![renewed]);
+    assert!(t.reset.is_empty(), "nothing it held was lost");
+}
+
+#[test]
 fn rfc7767_s3_2_unconfirmed_checkpoints_are_rewritten_when_the_ack_is_late() {
     let (mut a, _b) = in_sync_pair();
     let meta = a.prepare(&upsert(1, mapping("198.51.100.1", 80, true)), vec![]);
@@ -204,6 +231,109 @@ fn rfc7767_s3_2_checkpoint_granted_out_of_sync_is_rewritten_at_once() {
     let meta = a.prepare(&upsert(1, mapping("198.51.100.1", 80, true)), vec![]);
     a.handle_commit(at(1), vec![(10, meta)]);
     assert_eq!(rewritten(&effects(&mut a)), vec![10]);
+}
+
+#[test]
+fn draft_s2_6_unconfirmed_volatile_reply_waits_while_the_backup_may_take_over_hot() {
+    let (mut a, _b) = in_sync_pair();
+    // The link fails: until the lease the backup holds ends, it may be
+    // promoted hot, keeping the epochs, so nothing it never heard of may
+    // reach a client before then.
+    a.link_lost(at(100));
+    effects(&mut a);
+    let host = "198.51.100.9";
+    let ip: IpAddr = host.parse().unwrap();
+    let sub = SubscriberKeying::default().subscriber_of(ip);
+    let meta = a.prepare(&upsert(1, mapping(host, 80, false)), vec![(sub, vec![ip])]);
+    a.handle_commit(at(200), vec![(10, meta)]);
+    assert!(
+        effects(&mut a).is_empty(),
+        "held: the backup never heard of the volatile state"
+    );
+    let end = a.active().unwrap().lease_until().unwrap();
+    assert_eq!(end, at(0) + Duration::from_secs(2));
+    assert_eq!(a.poll_timeout(), Some(end));
+    a.handle_timeout(Timestamp(end.0 - 1));
+    assert!(effects(&mut a).is_empty());
+    // Once it ended, a promotion resets every epoch: the reply leaves,
+    // aged by the whole seconds it waited.
+    a.handle_timeout(end);
+    let e = effects(&mut a);
+    assert!(
+        matches!(
+            e.as_slice(),
+            [Effect::ReleaseAged {
+                reply: 10,
+                by_secs: 2
+            }]
+        ),
+        "{e:?}"
+    );
+    assert_eq!(a.stats().released_unconfirmed, 1);
+}
+
+#[test]
+fn rfc7767_s3_2_a_rewritten_reply_waits_for_what_its_first_version_depended_on() {
+    let (mut a, mut b) = in_sync_pair();
+    let meta = a.prepare(&upsert(1, mapping("198.51.100.1", 80, true)), vec![]);
+    a.handle_commit(at(1), vec![(10, meta)]);
+    effects(&mut a);
+    a.handle_timeout(at(1) + ActiveConfig::default().ack_timeout);
+    let after = effects(&mut a)
+        .into_iter()
+        .find_map(|e| match e {
+            Effect::Rewrite {
+                reply: 10, after, ..
+            } => Some(after),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(after, 1);
+    // The unflagging changed nothing (a retransmission answered twice, the
+    // first answer already unflagged the mapping): the rewritten reply's
+    // job has no change of its own, but still waits for position 1.
+    let meta = a.prepare(&[], vec![]).after(after);
+    a.handle_commit(at(300), vec![(11, meta)]);
+    assert!(released(&effects(&mut a)).is_empty());
+    let e = pump(&mut a, &mut b, at(400));
+    assert_eq!(released(&e), vec![11]);
+}
+
+#[test]
+fn rfc6887_s8_5_an_aged_reply_reads_as_if_made_when_sent() {
+    use portkeep_proto::{CodePoints, MapData, OpData, Response, ResponseHeader, ResultCode};
+    let cp = CodePoints::default();
+    let reply = |lifetime: u32| {
+        let r = Response {
+            header: ResponseHeader {
+                result: ResultCode::SUCCESS,
+                lifetime,
+                epoch: 1000,
+            },
+            data: OpData::Map(MapData {
+                nonce: [1; 12],
+                protocol: Protocol::TCP,
+                internal_port: 80,
+                external_port: 40000,
+                external_ip: "::ffff:192.0.2.1".parse().unwrap(),
+            }),
+            options: vec![],
+        };
+        let mut out = Vec::new();
+        r.encode(&cp, &mut out).unwrap();
+        out
+    };
+    let aged = portkeep_ha::age_reply(&reply(3600), 3, &cp).unwrap();
+    let r = Response::parse(&aged, &cp).unwrap();
+    assert_eq!(r.header.epoch, 1003);
+    assert_eq!(r.header.lifetime, 3597);
+    // A lifetime never reaches zero by ageing (zero means deleted) ...
+    let r = Response::parse(&portkeep_ha::age_reply(&reply(2), 3, &cp).unwrap(), &cp).unwrap();
+    assert_eq!(r.header.lifetime, 1);
+    // ... and a deletion stays one.
+    let r = Response::parse(&portkeep_ha::age_reply(&reply(0), 3, &cp).unwrap(), &cp).unwrap();
+    assert_eq!(r.header.lifetime, 0);
+    assert!(portkeep_ha::age_reply(&[1, 2, 3], 3, &cp).is_none());
 }
 
 #[test]

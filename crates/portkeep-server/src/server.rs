@@ -244,6 +244,28 @@ impl Server {
     /// is dropped and its subscriber's epoch reset, as that subscriber did
     /// lose state.
     pub fn restore(cfg: ServerConfig, now: Timestamp, state: Restored) -> (Server, RestoreReport) {
+        Self::restore_as(cfg, now, state, false)
+    }
+
+    /// [`Server::restore`] from a backup's replica on takeover: the backup
+    /// followed every one of these mappings, including those no longer
+    /// check-pointed, so they stay [replicated](Server::replicated_mappings)
+    /// and reach this node's own backup in turn (their clients may still
+    /// hold a check-point granted before, RFC 7767 section 3.2).
+    pub fn restore_replica(
+        cfg: ServerConfig,
+        now: Timestamp,
+        state: Restored,
+    ) -> (Server, RestoreReport) {
+        Self::restore_as(cfg, now, state, true)
+    }
+
+    fn restore_as(
+        cfg: ServerConfig,
+        now: Timestamp,
+        state: Restored,
+        replica: bool,
+    ) -> (Server, RestoreReport) {
         let mut s = Server::new(cfg, state.anchor);
         s.seq = state.last_seq;
         for (sub, anchor) in state.subscriber_anchors {
@@ -288,6 +310,7 @@ impl Server {
                 expires: m.expires,
                 lifetime: m.lifetime,
                 checkpoint: m.checkpoint,
+                replicated: m.checkpoint || replica,
                 third_party: m.third_party,
                 extra: make_extra(m.filters, m.description.map(String::into_boxed_str), remote),
             });
@@ -300,7 +323,7 @@ impl Server {
                 state.checkpointed += 1;
                 s.checkpointed += 1;
             }
-            s.note_volatile(sub, m.key.internal_ip, None, Some(m.checkpoint));
+            s.note_volatile(sub, m.key.internal_ip, None, Some(m.checkpoint || replica));
             report.restored += 1;
         }
         lost.sort();
@@ -467,8 +490,9 @@ impl Server {
         self.log.drain(..)
     }
 
-    /// Every subscriber holding volatile (not check-pointed) mappings, with
-    /// the hosts that hold them: what a backup needs to know to reset
+    /// Every subscriber holding volatile mappings (neither check-pointed
+    /// nor [replicated](Server::replicated_mappings)), with the hosts that
+    /// hold them: what a backup needs to know to reset
     /// exactly the right epochs on takeover (failure-scenarios draft
     /// section 2.6; RFC 7767 section 3.2 keeps the mappings themselves off
     /// the link).
@@ -497,8 +521,7 @@ impl Server {
             .collect()
     }
 
-    /// The check-pointed mappings, in no particular order: the state a
-    /// backup receives on (re)connection (RFC 7767 section 1).
+    /// The check-pointed mappings, in no particular order.
     pub fn checkpointed_mappings(&self) -> Vec<MappingRecord> {
         let keying = &self.cfg.subscriber_keying;
         self.table
@@ -509,8 +532,28 @@ impl Server {
             .collect()
     }
 
-    /// The check-pointed mappings among `slots` table slots from `from`, in
-    /// slot order, and the slot the next page starts at (`None`: done).
+    /// The mappings a backup follows, in no particular order: those that
+    /// are check-pointed, and those check-pointed earlier in their life
+    /// here (a renewal the backup could not confirm in time unflagged them,
+    /// RFC 7767 section 3.2). The backup keeps following the latter until
+    /// they are removed: their clients may not have heard yet that the
+    /// check-point ended, and their records on the backup stay exact, so
+    /// they are not counted as volatile state (failure-scenarios draft
+    /// section 2.6). The state a backup receives on (re)connection (RFC
+    /// 7767 section 1).
+    pub fn replicated_mappings(&self) -> Vec<MappingRecord> {
+        let keying = &self.cfg.subscriber_keying;
+        self.table
+            .entries
+            .iter()
+            .filter(|(_, e)| e.replicated)
+            .filter_map(|(id, _)| self.table.record(id, keying))
+            .collect()
+    }
+
+    /// The [replicated mappings](Server::replicated_mappings) among `slots`
+    /// table slots from `from`, in slot order, and the slot the next page
+    /// starts at (`None`: done).
     ///
     /// For copying a large table a page at a time, each page under its own
     /// short hold of whatever guards the server: a mapping made, changed
@@ -518,14 +561,14 @@ impl Server {
     /// that is then brought forward by every change after the first page's
     /// position ends exactly at the table's state (upserts and removals by
     /// key are idempotent). Slots never move while their mapping lives.
-    pub fn checkpointed_page(&self, from: u32, slots: usize) -> (Vec<MappingRecord>, Option<u32>) {
+    pub fn replicated_page(&self, from: u32, slots: usize) -> (Vec<MappingRecord>, Option<u32>) {
         let keying = &self.cfg.subscriber_keying;
         let from = from as usize;
         let page = self
             .table
             .entries
             .iter_range(from, slots)
-            .filter(|(_, e)| e.checkpoint)
+            .filter(|(_, e)| e.replicated)
             .filter_map(|(id, _)| self.table.record(id, keying))
             .collect();
         let next = from.saturating_add(slots);
@@ -560,7 +603,8 @@ impl Server {
         if let Some(s) = self.subscribers.get_mut(&sub) {
             s.checkpointed = s.checkpointed.saturating_sub(1);
         }
-        self.note_volatile(sub, key.internal_ip, Some(true), Some(false));
+        // Still replicated: the backup holds its record and hears its
+        // unflagging, so it is not counted as volatile.
         if let Some(r) = self.record(id) {
             self.push(Change::Upserted(r));
         }
@@ -1049,14 +1093,15 @@ impl Server {
                 if filters.len() > self.cfg.max_filters_per_mapping {
                     return Err(Some(Fail::parsed(ResultCode::EXCESSIVE_REMOTE_PEERS)));
                 }
-                let before = self.table.get(id).is_some_and(|e| e.checkpoint);
+                let was = self.table.get(id).is_some_and(|e| e.replicated);
                 checkpoint = self.renew_checkpoint(now, sub, id, o.checkpoint);
-                self.note_volatile(sub, internal_ip, Some(before), Some(checkpoint));
+                self.note_volatile(sub, internal_ip, Some(was), Some(was || checkpoint));
                 let description = o.description.clone();
                 self.table.update(id, |e| {
                     e.expires = expires;
                     e.lifetime = lifetime;
                     e.checkpoint = checkpoint;
+                    e.replicated |= checkpoint;
                     let desc = description
                         .map(String::into_boxed_str)
                         .or_else(|| e.extra.as_ref().and_then(|x| x.description.clone()));
@@ -1082,6 +1127,7 @@ impl Server {
                     expires,
                     lifetime,
                     checkpoint,
+                    replicated: checkpoint,
                     third_party: o.third_party.is_some(),
                     extra: make_extra(
                         filters,
@@ -1143,11 +1189,12 @@ impl Server {
                 if self.table.get(id).map(|e| e.nonce) != Some(p.map.nonce) {
                     return Err(Some(Fail::parsed(ResultCode::NOT_AUTHORIZED)));
                 }
-                let before = self.table.get(id).is_some_and(|e| e.checkpoint);
+                let was = self.table.get(id).is_some_and(|e| e.replicated);
                 checkpoint = self.renew_checkpoint(now, sub, id, o.checkpoint);
-                self.note_volatile(sub, internal_ip, Some(before), Some(checkpoint));
+                self.note_volatile(sub, internal_ip, Some(was), Some(was || checkpoint));
                 let description = o.description.clone();
                 self.table.update(id, |e| {
+                    e.replicated |= checkpoint;
                     if expires > e.expires {
                         e.expires = expires;
                         e.lifetime = lifetime;
@@ -1173,6 +1220,7 @@ impl Server {
                     expires,
                     lifetime,
                     checkpoint,
+                    replicated: checkpoint,
                     third_party: o.third_party.is_some(),
                     extra: make_extra(
                         Vec::new(),
@@ -1279,9 +1327,10 @@ impl Server {
         let Some(record) = self.record(id) else {
             return;
         };
+        let replicated = self.table.get(id).is_some_and(|e| e.replicated);
         self.table.remove(id);
         let sub = record.subscriber;
-        self.note_volatile(sub, record.key.internal_ip, Some(record.checkpoint), None);
+        self.note_volatile(sub, record.key.internal_ip, Some(replicated), None);
         // RFC 7767 section 3.2: a deleted or expired mapping gives its
         // check-point back to the server's capacity and the subscriber's quota.
         if record.checkpoint {
@@ -1417,8 +1466,8 @@ impl Server {
     }
 
     /// Keeps [`Server::volatile_hosts`] current as mapping `host` of `sub`
-    /// goes from `before` to `after` (`None`: absent; `Some(flag)`: present,
-    /// check-pointed or not).
+    /// goes from `before` to `after` (`None`: absent; `Some(replicated)`:
+    /// present, [replicated](Server::replicated_mappings) or not).
     fn note_volatile(
         &mut self,
         sub: SubscriberId,

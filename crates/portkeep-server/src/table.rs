@@ -128,6 +128,10 @@ pub(crate) struct Entry {
     pub(crate) expires: Timestamp,
     pub(crate) nonce: Nonce,
     pub(crate) checkpoint: bool,
+    /// Check-pointed at some point since it was created here: its record
+    /// went to the backup, which keeps following it until it is removed
+    /// (see [`crate::Server::replicated_page`]).
+    pub(crate) replicated: bool,
     pub(crate) third_party: bool,
     pub(crate) extra: Option<Box<Extra>>,
 }

@@ -16,7 +16,7 @@ use portkeep_proto::{
 };
 use portkeep_server::{
     BackupState, CheckpointClass, CheckpointMode, CheckpointPolicy, NamedSubscriber, Outcome,
-    RateLimit, RefusalReason, Server, ServerConfig, SubscriberKeying, Timestamp,
+    RateLimit, RefusalReason, Restored, Server, ServerConfig, SubscriberKeying, Timestamp,
 };
 
 const A: &str = "198.51.100.10";
@@ -824,7 +824,10 @@ fn rfc7767_s3_2_unflag_when_the_backup_did_not_confirm() {
         }
         other => panic!("unexpected change {other:?}"),
     }
-    assert_eq!(s.volatile_hosts(), vec![(sub_of(&s, A), vec![ip(A)])]);
+    // The backup keeps following it (its client may not have heard yet
+    // that the check-point ended), so it is not volatile state.
+    assert!(s.volatile_hosts().is_empty());
+    assert_eq!(s.replicated_mappings().len(), 1);
     // Twice is a no-op.
     assert!(!s.unflag(&m.key, m.kind, m.nonce));
 }
@@ -850,13 +853,14 @@ fn rfc7767_s1_a_paged_copy_brought_forward_equals_the_table() {
     let mut from = Some(0u32);
     let mut round = 0u16;
     while let Some(f) = from {
-        let (page, next) = s.checkpointed_page(f, 37);
+        let (page, next) = s.replicated_page(f, 37);
         for m in page {
             copy.insert(key_of(&m), m);
         }
         from = next;
         // Between pages: a new check-pointed mapping, one renewed without
-        // the option (no longer check-pointed), one deleted.
+        // the option (no longer check-pointed, still replicated), one
+        // deleted.
         round += 1;
         assert!(map_cp(&mut s, t, "198.51.100.2", 2000 + round));
         send(
@@ -875,12 +879,10 @@ fn rfc7767_s1_a_paged_copy_brought_forward_equals_the_table() {
     assert!(round > 5, "the copy took several pages");
     for c in s.drain_changes().filter(|c| c.seq > start) {
         match c.change {
-            Change::Upserted(m) if m.checkpoint => {
+            Change::Upserted(m) if m.checkpoint || copy.contains_key(&key_of(&m)) => {
                 copy.insert(key_of(&m), m);
             }
-            Change::Upserted(m) => {
-                copy.remove(&key_of(&m));
-            }
+            Change::Upserted(_) => {}
             Change::Removed { mapping, .. } => {
                 copy.remove(&key_of(&mapping));
             }
@@ -888,9 +890,49 @@ fn rfc7767_s1_a_paged_copy_brought_forward_equals_the_table() {
         }
     }
     let table: BTreeMap<Vec<u8>, MappingRecord> = s
-        .checkpointed_mappings()
+        .replicated_mappings()
         .into_iter()
         .map(|m| (key_of(&m), m))
         .collect();
     assert_eq!(copy, table);
+    assert!(
+        table.values().any(|m| !m.checkpoint),
+        "the copy follows mappings that lost their flag"
+    );
+}
+
+/// A mapping renewed without the option loses its check-point, but the
+/// backup keeps following it (its client may not have heard yet): it stays
+/// replicated, is not counted as volatile state, and a node that takes
+/// over from the backup's replica keeps following it in turn.
+#[test]
+fn draft_2_6_a_mapping_that_lost_its_flag_stays_replicated() {
+    let mut s = in_sync(unlimited());
+    assert!(map_cp(&mut s, T0, A, 80));
+    s.drain_volatile();
+    send(&mut s, T0, A, &map_req(A, 80, 3600, 1, vec![]));
+    assert!(!flag(&s, A, 80));
+    assert!(s.checkpointed_mappings().is_empty());
+    let followed = s.replicated_mappings();
+    assert_eq!(followed.len(), 1);
+    assert!(!followed[0].checkpoint);
+    assert!(s.drain_volatile().is_empty());
+    assert!(s.volatile_hosts().is_empty());
+    let state = Restored {
+        anchor: T0,
+        subscriber_anchors: vec![],
+        mappings: followed.clone(),
+        last_seq: 10,
+    };
+    let (taken_over, _) = Server::restore_replica(cfg(unlimited()), T0, state.clone());
+    assert_eq!(taken_over.replicated_mappings(), followed);
+    assert!(taken_over.volatile_hosts().is_empty());
+    // From its own store a node cannot know the backup followed it: it
+    // counts as volatile (the conservative side: an epoch reset).
+    let (restarted, _) = Server::restore(cfg(unlimited()), T0, state);
+    assert!(restarted.replicated_mappings().is_empty());
+    assert_eq!(
+        restarted.volatile_hosts(),
+        vec![(sub_of(&restarted, A), vec![ip(A)])]
+    );
 }

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use portkeep_client::{EpochTracker, RequestBuilder, Session, SessionConfig, SessionEvent};
 use portkeep_ha::{
-    strip_checkpoint, ActiveConfig, Effect, Grant, Message, Node, NodeConfig, Role, SnapshotSource,
-    TakeoverKind,
+    age_reply, strip_checkpoint, ActiveConfig, Effect, Grant, Message, Node, NodeConfig, Role,
+    SnapshotSource, TakeoverKind,
 };
 use portkeep_proto::{Nonce, Protocol};
 use portkeep_server::record::key_of;
@@ -127,6 +127,9 @@ enum Fault {
     EmptyCrashActive,
     PartitionOldActive,
     PartitionPromote,
+    // Default faults made of two steps.
+    PartitionLoss,
+    PartitionLossCrash,
 }
 
 impl Fault {
@@ -147,6 +150,8 @@ impl Fault {
             Fault::EmptyCrashActive => "promote-empty-crash-active",
             Fault::PartitionOldActive => "partitioned-old-active",
             Fault::PartitionPromote => "partitioned-old-active-promote",
+            Fault::PartitionLoss => "partition-then-active-loss",
+            Fault::PartitionLossCrash => "partition-then-active-loss-crash",
         }
     }
 }
@@ -191,6 +196,7 @@ struct Job {
     volatile: Vec<(SubscriberId, Vec<IpAddr>)>,
     reply: Reply,
     reset: Option<Restored>,
+    after: u64,
 }
 
 /// The store: what an fsync made durable, and the jobs not yet durable.
@@ -404,7 +410,7 @@ fn link_cfg() -> ActiveConfig {
 }
 
 fn stale_after() -> Duration {
-    Duration::from_millis(3000)
+    Duration::from_millis(1500)
 }
 
 impl World {
@@ -727,6 +733,7 @@ impl World {
             (Fault::CrashActive, 3),
             (Fault::CrashBackup, 2),
             (Fault::FsyncFailure, 1),
+            (Fault::PartitionLoss, 1),
         ];
         let total: u32 = kinds.iter().map(|(_, w)| w).sum();
         for _ in 0..n {
@@ -1193,6 +1200,10 @@ impl World {
     /// `Shared::submit`: the core's changes and the replies that depend on
     /// them queue for the committer, in log order.
     fn submit(&mut self, n: usize, reply: Reply, reset: Option<Restored>) {
+        self.submit_after(n, reply, reset, 0);
+    }
+
+    fn submit_after(&mut self, n: usize, reply: Reply, reset: Option<Restored>, after: u64) {
         let node = &mut self.nodes[n];
         let changes: Vec<ChangeRecord> = node.server.drain_changes().collect();
         let volatile = if changes.is_empty() || reset.is_some() {
@@ -1213,6 +1224,7 @@ impl World {
             volatile,
             reply,
             reset,
+            after,
         });
         self.maybe_fsync(n);
     }
@@ -1323,7 +1335,8 @@ impl World {
             node.store.apply(&job.changes);
             let meta = node
                 .ha
-                .prepare(&job.changes, std::mem::take(&mut job.volatile));
+                .prepare(&job.changes, std::mem::take(&mut job.volatile))
+                .after(job.after);
             segment.push((job.reply, meta));
         }
         self.commit_segment(n, segment, ts);
@@ -1343,7 +1356,27 @@ impl World {
         while let Some(e) = self.nodes[n].ha.poll_effect() {
             match e {
                 Effect::Release(r) => self.release(n, r),
-                Effect::Rewrite { reply, grants } => self.reject(n, reply, &grants),
+                Effect::ReleaseAged { reply, by_secs } => {
+                    let cp = self.nodes[n].server.config().code_points;
+                    let out = reply
+                        .out
+                        .into_iter()
+                        .filter_map(|(h, b)| age_reply(&b, by_secs, &cp).map(|b| (h, b)))
+                        .collect();
+                    // As if handled now: what the client is told expires
+                    // when the server's mapping does.
+                    let r = Reply {
+                        handled_at: reply.handled_at + u64::from(by_secs) * 1000,
+                        out,
+                        announce: reply.announce,
+                    };
+                    self.release(n, r);
+                }
+                Effect::Rewrite {
+                    reply,
+                    grants,
+                    after,
+                } => self.reject(n, reply, &grants, after),
                 Effect::BackupState(s) => {
                     self.nodes[n].server.set_backup_state(s);
                     if s == BackupState::InSync {
@@ -1357,7 +1390,7 @@ impl World {
                         seq: node.server.last_seq(),
                         anchor: node.server.anchor(),
                         subscriber_anchors: node.server.subscriber_anchors(),
-                        mappings: node.server.checkpointed_mappings(),
+                        mappings: node.server.replicated_mappings(),
                         volatile: node.server.volatile_hosts(),
                     };
                     let ts = self.ts();
@@ -1465,7 +1498,7 @@ impl World {
 
     /// `ha::reject`: the mappings lose their flag (a stored change), and
     /// the replies leave without the option behind that change.
-    fn reject(&mut self, n: usize, reply: Reply, grants: &[Grant]) {
+    fn reject(&mut self, n: usize, reply: Reply, grants: &[Grant], after: u64) {
         let node = &mut self.nodes[n];
         for g in grants {
             node.server.unflag(&g.key, g.kind, g.nonce);
@@ -1482,7 +1515,7 @@ impl World {
             out,
             announce: reply.announce,
         };
-        self.submit(n, r, None);
+        self.submit_after(n, r, None, after);
     }
 
     /// ANNOUNCEs with each subscriber's epoch, queued behind the changes
@@ -1594,14 +1627,29 @@ impl World {
             .filter(|(_, c)| c.connector == n || c.acceptor == n)
             .map(|(id, _)| *id)
             .collect();
+        let partitioned = self.partitioned();
+        let now = self.now;
         for id in ids {
             // A machine that dies sends no FIN: the peer finds out by its
-            // own timeouts.
+            // own timeouts. What it wrote and had not yet put on the wire
+            // dies with it: a segment leaves the sender 1 ms before it
+            // arrives (a link-delay window's extra latency is the sender's
+            // socket buffer filling on a slow path), and across a partition
+            // nothing written since has left (TCP would retransmit it).
             if let Some(c) = self.conns.get_mut(&id) {
                 let side = usize::from(c.acceptor == n);
                 c.open[side] = false;
                 c.q[1 - side].clear();
                 c.bytes[1 - side] = 0;
+                if partitioned {
+                    c.q[side].clear();
+                } else {
+                    c.q[side].retain(|(t, _)| t.saturating_sub(1) <= now);
+                }
+                c.bytes[side] = c.q[side]
+                    .iter()
+                    .map(|(_, seg)| seg.as_ref().map_or(0, Vec::len))
+                    .sum();
             }
             self.gc_conn(id);
         }
@@ -1698,7 +1746,7 @@ impl World {
         self.report.takeovers += 1;
         let cfg = self.server_cfg(n);
         let state = t.state.clone();
-        let (server, report) = Server::restore(cfg, ts, state.clone());
+        let (server, report) = Server::restore_replica(cfg, ts, state.clone());
         let targets = t.announce_targets(&report.dropped);
         let name = self.nodes[n].name;
         self.trace(format!(
@@ -2106,6 +2154,13 @@ impl World {
                     until: now + d,
                     value: self.rng.gen_range(20.0..400.0),
                 };
+                // Half the time the active is lost inside the window, with
+                // changes written and not yet acknowledged: the moment
+                // that tells whether replies wait for the backup.
+                if self.rng.gen_bool(0.5) {
+                    let at = now + self.rng.gen_range(200..d);
+                    self.schedule(at, Ev::Fault(Fault::CrashActive, 0));
+                }
             }
             Fault::LinkReset => {
                 if self.guards && self.first_contact_pending() {
@@ -2182,6 +2237,29 @@ impl World {
                 self.trace("schedule partitioned-old-active: link cut, backup promoted".to_owned());
                 self.partition_until = now + 30_000;
                 self.schedule(now + 2_500, Ev::Fault(Fault::PartitionPromote, 0));
+            }
+            Fault::PartitionLoss => {
+                // The link is cut and the active lost while cut: the
+                // active answered volatile requests the backup never heard
+                // of, unless the backup's lease still ran.
+                if !pair_healthy
+                    || !self.nodes[other].ever_synced
+                    || self.partitioned()
+                    || self.first_contact_pending()
+                {
+                    return postpone(self);
+                }
+                self.partition_until = now + 20_000;
+                let d = self.rng.gen_range(500..2_500);
+                self.schedule(now + d, Ev::Fault(Fault::PartitionLossCrash, 0));
+            }
+            Fault::PartitionLossCrash => {
+                // Not when another fault took the backup meanwhile (both
+                // down is a named schedule).
+                if !(pair_healthy && self.nodes[other].ever_synced) {
+                    return;
+                }
+                self.crash(holder);
             }
             Fault::PartitionPromote => {
                 if !self.nodes[other].up || self.nodes[other].ha.role() != Role::Backup {
@@ -2366,12 +2444,29 @@ impl World {
             .collect()
     }
 
+    /// When each MAP mapping of node `n` expires, in virtual ms.
+    fn expiries(&self, n: usize) -> HashMap<MapKey, u64> {
+        self.nodes[n]
+            .server
+            .mappings()
+            .into_iter()
+            .filter(|m| m.kind == MappingKind::Map)
+            .map(|m| {
+                (
+                    (m.key.internal_ip, m.key.protocol.0, m.key.internal_port),
+                    m.expires.as_millis().saturating_sub(T0),
+                )
+            })
+            .collect()
+    }
+
     /// A node starts serving: which clients lost state there, and can
     /// their epoch check see it?
     fn serving_started(&mut self, n: usize) {
         let now = self.now;
         let ts = self.ts();
         let table = self.table(n);
+        let expiries = self.expiries(n);
         let kind = self.nodes[n].takeover.take();
         let resets_all = matches!(kind, Some(TakeoverKind::Stale | TakeoverKind::Cold));
         let name = self.nodes[n].name;
@@ -2390,10 +2485,16 @@ impl World {
                     m.in_session
                         && m.server_expires > now + 1_000
                         && cl.session.grant(m.id).is_some()
-                        && table.get(&m.key()).is_none_or(|(nonce, ext)| {
+                        && (table.get(&m.key()).is_none_or(|(nonce, ext)| {
                             *nonce != m.nonce
                                 || cl.session.grant(m.id).and_then(|g| g.external) != Some(*ext)
                         })
+                            // Held, but ending well before the lifetime
+                            // last granted (a renewal this node never
+                            // heard of): gone before the client renews.
+                            || expiries
+                                .get(&m.key())
+                                .is_some_and(|&e| e + 2_000 < m.server_expires))
                 })
                 .collect();
             // A mapping being deleted counts as held until the delete is
@@ -2424,18 +2525,22 @@ impl World {
             }
             if missing && self.opts.trace {
                 let cl = &self.clients[c];
-                let lost: Vec<String> = cl
-                    .maps
+                let lost: Vec<String> = lost
                     .iter()
-                    .filter(|m| {
-                        m.in_session
-                            && m.server_expires > now + 1_000
-                            && cl.session.grant(m.id).is_some()
-                            && table
-                                .get(&m.key())
-                                .is_none_or(|(nonce, _)| *nonce != m.nonce)
+                    .map(|&i| {
+                        let m = &cl.maps[i];
+                        match expiries.get(&m.key()) {
+                            Some(&e) if e + 2_000 < m.server_expires => format!(
+                                "{}/{}:{} (held until {:.3}, granted until {:.3})",
+                                m.host,
+                                m.protocol.0,
+                                m.port,
+                                e as f64 / 1000.0,
+                                m.server_expires as f64 / 1000.0
+                            ),
+                            _ => format!("{}/{}:{}", m.host, m.protocol.0, m.port),
+                        }
                     })
-                    .map(|m| format!("{}/{}:{}", m.host, m.protocol.0, m.port))
                     .collect();
                 let line = format!("client {}: lost {} at node {name}", cl.ip, lost.join(" "));
                 self.trace(line);

@@ -42,6 +42,7 @@ fn default_faults_1000_seeds_hold_every_invariant() {
         "crash-active",
         "crash-backup",
         "fsync-failure",
+        "partition-then-active-loss",
         "promote-early",
         "promote-late",
         "old-active-return",

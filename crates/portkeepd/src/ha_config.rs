@@ -39,8 +39,10 @@ pub struct HaSection {
     pub heartbeat_ms: Option<u64>,
     /// Silence after which the other end is gone, ms.
     pub dead_after_ms: Option<u64>,
-    /// How long after losing the link a promotion still trusts what it
-    /// knows of volatile state, ms.
+    /// The lease the active grants its backup, ms: a backup promoted
+    /// within it of the active's last confirmation takes over hot; the
+    /// active holds replies the backup has not acknowledged up to this
+    /// long when the link fails or lags.
     pub stale_after_ms: Option<u64>,
 }
 
@@ -200,6 +202,7 @@ impl HaSection {
                     heartbeat: ms("ha.heartbeat_ms", self.heartbeat_ms, 100, 10, 10_000)?,
                     dead_after,
                     snapshot_part: 512,
+                    lease: ms("ha.stale_after_ms", self.stale_after_ms, 1500, 0, 60_000)?,
                 };
                 if timing.heartbeat >= dead_after {
                     return Err(invalid("ha.heartbeat_ms", "must be below ha.dead_after_ms"));
@@ -209,7 +212,7 @@ impl HaSection {
                     peer,
                     tls,
                     timing,
-                    stale_after: ms("ha.stale_after_ms", self.stale_after_ms, 3000, 0, 3_600_000)?,
+                    stale_after: timing.lease,
                 })
             }
         };

@@ -50,6 +50,9 @@ pub(crate) struct Job {
     /// Replace the store and the dataplane with this state first
     /// (promotion and demotion), in log order.
     reset: Option<Reset>,
+    /// A log position the replies depend on besides their own changes
+    /// (`portkeep_ha::JobMeta::after`).
+    after: u64,
 }
 
 /// The whole state a node switches to on promotion or demotion.
@@ -230,11 +233,18 @@ impl Shared {
 
     /// Hands the core's pending changes and the replies that depend on them
     /// on. Called with the core locked, so jobs queue in log order.
-    pub(crate) fn submit(
+    pub(crate) fn submit(&self, core: MutexGuard<'_, Core>, replies: SendBatch, socket: usize) {
+        self.submit_after(core, replies, socket, 0);
+    }
+
+    /// [`Shared::submit`] for replies that also depend on log position
+    /// `after` (`portkeep_ha::Effect::Rewrite`).
+    pub(crate) fn submit_after(
         &self,
         mut core: MutexGuard<'_, Core>,
         mut replies: SendBatch,
         socket: usize,
+        after: u64,
     ) {
         let changes: Vec<ChangeRecord> = core.server.drain_changes().collect();
         let volatile = if changes.is_empty() {
@@ -269,6 +279,7 @@ impl Shared {
                         socket,
                         volatile,
                         reset: None,
+                        after,
                     });
                 drop(core);
                 cv.notify_one();
@@ -297,6 +308,7 @@ impl Shared {
                         socket: 0,
                         volatile: Vec::new(),
                         reset: Some(reset),
+                        after: 0,
                     });
                 drop(core);
                 cv.notify_one();
@@ -504,7 +516,19 @@ pub(crate) fn act(shared: &Arc<Shared>, effects: Vec<Effect<Reply>>) {
     for e in effects {
         match e {
             Effect::Release(r) => release.push(r),
-            Effect::Rewrite { reply, grants } => rewrite.push((reply, grants)),
+            Effect::ReleaseAged {
+                reply: (socket, replies),
+                by_secs,
+            } => {
+                let cp = shared.lock().server.config().code_points;
+                let aged = replies.rewrite(|b| portkeep_ha::age_reply(b, by_secs, &cp));
+                release.push((socket, aged));
+            }
+            Effect::Rewrite {
+                reply,
+                grants,
+                after,
+            } => rewrite.push((reply, grants, after)),
             Effect::BackupState(st) => shared.lock().server.set_backup_state(st),
             Effect::NeedSnapshot => {
                 let shared = shared.clone();
@@ -538,14 +562,14 @@ pub(crate) fn act(shared: &Arc<Shared>, effects: Vec<Effect<Reply>>) {
 /// mappings lose their flag (logged and stored like any change) and the
 /// replies go out without the option, after that change is committed; a
 /// reply that cannot be rewritten is dropped ([`portkeep_ha::strip_checkpoint`]).
-fn reject(shared: &Shared, held: Vec<(Reply, Vec<Grant>)>) {
+fn reject(shared: &Shared, held: Vec<(Reply, Vec<Grant>, u64)>) {
     if held.is_empty() {
         return;
     }
     let mut core = shared.lock();
     let cp = core.server.config().code_points;
     let mut n = 0u64;
-    for (_, grants) in &held {
+    for (_, grants, _) in &held {
         for g in grants {
             if core.server.unflag(&g.key, g.kind, g.nonce) {
                 n += 1;
@@ -558,10 +582,10 @@ fn reject(shared: &Shared, held: Vec<(Reply, Vec<Grant>)>) {
         "backup did not confirm check-points in time: answered as not honoured"
     );
     let mut core = Some(core);
-    for ((socket, replies), _) in held {
+    for ((socket, replies), _, after) in held {
         let replies = replies.rewrite(|b| portkeep_ha::strip_checkpoint(b, &cp));
         let guard = core.take().unwrap_or_else(|| shared.lock());
-        shared.submit(guard, replies, socket);
+        shared.submit_after(guard, replies, socket, after);
     }
 }
 
@@ -583,10 +607,10 @@ fn send_snapshot(shared: &Arc<Shared>) {
     // core lock: the copy stands for the first page's position, and the
     // node sends every change after that position behind it (it keeps
     // them while the snapshot is pending), which brings each mapping
-    // copied later to its latest state (`Server::checkpointed_page`).
+    // copied later to its latest state (`Server::replicated_page`).
     let mut src = {
         let core = shared.lock();
-        let (mappings, next) = core.server.checkpointed_page(0, SNAPSHOT_PAGE_SLOTS);
+        let (mappings, next) = core.server.replicated_page(0, SNAPSHOT_PAGE_SLOTS);
         (
             SnapshotSource {
                 term,
@@ -603,7 +627,7 @@ fn send_snapshot(shared: &Arc<Shared>) {
         let (page, next) = shared
             .lock()
             .server
-            .checkpointed_page(from, SNAPSHOT_PAGE_SLOTS);
+            .replicated_page(from, SNAPSHOT_PAGE_SLOTS);
         src.0.mappings.extend(page);
         src.1 = next;
     }
@@ -707,7 +731,7 @@ pub(crate) fn promote(shared: &Arc<Shared>) -> Value {
     let effects = n.effects();
     drop(n);
     let state = takeover.state.clone();
-    let (server, report) = Server::restore(shared.server_cfg.clone(), now, state.clone());
+    let (server, report) = Server::restore_replica(shared.server_cfg.clone(), now, state.clone());
     core.server = server;
     let targets = takeover.announce_targets(&report.dropped);
     let mut rest = Vec::new();
@@ -870,7 +894,7 @@ fn commit(
                 // Only a replicating node needs the view (it clones the
                 // check-pointed records); the others honour no check-point.
                 let m = if replicating {
-                    node.prepare(&j.changes, volatile)
+                    node.prepare(&j.changes, volatile).after(j.after)
                 } else {
                     portkeep_ha::JobMeta::default()
                 };
