@@ -65,6 +65,7 @@ pub(crate) fn run(shared: Arc<Shared>, link: LinkSettings, listener: std::net::T
         tokio::select! {
             _ = accept_loop(shared.clone(), link.clone(), listener) => {}
             _ = active_loop(shared.clone(), link.clone()) => {}
+            _ = node_timer(shared.clone()) => {}
             _ = stop => {}
         }
     });
@@ -181,6 +182,28 @@ async fn serve_backup(
         drive(shared, |node| node.link_lost(now));
     }
     result
+}
+
+/// The node's timers, connected or not: a lease that ends while no
+/// connection is up still releases what waited for it.
+async fn node_timer(shared: Arc<Shared>) {
+    loop {
+        let next = shared.pair.node().poll_timeout();
+        let now = shared.clock.now();
+        let wait = next.map_or(Duration::from_millis(50), |t| {
+            if t > now {
+                (t - now).min(Duration::from_millis(50))
+            } else {
+                Duration::ZERO
+            }
+        });
+        // Never spin: a deadline already passed is handled below, and the
+        // next one is at least a millisecond away.
+        tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+        let now = shared.clock.now();
+        drive(&shared, |node| node.handle_timeout(now));
+        shared.pair.wake.notify_one();
+    }
 }
 
 async fn active_loop(shared: Arc<Shared>, link: LinkSettings) {

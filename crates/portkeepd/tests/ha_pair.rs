@@ -465,9 +465,20 @@ fn rfc7767_s3_2_link_cut_answers_without_the_option_then_resyncs() {
     };
     assert!(ask(1), "in sync: honoured");
     // The backup stalls: the held response is answered without the option
-    // once the acknowledgement is overdue, and the mapping is not flagged.
+    // once the acknowledgement is overdue and the lease the backup holds
+    // has ended (until then it could be promoted keeping the epochs, so
+    // nothing it has not heard of leaves), and the mapping is not flagged.
     b.signal("STOP");
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let t = Instant::now();
     assert!(!ask(2), "unconfirmed check-point answered as not honoured");
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1000) && waited < Duration::from_millis(3000),
+        "answered when the 1.5 s lease ended: {waited:?}"
+    );
+    sock.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
     let m = a.mappings();
     assert_eq!(m[&(client, 2)]["checkpoint"], false);
     assert_eq!(
