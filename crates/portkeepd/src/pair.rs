@@ -219,6 +219,8 @@ impl Pair {
             "refused_connections": count,
             "last_refusal": last,
             "takeovers": s.takeovers,
+            "responses_held": n.held(),
+            "responses_released_unconfirmed": s.released_unconfirmed,
         });
         if let Some(a) = n.active() {
             let state = match a.state() {
@@ -235,6 +237,10 @@ impl Pair {
             v["sent_seq"] = json!(a.sent());
             v["acked_seq"] = json!(a.acked());
             v["lag"] = json!(a.sent().saturating_sub(a.acked()));
+            // How much longer the backup could still be promoted hot.
+            v["lease_left_ms"] = json!(a
+                .lease_until()
+                .map_or(0, |t| t.as_millis().saturating_sub(now.as_millis())));
             if let (LinkState::Resyncing { .. }, Some(t)) = (a.state(), s.snapshot_sent) {
                 v["resync_elapsed_ms"] = json!((now - t).as_millis() as u64);
             }
@@ -252,6 +258,10 @@ impl Pair {
             v["checkpointed_mappings"] = json!(b.mapping_count());
             v["volatile_subscribers"] = json!(b.volatile_count());
             v["clock_offset_ms"] = json!(b.clock_offset_ms());
+            // A promotion now is hot only while this runs.
+            v["lease_left_ms"] = json!(b
+                .lease_until()
+                .map_or(0, |t| t.as_millis().saturating_sub(now.as_millis())));
             if let Some(n) = b.staging_count() {
                 v["resync_received_mappings"] = json!(n);
             }

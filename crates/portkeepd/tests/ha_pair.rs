@@ -464,6 +464,11 @@ fn rfc7767_s3_2_link_cut_answers_without_the_option_then_resyncs() {
         r.checkpoint_honoured()
     };
     assert!(ask(1), "in sync: honoured");
+    let lease = b.status()["ha"]["lease_left_ms"].as_u64().unwrap();
+    assert!(
+        lease > 0 && lease <= 1500,
+        "in sync, the backup holds a lease: {lease}"
+    );
     // The backup stalls: the held response is answered without the option
     // once the acknowledgement is overdue and the lease the backup holds
     // has ended (until then it could be promoted keeping the epochs, so
@@ -479,6 +484,12 @@ fn rfc7767_s3_2_link_cut_answers_without_the_option_then_resyncs() {
     );
     sock.set_read_timeout(Some(Duration::from_millis(1500)))
         .unwrap();
+    assert!(
+        a.status()["ha"]["responses_released_unconfirmed"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
     let m = a.mappings();
     assert_eq!(m[&(client, 2)]["checkpoint"], false);
     assert_eq!(
