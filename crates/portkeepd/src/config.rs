@@ -195,7 +195,7 @@ pub struct DataplaneSection {
     pub internal_interfaces: Option<Vec<String>>,
     /// nftables: path of the `nft` binary.
     pub nft_path: Option<String>,
-    /// nftables: path of the `conntrack` binary.
+    /// nftables: formerly the `conntrack` binary; accepted and unused.
     pub conntrack_path: Option<String>,
     /// nftables: delete the flows of removed mappings (default true).
     pub conntrack_cleanup: Option<bool>,
@@ -300,10 +300,11 @@ impl DataplaneSection {
             if p.is_empty() {
                 return Err(invalid("dataplane.conntrack_path", "must not be empty"));
             }
-            n.conntrack = Some(PathBuf::from(p));
+            // Flows are deleted over ctnetlink now; the key stays valid so
+            // that existing configurations still load.
         }
         if self.conntrack_cleanup == Some(false) {
-            n.conntrack = None;
+            n.conntrack_cleanup = false;
         }
         Ok(DataplaneKind::Nftables(n))
     }
@@ -790,7 +791,7 @@ mod tests {
         assert_eq!(n.on_stop, crate::nft::OnStop::Flush);
         assert_eq!(n.external_interfaces, vec!["wan0"]);
         assert_eq!(n.internal_interfaces, vec!["lan0", "lan1"]);
-        assert_eq!(n.conntrack, None);
+        assert!(!n.conntrack_cleanup);
         assert_eq!(n.nft, PathBuf::from("nft"));
     }
 }

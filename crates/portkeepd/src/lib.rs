@@ -11,6 +11,7 @@ pub mod control;
 pub mod ha_config;
 pub mod link;
 pub mod mmsg;
+pub mod nfnl;
 pub mod nft;
 pub mod node;
 pub mod pair;
