@@ -3,6 +3,7 @@
 //! signals). The binary `portkeepd` is a thin wrapper; tests and the
 //! benchmark start a [`runtime::Daemon`] in-process.
 
+pub mod bounded;
 pub mod checkpoint_config;
 pub mod clock;
 pub mod config;

@@ -82,6 +82,9 @@ pub struct NftSettings {
     pub nft: PathBuf,
     /// Whether the conntrack entries of removed mappings are deleted.
     pub conntrack_cleanup: bool,
+    /// How long the committer waits for one batch (see
+    /// [`crate::bounded`]).
+    pub timeout: std::time::Duration,
 }
 
 impl Default for NftSettings {
@@ -93,6 +96,7 @@ impl Default for NftSettings {
             internal_interfaces: Vec::new(),
             nft: PathBuf::from("nft"),
             conntrack_cleanup: true,
+            timeout: std::time::Duration::from_millis(2000),
         }
     }
 }
@@ -695,13 +699,6 @@ impl NftDataplane {
         &self.settings
     }
 
-    /// Forget that the table is built: the next apply rebuilds it from
-    /// what is known to be installed. For when the table is in doubt (an
-    /// apply that was abandoned may or may not have taken effect).
-    pub fn invalidate(&mut self) {
-        self.built = false;
-    }
-
     /// What `nft -f` loads to (re)build the table: make sure it exists,
     /// delete it with everything in it, define it afresh (one transaction).
     pub fn rebuild_script(&self) -> String {
@@ -1072,6 +1069,12 @@ impl NftDataplane {
 impl Dataplane for NftDataplane {
     fn name(&self) -> &'static str {
         "nftables"
+    }
+
+    /// The next apply rebuilds the table from what is known to be
+    /// installed.
+    fn invalidate(&mut self) {
+        self.built = false;
     }
 
     fn apply(&mut self, changes: &[ChangeRecord]) -> Result<(), DataplaneError> {
