@@ -432,12 +432,17 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// which programming nftables needs anyway.
 pub const RCVBUF: usize = 64 << 20;
 
+/// What one queued ack costs the receive buffer, at most (the skb's
+/// truesize; about 768 bytes on x86-64 for an ack without payload).
+const ACK_TRUESIZE: usize = 1024;
+
 /// A `NETLINK_NETFILTER` socket.
 #[derive(Debug)]
 pub struct Socket {
     sock: netlink_sys::Socket,
     seq: u32,
     buf: Vec<u8>,
+    max_acks: usize,
 }
 
 /// What the kernel said about a batch of messages.
@@ -467,11 +472,22 @@ impl Socket {
             rustix::net::sockopt::Timeout::Recv,
             Some(REPLY_TIMEOUT),
         )?;
+        // Without CAP_NET_ADMIN the buffer stays at net.core.rmem_max, and
+        // batches must be smaller for their acks to fit.
+        let rcvbuf = rustix::net::sockopt::socket_recv_buffer_size(&sock)?;
         Ok(Socket {
             sock,
             seq: 1,
             buf: vec![0; 64 << 10],
+            max_acks: (rcvbuf / ACK_TRUESIZE).max(16),
         })
+    }
+
+    /// How many acked messages one datagram may hold: the kernel queues
+    /// every ack of a batch before the first can be read, and acks that
+    /// do not fit the receive buffer are lost (`ENOBUFS`).
+    pub fn max_acks(&self) -> usize {
+        self.max_acks
     }
 
     /// The next `n` sequence numbers (their first).

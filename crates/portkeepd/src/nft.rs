@@ -607,10 +607,10 @@ pub(crate) fn conntrack_matches(m: &MappingRecord, out: &mut Vec<CtMatch>) {
     }
 }
 
-/// Element messages per nf_tables batch. The kernel queues every ack of
-/// a batch before the first can be read, so a batch must fit the
-/// socket's receive buffer ([`nfnl::RCVBUF`]); larger applies take
-/// several batches.
+/// Element messages per nf_tables batch, at most. The kernel queues
+/// every ack of a batch before the first can be read, so a batch must
+/// also fit the socket's receive buffer ([`nfnl::Socket::max_acks`]);
+/// larger applies take several batches.
 const BATCH_MESSAGES: usize = 16384;
 /// How often a batch is sent again without the mappings that failed in
 /// it before the rest of it is given up.
@@ -845,7 +845,11 @@ impl NftDataplane {
         let table = self.settings.table.clone();
         let mut buf = Vec::new();
         let mut sent: Vec<ElemOp> = Vec::new();
-        'chunks: for (ci, chunk) in b.ops.chunks(BATCH_MESSAGES).enumerate() {
+        let size = match self.socket() {
+            Ok(s) => s.max_acks().min(BATCH_MESSAGES),
+            Err(_) => BATCH_MESSAGES,
+        };
+        'chunks: for (ci, chunk) in b.ops.chunks(size).enumerate() {
             for attempt in 1..=BATCH_ATTEMPTS {
                 buf.clear();
                 sent.clear();
@@ -919,7 +923,7 @@ impl NftDataplane {
                         // The batch may or may not have been applied: the
                         // table is in doubt, and so is the socket.
                         let why = format!("netlink: {e}");
-                        for o in &b.ops[ci * BATCH_MESSAGES..] {
+                        for o in b.ops.get(ci * size..).unwrap_or_default() {
                             out.failed[o.owner as usize].get_or_insert_with(|| why.clone());
                         }
                         self.socket = None;
@@ -956,7 +960,8 @@ impl NftDataplane {
         };
         let mut unsupported = false;
         let mut broken = false;
-        for chunk in matches.chunks(BATCH_MESSAGES) {
+        let size = sock.max_acks().min(BATCH_MESSAGES);
+        for chunk in matches.chunks(size) {
             let n = chunk.len() as u32;
             let first = sock.seqs(n);
             let mut buf = Vec::with_capacity(chunk.len() * 80);

@@ -479,3 +479,42 @@ fn removed_mappings_lose_their_conntrack_entries_over_ctnetlink() {
     assert_eq!(after.lines().count(), 1, "{after}");
     assert!(after.contains("dport=30001"), "{after}");
 }
+
+/// An apply larger than one netlink batch (the acks of one batch must fit
+/// the socket's receive buffer) installs every element, and a rebuild
+/// loads them all again.
+#[test]
+fn an_apply_of_many_batches_installs_every_element() {
+    let Some(ns) = setup("nftables over netlink, many batches", &["ip", "nft"]) else {
+        return;
+    };
+    let n = 12_000usize;
+    let maps: Vec<MappingRecord> = (0..n)
+        .map(|i| {
+            map(
+                Protocol::TCP,
+                &format!("10.1.{}.{}:8080", i / 250, i % 250 + 1),
+                &format!("198.51.100.{}:{}", i / 50_000 + 1, 1024 + i % 50_000),
+            )
+        })
+        .collect();
+    let name = ns.name.clone();
+    let ups: Vec<ChangeRecord> = maps.iter().zip(1..).map(|(m, s)| up(s, m)).collect();
+    let dp = in_ns(&name, move || {
+        let mut dp = NftDataplane::new(settings());
+        dp.apply(&ups).unwrap();
+        dp
+    });
+    assert_eq!(ns.count("dnat4"), n);
+    assert_eq!(ns.count("snat4"), n);
+    // Someone flushes a map behind the dataplane's back; after a doubt the
+    // rebuild puts everything back.
+    ns.nft(&format!("flush map inet {TABLE} snat4"));
+    in_ns(&name, move || {
+        let mut dp = dp;
+        Dataplane::invalidate(&mut dp);
+        dp.apply(&[]).unwrap();
+    });
+    assert_eq!(ns.count("dnat4"), n);
+    assert_eq!(ns.count("snat4"), n);
+}
