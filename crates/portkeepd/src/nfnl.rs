@@ -436,13 +436,27 @@ pub const RCVBUF: usize = 64 << 20;
 /// truesize; about 768 bytes on x86-64 for an ack without payload).
 const ACK_TRUESIZE: usize = 1024;
 
+/// Datagrams read per `recvmmsg`: a batch's acks arrive one datagram each.
+const RECV_BATCH: usize = 256;
+/// Room for one ack: with `NETLINK_CAP_ACK` even an error is 36 bytes.
+const RECV_SLOT: usize = 1024;
+
 /// A `NETLINK_NETFILTER` socket.
-#[derive(Debug)]
 pub struct Socket {
     sock: netlink_sys::Socket,
     seq: u32,
-    buf: Vec<u8>,
+    bufs: Vec<Vec<u8>>,
     max_acks: usize,
+}
+
+impl std::fmt::Debug for Socket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Socket")
+            .field("sock", &self.sock)
+            .field("seq", &self.seq)
+            .field("max_acks", &self.max_acks)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the kernel said about a batch of messages.
@@ -478,7 +492,7 @@ impl Socket {
         Ok(Socket {
             sock,
             seq: 1,
-            buf: vec![0; 64 << 10],
+            bufs: vec![vec![0; RECV_SLOT]; RECV_BATCH],
             max_acks: (rcvbuf / ACK_TRUESIZE).max(16),
         })
     }
@@ -518,6 +532,49 @@ impl Socket {
         Ok(())
     }
 
+    /// Reads at least one and up to [`RECV_BATCH`] datagrams (one
+    /// `recvmmsg`), appending their acks.
+    fn recv_acks(&mut self, acks: &mut Vec<Ack>) -> io::Result<()> {
+        use nix::errno::Errno;
+        use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
+        use std::os::fd::AsRawFd as _;
+        let lens: Vec<usize> = {
+            let mut slices: Vec<[io::IoSliceMut<'_>; 1]> = self
+                .bufs
+                .iter_mut()
+                .map(|b| [io::IoSliceMut::new(&mut b[..])])
+                .collect();
+            // Not kept in the socket: it holds raw pointers, which are not
+            // Send.
+            let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(RECV_BATCH, None);
+            match recvmmsg(
+                self.sock.as_raw_fd(),
+                &mut headers,
+                slices.iter_mut(),
+                MsgFlags::MSG_WAITFORONE,
+                None,
+            ) {
+                Ok(r) => r.map(|m| m.bytes).collect(),
+                // Interrupted: the caller asks again.
+                Err(Errno::EINTR) => return Ok(()),
+                Err(Errno::EAGAIN) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no answer from the kernel within {REPLY_TIMEOUT:?}"),
+                    ))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        for (buf, n) in self.bufs.iter().zip(lens) {
+            let got = buf.get(..n).ok_or_else(|| {
+                io::Error::other(format!("netlink: a {n}-byte answer did not fit"))
+            })?;
+            parse_acks(got, acks).map_err(io::Error::other)?;
+        }
+        Ok(())
+    }
+
     /// Sends `msgs` (one datagram) and waits for an answer to each of the
     /// `count` sequence numbers from `first`; an answer to `batch_seq` (the
     /// batch's begin message) ends the wait: the batch was refused whole.
@@ -533,15 +590,8 @@ impl Socket {
         let mut answered = 0u32;
         let mut acks = Vec::new();
         while answered < count {
-            self.buf.resize(64 << 10, 0);
-            let n = match self.sock.recv(&mut &mut self.buf[..], 0) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
             acks.clear();
-            let got = self.buf.get(..n).unwrap_or(&self.buf);
-            parse_acks(got, &mut acks).map_err(io::Error::other)?;
+            self.recv_acks(&mut acks)?;
             for a in &acks {
                 if Some(a.seq) == batch_seq {
                     if a.error != 0 {
