@@ -223,6 +223,22 @@ pub fn batch_end(buf: &mut Vec<u8>, seq: u32) {
 /// One element added to or deleted from `set` of `table inet TABLE`, with
 /// `NLM_F_ACK`, so that the kernel answers this message on its own.
 pub fn setelem(buf: &mut Vec<u8>, op: Op, seq: u32, table: &str, set: &str, e: ElemRef<'_>) {
+    setelems(buf, op, seq, table, set, &[e]);
+}
+
+/// Elements added to or deleted from one set in one message, with
+/// `NLM_F_ACK`: the kernel answers the message as a whole (an error names
+/// the message, not the element), and stops at the first element it
+/// refuses (`nf_tables_newsetelem`). Keep the message under 64 KiB: the
+/// list's length is a 16-bit attribute length.
+pub fn setelems(
+    buf: &mut Vec<u8>,
+    op: Op,
+    seq: u32,
+    table: &str,
+    set: &str,
+    elems: &[ElemRef<'_>],
+) {
     let (ty, flags) = match op {
         Op::Add => (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE),
         Op::Del => (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
@@ -238,21 +254,23 @@ pub fn setelem(buf: &mut Vec<u8>, op: Op, seq: u32, table: &str, set: &str, e: E
     attr(buf, NFTA_SET_ELEM_LIST_TABLE, &strz(table));
     attr(buf, NFTA_SET_ELEM_LIST_SET, &strz(set));
     let elements = nest_start(buf, NFTA_SET_ELEM_LIST_ELEMENTS);
-    let elem = nest_start(buf, NFTA_LIST_ELEM);
-    let key = nest_start(buf, NFTA_SET_ELEM_KEY);
-    attr(buf, NFTA_DATA_VALUE, e.key);
-    nest_end(buf, key);
-    if let Some(end) = e.key_end {
-        let n = nest_start(buf, NFTA_SET_ELEM_KEY_END);
-        attr(buf, NFTA_DATA_VALUE, end);
-        nest_end(buf, n);
+    for e in elems {
+        let elem = nest_start(buf, NFTA_LIST_ELEM);
+        let key = nest_start(buf, NFTA_SET_ELEM_KEY);
+        attr(buf, NFTA_DATA_VALUE, e.key);
+        nest_end(buf, key);
+        if let Some(end) = e.key_end {
+            let n = nest_start(buf, NFTA_SET_ELEM_KEY_END);
+            attr(buf, NFTA_DATA_VALUE, end);
+            nest_end(buf, n);
+        }
+        if let Some(data) = e.data {
+            let n = nest_start(buf, NFTA_SET_ELEM_DATA);
+            attr(buf, NFTA_DATA_VALUE, data);
+            nest_end(buf, n);
+        }
+        nest_end(buf, elem);
     }
-    if let Some(data) = e.data {
-        let n = nest_start(buf, NFTA_SET_ELEM_DATA);
-        attr(buf, NFTA_DATA_VALUE, data);
-        nest_end(buf, n);
-    }
-    nest_end(buf, elem);
     nest_end(buf, elements);
     msg_end(buf, at);
 }
@@ -739,6 +757,29 @@ mod tests {
         want.extend_from_slice(&n(1));
         want.extend_from_slice(&key);
         assert_eq!(b, want);
+    }
+
+    #[test]
+    fn setelems_carries_each_element_in_its_own_list_entry() {
+        let e = ElemRef {
+            key: &[1, 2, 3, 4],
+            key_end: None,
+            data: Some(&[5, 6, 7, 8]),
+        };
+        let mut one = Vec::new();
+        setelem(&mut one, Op::Add, 1, "t", "dnat4_all", e);
+        let mut two = Vec::new();
+        setelems(&mut two, Op::Add, 1, "t", "dnat4_all", &[e, e]);
+        let entry = &one[one.len() - 28..];
+        assert_eq!(two.len(), one.len() + 28);
+        assert_eq!(&two[..4], &(one.len() as u32 + 28).to_ne_bytes());
+        assert_eq!(&two[two.len() - 56..two.len() - 28], entry);
+        assert_eq!(&two[two.len() - 28..], entry);
+        // NFTA_SET_ELEM_LIST_ELEMENTS, after header, table and set.
+        assert_eq!(
+            &two[44..48],
+            [&60u16.to_ne_bytes()[..], &0x8003u16.to_ne_bytes()].concat()
+        );
     }
 
     #[test]

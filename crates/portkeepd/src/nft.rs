@@ -607,14 +607,24 @@ pub(crate) fn conntrack_matches(m: &MappingRecord, out: &mut Vec<CtMatch>) {
     }
 }
 
-/// Element messages per nf_tables batch, at most. The kernel queues
-/// every ack of a batch before the first can be read, so a batch must
-/// also fit the socket's receive buffer ([`nfnl::Socket::max_acks`]);
-/// larger applies take several batches.
+/// Elements per nf_tables batch (one kernel transaction), at most; larger
+/// applies take several batches. The kernel also queues every ack of a
+/// batch before the first can be read, so its messages must fit the
+/// socket's receive buffer ([`nfnl::Socket::max_acks`]).
+const BATCH_ELEMENTS: usize = 32768;
+/// Elements of one set per message. Each message is acked on its own, and
+/// an ack costs the kernel and this process about what an element does,
+/// so elements share messages; a refused message is sent again with its
+/// elements one per message, which names the refused one. 128 of the
+/// largest (`allow6`, about 150 bytes) stay well under the 64 KiB a
+/// message's element list can hold.
+const ELEMENTS_PER_MESSAGE: usize = 128;
+/// Conntrack deletes per datagram (each is acked).
 const BATCH_MESSAGES: usize = 16384;
-/// How often a batch is sent again without the mappings that failed in
-/// it before the rest of it is given up.
-const BATCH_ATTEMPTS: usize = 4;
+/// How often a batch is sent again, first with the elements of refused
+/// messages one per message, then without the mappings whose elements
+/// were refused, before the rest of it is given up.
+const BATCH_ATTEMPTS: usize = 5;
 
 /// One mapping a batch touches, or, on a rebuild, one already installed.
 #[derive(Debug)]
@@ -842,17 +852,32 @@ impl NftDataplane {
             doubt: false,
         };
         let mut committed = vec![false; b.owners.len()];
+        // Owners whose elements go one per message, so that a refusal
+        // names its element.
+        let mut alone = vec![false; b.owners.len()];
         let table = self.settings.table.clone();
         let mut buf = Vec::new();
         let mut sent: Vec<ElemOp> = Vec::new();
-        let size = match self.socket() {
-            Ok(s) => s.max_acks().min(BATCH_MESSAGES),
-            Err(_) => BATCH_MESSAGES,
+        let mut msgs: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut refs: Vec<ElemRef<'_>> = Vec::new();
+        // Out of `self` while the elements (in `self`) are encoded.
+        let mut sock = match self.socket.take().map_or_else(nfnl::Socket::open, Ok) {
+            Ok(s) => s,
+            Err(e) => {
+                let why = format!("netlink socket: {e}");
+                for o in &b.ops {
+                    out.failed[o.owner as usize].get_or_insert_with(|| why.clone());
+                }
+                return out;
+            }
         };
+        let mut broken = false;
+        let size = (sock.max_acks() * ELEMENTS_PER_MESSAGE).min(BATCH_ELEMENTS);
         'chunks: for (ci, chunk) in b.ops.chunks(size).enumerate() {
             for attempt in 1..=BATCH_ATTEMPTS {
                 buf.clear();
                 sent.clear();
+                msgs.clear();
                 sent.extend(
                     chunk
                         .iter()
@@ -861,29 +886,40 @@ impl NftDataplane {
                 if sent.is_empty() {
                     break;
                 }
-                let sock = match self.socket() {
-                    Ok(s) => s,
-                    Err(e) => {
-                        for o in &b.ops {
-                            out.failed[o.owner as usize].get_or_insert_with(|| e.clone());
-                        }
-                        break 'chunks;
+                // Deletes stay before adds; within each, one message per
+                // run of elements of one set.
+                let set_of = |o: &ElemOp| self.elem_of(b, *o).map_or("", |e| e.set);
+                sent.sort_by_key(|o| (o.op == Op::Add, set_of(o)));
+                for (i, o) in sent.iter().enumerate() {
+                    let joins = msgs.last().is_some_and(|m| {
+                        let prev = sent[m.start];
+                        m.len() < ELEMENTS_PER_MESSAGE
+                            && prev.op == o.op
+                            && set_of(&prev) == set_of(o)
+                            && !alone[prev.owner as usize]
+                            && !alone[o.owner as usize]
+                    });
+                    match msgs.last_mut() {
+                        Some(m) if joins => m.end = i + 1,
+                        _ => msgs.push(i..i + 1),
                     }
-                };
-                let n = sent.len() as u32;
+                }
+                let n = msgs.len() as u32;
                 let begin = sock.seqs(n + 2);
                 let first = begin + 1;
                 nfnl::batch_begin(&mut buf, begin);
-                for (k, o) in sent.iter().enumerate() {
-                    let Some(e) = self.elem_of(b, *o) else {
-                        continue;
-                    };
-                    nfnl::setelem(&mut buf, o.op, first + k as u32, &table, e.set, e.as_ref());
+                for (k, m) in msgs.iter().enumerate() {
+                    refs.clear();
+                    refs.extend(
+                        sent[m.clone()]
+                            .iter()
+                            .filter_map(|o| self.elem_of(b, *o).map(Elem::as_ref)),
+                    );
+                    let o = sent[m.start];
+                    nfnl::setelems(&mut buf, o.op, first + k as u32, &table, set_of(&o), &refs);
                 }
+                refs.clear();
                 nfnl::batch_end(&mut buf, first + n);
-                let Some(sock) = self.socket.as_mut() else {
-                    break 'chunks;
-                };
                 match sock.transact(&buf, first, n, Some(begin)) {
                     Ok(Outcome::Answered(errors)) if errors.is_empty() => {
                         for o in &sent {
@@ -893,14 +929,25 @@ impl NftDataplane {
                     }
                     Ok(Outcome::Answered(errors)) => {
                         // The kernel aborted the whole batch; the acks say
-                        // which messages it refused.
+                        // which messages it refused. A message of one
+                        // element names it; the elements of a larger one
+                        // go one per message next time.
                         for a in &errors {
-                            let Some(o) = sent.get(a.seq.wrapping_sub(first) as usize) else {
+                            let Some(m) = msgs.get(a.seq.wrapping_sub(first) as usize) else {
                                 continue;
                             };
-                            let why =
-                                format!("{}: {}", self.describe(b, *o), nfnl::errno_text(a.error));
-                            out.failed[o.owner as usize].get_or_insert(why);
+                            if let [o] = &sent[m.clone()] {
+                                let why = format!(
+                                    "{}: {}",
+                                    self.describe(b, *o),
+                                    nfnl::errno_text(a.error)
+                                );
+                                out.failed[o.owner as usize].get_or_insert(why);
+                            } else {
+                                for o in &sent[m.clone()] {
+                                    alone[o.owner as usize] = true;
+                                }
+                            }
                         }
                         if attempt == BATCH_ATTEMPTS {
                             for o in &sent {
@@ -926,12 +973,15 @@ impl NftDataplane {
                         for o in b.ops.get(ci * size..).unwrap_or_default() {
                             out.failed[o.owner as usize].get_or_insert_with(|| why.clone());
                         }
-                        self.socket = None;
+                        broken = true;
                         out.doubt = true;
                         break 'chunks;
                     }
                 }
             }
+        }
+        if !broken {
+            self.socket = Some(sock);
         }
         // A mapping that failed after part of it went in with an earlier
         // transaction is half installed.

@@ -373,16 +373,17 @@ fn netlink_batches_apply_exactly_and_fail_exactly_the_refused_change() {
     let p = peer("10.0.0.3:5000", "198.51.100.1:40000", "203.0.113.9:3478");
     let f = filtered("10.0.0.4:22", "198.51.100.1:30022", "203.0.113.0/24", 0);
     let pin = map(Protocol::TCP, "[2001:db8::5]:443", "[2001:db8::5]:443");
-    let (a2, p2, f2, pin2) = (a.clone(), p.clone(), f.clone(), pin.clone());
+    let c = map(Protocol::TCP, "10.0.0.6:8080", "198.51.100.1:30001");
+    let (a2, p2, f2, pin2, c2) = (a.clone(), p.clone(), f.clone(), pin.clone(), c.clone());
     let mut dp = in_ns(&name, move || {
         let mut dp = NftDataplane::new(settings());
-        dp.apply(&[up(1, &a2), up(2, &p2), up(3, &f2), up(4, &pin2)])
+        dp.apply(&[up(1, &a2), up(2, &p2), up(3, &f2), up(4, &pin2), up(5, &c2)])
             .unwrap();
         dp
     });
     for (set, n) in [
-        ("dnat4", 2),
-        ("snat4", 2),
+        ("dnat4", 3),
+        ("snat4", 3),
         ("peer4", 1),
         ("filtered4", 1),
         ("allow4", 1),
@@ -394,21 +395,23 @@ fn netlink_batches_apply_exactly_and_fail_exactly_the_refused_change() {
     assert!(allow.to_string().contains("203.0.113.0"), "{allow}");
 
     // Behind the dataplane's back, a's DNAT element goes: deleting it
-    // again is refused (ENOENT). Then one batch removes a, adds b.
+    // again is refused (ENOENT). Then one batch removes a and c (their
+    // DNAT deletes share a message, which the kernel refuses as a whole),
+    // adds b and removes p.
     ns.nft(&format!(
         "delete element inet {TABLE} dnat4 {{ 6 . 198.51.100.1 . 30000 : 10.0.0.2 . 8080 }}"
     ));
     let b = map(Protocol::UDP, "10.0.0.5:53", "198.51.100.1:30053");
-    let (a2, b2, p2) = (a.clone(), b.clone(), p.clone());
+    let (a2, b2, p2, c2) = (a.clone(), b.clone(), p.clone(), c.clone());
     let (r, dp) = in_ns(&name, move || {
-        let r = dp.apply(&[down(10, &a2), up(11, &b2), down(12, &p2)]);
+        let r = dp.apply(&[down(10, &a2), up(11, &b2), down(12, &p2), down(13, &c2)]);
         (r, dp)
     });
     let mut dp = dp;
     let err = r.unwrap_err();
     assert_eq!(err.failed, [10], "{err}");
     assert!(err.message.contains("dnat4"), "{err}");
-    // b went in, p went out; a, refused as a whole, kept its SNAT.
+    // b went in, p and c went out; a, refused as a whole, kept its SNAT.
     assert_eq!(ns.count("dnat4"), 2);
     assert_eq!(ns.count("snat4"), 3);
     assert_eq!(ns.count("peer4"), 0);
