@@ -26,11 +26,14 @@
 //! The table's definition (its sets and rules) is loaded once with
 //! `nft -f`, judged by its exit status alone. Elements, the hot path, go
 //! over netlink ([`crate::nfnl`]): each [`Dataplane::apply`] is one
-//! nf_tables batch (one kernel transaction) of one message per element,
-//! each acknowledged on its own, so a refused element is known exactly
-//! and names the changes it belongs to. A batch is all or nothing: when
-//! one message fails the kernel aborts the batch, so it is sent again
-//! without the mappings whose elements failed, and those are reported.
+//! nf_tables batch (one kernel transaction; several for very large
+//! applies) of element messages, each acknowledged on its own. A refused
+//! message of one element names that element and so the changes it
+//! belongs to; the elements of a larger refused message are sent one per
+//! message next time, which names the refused one. A batch is all or
+//! nothing: when one message fails the kernel aborts the batch, so it is
+//! sent again without the mappings whose elements failed, and exactly
+//! those are reported.
 //!
 //! The first call after start (and after anything that leaves the table
 //! in doubt) rebuilds: `nft -f` deletes and re-creates the table, then

@@ -307,6 +307,14 @@ impl Shared {
     /// Rebuilds the dataplane from scratch holding exactly `state`'s
     /// mappings (a new instance rebuilds its nftables table on first use).
     fn reset_dataplane(&self, state: &Restored) {
+        // The old instance goes first: with `on_stop = "flush"` dropping it
+        // deletes the table, which must not happen after the new one has
+        // filled it.
+        let mut slot = self.dataplane();
+        drop(std::mem::replace(
+            &mut *slot,
+            Box::new(MemoryDataplane::new()) as Box<dyn Dataplane>,
+        ));
         let mut dp = new_dataplane(&self.dataplane_kind);
         let install: Vec<ChangeRecord> = state
             .mappings
@@ -319,7 +327,7 @@ impl Shared {
         if let Err(e) = dp.apply(&install) {
             tracing::error!(error = %e, "dataplane rejected the state taken over");
         }
-        *self.dataplane() = bounded(dp, &self.dataplane_kind);
+        *slot = bounded(dp, &self.dataplane_kind);
     }
 
     /// Hands replies whose changes are committed (and, for check-points,
