@@ -52,7 +52,7 @@ fn record(i: usize) -> MappingRecord {
 pub(crate) fn install(n: usize, json: bool) -> anyhow::Result<()> {
     let mut dp = NftDataplane::new(NftSettings {
         table: "pkbench".into(),
-        conntrack: None,
+        conntrack_cleanup: false,
         ..NftSettings::default()
     });
     // Build the (empty) table first, as the daemon's start does.

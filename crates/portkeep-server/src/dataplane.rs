@@ -29,6 +29,11 @@ pub trait Dataplane: Send {
     fn name(&self) -> &'static str;
     /// Applies a batch of changes, in order.
     fn apply(&mut self, changes: &[ChangeRecord]) -> Result<(), DataplaneError>;
+    /// What the dataplane holds is in doubt (an apply was abandoned while
+    /// it ran and may or may not have taken effect): the next apply must
+    /// first reconcile the forwarding plane with what is known to be
+    /// installed. Nothing to do for a dataplane that cannot be in doubt.
+    fn invalidate(&mut self) {}
 }
 
 /// The key of an inbound (DNAT) rule: protocol, external address and port.

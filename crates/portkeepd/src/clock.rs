@@ -60,3 +60,22 @@ impl Stopwatch {
         u64::try_from(self.0.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 }
+
+/// A point in monotonic time, for bounded waits (a wall-clock step must
+/// neither cut a wait short nor stretch it).
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline(Instant);
+
+impl Deadline {
+    /// `d` from now.
+    #[allow(clippy::disallowed_methods)] // The runtime boundary: see clippy.toml.
+    pub fn after(d: std::time::Duration) -> Deadline {
+        Deadline(Instant::now() + d)
+    }
+
+    /// How long until the deadline (zero once it has passed).
+    #[allow(clippy::disallowed_methods)] // The runtime boundary: see clippy.toml.
+    pub fn left(&self) -> std::time::Duration {
+        self.0.saturating_duration_since(Instant::now())
+    }
+}

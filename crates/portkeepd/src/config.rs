@@ -195,10 +195,12 @@ pub struct DataplaneSection {
     pub internal_interfaces: Option<Vec<String>>,
     /// nftables: path of the `nft` binary.
     pub nft_path: Option<String>,
-    /// nftables: path of the `conntrack` binary.
+    /// nftables: formerly the `conntrack` binary; accepted and unused.
     pub conntrack_path: Option<String>,
     /// nftables: delete the flows of removed mappings (default true).
     pub conntrack_cleanup: Option<bool>,
+    /// nftables: how long the committer waits for one batch.
+    pub timeout_ms: Option<u64>,
 }
 
 /// Which dataplane to program.
@@ -228,7 +230,8 @@ impl DataplaneSection {
             || self.internal_interfaces.is_some()
             || self.nft_path.is_some()
             || self.conntrack_path.is_some()
-            || self.conntrack_cleanup.is_some();
+            || self.conntrack_cleanup.is_some()
+            || self.timeout_ms.is_some();
         match self.kind.as_deref() {
             None | Some("memory") => {
                 if nft_keys {
@@ -300,10 +303,20 @@ impl DataplaneSection {
             if p.is_empty() {
                 return Err(invalid("dataplane.conntrack_path", "must not be empty"));
             }
-            n.conntrack = Some(PathBuf::from(p));
+            // Flows are deleted over ctnetlink now; the key stays valid so
+            // that existing configurations still load.
         }
         if self.conntrack_cleanup == Some(false) {
-            n.conntrack = None;
+            n.conntrack_cleanup = false;
+        }
+        if let Some(ms) = self.timeout_ms {
+            if !(10..=60_000).contains(&ms) {
+                return Err(invalid(
+                    "dataplane.timeout_ms",
+                    format!("{ms} is out of range (10 to 60000)"),
+                ));
+            }
+            n.timeout = std::time::Duration::from_millis(ms);
         }
         Ok(DataplaneKind::Nftables(n))
     }
@@ -747,6 +760,9 @@ mod tests {
         ))
         .contains("dataplane.internal_interfaces"));
         assert!(err(&format!("{nft}nft_path = \"\"")).contains("dataplane.nft_path"));
+        assert!(err(&format!("{nft}timeout_ms = 5")).contains("dataplane.timeout_ms"));
+        assert!(err(&format!("{nft}timeout_ms = 60001")).contains("dataplane.timeout_ms"));
+        assert!(err("[dataplane]\ntimeout_ms = 100").contains("dataplane.kind"));
         assert!(err("[extensions]\nget_opcode = 1").contains("extensions.get_opcode"));
         assert!(err("[extensions]\nnext_option = 200").contains("extensions.next_option"));
         assert!(err("[extensions]\nnext_option = 5").contains("extensions.next_option"));
@@ -777,7 +793,7 @@ mod tests {
         let s = ConfigFile::parse(
             "[dataplane]\nkind = \"nftables\"\ntable = \"pk_test\"\non_stop = \"flush\"\n\
              external_interfaces = [\"wan0\"]\ninternal_interfaces = [\"lan0\", \"lan1\"]\n\
-             conntrack_cleanup = false",
+             conntrack_cleanup = false\ntimeout_ms = 500",
             "x",
         )
         .unwrap()
@@ -790,7 +806,8 @@ mod tests {
         assert_eq!(n.on_stop, crate::nft::OnStop::Flush);
         assert_eq!(n.external_interfaces, vec!["wan0"]);
         assert_eq!(n.internal_interfaces, vec!["lan0", "lan1"]);
-        assert_eq!(n.conntrack, None);
+        assert!(!n.conntrack_cleanup);
+        assert_eq!(n.timeout, std::time::Duration::from_millis(500));
         assert_eq!(n.nft, PathBuf::from("nft"));
     }
 }

@@ -3,6 +3,7 @@
 //! signals). The binary `portkeepd` is a thin wrapper; tests and the
 //! benchmark start a [`runtime::Daemon`] in-process.
 
+pub mod bounded;
 pub mod checkpoint_config;
 pub mod clock;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod control;
 pub mod ha_config;
 pub mod link;
 pub mod mmsg;
+pub mod nfnl;
 pub mod nft;
 pub mod node;
 pub mod pair;

@@ -23,18 +23,28 @@
 //!   which wins over the MAP SNAT and over the operator's own masquerade
 //!   (its chain runs at `srcnat - 1`).
 //!
-//! Each call to [`Dataplane::apply`] is one `nft -f -` process and one
-//! kernel transaction, whatever the number of changes: the committer calls
-//! it once per group commit. The first call after start replaces the whole
-//! table in that same transaction (delete + re-create + load), so leftovers
-//! of an earlier run vanish and nothing is installed twice. Removed
-//! mappings also lose their conntrack entries (one `conntrack -R` process
-//! per batch), or an established flow would keep forwarding.
+//! The table's definition (its sets and rules) is loaded once with
+//! `nft -f`, judged by its exit status alone. Elements, the hot path, go
+//! over netlink ([`crate::nfnl`]): each [`Dataplane::apply`] is one
+//! nf_tables batch (one kernel transaction; several for very large
+//! applies) of element messages, each acknowledged on its own. A refused
+//! message of one element names that element and so the changes it
+//! belongs to; the elements of a larger refused message are sent one per
+//! message next time, which names the refused one. A batch is all or
+//! nothing: when one message fails the kernel aborts the batch, so it is
+//! sent again without the mappings whose elements failed, and exactly
+//! those are reported.
+//!
+//! The first call after start (and after anything that leaves the table
+//! in doubt) rebuilds: `nft -f` deletes and re-creates the table, then
+//! every known element is loaded over netlink, so leftovers of an earlier
+//! run vanish and nothing is installed twice. Removed mappings also lose
+//! their conntrack entries, deleted over ctnetlink, or an established flow
+//! would keep forwarding.
 //!
 //! The dataplane remembers which elements each mapping installed, so an
 //! update deletes exactly what it replaces and a delete never names an
-//! element that is not there (nft 1.0.6 has no `destroy element`, and a
-//! failed `delete element` would fail the whole transaction).
+//! element that is not there.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -47,6 +57,8 @@ use portkeep_server::prefix::canonical;
 use portkeep_server::{
     Change, ChangeRecord, Dataplane, DataplaneError, MappingKey, MappingKind, MappingRecord,
 };
+
+use crate::nfnl::{self, reg, CtMatch, Dir, ElemRef, Op, Outcome};
 
 /// What to do with the table when the daemon stops cleanly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,10 +81,13 @@ pub struct NftSettings {
     pub external_interfaces: Vec<String>,
     /// Interfaces whose traffic the SNAT pins apply to (empty: any).
     pub internal_interfaces: Vec<String>,
-    /// The `nft` binary.
+    /// The `nft` binary, which loads the table's definition.
     pub nft: PathBuf,
-    /// The `conntrack` binary; `None` skips conntrack cleanup.
-    pub conntrack: Option<PathBuf>,
+    /// Whether the conntrack entries of removed mappings are deleted.
+    pub conntrack_cleanup: bool,
+    /// How long the committer waits for one batch (see
+    /// [`crate::bounded`]).
+    pub timeout: std::time::Duration,
 }
 
 impl Default for NftSettings {
@@ -83,7 +98,8 @@ impl Default for NftSettings {
             external_interfaces: Vec::new(),
             internal_interfaces: Vec::new(),
             nft: PathBuf::from("nft"),
-            conntrack: Some(PathBuf::from("conntrack")),
+            conntrack_cleanup: true,
+            timeout: std::time::Duration::from_millis(2000),
         }
     }
 }
@@ -95,18 +111,102 @@ struct Ident {
     key: MappingKey,
 }
 
-/// One element of one of the table's maps or sets.
+/// One element of one of the table's maps or sets, as the kernel holds it
+/// (see [`nfnl::ElemRef`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Elem {
     set: &'static str,
-    key: String,
+    key: Box<[u8]>,
+    /// The upper end of a range (the `allow` sets only).
+    key_end: Option<Box<[u8]>>,
     /// The mapped value (maps only).
-    value: Option<String>,
+    value: Option<Box<[u8]>>,
 }
 
 impl Elem {
-    fn new(set: &'static str, key: String, value: Option<String>) -> Elem {
-        Elem { set, key, value }
+    fn as_ref(&self) -> ElemRef<'_> {
+        ElemRef {
+            key: &self.key,
+            key_end: self.key_end.as_deref(),
+            data: self.value.as_deref(),
+        }
+    }
+}
+
+/// A field of a set's key or value, as the table definition types it.
+#[derive(Debug, Clone, Copy)]
+enum Field {
+    Proto,
+    Addr,
+    Port,
+}
+
+/// The fields of the keys and values of each set (see [`table_definition`]);
+/// used only to show elements in nft's syntax in logs.
+fn layout(set: &str) -> (&'static [Field], &'static [Field]) {
+    use Field::*;
+    match set.replace(['4', '6'], "").as_str() {
+        "dnat" | "snat" => (&[Proto, Addr, Port], &[Addr, Port]),
+        "dnat_proto" | "snat_proto" => (&[Proto, Addr], &[Addr]),
+        "dnat_all" | "snat_all" => (&[Addr], &[Addr]),
+        "peer" => (&[Proto, Addr, Port, Addr, Port], &[Addr, Port]),
+        "allow" => (&[Proto, Addr, Port, Addr, Port], &[]),
+        "pinhole_proto" => (&[Proto, Addr], &[]),
+        "pinhole_all" => (&[Addr], &[]),
+        _ => (&[Proto, Addr, Port], &[]),
+    }
+}
+
+/// Registers shown as nft would print the values they hold.
+fn show(out: &mut String, fields: &[Field], v6: bool, lo: &[u8], hi: Option<&[u8]>) {
+    let mut at = 0usize;
+    for (i, f) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push_str(" . ");
+        }
+        let width = match f {
+            Field::Addr if v6 => 16,
+            _ => 4,
+        };
+        let one = |b: &[u8]| -> String {
+            match (f, b.len()) {
+                (Field::Proto, _) => b.first().map_or_else(String::new, |p| p.to_string()),
+                (Field::Port, _) => match b {
+                    [a, b, ..] => u16::from_be_bytes([*a, *b]).to_string(),
+                    _ => String::new(),
+                },
+                (Field::Addr, 4) => <[u8; 4]>::try_from(b)
+                    .map(|a| std::net::Ipv4Addr::from(a).to_string())
+                    .unwrap_or_default(),
+                (Field::Addr, _) => <[u8; 16]>::try_from(b)
+                    .map(|a| std::net::Ipv6Addr::from(a).to_string())
+                    .unwrap_or_default(),
+            }
+        };
+        let a = lo.get(at..at + width).unwrap_or_default();
+        out.push_str(&one(a));
+        if let Some(b) = hi.and_then(|h| h.get(at..at + width)) {
+            if a != b {
+                out.push('-');
+                out.push_str(&one(b));
+            }
+        }
+        at += width;
+    }
+}
+
+impl std::fmt::Display for Elem {
+    /// `SET { KEY : VALUE }` in nft's syntax, for messages.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (k, v) = layout(self.set);
+        let v6 = self.set.contains('6');
+        let mut s = String::new();
+        show(&mut s, k, v6, &self.key, self.key_end.as_deref());
+        if let Some(val) = &self.value {
+            s.push_str(" : ");
+            show(&mut s, v, v6, val, None);
+        }
+        write!(f, "{} {{ {s} }}", self.set)
     }
 }
 
@@ -136,6 +236,84 @@ fn unsupported(m: &MappingRecord, why: &str) -> String {
     )
 }
 
+/// Registers of `fields`, built by `f`.
+fn regs(f: impl FnOnce(&mut Vec<u8>)) -> Box<[u8]> {
+    let mut v = Vec::with_capacity(44);
+    f(&mut v);
+    v.into_boxed_slice()
+}
+
+/// `(protocol, address)`.
+fn pa(p: u8, a: IpAddr) -> Box<[u8]> {
+    regs(|v| {
+        reg::proto(v, p);
+        reg::addr(v, a);
+    })
+}
+
+/// `(protocol, address, port)`.
+fn pap(p: u8, a: IpAddr, port: u16) -> Box<[u8]> {
+    regs(|v| {
+        reg::proto(v, p);
+        reg::addr(v, a);
+        reg::port(v, port);
+    })
+}
+
+/// `(address, port)`.
+fn ap(a: IpAddr, port: u16) -> Box<[u8]> {
+    regs(|v| {
+        reg::addr(v, a);
+        reg::port(v, port);
+    })
+}
+
+/// `address`.
+fn a(a: IpAddr) -> Box<[u8]> {
+    regs(|v| reg::addr(v, a))
+}
+
+/// The first and last address of a FILTER prefix, in the family of
+/// `canonical(addr)` (an IPv4-mapped prefix counts as the IPv4 one).
+fn prefix_range(addr: IpAddr, len: u8) -> (IpAddr, IpAddr) {
+    match (addr, canonical(addr)) {
+        (orig, IpAddr::V4(v4)) => {
+            let len = if orig.is_ipv6() {
+                len.saturating_sub(96)
+            } else {
+                len
+            };
+            let m = u32::MAX
+                .checked_shl(32 - u32::from(len.min(32)))
+                .unwrap_or(0);
+            let lo = u32::from(v4) & m;
+            (
+                IpAddr::V4(lo.into()),
+                IpAddr::V4(std::net::Ipv4Addr::from(lo | !m)),
+            )
+        }
+        (_, IpAddr::V6(v6)) => {
+            let m = u128::MAX
+                .checked_shl(128 - u32::from(len.min(128)))
+                .unwrap_or(0);
+            let lo = u128::from(v6) & m;
+            (
+                IpAddr::V6(lo.into()),
+                IpAddr::V6(std::net::Ipv6Addr::from(lo | !m)),
+            )
+        }
+    }
+}
+
+fn elem(set: &'static str, key: Box<[u8]>, value: Option<Box<[u8]>>) -> Elem {
+    Elem {
+        set,
+        key,
+        key_end: None,
+        value,
+    }
+}
+
 /// The elements that implement one mapping.
 fn elements(m: &MappingRecord) -> Result<Vec<Elem>, String> {
     let int = canonical(m.key.internal_ip);
@@ -162,84 +340,73 @@ fn elements(m: &MappingRecord) -> Result<Vec<Elem>, String> {
             }
             if pinhole {
                 out.push(if p == 0 {
-                    Elem::new(
-                        f.pick("pinhole4_all", "pinhole6_all"),
-                        ext.to_string(),
-                        None,
-                    )
+                    elem(f.pick("pinhole4_all", "pinhole6_all"), a(ext), None)
                 } else if iport == 0 {
-                    Elem::new(
-                        f.pick("pinhole4_proto", "pinhole6_proto"),
-                        format!("{p} . {ext}"),
-                        None,
-                    )
+                    elem(f.pick("pinhole4_proto", "pinhole6_proto"), pa(p, ext), None)
                 } else {
-                    Elem::new(
-                        f.pick("pinhole4", "pinhole6"),
-                        format!("{p} . {ext} . {eport}"),
-                        None,
-                    )
+                    elem(f.pick("pinhole4", "pinhole6"), pap(p, ext, eport), None)
                 });
             } else if p == 0 {
-                out.push(Elem::new(
-                    f.pick("dnat4_all", "dnat6_all"),
-                    ext.to_string(),
-                    Some(int.to_string()),
-                ));
-                out.push(Elem::new(
-                    f.pick("snat4_all", "snat6_all"),
-                    int.to_string(),
-                    Some(ext.to_string()),
-                ));
+                out.push(elem(f.pick("dnat4_all", "dnat6_all"), a(ext), Some(a(int))));
+                out.push(elem(f.pick("snat4_all", "snat6_all"), a(int), Some(a(ext))));
             } else if iport == 0 || eport == 0 {
-                out.push(Elem::new(
+                out.push(elem(
                     f.pick("dnat4_proto", "dnat6_proto"),
-                    format!("{p} . {ext}"),
-                    Some(int.to_string()),
+                    pa(p, ext),
+                    Some(a(int)),
                 ));
-                out.push(Elem::new(
+                out.push(elem(
                     f.pick("snat4_proto", "snat6_proto"),
-                    format!("{p} . {int}"),
-                    Some(ext.to_string()),
+                    pa(p, int),
+                    Some(a(ext)),
                 ));
             } else {
-                out.push(Elem::new(
+                out.push(elem(
                     f.pick("dnat4", "dnat6"),
-                    format!("{p} . {ext} . {eport}"),
-                    Some(format!("{int} . {iport}")),
+                    pap(p, ext, eport),
+                    Some(ap(int, iport)),
                 ));
-                out.push(Elem::new(
+                out.push(elem(
                     f.pick("snat4", "snat6"),
-                    format!("{p} . {int} . {iport}"),
-                    Some(format!("{ext} . {eport}")),
+                    pap(p, int, iport),
+                    Some(ap(ext, eport)),
                 ));
             }
             if !m.filters.is_empty() {
-                out.push(Elem::new(
+                out.push(elem(
                     f.pick("filtered4", "filtered6"),
-                    format!("{p} . {ext} . {eport}"),
+                    pap(p, ext, eport),
                     None,
                 ));
                 for r in &m.filters {
-                    let addr = canonical(r.prefix.addr());
-                    if addr.is_ipv4() != ext.is_ipv4() {
+                    if canonical(r.prefix.addr()).is_ipv4() != ext.is_ipv4() {
                         // A peer of the other family can never reach this
                         // mapping: nothing to allow.
                         continue;
                     }
-                    let ports = if r.port == 0 {
-                        "0-65535".to_owned()
+                    let (lo, hi) = prefix_range(r.prefix.addr(), r.prefix.len());
+                    let (plo, phi) = if r.port == 0 {
+                        (0, u16::MAX)
                     } else {
-                        r.port.to_string()
+                        (r.port, r.port)
                     };
-                    out.push(Elem::new(
-                        f.pick("allow4", "allow6"),
-                        format!(
-                            "{p} . {ext} . {eport} . {addr}/{} . {ports}",
-                            r.prefix.len()
-                        ),
-                        None,
-                    ));
+                    let half = |addr: IpAddr, port: u16| {
+                        regs(|v| {
+                            reg::proto(v, p);
+                            reg::addr(v, ext);
+                            reg::port(v, eport);
+                            reg::addr(v, addr);
+                            reg::port(v, port);
+                        })
+                    };
+                    // A concatenated range is one element from KEY to
+                    // KEY_END (nftables' pipapo sets, Linux 5.6+).
+                    out.push(Elem {
+                        set: f.pick("allow4", "allow6"),
+                        key: half(lo, plo),
+                        key_end: Some(half(hi, phi)),
+                        value: None,
+                    });
                 }
             }
         }
@@ -255,14 +422,35 @@ fn elements(m: &MappingRecord) -> Result<Vec<Elem>, String> {
                 // Nothing to translate.
                 return Ok(out);
             }
-            out.push(Elem::new(
+            out.push(elem(
                 f.pick("peer4", "peer6"),
-                format!("{p} . {int} . {iport} . {r} . {}", remote.port()),
-                Some(format!("{ext} . {eport}")),
+                regs(|v| {
+                    reg::proto(v, p);
+                    reg::addr(v, int);
+                    reg::port(v, iport);
+                    reg::addr(v, r);
+                    reg::port(v, remote.port());
+                }),
+                Some(ap(ext, eport)),
             ));
         }
     }
     Ok(out)
+}
+
+/// The netlink messages (`NFT_MSG_NEWSETELEM`, one per element, sequence
+/// numbers from 1) that install mapping `m` into `table`: what the
+/// dataplane sends for it, exposed for tests that compare it with nft's.
+pub fn element_messages(m: &MappingRecord, table: &str) -> Result<Vec<Vec<u8>>, String> {
+    Ok(elements(m)?
+        .iter()
+        .zip(1u32..)
+        .map(|(e, seq)| {
+            let mut b = Vec::new();
+            nfnl::setelem(&mut b, Op::Add, seq, table, e.set, e.as_ref());
+            b
+        })
+        .collect())
 }
 
 /// Interface names as an nft anonymous set, or `None` for any.
@@ -359,189 +547,127 @@ pub fn table_definition(s: &NftSettings) -> String {
     d
 }
 
-/// One statement per set, in order of first appearance: nft parses one
-/// statement of many elements far faster than many statements.
-fn push_grouped(out: &mut String, op: &str, table: &str, elems: &[&Elem]) {
-    let mut sets: Vec<(&'static str, Vec<&Elem>)> = Vec::new();
-    for e in elems {
-        match sets.iter_mut().find(|(s, _)| *s == e.set) {
-            Some((_, v)) => v.push(e),
-            None => sets.push((e.set, vec![e])),
-        }
-    }
-    for (set, v) in sets {
-        let _ = write!(out, "{op} element inet {table} {set} {{ ");
-        for (i, e) in v.iter().enumerate() {
-            if i > 0 {
-                out.push_str(", ");
-            }
-            out.push_str(&e.key);
-            if let Some(val) = &e.value {
-                out.push_str(" : ");
-                out.push_str(val);
-            }
-        }
-        out.push_str(" }\n");
-    }
+/// Protocols whose conntrack tuples carry ports (the ones `conntrack -p`
+/// knows by name: TCP, UDP, DCCP, SCTP, UDP-Lite).
+fn has_ports(p: u8) -> bool {
+    matches!(p, 6 | 17 | 33 | 132 | 136)
 }
 
-/// `conntrack -p` names for the protocols that have ports.
-fn ct_proto(p: u8) -> Option<&'static str> {
-    match p {
-        6 => Some("tcp"),
-        17 => Some("udp"),
-        33 => Some("dccp"),
-        132 => Some("sctp"),
-        136 => Some("udplite"),
-        _ => None,
-    }
-}
-
-/// `conntrack` command lines (for `conntrack -R`) that delete the flows
-/// a removed mapping was carrying: inbound flows to its external
-/// endpoint, and flows NATed to it on the way out.
-pub(crate) fn conntrack_lines(m: &MappingRecord, out: &mut Vec<String>) {
+/// The conntrack entries that carried a removed mapping's flows: inbound
+/// flows to its external endpoint, and flows NATed to it on the way out.
+pub(crate) fn conntrack_matches(m: &MappingRecord, out: &mut Vec<CtMatch>) {
     let int = canonical(m.key.internal_ip);
     let ext = canonical(m.external.ip());
-    let family = if int.is_ipv6() { "-f ipv6 " } else { "" };
+    let v6 = int.is_ipv6();
     let p = m.key.protocol.0;
-    let proto = ct_proto(p);
     let (iport, eport) = (m.key.internal_port, m.external.port());
-    // A port only narrows the match for a protocol conntrack knows ports of.
-    let with_ports = proto.is_some() && iport != 0 && eport != 0;
-    let pflag = match (p, proto) {
-        (0, _) => String::new(),
-        (_, Some(name)) => format!("-p {name} "),
-        (n, None) => format!("-p {n} "),
+    // A port only narrows the match for a protocol whose tuples have ports.
+    let with_ports = has_ports(p) && iport != 0 && eport != 0;
+    let proto = (p != 0).then_some(p);
+    let none = CtMatch {
+        dir: Dir::Orig,
+        v6,
+        proto,
+        src: None,
+        sport: None,
+        dst: None,
+        dport: None,
     };
     match m.kind {
         MappingKind::Map => {
-            if with_ports {
-                out.push(format!(
-                    "-D {family}{pflag}--orig-dst {ext} --orig-port-dst {eport}"
-                ));
-                out.push(format!(
-                    "-D {family}{pflag}--reply-dst {ext} --reply-port-dst {eport}"
-                ));
-                if int != ext {
-                    out.push(format!(
-                        "-D {family}{pflag}--reply-src {int} --reply-port-src {iport}"
-                    ));
-                }
-            } else {
-                out.push(format!("-D {family}{pflag}--orig-dst {ext}"));
-                out.push(format!("-D {family}{pflag}--reply-dst {ext}"));
+            let port = with_ports.then_some(eport);
+            out.push(CtMatch {
+                dst: Some(ext),
+                dport: port,
+                ..none
+            });
+            out.push(CtMatch {
+                dir: Dir::Reply,
+                dst: Some(ext),
+                dport: port,
+                ..none
+            });
+            if with_ports && int != ext {
+                out.push(CtMatch {
+                    dir: Dir::Reply,
+                    src: Some(int),
+                    sport: Some(iport),
+                    ..none
+                });
             }
         }
         MappingKind::Peer { remote } => {
-            if let Some(name) = proto {
-                out.push(format!(
-                    "-D {family}-p {name} --orig-src {int} --orig-port-src {iport} --orig-dst {} --orig-port-dst {}",
-                    canonical(remote.ip()),
-                    remote.port()
-                ));
+            if has_ports(p) {
+                out.push(CtMatch {
+                    src: Some(int),
+                    sport: Some(iport),
+                    dst: Some(canonical(remote.ip())),
+                    dport: Some(remote.port()),
+                    ..none
+                });
             }
         }
     }
 }
 
-/// Batches of more elements than this go through `nft -f -` (one process);
-/// smaller ones through the long-lived `nft -i` session, which takes one
-/// line per transaction and saves the ~5 ms of a process start.
-const SESSION_MAX_ELEMENTS: usize = 2000;
-/// How long a session batch may take before the session is abandoned.
-const SESSION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Elements per nf_tables batch (one kernel transaction), at most; larger
+/// applies take several batches. The kernel also queues every ack of a
+/// batch before the first can be read, so its messages must fit the
+/// socket's receive buffer ([`nfnl::Socket::max_acks`]).
+const BATCH_ELEMENTS: usize = 32768;
+/// Elements of one set per message. Each message is acked on its own, and
+/// an ack costs the kernel and this process about what an element does,
+/// so elements share messages; a refused message is sent again with its
+/// elements one per message, which names the refused one. 128 of the
+/// largest (`allow6`, about 150 bytes) stay well under the 64 KiB a
+/// message's element list can hold.
+const ELEMENTS_PER_MESSAGE: usize = 128;
+/// Conntrack deletes per datagram (each is acked).
+const BATCH_MESSAGES: usize = 16384;
+/// How often a batch is sent again, first with the elements of refused
+/// messages one per message, then without the mappings whose elements
+/// were refused, before the rest of it is given up.
+const BATCH_ATTEMPTS: usize = 5;
 
-/// A long-lived `nft -i`. Each batch is written as one line (statements
-/// joined by `;`), which nft runs as one transaction. nft says nothing on
-/// success, so each batch is followed by a command that is sure to fail,
-/// naming a table that does not exist: its error on stderr marks the end
-/// of the batch's output, and any other error before it is the batch's.
+/// One mapping a batch touches, or, on a rebuild, one already installed.
 #[derive(Debug)]
-struct Session {
-    child: std::process::Child,
-    stdin: std::process::ChildStdin,
-    stderr: std::sync::mpsc::Receiver<String>,
-    seq: u64,
+struct Owner {
+    id: Ident,
+    /// The changes that touched it (none: re-installed by a rebuild).
+    seqs: Vec<u64>,
+    /// Its elements after the batch (`None`: none).
+    new: Option<Vec<Elem>>,
 }
 
-impl Session {
-    fn start(nft: &std::path::Path) -> Result<Session, String> {
-        let mut child = Command::new(nft)
-            .arg("-i")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot run {} -i: {e}", nft.display()))?;
-        let stdin = child.stdin.take().ok_or("nft -i: no stdin")?;
-        let mut err = child.stderr.take().ok_or("nft -i: no stderr")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("nft-stderr".into())
-            .spawn(move || {
-                use std::io::Read as _;
-                let mut buf = [0u8; 8192];
-                while let Ok(n) = err.read(&mut buf) {
-                    if n == 0
-                        || tx
-                            .send(String::from_utf8_lossy(&buf[..n]).into_owned())
-                            .is_err()
-                    {
-                        break;
-                    }
-                }
-            })
-            .map_err(|e| format!("cannot start nft reader: {e}"))?;
-        Ok(Session {
-            child,
-            stdin,
-            stderr: rx,
-            seq: 0,
-        })
-    }
-
-    /// Runs one batch. `Ok(Err(msg))`: nft refused it (nothing applied);
-    /// `Err(msg)`: the session is broken.
-    fn run(&mut self, statements: &[&str]) -> Result<Result<(), String>, String> {
-        self.seq += 1;
-        let marker = format!("list table inet pksync{}", self.seq);
-        let mut line = statements.join("; ");
-        line.push('\n');
-        line.push_str(&marker);
-        line.push('\n');
-        self.stdin
-            .write_all(line.as_bytes())
-            .and_then(|()| self.stdin.flush())
-            .map_err(|e| format!("writing to nft -i: {e}"))?;
-        let mut out = String::new();
-        loop {
-            match self.stderr.recv_timeout(SESSION_TIMEOUT) {
-                Ok(chunk) => out.push_str(&chunk),
-                Err(_) => return Err(format!("nft -i stopped answering: {out}")),
-            }
-            // The marker's own error ends with its caret line.
-            if let Some(at) = out.find(&format!("\n{marker}\n")) {
-                if out[at + 1..].contains("^\n") {
-                    let before = &out[..at];
-                    // Drop the marker's "Error: ..." line.
-                    let before = before.rfind("Error:").map_or(before, |e| &before[..e]);
-                    let before = before.trim_end();
-                    return Ok(if before.is_empty() {
-                        Ok(())
-                    } else {
-                        Err(format!("nft refused the batch: {before}"))
-                    });
-                }
-            }
-        }
-    }
+/// One element message: an element of `owner`, added from its new
+/// elements or deleted from its installed ones.
+#[derive(Debug, Clone, Copy)]
+struct ElemOp {
+    op: Op,
+    owner: u32,
+    elem: u32,
 }
 
-impl Drop for Session {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// A batch of changes turned into element messages.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// The table is (re)built first.
+    rebuild: bool,
+    owners: Vec<Owner>,
+    /// Deletes first, then adds: an element that moves from one mapping to
+    /// another in the same batch (an external port reused) is deleted
+    /// before it is added again.
+    ops: Vec<ElemOp>,
+    /// Conntrack entries to delete afterwards.
+    conntrack: Vec<CtMatch>,
+    /// Changes that cannot be programmed, with why.
+    rejected: Vec<(u64, String)>,
+}
+
+impl Batch {
+    /// Element messages in the batch.
+    pub fn elements(&self) -> usize {
+        self.ops.len()
     }
 }
 
@@ -549,27 +675,23 @@ impl Drop for Session {
 #[derive(Debug)]
 pub struct NftDataplane {
     settings: NftSettings,
-    /// The `nft -i` session for small batches, started on first use.
-    session: Option<Session>,
-    /// What each mapping has installed, as of the last successful batch.
+    /// Opened on first use, in the network namespace of the caller.
+    socket: Option<nfnl::Socket>,
+    /// What each mapping has installed, as of the last batch.
     installed: HashMap<Ident, Vec<Elem>>,
-    /// Whether the table has been (re)built since start.
+    /// Whether the table has been (re)built and holds `installed`.
     built: bool,
+    /// Whether the kernel refused a conntrack filter (logged once).
+    ct_filter_unsupported: bool,
 }
 
-/// A batch turned into nft input.
+/// What loading a batch's elements came to.
 #[derive(Debug, Default)]
-pub struct Batch {
-    /// The `nft -f` input.
-    pub script: String,
-    /// `conntrack -R` input, one command per line.
-    pub conntrack: Vec<String>,
-    /// The per-mapping state after the batch.
-    updates: Vec<(Ident, Option<Vec<Elem>>)>,
-    /// Changes that cannot be programmed, with why.
-    pub rejected: Vec<(u64, String)>,
-    /// Elements added or deleted.
-    pub elements: usize,
+struct Loaded {
+    /// Per owner: why it failed (`None`: its elements are in).
+    failed: Vec<Option<String>>,
+    /// The table may now differ from what `installed` will say.
+    doubt: bool,
 }
 
 impl NftDataplane {
@@ -578,9 +700,10 @@ impl NftDataplane {
     pub fn new(settings: NftSettings) -> NftDataplane {
         NftDataplane {
             settings,
-            session: None,
+            socket: None,
             installed: HashMap::new(),
             built: false,
+            ct_filter_unsupported: false,
         }
     }
 
@@ -589,15 +712,24 @@ impl NftDataplane {
         &self.settings
     }
 
-    /// Turns changes into nft input, against the installed state; when the
-    /// table is to be (re)built, the script first re-creates it with every
-    /// installed element (none at start).
-    pub fn plan(&self, changes: &[ChangeRecord]) -> Batch {
+    /// What `nft -f` loads to (re)build the table: make sure it exists,
+    /// delete it with everything in it, define it afresh (one transaction).
+    pub fn rebuild_script(&self) -> String {
         let t = &self.settings.table;
-        let mut b = Batch::default();
-        // Each mapping's state after the batch, in first-touched order.
-        let mut order: Vec<Ident> = Vec::new();
-        let mut overlay: HashMap<Ident, Option<Vec<Elem>>> = HashMap::new();
+        let mut s = format!("add table inet {t}\ndelete table inet {t}\n");
+        s.push_str(&table_definition(&self.settings));
+        s
+    }
+
+    /// Turns changes into element messages against the installed state.
+    /// When the table is to be rebuilt every installed mapping is loaded
+    /// again, so the installed state moves into the batch.
+    pub fn plan(&mut self, changes: &[ChangeRecord]) -> Batch {
+        let mut b = Batch {
+            rebuild: !self.built,
+            ..Batch::default()
+        };
+        let mut index: HashMap<Ident, usize> = HashMap::new();
         for c in changes {
             let (m, new) = match &c.change {
                 Change::Upserted(m) => match elements(m) {
@@ -608,7 +740,9 @@ impl NftDataplane {
                     }
                 },
                 Change::Removed { mapping, .. } => {
-                    conntrack_lines(mapping, &mut b.conntrack);
+                    if self.settings.conntrack_cleanup {
+                        conntrack_matches(mapping, &mut b.conntrack);
+                    }
                     (mapping, None)
                 }
                 Change::EpochReset { .. } | Change::ServerEpochReset { .. } => continue,
@@ -617,86 +751,342 @@ impl NftDataplane {
                 kind: m.kind,
                 key: m.key,
             };
-            if overlay.insert(id, new).is_none() {
-                order.push(id);
-            }
-        }
-        // The net difference: what goes, then what comes. Deletes first,
-        // so an element that moves from one mapping to another in the
-        // same batch (an external port reused) is deleted before it is
-        // added again.
-        let empty: Vec<Elem> = Vec::new();
-        let mut dels: Vec<&Elem> = Vec::new();
-        let mut adds: Vec<&Elem> = Vec::new();
-        if self.built {
-            for id in &order {
-                let old = self.installed.get(id).unwrap_or(&empty);
-                let new = overlay.get(id).and_then(Option::as_ref).unwrap_or(&empty);
-                dels.extend(old.iter().filter(|e| !new.contains(e)));
-                adds.extend(new.iter().filter(|e| !old.contains(e)));
-            }
-        } else {
-            // One transaction: make sure the table exists, delete it with
-            // everything in it, and build it afresh with every mapping
-            // (after a failure, what is known to be installed comes back).
-            let _ = writeln!(b.script, "add table inet {t}\ndelete table inet {t}");
-            b.script.push_str(&table_definition(&self.settings));
-            for (id, els) in &self.installed {
-                if !overlay.contains_key(id) {
-                    adds.extend(els);
+            match index.get(&id) {
+                Some(&i) => {
+                    b.owners[i].seqs.push(c.seq);
+                    b.owners[i].new = new;
+                }
+                None => {
+                    index.insert(id, b.owners.len());
+                    b.owners.push(Owner {
+                        id,
+                        seqs: vec![c.seq],
+                        new,
+                    });
                 }
             }
-            for id in &order {
-                adds.extend(overlay.get(id).and_then(Option::as_ref).unwrap_or(&empty));
+        }
+        if b.rebuild {
+            // Everything known goes back in, the batch's own state winning.
+            for (id, els) in self.installed.drain() {
+                if !index.contains_key(&id) {
+                    b.owners.push(Owner {
+                        id,
+                        seqs: Vec::new(),
+                        new: Some(els),
+                    });
+                }
+            }
+            for (i, o) in b.owners.iter().enumerate() {
+                for j in 0..o.new.as_ref().map_or(0, Vec::len) {
+                    b.ops.push(ElemOp {
+                        op: Op::Add,
+                        owner: i as u32,
+                        elem: j as u32,
+                    });
+                }
+            }
+            return b;
+        }
+        let empty: Vec<Elem> = Vec::new();
+        let mut adds = Vec::new();
+        for (i, o) in b.owners.iter().enumerate() {
+            let old = self.installed.get(&o.id).unwrap_or(&empty);
+            let new = o.new.as_ref().unwrap_or(&empty);
+            for (j, e) in old.iter().enumerate() {
+                if !new.contains(e) {
+                    b.ops.push(ElemOp {
+                        op: Op::Del,
+                        owner: i as u32,
+                        elem: j as u32,
+                    });
+                }
+            }
+            for (j, e) in new.iter().enumerate() {
+                if !old.contains(e) {
+                    adds.push(ElemOp {
+                        op: Op::Add,
+                        owner: i as u32,
+                        elem: j as u32,
+                    });
+                }
             }
         }
-        b.elements = dels.len() + adds.len();
-        push_grouped(&mut b.script, "delete", t, &dels);
-        push_grouped(&mut b.script, "add", t, &adds);
-        b.updates = order
-            .into_iter()
-            .map(|id| {
-                let v = overlay.remove(&id).flatten();
-                (id, v)
-            })
-            .collect();
+        b.ops.extend(adds);
         b
     }
 
-    /// Runs a batch as one transaction: through the session when it is a
-    /// plain list of element statements of modest size, else `nft -f -`.
-    fn run_script(&mut self, script: &str, elements: usize) -> Result<(), String> {
-        let statements: Vec<&str> = script.lines().collect();
-        if !self.built || elements > SESSION_MAX_ELEMENTS {
-            return self.run_nft(script);
+    /// The element an op names.
+    fn elem_of<'a>(&'a self, b: &'a Batch, o: ElemOp) -> Option<&'a Elem> {
+        let owner = b.owners.get(o.owner as usize)?;
+        match o.op {
+            Op::Del => self.installed.get(&owner.id)?.get(o.elem as usize),
+            Op::Add => owner.new.as_ref()?.get(o.elem as usize),
         }
-        if self.session.is_none() {
-            match Session::start(&self.settings.nft) {
-                Ok(s) => self.session = Some(s),
-                Err(e) => {
-                    tracing::warn!("{e}; using nft -f");
-                    return self.run_nft(script);
+    }
+
+    /// Describes an op, for messages.
+    fn describe(&self, b: &Batch, o: ElemOp) -> String {
+        let verb = match o.op {
+            Op::Add => "add",
+            Op::Del => "delete",
+        };
+        match self.elem_of(b, o) {
+            Some(e) => format!("{verb} element inet {} {e}", self.settings.table),
+            None => format!("{verb} element (unknown)"),
+        }
+    }
+
+    fn socket(&mut self) -> Result<&mut nfnl::Socket, String> {
+        if self.socket.is_none() {
+            let s = nfnl::Socket::open().map_err(|e| format!("netlink socket: {e}"))?;
+            self.socket = Some(s);
+        }
+        self.socket
+            .as_mut()
+            .ok_or_else(|| "netlink socket: not open".to_owned())
+    }
+
+    /// Sends the batch's element messages, as few nf_tables transactions
+    /// as fit, each sent again without the mappings that failed in it.
+    fn load(&mut self, b: &Batch) -> Loaded {
+        let mut out = Loaded {
+            failed: vec![None; b.owners.len()],
+            doubt: false,
+        };
+        let mut committed = vec![false; b.owners.len()];
+        // Owners whose elements go one per message, so that a refusal
+        // names its element.
+        let mut alone = vec![false; b.owners.len()];
+        let table = self.settings.table.clone();
+        let mut buf = Vec::new();
+        let mut sent: Vec<ElemOp> = Vec::new();
+        let mut msgs: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut refs: Vec<ElemRef<'_>> = Vec::new();
+        // Out of `self` while the elements (in `self`) are encoded.
+        let mut sock = match self.socket.take().map_or_else(nfnl::Socket::open, Ok) {
+            Ok(s) => s,
+            Err(e) => {
+                let why = format!("netlink socket: {e}");
+                for o in &b.ops {
+                    out.failed[o.owner as usize].get_or_insert_with(|| why.clone());
+                }
+                return out;
+            }
+        };
+        let mut broken = false;
+        let size = (sock.max_acks() * ELEMENTS_PER_MESSAGE).min(BATCH_ELEMENTS);
+        'chunks: for (ci, chunk) in b.ops.chunks(size).enumerate() {
+            for attempt in 1..=BATCH_ATTEMPTS {
+                buf.clear();
+                sent.clear();
+                msgs.clear();
+                sent.extend(
+                    chunk
+                        .iter()
+                        .filter(|o| out.failed[o.owner as usize].is_none()),
+                );
+                if sent.is_empty() {
+                    break;
+                }
+                // Deletes stay before adds; within each, one message per
+                // run of elements of one set.
+                let set_of = |o: &ElemOp| self.elem_of(b, *o).map_or("", |e| e.set);
+                sent.sort_by_key(|o| (o.op == Op::Add, set_of(o)));
+                for (i, o) in sent.iter().enumerate() {
+                    let joins = msgs.last().is_some_and(|m| {
+                        let prev = sent[m.start];
+                        m.len() < ELEMENTS_PER_MESSAGE
+                            && prev.op == o.op
+                            && set_of(&prev) == set_of(o)
+                            && !alone[prev.owner as usize]
+                            && !alone[o.owner as usize]
+                    });
+                    match msgs.last_mut() {
+                        Some(m) if joins => m.end = i + 1,
+                        _ => msgs.push(i..i + 1),
+                    }
+                }
+                let n = msgs.len() as u32;
+                let begin = sock.seqs(n + 2);
+                let first = begin + 1;
+                nfnl::batch_begin(&mut buf, begin);
+                for (k, m) in msgs.iter().enumerate() {
+                    refs.clear();
+                    refs.extend(
+                        sent[m.clone()]
+                            .iter()
+                            .filter_map(|o| self.elem_of(b, *o).map(Elem::as_ref)),
+                    );
+                    let o = sent[m.start];
+                    nfnl::setelems(&mut buf, o.op, first + k as u32, &table, set_of(&o), &refs);
+                }
+                refs.clear();
+                nfnl::batch_end(&mut buf, first + n);
+                match sock.transact(&buf, first, n, Some(begin)) {
+                    Ok(Outcome::Answered(errors)) if errors.is_empty() => {
+                        for o in &sent {
+                            committed[o.owner as usize] = true;
+                        }
+                        continue 'chunks;
+                    }
+                    Ok(Outcome::Answered(errors)) => {
+                        // The kernel aborted the whole batch; the acks say
+                        // which messages it refused. A message of one
+                        // element names it; the elements of a larger one
+                        // go one per message next time.
+                        for a in &errors {
+                            let Some(m) = msgs.get(a.seq.wrapping_sub(first) as usize) else {
+                                continue;
+                            };
+                            if let [o] = &sent[m.clone()] {
+                                let why = format!(
+                                    "{}: {}",
+                                    self.describe(b, *o),
+                                    nfnl::errno_text(a.error)
+                                );
+                                out.failed[o.owner as usize].get_or_insert(why);
+                            } else {
+                                for o in &sent[m.clone()] {
+                                    alone[o.owner as usize] = true;
+                                }
+                            }
+                        }
+                        if attempt == BATCH_ATTEMPTS {
+                            for o in &sent {
+                                out.failed[o.owner as usize].get_or_insert_with(|| {
+                                    format!(
+                                        "not applied: the batch still failed after {BATCH_ATTEMPTS} attempts"
+                                    )
+                                });
+                            }
+                        }
+                    }
+                    Ok(Outcome::Refused(err)) => {
+                        let why = format!("nf_tables refused the batch: {}", nfnl::errno_text(err));
+                        for o in &sent {
+                            out.failed[o.owner as usize].get_or_insert_with(|| why.clone());
+                        }
+                        continue 'chunks;
+                    }
+                    Err(e) => {
+                        // The batch may or may not have been applied: the
+                        // table is in doubt, and so is the socket.
+                        let why = format!("netlink: {e}");
+                        for o in b.ops.get(ci * size..).unwrap_or_default() {
+                            out.failed[o.owner as usize].get_or_insert_with(|| why.clone());
+                        }
+                        broken = true;
+                        out.doubt = true;
+                        break 'chunks;
+                    }
                 }
             }
         }
-        let Some(session) = self.session.as_mut() else {
-            return self.run_nft(script);
+        if !broken {
+            self.socket = Some(sock);
+        }
+        // A mapping that failed after part of it went in with an earlier
+        // transaction is half installed.
+        out.doubt |= out
+            .failed
+            .iter()
+            .zip(&committed)
+            .any(|(f, c)| f.is_some() && *c);
+        out
+    }
+
+    /// Deletes the flows of removed mappings over ctnetlink, one message
+    /// per match, all in one datagram. Failures are logged, not returned:
+    /// the rules are gone already, and a flow left behind ends on its own
+    /// timeout.
+    fn flush_conntrack(&mut self, matches: &[CtMatch]) {
+        if matches.is_empty() {
+            return;
+        }
+        if let Err(e) = self.socket() {
+            tracing::warn!("conntrack cleanup failed: {e}");
+            return;
+        }
+        let Some(sock) = self.socket.as_mut() else {
+            return;
         };
-        match session.run(&statements) {
-            Ok(result) => result,
-            Err(e) => {
-                // A broken session may or may not have applied the batch:
-                // the next batch rebuilds the table from what is known to
-                // be installed, in one transaction.
-                tracing::warn!("{e}; restarting nft -i");
-                self.session = None;
-                self.built = false;
-                Err(e)
+        let mut unsupported = false;
+        let mut broken = false;
+        let size = sock.max_acks().min(BATCH_MESSAGES);
+        for chunk in matches.chunks(size) {
+            let n = chunk.len() as u32;
+            let first = sock.seqs(n);
+            let mut buf = Vec::with_capacity(chunk.len() * 80);
+            for (k, m) in chunk.iter().enumerate() {
+                nfnl::ct_delete(&mut buf, first + k as u32, m);
+            }
+            match sock.transact(&buf, first, n, None) {
+                Ok(Outcome::Answered(errors)) => {
+                    for a in errors {
+                        // ENOENT: the flow is gone already.
+                        if a.error == nfnl::ENOENT {
+                            continue;
+                        }
+                        if a.error == nfnl::EOPNOTSUPP {
+                            unsupported = true;
+                            continue;
+                        }
+                        let what = chunk.get(a.seq.wrapping_sub(first) as usize);
+                        tracing::warn!(
+                            "conntrack cleanup of {what:?} failed: {}",
+                            nfnl::errno_text(a.error)
+                        );
+                    }
+                }
+                Ok(Outcome::Refused(e)) => {
+                    tracing::warn!("conntrack cleanup failed: {}", nfnl::errno_text(e));
+                }
+                Err(e) => {
+                    tracing::warn!("conntrack cleanup failed: netlink: {e}");
+                    broken = true;
+                    break;
+                }
+            }
+        }
+        if broken {
+            self.socket = None;
+        }
+        if unsupported && !self.ct_filter_unsupported {
+            self.ct_filter_unsupported = true;
+            tracing::warn!(
+                "this kernel cannot delete conntrack entries by a partial tuple \
+                 (CTA_FILTER on IPCTNL_MSG_CT_DELETE, Linux 6.11+): flows of removed \
+                 mappings end on their own timeouts"
+            );
+        }
+    }
+
+    /// The installed state after a batch: the owners whose elements went
+    /// in take their new state; the others keep theirs, except that a
+    /// rebuild emptied the table: there a failed mapping has nothing
+    /// installed, unless it was only being re-installed and the table is
+    /// in doubt (it is then tried again by the next rebuild).
+    fn commit(&mut self, b: Batch, loaded: &Loaded) {
+        for (i, o) in b.owners.into_iter().enumerate() {
+            let ok = loaded.failed.get(i).is_none_or(Option::is_none);
+            let keep = b.rebuild && o.seqs.is_empty() && loaded.doubt;
+            if ok || keep {
+                match o.new {
+                    Some(v) if !v.is_empty() => {
+                        self.installed.insert(o.id, v);
+                    }
+                    _ => {
+                        self.installed.remove(&o.id);
+                    }
+                }
+            } else if b.rebuild {
+                self.installed.remove(&o.id);
             }
         }
     }
 
-    /// Runs `nft -f -` with `script`.
+    /// Runs `nft -f -` with `script`; only its exit status counts.
     fn run_nft(&self, script: &str) -> Result<(), String> {
         let mut child = Command::new(&self.settings.nft)
             .args(["-f", "-"])
@@ -716,67 +1106,12 @@ impl NftDataplane {
         if out.status.success() {
             return Ok(());
         }
-        // nft names the failing statement: "/dev/stdin:LINE:COL-COL: Error: ...",
-        // then the statement and a marker line.
+        // Passed on for the operator to read, never interpreted.
         Err(format!(
             "nft -f failed ({}): {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim_end()
         ))
-    }
-
-    /// Deletes the flows of removed mappings: one `conntrack -R` for the
-    /// whole batch. Failures are logged, not returned: the rules are gone
-    /// already, and a flow left behind ends on its own timeout.
-    fn flush_conntrack(&self, lines: &[String]) {
-        let Some(bin) = &self.settings.conntrack else {
-            return;
-        };
-        if lines.is_empty() {
-            return;
-        }
-        let mut text = lines.join("\n");
-        text.push('\n');
-        let run = || -> Result<std::process::Output, String> {
-            let mut child = Command::new(bin)
-                .args(["-R", "/dev/stdin"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
-            if let Some(mut stdin) = child.stdin.take() {
-                stdin
-                    .write_all(text.as_bytes())
-                    .map_err(|e| format!("writing to conntrack: {e}"))?;
-            }
-            child
-                .wait_with_output()
-                .map_err(|e| format!("waiting for conntrack: {e}"))
-        };
-        match run() {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => tracing::warn!(
-                "conntrack cleanup failed ({}): {}",
-                o.status,
-                String::from_utf8_lossy(&o.stderr).trim_end()
-            ),
-            Err(e) => tracing::warn!("conntrack cleanup failed: {e}"),
-        }
-    }
-
-    fn commit(&mut self, b: Batch) {
-        self.built = true;
-        for (id, v) in b.updates {
-            match v {
-                Some(v) if !v.is_empty() => {
-                    self.installed.insert(id, v);
-                }
-                _ => {
-                    self.installed.remove(&id);
-                }
-            }
-        }
     }
 
     /// Deletes the table (on a clean stop with `on_stop = "flush"`).
@@ -794,57 +1129,61 @@ impl Dataplane for NftDataplane {
         "nftables"
     }
 
+    /// The next apply rebuilds the table from what is known to be
+    /// installed.
+    fn invalidate(&mut self) {
+        self.built = false;
+    }
+
     fn apply(&mut self, changes: &[ChangeRecord]) -> Result<(), DataplaneError> {
         let mut b = self.plan(changes);
         let rejected = std::mem::take(&mut b.rejected);
-        let lines = std::mem::take(&mut b.conntrack);
+        let cts = std::mem::take(&mut b.conntrack);
         let mut failed: Vec<u64> = rejected.iter().map(|(seq, _)| *seq).collect();
         let mut why: Vec<String> = rejected
             .iter()
             .map(|(seq, w)| format!("change {seq}: {w}"))
             .collect();
-        if b.script.is_empty() {
-            self.commit(b);
+        let loaded = if b.rebuild {
+            match self.run_nft(&self.rebuild_script()) {
+                Ok(()) => {
+                    self.built = true;
+                    self.load(&b)
+                }
+                Err(e) => Loaded {
+                    failed: vec![Some(e); b.owners.len()],
+                    doubt: true,
+                },
+            }
         } else {
-            match self.run_script(&b.script, b.elements) {
-                Ok(()) => self.commit(b),
-                Err(e) if changes.len() > 1 => {
-                    // One bad change must not take the batch down with it
-                    // (a transaction is all or nothing): apply them one by
-                    // one, so that exactly the failing ones are reported
-                    // and answered NETWORK_FAILURE.
-                    tracing::warn!(
-                        "nft transaction of {} changes failed ({e}); applying them one by one",
-                        changes.len()
-                    );
-                    for c in changes {
-                        if failed.contains(&c.seq) {
-                            continue;
-                        }
-                        let mut one = self.plan(std::slice::from_ref(c));
-                        one.conntrack.clear();
-                        if one.script.is_empty() {
-                            self.commit(one);
-                            continue;
-                        }
-                        match self.run_script(&one.script, one.elements) {
-                            Ok(()) => self.commit(one),
-                            Err(e) => {
-                                failed.push(c.seq);
-                                why.push(format!("change {}: {e}", c.seq));
-                            }
-                        }
-                    }
-                }
-                Err(e) => {
-                    failed.extend(changes.iter().map(|c| c.seq));
-                    why.push(e);
-                }
+            self.load(&b)
+        };
+        for (o, f) in b.owners.iter().zip(&loaded.failed) {
+            let Some(f) = f else { continue };
+            if o.seqs.is_empty() {
+                tracing::error!("mapping {:?} not re-installed: {f}", o.id.key);
+            }
+            for seq in &o.seqs {
+                failed.push(*seq);
+                why.push(format!("change {seq}: {f}"));
             }
         }
-        self.flush_conntrack(&lines);
+        self.commit(b, &loaded);
+        if loaded.doubt {
+            tracing::warn!("nft table in doubt: rebuilding it on the next batch");
+            self.built = false;
+        }
+        self.flush_conntrack(&cts);
         if failed.is_empty() {
             return Ok(());
+        }
+        failed.sort_unstable();
+        failed.dedup();
+        // One line per failure would flood the log on a large batch.
+        let total = why.len();
+        why.truncate(20);
+        if total > why.len() {
+            why.push(format!("and {} more", total - why.len()));
         }
         Err(DataplaneError {
             dataplane: "nftables",
@@ -917,38 +1256,67 @@ mod tests {
         dp
     }
 
+    /// The batch's element messages in nft's syntax, in order.
+    fn ops(dp: &NftDataplane, b: &Batch) -> Vec<String> {
+        b.ops.iter().map(|o| dp.describe(b, *o)).collect()
+    }
+
+    /// Commits a batch as if every element went in.
+    fn ok(dp: &mut NftDataplane, b: Batch) {
+        let loaded = Loaded {
+            failed: vec![None; b.owners.len()],
+            doubt: false,
+        };
+        dp.commit(b, &loaded);
+    }
+
     #[test]
-    fn map_is_one_dnat_and_one_snat_element() {
-        let dp = built();
+    fn rfc6887_s11_map_is_one_dnat_and_one_snat_element() {
+        let mut dp = built();
         let m = map(Protocol::TCP, "10.0.0.2:8080", "198.51.100.1:30000");
         let b = dp.plan(&[up(1, &m)]);
         assert_eq!(
-            b.script,
-            "add element inet portkeep dnat4 { 6 . 198.51.100.1 . 30000 : 10.0.0.2 . 8080 }\n\
-             add element inet portkeep snat4 { 6 . 10.0.0.2 . 8080 : 198.51.100.1 . 30000 }\n"
+            ops(&dp, &b),
+            [
+                "add element inet portkeep dnat4 { 6 . 198.51.100.1 . 30000 : 10.0.0.2 . 8080 }",
+                "add element inet portkeep snat4 { 6 . 10.0.0.2 . 8080 : 198.51.100.1 . 30000 }",
+            ]
         );
         assert!(b.rejected.is_empty());
         assert!(b.conntrack.is_empty());
     }
 
     #[test]
-    fn all_protocols_and_all_ports() {
-        let dp = built();
-        let all = map(Protocol::ALL, "10.0.0.3:0", "198.51.100.2:0");
-        let ports = map(Protocol::UDP, "10.0.0.4:0", "198.51.100.3:0");
-        let b = dp.plan(&[up(1, &all), up(2, &ports)]);
+    fn map_elements_are_registers_of_four_bytes() {
+        let m = map(Protocol::TCP, "10.0.0.2:8080", "198.51.100.1:30000");
+        let e = elements(&m).unwrap();
+        assert_eq!(&*e[0].key, [6, 0, 0, 0, 198, 51, 100, 1, 0x75, 0x30, 0, 0]);
         assert_eq!(
-            b.script,
-            "add element inet portkeep dnat4_all { 198.51.100.2 : 10.0.0.3 }\n\
-             add element inet portkeep snat4_all { 10.0.0.3 : 198.51.100.2 }\n\
-             add element inet portkeep dnat4_proto { 17 . 198.51.100.3 : 10.0.0.4 }\n\
-             add element inet portkeep snat4_proto { 17 . 10.0.0.4 : 198.51.100.3 }\n"
+            e[0].value.as_deref(),
+            Some(&[10, 0, 0, 2, 0x1f, 0x90, 0, 0][..])
         );
     }
 
     #[test]
-    fn filters_become_allow_intervals() {
-        let dp = built();
+    fn rfc6887_s11_all_protocols_and_all_ports() {
+        let mut dp = built();
+        let all = map(Protocol::ALL, "10.0.0.3:0", "198.51.100.2:0");
+        let ports = map(Protocol::UDP, "10.0.0.4:0", "198.51.100.3:0");
+        let b = dp.plan(&[up(1, &all), up(2, &ports)]);
+        assert_eq!(
+            ops(&dp, &b),
+            [
+                "add element inet portkeep dnat4_all { 198.51.100.2 : 10.0.0.3 }",
+                "add element inet portkeep snat4_all { 10.0.0.3 : 198.51.100.2 }",
+                "add element inet portkeep dnat4_proto { 17 . 198.51.100.3 : 10.0.0.4 }",
+                "add element inet portkeep snat4_proto { 17 . 10.0.0.4 : 198.51.100.3 }",
+            ]
+        );
+    }
+
+    #[test]
+    fn rfc6887_s13_3_filters_become_allow_ranges() {
+        let mut dp = built();
         let mut m = map(Protocol::TCP, "10.0.0.2:22", "198.51.100.1:30022");
         m.filters = vec![
             FilterRule {
@@ -967,44 +1335,63 @@ mod tests {
         ];
         let b = dp.plan(&[up(1, &m)]);
         assert_eq!(
-            b.script,
-            "add element inet portkeep dnat4 { 6 . 198.51.100.1 . 30022 : 10.0.0.2 . 22 }\n\
-             add element inet portkeep snat4 { 6 . 10.0.0.2 . 22 : 198.51.100.1 . 30022 }\n\
-             add element inet portkeep filtered4 { 6 . 198.51.100.1 . 30022 }\n\
-             add element inet portkeep allow4 { 6 . 198.51.100.1 . 30022 . 203.0.113.0/24 . 0-65535, 6 . 198.51.100.1 . 30022 . 192.0.2.7/32 . 5000 }\n"
+            ops(&dp, &b),
+            [
+                "add element inet portkeep dnat4 { 6 . 198.51.100.1 . 30022 : 10.0.0.2 . 22 }",
+                "add element inet portkeep snat4 { 6 . 10.0.0.2 . 22 : 198.51.100.1 . 30022 }",
+                "add element inet portkeep filtered4 { 6 . 198.51.100.1 . 30022 }",
+                "add element inet portkeep allow4 { 6 . 198.51.100.1 . 30022 . 203.0.113.0-203.0.113.255 . 0-65535 }",
+                "add element inet portkeep allow4 { 6 . 198.51.100.1 . 30022 . 192.0.2.7 . 5000 }",
+            ]
         );
         // Filters on an all-ports mapping cannot be expressed: refused,
         // never silently dropped (that would open more than was asked).
         let mut wide = map(Protocol::ALL, "10.0.0.3:0", "198.51.100.2:0");
         wide.filters = m.filters.clone();
         let b = dp.plan(&[up(7, &wide)]);
-        assert_eq!(b.script, "");
+        assert!(b.ops.is_empty());
         assert_eq!(b.rejected.len(), 1);
         assert_eq!(b.rejected[0].0, 7);
     }
 
     #[test]
-    fn peer_is_a_five_tuple_snat_pin() {
-        let dp = built();
+    fn ipv4_mapped_filter_prefixes_count_as_ipv4() {
+        let (lo, hi) = prefix_range("::ffff:203.0.113.0".parse().unwrap(), 120);
+        assert_eq!(lo, "203.0.113.0".parse::<IpAddr>().unwrap());
+        assert_eq!(hi, "203.0.113.255".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn rfc6887_s12_peer_is_a_five_tuple_snat_pin() {
+        let mut dp = built();
         let mut m = map(Protocol::UDP, "10.0.0.2:5000", "198.51.100.1:40000");
         m.kind = MappingKind::Peer {
             remote: "203.0.113.9:3478".parse().unwrap(),
         };
         let b = dp.plan(&[up(1, &m)]);
         assert_eq!(
-            b.script,
-            "add element inet portkeep peer4 { 17 . 10.0.0.2 . 5000 . 203.0.113.9 . 3478 : 198.51.100.1 . 40000 }\n"
+            ops(&dp, &b),
+            ["add element inet portkeep peer4 { 17 . 10.0.0.2 . 5000 . 203.0.113.9 . 3478 : 198.51.100.1 . 40000 }"]
         );
         let b = dp.plan(&[down(2, &m)]);
         assert_eq!(
             b.conntrack,
-            vec!["-D -p udp --orig-src 10.0.0.2 --orig-port-src 5000 --orig-dst 203.0.113.9 --orig-port-dst 3478"]
+            [CtMatch {
+                dir: Dir::Orig,
+                v6: false,
+                proto: Some(17),
+                src: Some("10.0.0.2".parse().unwrap()),
+                sport: Some(5000),
+                dst: Some("203.0.113.9".parse().unwrap()),
+                dport: Some(3478),
+            }]
         );
+        assert!(b.conntrack[0].exact());
     }
 
     #[test]
     fn ipv6_pinhole_and_cross_family() {
-        let dp = built();
+        let mut dp = built();
         let pin = map(Protocol::TCP, "[2001:db8::5]:443", "[2001:db8::5]:443");
         let nat66 = map(
             Protocol::UDP,
@@ -1014,10 +1401,12 @@ mod tests {
         let nat64 = map(Protocol::TCP, "[2001:db8::7]:80", "198.51.100.1:30080");
         let b = dp.plan(&[up(1, &pin), up(2, &nat66), up(3, &nat64)]);
         assert_eq!(
-            b.script,
-            "add element inet portkeep pinhole6 { 6 . 2001:db8::5 . 443 }\n\
-             add element inet portkeep dnat6 { 17 . 2001:db8:ffff::1 . 30053 : 2001:db8::6 . 53 }\n\
-             add element inet portkeep snat6 { 17 . 2001:db8::6 . 53 : 2001:db8:ffff::1 . 30053 }\n"
+            ops(&dp, &b),
+            [
+                "add element inet portkeep pinhole6 { 6 . 2001:db8::5 . 443 }",
+                "add element inet portkeep dnat6 { 17 . 2001:db8:ffff::1 . 30053 : 2001:db8::6 . 53 }",
+                "add element inet portkeep snat6 { 17 . 2001:db8::6 . 53 : 2001:db8:ffff::1 . 30053 }",
+            ]
         );
         assert_eq!(b.rejected.len(), 1);
         assert_eq!(b.rejected[0].0, 3);
@@ -1032,39 +1421,71 @@ mod tests {
             port: 0,
         }];
         let b = dp.plan(&[up(1, &m)]);
-        dp.commit(b);
+        ok(&mut dp, b);
         // A refresh that changes nothing changes nothing.
-        assert_eq!(dp.plan(&[up(2, &m)]).script, "");
+        assert!(dp.plan(&[up(2, &m)]).ops.is_empty());
         // New filters: the old allow element goes, the new one comes.
         m.filters[0].prefix = "192.0.2.0/24".parse().unwrap();
         let b = dp.plan(&[up(3, &m)]);
         assert_eq!(
-            b.script,
-            "delete element inet portkeep allow4 { 6 . 198.51.100.1 . 30022 . 203.0.113.0/24 . 0-65535 }\n\
-             add element inet portkeep allow4 { 6 . 198.51.100.1 . 30022 . 192.0.2.0/24 . 0-65535 }\n"
+            ops(&dp, &b),
+            [
+                "delete element inet portkeep allow4 { 6 . 198.51.100.1 . 30022 . 203.0.113.0-203.0.113.255 . 0-65535 }",
+                "add element inet portkeep allow4 { 6 . 198.51.100.1 . 30022 . 192.0.2.0-192.0.2.255 . 0-65535 }",
+            ]
         );
-        dp.commit(b);
+        ok(&mut dp, b);
         // Delete: every element, and the mapping's flows.
         let b = dp.plan(&[down(4, &m)]);
         assert_eq!(
-            b.script,
-            "delete element inet portkeep dnat4 { 6 . 198.51.100.1 . 30022 : 10.0.0.2 . 22 }\n\
-             delete element inet portkeep snat4 { 6 . 10.0.0.2 . 22 : 198.51.100.1 . 30022 }\n\
-             delete element inet portkeep filtered4 { 6 . 198.51.100.1 . 30022 }\n\
-             delete element inet portkeep allow4 { 6 . 198.51.100.1 . 30022 . 192.0.2.0/24 . 0-65535 }\n"
-        );
-        assert_eq!(
-            b.conntrack,
-            vec![
-                "-D -p tcp --orig-dst 198.51.100.1 --orig-port-dst 30022",
-                "-D -p tcp --reply-dst 198.51.100.1 --reply-port-dst 30022",
-                "-D -p tcp --reply-src 10.0.0.2 --reply-port-src 22",
+            ops(&dp, &b),
+            [
+                "delete element inet portkeep dnat4 { 6 . 198.51.100.1 . 30022 : 10.0.0.2 . 22 }",
+                "delete element inet portkeep snat4 { 6 . 10.0.0.2 . 22 : 198.51.100.1 . 30022 }",
+                "delete element inet portkeep filtered4 { 6 . 198.51.100.1 . 30022 }",
+                "delete element inet portkeep allow4 { 6 . 198.51.100.1 . 30022 . 192.0.2.0-192.0.2.255 . 0-65535 }",
             ]
         );
-        dp.commit(b);
+        let ext: IpAddr = "198.51.100.1".parse().unwrap();
+        let int: IpAddr = "10.0.0.2".parse().unwrap();
+        let base = CtMatch {
+            dir: Dir::Orig,
+            v6: false,
+            proto: Some(6),
+            src: None,
+            sport: None,
+            dst: None,
+            dport: None,
+        };
+        // The same flows `conntrack -D -p tcp --orig-dst .. --orig-port-dst
+        // ..`, `--reply-dst .. --reply-port-dst ..` and `--reply-src ..
+        // --reply-port-src ..` would delete.
+        assert_eq!(
+            b.conntrack,
+            [
+                CtMatch {
+                    dst: Some(ext),
+                    dport: Some(30022),
+                    ..base
+                },
+                CtMatch {
+                    dir: Dir::Reply,
+                    dst: Some(ext),
+                    dport: Some(30022),
+                    ..base
+                },
+                CtMatch {
+                    dir: Dir::Reply,
+                    src: Some(int),
+                    sport: Some(22),
+                    ..base
+                },
+            ]
+        );
+        ok(&mut dp, b);
         assert!(dp.installed.is_empty());
         // A delete of something never installed names no element.
-        assert_eq!(dp.plan(&[down(5, &m)]).script, "");
+        assert!(dp.plan(&[down(5, &m)]).ops.is_empty());
     }
 
     #[test]
@@ -1072,48 +1493,66 @@ mod tests {
         let mut dp = built();
         let a = map(Protocol::TCP, "10.0.0.2:22", "198.51.100.1:30022");
         let b = dp.plan(&[up(1, &a)]);
-        dp.commit(b);
+        ok(&mut dp, b);
         let c = map(Protocol::TCP, "10.0.0.3:22", "198.51.100.1:30022");
         let d = map(Protocol::TCP, "10.0.0.4:80", "198.51.100.1:30080");
         let b = dp.plan(&[down(2, &a), up(3, &c), up(4, &d)]);
         assert_eq!(
-            b.script,
-            "delete element inet portkeep dnat4 { 6 . 198.51.100.1 . 30022 : 10.0.0.2 . 22 }\n\
-             delete element inet portkeep snat4 { 6 . 10.0.0.2 . 22 : 198.51.100.1 . 30022 }\n\
-             add element inet portkeep dnat4 { 6 . 198.51.100.1 . 30022 : 10.0.0.3 . 22, 6 . 198.51.100.1 . 30080 : 10.0.0.4 . 80 }\n\
-             add element inet portkeep snat4 { 6 . 10.0.0.3 . 22 : 198.51.100.1 . 30022, 6 . 10.0.0.4 . 80 : 198.51.100.1 . 30080 }\n"
+            ops(&dp, &b),
+            [
+                "delete element inet portkeep dnat4 { 6 . 198.51.100.1 . 30022 : 10.0.0.2 . 22 }",
+                "delete element inet portkeep snat4 { 6 . 10.0.0.2 . 22 : 198.51.100.1 . 30022 }",
+                "add element inet portkeep dnat4 { 6 . 198.51.100.1 . 30022 : 10.0.0.3 . 22 }",
+                "add element inet portkeep snat4 { 6 . 10.0.0.3 . 22 : 198.51.100.1 . 30022 }",
+                "add element inet portkeep dnat4 { 6 . 198.51.100.1 . 30080 : 10.0.0.4 . 80 }",
+                "add element inet portkeep snat4 { 6 . 10.0.0.4 . 80 : 198.51.100.1 . 30080 }",
+            ]
         );
-        assert_eq!(b.elements, 6);
+        assert_eq!(b.elements(), 6);
     }
 
     #[test]
     fn create_and_delete_in_one_batch_cancel_out() {
-        let dp = built();
+        let mut dp = built();
         let m = map(Protocol::TCP, "10.0.0.2:22", "198.51.100.1:30022");
         let b = dp.plan(&[up(1, &m), down(2, &m)]);
-        assert_eq!(b.script, "");
-        assert_eq!(b.updates.len(), 1);
-        assert!(b.updates[0].1.is_none());
+        assert!(b.ops.is_empty());
+        assert_eq!(b.owners.len(), 1);
+        assert_eq!(b.owners[0].seqs, [1, 2]);
+        assert!(b.owners[0].new.is_none());
     }
 
     #[test]
-    fn first_apply_rebuilds_the_table_in_the_same_transaction() {
-        let dp = NftDataplane::new(NftSettings {
+    fn a_failed_mapping_keeps_its_installed_state_and_the_rest_moves_on() {
+        let mut dp = built();
+        let a = map(Protocol::TCP, "10.0.0.2:22", "198.51.100.1:30022");
+        let c = map(Protocol::TCP, "10.0.0.3:22", "198.51.100.1:30023");
+        let b = dp.plan(&[up(1, &a), up(2, &c)]);
+        let loaded = Loaded {
+            failed: vec![None, Some("refused".into())],
+            doubt: false,
+        };
+        dp.commit(b, &loaded);
+        assert_eq!(dp.installed.len(), 1);
+        // The failed one is planned afresh next time.
+        assert_eq!(dp.plan(&[up(3, &c)]).elements(), 2);
+    }
+
+    #[test]
+    fn first_apply_rebuilds_the_table_then_loads_every_known_element() {
+        let mut dp = NftDataplane::new(NftSettings {
             external_interfaces: vec!["wan0".into()],
             internal_interfaces: vec!["lan0".into()],
             ..NftSettings::default()
         });
         let m = map(Protocol::TCP, "10.0.0.2:8080", "198.51.100.1:30000");
-        let s = dp.plan(&[up(1, &m)]).script;
+        let s = dp.rebuild_script();
         assert!(
             s.starts_with(
                 "add table inet portkeep\ndelete table inet portkeep\ntable inet portkeep {\n"
             ),
             "{s}"
         );
-        assert!(s.ends_with(
-            "add element inet portkeep snat4 { 6 . 10.0.0.2 . 8080 : 198.51.100.1 . 30000 }\n"
-        ));
         for stmt in [
             "\t\tiifname { \"wan0\" } dnat ip to meta l4proto . ip daddr . th dport map @dnat4\n",
             "\t\tiifname { \"lan0\" } oifname { \"wan0\" } snat ip to meta l4proto . ip saddr . th sport . ip daddr . th dport map @peer4\n",
@@ -1125,5 +1564,16 @@ mod tests {
         }
         // Exactly one DNAT rule per map, whatever the number of mappings.
         assert_eq!(s.matches("map @dnat4\n").count(), 1);
+        let b = dp.plan(&[up(1, &m)]);
+        assert!(b.rebuild);
+        ok(&mut dp, b);
+        dp.built = true;
+        // After a doubt, the rebuild loads what is installed again.
+        dp.invalidate();
+        let other = map(Protocol::UDP, "10.0.0.9:53", "198.51.100.1:30053");
+        let b = dp.plan(&[up(2, &other)]);
+        assert!(b.rebuild);
+        assert_eq!(b.elements(), 4);
+        assert_eq!(b.owners.len(), 2);
     }
 }

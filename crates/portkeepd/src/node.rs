@@ -319,6 +319,14 @@ impl Shared {
     /// Rebuilds the dataplane from scratch holding exactly `state`'s
     /// mappings (a new instance rebuilds its nftables table on first use).
     fn reset_dataplane(&self, state: &Restored) {
+        // The old instance goes first: with `on_stop = "flush"` dropping it
+        // deletes the table, which must not happen after the new one has
+        // filled it.
+        let mut slot = self.dataplane();
+        drop(std::mem::replace(
+            &mut *slot,
+            Box::new(MemoryDataplane::new()) as Box<dyn Dataplane>,
+        ));
         let mut dp = new_dataplane(&self.dataplane_kind);
         let install: Vec<ChangeRecord> = state
             .mappings
@@ -331,7 +339,7 @@ impl Shared {
         if let Err(e) = dp.apply(&install) {
             tracing::error!(error = %e, "dataplane rejected the state taken over");
         }
-        *self.dataplane() = dp;
+        *slot = bounded(dp, &self.dataplane_kind);
     }
 
     /// Hands replies whose changes are committed (and, for check-points,
@@ -778,6 +786,25 @@ pub(crate) fn new_dataplane(kind: &DataplaneKind) -> Box<dyn Dataplane> {
     match kind {
         DataplaneKind::Memory => Box::new(MemoryDataplane::new()),
         DataplaneKind::Nftables(n) => Box::new(crate::nft::NftDataplane::new(n.clone())),
+    }
+}
+
+/// `dp` as the committer uses it: an nftables dataplane behind the bounded
+/// wait of [`crate::bounded`] (the memory dataplane cannot stall). The
+/// full installs of a start or a takeover happen before, unbounded: they
+/// may legitimately take seconds, and answer no request.
+pub(crate) fn bounded(dp: Box<dyn Dataplane>, kind: &DataplaneKind) -> Box<dyn Dataplane> {
+    let DataplaneKind::Nftables(n) = kind else {
+        return dp;
+    };
+    match crate::bounded::Bounded::new(dp, n.timeout) {
+        Ok(b) => Box::new(b),
+        Err(e) => {
+            // The dataplane went with the thread that could not start: a
+            // fresh one rebuilds the table on its first batch.
+            tracing::error!("cannot start the dataplane thread ({e}): its waits are unbounded");
+            new_dataplane(kind)
+        }
     }
 }
 

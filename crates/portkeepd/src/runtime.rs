@@ -260,6 +260,7 @@ impl Daemon {
             })
             .collect();
         dataplane.apply(&installed)?;
+        let dataplane = node::bounded(dataplane, &settings.dataplane);
         let workers = settings.workers.max(1);
         // Bind every worker's socket before serving, so a port conflict is
         // reported at start and an ephemeral port (`:0`) is shared.

@@ -2,11 +2,16 @@
 //! NETWORK_FAILURE (RFC 6887 section 7.4) and the mapping does not exist,
 //! while the other mappings of the same batch are installed and granted.
 //!
-//! The `nft` the daemon runs is a stand-in script that refuses any
-//! statement naming port 6666 (as nft refuses a statement it cannot
-//! apply) and accepts the rest, so the daemon's reaction is tested without
-//! root or a real table; the real nftables path is covered by
-//! nft_dataplane.rs.
+//! The daemon runs in a network namespace of its own with the real
+//! nftables dataplane; the `nft` it runs (to load the table definition) is
+//! a wrapper around the real one that, once the table is defined, puts in
+//! a DNAT element for the bad port's external endpoint that points
+//! elsewhere. The kernel then refuses the daemon's element for that
+//! endpoint (`EEXIST`), as it would refuse any element it cannot take,
+//! and the rest of the batch must go in regardless.
+//!
+//! Needs root, `ip` and `nft`: under CI (`CI=true`) it fails without them;
+//! elsewhere it prints `SKIPPED: <reason>` and passes.
 
 #![allow(clippy::unwrap_used, clippy::panic, clippy::disallowed_methods)]
 
@@ -20,37 +25,33 @@ use portkeep_proto::{
     CodePoints, MapData, OpData, Protocol, Request, RequestHeader, Response, ResultCode,
 };
 use portkeep_test_support::daemon::{Daemon, DaemonSpec};
+use portkeep_test_support::netns::{self, in_ns, Lab};
 use portkeep_test_support::pcp::LOCALHOST;
 use portkeep_test_support::process::Bins;
+use portkeep_test_support::skip::find_tool;
 
 static BINS: LazyLock<Bins> = LazyLock::new(|| Bins::from_daemon(env!("CARGO_BIN_EXE_portkeepd")));
 
 const BAD_PORT: u16 = 6666;
 
-/// Accepts every nft input except a statement that mentions the bad port,
-/// which it refuses the way nft does (error on stderr; exit 1 with `-f`).
-/// With `-i` it speaks the daemon's session protocol: each batch is
-/// followed by a `list` of a table that does not exist, whose error marks
-/// the end of the batch's output.
-fn fake_nft(dir: &std::path::Path) -> std::path::PathBuf {
+/// The real nft, then, after the table's definition, a DNAT element for
+/// the bad port's external endpoint (the default external address) that
+/// the daemon's own element for it will clash with.
+fn clashing_nft(dir: &std::path::Path) -> std::path::PathBuf {
+    let real = find_tool("nft").unwrap();
     let p = dir.join("nft");
     std::fs::write(
         &p,
         format!(
             r#"#!/bin/sh
-if [ "$1" = "-i" ]; then
-    while IFS= read -r line; do
-        case "$line" in
-            "list table inet pksync"*) printf 'Error: No such file or directory\n%s\n^^^^^\n' "$line" >&2 ;;
-            *{BAD_PORT}*) printf 'Error: Could not process rule: Invalid argument\n%s\n^^^^^\n' "$line" >&2 ;;
-        esac
-    done
-    exit 0
-fi
 in=$(cat)
-case "$in" in *{BAD_PORT}*) echo "Error: Could not process rule: Invalid argument" >&2; echo "$in" >&2; exit 1 ;; esac
-exit 0
-"#
+printf '%s\n' "$in" | {real} "$@" || exit $?
+case "$in" in
+    *"table inet portkeep {{"*)
+        exec {real} add element inet portkeep dnat4 '{{ 6 . 192.0.2.1 . {BAD_PORT} : 10.9.9.9 . 9 }}' ;;
+esac
+"#,
+            real = real.display()
         ),
     )
     .unwrap();
@@ -81,13 +82,28 @@ fn map_request(client: IpAddr, port: u16, nonce: u8) -> Vec<u8> {
 
 #[test]
 fn rfc6887_s7_4_dataplane_failure_is_answered_network_failure_and_undone() {
-    let dir = tempfile::tempdir().unwrap();
-    let nft = fake_nft(dir.path());
+    let what = "dataplane failure answered NETWORK_FAILURE";
+    let Some((lab, ns)) = netns::setup(what, &["ip", "nft"], || {
+        let mut lab = Lab::new("dpf")?;
+        let ns = format!("pkdf-{}", lab.id);
+        lab.add_ns(&ns)?;
+        Ok((lab, ns))
+    }) else {
+        return;
+    };
+    let nft = clashing_nft(&lab.dir);
+    // Everything below runs in the namespace: the daemon (a child of this
+    // thread), its table, and the client's socket.
+    in_ns(&ns, move || exercise(&nft));
+    drop(lab);
+}
+
+fn exercise(nft: &std::path::Path) {
     let d = Daemon::spawn(
         &BINS,
         &DaemonSpec {
             config: Some(&format!(
-                "[dataplane]\nkind = \"nftables\"\nnft_path = \"{}\"\nconntrack_cleanup = false\n",
+                "[dataplane]\nkind = \"nftables\"\nnft_path = \"{}\"\non_stop = \"flush\"\n",
                 nft.display()
             )),
             ..DaemonSpec::default()
@@ -97,7 +113,7 @@ fn rfc6887_s7_4_dataplane_failure_is_answered_network_failure_and_undone() {
     let sock = UdpSocket::bind(SocketAddr::new(client, 0)).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     // Ten good requests and the bad one back to back: they share batches,
-    // so the failing transaction is split and only the bad change fails.
+    // so the refused element fails its own change and no other.
     let ports: Vec<u16> = (5000..5010).chain([BAD_PORT]).collect();
     for (i, &p) in ports.iter().enumerate() {
         sock.send_to(&map_request(client, p, i as u8 + 1), d.addr())
@@ -120,7 +136,7 @@ fn rfc6887_s7_4_dataplane_failure_is_answered_network_failure_and_undone() {
         );
     }
     let (code, lifetime) = results[&BAD_PORT];
-    assert_eq!(code, ResultCode::NETWORK_FAILURE);
+    assert_eq!(code, ResultCode::NETWORK_FAILURE, "log:\n{}", d.log());
     assert_eq!(
         lifetime, 30,
         "a short-lifetime error: the client may retry soon"
@@ -137,8 +153,9 @@ fn rfc6887_s7_4_dataplane_failure_is_answered_network_failure_and_undone() {
     assert_eq!(held.len(), 10, "{held:?}");
     assert!(!held.contains(&u64::from(BAD_PORT)));
     assert!(
-        d.log().contains("Could not process rule"),
-        "the failing statement is logged"
+        d.log().contains("192.0.2.1 . 6666") && d.log().contains("File exists"),
+        "the refused element and the kernel's reason are logged:\n{}",
+        d.log()
     );
     // A retry fails the same way, and nothing is left behind.
     sock.send_to(&map_request(client, BAD_PORT, 11), d.addr())
