@@ -849,6 +849,18 @@ impl Spawned {
     }
 
     /// The mapping count the server reports through its control socket.
+    /// The daemon's group-commit latency percentiles (`ctl counters`).
+    fn commit_latency(&self) -> anyhow::Result<serde_json::Value> {
+        let out = Command::new(&self.bin)
+            .arg("--config")
+            .arg(&self.cfg)
+            .args(["ctl", "--json", "counters"])
+            .output()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?;
+        Ok(v["commit_latency_us"].clone())
+    }
+
     fn mapping_count(&self) -> anyhow::Result<u64> {
         let out = Command::new(&self.bin)
             .arg("--config")
@@ -1145,6 +1157,11 @@ fn main() -> anyhow::Result<()> {
         }),
         _ => serde_json::Value::Null,
     };
+    // Read before any restart or resync below starts a new daemon.
+    let commit_latency = match &spawned {
+        Some(s) => s.commit_latency()?,
+        None => serde_json::Value::Null,
+    };
     let resync = match (&mut spawned, args.resync) {
         (Some(s), true) => {
             let (t, st, probes) = s.resync(client_ip(args.client_base, args.clients))?;
@@ -1188,6 +1205,7 @@ fn main() -> anyhow::Result<()> {
         "checkpoint": args.checkpoint,
         "phases": phases,
         "server_memory": memory,
+        "commit_latency_us": commit_latency,
     });
     if args.json {
         println!("{out}");
@@ -1244,6 +1262,16 @@ fn main() -> anyhow::Result<()> {
                 restart["kill_9_to_serving_ms"],
                 restart["mappings_after"],
                 restart["mappings_before"]
+            );
+        }
+        if commit_latency["count"].as_u64().is_some_and(|n| n > 0) {
+            println!(
+                "  group commit (arrival at the committer to release): p50 {} us, p90 {} us, p99 {} us, max {} us over {} jobs",
+                commit_latency["p50"],
+                commit_latency["p90"],
+                commit_latency["p99"],
+                commit_latency["max"],
+                commit_latency["count"]
             );
         }
         if !memory.is_null() {

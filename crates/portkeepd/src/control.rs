@@ -278,6 +278,25 @@ fn counters(shared: &Shared) -> Value {
         "shed": shared.shed.load(Ordering::Relaxed),
         "queued_replies": shared.queued.load(Ordering::Relaxed),
         "unsent_replies": shared.outboxed.load(Ordering::Relaxed),
+        "commit_latency_us": commit_latency(shared),
+    })
+}
+
+/// Percentiles, since the daemon started, of the time from a job's
+/// arrival at the committer (a worker's batch of replies with the changes
+/// they depend on) to its replies' release by the commit: the group
+/// commit's latency, store write and dataplane included.
+fn commit_latency(shared: &Shared) -> Value {
+    let h = shared
+        .commit_latency
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    json!({
+        "count": h.len(),
+        "p50": h.value_at_quantile(0.5),
+        "p90": h.value_at_quantile(0.9),
+        "p99": h.value_at_quantile(0.99),
+        "max": h.max(),
     })
 }
 

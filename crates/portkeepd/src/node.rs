@@ -24,7 +24,7 @@ use portkeep_server::{
 };
 use serde_json::{json, Value};
 
-use crate::clock::Clock;
+use crate::clock::{Clock, Stopwatch};
 use crate::config::DataplaneKind;
 use crate::mmsg::SendBatch;
 use crate::pair::{Pair, Reply};
@@ -53,6 +53,8 @@ pub(crate) struct Job {
     /// A log position the replies depend on besides their own changes
     /// (`portkeep_ha::JobMeta::after`).
     after: u64,
+    /// When it reached the committer's queue.
+    queued: Stopwatch,
 }
 
 /// The whole state a node switches to on promotion or demotion.
@@ -111,6 +113,9 @@ pub(crate) struct Shared {
     pub(crate) outboxed: AtomicUsize,
     /// Datagrams shed because a queue was full.
     pub(crate) shed: AtomicU64,
+    /// Microseconds from a job's arrival at the committer to its replies'
+    /// release by the commit (`ctl counters`: `commit_latency_us`).
+    pub(crate) commit_latency: Mutex<hdrhistogram::Histogram<u64>>,
 }
 
 /// A repeated unsolicited ANNOUNCE to hosts that lost state.
@@ -280,6 +285,7 @@ impl Shared {
                         volatile,
                         reset: None,
                         after,
+                        queued: Stopwatch::start(),
                     });
                 drop(core);
                 cv.notify_one();
@@ -309,6 +315,7 @@ impl Shared {
                         volatile: Vec::new(),
                         reset: Some(reset),
                         after: 0,
+                        queued: Stopwatch::start(),
                     });
                 drop(core);
                 cv.notify_one();
@@ -971,6 +978,11 @@ fn commit(
     }
     let checkpoint_due = store.as_ref().is_some_and(Store::checkpoint_due);
     let committed = changes.len();
+    let arrived: Vec<Stopwatch> = jobs
+        .iter()
+        .filter(|j| !j.replies.is_empty())
+        .map(|j| j.queued)
+        .collect();
     let effects = {
         let mut node = shared.pair.node();
         node.handle_commit(
@@ -986,6 +998,17 @@ fn commit(
     // next timer tick.
     shared.pair.wake.notify_one();
     act(shared, effects);
+    // Handed to the sender (or, for a reply that waits for the backup,
+    // to the pair's state machine).
+    if !arrived.is_empty() {
+        let mut h = shared
+            .commit_latency
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for t in arrived {
+            h.saturating_record(t.micros());
+        }
+    }
     // Under sustained load the committer is never idle: keep the log
     // bounded anyway (the replies above are already on their way),
     // folding about twice what was just written, so the log shrinks

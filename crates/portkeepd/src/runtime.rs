@@ -307,6 +307,12 @@ impl Daemon {
             queued: std::sync::atomic::AtomicUsize::new(0),
             outboxed: std::sync::atomic::AtomicUsize::new(0),
             shed: std::sync::atomic::AtomicU64::new(0),
+            // 1 us to 1 h, three significant digits: fixed bounds, so
+            // the constructor cannot fail.
+            commit_latency: std::sync::Mutex::new(
+                hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                    .unwrap_or_else(|_| unreachable!("valid histogram bounds")),
+            ),
         });
         let committer = match (start.store, &shared.queue) {
             (store, Some(_)) => {

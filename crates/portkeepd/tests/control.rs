@@ -75,6 +75,12 @@ fn control_status_and_counters() {
         "{counters}"
     );
     assert_eq!(counters["mappings"], 1);
+    // Both answers went through the group commit (the embedded default
+    // keeps a durable store): its latency is measured.
+    let lat = &counters["commit_latency_us"];
+    assert!(lat["count"].as_u64().unwrap() >= 2, "{counters}");
+    let (p50, max) = (lat["p50"].as_u64().unwrap(), lat["max"].as_u64().unwrap());
+    assert!(p50 > 0 && p50 <= max, "{counters}");
 }
 
 #[test]
