@@ -855,6 +855,9 @@ impl NftDataplane {
             doubt: false,
         };
         let mut committed = vec![false; b.owners.len()];
+        // Deletes the kernel answered ENOENT: the element is gone already,
+        // which is what the delete wanted; they are not sent again.
+        let mut gone: std::collections::HashSet<(u32, u32)> = std::collections::HashSet::new();
         // Owners whose elements go one per message, so that a refusal
         // names its element.
         let mut alone = vec![false; b.owners.len()];
@@ -884,7 +887,8 @@ impl NftDataplane {
                 sent.extend(
                     chunk
                         .iter()
-                        .filter(|o| out.failed[o.owner as usize].is_none()),
+                        .filter(|o| out.failed[o.owner as usize].is_none())
+                        .filter(|o| o.op == Op::Add || !gone.contains(&(o.owner, o.elem))),
                 );
                 if sent.is_empty() {
                     break;
@@ -940,6 +944,10 @@ impl NftDataplane {
                                 continue;
                             };
                             if let [o] = &sent[m.clone()] {
+                                if o.op == Op::Del && a.error == nfnl::ENOENT {
+                                    gone.insert((o.owner, o.elem));
+                                    continue;
+                                }
                                 let why = format!(
                                     "{}: {}",
                                     self.describe(b, *o),
@@ -1063,14 +1071,18 @@ impl NftDataplane {
     }
 
     /// The installed state after a batch: the owners whose elements went
-    /// in take their new state; the others keep theirs, except that a
-    /// rebuild emptied the table: there a failed mapping has nothing
-    /// installed, unless it was only being re-installed and the table is
-    /// in doubt (it is then tried again by the next rebuild).
+    /// in take their new state; the others keep theirs, except that:
+    ///
+    /// - a rebuild emptied the table: there a failed mapping has nothing
+    ///   installed, unless it was only being re-installed (the server
+    ///   still holds it), which keeps it for the next rebuild to try
+    ///   again (the table is then in doubt: see [`Self::doubt_after`]);
+    /// - a removal that failed leaves nothing the server holds: the
+    ///   mapping is forgotten, and the next rebuild leaves it out.
     fn commit(&mut self, b: Batch, loaded: &Loaded) {
         for (i, o) in b.owners.into_iter().enumerate() {
             let ok = loaded.failed.get(i).is_none_or(Option::is_none);
-            let keep = b.rebuild && o.seqs.is_empty() && loaded.doubt;
+            let keep = b.rebuild && o.seqs.is_empty();
             if ok || keep {
                 match o.new {
                     Some(v) if !v.is_empty() => {
@@ -1080,10 +1092,22 @@ impl NftDataplane {
                         self.installed.remove(&o.id);
                     }
                 }
-            } else if b.rebuild {
+            } else if b.rebuild || o.new.is_none() {
                 self.installed.remove(&o.id);
             }
         }
+    }
+
+    /// Whether the table may hold other than what [`Self::commit`] makes
+    /// `installed` say: besides what loading found, a removal that failed
+    /// may have left its elements in (they must go, so the table is
+    /// rebuilt without them), and a re-install that failed during a
+    /// rebuild left out a mapping the server holds.
+    fn doubt_after(b: &Batch, loaded: &Loaded) -> bool {
+        loaded.doubt
+            || b.owners.iter().zip(&loaded.failed).any(|(o, f)| {
+                f.is_some() && (o.seqs.is_empty() || o.new.is_none())
+            })
     }
 
     /// Runs `nft -f -` with `script`; only its exit status counts.
@@ -1168,8 +1192,9 @@ impl Dataplane for NftDataplane {
                 why.push(format!("change {seq}: {f}"));
             }
         }
+        let doubt = Self::doubt_after(&b, &loaded);
         self.commit(b, &loaded);
-        if loaded.doubt {
+        if doubt {
             tracing::warn!("nft table in doubt: rebuilding it on the next batch");
             self.built = false;
         }
@@ -1536,6 +1561,56 @@ mod tests {
         assert_eq!(dp.installed.len(), 1);
         // The failed one is planned afresh next time.
         assert_eq!(dp.plan(&[up(3, &c)]).elements(), 2);
+    }
+
+    /// A removal that failed leaves nothing the server holds: the mapping
+    /// is forgotten and the table is in doubt, so the next batch rebuilds
+    /// it without the mapping's elements, rather than keep forwarding them.
+    #[test]
+    fn a_failed_removal_forgets_the_mapping_and_the_rebuild_leaves_it_out() {
+        let mut dp = built();
+        let a = map(Protocol::TCP, "10.0.0.2:22", "198.51.100.1:30022");
+        let c = map(Protocol::TCP, "10.0.0.3:22", "198.51.100.1:30023");
+        let b = dp.plan(&[up(1, &a), up(2, &c)]);
+        ok(&mut dp, b);
+        let b = dp.plan(&[down(3, &a)]);
+        let loaded = Loaded {
+            failed: vec![Some("refused".into())],
+            doubt: false,
+        };
+        assert!(NftDataplane::doubt_after(&b, &loaded));
+        dp.commit(b, &loaded);
+        assert_eq!(dp.installed.len(), 1);
+        dp.invalidate();
+        let b = dp.plan(&[]);
+        assert!(b.rebuild);
+        assert_eq!(ops(&dp, &b).len(), 2);
+        assert!(
+            ops(&dp, &b).iter().all(|o| !o.contains("30022")),
+            "{:?}",
+            ops(&dp, &b)
+        );
+    }
+
+    /// A mapping that failed to go back in during a rebuild is still the
+    /// server's: it stays known and the table in doubt, so the next
+    /// rebuild tries it again.
+    #[test]
+    fn a_failed_reinstall_keeps_the_mapping_and_leaves_the_table_in_doubt() {
+        let mut dp = built();
+        let a = map(Protocol::TCP, "10.0.0.2:22", "198.51.100.1:30022");
+        let b = dp.plan(&[up(1, &a)]);
+        ok(&mut dp, b);
+        dp.invalidate();
+        let b = dp.plan(&[]);
+        assert!(b.rebuild && b.owners[0].seqs.is_empty());
+        let loaded = Loaded {
+            failed: vec![Some("refused".into())],
+            doubt: false,
+        };
+        assert!(NftDataplane::doubt_after(&b, &loaded));
+        dp.commit(b, &loaded);
+        assert_eq!(dp.installed.len(), 1);
     }
 
     #[test]
