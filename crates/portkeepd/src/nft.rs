@@ -1159,6 +1159,10 @@ impl Dataplane for NftDataplane {
         self.built = false;
     }
 
+    fn in_doubt(&self) -> bool {
+        !self.built
+    }
+
     fn apply(&mut self, changes: &[ChangeRecord]) -> Result<(), DataplaneError> {
         let mut b = self.plan(changes);
         let rejected = std::mem::take(&mut b.rejected);

@@ -328,7 +328,9 @@ impl Shared {
     fn reset_dataplane(&self, state: &Restored) {
         // The old instance goes first: with `on_stop = "flush"` dropping it
         // deletes the table, which must not happen after the new one has
-        // filled it.
+        // filled it. Dropping it waits for its thread, also while a late
+        // batch or a rebuild still runs there: either would otherwise
+        // program the table the new instance fills.
         let mut slot = self.dataplane();
         drop(std::mem::replace(
             &mut *slot,
