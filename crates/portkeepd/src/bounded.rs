@@ -496,7 +496,11 @@ mod tests {
             let t = Instant::now();
             let e = r.dp.apply(&batch(&[seq])).unwrap_err();
             assert!(e.message.contains("reconciling"), "{e}");
-            assert!(t.elapsed() < Duration::from_millis(150), "{:?}", t.elapsed());
+            assert!(
+                t.elapsed() < Duration::from_millis(150),
+                "{:?}",
+                t.elapsed()
+            );
         }
         r.release.send(()).unwrap();
         eventually(|| !r.dp.reconciling.load(Ordering::SeqCst));

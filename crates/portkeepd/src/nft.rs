@@ -442,15 +442,16 @@ fn elements(m: &MappingRecord) -> Result<Vec<Elem>, String> {
 /// numbers from 1) that install mapping `m` into `table`: what the
 /// dataplane sends for it, exposed for tests that compare it with nft's.
 pub fn element_messages(m: &MappingRecord, table: &str) -> Result<Vec<Vec<u8>>, String> {
-    Ok(elements(m)?
+    elements(m)?
         .iter()
         .zip(1u32..)
         .map(|(e, seq)| {
             let mut b = Vec::new();
-            nfnl::setelem(&mut b, Op::Add, seq, table, e.set, e.as_ref());
-            b
+            nfnl::setelem(&mut b, Op::Add, seq, table, e.set, e.as_ref())
+                .map_err(|e| e.to_string())?;
+            Ok(b)
         })
-        .collect())
+        .collect()
 }
 
 /// Interface names as an nft anonymous set, or `None` for any.
@@ -837,9 +838,22 @@ impl NftDataplane {
         }
     }
 
+    /// How long the socket waits for the kernel's answers: well within
+    /// the committer's bound, so that a silent kernel fails the batch
+    /// (and puts the table in doubt) before the batch is late.
+    fn reply_timeout(&self) -> std::time::Duration {
+        self.settings.timeout / 2
+    }
+
+    fn open_socket(&self) -> std::io::Result<nfnl::Socket> {
+        nfnl::Socket::open_with(self.reply_timeout())
+    }
+
     fn socket(&mut self) -> Result<&mut nfnl::Socket, String> {
         if self.socket.is_none() {
-            let s = nfnl::Socket::open().map_err(|e| format!("netlink socket: {e}"))?;
+            let s = self
+                .open_socket()
+                .map_err(|e| format!("netlink socket: {e}"))?;
             self.socket = Some(s);
         }
         self.socket
@@ -867,7 +881,7 @@ impl NftDataplane {
         let mut msgs: Vec<std::ops::Range<usize>> = Vec::new();
         let mut refs: Vec<ElemRef<'_>> = Vec::new();
         // Out of `self` while the elements (in `self`) are encoded.
-        let mut sock = match self.socket.take().map_or_else(nfnl::Socket::open, Ok) {
+        let mut sock = match self.socket.take().map_or_else(|| self.open_socket(), Ok) {
             Ok(s) => s,
             Err(e) => {
                 let why = format!("netlink socket: {e}");
@@ -915,6 +929,7 @@ impl NftDataplane {
                 let begin = sock.seqs(n + 2);
                 let first = begin + 1;
                 nfnl::batch_begin(&mut buf, begin);
+                let mut oversize = false;
                 for (k, m) in msgs.iter().enumerate() {
                     refs.clear();
                     refs.extend(
@@ -923,9 +938,32 @@ impl NftDataplane {
                             .filter_map(|o| self.elem_of(b, *o).map(Elem::as_ref)),
                     );
                     let o = sent[m.start];
-                    nfnl::setelems(&mut buf, o.op, first + k as u32, &table, set_of(&o), &refs);
+                    let seq = first + k as u32;
+                    if let Err(e) = nfnl::setelems(&mut buf, o.op, seq, &table, set_of(&o), &refs) {
+                        // Too long for one message: its elements go one
+                        // per message; one element too long fails.
+                        oversize = true;
+                        if let [o] = &sent[m.clone()] {
+                            let why = format!("{}: {e}", self.describe(b, *o));
+                            out.failed[o.owner as usize].get_or_insert(why);
+                        } else {
+                            for o in &sent[m.clone()] {
+                                alone[o.owner as usize] = true;
+                            }
+                        }
+                    }
                 }
                 refs.clear();
+                if oversize {
+                    if attempt == BATCH_ATTEMPTS {
+                        for o in &sent {
+                            out.failed[o.owner as usize].get_or_insert_with(|| {
+                                format!("not applied: the batch still failed after {BATCH_ATTEMPTS} attempts")
+                            });
+                        }
+                    }
+                    continue;
+                }
                 nfnl::batch_end(&mut buf, first + n);
                 match sock.transact(&buf, first, n, Some(begin)) {
                     Ok(Outcome::Answered(errors)) if errors.is_empty() => {
@@ -1023,11 +1061,18 @@ impl NftDataplane {
         let mut broken = false;
         let size = sock.max_acks().min(BATCH_MESSAGES);
         for chunk in matches.chunks(size) {
-            let n = chunk.len() as u32;
-            let first = sock.seqs(n);
+            let first = sock.seqs(chunk.len() as u32);
             let mut buf = Vec::with_capacity(chunk.len() * 80);
-            for (k, m) in chunk.iter().enumerate() {
-                nfnl::ct_delete(&mut buf, first + k as u32, m);
+            let mut kept: Vec<&CtMatch> = Vec::with_capacity(chunk.len());
+            for m in chunk {
+                match nfnl::ct_delete(&mut buf, first + kept.len() as u32, m) {
+                    Ok(()) => kept.push(m),
+                    Err(e) => tracing::warn!("conntrack cleanup of {m:?} failed: {e}"),
+                }
+            }
+            let n = kept.len() as u32;
+            if n == 0 {
+                continue;
             }
             match sock.transact(&buf, first, n, None) {
                 Ok(Outcome::Answered(errors)) => {
@@ -1040,7 +1085,7 @@ impl NftDataplane {
                             unsupported = true;
                             continue;
                         }
-                        let what = chunk.get(a.seq.wrapping_sub(first) as usize);
+                        let what = kept.get(a.seq.wrapping_sub(first) as usize);
                         tracing::warn!(
                             "conntrack cleanup of {what:?} failed: {}",
                             nfnl::errno_text(a.error)
@@ -1105,9 +1150,10 @@ impl NftDataplane {
     /// rebuild left out a mapping the server holds.
     fn doubt_after(b: &Batch, loaded: &Loaded) -> bool {
         loaded.doubt
-            || b.owners.iter().zip(&loaded.failed).any(|(o, f)| {
-                f.is_some() && (o.seqs.is_empty() || o.new.is_none())
-            })
+            || b.owners
+                .iter()
+                .zip(&loaded.failed)
+                .any(|(o, f)| f.is_some() && (o.seqs.is_empty() || o.new.is_none()))
     }
 
     /// Runs `nft -f -` with `script`; only its exit status counts.
@@ -1615,6 +1661,19 @@ mod tests {
         assert!(NftDataplane::doubt_after(&b, &loaded));
         dp.commit(b, &loaded);
         assert_eq!(dp.installed.len(), 1);
+    }
+
+    /// A kernel that does not answer fails the batch (and leaves the
+    /// table in doubt) before the committer's bound is up.
+    #[test]
+    fn the_reply_timeout_is_within_the_bound() {
+        for ms in [20, 2000, 60_000] {
+            let dp = NftDataplane::new(NftSettings {
+                timeout: std::time::Duration::from_millis(ms),
+                ..NftSettings::default()
+            });
+            assert!(dp.reply_timeout() < dp.settings.timeout);
+        }
     }
 
     #[test]
