@@ -322,7 +322,7 @@ pub enum Dir {
 /// has these fields (`None`: any). With every field given this is one
 /// entry, deleted by lookup; otherwise the kernel deletes every match in
 /// one pass (`CTA_FILTER` on `IPCTNL_MSG_CT_DELETE`, Linux 6.11 and
-/// later; older kernels answer `EOPNOTSUPP`).
+/// later; older kernels answer `EOPNOTSUPP` or `EINVAL`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CtMatch {
     /// Which tuple the fields are of.
@@ -803,6 +803,8 @@ pub fn errno_text(error: i32) -> String {
 
 /// `ENOENT` as an ack carries it.
 pub const ENOENT: i32 = -2;
+/// `EINVAL` as an ack carries it.
+pub const EINVAL: i32 = -22;
 /// `EOPNOTSUPP` as an ack carries it.
 pub const EOPNOTSUPP: i32 = -95;
 

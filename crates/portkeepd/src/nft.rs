@@ -614,7 +614,9 @@ pub(crate) fn conntrack_matches(m: &MappingRecord, out: &mut Vec<CtMatch>) {
 /// Elements per nf_tables batch (one kernel transaction), at most; larger
 /// applies take several batches. The kernel also queues every ack of a
 /// batch before the first can be read, so its messages must fit the
-/// socket's receive buffer ([`nfnl::Socket::max_acks`]).
+/// socket's receive buffer ([`nfnl::Socket::max_acks`]), even with each
+/// element in a message of its own: a batch has no more elements than
+/// that either.
 const BATCH_ELEMENTS: usize = 32768;
 /// Elements of one set per message. Each message is acked on its own, and
 /// an ack costs the kernel and this process about what an element does,
@@ -684,7 +686,13 @@ pub struct NftDataplane {
     built: bool,
     /// Whether the kernel refused a conntrack filter (logged once).
     ct_filter_unsupported: bool,
+    /// How long `nft -f` may run before it is killed.
+    nft_deadline: std::time::Duration,
 }
+
+/// How long `nft -f` may run: it loads the table's definition only (a
+/// few KiB, whatever the number of mappings), normally in milliseconds.
+const NFT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What loading a batch's elements came to.
 #[derive(Debug, Default)]
@@ -705,6 +713,7 @@ impl NftDataplane {
             installed: HashMap::new(),
             built: false,
             ct_filter_unsupported: false,
+            nft_deadline: NFT_DEADLINE,
         }
     }
 
@@ -892,7 +901,10 @@ impl NftDataplane {
             }
         };
         let mut broken = false;
-        let size = (sock.max_acks() * ELEMENTS_PER_MESSAGE).min(BATCH_ELEMENTS);
+        // Elements, not messages, bound a chunk: a refused message's
+        // elements go one per message, and every message of the chunk (and
+        // its begin and end) must still be acked within the buffer.
+        let size = sock.max_acks().saturating_sub(2).clamp(1, BATCH_ELEMENTS);
         'chunks: for (ci, chunk) in b.ops.chunks(size).enumerate() {
             for attempt in 1..=BATCH_ATTEMPTS {
                 buf.clear();
@@ -1081,11 +1093,14 @@ impl NftDataplane {
                         if a.error == nfnl::ENOENT {
                             continue;
                         }
-                        if a.error == nfnl::EOPNOTSUPP {
+                        let what = kept.get(a.seq.wrapping_sub(first) as usize);
+                        // A kernel without CTA_FILTER on deletes answers a
+                        // partial tuple EOPNOTSUPP, or, older, EINVAL.
+                        let filtered = what.is_some_and(|m| !m.exact());
+                        if a.error == nfnl::EOPNOTSUPP || (filtered && a.error == nfnl::EINVAL) {
                             unsupported = true;
                             continue;
                         }
-                        let what = kept.get(a.seq.wrapping_sub(first) as usize);
                         tracing::warn!(
                             "conntrack cleanup of {what:?} failed: {}",
                             nfnl::errno_text(a.error)
@@ -1156,8 +1171,12 @@ impl NftDataplane {
                 .any(|(o, f)| f.is_some() && (o.seqs.is_empty() || o.new.is_none()))
     }
 
-    /// Runs `nft -f -` with `script`; only its exit status counts.
+    /// Runs `nft -f -` with `script`; only its exit status counts. An
+    /// `nft` still running after [`NftDataplane::nft_deadline`] is killed,
+    /// and that is a failure (a rebuild that fails leaves the table in
+    /// doubt).
     fn run_nft(&self, script: &str) -> Result<(), String> {
+        use std::io::Read as _;
         let mut child = Command::new(&self.settings.nft)
             .args(["-f", "-"])
             .stdin(Stdio::piped())
@@ -1165,22 +1184,49 @@ impl NftDataplane {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", self.settings.nft.display()))?;
+        // Read aside, so that an nft that writes much cannot block on a
+        // full pipe while it is waited for.
+        let stderr = child.stderr.take().map(|mut e| {
+            std::thread::spawn(move || {
+                let mut s = Vec::new();
+                let _ = e.read_to_end(&mut s);
+                s
+            })
+        });
         if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(script.as_bytes())
-                .map_err(|e| format!("writing to nft: {e}"))?;
+            if let Err(e) = stdin.write_all(script.as_bytes()) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("writing to nft: {e}"));
+            }
         }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| format!("waiting for nft: {e}"))?;
-        if out.status.success() {
+        let until = std::time::Instant::now() + self.nft_deadline;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(st)) => break st,
+                Ok(None) if std::time::Instant::now() >= until => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!(
+                        "nft -f did not finish within {:?}: killed",
+                        self.nft_deadline
+                    ));
+                }
+                Ok(None) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                Err(e) => {
+                    let _ = child.kill();
+                    return Err(format!("waiting for nft: {e}"));
+                }
+            }
+        };
+        if status.success() {
             return Ok(());
         }
+        let err = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
         // Passed on for the operator to read, never interpreted.
         Err(format!(
-            "nft -f failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim_end()
+            "nft -f failed ({status}): {}",
+            String::from_utf8_lossy(&err).trim_end()
         ))
     }
 
@@ -1674,6 +1720,35 @@ mod tests {
             });
             assert!(dp.reply_timeout() < dp.settings.timeout);
         }
+    }
+
+    /// An `nft` that hangs is killed at its deadline: the rebuild fails,
+    /// its changes with it, and the table stays in doubt.
+    #[test]
+    fn a_hanging_nft_is_killed_and_the_table_stays_in_doubt() {
+        let dir = std::env::temp_dir().join(format!("pk-nft-hang-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let nft = dir.join("nft");
+        std::fs::write(&nft, "#!/bin/sh\nexec sleep 60\n").unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&nft, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut dp = NftDataplane::new(NftSettings {
+            nft: nft.clone(),
+            ..NftSettings::default()
+        });
+        dp.nft_deadline = std::time::Duration::from_millis(200);
+        let m = map(Protocol::TCP, "10.0.0.2:22", "198.51.100.1:30022");
+        let t = std::time::Instant::now();
+        let e = dp.apply(&[up(1, &m)]).unwrap_err();
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(e.failed, [1]);
+        assert!(e.message.contains("killed"), "{e}");
+        assert!(dp.in_doubt());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
