@@ -306,9 +306,9 @@ impl Drop for Bounded {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::Stopwatch;
     use portkeep_server::Change;
     use std::sync::atomic::AtomicUsize;
-    use std::time::Instant;
 
     /// A dataplane whose applies block until the test lets them go.
     struct Gate {
@@ -436,9 +436,9 @@ mod tests {
 
     /// Waits (a few seconds at most) for `f` to hold.
     fn eventually(f: impl Fn() -> bool) {
-        let until = Instant::now() + Duration::from_secs(10);
+        let until = Deadline::after(Duration::from_secs(10));
         while !f() {
-            assert!(Instant::now() < until, "timed out");
+            assert!(!until.left().is_zero(), "timed out");
             std::thread::sleep(Duration::from_millis(2));
         }
     }
@@ -493,14 +493,10 @@ mod tests {
         r.dp.apply(&batch(&[1])).unwrap();
         // Reconciling, and held up there: batches fail, fast.
         for seq in 2..5 {
-            let t = Instant::now();
+            let t = Stopwatch::start();
             let e = r.dp.apply(&batch(&[seq])).unwrap_err();
             assert!(e.message.contains("reconciling"), "{e}");
-            assert!(
-                t.elapsed() < Duration::from_millis(150),
-                "{:?}",
-                t.elapsed()
-            );
+            assert!(t.micros() < 150_000, "{} us", t.micros());
         }
         r.release.send(()).unwrap();
         eventually(|| !r.dp.reconciling.load(Ordering::SeqCst));

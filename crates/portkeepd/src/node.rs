@@ -199,7 +199,11 @@ impl Shared {
     /// answered NETWORK_FAILURE ("a network failure ... unable to create
     /// mapping"; a short-lifetime error: the client may retry soon) and
     /// taken back from the core, so that what the server holds and what the
-    /// NAT does stay the same. `replies` are rewritten in place.
+    /// NAT does stay the same. `replies` are rewritten in place. A failed
+    /// removal needs nothing here: the core dropped the mapping already,
+    /// and the dataplane itself makes sure its rules go (the nftables one
+    /// rebuilds its table without them; [`crate::bounded`] keeps removals
+    /// it could not hand over for the next batch).
     fn undo_failed(
         &self,
         core: &mut Core,
