@@ -138,17 +138,38 @@ fn apply_caught(
     }
 }
 
+/// Reconciles a dataplane in doubt (`apply(&[])`), then clears `flag`.
+/// If it is still in doubt, its next batch reconciles it first.
+fn reconcile(inner: &mut Box<dyn Dataplane>, name: &'static str, flag: &AtomicBool) {
+    tracing::warn!(
+        "the {name} dataplane is in doubt: reconciling it; batches fail until it is done"
+    );
+    match apply_caught(inner, name, &[]) {
+        Ok(()) if !inner.in_doubt() => tracing::info!("the {name} dataplane is reconciled"),
+        Ok(()) => tracing::error!(
+            "the {name} dataplane is still in doubt: the next batch reconciles it first"
+        ),
+        Err(e) => tracing::error!("reconciling the {name} dataplane failed: {e}"),
+    }
+    flag.store(false, Ordering::SeqCst);
+}
+
 impl Bounded {
     /// Moves `inner` to a thread of its own; each [`Dataplane::apply`]
     /// then waits at most `timeout`.
     pub fn new(mut inner: Box<dyn Dataplane>, timeout: Duration) -> std::io::Result<Bounded> {
         let name = inner.name();
         let (tx, rx) = mpsc::channel::<Job>();
-        let reconciling = Arc::new(AtomicBool::new(false));
+        // A dataplane handed over in doubt (its full install failed)
+        // reconciles before its first batch.
+        let reconciling = Arc::new(AtomicBool::new(inner.in_doubt()));
         let flag = reconciling.clone();
         let worker = std::thread::Builder::new()
             .name("dataplane".into())
             .spawn(move || {
+                if flag.load(Ordering::SeqCst) {
+                    reconcile(&mut inner, name, &flag);
+                }
                 for job in rx {
                     let r = apply_caught(&mut inner, name, &job.changes);
                     // Set before the result is out, so that no batch
@@ -175,21 +196,7 @@ impl Bounded {
                     job.slot.cv.notify_all();
                     drop(g);
                     if doubt {
-                        tracing::warn!(
-                            "the {name} dataplane is in doubt: reconciling it; batches fail until it is done"
-                        );
-                        match apply_caught(&mut inner, name, &[]) {
-                            Ok(()) if !inner.in_doubt() => {
-                                tracing::info!("the {name} dataplane is reconciled");
-                            }
-                            Ok(()) => tracing::error!(
-                                "the {name} dataplane is still in doubt: the next batch reconciles it first"
-                            ),
-                            Err(e) => tracing::error!(
-                                "reconciling the {name} dataplane failed: {e}"
-                            ),
-                        }
-                        flag.store(false, Ordering::SeqCst);
+                        reconcile(&mut inner, name, &flag);
                     }
                 }
             })?;
@@ -504,6 +511,33 @@ mod tests {
         r.dp.apply(&batch(&[5])).unwrap();
         assert_eq!(*r.seen.lock().unwrap(), [vec![1], vec![], vec![5]]);
         assert_eq!(r.invalidated.load(Ordering::SeqCst), 0);
+    }
+
+    /// A dataplane handed over in doubt reconciles before its first
+    /// batch, outside the bound.
+    #[test]
+    fn a_dataplane_handed_over_in_doubt_reconciles_first() {
+        let (release, rx) = mpsc::channel();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut dp = Bounded::new(
+            Box::new(Gate {
+                release: rx,
+                applied: Arc::default(),
+                invalidated: Arc::default(),
+                seen: seen.clone(),
+                doubt: Arc::new(AtomicBool::new(true)),
+                dropped: Arc::default(),
+            }),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        let e = dp.apply(&batch(&[1])).unwrap_err();
+        assert!(e.message.contains("reconciling"), "{e}");
+        release.send(()).unwrap();
+        eventually(|| !dp.reconciling.load(Ordering::SeqCst));
+        release.send(()).unwrap();
+        dp.apply(&batch(&[2])).unwrap();
+        assert_eq!(*seen.lock().unwrap(), [vec![], vec![2]]);
     }
 
     /// A removal the server made must reach the NAT: the removals of a
