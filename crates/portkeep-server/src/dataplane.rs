@@ -34,6 +34,13 @@ pub trait Dataplane: Send {
     /// first reconcile the forwarding plane with what is known to be
     /// installed. Nothing to do for a dataplane that cannot be in doubt.
     fn invalidate(&mut self) {}
+    /// Whether the next apply would first reconcile (see
+    /// [`Dataplane::invalidate`]); a caller may then reconcile outside
+    /// any batch, with `apply(&[])`. Never, for a dataplane that cannot
+    /// be in doubt.
+    fn in_doubt(&self) -> bool {
+        false
+    }
 }
 
 /// The key of an inbound (DNAT) rule: protocol, external address and port.

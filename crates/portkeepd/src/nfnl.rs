@@ -161,17 +161,24 @@ fn msg_start(buf: &mut Vec<u8>, ty: u16, flags: u16, seq: u32, family: u8, res_i
     at
 }
 
-fn msg_end(buf: &mut [u8], at: usize) {
-    let len = (buf.len() - at) as u32;
+fn msg_end(buf: &mut [u8], at: usize) -> Result<(), TooLong> {
+    let len = u32::try_from(buf.len().saturating_sub(at)).map_err(|_| TooLong)?;
     put_u32(buf, at, len);
+    Ok(())
 }
 
-fn attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
-    let len = (4 + payload.len()) as u16;
+/// A netlink attribute (or message) too long for its length field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("netlink attribute too long for its 16-bit length")]
+pub struct TooLong;
+
+fn attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) -> Result<(), TooLong> {
+    let len = u16::try_from(payload.len().saturating_add(4)).map_err(|_| TooLong)?;
     buf.extend_from_slice(&len.to_ne_bytes());
     buf.extend_from_slice(&ty.to_ne_bytes());
     buf.extend_from_slice(payload);
     pad4(buf);
+    Ok(())
 }
 
 fn nest_start(buf: &mut Vec<u8>, ty: u16) -> usize {
@@ -181,9 +188,10 @@ fn nest_start(buf: &mut Vec<u8>, ty: u16) -> usize {
     at
 }
 
-fn nest_end(buf: &mut [u8], at: usize) {
-    let len = (buf.len() - at) as u16;
+fn nest_end(buf: &mut [u8], at: usize) -> Result<(), TooLong> {
+    let len = u16::try_from(buf.len().saturating_sub(at)).map_err(|_| TooLong)?;
     put_u16(buf, at, len);
+    Ok(())
 }
 
 fn strz(s: &str) -> Vec<u8> {
@@ -204,7 +212,8 @@ pub fn batch_begin(buf: &mut Vec<u8>, seq: u32) {
         0,
         NFNL_SUBSYS_NFTABLES,
     );
-    msg_end(buf, at);
+    // 20 bytes: fits.
+    let _ = msg_end(buf, at);
 }
 
 /// `NFNL_MSG_BATCH_END`: commits the batch if none of its messages failed.
@@ -217,20 +226,29 @@ pub fn batch_end(buf: &mut Vec<u8>, seq: u32) {
         0,
         NFNL_SUBSYS_NFTABLES,
     );
-    msg_end(buf, at);
+    // 20 bytes: fits.
+    let _ = msg_end(buf, at);
 }
 
 /// One element added to or deleted from `set` of `table inet TABLE`, with
 /// `NLM_F_ACK`, so that the kernel answers this message on its own.
-pub fn setelem(buf: &mut Vec<u8>, op: Op, seq: u32, table: &str, set: &str, e: ElemRef<'_>) {
-    setelems(buf, op, seq, table, set, &[e]);
+pub fn setelem(
+    buf: &mut Vec<u8>,
+    op: Op,
+    seq: u32,
+    table: &str,
+    set: &str,
+    e: ElemRef<'_>,
+) -> Result<(), TooLong> {
+    setelems(buf, op, seq, table, set, &[e])
 }
 
 /// Elements added to or deleted from one set in one message, with
 /// `NLM_F_ACK`: the kernel answers the message as a whole (an error names
 /// the message, not the element), and stops at the first element it
 /// refuses (`nf_tables_newsetelem`). Keep the message under 64 KiB: the
-/// list's length is a 16-bit attribute length.
+/// list's length is a 16-bit attribute length: a longer one is
+/// [`TooLong`], and leaves `buf` as it was.
 pub fn setelems(
     buf: &mut Vec<u8>,
     op: Op,
@@ -238,7 +256,23 @@ pub fn setelems(
     table: &str,
     set: &str,
     elems: &[ElemRef<'_>],
-) {
+) -> Result<(), TooLong> {
+    let start = buf.len();
+    let r = setelems_in(buf, op, seq, table, set, elems);
+    if r.is_err() {
+        buf.truncate(start);
+    }
+    r
+}
+
+fn setelems_in(
+    buf: &mut Vec<u8>,
+    op: Op,
+    seq: u32,
+    table: &str,
+    set: &str,
+    elems: &[ElemRef<'_>],
+) -> Result<(), TooLong> {
     let (ty, flags) = match op {
         Op::Add => (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE),
         Op::Del => (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
@@ -251,28 +285,28 @@ pub fn setelems(
         NFPROTO_INET,
         0,
     );
-    attr(buf, NFTA_SET_ELEM_LIST_TABLE, &strz(table));
-    attr(buf, NFTA_SET_ELEM_LIST_SET, &strz(set));
+    attr(buf, NFTA_SET_ELEM_LIST_TABLE, &strz(table))?;
+    attr(buf, NFTA_SET_ELEM_LIST_SET, &strz(set))?;
     let elements = nest_start(buf, NFTA_SET_ELEM_LIST_ELEMENTS);
     for e in elems {
         let elem = nest_start(buf, NFTA_LIST_ELEM);
         let key = nest_start(buf, NFTA_SET_ELEM_KEY);
-        attr(buf, NFTA_DATA_VALUE, e.key);
-        nest_end(buf, key);
+        attr(buf, NFTA_DATA_VALUE, e.key)?;
+        nest_end(buf, key)?;
         if let Some(end) = e.key_end {
             let n = nest_start(buf, NFTA_SET_ELEM_KEY_END);
-            attr(buf, NFTA_DATA_VALUE, end);
-            nest_end(buf, n);
+            attr(buf, NFTA_DATA_VALUE, end)?;
+            nest_end(buf, n)?;
         }
         if let Some(data) = e.data {
             let n = nest_start(buf, NFTA_SET_ELEM_DATA);
-            attr(buf, NFTA_DATA_VALUE, data);
-            nest_end(buf, n);
+            attr(buf, NFTA_DATA_VALUE, data)?;
+            nest_end(buf, n)?;
         }
-        nest_end(buf, elem);
+        nest_end(buf, elem)?;
     }
-    nest_end(buf, elements);
-    msg_end(buf, at);
+    nest_end(buf, elements)?;
+    msg_end(buf, at)
 }
 
 /// Which part of a conntrack entry a [`CtMatch`] matches.
@@ -288,7 +322,7 @@ pub enum Dir {
 /// has these fields (`None`: any). With every field given this is one
 /// entry, deleted by lookup; otherwise the kernel deletes every match in
 /// one pass (`CTA_FILTER` on `IPCTNL_MSG_CT_DELETE`, Linux 6.11 and
-/// later; older kernels answer `EOPNOTSUPP`).
+/// later; older kernels answer `EOPNOTSUPP` or `EINVAL`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CtMatch {
     /// Which tuple the fields are of.
@@ -319,8 +353,18 @@ impl CtMatch {
     }
 }
 
-/// One `IPCTNL_MSG_CT_DELETE` for `m`, with `NLM_F_ACK`.
-pub fn ct_delete(buf: &mut Vec<u8>, seq: u32, m: &CtMatch) {
+/// One `IPCTNL_MSG_CT_DELETE` for `m`, with `NLM_F_ACK`; on error `buf`
+/// is left as it was.
+pub fn ct_delete(buf: &mut Vec<u8>, seq: u32, m: &CtMatch) -> Result<(), TooLong> {
+    let start = buf.len();
+    let r = ct_delete_in(buf, seq, m);
+    if r.is_err() {
+        buf.truncate(start);
+    }
+    r
+}
+
+fn ct_delete_in(buf: &mut Vec<u8>, seq: u32, m: &CtMatch) -> Result<(), TooLong> {
     let family = if m.v6 { AF_INET6 } else { AF_INET };
     let at = msg_start(
         buf,
@@ -350,27 +394,27 @@ pub fn ct_delete(buf: &mut Vec<u8>, seq: u32, m: &CtMatch) {
             if let Some(a) = a {
                 let mut v = Vec::with_capacity(16);
                 reg::addr(&mut v, a);
-                attr(buf, ty, &v);
+                attr(buf, ty, &v)?;
                 flags |= f;
             }
         }
-        nest_end(buf, ip);
+        nest_end(buf, ip)?;
     }
     if let Some(p) = m.proto {
         let proto = nest_start(buf, CTA_TUPLE_PROTO);
-        attr(buf, CTA_PROTO_NUM, &[p]);
+        attr(buf, CTA_PROTO_NUM, &[p])?;
         flags |= CTA_FILTER_F_PROTO_NUM;
         if let Some(port) = m.sport {
-            attr(buf, CTA_PROTO_SRC_PORT, &port.to_be_bytes());
+            attr(buf, CTA_PROTO_SRC_PORT, &port.to_be_bytes())?;
             flags |= CTA_FILTER_F_PROTO_SRC_PORT;
         }
         if let Some(port) = m.dport {
-            attr(buf, CTA_PROTO_DST_PORT, &port.to_be_bytes());
+            attr(buf, CTA_PROTO_DST_PORT, &port.to_be_bytes())?;
             flags |= CTA_FILTER_F_PROTO_DST_PORT;
         }
-        nest_end(buf, proto);
+        nest_end(buf, proto)?;
     }
-    nest_end(buf, tuple);
+    nest_end(buf, tuple)?;
     if !m.exact() {
         // ctnetlink_alloc_filter: which fields of which tuple must match.
         let filter = nest_start(buf, CTA_FILTER);
@@ -378,11 +422,11 @@ pub fn ct_delete(buf: &mut Vec<u8>, seq: u32, m: &CtMatch) {
             Dir::Orig => (flags, 0),
             Dir::Reply => (0, flags),
         };
-        attr(buf, CTA_FILTER_ORIG_FLAGS, &orig.to_ne_bytes());
-        attr(buf, CTA_FILTER_REPLY_FLAGS, &reply.to_ne_bytes());
-        nest_end(buf, filter);
+        attr(buf, CTA_FILTER_ORIG_FLAGS, &orig.to_ne_bytes())?;
+        attr(buf, CTA_FILTER_REPLY_FLAGS, &reply.to_ne_bytes())?;
+        nest_end(buf, filter)?;
     }
-    msg_end(buf, at);
+    msg_end(buf, at)
 }
 
 /// The kernel's answer to one message: `NLMSG_ERROR` with error 0 (an
@@ -421,29 +465,33 @@ pub fn parse_acks(datagram: &[u8], out: &mut Vec<Ack>) -> Result<(), DecodeError
         let len = read_u32(datagram, at).ok_or(bad.clone())? as usize;
         let ty = read_u16(datagram, at + 4).ok_or(bad.clone())?;
         let seq = read_u32(datagram, at + 8).ok_or(bad.clone())?;
-        if len < NLMSG_HDRLEN || at + len > datagram.len() {
+        if len < NLMSG_HDRLEN || at.checked_add(len).is_none_or(|end| end > datagram.len()) {
             return Err(bad);
         }
         if ty == NLMSG_ERROR {
-            let e = read_u32(datagram, at + NLMSG_HDRLEN).ok_or(bad.clone())?;
             if len < NLMSG_HDRLEN + 4 {
                 return Err(bad);
             }
+            let e = read_u32(datagram, at + NLMSG_HDRLEN).ok_or(bad.clone())?;
             out.push(Ack {
                 seq,
                 error: e as i32,
             });
         }
         // NLMSG_ALIGN: the next message starts on a 4-byte boundary.
-        at += (len + 3) & !3;
+        at = match at.checked_add(len.saturating_add(3) & !3) {
+            Some(next) => next,
+            None => return Err(bad),
+        };
     }
     Ok(())
 }
 
-/// How long to wait for the kernel's answers before giving up on them.
-/// The kernel handles a batch within the `sendmsg` call that hands it
-/// over, so the answers are normally queued before the wait starts.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to wait for the kernel's answers before giving up on them,
+/// at most (see [`Socket::open_with`]). The kernel handles a batch within
+/// the `sendmsg` call that hands it over, so the answers are normally
+/// queued before the wait starts.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Room for the acks of one batch: each is a small skb, but the socket is
 /// charged its truesize (about 1 KiB). Setting it needs `CAP_NET_ADMIN`,
@@ -465,6 +513,7 @@ pub struct Socket {
     seq: u32,
     bufs: Vec<Vec<u8>>,
     max_acks: usize,
+    reply_timeout: Duration,
 }
 
 impl std::fmt::Debug for Socket {
@@ -483,15 +532,25 @@ pub enum Outcome {
     /// Every message was answered; the errors by sequence number (none:
     /// everything applied).
     Answered(Vec<Ack>),
-    /// The batch as a whole was refused (an error for its
-    /// `NFNL_MSG_BATCH_BEGIN`, e.g. `EPERM`, or a failed commit): nothing
-    /// was applied.
+    /// The batch as a whole was refused: an error for its
+    /// `NFNL_MSG_BATCH_BEGIN` (e.g. `EPERM`), or a failed commit (an
+    /// error for the first message after it, which is then acked too:
+    /// see [`Tally`]). Nothing was applied.
     Refused(i32),
 }
 
 impl Socket {
-    /// A socket bound to this thread's network namespace.
+    /// A socket bound to this thread's network namespace, that waits
+    /// [`REPLY_TIMEOUT`] for answers.
     pub fn open() -> io::Result<Socket> {
+        Socket::open_with(REPLY_TIMEOUT)
+    }
+
+    /// A socket bound to this thread's network namespace, that waits
+    /// `reply_timeout` for answers (at most [`REPLY_TIMEOUT`], at least
+    /// 10 ms).
+    pub fn open_with(reply_timeout: Duration) -> io::Result<Socket> {
+        let reply_timeout = reply_timeout.clamp(Duration::from_millis(10), REPLY_TIMEOUT);
         let mut sock = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER)?;
         sock.bind_auto()?;
         // Errors echo only the header of the failed message, not all of it.
@@ -502,7 +561,7 @@ impl Socket {
         rustix::net::sockopt::set_socket_timeout(
             &sock,
             rustix::net::sockopt::Timeout::Recv,
-            Some(REPLY_TIMEOUT),
+            Some(reply_timeout),
         )?;
         // Without CAP_NET_ADMIN the buffer stays at net.core.rmem_max, and
         // batches must be smaller for their acks to fit.
@@ -512,6 +571,7 @@ impl Socket {
             seq: 1,
             bufs: vec![vec![0; RECV_SLOT]; RECV_BATCH],
             max_acks: (rcvbuf / ACK_TRUESIZE).max(16),
+            reply_timeout,
         })
     }
 
@@ -550,9 +610,10 @@ impl Socket {
         Ok(())
     }
 
-    /// Reads at least one and up to [`RECV_BATCH`] datagrams (one
-    /// `recvmmsg`), appending their acks.
-    fn recv_acks(&mut self, acks: &mut Vec<Ack>) -> io::Result<()> {
+    /// Reads up to [`RECV_BATCH`] datagrams (one `recvmmsg`), appending
+    /// their acks: at least one, waiting for it up to the reply timeout,
+    /// when `wait`; otherwise only what is queued. Whether any was read.
+    fn recv_acks(&mut self, acks: &mut Vec<Ack>, wait: bool) -> io::Result<bool> {
         use nix::errno::Errno;
         use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
         use std::os::fd::AsRawFd as _;
@@ -569,16 +630,21 @@ impl Socket {
                 self.sock.as_raw_fd(),
                 &mut headers,
                 slices.iter_mut(),
-                MsgFlags::MSG_WAITFORONE,
+                if wait {
+                    MsgFlags::MSG_WAITFORONE
+                } else {
+                    MsgFlags::MSG_DONTWAIT
+                },
                 None,
             ) {
                 Ok(r) => r.map(|m| m.bytes).collect(),
                 // Interrupted: the caller asks again.
-                Err(Errno::EINTR) => return Ok(()),
+                Err(Errno::EINTR) if wait => return Ok(true),
+                Err(Errno::EAGAIN | Errno::EINTR) if !wait => return Ok(false),
                 Err(Errno::EAGAIN) => {
                     return Err(io::Error::new(
                         io::ErrorKind::TimedOut,
-                        format!("no answer from the kernel within {REPLY_TIMEOUT:?}"),
+                        format!("no answer from the kernel within {:?}", self.reply_timeout),
                     ))
                 }
                 Err(e) => return Err(e.into()),
@@ -590,12 +656,15 @@ impl Socket {
             })?;
             parse_acks(got, acks).map_err(io::Error::other)?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Sends `msgs` (one datagram) and waits for an answer to each of the
     /// `count` sequence numbers from `first`; an answer to `batch_seq` (the
     /// batch's begin message) ends the wait: the batch was refused whole.
+    /// When some answers are errors, whatever else the kernel queued is
+    /// read too (without waiting), to tell a failed commit from refused
+    /// messages (see [`Tally`]).
     pub fn transact(
         &mut self,
         msgs: &[u8],
@@ -604,38 +673,138 @@ impl Socket {
         batch_seq: Option<u32>,
     ) -> io::Result<Outcome> {
         self.send(msgs)?;
-        let mut errors = Vec::new();
-        let mut answered = 0u32;
+        let mut tally = Tally::new(first, count, batch_seq);
         let mut acks = Vec::new();
-        while answered < count {
+        while !tally.done() {
             acks.clear();
-            self.recv_acks(&mut acks)?;
+            self.recv_acks(&mut acks, true)?;
             for a in &acks {
-                if Some(a.seq) == batch_seq {
-                    if a.error != 0 {
-                        return Ok(Outcome::Refused(a.error));
-                    }
-                    continue;
+                tally.add(*a);
+            }
+        }
+        if tally.has_errors() {
+            // The kernel answers a batch within the send: what follows a
+            // failed commit's error is queued already.
+            loop {
+                acks.clear();
+                if !self.recv_acks(&mut acks, false)? {
+                    break;
                 }
-                if a.seq.wrapping_sub(first) < count {
-                    answered += 1;
-                    if a.error != 0 {
-                        errors.push(*a);
-                    }
+                for a in &acks {
+                    tally.add(*a);
                 }
             }
         }
-        Ok(Outcome::Answered(errors))
+        Ok(tally.outcome())
+    }
+}
+
+/// The answers to one batch, as they come.
+///
+/// Each message is acked once (0 or its errno) — except when the
+/// nf_tables commit itself fails: the kernel then answers with the error
+/// for the header of the batch's first message (the one after
+/// `NFNL_MSG_BATCH_BEGIN`), and afterwards acks every message with 0, the
+/// first included. So answers are counted by distinct sequence number,
+/// and an error and a 0 for the same one mean the commit failed: the
+/// batch is refused whole, not that message.
+#[derive(Debug)]
+pub struct Tally {
+    first: u32,
+    /// Per message: its answer, if any.
+    answers: Vec<Option<i32>>,
+    answered: usize,
+    batch_seq: Option<u32>,
+    refused: Option<i32>,
+}
+
+impl Tally {
+    /// Answers expected for `count` messages from `first`.
+    pub fn new(first: u32, count: u32, batch_seq: Option<u32>) -> Tally {
+        Tally {
+            first,
+            answers: vec![None; count as usize],
+            answered: 0,
+            batch_seq,
+            refused: None,
+        }
+    }
+
+    /// Counts one answer; others than the batch's are ignored.
+    pub fn add(&mut self, a: Ack) {
+        if Some(a.seq) == self.batch_seq {
+            if a.error != 0 {
+                self.refused.get_or_insert(a.error);
+            }
+            return;
+        }
+        let Some(slot) = self
+            .answers
+            .get_mut(a.seq.wrapping_sub(self.first) as usize)
+        else {
+            return;
+        };
+        match *slot {
+            None => {
+                *slot = Some(a.error);
+                self.answered += 1;
+            }
+            Some(e) if e != a.error => {
+                // An error and an ack for one message: the commit failed.
+                let err = if e != 0 { e } else { a.error };
+                self.refused.get_or_insert(err);
+                *slot = Some(0);
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// Whether the wait is over: every message answered, or the batch
+    /// refused by its begin message.
+    pub fn done(&self) -> bool {
+        self.answered == self.answers.len()
+            || (self.refused.is_some() && self.answers.iter().all(Option::is_none))
+    }
+
+    /// Whether any message has an error so far.
+    pub fn has_errors(&self) -> bool {
+        self.answers.iter().any(|a| a.is_some_and(|e| e != 0))
+    }
+
+    /// What the answers come to.
+    pub fn outcome(&self) -> Outcome {
+        if let Some(err) = self.refused {
+            return Outcome::Refused(err);
+        }
+        Outcome::Answered(
+            self.answers
+                .iter()
+                .zip(0u32..)
+                .filter_map(|(a, k)| match a {
+                    Some(e) if *e != 0 => Some(Ack {
+                        seq: self.first.wrapping_add(k),
+                        error: *e,
+                    }),
+                    _ => None,
+                })
+                .collect(),
+        )
     }
 }
 
 /// An errno from an ack, for messages.
 pub fn errno_text(error: i32) -> String {
-    io::Error::from_raw_os_error(-error).to_string()
+    // From the kernel: i32::MIN has no negation.
+    match error.checked_neg() {
+        Some(e) => io::Error::from_raw_os_error(e).to_string(),
+        None => format!("error {error}"),
+    }
 }
 
 /// `ENOENT` as an ack carries it.
 pub const ENOENT: i32 = -2;
+/// `EINVAL` as an ack carries it.
+pub const EINVAL: i32 = -22;
 /// `EOPNOTSUPP` as an ack carries it.
 pub const EOPNOTSUPP: i32 = -95;
 
@@ -683,7 +852,8 @@ mod tests {
                 key_end: None,
                 data: Some(&[5, 6, 7, 8]),
             },
-        );
+        )
+        .unwrap();
         let mut want: Vec<u8> = Vec::new();
         let n = |v: u16| v.to_ne_bytes();
         want.extend_from_slice(&76u32.to_ne_bytes());
@@ -731,7 +901,8 @@ mod tests {
                 key_end: Some(&key),
                 data: None,
             },
-        );
+        )
+        .unwrap();
         let n = |v: u16| v.to_ne_bytes();
         let mut want: Vec<u8> = Vec::new();
         want.extend_from_slice(&104u32.to_ne_bytes());
@@ -767,9 +938,9 @@ mod tests {
             data: Some(&[5, 6, 7, 8]),
         };
         let mut one = Vec::new();
-        setelem(&mut one, Op::Add, 1, "t", "dnat4_all", e);
+        setelem(&mut one, Op::Add, 1, "t", "dnat4_all", e).unwrap();
         let mut two = Vec::new();
-        setelems(&mut two, Op::Add, 1, "t", "dnat4_all", &[e, e]);
+        setelems(&mut two, Op::Add, 1, "t", "dnat4_all", &[e, e]).unwrap();
         let entry = &one[one.len() - 28..];
         assert_eq!(two.len(), one.len() + 28);
         assert_eq!(&two[..4], &(one.len() as u32 + 28).to_ne_bytes());
@@ -797,7 +968,8 @@ mod tests {
                 dst: Some("203.0.113.9".parse().unwrap()),
                 dport: Some(3478),
             },
-        );
+        )
+        .unwrap();
         let n = |v: u16| v.to_ne_bytes();
         let mut want: Vec<u8> = Vec::new();
         want.extend_from_slice(&72u32.to_ne_bytes());
@@ -845,7 +1017,8 @@ mod tests {
                 dst: Some("198.51.100.1".parse().unwrap()),
                 dport: Some(30022),
             },
-        );
+        )
+        .unwrap();
         // ... CTA_FILTER { ORIG_FLAGS 0, REPLY_FLAGS IP_DST|PROTO_NUM|DST_PORT }
         let tail: Vec<u8> = [
             &20u16.to_ne_bytes()[..],
@@ -877,9 +1050,9 @@ mod tests {
         parse_acks(&d, &mut out).unwrap();
         assert_eq!(out, [Ack { seq: 5, error: 0 }, Ack { seq: 6, error: -2 }]);
         // Every truncation and every lying length is an error, never a panic.
-        for cut in 0..d.len() {
+        for cut in (1..d.len()).filter(|c| c % 36 != 0) {
             let mut out = Vec::new();
-            let _ = parse_acks(&d[..cut], &mut out);
+            assert!(parse_acks(&d[..cut], &mut out).is_err(), "cut at {cut}");
         }
         for at in 0..d.len() {
             for v in [0u8, 3, 15, 16, 17, 0xff] {
@@ -891,5 +1064,102 @@ mod tests {
         }
         let mut out = Vec::new();
         assert!(parse_acks(&d[..20], &mut out).is_err());
+        // An error message too short for its error word.
+        let mut short = d[..36].to_vec();
+        short[..4].copy_from_slice(&16u32.to_ne_bytes());
+        let mut out = Vec::new();
+        assert!(parse_acks(&short, &mut out).is_err());
+        assert!(out.is_empty(), "{out:?}");
+        // A length near usize::MAX neither overflows nor panics.
+        let mut huge = d.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_ne_bytes());
+        assert!(parse_acks(&huge, &mut Vec::new()).is_err());
+    }
+
+    /// An attribute longer than its 16-bit length can say is an error,
+    /// not a truncated length, and leaves nothing half-written.
+    #[test]
+    fn an_element_too_long_for_its_attribute_fails_cleanly() {
+        let key = vec![0u8; 70_000];
+        let mut b = vec![1, 2, 3, 4];
+        let e = ElemRef {
+            key: &key,
+            key_end: None,
+            data: None,
+        };
+        assert_eq!(setelem(&mut b, Op::Add, 1, "t", "s", e), Err(TooLong));
+        assert_eq!(b, [1, 2, 3, 4]);
+        // Many elements, each fine, overflow the list's nest.
+        let key = vec![0u8; 1000];
+        let e = ElemRef {
+            key: &key,
+            key_end: None,
+            data: None,
+        };
+        let many = vec![e; 70];
+        assert_eq!(setelems(&mut b, Op::Add, 1, "t", "s", &many), Err(TooLong));
+        assert_eq!(b, [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn errno_text_of_any_kernel_value() {
+        assert!(
+            errno_text(-2).contains("No such file"),
+            "{}",
+            errno_text(-2)
+        );
+        let _ = errno_text(i32::MIN);
+        let _ = errno_text(i32::MAX);
+    }
+
+    fn ack(seq: u32, error: i32) -> Ack {
+        Ack { seq, error }
+    }
+
+    #[test]
+    fn every_message_acked_once_is_answered_with_its_errors() {
+        let mut t = Tally::new(11, 3, Some(10));
+        for a in [ack(11, 0), ack(12, -17), ack(99, -1)] {
+            t.add(a);
+        }
+        assert!(!t.done());
+        t.add(ack(13, 0));
+        assert!(t.done());
+        assert_eq!(t.outcome(), Outcome::Answered(vec![ack(12, -17)]));
+    }
+
+    /// A failed nf_tables commit: the kernel answers the error for the
+    /// first message after BATCH_BEGIN, then acks every message with 0.
+    /// That is the whole batch refused, not its first message; and the
+    /// count is of distinct messages, so no answer is left unread.
+    #[test]
+    fn a_failed_commit_refuses_the_whole_batch() {
+        let mut t = Tally::new(11, 3, Some(10));
+        t.add(ack(11, -12));
+        t.add(ack(11, 0));
+        t.add(ack(12, 0));
+        assert!(!t.done(), "one ack still to come");
+        t.add(ack(13, 0));
+        assert!(t.done());
+        assert_eq!(t.outcome(), Outcome::Refused(-12));
+        // A batch of one message: its error alone completes the count,
+        // the ack read after it (without waiting) shows the commit failed.
+        let mut t = Tally::new(11, 1, Some(10));
+        t.add(ack(11, -12));
+        assert!(t.done() && t.has_errors());
+        t.add(ack(11, 0));
+        assert_eq!(t.outcome(), Outcome::Refused(-12));
+    }
+
+    #[test]
+    fn an_error_for_batch_begin_refuses_the_batch_at_once() {
+        let mut t = Tally::new(11, 3, Some(10));
+        t.add(ack(10, -1));
+        assert!(t.done());
+        assert_eq!(t.outcome(), Outcome::Refused(-1));
+        // An ack for it is no answer.
+        let mut t = Tally::new(11, 1, Some(10));
+        t.add(ack(10, 0));
+        assert!(!t.done());
     }
 }

@@ -442,15 +442,16 @@ fn elements(m: &MappingRecord) -> Result<Vec<Elem>, String> {
 /// numbers from 1) that install mapping `m` into `table`: what the
 /// dataplane sends for it, exposed for tests that compare it with nft's.
 pub fn element_messages(m: &MappingRecord, table: &str) -> Result<Vec<Vec<u8>>, String> {
-    Ok(elements(m)?
+    elements(m)?
         .iter()
         .zip(1u32..)
         .map(|(e, seq)| {
             let mut b = Vec::new();
-            nfnl::setelem(&mut b, Op::Add, seq, table, e.set, e.as_ref());
-            b
+            nfnl::setelem(&mut b, Op::Add, seq, table, e.set, e.as_ref())
+                .map_err(|e| e.to_string())?;
+            Ok(b)
         })
-        .collect())
+        .collect()
 }
 
 /// Interface names as an nft anonymous set, or `None` for any.
@@ -613,7 +614,9 @@ pub(crate) fn conntrack_matches(m: &MappingRecord, out: &mut Vec<CtMatch>) {
 /// Elements per nf_tables batch (one kernel transaction), at most; larger
 /// applies take several batches. The kernel also queues every ack of a
 /// batch before the first can be read, so its messages must fit the
-/// socket's receive buffer ([`nfnl::Socket::max_acks`]).
+/// socket's receive buffer ([`nfnl::Socket::max_acks`]), even with each
+/// element in a message of its own: a batch has no more elements than
+/// that either.
 const BATCH_ELEMENTS: usize = 32768;
 /// Elements of one set per message. Each message is acked on its own, and
 /// an ack costs the kernel and this process about what an element does,
@@ -683,7 +686,13 @@ pub struct NftDataplane {
     built: bool,
     /// Whether the kernel refused a conntrack filter (logged once).
     ct_filter_unsupported: bool,
+    /// How long `nft -f` may run before it is killed.
+    nft_deadline: std::time::Duration,
 }
+
+/// How long `nft -f` may run: it loads the table's definition only (a
+/// few KiB, whatever the number of mappings), normally in milliseconds.
+const NFT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What loading a batch's elements came to.
 #[derive(Debug, Default)]
@@ -704,6 +713,7 @@ impl NftDataplane {
             installed: HashMap::new(),
             built: false,
             ct_filter_unsupported: false,
+            nft_deadline: NFT_DEADLINE,
         }
     }
 
@@ -837,9 +847,22 @@ impl NftDataplane {
         }
     }
 
+    /// How long the socket waits for the kernel's answers: well within
+    /// the committer's bound, so that a silent kernel fails the batch
+    /// (and puts the table in doubt) before the batch is late.
+    fn reply_timeout(&self) -> std::time::Duration {
+        self.settings.timeout / 2
+    }
+
+    fn open_socket(&self) -> std::io::Result<nfnl::Socket> {
+        nfnl::Socket::open_with(self.reply_timeout())
+    }
+
     fn socket(&mut self) -> Result<&mut nfnl::Socket, String> {
         if self.socket.is_none() {
-            let s = nfnl::Socket::open().map_err(|e| format!("netlink socket: {e}"))?;
+            let s = self
+                .open_socket()
+                .map_err(|e| format!("netlink socket: {e}"))?;
             self.socket = Some(s);
         }
         self.socket
@@ -855,6 +878,9 @@ impl NftDataplane {
             doubt: false,
         };
         let mut committed = vec![false; b.owners.len()];
+        // Deletes the kernel answered ENOENT: the element is gone already,
+        // which is what the delete wanted; they are not sent again.
+        let mut gone: std::collections::HashSet<(u32, u32)> = std::collections::HashSet::new();
         // Owners whose elements go one per message, so that a refusal
         // names its element.
         let mut alone = vec![false; b.owners.len()];
@@ -864,7 +890,7 @@ impl NftDataplane {
         let mut msgs: Vec<std::ops::Range<usize>> = Vec::new();
         let mut refs: Vec<ElemRef<'_>> = Vec::new();
         // Out of `self` while the elements (in `self`) are encoded.
-        let mut sock = match self.socket.take().map_or_else(nfnl::Socket::open, Ok) {
+        let mut sock = match self.socket.take().map_or_else(|| self.open_socket(), Ok) {
             Ok(s) => s,
             Err(e) => {
                 let why = format!("netlink socket: {e}");
@@ -875,7 +901,10 @@ impl NftDataplane {
             }
         };
         let mut broken = false;
-        let size = (sock.max_acks() * ELEMENTS_PER_MESSAGE).min(BATCH_ELEMENTS);
+        // Elements, not messages, bound a chunk: a refused message's
+        // elements go one per message, and every message of the chunk (and
+        // its begin and end) must still be acked within the buffer.
+        let size = sock.max_acks().saturating_sub(2).clamp(1, BATCH_ELEMENTS);
         'chunks: for (ci, chunk) in b.ops.chunks(size).enumerate() {
             for attempt in 1..=BATCH_ATTEMPTS {
                 buf.clear();
@@ -884,7 +913,8 @@ impl NftDataplane {
                 sent.extend(
                     chunk
                         .iter()
-                        .filter(|o| out.failed[o.owner as usize].is_none()),
+                        .filter(|o| out.failed[o.owner as usize].is_none())
+                        .filter(|o| o.op == Op::Add || !gone.contains(&(o.owner, o.elem))),
                 );
                 if sent.is_empty() {
                     break;
@@ -911,6 +941,7 @@ impl NftDataplane {
                 let begin = sock.seqs(n + 2);
                 let first = begin + 1;
                 nfnl::batch_begin(&mut buf, begin);
+                let mut oversize = false;
                 for (k, m) in msgs.iter().enumerate() {
                     refs.clear();
                     refs.extend(
@@ -919,9 +950,32 @@ impl NftDataplane {
                             .filter_map(|o| self.elem_of(b, *o).map(Elem::as_ref)),
                     );
                     let o = sent[m.start];
-                    nfnl::setelems(&mut buf, o.op, first + k as u32, &table, set_of(&o), &refs);
+                    let seq = first + k as u32;
+                    if let Err(e) = nfnl::setelems(&mut buf, o.op, seq, &table, set_of(&o), &refs) {
+                        // Too long for one message: its elements go one
+                        // per message; one element too long fails.
+                        oversize = true;
+                        if let [o] = &sent[m.clone()] {
+                            let why = format!("{}: {e}", self.describe(b, *o));
+                            out.failed[o.owner as usize].get_or_insert(why);
+                        } else {
+                            for o in &sent[m.clone()] {
+                                alone[o.owner as usize] = true;
+                            }
+                        }
+                    }
                 }
                 refs.clear();
+                if oversize {
+                    if attempt == BATCH_ATTEMPTS {
+                        for o in &sent {
+                            out.failed[o.owner as usize].get_or_insert_with(|| {
+                                format!("not applied: the batch still failed after {BATCH_ATTEMPTS} attempts")
+                            });
+                        }
+                    }
+                    continue;
+                }
                 nfnl::batch_end(&mut buf, first + n);
                 match sock.transact(&buf, first, n, Some(begin)) {
                     Ok(Outcome::Answered(errors)) if errors.is_empty() => {
@@ -940,6 +994,10 @@ impl NftDataplane {
                                 continue;
                             };
                             if let [o] = &sent[m.clone()] {
+                                if o.op == Op::Del && a.error == nfnl::ENOENT {
+                                    gone.insert((o.owner, o.elem));
+                                    continue;
+                                }
                                 let why = format!(
                                     "{}: {}",
                                     self.describe(b, *o),
@@ -1015,11 +1073,18 @@ impl NftDataplane {
         let mut broken = false;
         let size = sock.max_acks().min(BATCH_MESSAGES);
         for chunk in matches.chunks(size) {
-            let n = chunk.len() as u32;
-            let first = sock.seqs(n);
+            let first = sock.seqs(chunk.len() as u32);
             let mut buf = Vec::with_capacity(chunk.len() * 80);
-            for (k, m) in chunk.iter().enumerate() {
-                nfnl::ct_delete(&mut buf, first + k as u32, m);
+            let mut kept: Vec<&CtMatch> = Vec::with_capacity(chunk.len());
+            for m in chunk {
+                match nfnl::ct_delete(&mut buf, first + kept.len() as u32, m) {
+                    Ok(()) => kept.push(m),
+                    Err(e) => tracing::warn!("conntrack cleanup of {m:?} failed: {e}"),
+                }
+            }
+            let n = kept.len() as u32;
+            if n == 0 {
+                continue;
             }
             match sock.transact(&buf, first, n, None) {
                 Ok(Outcome::Answered(errors)) => {
@@ -1028,11 +1093,14 @@ impl NftDataplane {
                         if a.error == nfnl::ENOENT {
                             continue;
                         }
-                        if a.error == nfnl::EOPNOTSUPP {
+                        let what = kept.get(a.seq.wrapping_sub(first) as usize);
+                        // A kernel without CTA_FILTER on deletes answers a
+                        // partial tuple EOPNOTSUPP, or, older, EINVAL.
+                        let filtered = what.is_some_and(|m| !m.exact());
+                        if a.error == nfnl::EOPNOTSUPP || (filtered && a.error == nfnl::EINVAL) {
                             unsupported = true;
                             continue;
                         }
-                        let what = chunk.get(a.seq.wrapping_sub(first) as usize);
                         tracing::warn!(
                             "conntrack cleanup of {what:?} failed: {}",
                             nfnl::errno_text(a.error)
@@ -1063,14 +1131,18 @@ impl NftDataplane {
     }
 
     /// The installed state after a batch: the owners whose elements went
-    /// in take their new state; the others keep theirs, except that a
-    /// rebuild emptied the table: there a failed mapping has nothing
-    /// installed, unless it was only being re-installed and the table is
-    /// in doubt (it is then tried again by the next rebuild).
+    /// in take their new state; the others keep theirs, except that:
+    ///
+    /// - a rebuild emptied the table: there a failed mapping has nothing
+    ///   installed, unless it was only being re-installed (the server
+    ///   still holds it), which keeps it for the next rebuild to try
+    ///   again (the table is then in doubt: see [`Self::doubt_after`]);
+    /// - a removal that failed leaves nothing the server holds: the
+    ///   mapping is forgotten, and the next rebuild leaves it out.
     fn commit(&mut self, b: Batch, loaded: &Loaded) {
         for (i, o) in b.owners.into_iter().enumerate() {
             let ok = loaded.failed.get(i).is_none_or(Option::is_none);
-            let keep = b.rebuild && o.seqs.is_empty() && loaded.doubt;
+            let keep = b.rebuild && o.seqs.is_empty();
             if ok || keep {
                 match o.new {
                     Some(v) if !v.is_empty() => {
@@ -1080,14 +1152,31 @@ impl NftDataplane {
                         self.installed.remove(&o.id);
                     }
                 }
-            } else if b.rebuild {
+            } else if b.rebuild || o.new.is_none() {
                 self.installed.remove(&o.id);
             }
         }
     }
 
-    /// Runs `nft -f -` with `script`; only its exit status counts.
+    /// Whether the table may hold other than what [`Self::commit`] makes
+    /// `installed` say: besides what loading found, a removal that failed
+    /// may have left its elements in (they must go, so the table is
+    /// rebuilt without them), and a re-install that failed during a
+    /// rebuild left out a mapping the server holds.
+    fn doubt_after(b: &Batch, loaded: &Loaded) -> bool {
+        loaded.doubt
+            || b.owners
+                .iter()
+                .zip(&loaded.failed)
+                .any(|(o, f)| f.is_some() && (o.seqs.is_empty() || o.new.is_none()))
+    }
+
+    /// Runs `nft -f -` with `script`; only its exit status counts. An
+    /// `nft` still running after [`NftDataplane::nft_deadline`] is killed,
+    /// and that is a failure (a rebuild that fails leaves the table in
+    /// doubt).
     fn run_nft(&self, script: &str) -> Result<(), String> {
+        use std::io::Read as _;
         let mut child = Command::new(&self.settings.nft)
             .args(["-f", "-"])
             .stdin(Stdio::piped())
@@ -1095,22 +1184,49 @@ impl NftDataplane {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot run {}: {e}", self.settings.nft.display()))?;
+        // Read aside, so that an nft that writes much cannot block on a
+        // full pipe while it is waited for.
+        let stderr = child.stderr.take().map(|mut e| {
+            std::thread::spawn(move || {
+                let mut s = Vec::new();
+                let _ = e.read_to_end(&mut s);
+                s
+            })
+        });
         if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(script.as_bytes())
-                .map_err(|e| format!("writing to nft: {e}"))?;
+            if let Err(e) = stdin.write_all(script.as_bytes()) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("writing to nft: {e}"));
+            }
         }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| format!("waiting for nft: {e}"))?;
-        if out.status.success() {
+        let until = crate::clock::Deadline::after(self.nft_deadline);
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(st)) => break st,
+                Ok(None) if until.left().is_zero() => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!(
+                        "nft -f did not finish within {:?}: killed",
+                        self.nft_deadline
+                    ));
+                }
+                Ok(None) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                Err(e) => {
+                    let _ = child.kill();
+                    return Err(format!("waiting for nft: {e}"));
+                }
+            }
+        };
+        if status.success() {
             return Ok(());
         }
+        let err = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
         // Passed on for the operator to read, never interpreted.
         Err(format!(
-            "nft -f failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim_end()
+            "nft -f failed ({status}): {}",
+            String::from_utf8_lossy(&err).trim_end()
         ))
     }
 
@@ -1133,6 +1249,10 @@ impl Dataplane for NftDataplane {
     /// installed.
     fn invalidate(&mut self) {
         self.built = false;
+    }
+
+    fn in_doubt(&self) -> bool {
+        !self.built
     }
 
     fn apply(&mut self, changes: &[ChangeRecord]) -> Result<(), DataplaneError> {
@@ -1168,8 +1288,9 @@ impl Dataplane for NftDataplane {
                 why.push(format!("change {seq}: {f}"));
             }
         }
+        let doubt = Self::doubt_after(&b, &loaded);
         self.commit(b, &loaded);
-        if loaded.doubt {
+        if doubt {
             tracing::warn!("nft table in doubt: rebuilding it on the next batch");
             self.built = false;
         }
@@ -1536,6 +1657,94 @@ mod tests {
         assert_eq!(dp.installed.len(), 1);
         // The failed one is planned afresh next time.
         assert_eq!(dp.plan(&[up(3, &c)]).elements(), 2);
+    }
+
+    /// A removal that failed leaves nothing the server holds: the mapping
+    /// is forgotten and the table is in doubt, so the next batch rebuilds
+    /// it without the mapping's elements, rather than keep forwarding them.
+    #[test]
+    fn a_failed_removal_forgets_the_mapping_and_the_rebuild_leaves_it_out() {
+        let mut dp = built();
+        let a = map(Protocol::TCP, "10.0.0.2:22", "198.51.100.1:30022");
+        let c = map(Protocol::TCP, "10.0.0.3:22", "198.51.100.1:30023");
+        let b = dp.plan(&[up(1, &a), up(2, &c)]);
+        ok(&mut dp, b);
+        let b = dp.plan(&[down(3, &a)]);
+        let loaded = Loaded {
+            failed: vec![Some("refused".into())],
+            doubt: false,
+        };
+        assert!(NftDataplane::doubt_after(&b, &loaded));
+        dp.commit(b, &loaded);
+        assert_eq!(dp.installed.len(), 1);
+        dp.invalidate();
+        let b = dp.plan(&[]);
+        assert!(b.rebuild);
+        assert_eq!(ops(&dp, &b).len(), 2);
+        assert!(
+            ops(&dp, &b).iter().all(|o| !o.contains("30022")),
+            "{:?}",
+            ops(&dp, &b)
+        );
+    }
+
+    /// A mapping that failed to go back in during a rebuild is still the
+    /// server's: it stays known and the table in doubt, so the next
+    /// rebuild tries it again.
+    #[test]
+    fn a_failed_reinstall_keeps_the_mapping_and_leaves_the_table_in_doubt() {
+        let mut dp = built();
+        let a = map(Protocol::TCP, "10.0.0.2:22", "198.51.100.1:30022");
+        let b = dp.plan(&[up(1, &a)]);
+        ok(&mut dp, b);
+        dp.invalidate();
+        let b = dp.plan(&[]);
+        assert!(b.rebuild && b.owners[0].seqs.is_empty());
+        let loaded = Loaded {
+            failed: vec![Some("refused".into())],
+            doubt: false,
+        };
+        assert!(NftDataplane::doubt_after(&b, &loaded));
+        dp.commit(b, &loaded);
+        assert_eq!(dp.installed.len(), 1);
+    }
+
+    /// A kernel that does not answer fails the batch (and leaves the
+    /// table in doubt) before the committer's bound is up.
+    #[test]
+    fn the_reply_timeout_is_within_the_bound() {
+        for ms in [20, 2000, 60_000] {
+            let dp = NftDataplane::new(NftSettings {
+                timeout: std::time::Duration::from_millis(ms),
+                ..NftSettings::default()
+            });
+            assert!(dp.reply_timeout() < dp.settings.timeout);
+        }
+    }
+
+    /// An `nft` that hangs is killed at its deadline: the rebuild fails,
+    /// its changes with it, and the table stays in doubt.
+    #[test]
+    fn a_hanging_nft_is_killed_and_the_table_stays_in_doubt() {
+        let dir = std::env::temp_dir().join(format!("pk-nft-hang-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let nft = dir.join("nft");
+        std::fs::write(&nft, "#!/bin/sh\nexec sleep 60\n").unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&nft, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut dp = NftDataplane::new(NftSettings {
+            nft: nft.clone(),
+            ..NftSettings::default()
+        });
+        dp.nft_deadline = std::time::Duration::from_millis(200);
+        let m = map(Protocol::TCP, "10.0.0.2:22", "198.51.100.1:30022");
+        let t = crate::clock::Stopwatch::start();
+        let e = dp.apply(&[up(1, &m)]).unwrap_err();
+        assert!(t.micros() < 20_000_000, "{} us", t.micros());
+        assert_eq!(e.failed, [1]);
+        assert!(e.message.contains("killed"), "{e}");
+        assert!(dp.in_doubt());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

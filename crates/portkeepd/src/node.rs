@@ -199,7 +199,11 @@ impl Shared {
     /// answered NETWORK_FAILURE ("a network failure ... unable to create
     /// mapping"; a short-lifetime error: the client may retry soon) and
     /// taken back from the core, so that what the server holds and what the
-    /// NAT does stay the same. `replies` are rewritten in place.
+    /// NAT does stay the same. `replies` are rewritten in place. A failed
+    /// removal needs nothing here: the core dropped the mapping already,
+    /// and the dataplane itself makes sure its rules go (the nftables one
+    /// rebuilds its table without them; [`crate::bounded`] keeps removals
+    /// it could not hand over for the next batch).
     fn undo_failed(
         &self,
         core: &mut Core,
@@ -328,7 +332,9 @@ impl Shared {
     fn reset_dataplane(&self, state: &Restored) {
         // The old instance goes first: with `on_stop = "flush"` dropping it
         // deletes the table, which must not happen after the new one has
-        // filled it.
+        // filled it. Dropping it waits for its thread, also while a late
+        // batch or a rebuild still runs there: either would otherwise
+        // program the table the new instance fills.
         let mut slot = self.dataplane();
         drop(std::mem::replace(
             &mut *slot,

@@ -395,11 +395,17 @@ fn netlink_batches_apply_exactly_and_fail_exactly_the_refused_change() {
     assert!(allow.to_string().contains("203.0.113.0"), "{allow}");
 
     // Behind the dataplane's back, a's DNAT element goes: deleting it
-    // again is refused (ENOENT). Then one batch removes a and c (their
-    // DNAT deletes share a message, which the kernel refuses as a whole),
-    // adds b and removes p.
+    // again is answered ENOENT, which means it is gone already: not a
+    // failure. Then one batch removes a and c (their DNAT deletes share a
+    // message, which the kernel refuses as a whole; one per message, a's
+    // is dropped and the rest sent again), adds b and removes p. An
+    // element for b's external endpoint, put there behind the
+    // dataplane's back too, has the kernel refuse b's DNAT: b alone fails.
     ns.nft(&format!(
         "delete element inet {TABLE} dnat4 {{ 6 . 198.51.100.1 . 30000 : 10.0.0.2 . 8080 }}"
+    ));
+    ns.nft(&format!(
+        "add element inet {TABLE} dnat4 {{ 17 . 198.51.100.1 . 30053 : 10.9.9.9 . 53 }}"
     ));
     let b = map(Protocol::UDP, "10.0.0.5:53", "198.51.100.1:30053");
     let (a2, b2, p2, c2) = (a.clone(), b.clone(), p.clone(), c.clone());
@@ -409,11 +415,12 @@ fn netlink_batches_apply_exactly_and_fail_exactly_the_refused_change() {
     });
     let mut dp = dp;
     let err = r.unwrap_err();
-    assert_eq!(err.failed, [10], "{err}");
+    assert_eq!(err.failed, [11], "{err}");
     assert!(err.message.contains("dnat4"), "{err}");
-    // b went in, p and c went out; a, refused as a whole, kept its SNAT.
-    assert_eq!(ns.count("dnat4"), 2);
-    assert_eq!(ns.count("snat4"), 3);
+    // a (its SNAT too), p and c went out: nothing the server dropped is
+    // left forwarding; b is not in; f and the foreign element stay.
+    assert_eq!(ns.count("dnat4"), 2, "{:?}", ns.elements());
+    assert_eq!(ns.count("snat4"), 1, "{:?}", ns.elements());
     assert_eq!(ns.count("peer4"), 0);
 
     // Deleting the rest empties the table.
@@ -424,11 +431,11 @@ fn netlink_batches_apply_exactly_and_fail_exactly_the_refused_change() {
         r
     });
     r.unwrap();
-    for set in ["dnat4", "peer4", "filtered4", "allow4", "pinhole6"] {
+    for set in ["snat4", "peer4", "filtered4", "allow4", "pinhole6"] {
         assert_eq!(ns.count(set), 0, "{set}: {:?}", ns.elements());
     }
-    // a's SNAT (its mapping failed to go) is all that is left.
-    assert_eq!(ns.count("snat4"), 1);
+    // Only the element that was never the dataplane's is left.
+    assert_eq!(ns.count("dnat4"), 1, "{:?}", ns.elements());
 }
 
 /// Conntrack entries in the namespace, as `conntrack -L` counts them.
