@@ -593,6 +593,11 @@ impl<R> Node<R> {
         if !items.is_empty() {
             active.push(now, top.max(sent + 1), items);
         }
+        // A reply with nothing of its own for the backup may still report
+        // state that is: a retransmission answered again after the first
+        // answer's change went out, a mapping made volatile by a change
+        // still in flight. It waits for everything sent before it.
+        let sent_after = active.sent();
         #[allow(unused_mut)]
         let mut acked = active.acked();
         #[cfg(feature = "planted-release-before-ack")]
@@ -600,11 +605,12 @@ impl<R> Node<R> {
             acked = u64::MAX;
         }
         for (reply, grants, seq, needs) in sorted {
-            if !needs && grants.is_empty() {
-                // Nothing the backup must hear (volatile refreshes, errors,
-                // GET answers).
-                self.effects.push_back(Effect::Release(reply));
-            } else if seq <= acked {
+            let seq = if needs || !grants.is_empty() {
+                seq
+            } else {
+                sent_after
+            };
+            if seq <= acked {
                 self.stats.released += 1;
                 self.stats.checkpoints_acked += grants.len() as u64;
                 self.effects.push_back(Effect::Release(reply));

@@ -273,6 +273,32 @@ fn draft_s2_6_unconfirmed_volatile_reply_waits_while_the_backup_may_take_over_ho
 }
 
 #[test]
+fn draft_s2_6_a_reply_with_nothing_of_its_own_waits_for_what_was_sent_before_it() {
+    let (mut a, mut b) = in_sync_pair();
+    let host = "198.51.100.9";
+    let ip: IpAddr = host.parse().unwrap();
+    let sub = SubscriberKeying::default().subscriber_of(ip);
+    // A host's first volatile mapping: its marker travels to the backup.
+    let meta = a.prepare(&upsert(1, mapping(host, 80, false)), vec![(sub, vec![ip])]);
+    a.handle_commit(at(1), vec![(10, meta)]);
+    // The request retransmitted and answered again: nothing new for the
+    // backup, but the answer reports the same state, which the backup may
+    // not hold yet (a hot takeover would not reset the host's epoch).
+    let meta = a.prepare(&upsert(2, mapping(host, 80, false)), vec![]);
+    a.handle_commit(at(2), vec![(11, meta)]);
+    assert!(
+        released(&effects(&mut a)).is_empty(),
+        "both wait for the marker's acknowledgement"
+    );
+    let e = pump(&mut a, &mut b, at(3));
+    assert_eq!(released(&e), vec![10, 11]);
+    // With nothing in flight, such a reply leaves at once.
+    let meta = a.prepare(&upsert(3, mapping(host, 80, false)), vec![]);
+    a.handle_commit(at(4), vec![(12, meta)]);
+    assert_eq!(released(&effects(&mut a)), vec![12]);
+}
+
+#[test]
 fn rfc7767_s3_2_a_rewritten_reply_waits_for_what_its_first_version_depended_on() {
     let (mut a, mut b) = in_sync_pair();
     let meta = a.prepare(&upsert(1, mapping("198.51.100.1", 80, true)), vec![]);
