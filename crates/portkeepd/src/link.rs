@@ -184,19 +184,25 @@ async fn serve_backup(
     result
 }
 
+/// How long to sleep before the node's next timer: at most 50 ms, so a
+/// timer armed meanwhile (by another thread's input) waits no longer.
+fn until_next_timer(shared: &Shared) -> Duration {
+    let next = shared.pair.node().poll_timeout();
+    let now = shared.clock.now();
+    next.map_or(Duration::from_millis(50), |t| {
+        if t > now {
+            (t - now).min(Duration::from_millis(50))
+        } else {
+            Duration::ZERO
+        }
+    })
+}
+
 /// The node's timers, connected or not: a lease that ends while no
 /// connection is up still releases what waited for it.
 async fn node_timer(shared: Arc<Shared>) {
     loop {
-        let next = shared.pair.node().poll_timeout();
-        let now = shared.clock.now();
-        let wait = next.map_or(Duration::from_millis(50), |t| {
-            if t > now {
-                (t - now).min(Duration::from_millis(50))
-            } else {
-                Duration::ZERO
-            }
-        });
+        let wait = until_next_timer(&shared);
         // Never spin: a deadline already passed is handled below, and the
         // next one is at least a millisecond away.
         tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
@@ -291,15 +297,7 @@ async fn connect_and_stream(
     };
     let timer = async {
         loop {
-            let next = shared.pair.node().poll_timeout();
-            let now = shared.clock.now();
-            let wait = next.map_or(Duration::from_millis(50), |t| {
-                if t > now {
-                    (t - now).min(Duration::from_millis(50))
-                } else {
-                    Duration::ZERO
-                }
-            });
+            let wait = until_next_timer(shared);
             tokio::time::sleep(wait).await;
             let now = shared.clock.now();
             let dead = drive(shared, |node| {
