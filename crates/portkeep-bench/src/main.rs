@@ -848,28 +848,27 @@ impl Spawned {
         self.wait_serving(Duration::from_secs(60))
     }
 
-    /// The mapping count the server reports through its control socket.
-    /// The daemon's group-commit latency percentiles (`ctl counters`).
-    fn commit_latency(&self) -> anyhow::Result<serde_json::Value> {
+    /// `ctl --json COMMAND` against the spawned daemon.
+    fn ctl(&self, command: &str) -> anyhow::Result<serde_json::Value> {
         let out = Command::new(&self.bin)
             .arg("--config")
             .arg(&self.cfg)
-            .args(["ctl", "--json", "counters"])
+            .args(["ctl", "--json", command])
             .output()?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?;
-        Ok(v["commit_latency_us"].clone())
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())
     }
 
+    /// The daemon's group-commit latency percentiles (`ctl counters`).
+    fn commit_latency(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(self.ctl("counters")?["commit_latency_us"].clone())
+    }
+
+    /// The mapping count the server reports through its control socket.
     fn mapping_count(&self) -> anyhow::Result<u64> {
-        let out = Command::new(&self.bin)
-            .arg("--config")
-            .arg(&self.cfg)
-            .args(["ctl", "--json", "status"])
-            .output()?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .with_context(|| String::from_utf8_lossy(&out.stderr).into_owned())?;
-        v["mappings"].as_u64().context("no mapping count in status")
+        self.ctl("status")?["mappings"]
+            .as_u64()
+            .context("no mapping count in status")
     }
 }
 

@@ -615,9 +615,9 @@ impl<R> Node<R> {
                 self.stats.checkpoints_acked += grants.len() as u64;
                 self.effects.push_back(Effect::Release(reply));
             } else if in_sync || (leased && grants.is_empty()) {
-                // Out of sync but leased: the backup may still be promoted
-                // hot, so nothing it has not heard of leaves until it
-                // acknowledges or the lease ends.
+                // In sync, or out of sync but leased: the backup may still
+                // be promoted hot, so nothing it has not heard of leaves
+                // until it acknowledges or the lease ends.
                 self.held.push_back(Held {
                     seq,
                     reply,

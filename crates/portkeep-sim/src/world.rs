@@ -2429,7 +2429,8 @@ impl World {
         let _ = ts;
     }
 
-    fn table(&self, n: usize) -> HashMap<MapKey, (Nonce, SocketAddr)> {
+    /// Node `n`'s MAP mappings, keyed as the clients know them.
+    fn maps_of(&self, n: usize) -> impl Iterator<Item = (MapKey, MappingRecord)> {
         self.nodes[n]
             .server
             .mappings()
@@ -2438,25 +2439,21 @@ impl World {
             .map(|m| {
                 (
                     (m.key.internal_ip, m.key.protocol.0, m.key.internal_port),
-                    (m.nonce, m.external),
+                    m,
                 )
             })
+    }
+
+    fn table(&self, n: usize) -> HashMap<MapKey, (Nonce, SocketAddr)> {
+        self.maps_of(n)
+            .map(|(k, m)| (k, (m.nonce, m.external)))
             .collect()
     }
 
     /// When each MAP mapping of node `n` expires, in virtual ms.
     fn expiries(&self, n: usize) -> HashMap<MapKey, u64> {
-        self.nodes[n]
-            .server
-            .mappings()
-            .into_iter()
-            .filter(|m| m.kind == MappingKind::Map)
-            .map(|m| {
-                (
-                    (m.key.internal_ip, m.key.protocol.0, m.key.internal_port),
-                    m.expires.as_millis().saturating_sub(T0),
-                )
-            })
+        self.maps_of(n)
+            .map(|(k, m)| (k, m.expires.as_millis().saturating_sub(T0)))
             .collect()
     }
 
