@@ -30,6 +30,40 @@ pub fn free_port(ip: IpAddr) -> u16 {
         .unwrap_or_else(|e| panic!("cannot bind {ip}:0: {e}"))
 }
 
+/// A port free for both UDP and TCP on `ip`, below the kernel's ephemeral
+/// range, for a daemon that is restarted on the same address.
+///
+/// A port from [`free_port`] lies inside the ephemeral range, so between a
+/// kill and the restart any socket of a test running alongside may be handed
+/// it by the kernel; no socket bound to port 0 is ever given one below it.
+/// Ports are spread by process id and handed out once per process, so test
+/// binaries and tests in one binary do not pick the same one.
+pub fn restartable_port(ip: IpAddr) -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let low = ephemeral_low().clamp(2048, 65535);
+    let span = low - 1024;
+    let base = (std::process::id() % 97) as u16 * (span / 97);
+    for _ in 0..span {
+        let p = 1024 + (base + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let udp = UdpSocket::bind((ip, p)).is_ok();
+        let tcp = std::net::TcpListener::bind((ip, p)).is_ok();
+        if udp && tcp {
+            return p;
+        }
+    }
+    panic!("no free port on {ip} below the ephemeral range (from {low})")
+}
+
+/// The first port of `net.ipv4.ip_local_port_range` (Linux's default 32768
+/// when it cannot be read).
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768)
+}
+
 /// Whether `addr` can be bound right now (the socket is closed again).
 pub fn bindable(addr: SocketAddr) -> bool {
     UdpSocket::bind(addr).is_ok()

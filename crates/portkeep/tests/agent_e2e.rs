@@ -37,8 +37,8 @@ fn host_ip() -> IpAddr {
     }
 }
 
-fn free_port() -> u16 {
-    portkeep_test_support::pcp::free_port(LOCALHOST)
+fn server_port() -> u16 {
+    portkeep_test_support::pcp::restartable_port(LOCALHOST)
 }
 
 /// A `portkeepd` on a fixed 127.0.0.1 port, restartable with or without
@@ -56,7 +56,7 @@ impl Server {
         let mut s = Server {
             proc: None,
             dir,
-            port: free_port(),
+            port: server_port(),
         };
         s.spawn();
         s

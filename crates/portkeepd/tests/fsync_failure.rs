@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use portkeep_test_support::pcp::{exchange_once, free_port, map_request, LOCALHOST};
+use portkeep_test_support::pcp::{exchange_once, map_request, restartable_port, LOCALHOST};
 use portkeep_test_support::skip;
 
 fn daemon_bin() -> &'static str {
@@ -110,7 +110,7 @@ fn draft_s6_failed_fsync_stops_the_node_and_loses_nothing_acknowledged() {
     // Each is sent only after the previous one was answered.
     let data = dir.path().join("data");
     let trace = dir.path().join("data.trace");
-    let addr = SocketAddr::new(LOCALHOST, free_port(LOCALHOST));
+    let addr = SocketAddr::new(LOCALHOST, restartable_port(LOCALHOST));
     let mut child = traced(&data, addr, &trace, Some(16));
     wait_ready(&data);
     assert!(
@@ -159,7 +159,7 @@ fn draft_s6_failed_fsync_stops_the_node_and_loses_nothing_acknowledged() {
     );
 
     // A restart (without the fault) has every acknowledged mapping.
-    let addr = SocketAddr::new(LOCALHOST, free_port(LOCALHOST));
+    let addr = SocketAddr::new(LOCALHOST, restartable_port(LOCALHOST));
     let _child = Group(
         Command::new(daemon_bin())
             .arg("--listen")

@@ -22,26 +22,13 @@ use portkeep_client::{EpochTracker, EpochVerdict};
 use portkeep_proto::addr::from_wire;
 use portkeep_proto::{CodePoints, OpData, Response};
 use portkeep_test_support::daemon::examples_dir;
-use portkeep_test_support::pcp::{exchange_once, map_request, LOCALHOST};
+use portkeep_test_support::pcp::{exchange_once, map_request, restartable_port, LOCALHOST};
 use portkeep_test_support::process::{gen_certs, wall_ms, Bins, Portkeepd};
 
 static BINS: LazyLock<Bins> = LazyLock::new(|| Bins::from_daemon(env!("CARGO_BIN_EXE_portkeepd")));
 
-/// A port free for both UDP and TCP, below the kernel's ephemeral range
-/// (32768 and up), so that no client socket of a test running alongside
-/// can take it between our probe and a node's (re)start.
 fn fixed_port() -> u16 {
-    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
-    let base = 20_000 + (std::process::id() % 600) as u16 * 20;
-    loop {
-        let p = base + NEXT.fetch_add(1, Ordering::Relaxed) % 12_000;
-        let p = 20_000 + (p - 20_000) % 12_000;
-        let udp = UdpSocket::bind((LOCALHOST, p)).is_ok();
-        let tcp = std::net::TcpListener::bind((LOCALHOST, p)).is_ok();
-        if udp && tcp {
-            return p;
-        }
-    }
+    restartable_port(LOCALHOST)
 }
 
 /// Certificates for node names, from `portkeepd gen-certs`.

@@ -17,7 +17,7 @@ use portkeep_client::{EpochTracker, EpochVerdict};
 use portkeep_proto::addr::from_wire;
 use portkeep_proto::{CodePoints, OpData, Response};
 use portkeep_test_support::daemon::{Daemon, DaemonSpec};
-use portkeep_test_support::pcp::{exchange_once, free_port, map_request, LOCALHOST};
+use portkeep_test_support::pcp::{exchange_once, map_request, restartable_port, LOCALHOST};
 use portkeep_test_support::process::{wall_ms, Bins};
 
 static BINS: LazyLock<Bins> = LazyLock::new(|| Bins::from_daemon(env!("CARGO_BIN_EXE_portkeepd")));
@@ -113,7 +113,7 @@ fn verify(data: &Path, acked: &HashMap<Key, Acked>, deleted: &HashSet<Key>) {
 fn draft_s2_6_kill_9_under_load_loses_no_acknowledged_mapping() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let addr = SocketAddr::new(LOCALHOST, free_port(LOCALHOST));
+    let addr = SocketAddr::new(LOCALHOST, restartable_port(LOCALHOST));
     let acked: Arc<Mutex<HashMap<Key, Acked>>> = Arc::default();
     let deleted: Arc<Mutex<HashSet<Key>>> = Arc::default();
     // Kill moments vary from run to run; the seed is printed to reproduce.
@@ -266,7 +266,7 @@ fn rfc6887_s8_5_epoch_continues_across_restart_and_resets_when_the_store_is_lost
     let listener = UdpSocket::bind("127.0.0.1:0").unwrap();
     let cfg = config_with_announce(dir.path(), listener.local_addr().unwrap());
     let cfg = cfg.to_str().unwrap();
-    let addr = SocketAddr::new(LOCALHOST, free_port(LOCALHOST));
+    let addr = SocketAddr::new(LOCALHOST, restartable_port(LOCALHOST));
     let client = IpAddr::from([127, 0, 0, 50]);
     let mut d = daemon(addr, &data, &["--config", cfg]);
     assert!(
@@ -335,7 +335,7 @@ fn rfc6887_s8_5_epoch_continues_across_restart_and_resets_when_the_store_is_lost
 fn draft_s2_6_2_clearing_one_subscriber_leaves_the_others_epochs_untouched() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let addr = SocketAddr::new(LOCALHOST, free_port(LOCALHOST));
+    let addr = SocketAddr::new(LOCALHOST, restartable_port(LOCALHOST));
     let (a, b) = (IpAddr::from([127, 0, 0, 61]), IpAddr::from([127, 0, 0, 62]));
     // The hosts' PCP client ports, where the unsolicited ANNOUNCE goes.
     let la = UdpSocket::bind(SocketAddr::new(a, 5350)).unwrap();
@@ -399,7 +399,7 @@ fn draft_s2_6_2_clearing_one_subscriber_leaves_the_others_epochs_untouched() {
 fn damaged_store_is_refused(damage: impl Fn(&Path)) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let addr = SocketAddr::new(LOCALHOST, free_port(LOCALHOST));
+    let addr = SocketAddr::new(LOCALHOST, restartable_port(LOCALHOST));
     let client = IpAddr::from([127, 0, 0, 70]);
     let mut d = daemon(addr, &data, &[]);
     let s = UdpSocket::bind(SocketAddr::new(client, 0)).unwrap();
