@@ -264,6 +264,9 @@ struct Entry {
     /// No new request before this (an error's lifetime, section 7.4).
     hold_until: Option<Instant>,
     removing: bool,
+    /// The transaction in flight is the delete of a mapping this one
+    /// replaced (same nonce); the creation starts once it is answered.
+    create_after_delete: bool,
     /// The key of this entry in the timer index.
     scheduled: Option<Instant>,
 }
@@ -414,22 +417,27 @@ impl Session {
 
     /// A mapping being removed gives its nonce up to a new one: the
     /// application came back (e.g. restarted) before the delete finished.
-    /// The delete is abandoned; the new request (same nonce) re-creates or
-    /// refreshes the mapping whatever the server did with the delete.
-    fn reclaim_nonce(&mut self, request: &RequestBuilder) {
-        let Some(nonce) = request.nonce_value() else {
-            return;
-        };
-        let Some(&old) = self.by_nonce.get(&nonce) else {
-            return;
-        };
-        if self.entries.get(&old).is_some_and(|e| e.removing) {
-            self.drop_entry(old);
-            self.events.push_back(SessionEvent::Removed {
-                id: old,
-                confirmed: false,
-            });
+    /// The old mapping is reported removed (unconfirmed); a delete already
+    /// sent is returned, to be seen through before the new request: the
+    /// server handles requests in the order they arrive, and a delete that
+    /// overtook the creation would leave the server holding nothing while
+    /// the session believed the grant.
+    fn reclaim_nonce(
+        &mut self,
+        request: &RequestBuilder,
+    ) -> Option<(Transaction<StdRng>, Purpose)> {
+        let nonce = request.nonce_value()?;
+        let &old = self.by_nonce.get(&nonce)?;
+        if !self.entries.get(&old).is_some_and(|e| e.removing) {
+            return None;
         }
+        let tx = self.entries.get_mut(&old).and_then(|e| e.tx.take());
+        self.drop_entry(old);
+        self.events.push_back(SessionEvent::Removed {
+            id: old,
+            confirmed: false,
+        });
+        tx.filter(|(_, p)| *p == Purpose::Delete)
     }
 
     fn check_new(&self, id: MappingId, request: &RequestBuilder) -> Result<Nonce, SessionError> {
@@ -459,6 +467,7 @@ impl Session {
             last_renewal: None,
             hold_until: None,
             removing: false,
+            create_after_delete: false,
             scheduled: None,
         }
     }
@@ -471,10 +480,16 @@ impl Session {
         id: MappingId,
         request: RequestBuilder,
     ) -> Result<(), SessionError> {
-        self.reclaim_nonce(&request);
+        let pending_delete = self.reclaim_nonce(&request);
         let nonce = self.check_new(id, &request)?;
         let mut e = Self::new_entry(request, nonce);
-        e.next = Some((now, Purpose::Create));
+        match pending_delete {
+            Some(tx) => {
+                e.tx = Some(tx);
+                e.create_after_delete = true;
+            }
+            None => e.next = Some((now, Purpose::Create)),
+        }
         self.by_nonce.insert(nonce, id);
         self.entries.insert(id, e);
         self.reschedule(id);
@@ -493,13 +508,20 @@ impl Session {
         request: RequestBuilder,
         grant: Grant,
     ) -> Result<(), SessionError> {
-        self.reclaim_nonce(&request);
+        let pending_delete = self.reclaim_nonce(&request);
         let nonce = self.check_new(id, &request)?;
         let mut e = Self::new_entry(request, nonce);
         e.grant = Some(grant);
         e.last_external = grant.external;
         e.renew_step = 1;
-        if grant.expires() <= now {
+        if let Some(tx) = pending_delete {
+            // The delete may already have been handled: re-create once it
+            // is answered.
+            e.grant = None;
+            e.recreate = true;
+            e.tx = Some(tx);
+            e.create_after_delete = true;
+        } else if grant.expires() <= now {
             e.grant = None;
             e.recreate = true;
             e.next = Some((now, Purpose::Create));
@@ -567,6 +589,7 @@ impl Session {
             return;
         }
         e.removing = true;
+        e.create_after_delete = false;
         e.tx = None;
         e.grant = None;
         e.next = Some((now, Purpose::Delete));
@@ -727,6 +750,10 @@ impl Session {
             }
         }
         match timed_out {
+            Some(Purpose::Delete) if e.create_after_delete => {
+                e.create_after_delete = false;
+                e.next = Some((now, Purpose::Create));
+            }
             Some(Purpose::Delete) => {
                 self.drop_entry(id);
                 self.events.push_back(SessionEvent::Removed {
@@ -934,12 +961,34 @@ impl Session {
                 // the delete is still to be acknowledged.
                 e.next = Some((now, Purpose::Delete));
             }
+            (Purpose::Delete, _) if e.create_after_delete => {
+                e.create_after_delete = false;
+                e.next = Some((now, Purpose::Create));
+            }
             (Purpose::Delete, _) => {
                 self.drop_entry(id);
                 self.events.push_back(SessionEvent::Removed {
                     id,
                     confirmed: success,
                 });
+            }
+            (_, true) if r.header.lifetime == 0 => {
+                // Section 15.1: an assigned lifetime of zero answers a delete.
+                // With the same nonce and key it is the answer to one this
+                // session abandoned (the mapping was removed and added back)
+                // that the server handled after this request: whatever was
+                // granted before, the server now holds nothing. Create it
+                // again; a server that keeps answering so is asked no faster
+                // than the error hold-off.
+                let again = e.recreate && e.grant.is_none();
+                let had = e.grant.take().is_some();
+                e.recreate = true;
+                e.renew_step = 0;
+                e.last_renewal = None;
+                e.next = Some((if again { now + min_hold } else { now }, Purpose::Create));
+                if had {
+                    self.events.push_back(SessionEvent::Lost { id });
+                }
             }
             (_, true) => {
                 let external = r.data.map_part().and_then(|m| {
@@ -1047,6 +1096,11 @@ impl Session {
             let was_held = e.grant.take().is_some();
             // Errors the lost state gave no longer say anything.
             e.hold_until = None;
+            if e.create_after_delete {
+                // Its creation already waits for the delete in flight.
+                e.recreate = true;
+                continue;
+            }
             e.tx = None;
             e.recreate = e.recreate || was_held || e.last_external.is_some();
             e.next = Some((now + delay, Purpose::Create));
@@ -1557,13 +1611,18 @@ mod tests {
         }
     }
 
+    /// The application removes a mapping and adds it back (same nonce)
+    /// before the delete is answered. The creation waits for the delete:
+    /// sent at once, it could reach the server first and be undone by the
+    /// delete, leaving the session believing a grant the server dropped.
     #[test]
-    fn re_adding_during_a_delete_takes_the_nonce_back() {
+    fn rfc6887_s15_re_adding_during_a_delete_creates_after_it() {
         let t = t0();
         let mut s = granted(1, t, 1);
         s.remove(t, 1);
         s.handle_timeout(t);
-        assert_eq!(drain(&mut s)[0].header.lifetime, 0);
+        let delete = drain(&mut s).remove(0);
+        assert_eq!(delete.header.lifetime, 0);
         s.insert(t, 2, map(1, 8001)).unwrap();
         assert_eq!(
             events(&mut s),
@@ -1573,17 +1632,71 @@ mod tests {
             }]
         );
         s.handle_timeout(t);
-        let sent = drain(&mut s);
-        assert_eq!(sent.len(), 1);
-        assert_eq!(
-            sent[0].header.lifetime, 1000,
-            "a create with the same nonce"
-        );
+        assert!(drain(&mut s).is_empty(), "no create before the delete ends");
         // A nonce a live mapping holds cannot be taken.
         assert_eq!(
             s.insert(t, 3, map(1, 8001)),
             Err(SessionError::DuplicateNonce)
         );
+        let t1 = t + Duration::from_millis(20);
+        s.handle_input(t1, server(), &answer(&delete, 0, 0, 2, 40001));
+        assert!(events(&mut s).is_empty(), "{:?}", s.grant(2));
+        s.handle_timeout(t1);
+        let sent = drain(&mut s);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].header.lifetime, 1000, "a create, same nonce");
+        s.handle_input(t1, server(), &answer(&sent[0], 0, 1000, 2, 40001));
+        assert_eq!(s.grant(2).map(|g| g.lifetime), Some(1000));
+        // A delete that is never answered delays the creation only until
+        // it times out.
+        let mut s = granted(1, t, 1);
+        s.remove(t, 1);
+        s.handle_timeout(t);
+        drain(&mut s);
+        s.insert(t, 2, map(1, 8001)).unwrap();
+        let mut at = t;
+        let mut created = false;
+        for _ in 0..200 {
+            at += Duration::from_millis(500);
+            s.handle_timeout(at);
+            if drain(&mut s).iter().any(|r| r.header.lifetime == 1000) {
+                created = true;
+                break;
+            }
+        }
+        assert!(created, "the creation follows the delete's time-out");
+    }
+
+    /// An assigned lifetime of zero answers a delete (section 15.1): a
+    /// renewal or creation answered so (a delete the server handled after
+    /// it) leaves nothing held, and the mapping is created again.
+    #[test]
+    fn rfc6887_s15_1_a_lifetime_zero_answer_means_the_mapping_is_gone() {
+        let t = t0();
+        let mut s = granted(1, t, 1);
+        s.renew_now(t, 1);
+        s.handle_timeout(t);
+        let renew = drain(&mut s).remove(0);
+        events(&mut s);
+        s.handle_input(t, server(), &answer(&renew, 0, 0, 2, 40001));
+        let ev = events(&mut s);
+        assert!(ev.contains(&SessionEvent::Lost { id: 1 }), "{ev:?}");
+        assert!(
+            !ev.iter().any(|e| matches!(e, SessionEvent::Granted { .. })),
+            "an assigned lifetime of zero grants nothing: {ev:?}"
+        );
+        assert!(s.grant(1).is_none());
+        s.handle_timeout(t);
+        let again = drain(&mut s);
+        assert_eq!(again.len(), 1, "the mapping is created again at once");
+        assert_eq!(again[0].header.lifetime, 1000);
+        // A server that keeps answering so is asked again only after the
+        // error hold-off.
+        s.handle_input(t, server(), &answer(&again[0], 0, 0, 2, 40001));
+        s.handle_timeout(t + Duration::from_millis(999));
+        assert!(drain(&mut s).is_empty(), "asked again within the hold-off");
+        s.handle_timeout(t + Duration::from_secs(1));
+        assert_eq!(drain(&mut s).len(), 1);
     }
 
     #[test]
