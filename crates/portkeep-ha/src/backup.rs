@@ -19,6 +19,26 @@ struct State {
 }
 
 impl State {
+    fn to_replica(&self, seq: u64, offset_ms: i64) -> Replica {
+        Replica {
+            seq,
+            offset_ms,
+            server_anchor: self.server_anchor,
+            anchors: self.anchors.iter().map(|(s, a)| (*s, *a)).collect(),
+            mappings: self.mappings.values().cloned().collect(),
+            volatile: self.volatile.iter().map(|(s, h)| (*s, h.clone())).collect(),
+        }
+    }
+
+    fn from_replica(r: Replica) -> State {
+        State {
+            mappings: r.mappings.into_iter().map(|m| (key_of(&m), m)).collect(),
+            anchors: r.anchors.into_iter().collect(),
+            server_anchor: r.server_anchor,
+            volatile: r.volatile.into_iter().collect(),
+        }
+    }
+
     fn apply(&mut self, item: Item) {
         match item {
             Item::Upsert(m) => {
@@ -40,6 +60,68 @@ impl State {
                 } else {
                     self.volatile.insert(subscriber, hosts);
                 }
+            }
+        }
+    }
+}
+
+/// A backup's replica as it is made durable, and read back when the node
+/// starts again: it exists once a snapshot was completed, and every
+/// position it acknowledged is in it (RFC 7767 section 3.2: an
+/// acknowledged check-point must survive the backup's crash too).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Replica {
+    /// The active's log position it stands for.
+    pub seq: u64,
+    /// The active's clock minus this node's, in milliseconds, as last
+    /// measured: the timestamps below are in the active's clock.
+    pub offset_ms: i64,
+    /// The active's server-wide epoch anchor.
+    pub server_anchor: Option<Timestamp>,
+    /// Subscribers' own epoch anchors.
+    pub anchors: Vec<(SubscriberId, Timestamp)>,
+    /// The mappings the active replicates (check-pointed, or check-pointed
+    /// once and not yet removed).
+    pub mappings: Vec<MappingRecord>,
+    /// Subscribers' hosts that hold volatile state on the active.
+    pub volatile: Vec<(SubscriberId, Vec<IpAddr>)>,
+}
+
+/// What a backup must make durable before it acknowledges `seq`
+/// ([`Backup::take_unpersisted`]), in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicaWrite {
+    /// A completed snapshot: the stored replica is replaced by this one.
+    Replace(Replica),
+    /// The stream: apply these items to the stored replica, which then
+    /// stands for `seq`.
+    Apply {
+        /// The position after the items.
+        seq: u64,
+        /// [`Replica::offset_ms`] as measured now.
+        offset_ms: i64,
+        /// The items, in order.
+        items: Vec<Item>,
+    },
+}
+
+impl Replica {
+    /// Applies a write to a stored replica: what a durable store does,
+    /// for stores that keep the replica as one value (tests, the
+    /// simulator).
+    pub fn apply(&mut self, write: ReplicaWrite) {
+        match write {
+            ReplicaWrite::Replace(r) => *self = r,
+            ReplicaWrite::Apply {
+                seq,
+                offset_ms,
+                items,
+            } => {
+                let mut st = State::from_replica(std::mem::take(self));
+                for i in items {
+                    st.apply(i);
+                }
+                *self = st.to_replica(seq, offset_ms);
             }
         }
     }
@@ -121,9 +203,10 @@ pub struct Backup {
     offset_ms: i64,
     /// Snapshot parts received on this connection.
     parts: u64,
-    /// Positions applied but not yet reported persisted: acknowledged
-    /// only once they are ([`Backup::persisted`]).
-    unpersisted: Vec<u64>,
+    /// Positions applied but not yet handed out to be persisted, with
+    /// what to write: acknowledged only once persisted
+    /// ([`Backup::persisted`]).
+    unpersisted: Vec<(u64, ReplicaWrite)>,
     /// Whether a connection is up (acknowledgements have somewhere to go).
     up: bool,
     /// The latest clock reading handed in: acknowledgements carry it, so
@@ -161,6 +244,25 @@ impl Backup {
             out: Vec::new(),
             inbuf: Vec::new(),
         }
+    }
+
+    /// A backup starting again from its stored replica: it can vouch for
+    /// the check-pointed mappings in it (each was acknowledged only once
+    /// stored), but for no epoch until a new snapshot completes: a
+    /// promotion before that is [`TakeoverKind::Stale`].
+    pub fn resume(term: Term, keying: SubscriberKeying, replica: Replica) -> Backup {
+        let mut b = Backup::new(term, keying);
+        b.applied = replica.seq;
+        b.offset_ms = replica.offset_ms;
+        b.state = State::from_replica(replica);
+        b.has_state = true;
+        b
+    }
+
+    /// The replica as it stands (what [`ReplicaWrite`]s applied in order
+    /// to a stored one give).
+    pub fn replica(&self) -> Replica {
+        self.state.to_replica(self.applied, self.offset_ms)
     }
 
     /// The highest term seen.
@@ -209,10 +311,11 @@ impl Backup {
         self.ack_before_persist = on;
     }
 
-    /// Positions applied since the last call: each must be persisted, then
-    /// reported with [`Backup::persisted`], before it is acknowledged
-    /// (an acknowledged check-point must survive this node's crash).
-    pub fn take_unpersisted(&mut self) -> Vec<u64> {
+    /// Positions applied since the last call, each with what to write:
+    /// the writes must be made durable in order, then reported with
+    /// [`Backup::persisted`], before the position is acknowledged (an
+    /// acknowledged check-point must survive this node's crash).
+    pub fn take_unpersisted(&mut self) -> Vec<(u64, ReplicaWrite)> {
         std::mem::take(&mut self.unpersisted)
     }
 
@@ -234,8 +337,8 @@ impl Backup {
         .encode(&mut self.out);
     }
 
-    fn applied_up_to(&mut self, term: Term, seq: u64) {
-        self.unpersisted.push(seq);
+    fn applied_up_to(&mut self, term: Term, seq: u64, write: ReplicaWrite) {
+        self.unpersisted.push((seq, write));
         #[cfg(feature = "planted-ack-before-persist")]
         if self.ack_before_persist {
             let now = self.last_now;
@@ -328,18 +431,25 @@ impl Backup {
                         self.applied = seq;
                         self.synced = true;
                         self.has_state = true;
-                        self.applied_up_to(term, seq);
+                        let write = ReplicaWrite::Replace(self.replica());
+                        self.applied_up_to(term, seq, write);
                     }
                 }
                 Message::Changes { seq, items, term } => {
                     if !self.synced || seq <= self.applied {
                         continue;
                     }
-                    for i in items {
+                    for i in items.iter().cloned() {
                         self.state.apply(i);
                     }
                     self.applied = seq;
-                    self.applied_up_to(term, seq);
+                    let offset_ms = self.offset_ms;
+                    let write = ReplicaWrite::Apply {
+                        seq,
+                        offset_ms,
+                        items,
+                    };
+                    self.applied_up_to(term, seq, write);
                 }
                 Message::Heartbeat { term, now: theirs } => {
                     self.measure(now, theirs);

@@ -32,7 +32,7 @@ mod node;
 pub mod wire;
 
 pub use active::{encode_snapshot, Active, ActiveConfig, ActiveEvent, LinkState};
-pub use backup::{Backup, Takeover, TakeoverKind};
+pub use backup::{Backup, Replica, ReplicaWrite, Takeover, TakeoverKind};
 #[cfg(any(
     feature = "planted-release-before-ack",
     feature = "planted-skip-term-check",

@@ -27,7 +27,7 @@ use portkeep_server::{
 };
 
 use crate::active::{encode_snapshot, Active, ActiveConfig, ActiveEvent, LinkState};
-use crate::backup::{Backup, Takeover};
+use crate::backup::{Backup, Replica, ReplicaWrite, Takeover};
 use crate::wire::{FrameError, Item};
 use crate::Term;
 
@@ -210,11 +210,15 @@ pub enum Effect<R> {
         /// The higher term.
         term: Term,
     },
-    /// The backup's replica changed up to `seq`: once it is persisted, call
-    /// [`Node::persisted`] (only then is it acknowledged).
+    /// The backup's replica changed up to `seq`: make `write` durable (in
+    /// the order given), then call [`Node::persisted`] (only then is it
+    /// acknowledged), and start the node from the stored replica next
+    /// time ([`Node::resume_replica`]).
     Persist {
         /// Log position.
         seq: u64,
+        /// What to store.
+        write: ReplicaWrite,
     },
 }
 
@@ -401,7 +405,8 @@ impl<R> Node<R> {
             (Role::Active, Some(t)) => Some(Active::new(term, cfg.leased(t), keying.clone())),
             _ => None,
         };
-        let backup = (role == Role::Backup).then(|| Backup::new(term, keying.clone()));
+        let backup =
+            (role == Role::Backup).then(|| with_planted(&cfg, Backup::new(term, keying.clone())));
         Node {
             serving: role == Role::Standalone || (role == Role::Active && cfg.link.is_none()),
             first_contact: role == Role::Active && cfg.link.is_some(),
@@ -697,8 +702,8 @@ impl<R> Node<R> {
             let before = b.term();
             let r = b.handle_input(now, bytes);
             let term = b.term();
-            for seq in b.take_unpersisted() {
-                self.effects.push_back(Effect::Persist { seq });
+            for (seq, write) in b.take_unpersisted() {
+                self.effects.push_back(Effect::Persist { seq, write });
             }
             if term > before {
                 self.term = term;
@@ -707,6 +712,16 @@ impl<R> Node<R> {
             return r;
         }
         Ok(())
+    }
+
+    /// A backup starts from the replica it stored in an earlier run
+    /// ([`Backup::resume`]); nothing happens to a node in another role.
+    pub fn resume_replica(&mut self, replica: Replica) {
+        if self.role != Role::Backup {
+            return;
+        }
+        let b = Backup::resume(self.term, self.keying.clone(), replica);
+        self.backup = Some(with_planted(&self.cfg, b));
     }
 
     /// A backup's replica is persisted up to `seq`: acknowledge it.
@@ -908,11 +923,8 @@ impl<R> Node<R> {
         self.held.clear();
         self.replicated.clear();
         self.deferred.clear();
-        #[allow(unused_mut)]
-        let mut b = Backup::new(self.term, self.keying.clone());
-        #[cfg(feature = "planted-ack-before-persist")]
-        b.set_ack_before_persist(self.cfg.planted.ack_before_persist);
-        self.backup = Some(b);
+        let b = Backup::new(self.term, self.keying.clone());
+        self.backup = Some(with_planted(&self.cfg, b));
         self.effects.push_back(Effect::PersistTerm(self.term));
     }
 
@@ -1021,4 +1033,13 @@ pub fn strip_checkpoint(bytes: &[u8], cp: &portkeep_proto::CodePoints) -> Option
     let mut out = Vec::with_capacity(bytes.len());
     r.encode(cp, &mut out).ok()?;
     Some(out)
+}
+
+/// `b` with the node's planted defects (test builds).
+#[allow(unused_mut)]
+fn with_planted(cfg: &NodeConfig, mut b: Backup) -> Backup {
+    #[cfg(feature = "planted-ack-before-persist")]
+    b.set_ack_before_persist(cfg.planted.ack_before_persist);
+    let _ = cfg;
+    b
 }

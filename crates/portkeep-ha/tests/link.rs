@@ -8,7 +8,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use portkeep_ha::wire::items_of;
-use portkeep_ha::{Active, ActiveConfig, ActiveEvent, Backup, Item, LinkState, Message};
+use portkeep_ha::{
+    Active, ActiveConfig, ActiveEvent, Backup, Item, LinkState, Message, Replica, TakeoverKind,
+};
 use portkeep_proto::Protocol;
 use portkeep_server::{
     Change, ChangeRecord, MappingKey, MappingKind, MappingRecord, RemoveReason, SubscriberKeying,
@@ -50,7 +52,7 @@ fn mapping(host: &str, port: u16, checkpoint: bool) -> MappingRecord {
 /// persisted at once (a backup acknowledges only what is persisted).
 fn feed(b: &mut Backup, now: Timestamp, bytes: &[u8]) -> Result<(), portkeep_ha::FrameError> {
     let r = b.handle_input(now, bytes);
-    if let Some(&seq) = b.take_unpersisted().iter().max() {
+    if let Some(seq) = b.take_unpersisted().iter().map(|(s, _)| *s).max() {
         b.persisted(seq);
     }
     r
@@ -159,6 +161,89 @@ fn rfc7767_s3_2_one_acknowledgement_covers_many_changes() {
     );
     assert_eq!(a.acked(), 13);
     assert_eq!(b.mapping_count(), 5);
+}
+
+/// What a backup acknowledges it has handed out to be stored first: the
+/// writes, applied in order to a stored replica, give exactly the state it
+/// holds; a backup restarted from them can vouch for every acknowledged
+/// check-point, but for no epoch (failure-scenarios draft section 2.6).
+#[test]
+fn rfc7767_s3_2_the_stored_replica_holds_everything_acknowledged() {
+    let (mut a, mut b) = linked(3);
+    a.send_snapshot(at(1), 10, snapshot_items());
+    let mut stored = Replica::default();
+    let step = |a: &mut Active, b: &mut Backup, stored: &mut Replica, now| loop {
+        let mut moved = false;
+        if let Some(bytes) = a.poll_transmit() {
+            b.handle_input(now, &bytes).unwrap();
+            for (seq, w) in b.take_unpersisted() {
+                stored.apply(w);
+                b.persisted(seq);
+            }
+            moved = true;
+        }
+        if let Some(bytes) = b.poll_transmit() {
+            a.handle_input(now, &bytes).unwrap();
+            moved = true;
+        }
+        if !moved {
+            return;
+        }
+    };
+    step(&mut a, &mut b, &mut stored, at(1));
+    let gone = mapping("198.51.100.2", 443, true);
+    let changes = [
+        ChangeRecord {
+            seq: 11,
+            change: Change::Upserted(mapping("198.51.100.3", 22, true)),
+        },
+        ChangeRecord {
+            seq: 12,
+            change: Change::Removed {
+                mapping: gone.clone(),
+                reason: RemoveReason::Deleted,
+            },
+        },
+    ];
+    for c in changes {
+        let seq = c.seq;
+        assert!(a.push(at(2), seq, items_of(&[c])));
+        step(&mut a, &mut b, &mut stored, at(2));
+    }
+    assert_eq!(a.acked(), 12);
+    assert_eq!(stored, b.replica(), "the writes add up to the replica");
+    assert_eq!(stored.seq, 12);
+    let resumed = Backup::resume(3, SubscriberKeying::default(), stored);
+    assert_eq!(resumed.applied(), 12);
+    assert!(!resumed.in_sync(), "no connection delivered a snapshot yet");
+    let t = resumed.promote(at(3));
+    assert_eq!(t.kind, TakeoverKind::Stale, "no lease survives a restart");
+    assert_eq!(t.term, 4);
+    let mut ports: Vec<u16> = t
+        .state
+        .mappings
+        .iter()
+        .map(|m| m.key.internal_port)
+        .collect();
+    ports.sort_unstable();
+    assert_eq!(
+        ports,
+        vec![22, 80],
+        "what was acknowledged, less the removal"
+    );
+    assert!(t.state.subscriber_anchors.is_empty(), "every epoch resets");
+    assert_eq!(t.state.anchor, at(3));
+    let mut hosts: Vec<String> = t
+        .reset
+        .iter()
+        .flat_map(|(_, h)| h.iter().map(ToString::to_string))
+        .collect();
+    hosts.sort();
+    assert_eq!(
+        hosts,
+        vec!["198.51.100.1", "198.51.100.2", "198.51.100.3"],
+        "every host the replica knows of is told, volatile ones included"
+    );
 }
 
 #[test]

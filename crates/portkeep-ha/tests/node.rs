@@ -89,7 +89,7 @@ fn pump(a: &mut Node<u32>, b: &mut Node<u32>, now: Timestamp) -> Vec<Effect<u32>
             moved = true;
         }
         for e in effects(b) {
-            if let Effect::Persist { seq } = e {
+            if let Effect::Persist { seq, .. } = e {
                 b.persisted(seq);
             }
         }
@@ -159,7 +159,7 @@ fn rfc7767_s3_2_backup_acknowledges_only_what_it_persisted() {
     let persist: Vec<u64> = effects(&mut b)
         .into_iter()
         .filter_map(|e| match e {
-            Effect::Persist { seq } => Some(seq),
+            Effect::Persist { seq, .. } => Some(seq),
             _ => None,
         })
         .collect();

@@ -1435,7 +1435,7 @@ impl World {
                     }
                     self.nodes[n].connecting = false;
                 }
-                Effect::Persist { seq } => {
+                Effect::Persist { seq, .. } => {
                     // The daemon's backup keeps its replica in memory:
                     // applied is persisted.
                     self.nodes[n].ha.persisted(seq);

@@ -566,7 +566,7 @@ pub(crate) fn act(shared: &Arc<Shared>, effects: Vec<Effect<Reply>>) {
                 }
             }
             Effect::Deposed { term } => deposed(shared, term),
-            Effect::Persist { seq } => {
+            Effect::Persist { seq, .. } => {
                 // The backup's replica lives in memory: applied is
                 // persisted.
                 shared.pair.node().persisted(seq);
