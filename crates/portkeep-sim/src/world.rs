@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use portkeep_client::{EpochTracker, RequestBuilder, Session, SessionConfig, SessionEvent};
 use portkeep_ha::{
-    age_reply, strip_checkpoint, ActiveConfig, Effect, Grant, Message, Node, NodeConfig, Role,
-    SnapshotSource, TakeoverKind,
+    age_reply, strip_checkpoint, ActiveConfig, Effect, Grant, Message, Node, NodeConfig, Replica,
+    ReplicaWrite, Role, SnapshotSource, TakeoverKind,
 };
 use portkeep_proto::{Nonce, Protocol};
 use portkeep_server::record::key_of;
@@ -83,6 +83,10 @@ enum Ev {
         node: usize,
         gen: u64,
     },
+    ReplicaFsyncDone {
+        node: usize,
+        gen: u64,
+    },
     Work(Work),
     Fault(Fault, u32),
     Restart {
@@ -130,6 +134,8 @@ enum Fault {
     // Default faults made of two steps.
     PartitionLoss,
     PartitionLossCrash,
+    BackupRestartLoss,
+    BackupRestartLossCrash,
 }
 
 impl Fault {
@@ -152,6 +158,8 @@ impl Fault {
             Fault::PartitionPromote => "partitioned-old-active-promote",
             Fault::PartitionLoss => "partition-then-active-loss",
             Fault::PartitionLossCrash => "partition-then-active-loss-crash",
+            Fault::BackupRestartLoss => "backup-restart-then-active-loss",
+            Fault::BackupRestartLossCrash => "backup-restart-then-active-loss-crash",
         }
     }
 }
@@ -251,6 +259,16 @@ impl Store {
     }
 }
 
+/// A backup's stored replica: what its fsyncs made durable, and the writes
+/// not yet durable (lost at a crash).
+#[derive(Debug, Default)]
+struct ReplicaDisk {
+    durable: Option<Replica>,
+    queue: Vec<(u64, ReplicaWrite)>,
+    /// The writes of the fsync under way (group commit).
+    syncing: Option<Vec<(u64, ReplicaWrite)>>,
+}
+
 #[derive(Debug)]
 struct SimNode {
     name: &'static str,
@@ -261,6 +279,7 @@ struct SimNode {
     server: Server,
     ha: Node<Reply>,
     store: Store,
+    replica: ReplicaDisk,
     /// The durable term.
     term: u64,
     /// The connection this node's link end is attached to.
@@ -492,6 +511,7 @@ impl World {
                 server,
                 ha,
                 store: Store::default(),
+                replica: ReplicaDisk::default(),
                 term: 0,
                 link: None,
                 connecting: false,
@@ -734,6 +754,7 @@ impl World {
             (Fault::CrashBackup, 2),
             (Fault::FsyncFailure, 1),
             (Fault::PartitionLoss, 1),
+            (Fault::BackupRestartLoss, 1),
         ];
         let total: u32 = kinds.iter().map(|(_, w)| w).sum();
         for _ in 0..n {
@@ -923,6 +944,11 @@ impl World {
             Ev::ConnectRetry { node, gen } => {
                 if self.nodes[node].gen == gen {
                     self.try_connect(node);
+                }
+            }
+            Ev::ReplicaFsyncDone { node, gen } => {
+                if self.nodes[node].gen == gen && self.nodes[node].up {
+                    self.replica_fsync_done(node);
                 }
             }
             Ev::FsyncDone { node, gen } => {
@@ -1302,6 +1328,36 @@ impl World {
         self.schedule(self.now + d, Ev::FsyncDone { node: n, gen });
     }
 
+    fn maybe_replica_fsync(&mut self, n: usize) {
+        let r = &mut self.nodes[n].replica;
+        if r.syncing.is_some() || r.queue.is_empty() {
+            return;
+        }
+        r.syncing = Some(std::mem::take(&mut r.queue));
+        let gen = self.nodes[n].gen;
+        let d = self.rng.gen_range(2..=8);
+        self.schedule(self.now + d, Ev::ReplicaFsyncDone { node: n, gen });
+    }
+
+    /// The backup's writes are durable: only now is their last position
+    /// acknowledged (RFC 7767 section 3.2).
+    fn replica_fsync_done(&mut self, n: usize) {
+        let Some(writes) = self.nodes[n].replica.syncing.take() else {
+            return;
+        };
+        let mut last = None;
+        let r = &mut self.nodes[n].replica;
+        for (seq, w) in writes {
+            r.durable.get_or_insert_with(Replica::default).apply(w);
+            last = Some(seq);
+        }
+        if let Some(seq) = last {
+            self.nodes[n].ha.persisted(seq);
+        }
+        self.after_ha(n);
+        self.maybe_replica_fsync(n);
+    }
+
     fn fsync_done(&mut self, n: usize) {
         let p = Self::other(n);
         let peer_ready = self.nodes[p].up
@@ -1420,6 +1476,7 @@ impl World {
                     let cfg = self.server_cfg(n);
                     let ts = self.ts();
                     self.nodes[n].server = Server::new(cfg, ts);
+                    self.nodes[n].replica = ReplicaDisk::default();
                     self.resync(n);
                     let empty = Restored {
                         anchor: ts,
@@ -1435,10 +1492,9 @@ impl World {
                     }
                     self.nodes[n].connecting = false;
                 }
-                Effect::Persist { seq, .. } => {
-                    // The daemon's backup keeps its replica in memory:
-                    // applied is persisted.
-                    self.nodes[n].ha.persisted(seq);
+                Effect::Persist { seq, write } => {
+                    self.nodes[n].replica.queue.push((seq, write));
+                    self.maybe_replica_fsync(n);
                 }
             }
         }
@@ -1563,6 +1619,10 @@ impl World {
         node.up = true;
         node.gen += 1;
         node.ha = Node::new(ncfg, node.term, SubscriberKeying::default());
+        if let Some(r) = node.replica.durable.clone() {
+            // The daemon's backup starts from its stored replica.
+            node.ha.resume_replica(r);
+        }
         node.link = None;
         node.connecting = false;
         node.ever_synced = false;
@@ -1619,6 +1679,8 @@ impl World {
         node.fail_next_fsync = false;
         node.store.queue.clear();
         node.store.syncing = None;
+        node.replica.queue.clear();
+        node.replica.syncing = None;
         node.link = None;
         node.connecting = false;
         let ids: Vec<u64> = self
@@ -1743,6 +1805,9 @@ impl World {
         let Ok(t) = self.nodes[n].ha.promote(ts) else {
             return;
         };
+        // Cleared before serving: a replica resumed later would vouch for
+        // check-points this node, once active, may have dropped since.
+        self.nodes[n].replica = ReplicaDisk::default();
         self.report.takeovers += 1;
         let cfg = self.server_cfg(n);
         let state = t.state.clone();
@@ -2218,10 +2283,12 @@ impl World {
                     return postpone(self);
                 }
                 self.trace(
-                    "schedule promote-empty: the backup restarts, then the active is lost"
+                    "schedule promote-empty: the backup restarts on an empty disk, then the active is lost"
                         .to_owned(),
                 );
                 self.crash(other);
+                // A replaced machine: its stored replica is gone too.
+                self.nodes[other].replica = ReplicaDisk::default();
                 // Back within a second, empty, and the active is lost
                 // before it synced.
                 let gen = self.nodes[other].gen;
@@ -2257,6 +2324,48 @@ impl World {
                 // Not when another fault took the backup meanwhile (both
                 // down is a named schedule).
                 if !(pair_healthy && self.nodes[other].ever_synced) {
+                    return;
+                }
+                self.crash(holder);
+            }
+            Fault::BackupRestartLoss => {
+                // The backup restarts (an upgrade, a crash) and the active
+                // is lost around the moment it is back: promoted from its
+                // stored replica, before or after the resync completes.
+                if self.guards && !(pair_healthy && self.nodes[other].ever_synced) {
+                    return postpone(self);
+                }
+                // Most of the time the backup dies while a write of its
+                // replica is being stored: the moment that tells whether it
+                // acknowledged only what was durable.
+                // (Attempts from 1,000 on are that wait, for a few seconds.)
+                let wait = attempt >= 1_000 || self.rng.gen_bool(0.8);
+                if wait && self.nodes[other].replica.syncing.is_none() && attempt < 3_000 {
+                    let at = now + self.rng.gen_range(1..4);
+                    self.schedule(at, Ev::Fault(f, attempt.max(1_000) + 1));
+                    return;
+                }
+                self.trace(format!(
+                    "fault: the backup (node {}) restarts, then the active is lost",
+                    self.nodes[other].name
+                ));
+                self.crash(other);
+                let back = now + self.rng.gen_range(500..3_000);
+                let gen = self.nodes[other].gen;
+                self.schedule(back, Ev::Restart { node: other, gen });
+                let lost = back + self.rng.gen_range(0..40);
+                self.schedule(lost, Ev::Fault(Fault::BackupRestartLossCrash, 0));
+            }
+            Fault::BackupRestartLossCrash => {
+                // Not when another fault took a node meanwhile.
+                // A backup with nothing stored is the named schedule
+                // promote-empty.
+                if !(self.nodes[holder].up
+                    && self.nodes[holder].ha.serving()
+                    && self.nodes[other].up
+                    && self.nodes[other].ha.role() == Role::Backup
+                    && self.nodes[other].replica.durable.is_some())
+                {
                     return;
                 }
                 self.crash(holder);

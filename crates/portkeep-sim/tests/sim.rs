@@ -43,6 +43,7 @@ fn default_faults_1000_seeds_hold_every_invariant() {
         "crash-backup",
         "fsync-failure",
         "partition-then-active-loss",
+        "backup-restart-then-active-loss",
         "promote-early",
         "promote-late",
         "old-active-return",
@@ -115,7 +116,6 @@ fn planted_skip_term_check_is_found() {
 }
 
 #[test]
-#[ignore = "invisible to a faithful model: the daemon's backup keeps its replica in memory and reports it persisted at once (node.rs, Effect::Persist), so acknowledging before persisting changes nothing; a backup crash loses the replica either way"]
 fn planted_ack_before_persist_is_found() {
     planted_is_caught(PlantedBug::AckBeforePersist);
 }
