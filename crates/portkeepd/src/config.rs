@@ -85,6 +85,10 @@ pub struct StoreSection {
     /// Microseconds the committer waits, after a quiet spell, for more
     /// requests to join the same commit.
     pub commit_delay_us: Option<u64>,
+    /// Size of each write-ahead log segment, MiB.
+    pub log_segment_mb: Option<u64>,
+    /// Log already folded into the tables kept for resume, MiB.
+    pub log_retention_mb: Option<u64>,
 }
 
 /// Validated `[store]` settings.
@@ -100,6 +104,8 @@ pub struct StoreSettings {
     pub cache_bytes: usize,
     /// Group-commit gathering delay.
     pub commit_delay: std::time::Duration,
+    /// The write-ahead log.
+    pub log: crate::store::LogOptions,
 }
 
 /// `[lifetime]`.
@@ -566,12 +572,24 @@ impl ConfigFile {
         if commit_delay_us > 100_000 {
             return Err(invalid("store.commit_delay_us", "expected 0 to 100000"));
         }
+        let segment_mb = self.store.log_segment_mb.unwrap_or(16);
+        if !(1..=1024).contains(&segment_mb) {
+            return Err(invalid("store.log_segment_mb", "expected 1 to 1024"));
+        }
+        let retention_mb = self.store.log_retention_mb.unwrap_or(64);
+        if retention_mb > 65536 {
+            return Err(invalid("store.log_retention_mb", "expected 0 to 65536"));
+        }
         let store = StoreSettings {
             path: store_path,
             durability,
             recovery: Recovery::Fail,
             cache_bytes: cache_mb << 20,
             commit_delay: std::time::Duration::from_micros(commit_delay_us),
+            log: crate::store::LogOptions {
+                segment_bytes: segment_mb << 20,
+                retention_bytes: retention_mb << 20,
+            },
         };
         let ha = self.ha.validate()?;
         let max_queued_replies = self

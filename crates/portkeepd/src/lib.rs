@@ -18,6 +18,7 @@ pub mod node;
 pub mod pair;
 pub mod runtime;
 pub mod store;
+pub mod wal;
 
 pub use config::{ConfigError, ConfigFile, Settings};
 pub use runtime::Daemon;

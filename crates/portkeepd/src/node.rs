@@ -826,6 +826,16 @@ pub(crate) fn bounded(dp: Box<dyn Dataplane>, kind: &DataplaneKind) -> Box<dyn D
 /// the sender thread, so the next commit starts while they are sent. A
 /// reply whose check-point the backup must confirm waits for that first.
 pub(crate) fn committer(shared: &Arc<Shared>, mut store: Option<Store>) {
+    commit_loop(shared, &mut store);
+    if shared.failed.load(Ordering::SeqCst) {
+        // After a failed write nothing more goes to the disk, not even
+        // the storage engine's own sync when it is closed: what reached
+        // the disk is unknown, and the restart reads what is there.
+        std::mem::forget(store);
+    }
+}
+
+fn commit_loop(shared: &Arc<Shared>, store: &mut Option<Store>) {
     let Some((q, cv)) = &shared.queue else {
         return;
     };
@@ -895,7 +905,7 @@ pub(crate) fn committer(shared: &Arc<Shared>, mut store: Option<Store>) {
         let mut segment = Vec::with_capacity(jobs.len());
         for mut job in jobs {
             if let Some(reset) = job.reset.take() {
-                if !commit(shared, &mut store, std::mem::take(&mut segment), now) {
+                if !commit(shared, store, std::mem::take(&mut segment), now) {
                     return;
                 }
                 if let Some(st) = store.as_mut() {
@@ -908,7 +918,7 @@ pub(crate) fn committer(shared: &Arc<Shared>, mut store: Option<Store>) {
             }
             segment.push(job);
         }
-        if !commit(shared, &mut store, segment, now) {
+        if !commit(shared, store, segment, now) {
             return;
         }
     }

@@ -149,13 +149,14 @@ fn load(settings: &Settings, clock: &Clock) -> anyhow::Result<Start> {
             lost: Vec::new(),
         });
     };
-    let (mut store, opened) = Store::open(
+    let (mut store, opened) = Store::open_with(
         path,
         settings.store.durability,
         settings.store.recovery,
         settings.store.cache_bytes,
         now,
         &cfg.subscriber_keying,
+        settings.store.log,
     )?;
     let (mut server, restored, lost) = match opened {
         Opened::Fresh { moved_aside } => {

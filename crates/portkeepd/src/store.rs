@@ -12,15 +12,19 @@
 //! a record that does not decode means the store is damaged, and the daemon
 //! refuses to half-load it.
 //!
-//! Writing is log-structured. A commit appends its changes to a log table
-//! keyed by sequence number (appends touch only the last page, so a durable
-//! commit costs little more than its fsync), and a checkpoint later folds
-//! the oldest part of the log into the mapping table, keeping only the
-//! latest change of each mapping, then deletes that part. Checkpoints run
-//! when the committer is idle or the log grows past a bound, and commit
-//! without an fsync: if one is lost in a crash, the log still holds what it
-//! folded, and the next durable commit persists it otherwise. A restart
-//! loads the table and replays the log on top, in order.
+//! Writing is log-structured. A commit appends its changes to the
+//! write-ahead log ([`crate::wal`]: one sequential write and one
+//! `fdatasync`), and a checkpoint later folds the oldest part of the log
+//! into the redb tables, keeping only the latest change of each mapping.
+//! Checkpoints run when the committer is idle or the log grows past a
+//! bound. They commit without an fsync, except when one lets log segments
+//! go: a segment is removed only once the tables hold everything in it
+//! durably, so whatever a crash takes from the tables the log still holds.
+//! A restart loads the tables and replays the log on top, in order.
+//!
+//! Format 1 (earlier releases) kept the log in a redb table and had no
+//! write-ahead log; such a store is read as it is and rewritten as format 2
+//! at once.
 
 use std::path::{Path, PathBuf};
 
@@ -29,6 +33,8 @@ use portkeep_server::record::{
 };
 use portkeep_server::{Change, ChangeRecord, Restored, SubscriberKeying, Timestamp};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::wal::{FsDir, Wal, WalDir, WalError};
 
 const MAPPINGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("mappings");
 const SUBSCRIBERS: TableDefinition<&[u8], u64> = TableDefinition::new("subscriber_anchors");
@@ -48,8 +54,50 @@ const LOG_REMOVE: u8 = 2;
 const LOG_EPOCH: u8 = 3;
 const LOG_SERVER_EPOCH: u8 = 4;
 
-/// Version of the record format; bumped on any incompatible change.
-const FORMAT: u64 = 1;
+/// Version of the store's layout; bumped on any incompatible change.
+const FORMAT: u64 = 2;
+/// The layout of earlier releases, migrated when opened.
+const FORMAT_LOG_TABLE: u64 = 1;
+
+/// How the write-ahead log is kept.
+#[derive(Debug, Clone, Copy)]
+pub struct LogOptions {
+    /// Size of each segment file.
+    pub segment_bytes: u64,
+    /// How much of the log already folded into the tables is kept,
+    /// readable by position (a backup's resume).
+    pub retention_bytes: u64,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        LogOptions {
+            segment_bytes: 16 << 20,
+            retention_bytes: 64 << 20,
+        }
+    }
+}
+
+/// A change read back from the log by position ([`Store::read_log`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Logged {
+    /// A mapping as it was created or changed.
+    Upsert(portkeep_server::MappingRecord),
+    /// A mapping went away (its key, as `record::key_of` gives it).
+    Remove(Vec<u8>),
+    /// A subscriber's epoch restarted.
+    Epoch {
+        /// Whose.
+        subscriber: portkeep_server::SubscriberId,
+        /// From when.
+        anchor: Timestamp,
+    },
+    /// The server-wide epoch restarted.
+    ServerEpoch {
+        /// From when.
+        anchor: Timestamp,
+    },
+}
 
 /// How hard each commit works to survive a crash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,8 +154,16 @@ pub struct Store {
     /// Relaxed mode: whether commits since the last durable one exist.
     dirty: bool,
     last_durable: Timestamp,
-    /// Entries in the log table.
+    /// Entries logged and not yet folded into the tables.
     log_len: u64,
+    wal: Wal,
+    /// Those entries, encoded, in log order.
+    pending: std::collections::VecDeque<(u64, Vec<u8>)>,
+    /// The last position the tables hold.
+    folded: u64,
+    /// Tables committed without an fsync since the last durable commit.
+    tables_dirty: bool,
+    keying: SubscriberKeying,
 }
 
 impl std::fmt::Debug for Store {
@@ -143,8 +199,32 @@ fn damaged(path: &Path, e: impl std::fmt::Display) -> StoreError {
     }
 }
 
+fn wal_error(path: &Path, e: WalError) -> StoreError {
+    match e {
+        WalError::Damaged(d) => damaged(path, format!("its log: {d}")),
+        WalError::Io(e) => io(path, e),
+    }
+}
+
+/// Where the write-ahead log of the store at `path` lives.
+pub fn log_dir_of(path: &Path) -> PathBuf {
+    path.with_extension("wal")
+}
+
+/// Removes every segment in `dir`: a new store starts with no log, whatever
+/// an earlier store at the same place left.
+fn wipe(dir: &mut dyn WalDir) -> std::io::Result<()> {
+    for name in dir.list()? {
+        if name.ends_with(".wal") || name.ends_with(".tmp") {
+            dir.remove(&name)?;
+        }
+    }
+    Ok(())
+}
+
 impl Store {
-    /// Opens (or creates) the store at `path`.
+    /// Opens (or creates) the store at `path`, with the default log
+    /// options.
     ///
     /// `now` becomes the epoch anchor of a fresh store; `keying` rebuilds
     /// each mapping's subscriber under the configuration in force now.
@@ -156,19 +236,57 @@ impl Store {
         now: Timestamp,
         keying: &SubscriberKeying,
     ) -> Result<(Store, Opened), StoreError> {
-        let existed = path.exists();
-        if existed {
-            match Self::open_existing_guarded(path, durability, cache_bytes, now, keying) {
+        Self::open_with(
+            path,
+            durability,
+            recovery,
+            cache_bytes,
+            now,
+            keying,
+            LogOptions::default(),
+        )
+    }
+
+    /// [`Store::open`] with the write-ahead log's options.
+    pub fn open_with(
+        path: &Path,
+        durability: Durability,
+        recovery: Recovery,
+        cache_bytes: usize,
+        now: Timestamp,
+        keying: &SubscriberKeying,
+        log: LogOptions,
+    ) -> Result<(Store, Opened), StoreError> {
+        let log_dir = log_dir_of(path);
+        let dir = |p: &Path| -> Result<Box<dyn WalDir>, StoreError> {
+            Ok(Box::new(FsDir::open(p).map_err(|e| io(p, e))?))
+        };
+        if path.exists() {
+            let opened = Self::guarded(path, || {
+                let db = Self::builder(cache_bytes)
+                    .open(path)
+                    .map_err(|e| damaged(path, e))?;
+                Self::load(db, path, dir(&log_dir)?, durability, now, keying, log)
+            });
+            match opened {
                 Ok(r) => return Ok(r),
                 Err(StoreError::Damaged { detail, .. }) if recovery == Recovery::Fresh => {
                     let aside = path.with_extension(format!("redb.damaged-{}", now.as_millis()));
                     std::fs::rename(path, &aside).map_err(|e| io(path, e))?;
+                    if log_dir.exists() {
+                        let log_aside =
+                            path.with_extension(format!("wal.damaged-{}", now.as_millis()));
+                        std::fs::rename(&log_dir, &log_aside).map_err(|e| io(&log_dir, e))?;
+                    }
                     tracing::warn!(
                         "store {} was damaged ({detail}); moved to {} and starting fresh",
                         path.display(),
                         aside.display()
                     );
-                    let store = Self::create(path, durability, cache_bytes, now)?;
+                    let db = Self::builder(cache_bytes)
+                        .create(path)
+                        .map_err(|e| io(path, e))?;
+                    let store = Self::init(db, path, dir(&log_dir)?, durability, now, keying, log)?;
                     return Ok((
                         store,
                         Opened::Fresh {
@@ -179,7 +297,10 @@ impl Store {
                 Err(e) => return Err(e),
             }
         }
-        let store = Self::create(path, durability, cache_bytes, now)?;
+        let db = Self::builder(cache_bytes)
+            .create(path)
+            .map_err(|e| io(path, e))?;
+        let store = Self::init(db, path, dir(&log_dir)?, durability, now, keying, log)?;
         Ok((store, Opened::Fresh { moved_aside: None }))
     }
 
@@ -194,98 +315,87 @@ impl Store {
         b
     }
 
-    /// Opens (or creates) a store on `backend` instead of a file: how the
-    /// tests put a disk that loses, tears and fails writes under it (redb's
-    /// I/O all goes through the backend). `label` names it in errors.
+    /// Opens (or creates) a store on `backend` and `log` instead of files:
+    /// how the tests put a disk that loses, tears and fails writes under it
+    /// (all of redb's I/O goes through the backend, all of the log's
+    /// through `log`). `label` names it in errors.
+    #[allow(clippy::too_many_arguments)]
     pub fn open_on(
         backend: impl redb::StorageBackend,
+        log: Box<dyn WalDir>,
         label: &Path,
         durability: Durability,
         cache_bytes: usize,
         now: Timestamp,
         keying: &SubscriberKeying,
+        options: LogOptions,
     ) -> Result<(Store, Opened), StoreError> {
         if backend.len().map_err(|e| io(label, e))? == 0 {
             let db = Self::builder(cache_bytes)
                 .create_with_backend(backend)
                 .map_err(|e| io(label, e))?;
-            let store = Self::init(db, label, durability, now)?;
+            let store = Self::init(db, label, log, durability, now, keying, options)?;
             return Ok((store, Opened::Fresh { moved_aside: None }));
         }
         Self::guarded(label, || {
             let db = Self::builder(cache_bytes)
                 .create_with_backend(backend)
                 .map_err(|e| damaged(label, e))?;
-            Self::load(db, label, durability, now, keying)
+            Self::load(db, label, log, durability, now, keying, options)
         })
-    }
-
-    fn create(
-        path: &Path,
-        durability: Durability,
-        cache_bytes: usize,
-        now: Timestamp,
-    ) -> Result<Store, StoreError> {
-        let db = Self::builder(cache_bytes)
-            .create(path)
-            .map_err(|e| io(path, e))?;
-        Self::init(db, path, durability, now)
     }
 
     /// Makes the tables and the anchor of a new store in `db`.
     fn init(
         db: Database,
         path: &Path,
+        mut log: Box<dyn WalDir>,
         durability: Durability,
         now: Timestamp,
+        keying: &SubscriberKeying,
+        options: LogOptions,
     ) -> Result<Store, StoreError> {
-        let mut s = Store {
-            db,
-            path: path.to_owned(),
-            durability,
-            dirty: false,
-            last_durable: now,
-            log_len: 0,
-        };
         // Tables and the anchor exist from the first commit, so a restart
         // right away continues this epoch.
-        let txn = s.db.begin_write().map_err(|e| io(path, e))?;
+        let txn = db.begin_write().map_err(|e| io(path, e))?;
         {
             let mut meta = txn.open_table(META).map_err(|e| io(path, e))?;
             meta.insert("format", FORMAT).map_err(|e| io(path, e))?;
             meta.insert("anchor", now.as_millis())
                 .map_err(|e| io(path, e))?;
             meta.insert("last_seq", 0).map_err(|e| io(path, e))?;
+            meta.insert("log_generation", 0).map_err(|e| io(path, e))?;
             txn.open_table(MAPPINGS).map_err(|e| io(path, e))?;
             txn.open_table(SUBSCRIBERS).map_err(|e| io(path, e))?;
             txn.open_table(LOG).map_err(|e| io(path, e))?;
         }
         txn.commit().map_err(|e| io(path, e))?;
-        s.durability = durability;
-        Ok(s)
+        wipe(log.as_mut()).map_err(|e| io(path, e))?;
+        let (wal, _) = Wal::open(log, 0, options.segment_bytes, options.retention_bytes)
+            .map_err(|e| wal_error(path, e))?;
+        Ok(Store {
+            db,
+            path: path.to_owned(),
+            durability,
+            dirty: false,
+            last_durable: now,
+            log_len: 0,
+            wal,
+            pending: Default::default(),
+            folded: 0,
+            tables_dirty: false,
+            keying: keying.clone(),
+        })
     }
 
-    /// Opens an existing file, containing any panic of the storage engine.
+    /// Runs `open`, turning a panic of the storage engine into
+    /// [`StoreError::Damaged`].
     ///
     /// redb trusts the structure it finds; on some corruptions it panics
     /// rather than returning an error. A damaged file must produce the
     /// clear "damaged store" error, never a crash, so the open (which runs
     /// before any other thread starts) is isolated, with the default panic
     /// message silenced for its duration.
-    fn open_existing_guarded(
-        path: &Path,
-        durability: Durability,
-        cache_bytes: usize,
-        now: Timestamp,
-        keying: &SubscriberKeying,
-    ) -> Result<(Store, Opened), StoreError> {
-        Self::guarded(path, || {
-            Self::open_existing(path, durability, cache_bytes, now, keying)
-        })
-    }
-
-    /// Runs `open`, turning a panic of the storage engine into
-    /// [`StoreError::Damaged`].
     fn guarded(
         path: &Path,
         open: impl FnOnce() -> Result<(Store, Opened), StoreError>,
@@ -310,26 +420,16 @@ impl Store {
         }
     }
 
-    fn open_existing(
-        path: &Path,
-        durability: Durability,
-        cache_bytes: usize,
-        now: Timestamp,
-        keying: &SubscriberKeying,
-    ) -> Result<(Store, Opened), StoreError> {
-        let db = Self::builder(cache_bytes)
-            .open(path)
-            .map_err(|e| damaged(path, e))?;
-        Self::load(db, path, durability, now, keying)
-    }
-
-    /// Reads what `db` holds: the tables, then the log on top.
+    /// Reads what `db` holds: the tables, then the log on top (the log
+    /// table of format 1, then the write-ahead log).
     fn load(
         db: Database,
         path: &Path,
+        log: Box<dyn WalDir>,
         durability: Durability,
         now: Timestamp,
         keying: &SubscriberKeying,
+        options: LogOptions,
     ) -> Result<(Store, Opened), StoreError> {
         let txn = db.begin_read().map_err(|e| damaged(path, e))?;
         let meta = txn.open_table(META).map_err(|e| damaged(path, e))?;
@@ -340,14 +440,23 @@ impl Store {
                 .ok_or_else(|| damaged(path, format!("missing meta key `{k}`")))
         };
         let format = get("format")?;
-        if format != FORMAT {
+        if format != FORMAT && format != FORMAT_LOG_TABLE {
             return Err(damaged(
                 path,
-                format!("format {format}, this portkeepd reads format {FORMAT}"),
+                format!(
+                    "format {format}, this portkeepd reads formats {FORMAT_LOG_TABLE} and {FORMAT}"
+                ),
             ));
         }
+        let generation = if format == FORMAT {
+            u32::try_from(get("log_generation")?)
+                .map_err(|_| damaged(path, "log generation out of range"))?
+        } else {
+            0
+        };
         let mut anchor = Timestamp(get("anchor")?);
-        let last_seq = get("last_seq")?;
+        let folded = get("last_seq")?;
+        let mut last_seq = folded;
         // The table as of the last checkpoint, keyed as stored...
         let mut maps: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = Default::default();
         let table = txn.open_table(MAPPINGS).map_err(|e| damaged(path, e))?;
@@ -361,29 +470,49 @@ impl Store {
             let (k, v) = item.map_err(|e| damaged(path, e))?;
             subs_map.insert(k.value().to_vec(), v.value());
         }
-        // ...then every change logged since, in order.
-        let log = txn.open_table(LOG).map_err(|e| damaged(path, e))?;
-        let mut log_len = 0;
-        for item in log.iter().map_err(|e| damaged(path, e))? {
-            let (_, v) = item.map_err(|e| damaged(path, e))?;
-            log_len += 1;
+        let mut replay = |entry: LogEntry| match entry {
+            LogEntry::Upsert { key, value } => {
+                maps.insert(key, value);
+            }
+            LogEntry::Remove { key } => {
+                maps.remove(&key);
+            }
+            LogEntry::Epoch { sub, anchor } => {
+                subs_map.insert(sub, anchor);
+            }
+            LogEntry::ServerEpoch { anchor: a } => {
+                anchor = Timestamp(a);
+                subs_map.clear();
+            }
+        };
+        // ...then every change logged since, in order: format 1's log
+        // table (empty in format 2)...
+        let log_table = txn.open_table(LOG).map_err(|e| damaged(path, e))?;
+        for item in log_table.iter().map_err(|e| damaged(path, e))? {
+            let (k, v) = item.map_err(|e| damaged(path, e))?;
             let entry = decode_log(v.value())
                 .ok_or_else(|| damaged(path, "a log entry does not decode"))?;
-            match entry {
-                LogEntry::Upsert { key, value } => {
-                    maps.insert(key, value);
-                }
-                LogEntry::Remove { key } => {
-                    maps.remove(&key);
-                }
-                LogEntry::Epoch { sub, anchor } => {
-                    subs_map.insert(sub, anchor);
-                }
-                LogEntry::ServerEpoch { anchor: a } => {
-                    anchor = Timestamp(a);
-                    subs_map.clear();
-                }
+            replay(entry);
+            last_seq = last_seq.max(k.value());
+        }
+        // ...and the write-ahead log past what the tables hold.
+        let (wal, records) = Wal::open(
+            log,
+            generation,
+            options.segment_bytes,
+            options.retention_bytes,
+        )
+        .map_err(|e| wal_error(path, e))?;
+        let mut pending = std::collections::VecDeque::new();
+        for (seq, bytes) in records {
+            if seq <= folded {
+                continue;
             }
+            let entry = decode_log(&bytes)
+                .ok_or_else(|| damaged(path, format!("log entry {seq} does not decode")))?;
+            replay(entry);
+            last_seq = seq;
+            pending.push_back((seq, bytes));
         }
         let mut mappings = Vec::with_capacity(maps.len());
         for (k, v) in &maps {
@@ -404,24 +533,36 @@ impl Store {
                 .ok_or_else(|| damaged(path, "a subscriber anchor does not decode"))?;
             subscriber_anchors.push((sub, Timestamp(*v)));
         }
-        drop((meta, table, subs, log, txn));
-        let store = Store {
+        drop((meta, table, subs, log_table, txn));
+        let restored = Restored {
+            anchor,
+            subscriber_anchors,
+            mappings,
+            last_seq,
+        };
+        let mut store = Store {
             db,
             path: path.to_owned(),
             durability,
             dirty: false,
             last_durable: now,
-            log_len,
+            log_len: pending.len() as u64,
+            wal,
+            pending,
+            folded,
+            tables_dirty: false,
+            keying: keying.clone(),
         };
-        Ok((
-            store,
-            Opened::Restored(Restored {
-                anchor,
-                subscriber_anchors,
-                mappings,
-                last_seq,
-            }),
-        ))
+        if format == FORMAT_LOG_TABLE {
+            // Written once in this release's layout: from now on the
+            // tables and the write-ahead log hold it.
+            store.replace(&restored)?;
+            tracing::info!(
+                "store {} converted from format {FORMAT_LOG_TABLE} to format {FORMAT}",
+                path.display()
+            );
+        }
+        Ok((store, Opened::Restored(restored)))
     }
 
     /// The file.
@@ -429,39 +570,33 @@ impl Store {
         &self.path
     }
 
-    /// Writes a batch of changes in one transaction. In durable mode the
-    /// data is on disk when this returns; in relaxed mode at most about a
-    /// second later (`now` drives that).
+    /// Writes a batch of changes to the log. In durable mode they are on
+    /// disk when this returns (one `fdatasync`); in relaxed mode at most
+    /// about a second later (`now` drives that).
     pub fn write(&mut self, changes: &[ChangeRecord], now: Timestamp) -> Result<(), StoreError> {
-        let p = self.path.clone();
-        let e = |err: &dyn std::fmt::Display| io(&p, err);
-        let mut txn = self.db.begin_write().map_err(|x| e(&x))?;
+        if changes.is_empty() && !self.dirty {
+            return Ok(());
+        }
         let durable = match self.durability {
             Durability::Durable => true,
             Durability::Relaxed => now.as_millis() >= self.last_durable.as_millis() + 1000,
         };
-        txn.set_durability(if durable {
-            redb::Durability::Immediate
-        } else {
-            redb::Durability::None
-        })
-        .map_err(|x| e(&x))?;
-        // Keeps recovery after a crash fast: the allocator state is saved
-        // with each commit instead of being rebuilt by a full scan.
-        txn.set_quick_repair(true);
-        {
-            let mut log = txn.open_table(LOG).map_err(|x| e(&x))?;
-            let mut meta = txn.open_table(META).map_err(|x| e(&x))?;
+        let first = self.pending.len();
+        for c in changes {
             let mut buf = Vec::with_capacity(128);
-            for c in changes {
-                encode_log(&c.change, &mut buf);
-                log.insert(c.seq, buf.as_slice()).map_err(|x| e(&x))?;
-            }
-            if let Some(last) = changes.last() {
-                meta.insert("last_seq", last.seq).map_err(|x| e(&x))?;
-            }
+            encode_log(&c.change, &mut buf);
+            self.pending.push_back((c.seq, buf));
         }
-        txn.commit().map_err(|x| e(&x))?;
+        let appended = self
+            .wal
+            .append(self.pending.range(first..).map(|(s, b)| (*s, b.as_slice())))
+            .and_then(|()| if durable { self.wal.sync() } else { Ok(()) });
+        if let Err(e) = appended {
+            // Never retried: after a failed fsync what reached the disk is
+            // unknown (the daemon stops).
+            self.pending.truncate(first);
+            return Err(io(&self.path, e));
+        }
         self.log_len += changes.len() as u64;
         if durable {
             self.dirty = false;
@@ -472,7 +607,7 @@ impl Store {
         Ok(())
     }
 
-    /// Entries waiting in the log.
+    /// Entries logged and not yet folded into the tables.
     pub fn log_len(&self) -> u64 {
         self.log_len
     }
@@ -483,36 +618,41 @@ impl Store {
     }
 
     /// Folds the oldest part of the log into the tables (see the module
-    /// documentation). Returns the number of log entries folded.
+    /// documentation), and makes the next log segment ahead of need.
+    /// Returns the number of log entries folded.
     pub fn checkpoint(&mut self, max_entries: usize) -> Result<usize, StoreError> {
-        if self.log_len == 0 {
-            return Ok(0);
-        }
         let p = self.path.clone();
         let e = |err: &dyn std::fmt::Display| io(&p, err);
+        self.wal.prepare().map_err(|x| e(&x))?;
+        if self.pending.is_empty() {
+            return Ok(0);
+        }
+        let n = max_entries.min(self.pending.len());
+        let upto = self.pending[n - 1].0;
+        // Durable only when it lets a log segment go: until then the log
+        // holds what a lost commit of the tables would take.
+        let durable = self.wal.releasable(upto);
         let mut txn = self.db.begin_write().map_err(|x| e(&x))?;
-        // Safe without an fsync: if this commit is lost, the log still holds
-        // everything it folds.
-        txn.set_durability(redb::Durability::None)
-            .map_err(|x| e(&x))?;
+        txn.set_durability(if durable {
+            redb::Durability::Immediate
+        } else {
+            redb::Durability::None
+        })
+        .map_err(|x| e(&x))?;
         txn.set_quick_repair(true);
-        let folded;
         {
-            let mut log = txn.open_table(LOG).map_err(|x| e(&x))?;
             // Latest change per mapping within the chunk, in log order
             // otherwise (epoch changes are few and applied as they come).
-            let mut latest: std::collections::HashMap<Vec<u8>, Option<Vec<u8>>> =
-                Default::default();
+            let mut latest: std::collections::HashMap<&[u8], Option<&[u8]>> = Default::default();
             let mut epochs = Vec::new();
-            let mut last = None;
-            let mut n = 0;
-            for item in log.iter().map_err(|x| e(&x))?.take(max_entries) {
-                let (k, v) = item.map_err(|x| e(&x))?;
-                last = Some(k.value());
-                n += 1;
-                match decode_log(v.value())
-                    .ok_or_else(|| damaged(&p, "a log entry does not decode"))?
-                {
+            let mut decoded = Vec::with_capacity(n);
+            for (seq, bytes) in self.pending.range(..n) {
+                let entry = decode_log(bytes)
+                    .ok_or_else(|| damaged(&p, format!("log entry {seq} does not decode")))?;
+                decoded.push(entry);
+            }
+            for entry in &decoded {
+                match entry {
                     LogEntry::Upsert { key, value } => {
                         latest.insert(key, Some(value));
                     }
@@ -531,11 +671,10 @@ impl Store {
             for (key, value) in &latest {
                 match value {
                     Some(v) => {
-                        maps.insert(key.as_slice(), v.as_slice())
-                            .map_err(|x| e(&x))?;
+                        maps.insert(*key, *v).map_err(|x| e(&x))?;
                     }
                     None => {
-                        maps.remove(key.as_slice()).map_err(|x| e(&x))?;
+                        maps.remove(*key).map_err(|x| e(&x))?;
                     }
                 }
             }
@@ -544,33 +683,71 @@ impl Store {
             for ep in epochs {
                 match ep {
                     LogEntry::Epoch { sub, anchor } => {
-                        subs.insert(sub.as_slice(), anchor).map_err(|x| e(&x))?;
+                        subs.insert(sub.as_slice(), *anchor).map_err(|x| e(&x))?;
                     }
                     LogEntry::ServerEpoch { anchor } => {
-                        meta.insert("anchor", anchor).map_err(|x| e(&x))?;
+                        meta.insert("anchor", *anchor).map_err(|x| e(&x))?;
                         subs.retain(|_, _| false).map_err(|x| e(&x))?;
                     }
                     LogEntry::Upsert { .. } | LogEntry::Remove { .. } => {}
                 }
             }
-            if let Some(last) = last {
-                log.retain_in(..=last, |_, _| false).map_err(|x| e(&x))?;
-            }
-            folded = n;
+            meta.insert("last_seq", upto).map_err(|x| e(&x))?;
         }
         txn.commit().map_err(|x| e(&x))?;
-        self.log_len = self.log_len.saturating_sub(folded as u64);
-        self.dirty = true;
-        Ok(folded)
+        self.pending.drain(..n);
+        self.log_len = self.pending.len() as u64;
+        self.folded = upto;
+        if durable {
+            self.tables_dirty = false;
+            self.wal.release(upto).map_err(|x| e(&x))?;
+        } else {
+            self.tables_dirty = true;
+        }
+        Ok(n)
+    }
+
+    /// Every change from log position `from` on, in order, as the log
+    /// holds them; `None` when the log no longer reaches back to `from`
+    /// (what is older lives only in the tables).
+    pub fn read_log(&self, from: u64) -> Result<Option<Vec<(u64, Logged)>>, StoreError> {
+        let Some(records) = self
+            .wal
+            .read_from(from)
+            .map_err(|e| wal_error(&self.path, e))?
+        else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(records.len());
+        for (seq, bytes) in records {
+            let bad = || damaged(&self.path, format!("log entry {seq} does not decode"));
+            let logged = match decode_log(&bytes).ok_or_else(bad)? {
+                LogEntry::Upsert { value, .. } => {
+                    Logged::Upsert(decode_mapping(&value, &self.keying).ok_or_else(bad)?)
+                }
+                LogEntry::Remove { key } => Logged::Remove(key),
+                LogEntry::Epoch { sub, anchor } => Logged::Epoch {
+                    subscriber: decode_subscriber(&sub).ok_or_else(bad)?,
+                    anchor: Timestamp(anchor),
+                },
+                LogEntry::ServerEpoch { anchor } => Logged::ServerEpoch {
+                    anchor: Timestamp(anchor),
+                },
+            };
+            out.push((seq, logged));
+        }
+        Ok(Some(out))
     }
 
     /// Replaces everything stored with `state`, durably, in one
     /// transaction: a promoted backup's store becomes the state it took
     /// over (sequence numbers and all), and a demoted node's store forgets
-    /// what is no longer true.
+    /// what is no longer true. The log starts a new generation, so nothing
+    /// logged before is ever replayed into the new state.
     pub fn replace(&mut self, state: &Restored) -> Result<(), StoreError> {
         let p = self.path.clone();
         let e = |err: &dyn std::fmt::Display| io(&p, err);
+        let generation = self.wal.generation().wrapping_add(1);
         let mut txn = self.db.begin_write().map_err(|x| e(&x))?;
         txn.set_durability(redb::Durability::Immediate)
             .map_err(|x| e(&x))?;
@@ -597,12 +774,22 @@ impl Store {
                     .map_err(|x| e(&x))?;
             }
             let mut meta = txn.open_table(META).map_err(|x| e(&x))?;
+            meta.insert("format", FORMAT).map_err(|x| e(&x))?;
             meta.insert("anchor", state.anchor.as_millis())
                 .map_err(|x| e(&x))?;
             meta.insert("last_seq", state.last_seq).map_err(|x| e(&x))?;
+            meta.insert("log_generation", u64::from(generation))
+                .map_err(|x| e(&x))?;
         }
         txn.commit().map_err(|x| e(&x))?;
+        // Committed: the old generation's segments are garbage now (a
+        // crash before they go leaves them to the next open, which
+        // removes them).
+        self.wal.reset(generation).map_err(|x| e(&x))?;
+        self.pending.clear();
         self.log_len = 0;
+        self.folded = state.last_seq;
+        self.tables_dirty = false;
         self.dirty = false;
         Ok(())
     }
@@ -689,6 +876,7 @@ fn decode_log(b: &[u8]) -> Option<LogEntry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wal::mem::{Crash as LogCrash, MemDir};
     use portkeep_proto::Protocol;
     use portkeep_server::{FilterRule, MappingKey, MappingKind, MappingRecord, SubscriberId};
     use std::net::IpAddr;
@@ -1012,15 +1200,28 @@ mod tests {
         }
     }
 
-    fn open_disk(disk: &FaultyDisk) -> Result<(Store, Opened), StoreError> {
+    fn open_disk(disk: &FaultyDisk, log: &MemDir) -> Result<(Store, Opened), StoreError> {
         Store::open_on(
             disk.clone(),
+            Box::new(log.clone()),
             Path::new("faulty-disk"),
             Durability::Durable,
             1 << 20,
             Timestamp(1),
             &SubscriberKeying::default(),
+            LogOptions {
+                segment_bytes: 64 << 10,
+                retention_bytes: 64 << 10,
+            },
         )
+    }
+
+    fn log_crash(how: Crash) -> LogCrash {
+        match how {
+            Crash::DropUnsynced => LogCrash::DropUnsynced,
+            Crash::TearLast => LogCrash::TearLast,
+            Crash::SomeUnsynced(s) => LogCrash::SomeUnsynced(s),
+        }
     }
 
     fn model_of(opened: Opened) -> std::collections::BTreeMap<Vec<u8>, MappingRecord> {
@@ -1055,7 +1256,8 @@ mod tests {
         let mut crashes = 0;
         for trial in 0..12u64 {
             let disk = FaultyDisk::default();
-            let (mut store, _) = open_disk(&disk).unwrap();
+            let log = MemDir::default();
+            let (mut store, _) = open_disk(&disk, &log).unwrap();
             // The state after each commit: states[i] after i commits.
             let mut states = vec![std::collections::BTreeMap::new()];
             let mut state = std::collections::BTreeMap::new();
@@ -1085,6 +1287,7 @@ mod tests {
                 // The last commit of some trials hits a failing disk.
                 let failing = last && trial % 3 == 2;
                 disk.state().fail_syncs = failing;
+                log.fail_syncs(failing);
                 let r = store.write(&batch, Timestamp(round));
                 states.push(state.clone());
                 if failing {
@@ -1093,17 +1296,19 @@ mod tests {
                     r.unwrap();
                     acknowledged = states.len() - 1;
                 }
-                // Checkpoints commit without an fsync: their writes are
-                // what a crash catches half-done.
+                // Checkpoints mostly commit without an fsync: their writes
+                // are what a crash catches half-done; some let log
+                // segments go.
                 if !failing && next(2) == 0 {
-                    store.checkpoint(1 + next(80) as usize).unwrap();
+                    store.checkpoint(1 + next(400) as usize).unwrap();
                 }
             }
             for how in modes(trial) {
                 let img = disk.crash(how);
+                let log_img = log.crash(log_crash(how));
                 crashes += 1;
-                let (_, opened) =
-                    open_disk(&img).unwrap_or_else(|e| panic!("trial {trial}, {how:?}: {e}"));
+                let (_, opened) = open_disk(&img, &log_img)
+                    .unwrap_or_else(|e| panic!("trial {trial}, {how:?}: {e}"));
                 let got = model_of(opened);
                 let whole = states.iter().position(|s| *s == got);
                 assert!(
@@ -1116,13 +1321,114 @@ mod tests {
         assert_eq!(crashes, 48);
     }
 
+    /// A store written by the previous release (format 1: the log in a
+    /// redb table, no write-ahead log) opens with everything in it, is
+    /// rewritten as format 2 at once, and goes on from there: an upgrade
+    /// needs no cold start (failure-scenarios draft section 6).
+    #[test]
+    fn draft_s6_a_store_of_the_previous_format_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.redb");
+        let mut a = record(false);
+        a.key.internal_port = 1;
+        let mut b = record(true);
+        b.key.internal_port = 2;
+        let mut c = record(false);
+        c.key.internal_port = 3;
+        let sub = a.subscriber;
+        {
+            // Format 1 as the previous release wrote it: a folded table,
+            // then the log table on top.
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut meta = txn.open_table(META).unwrap();
+                meta.insert("format", FORMAT_LOG_TABLE).unwrap();
+                meta.insert("anchor", 1_000).unwrap();
+                // Format 1 kept the last logged position here.
+                meta.insert("last_seq", 5).unwrap();
+                let mut maps = txn.open_table(MAPPINGS).unwrap();
+                maps.insert(key_of(&a).as_slice(), encode_mapping(&a).as_slice())
+                    .unwrap();
+                maps.insert(key_of(&c).as_slice(), encode_mapping(&c).as_slice())
+                    .unwrap();
+                txn.open_table(SUBSCRIBERS).unwrap();
+                let mut log = txn.open_table(LOG).unwrap();
+                let mut buf = Vec::new();
+                encode_log(&Change::Upserted(b.clone()), &mut buf);
+                log.insert(3, buf.as_slice()).unwrap();
+                encode_log(
+                    &Change::Removed {
+                        mapping: c.clone(),
+                        reason: portkeep_server::RemoveReason::Deleted,
+                    },
+                    &mut buf,
+                );
+                log.insert(4, buf.as_slice()).unwrap();
+                encode_log(
+                    &Change::EpochReset {
+                        subscriber: sub,
+                        anchor: Timestamp(5_000),
+                    },
+                    &mut buf,
+                );
+                log.insert(5, buf.as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let expect = |r: &Restored| {
+            let mut ports: Vec<u16> = r.mappings.iter().map(|m| m.key.internal_port).collect();
+            ports.sort_unstable();
+            assert_eq!(ports, vec![1, 2]);
+            assert_eq!(r.anchor, Timestamp(1_000));
+            assert_eq!(r.subscriber_anchors, vec![(sub, Timestamp(5_000))]);
+            assert_eq!(r.last_seq, 5);
+        };
+        let (mut store, opened) = open_test_store(&path, Timestamp(9)).unwrap();
+        let Opened::Restored(r) = opened else {
+            panic!("the old store was not read");
+        };
+        expect(&r);
+        let format = store
+            .db
+            .begin_read()
+            .unwrap()
+            .open_table(META)
+            .unwrap()
+            .get("format")
+            .unwrap()
+            .unwrap()
+            .value();
+        assert_eq!(format, FORMAT);
+        // It goes on in the new format, through the log.
+        let mut d = record(false);
+        d.key.internal_port = 4;
+        store
+            .write(
+                &[ChangeRecord {
+                    seq: 6,
+                    change: Change::Upserted(d),
+                }],
+                Timestamp(10),
+            )
+            .unwrap();
+        drop(store);
+        let (_, opened) = open_test_store(&path, Timestamp(11)).unwrap();
+        let Opened::Restored(r) = opened else {
+            panic!("not restored");
+        };
+        assert_eq!(r.mappings.len(), 3);
+        assert_eq!(r.last_seq, 6);
+    }
+
     /// A disk that returns garbage where the store was (bit rot, a torn
     /// page no checksum caught in time) is refused as damaged or opens to
     /// a whole earlier state; it never panics and never half-loads.
     #[test]
     fn draft_s6_corrupted_disk_is_refused_never_half_loaded() {
         let disk = FaultyDisk::default();
-        let (mut store, _) = open_disk(&disk).unwrap();
+        let log = MemDir::default();
+        let (mut store, _) = open_disk(&disk, &log).unwrap();
         let mut states = vec![std::collections::BTreeMap::new()];
         let mut state = std::collections::BTreeMap::new();
         for round in 0..5u64 {
@@ -1137,20 +1443,28 @@ mod tests {
                 });
             }
             store.write(&batch, Timestamp(round)).unwrap();
+            if round == 2 {
+                // Part in the tables, part only in the log.
+                store.checkpoint(30).unwrap();
+            }
             states.push(state.clone());
         }
         drop(store);
         let len = disk.state().synced.len();
         let mut refused = 0;
-        for i in 0..64usize {
+        for i in 0..128usize {
             let img = disk.crash(Crash::DropUnsynced);
-            {
+            let log_img = log.crash(LogCrash::DropUnsynced);
+            if i % 2 == 0 {
                 let mut st = img.state();
                 let at = (i * 7919 * 4099) % len;
                 st.synced[at] ^= 0x5a;
                 st.current = st.synced.clone();
+            } else {
+                // The log's frames are in its first kilobytes.
+                assert!(log_img.corrupt((i * 7919) % 6_000));
             }
-            match open_disk(&img) {
+            match open_disk(&img, &log_img) {
                 Ok((_, opened)) => {
                     let got = model_of(opened);
                     assert!(
@@ -1162,7 +1476,7 @@ mod tests {
                 Err(e) => panic!("byte {i}: {e}"),
             }
         }
-        eprintln!("{refused} of 64 corrupted disks refused, the rest opened whole");
+        eprintln!("{refused} of 128 corrupted disks refused, the rest opened whole");
     }
 
     #[test]

@@ -429,12 +429,19 @@ fn damaged_store_is_refused(damage: impl Fn(&Path)) {
     assert!(!run.stderr.contains("panicked"), "{run:?}");
     // The operator's choice: move it aside and start fresh.
     let _d = daemon(addr, &data, &["--store-recovery", "fresh"]);
-    let aside: Vec<_> = std::fs::read_dir(&data)
+    let mut aside: Vec<String> = std::fs::read_dir(&data)
         .unwrap()
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().contains("damaged"))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("damaged"))
         .collect();
-    assert_eq!(aside.len(), 1, "the damaged file is kept for inspection");
+    aside.sort();
+    assert!(
+        aside.len() == 2
+            && aside[0].starts_with("store.redb.damaged-")
+            && aside[1].starts_with("store.wal.damaged-"),
+        "the damaged file and its log are kept for inspection: {aside:?}"
+    );
     assert_eq!(
         ctl(&data, &["mappings"])["mappings"]
             .as_array()
