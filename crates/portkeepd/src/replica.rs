@@ -34,6 +34,9 @@ const VOLATILE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replica_vo
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("replica_meta");
 const META_KEY: &str = "replica";
 
+/// Name of the replica file, beside the store in the data directory.
+pub const FILE: &str = "replica.redb";
+
 /// Version of the meta row's format; bumped on any incompatible change.
 const FORMAT: u8 = 1;
 
