@@ -1132,34 +1132,7 @@ pub(crate) fn replica_writer(shared: &Shared, mut store: ReplicaStore) {
         if cmds.is_empty() {
             continue;
         }
-        // Writes before a clear belong to a backup that is gone.
-        let from = cmds
-            .iter()
-            .rposition(|c| matches!(c, ReplicaCmd::Clear))
-            .map(|i| {
-                if let Err(e) = store.clear() {
-                    Err(e)
-                } else {
-                    Ok(i + 1)
-                }
-            })
-            .unwrap_or(Ok(0));
-        let result = from.and_then(|from| {
-            let mut last = None;
-            let writes: Vec<portkeep_ha::ReplicaWrite> = cmds
-                .into_iter()
-                .skip(from)
-                .filter_map(|c| match c {
-                    ReplicaCmd::Write(seq, w) => {
-                        last = Some(seq);
-                        Some(w)
-                    }
-                    ReplicaCmd::Clear => None,
-                })
-                .collect();
-            store.write(&writes).map(|()| last)
-        });
-        match result {
+        match store_replica(&mut store, cmds) {
             Ok(last) => {
                 q.stored(ticket, store.seq());
                 if let Some(seq) = last {
@@ -1174,6 +1147,36 @@ pub(crate) fn replica_writer(shared: &Shared, mut store: ReplicaStore) {
             }
         }
     }
+}
+
+/// Carries out one batch of the replica's queue; returns the position the
+/// last write stands for, if it has one.
+fn store_replica(
+    store: &mut ReplicaStore,
+    cmds: Vec<ReplicaCmd>,
+) -> Result<Option<u64>, crate::replica::ReplicaError> {
+    // Writes before a clear belong to a backup that is gone.
+    let from = match cmds.iter().rposition(|c| matches!(c, ReplicaCmd::Clear)) {
+        Some(i) => {
+            store.clear()?;
+            i + 1
+        }
+        None => 0,
+    };
+    let mut last = None;
+    let writes: Vec<portkeep_ha::ReplicaWrite> = cmds
+        .into_iter()
+        .skip(from)
+        .filter_map(|c| match c {
+            ReplicaCmd::Write(seq, w) => {
+                last = Some(seq);
+                Some(w)
+            }
+            ReplicaCmd::Clear => None,
+        })
+        .collect();
+    store.write(&writes)?;
+    Ok(last)
 }
 
 /// The store failed: answering on would acknowledge what might be lost,

@@ -134,7 +134,7 @@ fn encode_hosts(hosts: &[IpAddr]) -> Vec<u8> {
 }
 
 fn decode_hosts(b: &[u8]) -> Option<Vec<IpAddr>> {
-    if b.is_empty() || b.len() % 16 != 0 {
+    if b.is_empty() || !b.len().is_multiple_of(16) {
         return None;
     }
     let mut r = Reader(b);
