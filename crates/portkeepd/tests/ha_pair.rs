@@ -512,6 +512,55 @@ fn rfc7767_s3_2_backup_restarted_from_its_replica_then_promoted_serves_every_ack
     assert!(b.mappings().is_empty(), "no stale state served");
 }
 
+/// RFC 7767 section 3.2 and RFC 6887 section 8.5: a stored replica that
+/// does not read back whole is never half-loaded (it could claim
+/// check-points it lost): it is moved aside, with a log line naming it,
+/// and the backup starts cold; promoted, it continues nothing and every
+/// epoch resets.
+#[test]
+fn rfc7767_s3_2_a_damaged_replica_is_moved_aside_and_the_backup_starts_cold() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sa, sb) = pair(dir.path());
+    let mut b = Node::start(&sb, "backup");
+    let mut a = Node::start(&sa, "active");
+    a.wait_in_sync();
+    let client: IpAddr = "127.0.0.96".parse().unwrap();
+    let sock = client_socket(client);
+    for port in 1..=5u16 {
+        let req = map_request(client, port, 3600, [port as u8; 12], true);
+        let r = exchange_once(&sock, sa.pcp, &req).unwrap();
+        assert!(r.checkpoint_honoured());
+    }
+    let st = b.status();
+    assert!(st["ha"]["replica_seq"].as_u64().unwrap_or(0) > 0, "{st}");
+    b.kill9();
+    a.kill9();
+    let file = sb.data.join("replica.redb");
+    let len = std::fs::metadata(&file).unwrap().len() as usize;
+    std::fs::write(&file, vec![0x5a; len]).unwrap();
+    let b = Node::start(&sb, "backup");
+    assert!(
+        b.log().contains("is damaged") && b.log().contains("starting cold"),
+        "{}",
+        b.log()
+    );
+    let aside = std::fs::read_dir(&sb.data)
+        .unwrap()
+        .filter_map(Result::ok)
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("replica.redb.damaged-")
+        });
+    assert!(aside, "the damaged replica is kept aside");
+    let st = b.status();
+    assert_eq!(st["ha"]["checkpointed_mappings"], 0, "{st}");
+    assert!(st["ha"]["replica_seq"].is_null(), "{st}");
+    let promoted = b.ctl(&["promote"]);
+    assert_eq!(promoted["takeover"], "cold", "{promoted}");
+    assert!(b.mappings().is_empty());
+}
+
 #[test]
 fn rfc7767_s3_2_link_cut_answers_without_the_option_then_resyncs() {
     let dir = tempfile::tempdir().unwrap();
