@@ -1619,7 +1619,11 @@ impl World {
         node.up = true;
         node.gen += 1;
         node.ha = Node::new(ncfg, node.term, SubscriberKeying::default());
-        if let Some(r) = node.replica.durable.clone() {
+        if node.cfg_role != Role::Backup {
+            // The daemon clears the replica of a node that starts in
+            // another role.
+            node.replica = ReplicaDisk::default();
+        } else if let Some(r) = node.replica.durable.clone() {
             // The daemon's backup starts from its stored replica.
             node.ha.resume_replica(r);
         }

@@ -16,6 +16,7 @@ pub mod nfnl;
 pub mod nft;
 pub mod node;
 pub mod pair;
+pub mod replica;
 pub mod runtime;
 pub mod store;
 pub mod wal;

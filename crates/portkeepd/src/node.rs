@@ -27,7 +27,8 @@ use serde_json::{json, Value};
 use crate::clock::{Clock, Stopwatch};
 use crate::config::DataplaneKind;
 use crate::mmsg::SendBatch;
-use crate::pair::{Pair, Reply};
+use crate::pair::{Pair, ReplicaCmd, Reply};
+use crate::replica::ReplicaStore;
 use crate::store::Store;
 
 /// How often threads look up from waiting to check for shutdown.
@@ -61,6 +62,9 @@ pub(crate) struct Job {
 #[derive(Debug)]
 pub(crate) struct Reset {
     pub(crate) state: Restored,
+    /// Clear the backup's stored replica once `state` is stored, before
+    /// anything after the reset is committed (promotion).
+    pub(crate) clear_replica: bool,
 }
 
 #[derive(Default)]
@@ -567,7 +571,8 @@ pub(crate) fn act(shared: &Arc<Shared>, effects: Vec<Effect<Reply>>) {
             }
             Effect::Deposed { term } => deposed(shared, term),
             Effect::Persist { seq, .. } => {
-                // The backup's replica lives in memory: applied is
+                // Memory mode (with a store, these went to the replica's
+                // writer): the replica lives in the node, applied is
                 // persisted.
                 shared.pair.node().persisted(seq);
                 shared.pair.wake.notify_one();
@@ -686,10 +691,13 @@ fn deposed(shared: &Shared, term: Term) {
     let now = shared.clock.now();
     let mut core = shared.lock();
     core.server = Server::new(shared.server_cfg.clone(), now);
+    // The stored replica was cleared when the deposed effect was drained
+    // (`NodeGuard::effects`), in order with the new backup's writes.
     shared.submit_reset(
         core,
         Reset {
             state: empty_state(now),
+            clear_replica: false,
         },
     );
     shared.pair.bump_role();
@@ -707,6 +715,11 @@ pub(crate) fn demote(shared: &Arc<Shared>) -> Value {
     let (changed, role, term, effects) = {
         let mut n = shared.pair.node();
         let changed = n.demote();
+        if changed {
+            // Under the node's lock, so it queues before any write of the
+            // new (empty) backup: whatever replica is stored is not its.
+            n.clear_replica();
+        }
         (changed, n.role(), n.term(), n.effects())
     };
     if !changed {
@@ -717,6 +730,7 @@ pub(crate) fn demote(shared: &Arc<Shared>) -> Value {
         core,
         Reset {
             state: empty_state(now),
+            clear_replica: false,
         },
     );
     act(shared, effects);
@@ -766,7 +780,15 @@ pub(crate) fn promote(shared: &Arc<Shared>) -> Value {
     let restored = report.restored;
     // The store and the dataplane are replaced in log order, before any
     // request handled from now on is answered.
-    shared.submit_reset(core, Reset { state });
+    // The stored replica goes once `state` is stored, before anything
+    // served (see `clear_replica` for why this order is safe).
+    shared.submit_reset(
+        core,
+        Reset {
+            state,
+            clear_replica: true,
+        },
+    );
     act(shared, rest);
     if !targets.is_empty() {
         shared.announce_to(shared.lock(), &targets);
@@ -913,6 +935,9 @@ fn commit_loop(shared: &Arc<Shared>, store: &mut Option<Store>) {
                         fail(shared, &e);
                         return;
                     }
+                }
+                if reset.clear_replica && !clear_replica(shared) {
+                    return;
                 }
                 shared.reset_dataplane(&reset.state);
             }
@@ -1066,9 +1091,107 @@ pub(crate) fn sender(shared: &Shared) {
     }
 }
 
+/// A promoted node's stored replica goes, durably, after the state it took
+/// over is stored (the caller did that) and before anything it serves is
+/// committed: no reply, ANNOUNCE or NAT rule of the new active exists
+/// before. False if the replica's writer failed (the daemon stops).
+///
+/// Why this order is safe whenever the node crashes, RFC 7767 section 3.2
+/// (an acknowledged check-point survives) against the failure-scenarios
+/// draft section 2.6 (a stale copy is never served):
+/// - before the replica is cleared: the node served nothing yet, so the
+///   replica is still exactly what it acknowledged; restarted as backup it
+///   resumes it, and a promotion from it is stale (every epoch resets).
+///   Its store holds the state taken over too, for a restart as active.
+/// - after: this node may serve and change what the replica said (delete
+///   a mapping, give its port to another host), so it must never resume
+///   it; it comes back a cold backup, or active from its store.
+///
+/// No write of the old backup can land after the clear: the node stopped
+/// handing them out at promotion, and the queue is in order.
+fn clear_replica(shared: &Shared) -> bool {
+    let Some(q) = &shared.pair.replica else {
+        return true;
+    };
+    let ticket = q.push(ReplicaCmd::Clear);
+    q.wait(ticket)
+}
+
+/// Stores a backup's replica writes, as the node handed them out
+/// ([`crate::pair::NodeGuard::effects`] queues them in order), one
+/// durable transaction for everything queued (group commit), and only
+/// then lets the node acknowledge them (RFC 7767 section 3.2: an
+/// acknowledged check-point survives this node's crash too). The fsync
+/// runs under no lock of the core or the node. A failed write stops the
+/// daemon, as a failed store commit does: nothing it held is acknowledged,
+/// and an fsync is never retried (the kernel may have dropped the pages).
+pub(crate) fn replica_writer(shared: &Shared, mut store: ReplicaStore) {
+    let Some(q) = &shared.pair.replica else {
+        return;
+    };
+    loop {
+        if shared.failed.load(Ordering::Relaxed) {
+            // The store failed and the daemon stops: nothing more is
+            // stored, and whoever waits for it must not go on.
+            q.failed();
+            return;
+        }
+        let Some((cmds, ticket)) = q.take(POLL) else {
+            return;
+        };
+        if cmds.is_empty() {
+            continue;
+        }
+        match store_replica(&mut store, cmds) {
+            Ok(last) => {
+                q.stored(ticket, store.seq());
+                if let Some(seq) = last {
+                    shared.pair.node().persisted(seq);
+                    shared.pair.wake.notify_one();
+                }
+            }
+            Err(e) => {
+                fail(shared, &e);
+                q.failed();
+                return;
+            }
+        }
+    }
+}
+
+/// Carries out one batch of the replica's queue; returns the position the
+/// last write stands for, if it has one.
+fn store_replica(
+    store: &mut ReplicaStore,
+    cmds: Vec<ReplicaCmd>,
+) -> Result<Option<u64>, crate::replica::ReplicaError> {
+    // Writes before a clear belong to a backup that is gone.
+    let from = match cmds.iter().rposition(|c| matches!(c, ReplicaCmd::Clear)) {
+        Some(i) => {
+            store.clear()?;
+            i + 1
+        }
+        None => 0,
+    };
+    let mut last = None;
+    let writes: Vec<portkeep_ha::ReplicaWrite> = cmds
+        .into_iter()
+        .skip(from)
+        .filter_map(|c| match c {
+            ReplicaCmd::Write(seq, w) => {
+                last = Some(seq);
+                Some(w)
+            }
+            ReplicaCmd::Clear => None,
+        })
+        .collect();
+    store.write(&writes)?;
+    Ok(last)
+}
+
 /// The store failed: answering on would acknowledge what might be lost,
 /// so the daemon stops (fail-stop); queued replies are never sent.
-fn fail(shared: &Shared, e: &crate::store::StoreError) {
+fn fail(shared: &Shared, e: &dyn std::fmt::Display) {
     tracing::error!("{e}; stopping: no response is sent for changes that are not stored");
     shared.failed.store(true, Ordering::SeqCst);
     shared.stop.store(true, Ordering::SeqCst);

@@ -6,10 +6,10 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 use anyhow::Context;
-use portkeep_ha::{Effect, LinkState, Node, NodeConfig, Role, Term};
+use portkeep_ha::{Effect, LinkState, Node, NodeConfig, ReplicaWrite, Role, Term};
 use portkeep_server::Timestamp;
 use serde_json::{json, Value};
 
@@ -48,6 +48,111 @@ fn write_term(path: &Path, term: Term) -> std::io::Result<()> {
     Ok(())
 }
 
+/// What the replica writer (`crate::node::replica_writer`) is asked to do.
+#[derive(Debug)]
+pub(crate) enum ReplicaCmd {
+    /// Store `write`; once durable, position `seq` may be acknowledged.
+    Write(u64, ReplicaWrite),
+    /// Forget the replica (the node stopped being the backup it was).
+    Clear,
+}
+
+/// The writes to a backup's stored replica, in the order the node handed
+/// them out, for the one thread that stores them.
+#[derive(Debug, Default)]
+pub(crate) struct ReplicaQueue {
+    state: Mutex<ReplicaQueueState>,
+    /// Work arrived.
+    work: Condvar,
+    /// A batch is stored (or the writer failed).
+    done: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct ReplicaQueueState {
+    cmds: Vec<ReplicaCmd>,
+    /// Commands ever pushed (the last one's ticket).
+    pushed: u64,
+    /// Tickets up to this one are stored.
+    done: u64,
+    failed: bool,
+    /// No more work will come: the writer ends once the queue is empty.
+    closed: bool,
+    /// The position of the replica stored, if one is (`ctl status`).
+    stored_seq: Option<u64>,
+}
+
+impl ReplicaQueue {
+    fn lock(&self) -> MutexGuard<'_, ReplicaQueueState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `cmd`; returns its ticket ([`ReplicaQueue::wait`]).
+    pub(crate) fn push(&self, cmd: ReplicaCmd) -> u64 {
+        let mut g = self.lock();
+        g.cmds.push(cmd);
+        g.pushed += 1;
+        let ticket = g.pushed;
+        drop(g);
+        self.work.notify_one();
+        ticket
+    }
+
+    /// Everything queued, with the ticket of the last, waiting up to
+    /// `wait` for something to arrive; `None` once the queue is closed
+    /// and empty.
+    pub(crate) fn take(&self, wait: std::time::Duration) -> Option<(Vec<ReplicaCmd>, u64)> {
+        let mut g = self.lock();
+        if g.cmds.is_empty() && !g.closed {
+            g = self
+                .work
+                .wait_timeout(g, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        if g.cmds.is_empty() && g.closed {
+            return None;
+        }
+        Some((std::mem::take(&mut g.cmds), g.pushed))
+    }
+
+    /// Nothing more will be queued (the committer ended): the writer
+    /// stores what is queued, then ends.
+    pub(crate) fn close(&self) {
+        self.lock().closed = true;
+        self.work.notify_all();
+    }
+
+    /// Tickets up to `ticket` are stored; the replica stands at `seq`.
+    pub(crate) fn stored(&self, ticket: u64, seq: Option<u64>) {
+        let mut g = self.lock();
+        g.done = g.done.max(ticket);
+        g.stored_seq = seq;
+        drop(g);
+        self.done.notify_all();
+    }
+
+    /// The writer failed: nothing queued will ever be stored.
+    pub(crate) fn failed(&self) {
+        self.lock().failed = true;
+        self.done.notify_all();
+    }
+
+    /// Waits until `ticket` is stored; false if the writer failed first.
+    pub(crate) fn wait(&self, ticket: u64) -> bool {
+        let mut g = self.lock();
+        while g.done < ticket && !g.failed {
+            g = self.done.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        g.done >= ticket
+    }
+
+    /// The position of the replica stored, if one is.
+    pub(crate) fn stored_seq(&self) -> Option<u64> {
+        self.lock().stored_seq
+    }
+}
+
 /// Link refusals, for `ctl status`.
 #[derive(Debug, Default)]
 struct Refusals {
@@ -73,6 +178,10 @@ pub(crate) struct Pair {
     /// Bumped by every accepted connection, so a superseded one ends.
     pub(crate) conn_gen: AtomicU64,
     refusals: Mutex<Refusals>,
+    /// With a store: the backup's writes to its stored replica, queued
+    /// under the node's lock. `None` in memory mode, where the replica
+    /// lives in the node only.
+    pub(crate) replica: Option<ReplicaQueue>,
 }
 
 impl std::fmt::Debug for Pair {
@@ -105,9 +214,36 @@ impl std::ops::DerefMut for NodeGuard<'_> {
 }
 
 impl NodeGuard<'_> {
-    /// Everything the node asked for so far.
+    /// Everything the node asked for so far. With a stored replica, the
+    /// writes to it go to its queue here, under the node's lock, so they
+    /// queue in the order the node made them, and behind the clear of a
+    /// node that was deposed (its new, empty backup's writes must never
+    /// be wiped by the clear of the old state): whichever thread drains
+    /// the effects, a write of one backup never lands on another's.
     pub(crate) fn effects(&mut self) -> Vec<Effect<Reply>> {
-        std::iter::from_fn(|| self.node.poll_effect()).collect()
+        let mut out = Vec::new();
+        while let Some(e) = self.node.poll_effect() {
+            match (e, &self.pair.replica) {
+                (Effect::Persist { seq, write }, Some(q)) => {
+                    q.push(ReplicaCmd::Write(seq, write));
+                }
+                (e @ Effect::Deposed { .. }, Some(q)) => {
+                    q.push(ReplicaCmd::Clear);
+                    out.push(e);
+                }
+                (e, _) => out.push(e),
+            }
+        }
+        out
+    }
+
+    /// Queues the clear of the stored replica, in order with the writes
+    /// (see [`NodeGuard::effects`]); returns its ticket.
+    pub(crate) fn clear_replica(&self) -> Option<u64> {
+        self.pair
+            .replica
+            .as_ref()
+            .map(|q| q.push(ReplicaCmd::Clear))
     }
 }
 
@@ -124,6 +260,7 @@ impl Pair {
         settings: HaSettings,
         data_dir: &Path,
         keying: portkeep_server::SubscriberKeying,
+        stored_replica: bool,
     ) -> anyhow::Result<Pair> {
         let term_path = data_dir.join("term");
         let term = read_term(&term_path)?;
@@ -145,6 +282,7 @@ impl Pair {
             role_gen: AtomicU64::new(0),
             conn_gen: AtomicU64::new(0),
             refusals: Mutex::new(Refusals::default()),
+            replica: stored_replica.then(ReplicaQueue::default),
         })
     }
 
@@ -255,6 +393,9 @@ impl Pair {
             });
             v["in_sync"] = json!(b.in_sync());
             v["applied_seq"] = json!(b.applied());
+            // What survives this node's crash (RFC 7767 section 3.2):
+            // `null` with no replica stored (or in memory mode).
+            v["replica_seq"] = json!(self.replica.as_ref().and_then(ReplicaQueue::stored_seq));
             v["checkpointed_mappings"] = json!(b.mapping_count());
             v["volatile_subscribers"] = json!(b.volatile_count());
             v["clock_offset_ms"] = json!(b.clock_offset_ms());

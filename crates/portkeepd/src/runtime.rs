@@ -38,6 +38,7 @@ use crate::link;
 use crate::mmsg::{self, RecvBatch, SendBatch};
 use crate::node::{self, Core, Outbox, Queue, Shared, POLL};
 use crate::pair::Pair;
+use crate::replica::{ReplicaError, ReplicaStore};
 use crate::store::{Opened, Store};
 
 /// A running server.
@@ -45,6 +46,8 @@ pub struct Daemon {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     committer: Option<(JoinHandle<()>, JoinHandle<()>)>,
+    /// Stores the backup's replica (with a store, in a pair).
+    replica_writer: Option<JoinHandle<()>>,
     local_addrs: Vec<SocketAddr>,
     data: DataDir,
 }
@@ -210,6 +213,66 @@ fn load(settings: &Settings, clock: &Clock) -> anyhow::Result<Start> {
     })
 }
 
+/// Opens the backup's stored replica beside the store (a pair with a store
+/// only; `None` otherwise), with what a backup resumes from.
+///
+/// A replica that cannot be read is moved aside and the node starts cold,
+/// never from part of it: a cold backup promoted resets every epoch, which
+/// is safe (RFC 6887 section 8.5), where a half-loaded one could claim
+/// check-points it lost. A node that is not a backup clears it: it may
+/// have served since, and a replica from before must never be resumed
+/// later (failure-scenarios draft section 2.6).
+fn open_replica(
+    settings: &Settings,
+    clock: &Clock,
+) -> anyhow::Result<Option<(ReplicaStore, Option<portkeep_ha::Replica>)>> {
+    let Some(store_path) = settings.store.path.as_ref() else {
+        return Ok(None);
+    };
+    let path = store_path.with_file_name(crate::replica::FILE);
+    let pair = settings.ha.role != Role::Standalone;
+    if !pair && !path.exists() {
+        return Ok(None);
+    }
+    let keying = &settings.server.subscriber_keying;
+    let (mut store, replica) = match ReplicaStore::open(&path, keying) {
+        Ok(r) => r,
+        Err(ReplicaError::Damaged { detail, .. }) => {
+            let aside = crate::replica::move_aside(&path, clock.now().as_millis())?;
+            tracing::error!(
+                "backup replica {} is damaged ({detail}); moved to {} and starting cold: \
+                 a promotion before the next snapshot continues no mapping and resets every epoch",
+                path.display(),
+                aside.display()
+            );
+            ReplicaStore::open(&path, keying)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match replica {
+        Some(r) if settings.ha.role == Role::Backup => {
+            tracing::info!(
+                seq = r.seq,
+                mappings = r.mappings.len(),
+                "resuming from the backup replica at {}: a promotion before the next \
+                 snapshot is stale (check-pointed mappings continue, every epoch resets)",
+                path.display()
+            );
+            Ok(Some((store, Some(r))))
+        }
+        Some(r) => {
+            store.clear()?;
+            tracing::info!(
+                seq = r.seq,
+                "not a backup: the backup replica at {} is dropped",
+                path.display()
+            );
+            Ok(pair.then_some((store, None)))
+        }
+        None => Ok(pair.then_some((store, None))),
+    }
+}
+
 impl Daemon {
     /// Opens the data directory and store, binds every listen address and
     /// starts serving.
@@ -222,11 +285,22 @@ impl Daemon {
             )
         })?;
         let clock = Clock::start();
+        let replica = open_replica(&settings, &clock)?;
         let pair = Pair::new(
             settings.ha.clone(),
             &settings.data_dir,
             settings.server.subscriber_keying.clone(),
+            replica.is_some(),
         )?;
+        let (replica_store, resume) = replica.unzip();
+        if let Some(r) = resume.flatten() {
+            if let Some(q) = &pair.replica {
+                q.stored(0, Some(r.seq));
+            }
+            // Before the link starts: the backup says `applied` in its
+            // first Hello, and stands for the replica if promoted at once.
+            pair.node().resume_replica(r);
+        }
         let mut start = load(&settings, &clock)?;
         if settings.ha.role == Role::Active {
             // RFC 7767 section 3.2: nothing is honoured until the backup is
@@ -329,6 +403,17 @@ impl Daemon {
             }
             (_, None) => None,
         };
+        let replica_writer = match replica_store {
+            Some(st) => {
+                let s = shared.clone();
+                Some(
+                    std::thread::Builder::new()
+                        .name("replica".into())
+                        .spawn(move || node::replica_writer(&s, st))?,
+                )
+            }
+            None => None,
+        };
         let mut threads = Vec::new();
         if let Some((link, listener)) = link_listener {
             let shared = shared.clone();
@@ -384,6 +469,7 @@ impl Daemon {
             shared,
             threads,
             committer,
+            replica_writer,
             local_addrs,
             data,
         })
@@ -426,6 +512,14 @@ impl Daemon {
             q.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
             cv.notify_all();
             let _ = s.join();
+        }
+        // After the committer: a promotion it was carrying out may still
+        // clear the replica.
+        if let Some(w) = self.replica_writer.take() {
+            if let Some(q) = &self.shared.pair.replica {
+                q.close();
+            }
+            let _ = w.join();
         }
         let _ = std::fs::remove_file(&self.data.control_socket);
     }

@@ -222,6 +222,25 @@ fn wipe(dir: &mut dyn WalDir) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Runs `open` (the open of an existing redb file, before any other
+/// thread starts), turning a panic of the storage engine into `Err` with
+/// its message. redb trusts the structure it finds and panics on some
+/// corruptions; a damaged file must give a clear error, never a crash.
+/// The default panic message is silenced for its duration.
+pub(crate) fn contain_engine_panic<T>(open: impl FnOnce() -> T) -> Result<T, String> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(open));
+    std::panic::set_hook(hook);
+    result.map_err(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "internal inconsistency".to_owned())
+    })
+}
+
 impl Store {
     /// Opens (or creates) the store at `path`, with the default log
     /// options.
@@ -400,24 +419,12 @@ impl Store {
         path: &Path,
         open: impl FnOnce() -> Result<(Store, Opened), StoreError>,
     ) -> Result<(Store, Opened), StoreError> {
-        let hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {}));
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(open));
-        std::panic::set_hook(hook);
-        match result {
-            Ok(r) => r,
-            Err(payload) => {
-                let what = payload
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| payload.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "internal inconsistency".to_owned());
-                Err(damaged(
-                    path,
-                    format!("the storage engine failed reading it: {what}"),
-                ))
-            }
-        }
+        contain_engine_panic(open).unwrap_or_else(|what| {
+            Err(damaged(
+                path,
+                format!("the storage engine failed reading it: {what}"),
+            ))
+        })
     }
 
     /// Reads what `db` holds: the tables, then the log on top (the log
@@ -873,8 +880,158 @@ fn decode_log(b: &[u8]) -> Option<LogEntry> {
     })
 }
 
+/// A disk model for the tests of the redb files (the store, the backup's
+/// replica).
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) mod faulty_disk {
+    /// A disk under redb that keeps what was synced apart from what was
+    /// only written, so a test can crash it the ways a machine can: every
+    /// write not yet synced lost, the last one torn, or any subset of them
+    /// reaching the platter in any order; and fail its syncs (EIO). `kill
+    /// -9` keeps the page cache, so only this shows that each
+    /// acknowledged commit was synced.
+    #[derive(Debug, Clone, Default)]
+    pub(crate) struct FaultyDisk(std::sync::Arc<std::sync::Mutex<DiskState>>);
+
+    #[derive(Debug, Default)]
+    pub(crate) struct DiskState {
+        pub(crate) synced: Vec<u8>,
+        pub(crate) current: Vec<u8>,
+        unsynced: Vec<DiskOp>,
+        pub(crate) fail_syncs: bool,
+    }
+
+    #[derive(Debug, Clone)]
+    enum DiskOp {
+        Write(u64, Vec<u8>),
+        SetLen(u64),
+    }
+
+    fn apply(img: &mut Vec<u8>, op: &DiskOp) {
+        match op {
+            DiskOp::Write(off, data) => {
+                let off = *off as usize;
+                if img.len() < off + data.len() {
+                    img.resize(off + data.len(), 0);
+                }
+                img[off..off + data.len()].copy_from_slice(data);
+            }
+            DiskOp::SetLen(len) => img.resize(*len as usize, 0),
+        }
+    }
+
+    /// How the machine went down.
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) enum Crash {
+        /// Nothing written since the last sync reached the disk.
+        DropUnsynced,
+        /// Everything but the last write did; of that one, only its first
+        /// sectors.
+        TearLast,
+        /// Each write since the last sync reached the disk or not (seeded).
+        SomeUnsynced(u64),
+    }
+
+    impl FaultyDisk {
+        pub(crate) fn state(&self) -> std::sync::MutexGuard<'_, DiskState> {
+            self.0.lock().unwrap()
+        }
+
+        /// The disk a restart finds.
+        pub(crate) fn crash(&self, how: Crash) -> FaultyDisk {
+            let st = self.state();
+            let mut img = st.synced.clone();
+            match how {
+                Crash::DropUnsynced => {}
+                Crash::TearLast => {
+                    if let Some((last, rest)) = st.unsynced.split_last() {
+                        for op in rest {
+                            apply(&mut img, op);
+                        }
+                        match last {
+                            DiskOp::Write(off, data) => {
+                                let sectors = data.len() / 512;
+                                let keep = (sectors / 2).max(usize::from(sectors == 0)) * 512;
+                                apply(
+                                    &mut img,
+                                    &DiskOp::Write(*off, data[..keep.min(data.len())].to_vec()),
+                                );
+                            }
+                            op => apply(&mut img, op),
+                        }
+                    }
+                }
+                Crash::SomeUnsynced(seed) => {
+                    let mut x = seed | 1;
+                    for op in &st.unsynced {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        if x & 1 == 0 {
+                            apply(&mut img, op);
+                        }
+                    }
+                }
+            }
+            FaultyDisk(std::sync::Arc::new(std::sync::Mutex::new(DiskState {
+                synced: img.clone(),
+                current: img,
+                ..DiskState::default()
+            })))
+        }
+    }
+
+    impl redb::StorageBackend for FaultyDisk {
+        fn len(&self) -> std::io::Result<u64> {
+            Ok(self.state().current.len() as u64)
+        }
+
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            let st = self.state();
+            let off = offset as usize;
+            let src = st
+                .current
+                .get(off..off + out.len())
+                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+            out.copy_from_slice(src);
+            Ok(())
+        }
+
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            let mut st = self.state();
+            let op = DiskOp::SetLen(len);
+            apply(&mut st.current, &op);
+            st.unsynced.push(op);
+            Ok(())
+        }
+
+        fn sync_data(&self) -> std::io::Result<()> {
+            let mut st = self.state();
+            if st.fail_syncs {
+                // Linux may drop the dirty pages of a failed fsync: what
+                // was written is in no known state, and nothing more
+                // reaches the disk.
+                return Err(std::io::Error::other("injected EIO on fsync"));
+            }
+            st.synced = st.current.clone();
+            st.unsynced.clear();
+            Ok(())
+        }
+
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            let mut st = self.state();
+            let op = DiskOp::Write(offset, data.to_vec());
+            apply(&mut st.current, &op);
+            st.unsynced.push(op);
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::faulty_disk::{Crash, FaultyDisk};
     use super::*;
     use crate::wal::mem::{Crash as LogCrash, MemDir};
     use portkeep_proto::Protocol;
@@ -1055,149 +1212,6 @@ mod tests {
         let err = open_test_store(&path, Timestamp(1)).unwrap_err();
         assert!(matches!(err, StoreError::Damaged { .. }), "{err}");
         assert!(err.to_string().contains("--store-recovery=fresh"));
-    }
-
-    /// A disk under redb that keeps what was synced apart from what was
-    /// only written, so a test can crash it the ways a machine can: every
-    /// write not yet synced lost, the last one torn, or any subset of them
-    /// reaching the platter in any order; and fail its syncs (EIO). `kill
-    /// -9` keeps the page cache, so only this shows that each
-    /// acknowledged commit was synced.
-    #[derive(Debug, Clone, Default)]
-    struct FaultyDisk(std::sync::Arc<std::sync::Mutex<DiskState>>);
-
-    #[derive(Debug, Default)]
-    struct DiskState {
-        synced: Vec<u8>,
-        current: Vec<u8>,
-        unsynced: Vec<DiskOp>,
-        fail_syncs: bool,
-    }
-
-    #[derive(Debug, Clone)]
-    enum DiskOp {
-        Write(u64, Vec<u8>),
-        SetLen(u64),
-    }
-
-    fn apply(img: &mut Vec<u8>, op: &DiskOp) {
-        match op {
-            DiskOp::Write(off, data) => {
-                let off = *off as usize;
-                if img.len() < off + data.len() {
-                    img.resize(off + data.len(), 0);
-                }
-                img[off..off + data.len()].copy_from_slice(data);
-            }
-            DiskOp::SetLen(len) => img.resize(*len as usize, 0),
-        }
-    }
-
-    /// How the machine went down.
-    #[derive(Debug, Clone, Copy)]
-    enum Crash {
-        /// Nothing written since the last sync reached the disk.
-        DropUnsynced,
-        /// Everything but the last write did; of that one, only its first
-        /// sectors.
-        TearLast,
-        /// Each write since the last sync reached the disk or not (seeded).
-        SomeUnsynced(u64),
-    }
-
-    impl FaultyDisk {
-        fn state(&self) -> std::sync::MutexGuard<'_, DiskState> {
-            self.0.lock().unwrap()
-        }
-
-        /// The disk a restart finds.
-        fn crash(&self, how: Crash) -> FaultyDisk {
-            let st = self.state();
-            let mut img = st.synced.clone();
-            match how {
-                Crash::DropUnsynced => {}
-                Crash::TearLast => {
-                    if let Some((last, rest)) = st.unsynced.split_last() {
-                        for op in rest {
-                            apply(&mut img, op);
-                        }
-                        match last {
-                            DiskOp::Write(off, data) => {
-                                let sectors = data.len() / 512;
-                                let keep = (sectors / 2).max(usize::from(sectors == 0)) * 512;
-                                apply(
-                                    &mut img,
-                                    &DiskOp::Write(*off, data[..keep.min(data.len())].to_vec()),
-                                );
-                            }
-                            op => apply(&mut img, op),
-                        }
-                    }
-                }
-                Crash::SomeUnsynced(seed) => {
-                    let mut x = seed | 1;
-                    for op in &st.unsynced {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        if x & 1 == 0 {
-                            apply(&mut img, op);
-                        }
-                    }
-                }
-            }
-            FaultyDisk(std::sync::Arc::new(std::sync::Mutex::new(DiskState {
-                synced: img.clone(),
-                current: img,
-                ..DiskState::default()
-            })))
-        }
-    }
-
-    impl redb::StorageBackend for FaultyDisk {
-        fn len(&self) -> std::io::Result<u64> {
-            Ok(self.state().current.len() as u64)
-        }
-
-        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-            let st = self.state();
-            let off = offset as usize;
-            let src = st
-                .current
-                .get(off..off + out.len())
-                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
-            out.copy_from_slice(src);
-            Ok(())
-        }
-
-        fn set_len(&self, len: u64) -> std::io::Result<()> {
-            let mut st = self.state();
-            let op = DiskOp::SetLen(len);
-            apply(&mut st.current, &op);
-            st.unsynced.push(op);
-            Ok(())
-        }
-
-        fn sync_data(&self) -> std::io::Result<()> {
-            let mut st = self.state();
-            if st.fail_syncs {
-                // Linux may drop the dirty pages of a failed fsync: what
-                // was written is in no known state, and nothing more
-                // reaches the disk.
-                return Err(std::io::Error::other("injected EIO on fsync"));
-            }
-            st.synced = st.current.clone();
-            st.unsynced.clear();
-            Ok(())
-        }
-
-        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-            let mut st = self.state();
-            let op = DiskOp::Write(offset, data.to_vec());
-            apply(&mut st.current, &op);
-            st.unsynced.push(op);
-            Ok(())
-        }
     }
 
     fn open_disk(disk: &FaultyDisk, log: &MemDir) -> Result<(Store, Opened), StoreError> {

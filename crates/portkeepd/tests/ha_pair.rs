@@ -435,6 +435,132 @@ fn rfc7767_s3_2_kill_9_active_loses_no_acknowledged_checkpoint_and_epochs_follow
     }
 }
 
+/// RFC 7767 section 3.2 (an acknowledged check-point survives the
+/// backup's crash too): under check-pointed load the backup is killed,
+/// then the active; the backup alone comes back, from its stored replica,
+/// and promoted serves every acknowledged check-point with its external
+/// endpoint and nonce. The takeover is stale (the backup never heard what
+/// the active did after it died), so every epoch resets and the RFC 6887
+/// section 8.5 check fails for every client, as the takeover says. Once
+/// it served, the node restarted as backup never resumes that replica.
+#[test]
+fn rfc7767_s3_2_backup_restarted_from_its_replica_then_promoted_serves_every_acknowledged_checkpoint(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let (sa, sb) = pair(dir.path());
+    let mut b = Node::start(&sb, "backup");
+    let mut a = Node::start(&sa, "active");
+    a.wait_in_sync();
+    let clients: Vec<(IpAddr, bool)> = vec![
+        ("127.0.0.90".parse().unwrap(), false),
+        ("127.0.0.91".parse().unwrap(), false),
+        ("127.0.0.92".parse().unwrap(), true),
+    ];
+    let mut trackers: HashMap<IpAddr, EpochTracker> = HashMap::new();
+    for (c, _) in &clients {
+        let mut t = EpochTracker::new();
+        assert_eq!(epoch_check(&mut t, sa.pcp, *c), EpochVerdict::First);
+        trackers.insert(*c, t);
+    }
+    let acked: Arc<Mutex<HashMap<Key, Granted>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = load(sa.pcp, &clients, 1000, stop.clone(), acked.clone());
+    // Long enough for a reset epoch to be detectable by the section 8.5
+    // check, which tolerates 2 s of disagreement.
+    std::thread::sleep(Duration::from_millis(3000));
+    let st = b.status();
+    assert!(
+        st["ha"]["replica_seq"].as_u64().unwrap_or(0) > 0,
+        "the backup stores its replica: {st}"
+    );
+    b.kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    a.kill9();
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 20, "load too light: {}", acked.len());
+    let b = Node::start(&sb, "backup");
+    let st = b.status();
+    assert!(
+        st["ha"]["checkpointed_mappings"].as_u64().unwrap() as usize >= acked.len(),
+        "resumed from the stored replica: {st}"
+    );
+    assert!(st["ha"]["replica_seq"].as_u64().is_some(), "{st}");
+    let promoted = b.ctl(&["promote"]);
+    assert_eq!(promoted["ok"], true, "{promoted}");
+    assert_eq!(promoted["takeover"], "stale", "{promoted}");
+    verify_checkpoints(&b, &acked);
+    for (c, _) in &clients {
+        let v = epoch_check(trackers.get_mut(c).unwrap(), sb.pcp, *c);
+        assert!(
+            v.is_invalid(),
+            "{c}: a stale takeover resets every epoch, got {v:?}"
+        );
+    }
+    // It served: what it stored as a backup is no longer true.
+    let mut b = b;
+    b.kill9();
+    let b = Node::start(&sb, "backup");
+    let st = b.status();
+    assert_eq!(st["ha"]["checkpointed_mappings"], 0, "{st}");
+    assert!(st["ha"]["replica_seq"].is_null(), "{st}");
+    let promoted = b.ctl(&["promote"]);
+    assert_eq!(promoted["takeover"], "cold", "{promoted}");
+    assert!(b.mappings().is_empty(), "no stale state served");
+}
+
+/// RFC 7767 section 3.2 and RFC 6887 section 8.5: a stored replica that
+/// does not read back whole is never half-loaded (it could claim
+/// check-points it lost): it is moved aside, with a log line naming it,
+/// and the backup starts cold; promoted, it continues nothing and every
+/// epoch resets.
+#[test]
+fn rfc7767_s3_2_a_damaged_replica_is_moved_aside_and_the_backup_starts_cold() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sa, sb) = pair(dir.path());
+    let mut b = Node::start(&sb, "backup");
+    let mut a = Node::start(&sa, "active");
+    a.wait_in_sync();
+    let client: IpAddr = "127.0.0.96".parse().unwrap();
+    let sock = client_socket(client);
+    for port in 1..=5u16 {
+        let req = map_request(client, port, 3600, [port as u8; 12], true);
+        let r = exchange_once(&sock, sa.pcp, &req).unwrap();
+        assert!(r.checkpoint_honoured());
+    }
+    let st = b.status();
+    assert!(st["ha"]["replica_seq"].as_u64().unwrap_or(0) > 0, "{st}");
+    b.kill9();
+    a.kill9();
+    let file = sb.data.join("replica.redb");
+    let len = std::fs::metadata(&file).unwrap().len() as usize;
+    std::fs::write(&file, vec![0x5a; len]).unwrap();
+    let b = Node::start(&sb, "backup");
+    assert!(
+        b.log().contains("is damaged") && b.log().contains("starting cold"),
+        "{}",
+        b.log()
+    );
+    let aside = std::fs::read_dir(&sb.data)
+        .unwrap()
+        .filter_map(Result::ok)
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("replica.redb.damaged-")
+        });
+    assert!(aside, "the damaged replica is kept aside");
+    let st = b.status();
+    assert_eq!(st["ha"]["checkpointed_mappings"], 0, "{st}");
+    assert!(st["ha"]["replica_seq"].is_null(), "{st}");
+    let promoted = b.ctl(&["promote"]);
+    assert_eq!(promoted["takeover"], "cold", "{promoted}");
+    assert!(b.mappings().is_empty());
+}
+
 #[test]
 fn rfc7767_s3_2_link_cut_answers_without_the_option_then_resyncs() {
     let dir = tempfile::tempdir().unwrap();

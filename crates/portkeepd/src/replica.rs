@@ -1,0 +1,755 @@
+//! A backup's replica in stable storage, on redb, in its own file beside
+//! the store (`replica.redb`).
+//!
+//! RFC 7767 section 3.2: a backup acknowledges a check-point only once it
+//! is stored, so that it survives the backup's crash too; the node
+//! (`portkeep_ha::Backup`) says what to store with every position it will
+//! acknowledge ([`ReplicaWrite`]), and this module only stores it and
+//! reads it back. Every [`ReplicaStore::write`] is one transaction with a
+//! durable commit (group commit: one fsync for everything queued).
+//!
+//! Tables: the mappings (key as [`key_of`] -> [`encode_mapping`]), the
+//! subscribers' epoch anchors, the subscribers' hosts with volatile state,
+//! and one meta row (format, position, clock offset, server-wide anchor).
+//! Anchors and hosts have their own rows rather than living in the meta
+//! row, so a write costs what it changes, not the number of subscribers.
+//! The replica exists once the meta row does. A file or a record that
+//! does not read back is refused as a whole ([`ReplicaError::Damaged`]),
+//! never half-loaded.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use portkeep_ha::{Item, Replica, ReplicaWrite};
+use portkeep_proto::addr::to_wire;
+use portkeep_server::record::{
+    decode_mapping, decode_subscriber, encode_mapping, encode_subscriber, key_of, Reader,
+};
+use portkeep_server::{SubscriberId, SubscriberKeying, Timestamp};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+const MAPPINGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replica_mappings");
+const ANCHORS: TableDefinition<&[u8], u64> = TableDefinition::new("replica_anchors");
+const VOLATILE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replica_volatile");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("replica_meta");
+const META_KEY: &str = "replica";
+
+/// Name of the replica file, beside the store in the data directory.
+pub const FILE: &str = "replica.redb";
+
+/// Version of the meta row's format; bumped on any incompatible change.
+const FORMAT: u8 = 1;
+
+/// Page cache of the replica file: it is written far more than read.
+const CACHE_BYTES: usize = 16 << 20;
+
+/// Why the replica cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// The file exists but does not read back as a replica.
+    #[error("backup replica {path} is damaged ({detail}); refusing to load part of it")]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        detail: String,
+    },
+    /// Reading or writing failed.
+    #[error("backup replica {path}: {detail}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        detail: String,
+    },
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> ReplicaError {
+    ReplicaError::Io {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    }
+}
+
+fn damaged(path: &Path, e: impl std::fmt::Display) -> ReplicaError {
+    ReplicaError::Damaged {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    }
+}
+
+/// The meta row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Meta {
+    seq: u64,
+    offset_ms: i64,
+    server_anchor: Option<Timestamp>,
+}
+
+impl Meta {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(26);
+        v.push(FORMAT);
+        v.extend_from_slice(&self.seq.to_be_bytes());
+        v.extend_from_slice(&self.offset_ms.to_be_bytes());
+        match self.server_anchor {
+            Some(a) => {
+                v.push(1);
+                v.extend_from_slice(&a.as_millis().to_be_bytes());
+            }
+            None => v.push(0),
+        }
+        v
+    }
+
+    fn decode(b: &[u8]) -> Result<Meta, String> {
+        let mut r = Reader(b);
+        let format = r.u8().ok_or("the meta row is empty")?;
+        if format != FORMAT {
+            return Err(format!(
+                "format {format}, this portkeepd reads format {FORMAT}"
+            ));
+        }
+        let short = "the meta row is cut short";
+        let seq = r.u64().ok_or(short)?;
+        let offset_ms = r.u64().ok_or(short)? as i64;
+        let server_anchor = match r.u8().ok_or(short)? {
+            0 => None,
+            1 => Some(Timestamp(r.u64().ok_or(short)?)),
+            x => return Err(format!("the meta row has a bad anchor flag {x}")),
+        };
+        if !r.0.is_empty() {
+            return Err("the meta row has trailing bytes".into());
+        }
+        Ok(Meta {
+            seq,
+            offset_ms,
+            server_anchor,
+        })
+    }
+}
+
+fn encode_hosts(hosts: &[IpAddr]) -> Vec<u8> {
+    hosts.iter().flat_map(|h| to_wire(*h).octets()).collect()
+}
+
+fn decode_hosts(b: &[u8]) -> Option<Vec<IpAddr>> {
+    if b.is_empty() || !b.len().is_multiple_of(16) {
+        return None;
+    }
+    let mut r = Reader(b);
+    let mut hosts = Vec::with_capacity(b.len() / 16);
+    while !r.0.is_empty() {
+        hosts.push(r.ip()?);
+    }
+    Some(hosts)
+}
+
+/// The backup's replica file, open.
+pub struct ReplicaStore {
+    db: Database,
+    path: PathBuf,
+    /// The meta row as committed; `None`: no replica stored.
+    meta: Option<Meta>,
+}
+
+impl std::fmt::Debug for ReplicaStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaStore")
+            .field("path", &self.path)
+            .field("seq", &self.seq())
+            .finish()
+    }
+}
+
+impl ReplicaStore {
+    fn builder() -> redb::Builder {
+        let mut b = Database::builder();
+        b.set_cache_size(CACHE_BYTES);
+        // As for the store: a flipped bit must be refused, not read as a
+        // replica with mappings missing.
+        b.set_check_integrity_on_open(true);
+        b
+    }
+
+    /// Opens (or creates) the replica at `path`, with what it holds
+    /// (`None`: no replica stored). `keying` rebuilds each mapping's
+    /// subscriber under the configuration in force now. A file that does
+    /// not read back whole is [`ReplicaError::Damaged`]: the caller moves
+    /// it aside ([`move_aside`]) or stops.
+    pub fn open(
+        path: &Path,
+        keying: &SubscriberKeying,
+    ) -> Result<(ReplicaStore, Option<Replica>), ReplicaError> {
+        if !path.exists() {
+            let db = Self::builder().create(path).map_err(|e| io(path, e))?;
+            return Self::init(db, path).map(|s| (s, None));
+        }
+        Self::guarded(path, || {
+            let db = Self::builder().open(path).map_err(|e| damaged(path, e))?;
+            Self::load(db, path, keying)
+        })
+    }
+
+    /// [`ReplicaStore::open`] on `backend` instead of a file (the tests'
+    /// faulty disk); `label` names it in errors.
+    pub fn open_on(
+        backend: impl redb::StorageBackend,
+        label: &Path,
+        keying: &SubscriberKeying,
+    ) -> Result<(ReplicaStore, Option<Replica>), ReplicaError> {
+        if backend.len().map_err(|e| io(label, e))? == 0 {
+            let db = Self::builder()
+                .create_with_backend(backend)
+                .map_err(|e| io(label, e))?;
+            return Self::init(db, label).map(|s| (s, None));
+        }
+        Self::guarded(label, || {
+            let db = Self::builder()
+                .create_with_backend(backend)
+                .map_err(|e| damaged(label, e))?;
+            Self::load(db, label, keying)
+        })
+    }
+
+    fn guarded(
+        path: &Path,
+        open: impl FnOnce() -> Result<(ReplicaStore, Option<Replica>), ReplicaError>,
+    ) -> Result<(ReplicaStore, Option<Replica>), ReplicaError> {
+        crate::store::contain_engine_panic(open).unwrap_or_else(|what| {
+            Err(damaged(
+                path,
+                format!("the storage engine failed reading it: {what}"),
+            ))
+        })
+    }
+
+    /// Makes the tables of a new file, durably: a later open then tells a
+    /// file with no replica from a damaged one.
+    fn init(db: Database, path: &Path) -> Result<ReplicaStore, ReplicaError> {
+        let txn = db.begin_write().map_err(|e| io(path, e))?;
+        for t in [MAPPINGS, VOLATILE] {
+            txn.open_table(t).map_err(|e| io(path, e))?;
+        }
+        txn.open_table(ANCHORS).map_err(|e| io(path, e))?;
+        txn.open_table(META).map_err(|e| io(path, e))?;
+        txn.commit().map_err(|e| io(path, e))?;
+        Ok(ReplicaStore {
+            db,
+            path: path.to_owned(),
+            meta: None,
+        })
+    }
+
+    fn load(
+        db: Database,
+        path: &Path,
+        keying: &SubscriberKeying,
+    ) -> Result<(ReplicaStore, Option<Replica>), ReplicaError> {
+        let d = |e: &dyn std::fmt::Display| damaged(path, e);
+        let txn = db.begin_read().map_err(|e| d(&e))?;
+        let meta_t = txn.open_table(META).map_err(|e| d(&e))?;
+        let meta = match meta_t.get(META_KEY).map_err(|e| d(&e))? {
+            Some(v) => Some(Meta::decode(v.value()).map_err(|e| d(&e))?),
+            None => None,
+        };
+        let maps = txn.open_table(MAPPINGS).map_err(|e| d(&e))?;
+        let anchors_t = txn.open_table(ANCHORS).map_err(|e| d(&e))?;
+        let volatile_t = txn.open_table(VOLATILE).map_err(|e| d(&e))?;
+        let Some(meta) = meta else {
+            // No replica: the tables are empty unless the file is damaged.
+            let rows = maps.len().map_err(|e| d(&e))?
+                + anchors_t.len().map_err(|e| d(&e))?
+                + volatile_t.len().map_err(|e| d(&e))?;
+            if rows != 0 {
+                return Err(d(&format!("{rows} rows without a meta row")));
+            }
+            drop((meta_t, maps, anchors_t, volatile_t, txn));
+            return Ok((
+                ReplicaStore {
+                    db,
+                    path: path.to_owned(),
+                    meta: None,
+                },
+                None,
+            ));
+        };
+        let mut mappings = Vec::new();
+        for item in maps.iter().map_err(|e| d(&e))? {
+            let (k, v) = item.map_err(|e| d(&e))?;
+            let m = decode_mapping(v.value(), keying).ok_or_else(|| {
+                d(&format!(
+                    "mapping record {} does not decode",
+                    hex::encode(k.value())
+                ))
+            })?;
+            if key_of(&m) != k.value() {
+                return Err(d(&format!(
+                    "mapping {} is stored under the wrong key",
+                    hex::encode(k.value())
+                )));
+            }
+            mappings.push(m);
+        }
+        let mut anchors = Vec::new();
+        for item in anchors_t.iter().map_err(|e| d(&e))? {
+            let (k, v) = item.map_err(|e| d(&e))?;
+            let sub = decode_subscriber(k.value()).ok_or_else(|| {
+                d(&format!(
+                    "subscriber {} of an epoch anchor does not decode",
+                    hex::encode(k.value())
+                ))
+            })?;
+            anchors.push((sub, Timestamp(v.value())));
+        }
+        let mut volatile = Vec::new();
+        for item in volatile_t.iter().map_err(|e| d(&e))? {
+            let (k, v) = item.map_err(|e| d(&e))?;
+            let sub = decode_subscriber(k.value()).ok_or_else(|| {
+                d(&format!(
+                    "subscriber {} with volatile hosts does not decode",
+                    hex::encode(k.value())
+                ))
+            })?;
+            let hosts = decode_hosts(v.value()).ok_or_else(|| {
+                d(&format!(
+                    "the volatile hosts of subscriber {} do not decode",
+                    hex::encode(k.value())
+                ))
+            })?;
+            volatile.push((sub, hosts));
+        }
+        // The node keeps these ordered by subscriber, not by the stored
+        // key's bytes.
+        anchors.sort_by_key(|(s, _)| *s);
+        volatile.sort_by_key(|(s, _)| *s);
+        drop((meta_t, maps, anchors_t, volatile_t, txn));
+        let replica = Replica {
+            seq: meta.seq,
+            offset_ms: meta.offset_ms,
+            server_anchor: meta.server_anchor,
+            anchors,
+            mappings,
+            volatile,
+        };
+        Ok((
+            ReplicaStore {
+                db,
+                path: path.to_owned(),
+                meta: Some(meta),
+            },
+            Some(replica),
+        ))
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The position of the replica stored, if one is.
+    pub fn seq(&self) -> Option<u64> {
+        self.meta.map(|m| m.seq)
+    }
+
+    /// Stores `writes`, in order, in one transaction: on disk (fsynced)
+    /// when this returns `Ok`, so the positions they stand for may be
+    /// acknowledged (RFC 7767 section 3.2). After an error nothing of the
+    /// batch may be acknowledged, and the file is in no known state until
+    /// it is opened again.
+    pub fn write(&mut self, writes: &[ReplicaWrite]) -> Result<(), ReplicaError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let p = self.path.clone();
+        let e = |err: &dyn std::fmt::Display| io(&p, err);
+        let mut txn = self.db.begin_write().map_err(|x| e(&x))?;
+        txn.set_durability(redb::Durability::Immediate)
+            .map_err(|x| e(&x))?;
+        txn.set_quick_repair(true);
+        let mut meta = self.meta;
+        {
+            let mut maps = txn.open_table(MAPPINGS).map_err(|x| e(&x))?;
+            let mut anchors = txn.open_table(ANCHORS).map_err(|x| e(&x))?;
+            let mut volatile = txn.open_table(VOLATILE).map_err(|x| e(&x))?;
+            for w in writes {
+                match w {
+                    ReplicaWrite::Replace(r) => {
+                        maps.retain(|_, _| false).map_err(|x| e(&x))?;
+                        anchors.retain(|_, _| false).map_err(|x| e(&x))?;
+                        volatile.retain(|_, _| false).map_err(|x| e(&x))?;
+                        let mut entries: Vec<(Vec<u8>, Vec<u8>)> = r
+                            .mappings
+                            .iter()
+                            .map(|m| (key_of(m), encode_mapping(m)))
+                            .collect();
+                        // Sorted keys insert fastest into the B-tree.
+                        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                        for (k, v) in &entries {
+                            maps.insert(k.as_slice(), v.as_slice()).map_err(|x| e(&x))?;
+                        }
+                        for (s, a) in &r.anchors {
+                            anchors
+                                .insert(encode_subscriber(s).as_slice(), a.as_millis())
+                                .map_err(|x| e(&x))?;
+                        }
+                        for (s, hosts) in &r.volatile {
+                            put_volatile(&mut volatile, s, hosts).map_err(|x| e(&x))?;
+                        }
+                        meta = Some(Meta {
+                            seq: r.seq,
+                            offset_ms: r.offset_ms,
+                            server_anchor: r.server_anchor,
+                        });
+                    }
+                    ReplicaWrite::Apply {
+                        seq,
+                        offset_ms,
+                        items,
+                    } => {
+                        // As `Replica::apply` on a replica not yet stored:
+                        // the items apply to an empty one.
+                        let mut server_anchor = meta.and_then(|m| m.server_anchor);
+                        for item in items {
+                            match item {
+                                Item::Upsert(m) => {
+                                    maps.insert(key_of(m).as_slice(), encode_mapping(m).as_slice())
+                                        .map_err(|x| e(&x))?;
+                                }
+                                Item::Remove(k) => {
+                                    maps.remove(k.as_slice()).map_err(|x| e(&x))?;
+                                }
+                                Item::Epoch { subscriber, anchor } => {
+                                    anchors
+                                        .insert(
+                                            encode_subscriber(subscriber).as_slice(),
+                                            anchor.as_millis(),
+                                        )
+                                        .map_err(|x| e(&x))?;
+                                }
+                                Item::ServerEpoch { anchor } => {
+                                    server_anchor = Some(*anchor);
+                                    anchors.retain(|_, _| false).map_err(|x| e(&x))?;
+                                }
+                                Item::Volatile { subscriber, hosts } => {
+                                    put_volatile(&mut volatile, subscriber, hosts)
+                                        .map_err(|x| e(&x))?;
+                                }
+                            }
+                        }
+                        meta = Some(Meta {
+                            seq: *seq,
+                            offset_ms: *offset_ms,
+                            server_anchor,
+                        });
+                    }
+                }
+            }
+            let mut meta_t = txn.open_table(META).map_err(|x| e(&x))?;
+            if let Some(m) = &meta {
+                meta_t
+                    .insert(META_KEY, m.encode().as_slice())
+                    .map_err(|x| e(&x))?;
+            }
+        }
+        txn.commit().map_err(|x| e(&x))?;
+        self.meta = meta;
+        Ok(())
+    }
+
+    /// Forgets the replica, durably: on return no later start resumes it.
+    pub fn clear(&mut self) -> Result<(), ReplicaError> {
+        let p = self.path.clone();
+        let e = |err: &dyn std::fmt::Display| io(&p, err);
+        let mut txn = self.db.begin_write().map_err(|x| e(&x))?;
+        txn.set_durability(redb::Durability::Immediate)
+            .map_err(|x| e(&x))?;
+        txn.set_quick_repair(true);
+        {
+            // The meta row first: without it no replica exists, whatever
+            // else the transaction holds.
+            let mut meta_t = txn.open_table(META).map_err(|x| e(&x))?;
+            meta_t.remove(META_KEY).map_err(|x| e(&x))?;
+            for t in [MAPPINGS, VOLATILE] {
+                let mut t = txn.open_table(t).map_err(|x| e(&x))?;
+                t.retain(|_, _| false).map_err(|x| e(&x))?;
+            }
+            let mut anchors = txn.open_table(ANCHORS).map_err(|x| e(&x))?;
+            anchors.retain(|_, _| false).map_err(|x| e(&x))?;
+        }
+        txn.commit().map_err(|x| e(&x))?;
+        self.meta = None;
+        Ok(())
+    }
+}
+
+fn put_volatile(
+    t: &mut redb::Table<&[u8], &[u8]>,
+    s: &SubscriberId,
+    hosts: &[IpAddr],
+) -> Result<(), redb::StorageError> {
+    let k = encode_subscriber(s);
+    if hosts.is_empty() {
+        t.remove(k.as_slice())?;
+    } else {
+        t.insert(k.as_slice(), encode_hosts(hosts).as_slice())?;
+    }
+    Ok(())
+}
+
+/// Moves a replica file that cannot be read out of the way, to
+/// `<path>.damaged-<stamp>`, and returns where it went: it is kept for
+/// the operator, and never read again.
+pub fn move_aside(path: &Path, stamp: u64) -> Result<PathBuf, ReplicaError> {
+    let aside = path.with_extension(format!("redb.damaged-{stamp}"));
+    std::fs::rename(path, &aside).map_err(|e| io(path, e))?;
+    Ok(aside)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::faulty_disk::{Crash, FaultyDisk};
+    use portkeep_proto::Protocol;
+    use portkeep_server::{MappingKey, MappingKind, MappingRecord};
+
+    fn keying() -> SubscriberKeying {
+        SubscriberKeying::default()
+    }
+
+    fn record(host: u8, port: u16, checkpoint: bool) -> MappingRecord {
+        let ip: IpAddr = format!("198.51.100.{host}").parse().unwrap();
+        MappingRecord {
+            key: MappingKey {
+                internal_ip: ip,
+                protocol: Protocol::TCP,
+                internal_port: port,
+            },
+            kind: MappingKind::Map,
+            nonce: [host; 12],
+            external: format!("192.0.2.1:{}", 40_000 + port).parse().unwrap(),
+            expires: Timestamp(1_000_000 + u64::from(port)),
+            lifetime: 600,
+            checkpoint,
+            filters: vec![],
+            description: None,
+            subscriber: keying().subscriber_of(ip),
+            third_party: false,
+        }
+    }
+
+    fn sub(host: u8) -> SubscriberId {
+        keying().subscriber_of(format!("198.51.100.{host}").parse().unwrap())
+    }
+
+    /// A snapshot, then stream items of every kind, as a backup hands
+    /// them out.
+    fn writes() -> Vec<ReplicaWrite> {
+        let mut mappings: Vec<MappingRecord> = (0..20)
+            .map(|p| record(1 + (p % 3) as u8, p, true))
+            .collect();
+        // In the order a backup's replica holds them (by stored key), as
+        // the store reads them back.
+        mappings.sort_by_key(key_of);
+        let mut w = vec![ReplicaWrite::Replace(Replica {
+            seq: 10,
+            offset_ms: -5,
+            server_anchor: Some(Timestamp(100)),
+            anchors: vec![(sub(1), Timestamp(7)), (sub(2), Timestamp(8))],
+            mappings,
+            volatile: vec![(sub(3), vec!["198.51.100.3".parse().unwrap()])],
+        })];
+        let items = [
+            vec![
+                Item::Upsert(record(4, 500, true)),
+                Item::Remove(key_of(&record(1, 0, true))),
+                Item::Upsert(record(2, 1, false)),
+            ],
+            vec![
+                Item::Epoch {
+                    subscriber: sub(4),
+                    anchor: Timestamp(9),
+                },
+                Item::Volatile {
+                    subscriber: sub(3),
+                    hosts: vec![],
+                },
+                Item::Volatile {
+                    subscriber: sub(5),
+                    hosts: vec![
+                        "198.51.100.5".parse().unwrap(),
+                        "2001:db8::5".parse().unwrap(),
+                    ],
+                },
+            ],
+            vec![
+                Item::ServerEpoch {
+                    anchor: Timestamp(200),
+                },
+                Item::Epoch {
+                    subscriber: sub(1),
+                    anchor: Timestamp(201),
+                },
+                Item::Remove(key_of(&record(9, 9, true))),
+            ],
+            vec![Item::Upsert(record(6, 600, true))],
+        ];
+        for (i, items) in items.into_iter().enumerate() {
+            w.push(ReplicaWrite::Apply {
+                seq: 11 + i as u64,
+                offset_ms: i as i64,
+                items,
+            });
+        }
+        w
+    }
+
+    fn model(writes: &[ReplicaWrite]) -> Replica {
+        let mut r = Replica::default();
+        for w in writes {
+            r.apply(w.clone());
+        }
+        r
+    }
+
+    /// RFC 7767 section 3.2: what a backup stored before acknowledging
+    /// reads back as exactly the replica the same writes give applied in
+    /// order (`Replica::apply`), whether written one by one or as one
+    /// group commit, after a snapshot replaced what was there.
+    #[test]
+    fn rfc7767_s3_2_stored_writes_read_back_as_the_replica_they_make() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("replica.redb");
+        let all = writes();
+        {
+            let (mut st, r) = ReplicaStore::open(&path, &keying()).unwrap();
+            assert_eq!(r, None, "a new file holds no replica");
+            // Something stale first, which the snapshot must replace.
+            st.write(&[ReplicaWrite::Apply {
+                seq: 3,
+                offset_ms: 0,
+                items: vec![Item::Upsert(record(8, 8, true))],
+            }])
+            .unwrap();
+            st.write(&all[..2]).unwrap();
+            for w in &all[2..] {
+                st.write(std::slice::from_ref(w)).unwrap();
+            }
+            assert_eq!(st.seq(), Some(model(&all).seq));
+        }
+        let (mut st, r) = ReplicaStore::open(&path, &keying()).unwrap();
+        assert_eq!(r, Some(model(&all)));
+        st.clear().unwrap();
+        drop(st);
+        let (_, r) = ReplicaStore::open(&path, &keying()).unwrap();
+        assert_eq!(r, None, "a cleared replica is never resumed");
+    }
+
+    /// RFC 7767 section 3.2 below the process: after each way a machine
+    /// can go down, the replica reads back as the state after a whole
+    /// number of writes, no fewer than `write` returned `Ok` for (each may
+    /// have been acknowledged), or, if nothing was, as no replica; a write
+    /// whose fsync failed reports it.
+    #[test]
+    fn rfc7767_s3_2_a_crash_loses_no_acknowledged_write() {
+        let all = writes();
+        let mut crashes = 0;
+        for fail_at in [None, Some(0), Some(2), Some(4)] {
+            let disk = FaultyDisk::default();
+            let (mut st, _) =
+                ReplicaStore::open_on(disk.clone(), Path::new("faulty-disk"), &keying()).unwrap();
+            // states[i]: the replica after i writes.
+            let mut states = vec![None];
+            let mut acknowledged = 0;
+            for (i, w) in all.iter().enumerate() {
+                let failing = fail_at == Some(i);
+                disk.state().fail_syncs = failing;
+                let r = st.write(std::slice::from_ref(w));
+                states.push(Some(model(&all[..=i])));
+                if failing {
+                    assert!(r.is_err(), "a failed fsync fails the write");
+                    break;
+                }
+                r.unwrap();
+                acknowledged = i + 1;
+            }
+            for how in [
+                Crash::DropUnsynced,
+                Crash::TearLast,
+                Crash::SomeUnsynced(7),
+                Crash::SomeUnsynced(12_345),
+            ] {
+                crashes += 1;
+                let img = disk.crash(how);
+                let (_, got) = ReplicaStore::open_on(img, Path::new("faulty-disk"), &keying())
+                    .unwrap_or_else(|e| panic!("{fail_at:?}, {how:?}: {e}"));
+                let whole = states.iter().position(|s| *s == got);
+                assert!(
+                    whole.is_some_and(|i| i >= acknowledged),
+                    "{fail_at:?}, {how:?}: not the replica after {acknowledged} or more whole writes: {got:?}"
+                );
+            }
+        }
+        assert_eq!(crashes, 16);
+    }
+
+    /// A replica file that does not read back whole is refused as damaged
+    /// (the node then starts cold), never half-loaded, never a panic:
+    /// garbage in place of the file, a meta row of another format, and
+    /// single flipped bytes anywhere.
+    #[test]
+    fn rfc7767_s3_2_a_corrupted_replica_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("replica.redb");
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        assert!(matches!(
+            ReplicaStore::open(&path, &keying()),
+            Err(ReplicaError::Damaged { .. })
+        ));
+        let aside = move_aside(&path, 1).unwrap();
+        assert!(aside.exists() && !path.exists());
+
+        assert!(Meta::decode(&[2; 18]).is_err());
+        let good = Meta {
+            seq: 1,
+            offset_ms: -1,
+            server_anchor: Some(Timestamp(3)),
+        }
+        .encode();
+        for cut in 0..good.len() {
+            assert!(Meta::decode(&good[..cut]).is_err(), "cut at {cut}");
+        }
+        assert_eq!(decode_hosts(&[0; 15]), None);
+
+        let all = writes();
+        let disk = FaultyDisk::default();
+        let (mut st, _) =
+            ReplicaStore::open_on(disk.clone(), Path::new("faulty-disk"), &keying()).unwrap();
+        let mut states = vec![None];
+        for (i, w) in all.iter().enumerate() {
+            st.write(std::slice::from_ref(w)).unwrap();
+            states.push(Some(model(&all[..=i])));
+        }
+        drop(st);
+        let len = disk.state().synced.len();
+        let mut refused = 0;
+        for i in 0..64usize {
+            let img = disk.crash(Crash::DropUnsynced);
+            {
+                let mut s = img.state();
+                let at = (i * 7919 * 4099) % len;
+                s.synced[at] ^= 0x5a;
+                s.current = s.synced.clone();
+            }
+            match ReplicaStore::open_on(img, Path::new("faulty-disk"), &keying()) {
+                Ok((_, got)) => assert!(
+                    states.contains(&got),
+                    "byte {i}: opened to a replica no write made"
+                ),
+                Err(ReplicaError::Damaged { .. }) => refused += 1,
+                Err(e) => panic!("byte {i}: {e}"),
+            }
+        }
+        eprintln!("{refused} of 64 corrupted replicas refused, the rest opened whole");
+    }
+}
