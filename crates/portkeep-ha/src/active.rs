@@ -174,9 +174,16 @@ impl Active {
     /// the grant leaves, counted from when the frame arrived here: the
     /// backup counts from when it sent it, earlier, so its lease ends
     /// first.
+    ///
+    /// Only a backup in sync earns one. One whose acknowledgements are
+    /// overdue (a stalled disk, a slow link) is alive but not current: a
+    /// lease for its heartbeats, or even for acknowledgements of older
+    /// changes, would hold the replies that wait for it for as long as it
+    /// stays so. Without one they wait at most the acknowledgement bound
+    /// plus one lease.
     fn grant(&mut self, now: Timestamp, since: Timestamp) {
         let len = self.cfg.lease;
-        if len.is_zero() || !matches!(self.state, LinkState::InSync | LinkState::Lagging) {
+        if len.is_zero() || self.state != LinkState::InSync {
             return;
         }
         if self.granted_at.is_some_and(|g| now < g + len / 8) {

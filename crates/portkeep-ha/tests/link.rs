@@ -586,6 +586,45 @@ fn draft_s2_6_the_backups_lease_never_outlasts_the_actives_promise() {
     assert_eq!(t.kind, portkeep_ha::TakeoverKind::Stale);
 }
 
+/// A backup that is alive but acknowledges nothing (its disk stalled)
+/// earns no lease: replies that wait for it are held at most one lease
+/// past the last acknowledgement, never as long as it keeps answering
+/// heartbeats.
+#[test]
+fn draft_s2_6_heartbeats_without_acknowledgements_earn_no_lease() {
+    let (mut a, mut b) = linked(3);
+    a.send_snapshot(at(1), 10, snapshot_items());
+    pump(&mut a, &mut b, at(1));
+    assert!(a.in_sync());
+    let c = ChangeRecord {
+        seq: 11,
+        change: Change::Upserted(mapping("198.51.100.1", 81, true)),
+    };
+    assert!(a.push(at(2), 11, items_of(&[c])));
+    let last_grant = a.lease_until().unwrap();
+    // The backup applies it and never persists it; the two ends go on
+    // exchanging heartbeats for ten seconds.
+    let mut now = 2;
+    while now < 10_000 {
+        now += 50;
+        a.handle_timeout(at(now));
+        if let Some(bytes) = a.poll_transmit() {
+            b.handle_input(at(now), &bytes).unwrap();
+            b.take_unpersisted();
+        }
+        if let Some(bytes) = b.poll_transmit() {
+            a.handle_input(at(now), &bytes).unwrap();
+        }
+    }
+    assert_eq!(a.state(), LinkState::Lagging);
+    assert_eq!(
+        a.lease_until(),
+        Some(last_grant),
+        "a lagging backup's heartbeats extended the lease"
+    );
+    assert!(!a.lease_holds(at(now)));
+}
+
 #[test]
 fn draft_s2_6_a_lease_counts_only_for_a_synced_replica() {
     // A grant that reaches a backup mid-resync is ignored: what it holds

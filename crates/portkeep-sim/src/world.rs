@@ -33,6 +33,10 @@ const CONNECT_RETRY_MS: u64 = 200;
 /// closes after this long (`link.rs`, `tell_term`).
 const TELL_TERM_CLOSE_MS: u64 = 200;
 /// Bounds of invariant 5.
+/// Longest a reply may wait between its request's handling and its
+/// release: the acknowledgement bound plus the backup's lease, plus the
+/// time a commit takes, with a margin.
+const WAIT_BOUND_MS: u64 = 3_000;
 const HELD_BOUND: usize = 10_000;
 const STORE_QUEUE_BOUND: usize = 10_000;
 const LINK_BUFFER_BOUND: usize = 8 << 20;
@@ -136,6 +140,7 @@ enum Fault {
     PartitionLossCrash,
     BackupRestartLoss,
     BackupRestartLossCrash,
+    BackupDiskStall,
 }
 
 impl Fault {
@@ -160,6 +165,7 @@ impl Fault {
             Fault::PartitionLossCrash => "partition-then-active-loss-crash",
             Fault::BackupRestartLoss => "backup-restart-then-active-loss",
             Fault::BackupRestartLossCrash => "backup-restart-then-active-loss-crash",
+            Fault::BackupDiskStall => "backup-disk-stall",
         }
     }
 }
@@ -280,6 +286,8 @@ struct SimNode {
     ha: Node<Reply>,
     store: Store,
     replica: ReplicaDisk,
+    /// Until when its replica's fsyncs take seconds (a stalled disk).
+    replica_stall_until: u64,
     /// The durable term.
     term: u64,
     /// The connection this node's link end is attached to.
@@ -512,6 +520,7 @@ impl World {
                 ha,
                 store: Store::default(),
                 replica: ReplicaDisk::default(),
+                replica_stall_until: 0,
                 term: 0,
                 link: None,
                 connecting: false,
@@ -755,6 +764,7 @@ impl World {
             (Fault::FsyncFailure, 1),
             (Fault::PartitionLoss, 1),
             (Fault::BackupRestartLoss, 1),
+            (Fault::BackupDiskStall, 1),
         ];
         let total: u32 = kinds.iter().map(|(_, w)| w).sum();
         for _ in 0..n {
@@ -1335,7 +1345,11 @@ impl World {
         }
         r.syncing = Some(std::mem::take(&mut r.queue));
         let gen = self.nodes[n].gen;
-        let d = self.rng.gen_range(2..=8);
+        let d = if self.now < self.nodes[n].replica_stall_until {
+            self.rng.gen_range(1_000..6_000)
+        } else {
+            self.rng.gen_range(2..=8)
+        };
         self.schedule(self.now + d, Ev::ReplicaFsyncDone { node: n, gen });
     }
 
@@ -1413,6 +1427,9 @@ impl World {
             match e {
                 Effect::Release(r) => self.release(n, r),
                 Effect::ReleaseAged { reply, by_secs } => {
+                    if !reply.out.is_empty() {
+                        self.check_wait(n, reply.handled_at);
+                    }
                     let cp = self.nodes[n].server.config().code_points;
                     let out = reply
                         .out
@@ -1510,6 +1527,7 @@ impl World {
         if r.out.is_empty() {
             return;
         }
+        self.check_wait(n, r.handled_at);
         let term = self.nodes[n].ha.term();
         if term < self.max_term_sent {
             let what = format!(
@@ -2360,6 +2378,15 @@ impl World {
                 let lost = back + self.rng.gen_range(0..40);
                 self.schedule(lost, Ev::Fault(Fault::BackupRestartLossCrash, 0));
             }
+            Fault::BackupDiskStall => {
+                // The backup stays up and keeps answering heartbeats, but
+                // its disk takes seconds per fsync: it acknowledges late.
+                if self.guards && !pair_healthy {
+                    return postpone(self);
+                }
+                let d = self.rng.gen_range(2_000..15_000);
+                self.nodes[other].replica_stall_until = now + d;
+            }
             Fault::BackupRestartLossCrash => {
                 // Not when another fault took a node meanwhile.
                 // A backup with nothing stored is the named schedule
@@ -2540,6 +2567,20 @@ impl World {
             );
         }
         let _ = ts;
+    }
+
+    /// 5: no reply waits longer than the acknowledgement bound and the
+    /// backup's lease allow, whatever the backup does (a backup that
+    /// answers heartbeats but acknowledges nothing included).
+    fn check_wait(&mut self, n: usize, handled_at: u64) {
+        let waited = self.now.saturating_sub(handled_at);
+        if waited > WAIT_BOUND_MS {
+            let what = format!(
+                "node {}: a reply waited {waited} ms for its release",
+                self.nodes[n].name
+            );
+            self.violation(Invariant::Bounded, what);
+        }
     }
 
     /// Node `n`'s MAP mappings, keyed as the clients know them.

@@ -44,6 +44,7 @@ fn default_faults_1000_seeds_hold_every_invariant() {
         "fsync-failure",
         "partition-then-active-loss",
         "backup-restart-then-active-loss",
+        "backup-disk-stall",
         "promote-early",
         "promote-late",
         "old-active-return",
