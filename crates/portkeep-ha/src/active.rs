@@ -29,6 +29,11 @@ pub struct ActiveConfig {
     /// resets every epoch). Kept under 2 s, so a held reply still passes
     /// its client's RFC 6887 section 8.5 check.
     pub lease: Duration,
+    /// Items of recent changes kept so that a backup that reconnects (its
+    /// link failed, or it restarted from its stored replica) catches up
+    /// from its position instead of taking a whole snapshot. Zero keeps
+    /// none.
+    pub resume_items: usize,
 }
 
 impl Default for ActiveConfig {
@@ -39,6 +44,7 @@ impl Default for ActiveConfig {
             dead_after: Duration::from_millis(1000),
             snapshot_part: 512,
             lease: Duration::from_millis(1500),
+            resume_items: 262_144,
         }
     }
 }
@@ -133,6 +139,15 @@ pub struct Active {
     lease_until: Option<Timestamp>,
     /// When the last grant was made.
     granted_at: Option<Timestamp>,
+    /// Recent changes' items by log position, for a backup's resume.
+    ring: VecDeque<(u64, Vec<Item>)>,
+    /// Items in `ring`.
+    ring_items: usize,
+    /// Every change after this position is in `ring` (none while `None`:
+    /// no snapshot of this term was sent yet, or changes were dropped).
+    ring_floor: Option<u64>,
+    /// Backups that resumed instead of taking a snapshot.
+    resumes: u64,
 }
 
 impl Active {
@@ -154,7 +169,96 @@ impl Active {
             peer_active: None,
             lease_until: None,
             granted_at: None,
+            ring: VecDeque::new(),
+            ring_items: 0,
+            ring_floor: None,
+            resumes: 0,
         }
+    }
+
+    /// Keeps the items of the change at `seq` for a later resume (every
+    /// change, streamed or not: the ring must hold all of them after its
+    /// floor).
+    pub fn record(&mut self, seq: u64, items: &[Item]) {
+        let Some(floor) = self.ring_floor else {
+            return;
+        };
+        let top = self.ring.back().map_or(floor, |e| e.0);
+        if seq <= top || self.cfg.resume_items == 0 {
+            return;
+        }
+        self.ring.push_back((seq, items.to_vec()));
+        self.ring_items += items.len().max(1);
+        while self.ring_items > self.cfg.resume_items {
+            let Some((s, it)) = self.ring.pop_front() else {
+                break;
+            };
+            self.ring_items -= it.len().max(1);
+            self.ring_floor = Some(s);
+        }
+    }
+
+    /// Changes were committed that the ring does not hold: no backup can
+    /// resume until the next snapshot.
+    pub fn forget_ring(&mut self) {
+        self.ring.clear();
+        self.ring_items = 0;
+        self.ring_floor = None;
+    }
+
+    /// Backups that resumed from their position.
+    pub fn resumes(&self) -> u64 {
+        self.resumes
+    }
+
+    /// Answers a backup's hello from position `applied` with the changes
+    /// after it, if the ring holds all of them: true if it did. The
+    /// backup's state at `applied` is this node's log at `applied` only if
+    /// it followed this node in this term (a backup in another term may
+    /// hold another node's history).
+    fn resume(&mut self, now: Timestamp, term: Term, applied: u64) -> bool {
+        let Some(floor) = self.ring_floor else {
+            return false;
+        };
+        let top = self.ring.back().map_or(floor, |e| e.0);
+        // Position 0 asks for a snapshot (and one of an empty log is cheap).
+        if term != self.term
+            || applied == 0
+            || applied < floor
+            || applied > top
+            || self.cfg.resume_items == 0
+        {
+            return false;
+        }
+        let t = self.term;
+        self.send(
+            now,
+            &Message::Resume {
+                term: t,
+                from: applied,
+            },
+        );
+        let missed: Vec<(u64, Vec<Item>)> = self
+            .ring
+            .iter()
+            .filter(|e| e.0 > applied)
+            .cloned()
+            .collect();
+        for (seq, items) in missed {
+            self.send(
+                now,
+                &Message::Changes {
+                    term: t,
+                    seq,
+                    items,
+                },
+            );
+        }
+        self.sent = top.max(applied);
+        self.pending.push_back((self.sent, now));
+        self.state = LinkState::Resyncing { seq: self.sent };
+        self.resumes += 1;
+        true
     }
 
     /// Whether a lease granted to the backup still runs at `now`: replies
@@ -318,12 +422,19 @@ impl Active {
         self.sent = seq;
         self.pending.push_back((seq, now));
         self.state = LinkState::Resyncing { seq };
+        if self.ring_floor.is_none() {
+            // From here on every change is kept.
+            self.ring.clear();
+            self.ring_items = 0;
+            self.ring_floor = Some(seq);
+        }
     }
 
     /// Streams the items of the changes up to log position `seq`. Returns
     /// whether they were sent (nothing is sent while disconnected, fenced,
     /// or before the snapshot: the snapshot will carry the state).
     pub fn push(&mut self, now: Timestamp, seq: u64, items: Vec<Item>) -> bool {
+        self.record(seq, &items);
         match self.state {
             LinkState::Resyncing { .. } | LinkState::InSync | LinkState::Lagging => {}
             _ => return false,
@@ -348,7 +459,12 @@ impl Active {
                 continue;
             }
             match m {
-                Message::Hello { active, term, .. } if self.state == LinkState::Handshake => {
+                Message::Hello {
+                    active,
+                    term,
+                    applied,
+                    ..
+                } if self.state == LinkState::Handshake => {
                     if active {
                         self.peer_active = Some(term);
                         // Two actives in one term: neither may stream to the
@@ -357,6 +473,12 @@ impl Active {
                             .push_back(ActiveEvent::OutOfSync("peer claims to be active"));
                         continue;
                     }
+                    if self.resume(now, term, applied) {
+                        continue;
+                    }
+                    // Changes committed while the snapshot is copied are
+                    // not in the ring: it starts again at the snapshot.
+                    self.forget_ring();
                     self.state = LinkState::NeedSnapshot;
                     self.events.push_back(ActiveEvent::NeedSnapshot);
                 }

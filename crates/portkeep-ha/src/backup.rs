@@ -215,6 +215,8 @@ pub struct Backup {
     /// Until when the active promised to release nothing this node has not
     /// acknowledged ([`Message::Lease`]), in this node's clock.
     lease_until: Option<Timestamp>,
+    /// A resume offered did not fit: the next hello asks for a snapshot.
+    want_snapshot: bool,
     #[cfg(feature = "planted-ack-before-persist")]
     ack_before_persist: bool,
     out: Vec<u8>,
@@ -239,6 +241,7 @@ impl Backup {
             up: false,
             last_now: Timestamp(0),
             lease_until: None,
+            want_snapshot: false,
             #[cfg(feature = "planted-ack-before-persist")]
             ack_before_persist: false,
             out: Vec::new(),
@@ -363,9 +366,15 @@ impl Backup {
         // being current.
         self.synced = false;
         self.lost_at = None;
-        let (term, applied) = (self.term, self.applied);
+        // The position it holds (0 asks for a snapshot): an active that
+        // kept every change since streams them instead.
+        let applied = if self.want_snapshot || !self.has_state {
+            0
+        } else {
+            self.applied
+        };
         Message::Hello {
-            term,
+            term: self.term,
             active: false,
             applied,
             now,
@@ -431,9 +440,29 @@ impl Backup {
                         self.applied = seq;
                         self.synced = true;
                         self.has_state = true;
+                        self.want_snapshot = false;
                         let write = ReplicaWrite::Replace(self.replica());
                         self.applied_up_to(term, seq, write);
                     }
+                }
+                Message::Resume { from, term } => {
+                    if !self.has_state || from != self.applied || self.staging.is_some() {
+                        // Cannot happen with a sound active: ask for a
+                        // snapshot on the next connection rather than
+                        // follow a stream that does not fit.
+                        self.want_snapshot = true;
+                        return Err(FrameError::Malformed(9));
+                    }
+                    // What it holds is the active's log up to `from`; the
+                    // changes since follow. An empty write orders its
+                    // acknowledgement after every write still being stored.
+                    self.synced = true;
+                    let write = ReplicaWrite::Apply {
+                        seq: from,
+                        offset_ms: self.offset_ms,
+                        items: Vec::new(),
+                    };
+                    self.applied_up_to(term, from, write);
                 }
                 Message::Changes { seq, items, term } => {
                     if !self.synced || seq <= self.applied {

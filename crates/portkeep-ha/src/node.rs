@@ -587,6 +587,16 @@ impl<R> Node<R> {
                     // The snapshot being copied may stand for a position
                     // before this job: keep its items to follow it.
                     self.deferred.push((seq, meta.items));
+                } else if !meta.items.is_empty() && seq > sent {
+                    // Not streamed now, but kept, so that a backup that
+                    // reconnects from its position catches up from it.
+                    let kept: Vec<Item> = meta
+                        .items
+                        .into_iter()
+                        .filter(|(item, hash)| keep_for_backup(&mut self.replicated, item, *hash))
+                        .map(|(item, _)| item)
+                        .collect();
+                    active.record(seq, &kept);
                 }
             }
             // Released once the backup has everything the replies

@@ -169,6 +169,15 @@ pub enum Message {
         /// The log position the snapshot stands for.
         seq: u64,
     },
+    /// Active to backup: instead of a snapshot, the stream goes on after
+    /// `from`, the position the backup said it holds: the changes it
+    /// missed follow as [`Message::Changes`].
+    Resume {
+        /// Sender's term.
+        term: Term,
+        /// The backup's position the stream continues from.
+        from: u64,
+    },
     /// Active to backup: changes in log order, ending at `seq`.
     Changes {
         /// Sender's term.
@@ -232,6 +241,7 @@ impl Message {
             | Message::SnapshotBegin { term, .. }
             | Message::SnapshotPart { term, .. }
             | Message::SnapshotEnd { term, .. }
+            | Message::Resume { term, .. }
             | Message::Changes { term, .. }
             | Message::Ack { term, .. }
             | Message::Lease { term, .. }
@@ -302,6 +312,11 @@ impl Message {
                 out.extend_from_slice(&term.to_be_bytes());
                 out.extend_from_slice(&since.as_millis().to_be_bytes());
                 out.extend_from_slice(&for_ms.to_be_bytes());
+            }
+            Message::Resume { term, from } => {
+                out.push(9);
+                out.extend_from_slice(&term.to_be_bytes());
+                out.extend_from_slice(&from.to_be_bytes());
             }
             Message::Heartbeat { term, now } => {
                 out.push(7);
@@ -386,6 +401,10 @@ impl Message {
                 7 => Message::Heartbeat {
                     term: r.u64()?,
                     now: Timestamp(r.u64()?),
+                },
+                9 => Message::Resume {
+                    term: r.u64()?,
+                    from: r.u64()?,
                 },
                 _ => return None,
             })

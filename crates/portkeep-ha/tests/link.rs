@@ -246,6 +246,109 @@ fn rfc7767_s3_2_the_stored_replica_holds_everything_acknowledged() {
     );
 }
 
+fn change(seq: u64, port: u16, remove: bool) -> Vec<Item> {
+    let m = mapping("198.51.100.3", port, true);
+    items_of(&[ChangeRecord {
+        seq,
+        change: if remove {
+            Change::Removed {
+                mapping: m,
+                reason: RemoveReason::Deleted,
+            }
+        } else {
+            Change::Upserted(m)
+        },
+    }])
+}
+
+/// A backup whose link failed, or which restarted from its stored
+/// replica, catches up from its position: the changes it missed, not a
+/// whole snapshot, and ends with the state a snapshot would have given.
+#[test]
+fn rfc7767_s3_2_a_reconnecting_backup_resumes_from_its_position() {
+    for restarted in [false, true] {
+        let (mut a, mut b) = linked(3);
+        a.send_snapshot(at(1), 10, snapshot_items());
+        pump(&mut a, &mut b, at(1));
+        assert!(a.push(at(2), 11, change(11, 22, false)));
+        pump(&mut a, &mut b, at(2));
+        assert_eq!(a.acked(), 11);
+        let stored = b.replica();
+        a.disconnected();
+        b.disconnected(at(3));
+        // Committed while the backup is away: kept, not sent.
+        assert!(!a.push(at(4), 12, change(12, 23, false)));
+        assert!(!a.push(at(4), 13, change(13, 22, true)));
+        if restarted {
+            b = Backup::resume(3, SubscriberKeying::default(), stored.clone());
+        }
+        events(&mut a);
+        a.connected(at(5), 13);
+        b.connected(at(5));
+        pump(&mut a, &mut b, at(5));
+        let ev = events(&mut a);
+        assert!(!ev.contains(&ActiveEvent::NeedSnapshot), "{ev:?}");
+        assert!(ev.contains(&ActiveEvent::InSync), "{ev:?}");
+        assert_eq!(a.resumes(), 1);
+        assert_eq!(b.applied(), 13);
+        assert!(b.in_sync());
+        // The same as a backup synced from scratch at 13.
+        let mut expect = stored.clone();
+        expect.apply(portkeep_ha::ReplicaWrite::Apply {
+            seq: 13,
+            offset_ms: b.replica().offset_ms,
+            items: [change(12, 23, false), change(13, 22, true)].concat(),
+        });
+        assert_eq!(b.replica(), expect, "restarted: {restarted}");
+    }
+}
+
+/// A backup further behind than the changes kept, in another term, or
+/// holding nothing, takes a snapshot.
+#[test]
+fn rfc7767_s3_2_a_backup_beyond_what_was_kept_takes_a_snapshot() {
+    let k = SubscriberKeying::default();
+    let cfg = ActiveConfig {
+        resume_items: 2,
+        ..ActiveConfig::default()
+    };
+    let mut a = Active::new(3, cfg, k.clone());
+    let mut b = Backup::new(3, k.clone());
+    a.connected(at(0), 10);
+    b.connected(at(0));
+    pump(&mut a, &mut b, at(0));
+    a.send_snapshot(at(1), 10, snapshot_items());
+    pump(&mut a, &mut b, at(1));
+    a.disconnected();
+    b.disconnected(at(2));
+    for seq in 11..=13 {
+        a.push(at(3), seq, change(seq, seq as u16, false));
+    }
+    events(&mut a);
+    a.connected(at(4), 13);
+    b.connected(at(4));
+    pump(&mut a, &mut b, at(4));
+    assert!(events(&mut a).contains(&ActiveEvent::NeedSnapshot));
+    assert_eq!(a.resumes(), 0);
+    // A backup of another term holds another node's history.
+    let mut a = Active::new(4, ActiveConfig::default(), k.clone());
+    a.connected(at(0), 10);
+    let mut other = Backup::new(4, k.clone());
+    other.connected(at(0));
+    pump(&mut a, &mut other, at(0));
+    a.send_snapshot(at(1), 10, snapshot_items());
+    pump(&mut a, &mut other, at(1));
+    a.disconnected();
+    let old = Backup::resume(3, k, other.replica());
+    let mut old = old;
+    events(&mut a);
+    a.connected(at(2), 10);
+    old.connected(at(2));
+    pump(&mut a, &mut old, at(2));
+    assert!(events(&mut a).contains(&ActiveEvent::NeedSnapshot));
+    assert_eq!(a.resumes(), 0);
+}
+
 #[test]
 fn rfc7767_s3_2_changes_travel_as_upserts_and_removals() {
     let up = |c| ChangeRecord {
@@ -636,6 +739,9 @@ fn draft_s2_6_a_lease_counts_only_for_a_synced_replica() {
     let before = b.lease_until();
     a.disconnected();
     b.disconnected(at(5));
+    // The active restarted: it kept no changes to resume the backup from,
+    // so the backup resyncs.
+    a = Active::new(3, ActiveConfig::default(), SubscriberKeying::default());
     a.connected(at(6), 10);
     b.connected(at(6));
     pump(&mut a, &mut b, at(6));
@@ -658,6 +764,9 @@ fn draft_s2_6_promotion_mid_resync_keeps_acknowledged_checkpoints() {
     // The link drops and comes back; the new snapshot is cut short.
     a.disconnected();
     b.disconnected(at(5));
+    // The active restarted: it kept no changes to resume the backup from,
+    // so the backup resyncs.
+    a = Active::new(3, ActiveConfig::default(), SubscriberKeying::default());
     a.connected(at(6), 10);
     b.connected(at(6));
     pump(&mut a, &mut b, at(6));

@@ -204,6 +204,8 @@ pub struct Report {
     pub unseen_downgrades: u64,
     /// Takeovers (promotions).
     pub takeovers: u64,
+    /// Backups that reconnected and caught up from their position.
+    pub resumes: u64,
     /// Steps taken.
     pub steps: u64,
     /// The trace, when asked for.
@@ -236,6 +238,8 @@ pub struct Totals {
     pub unseen_downgrades: u64,
     /// Takeovers.
     pub takeovers: u64,
+    /// Resumes.
+    pub resumes: u64,
     /// Steps.
     pub steps: u64,
     /// The fewest faults injected in one seed (promotions and returns of
@@ -270,6 +274,7 @@ impl Totals {
         self.checkpoints_promised += r.checkpoints_promised;
         self.unseen_downgrades += r.unseen_downgrades;
         self.takeovers += r.takeovers;
+        self.resumes += r.resumes;
         self.steps += r.steps;
     }
 

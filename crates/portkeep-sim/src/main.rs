@@ -77,8 +77,8 @@ fn main() -> ExitCode {
             println!("  {k:<32} {n}");
         }
         println!(
-            "check-points promised {}, takeovers {}, steps {}",
-            r.checkpoints_promised, r.takeovers, r.steps
+            "check-points promised {}, takeovers {}, resumes {}, steps {}",
+            r.checkpoints_promised, r.takeovers, r.resumes, r.steps
         );
         println!(
             "not violations: THIRD_PARTY epoch disagreements {}, check-points ended by an answer the client never received {}",
@@ -110,8 +110,8 @@ fn main() -> ExitCode {
         println!("  {k:<32} {c}");
     }
     println!(
-        "check-points promised {}, takeovers {}, steps {}",
-        t.checkpoints_promised, t.takeovers, t.steps
+        "check-points promised {}, takeovers {}, resumes {}, steps {}",
+        t.checkpoints_promised, t.takeovers, t.resumes, t.steps
     );
     println!(
         "not violations: THIRD_PARTY epoch disagreements {}, check-points ended by an answer the client never received {}",

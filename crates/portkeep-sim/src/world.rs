@@ -288,6 +288,8 @@ struct SimNode {
     replica: ReplicaDisk,
     /// Until when its replica's fsyncs take seconds (a stalled disk).
     replica_stall_until: u64,
+    /// Resumes its current active link end reported so far.
+    resumes_seen: u64,
     /// The durable term.
     term: u64,
     /// The connection this node's link end is attached to.
@@ -521,6 +523,7 @@ impl World {
                 store: Store::default(),
                 replica: ReplicaDisk::default(),
                 replica_stall_until: 0,
+                resumes_seen: 0,
                 term: 0,
                 link: None,
                 connecting: false,
@@ -1423,6 +1426,16 @@ impl World {
 
     /// Executes the node's effects, then moves its link bytes.
     fn after_ha(&mut self, n: usize) {
+        let resumes = self.nodes[n].ha.active().map_or(0, |a| a.resumes());
+        if resumes > self.nodes[n].resumes_seen {
+            self.report.resumes += resumes - self.nodes[n].resumes_seen;
+            self.nodes[n].resumes_seen = resumes;
+            let line = format!(
+                "node {}: the backup caught up from its position (no snapshot)",
+                self.nodes[n].name
+            );
+            self.trace(line);
+        }
         while let Some(e) = self.nodes[n].ha.poll_effect() {
             match e {
                 Effect::Release(r) => self.release(n, r),
@@ -1637,6 +1650,7 @@ impl World {
         node.up = true;
         node.gen += 1;
         node.ha = Node::new(ncfg, node.term, SubscriberKeying::default());
+        node.resumes_seen = 0;
         if node.cfg_role != Role::Backup {
             // The daemon clears the replica of a node that starts in
             // another role.
@@ -1830,6 +1844,7 @@ impl World {
         // Cleared before serving: a replica resumed later would vouch for
         // check-points this node, once active, may have dropped since.
         self.nodes[n].replica = ReplicaDisk::default();
+        self.nodes[n].resumes_seen = 0;
         self.report.takeovers += 1;
         let cfg = self.server_cfg(n);
         let state = t.state.clone();

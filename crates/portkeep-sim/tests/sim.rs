@@ -56,6 +56,9 @@ fn default_faults_1000_seeds_hold_every_invariant() {
         );
     }
     assert!(t.takeovers > 1000, "{}", t.takeovers);
+    // Backups that reconnect catch up from their position, not only by
+    // snapshots.
+    assert!(t.resumes > 1000, "{}", t.resumes);
     assert!(
         t.checkpoints_promised > 100_000,
         "{}",

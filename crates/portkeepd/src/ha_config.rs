@@ -44,6 +44,8 @@ pub struct HaSection {
     /// active holds replies the backup has not acknowledged up to this
     /// long when the link fails or lags.
     pub stale_after_ms: Option<u64>,
+    /// Items of recent changes the active keeps for a backup's resume.
+    pub resume_items: Option<u64>,
 }
 
 /// The node's role (the pair's state machine defines it).
@@ -203,6 +205,13 @@ impl HaSection {
                     dead_after,
                     snapshot_part: 512,
                     lease: ms("ha.stale_after_ms", self.stale_after_ms, 1500, 0, 60_000)?,
+                    resume_items: {
+                        let n = self.resume_items.unwrap_or(262_144);
+                        if n > 16_777_216 {
+                            return Err(invalid("ha.resume_items", "expected 0 to 16777216"));
+                        }
+                        n as usize
+                    },
                 };
                 if timing.heartbeat >= dead_after {
                     return Err(invalid("ha.heartbeat_ms", "must be below ha.dead_after_ms"));

@@ -375,6 +375,8 @@ impl Pair {
             v["sent_seq"] = json!(a.sent());
             v["acked_seq"] = json!(a.acked());
             v["lag"] = json!(a.sent().saturating_sub(a.acked()));
+            // Reconnections caught up from the kept changes, not a snapshot.
+            v["resumes"] = json!(a.resumes());
             // How much longer the backup could still be promoted hot.
             v["lease_left_ms"] = json!(a
                 .lease_until()

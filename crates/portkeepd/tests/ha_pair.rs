@@ -625,6 +625,9 @@ fn rfc7767_s3_2_link_cut_answers_without_the_option_then_resyncs() {
     assert!(ask(4), "resynced: check-pointing resumes");
     let st = b.status();
     assert_eq!(st["ha"]["checkpointed_mappings"], 2, "{st}");
+    // It caught up from its position: the changes it missed, no snapshot.
+    let resumes = a.status()["ha"]["resumes"].as_u64().unwrap();
+    assert!(resumes >= 1, "{}", a.status());
     // The backup goes away entirely, then comes back.
     let mut b = b;
     b.kill9();
@@ -636,6 +639,12 @@ fn rfc7767_s3_2_link_cut_answers_without_the_option_then_resyncs() {
     a.wait_in_sync();
     assert!(ask(6));
     assert_eq!(b.status()["ha"]["checkpointed_mappings"], 3);
+    // Restarted from its stored replica, it resumed from there too.
+    assert!(
+        a.status()["ha"]["resumes"].as_u64().unwrap() > resumes,
+        "{}",
+        a.status()
+    );
 }
 
 #[test]
