@@ -113,6 +113,12 @@ struct Args {
     /// resync (snapshot of every check-pointed mapping) until in sync.
     #[arg(long, requires = "ha")]
     resync: bool,
+    /// With --ha: kill -9 the backup after the create pass, run the
+    /// refresh phase without it, then restart it (from its stored replica)
+    /// and time until it is in sync again: the changes it missed arrive
+    /// as a resume when the active kept them, as a snapshot otherwise.
+    #[arg(long, requires = "ha")]
+    resume: bool,
     /// With --ha: after the load, kill -9 the active, send `ctl promote` to
     /// the backup, and time until it answers a refresh of a check-pointed
     /// mapping with its state installed.
@@ -703,6 +709,55 @@ impl Spawned {
         bail!("backup not in sync within {within:?}")
     }
 
+    /// kill -9 the backup and wait until the active knows: the log
+    /// position the backup had acknowledged.
+    fn backup_down(&mut self) -> anyhow::Result<u64> {
+        let Some((b, _, _)) = &mut self.backup else {
+            bail!("no backup");
+        };
+        let _ = b.kill();
+        let _ = b.wait();
+        let start = now();
+        loop {
+            let st = self.status_of(&self.cfg)?;
+            if st["ha"]["in_sync"] == false {
+                return Ok(st["ha"]["acked_seq"].as_u64().unwrap_or(0));
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("the active never noticed the backup's loss");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Starts the backup again (it resumes from its stored replica) and
+    /// times it until the active reports it in sync.
+    fn backup_back(&mut self, acked_before: u64) -> anyhow::Result<serde_json::Value> {
+        let Some((_, bcfg, _)) = &self.backup else {
+            bail!("no backup");
+        };
+        let bcfg = bcfg.clone();
+        let before = self.status_of(&self.cfg)?;
+        let resumes_before = before["ha"]["resumes"].as_u64().unwrap_or(0);
+        let child = Self::launch(&self.bin, &bcfg)?;
+        if let Some(b) = &mut self.backup {
+            b.0 = child;
+        }
+        let t = self.wait_in_sync(Duration::from_secs(120))?;
+        let st = self.status_of(&self.cfg)?;
+        let resumed = st["ha"]["resumes"].as_u64().unwrap_or(0) > resumes_before;
+        // What it caught up on: the log positions acknowledged since.
+        let missed = st["ha"]["acked_seq"]
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_sub(acked_before);
+        Ok(serde_json::json!({
+            "log_positions_missed": missed,
+            "resumed": resumed,
+            "start_to_in_sync_ms": t.as_millis(),
+        }))
+    }
+
     /// Kills the backup, wipes its directory and starts it again: the
     /// time until the active reports it in sync, and the snapshot's size.
     fn resync(
@@ -1116,6 +1171,10 @@ fn main() -> anyhow::Result<()> {
     };
     let (groups, create, create_hist, create_t) = phase(groups, None);
     let rss_after_create = pid.and_then(rss_kib);
+    let acked_before = match (&mut spawned, args.resume) {
+        (Some(s), true) => Some(s.backup_down()?),
+        _ => None,
+    };
     let (refresh, refresh_hist, refresh_t) = if args.duration > 0.0 {
         let (_, r, h, t) = phase(groups, Some(args.duration));
         (Some(r), Some(h), t)
@@ -1161,6 +1220,10 @@ fn main() -> anyhow::Result<()> {
         Some(s) => s.commit_latency()?,
         None => serde_json::Value::Null,
     };
+    let resume = match (&mut spawned, acked_before) {
+        (Some(s), Some(acked)) => s.backup_back(acked)?,
+        _ => serde_json::Value::Null,
+    };
     let resync = match (&mut spawned, args.resync) {
         (Some(s), true) => {
             let (t, st, probes) = s.resync(client_ip(args.client_base, args.clients))?;
@@ -1196,6 +1259,7 @@ fn main() -> anyhow::Result<()> {
         "restart": restart,
         "ha": args.ha,
         "resync": resync,
+        "resume": resume,
         "takeover": takeover,
         "clients": args.clients,
         "mappings": mappings,
@@ -1238,6 +1302,18 @@ fn main() -> anyhow::Result<()> {
                 let t: Vec<String> = t.iter().map(ToString::to_string).collect();
                 println!("           req/s in each tenth: {}", t.join(" "));
             }
+        }
+        if !resume.is_null() {
+            println!(
+                "  resume: the backup missed {} log positions; restarted to in sync in {} ms ({})",
+                resume["log_positions_missed"],
+                resume["start_to_in_sync_ms"],
+                if resume["resumed"] == true {
+                    "resumed from its position"
+                } else {
+                    "by a snapshot"
+                }
+            );
         }
         if !resync.is_null() {
             println!(

@@ -151,6 +151,7 @@ async fn serve_backup(
     tracing::info!("replication link from the active is up");
     let mut buf = vec![0u8; 64 * 1024];
     let result: anyhow::Result<()> = async {
+        let mut silent_at = crate::clock::Deadline::after(link.timing.dead_after);
         loop {
             if !current(shared) {
                 anyhow::bail!("superseded");
@@ -160,11 +161,18 @@ async fn serve_backup(
                 stream.write_all(&bytes).await?;
                 stream.flush().await?;
             }
-            let n = match tokio::time::timeout(link.timing.dead_after, stream.read(&mut buf)).await
-            {
-                Ok(r) => r?,
-                Err(_) => anyhow::bail!("the active went silent"),
+            // Acknowledgements are made by the replica's writer thread
+            // once its writes are durable: it wakes this loop to send them
+            // at once, not when the active next speaks. (`read` is
+            // cancel-safe: nothing is lost when the wake wins.)
+            let n = tokio::select! {
+                r = tokio::time::timeout(silent_at.left(), stream.read(&mut buf)) => match r {
+                    Ok(r) => r?,
+                    Err(_) => anyhow::bail!("the active went silent"),
+                },
+                () = shared.pair.wake.notified() => continue,
             };
+            silent_at = crate::clock::Deadline::after(link.timing.dead_after);
             if n == 0 {
                 anyhow::bail!("closed by the active");
             }
