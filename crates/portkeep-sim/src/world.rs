@@ -275,6 +275,19 @@ struct ReplicaDisk {
     syncing: Option<Vec<(u64, ReplicaWrite)>>,
 }
 
+/// The replica a node that served last starts from: the state in its
+/// store, as the daemon derives it (`portkeepd::replica::of_store`).
+fn replica_of_store(r: &Restored) -> Replica {
+    Replica {
+        seq: r.last_seq,
+        offset_ms: 0,
+        server_anchor: Some(r.anchor),
+        anchors: r.subscriber_anchors.clone(),
+        mappings: r.mappings.clone(),
+        volatile: Vec::new(),
+    }
+}
+
 #[derive(Debug)]
 struct SimNode {
     name: &'static str,
@@ -1658,6 +1671,11 @@ impl World {
         } else if let Some(r) = node.replica.durable.clone() {
             // The daemon's backup starts from its stored replica.
             node.ha.resume_replica(r);
+        } else if node.store.exists && node.store.last_seq > 0 {
+            // It served last (a backup's store is emptied when it is
+            // deposed): what it served is what it can vouch for.
+            node.ha
+                .resume_replica(replica_of_store(&node.store.restored()));
         }
         node.link = None;
         node.connecting = false;

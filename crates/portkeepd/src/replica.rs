@@ -145,6 +145,20 @@ fn decode_hosts(b: &[u8]) -> Option<Vec<IpAddr>> {
     Some(hosts)
 }
 
+/// The replica a node that served last starts from when it starts as a
+/// backup with none stored: the state in its store, as of its last log
+/// position (every epoch resets if it is promoted from it).
+pub fn of_store(r: &portkeep_server::Restored) -> Replica {
+    Replica {
+        seq: r.last_seq,
+        offset_ms: 0,
+        server_anchor: Some(r.anchor),
+        anchors: r.subscriber_anchors.clone(),
+        mappings: r.mappings.clone(),
+        volatile: Vec::new(),
+    }
+}
+
 /// The backup's replica file, open.
 pub struct ReplicaStore {
     db: Database,

@@ -138,6 +138,9 @@ struct Start {
     restored: bool,
     /// Hosts whose state was lost in the restore, to ANNOUNCE to.
     lost: Vec<(SubscriberId, IpAddr)>,
+    /// A backup's store holding state it served before (it was active
+    /// last: a node's store is emptied when it is demoted or deposed).
+    served_before: Option<portkeep_server::Restored>,
 }
 
 fn load(settings: &Settings, clock: &Clock) -> anyhow::Result<Start> {
@@ -150,6 +153,7 @@ fn load(settings: &Settings, clock: &Clock) -> anyhow::Result<Start> {
             store: None,
             restored: false,
             lost: Vec::new(),
+            served_before: None,
         });
     };
     let (mut store, opened) = Store::open_with(
@@ -161,6 +165,7 @@ fn load(settings: &Settings, clock: &Clock) -> anyhow::Result<Start> {
         &cfg.subscriber_keying,
         settings.store.log,
     )?;
+    let mut served_before = None;
     let (mut server, restored, lost) = match opened {
         Opened::Fresh { moved_aside } => {
             tracing::info!(
@@ -173,13 +178,16 @@ fn load(settings: &Settings, clock: &Clock) -> anyhow::Result<Start> {
             );
             (Server::new(cfg, now), false, Vec::new())
         }
-        Opened::Restored(_) if backup => {
+        Opened::Restored(state) if backup => {
             // A backup serves nothing of its own: what it will serve comes
             // from the active, and replaces this store on promotion.
             tracing::info!(
                 "starting as backup: the store at {} is not served",
                 path.display()
             );
+            if state.last_seq > 0 {
+                served_before = Some(state);
+            }
             (Server::new(cfg, now), true, Vec::new())
         }
         Opened::Restored(state) => {
@@ -210,6 +218,7 @@ fn load(settings: &Settings, clock: &Clock) -> anyhow::Result<Start> {
         store: Some(store),
         restored,
         lost,
+        served_before,
     })
 }
 
@@ -293,6 +302,7 @@ impl Daemon {
             replica.is_some(),
         )?;
         let (replica_store, resume) = replica.unzip();
+        let resumed = matches!(resume, Some(Some(_)));
         if let Some(r) = resume.flatten() {
             if let Some(q) = &pair.replica {
                 q.stored(0, Some(r.seq));
@@ -302,6 +312,17 @@ impl Daemon {
             pair.node().resume_replica(r);
         }
         let mut start = load(&settings, &clock)?;
+        if let (false, Some(state)) = (resumed, start.served_before.take()) {
+            // No replica, but the store holds what this node served last
+            // (it was active before a double failure): that is what it can
+            // vouch for if promoted, never less (a promotion from it is
+            // stale: every epoch resets).
+            tracing::warn!(
+                "starting as backup with no stored replica: the {} mappings this node served before stand for it until a snapshot",
+                state.mappings.len()
+            );
+            pair.node().resume_replica(crate::replica::of_store(&state));
+        }
         if settings.ha.role == Role::Active {
             // RFC 7767 section 3.2: nothing is honoured until the backup is
             // in sync.

@@ -500,16 +500,64 @@ fn rfc7767_s3_2_backup_restarted_from_its_replica_then_promoted_serves_every_ack
             "{c}: a stale takeover resets every epoch, got {v:?}"
         );
     }
-    // It served: what it stored as a backup is no longer true.
+    // It served: the replica it stored as a backup is no longer true and
+    // is gone; what it served, in its store, stands for it instead (a
+    // double failure must not lose what the node that served last held).
     let mut b = b;
     b.kill9();
     let b = Node::start(&sb, "backup");
     let st = b.status();
-    assert_eq!(st["ha"]["checkpointed_mappings"], 0, "{st}");
     assert!(st["ha"]["replica_seq"].is_null(), "{st}");
     let promoted = b.ctl(&["promote"]);
-    assert_eq!(promoted["takeover"], "cold", "{promoted}");
-    assert!(b.mappings().is_empty(), "no stale state served");
+    assert_eq!(promoted["takeover"], "stale", "{promoted}");
+    verify_checkpoints(&b, &acked);
+}
+
+/// Failure-scenarios draft sections 2.6 and 6: both nodes die at once (a
+/// site power loss) and come back as backups (keepalived's layout), and
+/// keepalived promotes the node that was active: what it served is in its
+/// store and stands for it, so every acknowledged check-point is served
+/// again (same external endpoint and nonce), and every epoch resets (the
+/// takeover is stale: the node cannot know what happened after it died).
+#[test]
+fn draft_s2_6_both_nodes_down_the_former_active_promoted_keeps_every_acknowledged_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sa, sb) = pair(dir.path());
+    let mut b = Node::start(&sb, "backup");
+    let mut a = Node::start(&sa, "active");
+    a.wait_in_sync();
+    let clients: Vec<(IpAddr, bool)> = vec![
+        ("127.0.0.97".parse().unwrap(), false),
+        ("127.0.0.98".parse().unwrap(), true),
+    ];
+    let mut trackers: HashMap<IpAddr, EpochTracker> = HashMap::new();
+    for (c, _) in &clients {
+        let mut t = EpochTracker::new();
+        assert_eq!(epoch_check(&mut t, sa.pcp, *c), EpochVerdict::First);
+        trackers.insert(*c, t);
+    }
+    let acked: Arc<Mutex<HashMap<Key, Granted>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = load(sa.pcp, &clients, 2000, stop.clone(), acked.clone());
+    std::thread::sleep(Duration::from_millis(3000));
+    a.kill9();
+    b.kill9();
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 20, "load too light: {}", acked.len());
+    let a = Node::start(&sa, "backup");
+    let _b = Node::start(&sb, "backup");
+    let promoted = a.ctl(&["promote"]);
+    assert_eq!(promoted["ok"], true, "{promoted}");
+    assert_eq!(promoted["takeover"], "stale", "{promoted}");
+    verify_checkpoints(&a, &acked);
+    for (c, _) in &clients {
+        let v = epoch_check(trackers.get_mut(c).unwrap(), sa.pcp, *c);
+        assert!(v.is_invalid(), "{c}: every epoch resets, got {v:?}");
+    }
 }
 
 /// RFC 7767 section 3.2 and RFC 6887 section 8.5: a stored replica that
