@@ -9,7 +9,7 @@
 //! journal commit). The tables in redb are brought up to date from this
 //! log later, off the critical path ([`crate::store`]).
 //!
-//! A frame is `magic, generation, length, crc32c` then its records
+//! A frame is `magic, generation, length, CRC-32` then its records
 //! (`seq`, length, entry) and padding to 8 octets. Each group commit writes
 //! one frame per segment it touches and syncs before the next write, so at
 //! a crash at most the last frame is incomplete. Reading stops at the first
