@@ -240,9 +240,9 @@ impl Server {
     /// clients see no reset and re-create nothing). Mappings that expired
     /// while the server was down are dropped and logged as expired, so the
     /// store forgets them too. Every other mapping gets back exactly the
-    /// external endpoint it had; one that cannot (its address left the pool)
-    /// is dropped and its subscriber's epoch reset, as that subscriber did
-    /// lose state.
+    /// external endpoint it had; one that cannot (its address left the pool,
+    /// or a second record of the same mapping) is dropped and its
+    /// subscriber's epoch reset, as that subscriber did lose state.
     pub fn restore(cfg: ServerConfig, now: Timestamp, state: Restored) -> (Server, RestoreReport) {
         Self::restore_as(cfg, now, state, false)
     }
@@ -283,15 +283,6 @@ impl Server {
                 });
                 continue;
             }
-            let Ok(binding) = s.table.bind_exact(m.key, m.external) else {
-                lost.push(sub);
-                s.push(Change::Removed {
-                    mapping: m.clone(),
-                    reason: RemoveReason::Cleared,
-                });
-                report.dropped.push(m);
-                continue;
-            };
             let remote = match m.kind {
                 crate::MappingKind::Map => None,
                 crate::MappingKind::Peer { remote } => Some(remote),
@@ -301,9 +292,24 @@ impl Server {
                 Some(r) => s.table.peer_entry(&m.key, r).is_some(),
             };
             if duplicate {
+                // Two records for one mapping (a damaged or merged state):
+                // the first stands; whoever held the other lost it, so its
+                // subscriber's epoch resets (failure-scenarios draft
+                // section 2.6.1). No removal is logged: it would remove the
+                // one kept, stored under the same key.
+                lost.push(sub);
                 report.dropped.push(m);
                 continue;
             }
+            let Ok(binding) = s.table.bind_exact(m.key, m.external) else {
+                lost.push(sub);
+                s.push(Change::Removed {
+                    mapping: m.clone(),
+                    reason: RemoveReason::Cleared,
+                });
+                report.dropped.push(m);
+                continue;
+            };
             s.table.insert(Entry {
                 binding,
                 nonce: m.nonce,

@@ -259,3 +259,36 @@ fn draft_s2_6_2_clear_prefix_and_all() {
         .drain_changes()
         .any(|c| c.change == Change::ServerEpochReset { anchor: at(30) }));
 }
+
+/// Failure-scenarios draft section 2.6.1: a state holding two records of
+/// one mapping (a damaged or merged store) restores the first; whoever held
+/// the second lost it, so its subscriber's epoch resets.
+#[test]
+fn draft_s2_6_1_a_second_record_of_one_mapping_resets_its_subscribers_epoch() {
+    let mut a = Server::new(cfg(), T0);
+    map(&mut a, at(10), "198.51.100.1", 80, 3600);
+    map(&mut a, at(10), "198.51.100.2", 80, 3600);
+    let mut state = snapshot(&a);
+    let mut second = state
+        .mappings
+        .iter()
+        .find(|m| m.key.internal_ip == "198.51.100.1".parse::<IpAddr>().unwrap())
+        .unwrap()
+        .clone();
+    second.nonce = [9; 12];
+    second.external = SocketAddr::new("192.0.2.2".parse().unwrap(), 29_999);
+    state.mappings.push(second.clone());
+    let (mut b, report) = Server::restore(cfg(), at(20), state);
+    assert_eq!(report.restored, 2);
+    assert_eq!(report.dropped, vec![second.clone()]);
+    assert_eq!(
+        announce_epoch(&mut b, at(20), "198.51.100.1"),
+        0,
+        "the subscriber that lost a mapping starts a new epoch"
+    );
+    assert_eq!(
+        announce_epoch(&mut b, at(20), "198.51.100.2"),
+        20,
+        "nobody else's epoch moves"
+    );
+}
