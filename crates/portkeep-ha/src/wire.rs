@@ -424,6 +424,26 @@ fn portkeep_proto_addr(ip: std::net::IpAddr) -> [u8; 16] {
     }
 }
 
+/// Appends `items` as the link encodes them (a count, then each item):
+/// how a backup logs what it applies ([`decode_items`] reads it back).
+pub fn encode_items(items: &[Item], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(items.len() as u32).to_be_bytes());
+    for i in items {
+        i.encode(out);
+    }
+}
+
+/// Items written by [`encode_items`], all of `b` or nothing.
+pub fn decode_items(b: &[u8], keying: &SubscriberKeying) -> Option<Vec<Item>> {
+    let mut r = Reader(b);
+    let n = r.u32()? as usize;
+    let mut v = Vec::with_capacity(n.min(r.0.len() / 9 + 1));
+    for _ in 0..n {
+        v.push(Item::decode(&mut r, keying)?);
+    }
+    r.0.is_empty().then_some(v)
+}
+
 /// The items of a batch of changes.
 pub fn items_of(changes: &[ChangeRecord]) -> Vec<Item> {
     changes

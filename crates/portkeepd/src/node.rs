@@ -1126,6 +1126,15 @@ fn clear_replica(shared: &Shared) -> bool {
 /// daemon, as a failed store commit does: nothing it held is acknowledged,
 /// and an fsync is never retried (the kernel may have dropped the pages).
 pub(crate) fn replica_writer(shared: &Shared, mut store: ReplicaStore) {
+    replica_loop(shared, &mut store);
+    if shared.failed.load(Ordering::SeqCst) {
+        // As for the store: after a failed write nothing more goes to the
+        // disk, not even the storage engine's sync when it is closed.
+        std::mem::forget(store);
+    }
+}
+
+fn replica_loop(shared: &Shared, store: &mut ReplicaStore) {
     let Some(q) = &shared.pair.replica else {
         return;
     };
@@ -1140,9 +1149,15 @@ pub(crate) fn replica_writer(shared: &Shared, mut store: ReplicaStore) {
             return;
         };
         if cmds.is_empty() {
+            // Idle: bring the tables up to date with the log.
+            if let Err(e) = store.fold(crate::replica::FOLD_IDLE) {
+                fail(shared, &e);
+                q.failed();
+                return;
+            }
             continue;
         }
-        match store_replica(&mut store, cmds) {
+        match store_replica(store, cmds) {
             Ok(last) => {
                 q.stored(ticket, store.seq());
                 if let Some(seq) = last {

@@ -5,8 +5,12 @@
 //! is stored, so that it survives the backup's crash too; the node
 //! (`portkeep_ha::Backup`) says what to store with every position it will
 //! acknowledge ([`ReplicaWrite`]), and this module only stores it and
-//! reads it back. Every [`ReplicaStore::write`] is one transaction with a
-//! durable commit (group commit: one fsync for everything queued).
+//! reads it back. The stream's writes go to a write-ahead log beside the
+//! file (`replica.wal/`, [`crate::wal`]): one `fdatasync` for everything
+//! queued (group commit), folded into the tables while the writer is idle;
+//! a snapshot (a replacement) goes to the tables directly, durably, and
+//! starts a new generation of the log. A restart reads the tables, then
+//! the log past them.
 //!
 //! Tables: the mappings (key as [`key_of`] -> [`encode_mapping`]), the
 //! subscribers' epoch anchors, the subscribers' hosts with volatile state,
@@ -28,11 +32,27 @@ use portkeep_server::record::{
 use portkeep_server::{SubscriberId, SubscriberKeying, Timestamp};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
+use crate::wal::{FsDir, Wal, WalDir, WalError};
+
 const MAPPINGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replica_mappings");
 const ANCHORS: TableDefinition<&[u8], u64> = TableDefinition::new("replica_anchors");
 const VOLATILE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replica_volatile");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("replica_meta");
 const META_KEY: &str = "replica";
+/// The write-ahead log's generation (4 octets, big-endian).
+const GENERATION_KEY: &str = "log_generation";
+
+/// Log options of the replica: it is small next to the store, and nothing
+/// reads its log by position.
+const LOG: crate::store::LogOptions = crate::store::LogOptions {
+    segment_bytes: 8 << 20,
+    retention_bytes: 0,
+};
+
+/// Writes logged before the tables take them even while busy.
+const FOLD_BOUND: usize = 65_536;
+/// Writes folded per step while idle.
+pub const FOLD_IDLE: usize = 4_096;
 
 /// Name of the replica file, beside the store in the data directory.
 pub const FILE: &str = "replica.redb";
@@ -76,6 +96,31 @@ fn damaged(path: &Path, e: impl std::fmt::Display) -> ReplicaError {
         path: path.to_owned(),
         detail: e.to_string(),
     }
+}
+
+fn wal_error(path: &Path, e: WalError) -> ReplicaError {
+    match e {
+        WalError::Damaged(d) => damaged(path, format!("its log: {d}")),
+        WalError::Io(e) => io(path, e),
+    }
+}
+
+/// Where the write-ahead log of the replica at `path` lives.
+pub fn log_dir_of(path: &Path) -> PathBuf {
+    path.with_extension("wal")
+}
+
+/// A logged write: its position, the clock offset, its items.
+fn encode_apply(offset_ms: i64, items: &[Item]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(64);
+    v.extend_from_slice(&offset_ms.to_be_bytes());
+    portkeep_ha::wire::encode_items(items, &mut v);
+    v
+}
+
+fn decode_apply(b: &[u8], keying: &SubscriberKeying) -> Option<(i64, Vec<Item>)> {
+    let off = i64::from_be_bytes(b.get(..8)?.try_into().ok()?);
+    Some((off, portkeep_ha::wire::decode_items(&b[8..], keying)?))
 }
 
 /// The meta row.
@@ -163,8 +208,12 @@ pub fn of_store(r: &portkeep_server::Restored) -> Replica {
 pub struct ReplicaStore {
     db: Database,
     path: PathBuf,
-    /// The meta row as committed; `None`: no replica stored.
+    /// The replica's meta row as of everything logged; `None`: no replica
+    /// stored.
     meta: Option<Meta>,
+    wal: Wal,
+    /// Logged writes not yet in the tables, in order.
+    pending: std::collections::VecDeque<ReplicaWrite>,
 }
 
 impl std::fmt::Debug for ReplicaStore {
@@ -195,13 +244,19 @@ impl ReplicaStore {
         path: &Path,
         keying: &SubscriberKeying,
     ) -> Result<(ReplicaStore, Option<Replica>), ReplicaError> {
+        let log_dir = log_dir_of(path);
+        let dir = || -> Result<Box<dyn WalDir>, ReplicaError> {
+            Ok(Box::new(
+                FsDir::open(&log_dir).map_err(|e| io(&log_dir, e))?,
+            ))
+        };
         if !path.exists() {
             let db = Self::builder().create(path).map_err(|e| io(path, e))?;
-            return Self::init(db, path).map(|s| (s, None));
+            return Self::init(db, path, dir()?).map(|s| (s, None));
         }
         Self::guarded(path, || {
             let db = Self::builder().open(path).map_err(|e| damaged(path, e))?;
-            Self::load(db, path, keying)
+            Self::load(db, path, dir()?, keying)
         })
     }
 
@@ -209,6 +264,7 @@ impl ReplicaStore {
     /// faulty disk); `label` names it in errors.
     pub fn open_on(
         backend: impl redb::StorageBackend,
+        log: Box<dyn WalDir>,
         label: &Path,
         keying: &SubscriberKeying,
     ) -> Result<(ReplicaStore, Option<Replica>), ReplicaError> {
@@ -216,13 +272,13 @@ impl ReplicaStore {
             let db = Self::builder()
                 .create_with_backend(backend)
                 .map_err(|e| io(label, e))?;
-            return Self::init(db, label).map(|s| (s, None));
+            return Self::init(db, label, log).map(|s| (s, None));
         }
         Self::guarded(label, || {
             let db = Self::builder()
                 .create_with_backend(backend)
                 .map_err(|e| damaged(label, e))?;
-            Self::load(db, label, keying)
+            Self::load(db, label, log, keying)
         })
     }
 
@@ -240,24 +296,75 @@ impl ReplicaStore {
 
     /// Makes the tables of a new file, durably: a later open then tells a
     /// file with no replica from a damaged one.
-    fn init(db: Database, path: &Path) -> Result<ReplicaStore, ReplicaError> {
+    fn init(
+        db: Database,
+        path: &Path,
+        mut log: Box<dyn WalDir>,
+    ) -> Result<ReplicaStore, ReplicaError> {
         let txn = db.begin_write().map_err(|e| io(path, e))?;
         for t in [MAPPINGS, VOLATILE] {
             txn.open_table(t).map_err(|e| io(path, e))?;
         }
         txn.open_table(ANCHORS).map_err(|e| io(path, e))?;
-        txn.open_table(META).map_err(|e| io(path, e))?;
+        txn.open_table(META)
+            .map_err(|e| io(path, e))?
+            .insert(GENERATION_KEY, 0u32.to_be_bytes().as_slice())
+            .map_err(|e| io(path, e))?;
         txn.commit().map_err(|e| io(path, e))?;
+        // A new file starts with no log, whatever an earlier one left.
+        for name in log.list().map_err(|e| io(path, e))? {
+            if name.ends_with(".wal") || name.ends_with(".tmp") {
+                log.remove(&name).map_err(|e| io(path, e))?;
+            }
+        }
+        let (wal, _) = Wal::open(log, 0, LOG.segment_bytes, LOG.retention_bytes)
+            .map_err(|e| wal_error(path, e))?;
         Ok(ReplicaStore {
             db,
             path: path.to_owned(),
             meta: None,
+            wal,
+            pending: Default::default(),
         })
     }
 
     fn load(
         db: Database,
         path: &Path,
+        log: Box<dyn WalDir>,
+        keying: &SubscriberKeying,
+    ) -> Result<(ReplicaStore, Option<Replica>), ReplicaError> {
+        let (mut store, stored) = Self::load_tables(db, path, log, keying)?;
+        // The log past the tables, in order.
+        let records = std::mem::take(&mut store.pending);
+        let mut replica = stored;
+        let base = store.meta.map_or(0, |m| m.seq);
+        for w in records {
+            let ReplicaWrite::Apply { seq, .. } = &w else {
+                continue;
+            };
+            if *seq <= base {
+                continue;
+            }
+            replica
+                .get_or_insert_with(Replica::default)
+                .apply(w.clone());
+            store.pending.push_back(w);
+        }
+        if let Some(r) = &replica {
+            store.meta = Some(Meta {
+                seq: r.seq,
+                offset_ms: r.offset_ms,
+                server_anchor: r.server_anchor,
+            });
+        }
+        Ok((store, replica))
+    }
+
+    fn load_tables(
+        db: Database,
+        path: &Path,
+        log: Box<dyn WalDir>,
         keying: &SubscriberKeying,
     ) -> Result<(ReplicaStore, Option<Replica>), ReplicaError> {
         let d = |e: &dyn std::fmt::Display| damaged(path, e);
@@ -267,6 +374,26 @@ impl ReplicaStore {
             Some(v) => Some(Meta::decode(v.value()).map_err(|e| d(&e))?),
             None => None,
         };
+        let generation = match meta_t.get(GENERATION_KEY).map_err(|e| d(&e))? {
+            Some(v) => u32::from_be_bytes(
+                v.value()
+                    .try_into()
+                    .map_err(|_| d(&"the log generation row is not 4 octets"))?,
+            ),
+            None => 0,
+        };
+        let (wal, records) = Wal::open(log, generation, LOG.segment_bytes, LOG.retention_bytes)
+            .map_err(|e| wal_error(path, e))?;
+        let mut pending = std::collections::VecDeque::new();
+        for (seq, bytes) in records {
+            let (offset_ms, items) = decode_apply(&bytes, keying)
+                .ok_or_else(|| d(&format!("logged write {seq} does not decode")))?;
+            pending.push_back(ReplicaWrite::Apply {
+                seq,
+                offset_ms,
+                items,
+            });
+        }
         let maps = txn.open_table(MAPPINGS).map_err(|e| d(&e))?;
         let anchors_t = txn.open_table(ANCHORS).map_err(|e| d(&e))?;
         let volatile_t = txn.open_table(VOLATILE).map_err(|e| d(&e))?;
@@ -284,6 +411,8 @@ impl ReplicaStore {
                     db,
                     path: path.to_owned(),
                     meta: None,
+                    wal,
+                    pending,
                 },
                 None,
             ));
@@ -351,6 +480,8 @@ impl ReplicaStore {
                 db,
                 path: path.to_owned(),
                 meta: Some(meta),
+                wal,
+                pending,
             },
             Some(replica),
         ))
@@ -366,107 +497,125 @@ impl ReplicaStore {
         self.meta.map(|m| m.seq)
     }
 
-    /// Stores `writes`, in order, in one transaction: on disk (fsynced)
-    /// when this returns `Ok`, so the positions they stand for may be
-    /// acknowledged (RFC 7767 section 3.2). After an error nothing of the
-    /// batch may be acknowledged, and the file is in no known state until
-    /// it is opened again.
+    /// Stores `writes`, in order: on disk (fsynced) when this returns
+    /// `Ok`, so the positions they stand for may be acknowledged (RFC 7767
+    /// section 3.2). The stream's writes are logged (one `fdatasync` for
+    /// the batch); a snapshot goes to the tables in one durable
+    /// transaction and starts a new generation of the log. After an error
+    /// nothing of the batch may be acknowledged, and the replica is in no
+    /// known state until it is opened again.
     pub fn write(&mut self, writes: &[ReplicaWrite]) -> Result<(), ReplicaError> {
-        if writes.is_empty() {
-            return Ok(());
-        }
         let p = self.path.clone();
         let e = |err: &dyn std::fmt::Display| io(&p, err);
+        // A snapshot replaces everything before it.
+        let from = writes
+            .iter()
+            .rposition(|w| matches!(w, ReplicaWrite::Replace(_)));
+        if let Some(i) = from {
+            self.replace_tables(&writes[i])?;
+        }
+        let mut logged = false;
+        for w in &writes[from.map_or(0, |i| i + 1)..] {
+            let ReplicaWrite::Apply {
+                seq,
+                offset_ms,
+                items,
+            } = w
+            else {
+                continue;
+            };
+            // Nothing new (a resumed stream's first write only orders its
+            // acknowledgement after those before it).
+            if self.meta.is_some_and(|m| *seq <= m.seq) {
+                continue;
+            }
+            let bytes = encode_apply(*offset_ms, items);
+            self.wal
+                .append(std::iter::once((*seq, bytes.as_slice())))
+                .map_err(|x| e(&x))?;
+            self.meta = Some(advance(self.meta, w));
+            self.pending.push_back(w.clone());
+            logged = true;
+        }
+        if logged {
+            self.wal.sync().map_err(|x| e(&x))?;
+        }
+        if self.pending.len() >= FOLD_BOUND {
+            self.fold(FOLD_IDLE)?;
+        }
+        Ok(())
+    }
+
+    /// Work for idle moments: folds up to `max` logged writes into the
+    /// tables (durably only when that lets a log segment go: until then
+    /// the log holds whatever a lost commit of the tables would take), and
+    /// makes the next log segment ahead of need.
+    pub fn fold(&mut self, max: usize) -> Result<(), ReplicaError> {
+        let p = self.path.clone();
+        let e = |err: &dyn std::fmt::Display| io(&p, err);
+        self.wal.prepare().map_err(|x| e(&x))?;
+        let n = max.min(self.pending.len());
+        if n == 0 {
+            return Ok(());
+        }
+        let upto = match &self.pending[n - 1] {
+            ReplicaWrite::Apply { seq, .. } => *seq,
+            ReplicaWrite::Replace(r) => r.seq,
+        };
+        let durable = self.wal.releasable(upto);
+        let mut txn = self.db.begin_write().map_err(|x| e(&x))?;
+        txn.set_durability(if durable {
+            redb::Durability::Immediate
+        } else {
+            redb::Durability::None
+        })
+        .map_err(|x| e(&x))?;
+        txn.set_quick_repair(true);
+        let chunk: Vec<ReplicaWrite> = self.pending.drain(..n).collect();
+        apply_to_tables(&txn, &chunk, self.table_meta(&txn)?).map_err(|x| e(&x))?;
+        txn.commit().map_err(|x| e(&x))?;
+        if durable {
+            self.wal.release(upto).map_err(|x| e(&x))?;
+        }
+        Ok(())
+    }
+
+    /// Logged writes not yet in the tables.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The meta row the tables hold now.
+    fn table_meta(&self, txn: &redb::WriteTransaction) -> Result<Option<Meta>, ReplicaError> {
+        let t = txn.open_table(META).map_err(|x| io(&self.path, x))?;
+        let v = t.get(META_KEY).map_err(|x| io(&self.path, x))?;
+        match v {
+            Some(v) => Meta::decode(v.value())
+                .map(Some)
+                .map_err(|x| damaged(&self.path, x)),
+            None => Ok(None),
+        }
+    }
+
+    /// A snapshot into the tables, durably, and a new log generation.
+    fn replace_tables(&mut self, w: &ReplicaWrite) -> Result<(), ReplicaError> {
+        let p = self.path.clone();
+        let e = |err: &dyn std::fmt::Display| io(&p, err);
+        let generation = self.wal.generation().wrapping_add(1);
         let mut txn = self.db.begin_write().map_err(|x| e(&x))?;
         txn.set_durability(redb::Durability::Immediate)
             .map_err(|x| e(&x))?;
         txn.set_quick_repair(true);
-        let mut meta = self.meta;
-        {
-            let mut maps = txn.open_table(MAPPINGS).map_err(|x| e(&x))?;
-            let mut anchors = txn.open_table(ANCHORS).map_err(|x| e(&x))?;
-            let mut volatile = txn.open_table(VOLATILE).map_err(|x| e(&x))?;
-            for w in writes {
-                match w {
-                    ReplicaWrite::Replace(r) => {
-                        maps.retain(|_, _| false).map_err(|x| e(&x))?;
-                        anchors.retain(|_, _| false).map_err(|x| e(&x))?;
-                        volatile.retain(|_, _| false).map_err(|x| e(&x))?;
-                        let mut entries: Vec<(Vec<u8>, Vec<u8>)> = r
-                            .mappings
-                            .iter()
-                            .map(|m| (key_of(m), encode_mapping(m)))
-                            .collect();
-                        // Sorted keys insert fastest into the B-tree.
-                        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-                        for (k, v) in &entries {
-                            maps.insert(k.as_slice(), v.as_slice()).map_err(|x| e(&x))?;
-                        }
-                        for (s, a) in &r.anchors {
-                            anchors
-                                .insert(encode_subscriber(s).as_slice(), a.as_millis())
-                                .map_err(|x| e(&x))?;
-                        }
-                        for (s, hosts) in &r.volatile {
-                            put_volatile(&mut volatile, s, hosts).map_err(|x| e(&x))?;
-                        }
-                        meta = Some(Meta {
-                            seq: r.seq,
-                            offset_ms: r.offset_ms,
-                            server_anchor: r.server_anchor,
-                        });
-                    }
-                    ReplicaWrite::Apply {
-                        seq,
-                        offset_ms,
-                        items,
-                    } => {
-                        // As `Replica::apply` on a replica not yet stored:
-                        // the items apply to an empty one.
-                        let mut server_anchor = meta.and_then(|m| m.server_anchor);
-                        for item in items {
-                            match item {
-                                Item::Upsert(m) => {
-                                    maps.insert(key_of(m).as_slice(), encode_mapping(m).as_slice())
-                                        .map_err(|x| e(&x))?;
-                                }
-                                Item::Remove(k) => {
-                                    maps.remove(k.as_slice()).map_err(|x| e(&x))?;
-                                }
-                                Item::Epoch { subscriber, anchor } => {
-                                    anchors
-                                        .insert(
-                                            encode_subscriber(subscriber).as_slice(),
-                                            anchor.as_millis(),
-                                        )
-                                        .map_err(|x| e(&x))?;
-                                }
-                                Item::ServerEpoch { anchor } => {
-                                    server_anchor = Some(*anchor);
-                                    anchors.retain(|_, _| false).map_err(|x| e(&x))?;
-                                }
-                                Item::Volatile { subscriber, hosts } => {
-                                    put_volatile(&mut volatile, subscriber, hosts)
-                                        .map_err(|x| e(&x))?;
-                                }
-                            }
-                        }
-                        meta = Some(Meta {
-                            seq: *seq,
-                            offset_ms: *offset_ms,
-                            server_anchor,
-                        });
-                    }
-                }
-            }
-            let mut meta_t = txn.open_table(META).map_err(|x| e(&x))?;
-            if let Some(m) = &meta {
-                meta_t
-                    .insert(META_KEY, m.encode().as_slice())
-                    .map_err(|x| e(&x))?;
-            }
-        }
+        let meta = apply_to_tables(&txn, std::slice::from_ref(w), None).map_err(|x| e(&x))?;
+        txn.open_table(META)
+            .map_err(|x| e(&x))?
+            .insert(GENERATION_KEY, generation.to_be_bytes().as_slice())
+            .map_err(|x| e(&x))?;
         txn.commit().map_err(|x| e(&x))?;
+        // Committed: the old generation's writes are in the snapshot or
+        // superseded by it.
+        self.wal.reset(generation).map_err(|x| e(&x))?;
+        self.pending.clear();
         self.meta = meta;
         Ok(())
     }
@@ -475,15 +624,20 @@ impl ReplicaStore {
     pub fn clear(&mut self) -> Result<(), ReplicaError> {
         let p = self.path.clone();
         let e = |err: &dyn std::fmt::Display| io(&p, err);
+        let generation = self.wal.generation().wrapping_add(1);
         let mut txn = self.db.begin_write().map_err(|x| e(&x))?;
         txn.set_durability(redb::Durability::Immediate)
             .map_err(|x| e(&x))?;
         txn.set_quick_repair(true);
         {
             // The meta row first: without it no replica exists, whatever
-            // else the transaction holds.
+            // else the transaction holds; the new generation leaves every
+            // logged write behind.
             let mut meta_t = txn.open_table(META).map_err(|x| e(&x))?;
             meta_t.remove(META_KEY).map_err(|x| e(&x))?;
+            meta_t
+                .insert(GENERATION_KEY, generation.to_be_bytes().as_slice())
+                .map_err(|x| e(&x))?;
             for t in [MAPPINGS, VOLATILE] {
                 let mut t = txn.open_table(t).map_err(|x| e(&x))?;
                 t.retain(|_, _| false).map_err(|x| e(&x))?;
@@ -492,9 +646,109 @@ impl ReplicaStore {
             anchors.retain(|_, _| false).map_err(|x| e(&x))?;
         }
         txn.commit().map_err(|x| e(&x))?;
+        self.wal.reset(generation).map_err(|x| e(&x))?;
+        self.pending.clear();
         self.meta = None;
         Ok(())
     }
+}
+
+/// The meta row after `w` (a stream write's server-wide anchor is its last
+/// [`Item::ServerEpoch`], or the one before).
+fn advance(meta: Option<Meta>, w: &ReplicaWrite) -> Meta {
+    match w {
+        ReplicaWrite::Replace(r) => Meta {
+            seq: r.seq,
+            offset_ms: r.offset_ms,
+            server_anchor: r.server_anchor,
+        },
+        ReplicaWrite::Apply {
+            seq,
+            offset_ms,
+            items,
+        } => {
+            let mut server_anchor = meta.and_then(|m| m.server_anchor);
+            for i in items {
+                if let Item::ServerEpoch { anchor } = i {
+                    server_anchor = Some(*anchor);
+                }
+            }
+            Meta {
+                seq: *seq,
+                offset_ms: *offset_ms,
+                server_anchor,
+            }
+        }
+    }
+}
+
+/// Applies `writes` to the tables in `txn`, from the meta row `meta`;
+/// returns the meta row written.
+fn apply_to_tables(
+    txn: &redb::WriteTransaction,
+    writes: &[ReplicaWrite],
+    mut meta: Option<Meta>,
+) -> Result<Option<Meta>, redb::Error> {
+    let mut maps = txn.open_table(MAPPINGS)?;
+    let mut anchors = txn.open_table(ANCHORS)?;
+    let mut volatile = txn.open_table(VOLATILE)?;
+    for w in writes {
+        match w {
+            ReplicaWrite::Replace(r) => {
+                maps.retain(|_, _| false)?;
+                anchors.retain(|_, _| false)?;
+                volatile.retain(|_, _| false)?;
+                let mut entries: Vec<(Vec<u8>, Vec<u8>)> = r
+                    .mappings
+                    .iter()
+                    .map(|m| (key_of(m), encode_mapping(m)))
+                    .collect();
+                // Sorted keys insert fastest into the B-tree.
+                entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                for (k, v) in &entries {
+                    maps.insert(k.as_slice(), v.as_slice())?;
+                }
+                for (s, a) in &r.anchors {
+                    anchors.insert(encode_subscriber(s).as_slice(), a.as_millis())?;
+                }
+                for (s, hosts) in &r.volatile {
+                    put_volatile(&mut volatile, s, hosts)?;
+                }
+            }
+            ReplicaWrite::Apply { items, .. } => {
+                // As `Replica::apply` on a replica not yet stored: the
+                // items apply to an empty one.
+                for item in items {
+                    match item {
+                        Item::Upsert(m) => {
+                            maps.insert(key_of(m).as_slice(), encode_mapping(m).as_slice())?;
+                        }
+                        Item::Remove(k) => {
+                            maps.remove(k.as_slice())?;
+                        }
+                        Item::Epoch { subscriber, anchor } => {
+                            anchors.insert(
+                                encode_subscriber(subscriber).as_slice(),
+                                anchor.as_millis(),
+                            )?;
+                        }
+                        Item::ServerEpoch { .. } => {
+                            anchors.retain(|_, _| false)?;
+                        }
+                        Item::Volatile { subscriber, hosts } => {
+                            put_volatile(&mut volatile, subscriber, hosts)?;
+                        }
+                    }
+                }
+            }
+        }
+        meta = Some(advance(meta, w));
+    }
+    if let Some(m) = &meta {
+        txn.open_table(META)?
+            .insert(META_KEY, m.encode().as_slice())?;
+    }
+    Ok(meta)
 }
 
 fn put_volatile(
@@ -517,6 +771,11 @@ fn put_volatile(
 pub fn move_aside(path: &Path, stamp: u64) -> Result<PathBuf, ReplicaError> {
     let aside = path.with_extension(format!("redb.damaged-{stamp}"));
     std::fs::rename(path, &aside).map_err(|e| io(path, e))?;
+    let log = log_dir_of(path);
+    if log.exists() {
+        let log_aside = path.with_extension(format!("wal.damaged-{stamp}"));
+        std::fs::rename(&log, &log_aside).map_err(|e| io(&log, e))?;
+    }
     Ok(aside)
 }
 
@@ -524,6 +783,7 @@ pub fn move_aside(path: &Path, stamp: u64) -> Result<PathBuf, ReplicaError> {
 mod tests {
     use super::*;
     use crate::store::faulty_disk::{Crash, FaultyDisk};
+    use crate::wal::mem::{Crash as LogCrash, MemDir};
     use portkeep_proto::Protocol;
     use portkeep_server::{MappingKey, MappingKind, MappingRecord};
 
@@ -618,6 +878,26 @@ mod tests {
         w
     }
 
+    fn open_disk(
+        disk: &FaultyDisk,
+        log: &MemDir,
+    ) -> Result<(ReplicaStore, Option<Replica>), ReplicaError> {
+        ReplicaStore::open_on(
+            disk.clone(),
+            Box::new(log.clone()),
+            Path::new("faulty-disk"),
+            &keying(),
+        )
+    }
+
+    fn log_crash(how: Crash) -> LogCrash {
+        match how {
+            Crash::DropUnsynced => LogCrash::DropUnsynced,
+            Crash::TearLast => LogCrash::TearLast,
+            Crash::SomeUnsynced(s) => LogCrash::SomeUnsynced(s),
+        }
+    }
+
     fn model(writes: &[ReplicaWrite]) -> Replica {
         let mut r = Replica::default();
         for w in writes {
@@ -670,14 +950,15 @@ mod tests {
         let mut crashes = 0;
         for fail_at in [None, Some(0), Some(2), Some(4)] {
             let disk = FaultyDisk::default();
-            let (mut st, _) =
-                ReplicaStore::open_on(disk.clone(), Path::new("faulty-disk"), &keying()).unwrap();
+            let log = MemDir::default();
+            let (mut st, _) = open_disk(&disk, &log).unwrap();
             // states[i]: the replica after i writes.
             let mut states = vec![None];
             let mut acknowledged = 0;
             for (i, w) in all.iter().enumerate() {
                 let failing = fail_at == Some(i);
                 disk.state().fail_syncs = failing;
+                log.fail_syncs(failing);
                 let r = st.write(std::slice::from_ref(w));
                 states.push(Some(model(&all[..=i])));
                 if failing {
@@ -686,6 +967,10 @@ mod tests {
                 }
                 r.unwrap();
                 acknowledged = i + 1;
+                // Some writes reach the tables before the crash.
+                if i % 2 == 1 {
+                    st.fold(1).unwrap();
+                }
             }
             for how in [
                 Crash::DropUnsynced,
@@ -695,7 +980,8 @@ mod tests {
             ] {
                 crashes += 1;
                 let img = disk.crash(how);
-                let (_, got) = ReplicaStore::open_on(img, Path::new("faulty-disk"), &keying())
+                let log_img = log.crash(log_crash(how));
+                let (_, got) = open_disk(&img, &log_img)
                     .unwrap_or_else(|e| panic!("{fail_at:?}, {how:?}: {e}"));
                 let whole = states.iter().position(|s| *s == got);
                 assert!(
@@ -737,25 +1023,33 @@ mod tests {
 
         let all = writes();
         let disk = FaultyDisk::default();
-        let (mut st, _) =
-            ReplicaStore::open_on(disk.clone(), Path::new("faulty-disk"), &keying()).unwrap();
+        let log = MemDir::default();
+        let (mut st, _) = open_disk(&disk, &log).unwrap();
         let mut states = vec![None];
         for (i, w) in all.iter().enumerate() {
             st.write(std::slice::from_ref(w)).unwrap();
             states.push(Some(model(&all[..=i])));
+            if i == 2 {
+                // Part in the tables, part only in the log.
+                st.fold(2).unwrap();
+            }
         }
         drop(st);
         let len = disk.state().synced.len();
         let mut refused = 0;
-        for i in 0..64usize {
+        for i in 0..128usize {
             let img = disk.crash(Crash::DropUnsynced);
-            {
+            let log_img = log.crash(LogCrash::DropUnsynced);
+            if i % 2 == 0 {
                 let mut s = img.state();
                 let at = (i * 7919 * 4099) % len;
                 s.synced[at] ^= 0x5a;
                 s.current = s.synced.clone();
+            } else {
+                // The log's frames are in its first kilobytes.
+                assert!(log_img.corrupt((i * 7919) % 2_000));
             }
-            match ReplicaStore::open_on(img, Path::new("faulty-disk"), &keying()) {
+            match open_disk(&img, &log_img) {
                 Ok((_, got)) => assert!(
                     states.contains(&got),
                     "byte {i}: opened to a replica no write made"
@@ -764,6 +1058,6 @@ mod tests {
                 Err(e) => panic!("byte {i}: {e}"),
             }
         }
-        eprintln!("{refused} of 64 corrupted replicas refused, the rest opened whole");
+        eprintln!("{refused} of 128 corrupted replicas refused, the rest opened whole");
     }
 }
