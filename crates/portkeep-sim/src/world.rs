@@ -1024,10 +1024,25 @@ impl World {
         let now = self.now;
         match w {
             Work::Create { client, m } => {
-                let c = &mut self.clients[client];
-                if c.departed || c.maps[m].in_session {
+                if self.clients[client].departed || self.clients[client].maps[m].in_session {
                     return;
                 }
+                if self.clients[client].maps[m].server_expires > 0 {
+                    // Made again after its delete: a new mapping, so a new
+                    // nonce (RFC 6887 section 11.1 ties a nonce to one
+                    // mapping). With the old one, a retransmission of the
+                    // delete still in the network would remove the new
+                    // mapping, and PCP has no sequence numbers to tell.
+                    // Derived, not drawn: the seed's schedule stays as it was.
+                    let mut nonce = self.clients[client].maps[m].nonce;
+                    for (i, b) in nonce.iter_mut().enumerate() {
+                        *b = b.wrapping_add(0x9d ^ i as u8);
+                    }
+                    let key = self.clients[client].maps[m].key();
+                    self.clients[client].maps[m].nonce = nonce;
+                    self.by_nonce.insert(nonce, key);
+                }
+                let c = &mut self.clients[client];
                 let spec = c.maps[m].clone();
                 let mut b = RequestBuilder::map(spec.protocol, spec.port)
                     .nonce(spec.nonce)
