@@ -344,10 +344,14 @@ struct Held<R> {
 
 impl<R> Held<R> {
     /// Its release: replies that waited a second or more are aged by the
-    /// whole seconds they waited (see [`Effect::ReleaseAged`]).
+    /// whole seconds they waited (see [`Effect::ReleaseAged`]). Truncated,
+    /// not rounded: the epoch in the reply was itself truncated when it was
+    /// made, and rounding up could put it ahead of what a reply made now
+    /// would say (a hold of 0.68 s aged by a second failed a client's RFC
+    /// 6887 section 8.5 check in the simulator).
     fn release(self, now: Timestamp) -> Effect<R> {
         let waited = now.as_millis().saturating_sub(self.at.as_millis());
-        let by_secs = u32::try_from(waited.saturating_add(500) / 1000).unwrap_or(u32::MAX);
+        let by_secs = u32::try_from(waited / 1000).unwrap_or(u32::MAX);
         if by_secs == 0 {
             Effect::Release(self.reply)
         } else {

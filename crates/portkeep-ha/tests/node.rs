@@ -256,7 +256,8 @@ fn draft_s2_6_unconfirmed_volatile_reply_waits_while_the_backup_may_take_over_ho
     a.handle_timeout(Timestamp(end.0 - 1));
     assert!(effects(&mut a).is_empty());
     // Once it ended, a promotion resets every epoch: the reply leaves,
-    // aged by the whole seconds it waited.
+    // aged by the whole seconds it waited (1.8 s: one; never rounded up,
+    // which could put its epoch ahead of a reply made now).
     a.handle_timeout(end);
     let e = effects(&mut a);
     assert!(
@@ -264,7 +265,7 @@ fn draft_s2_6_unconfirmed_volatile_reply_waits_while_the_backup_may_take_over_ho
             e.as_slice(),
             [Effect::ReleaseAged {
                 reply: 10,
-                by_secs: 2
+                by_secs: 1
             }]
         ),
         "{e:?}"
