@@ -106,6 +106,20 @@ pub enum ReplicaWrite {
 }
 
 impl Replica {
+    /// The replica a node that served last starts from when it starts as a
+    /// backup with none stored: the state it served, as of its last log
+    /// position (a promotion from it is stale: every epoch resets).
+    pub fn of_served(r: &portkeep_server::Restored) -> Replica {
+        Replica {
+            seq: r.last_seq,
+            offset_ms: 0,
+            server_anchor: Some(r.anchor),
+            anchors: r.subscriber_anchors.clone(),
+            mappings: r.mappings.clone(),
+            volatile: Vec::new(),
+        }
+    }
+
     /// Applies a write to a stored replica: what a durable store does,
     /// for stores that keep the replica as one value (tests, the
     /// simulator).

@@ -275,19 +275,6 @@ struct ReplicaDisk {
     syncing: Option<Vec<(u64, ReplicaWrite)>>,
 }
 
-/// The replica a node that served last starts from: the state in its
-/// store, as the daemon derives it (`portkeepd::replica::of_store`).
-fn replica_of_store(r: &Restored) -> Replica {
-    Replica {
-        seq: r.last_seq,
-        offset_ms: 0,
-        server_anchor: Some(r.anchor),
-        anchors: r.subscriber_anchors.clone(),
-        mappings: r.mappings.clone(),
-        volatile: Vec::new(),
-    }
-}
-
 #[derive(Debug)]
 struct SimNode {
     name: &'static str,
@@ -1690,7 +1677,7 @@ impl World {
             // It served last (a backup's store is emptied when it is
             // deposed): what it served is what it can vouch for.
             node.ha
-                .resume_replica(replica_of_store(&node.store.restored()));
+                .resume_replica(Replica::of_served(&node.store.restored()));
         }
         node.link = None;
         node.connecting = false;

@@ -190,20 +190,6 @@ fn decode_hosts(b: &[u8]) -> Option<Vec<IpAddr>> {
     Some(hosts)
 }
 
-/// The replica a node that served last starts from when it starts as a
-/// backup with none stored: the state in its store, as of its last log
-/// position (every epoch resets if it is promoted from it).
-pub fn of_store(r: &portkeep_server::Restored) -> Replica {
-    Replica {
-        seq: r.last_seq,
-        offset_ms: 0,
-        server_anchor: Some(r.anchor),
-        anchors: r.subscriber_anchors.clone(),
-        mappings: r.mappings.clone(),
-        volatile: Vec::new(),
-    }
-}
-
 /// The backup's replica file, open.
 pub struct ReplicaStore {
     db: Database,
@@ -312,11 +298,7 @@ impl ReplicaStore {
             .map_err(|e| io(path, e))?;
         txn.commit().map_err(|e| io(path, e))?;
         // A new file starts with no log, whatever an earlier one left.
-        for name in log.list().map_err(|e| io(path, e))? {
-            if name.ends_with(".wal") || name.ends_with(".tmp") {
-                log.remove(&name).map_err(|e| io(path, e))?;
-            }
-        }
+        crate::wal::wipe(log.as_mut()).map_err(|e| io(path, e))?;
         let (wal, _) = Wal::open(log, 0, LOG.segment_bytes, LOG.retention_bytes)
             .map_err(|e| wal_error(path, e))?;
         Ok(ReplicaStore {
@@ -890,14 +872,6 @@ mod tests {
         )
     }
 
-    fn log_crash(how: Crash) -> LogCrash {
-        match how {
-            Crash::DropUnsynced => LogCrash::DropUnsynced,
-            Crash::TearLast => LogCrash::TearLast,
-            Crash::SomeUnsynced(s) => LogCrash::SomeUnsynced(s),
-        }
-    }
-
     fn model(writes: &[ReplicaWrite]) -> Replica {
         let mut r = Replica::default();
         for w in writes {
@@ -980,7 +954,7 @@ mod tests {
             ] {
                 crashes += 1;
                 let img = disk.crash(how);
-                let log_img = log.crash(log_crash(how));
+                let log_img = log.crash(how.into());
                 let (_, got) = open_disk(&img, &log_img)
                     .unwrap_or_else(|e| panic!("{fail_at:?}, {how:?}: {e}"));
                 let whole = states.iter().position(|s| *s == got);

@@ -321,7 +321,8 @@ impl Daemon {
                 "starting as backup with no stored replica: the {} mappings this node served before stand for it until a snapshot",
                 state.mappings.len()
             );
-            pair.node().resume_replica(crate::replica::of_store(&state));
+            pair.node()
+                .resume_replica(portkeep_ha::Replica::of_served(&state));
         }
         if settings.ha.role == Role::Active {
             // RFC 7767 section 3.2: nothing is honoured until the backup is

@@ -211,17 +211,6 @@ pub fn log_dir_of(path: &Path) -> PathBuf {
     path.with_extension("wal")
 }
 
-/// Removes every segment in `dir`: a new store starts with no log, whatever
-/// an earlier store at the same place left.
-fn wipe(dir: &mut dyn WalDir) -> std::io::Result<()> {
-    for name in dir.list()? {
-        if name.ends_with(".wal") || name.ends_with(".tmp") {
-            dir.remove(&name)?;
-        }
-    }
-    Ok(())
-}
-
 /// Runs `open` (the open of an existing redb file, before any other
 /// thread starts), turning a panic of the storage engine into `Err` with
 /// its message. redb trusts the structure it finds and panics on some
@@ -389,7 +378,7 @@ impl Store {
             txn.open_table(LOG).map_err(|e| io(path, e))?;
         }
         txn.commit().map_err(|e| io(path, e))?;
-        wipe(log.as_mut()).map_err(|e| io(path, e))?;
+        crate::wal::wipe(log.as_mut()).map_err(|e| io(path, e))?;
         let (wal, _) = Wal::open(log, 0, options.segment_bytes, options.retention_bytes)
             .map_err(|e| wal_error(path, e))?;
         Ok(Store {
@@ -933,6 +922,17 @@ pub(crate) mod faulty_disk {
         SomeUnsynced(u64),
     }
 
+    /// The same crash of the machine, for the write-ahead log beside it.
+    impl From<Crash> for crate::wal::mem::Crash {
+        fn from(how: Crash) -> Self {
+            match how {
+                Crash::DropUnsynced => Self::DropUnsynced,
+                Crash::TearLast => Self::TearLast,
+                Crash::SomeUnsynced(s) => Self::SomeUnsynced(s),
+            }
+        }
+    }
+
     impl FaultyDisk {
         pub(crate) fn state(&self) -> std::sync::MutexGuard<'_, DiskState> {
             self.0.lock().unwrap()
@@ -1230,14 +1230,6 @@ mod tests {
         )
     }
 
-    fn log_crash(how: Crash) -> LogCrash {
-        match how {
-            Crash::DropUnsynced => LogCrash::DropUnsynced,
-            Crash::TearLast => LogCrash::TearLast,
-            Crash::SomeUnsynced(s) => LogCrash::SomeUnsynced(s),
-        }
-    }
-
     fn model_of(opened: Opened) -> std::collections::BTreeMap<Vec<u8>, MappingRecord> {
         match opened {
             Opened::Restored(r) => r.mappings.into_iter().map(|m| (key_of(&m), m)).collect(),
@@ -1319,7 +1311,7 @@ mod tests {
             }
             for how in modes(trial) {
                 let img = disk.crash(how);
-                let log_img = log.crash(log_crash(how));
+                let log_img = log.crash(how.into());
                 crashes += 1;
                 let (_, opened) = open_disk(&img, &log_img)
                     .unwrap_or_else(|e| panic!("trial {trial}, {how:?}: {e}"));

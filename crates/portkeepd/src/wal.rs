@@ -161,6 +161,17 @@ impl WalDir for FsDir {
     }
 }
 
+/// Removes every segment in `dir`: a new store starts with no log, whatever
+/// an earlier one at the same place left.
+pub fn wipe(dir: &mut dyn WalDir) -> io::Result<()> {
+    for name in dir.list()? {
+        if name.ends_with(SUFFIX) || name.ends_with(".tmp") {
+            dir.remove(&name)?;
+        }
+    }
+    Ok(())
+}
+
 /// Why a log cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
