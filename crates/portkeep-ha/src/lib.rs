@@ -40,8 +40,8 @@ pub use backup::{Backup, Replica, ReplicaWrite, Takeover, TakeoverKind};
 ))]
 pub use node::Planted;
 pub use node::{
-    age_reply, strip_checkpoint, Effect, EncodedSnapshot, Grant, JobMeta, Node, NodeConfig,
-    NodeStats, PromoteError, Role, SnapshotSource,
+    strip_checkpoint, Effect, EncodedSnapshot, Grant, JobMeta, Node, NodeConfig, NodeStats,
+    PromoteError, Role, SnapshotSource,
 };
 pub use wire::{FrameError, Item, Message};
 

@@ -164,17 +164,17 @@ pub enum Effect<R> {
     /// replicated as it must be.
     Release(R),
     /// [`Effect::Release`] for replies that waited (for the backup, or for
-    /// the end of a lease) about `by_secs` seconds after they were made:
-    /// send each with its epoch time that much later and its lifetime that
-    /// much shorter ([`age_reply`]), as it would read if made now, so its
+    /// the end of a lease) a second or more after they were made: send each
+    /// as it would read if made now (`portkeep_server::Server::restamp`:
+    /// its epoch made again, its lifetime shorter by the wait), so its
     /// client's RFC 6887 section 8.5 check does not take the wait for a
     /// lost state and the mapping does not outlive what the server holds.
-    /// A reply that cannot be aged is dropped (its client retransmits).
+    /// A reply that cannot be restamped is dropped (its client retransmits).
     ReleaseAged {
         /// The replies.
         reply: R,
-        /// Whole seconds waited.
-        by_secs: u32,
+        /// How long they waited, in milliseconds.
+        waited_ms: u64,
     },
     /// These replies report check-points the backup did not confirm: take
     /// the flag off each granted mapping (a stored change like any other),
@@ -343,21 +343,18 @@ struct Held<R> {
 }
 
 impl<R> Held<R> {
-    /// Its release: replies that waited a second or more are aged by the
-    /// whole seconds they waited (see [`Effect::ReleaseAged`]). Truncated,
-    /// not rounded: the epoch in the reply was itself truncated when it was
-    /// made, and rounding up could put it ahead of what a reply made now
-    /// would say (a hold of 0.68 s aged by a second failed a client's RFC
-    /// 6887 section 8.5 check in the simulator).
+    /// Its release: replies that waited a second or more are made again
+    /// as of their release (see [`Effect::ReleaseAged`]); a shorter wait
+    /// is no more than the network adds anyway, and restamping costs a
+    /// parse and an encode per reply.
     fn release(self, now: Timestamp) -> Effect<R> {
-        let waited = now.as_millis().saturating_sub(self.at.as_millis());
-        let by_secs = u32::try_from(waited / 1000).unwrap_or(u32::MAX);
-        if by_secs == 0 {
+        let waited_ms = now.as_millis().saturating_sub(self.at.as_millis());
+        if waited_ms < 1000 {
             Effect::Release(self.reply)
         } else {
             Effect::ReleaseAged {
                 reply: self.reply,
-                by_secs,
+                waited_ms,
             }
         }
     }
@@ -1011,24 +1008,6 @@ fn keep_for_backup(replicated: &mut HashSet<u64>, item: &Item, hash: Option<u64>
         (Item::Remove(_), Some(h)) => replicated.remove(&h),
         _ => true,
     }
-}
-
-/// `bytes` (a PCP response) as it would read `by_secs` seconds later:
-/// epoch time that much later, lifetime that much shorter (not below one
-/// second if it was not zero: a lifetime of zero means deleted, RFC 6887
-/// section 15). `None` if it cannot be parsed and encoded again (the caller
-/// then drops it; the client retransmits). RFC 6887 section 8.5: the
-/// epoch time is the server's at the moment the response is sent.
-pub fn age_reply(bytes: &[u8], by_secs: u32, cp: &portkeep_proto::CodePoints) -> Option<Vec<u8>> {
-    use portkeep_proto::Response;
-    let mut r = Response::parse(bytes, cp).ok()?;
-    r.header.epoch = r.header.epoch.wrapping_add(by_secs);
-    if r.header.lifetime > 0 {
-        r.header.lifetime = r.header.lifetime.saturating_sub(by_secs).max(1);
-    }
-    let mut out = Vec::with_capacity(bytes.len());
-    r.encode(cp, &mut out).ok()?;
-    Some(out)
 }
 
 /// `bytes` (a PCP response) without CHECKPOINT_REQUIRED, or `None` if it

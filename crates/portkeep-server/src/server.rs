@@ -674,6 +674,50 @@ impl Server {
         let _ = resp.encode(&self.cfg.code_points, out);
     }
 
+    /// `reply`, a response this server made `waited_ms` before `now` for
+    /// the client at `to` and held since (until the backup confirmed what it
+    /// reports), as it reads if made at `now`: the epoch is made again from
+    /// the subscriber's epoch (RFC 6887 section 8.5: the epoch time is the
+    /// server's when the response is sent), and the lifetime is shortened by
+    /// the wait rounded up to whole seconds, so the client's mapping never
+    /// outlives the server's. Making the epoch again rather than adding the
+    /// wait to it is exact: the epoch in the reply was truncated when it was
+    /// made, and the server alone knows where its seconds begin (adding a
+    /// truncated or rounded wait erred by up to a second either way, enough
+    /// for a client's section 8.5 check to fail with nothing lost).
+    ///
+    /// The epoch is that of the host the response is about: the THIRD_PARTY
+    /// host of a success that names one, otherwise `to`, as when the reply
+    /// was made. `None` if the reply cannot be parsed and encoded again: the
+    /// caller drops it (the client retransmits) rather than send a stale one.
+    pub fn restamp(
+        &self,
+        now: Timestamp,
+        to: IpAddr,
+        reply: &[u8],
+        waited_ms: u64,
+    ) -> Option<Vec<u8>> {
+        let cp = &self.cfg.code_points;
+        let mut r = Response::parse(reply, cp).ok()?;
+        let third_party = r.options.iter().find_map(|o| match o {
+            PcpOption::ThirdParty(a) => Some(*a),
+            _ => None,
+        });
+        let host = match third_party {
+            Some(a) if r.header.result == ResultCode::SUCCESS => canonical(from_wire(a)),
+            _ => canonical(to),
+        };
+        let sub = self.cfg.subscriber_keying.subscriber_of(host);
+        r.header.epoch = self.epoch_of(now, Some(sub));
+        if r.header.lifetime > 0 {
+            let waited = u32::try_from(waited_ms.div_ceil(1000)).unwrap_or(u32::MAX);
+            r.header.lifetime = r.header.lifetime.saturating_sub(waited).max(1);
+        }
+        let mut out = Vec::with_capacity(reply.len());
+        r.encode(cp, &mut out).ok()?;
+        Some(out)
+    }
+
     /// Handles one datagram from `source`, writing any reply into `out`.
     pub fn handle(
         &mut self,

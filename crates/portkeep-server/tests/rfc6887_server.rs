@@ -948,3 +948,108 @@ fn design_every_state_change_is_in_the_change_log() {
     assert_eq!(dp.outbound_len(), 0);
     assert_eq!(s.mapping_count(), 0);
 }
+
+// ---- Section 8.5: a held reply leaves as if made when sent ------------
+
+/// Encodes `r` with the default code points.
+fn wire(r: &Response) -> Vec<u8> {
+    let mut out = Vec::new();
+    r.encode(&CodePoints::default(), &mut out).unwrap();
+    out
+}
+
+#[test]
+fn rfc6887_s8_5_a_held_reply_leaves_with_the_epoch_of_its_release() {
+    let mut s = server();
+    let ms = |m: u64| Timestamp(T0.0 + m);
+    // Made 1.9 s into the epoch (epoch 1), released 1.2 s later: the
+    // server's epoch is then 3. Adding the wait truncated (1) or rounded
+    // (1) reads 2, a second behind what any reply made then says.
+    let made = send(&mut s, ms(1900), CLIENT, &map(CLIENT, 80, 3600, 1, vec![]));
+    assert_eq!(made.header.epoch, 1);
+    let out = s.restamp(ms(3100), ip(CLIENT), &wire(&made), 1200).unwrap();
+    let r = Response::parse(&out, &CodePoints::default()).unwrap();
+    assert_eq!(r.header.epoch, 3);
+    // The wait is taken off the lifetime rounded up: the client's mapping
+    // never outlives the server's.
+    assert_eq!(r.header.lifetime, 3598);
+    assert_eq!(r.data, made.data);
+    // Made 1.1 s in (epoch 1), released 1.8 s later: epoch 2, where a
+    // rounded wait (2) would put the reply a second ahead of the server.
+    let made = send(&mut s, ms(1100), CLIENT, &map(CLIENT, 81, 3600, 2, vec![]));
+    let out = s.restamp(ms(2900), ip(CLIENT), &wire(&made), 1800).unwrap();
+    let r = Response::parse(&out, &CodePoints::default()).unwrap();
+    assert_eq!(r.header.epoch, 2);
+}
+
+#[test]
+fn rfc6887_s8_5_a_held_reply_takes_the_epoch_of_the_subscriber_it_is_about() {
+    let host = "198.51.100.50";
+    let tp = PcpOption::ThirdParty(to_wire(ip(host)));
+    let mut s = Server::new(
+        ServerConfig {
+            third_party_clients: vec!["198.51.100.0/28".parse().unwrap()],
+            ..cfg()
+        },
+        T0,
+    );
+    let ms = |m: u64| Timestamp(T0.0 + m);
+    let made = send(
+        &mut s,
+        ms(10_000),
+        CLIENT,
+        &map(CLIENT, 80, 3600, 1, vec![tp.clone()]),
+    );
+    let own = send(
+        &mut s,
+        ms(10_000),
+        CLIENT,
+        &map(CLIENT, 81, 3600, 2, vec![]),
+    );
+    // The named host lost its state at 11 s (an operator clear): its
+    // epoch restarted, the requester's did not.
+    let sub = s.mappings()[0].subscriber;
+    s.clear(ms(11_000), portkeep_server::ClearSelector::Subscriber(sub));
+    let out = s
+        .restamp(ms(13_500), ip(CLIENT), &wire(&made), 3500)
+        .unwrap();
+    let r = Response::parse(&out, &CodePoints::default()).unwrap();
+    assert_eq!(
+        r.header.epoch, 2,
+        "the named host's epoch, restarted at 11 s"
+    );
+    assert_eq!(r.options, vec![tp]);
+    let out = s
+        .restamp(ms(13_500), ip(CLIENT), &wire(&own), 3500)
+        .unwrap();
+    let r = Response::parse(&out, &CodePoints::default()).unwrap();
+    assert_eq!(r.header.epoch, 13, "the requester's own epoch");
+}
+
+#[test]
+fn rfc6887_s15_restamping_never_turns_a_grant_into_a_deletion() {
+    let s = server();
+    let reply = |lifetime: u32| {
+        wire(&Response {
+            header: portkeep_proto::ResponseHeader {
+                result: ResultCode::SUCCESS,
+                lifetime,
+                epoch: 0,
+            },
+            data: OpData::Map(MapData {
+                external_port: 20000,
+                external_ip: to_wire(ip("192.0.2.1")),
+                ..map_data(Protocol::TCP, 80, 1)
+            }),
+            options: vec![],
+        })
+    };
+    let later = Timestamp(T0.0 + 3000);
+    let r = s.restamp(later, ip(CLIENT), &reply(2), 3000).unwrap();
+    let r = Response::parse(&r, &CodePoints::default()).unwrap();
+    assert_eq!(r.header.lifetime, 1, "zero would mean deleted");
+    let r = s.restamp(later, ip(CLIENT), &reply(0), 3000).unwrap();
+    let r = Response::parse(&r, &CodePoints::default()).unwrap();
+    assert_eq!(r.header.lifetime, 0, "a deletion stays one");
+    assert!(s.restamp(T0, ip(CLIENT), &[1, 2, 3], 3000).is_none());
+}

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use portkeep_client::{EpochTracker, RequestBuilder, Session, SessionConfig, SessionEvent};
 use portkeep_ha::{
-    age_reply, strip_checkpoint, ActiveConfig, Effect, Grant, Message, Node, NodeConfig, Replica,
+    strip_checkpoint, ActiveConfig, Effect, Grant, Message, Node, NodeConfig, Replica,
     ReplicaWrite, Role, SnapshotSource, TakeoverKind,
 };
 use portkeep_proto::{Nonce, Protocol};
@@ -1454,20 +1454,21 @@ impl World {
         while let Some(e) = self.nodes[n].ha.poll_effect() {
             match e {
                 Effect::Release(r) => self.release(n, r),
-                Effect::ReleaseAged { reply, by_secs } => {
+                Effect::ReleaseAged { reply, waited_ms } => {
                     if !reply.out.is_empty() {
                         self.check_wait(n, reply.handled_at);
                     }
-                    let cp = self.nodes[n].server.config().code_points;
+                    let now = self.ts();
+                    let server = &self.nodes[n].server;
                     let out = reply
                         .out
                         .into_iter()
-                        .filter_map(|(h, b)| age_reply(&b, by_secs, &cp).map(|b| (h, b)))
+                        .filter_map(|(h, b)| server.restamp(now, h, &b, waited_ms).map(|b| (h, b)))
                         .collect();
-                    // As if handled now: what the client is told expires
-                    // when the server's mapping does.
+                    // As if handled when its lifetime was cut to: what the
+                    // client is told expires when the server's mapping does.
                     let r = Reply {
-                        handled_at: reply.handled_at + u64::from(by_secs) * 1000,
+                        handled_at: reply.handled_at + waited_ms.div_ceil(1000) * 1000,
                         out,
                         announce: reply.announce,
                     };

@@ -125,11 +125,12 @@ impl SendBatch {
 
     /// A batch with every datagram passed through `f` (same destinations,
     /// same order): for replies whose content changed after they were
-    /// built. A datagram for which `f` returns `None` is left out.
-    pub fn rewrite(&self, mut f: impl FnMut(&[u8]) -> Option<Vec<u8>>) -> SendBatch {
+    /// built; `f` is given each destination and datagram. A datagram for
+    /// which `f` returns `None` is left out.
+    pub fn rewrite(&self, mut f: impl FnMut(SocketAddr, &[u8]) -> Option<Vec<u8>>) -> SendBatch {
         let mut out = SendBatch::default();
         for (dest, start, len) in &self.items {
-            let Some(bytes) = f(&self.data[*start..*start + *len]) else {
+            let Some(bytes) = f(*dest, &self.data[*start..*start + *len]) else {
                 continue;
             };
             let s = out.data.len();

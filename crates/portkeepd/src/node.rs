@@ -230,7 +230,7 @@ impl Shared {
         let cp = cfg.code_points;
         let lifetime = cfg.short_error_lifetime;
         for r in replies.iter_mut() {
-            **r = r.rewrite(|bytes| network_failure(bytes, &cp, lifetime, &undone));
+            **r = r.rewrite(|_, bytes| network_failure(bytes, &cp, lifetime, &undone));
         }
     }
 
@@ -543,10 +543,12 @@ pub(crate) fn act(shared: &Arc<Shared>, effects: Vec<Effect<Reply>>) {
             Effect::Release(r) => release.push(r),
             Effect::ReleaseAged {
                 reply: (socket, replies),
-                by_secs,
+                waited_ms,
             } => {
-                let cp = shared.lock().server.config().code_points;
-                let aged = replies.rewrite(|b| portkeep_ha::age_reply(b, by_secs, &cp));
+                let now = shared.clock.now();
+                let core = shared.lock();
+                let aged = replies.rewrite(|to, b| core.server.restamp(now, to.ip(), b, waited_ms));
+                drop(core);
                 release.push((socket, aged));
             }
             Effect::Rewrite {
@@ -609,7 +611,7 @@ fn reject(shared: &Shared, held: Vec<(Reply, Vec<Grant>, u64)>) {
     );
     let mut core = Some(core);
     for ((socket, replies), _, after) in held {
-        let replies = replies.rewrite(|b| portkeep_ha::strip_checkpoint(b, &cp));
+        let replies = replies.rewrite(|_, b| portkeep_ha::strip_checkpoint(b, &cp));
         let guard = core.take().unwrap_or_else(|| shared.lock());
         shared.submit_after(guard, replies, socket, after);
     }
@@ -1293,9 +1295,9 @@ mod tests {
         let mut batch = SendBatch::default();
         let dest: SocketAddr = "127.0.0.1:5350".parse().unwrap();
         batch.push(dest, &[0xff; 7]);
-        let out = batch.rewrite(|b| portkeep_ha::strip_checkpoint(b, &cp));
+        let out = batch.rewrite(|_, b| portkeep_ha::strip_checkpoint(b, &cp));
         assert!(out.is_empty(), "the unparsable reply must not be sent");
-        let out = batch.rewrite(|b| {
+        let out = batch.rewrite(|_, b| {
             network_failure(b, &cp, 30, &[([1; 12], portkeep_proto::Protocol::TCP, 80)])
         });
         assert!(out.is_empty());
