@@ -16,6 +16,7 @@ struct State {
     anchors: BTreeMap<SubscriberId, Timestamp>,
     server_anchor: Option<Timestamp>,
     volatile: BTreeMap<SubscriberId, Vec<IpAddr>>,
+    owed: BTreeMap<SubscriberId, (Vec<IpAddr>, Timestamp)>,
 }
 
 impl State {
@@ -27,6 +28,11 @@ impl State {
             anchors: self.anchors.iter().map(|(s, a)| (*s, *a)).collect(),
             mappings: self.mappings.values().cloned().collect(),
             volatile: self.volatile.iter().map(|(s, h)| (*s, h.clone())).collect(),
+            owed: self
+                .owed
+                .iter()
+                .map(|(s, (h, u))| (*s, h.clone(), *u))
+                .collect(),
         }
     }
 
@@ -36,6 +42,7 @@ impl State {
             anchors: r.anchors.into_iter().collect(),
             server_anchor: r.server_anchor,
             volatile: r.volatile.into_iter().collect(),
+            owed: r.owed.into_iter().map(|(s, h, u)| (s, (h, u))).collect(),
         }
     }
 
@@ -59,6 +66,17 @@ impl State {
                     self.volatile.remove(&subscriber);
                 } else {
                     self.volatile.insert(subscriber, hosts);
+                }
+            }
+            Item::AnnounceOwed {
+                subscriber,
+                hosts,
+                until,
+            } => {
+                if hosts.is_empty() {
+                    self.owed.remove(&subscriber);
+                } else {
+                    self.owed.insert(subscriber, (hosts, until));
                 }
             }
         }
@@ -85,6 +103,8 @@ pub struct Replica {
     pub mappings: Vec<MappingRecord>,
     /// Subscribers' hosts that hold volatile state on the active.
     pub volatile: Vec<(SubscriberId, Vec<IpAddr>)>,
+    /// Subscribers' hosts owed an ANNOUNCE after a loss, until when.
+    pub owed: Vec<(SubscriberId, Vec<IpAddr>, Timestamp)>,
 }
 
 /// What a backup must make durable before it acknowledges `seq`
@@ -117,6 +137,7 @@ impl Replica {
             anchors: r.subscriber_anchors.clone(),
             mappings: r.mappings.clone(),
             volatile: Vec::new(),
+            owed: r.owed.clone(),
         }
     }
 
@@ -169,6 +190,10 @@ pub struct Takeover {
     /// every subscriber on a stale takeover), with the hosts to send an
     /// unsolicited ANNOUNCE to. Their epochs are already reset in `state`.
     pub reset: Vec<(SubscriberId, Vec<IpAddr>)>,
+    /// Hosts still owed an ANNOUNCE after an earlier loss
+    /// (`Item::AnnounceOwed`): told again, their epochs left as they are
+    /// (on a stale takeover they are in `reset` instead).
+    pub owed: Vec<(SubscriberId, Vec<IpAddr>)>,
     /// Whether the backup was in sync ([`TakeoverKind::Hot`]).
     pub was_in_sync: bool,
     /// How much continues.
@@ -188,6 +213,7 @@ impl Takeover {
         let mut t: Vec<(SubscriberId, IpAddr)> = self
             .reset
             .iter()
+            .chain(&self.owed)
             .flat_map(|(s, hosts)| hosts.iter().map(move |h| (*s, *h)))
             .chain(dropped.iter().map(|m| (m.subscriber, m.key.internal_ip)))
             .collect();
@@ -546,8 +572,10 @@ impl Backup {
                     subscriber_anchors: Vec::new(),
                     mappings: Vec::new(),
                     last_seq: self.applied,
+                    owed: Vec::new(),
                 },
                 reset: Vec::new(),
+                owed: Vec::new(),
                 was_in_sync: false,
                 kind: TakeoverKind::Cold,
             };
@@ -564,6 +592,13 @@ impl Backup {
             Timestamp(v.clamp(0, i128::from(u64::MAX)) as u64)
         };
         let st = self.state;
+        // Owed ANNOUNCEs still due, in this node's clock.
+        let owed: Vec<(SubscriberId, Vec<IpAddr>, Timestamp)> = st
+            .owed
+            .iter()
+            .map(|(s, (h, u))| (*s, h.clone(), local(*u)))
+            .filter(|(_, _, u)| *u > now)
+            .collect();
         let mappings: Vec<_> = st
             .mappings
             .into_values()
@@ -586,6 +621,9 @@ impl Backup {
             for (sub, v) in &st.volatile {
                 hosts.entry(*sub).or_default().extend(v.iter().copied());
             }
+            for (sub, v, _) in &owed {
+                hosts.entry(*sub).or_default().extend(v.iter().copied());
+            }
             let reset = hosts
                 .into_iter()
                 .map(|(s, mut v)| {
@@ -601,8 +639,10 @@ impl Backup {
                     subscriber_anchors: Vec::new(),
                     mappings,
                     last_seq: self.applied,
+                    owed,
                 },
                 reset,
+                owed: Vec::new(),
                 was_in_sync: false,
                 kind,
             };
@@ -624,8 +664,10 @@ impl Backup {
                 subscriber_anchors: anchors.into_iter().collect(),
                 mappings,
                 last_seq: self.applied,
+                owed: owed.clone(),
             },
             reset,
+            owed: owed.into_iter().map(|(s, h, _)| (s, h)).collect(),
             was_in_sync: true,
             kind,
         }

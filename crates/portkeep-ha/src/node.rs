@@ -238,6 +238,9 @@ pub struct SnapshotSource {
     pub mappings: Vec<MappingRecord>,
     /// Subscribers' hosts with volatile mappings.
     pub volatile: Vec<(SubscriberId, Vec<IpAddr>)>,
+    /// Subscribers' hosts owed an ANNOUNCE, until when
+    /// (`portkeep_server::Server::owed_announces`).
+    pub owed: Vec<(SubscriberId, Vec<IpAddr>, Timestamp)>,
 }
 
 impl SnapshotSource {
@@ -245,7 +248,10 @@ impl SnapshotSource {
     /// outside every lock, so a large snapshot stalls nobody).
     pub fn encode(self, part: usize) -> EncodedSnapshot {
         let mut items = Vec::with_capacity(
-            2 + self.subscriber_anchors.len() + self.mappings.len() + self.volatile.len(),
+            2 + self.subscriber_anchors.len()
+                + self.mappings.len()
+                + self.volatile.len()
+                + self.owed.len(),
         );
         items.push(Item::ServerEpoch {
             anchor: self.anchor,
@@ -262,6 +268,13 @@ impl SnapshotSource {
         items.extend(self.mappings.into_iter().map(Item::Upsert));
         for (subscriber, hosts) in self.volatile {
             items.push(Item::Volatile { subscriber, hosts });
+        }
+        for (subscriber, hosts, until) in self.owed {
+            items.push(Item::AnnounceOwed {
+                subscriber,
+                hosts,
+                until,
+            });
         }
         let n = items.len();
         EncodedSnapshot {

@@ -46,6 +46,17 @@ pub enum Item {
         /// Its hosts with volatile mappings.
         hosts: Vec<std::net::IpAddr>,
     },
+    /// Which of a subscriber's hosts are owed an ANNOUNCE after a loss,
+    /// until when (`portkeep_server::Change::AnnounceOwed`): a node that
+    /// takes over before then tells them again.
+    AnnounceOwed {
+        /// Whose.
+        subscriber: SubscriberId,
+        /// The hosts (empty: none any more).
+        hosts: Vec<std::net::IpAddr>,
+        /// Until when, in the active's clock.
+        until: Timestamp,
+    },
 }
 
 impl Item {
@@ -64,6 +75,15 @@ impl Item {
                 anchor: *anchor,
             },
             Change::ServerEpochReset { anchor } => Item::ServerEpoch { anchor: *anchor },
+            Change::AnnounceOwed {
+                subscriber,
+                hosts,
+                until,
+            } => Item::AnnounceOwed {
+                subscriber: *subscriber,
+                hosts: hosts.clone(),
+                until: *until,
+            },
         })
     }
 
@@ -92,10 +112,17 @@ impl Item {
             Item::Volatile { subscriber, hosts } => {
                 out.push(5);
                 out.extend_from_slice(&encode_subscriber(subscriber));
-                out.extend_from_slice(&(hosts.len().min(u16::MAX as usize) as u16).to_be_bytes());
-                for h in hosts.iter().take(u16::MAX as usize) {
-                    out.extend_from_slice(&portkeep_proto_addr(*h));
-                }
+                encode_hosts(hosts, out);
+            }
+            Item::AnnounceOwed {
+                subscriber,
+                hosts,
+                until,
+            } => {
+                out.push(6);
+                out.extend_from_slice(&encode_subscriber(subscriber));
+                out.extend_from_slice(&until.as_millis().to_be_bytes());
+                encode_hosts(hosts, out);
             }
         }
     }
@@ -119,18 +146,36 @@ impl Item {
             4 => Item::ServerEpoch {
                 anchor: Timestamp(r.u64()?),
             },
-            5 => {
-                let subscriber = sub(r)?;
-                let n = usize::from(r.u16()?);
-                let mut hosts = Vec::with_capacity(n.min(r.0.len() / 16));
-                for _ in 0..n {
-                    hosts.push(r.ip()?);
-                }
-                Item::Volatile { subscriber, hosts }
-            }
+            5 => Item::Volatile {
+                subscriber: sub(r)?,
+                hosts: decode_hosts(r)?,
+            },
+            6 => Item::AnnounceOwed {
+                subscriber: sub(r)?,
+                until: Timestamp(r.u64()?),
+                hosts: decode_hosts(r)?,
+            },
             _ => return None,
         })
     }
+}
+
+/// A host list: a 16-bit count, then 16 octets each (at most 65,535 are
+/// sent; a subscriber is one prefix, so that is never the limit).
+fn encode_hosts(hosts: &[std::net::IpAddr], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(hosts.len().min(u16::MAX as usize) as u16).to_be_bytes());
+    for h in hosts.iter().take(u16::MAX as usize) {
+        out.extend_from_slice(&portkeep_proto_addr(*h));
+    }
+}
+
+fn decode_hosts(r: &mut Reader<'_>) -> Option<Vec<std::net::IpAddr>> {
+    let n = usize::from(r.u16()?);
+    let mut hosts = Vec::with_capacity(n.min(r.0.len() / 16));
+    for _ in 0..n {
+        hosts.push(r.ip()?);
+    }
+    Some(hosts)
 }
 
 /// One replication message.

@@ -479,6 +479,65 @@ fn draft_s2_6_takeover_keeps_checkpointed_epochs_and_resets_volatile_subscribers
     );
 }
 
+/// A node that took over after a loss owes the hosts it told an ANNOUNCE
+/// for as long as their clients may still be repairing: a host with
+/// neither a mapping nor volatile state left (everything it had was lost)
+/// is known to the next node only through this record.
+fn owed_items(until: Timestamp) -> Vec<Item> {
+    let mut items = snapshot_items();
+    items.push(Item::AnnounceOwed {
+        subscriber: SubscriberKeying::default().subscriber_of("198.51.100.7".parse().unwrap()),
+        hosts: vec!["198.51.100.7".parse().unwrap()],
+        until,
+    });
+    items
+}
+
+#[test]
+fn rfc6887_s14_1_3_a_stale_takeover_announces_to_hosts_owed_one() {
+    let (mut a, mut b) = linked(3);
+    a.send_snapshot(at(1), 10, owed_items(at(600_000)));
+    pump(&mut a, &mut b, at(1));
+    b.disconnected(at(2));
+    let t = b.promote(at(1) + LEASE);
+    assert_eq!(t.kind, portkeep_ha::TakeoverKind::Stale);
+    let owed: IpAddr = "198.51.100.7".parse().unwrap();
+    let targets = t.announce_targets(&[]);
+    assert!(targets.iter().any(|(_, h)| *h == owed), "{targets:?}");
+    assert!(
+        t.state.owed.iter().any(|(_, h, _)| h.contains(&owed)),
+        "still owed by the new active, for its own backup"
+    );
+}
+
+#[test]
+fn rfc6887_s14_1_3_a_hot_takeover_announces_to_hosts_owed_one_without_a_reset() {
+    let (mut a, mut b) = linked(3);
+    a.send_snapshot(at(1), 10, owed_items(at(600_000)));
+    pump(&mut a, &mut b, at(1));
+    let t = b.promote(at(1_000));
+    assert_eq!(t.kind, portkeep_ha::TakeoverKind::Hot);
+    let owed: IpAddr = "198.51.100.7".parse().unwrap();
+    let sub7 = SubscriberKeying::default().subscriber_of(owed);
+    assert!(t.announce_targets(&[]).contains(&(sub7, owed)));
+    assert!(
+        !t.reset.iter().any(|(s, _)| *s == sub7),
+        "its epoch continues: it lost nothing in this takeover"
+    );
+    assert!(!t.state.subscriber_anchors.iter().any(|(s, _)| *s == sub7));
+}
+
+#[test]
+fn rfc6887_s14_1_3_an_owed_announce_lapses() {
+    let (mut a, mut b) = linked(3);
+    a.send_snapshot(at(1), 10, owed_items(at(500)));
+    pump(&mut a, &mut b, at(1));
+    let t = b.promote(at(1_000));
+    let owed: IpAddr = "198.51.100.7".parse().unwrap();
+    assert!(!t.announce_targets(&[]).iter().any(|(_, h)| *h == owed));
+    assert!(t.state.owed.is_empty());
+}
+
 #[test]
 fn draft_s2_6_cold_standby_resets_every_epoch() {
     let (mut a, b) = linked(3);
@@ -515,6 +574,14 @@ fn frames_round_trip_and_reassemble_across_reads() {
                 Item::Epoch {
                     subscriber: k.subscriber_of("2001:db8::1".parse().unwrap()),
                     anchor: at(5),
+                },
+                Item::AnnounceOwed {
+                    subscriber: k.subscriber_of("198.51.100.9".parse().unwrap()),
+                    hosts: vec![
+                        "198.51.100.9".parse().unwrap(),
+                        "2001:db8::9".parse().unwrap(),
+                    ],
+                    until: at(86_400_000),
                 },
             ],
         },

@@ -106,6 +106,7 @@ fn pump(a: &mut Node<u32>, b: &mut Node<u32>, now: Timestamp) -> Vec<Effect<u32>
                     subscriber_anchors: vec![],
                     mappings: vec![],
                     volatile: vec![],
+                    owed: vec![],
                 }
                 .encode(a.snapshot_part());
                 a.send_snapshot(now, snap);
@@ -427,6 +428,7 @@ fn rfc7767_s1_changes_committed_while_a_snapshot_is_copied_follow_it() {
         subscriber_anchors: vec![],
         mappings: vec![m1],
         volatile: vec![],
+        owed: vec![],
     }
     .encode(a.snapshot_part());
     a.send_snapshot(at(2), snap);

@@ -114,6 +114,22 @@ pub enum Change {
         /// The time the server's epoch counts from.
         anchor: Timestamp,
     },
+    /// These hosts of `subscriber` lost state and are owed an unsolicited
+    /// ANNOUNCE until `until` (replacing what the subscriber was owed
+    /// before): a node that takes over before then announces to them again
+    /// (RFC 6887 section 14.1.3), since a client still repairing the first
+    /// loss, with an epoch too young for its section 8.5 check to see a
+    /// second reset, learns of the second only this way. It is kept apart
+    /// from volatile state: a host owed an ANNOUNCE may since hold only
+    /// check-pointed mappings, and its epoch must not reset for nothing.
+    AnnounceOwed {
+        /// Whose hosts.
+        subscriber: SubscriberId,
+        /// The hosts (empty: none any more).
+        hosts: Vec<IpAddr>,
+        /// Until when.
+        until: Timestamp,
+    },
 }
 
 /// A change with its position in the log.

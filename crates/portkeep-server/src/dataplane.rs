@@ -168,7 +168,9 @@ impl Dataplane for MemoryDataplane {
                         }
                     }
                 }
-                Change::EpochReset { .. } | Change::ServerEpochReset { .. } => {}
+                Change::EpochReset { .. }
+                | Change::ServerEpochReset { .. }
+                | Change::AnnounceOwed { .. } => {}
             }
         }
         Ok(())

@@ -111,6 +111,9 @@ pub struct Restored {
     pub mappings: Vec<MappingRecord>,
     /// The last log sequence number written.
     pub last_seq: u64,
+    /// Hosts owed an ANNOUNCE, per subscriber, and until when
+    /// ([`Change::AnnounceOwed`]).
+    pub owed: Vec<(SubscriberId, Vec<IpAddr>, Timestamp)>,
 }
 
 /// What [`Server::restore`] did with the stored state.
@@ -187,6 +190,9 @@ pub struct Server {
     /// Subscribers whose set of volatile hosts changed since
     /// [`Server::drain_volatile`] was last called.
     volatile_dirty: Vec<SubscriberId>,
+    /// Hosts owed an ANNOUNCE after a loss, per subscriber, and until when
+    /// ([`Server::owe_announce`]).
+    owed: HashMap<SubscriberId, (Vec<IpAddr>, Timestamp)>,
 }
 
 fn sorted_hosts(hosts: &[(IpAddr, u32)]) -> Vec<IpAddr> {
@@ -232,6 +238,7 @@ impl Server {
             idle_sweep_at: IDLE_SWEEP_MIN,
             volatile: HashMap::new(),
             volatile_dirty: Vec::new(),
+            owed: HashMap::new(),
         }
     }
 
@@ -337,6 +344,11 @@ impl Server {
         for sub in lost {
             s.reset_subscriber_epoch(now, sub);
         }
+        for (sub, hosts, until) in state.owed {
+            if until > now && !hosts.is_empty() {
+                s.owed.insert(sub, (hosts, until));
+            }
+        }
         (s, report)
     }
 
@@ -382,6 +394,11 @@ impl Server {
             }
             self.remove_entry(id, RemoveReason::Cleared);
         }
+        let owed: Vec<(SubscriberId, IpAddr)> = affected
+            .values()
+            .flat_map(|c| c.hosts.iter().map(|h| (c.subscriber, *h)))
+            .collect();
+        self.owe_announce(now, &owed);
         if which == ClearSelector::All {
             self.anchor = now;
             self.subscribers.retain(|_, s| {
@@ -525,6 +542,54 @@ impl Server {
                 (s, hosts.unwrap_or_default())
             })
             .collect()
+    }
+
+    /// Records that these hosts lost state and are sent an ANNOUNCE now
+    /// (RFC 6887 section 14.1.3; failure-scenarios draft section 2.6): they
+    /// stay owed one until the longest lifetime this server grants has
+    /// passed, the longest a client may go on believing in a mapping it
+    /// lost without asking again, and each subscriber's set is logged
+    /// ([`Change::AnnounceOwed`]) so it reaches the backup and a node that
+    /// takes over within that time announces to them again. Expired sets
+    /// are forgotten here, which bounds the table by the hosts announced to
+    /// within one maximum lifetime.
+    pub fn owe_announce(&mut self, now: Timestamp, targets: &[(SubscriberId, IpAddr)]) {
+        self.owed.retain(|_, (_, until)| *until > now);
+        if targets.is_empty() {
+            return;
+        }
+        let until = now + self.cfg.max_lifetime_duration();
+        let mut by: std::collections::BTreeMap<SubscriberId, Vec<IpAddr>> =
+            std::collections::BTreeMap::new();
+        for (sub, host) in targets {
+            by.entry(*sub).or_default().push(*host);
+        }
+        for (sub, mut hosts) in by {
+            if let Some((before, _)) = self.owed.get(&sub) {
+                hosts.extend(before.iter().copied());
+            }
+            hosts.sort_unstable();
+            hosts.dedup();
+            self.owed.insert(sub, (hosts.clone(), until));
+            self.push(Change::AnnounceOwed {
+                subscriber: sub,
+                hosts,
+                until,
+            });
+        }
+    }
+
+    /// The hosts owed an ANNOUNCE at `now` ([`Server::owe_announce`]), per
+    /// subscriber, with until when: for a snapshot to the backup.
+    pub fn owed_announces(&self, now: Timestamp) -> Vec<(SubscriberId, Vec<IpAddr>, Timestamp)> {
+        let mut v: Vec<_> = self
+            .owed
+            .iter()
+            .filter(|(_, (_, until))| *until > now)
+            .map(|(s, (h, u))| (*s, h.clone(), *u))
+            .collect();
+        v.sort_unstable_by_key(|(s, _, _)| *s);
+        v
     }
 
     /// The check-pointed mappings, in no particular order.

@@ -79,6 +79,7 @@ fn snapshot(s: &Server) -> Restored {
         subscriber_anchors: s.subscriber_anchors(),
         mappings: s.mappings(),
         last_seq: s.last_seq(),
+        owed: s.owed_announces(Timestamp(0)),
     }
 }
 
@@ -291,4 +292,45 @@ fn draft_s2_6_1_a_second_record_of_one_mapping_resets_its_subscribers_epoch() {
         20,
         "nobody else's epoch moves"
     );
+}
+
+#[test]
+fn rfc6887_s14_1_3_hosts_told_of_a_loss_stay_owed_an_announce() {
+    let mut s = Server::new(cfg(), T0);
+    map(&mut s, at(1), "198.51.100.1", 80, 3600);
+    map(&mut s, at(1), "198.51.100.2", 80, 3600);
+    s.drain_changes().for_each(drop);
+    let k = SubscriberKeying::default();
+    let h1: IpAddr = "198.51.100.1".parse().unwrap();
+    let h3: IpAddr = "198.51.100.3".parse().unwrap();
+    let sub1 = k.subscriber_of(h1);
+    // A clear tells its hosts, and owes them an ANNOUNCE for as long as
+    // their clients may hold the mappings they lost (the longest lifetime).
+    s.clear(at(50), ClearSelector::Subscriber(sub1));
+    let until = at(50) + cfg().max_lifetime_duration();
+    assert_eq!(s.owed_announces(at(60)), vec![(sub1, vec![h1], until)]);
+    let changes: Vec<_> = s.drain_changes().collect();
+    assert!(
+        changes.iter().any(|c| c.change
+            == Change::AnnounceOwed {
+                subscriber: sub1,
+                hosts: vec![h1],
+                until
+            }),
+        "logged, so the backup and the store learn of it: {changes:?}"
+    );
+    // A takeover's targets add to a subscriber's set and extend it.
+    let sub3 = k.subscriber_of(h3);
+    s.owe_announce(at(100), &[(sub3, h3), (sub1, h1)]);
+    let later = at(100) + cfg().max_lifetime_duration();
+    assert_eq!(
+        s.owed_announces(at(110)),
+        vec![(sub1, vec![h1], later), (sub3, vec![h3], later)]
+    );
+    // They survive a restart, and lapse.
+    let (b, _) = Server::restore(cfg(), at(120), snapshot(&s));
+    assert_eq!(b.owed_announces(at(120)).len(), 2);
+    assert!(b.owed_announces(later).is_empty());
+    let (b, _) = Server::restore(cfg(), later, snapshot(&s));
+    assert!(b.owed_announces(later).is_empty());
 }

@@ -220,6 +220,7 @@ struct Store {
     anchor: Timestamp,
     subs: BTreeMap<SubscriberId, Timestamp>,
     maps: BTreeMap<Vec<u8>, MappingRecord>,
+    owed: BTreeMap<SubscriberId, (Vec<IpAddr>, Timestamp)>,
     last_seq: u64,
     queue: VecDeque<Job>,
     /// The jobs of the fsync under way (group commit).
@@ -243,6 +244,17 @@ impl Store {
                     self.anchor = *anchor;
                     self.subs.clear();
                 }
+                Change::AnnounceOwed {
+                    subscriber,
+                    hosts,
+                    until,
+                } => {
+                    if hosts.is_empty() {
+                        self.owed.remove(subscriber);
+                    } else {
+                        self.owed.insert(*subscriber, (hosts.clone(), *until));
+                    }
+                }
             }
             self.last_seq = self.last_seq.max(c.seq);
         }
@@ -252,6 +264,11 @@ impl Store {
         self.anchor = r.anchor;
         self.subs = r.subscriber_anchors.iter().copied().collect();
         self.maps = r.mappings.iter().map(|m| (key_of(m), m.clone())).collect();
+        self.owed = r
+            .owed
+            .iter()
+            .map(|(s, h, u)| (*s, (h.clone(), *u)))
+            .collect();
         self.last_seq = r.last_seq;
     }
 
@@ -261,6 +278,11 @@ impl Store {
             subscriber_anchors: self.subs.iter().map(|(s, a)| (*s, *a)).collect(),
             mappings: self.maps.values().cloned().collect(),
             last_seq: self.last_seq,
+            owed: self
+                .owed
+                .iter()
+                .map(|(s, (h, u))| (*s, h.clone(), *u))
+                .collect(),
         }
     }
 }
@@ -1494,6 +1516,7 @@ impl World {
                         subscriber_anchors: node.server.subscriber_anchors(),
                         mappings: node.server.replicated_mappings(),
                         volatile: node.server.volatile_hosts(),
+                        owed: node.server.owed_announces(self.ts()),
                     };
                     let ts = self.ts();
                     let line = format!(
@@ -1529,6 +1552,7 @@ impl World {
                         subscriber_anchors: Vec::new(),
                         mappings: Vec::new(),
                         last_seq: 0,
+                        owed: Vec::new(),
                     };
                     self.submit(n, Reply::default(), Some(empty));
                     // The link thread's streaming loop ends (no longer
@@ -1873,14 +1897,16 @@ impl World {
         let targets = t.announce_targets(&report.dropped);
         let name = self.nodes[n].name;
         self.trace(format!(
-            "node {name}: promoted to term {} ({:?}, {} mappings, {} hosts to announce to)",
+            "node {name}: promoted to term {} ({:?}, {} mappings, {} hosts to announce to, {} owed since an earlier loss)",
             t.term,
             t.kind,
             report.restored,
-            targets.len()
+            targets.len(),
+            t.state.owed.iter().map(|(_, h, _)| h.len()).sum::<usize>()
         ));
         let node = &mut self.nodes[n];
         node.server = server;
+        node.server.owe_announce(ts, &targets);
         node.takeover = Some(t.kind);
         // The backup's connection is superseded.
         if let Some(c) = node.link {

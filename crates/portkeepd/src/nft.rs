@@ -755,7 +755,9 @@ impl NftDataplane {
                     }
                     (mapping, None)
                 }
-                Change::EpochReset { .. } | Change::ServerEpochReset { .. } => continue,
+                Change::EpochReset { .. }
+                | Change::ServerEpochReset { .. }
+                | Change::AnnounceOwed { .. } => continue,
             };
             let id = Ident {
                 kind: m.kind,

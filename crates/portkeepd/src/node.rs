@@ -175,6 +175,15 @@ fn log_change(c: &ChangeRecord) {
         Change::ServerEpochReset { .. } => {
             tracing::info!(seq = c.seq, "server-wide epoch reset");
         }
+        Change::AnnounceOwed {
+            subscriber, hosts, ..
+        } => {
+            tracing::info!(
+                seq = c.seq,
+                "{} hosts of subscriber {subscriber} owed an ANNOUNCE",
+                hosts.len()
+            );
+        }
     }
 }
 
@@ -647,6 +656,7 @@ fn send_snapshot(shared: &Arc<Shared>) {
                 subscriber_anchors: core.server.subscriber_anchors(),
                 mappings,
                 volatile: core.server.volatile_hosts(),
+                owed: core.server.owed_announces(shared.clock.now()),
             },
             next,
         )
@@ -683,6 +693,7 @@ fn empty_state(now: Timestamp) -> Restored {
         subscriber_anchors: Vec::new(),
         mappings: Vec::new(),
         last_seq: 0,
+        owed: Vec::new(),
     }
 }
 
@@ -771,6 +782,7 @@ pub(crate) fn promote(shared: &Arc<Shared>) -> Value {
     let (server, report) = Server::restore_replica(shared.server_cfg.clone(), now, state.clone());
     core.server = server;
     let targets = takeover.announce_targets(&report.dropped);
+    core.server.owe_announce(now, &targets);
     let mut rest = Vec::new();
     for e in effects {
         match e {

@@ -37,6 +37,9 @@ use crate::wal::{FsDir, Wal, WalDir, WalError};
 const MAPPINGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replica_mappings");
 const ANCHORS: TableDefinition<&[u8], u64> = TableDefinition::new("replica_anchors");
 const VOLATILE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replica_volatile");
+/// Hosts owed an ANNOUNCE, per subscriber: until when (8 octets), then the
+/// hosts. Files written before it existed lack the table: read as empty.
+const OWED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replica_announce_owed");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("replica_meta");
 const META_KEY: &str = "replica";
 /// The write-ahead log's generation (4 octets, big-endian).
@@ -288,7 +291,7 @@ impl ReplicaStore {
         mut log: Box<dyn WalDir>,
     ) -> Result<ReplicaStore, ReplicaError> {
         let txn = db.begin_write().map_err(|e| io(path, e))?;
-        for t in [MAPPINGS, VOLATILE] {
+        for t in [MAPPINGS, VOLATILE, OWED] {
             txn.open_table(t).map_err(|e| io(path, e))?;
         }
         txn.open_table(ANCHORS).map_err(|e| io(path, e))?;
@@ -379,11 +382,23 @@ impl ReplicaStore {
         let maps = txn.open_table(MAPPINGS).map_err(|e| d(&e))?;
         let anchors_t = txn.open_table(ANCHORS).map_err(|e| d(&e))?;
         let volatile_t = txn.open_table(VOLATILE).map_err(|e| d(&e))?;
+        let mut owed_rows = Vec::new();
+        match txn.open_table(OWED) {
+            Ok(t) => {
+                for item in t.iter().map_err(|e| d(&e))? {
+                    let (k, v) = item.map_err(|e| d(&e))?;
+                    owed_rows.push((k.value().to_vec(), v.value().to_vec()));
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(d(&e)),
+        }
         let Some(meta) = meta else {
             // No replica: the tables are empty unless the file is damaged.
             let rows = maps.len().map_err(|e| d(&e))?
                 + anchors_t.len().map_err(|e| d(&e))?
-                + volatile_t.len().map_err(|e| d(&e))?;
+                + volatile_t.len().map_err(|e| d(&e))?
+                + owed_rows.len() as u64;
             if rows != 0 {
                 return Err(d(&format!("{rows} rows without a meta row")));
             }
@@ -444,10 +459,25 @@ impl ReplicaStore {
             })?;
             volatile.push((sub, hosts));
         }
+        let mut owed = Vec::with_capacity(owed_rows.len());
+        for (k, v) in &owed_rows {
+            let bad = || {
+                d(&format!(
+                    "the hosts owed an ANNOUNCE of subscriber {} do not decode",
+                    hex::encode(k)
+                ))
+            };
+            let sub = decode_subscriber(k).ok_or_else(bad)?;
+            let until = v.get(..8).ok_or_else(bad)?;
+            let until = Timestamp(u64::from_be_bytes(until.try_into().map_err(|_| bad())?));
+            let hosts = decode_hosts(&v[8..]).ok_or_else(bad)?;
+            owed.push((sub, hosts, until));
+        }
         // The node keeps these ordered by subscriber, not by the stored
         // key's bytes.
         anchors.sort_by_key(|(s, _)| *s);
         volatile.sort_by_key(|(s, _)| *s);
+        owed.sort_by_key(|(s, _, _)| *s);
         drop((meta_t, maps, anchors_t, volatile_t, txn));
         let replica = Replica {
             seq: meta.seq,
@@ -456,6 +486,7 @@ impl ReplicaStore {
             anchors,
             mappings,
             volatile,
+            owed,
         };
         Ok((
             ReplicaStore {
@@ -620,7 +651,7 @@ impl ReplicaStore {
             meta_t
                 .insert(GENERATION_KEY, generation.to_be_bytes().as_slice())
                 .map_err(|x| e(&x))?;
-            for t in [MAPPINGS, VOLATILE] {
+            for t in [MAPPINGS, VOLATILE, OWED] {
                 let mut t = txn.open_table(t).map_err(|x| e(&x))?;
                 t.retain(|_, _| false).map_err(|x| e(&x))?;
             }
@@ -674,12 +705,14 @@ fn apply_to_tables(
     let mut maps = txn.open_table(MAPPINGS)?;
     let mut anchors = txn.open_table(ANCHORS)?;
     let mut volatile = txn.open_table(VOLATILE)?;
+    let mut owed = txn.open_table(OWED)?;
     for w in writes {
         match w {
             ReplicaWrite::Replace(r) => {
                 maps.retain(|_, _| false)?;
                 anchors.retain(|_, _| false)?;
                 volatile.retain(|_, _| false)?;
+                owed.retain(|_, _| false)?;
                 let mut entries: Vec<(Vec<u8>, Vec<u8>)> = r
                     .mappings
                     .iter()
@@ -695,6 +728,9 @@ fn apply_to_tables(
                 }
                 for (s, hosts) in &r.volatile {
                     put_volatile(&mut volatile, s, hosts)?;
+                }
+                for (s, hosts, until) in &r.owed {
+                    put_owed(&mut owed, s, hosts, *until)?;
                 }
             }
             ReplicaWrite::Apply { items, .. } => {
@@ -720,6 +756,13 @@ fn apply_to_tables(
                         Item::Volatile { subscriber, hosts } => {
                             put_volatile(&mut volatile, subscriber, hosts)?;
                         }
+                        Item::AnnounceOwed {
+                            subscriber,
+                            hosts,
+                            until,
+                        } => {
+                            put_owed(&mut owed, subscriber, hosts, *until)?;
+                        }
                     }
                 }
             }
@@ -743,6 +786,23 @@ fn put_volatile(
         t.remove(k.as_slice())?;
     } else {
         t.insert(k.as_slice(), encode_hosts(hosts).as_slice())?;
+    }
+    Ok(())
+}
+
+fn put_owed(
+    t: &mut redb::Table<&[u8], &[u8]>,
+    s: &SubscriberId,
+    hosts: &[IpAddr],
+    until: Timestamp,
+) -> Result<(), redb::StorageError> {
+    let k = encode_subscriber(s);
+    if hosts.is_empty() {
+        t.remove(k.as_slice())?;
+    } else {
+        let mut v = until.as_millis().to_be_bytes().to_vec();
+        v.extend_from_slice(&encode_hosts(hosts));
+        t.insert(k.as_slice(), v.as_slice())?;
     }
     Ok(())
 }
@@ -814,6 +874,11 @@ mod tests {
             anchors: vec![(sub(1), Timestamp(7)), (sub(2), Timestamp(8))],
             mappings,
             volatile: vec![(sub(3), vec!["198.51.100.3".parse().unwrap()])],
+            owed: vec![(
+                sub(7),
+                vec!["198.51.100.7".parse().unwrap()],
+                Timestamp(5_000),
+            )],
         })];
         let items = [
             vec![
@@ -848,7 +913,19 @@ mod tests {
                 },
                 Item::Remove(key_of(&record(9, 9, true))),
             ],
-            vec![Item::Upsert(record(6, 600, true))],
+            vec![
+                Item::Upsert(record(6, 600, true)),
+                Item::AnnounceOwed {
+                    subscriber: sub(8),
+                    hosts: vec!["2001:db8::8".parse().unwrap()],
+                    until: Timestamp(6_000),
+                },
+                Item::AnnounceOwed {
+                    subscriber: sub(7),
+                    hosts: vec![],
+                    until: Timestamp(6_000),
+                },
+            ],
         ];
         for (i, items) in items.into_iter().enumerate() {
             w.push(ReplicaWrite::Apply {

@@ -205,6 +205,8 @@ fn load(settings: &Settings, clock: &Clock) -> anyhow::Result<Start> {
                 .iter()
                 .map(|m| (m.subscriber, m.key.internal_ip))
                 .collect();
+            let mut server = server;
+            server.owe_announce(now, &lost);
             (server, true, lost)
         }
     };

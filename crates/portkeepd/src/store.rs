@@ -40,6 +40,10 @@ const MAPPINGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("mappings")
 const SUBSCRIBERS: TableDefinition<&[u8], u64> = TableDefinition::new("subscriber_anchors");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+/// Hosts owed an ANNOUNCE, per subscriber: until when (8 octets), then
+/// the hosts (16 octets each). Stores written before it existed lack the
+/// table: read as empty.
+const OWED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("announce_owed");
 
 /// Most log entries folded by one checkpoint while requests are waiting.
 pub const CHECKPOINT_BUSY: usize = 16_384;
@@ -53,6 +57,7 @@ const LOG_UPSERT: u8 = 1;
 const LOG_REMOVE: u8 = 2;
 const LOG_EPOCH: u8 = 3;
 const LOG_SERVER_EPOCH: u8 = 4;
+const LOG_OWED: u8 = 5;
 
 /// Version of the store's layout; bumped on any incompatible change.
 const FORMAT: u64 = 2;
@@ -96,6 +101,15 @@ pub enum Logged {
     ServerEpoch {
         /// From when.
         anchor: Timestamp,
+    },
+    /// Hosts owed an ANNOUNCE (`Change::AnnounceOwed`).
+    AnnounceOwed {
+        /// Whose.
+        subscriber: portkeep_server::SubscriberId,
+        /// The hosts (empty: none any more).
+        hosts: Vec<std::net::IpAddr>,
+        /// Until when.
+        until: Timestamp,
     },
 }
 
@@ -376,6 +390,7 @@ impl Store {
             txn.open_table(MAPPINGS).map_err(|e| io(path, e))?;
             txn.open_table(SUBSCRIBERS).map_err(|e| io(path, e))?;
             txn.open_table(LOG).map_err(|e| io(path, e))?;
+            txn.open_table(OWED).map_err(|e| io(path, e))?;
         }
         txn.commit().map_err(|e| io(path, e))?;
         crate::wal::wipe(log.as_mut()).map_err(|e| io(path, e))?;
@@ -466,6 +481,17 @@ impl Store {
             let (k, v) = item.map_err(|e| damaged(path, e))?;
             subs_map.insert(k.value().to_vec(), v.value());
         }
+        let mut owed_map: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = Default::default();
+        match txn.open_table(OWED) {
+            Ok(t) => {
+                for item in t.iter().map_err(|e| damaged(path, e))? {
+                    let (k, v) = item.map_err(|e| damaged(path, e))?;
+                    owed_map.insert(k.value().to_vec(), v.value().to_vec());
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(damaged(path, e)),
+        }
         let mut replay = |entry: LogEntry| match entry {
             LogEntry::Upsert { key, value } => {
                 maps.insert(key, value);
@@ -479,6 +505,13 @@ impl Store {
             LogEntry::ServerEpoch { anchor: a } => {
                 anchor = Timestamp(a);
                 subs_map.clear();
+            }
+            LogEntry::Owed { sub, value } => {
+                if value.len() > 8 {
+                    owed_map.insert(sub, value);
+                } else {
+                    owed_map.remove(&sub);
+                }
             }
         };
         // ...then every change logged since, in order: format 1's log
@@ -529,12 +562,20 @@ impl Store {
                 .ok_or_else(|| damaged(path, "a subscriber anchor does not decode"))?;
             subscriber_anchors.push((sub, Timestamp(*v)));
         }
+        let mut owed = Vec::with_capacity(owed_map.len());
+        for (k, v) in &owed_map {
+            let bad = || damaged(path, "a record of hosts owed an ANNOUNCE does not decode");
+            let sub = decode_subscriber(k).ok_or_else(bad)?;
+            let (hosts, until) = decode_owed(v).ok_or_else(bad)?;
+            owed.push((sub, hosts, until));
+        }
         drop((meta, table, subs, log_table, txn));
         let restored = Restored {
             anchor,
             subscriber_anchors,
             mappings,
             last_seq,
+            owed,
         };
         let mut store = Store {
             db,
@@ -676,8 +717,16 @@ impl Store {
             }
             let mut subs = txn.open_table(SUBSCRIBERS).map_err(|x| e(&x))?;
             let mut meta = txn.open_table(META).map_err(|x| e(&x))?;
+            let mut owed = txn.open_table(OWED).map_err(|x| e(&x))?;
             for ep in epochs {
                 match ep {
+                    LogEntry::Owed { sub, value } if value.len() > 8 => {
+                        owed.insert(sub.as_slice(), value.as_slice())
+                            .map_err(|x| e(&x))?;
+                    }
+                    LogEntry::Owed { sub, .. } => {
+                        owed.remove(sub.as_slice()).map_err(|x| e(&x))?;
+                    }
                     LogEntry::Epoch { sub, anchor } => {
                         subs.insert(sub.as_slice(), *anchor).map_err(|x| e(&x))?;
                     }
@@ -729,6 +778,14 @@ impl Store {
                 LogEntry::ServerEpoch { anchor } => Logged::ServerEpoch {
                     anchor: Timestamp(anchor),
                 },
+                LogEntry::Owed { sub, value } => {
+                    let (hosts, until) = decode_owed(&value).ok_or_else(bad)?;
+                    Logged::AnnounceOwed {
+                        subscriber: decode_subscriber(&sub).ok_or_else(bad)?,
+                        hosts,
+                        until,
+                    }
+                }
             };
             out.push((seq, logged));
         }
@@ -769,6 +826,14 @@ impl Store {
                 subs.insert(encode_subscriber(sub).as_slice(), anchor.as_millis())
                     .map_err(|x| e(&x))?;
             }
+            let mut owed = txn.open_table(OWED).map_err(|x| e(&x))?;
+            owed.retain(|_, _| false).map_err(|x| e(&x))?;
+            for (sub, hosts, until) in &state.owed {
+                let mut v = Vec::new();
+                encode_owed(hosts, *until, &mut v);
+                owed.insert(encode_subscriber(sub).as_slice(), v.as_slice())
+                    .map_err(|x| e(&x))?;
+            }
             let mut meta = txn.open_table(META).map_err(|x| e(&x))?;
             meta.insert("format", FORMAT).map_err(|x| e(&x))?;
             meta.insert("anchor", state.anchor.as_millis())
@@ -807,10 +872,43 @@ impl Store {
 
 /// One decoded log entry.
 enum LogEntry {
-    Upsert { key: Vec<u8>, value: Vec<u8> },
-    Remove { key: Vec<u8> },
-    Epoch { sub: Vec<u8>, anchor: u64 },
-    ServerEpoch { anchor: u64 },
+    Upsert {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Remove {
+        key: Vec<u8>,
+    },
+    Epoch {
+        sub: Vec<u8>,
+        anchor: u64,
+    },
+    ServerEpoch {
+        anchor: u64,
+    },
+    /// `value` as the owed table stores it ([`encode_owed`]).
+    Owed {
+        sub: Vec<u8>,
+        value: Vec<u8>,
+    },
+}
+
+/// Until when, then the hosts, 16 octets each.
+fn encode_owed(hosts: &[std::net::IpAddr], until: Timestamp, out: &mut Vec<u8>) {
+    out.extend_from_slice(&until.as_millis().to_be_bytes());
+    for h in hosts {
+        out.extend_from_slice(&portkeep_proto::addr::to_wire(*h).octets());
+    }
+}
+
+fn decode_owed(b: &[u8]) -> Option<(Vec<std::net::IpAddr>, Timestamp)> {
+    let mut r = Reader(b);
+    let until = Timestamp(r.u64()?);
+    let mut hosts = Vec::with_capacity(r.0.len() / 16);
+    while !r.0.is_empty() {
+        hosts.push(r.ip()?);
+    }
+    Some((hosts, until))
 }
 
 fn encode_log(change: &Change, out: &mut Vec<u8>) {
@@ -835,6 +933,15 @@ fn encode_log(change: &Change, out: &mut Vec<u8>) {
         Change::ServerEpochReset { anchor } => {
             out.push(LOG_SERVER_EPOCH);
             out.extend_from_slice(&anchor.as_millis().to_be_bytes());
+        }
+        Change::AnnounceOwed {
+            subscriber,
+            hosts,
+            until,
+        } => {
+            out.push(LOG_OWED);
+            out.extend_from_slice(&encode_subscriber(subscriber));
+            encode_owed(hosts, *until, out);
         }
     }
 }
@@ -864,6 +971,13 @@ fn decode_log(b: &[u8]) -> Option<LogEntry> {
                 return None;
             }
             LogEntry::ServerEpoch { anchor }
+        }
+        LOG_OWED => {
+            // A subscriber is 16 address octets and a prefix length.
+            let sub = r.take(17)?.to_vec();
+            let value = r.0.to_vec();
+            decode_owed(&value)?;
+            LogEntry::Owed { sub, value }
         }
         _ => return None,
     })
@@ -1102,6 +1216,7 @@ mod tests {
         anchor: u64,
         maps: std::collections::BTreeMap<Vec<u8>, MappingRecord>,
         subs: std::collections::BTreeMap<SubscriberId, u64>,
+        owed: std::collections::BTreeMap<SubscriberId, (Vec<IpAddr>, u64)>,
         last_seq: u64,
     }
 
@@ -1117,6 +1232,11 @@ mod tests {
                 .subscriber_anchors
                 .into_iter()
                 .map(|(s, a)| (s, a.as_millis()))
+                .collect(),
+            owed: r
+                .owed
+                .into_iter()
+                .map(|(s, h, u)| (s, (h, u.as_millis())))
                 .collect(),
             last_seq: r.last_seq,
         }
@@ -1166,12 +1286,27 @@ mod tests {
                             anchor: Timestamp(seq),
                         }
                     }
-                    _ => {
+                    _ if next(2) == 0 => {
                         let sub = k.subscriber_of(IpAddr::from([198, 51, 100, next(8) as u8]));
                         model.subs.insert(sub, seq);
                         Change::EpochReset {
                             subscriber: sub,
                             anchor: Timestamp(seq),
+                        }
+                    }
+                    _ => {
+                        let host = IpAddr::from([198, 51, 100, next(8) as u8]);
+                        let sub = k.subscriber_of(host);
+                        let hosts = if next(3) == 0 { vec![] } else { vec![host] };
+                        if hosts.is_empty() {
+                            model.owed.remove(&sub);
+                        } else {
+                            model.owed.insert(sub, (hosts.clone(), seq));
+                        }
+                        Change::AnnounceOwed {
+                            subscriber: sub,
+                            hosts,
+                            until: Timestamp(seq),
                         }
                     }
                 };
