@@ -92,6 +92,13 @@ pub enum ActiveEvent {
     NeedSnapshot,
     /// A higher term was seen: stop acting as active.
     Fenced(Term),
+    /// The backup holds fresher state than this active, which had not
+    /// served yet ([`Active::connected`] with `may_hand_over`): a
+    /// [`Message::Handover`] was sent; stop acting as active.
+    HandedOver {
+        /// The log position the backup holds.
+        peer_holds: u64,
+    },
 }
 
 /// The frames of a snapshot of `items` as of log position `seq`, in parts
@@ -133,6 +140,12 @@ pub struct Active {
     last_sent: Timestamp,
     /// The term of a peer that answered our hello claiming to be active.
     peer_active: Option<Term>,
+    /// The log position of the state this node vouches for, told in
+    /// its Hello.
+    holds: u64,
+    /// Whether this connection may end in a handover (the node has not
+    /// served yet).
+    may_hand_over: bool,
     /// Until when this node promised (by [`Message::Lease`]) to release
     /// nothing the backup has not acknowledged; it outlives the
     /// connection that carried it.
@@ -167,6 +180,8 @@ impl Active {
             last_heard: Timestamp(0),
             last_sent: Timestamp(0),
             peer_active: None,
+            holds: 0,
+            may_hand_over: false,
             lease_until: None,
             granted_at: None,
             ring: VecDeque::new(),
@@ -340,9 +355,15 @@ impl Active {
         self.peer_active
     }
 
-    /// A connection to the backup is up: introduce ourselves.
-    pub fn connected(&mut self, now: Timestamp, applied: u64) {
+    /// A connection to the backup is up: introduce ourselves, with the log
+    /// position of the state we serve from (`holds`). With
+    /// `may_hand_over` (this node has not served since it started), a
+    /// backup that holds a later position in our term is handed the
+    /// service ([`ActiveEvent::HandedOver`]).
+    pub fn connected(&mut self, now: Timestamp, holds: u64, may_hand_over: bool) {
         self.peer_active = None;
+        self.holds = holds;
+        self.may_hand_over = may_hand_over;
         self.out.clear();
         self.inbuf.clear();
         self.pending.clear();
@@ -353,8 +374,10 @@ impl Active {
             &Message::Hello {
                 term: self.term,
                 active: true,
-                applied,
+                applied: holds,
                 now,
+                version: crate::wire::LINK_VERSION,
+                holds,
             },
         );
     }
@@ -463,8 +486,27 @@ impl Active {
                     active,
                     term,
                     applied,
+                    version,
+                    holds,
                     ..
                 } if self.state == LinkState::Handshake => {
+                    if !active
+                        && self.may_hand_over
+                        && version >= 2
+                        && term == self.term
+                        && holds > self.holds
+                    {
+                        // Failure-scenarios draft section 2.6 after a
+                        // double failure: the freshest state is served. We
+                        // have answered nobody yet; the backup holds more.
+                        let term = self.term;
+                        self.send(now, &Message::Handover { term });
+                        self.state = LinkState::Fenced { term };
+                        self.pending.clear();
+                        self.events
+                            .push_back(ActiveEvent::HandedOver { peer_holds: holds });
+                        continue;
+                    }
                     if active {
                         self.peer_active = Some(term);
                         // Two actives in one term: neither may stream to the

@@ -257,6 +257,8 @@ pub struct Backup {
     lease_until: Option<Timestamp>,
     /// A resume offered did not fit: the next hello asks for a snapshot.
     want_snapshot: bool,
+    /// The active handed the service over ([`Message::Handover`]).
+    handed_over: bool,
     #[cfg(feature = "planted-ack-before-persist")]
     ack_before_persist: bool,
     out: Vec<u8>,
@@ -282,6 +284,7 @@ impl Backup {
             last_now: Timestamp(0),
             lease_until: None,
             want_snapshot: false,
+            handed_over: false,
             #[cfg(feature = "planted-ack-before-persist")]
             ack_before_persist: false,
             out: Vec::new(),
@@ -306,6 +309,22 @@ impl Backup {
     /// to a stored one give).
     pub fn replica(&self) -> Replica {
         self.state.to_replica(self.applied, self.offset_ms)
+    }
+
+    /// The log position of the state this backup vouches for (0: none):
+    /// what its replica holds, acknowledged or about to be.
+    pub fn holds(&self) -> u64 {
+        if self.has_state {
+            self.applied
+        } else {
+            0
+        }
+    }
+
+    /// Whether the active handed this backup the service since the last
+    /// call ([`Message::Handover`]): it should take over now.
+    pub fn take_handed_over(&mut self) -> bool {
+        std::mem::take(&mut self.handed_over)
     }
 
     /// The highest term seen.
@@ -418,6 +437,8 @@ impl Backup {
             active: false,
             applied,
             now,
+            version: crate::wire::LINK_VERSION,
+            holds: self.holds(),
         }
         .encode(&mut self.out);
     }
@@ -446,12 +467,14 @@ impl Backup {
             if m.term() < self.term {
                 // A deposed active still streaming: tell it the current
                 // term, and take nothing from it (fencing).
-                let (term, applied) = (self.term, self.applied);
+                let (term, applied, holds) = (self.term, self.applied, self.holds());
                 Message::Hello {
                     term,
                     active: false,
                     applied,
                     now,
+                    version: crate::wire::LINK_VERSION,
+                    holds,
                 }
                 .encode(&mut self.out);
                 continue;
@@ -459,6 +482,12 @@ impl Backup {
             self.term = m.term();
             match m {
                 Message::Hello { now: theirs, .. } => self.measure(now, theirs),
+                Message::Handover { .. } => {
+                    // The active of our term stood down for our fresher
+                    // state (it checked; a backup with nothing is never
+                    // handed anything).
+                    self.handed_over = self.has_state;
+                }
                 Message::SnapshotBegin { .. } => self.staging = Some(State::default()),
                 Message::SnapshotPart { items, term } => {
                     if let Some(s) = &mut self.staging {

@@ -65,6 +65,11 @@ pub struct NodeConfig {
     /// which this overrides): a backup promoted after the last one ended
     /// cannot vouch for the epochs ([`crate::TakeoverKind::Stale`]).
     pub stale_after: Duration,
+    /// How long a node configured active that cannot reach its peer at
+    /// start waits before serving what it stored: a peer that comes back
+    /// within it with fresher state is handed the service instead
+    /// (failure-scenarios draft section 2.6). Zero serves at once.
+    pub peer_wait: Duration,
     /// Planted defects, for showing that the simulator finds them. Only
     /// builds with the matching cargo feature have these switches.
     #[cfg(any(
@@ -87,6 +92,7 @@ impl NodeConfig {
             role,
             link,
             stale_after,
+            peer_wait: Duration::ZERO,
             #[cfg(any(
                 feature = "planted-release-before-ack",
                 feature = "planted-skip-term-check",
@@ -210,6 +216,23 @@ pub enum Effect<R> {
         /// The higher term.
         term: Term,
     },
+    /// This node, configured active, had not served yet and found its
+    /// backup holding fresher state: it handed the service over
+    /// ([`crate::Message::Handover`], which [`Node::poll_transmit`] still
+    /// yields: send it before closing the connection) and is a backup now.
+    /// As for [`Effect::Deposed`], replace the state with an empty one.
+    HandedOver {
+        /// The term (unchanged: the backup takes over into the next).
+        term: Term,
+        /// The log position this node held.
+        held: u64,
+        /// The log position the backup holds.
+        peer_holds: u64,
+    },
+    /// The active handed this backup the service: promote it now, as
+    /// `ctl promote` does (and, with keepalived, the address follows the
+    /// node that serves).
+    TakeOver,
     /// The backup's replica changed up to `seq`: make `write` durable (in
     /// the order given), then call [`Node::persisted`] (only then is it
     /// acknowledged), and start the node from the stored replica next
@@ -318,6 +341,16 @@ pub enum PromoteError {
     /// Standalone nodes have no replica to take over.
     #[error("this node is standalone: configure [ha] role = \"backup\" to make it promotable")]
     Standalone,
+    /// This node handed the service to its peer, whose state is fresher,
+    /// and has not synced from an active since: promoting it would serve
+    /// the older state (failure-scenarios draft section 2.6).
+    #[error("this node handed the service to its peer, which holds fresher state (log position {peer} against {own}): promote the peer")]
+    PeerFresher {
+        /// The position this node held.
+        own: u64,
+        /// The position its peer holds.
+        peer: u64,
+    },
 }
 
 /// Counters for status and metrics.
@@ -383,6 +416,17 @@ pub struct Node<R> {
     /// An active node with a peer first learns whether it was deposed
     /// while away: it serves after the first contact (or failed attempt).
     first_contact: bool,
+    /// When the first attempt to reach the peer failed, while
+    /// `first_contact` (see [`NodeConfig::peer_wait`]).
+    first_failure: Option<Timestamp>,
+    /// The log position of the state this node serves from.
+    position: u64,
+    /// Bytes still to send to the old peer after standing down (the
+    /// handover).
+    parting: Option<Vec<u8>>,
+    /// Set when this node handed over: the positions it and its peer
+    /// held. Promotion is refused until it syncs from an active.
+    handed_over: Option<(u64, u64)>,
     active: Option<Active>,
     backup: Option<Backup>,
     held: VecDeque<Held<R>>,
@@ -424,6 +468,10 @@ impl<R> Node<R> {
         Node {
             serving: role == Role::Standalone || (role == Role::Active && cfg.link.is_none()),
             first_contact: role == Role::Active && cfg.link.is_some(),
+            first_failure: None,
+            position: 0,
+            parting: None,
+            handed_over: None,
             cfg,
             keying,
             role,
@@ -585,6 +633,7 @@ impl<R> Node<R> {
         let mut sorted = Vec::with_capacity(jobs.len());
         for (reply, meta) in jobs {
             let seq = meta.last_seq.unwrap_or(0);
+            self.position = self.position.max(seq);
             let mut needs = false;
             if streaming && seq > sent {
                 // Jobs at or below the snapshot's position are in it.
@@ -673,8 +722,9 @@ impl<R> Node<R> {
     /// A connection to the peer is up (the active connected, or the backup
     /// accepted the active's connection).
     pub fn link_connected(&mut self, now: Timestamp) {
+        let may_hand_over = self.first_contact && self.role == Role::Active;
         if let Some(a) = self.active.as_mut() {
-            a.connected(now, 0);
+            a.connected(now, self.position, may_hand_over);
         } else if let Some(b) = self.backup.as_mut() {
             b.connected(now);
         }
@@ -689,9 +739,14 @@ impl<R> Node<R> {
             if self.first_contact {
                 // The peer cannot be reached: nobody deposed us (as far
                 // as this node can know; an external witness is what
-                // settles a partition).
-                self.first_contact = false;
-                self.serving = self.role == Role::Active;
+                // settles a partition). After a double failure the peer
+                // may come back with fresher state: it is waited for a
+                // while before this node serves what it stored.
+                let first = *self.first_failure.get_or_insert(now);
+                if now >= first + self.cfg.peer_wait {
+                    self.first_contact = false;
+                    self.serving = self.role == Role::Active;
+                }
             }
         } else if let Some(b) = self.backup.as_mut() {
             b.disconnected(now);
@@ -726,6 +781,12 @@ impl<R> Node<R> {
             let before = b.term();
             let r = b.handle_input(now, bytes);
             let term = b.term();
+            let handed_over = b.take_handed_over();
+            if b.in_sync() {
+                // Synced from the active since it handed over: what this
+                // node holds is current.
+                self.handed_over = None;
+            }
             for (seq, write) in b.take_unpersisted() {
                 self.effects.push_back(Effect::Persist { seq, write });
             }
@@ -733,9 +794,19 @@ impl<R> Node<R> {
                 self.term = term;
                 self.effects.push_back(Effect::PersistTerm(term));
             }
+            if handed_over {
+                self.effects.push_back(Effect::TakeOver);
+            }
             return r;
         }
         Ok(())
+    }
+
+    /// The log position of the state this node serves from as it starts
+    /// (its store's): a node configured active tells it its backup at the
+    /// first contact, and hands over to a backup that holds more.
+    pub fn set_position(&mut self, seq: u64) {
+        self.position = seq;
     }
 
     /// A backup starts from the replica it stored in an earlier run
@@ -808,10 +879,20 @@ impl<R> Node<R> {
 
     /// Bytes to write to the peer.
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        if let Some(p) = self.parting.take() {
+            return Some(p);
+        }
         if let Some(a) = self.active.as_mut() {
             return a.poll_transmit();
         }
         self.backup.as_mut().and_then(Backup::poll_transmit)
+    }
+
+    /// Whether bytes for the old peer are still to be sent after this
+    /// node stood down ([`Effect::HandedOver`]): keep the connection open
+    /// until [`Node::poll_transmit`] has yielded them.
+    pub fn parting(&self) -> bool {
+        self.parting.is_some()
     }
 
     /// Whether the active's link is down (the daemon should reconnect).
@@ -921,6 +1002,19 @@ impl<R> Node<R> {
                         .push_back(Effect::BackupState(self.backup_state()));
                     self.effects.push_back(Effect::NeedSnapshot);
                 }
+                ActiveEvent::HandedOver { peer_holds } => {
+                    let parting = self.active.as_mut().and_then(Active::poll_transmit);
+                    let held = self.position;
+                    self.step_down(None);
+                    self.parting = parting;
+                    self.handed_over = Some((held, peer_holds));
+                    self.effects.push_back(Effect::HandedOver {
+                        term: self.term,
+                        held,
+                        peer_holds,
+                    });
+                    return any;
+                }
                 ActiveEvent::Fenced(term) => {
                     #[cfg(feature = "planted-skip-term-check")]
                     if self.cfg.planted.skip_term_check {
@@ -971,7 +1065,10 @@ impl<R> Node<R> {
         match self.role {
             Role::Active => Err(PromoteError::AlreadyActive),
             Role::Standalone => Err(PromoteError::Standalone),
-            Role::Backup => Ok(self.backup.as_ref().map_or(self.term, Backup::term) + 1),
+            Role::Backup => match self.handed_over {
+                Some((own, peer)) => Err(PromoteError::PeerFresher { own, peer }),
+                None => Ok(self.backup.as_ref().map_or(self.term, Backup::term) + 1),
+            },
         }
     }
 

@@ -16,6 +16,12 @@ use crate::Term;
 /// Largest frame accepted.
 pub const MAX_FRAME: usize = 4 << 20;
 
+/// The link protocol version this release speaks: 2 added the fields of a
+/// Hello after `now` and [`Message::Handover`]. Each side speaks the lower
+/// of its own and its peer's version, so a pair can be upgraded one node at
+/// a time from version 2 on.
+pub const LINK_VERSION: u16 = 2;
+
 /// One unit of replicated state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Item {
@@ -187,11 +193,28 @@ pub enum Message {
         term: Term,
         /// Whether the sender believes it is active.
         active: bool,
-        /// Last log sequence number the sender applied.
+        /// The log position the sender's stream should continue from (a
+        /// backup says 0 to ask for a snapshot).
         applied: u64,
         /// The sender's clock, so the backup can translate the active's
         /// timestamps into its own clock on takeover.
         now: Timestamp,
+        /// The highest link protocol version the sender speaks
+        /// ([`LINK_VERSION`]); a Hello without one is version 1.
+        version: u16,
+        /// The log position of the state the sender can vouch for in its
+        /// term (0: none): an active that has not served yet hands over to
+        /// a backup that holds more ([`Message::Handover`]).
+        holds: u64,
+    },
+    /// Active to backup, once: the active had not served yet in this run
+    /// and the backup holds fresher state (a later position in the same
+    /// term); the active has stood down, and the backup takes over
+    /// (failure-scenarios draft section 2.6: the freshest state is served
+    /// after a double failure). Only sent to a peer of version 2 or later.
+    Handover {
+        /// Sender's term.
+        term: Term,
     },
     /// Active to backup: the full check-pointed state as of `seq` follows.
     SnapshotBegin {
@@ -283,6 +306,7 @@ impl Message {
     pub fn term(&self) -> Term {
         match self {
             Message::Hello { term, .. }
+            | Message::Handover { term }
             | Message::SnapshotBegin { term, .. }
             | Message::SnapshotPart { term, .. }
             | Message::SnapshotEnd { term, .. }
@@ -310,12 +334,20 @@ impl Message {
                 active,
                 applied,
                 now,
+                version,
+                holds,
             } => {
                 out.push(1);
                 out.extend_from_slice(&term.to_be_bytes());
                 out.push(u8::from(*active));
                 out.extend_from_slice(&applied.to_be_bytes());
                 out.extend_from_slice(&now.as_millis().to_be_bytes());
+                out.extend_from_slice(&version.to_be_bytes());
+                out.extend_from_slice(&holds.to_be_bytes());
+            }
+            Message::Handover { term } => {
+                out.push(10);
+                out.extend_from_slice(&term.to_be_bytes());
             }
             Message::SnapshotBegin { term, seq } => {
                 out.push(2);
@@ -410,12 +442,32 @@ impl Message {
         };
         let m = (|| {
             Some(match kind {
-                1 => Message::Hello {
-                    term: r.u64()?,
-                    active: r.u8()? != 0,
-                    applied: r.u64()?,
-                    now: Timestamp(r.u64()?),
-                },
+                1 => {
+                    let term = r.u64()?;
+                    let active = r.u8()? != 0;
+                    let applied = r.u64()?;
+                    let now = Timestamp(r.u64()?);
+                    // Version 1 ended here; later versions append fields,
+                    // and a Hello may carry fields of versions newer than
+                    // this one, ignored here (the lower version is spoken).
+                    let (version, holds) = if r.0.is_empty() {
+                        (1, applied)
+                    } else {
+                        let v = r.u16()?;
+                        let h = r.u64()?;
+                        r.0 = &[];
+                        (v, h)
+                    };
+                    Message::Hello {
+                        term,
+                        active,
+                        applied,
+                        now,
+                        version,
+                        holds,
+                    }
+                }
+                10 => Message::Handover { term: r.u64()? },
                 2 => Message::SnapshotBegin {
                     term: r.u64()?,
                     seq: r.u64()?,

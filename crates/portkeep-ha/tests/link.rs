@@ -84,7 +84,7 @@ fn linked(term: u64) -> (Active, Backup) {
     let k = SubscriberKeying::default();
     let mut a = Active::new(term, ActiveConfig::default(), k.clone());
     let mut b = Backup::new(term, k);
-    a.connected(at(0), 10);
+    a.connected(at(0), 10, false);
     b.connected(at(0));
     pump(&mut a, &mut b, at(0));
     (a, b)
@@ -283,7 +283,7 @@ fn rfc7767_s3_2_a_reconnecting_backup_resumes_from_its_position() {
             b = Backup::resume(3, SubscriberKeying::default(), stored.clone());
         }
         events(&mut a);
-        a.connected(at(5), 13);
+        a.connected(at(5), 13, false);
         b.connected(at(5));
         pump(&mut a, &mut b, at(5));
         let ev = events(&mut a);
@@ -314,7 +314,7 @@ fn rfc7767_s3_2_a_backup_beyond_what_was_kept_takes_a_snapshot() {
     };
     let mut a = Active::new(3, cfg, k.clone());
     let mut b = Backup::new(3, k.clone());
-    a.connected(at(0), 10);
+    a.connected(at(0), 10, false);
     b.connected(at(0));
     pump(&mut a, &mut b, at(0));
     a.send_snapshot(at(1), 10, snapshot_items());
@@ -325,14 +325,14 @@ fn rfc7767_s3_2_a_backup_beyond_what_was_kept_takes_a_snapshot() {
         a.push(at(3), seq, change(seq, seq as u16, false));
     }
     events(&mut a);
-    a.connected(at(4), 13);
+    a.connected(at(4), 13, false);
     b.connected(at(4));
     pump(&mut a, &mut b, at(4));
     assert!(events(&mut a).contains(&ActiveEvent::NeedSnapshot));
     assert_eq!(a.resumes(), 0);
     // A backup of another term holds another node's history.
     let mut a = Active::new(4, ActiveConfig::default(), k.clone());
-    a.connected(at(0), 10);
+    a.connected(at(0), 10, false);
     let mut other = Backup::new(4, k.clone());
     other.connected(at(0));
     pump(&mut a, &mut other, at(0));
@@ -342,7 +342,7 @@ fn rfc7767_s3_2_a_backup_beyond_what_was_kept_takes_a_snapshot() {
     let old = Backup::resume(3, k, other.replica());
     let mut old = old;
     events(&mut a);
-    a.connected(at(2), 10);
+    a.connected(at(2), 10, false);
     old.connected(at(2));
     pump(&mut a, &mut old, at(2));
     assert!(events(&mut a).contains(&ActiveEvent::NeedSnapshot));
@@ -414,7 +414,7 @@ fn design_fencing_higher_term_stops_the_active() {
     let k = SubscriberKeying::default();
     let mut old = Active::new(3, ActiveConfig::default(), k.clone());
     let mut newer = Backup::new(4, k);
-    old.connected(at(0), 0);
+    old.connected(at(0), 0, false);
     newer.connected(at(0));
     pump(&mut old, &mut newer, at(0));
     assert_eq!(old.state(), LinkState::Fenced { term: 4 });
@@ -559,6 +559,8 @@ fn frames_round_trip_and_reassemble_across_reads() {
             active: true,
             applied: 42,
             now: at(1),
+            version: portkeep_ha::wire::LINK_VERSION,
+            holds: 0,
         },
         Message::SnapshotBegin { term: 7, seq: 42 },
         Message::SnapshotPart {
@@ -632,7 +634,7 @@ proptest! {
         let mut b = Backup::new(1, k.clone());
         let _ = b.handle_input(at(0), &buf);
         let mut a = Active::new(1, ActiveConfig::default(), k);
-        a.connected(at(0), 0);
+        a.connected(at(0), 0, false);
         let _ = a.handle_input(at(0), &buf);
     }
 }
@@ -672,7 +674,7 @@ fn draft_s2_6_takeover_translates_anchors_into_the_backups_clock() {
     let k = SubscriberKeying::default();
     let mut a = Active::new(3, ActiveConfig::default(), k.clone());
     let mut b = Backup::new(3, k);
-    a.connected(at(0), 0);
+    a.connected(at(0), 0, false);
     b.connected(Timestamp(at(0).0 - skew));
     pump_skewed(&mut a, &mut b, at(0), skew);
     a.send_snapshot(at(1), 10, snapshot_items());
@@ -809,7 +811,7 @@ fn draft_s2_6_a_lease_counts_only_for_a_synced_replica() {
     // The active restarted: it kept no changes to resume the backup from,
     // so the backup resyncs.
     a = Active::new(3, ActiveConfig::default(), SubscriberKeying::default());
-    a.connected(at(6), 10);
+    a.connected(at(6), 10, false);
     b.connected(at(6));
     pump(&mut a, &mut b, at(6));
     let mut lease = Vec::new();
@@ -834,7 +836,7 @@ fn draft_s2_6_promotion_mid_resync_keeps_acknowledged_checkpoints() {
     // The active restarted: it kept no changes to resume the backup from,
     // so the backup resyncs.
     a = Active::new(3, ActiveConfig::default(), SubscriberKeying::default());
-    a.connected(at(6), 10);
+    a.connected(at(6), 10, false);
     b.connected(at(6));
     pump(&mut a, &mut b, at(6));
     a.send_snapshot(at(7), 20, snapshot_items());
@@ -903,4 +905,52 @@ fn rfc7767_s3_2_lagging_link_schedules_no_deadline_in_the_past() {
     assert_eq!(a.state(), LinkState::Lagging);
     let next = a.poll_timeout().unwrap();
     assert!(next > late, "deadline {next:?} is not after {late:?}");
+}
+
+#[test]
+fn link_version_1_hello_is_read_and_later_fields_are_ignored() {
+    let k = SubscriberKeying::default();
+    // A version 1 Hello: type, term, active, applied, now.
+    let mut body = vec![1u8];
+    body.extend_from_slice(&7u64.to_be_bytes());
+    body.push(0);
+    body.extend_from_slice(&42u64.to_be_bytes());
+    body.extend_from_slice(&5u64.to_be_bytes());
+    let frame = |body: &[u8]| {
+        let mut f = (body.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(body);
+        f
+    };
+    let m = Message::decode(&mut frame(&body), &k).unwrap().unwrap();
+    assert_eq!(
+        m,
+        Message::Hello {
+            term: 7,
+            active: false,
+            applied: 42,
+            now: Timestamp(5),
+            version: 1,
+            holds: 42,
+        }
+    );
+    // A later version's Hello: its version and holds are read, fields
+    // this release does not know are skipped.
+    body.extend_from_slice(&3u16.to_be_bytes());
+    body.extend_from_slice(&40u64.to_be_bytes());
+    body.extend_from_slice(&[9; 11]);
+    let m = Message::decode(&mut frame(&body), &k).unwrap().unwrap();
+    assert!(matches!(
+        m,
+        Message::Hello {
+            version: 3,
+            holds: 40,
+            ..
+        }
+    ));
+    let mut out = Vec::new();
+    Message::Handover { term: 7 }.encode(&mut out);
+    assert_eq!(
+        Message::decode(&mut out, &k).unwrap(),
+        Some(Message::Handover { term: 7 })
+    );
 }

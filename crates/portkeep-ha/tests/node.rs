@@ -340,6 +340,8 @@ fn design_fencing_deposed_node_releases_nothing_and_drops_what_it_held() {
         active: false,
         applied: 0,
         now: at(2),
+        version: portkeep_ha::wire::LINK_VERSION,
+        holds: 0,
     }
     .encode(&mut hello);
     a.handle_link_input(at(2), &hello).unwrap();
@@ -368,6 +370,8 @@ fn design_fencing_returning_active_serves_only_after_first_contact() {
         active: false,
         applied: 0,
         now: at(0),
+        version: portkeep_ha::wire::LINK_VERSION,
+        holds: 0,
     }
     .encode(&mut hello);
     a.handle_link_input(at(1), &hello).unwrap();
@@ -458,6 +462,8 @@ fn design_fencing_returning_active_in_the_peers_own_term_stands_down() {
         active: true,
         applied: 0,
         now: at(0),
+        version: portkeep_ha::wire::LINK_VERSION,
+        holds: 0,
     }
     .encode(&mut hello);
     a.handle_link_input(at(1), &hello).unwrap();
@@ -481,9 +487,134 @@ fn design_fencing_serving_active_is_not_deposed_by_a_stale_peer_in_its_term() {
         active: true,
         applied: 0,
         now: at(6),
+        version: portkeep_ha::wire::LINK_VERSION,
+        holds: 0,
     }
     .encode(&mut hello);
     a.handle_link_input(at(7), &hello).unwrap();
     assert!(a.serving());
     assert_eq!(a.role(), Role::Active);
+}
+
+/// Moves bytes both ways until quiet; returns the effects of each side.
+fn exchange(
+    a: &mut Node<u32>,
+    b: &mut Node<u32>,
+    now: Timestamp,
+) -> (Vec<Effect<u32>>, Vec<Effect<u32>>) {
+    let (mut ea, mut eb) = (Vec::new(), Vec::new());
+    loop {
+        let mut moved = false;
+        if let Some(bytes) = a.poll_transmit() {
+            b.handle_link_input(now, &bytes).unwrap();
+            moved = true;
+        }
+        if let Some(bytes) = b.poll_transmit() {
+            a.handle_link_input(now, &bytes).unwrap();
+            moved = true;
+        }
+        ea.extend(effects(a));
+        eb.extend(effects(b));
+        if !moved {
+            return (ea, eb);
+        }
+    }
+}
+
+/// A backup resumed from a replica standing for log position `seq`.
+fn backup_holding(seq: u64) -> Node<u32> {
+    let mut b = node(Role::Backup);
+    b.resume_replica(portkeep_ha::Replica {
+        seq,
+        server_anchor: Some(T0),
+        mappings: vec![mapping("198.51.100.1", 80, true)],
+        ..portkeep_ha::Replica::default()
+    });
+    b
+}
+
+#[test]
+fn draft_s2_6_an_active_that_has_not_served_hands_over_to_a_fresher_backup() {
+    // Both nodes come back after a double failure: the one configured
+    // active holds less (it had been deposed, its store emptied) than the
+    // backup (its stored replica).
+    let mut a = node(Role::Active);
+    a.set_position(3);
+    let mut b = backup_holding(10);
+    a.link_connected(at(0));
+    b.link_connected(at(0));
+    let (ea, seen) = exchange(&mut a, &mut b, at(0));
+    assert!(
+        ea.iter().any(|e| matches!(
+            e,
+            Effect::HandedOver {
+                term: 1,
+                held: 3,
+                peer_holds: 10
+            }
+        )),
+        "{ea:?}"
+    );
+    assert!(!a.serving(), "the older state is never served");
+    assert_eq!(a.role(), Role::Backup);
+    assert!(
+        seen.iter().any(|e| matches!(e, Effect::TakeOver)),
+        "the backup is told to take over: {seen:?}"
+    );
+    // The node that stood down refuses a promotion (keepalived moves the
+    // address to the peer) until it syncs from an active.
+    assert_eq!(
+        a.promotion_term(),
+        Err(portkeep_ha::PromoteError::PeerFresher { own: 3, peer: 10 })
+    );
+    // The backup takes over from what it holds.
+    let t = b.promote(at(1)).unwrap();
+    assert_eq!(t.term, 2);
+    assert_eq!(t.state.mappings.len(), 1);
+    assert_eq!(t.kind, TakeoverKind::Stale, "volatile state was lost");
+}
+
+#[test]
+fn draft_s2_6_an_active_that_holds_as_much_serves() {
+    let mut a = node(Role::Active);
+    a.set_position(10);
+    let mut b = backup_holding(10);
+    a.link_connected(at(0));
+    b.link_connected(at(0));
+    let (ea, seen) = exchange(&mut a, &mut b, at(0));
+    assert!(a.serving());
+    assert!(!seen.iter().any(|e| matches!(e, Effect::TakeOver)));
+    assert!(!ea.iter().any(|e| matches!(e, Effect::HandedOver { .. })));
+}
+
+#[test]
+fn draft_s2_6_an_active_that_served_never_hands_over() {
+    // The peer was unreachable past the wait: this node served. A fresher
+    // backup coming back later follows it (its clients were answered from
+    // this state), it does not take the service.
+    let mut a = Node::<u32>::new(
+        NodeConfig {
+            peer_wait: Duration::from_secs(10),
+            ..NodeConfig::new(
+                Role::Active,
+                Some(ActiveConfig::default()),
+                Duration::from_secs(2),
+            )
+        },
+        1,
+        SubscriberKeying::default(),
+    );
+    a.set_position(3);
+    a.link_lost(at(0));
+    assert!(!a.serving(), "waits for its peer");
+    a.link_lost(at(9_999));
+    assert!(!a.serving());
+    a.link_lost(at(10_000));
+    assert!(a.serving(), "serves what it stored once the wait is over");
+    let mut b = backup_holding(10);
+    a.link_connected(at(10_100));
+    b.link_connected(at(10_100));
+    let (_, seen) = exchange(&mut a, &mut b, at(10_100));
+    assert!(a.serving());
+    assert!(!seen.iter().any(|e| matches!(e, Effect::TakeOver)));
 }

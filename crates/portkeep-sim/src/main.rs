@@ -3,7 +3,7 @@
 //! ```text
 //! portkeep-sim --seeds 1000            # seeds 0..1000, summary
 //! portkeep-sim --seed 42               # replay one seed with its trace
-//! portkeep-sim --seeds 200 --enable both-down
+//! portkeep-sim --seeds 200 --enable promote-empty
 //! portkeep-sim --seeds 1000 --planted release-before-ack
 //! ```
 
@@ -26,7 +26,7 @@ struct Args {
     /// Replay one seed and print its trace.
     #[arg(long, value_name = "S")]
     seed: Option<u64>,
-    /// Turn on a named schedule (both-down, promote-empty,
+    /// Turn on a named schedule (promote-empty,
     /// partitioned-old-active); repeatable.
     #[arg(long, value_name = "NAME")]
     enable: Vec<String>,
@@ -50,7 +50,9 @@ fn main() -> ExitCode {
         match Schedule::parse(e) {
             Some(s) => template.enable.push(s),
             None => {
-                eprintln!("unknown schedule {e:?}: expected one of both-down, promote-empty, partitioned-old-active");
+                eprintln!(
+                    "unknown schedule {e:?}: expected one of promote-empty, partitioned-old-active"
+                );
                 return ExitCode::from(2);
             }
         }
@@ -77,8 +79,8 @@ fn main() -> ExitCode {
             println!("  {k:<32} {n}");
         }
         println!(
-            "check-points promised {}, takeovers {}, resumes {}, steps {}",
-            r.checkpoints_promised, r.takeovers, r.resumes, r.steps
+            "check-points promised {}, takeovers {}, resumes {}, handovers {}, steps {}",
+            r.checkpoints_promised, r.takeovers, r.resumes, r.handovers, r.steps
         );
         println!(
             "not violations: THIRD_PARTY epoch disagreements {}, check-points ended by an answer the client never received {}",
@@ -110,8 +112,8 @@ fn main() -> ExitCode {
         println!("  {k:<32} {c}");
     }
     println!(
-        "check-points promised {}, takeovers {}, resumes {}, steps {}",
-        t.checkpoints_promised, t.takeovers, t.resumes, t.steps
+        "check-points promised {}, takeovers {}, resumes {}, handovers {}, steps {}",
+        t.checkpoints_promised, t.takeovers, t.resumes, t.handovers, t.steps
     );
     println!(
         "not violations: THIRD_PARTY epoch disagreements {}, check-points ended by an answer the client never received {}",

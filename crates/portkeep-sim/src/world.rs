@@ -29,6 +29,9 @@ const T0: u64 = 1_700_000_000_000;
 const VIP: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 255, 0, 1)), 5351);
 /// The daemon's active retries its connection this often (`link.rs`).
 const CONNECT_RETRY_MS: u64 = 200;
+/// How long a node configured active waits for its peer at start before it
+/// serves what it stored (`NodeConfig::peer_wait`).
+const PEER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// A node that is active and accepts a connection tells its term, then
 /// closes after this long (`link.rs`, `tell_term`).
 const TELL_TERM_CLOSE_MS: u64 = 200;
@@ -331,6 +334,9 @@ struct SimNode {
     fail_next_fsync: bool,
     was_serving: bool,
     holder_at_crash: bool,
+    /// Down in a double failure: it comes back whatever its peer does
+    /// (a site's power returns to both).
+    both_down: bool,
     /// The kind of the takeover that made it active, until it serves.
     takeover: Option<TakeoverKind>,
     next_timer_floor: u64,
@@ -558,6 +564,7 @@ impl World {
                 fail_next_fsync: false,
                 was_serving: false,
                 holder_at_crash: false,
+                both_down: false,
                 takeover: None,
                 next_timer_floor: 0,
             });
@@ -653,6 +660,7 @@ impl World {
 
     fn node_cfg(&self, role: Role) -> NodeConfig {
         let mut c = NodeConfig::new(role, Some(link_cfg()), stale_after());
+        c.peer_wait = PEER_WAIT;
         match self.opts.planted {
             Some(PlantedBug::ReleaseBeforeAck) => c.planted.release_before_ack = true,
             Some(PlantedBug::SkipTermCheck) => c.planted.skip_term_check = true,
@@ -805,12 +813,20 @@ impl World {
             let at = self.rng.gen_range(lo..hi);
             self.schedule(at, Ev::Fault(kind, 0));
         }
+        // Both nodes down at once, in a good third of the seeds. Drawn from
+        // a generator of its own, so that seeds without it run exactly as
+        // they did before it was added (a seed a soak once found keeps
+        // replaying the same run).
+        let mut own = ChaCha8Rng::seed_from_u64(self.opts.seed ^ 0xB07D_0000_D0A1_0001);
+        if own.gen_bool(0.4) {
+            let at = own.gen_range(lo..hi);
+            self.schedule(at, Ev::Fault(Fault::BothDown, 0));
+        }
         let enabled = self.opts.enable.clone();
         let hi = end.saturating_sub(60_000).max(120_001);
         for s in enabled {
             let at = self.rng.gen_range(120_000..hi.clamp(120_001, 400_000));
             let f = match s {
-                Schedule::BothDown => Fault::BothDown,
                 Schedule::PromoteEmpty => Fault::EmptyCrashBackup,
                 Schedule::PartitionedOldActive => Fault::PartitionOldActive,
             };
@@ -1566,6 +1582,46 @@ impl World {
                     self.nodes[n].replica.queue.push((seq, write));
                     self.maybe_replica_fsync(n);
                 }
+                Effect::HandedOver {
+                    term,
+                    held,
+                    peer_holds,
+                } => {
+                    self.trace(format!(
+                        "node {}: handed over in term {term}: it held position {held}, its backup {peer_holds}; now backup",
+                        self.nodes[n].name
+                    ));
+                    self.report.handovers += 1;
+                    // The handover goes out before the connection closes.
+                    self.pump(n);
+                    let cfg = self.server_cfg(n);
+                    let ts = self.ts();
+                    self.nodes[n].server = Server::new(cfg, ts);
+                    self.nodes[n].replica = ReplicaDisk::default();
+                    self.resync(n);
+                    let empty = Restored {
+                        anchor: ts,
+                        subscriber_anchors: Vec::new(),
+                        mappings: Vec::new(),
+                        last_seq: 0,
+                        owed: Vec::new(),
+                    };
+                    self.submit(n, Reply::default(), Some(empty));
+                    if let Some(c) = self.nodes[n].link {
+                        self.close_conn_side(c, n, false);
+                    }
+                    self.nodes[n].connecting = false;
+                }
+                Effect::TakeOver => {
+                    // keepalived's check script moves the address to the
+                    // node that serves.
+                    self.trace(format!(
+                        "node {}: handed the service by its active",
+                        self.nodes[n].name
+                    ));
+                    self.vip = n;
+                    self.promote(n);
+                }
             }
         }
         if let Some(b) = self.nodes[n].ha.backup() {
@@ -1713,6 +1769,7 @@ impl World {
         node.next_timer_floor = 0;
         let mut lost = Vec::new();
         if node.cfg_role == Role::Active && node.store.exists {
+            node.ha.set_position(node.store.last_seq);
             let (mut server, report) = Server::restore(cfg, ts, node.store.restored());
             // Expiries found while restoring are stored before serving.
             let changes: Vec<ChangeRecord> = server.drain_changes().collect();
@@ -1752,6 +1809,10 @@ impl World {
     }
 
     fn crash(&mut self, n: usize) {
+        if !self.nodes[n].up {
+            // Already down: its return stays as scheduled.
+            return;
+        }
         let holder = self.vip == n && self.nodes[n].ha.role() == Role::Active;
         let node = &mut self.nodes[n];
         node.up = false;
@@ -1821,7 +1882,14 @@ impl World {
     }
 
     fn restart(&mut self, n: usize) {
-        if self.guards && self.nodes[n].cfg_role == Role::Active {
+        // After a double failure the node comes back whatever its peer
+        // does, unless the link is cut too (without a witness a partition
+        // then is split brain: the partitioned-old-active schedule).
+        let both_down = self.nodes[n].both_down && self.now >= self.partition_until;
+        if both_down {
+            self.nodes[n].both_down = false;
+        }
+        if self.guards && !both_down && self.nodes[n].cfg_role == Role::Active {
             // A node configured active learns whether it was deposed at
             // its first contact; without one it serves what it stored. An
             // operator (or keepalived) brings it back only when the peer
@@ -1854,9 +1922,13 @@ impl World {
             Some(t) => vec![t],
             None => vec![Self::other(holder), holder],
         };
-        let pick = candidates
-            .into_iter()
-            .find(|&c| self.nodes[c].up && self.nodes[c].ha.role() == Role::Backup);
+        // A node that refuses (it handed the service to a fresher peer) is
+        // passed over, as keepalived's check script moves the address on.
+        let pick = candidates.into_iter().find(|&c| {
+            self.nodes[c].up
+                && self.nodes[c].ha.role() == Role::Backup
+                && self.nodes[c].ha.promotion_term().is_ok()
+        });
         let Some(c) = pick else {
             // Nobody to promote yet: keepalived keeps trying.
             self.schedule(self.now + 500, Ev::PromoterAct { early, target });
@@ -2018,6 +2090,8 @@ impl World {
                     active: true,
                     applied: 0,
                     now: ts,
+                    version: portkeep_ha::wire::LINK_VERSION,
+                    holds: 0,
                 }
                 .encode(&mut out);
                 self.write(id, 1, out);
@@ -2355,10 +2429,20 @@ impl World {
                 self.crash(other);
             }
             Fault::BothDown => {
-                self.trace("schedule both-down: both nodes crash".to_owned());
+                if self.guards && !pair_healthy {
+                    return postpone(self);
+                }
+                self.trace("fault: both nodes crash (a site's power loss)".to_owned());
                 for n in [holder, other] {
                     if self.nodes[n].up {
                         self.crash(n);
+                        self.nodes[n].both_down = true;
+                        // A site's power comes back: both nodes boot
+                        // within a few seconds of each other, in either
+                        // order (within the peer wait).
+                        let back = now + self.rng.gen_range(1_000..8_000);
+                        let gen = self.nodes[n].gen;
+                        self.schedule(back, Ev::Restart { node: n, gen });
                     }
                 }
             }

@@ -45,6 +45,7 @@ fn default_faults_1000_seeds_hold_every_invariant() {
         "partition-then-active-loss",
         "backup-restart-then-active-loss",
         "backup-disk-stall",
+        "both-down",
         "promote-early",
         "promote-late",
         "old-active-return",
@@ -59,6 +60,9 @@ fn default_faults_1000_seeds_hold_every_invariant() {
     // Backups that reconnect catch up from their position, not only by
     // snapshots.
     assert!(t.resumes > 1000, "{}", t.resumes);
+    // After a double failure, a node configured active that comes back
+    // with less than its backup hands the service over.
+    assert!(t.handovers > 10, "{}", t.handovers);
     assert!(
         t.checkpoints_promised > 100_000,
         "{}",
@@ -101,11 +105,6 @@ fn schedule_is_caught(s: Schedule) {
     o.enable = vec![s];
     let v = first_violation(&o, 0, 20, threads());
     assert!(v.is_some(), "{} went unnoticed in 20 seeds", s.name());
-}
-
-#[test]
-fn named_schedule_both_down_violates() {
-    schedule_is_caught(Schedule::BothDown);
 }
 
 #[test]

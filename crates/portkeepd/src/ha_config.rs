@@ -46,6 +46,9 @@ pub struct HaSection {
     pub stale_after_ms: Option<u64>,
     /// Items of recent changes the active keeps for a backup's resume.
     pub resume_items: Option<u64>,
+    /// How long a node configured active that cannot reach its peer at
+    /// start waits for it before serving what it stored, ms.
+    pub peer_wait_ms: Option<u64>,
 }
 
 /// The node's role (the pair's state machine defines it).
@@ -112,6 +115,8 @@ pub struct LinkSettings {
     pub timing: portkeep_ha::ActiveConfig,
     /// See [`HaSection::stale_after_ms`].
     pub stale_after: Duration,
+    /// See [`HaSection::peer_wait_ms`].
+    pub peer_wait: Duration,
 }
 
 /// Validated `[ha]`.
@@ -222,6 +227,7 @@ impl HaSection {
                     tls,
                     timing,
                     stale_after: timing.lease,
+                    peer_wait: ms("ha.peer_wait_ms", self.peer_wait_ms, 10_000, 0, 3_600_000)?,
                 })
             }
         };

@@ -130,6 +130,8 @@ async fn tell_term(shared: &Shared, mut stream: Box<dyn Stream>) {
         active: true,
         applied: 0,
         now: shared.clock.now(),
+        version: portkeep_ha::wire::LINK_VERSION,
+        holds: 0,
     }
     .encode(&mut out);
     let _ = stream.write_all(&out).await;
@@ -299,6 +301,21 @@ async fn connect_and_stream(
             r?;
             shared.pair.wake.notify_one();
             if shared.pair.role_gen() != gen {
+                // A handover is written before the connection closes: the
+                // writer runs alongside while this waits (briefly: the
+                // backup that does not get it stays a backup, and nobody
+                // serves the older state either way).
+                if shared.pair.node().parting() {
+                    for _ in 0..40 {
+                        shared.pair.wake.notify_one();
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        if !shared.pair.node().parting() {
+                            break;
+                        }
+                    }
+                    // Taken by the writer: let its write finish.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 anyhow::bail!("role changed");
             }
         }

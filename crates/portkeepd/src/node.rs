@@ -581,6 +581,26 @@ pub(crate) fn act(shared: &Arc<Shared>, effects: Vec<Effect<Reply>>) {
                 }
             }
             Effect::Deposed { term } => deposed(shared, term),
+            Effect::HandedOver {
+                term,
+                held,
+                peer_holds,
+            } => {
+                tracing::warn!(
+                    term,
+                    held,
+                    peer_holds,
+                    "the backup holds fresher state than this node's store: handed it the service; now backup"
+                );
+                deposed(shared, term);
+            }
+            Effect::TakeOver => {
+                tracing::warn!("the active handed this node the service: taking over");
+                let r = promote(shared);
+                if r["ok"] != json!(true) {
+                    tracing::error!("taking over failed: {r}");
+                }
+            }
             Effect::Persist { seq, .. } => {
                 // Memory mode (with a store, these went to the replica's
                 // writer): the replica lives in the node, applied is

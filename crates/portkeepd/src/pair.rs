@@ -227,7 +227,7 @@ impl NodeGuard<'_> {
                 (Effect::Persist { seq, write }, Some(q)) => {
                     q.push(ReplicaCmd::Write(seq, write));
                 }
-                (e @ Effect::Deposed { .. }, Some(q)) => {
+                (e @ (Effect::Deposed { .. } | Effect::HandedOver { .. }), Some(q)) => {
                     q.push(ReplicaCmd::Clear);
                     out.push(e);
                 }
@@ -264,7 +264,7 @@ impl Pair {
     ) -> anyhow::Result<Pair> {
         let term_path = data_dir.join("term");
         let term = read_term(&term_path)?;
-        let cfg = NodeConfig::new(
+        let mut cfg = NodeConfig::new(
             settings.role,
             settings.link.as_ref().map(|l| l.timing),
             settings
@@ -272,6 +272,10 @@ impl Pair {
                 .as_ref()
                 .map_or(std::time::Duration::ZERO, |l| l.stale_after),
         );
+        cfg.peer_wait = settings
+            .link
+            .as_ref()
+            .map_or(std::time::Duration::ZERO, |l| l.peer_wait);
         let node = Node::new(cfg, term, keying);
         Ok(Pair {
             serving: AtomicBool::new(node.serving()),

@@ -327,6 +327,9 @@ impl Daemon {
                 .resume_replica(portkeep_ha::Replica::of_served(&state));
         }
         if settings.ha.role == Role::Active {
+            // Told to the backup at first contact: a backup holding more
+            // is handed the service (failure-scenarios draft section 2.6).
+            pair.node().set_position(start.server.last_seq());
             // RFC 7767 section 3.2: nothing is honoured until the backup is
             // in sync.
             start

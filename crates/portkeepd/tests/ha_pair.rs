@@ -560,6 +560,95 @@ fn draft_s2_6_both_nodes_down_the_former_active_promoted_keeps_every_acknowledge
     }
 }
 
+/// Failure-scenarios draft section 2.6, a double failure with the roles
+/// of the configuration (no keepalived): the node configured active had
+/// been deposed (its store emptied; it was the backup), both die, and it
+/// comes back first. It waits for its peer instead of serving its empty
+/// store; when the peer returns holding the state it served, the node
+/// hands it the service, and every acknowledged check-point is served
+/// again, same external endpoint and nonce. The node that stood down
+/// refuses a promotion until it has synced.
+#[test]
+fn draft_s2_6_both_down_the_node_configured_active_hands_over_to_the_fresher_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut sa, mut sb) = pair(dir.path());
+    sa.ha_extra = "peer_wait_ms = 30000\n".into();
+    sb.ha_extra = sa.ha_extra.clone();
+    let b = Node::start(&sb, "backup");
+    let mut a = Node::start(&sa, "active");
+    a.wait_in_sync();
+    let clients: Vec<(IpAddr, bool)> = vec![
+        ("127.0.0.101".parse().unwrap(), false),
+        ("127.0.0.102".parse().unwrap(), true),
+    ];
+    let acked: Arc<Mutex<HashMap<Key, Granted>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = load(sa.pcp, &clients, 3000, stop.clone(), acked.clone());
+    std::thread::sleep(Duration::from_millis(1500));
+    a.kill9();
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let promoted = b.ctl(&["promote"]);
+    assert_eq!(promoted["ok"], true, "{promoted}");
+    // The old active comes back as configured and is deposed: the backup
+    // of the node that serves now.
+    let mut a = Node::start(&sa, "active");
+    a.wait(Duration::from_secs(10), "deposed", |s| {
+        s["ha"]["role"] == "backup"
+    });
+    let mut b = b;
+    b.wait_in_sync();
+    // More check-points, on the new active.
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = load(sb.pcp, &clients, 4000, stop.clone(), acked.clone());
+    std::thread::sleep(Duration::from_millis(1500));
+    b.kill9();
+    a.kill9();
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 20, "load too light: {}", acked.len());
+    // Site power back: the node configured active first. Its store is
+    // empty; it must not serve it while its peer may hold more.
+    let mut a = Node::start(&sa, "active");
+    let probe = client_socket("127.0.0.103".parse().unwrap());
+    probe
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    for port in 1..=5u16 {
+        let req = map_request("127.0.0.103".parse().unwrap(), port, 60, [3; 12], false);
+        assert!(
+            exchange_once(&probe, sa.pcp, &req).is_none(),
+            "answered from an empty store while waiting for its peer; log:\n{}",
+            a.log()
+        );
+    }
+    assert_eq!(a.status()["ha"]["serving"], false);
+    let mut b = Node::start(&sb, "backup");
+    b.wait(Duration::from_secs(20), "handed the service", |s| {
+        s["ha"]["role"] == "active" && s["ha"]["serving"] == true
+    });
+    a.wait(Duration::from_secs(20), "stood down", |s| {
+        s["ha"]["role"] == "backup"
+    });
+    assert!(
+        a.log().contains("handed it the service"),
+        "log:\n{}",
+        a.log()
+    );
+    verify_checkpoints(&b, &acked);
+    assert_eq!(b.status()["ha"]["term"], 2, "{}", b.status());
+    // The node that stood down syncs from the new active.
+    b.wait_in_sync();
+    a.wait(Duration::from_secs(20), "synced", |s| {
+        s["ha"]["checkpointed_mappings"].as_u64().unwrap_or(0) as usize >= acked.len()
+    });
+}
+
 /// RFC 7767 section 3.2 and RFC 6887 section 8.5: a stored replica that
 /// does not read back whole is never half-loaded (it could claim
 /// check-points it lost): it is moved aside, with a log line naming it,
@@ -769,6 +858,9 @@ fn design_link_wrong_key_or_plaintext_peer_is_refused() {
     certs(&other, &["node-a"]);
     let mut rogue = sa.clone();
     rogue.certs = other;
+    // Serving at once when the peer cannot be reached (this test is about
+    // the link's authentication, not the wait for a fresher peer).
+    rogue.ha_extra = "peer_wait_ms = 0\n".into();
     let b = Node::start(&sb, "backup");
     let mut a = Node::start(&rogue, "active");
     a.wait(Duration::from_secs(10), "serving", |s| {
@@ -798,7 +890,7 @@ fn design_link_wrong_key_or_plaintext_peer_is_refused() {
     drop(a);
     // A plaintext peer gets nowhere with a TLS backup either.
     let mut plain = sa.clone();
-    plain.ha_extra = "plaintext = true".into();
+    plain.ha_extra = "plaintext = true\npeer_wait_ms = 0\n".into();
     let mut a = Node::start(&plain, "active");
     a.wait(Duration::from_secs(10), "serving", |s| {
         s["ha"]["serving"] == true
@@ -828,6 +920,7 @@ fn design_link_backup_refuses_a_certificate_of_the_pair_ca_with_another_name() {
     let mut rogue = sa.clone();
     rogue.name = "node-c";
     rogue.certs = three.clone();
+    rogue.ha_extra = "peer_wait_ms = 0\n".into();
     let mut b = Node::start(&sb, "backup");
     let mut a = Node::start(&rogue, "active");
     a.wait(Duration::from_secs(10), "serving", |s| {
