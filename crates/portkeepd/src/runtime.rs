@@ -743,9 +743,9 @@ mod tests {
     #[test]
     fn design_demotion_a_worker_waiting_for_the_core_does_not_serve_after_it() {
         // The peer is unreachable (nothing listens on the discard port):
-        // the node serves after its first attempt.
+        // with no wait for it, the node serves after its first attempt.
         let (_dir, d) = daemon(
-            "[ha]\nrole = \"active\"\nlisten = \"127.0.0.1:0\"\npeer = \"127.0.0.1:9\"\nplaintext = true\n[store]\nmode = \"memory\"\n",
+            "[ha]\nrole = \"active\"\nlisten = \"127.0.0.1:0\"\npeer = \"127.0.0.1:9\"\nplaintext = true\npeer_wait_ms = 0\n[store]\nmode = \"memory\"\n",
         );
         for _ in 0..100 {
             if d.shared.pair.serving() {
