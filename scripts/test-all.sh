@@ -68,7 +68,7 @@ step "build"
 cargo build --workspace --bins --locked
 
 step "tests"
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast
 
 step "fuzz smoke (10 s per parser)"
 if ! command -v cargo-fuzz >/dev/null 2>&1; then

@@ -416,18 +416,33 @@ fn established_tcp_connection_survives_failover_of_the_nat_pair() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let flow = ns_exec(
-        &ns[backup],
-        &[
-            "conntrack",
-            "-L",
-            "-p",
-            "tcp",
-            "--orig-port-dst",
-            &kept.port().to_string(),
-        ],
-    )
-    .unwrap_or_default();
+    // A conntrack dump of a table that changes meanwhile can be
+    // interrupted (NLM_F_DUMP_INTR: the tool fails): asked again.
+    let list_flow = || {
+        ns_exec(
+            &ns[backup],
+            &[
+                "conntrack",
+                "-L",
+                "-p",
+                "tcp",
+                "--orig-port-dst",
+                &kept.port().to_string(),
+            ],
+        )
+    };
+    let mut flow = String::new();
+    for _ in 0..20 {
+        match list_flow() {
+            Ok(f) if f.contains("dport=") => {
+                flow = f;
+                break;
+            }
+            Ok(f) => flow = f,
+            Err(e) => flow = format!("conntrack -L failed: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let stall = stream.finish(t0);
     eprintln!(
         "TCP STALL through the NAT pair: {} ms (kill -9 of the active + links down -> backup promoted after {} ms); flow on the new active: {}",
