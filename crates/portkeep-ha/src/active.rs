@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use portkeep_server::{SubscriberKeying, Timestamp};
 
-use crate::wire::{FrameError, Item, Message};
+use crate::wire::{FrameError, Item, Message, Position};
 use crate::Term;
 
 /// Timing of the link.
@@ -96,8 +96,8 @@ pub enum ActiveEvent {
     /// served yet ([`Active::connected`] with `may_hand_over`): a
     /// [`Message::Handover`] was sent; stop acting as active.
     HandedOver {
-        /// The log position the backup holds.
-        peer_holds: u64,
+        /// What the backup holds.
+        peer_holds: Position,
     },
 }
 
@@ -142,7 +142,7 @@ pub struct Active {
     peer_active: Option<Term>,
     /// The log position of the state this node vouches for, told in
     /// its Hello.
-    holds: u64,
+    holds: Position,
     /// Whether this connection may end in a handover (the node has not
     /// served yet).
     may_hand_over: bool,
@@ -180,7 +180,7 @@ impl Active {
             last_heard: Timestamp(0),
             last_sent: Timestamp(0),
             peer_active: None,
-            holds: 0,
+            holds: Position::default(),
             may_hand_over: false,
             lease_until: None,
             granted_at: None,
@@ -360,7 +360,7 @@ impl Active {
     /// `may_hand_over` (this node has not served since it started), a
     /// backup that holds a later position in our term is handed the
     /// service ([`ActiveEvent::HandedOver`]).
-    pub fn connected(&mut self, now: Timestamp, holds: u64, may_hand_over: bool) {
+    pub fn connected(&mut self, now: Timestamp, holds: Position, may_hand_over: bool) {
         self.peer_active = None;
         self.holds = holds;
         self.may_hand_over = may_hand_over;
@@ -374,7 +374,7 @@ impl Active {
             &Message::Hello {
                 term: self.term,
                 active: true,
-                applied: holds,
+                applied: holds.seq,
                 now,
                 version: crate::wire::LINK_VERSION,
                 holds,
@@ -515,7 +515,10 @@ impl Active {
                             .push_back(ActiveEvent::OutOfSync("peer claims to be active"));
                         continue;
                     }
-                    if self.resume(now, term, applied) {
+                    // Its replica must be of this term (`holds.term`: a
+                    // backup that heard this term without completing its
+                    // snapshot still holds another term's history).
+                    if self.resume(now, holds.term, applied) {
                         continue;
                     }
                     // Changes committed while the snapshot is copied are

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use portkeep_server::record::key_of;
 use portkeep_server::{MappingRecord, Restored, SubscriberId, SubscriberKeying, Timestamp};
 
-use crate::wire::{FrameError, Item, Message};
+use crate::wire::{FrameError, Item, Message, Position};
 use crate::Term;
 
 /// The replicated state.
@@ -20,8 +20,9 @@ struct State {
 }
 
 impl State {
-    fn to_replica(&self, seq: u64, offset_ms: i64) -> Replica {
+    fn to_replica(&self, term: Term, seq: u64, offset_ms: i64) -> Replica {
         Replica {
+            term,
             seq,
             offset_ms,
             server_anchor: self.server_anchor,
@@ -89,6 +90,9 @@ impl State {
 /// acknowledged check-point must survive the backup's crash too).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Replica {
+    /// The term of the active whose state it is (0: not known, a replica
+    /// stored by an earlier release).
+    pub term: Term,
     /// The active's log position it stands for.
     pub seq: u64,
     /// The active's clock minus this node's, in milliseconds, as last
@@ -131,6 +135,7 @@ impl Replica {
     /// position (a promotion from it is stale: every epoch resets).
     pub fn of_served(r: &portkeep_server::Restored) -> Replica {
         Replica {
+            term: r.term,
             seq: r.last_seq,
             offset_ms: 0,
             server_anchor: Some(r.anchor),
@@ -152,11 +157,12 @@ impl Replica {
                 offset_ms,
                 items,
             } => {
+                let term = self.term;
                 let mut st = State::from_replica(std::mem::take(self));
                 for i in items {
                     st.apply(i);
                 }
-                *self = st.to_replica(seq, offset_ms);
+                *self = st.to_replica(term, seq, offset_ms);
             }
         }
     }
@@ -259,6 +265,8 @@ pub struct Backup {
     want_snapshot: bool,
     /// The active handed the service over ([`Message::Handover`]).
     handed_over: bool,
+    /// The term of the active whose state `state` is.
+    state_term: Term,
     #[cfg(feature = "planted-ack-before-persist")]
     ack_before_persist: bool,
     out: Vec<u8>,
@@ -285,6 +293,7 @@ impl Backup {
             lease_until: None,
             want_snapshot: false,
             handed_over: false,
+            state_term: 0,
             #[cfg(feature = "planted-ack-before-persist")]
             ack_before_persist: false,
             out: Vec::new(),
@@ -300,6 +309,7 @@ impl Backup {
         let mut b = Backup::new(term, keying);
         b.applied = replica.seq;
         b.offset_ms = replica.offset_ms;
+        b.state_term = replica.term;
         b.state = State::from_replica(replica);
         b.has_state = true;
         b
@@ -308,16 +318,20 @@ impl Backup {
     /// The replica as it stands (what [`ReplicaWrite`]s applied in order
     /// to a stored one give).
     pub fn replica(&self) -> Replica {
-        self.state.to_replica(self.applied, self.offset_ms)
+        self.state
+            .to_replica(self.state_term, self.applied, self.offset_ms)
     }
 
-    /// The log position of the state this backup vouches for (0: none):
-    /// what its replica holds, acknowledged or about to be.
-    pub fn holds(&self) -> u64 {
+    /// What this backup vouches for (the default: nothing): its
+    /// replica's term and position, acknowledged or about to be.
+    pub fn holds(&self) -> Position {
         if self.has_state {
-            self.applied
+            Position {
+                term: self.state_term,
+                seq: self.applied,
+            }
         } else {
-            0
+            Position::default()
         }
     }
 
@@ -506,6 +520,7 @@ impl Backup {
                 Message::SnapshotEnd { seq, term } => {
                     if let Some(s) = self.staging.take() {
                         self.state = s;
+                        self.state_term = term;
                         self.applied = seq;
                         self.synced = true;
                         self.has_state = true;
@@ -526,6 +541,7 @@ impl Backup {
                     // changes since follow. An empty write orders its
                     // acknowledgement after every write still being stored.
                     self.synced = true;
+                    self.state_term = term;
                     let write = ReplicaWrite::Apply {
                         seq: from,
                         offset_ms: self.offset_ms,
@@ -601,6 +617,7 @@ impl Backup {
                     subscriber_anchors: Vec::new(),
                     mappings: Vec::new(),
                     last_seq: self.applied,
+                    term,
                     owed: Vec::new(),
                 },
                 reset: Vec::new(),
@@ -668,6 +685,7 @@ impl Backup {
                     subscriber_anchors: Vec::new(),
                     mappings,
                     last_seq: self.applied,
+                    term,
                     owed,
                 },
                 reset,
@@ -693,6 +711,7 @@ impl Backup {
                 subscriber_anchors: anchors.into_iter().collect(),
                 mappings,
                 last_seq: self.applied,
+                term,
                 owed: owed.clone(),
             },
             reset,

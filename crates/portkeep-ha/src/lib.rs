@@ -43,7 +43,7 @@ pub use node::{
     strip_checkpoint, Effect, EncodedSnapshot, Grant, JobMeta, Node, NodeConfig, NodeStats,
     PromoteError, Role, SnapshotSource,
 };
-pub use wire::{FrameError, Item, Message};
+pub use wire::{FrameError, Item, Message, Position};
 
 /// A replication term: promotion increments it, and a node that learns of
 /// a higher one stops answering as active (fencing).

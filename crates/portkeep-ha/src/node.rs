@@ -28,7 +28,7 @@ use portkeep_server::{
 
 use crate::active::{encode_snapshot, Active, ActiveConfig, ActiveEvent, LinkState};
 use crate::backup::{Backup, Replica, ReplicaWrite, Takeover};
-use crate::wire::{FrameError, Item};
+use crate::wire::{FrameError, Item, Position};
 use crate::Term;
 
 /// A node's part in the pair.
@@ -147,6 +147,8 @@ pub struct JobMeta {
     grants: Vec<Grant>,
     /// A log position the replies depend on besides the job's own.
     after: u64,
+    /// When the replies were made.
+    made: Option<Timestamp>,
 }
 
 impl JobMeta {
@@ -159,6 +161,15 @@ impl JobMeta {
     /// [`Effect::Rewrite`]).
     pub fn after(mut self, seq: u64) -> JobMeta {
         self.after = self.after.max(seq);
+        self
+    }
+
+    /// The job's replies were made at `at` (when the server core handled
+    /// their requests): a wait for the backup counts from there, since the
+    /// epoch and lifetime in them are as of then (RFC 6887 section 8.5).
+    /// Without it, from the commit.
+    pub fn made_at(mut self, at: Timestamp) -> JobMeta {
+        self.made = Some(at);
         self
     }
 }
@@ -224,10 +235,10 @@ pub enum Effect<R> {
     HandedOver {
         /// The term (unchanged: the backup takes over into the next).
         term: Term,
-        /// The log position this node held.
-        held: u64,
-        /// The log position the backup holds.
-        peer_holds: u64,
+        /// What this node held.
+        held: Position,
+        /// What the backup holds.
+        peer_holds: Position,
     },
     /// The active handed this backup the service: promote it now, as
     /// `ctl promote` does (and, with keepalived, the address follows the
@@ -344,12 +355,12 @@ pub enum PromoteError {
     /// This node handed the service to its peer, whose state is fresher,
     /// and has not synced from an active since: promoting it would serve
     /// the older state (failure-scenarios draft section 2.6).
-    #[error("this node handed the service to its peer, which holds fresher state (log position {peer} against {own}): promote the peer")]
+    #[error("this node handed the service to its peer, which holds fresher state ({peer}, against {own}): promote the peer")]
     PeerFresher {
-        /// The position this node held.
-        own: u64,
-        /// The position its peer holds.
-        peer: u64,
+        /// What this node held.
+        own: Position,
+        /// What its peer holds.
+        peer: Position,
     },
 }
 
@@ -384,7 +395,7 @@ struct Held<R> {
     seq: u64,
     reply: R,
     grants: Vec<Grant>,
-    /// When it started waiting.
+    /// When it was made ([`JobMeta::made_at`]).
     at: Timestamp,
 }
 
@@ -419,14 +430,14 @@ pub struct Node<R> {
     /// When the first attempt to reach the peer failed, while
     /// `first_contact` (see [`NodeConfig::peer_wait`]).
     first_failure: Option<Timestamp>,
-    /// The log position of the state this node serves from.
-    position: u64,
+    /// What this node serves from.
+    position: Position,
     /// Bytes still to send to the old peer after standing down (the
     /// handover).
     parting: Option<Vec<u8>>,
     /// Set when this node handed over: the positions it and its peer
     /// held. Promotion is refused until it syncs from an active.
-    handed_over: Option<(u64, u64)>,
+    handed_over: Option<(Position, Position)>,
     active: Option<Active>,
     backup: Option<Backup>,
     held: VecDeque<Held<R>>,
@@ -469,7 +480,7 @@ impl<R> Node<R> {
             serving: role == Role::Standalone || (role == Role::Active && cfg.link.is_none()),
             first_contact: role == Role::Active && cfg.link.is_some(),
             first_failure: None,
-            position: 0,
+            position: Position::default(),
             parting: None,
             handed_over: None,
             cfg,
@@ -633,7 +644,10 @@ impl<R> Node<R> {
         let mut sorted = Vec::with_capacity(jobs.len());
         for (reply, meta) in jobs {
             let seq = meta.last_seq.unwrap_or(0);
-            self.position = self.position.max(seq);
+            self.position = self.position.max(Position {
+                term: self.term,
+                seq,
+            });
             let mut needs = false;
             if streaming && seq > sent {
                 // Jobs at or below the snapshot's position are in it.
@@ -666,7 +680,8 @@ impl<R> Node<R> {
             // depend on: their own changes and, for rewritten replies, what
             // their first version did.
             let needs = needs || meta.after > 0;
-            sorted.push((reply, meta.grants, seq.max(meta.after), needs));
+            let made = meta.made.map_or(now, |m| m.min(now));
+            sorted.push((reply, meta.grants, seq.max(meta.after), needs, made));
         }
         if !items.is_empty() {
             active.push(now, top.max(sent + 1), items);
@@ -682,7 +697,7 @@ impl<R> Node<R> {
         if self.cfg.planted.release_before_ack {
             acked = u64::MAX;
         }
-        for (reply, grants, seq, needs) in sorted {
+        for (reply, grants, seq, needs, made) in sorted {
             let seq = if needs || !grants.is_empty() {
                 seq
             } else {
@@ -700,7 +715,7 @@ impl<R> Node<R> {
                     seq,
                     reply,
                     grants,
-                    at: now,
+                    at: made,
                 });
             } else if grants.is_empty() {
                 // Out of sync and no lease: nothing is waited for; the
@@ -802,11 +817,11 @@ impl<R> Node<R> {
         Ok(())
     }
 
-    /// The log position of the state this node serves from as it starts
-    /// (its store's): a node configured active tells it its backup at the
+    /// What this node serves from as it starts (its store's term and
+    /// position): a node configured active tells it its backup at the
     /// first contact, and hands over to a backup that holds more.
-    pub fn set_position(&mut self, seq: u64) {
-        self.position = seq;
+    pub fn set_position(&mut self, position: Position) {
+        self.position = position;
     }
 
     /// A backup starts from the replica it stored in an earlier run
@@ -1086,6 +1101,10 @@ impl<R> Node<R> {
         let takeover = backup.promote(now);
         self.role = Role::Active;
         self.term = takeover.term;
+        self.position = Position {
+            term: takeover.term,
+            seq: takeover.state.last_seq,
+        };
         self.active = self
             .cfg
             .link

@@ -16,6 +16,24 @@ use crate::Term;
 /// Largest frame accepted.
 pub const MAX_FRAME: usize = 4 << 20;
 
+/// What a node can vouch for: the term of the pair in which its state
+/// was served and the log position it reaches. Ordered by term, then
+/// position: after a double failure the greater one is served
+/// (failure-scenarios draft section 2.6). The default is nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    /// The term the state was served in.
+    pub term: Term,
+    /// The log position.
+    pub seq: u64,
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "term {}, log position {}", self.term, self.seq)
+    }
+}
+
 /// The link protocol version this release speaks: 2 added the fields of a
 /// Hello after `now` and [`Message::Handover`]. Each side speaks the lower
 /// of its own and its peer's version, so a pair can be upgraded one node at
@@ -202,10 +220,10 @@ pub enum Message {
         /// The highest link protocol version the sender speaks
         /// ([`LINK_VERSION`]); a Hello without one is version 1.
         version: u16,
-        /// The log position of the state the sender can vouch for in its
-        /// term (0: none): an active that has not served yet hands over to
-        /// a backup that holds more ([`Message::Handover`]).
-        holds: u64,
+        /// What the sender can vouch for (the default: nothing): an active
+        /// that has not served yet hands over to a backup that holds more
+        /// ([`Message::Handover`]).
+        holds: Position,
     },
     /// Active to backup, once: the active had not served yet in this run
     /// and the backup holds fresher state (a later position in the same
@@ -343,7 +361,8 @@ impl Message {
                 out.extend_from_slice(&applied.to_be_bytes());
                 out.extend_from_slice(&now.as_millis().to_be_bytes());
                 out.extend_from_slice(&version.to_be_bytes());
-                out.extend_from_slice(&holds.to_be_bytes());
+                out.extend_from_slice(&holds.term.to_be_bytes());
+                out.extend_from_slice(&holds.seq.to_be_bytes());
             }
             Message::Handover { term } => {
                 out.push(10);
@@ -451,10 +470,13 @@ impl Message {
                     // and a Hello may carry fields of versions newer than
                     // this one, ignored here (the lower version is spoken).
                     let (version, holds) = if r.0.is_empty() {
-                        (1, applied)
+                        (1, Position { term, seq: applied })
                     } else {
                         let v = r.u16()?;
-                        let h = r.u64()?;
+                        let h = Position {
+                            term: r.u64()?,
+                            seq: r.u64()?,
+                        };
                         r.0 = &[];
                         (v, h)
                     };

@@ -58,6 +58,11 @@ fn feed(b: &mut Backup, now: Timestamp, bytes: &[u8]) -> Result<(), portkeep_ha:
     r
 }
 
+/// What an active serving from log position `seq` vouches for.
+fn seq_pos(seq: u64) -> portkeep_ha::Position {
+    portkeep_ha::Position { term: 0, seq }
+}
+
 fn events(a: &mut Active) -> Vec<ActiveEvent> {
     std::iter::from_fn(|| a.poll_event()).collect()
 }
@@ -84,7 +89,7 @@ fn linked(term: u64) -> (Active, Backup) {
     let k = SubscriberKeying::default();
     let mut a = Active::new(term, ActiveConfig::default(), k.clone());
     let mut b = Backup::new(term, k);
-    a.connected(at(0), 10, false);
+    a.connected(at(0), seq_pos(10), false);
     b.connected(at(0));
     pump(&mut a, &mut b, at(0));
     (a, b)
@@ -283,7 +288,7 @@ fn rfc7767_s3_2_a_reconnecting_backup_resumes_from_its_position() {
             b = Backup::resume(3, SubscriberKeying::default(), stored.clone());
         }
         events(&mut a);
-        a.connected(at(5), 13, false);
+        a.connected(at(5), seq_pos(13), false);
         b.connected(at(5));
         pump(&mut a, &mut b, at(5));
         let ev = events(&mut a);
@@ -314,7 +319,7 @@ fn rfc7767_s3_2_a_backup_beyond_what_was_kept_takes_a_snapshot() {
     };
     let mut a = Active::new(3, cfg, k.clone());
     let mut b = Backup::new(3, k.clone());
-    a.connected(at(0), 10, false);
+    a.connected(at(0), seq_pos(10), false);
     b.connected(at(0));
     pump(&mut a, &mut b, at(0));
     a.send_snapshot(at(1), 10, snapshot_items());
@@ -325,24 +330,28 @@ fn rfc7767_s3_2_a_backup_beyond_what_was_kept_takes_a_snapshot() {
         a.push(at(3), seq, change(seq, seq as u16, false));
     }
     events(&mut a);
-    a.connected(at(4), 13, false);
+    a.connected(at(4), seq_pos(13), false);
     b.connected(at(4));
     pump(&mut a, &mut b, at(4));
     assert!(events(&mut a).contains(&ActiveEvent::NeedSnapshot));
     assert_eq!(a.resumes(), 0);
-    // A backup of another term holds another node's history.
+    // A backup whose replica is of another term holds another node's
+    // history, even when the backup itself heard of this term (it
+    // restarted before its snapshot of this term completed).
     let mut a = Active::new(4, ActiveConfig::default(), k.clone());
-    a.connected(at(0), 10, false);
+    a.connected(at(0), seq_pos(10), false);
     let mut other = Backup::new(4, k.clone());
     other.connected(at(0));
     pump(&mut a, &mut other, at(0));
     a.send_snapshot(at(1), 10, snapshot_items());
     pump(&mut a, &mut other, at(1));
     a.disconnected();
-    let old = Backup::resume(3, k, other.replica());
-    let mut old = old;
+    let mut of_term_3 = other.replica();
+    assert_eq!(of_term_3.term, 4);
+    of_term_3.term = 3;
+    let mut old = Backup::resume(4, k, of_term_3);
     events(&mut a);
-    a.connected(at(2), 10, false);
+    a.connected(at(2), seq_pos(10), false);
     old.connected(at(2));
     pump(&mut a, &mut old, at(2));
     assert!(events(&mut a).contains(&ActiveEvent::NeedSnapshot));
@@ -414,7 +423,7 @@ fn design_fencing_higher_term_stops_the_active() {
     let k = SubscriberKeying::default();
     let mut old = Active::new(3, ActiveConfig::default(), k.clone());
     let mut newer = Backup::new(4, k);
-    old.connected(at(0), 0, false);
+    old.connected(at(0), seq_pos(0), false);
     newer.connected(at(0));
     pump(&mut old, &mut newer, at(0));
     assert_eq!(old.state(), LinkState::Fenced { term: 4 });
@@ -560,7 +569,7 @@ fn frames_round_trip_and_reassemble_across_reads() {
             applied: 42,
             now: at(1),
             version: portkeep_ha::wire::LINK_VERSION,
-            holds: 0,
+            holds: portkeep_ha::Position::default(),
         },
         Message::SnapshotBegin { term: 7, seq: 42 },
         Message::SnapshotPart {
@@ -634,7 +643,7 @@ proptest! {
         let mut b = Backup::new(1, k.clone());
         let _ = b.handle_input(at(0), &buf);
         let mut a = Active::new(1, ActiveConfig::default(), k);
-        a.connected(at(0), 0, false);
+        a.connected(at(0), seq_pos(0), false);
         let _ = a.handle_input(at(0), &buf);
     }
 }
@@ -674,7 +683,7 @@ fn draft_s2_6_takeover_translates_anchors_into_the_backups_clock() {
     let k = SubscriberKeying::default();
     let mut a = Active::new(3, ActiveConfig::default(), k.clone());
     let mut b = Backup::new(3, k);
-    a.connected(at(0), 0, false);
+    a.connected(at(0), seq_pos(0), false);
     b.connected(Timestamp(at(0).0 - skew));
     pump_skewed(&mut a, &mut b, at(0), skew);
     a.send_snapshot(at(1), 10, snapshot_items());
@@ -811,7 +820,7 @@ fn draft_s2_6_a_lease_counts_only_for_a_synced_replica() {
     // The active restarted: it kept no changes to resume the backup from,
     // so the backup resyncs.
     a = Active::new(3, ActiveConfig::default(), SubscriberKeying::default());
-    a.connected(at(6), 10, false);
+    a.connected(at(6), seq_pos(10), false);
     b.connected(at(6));
     pump(&mut a, &mut b, at(6));
     let mut lease = Vec::new();
@@ -836,7 +845,7 @@ fn draft_s2_6_promotion_mid_resync_keeps_acknowledged_checkpoints() {
     // The active restarted: it kept no changes to resume the backup from,
     // so the backup resyncs.
     a = Active::new(3, ActiveConfig::default(), SubscriberKeying::default());
-    a.connected(at(6), 10, false);
+    a.connected(at(6), seq_pos(10), false);
     b.connected(at(6));
     pump(&mut a, &mut b, at(6));
     a.send_snapshot(at(7), 20, snapshot_items());
@@ -930,12 +939,13 @@ fn link_version_1_hello_is_read_and_later_fields_are_ignored() {
             applied: 42,
             now: Timestamp(5),
             version: 1,
-            holds: 42,
+            holds: portkeep_ha::Position { term: 7, seq: 42 },
         }
     );
     // A later version's Hello: its version and holds are read, fields
     // this release does not know are skipped.
     body.extend_from_slice(&3u16.to_be_bytes());
+    body.extend_from_slice(&6u64.to_be_bytes());
     body.extend_from_slice(&40u64.to_be_bytes());
     body.extend_from_slice(&[9; 11]);
     let m = Message::decode(&mut frame(&body), &k).unwrap().unwrap();
@@ -943,7 +953,7 @@ fn link_version_1_hello_is_read_and_later_fields_are_ignored() {
         m,
         Message::Hello {
             version: 3,
-            holds: 40,
+            holds: portkeep_ha::Position { term: 6, seq: 40 },
             ..
         }
     ));

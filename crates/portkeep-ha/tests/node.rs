@@ -341,7 +341,7 @@ fn design_fencing_deposed_node_releases_nothing_and_drops_what_it_held() {
         applied: 0,
         now: at(2),
         version: portkeep_ha::wire::LINK_VERSION,
-        holds: 0,
+        holds: portkeep_ha::Position::default(),
     }
     .encode(&mut hello);
     a.handle_link_input(at(2), &hello).unwrap();
@@ -371,7 +371,7 @@ fn design_fencing_returning_active_serves_only_after_first_contact() {
         applied: 0,
         now: at(0),
         version: portkeep_ha::wire::LINK_VERSION,
-        holds: 0,
+        holds: portkeep_ha::Position::default(),
     }
     .encode(&mut hello);
     a.handle_link_input(at(1), &hello).unwrap();
@@ -463,7 +463,7 @@ fn design_fencing_returning_active_in_the_peers_own_term_stands_down() {
         applied: 0,
         now: at(0),
         version: portkeep_ha::wire::LINK_VERSION,
-        holds: 0,
+        holds: portkeep_ha::Position::default(),
     }
     .encode(&mut hello);
     a.handle_link_input(at(1), &hello).unwrap();
@@ -488,7 +488,7 @@ fn design_fencing_serving_active_is_not_deposed_by_a_stale_peer_in_its_term() {
         applied: 0,
         now: at(6),
         version: portkeep_ha::wire::LINK_VERSION,
-        holds: 0,
+        holds: portkeep_ha::Position::default(),
     }
     .encode(&mut hello);
     a.handle_link_input(at(7), &hello).unwrap();
@@ -521,10 +521,17 @@ fn exchange(
     }
 }
 
-/// A backup resumed from a replica standing for log position `seq`.
+/// Term 1, log position `seq`.
+fn pos(seq: u64) -> portkeep_ha::Position {
+    portkeep_ha::Position { term: 1, seq }
+}
+
+/// A backup resumed from a replica of term 1 standing for log position
+/// `seq`.
 fn backup_holding(seq: u64) -> Node<u32> {
     let mut b = node(Role::Backup);
     b.resume_replica(portkeep_ha::Replica {
+        term: 1,
         seq,
         server_anchor: Some(T0),
         mappings: vec![mapping("198.51.100.1", 80, true)],
@@ -539,7 +546,7 @@ fn draft_s2_6_an_active_that_has_not_served_hands_over_to_a_fresher_backup() {
     // active holds less (it had been deposed, its store emptied) than the
     // backup (its stored replica).
     let mut a = node(Role::Active);
-    a.set_position(3);
+    a.set_position(pos(3));
     let mut b = backup_holding(10);
     a.link_connected(at(0));
     b.link_connected(at(0));
@@ -549,9 +556,9 @@ fn draft_s2_6_an_active_that_has_not_served_hands_over_to_a_fresher_backup() {
             e,
             Effect::HandedOver {
                 term: 1,
-                held: 3,
-                peer_holds: 10
-            }
+                held,
+                peer_holds,
+            } if *held == pos(3) && *peer_holds == pos(10)
         )),
         "{ea:?}"
     );
@@ -565,7 +572,10 @@ fn draft_s2_6_an_active_that_has_not_served_hands_over_to_a_fresher_backup() {
     // address to the peer) until it syncs from an active.
     assert_eq!(
         a.promotion_term(),
-        Err(portkeep_ha::PromoteError::PeerFresher { own: 3, peer: 10 })
+        Err(portkeep_ha::PromoteError::PeerFresher {
+            own: pos(3),
+            peer: pos(10)
+        })
     );
     // The backup takes over from what it holds.
     let t = b.promote(at(1)).unwrap();
@@ -577,7 +587,7 @@ fn draft_s2_6_an_active_that_has_not_served_hands_over_to_a_fresher_backup() {
 #[test]
 fn draft_s2_6_an_active_that_holds_as_much_serves() {
     let mut a = node(Role::Active);
-    a.set_position(10);
+    a.set_position(pos(10));
     let mut b = backup_holding(10);
     a.link_connected(at(0));
     b.link_connected(at(0));
@@ -604,7 +614,7 @@ fn draft_s2_6_an_active_that_served_never_hands_over() {
         1,
         SubscriberKeying::default(),
     );
-    a.set_position(3);
+    a.set_position(pos(3));
     a.link_lost(at(0));
     assert!(!a.serving(), "waits for its peer");
     a.link_lost(at(9_999));
@@ -617,4 +627,57 @@ fn draft_s2_6_an_active_that_served_never_hands_over() {
     let (_, seen) = exchange(&mut a, &mut b, at(10_100));
     assert!(a.serving());
     assert!(!seen.iter().any(|e| matches!(e, Effect::TakeOver)));
+}
+
+#[test]
+fn draft_s2_6_a_later_term_outranks_a_longer_log() {
+    // The backup's replica is of an older term, however far its log
+    // reaches: the active's state, served in a later term, stands.
+    let mut a = node(Role::Active);
+    a.set_position(pos(3));
+    let mut b = node(Role::Backup);
+    b.resume_replica(portkeep_ha::Replica {
+        term: 0,
+        seq: 500,
+        server_anchor: Some(T0),
+        ..portkeep_ha::Replica::default()
+    });
+    a.link_connected(at(0));
+    b.link_connected(at(0));
+    let (ea, eb) = exchange(&mut a, &mut b, at(0));
+    assert!(a.serving());
+    assert!(!ea.iter().any(|e| matches!(e, Effect::HandedOver { .. })));
+    assert!(!eb.iter().any(|e| matches!(e, Effect::TakeOver)));
+}
+
+#[test]
+fn rfc6887_s8_5_a_held_reply_ages_from_when_it_was_made_not_from_its_commit() {
+    let (mut a, _b) = in_sync_pair();
+    a.link_lost(at(100));
+    effects(&mut a);
+    let host = "198.51.100.9";
+    let ip: IpAddr = host.parse().unwrap();
+    let sub = SubscriberKeying::default().subscriber_of(ip);
+    // Handled at 0.9 s, committed (the store's fsync) at 1.2 s: held until
+    // the lease ends at 2 s, 1.1 s after it was made, so it leaves made
+    // again; counted from its commit (0.8 s) it would leave a whole
+    // second behind what the server says when it is sent.
+    let meta = a
+        .prepare(&upsert(1, mapping(host, 80, false)), vec![(sub, vec![ip])])
+        .made_at(at(900));
+    a.handle_commit(at(1_200), vec![(10, meta)]);
+    assert!(effects(&mut a).is_empty());
+    let end = a.active().unwrap().lease_until().unwrap();
+    a.handle_timeout(end);
+    let e = effects(&mut a);
+    assert!(
+        matches!(
+            e.as_slice(),
+            [Effect::ReleaseAged {
+                reply: 10,
+                waited_ms: 1100
+            }]
+        ),
+        "{e:?}"
+    );
 }

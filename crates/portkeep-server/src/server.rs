@@ -111,6 +111,11 @@ pub struct Restored {
     pub mappings: Vec<MappingRecord>,
     /// The last log sequence number written.
     pub last_seq: u64,
+    /// The term of the pair in which this state was served (0 before any
+    /// promotion): with `last_seq`, the position a node can vouch for when
+    /// it comes back after a double failure (failure-scenarios draft
+    /// section 2.6: the freshest state is served).
+    pub term: u64,
     /// Hosts owed an ANNOUNCE, per subscriber, and until when
     /// ([`Change::AnnounceOwed`]).
     pub owed: Vec<(SubscriberId, Vec<IpAddr>, Timestamp)>,

@@ -79,6 +79,7 @@ fn snapshot(s: &Server) -> Restored {
         subscriber_anchors: s.subscriber_anchors(),
         mappings: s.mappings(),
         last_seq: s.last_seq(),
+        term: 0,
         owed: s.owed_announces(Timestamp(0)),
     }
 }

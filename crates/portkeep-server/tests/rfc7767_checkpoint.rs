@@ -730,6 +730,7 @@ fn rfc7767_s3_2_restored_checkpoints_keep_their_quota_and_clear_returns_it() {
         subscriber_anchors: s.subscriber_anchors(),
         mappings: s.mappings(),
         last_seq: s.last_seq(),
+        term: 0,
         owed: Vec::new(),
     };
     let (mut r, report) = Server::restore(cfg(p), T0, state);
@@ -924,6 +925,7 @@ fn draft_2_6_a_mapping_that_lost_its_flag_stays_replicated() {
         subscriber_anchors: vec![],
         mappings: followed.clone(),
         last_seq: 10,
+        term: 0,
         owed: Vec::new(),
     };
     let (taken_over, _) = Server::restore_replica(cfg(unlimited()), T0, state.clone());

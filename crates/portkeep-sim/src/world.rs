@@ -225,6 +225,8 @@ struct Store {
     maps: BTreeMap<Vec<u8>, MappingRecord>,
     owed: BTreeMap<SubscriberId, (Vec<IpAddr>, Timestamp)>,
     last_seq: u64,
+    /// The term its state was served in.
+    term: u64,
     queue: VecDeque<Job>,
     /// The jobs of the fsync under way (group commit).
     syncing: Option<Vec<Job>>,
@@ -273,6 +275,7 @@ impl Store {
             .map(|(s, h, u)| (*s, (h.clone(), *u)))
             .collect();
         self.last_seq = r.last_seq;
+        self.term = r.term;
     }
 
     fn restored(&self) -> Restored {
@@ -281,6 +284,7 @@ impl Store {
             subscriber_anchors: self.subs.iter().map(|(s, a)| (*s, *a)).collect(),
             mappings: self.maps.values().cloned().collect(),
             last_seq: self.last_seq,
+            term: self.term,
             owed: self
                 .owed
                 .iter()
@@ -1459,10 +1463,13 @@ impl World {
             }
             let node = &mut self.nodes[n];
             node.store.apply(&job.changes);
-            let meta = node
+            let mut meta = node
                 .ha
                 .prepare(&job.changes, std::mem::take(&mut job.volatile))
                 .after(job.after);
+            if !job.reply.out.is_empty() {
+                meta = meta.made_at(Timestamp(T0 + job.reply.handled_at));
+            }
             segment.push((job.reply, meta));
         }
         self.commit_segment(n, segment, ts);
@@ -1568,6 +1575,7 @@ impl World {
                         subscriber_anchors: Vec::new(),
                         mappings: Vec::new(),
                         last_seq: 0,
+                        term: 0,
                         owed: Vec::new(),
                     };
                     self.submit(n, Reply::default(), Some(empty));
@@ -1604,6 +1612,7 @@ impl World {
                         subscriber_anchors: Vec::new(),
                         mappings: Vec::new(),
                         last_seq: 0,
+                        term: 0,
                         owed: Vec::new(),
                     };
                     self.submit(n, Reply::default(), Some(empty));
@@ -1769,7 +1778,10 @@ impl World {
         node.next_timer_floor = 0;
         let mut lost = Vec::new();
         if node.cfg_role == Role::Active && node.store.exists {
-            node.ha.set_position(node.store.last_seq);
+            node.ha.set_position(portkeep_ha::Position {
+                term: node.store.term,
+                seq: node.store.last_seq,
+            });
             let (mut server, report) = Server::restore(cfg, ts, node.store.restored());
             // Expiries found while restoring are stored before serving.
             let changes: Vec<ChangeRecord> = server.drain_changes().collect();
@@ -2091,7 +2103,7 @@ impl World {
                     applied: 0,
                     now: ts,
                     version: portkeep_ha::wire::LINK_VERSION,
-                    holds: 0,
+                    holds: portkeep_ha::Position::default(),
                 }
                 .encode(&mut out);
                 self.write(id, 1, out);

@@ -131,7 +131,7 @@ async fn tell_term(shared: &Shared, mut stream: Box<dyn Stream>) {
         applied: 0,
         now: shared.clock.now(),
         version: portkeep_ha::wire::LINK_VERSION,
-        holds: 0,
+        holds: portkeep_ha::Position::default(),
     }
     .encode(&mut out);
     let _ = stream.write_all(&out).await;

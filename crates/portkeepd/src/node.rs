@@ -56,6 +56,8 @@ pub(crate) struct Job {
     after: u64,
     /// When it reached the committer's queue.
     queued: Stopwatch,
+    /// When its replies were made (`portkeep_ha::JobMeta::made_at`).
+    made: portkeep_server::Timestamp,
 }
 
 /// The whole state a node switches to on promotion or demotion.
@@ -303,6 +305,7 @@ impl Shared {
                         reset: None,
                         after,
                         queued: Stopwatch::start(),
+                        made: self.clock.now(),
                     });
                 drop(core);
                 cv.notify_one();
@@ -333,6 +336,7 @@ impl Shared {
                         reset: Some(reset),
                         after: 0,
                         queued: Stopwatch::start(),
+                        made: self.clock.now(),
                     });
                 drop(core);
                 cv.notify_one();
@@ -588,9 +592,7 @@ pub(crate) fn act(shared: &Arc<Shared>, effects: Vec<Effect<Reply>>) {
             } => {
                 tracing::warn!(
                     term,
-                    held,
-                    peer_holds,
-                    "the backup holds fresher state than this node's store: handed it the service; now backup"
+                    "the backup holds fresher state ({peer_holds}) than this node's store ({held}): handed it the service; now backup"
                 );
                 deposed(shared, term);
             }
@@ -713,6 +715,7 @@ fn empty_state(now: Timestamp) -> Restored {
         subscriber_anchors: Vec::new(),
         mappings: Vec::new(),
         last_seq: 0,
+        term: 0,
         owed: Vec::new(),
     }
 }
@@ -1003,7 +1006,9 @@ fn commit(
                 // Only a replicating node needs the view (it clones the
                 // check-pointed records); the others honour no check-point.
                 let m = if replicating {
-                    node.prepare(&j.changes, volatile).after(j.after)
+                    node.prepare(&j.changes, volatile)
+                        .after(j.after)
+                        .made_at(j.made)
                 } else {
                     portkeep_ha::JobMeta::default()
                 };

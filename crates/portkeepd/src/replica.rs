@@ -61,7 +61,9 @@ pub const FOLD_IDLE: usize = 4_096;
 pub const FILE: &str = "replica.redb";
 
 /// Version of the meta row's format; bumped on any incompatible change.
-const FORMAT: u8 = 1;
+/// Format 2 added the term of the replicated state; a format 1 row reads
+/// as term 0 (not known).
+const FORMAT: u8 = 2;
 
 /// Page cache of the replica file: it is written far more than read.
 const CACHE_BYTES: usize = 16 << 20;
@@ -129,6 +131,7 @@ fn decode_apply(b: &[u8], keying: &SubscriberKeying) -> Option<(i64, Vec<Item>)>
 /// The meta row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Meta {
+    term: u64,
     seq: u64,
     offset_ms: i64,
     server_anchor: Option<Timestamp>,
@@ -147,15 +150,16 @@ impl Meta {
             }
             None => v.push(0),
         }
+        v.extend_from_slice(&self.term.to_be_bytes());
         v
     }
 
     fn decode(b: &[u8]) -> Result<Meta, String> {
         let mut r = Reader(b);
         let format = r.u8().ok_or("the meta row is empty")?;
-        if format != FORMAT {
+        if format != FORMAT && format != 1 {
             return Err(format!(
-                "format {format}, this portkeepd reads format {FORMAT}"
+                "format {format}, this portkeepd reads formats 1 and {FORMAT}"
             ));
         }
         let short = "the meta row is cut short";
@@ -166,10 +170,16 @@ impl Meta {
             1 => Some(Timestamp(r.u64().ok_or(short)?)),
             x => return Err(format!("the meta row has a bad anchor flag {x}")),
         };
+        let term = if format == 1 {
+            0
+        } else {
+            r.u64().ok_or(short)?
+        };
         if !r.0.is_empty() {
             return Err("the meta row has trailing bytes".into());
         }
         Ok(Meta {
+            term,
             seq,
             offset_ms,
             server_anchor,
@@ -338,6 +348,7 @@ impl ReplicaStore {
         }
         if let Some(r) = &replica {
             store.meta = Some(Meta {
+                term: r.term,
                 seq: r.seq,
                 offset_ms: r.offset_ms,
                 server_anchor: r.server_anchor,
@@ -480,6 +491,7 @@ impl ReplicaStore {
         owed.sort_by_key(|(s, _, _)| *s);
         drop((meta_t, maps, anchors_t, volatile_t, txn));
         let replica = Replica {
+            term: meta.term,
             seq: meta.seq,
             offset_ms: meta.offset_ms,
             server_anchor: meta.server_anchor,
@@ -671,6 +683,7 @@ impl ReplicaStore {
 fn advance(meta: Option<Meta>, w: &ReplicaWrite) -> Meta {
     match w {
         ReplicaWrite::Replace(r) => Meta {
+            term: r.term,
             seq: r.seq,
             offset_ms: r.offset_ms,
             server_anchor: r.server_anchor,
@@ -687,6 +700,7 @@ fn advance(meta: Option<Meta>, w: &ReplicaWrite) -> Meta {
                 }
             }
             Meta {
+                term: meta.map_or(0, |m| m.term),
                 seq: *seq,
                 offset_ms: *offset_ms,
                 server_anchor,
@@ -868,6 +882,7 @@ mod tests {
         // the store reads them back.
         mappings.sort_by_key(key_of);
         let mut w = vec![ReplicaWrite::Replace(Replica {
+            term: 3,
             seq: 10,
             offset_ms: -5,
             server_anchor: Some(Timestamp(100)),
@@ -1062,6 +1077,7 @@ mod tests {
 
         assert!(Meta::decode(&[2; 18]).is_err());
         let good = Meta {
+            term: 4,
             seq: 1,
             offset_ms: -1,
             server_anchor: Some(Timestamp(3)),
@@ -1070,6 +1086,18 @@ mod tests {
         for cut in 0..good.len() {
             assert!(Meta::decode(&good[..cut]).is_err(), "cut at {cut}");
         }
+        // A row of the previous format (no term) reads as term 0.
+        let mut old = good[..good.len() - 8].to_vec();
+        old[0] = 1;
+        assert_eq!(
+            Meta::decode(&old),
+            Ok(Meta {
+                term: 0,
+                seq: 1,
+                offset_ms: -1,
+                server_anchor: Some(Timestamp(3)),
+            })
+        );
         assert_eq!(decode_hosts(&[0; 15]), None);
 
         let all = writes();

@@ -141,6 +141,8 @@ struct Start {
     /// A backup's store holding state it served before (it was active
     /// last: a node's store is emptied when it is demoted or deposed).
     served_before: Option<portkeep_server::Restored>,
+    /// The term the state served from was served in (the store's).
+    served_term: u64,
 }
 
 fn load(settings: &Settings, clock: &Clock) -> anyhow::Result<Start> {
@@ -154,6 +156,7 @@ fn load(settings: &Settings, clock: &Clock) -> anyhow::Result<Start> {
             restored: false,
             lost: Vec::new(),
             served_before: None,
+            served_term: 0,
         });
     };
     let (mut store, opened) = Store::open_with(
@@ -166,6 +169,7 @@ fn load(settings: &Settings, clock: &Clock) -> anyhow::Result<Start> {
         settings.store.log,
     )?;
     let mut served_before = None;
+    let mut served_term = 0;
     let (mut server, restored, lost) = match opened {
         Opened::Fresh { moved_aside } => {
             tracing::info!(
@@ -192,6 +196,7 @@ fn load(settings: &Settings, clock: &Clock) -> anyhow::Result<Start> {
         }
         Opened::Restored(state) => {
             let stored = state.mappings.len();
+            served_term = state.term;
             let (server, report) = Server::restore(cfg, now, state);
             tracing::info!(
                 "restored {} of {stored} mappings from {} ({} expired while down, {} dropped); epochs continue",
@@ -221,6 +226,7 @@ fn load(settings: &Settings, clock: &Clock) -> anyhow::Result<Start> {
         restored,
         lost,
         served_before,
+        served_term,
     })
 }
 
@@ -329,7 +335,10 @@ impl Daemon {
         if settings.ha.role == Role::Active {
             // Told to the backup at first contact: a backup holding more
             // is handed the service (failure-scenarios draft section 2.6).
-            pair.node().set_position(start.server.last_seq());
+            pair.node().set_position(portkeep_ha::Position {
+                term: start.served_term,
+                seq: start.server.last_seq(),
+            });
             // RFC 7767 section 3.2: nothing is honoured until the backup is
             // in sync.
             start

@@ -466,6 +466,12 @@ impl Store {
             0
         };
         let mut anchor = Timestamp(get("anchor")?);
+        // The term the state was served in: written at each takeover
+        // (`Store::replace`); absent in stores that never had one.
+        let served_term = meta
+            .get("term")
+            .map_err(|e| damaged(path, e))?
+            .map_or(0, |v| v.value());
         let folded = get("last_seq")?;
         let mut last_seq = folded;
         // The table as of the last checkpoint, keyed as stored...
@@ -575,6 +581,7 @@ impl Store {
             subscriber_anchors,
             mappings,
             last_seq,
+            term: served_term,
             owed,
         };
         let mut store = Store {
@@ -839,6 +846,7 @@ impl Store {
             meta.insert("anchor", state.anchor.as_millis())
                 .map_err(|x| e(&x))?;
             meta.insert("last_seq", state.last_seq).map_err(|x| e(&x))?;
+            meta.insert("term", state.term).map_err(|x| e(&x))?;
             meta.insert("log_generation", u64::from(generation))
                 .map_err(|x| e(&x))?;
         }
@@ -1240,6 +1248,38 @@ mod tests {
                 .collect(),
             last_seq: r.last_seq,
         }
+    }
+
+    /// Failure-scenarios draft section 2.6: what a node can vouch for
+    /// after a double failure is its store's term and position; the term
+    /// is the one the state was taken over in, kept across restarts.
+    #[test]
+    fn draft_s2_6_the_store_keeps_the_term_its_state_was_served_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.redb");
+        let (mut store, opened) = open_test_store(&path, Timestamp(1)).unwrap();
+        assert!(matches!(opened, Opened::Fresh { .. }));
+        drop(store);
+        let (s, Opened::Restored(r)) = open_test_store(&path, Timestamp(2)).unwrap() else {
+            panic!("fresh")
+        };
+        assert_eq!(r.term, 0, "never taken over");
+        store = s;
+        store
+            .replace(&Restored {
+                anchor: Timestamp(3),
+                subscriber_anchors: Vec::new(),
+                mappings: vec![record(false)],
+                last_seq: 40,
+                term: 5,
+                owed: Vec::new(),
+            })
+            .unwrap();
+        drop(store);
+        let (_, Opened::Restored(r)) = open_test_store(&path, Timestamp(4)).unwrap() else {
+            panic!("fresh")
+        };
+        assert_eq!((r.term, r.last_seq), (5, 40));
     }
 
     #[test]
