@@ -626,9 +626,9 @@ fn announce(shared: &Shared, unicast: &[SocketAddr], ifaces: &[String]) {
     if unicast.is_empty() && ifaces.is_empty() {
         return;
     }
-    let multicast: Vec<(UdpSocket, SocketAddr)> = ifaces
+    let multicast: Vec<(usize, u32, IpAddr)> = ifaces
         .iter()
-        .flat_map(|i| match multicast_sockets(i) {
+        .flat_map(|i| match multicast_senders(&shared.sockets, i) {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(interface = %i, error = %e, "cannot send ANNOUNCE on interface");
@@ -653,9 +653,13 @@ fn announce(shared: &Shared, unicast: &[SocketAddr], ifaces: &[String]) {
                 }
             }
         }
-        for (s, dest) in &multicast {
-            if let Err(e) = s.send_to(&out, dest) {
-                tracing::debug!(%dest, error = %e, "ANNOUNCE not sent");
+        for &(i, ifindex, group) in &multicast {
+            let Some(s) = shared.sockets.get(i) else {
+                continue;
+            };
+            let port = portkeep_proto::CLIENT_PORT;
+            if let Err(e) = mmsg::send_multicast(s, &out, ifindex, group, port) {
+                tracing::debug!(%group, ifindex, error = %e, "ANNOUNCE not sent");
             }
         }
         let mut slept = Duration::ZERO;
@@ -667,27 +671,51 @@ fn announce(shared: &Shared, unicast: &[SocketAddr], ifaces: &[String]) {
     }
 }
 
-/// Sockets that send to 224.0.0.1:5350 and [ff02::1]:5350 out of `iface`.
-fn multicast_sockets(iface: &str) -> anyhow::Result<Vec<(UdpSocket, SocketAddr)>> {
-    let index: u32 = std::fs::read_to_string(format!("/sys/class/net/{iface}/ifindex"))
-        .with_context(|| format!("no interface named {iface}"))?
-        .trim()
-        .parse()
-        .context("unreadable interface index")?;
-    let port = portkeep_proto::CLIENT_PORT;
+/// Where the ANNOUNCEs on `iface` leave from: for each address family
+/// this node accepts PCP requests in on that interface (a listening socket
+/// bound to the wildcard or to one of the interface's addresses), that
+/// socket, the interface's index and the family's all-hosts group (RFC 6887
+/// section 14.1.3: 224.0.0.1 for a server that accepts requests over IPv4,
+/// ff02::1 over IPv6, sent from the address and port requests arrive on).
+fn multicast_senders(
+    sockets: &[UdpSocket],
+    iface: &str,
+) -> anyhow::Result<Vec<(usize, u32, IpAddr)>> {
+    let index = nix::net::if_::if_nametoindex(iface)
+        .with_context(|| format!("no interface named {iface}"))?;
+    let on_iface: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
+        .context("cannot list the interface's addresses")?
+        .filter(|a| a.interface_name == iface)
+        .filter_map(|a| {
+            let s = a.address?;
+            if let Some(v4) = s.as_sockaddr_in() {
+                return Some(IpAddr::V4(v4.ip()));
+            }
+            s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+        })
+        .collect();
     let mut v = Vec::new();
-    let s4 = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-    s4.bind_device(Some(iface.as_bytes()))?;
-    s4.set_multicast_ttl_v4(1)?;
-    v.push((
-        s4.into(),
-        SocketAddr::new(IpAddr::from([224, 0, 0, 1]), port),
-    ));
-    let s6 = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
-    s6.set_multicast_if_v6(index)?;
-    s6.set_multicast_hops_v6(1)?;
-    let dest = std::net::SocketAddrV6::new("ff02::1".parse()?, port, 0, index);
-    v.push((s6.into(), SocketAddr::V6(dest)));
+    for (v4, group) in [
+        (true, IpAddr::from([224, 0, 0, 1])),
+        (false, IpAddr::from([0xff02, 0, 0, 0, 0, 0, 0, 1])),
+    ] {
+        let found = sockets.iter().position(|s| {
+            s.local_addr().is_ok_and(|a| {
+                a.is_ipv4() == v4 && (a.ip().is_unspecified() || on_iface.contains(&a.ip()))
+            })
+        });
+        match found {
+            Some(i) => v.push((i, index, group)),
+            None => tracing::info!(
+                interface = %iface,
+                "no {} PCP socket receives on this interface: no ANNOUNCE to {group} there",
+                if v4 { "IPv4" } else { "IPv6" }
+            ),
+        }
+    }
+    if v.is_empty() {
+        anyhow::bail!("no PCP socket receives requests on it (see `listen`)");
+    }
     Ok(v)
 }
 

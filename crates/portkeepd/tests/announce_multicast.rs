@@ -373,8 +373,8 @@ fn check_announce(s: &Seen) -> Result<u32, String> {
 
 /// RFC 6887 section 14.1.1: after starting, the server multicasts
 /// unsolicited ANNOUNCE responses to 224.0.0.1:5350 and [ff02::1]:5350 on
-/// each configured interface, from its address on that link, on the
-/// schedule 0, 0.25, 0.75, 1.75 s, ...
+/// each configured interface, from its address on that link and its PCP
+/// port (section 14.1.3), on the schedule 0, 0.25, 0.75, 1.75 s, ...
 #[test]
 fn rfc6887_s14_1_1_unsolicited_announce_multicast_on_interface() {
     if let Ok(dev) = std::env::var(LISTENER_ENV) {
@@ -432,7 +432,7 @@ fn rfc6887_s14_1_1_unsolicited_announce_multicast_on_interface() {
     fs::write(
         &config,
         format!(
-            "listen = [\"{IP_A}:5351\"]\n\
+            "listen = [\"{IP_A}:5351\", \"[::]:5351\"]\n\
              data_dir = \"{}\"\n\
              workers = 1\n\
              [announce]\n\
@@ -507,6 +507,12 @@ fn rfc6887_s14_1_1_unsolicited_announce_multicast_on_interface() {
             assert_eq!(
                 s.src, want_src,
                 "{family}: sent from the daemon's address on {DEV_A}\n{context}"
+            );
+            // Section 14.1.3: from the address and port requests are
+            // received on, or clients do not accept it (section 8.3).
+            assert_eq!(
+                s.port, 5351,
+                "{family}: sent from the PCP server port\n{context}"
             );
             let epoch = check_announce(s).unwrap_or_else(|e| {
                 panic!("{family}: not a valid ANNOUNCE response: {e}\n{s:?}\n{context}")
