@@ -190,6 +190,42 @@ impl SendBatch {
     }
 }
 
+/// Sends `bytes` to the multicast `group`:`port` out of the interface
+/// numbered `ifindex`, from `sock` (its address and port: RFC 6887 section
+/// 14.1.3 wants an unsolicited ANNOUNCE sent from the address and port
+/// requests are received on, or clients do not accept it). IPv4 picks the
+/// interface per datagram (`IP_PKTINFO`), IPv6 by the group's scope.
+pub fn send_multicast(
+    sock: &UdpSocket,
+    bytes: &[u8],
+    ifindex: u32,
+    group: std::net::IpAddr,
+    port: u16,
+) -> io::Result<()> {
+    match group {
+        std::net::IpAddr::V4(g) => {
+            let info = nix::libc::in_pktinfo {
+                ipi_ifindex: i32::try_from(ifindex)
+                    .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+                ipi_spec_dst: nix::libc::in_addr { s_addr: 0 },
+                ipi_addr: nix::libc::in_addr { s_addr: 0 },
+            };
+            let dest = nix::sys::socket::SockaddrIn::from(std::net::SocketAddrV4::new(g, port));
+            nix::sys::socket::sendmsg(
+                sock.as_raw_fd(),
+                &[IoSlice::new(bytes)],
+                &[nix::sys::socket::ControlMessage::Ipv4PacketInfo(&info)],
+                MsgFlags::empty(),
+                Some(&dest),
+            )?;
+        }
+        std::net::IpAddr::V6(g) => {
+            sock.send_to(bytes, std::net::SocketAddrV6::new(g, port, 0, ifindex))?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
@@ -249,40 +285,4 @@ mod tests {
         let (_, data) = rb.iter().next().unwrap();
         assert!(data.len() > portkeep_proto::MAX_MESSAGE_LEN);
     }
-}
-
-/// Sends `bytes` to the multicast `group`:`port` out of the interface
-/// numbered `ifindex`, from `sock` (its address and port: RFC 6887 section
-/// 14.1.3 wants an unsolicited ANNOUNCE sent from the address and port
-/// requests are received on, or clients do not accept it). IPv4 picks the
-/// interface per datagram (`IP_PKTINFO`), IPv6 by the group's scope.
-pub fn send_multicast(
-    sock: &UdpSocket,
-    bytes: &[u8],
-    ifindex: u32,
-    group: std::net::IpAddr,
-    port: u16,
-) -> io::Result<()> {
-    match group {
-        std::net::IpAddr::V4(g) => {
-            let info = nix::libc::in_pktinfo {
-                ipi_ifindex: i32::try_from(ifindex)
-                    .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
-                ipi_spec_dst: nix::libc::in_addr { s_addr: 0 },
-                ipi_addr: nix::libc::in_addr { s_addr: 0 },
-            };
-            let dest = nix::sys::socket::SockaddrIn::from(std::net::SocketAddrV4::new(g, port));
-            nix::sys::socket::sendmsg(
-                sock.as_raw_fd(),
-                &[IoSlice::new(bytes)],
-                &[nix::sys::socket::ControlMessage::Ipv4PacketInfo(&info)],
-                MsgFlags::empty(),
-                Some(&dest),
-            )?;
-        }
-        std::net::IpAddr::V6(g) => {
-            sock.send_to(bytes, std::net::SocketAddrV6::new(g, port, 0, ifindex))?;
-        }
-    }
-    Ok(())
 }
