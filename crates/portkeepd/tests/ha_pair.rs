@@ -22,6 +22,7 @@ use portkeep_client::{EpochTracker, EpochVerdict};
 use portkeep_proto::addr::from_wire;
 use portkeep_proto::{CodePoints, OpData, Response};
 use portkeep_test_support::daemon::examples_dir;
+use portkeep_test_support::netns::{in_ns, ns_exec, setup, Lab};
 use portkeep_test_support::pcp::{exchange_once, map_request, restartable_port, LOCALHOST};
 use portkeep_test_support::process::{gen_certs, wall_ms, Bins, Portkeepd};
 
@@ -48,6 +49,8 @@ struct NodeSpec {
     certs: PathBuf,
     /// Appended to `[ha]` (e.g. `plaintext = true` instead of TLS).
     ha_extra: String,
+    /// The network namespace it runs in (`None`: this one).
+    netns: Option<String>,
 }
 
 const POLICY: &str = r#"
@@ -95,7 +98,14 @@ impl Node {
         let cfg = spec.data.with_extension(format!("{role}.toml"));
         std::fs::write(&cfg, spec.config(role)).unwrap();
         let log = spec.data.with_extension(format!("{}.log", wall_ms()));
-        let mut cmd = Command::new(BINS.daemon());
+        let mut cmd = match &spec.netns {
+            None => Command::new(BINS.daemon()),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(BINS.daemon());
+                c
+            }
+        };
         cmd.args(["--config", cfg.to_str().unwrap(), "--log-level", "info"])
             .env_remove("PORTKEEPD_LOG")
             .stdin(Stdio::null())
@@ -173,6 +183,7 @@ fn pair(dir: &Path) -> (NodeSpec, NodeSpec) {
         data: dir.join("a"),
         certs: certs_dir.clone(),
         ha_extra: String::new(),
+        netns: None,
     };
     let b = NodeSpec {
         name: "node-b",
@@ -183,6 +194,7 @@ fn pair(dir: &Path) -> (NodeSpec, NodeSpec) {
         data: dir.join("b"),
         certs: certs_dir,
         ha_extra: String::new(),
+        netns: None,
     };
     (a, b)
 }
@@ -217,11 +229,24 @@ fn load(
     stop: Arc<AtomicBool>,
     acked: Arc<Mutex<HashMap<Key, Granted>>>,
 ) -> Vec<std::thread::JoinHandle<()>> {
+    load_in(None, server, clients, first_port, stop, acked)
+}
+
+/// [`load`] from network namespace `ns`.
+fn load_in(
+    ns: Option<&str>,
+    server: SocketAddr,
+    clients: &[(IpAddr, bool)],
+    first_port: u16,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<HashMap<Key, Granted>>>,
+) -> Vec<std::thread::JoinHandle<()>> {
     clients
         .iter()
         .map(|&(client, mixed)| {
             let (stop, acked) = (stop.clone(), acked.clone());
-            std::thread::spawn(move || {
+            let ns = ns.map(str::to_owned);
+            let body = move || {
                 let sock = client_socket(client);
                 sock.set_read_timeout(Some(Duration::from_millis(400)))
                     .unwrap();
@@ -261,6 +286,10 @@ fn load(
                         },
                     );
                 }
+            };
+            std::thread::spawn(move || match ns {
+                Some(ns) => in_ns(&ns, body),
+                None => body(),
             })
         })
         .collect()
@@ -647,6 +676,196 @@ fn draft_s2_6_both_down_the_node_configured_active_hands_over_to_the_fresher_pee
     a.wait(Duration::from_secs(20), "synced", |s| {
         s["ha"]["checkpointed_mappings"].as_u64().unwrap_or(0) as usize >= acked.len()
     });
+}
+
+// ---- Partitions: the link cut with both nodes alive ---------------------
+
+/// A namespace of its own (loopback only) in which a pair runs and whose
+/// link the test cuts with nftables; `None` where that cannot be done (the
+/// test is then skipped, and fails under CI).
+fn partition_lab(what: &str) -> Option<(Lab, String)> {
+    setup(what, &["ip", "nft"], || {
+        let mut lab = Lab::new("part")?;
+        let ns = format!("pkpart-{}", lab.id);
+        lab.add_ns(&ns)?;
+        Ok((lab, ns))
+    })
+}
+
+/// Both nodes in `ns`, on 127.0.0.1 and 127.0.0.2 (PCP on 5351, the
+/// link on 7000), plaintext: the namespace is the test's alone.
+fn pair_in(dir: &Path, ns: &str) -> (NodeSpec, NodeSpec) {
+    let (mut a, mut b) = pair(dir);
+    for (s, ip) in [(&mut a, [127, 0, 0, 1]), (&mut b, [127, 0, 0, 2])] {
+        s.pcp = SocketAddr::from((ip, 5351));
+        s.link = SocketAddr::from((ip, LINK_PORT));
+        s.netns = Some(ns.to_owned());
+        s.ha_extra = "plaintext = true\n".into();
+    }
+    a.peer_link = b.link;
+    b.peer_link = a.link;
+    (a, b)
+}
+
+const LINK_PORT: u16 = 7000;
+
+/// Drops every segment of the link, both ways, from now on (a silent
+/// partition: nothing is refused, nothing arrives).
+fn cut_link(ns: &str) {
+    let rules = format!(
+        "add table inet pkcut; add chain inet pkcut out {{ type filter hook output priority 0; policy accept; }}; add rule inet pkcut out tcp dport {LINK_PORT} drop; add rule inet pkcut out tcp sport {LINK_PORT} drop"
+    );
+    ns_exec(ns, &["nft", &rules]).unwrap();
+}
+
+fn heal_link(ns: &str) {
+    ns_exec(ns, &["nft", "delete", "table", "inet", "pkcut"]).unwrap();
+}
+
+/// Sends check-pointed MAP requests to `server` from `client` in `ns` for
+/// `how_long`; returns how many answers honoured the check-point.
+fn honoured_during(ns: &str, server: SocketAddr, client: IpAddr, how_long: Duration) -> usize {
+    in_ns(ns, move || {
+        let sock = client_socket(client);
+        sock.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let end = Instant::now() + how_long;
+        let (mut port, mut honoured) = (100u16, 0);
+        while Instant::now() < end {
+            port += 1;
+            let req = map_request(client, port, 3600, [5; 12], true);
+            if let Some(r) = exchange_once(&sock, server, &req) {
+                if r.header.result.0 == 0 && r.checkpoint_honoured() {
+                    honoured += 1;
+                }
+            }
+        }
+        honoured
+    })
+}
+
+/// Failure-scenarios draft sections 2.6 and 6 and RFC 7767 section 3.2:
+/// the link between the nodes is cut with both alive and nobody promotes
+/// the backup (no witness, no keepalived). The active goes on serving,
+/// but honours no check-point it cannot have confirmed; when the link
+/// heals the backup catches up, and every check-point ever acknowledged
+/// is on it: promoted, it serves each, same external endpoint and nonce.
+#[test]
+fn draft_s2_6_a_partition_with_both_nodes_alive_loses_no_acknowledged_checkpoint() {
+    let Some((lab, ns)) = partition_lab("partition with both nodes alive") else {
+        return;
+    };
+    let (sa, sb) = pair_in(&lab.dir, &ns);
+    let b = Node::start(&sb, "backup");
+    let mut a = Node::start(&sa, "active");
+    a.wait_in_sync();
+    let clients: Vec<(IpAddr, bool)> = vec![
+        ("127.0.0.60".parse().unwrap(), false),
+        ("127.0.0.61".parse().unwrap(), true),
+    ];
+    let acked: Arc<Mutex<HashMap<Key, Granted>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = load_in(
+        Some(&ns),
+        sa.pcp,
+        &clients,
+        1000,
+        stop.clone(),
+        acked.clone(),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    cut_link(&ns);
+    // Past the acknowledgement timeout and the lease, nothing reaches the
+    // backup: no check-point is honoured, yet the active answers.
+    std::thread::sleep(Duration::from_millis(2500));
+    let client: IpAddr = "127.0.0.62".parse().unwrap();
+    assert_eq!(
+        honoured_during(&ns, sa.pcp, client, Duration::from_secs(2)),
+        0,
+        "a check-point honoured with the backup unreachable; log:\n{}",
+        a.log()
+    );
+    let st = a.status();
+    assert_eq!(st["ha"]["serving"], true, "{st}");
+    assert_eq!(st["ha"]["in_sync"], false, "{st}");
+    assert_eq!(b.status()["ha"]["role"], "backup");
+    heal_link(&ns);
+    a.wait_in_sync();
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 20, "load too light: {}", acked.len());
+    a.kill9();
+    let promoted = b.ctl(&["promote"]);
+    assert_eq!(promoted["ok"], true, "{promoted}");
+    verify_checkpoints(&b, &acked);
+}
+
+/// The same cut, and the backup promoted meanwhile, as keepalived would
+/// (VRRP cannot tell a cut link from a dead node: both nodes serve until
+/// the link heals, the split brain an external witness prevents). Neither
+/// honours a check-point it cannot confirm; when the link heals the node
+/// of the older term is fenced, becomes the backup of the newer, and every
+/// check-point acknowledged before the cut is on both.
+#[test]
+fn design_fencing_a_backup_promoted_during_a_partition_fences_the_old_active_when_it_heals() {
+    let Some((lab, ns)) = partition_lab("partition with a promotion") else {
+        return;
+    };
+    let (sa, sb) = pair_in(&lab.dir, &ns);
+    let mut b = Node::start(&sb, "backup");
+    let mut a = Node::start(&sa, "active");
+    a.wait_in_sync();
+    let clients: Vec<(IpAddr, bool)> = vec![("127.0.0.70".parse().unwrap(), false)];
+    let acked: Arc<Mutex<HashMap<Key, Granted>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = load_in(
+        Some(&ns),
+        sa.pcp,
+        &clients,
+        1000,
+        stop.clone(),
+        acked.clone(),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 20, "load too light: {}", acked.len());
+    cut_link(&ns);
+    std::thread::sleep(Duration::from_millis(600));
+    let promoted = b.ctl(&["promote"]);
+    assert_eq!(promoted["ok"], true, "{promoted}");
+    std::thread::sleep(Duration::from_millis(2500));
+    // Both answer (split brain, bounded by the partition); neither
+    // honours a check-point it cannot confirm.
+    for (who, server) in [("old active", sa.pcp), ("new active", sb.pcp)] {
+        let client: IpAddr = "127.0.0.71".parse().unwrap();
+        assert_eq!(
+            honoured_during(&ns, server, client, Duration::from_millis(1500)),
+            0,
+            "{who} honoured a check-point with its peer unreachable"
+        );
+    }
+    assert_eq!(a.status()["ha"]["serving"], true);
+    heal_link(&ns);
+    a.wait(Duration::from_secs(20), "fenced", |s| {
+        s["ha"]["role"] == "backup" && s["ha"]["term"] == 1
+    });
+    b.wait_in_sync();
+    a.wait(Duration::from_secs(20), "synced", |s| {
+        s["ha"]["checkpointed_mappings"].as_u64().unwrap_or(0) as usize >= acked.len()
+    });
+    verify_checkpoints(&b, &acked);
+    b.kill9();
+    let promoted = a.ctl(&["promote"]);
+    assert_eq!(promoted["ok"], true, "{promoted}");
+    verify_checkpoints(&a, &acked);
 }
 
 /// RFC 7767 section 3.2 and RFC 6887 section 8.5: a stored replica that
