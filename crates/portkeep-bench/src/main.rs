@@ -859,12 +859,15 @@ impl Spawned {
         }))
     }
 
+    /// Starts a server; its log (on this process's stderr) at the level
+    /// `PORTKEEP_BENCH_DAEMON_LOG` names, `warn` by default (`info` shows
+    /// how long each phase of a start took).
     fn launch(bin: &PathBuf, cfg: &PathBuf) -> anyhow::Result<Child> {
         Command::new(bin)
             .arg("--config")
             .arg(cfg)
             .arg("--log-level")
-            .arg("warn")
+            .arg(std::env::var("PORTKEEP_BENCH_DAEMON_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))

@@ -145,11 +145,19 @@ struct Start {
     served_term: u64,
 }
 
-fn load(settings: &Settings, clock: &Clock) -> anyhow::Result<Start> {
+/// Opens the store and restores the server core from it, and loads what it
+/// restored into `dataplane` (an empty state builds its table), before
+/// anyone is answered.
+fn load(
+    settings: &Settings,
+    clock: &Clock,
+    dataplane: &mut Box<dyn portkeep_server::Dataplane>,
+) -> anyhow::Result<Start> {
     let now = clock.now();
     let backup = settings.ha.role == Role::Backup;
     let cfg = settings.server.clone();
     let Some(path) = settings.store.path.as_ref() else {
+        dataplane.apply(&[])?;
         return Ok(Start {
             server: Server::new(cfg, now),
             store: None,
@@ -159,6 +167,7 @@ fn load(settings: &Settings, clock: &Clock) -> anyhow::Result<Start> {
             served_term: 0,
         });
     };
+    let opening = crate::clock::Stopwatch::start();
     let (mut store, opened) = Store::open_with(
         path,
         settings.store.durability,
@@ -180,6 +189,7 @@ fn load(settings: &Settings, clock: &Clock) -> anyhow::Result<Start> {
                     p.display()
                 ))
             );
+            dataplane.apply(&[])?;
             (Server::new(cfg, now), false, Vec::new())
         }
         Opened::Restored(state) if backup => {
@@ -192,13 +202,47 @@ fn load(settings: &Settings, clock: &Clock) -> anyhow::Result<Start> {
             if state.last_seq > 0 {
                 served_before = Some(state);
             }
+            dataplane.apply(&[])?;
             (Server::new(cfg, now), true, Vec::new())
         }
         Opened::Restored(state) => {
             let stored = state.mappings.len();
             served_term = state.term;
-            let (server, report) = Server::restore(cfg, now, state);
+            let read_ms = opening.micros() / 1000;
+            // The dataplane loads the stored mappings while the core
+            // restores them: the two take seconds each for a million
+            // mappings, on different cores. What the restore then drops
+            // is corrected below, before anyone is answered.
+            let stored_upserts: Vec<ChangeRecord> = state
+                .mappings
+                .iter()
+                .map(|m| ChangeRecord {
+                    seq: 0,
+                    change: Change::Upserted(m.clone()),
+                })
+                .collect();
+            let (server, report, loaded) = std::thread::scope(|scope| {
+                let loading = scope.spawn(|| {
+                    let watch = crate::clock::Stopwatch::start();
+                    dataplane
+                        .apply(&stored_upserts)
+                        .map(|()| watch.micros() / 1000)
+                });
+                let (server, report) = Server::restore(cfg, now, state);
+                let loaded = loading.join().unwrap_or_else(|_| {
+                    Err(portkeep_server::DataplaneError {
+                        dataplane: "dataplane",
+                        message: "panicked while loading the stored mappings".into(),
+                        failed: Vec::new(),
+                    })
+                });
+                (server, report, loaded)
+            });
+            let installed_ms = loaded?;
             tracing::info!(
+                read_ms,
+                restored_ms = opening.micros() / 1000 - read_ms,
+                installed_ms,
                 "restored {} of {stored} mappings from {} ({} expired while down, {} dropped); epochs continue",
                 report.restored,
                 path.display(),
@@ -215,10 +259,17 @@ fn load(settings: &Settings, clock: &Clock) -> anyhow::Result<Start> {
             (server, true, lost)
         }
     };
-    // Expiries and resets found while restoring are stored before serving.
+    // Expiries and resets found while restoring are stored before serving,
+    // and the dataplane, loaded with every stored mapping, follows: the
+    // removals of those that expired while down or whose address left the
+    // pool. (A store keys each mapping once, so the restore drops no
+    // second record of one: nothing else differs.)
     let changes: Vec<ChangeRecord> = server.drain_changes().collect();
     if !changes.is_empty() {
         store.write(&changes, now)?;
+        if restored && settings.ha.role != Role::Backup {
+            dataplane.apply(&changes)?;
+        }
     }
     Ok(Start {
         server,
@@ -319,7 +370,8 @@ impl Daemon {
             // first Hello, and stands for the replica if promoted at once.
             pair.node().resume_replica(r);
         }
-        let mut start = load(&settings, &clock)?;
+        let mut dataplane = node::new_dataplane(&settings.dataplane);
+        let mut start = load(&settings, &clock, &mut dataplane)?;
         if let (false, Some(state)) = (resumed, start.served_before.take()) {
             // No replica, but the store holds what this node served last
             // (it was active before a double failure): that is what it can
@@ -357,20 +409,6 @@ impl Daemon {
             }
             None => None,
         };
-        let mut dataplane = node::new_dataplane(&settings.dataplane);
-        // Re-install what was restored, before anyone is answered. The
-        // first apply also builds (or rebuilds) the nftables table, so it
-        // runs even with nothing to install.
-        let installed: Vec<ChangeRecord> = start
-            .server
-            .mappings()
-            .into_iter()
-            .map(|m| ChangeRecord {
-                seq: 0,
-                change: Change::Upserted(m),
-            })
-            .collect();
-        dataplane.apply(&installed)?;
         let dataplane = node::bounded(dataplane, &settings.dataplane);
         let workers = settings.workers.max(1);
         // Bind every worker's socket before serving, so a port conflict is

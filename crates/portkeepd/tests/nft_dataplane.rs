@@ -513,7 +513,19 @@ fn restart_with_a_store_installs_every_rule_exactly_once() {
         "--lifetime",
         "600",
     ]);
+    // One that expires while the daemon is down: the store still holds it,
+    // the restart must not install it.
+    t.map(&[
+        "tcp",
+        "9191",
+        "--nonce",
+        "000000000000000000000007",
+        "--lifetime",
+        "2",
+    ]);
+    assert!(t.nft_list().contains(&format!(": {INSIDE} . 9191")));
     t.stop_daemon();
+    std::thread::sleep(Duration::from_millis(2500));
     // `on_stop = "keep"` (the default): the rules outlive the daemon.
     assert!(t.nft_list().contains(&format!(": {INSIDE} . 8080")));
     // Leftovers a previous run could have left: a stale element and a
@@ -543,6 +555,10 @@ fn restart_with_a_store_installs_every_rule_exactly_once() {
     assert!(
         !rules.contains("10.77.0.9"),
         "stale element survived:\n{rules}"
+    );
+    assert!(
+        !rules.contains(&format!("{INSIDE} . 9191")),
+        "a mapping that expired while down was installed:\n{rules}"
     );
     assert!(!rules.contains("counter"), "stray rule survived:\n{rules}");
     let mut s = t.tcp_from_outside(OUT_A, ext).unwrap();
