@@ -416,29 +416,25 @@ fn established_tcp_connection_survives_failover_of_the_nat_pair() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    // A conntrack dump of a table that changes meanwhile can be
-    // interrupted (NLM_F_DUMP_INTR: the tool fails): asked again.
-    let list_flow = || {
-        ns_exec(
-            &ns[backup],
-            &[
-                "conntrack",
-                "-L",
-                "-p",
-                "tcp",
-                "--orig-port-dst",
-                &kept.port().to_string(),
-            ],
-        )
-    };
+    // The new active picked the flow up mid-stream (nf_conntrack_tcp_loose)
+    // from whichever side sent first after the failover: its entry's
+    // original direction is the outside client's to the external port, or
+    // the inside server's, whose reply tuple then carries that port. A
+    // dump of a table that changes meanwhile can be interrupted
+    // (NLM_F_DUMP_INTR: the tool fails): asked again.
+    let port = kept.port();
+    let of_flow =
+        |l: &&str| l.contains(&format!("sport={port} ")) || l.contains(&format!("dport={port} "));
     let mut flow = String::new();
     for _ in 0..20 {
-        match list_flow() {
-            Ok(f) if f.contains("dport=") => {
-                flow = f;
-                break;
+        match ns_exec(&ns[backup], &["conntrack", "-L", "-p", "tcp"]) {
+            Ok(f) => {
+                flow = f.lines().filter(of_flow).collect::<Vec<_>>().join("\n");
+                if !flow.is_empty() {
+                    break;
+                }
+                flow = format!("none of the entries:\n{f}");
             }
-            Ok(f) => flow = f,
             Err(e) => flow = format!("conntrack -L failed: {e}"),
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -456,7 +452,7 @@ fn established_tcp_connection_survives_failover_of_the_nat_pair() {
         dnat(backup)
     );
     assert!(
-        flow.contains(&format!("dport={}", kept.port())),
+        flow.lines().any(|l| of_flow(&l)),
         "no conntrack entry for the flow on the new active: {flow}"
     );
 
