@@ -44,6 +44,7 @@ fn record(i: usize) -> MappingRecord {
         description: None,
         subscriber: SubscriberKeying::default().subscriber_of(internal),
         third_party: false,
+        followed: false,
     }
 }
 

@@ -45,6 +45,7 @@ fn mapping(host: &str, port: u16, checkpoint: bool) -> MappingRecord {
         description: None,
         subscriber: SubscriberKeying::default().subscriber_of(ip),
         third_party: false,
+        followed: false,
     }
 }
 

@@ -72,6 +72,10 @@ pub struct MappingRecord {
     pub subscriber: SubscriberId,
     /// Made on behalf of another host with THIRD_PARTY (RFC 6887 section 13.1).
     pub third_party: bool,
+    /// Not check-pointed now, but the backup follows it: an earlier
+    /// check-point of it stands until the lifetime then granted ends (RFC
+    /// 7767 section 3.2), so it stays replicated across a restart too.
+    pub followed: bool,
 }
 
 /// Why a mapping went away.

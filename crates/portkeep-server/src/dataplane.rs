@@ -201,6 +201,7 @@ mod tests {
             description: None,
             subscriber: SubscriberKeying::default().subscriber_of(i.ip()),
             third_party: false,
+            followed: false,
         }
     }
 

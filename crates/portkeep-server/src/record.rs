@@ -43,7 +43,9 @@ pub fn encode_mapping(m: &MappingRecord) -> Vec<u8> {
     v.extend_from_slice(&m.nonce);
     v.extend_from_slice(&m.expires.as_millis().to_be_bytes());
     v.extend_from_slice(&m.lifetime.to_be_bytes());
-    v.push(u8::from(m.checkpoint) | (u8::from(m.third_party) << 1));
+    // Bit 2 (followed) was added in a compatible way: records written
+    // before it read as not followed.
+    v.push(u8::from(m.checkpoint) | (u8::from(m.third_party) << 1) | (u8::from(m.followed) << 2));
     // Bounded by the server's filter limit, far below 255.
     v.push(u8::try_from(m.filters.len()).unwrap_or(u8::MAX));
     for f in m.filters.iter().take(255) {
@@ -152,6 +154,7 @@ pub fn decode_mapping(v: &[u8], keying: &SubscriberKeying) -> Option<MappingReco
         description,
         subscriber: keying.subscriber_of(internal_ip),
         third_party: flags & 2 != 0,
+        followed: flags & 4 != 0,
     })
 }
 

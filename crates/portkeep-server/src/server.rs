@@ -328,7 +328,7 @@ impl Server {
                 expires: m.expires,
                 lifetime: m.lifetime,
                 checkpoint: m.checkpoint,
-                replicated: m.checkpoint || replica,
+                replicated: m.checkpoint || m.followed || replica,
                 third_party: m.third_party,
                 extra: make_extra(m.filters, m.description.map(String::into_boxed_str), remote),
             });
@@ -341,7 +341,12 @@ impl Server {
                 state.checkpointed += 1;
                 s.checkpointed += 1;
             }
-            s.note_volatile(sub, m.key.internal_ip, None, Some(m.checkpoint || replica));
+            s.note_volatile(
+                sub,
+                m.key.internal_ip,
+                None,
+                Some(m.checkpoint || m.followed || replica),
+            );
             report.restored += 1;
         }
         lost.sort();

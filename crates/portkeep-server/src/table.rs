@@ -746,6 +746,7 @@ impl Table {
             description: extra.and_then(|x| x.description.as_deref().map(str::to_owned)),
             subscriber: keying.subscriber_of(b.key.internal_ip),
             third_party: e.third_party,
+            followed: e.replicated && !e.checkpoint,
         })
     }
 }

@@ -33,6 +33,7 @@ fn record(i: u32, expires: u64) -> MappingRecord {
         description: None,
         subscriber: SubscriberKeying::default().subscriber_of(ip),
         third_party: false,
+        followed: false,
     }
 }
 

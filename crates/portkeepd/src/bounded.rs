@@ -389,6 +389,7 @@ mod tests {
             subscriber: portkeep_server::SubscriberKeying::default()
                 .subscriber_of("10.0.0.2".parse().unwrap()),
             third_party: false,
+            followed: false,
         };
         seqs.iter()
             .map(|&seq| ChangeRecord {

@@ -1308,6 +1308,7 @@ mod tests {
                 description: None,
                 subscriber: portkeep_server::SubscriberKeying::default().subscriber_of(ip),
                 third_party: false,
+                followed: false,
             }),
         }
     }

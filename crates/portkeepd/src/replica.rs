@@ -865,6 +865,7 @@ mod tests {
             description: None,
             subscriber: keying().subscriber_of(ip),
             third_party: false,
+            followed: false,
         }
     }
 

@@ -1199,6 +1199,7 @@ mod tests {
             description: Some("web ✓".into()),
             subscriber: k.subscriber_of("198.51.100.7".parse().unwrap()),
             third_party: true,
+            followed: false,
         }
     }
 
@@ -1213,7 +1214,18 @@ mod tests {
         plain.filters.clear();
         plain.description = None;
         plain.checkpoint = false;
-        assert_eq!(decode_mapping(&encode_mapping(&plain), &k), Some(plain));
+        assert_eq!(
+            decode_mapping(&encode_mapping(&plain), &k),
+            Some(plain.clone())
+        );
+        // Followed by the backup after losing its flag: kept across a
+        // restart (a flag bit, clear in records written before it).
+        let mut followed = plain;
+        followed.followed = true;
+        assert_eq!(
+            decode_mapping(&encode_mapping(&followed), &k),
+            Some(followed)
+        );
         let sub = SubscriberId::from_parts("2001:db8:0:100::".parse().unwrap(), 56);
         assert_eq!(decode_subscriber(&encode_subscriber(&sub)), Some(sub));
     }

@@ -107,6 +107,7 @@ fn map(proto: Protocol, internal: &str, external: &str) -> MappingRecord {
         description: None,
         subscriber: SubscriberKeying::default().subscriber_of(i.ip()),
         third_party: false,
+        followed: false,
     }
 }
 
