@@ -682,3 +682,35 @@ fn rfc6887_s8_5_a_held_reply_ages_from_when_it_was_made_not_from_its_commit() {
         "{e:?}"
     );
 }
+
+#[test]
+fn rfc6887_s8_5_a_reply_held_a_quarter_second_leaves_made_again() {
+    // Made 0.25 s before the lease ends, held until then: the wait plus
+    // the network's delay could put it 2 s behind a newer reply, which a
+    // client's check takes for a lost state; so it is made again.
+    let (mut a, _b) = in_sync_pair();
+    a.link_lost(at(100));
+    effects(&mut a);
+    let host = "198.51.100.9";
+    let ip: IpAddr = host.parse().unwrap();
+    let sub = SubscriberKeying::default().subscriber_of(ip);
+    let end = a.active().unwrap().lease_until().unwrap();
+    let made = Timestamp(end.0 - 250);
+    let meta = a
+        .prepare(&upsert(1, mapping(host, 80, false)), vec![(sub, vec![ip])])
+        .made_at(made);
+    a.handle_commit(made, vec![(10, meta)]);
+    assert!(effects(&mut a).is_empty());
+    a.handle_timeout(end);
+    let e = effects(&mut a);
+    assert!(
+        matches!(
+            e.as_slice(),
+            [Effect::ReleaseAged {
+                reply: 10,
+                waited_ms: 250
+            }]
+        ),
+        "{e:?}"
+    );
+}
