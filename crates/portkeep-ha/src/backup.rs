@@ -263,8 +263,8 @@ pub struct Backup {
     lease_until: Option<Timestamp>,
     /// A resume offered did not fit: the next hello asks for a snapshot.
     want_snapshot: bool,
-    /// The active handed the service over ([`Message::Handover`]).
-    handed_over: bool,
+    /// The active handed this backup the service ([`Message::Handover`]).
+    service_handed: bool,
     /// The term of the active whose state `state` is.
     state_term: Term,
     #[cfg(feature = "planted-ack-before-persist")]
@@ -292,7 +292,7 @@ impl Backup {
             last_now: Timestamp(0),
             lease_until: None,
             want_snapshot: false,
-            handed_over: false,
+            service_handed: false,
             state_term: 0,
             #[cfg(feature = "planted-ack-before-persist")]
             ack_before_persist: false,
@@ -337,8 +337,8 @@ impl Backup {
 
     /// Whether the active handed this backup the service since the last
     /// call ([`Message::Handover`]): it should take over now.
-    pub fn take_handed_over(&mut self) -> bool {
-        std::mem::take(&mut self.handed_over)
+    pub fn take_service_handed(&mut self) -> bool {
+        std::mem::take(&mut self.service_handed)
     }
 
     /// The highest term seen.
@@ -500,7 +500,7 @@ impl Backup {
                     // The active of our term stood down for our fresher
                     // state (it checked; a backup with nothing is never
                     // handed anything).
-                    self.handed_over = self.has_state;
+                    self.service_handed = self.has_state;
                 }
                 Message::SnapshotBegin { .. } => self.staging = Some(State::default()),
                 Message::SnapshotPart { items, term } => {

@@ -804,7 +804,7 @@ impl<R> Node<R> {
             let before = b.term();
             let r = b.handle_input(now, bytes);
             let term = b.term();
-            let handed_over = b.take_handed_over();
+            let service_handed = b.take_service_handed();
             if b.in_sync() {
                 // Synced from the active since it handed over: what this
                 // node holds is current.
@@ -817,7 +817,7 @@ impl<R> Node<R> {
                 self.term = term;
                 self.effects.push_back(Effect::PersistTerm(term));
             }
-            if handed_over {
+            if service_handed {
                 self.effects.push_back(Effect::TakeOver);
             }
             return r;

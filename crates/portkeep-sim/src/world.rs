@@ -1565,26 +1565,7 @@ impl World {
                         "node {}: deposed by term {term}: state dropped, now backup",
                         self.nodes[n].name
                     ));
-                    let cfg = self.server_cfg(n);
-                    let ts = self.ts();
-                    self.nodes[n].server = Server::new(cfg, ts);
-                    self.nodes[n].replica = ReplicaDisk::default();
-                    self.resync(n);
-                    let empty = Restored {
-                        anchor: ts,
-                        subscriber_anchors: Vec::new(),
-                        mappings: Vec::new(),
-                        last_seq: 0,
-                        term: 0,
-                        owed: Vec::new(),
-                    };
-                    self.submit(n, Reply::default(), Some(empty));
-                    // The link thread's streaming loop ends (no longer
-                    // active); as a backup it waits for the active.
-                    if let Some(c) = self.nodes[n].link {
-                        self.close_conn_side(c, n, false);
-                    }
-                    self.nodes[n].connecting = false;
+                    self.stand_down(n);
                 }
                 Effect::Persist { seq, write } => {
                     self.nodes[n].replica.queue.push((seq, write));
@@ -1602,24 +1583,7 @@ impl World {
                     self.report.handovers += 1;
                     // The handover goes out before the connection closes.
                     self.pump(n);
-                    let cfg = self.server_cfg(n);
-                    let ts = self.ts();
-                    self.nodes[n].server = Server::new(cfg, ts);
-                    self.nodes[n].replica = ReplicaDisk::default();
-                    self.resync(n);
-                    let empty = Restored {
-                        anchor: ts,
-                        subscriber_anchors: Vec::new(),
-                        mappings: Vec::new(),
-                        last_seq: 0,
-                        term: 0,
-                        owed: Vec::new(),
-                    };
-                    self.submit(n, Reply::default(), Some(empty));
-                    if let Some(c) = self.nodes[n].link {
-                        self.close_conn_side(c, n, false);
-                    }
-                    self.nodes[n].connecting = false;
+                    self.stand_down(n);
                 }
                 Effect::TakeOver => {
                     // keepalived's check script moves the address to the
@@ -1639,6 +1603,26 @@ impl World {
             }
         }
         self.pump(n);
+    }
+
+    /// What the daemon does when its node stops being active: an empty
+    /// core, store, replica and dataplane; the link it streamed on ends
+    /// (as a backup it waits for the active's).
+    fn stand_down(&mut self, n: usize) {
+        let cfg = self.server_cfg(n);
+        let ts = self.ts();
+        self.nodes[n].server = Server::new(cfg, ts);
+        self.nodes[n].replica = ReplicaDisk::default();
+        self.resync(n);
+        let empty = Restored {
+            anchor: ts,
+            ..Restored::default()
+        };
+        self.submit(n, Reply::default(), Some(empty));
+        if let Some(c) = self.nodes[n].link {
+            self.close_conn_side(c, n, false);
+        }
+        self.nodes[n].connecting = false;
     }
 
     fn release(&mut self, n: usize, r: Reply) {

@@ -358,15 +358,7 @@ impl Shared {
             Box::new(MemoryDataplane::new()) as Box<dyn Dataplane>,
         ));
         let mut dp = new_dataplane(&self.dataplane_kind);
-        let install: Vec<ChangeRecord> = state
-            .mappings
-            .iter()
-            .map(|m| ChangeRecord {
-                seq: 0,
-                change: Change::Upserted(m.clone()),
-            })
-            .collect();
-        if let Err(e) = dp.apply(&install) {
+        if let Err(e) = dp.apply(&installs(&state.mappings)) {
             tracing::error!(error = %e, "dataplane rejected the state taken over");
         }
         *slot = bounded(dp, &self.dataplane_kind);
@@ -712,11 +704,7 @@ const SNAPSHOT_PAGE_SLOTS: usize = 8_192;
 fn empty_state(now: Timestamp) -> Restored {
     Restored {
         anchor: now,
-        subscriber_anchors: Vec::new(),
-        mappings: Vec::new(),
-        last_seq: 0,
-        term: 0,
-        owed: Vec::new(),
+        ..Restored::default()
     }
 }
 
@@ -852,6 +840,17 @@ pub(crate) fn promote(shared: &Arc<Shared>) -> Value {
         "announced_hosts": targets.len(),
         "took_us": took,
     })
+}
+
+/// `mappings` as the changes that install them in an empty dataplane.
+pub(crate) fn installs(mappings: &[portkeep_server::MappingRecord]) -> Vec<ChangeRecord> {
+    mappings
+        .iter()
+        .map(|m| ChangeRecord {
+            seq: 0,
+            change: Change::Upserted(m.clone()),
+        })
+        .collect()
 }
 
 pub(crate) fn new_dataplane(kind: &DataplaneKind) -> Box<dyn Dataplane> {

@@ -27,7 +27,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::Context;
-use portkeep_server::{Change, ChangeRecord, Outcome, Server, SubscriberId};
+use portkeep_server::{ChangeRecord, Outcome, Server, SubscriberId};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::clock::Clock;
@@ -213,14 +213,7 @@ fn load(
             // restores them: the two take seconds each for a million
             // mappings, on different cores. What the restore then drops
             // is corrected below, before anyone is answered.
-            let stored_upserts: Vec<ChangeRecord> = state
-                .mappings
-                .iter()
-                .map(|m| ChangeRecord {
-                    seq: 0,
-                    change: Change::Upserted(m.clone()),
-                })
-                .collect();
+            let stored_upserts = node::installs(&state.mappings);
             let (server, report, loaded) = std::thread::scope(|scope| {
                 let loading = scope.spawn(|| {
                     let watch = crate::clock::Stopwatch::start();

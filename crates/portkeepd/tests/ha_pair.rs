@@ -295,6 +295,22 @@ fn load_in(
         .collect()
 }
 
+/// Stops [`load`] and returns the check-points it saw acknowledged, enough
+/// of them for the test to mean something.
+fn finish_load(
+    stop: &AtomicBool,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    acked: &Mutex<HashMap<Key, Granted>>,
+) -> HashMap<Key, Granted> {
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 20, "load too light: {}", acked.len());
+    acked
+}
+
 /// Every check-point whose response carried the option is on `node`, with
 /// the same external endpoint and nonce, still flagged.
 fn verify_checkpoints(node: &Node, acked: &HashMap<Key, Granted>) {
@@ -505,12 +521,7 @@ fn rfc7767_s3_2_backup_restarted_from_its_replica_then_promoted_serves_every_ack
     b.kill9();
     std::thread::sleep(Duration::from_millis(300));
     a.kill9();
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() > 20, "load too light: {}", acked.len());
+    let acked = finish_load(&stop, threads, &acked);
     let b = Node::start(&sb, "backup");
     let st = b.status();
     assert!(
@@ -571,12 +582,7 @@ fn draft_s2_6_both_nodes_down_the_former_active_promoted_keeps_every_acknowledge
     std::thread::sleep(Duration::from_millis(3000));
     a.kill9();
     b.kill9();
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() > 20, "load too light: {}", acked.len());
+    let acked = finish_load(&stop, threads, &acked);
     let a = Node::start(&sa, "backup");
     let _b = Node::start(&sb, "backup");
     let promoted = a.ctl(&["promote"]);
@@ -635,12 +641,7 @@ fn draft_s2_6_both_down_the_node_configured_active_hands_over_to_the_fresher_pee
     std::thread::sleep(Duration::from_millis(1500));
     b.kill9();
     a.kill9();
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() > 20, "load too light: {}", acked.len());
+    let acked = finish_load(&stop, threads, &acked);
     // Site power back: the node configured active first. Its store is
     // empty; it must not serve it while its peer may hold more.
     let mut a = Node::start(&sa, "active");
@@ -792,12 +793,7 @@ fn draft_s2_6_a_partition_with_both_nodes_alive_loses_no_acknowledged_checkpoint
     heal_link(&ns);
     a.wait_in_sync();
     std::thread::sleep(Duration::from_millis(1000));
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() > 20, "load too light: {}", acked.len());
+    let acked = finish_load(&stop, threads, &acked);
     a.kill9();
     let promoted = b.ctl(&["promote"]);
     assert_eq!(promoted["ok"], true, "{promoted}");
@@ -831,12 +827,7 @@ fn design_fencing_a_backup_promoted_during_a_partition_fences_the_old_active_whe
         acked.clone(),
     );
     std::thread::sleep(Duration::from_millis(1500));
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() > 20, "load too light: {}", acked.len());
+    let acked = finish_load(&stop, threads, &acked);
     cut_link(&ns);
     std::thread::sleep(Duration::from_millis(600));
     let promoted = b.ctl(&["promote"]);
