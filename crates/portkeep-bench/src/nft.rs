@@ -45,6 +45,7 @@ fn record(i: usize) -> MappingRecord {
         subscriber: SubscriberKeying::default().subscriber_of(internal),
         third_party: false,
         followed: false,
+        manager: None,
     }
 }
 

@@ -102,8 +102,15 @@ pub enum ActiveEvent {
 }
 
 /// The frames of a snapshot of `items` as of log position `seq`, in parts
-/// of `part` items.
-pub fn encode_snapshot(term: Term, seq: u64, items: Vec<Item>, part: usize) -> Vec<u8> {
+/// of `part` items, for a peer speaking link `version`
+/// ([`Message::encode_for`]).
+pub fn encode_snapshot(
+    term: Term,
+    seq: u64,
+    items: Vec<Item>,
+    part: usize,
+    version: u16,
+) -> Vec<u8> {
     let mut out = Vec::new();
     Message::SnapshotBegin { term, seq }.encode(&mut out);
     // Front to back without moving the rest each time (`split_off` at the
@@ -114,7 +121,7 @@ pub fn encode_snapshot(term: Term, seq: u64, items: Vec<Item>, part: usize) -> V
         if items.is_empty() {
             break;
         }
-        Message::SnapshotPart { term, items }.encode(&mut out);
+        Message::SnapshotPart { term, items }.encode_for(version, &mut out);
     }
     Message::SnapshotEnd { term, seq }.encode(&mut out);
     out
@@ -146,6 +153,9 @@ pub struct Active {
     /// Whether this connection may end in a handover (the node has not
     /// served yet).
     may_hand_over: bool,
+    /// The link version the backup speaks (from its Hello; this release's
+    /// until then).
+    peer_version: u16,
     /// Until when this node promised (by [`Message::Lease`]) to release
     /// nothing the backup has not acknowledged; it outlives the
     /// connection that carried it.
@@ -182,6 +192,7 @@ impl Active {
             peer_active: None,
             holds: Position::default(),
             may_hand_over: false,
+            peer_version: crate::wire::LINK_VERSION,
             lease_until: None,
             granted_at: None,
             ring: VecDeque::new(),
@@ -364,6 +375,7 @@ impl Active {
         self.peer_active = None;
         self.holds = holds;
         self.may_hand_over = may_hand_over;
+        self.peer_version = crate::wire::LINK_VERSION;
         self.out.clear();
         self.inbuf.clear();
         self.pending.clear();
@@ -396,8 +408,13 @@ impl Active {
         self.pending.clear();
     }
 
+    /// The link version the backup on this connection speaks.
+    pub fn peer_version(&self) -> u16 {
+        self.peer_version
+    }
+
     fn send(&mut self, now: Timestamp, m: &Message) {
-        m.encode(&mut self.out);
+        m.encode_for(self.peer_version, &mut self.out);
         self.last_sent = now;
     }
 
@@ -416,7 +433,13 @@ impl Active {
     /// check-pointed mapping, and the volatile marker of every subscriber
     /// that holds volatile mappings: that is all a takeover needs.
     pub fn send_snapshot(&mut self, now: Timestamp, seq: u64, items: Vec<Item>) {
-        let bytes = encode_snapshot(self.term, seq, items, self.cfg.snapshot_part);
+        let bytes = encode_snapshot(
+            self.term,
+            seq,
+            items,
+            self.cfg.snapshot_part,
+            self.peer_version,
+        );
         self.send_encoded_snapshot(now, self.term, seq, bytes);
     }
 
@@ -490,6 +513,7 @@ impl Active {
                     holds,
                     ..
                 } if self.state == LinkState::Handshake => {
+                    self.peer_version = version.min(crate::wire::LINK_VERSION);
                     if !active
                         && self.may_hand_over
                         && version >= 2

@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use portkeep_server::record::key_of;
-use portkeep_server::{MappingRecord, Restored, SubscriberId, SubscriberKeying, Timestamp};
+use portkeep_server::{
+    MappingRecord, RequesterState, Restored, SubscriberId, SubscriberKeying, Timestamp,
+};
 
 use crate::wire::{FrameError, Item, Message, Position};
 use crate::Term;
@@ -17,6 +19,7 @@ struct State {
     server_anchor: Option<Timestamp>,
     volatile: BTreeMap<SubscriberId, Vec<IpAddr>>,
     owed: BTreeMap<SubscriberId, (Vec<IpAddr>, Timestamp)>,
+    requesters: BTreeMap<IpAddr, RequesterState>,
 }
 
 impl State {
@@ -34,6 +37,7 @@ impl State {
                 .iter()
                 .map(|(s, (h, u))| (*s, h.clone(), *u))
                 .collect(),
+            requesters: self.requesters.iter().map(|(ip, r)| (*ip, *r)).collect(),
         }
     }
 
@@ -44,6 +48,7 @@ impl State {
             server_anchor: r.server_anchor,
             volatile: r.volatile.into_iter().collect(),
             owed: r.owed.into_iter().map(|(s, h, u)| (s, (h, u))).collect(),
+            requesters: r.requesters.into_iter().collect(),
         }
     }
 
@@ -80,6 +85,14 @@ impl State {
                     self.owed.insert(subscriber, (hosts, until));
                 }
             }
+            Item::Requester { ip, state } => match state {
+                Some(st) => {
+                    self.requesters.insert(ip, st);
+                }
+                None => {
+                    self.requesters.remove(&ip);
+                }
+            },
         }
     }
 }
@@ -109,6 +122,8 @@ pub struct Replica {
     pub volatile: Vec<(SubscriberId, Vec<IpAddr>)>,
     /// Subscribers' hosts owed an ANNOUNCE after a loss, until when.
     pub owed: Vec<(SubscriberId, Vec<IpAddr>, Timestamp)>,
+    /// THIRD_PARTY requesters (`portkeep_server::RequesterState`).
+    pub requesters: Vec<(IpAddr, RequesterState)>,
 }
 
 /// What a backup must make durable before it acknowledges `seq`
@@ -143,6 +158,7 @@ impl Replica {
             mappings: r.mappings.clone(),
             volatile: Vec::new(),
             owed: r.owed.clone(),
+            requesters: r.requesters.clone(),
         }
     }
 
@@ -194,7 +210,9 @@ pub struct Takeover {
     pub state: Restored,
     /// Subscribers whose state was lost (they held volatile mappings, or
     /// every subscriber on a stale takeover), with the hosts to send an
-    /// unsolicited ANNOUNCE to. Their epochs are already reset in `state`.
+    /// unsolicited ANNOUNCE to, and THIRD_PARTY requesters that lost state
+    /// they manage (each as its own subscriber's one host). Their epochs
+    /// (the requesters' own) are already reset in `state`.
     pub reset: Vec<(SubscriberId, Vec<IpAddr>)>,
     /// Hosts still owed an ANNOUNCE after an earlier loss
     /// (`Item::AnnounceOwed`): told again, their epochs left as they are
@@ -619,6 +637,7 @@ impl Backup {
                     last_seq: self.applied,
                     term,
                     owed: Vec::new(),
+                    requesters: Vec::new(),
                 },
                 reset: Vec::new(),
                 owed: Vec::new(),
@@ -670,6 +689,19 @@ impl Backup {
             for (sub, v, _) in &owed {
                 hosts.entry(*sub).or_default().extend(v.iter().copied());
             }
+            // Every requester is told too; its epoch is the new server
+            // epoch like everyone's.
+            for ip in st.requesters.keys() {
+                hosts
+                    .entry(self.keying.subscriber_of(*ip))
+                    .or_default()
+                    .push(*ip);
+            }
+            let requesters = st
+                .requesters
+                .iter()
+                .map(|(ip, r)| (*ip, RequesterState { anchor: None, ..*r }))
+                .collect();
             let reset = hosts
                 .into_iter()
                 .map(|(s, mut v)| {
@@ -687,6 +719,7 @@ impl Backup {
                     last_seq: self.applied,
                     term,
                     owed,
+                    requesters,
                 },
                 reset,
                 owed: Vec::new(),
@@ -701,6 +734,19 @@ impl Backup {
             anchors.insert(*sub, now);
             reset.push((*sub, hosts.clone()));
         }
+        // A THIRD_PARTY client that held volatile mappings lost them with
+        // the active: its own epoch restarts and it is told, at the port
+        // its requests came from (failure-scenarios draft 2.6.1).
+        let mut requesters = Vec::with_capacity(st.requesters.len());
+        for (ip, r) in &st.requesters {
+            let anchor = if r.volatile {
+                reset.push((self.keying.subscriber_of(*ip), vec![*ip]));
+                Some(now)
+            } else {
+                r.anchor.map(local)
+            };
+            requesters.push((*ip, RequesterState { anchor, ..*r }));
+        }
         // Subscribers the active never reset share its server anchor, which
         // the snapshot carries.
         let anchor = st.server_anchor.map_or(now, local);
@@ -713,6 +759,7 @@ impl Backup {
                 last_seq: self.applied,
                 term,
                 owed: owed.clone(),
+                requesters,
             },
             reset,
             owed: owed.into_iter().map(|(s, h, _)| (s, h)).collect(),

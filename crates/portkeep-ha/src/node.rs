@@ -22,8 +22,8 @@ use std::time::Duration;
 use portkeep_proto::Nonce;
 use portkeep_server::record::key_of;
 use portkeep_server::{
-    BackupState, Change, ChangeRecord, MappingKey, MappingKind, MappingRecord, SubscriberId,
-    Timestamp,
+    BackupState, Change, ChangeRecord, MappingKey, MappingKind, MappingRecord, RequesterState,
+    SubscriberId, Timestamp,
 };
 
 use crate::active::{encode_snapshot, Active, ActiveConfig, ActiveEvent, LinkState};
@@ -276,6 +276,11 @@ pub struct SnapshotSource {
     /// Subscribers' hosts owed an ANNOUNCE, until when
     /// (`portkeep_server::Server::owed_announces`).
     pub owed: Vec<(SubscriberId, Vec<IpAddr>, Timestamp)>,
+    /// THIRD_PARTY requesters (`portkeep_server::Server::requesters`).
+    pub requesters: Vec<(IpAddr, RequesterState)>,
+    /// The link version of the backup it is for ([`Node::peer_version`]
+    /// when it was copied).
+    pub version: u16,
 }
 
 impl SnapshotSource {
@@ -286,7 +291,8 @@ impl SnapshotSource {
             2 + self.subscriber_anchors.len()
                 + self.mappings.len()
                 + self.volatile.len()
-                + self.owed.len(),
+                + self.owed.len()
+                + self.requesters.len(),
         );
         items.push(Item::ServerEpoch {
             anchor: self.anchor,
@@ -311,11 +317,18 @@ impl SnapshotSource {
                 until,
             });
         }
+        for (ip, state) in self.requesters {
+            items.push(Item::Requester {
+                ip,
+                state: Some(state),
+            });
+        }
         let n = items.len();
         EncodedSnapshot {
             term: self.term,
             seq: self.seq,
-            bytes: encode_snapshot(self.term, self.seq, items, part),
+            version: self.version,
+            bytes: encode_snapshot(self.term, self.seq, items, part, self.version),
             hashes,
             items: n,
         }
@@ -327,6 +340,7 @@ impl SnapshotSource {
 pub struct EncodedSnapshot {
     term: Term,
     seq: u64,
+    version: u16,
     bytes: Vec<u8>,
     hashes: HashSet<u64>,
     items: usize,
@@ -925,6 +939,14 @@ impl<R> Node<R> {
             .is_some_and(|a| matches!(a.state(), LinkState::Disconnected))
     }
 
+    /// The link version of the backup connected, for
+    /// [`SnapshotSource::version`] (this release's when none is).
+    pub fn peer_version(&self) -> u16 {
+        self.active
+            .as_ref()
+            .map_or(crate::wire::LINK_VERSION, Active::peer_version)
+    }
+
     /// Items per snapshot message, for [`SnapshotSource::encode`].
     pub fn snapshot_part(&self) -> usize {
         self.cfg.link.map_or(512, |l| l.snapshot_part)
@@ -940,6 +962,12 @@ impl<R> Node<R> {
             return;
         };
         if active.state() != LinkState::NeedSnapshot || snap.term != active.term() {
+            return;
+        }
+        if snap.version != active.peer_version() {
+            // Copied for a backup of another version (the link was
+            // re-established meanwhile): copy again for this one.
+            self.effects.push_back(Effect::NeedSnapshot);
             return;
         }
         let src_seq = snap.seq;

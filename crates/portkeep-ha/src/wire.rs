@@ -5,10 +5,11 @@
 //! so a peer cannot make the other allocate without bound.
 
 use portkeep_server::record::{
-    decode_mapping, decode_subscriber, encode_mapping, encode_subscriber, key_of, Reader,
+    decode_mapping, decode_requester, decode_subscriber, encode_mapping, encode_requester,
+    encode_subscriber, key_of, Reader,
 };
 use portkeep_server::{
-    Change, ChangeRecord, MappingRecord, SubscriberId, SubscriberKeying, Timestamp,
+    Change, ChangeRecord, MappingRecord, RequesterState, SubscriberId, SubscriberKeying, Timestamp,
 };
 
 use crate::Term;
@@ -35,10 +36,12 @@ impl std::fmt::Display for Position {
 }
 
 /// The link protocol version this release speaks: 2 added the fields of a
-/// Hello after `now` and [`Message::Handover`]. Each side speaks the lower
-/// of its own and its peer's version, so a pair can be upgraded one node at
-/// a time from version 2 on.
-pub const LINK_VERSION: u16 = 2;
+/// Hello after `now` and [`Message::Handover`]; 3 added
+/// [`Item::Requester`] and mapping records that name their THIRD_PARTY
+/// manager ([`MappingRecord::manager`]). Each side speaks the lower of its
+/// own and its peer's version ([`Message::encode_for`]), so a pair can be
+/// upgraded one node at a time from version 2 on.
+pub const LINK_VERSION: u16 = 3;
 
 /// One unit of replicated state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +84,15 @@ pub enum Item {
         /// Until when, in the active's clock.
         until: Timestamp,
     },
+    /// A THIRD_PARTY requester's state (`portkeep_server::Change::Requester`):
+    /// where its ANNOUNCEs go, its own epoch, and whether it holds state a
+    /// takeover would lose. Link version 3 and later.
+    Requester {
+        /// Its address.
+        ip: std::net::IpAddr,
+        /// Its state; `None`: forgotten.
+        state: Option<RequesterState>,
+    },
 }
 
 impl Item {
@@ -108,14 +120,31 @@ impl Item {
                 hosts: hosts.clone(),
                 until: *until,
             },
+            Change::Requester { ip, state } => Item::Requester {
+                ip: *ip,
+                state: *state,
+            },
         })
     }
 
-    fn encode(&self, out: &mut Vec<u8>) {
+    /// Whether a peer speaking link `version` can read this item.
+    fn speaks(&self, version: u16) -> bool {
+        version >= 3 || !matches!(self, Item::Requester { .. })
+    }
+
+    fn encode(&self, out: &mut Vec<u8>, version: u16) {
         match self {
             Item::Upsert(m) => {
                 out.push(1);
-                let v = encode_mapping(m);
+                let v = if version < 3 && m.manager.is_some() {
+                    // A version-2 peer reads record version 1 only.
+                    encode_mapping(&MappingRecord {
+                        manager: None,
+                        ..m.clone()
+                    })
+                } else {
+                    encode_mapping(m)
+                };
                 out.extend_from_slice(&(v.len() as u32).to_be_bytes());
                 out.extend_from_slice(&v);
             }
@@ -148,6 +177,18 @@ impl Item {
                 out.extend_from_slice(&until.as_millis().to_be_bytes());
                 encode_hosts(hosts, out);
             }
+            Item::Requester { ip, state } => {
+                out.push(7);
+                out.extend_from_slice(&portkeep_proto_addr(*ip));
+                match state {
+                    None => out.push(0),
+                    Some(st) => {
+                        let v = encode_requester(st);
+                        out.push(v.len() as u8);
+                        out.extend_from_slice(&v);
+                    }
+                }
+            }
         }
     }
 
@@ -179,6 +220,15 @@ impl Item {
                 until: Timestamp(r.u64()?),
                 hosts: decode_hosts(r)?,
             },
+            7 => {
+                let ip = r.ip()?;
+                let n = usize::from(r.u8()?);
+                let state = match n {
+                    0 => None,
+                    n => Some(decode_requester(r.take(n)?)?),
+                };
+                Item::Requester { ip, state }
+            }
             _ => return None,
         })
     }
@@ -336,14 +386,23 @@ impl Message {
         }
     }
 
-    /// Appends the framed message.
+    /// Appends the framed message, as this release speaks it.
     pub fn encode(&self, out: &mut Vec<u8>) {
+        self.encode_for(LINK_VERSION, out);
+    }
+
+    /// Appends the framed message as a peer speaking link `version` reads
+    /// it: items it would not understand are left out (what they carry
+    /// only sharpens which clients are told of a loss; the check-pointed
+    /// mappings all travel).
+    pub fn encode_for(&self, version: u16, out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(&[0; 4]);
         let items = |out: &mut Vec<u8>, items: &[Item]| {
-            out.extend_from_slice(&(items.len() as u32).to_be_bytes());
-            for i in items {
-                i.encode(out);
+            let n = items.iter().filter(|i| i.speaks(version)).count();
+            out.extend_from_slice(&(n as u32).to_be_bytes());
+            for i in items.iter().filter(|i| i.speaks(version)) {
+                i.encode(out, version);
             }
         };
         match self {
@@ -548,7 +607,7 @@ fn portkeep_proto_addr(ip: std::net::IpAddr) -> [u8; 16] {
 pub fn encode_items(items: &[Item], out: &mut Vec<u8>) {
     out.extend_from_slice(&(items.len() as u32).to_be_bytes());
     for i in items {
-        i.encode(out);
+        i.encode(out, LINK_VERSION);
     }
 }
 

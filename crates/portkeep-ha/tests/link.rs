@@ -13,8 +13,8 @@ use portkeep_ha::{
 };
 use portkeep_proto::Protocol;
 use portkeep_server::{
-    Change, ChangeRecord, MappingKey, MappingKind, MappingRecord, RemoveReason, SubscriberKeying,
-    Timestamp,
+    Change, ChangeRecord, MappingKey, MappingKind, MappingRecord, RemoveReason, RequesterState,
+    SubscriberKeying, Timestamp,
 };
 use proptest::prelude::*;
 
@@ -46,6 +46,7 @@ fn mapping(host: &str, port: u16, checkpoint: bool) -> MappingRecord {
         subscriber: SubscriberKeying::default().subscriber_of(ip),
         third_party: false,
         followed: false,
+        manager: None,
     }
 }
 
@@ -595,6 +596,19 @@ fn frames_round_trip_and_reassemble_across_reads() {
                     ],
                     until: at(86_400_000),
                 },
+                Item::Upsert(managed("10.2.0.1", 81, "10.1.0.1")),
+                Item::Requester {
+                    ip: "10.1.0.1".parse().unwrap(),
+                    state: Some(RequesterState {
+                        port: 41_000,
+                        anchor: Some(at(9)),
+                        volatile: true,
+                    }),
+                },
+                Item::Requester {
+                    ip: "2001:db8::77".parse().unwrap(),
+                    state: None,
+                },
             ],
         },
         Message::Ack {
@@ -964,4 +978,165 @@ fn link_version_1_hello_is_read_and_later_fields_are_ignored() {
         Message::decode(&mut out, &k).unwrap(),
         Some(Message::Handover { term: 7 })
     );
+}
+
+/// A check-pointed mapping for `host`, made with THIRD_PARTY by `manager`.
+fn managed(host: &str, port: u16, manager: &str) -> MappingRecord {
+    MappingRecord {
+        third_party: true,
+        manager: Some(manager.parse().unwrap()),
+        ..mapping(host, port, true)
+    }
+}
+
+fn requester(ip: &str, port: u16, anchor: Option<Timestamp>, volatile: bool) -> Item {
+    Item::Requester {
+        ip: ip.parse().unwrap(),
+        state: Some(RequesterState {
+            port,
+            anchor,
+            volatile,
+        }),
+    }
+}
+
+#[test]
+fn link_version_2_backups_get_nothing_they_cannot_read() {
+    let k = SubscriberKeying::default();
+    let mut a = Active::new(3, ActiveConfig::default(), k.clone());
+    a.connected(at(0), seq_pos(10), false);
+    let _ = a.poll_transmit();
+    // A backup of the release before: its Hello says version 2.
+    let mut hello = Vec::new();
+    Message::Hello {
+        term: 3,
+        active: false,
+        applied: 0,
+        now: at(0),
+        version: 2,
+        holds: portkeep_ha::Position::default(),
+    }
+    .encode(&mut hello);
+    a.handle_input(at(0), &hello).unwrap();
+    assert_eq!(a.peer_version(), 2);
+    a.send_snapshot(
+        at(1),
+        10,
+        vec![
+            Item::ServerEpoch { anchor: T0 },
+            Item::Upsert(managed("10.2.0.1", 80, "10.1.0.1")),
+            requester("10.1.0.1", 41_000, None, true),
+        ],
+    );
+    let mut bytes = a.poll_transmit().unwrap();
+    let mut items = Vec::new();
+    while let Some(m) = Message::decode(&mut bytes, &k).unwrap() {
+        if let Message::SnapshotPart { items: it, .. } = m {
+            items.extend(it);
+        }
+    }
+    // No requester item (type 7), and the record without its manager,
+    // in record version 1, the only one a version-2 reader accepts.
+    assert_eq!(
+        items,
+        vec![
+            Item::ServerEpoch { anchor: T0 },
+            Item::Upsert(MappingRecord {
+                manager: None,
+                ..managed("10.2.0.1", 80, "10.1.0.1")
+            }),
+        ]
+    );
+    let record = portkeep_server::record::encode_mapping(&MappingRecord {
+        manager: None,
+        ..managed("10.2.0.1", 80, "10.1.0.1")
+    });
+    assert_eq!(record[0], portkeep_server::record::RECORD_VERSION);
+    // This release's backup gets both.
+    let mut full = Vec::new();
+    Message::Changes {
+        term: 3,
+        seq: 11,
+        items: vec![
+            Item::Upsert(managed("10.2.0.1", 80, "10.1.0.1")),
+            requester("10.1.0.1", 41_000, None, true),
+        ],
+    }
+    .encode(&mut full);
+    let Some(Message::Changes { items, .. }) = Message::decode(&mut full, &k).unwrap() else {
+        panic!("not a Changes message")
+    };
+    assert_eq!(items.len(), 2);
+    assert!(matches!(&items[0], Item::Upsert(m) if m.manager.is_some()));
+}
+
+fn third_party_snapshot() -> Vec<Item> {
+    let mut items = snapshot_items();
+    // The server's epoch began 100 s before T0.
+    items[0] = Item::ServerEpoch {
+        anchor: Timestamp(T0.0 - 100_000),
+    };
+    items.push(Item::Upsert(managed("10.2.0.1", 80, "10.1.0.1")));
+    // 10.1.0.1 also holds volatile mappings; 10.1.0.2 holds only
+    // check-pointed ones, and its epoch restarted at T0.
+    items.push(requester("10.1.0.1", 41_000, None, true));
+    items.push(requester("10.1.0.2", 42_000, Some(T0), false));
+    items
+}
+
+#[test]
+fn draft_s2_6_1_a_hot_takeover_resets_exactly_the_third_party_clients_that_held_volatile_state() {
+    let (mut a, mut b) = linked(3);
+    a.send_snapshot(at(1), 10, third_party_snapshot());
+    pump(&mut a, &mut b, at(1));
+    let now = at(1_000);
+    let t = b.promote(now);
+    assert_eq!(t.kind, TakeoverKind::Hot);
+    let k = SubscriberKeying::default();
+    let m1: IpAddr = "10.1.0.1".parse().unwrap();
+    let m2: IpAddr = "10.1.0.2".parse().unwrap();
+    let state = |ip: IpAddr| t.state.requesters.iter().find(|(i, _)| *i == ip).unwrap().1;
+    assert_eq!(state(m1).anchor, Some(now), "lost its volatile mappings");
+    assert_eq!(state(m1).port, 41_000);
+    assert_eq!(state(m2).anchor, Some(T0), "lost nothing: continues");
+    let targets = t.announce_targets(&[]);
+    assert!(targets.contains(&(k.subscriber_of(m1), m1)), "{targets:?}");
+    assert!(!targets.iter().any(|(_, h)| *h == m2), "{targets:?}");
+    // The restored server answers each with its epoch and port.
+    let cfg = portkeep_server::ServerConfig {
+        external_addresses: vec!["192.0.2.1".parse().unwrap()],
+        ..portkeep_server::ServerConfig::default()
+    };
+    let (s, _) = portkeep_server::Server::restore_replica(cfg, now, t.state.clone());
+    let later = now + Duration::from_secs(3);
+    assert_eq!(s.requester_epoch(later, m1), 3, "restarted at the takeover");
+    assert_eq!(s.requester_epoch(later, m2), 4, "its own, from T0");
+    assert_eq!(
+        s.requester_epoch(later, "10.9.9.9".parse().unwrap()),
+        104,
+        "the server's"
+    );
+    let mut out = Vec::new();
+    assert_eq!(
+        s.announce_to(now, m1, &mut out),
+        SocketAddr::new(m1, 41_000)
+    );
+}
+
+#[test]
+fn draft_s2_6_1_a_stale_takeover_tells_every_third_party_client() {
+    let (mut a, mut b) = linked(3);
+    a.send_snapshot(at(1), 10, third_party_snapshot());
+    pump(&mut a, &mut b, at(1));
+    b.disconnected(at(2));
+    let t = b.promote(at(1) + LEASE);
+    assert_eq!(t.kind, TakeoverKind::Stale);
+    let targets = t.announce_targets(&[]);
+    for ip in ["10.1.0.1", "10.1.0.2"] {
+        let ip: IpAddr = ip.parse().unwrap();
+        assert!(targets.iter().any(|(_, h)| *h == ip), "{targets:?}");
+    }
+    // Every epoch is the new server epoch; the ports are kept.
+    assert!(t.state.requesters.iter().all(|(_, r)| r.anchor.is_none()));
+    assert_eq!(t.state.requesters.len(), 2);
 }

@@ -39,6 +39,7 @@ fn mapping(host: &str, port: u16, checkpoint: bool) -> MappingRecord {
         subscriber: SubscriberKeying::default().subscriber_of(ip),
         third_party: false,
         followed: false,
+        manager: None,
     }
 }
 
@@ -108,6 +109,8 @@ fn pump(a: &mut Node<u32>, b: &mut Node<u32>, now: Timestamp) -> Vec<Effect<u32>
                     mappings: vec![],
                     volatile: vec![],
                     owed: vec![],
+                    requesters: Vec::new(),
+                    version: a.peer_version(),
                 }
                 .encode(a.snapshot_part());
                 a.send_snapshot(now, snap);
@@ -434,6 +437,8 @@ fn rfc7767_s1_changes_committed_while_a_snapshot_is_copied_follow_it() {
         mappings: vec![m1],
         volatile: vec![],
         owed: vec![],
+        requesters: vec![],
+        version: a.peer_version(),
     }
     .encode(a.snapshot_part());
     a.send_snapshot(at(2), snap);

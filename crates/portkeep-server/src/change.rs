@@ -72,6 +72,10 @@ pub struct MappingRecord {
     pub subscriber: SubscriberId,
     /// Made on behalf of another host with THIRD_PARTY (RFC 6887 section 13.1).
     pub third_party: bool,
+    /// The THIRD_PARTY client that made or last renewed it (`None` for a
+    /// host's own mapping, and for a THIRD_PARTY mapping stored before
+    /// this was kept): the requester told when it is lost.
+    pub manager: Option<IpAddr>,
     /// Not check-pointed now, but the backup follows it: an earlier
     /// check-point of it stands until the lifetime then granted ends (RFC
     /// 7767 section 3.2), so it stays replicated across a restart too.
@@ -134,6 +138,37 @@ pub enum Change {
         /// Until when.
         until: Timestamp,
     },
+    /// A THIRD_PARTY requester's state changed; `None`: forgotten (it
+    /// holds no mapping and its epoch is the subscriber's again).
+    Requester {
+        /// The requester's address.
+        ip: IpAddr,
+        /// Its state.
+        state: Option<RequesterState>,
+    },
+}
+
+/// What the server keeps about a THIRD_PARTY client (RFC 6887 section
+/// 13.1), a requester that manages other hosts' mappings: where to send
+/// it an ANNOUNCE, and its own epoch.
+///
+/// RFC 6887 section 8.5 has a client keep one epoch per server, and a
+/// THIRD_PARTY client's mappings belong to other hosts (other subscribers,
+/// often). Its epoch therefore resets whenever a host it manages loses
+/// state through it, and only then: every reply to it, success, error or
+/// ANNOUNCE, carries that one epoch (failure-scenarios draft section
+/// 2.6.1: reset exactly when the client's state was lost).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequesterState {
+    /// The UDP port its requests last came from: ANNOUNCEs go there (RFC
+    /// 6887 section 14.1.3: "the IP address(es) and port(s) of its PCP
+    /// clients").
+    pub port: u16,
+    /// When its epoch restarted, if later than its subscriber's epoch.
+    pub anchor: Option<Timestamp>,
+    /// It holds mappings the backup does not follow: a takeover loses
+    /// them, so its epoch resets then (failure-scenarios draft 2.6).
+    pub volatile: bool,
 }
 
 /// A change with its position in the log.

@@ -170,7 +170,8 @@ impl Dataplane for MemoryDataplane {
                 }
                 Change::EpochReset { .. }
                 | Change::ServerEpochReset { .. }
-                | Change::AnnounceOwed { .. } => {}
+                | Change::AnnounceOwed { .. }
+                | Change::Requester { .. } => {}
             }
         }
         Ok(())
@@ -202,6 +203,7 @@ mod tests {
             subscriber: SubscriberKeying::default().subscriber_of(i.ip()),
             third_party: false,
             followed: false,
+            manager: None,
         }
     }
 

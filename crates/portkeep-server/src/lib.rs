@@ -21,6 +21,7 @@ mod time;
 
 pub use change::{
     Change, ChangeRecord, FilterRule, MappingKey, MappingKind, MappingRecord, RemoveReason,
+    RequesterState,
 };
 pub use config::ServerConfig;
 pub use dataplane::{Dataplane, DataplaneError, MemoryDataplane};

@@ -14,8 +14,14 @@ use crate::{
     Timestamp,
 };
 
-/// Version byte that starts every encoded mapping.
+/// Version byte that starts every encoded mapping without a
+/// [manager](MappingRecord::manager).
 pub const RECORD_VERSION: u8 = 1;
+
+/// Version byte of a mapping with a manager: version 1 followed by the
+/// manager's address. A mapping without one is still written as version
+/// 1, so readers of version 1 read every record they could before.
+pub const RECORD_VERSION_MANAGER: u8 = 2;
 
 /// The key of a mapping: its identity (RFC 6887 sections 11.1 and 12.1).
 pub fn key_of(m: &MappingRecord) -> Vec<u8> {
@@ -36,7 +42,11 @@ pub fn key_of(m: &MappingRecord) -> Vec<u8> {
 
 pub fn encode_mapping(m: &MappingRecord) -> Vec<u8> {
     let mut v = Vec::with_capacity(96);
-    v.push(RECORD_VERSION);
+    v.push(if m.manager.is_some() {
+        RECORD_VERSION_MANAGER
+    } else {
+        RECORD_VERSION
+    });
     v.extend_from_slice(&key_of(m));
     v.extend_from_slice(&to_wire(m.external.ip()).octets());
     v.extend_from_slice(&m.external.port().to_be_bytes());
@@ -58,6 +68,9 @@ pub fn encode_mapping(m: &MappingRecord) -> Vec<u8> {
     let d = &d[..d.len().min(usize::from(u16::MAX))];
     v.extend_from_slice(&(d.len() as u16).to_be_bytes());
     v.extend_from_slice(d);
+    if let Some(ip) = m.manager {
+        v.extend_from_slice(&to_wire(ip).octets());
+    }
     v
 }
 
@@ -94,7 +107,8 @@ impl<'a> Reader<'a> {
 
 pub fn decode_mapping(v: &[u8], keying: &SubscriberKeying) -> Option<MappingRecord> {
     let mut r = Reader(v);
-    if r.u8()? != RECORD_VERSION {
+    let version = r.u8()?;
+    if version != RECORD_VERSION && version != RECORD_VERSION_MANAGER {
         return None;
     }
     let kind = r.u8()?;
@@ -130,6 +144,11 @@ pub fn decode_mapping(v: &[u8], keying: &SubscriberKeying) -> Option<MappingReco
     }
     let dlen = usize::from(r.u16()?);
     let d = r.take(dlen)?;
+    let manager = if version == RECORD_VERSION_MANAGER {
+        Some(r.ip()?)
+    } else {
+        None
+    };
     if !r.0.is_empty() {
         return None;
     }
@@ -155,6 +174,7 @@ pub fn decode_mapping(v: &[u8], keying: &SubscriberKeying) -> Option<MappingReco
         subscriber: keying.subscriber_of(internal_ip),
         third_party: flags & 2 != 0,
         followed: flags & 4 != 0,
+        manager,
     })
 }
 
@@ -169,4 +189,31 @@ pub fn decode_subscriber(b: &[u8]) -> Option<SubscriberId> {
     let ip = r.ip()?;
     let len = r.u8()?;
     r.0.is_empty().then(|| SubscriberId::from_parts(ip, len))
+}
+
+/// A THIRD_PARTY requester's state as stored and replicated: port (2
+/// octets), flags (bit 0 volatile, bit 1 anchored), anchor (8 octets,
+/// milliseconds; 0 when not anchored).
+pub fn encode_requester(s: &crate::RequesterState) -> [u8; 11] {
+    let mut v = [0u8; 11];
+    v[..2].copy_from_slice(&s.port.to_be_bytes());
+    v[2] = u8::from(s.volatile) | (u8::from(s.anchor.is_some()) << 1);
+    v[3..].copy_from_slice(&s.anchor.map_or(0, |a| a.as_millis()).to_be_bytes());
+    v
+}
+
+/// Reads what [`encode_requester`] wrote; `None` if malformed.
+pub fn decode_requester(b: &[u8]) -> Option<crate::RequesterState> {
+    let mut r = Reader(b);
+    let port = r.u16()?;
+    let flags = r.u8()?;
+    let anchor = r.u64()?;
+    if !r.0.is_empty() || flags > 3 {
+        return None;
+    }
+    Some(crate::RequesterState {
+        port,
+        anchor: (flags & 2 != 0).then_some(Timestamp(anchor)),
+        volatile: flags & 1 != 0,
+    })
 }

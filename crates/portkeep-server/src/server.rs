@@ -7,12 +7,13 @@ use std::time::Duration;
 use portkeep_proto::addr::{from_wire, is_unspecified, to_wire};
 use portkeep_proto::{
     build_error_response, Disposition, Filter, GetData, MapData, Next, Nonce, OpData, PcpOption,
-    PeerData, Protocol, Request, Response, ResponseHeader, ResultCode, GET_BODY_LEN, HEADER_LEN,
-    MAX_MESSAGE_LEN, VERSION,
+    PeerData, Protocol, Request, Response, ResponseHeader, ResultCode, CLIENT_PORT, GET_BODY_LEN,
+    HEADER_LEN, MAX_MESSAGE_LEN, VERSION,
 };
 
 use crate::change::{
     Change, ChangeRecord, FilterRule, MappingKey, MappingKind, MappingRecord, RemoveReason,
+    RequesterState,
 };
 use crate::getnext::{self, Answer, GetFilter, Query};
 use crate::policy::{
@@ -43,6 +44,37 @@ struct Subscriber {
     bucket: TokenBucket,
 }
 
+/// A THIRD_PARTY client as the server tracks it ([`RequesterState`], with
+/// counts that are rebuilt from the mappings on restore).
+#[derive(Debug, Clone, Copy)]
+struct Requester {
+    port: u16,
+    anchor: Option<Timestamp>,
+    /// Mappings it manages.
+    mappings: u32,
+    /// Of those, the ones the backup does not follow.
+    volatile: u32,
+}
+
+impl Requester {
+    fn new(port: u16) -> Requester {
+        Requester {
+            port,
+            anchor: None,
+            mappings: 0,
+            volatile: 0,
+        }
+    }
+
+    fn state(&self) -> RequesterState {
+        RequesterState {
+            port: self.port,
+            anchor: self.anchor,
+            volatile: self.volatile > 0,
+        }
+    }
+}
+
 /// Counters for the control interface and logs.
 #[derive(Debug, Clone)]
 pub struct Stats {
@@ -50,6 +82,9 @@ pub struct Stats {
     pub received: u64,
     /// Datagrams dropped without a reply.
     pub dropped: u64,
+    /// MAP and PEER mappings made anew (not found by a renewal): after a
+    /// loss, how many a client re-created.
+    pub created: u64,
     /// Replies by result code.
     pub results: [u64; 256],
     /// CHECKPOINT_REQUIRED decisions (RFC 7767).
@@ -61,6 +96,7 @@ impl Default for Stats {
         Stats {
             received: 0,
             dropped: 0,
+            created: 0,
             results: [0; 256],
             checkpoint: CheckpointStats::default(),
         }
@@ -119,6 +155,8 @@ pub struct Restored {
     /// Hosts owed an ANNOUNCE, per subscriber, and until when
     /// ([`Change::AnnounceOwed`]).
     pub owed: Vec<(SubscriberId, Vec<IpAddr>, Timestamp)>,
+    /// THIRD_PARTY requesters ([`Change::Requester`]).
+    pub requesters: Vec<(IpAddr, RequesterState)>,
 }
 
 /// What [`Server::restore`] did with the stored state.
@@ -198,6 +236,13 @@ pub struct Server {
     /// Hosts owed an ANNOUNCE after a loss, per subscriber, and until when
     /// ([`Server::owe_announce`]).
     owed: HashMap<SubscriberId, (Vec<IpAddr>, Timestamp)>,
+    /// THIRD_PARTY clients, by address ([`RequesterState`]).
+    requesters: HashMap<IpAddr, Requester>,
+    /// When requesters with nothing left to keep were last forgotten.
+    requesters_swept: Timestamp,
+    /// Hosts owed an ANNOUNCE since [`Server::drain_announcements`] was
+    /// last called: one place that knows who to tell after any loss.
+    to_announce: Vec<(SubscriberId, IpAddr)>,
 }
 
 fn sorted_hosts(hosts: &[(IpAddr, u32)]) -> Vec<IpAddr> {
@@ -244,6 +289,9 @@ impl Server {
             volatile: HashMap::new(),
             volatile_dirty: Vec::new(),
             owed: HashMap::new(),
+            requesters: HashMap::new(),
+            requesters_swept: now,
+            to_announce: Vec::new(),
         }
     }
 
@@ -283,8 +331,18 @@ impl Server {
         for (sub, anchor) in state.subscriber_anchors {
             s.subscriber_mut(sub).anchor = Some(anchor);
         }
+        for (ip, r) in state.requesters {
+            s.requesters.insert(
+                ip,
+                Requester {
+                    anchor: r.anchor,
+                    ..Requester::new(r.port)
+                },
+            );
+        }
         let mut report = RestoreReport::default();
         let mut lost = Vec::new();
+        let mut lost_managers = Vec::new();
         for m in state.mappings {
             let sub = s.cfg.subscriber_keying.subscriber_of(m.key.internal_ip);
             if m.expires <= now {
@@ -310,11 +368,13 @@ impl Server {
                 // section 2.6.1). No removal is logged: it would remove the
                 // one kept, stored under the same key.
                 lost.push(sub);
+                lost_managers.extend(m.manager);
                 report.dropped.push(m);
                 continue;
             }
             let Ok(binding) = s.table.bind_exact(m.key, m.external) else {
                 lost.push(sub);
+                lost_managers.extend(m.manager);
                 s.push(Change::Removed {
                     mapping: m.clone(),
                     reason: RemoveReason::Cleared,
@@ -330,7 +390,12 @@ impl Server {
                 checkpoint: m.checkpoint,
                 replicated: m.checkpoint || m.followed || replica,
                 third_party: m.third_party,
-                extra: make_extra(m.filters, m.description.map(String::into_boxed_str), remote),
+                extra: make_extra(
+                    m.filters,
+                    m.description.map(String::into_boxed_str),
+                    remote,
+                    m.manager,
+                ),
             });
             // RFC 7767 section 3.2: a restored check-pointed mapping holds
             // its slot in the server's capacity and its subscriber's quota;
@@ -341,18 +406,43 @@ impl Server {
                 state.checkpointed += 1;
                 s.checkpointed += 1;
             }
-            s.note_volatile(
-                sub,
-                m.key.internal_ip,
-                None,
-                Some(m.checkpoint || m.followed || replica),
-            );
+            let followed = Some(m.checkpoint || m.followed || replica);
+            s.note_volatile(sub, m.key.internal_ip, None, followed);
+            if let Some(ip) = m.manager {
+                let port = s.requesters.get(&ip).map_or(CLIENT_PORT, |r| r.port);
+                s.note_manager(ip, port, None, followed, false);
+            }
             report.restored += 1;
         }
         lost.sort();
         lost.dedup();
         for sub in lost {
             s.reset_subscriber_epoch(now, sub);
+        }
+        let hosts: Vec<(SubscriberId, IpAddr)> = report
+            .dropped
+            .iter()
+            .map(|m| (m.subscriber, m.key.internal_ip))
+            .collect();
+        s.owe_announce(now, &hosts);
+        s.requesters_lost(now, lost_managers);
+        // A requester stored with nothing left to keep (its mappings
+        // expired while down, its epoch its subscriber's) is forgotten.
+        let idle: Vec<IpAddr> = s
+            .requesters
+            .iter()
+            .filter(|(_, r)| r.mappings == 0 && r.anchor.is_none())
+            .map(|(ip, _)| *ip)
+            .collect();
+        for ip in idle {
+            s.requesters.remove(&ip);
+            s.push(Change::Requester { ip, state: None });
+        }
+        // What the counts say now supersedes what was stored.
+        let mut known: Vec<IpAddr> = s.requesters.keys().copied().collect();
+        known.sort_unstable();
+        for ip in known {
+            s.push_requester(ip);
         }
         for (sub, hosts, until) in state.owed {
             if until > now && !hosts.is_empty() {
@@ -380,6 +470,15 @@ impl Server {
                 ClearSelector::Prefix(p) => p.contains(m.key.internal_ip),
             })
             .collect();
+        // Before the removals, which may leave a requester with nothing to
+        // keep: it lost state, so its epoch moves and it stays known for
+        // its ANNOUNCEs. Clearing everything resets every requester.
+        let managers: Vec<IpAddr> = if which == ClearSelector::All {
+            self.requesters.keys().copied().collect()
+        } else {
+            victims.iter().filter_map(|(_, m)| m.manager).collect()
+        };
+        self.requesters_lost(now, managers);
         let mut affected: std::collections::BTreeMap<SubscriberId, Cleared> =
             std::collections::BTreeMap::new();
         if let ClearSelector::Subscriber(sub) = which {
@@ -554,6 +653,155 @@ impl Server {
             .collect()
     }
 
+    /// The hosts owed an ANNOUNCE since the last call ([`Server::owe_announce`],
+    /// which every loss the core sees calls: a clear, a restore that drops
+    /// mappings, a takeover's losses), each once: the driver sends each
+    /// one [`Server::announce_to`] now and repeats it (RFC 6887 section
+    /// 14.1.3).
+    pub fn drain_announcements(&mut self) -> Vec<(SubscriberId, IpAddr)> {
+        let mut v = std::mem::take(&mut self.to_announce);
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Writes the unsolicited ANNOUNCE for `host` (RFC 6887 section
+    /// 14.1.3), carrying the epoch every other reply to it carries
+    /// ([`Server::requester_epoch`]), and returns where it goes: a
+    /// THIRD_PARTY client's request port, or the port clients listen on
+    /// for announcements (5350).
+    pub fn announce_to(&self, now: Timestamp, host: IpAddr, out: &mut Vec<u8>) -> SocketAddr {
+        let host = canonical(host);
+        self.write_announce(self.requester_epoch(now, host), out);
+        let port = self.requesters.get(&host).map_or(CLIENT_PORT, |r| r.port);
+        SocketAddr::new(host, port)
+    }
+
+    /// The epoch every reply to `requester` carries (RFC 6887 section 8.5):
+    /// its subscriber's, unless it is a THIRD_PARTY client whose own
+    /// epoch restarted later because a host it manages lost state
+    /// ([`RequesterState`]). One value per requester, whatever the reply is
+    /// about, so a client that keeps one epoch per server, as section 8.5
+    /// has it, never sees one reply contradict another.
+    pub fn requester_epoch(&self, now: Timestamp, requester: IpAddr) -> u32 {
+        let requester = canonical(requester);
+        let sub = self.cfg.subscriber_keying.subscriber_of(requester);
+        let mut anchor = self
+            .subscribers
+            .get(&sub)
+            .and_then(|s| s.anchor)
+            .unwrap_or(self.anchor);
+        if !self.requesters.is_empty() {
+            if let Some(a) = self.requesters.get(&requester).and_then(|r| r.anchor) {
+                anchor = anchor.max(a);
+            }
+        }
+        now.secs_since(anchor) as u32
+    }
+
+    /// THIRD_PARTY requesters known (for a snapshot to the backup).
+    pub fn requesters(&self) -> Vec<(IpAddr, RequesterState)> {
+        let mut v: Vec<_> = self
+            .requesters
+            .iter()
+            .map(|(ip, r)| (*ip, r.state()))
+            .collect();
+        v.sort_unstable_by_key(|(ip, _)| *ip);
+        v
+    }
+
+    /// These THIRD_PARTY clients lost state they manage (failure-scenarios
+    /// draft section 2.6.1): their epochs restart now and each is owed an
+    /// ANNOUNCE at its request port.
+    fn requesters_lost(&mut self, now: Timestamp, mut ips: Vec<IpAddr>) {
+        ips.sort_unstable();
+        ips.dedup();
+        if ips.is_empty() {
+            return;
+        }
+        let keying = &self.cfg.subscriber_keying;
+        let owed: Vec<(SubscriberId, IpAddr)> = ips
+            .iter()
+            .map(|ip| (keying.subscriber_of(*ip), *ip))
+            .collect();
+        for ip in ips {
+            self.requesters
+                .entry(ip)
+                .or_insert_with(|| Requester::new(CLIENT_PORT))
+                .anchor = Some(now);
+            self.push_requester(ip);
+        }
+        self.owe_announce(now, &owed);
+    }
+
+    fn push_requester(&mut self, ip: IpAddr) {
+        let state = self.requesters.get(&ip).map(Requester::state);
+        self.push(Change::Requester { ip, state });
+    }
+
+    /// Counts a mapping of requester `ip` (asking from `port`) going from
+    /// `before` to `after` (`None`: absent; `Some(followed)`: present, and
+    /// whether the backup follows it), logging the requester's state when
+    /// what it stores changed. `touch`: a request from it just came, so
+    /// its port is current.
+    fn note_manager(
+        &mut self,
+        ip: IpAddr,
+        port: u16,
+        before: Option<bool>,
+        after: Option<bool>,
+        touch: bool,
+    ) {
+        let r = self
+            .requesters
+            .entry(ip)
+            .or_insert_with(|| Requester::new(port));
+        let old = r.state();
+        let fresh = r.mappings == 0 && before.is_none();
+        if touch {
+            r.port = port;
+        }
+        match (before, after) {
+            (None, Some(_)) => r.mappings += 1,
+            (Some(_), None) => r.mappings = r.mappings.saturating_sub(1),
+            _ => {}
+        }
+        if before == Some(false) {
+            r.volatile = r.volatile.saturating_sub(1);
+        }
+        if after == Some(false) {
+            r.volatile += 1;
+        }
+        if r.mappings == 0 && r.anchor.is_none() {
+            self.requesters.remove(&ip);
+            self.push(Change::Requester { ip, state: None });
+        } else if fresh || r.state() != old {
+            self.push_requester(ip);
+        }
+    }
+
+    /// Forgets, once a minute at most, requesters that hold no mapping and
+    /// whose own epoch restarted longer ago than the longest lifetime: no
+    /// client of theirs can still hold a mapping from before it, so their
+    /// epoch may fall back to their subscriber's.
+    fn sweep_requesters(&mut self, now: Timestamp) {
+        if self.requesters.is_empty() || now < self.requesters_swept + Duration::from_secs(60) {
+            return;
+        }
+        self.requesters_swept = now;
+        let max = self.cfg.max_lifetime_duration();
+        let idle: Vec<IpAddr> = self
+            .requesters
+            .iter()
+            .filter(|(_, r)| r.mappings == 0 && r.anchor.is_none_or(|a| a + max <= now))
+            .map(|(ip, _)| *ip)
+            .collect();
+        for ip in idle {
+            self.requesters.remove(&ip);
+            self.push(Change::Requester { ip, state: None });
+        }
+    }
+
     /// Records that these hosts lost state and are sent an ANNOUNCE now
     /// (RFC 6887 section 14.1.3; failure-scenarios draft section 2.6): they
     /// stay owed one until the longest lifetime this server grants has
@@ -568,6 +816,7 @@ impl Server {
         if targets.is_empty() {
             return;
         }
+        self.to_announce.extend_from_slice(targets);
         let until = now + self.cfg.max_lifetime_duration();
         let mut by: std::collections::BTreeMap<SubscriberId, Vec<IpAddr>> =
             std::collections::BTreeMap::new();
@@ -722,6 +971,7 @@ impl Server {
         while let Some(id) = self.table.first_expired(now) {
             self.remove_entry(id, RemoveReason::Expired);
         }
+        self.sweep_requesters(now);
     }
 
     /// Writes an unsolicited ANNOUNCE response with the server-wide epoch
@@ -735,12 +985,16 @@ impl Server {
     /// with `None`), for telling one subscriber's clients that their state
     /// was lost (RFC 6887 section 14.1.1; failure-scenarios draft 2.6.2).
     pub fn announce_for(&self, now: Timestamp, sub: Option<SubscriberId>, out: &mut Vec<u8>) {
+        self.write_announce(self.epoch_of(now, sub), out);
+    }
+
+    fn write_announce(&self, epoch: u32, out: &mut Vec<u8>) {
         out.clear();
         let resp = Response {
             header: ResponseHeader {
                 result: ResultCode::SUCCESS,
                 lifetime: 0,
-                epoch: self.epoch_of(now, sub),
+                epoch,
             },
             data: OpData::Announce,
             options: Vec::new(),
@@ -761,8 +1015,7 @@ impl Server {
     /// truncated or rounded wait erred by up to a second either way, enough
     /// for a client's section 8.5 check to fail with nothing lost).
     ///
-    /// The epoch is that of the host the response is about: the THIRD_PARTY
-    /// host of a success that names one, otherwise `to`, as when the reply
+    /// The epoch is `to`'s ([`Server::requester_epoch`]), as when the reply
     /// was made. `None` if the reply cannot be parsed and encoded again: the
     /// caller drops it (the client retransmits) rather than send a stale one.
     pub fn restamp(
@@ -774,16 +1027,7 @@ impl Server {
     ) -> Option<Vec<u8>> {
         let cp = &self.cfg.code_points;
         let mut r = Response::parse(reply, cp).ok()?;
-        let third_party = r.options.iter().find_map(|o| match o {
-            PcpOption::ThirdParty(a) => Some(*a),
-            _ => None,
-        });
-        let host = match third_party {
-            Some(a) if r.header.result == ResultCode::SUCCESS => canonical(from_wire(a)),
-            _ => canonical(to),
-        };
-        let sub = self.cfg.subscriber_keying.subscriber_of(host);
-        r.header.epoch = self.epoch_of(now, Some(sub));
+        r.header.epoch = self.requester_epoch(now, to);
         if r.header.lifetime > 0 {
             let waited = u32::try_from(waited_ms.div_ceil(1000)).unwrap_or(u32::MAX);
             r.header.lifetime = r.header.lifetime.saturating_sub(waited).max(1);
@@ -805,7 +1049,7 @@ impl Server {
         self.stats.received += 1;
         self.now = self.now.max(now);
         let src = canonical(source.ip());
-        let outcome = match self.process(now, src, datagram, out) {
+        let outcome = match self.process(now, src, source.port(), datagram, out) {
             Ok(()) => Outcome::Reply,
             Err(None) => Outcome::Drop,
             Err(Some(fail)) => {
@@ -814,13 +1058,12 @@ impl Server {
                 } else {
                     self.cfg.short_error_lifetime
                 };
-                let sub = self.cfg.subscriber_keying.subscriber_of(src);
                 out.clear();
                 build_error_response(
                     datagram,
                     fail.code,
                     lifetime,
-                    self.epoch_of(now, Some(sub)),
+                    self.requester_epoch(now, src),
                     out,
                 );
                 if fail.parsed {
@@ -844,6 +1087,7 @@ impl Server {
         &mut self,
         now: Timestamp,
         src: IpAddr,
+        port: u16,
         datagram: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), Option<Fail>> {
@@ -881,11 +1125,11 @@ impl Server {
             OpData::Announce => self.announce(now, src, &req, out),
             OpData::Map(m) => {
                 let m = *m;
-                self.map(now, src, &req, &m, out)
+                self.map(now, (src, port), &req, &m, out)
             }
             OpData::Peer(p) => {
                 let p = *p;
-                self.peer(now, src, &req, &p, out)
+                self.peer(now, (src, port), &req, &p, out)
             }
             OpData::Get(g) => {
                 let g = *g;
@@ -1065,14 +1309,13 @@ impl Server {
             Answer::Found(n) => (ResultCode::SUCCESS, n),
             Answer::Nonexistent => (cp.nonexist_map, Vec::new()),
         };
-        let sub = self.cfg.subscriber_keying.subscriber_of(host);
         let mut options = echo;
         options.extend(nexts);
         let resp = Response {
             header: ResponseHeader {
                 result,
                 lifetime: 0,
-                epoch: self.epoch_of(now, Some(sub)),
+                epoch: self.requester_epoch(now, src),
             },
             data: OpData::Get(*g),
             options,
@@ -1095,17 +1338,16 @@ impl Server {
         out: &mut Vec<u8>,
     ) -> Result<(), Option<Fail>> {
         self.check_options(req, src).map_err(Some)?;
-        let sub = self.cfg.subscriber_keying.subscriber_of(src);
-        self.announce_for(now, Some(sub), out);
+        self.write_announce(self.requester_epoch(now, src), out);
         Ok(())
     }
 
-    /// Writes a SUCCESS response carrying `sub`'s epoch (RFC 6887 section
-    /// 7.2: the epoch is the one of the state the response is about).
+    /// Writes a SUCCESS response to `requester`, carrying its epoch
+    /// ([`Server::requester_epoch`]).
     fn success(
         &self,
         now: Timestamp,
-        sub: SubscriberId,
+        requester: IpAddr,
         lifetime: u32,
         data: OpData,
         options: Vec<PcpOption>,
@@ -1115,7 +1357,7 @@ impl Server {
             header: ResponseHeader {
                 result: ResultCode::SUCCESS,
                 lifetime,
-                epoch: self.epoch_of(now, Some(sub)),
+                epoch: self.requester_epoch(now, requester),
             },
             data,
             options,
@@ -1172,7 +1414,7 @@ impl Server {
     fn map(
         &mut self,
         now: Timestamp,
-        src: IpAddr,
+        (src, port): (IpAddr, u16),
         req: &Request,
         m: &MapData,
         out: &mut Vec<u8>,
@@ -1195,7 +1437,7 @@ impl Server {
         if req.header.lifetime == 0 {
             let external = self.delete_map(key, m.nonce).map_err(Some)?;
             let data = OpData::Map(assigned(*m, external));
-            return self.success(now, sub, 0, data, Self::echo_options(req, false), out);
+            return self.success(now, src, 0, data, Self::echo_options(req, false), out);
         }
         let lifetime = self.clamp_lifetime(req.header.lifetime);
         let expires = now + Duration::from_secs(u64::from(lifetime));
@@ -1221,6 +1463,7 @@ impl Server {
                 let was = self.table.get(id).is_some_and(|e| e.replicated);
                 checkpoint = self.renew_checkpoint(now, sub, id, o.checkpoint);
                 self.note_volatile(sub, internal_ip, Some(was), Some(was || checkpoint));
+                let manager = self.renew_manager(id, (src, port), o.third_party, was, checkpoint);
                 let description = o.description.clone();
                 self.table.update(id, |e| {
                     e.expires = expires;
@@ -1230,7 +1473,7 @@ impl Server {
                     let desc = description
                         .map(String::into_boxed_str)
                         .or_else(|| e.extra.as_ref().and_then(|x| x.description.clone()));
-                    e.extra = make_extra(filters, desc, None);
+                    e.extra = make_extra(filters, desc, None, manager);
                 });
                 id
             }
@@ -1258,10 +1501,15 @@ impl Server {
                         filters,
                         o.description.clone().map(String::into_boxed_str),
                         None,
+                        o.third_party.map(|_| src),
                     ),
                 });
                 self.subscriber_mut(sub).mappings += 1;
+                self.stats.created += 1;
                 self.note_volatile(sub, internal_ip, None, Some(checkpoint));
+                if o.third_party.is_some() {
+                    self.note_manager(src, port, None, Some(checkpoint), true);
+                }
                 id
             }
         };
@@ -1272,14 +1520,14 @@ impl Server {
         }
         let data = OpData::Map(assigned(*m, external));
         let options = Self::echo_options(req, checkpoint && o.checkpoint);
-        self.success(now, sub, lifetime, data, options, out)
+        self.success(now, src, lifetime, data, options, out)
     }
 
     /// Section 12.3 (PEER).
     fn peer(
         &mut self,
         now: Timestamp,
-        src: IpAddr,
+        (src, port): (IpAddr, u16),
         req: &Request,
         p: &PeerData,
         out: &mut Vec<u8>,
@@ -1317,6 +1565,7 @@ impl Server {
                 let was = self.table.get(id).is_some_and(|e| e.replicated);
                 checkpoint = self.renew_checkpoint(now, sub, id, o.checkpoint);
                 self.note_volatile(sub, internal_ip, Some(was), Some(was || checkpoint));
+                let manager = self.renew_manager(id, (src, port), o.third_party, was, checkpoint);
                 let description = o.description.clone();
                 self.table.update(id, |e| {
                     e.replicated |= checkpoint;
@@ -1325,9 +1574,10 @@ impl Server {
                         e.lifetime = lifetime;
                     }
                     e.checkpoint = checkpoint;
-                    if let Some(d) = description {
-                        e.extra = make_extra(Vec::new(), Some(d.into_boxed_str()), Some(remote));
-                    }
+                    let desc = description
+                        .map(String::into_boxed_str)
+                        .or_else(|| e.extra.as_ref().and_then(|x| x.description.clone()));
+                    e.extra = make_extra(Vec::new(), desc, Some(remote), manager);
                 });
                 id
             }
@@ -1351,10 +1601,15 @@ impl Server {
                         Vec::new(),
                         o.description.clone().map(String::into_boxed_str),
                         Some(remote),
+                        o.third_party.map(|_| src),
                     ),
                 });
                 self.subscriber_mut(sub).mappings += 1;
+                self.stats.created += 1;
                 self.note_volatile(sub, internal_ip, None, Some(checkpoint));
+                if o.third_party.is_some() {
+                    self.note_manager(src, port, None, Some(checkpoint), true);
+                }
                 id
             }
         };
@@ -1372,7 +1627,42 @@ impl Server {
         });
         let lifetime = u32::try_from(granted.as_secs()).unwrap_or(u32::MAX);
         let options = Self::echo_options(req, checkpoint && o.checkpoint);
-        self.success(now, sub, lifetime, data, options, out)
+        self.success(now, src, lifetime, data, options, out)
+    }
+
+    /// The manager of entry `id` after a renewal from `src` (naming
+    /// `third_party`, if any), with the requesters' counts moved: the
+    /// THIRD_PARTY client that renews a mapping manages it from then on
+    /// (RFC 6887 section 13.1 lets any authorised one, with the nonce); a
+    /// renewal by the host itself leaves it unmanaged. `was`: the backup
+    /// followed it before; it follows it after if it did or if
+    /// `checkpoint`.
+    fn renew_manager(
+        &mut self,
+        id: Id,
+        (src, port): (IpAddr, u16),
+        third_party: Option<IpAddr>,
+        was: bool,
+        checkpoint: bool,
+    ) -> Option<IpAddr> {
+        let old = self.table.get(id).and_then(Entry::manager);
+        let new = third_party.map(|_| src);
+        let after = was || checkpoint;
+        match (old, new) {
+            (Some(o), Some(n)) if o == n => {
+                self.note_manager(n, port, Some(was), Some(after), true);
+            }
+            _ => {
+                if let Some(o) = old {
+                    let p = self.requesters.get(&o).map_or(CLIENT_PORT, |r| r.port);
+                    self.note_manager(o, p, Some(was), None, false);
+                }
+                if let Some(n) = new {
+                    self.note_manager(n, port, None, Some(after), true);
+                }
+            }
+        }
+        new
     }
 
     /// Quotas checked before a new mapping is made: the subscriber's own
@@ -1456,6 +1746,10 @@ impl Server {
         self.table.remove(id);
         let sub = record.subscriber;
         self.note_volatile(sub, record.key.internal_ip, Some(replicated), None);
+        if let Some(ip) = record.manager {
+            let port = self.requesters.get(&ip).map_or(CLIENT_PORT, |r| r.port);
+            self.note_manager(ip, port, Some(replicated), None, false);
+        }
         // RFC 7767 section 3.2: a deleted or expired mapping gives its
         // check-point back to the server's capacity and the subscriber's quota.
         if record.checkpoint {
@@ -1687,14 +1981,16 @@ fn make_extra(
     filters: Vec<FilterRule>,
     description: Option<Box<str>>,
     remote: Option<SocketAddr>,
+    manager: Option<IpAddr>,
 ) -> Option<Box<Extra>> {
-    if filters.is_empty() && description.is_none() && remote.is_none() {
+    if filters.is_empty() && description.is_none() && remote.is_none() && manager.is_none() {
         None
     } else {
         Some(Box::new(Extra {
             filters,
             description,
             remote,
+            manager,
         }))
     }
 }

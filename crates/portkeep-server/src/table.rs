@@ -118,6 +118,8 @@ pub(crate) struct Extra {
     pub(crate) description: Option<Box<str>>,
     /// The remote peer, for PEER entries.
     pub(crate) remote: Option<SocketAddr>,
+    /// The THIRD_PARTY client that made or last renewed it.
+    pub(crate) manager: Option<IpAddr>,
 }
 
 /// A MAP or PEER mapping.
@@ -140,6 +142,11 @@ impl Entry {
     /// The remote peer of a PEER entry; `None` for MAP.
     pub(crate) fn remote(&self) -> Option<SocketAddr> {
         self.extra.as_ref().and_then(|x| x.remote)
+    }
+
+    /// The THIRD_PARTY client that manages it, if known.
+    pub(crate) fn manager(&self) -> Option<IpAddr> {
+        self.extra.as_ref().and_then(|x| x.manager)
     }
 }
 
@@ -747,6 +754,7 @@ impl Table {
             subscriber: keying.subscriber_of(b.key.internal_ip),
             third_party: e.third_party,
             followed: e.replicated && !e.checkpoint,
+            manager: extra.and_then(|x| x.manager),
         })
     }
 }

@@ -81,6 +81,7 @@ fn snapshot(s: &Server) -> Restored {
         last_seq: s.last_seq(),
         term: 0,
         owed: s.owed_announces(Timestamp(0)),
+        requesters: Vec::new(),
     }
 }
 

@@ -126,7 +126,7 @@ pub enum Invariant {
     /// 2: one node answers PCP at a time, terms never go back.
     OneServer,
     /// 3: epoch checks fail only after lost state; lost state the check
-    /// cannot see is ANNOUNCEd.
+    /// cannot see is ANNOUNCEd with an epoch that restarted at the loss.
     Epochs,
     /// 4: no external endpoint held by two subscribers.
     UniqueExternal,
@@ -186,9 +186,6 @@ pub struct Report {
     pub violation_count: u64,
     /// Faults injected, by kind.
     pub faults: BTreeMap<&'static str, u64>,
-    /// Epoch check failures of THIRD_PARTY clients: they see the epochs of
-    /// the hosts they name, a known limit, not a violation.
-    pub third_party_epoch_disagreements: u64,
     /// Replies that echoed CHECKPOINT_REQUIRED, as accepted by clients.
     pub checkpoints_promised: u64,
     /// Check-points a node ended (a later answer without the option) whose
@@ -225,8 +222,6 @@ pub struct Totals {
     pub examples: Vec<Violation>,
     /// Faults by kind.
     pub faults: BTreeMap<&'static str, u64>,
-    /// THIRD_PARTY epoch disagreements (not violations).
-    pub third_party_epoch_disagreements: u64,
     /// Check-points promised to clients.
     pub checkpoints_promised: u64,
     /// Check-points ended by an answer the client never received.
@@ -267,7 +262,6 @@ impl Totals {
         for (k, n) in r.faults {
             *self.faults.entry(k).or_default() += n;
         }
-        self.third_party_epoch_disagreements += r.third_party_epoch_disagreements;
         self.checkpoints_promised += r.checkpoints_promised;
         self.unseen_downgrades += r.unseen_downgrades;
         self.takeovers += r.takeovers;

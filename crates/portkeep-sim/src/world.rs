@@ -14,8 +14,8 @@ use portkeep_ha::{
 use portkeep_proto::{Nonce, Protocol};
 use portkeep_server::record::key_of;
 use portkeep_server::{
-    BackupState, Change, ChangeRecord, MappingKind, MappingRecord, Outcome, Prefix, Restored,
-    Server, ServerConfig, SubscriberId, SubscriberKeying, Timestamp,
+    BackupState, Change, ChangeRecord, MappingKind, MappingRecord, Outcome, Prefix, RequesterState,
+    Restored, Server, ServerConfig, SubscriberId, SubscriberKeying, Timestamp,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -224,6 +224,7 @@ struct Store {
     subs: BTreeMap<SubscriberId, Timestamp>,
     maps: BTreeMap<Vec<u8>, MappingRecord>,
     owed: BTreeMap<SubscriberId, (Vec<IpAddr>, Timestamp)>,
+    requesters: BTreeMap<IpAddr, RequesterState>,
     last_seq: u64,
     /// The term its state was served in.
     term: u64,
@@ -260,6 +261,14 @@ impl Store {
                         self.owed.insert(*subscriber, (hosts.clone(), *until));
                     }
                 }
+                Change::Requester { ip, state } => match state {
+                    Some(st) => {
+                        self.requesters.insert(*ip, *st);
+                    }
+                    None => {
+                        self.requesters.remove(ip);
+                    }
+                },
             }
             self.last_seq = self.last_seq.max(c.seq);
         }
@@ -274,6 +283,7 @@ impl Store {
             .iter()
             .map(|(s, h, u)| (*s, (h.clone(), *u)))
             .collect();
+        self.requesters = r.requesters.iter().copied().collect();
         self.last_seq = r.last_seq;
         self.term = r.term;
     }
@@ -290,6 +300,7 @@ impl Store {
                 .iter()
                 .map(|(s, (h, u))| (*s, h.clone(), *u))
                 .collect(),
+            requesters: self.requesters.iter().map(|(ip, r)| (*ip, *r)).collect(),
         }
     }
 }
@@ -452,7 +463,8 @@ pub struct World {
     guards: bool,
     promises: BTreeMap<MapKey, Promise>,
     promises_dirty: bool,
-    obligations: Vec<(IpAddr, u64, usize)>,
+    /// Clients owed an ANNOUNCE: (address, deadline, node, since when).
+    obligations: Vec<(IpAddr, u64, usize, u64)>,
     max_term_sent: u64,
     two_serving: bool,
     /// The table of the node that served last, when it stopped.
@@ -1176,10 +1188,6 @@ impl World {
             self.obligations.retain(|o| o.0 != self.clients[c].ip);
             let now = self.now;
             let cl = &mut self.clients[c];
-            if cl.third_party {
-                self.report.third_party_epoch_disagreements += 1;
-                continue;
-            }
             if let Some(t) = cl.excused_at.take() {
                 if now <= t + EXCUSE_TTL_MS {
                     cl.grace_until = now + EXCUSE_GRACE_MS;
@@ -1291,6 +1299,16 @@ impl World {
             reply.out.push((src.ip(), out));
         }
         self.submit(n, reply, None);
+    }
+
+    /// Whether the ANNOUNCE `bytes`, sent at `now` for a loss found at
+    /// `since`, carries an epoch that restarted then (within rounding): the
+    /// most an epoch can say. One that did not restart tells the client
+    /// nothing (RFC 6887 section 14.1.3: it re-creates only on an epoch
+    /// outside the expected range).
+    fn announce_shows_reset(bytes: &[u8], now: u64, since: u64) -> bool {
+        portkeep_proto::Response::parse(bytes, &portkeep_proto::CodePoints::default())
+            .is_ok_and(|r| u64::from(r.header.epoch) <= now.saturating_sub(since) / 1000 + 2)
     }
 
     /// `Shared::submit`: the core's changes and the replies that depend on
@@ -1540,6 +1558,8 @@ impl World {
                         mappings: node.server.replicated_mappings(),
                         volatile: node.server.volatile_hosts(),
                         owed: node.server.owed_announces(self.ts()),
+                        requesters: node.server.requesters(),
+                        version: node.ha.peer_version(),
                     };
                     let ts = self.ts();
                     let line = format!(
@@ -1641,7 +1661,12 @@ impl World {
         self.max_term_sent = self.max_term_sent.max(term);
         for (host, bytes) in r.out {
             if r.announce {
-                self.obligations.retain(|o| o.0 != host);
+                // An ANNOUNCE discharges the obligation only if its epoch
+                // shows the loss to the client's section 8.5 check: one
+                // carrying an epoch that did not reset tells nothing.
+                let now = self.now;
+                let shows = |since: u64| Self::announce_shows_reset(&bytes, now, since);
+                self.obligations.retain(|o| o.0 != host || !shows(o.3));
             } else {
                 self.note_downgrade(&bytes);
             }
@@ -1694,8 +1719,8 @@ impl World {
         self.submit_after(n, r, None, after);
     }
 
-    /// ANNOUNCEs with each subscriber's epoch, queued behind the changes
-    /// that caused them (`Shared::announce_to`).
+    /// ANNOUNCEs as the core makes them for each host, queued behind the
+    /// changes that caused them (`Shared::announce_to`).
     fn announce_to(&mut self, n: usize, targets: &[(SubscriberId, IpAddr)]) {
         let ts = self.ts();
         let mut r = Reply {
@@ -1703,10 +1728,10 @@ impl World {
             out: Vec::new(),
             announce: true,
         };
-        for &(sub, host) in targets {
+        for &(_, host) in targets {
             let mut out = Vec::new();
-            self.nodes[n].server.announce_for(ts, Some(sub), &mut out);
-            r.out.push((host, out));
+            let to = self.nodes[n].server.announce_to(ts, host, &mut out);
+            r.out.push((to.ip(), out));
         }
         self.submit(n, r, None);
     }
@@ -1766,15 +1791,12 @@ impl World {
                 term: node.store.term,
                 seq: node.store.last_seq,
             });
-            let (mut server, report) = Server::restore(cfg, ts, node.store.restored());
+            let (mut server, _) = Server::restore(cfg, ts, node.store.restored());
             // Expiries found while restoring are stored before serving.
             let changes: Vec<ChangeRecord> = server.drain_changes().collect();
             node.store.apply(&changes);
-            lost = report
-                .dropped
-                .iter()
-                .map(|m| (m.subscriber, m.key.internal_ip))
-                .collect();
+            // The restore owes an ANNOUNCE to whoever lost a mapping in it.
+            lost = server.drain_announcements();
             node.server = server;
         } else {
             if !node.store.exists {
@@ -1961,8 +1983,9 @@ impl World {
         self.report.takeovers += 1;
         let cfg = self.server_cfg(n);
         let state = t.state.clone();
-        let (server, report) = Server::restore_replica(cfg, ts, state.clone());
-        let targets = t.announce_targets(&report.dropped);
+        let (mut server, report) = Server::restore_replica(cfg, ts, state.clone());
+        server.owe_announce(ts, &t.announce_targets(&report.dropped));
+        let targets = server.drain_announcements();
         let name = self.nodes[n].name;
         self.trace(format!(
             "node {name}: promoted to term {} ({:?}, {} mappings, {} hosts to announce to, {} owed since an earlier loss)",
@@ -1974,7 +1997,6 @@ impl World {
         ));
         let node = &mut self.nodes[n];
         node.server = server;
-        node.server.owe_announce(ts, &targets);
         node.takeover = Some(t.kind);
         // The backup's connection is superseded.
         if let Some(c) = node.link {
@@ -2662,21 +2684,21 @@ impl World {
         }
         // 3: losses the epoch check cannot see are ANNOUNCEd.
         if !self.obligations.is_empty() {
-            let due: Vec<(IpAddr, u64, usize)> = self
+            let due: Vec<(IpAddr, u64, usize, u64)> = self
                 .obligations
                 .iter()
                 .filter(|o| o.1 <= now)
                 .copied()
                 .collect();
             self.obligations.retain(|o| o.1 > now);
-            for (host, _, n) in due {
+            for (host, _, n, _) in due {
                 if !(self.nodes[n].up && self.nodes[n].ha.serving()) {
                     continue;
                 }
                 self.violation(
                     Invariant::Epochs,
                     format!(
-                        "client {host} lost state its epoch check cannot see, and got no ANNOUNCE"
+                        "client {host} lost state its epoch check cannot see, and got no ANNOUNCE that shows it"
                     ),
                 );
             }
@@ -2767,7 +2789,7 @@ impl World {
         self.trace(format!("node {name}: serves PCP in term {term}"));
         for c in 0..self.clients.len() {
             let cl = &self.clients[c];
-            if cl.departed || cl.third_party {
+            if cl.departed {
                 continue;
             }
             let lost: Vec<usize> = (0..cl.maps.len())
@@ -2797,13 +2819,13 @@ impl World {
                 .maps
                 .iter()
                 .any(|m| m.deleting && !table.contains_key(&m.key()));
-            // State the last node to serve held for this host and this
-            // one lacks (including creations whose answer never came).
-            let ip = cl.ip;
-            let dropped = self
-                .last_served
-                .iter()
-                .any(|(k, v)| k.0 == ip && table.get(k).is_none_or(|w| w.0 != v.0 || w.1 != v.1));
+            // State the last node to serve held for this client's hosts
+            // (its own address, or those it manages with THIRD_PARTY) and
+            // this one lacks (including creations whose answer never came).
+            let dropped = self.last_served.iter().any(|(k, v)| {
+                cl.maps.iter().any(|m| m.host == k.0)
+                    && table.get(k).is_none_or(|w| w.0 != v.0 || w.1 != v.1)
+            });
             let missing = !lost.is_empty() || dropped || deleting;
             // A loss found before (and ANNOUNCEd then, or visible) that
             // the client has not repaired yet is not a new one.
@@ -2840,10 +2862,9 @@ impl World {
             }
             if fresh {
                 let cl = &self.clients[c];
-                let sub = SubscriberKeying::default().subscriber_of(cl.ip);
                 let visible = match cl.session.epoch() {
                     Some((e, t)) => {
-                        let fresh = self.nodes[n].server.epoch_of(ts, Some(sub));
+                        let fresh = self.nodes[n].server.requester_epoch(ts, cl.ip);
                         EpochTracker::resume(e, t)
                             .observe(self.inst(now), fresh)
                             .is_invalid()
@@ -2852,7 +2873,7 @@ impl World {
                 };
                 if !visible {
                     self.obligations
-                        .push((cl.ip, now + ANNOUNCE_DEADLINE_MS, n));
+                        .push((cl.ip, now + ANNOUNCE_DEADLINE_MS, n, now));
                 }
             }
         }

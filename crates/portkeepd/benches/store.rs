@@ -34,6 +34,7 @@ fn record(i: u32, expires: u64) -> MappingRecord {
         subscriber: SubscriberKeying::default().subscriber_of(ip),
         third_party: false,
         followed: false,
+        manager: None,
     }
 }
 

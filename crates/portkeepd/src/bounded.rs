@@ -390,6 +390,7 @@ mod tests {
                 .subscriber_of("10.0.0.2".parse().unwrap()),
             third_party: false,
             followed: false,
+            manager: None,
         };
         seqs.iter()
             .map(|&seq| ChangeRecord {

@@ -13,7 +13,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use portkeep_proto::ResultCode;
-use std::net::IpAddr;
 
 use portkeep_server::{
     ClearSelector, MappingKind, MappingRecord, Prefix, RefusalReason, Server, SubscriberId,
@@ -236,10 +235,8 @@ fn clear(shared: &Shared, req: &Value) -> Value {
     let now = shared.clock.now();
     let mut core = shared.lock();
     let cleared = core.server.clear(now, which);
-    let targets: Vec<(SubscriberId, IpAddr)> = cleared
-        .iter()
-        .flat_map(|c| c.hosts.iter().map(move |h| (c.subscriber, *h)))
-        .collect();
+    // The hosts cleared and the THIRD_PARTY clients that managed them.
+    let targets = core.server.drain_announcements();
     let removed: usize = cleared.iter().map(|c| c.mappings).sum();
     shared.announce_to(core, &targets);
     shared.schedule_announce(targets.clone());
@@ -272,6 +269,7 @@ fn counters(shared: &Shared) -> Value {
         "ok": true,
         "received": stats.received,
         "dropped": stats.dropped,
+        "created": stats.created,
         "results": results,
         "mappings": core.server.mapping_count(),
         "checkpoint": checkpoint_counters(&core.server),

@@ -757,7 +757,8 @@ impl NftDataplane {
                 }
                 Change::EpochReset { .. }
                 | Change::ServerEpochReset { .. }
-                | Change::AnnounceOwed { .. } => continue,
+                | Change::AnnounceOwed { .. }
+                | Change::Requester { .. } => continue,
             };
             let id = Ident {
                 kind: m.kind,
@@ -1353,6 +1354,7 @@ mod tests {
             subscriber: SubscriberKeying::default().subscriber_of(i.ip()),
             third_party: false,
             followed: false,
+            manager: None,
         }
     }
 

@@ -177,6 +177,24 @@ fn log_change(c: &ChangeRecord) {
         Change::ServerEpochReset { .. } => {
             tracing::info!(seq = c.seq, "server-wide epoch reset");
         }
+        Change::Requester {
+            ip,
+            state: Some(st),
+        } => {
+            tracing::debug!(
+                seq = c.seq,
+                "THIRD_PARTY requester {ip} (port {}){}",
+                st.port,
+                if st.anchor.is_some() {
+                    ", its own epoch"
+                } else {
+                    ""
+                }
+            );
+        }
+        Change::Requester { ip, state: None } => {
+            tracing::debug!(seq = c.seq, "THIRD_PARTY requester {ip} forgotten");
+        }
         Change::AnnounceOwed {
             subscriber, hosts, ..
         } => {
@@ -432,8 +450,9 @@ impl Shared {
             .position(|s| s.local_addr().is_ok_and(|a| a.is_ipv4() == dest.is_ipv4()))
     }
 
-    /// Queues an ANNOUNCE (with `sub`'s epoch) to each host's port 5350
-    /// (RFC 6887 section 14.1.1), behind the changes that caused it.
+    /// Queues an ANNOUNCE to each host (RFC 6887 section 14.1.3), with the
+    /// epoch and at the port the core gives for it (`Server::announce_to`),
+    /// behind the changes that caused it.
     pub(crate) fn announce_to(
         &self,
         core: MutexGuard<'_, Core>,
@@ -442,12 +461,11 @@ impl Shared {
         let now = self.clock.now();
         let mut by_socket: std::collections::BTreeMap<usize, SendBatch> = Default::default();
         let mut out = Vec::new();
-        for &(sub, host) in targets {
-            let dest = SocketAddr::new(host, portkeep_proto::CLIENT_PORT);
+        for &(_, host) in targets {
+            let dest = core.server.announce_to(now, host, &mut out);
             let Some(i) = self.socket_for(dest) else {
                 continue;
             };
-            core.server.announce_for(now, Some(sub), &mut out);
             by_socket.entry(i).or_default().push(dest, &out);
         }
         let mut core = Some(core);
@@ -645,11 +663,11 @@ fn reject(shared: &Shared, held: Vec<(Reply, Vec<Grant>, u64)>) {
 /// outside every lock; changes after the copy's position follow it (the
 /// node keeps them), so the backup ends at the table's exact state.
 fn send_snapshot(shared: &Arc<Shared>) {
-    let (term, part) = {
+    let (term, part, version) = {
         let n = shared.pair.node();
         match n.active() {
             Some(a) if a.state() == portkeep_ha::LinkState::NeedSnapshot => {
-                (a.term(), n.snapshot_part())
+                (a.term(), n.snapshot_part(), n.peer_version())
             }
             _ => return,
         }
@@ -671,6 +689,8 @@ fn send_snapshot(shared: &Arc<Shared>) {
                 mappings,
                 volatile: core.server.volatile_hosts(),
                 owed: core.server.owed_announces(shared.clock.now()),
+                requesters: core.server.requesters(),
+                version,
             },
             next,
         )
@@ -792,8 +812,9 @@ pub(crate) fn promote(shared: &Arc<Shared>) -> Value {
     let state = takeover.state.clone();
     let (server, report) = Server::restore_replica(shared.server_cfg.clone(), now, state.clone());
     core.server = server;
-    let targets = takeover.announce_targets(&report.dropped);
-    core.server.owe_announce(now, &targets);
+    core.server
+        .owe_announce(now, &takeover.announce_targets(&report.dropped));
+    let targets = core.server.drain_announcements();
     let mut rest = Vec::new();
     for e in effects {
         match e {
@@ -1308,6 +1329,7 @@ mod tests {
                 subscriber: portkeep_server::SubscriberKeying::default().subscriber_of(ip),
                 third_party: false,
                 followed: false,
+                manager: None,
             }),
         }
     }

@@ -27,7 +27,8 @@ use std::path::{Path, PathBuf};
 use portkeep_ha::{Item, Replica, ReplicaWrite};
 use portkeep_proto::addr::to_wire;
 use portkeep_server::record::{
-    decode_mapping, decode_subscriber, encode_mapping, encode_subscriber, key_of, Reader,
+    decode_mapping, decode_requester, decode_subscriber, encode_mapping, encode_requester,
+    encode_subscriber, key_of, Reader,
 };
 use portkeep_server::{SubscriberId, SubscriberKeying, Timestamp};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -40,6 +41,10 @@ const VOLATILE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replica_vo
 /// Hosts owed an ANNOUNCE, per subscriber: until when (8 octets), then the
 /// hosts. Files written before it existed lack the table: read as empty.
 const OWED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replica_announce_owed");
+/// THIRD_PARTY requesters, by address (16 octets), as
+/// `record::encode_requester` writes them. Files written before it existed
+/// lack the table: read as empty.
+const REQUESTERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replica_requesters");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("replica_meta");
 const META_KEY: &str = "replica";
 /// The write-ahead log's generation (4 octets, big-endian).
@@ -301,7 +306,7 @@ impl ReplicaStore {
         mut log: Box<dyn WalDir>,
     ) -> Result<ReplicaStore, ReplicaError> {
         let txn = db.begin_write().map_err(|e| io(path, e))?;
-        for t in [MAPPINGS, VOLATILE, OWED] {
+        for t in [MAPPINGS, VOLATILE, OWED, REQUESTERS] {
             txn.open_table(t).map_err(|e| io(path, e))?;
         }
         txn.open_table(ANCHORS).map_err(|e| io(path, e))?;
@@ -404,12 +409,24 @@ impl ReplicaStore {
             Err(redb::TableError::TableDoesNotExist(_)) => {}
             Err(e) => return Err(d(&e)),
         }
+        let mut requester_rows = Vec::new();
+        match txn.open_table(REQUESTERS) {
+            Ok(t) => {
+                for item in t.iter().map_err(|e| d(&e))? {
+                    let (k, v) = item.map_err(|e| d(&e))?;
+                    requester_rows.push((k.value().to_vec(), v.value().to_vec()));
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(d(&e)),
+        }
         let Some(meta) = meta else {
             // No replica: the tables are empty unless the file is damaged.
             let rows = maps.len().map_err(|e| d(&e))?
                 + anchors_t.len().map_err(|e| d(&e))?
                 + volatile_t.len().map_err(|e| d(&e))?
-                + owed_rows.len() as u64;
+                + owed_rows.len() as u64
+                + requester_rows.len() as u64;
             if rows != 0 {
                 return Err(d(&format!("{rows} rows without a meta row")));
             }
@@ -484,6 +501,17 @@ impl ReplicaStore {
             let hosts = decode_hosts(&v[8..]).ok_or_else(bad)?;
             owed.push((sub, hosts, until));
         }
+        let mut requesters = Vec::with_capacity(requester_rows.len());
+        for (k, v) in &requester_rows {
+            let bad = || {
+                d(&format!(
+                    "the record of THIRD_PARTY requester {} does not decode",
+                    hex::encode(k)
+                ))
+            };
+            let ip = Reader(k).ip().ok_or_else(bad)?;
+            requesters.push((ip, decode_requester(v).ok_or_else(bad)?));
+        }
         // The node keeps these ordered by subscriber, not by the stored
         // key's bytes.
         anchors.sort_by_key(|(s, _)| *s);
@@ -499,6 +527,7 @@ impl ReplicaStore {
             mappings,
             volatile,
             owed,
+            requesters,
         };
         Ok((
             ReplicaStore {
@@ -663,7 +692,7 @@ impl ReplicaStore {
             meta_t
                 .insert(GENERATION_KEY, generation.to_be_bytes().as_slice())
                 .map_err(|x| e(&x))?;
-            for t in [MAPPINGS, VOLATILE, OWED] {
+            for t in [MAPPINGS, VOLATILE, OWED, REQUESTERS] {
                 let mut t = txn.open_table(t).map_err(|x| e(&x))?;
                 t.retain(|_, _| false).map_err(|x| e(&x))?;
             }
@@ -720,6 +749,7 @@ fn apply_to_tables(
     let mut anchors = txn.open_table(ANCHORS)?;
     let mut volatile = txn.open_table(VOLATILE)?;
     let mut owed = txn.open_table(OWED)?;
+    let mut requesters = txn.open_table(REQUESTERS)?;
     for w in writes {
         match w {
             ReplicaWrite::Replace(r) => {
@@ -727,6 +757,7 @@ fn apply_to_tables(
                 anchors.retain(|_, _| false)?;
                 volatile.retain(|_, _| false)?;
                 owed.retain(|_, _| false)?;
+                requesters.retain(|_, _| false)?;
                 let mut entries: Vec<(Vec<u8>, Vec<u8>)> = r
                     .mappings
                     .iter()
@@ -745,6 +776,9 @@ fn apply_to_tables(
                 }
                 for (s, hosts, until) in &r.owed {
                     put_owed(&mut owed, s, hosts, *until)?;
+                }
+                for (ip, st) in &r.requesters {
+                    put_requester(&mut requesters, *ip, Some(st))?;
                 }
             }
             ReplicaWrite::Apply { items, .. } => {
@@ -777,6 +811,9 @@ fn apply_to_tables(
                         } => {
                             put_owed(&mut owed, subscriber, hosts, *until)?;
                         }
+                        Item::Requester { ip, state } => {
+                            put_requester(&mut requesters, *ip, state.as_ref())?;
+                        }
                     }
                 }
             }
@@ -800,6 +837,23 @@ fn put_volatile(
         t.remove(k.as_slice())?;
     } else {
         t.insert(k.as_slice(), encode_hosts(hosts).as_slice())?;
+    }
+    Ok(())
+}
+
+fn put_requester(
+    t: &mut redb::Table<&[u8], &[u8]>,
+    ip: IpAddr,
+    state: Option<&portkeep_server::RequesterState>,
+) -> Result<(), redb::StorageError> {
+    let k = to_wire(ip).octets();
+    match state {
+        Some(st) => {
+            t.insert(k.as_slice(), encode_requester(st).as_slice())?;
+        }
+        None => {
+            t.remove(k.as_slice())?;
+        }
     }
     Ok(())
 }
@@ -866,6 +920,7 @@ mod tests {
             subscriber: keying().subscriber_of(ip),
             third_party: false,
             followed: false,
+            manager: None,
         }
     }
 
@@ -895,6 +950,24 @@ mod tests {
                 vec!["198.51.100.7".parse().unwrap()],
                 Timestamp(5_000),
             )],
+            requesters: vec![
+                (
+                    "10.1.0.1".parse().unwrap(),
+                    portkeep_server::RequesterState {
+                        port: 40_001,
+                        anchor: Some(Timestamp(77)),
+                        volatile: true,
+                    },
+                ),
+                (
+                    "10.1.0.2".parse().unwrap(),
+                    portkeep_server::RequesterState {
+                        port: 40_002,
+                        anchor: None,
+                        volatile: false,
+                    },
+                ),
+            ],
         })];
         let items = [
             vec![
@@ -940,6 +1013,18 @@ mod tests {
                     subscriber: sub(7),
                     hosts: vec![],
                     until: Timestamp(6_000),
+                },
+                Item::Requester {
+                    ip: "10.1.0.2".parse().unwrap(),
+                    state: None,
+                },
+                Item::Requester {
+                    ip: "2001:db8::10".parse().unwrap(),
+                    state: Some(portkeep_server::RequesterState {
+                        port: 5350,
+                        anchor: Some(Timestamp(6_001)),
+                        volatile: false,
+                    }),
                 },
             ],
         ];

@@ -242,13 +242,9 @@ fn load(
                 report.expired,
                 report.dropped.len()
             );
-            let lost: Vec<(SubscriberId, IpAddr)> = report
-                .dropped
-                .iter()
-                .map(|m| (m.subscriber, m.key.internal_ip))
-                .collect();
+            // The restore owes an ANNOUNCE to whoever lost a mapping in it.
             let mut server = server;
-            server.owe_announce(now, &lost);
+            let lost = server.drain_announcements();
             (server, true, lost)
         }
     };

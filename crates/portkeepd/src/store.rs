@@ -29,7 +29,8 @@
 use std::path::{Path, PathBuf};
 
 use portkeep_server::record::{
-    decode_mapping, decode_subscriber, encode_mapping, encode_subscriber, key_of, Reader,
+    decode_mapping, decode_requester, decode_subscriber, encode_mapping, encode_requester,
+    encode_subscriber, key_of, Reader,
 };
 use portkeep_server::{Change, ChangeRecord, Restored, SubscriberKeying, Timestamp};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -44,6 +45,10 @@ const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 /// the hosts (16 octets each). Stores written before it existed lack the
 /// table: read as empty.
 const OWED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("announce_owed");
+/// THIRD_PARTY requesters, by address (16 octets): their state as
+/// `record::encode_requester` writes it. Stores written before it existed
+/// lack the table: read as empty.
+const REQUESTERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("requesters");
 
 /// Most log entries folded by one checkpoint while requests are waiting.
 pub const CHECKPOINT_BUSY: usize = 16_384;
@@ -58,6 +63,7 @@ const LOG_REMOVE: u8 = 2;
 const LOG_EPOCH: u8 = 3;
 const LOG_SERVER_EPOCH: u8 = 4;
 const LOG_OWED: u8 = 5;
+const LOG_REQUESTER: u8 = 6;
 
 /// Version of the store's layout; bumped on any incompatible change.
 const FORMAT: u64 = 2;
@@ -110,6 +116,13 @@ pub enum Logged {
         hosts: Vec<std::net::IpAddr>,
         /// Until when.
         until: Timestamp,
+    },
+    /// A THIRD_PARTY requester's state (`Change::Requester`).
+    Requester {
+        /// Its address.
+        ip: std::net::IpAddr,
+        /// Its state; `None`: forgotten.
+        state: Option<portkeep_server::RequesterState>,
     },
 }
 
@@ -391,6 +404,7 @@ impl Store {
             txn.open_table(SUBSCRIBERS).map_err(|e| io(path, e))?;
             txn.open_table(LOG).map_err(|e| io(path, e))?;
             txn.open_table(OWED).map_err(|e| io(path, e))?;
+            txn.open_table(REQUESTERS).map_err(|e| io(path, e))?;
         }
         txn.commit().map_err(|e| io(path, e))?;
         crate::wal::wipe(log.as_mut()).map_err(|e| io(path, e))?;
@@ -498,6 +512,17 @@ impl Store {
             Err(redb::TableError::TableDoesNotExist(_)) => {}
             Err(e) => return Err(damaged(path, e)),
         }
+        let mut requesters_map: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = Default::default();
+        match txn.open_table(REQUESTERS) {
+            Ok(t) => {
+                for item in t.iter().map_err(|e| damaged(path, e))? {
+                    let (k, v) = item.map_err(|e| damaged(path, e))?;
+                    requesters_map.insert(k.value().to_vec(), v.value().to_vec());
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(damaged(path, e)),
+        }
         let mut replay = |entry: LogEntry| match entry {
             LogEntry::Upsert { key, value } => {
                 maps.insert(key, value);
@@ -517,6 +542,13 @@ impl Store {
                     owed_map.insert(sub, value);
                 } else {
                     owed_map.remove(&sub);
+                }
+            }
+            LogEntry::Requester { ip, value } => {
+                if value.is_empty() {
+                    requesters_map.remove(&ip);
+                } else {
+                    requesters_map.insert(ip, value);
                 }
             }
         };
@@ -575,6 +607,12 @@ impl Store {
             let (hosts, until) = decode_owed(v).ok_or_else(bad)?;
             owed.push((sub, hosts, until));
         }
+        let mut requesters = Vec::with_capacity(requesters_map.len());
+        for (k, v) in &requesters_map {
+            let bad = || damaged(path, "a THIRD_PARTY requester's record does not decode");
+            let ip = Reader(k).ip().ok_or_else(bad)?;
+            requesters.push((ip, decode_requester(v).ok_or_else(bad)?));
+        }
         drop((meta, table, subs, log_table, txn));
         let restored = Restored {
             anchor,
@@ -583,6 +621,7 @@ impl Store {
             last_seq,
             term: served_term,
             owed,
+            requesters,
         };
         let mut store = Store {
             db,
@@ -725,8 +764,17 @@ impl Store {
             let mut subs = txn.open_table(SUBSCRIBERS).map_err(|x| e(&x))?;
             let mut meta = txn.open_table(META).map_err(|x| e(&x))?;
             let mut owed = txn.open_table(OWED).map_err(|x| e(&x))?;
+            let mut requesters = txn.open_table(REQUESTERS).map_err(|x| e(&x))?;
             for ep in epochs {
                 match ep {
+                    LogEntry::Requester { ip, value } if value.is_empty() => {
+                        requesters.remove(ip.as_slice()).map_err(|x| e(&x))?;
+                    }
+                    LogEntry::Requester { ip, value } => {
+                        requesters
+                            .insert(ip.as_slice(), value.as_slice())
+                            .map_err(|x| e(&x))?;
+                    }
                     LogEntry::Owed { sub, value } if value.len() > 8 => {
                         owed.insert(sub.as_slice(), value.as_slice())
                             .map_err(|x| e(&x))?;
@@ -793,6 +841,14 @@ impl Store {
                         until,
                     }
                 }
+                LogEntry::Requester { ip, value } => Logged::Requester {
+                    ip: Reader(&ip).ip().ok_or_else(bad)?,
+                    state: if value.is_empty() {
+                        None
+                    } else {
+                        Some(decode_requester(&value).ok_or_else(bad)?)
+                    },
+                },
             };
             out.push((seq, logged));
         }
@@ -839,6 +895,16 @@ impl Store {
                 let mut v = Vec::new();
                 encode_owed(hosts, *until, &mut v);
                 owed.insert(encode_subscriber(sub).as_slice(), v.as_slice())
+                    .map_err(|x| e(&x))?;
+            }
+            let mut requesters = txn.open_table(REQUESTERS).map_err(|x| e(&x))?;
+            requesters.retain(|_, _| false).map_err(|x| e(&x))?;
+            for (ip, st) in &state.requesters {
+                requesters
+                    .insert(
+                        portkeep_proto::addr::to_wire(*ip).octets().as_slice(),
+                        encode_requester(st).as_slice(),
+                    )
                     .map_err(|x| e(&x))?;
             }
             let mut meta = txn.open_table(META).map_err(|x| e(&x))?;
@@ -899,6 +965,11 @@ enum LogEntry {
         sub: Vec<u8>,
         value: Vec<u8>,
     },
+    /// `value` as the requesters table stores it; empty: forgotten.
+    Requester {
+        ip: Vec<u8>,
+        value: Vec<u8>,
+    },
 }
 
 /// Until when, then the hosts, 16 octets each.
@@ -951,6 +1022,13 @@ fn encode_log(change: &Change, out: &mut Vec<u8>) {
             out.extend_from_slice(&encode_subscriber(subscriber));
             encode_owed(hosts, *until, out);
         }
+        Change::Requester { ip, state } => {
+            out.push(LOG_REQUESTER);
+            out.extend_from_slice(&portkeep_proto::addr::to_wire(*ip).octets());
+            if let Some(st) = state {
+                out.extend_from_slice(&encode_requester(st));
+            }
+        }
     }
 }
 
@@ -986,6 +1064,14 @@ fn decode_log(b: &[u8]) -> Option<LogEntry> {
             let value = r.0.to_vec();
             decode_owed(&value)?;
             LogEntry::Owed { sub, value }
+        }
+        LOG_REQUESTER => {
+            let ip = r.take(16)?.to_vec();
+            let value = r.0.to_vec();
+            if !value.is_empty() {
+                decode_requester(&value)?;
+            }
+            LogEntry::Requester { ip, value }
         }
         _ => return None,
     })
@@ -1200,6 +1286,7 @@ mod tests {
             subscriber: k.subscriber_of("198.51.100.7".parse().unwrap()),
             third_party: true,
             followed: false,
+            manager: None,
         }
     }
 
@@ -1224,7 +1311,18 @@ mod tests {
         followed.followed = true;
         assert_eq!(
             decode_mapping(&encode_mapping(&followed), &k),
-            Some(followed)
+            Some(followed.clone())
+        );
+        // Made with THIRD_PARTY by a client the record names (record
+        // version 2); records without one stay version 1.
+        let mut managed = followed.clone();
+        managed.manager = Some("2001:db8::1:1".parse().unwrap());
+        let bytes = encode_mapping(&managed);
+        assert_eq!(bytes[0], portkeep_server::record::RECORD_VERSION_MANAGER);
+        assert_eq!(decode_mapping(&bytes, &k), Some(managed));
+        assert_eq!(
+            encode_mapping(&followed)[0],
+            portkeep_server::record::RECORD_VERSION
         );
         let sub = SubscriberId::from_parts("2001:db8:0:100::".parse().unwrap(), 56);
         assert_eq!(decode_subscriber(&encode_subscriber(&sub)), Some(sub));
@@ -1237,6 +1335,7 @@ mod tests {
         maps: std::collections::BTreeMap<Vec<u8>, MappingRecord>,
         subs: std::collections::BTreeMap<SubscriberId, u64>,
         owed: std::collections::BTreeMap<SubscriberId, (Vec<IpAddr>, u64)>,
+        requesters: std::collections::BTreeMap<IpAddr, portkeep_server::RequesterState>,
         last_seq: u64,
     }
 
@@ -1258,6 +1357,7 @@ mod tests {
                 .into_iter()
                 .map(|(s, h, u)| (s, (h, u.as_millis())))
                 .collect(),
+            requesters: r.requesters.into_iter().collect(),
             last_seq: r.last_seq,
         }
     }
@@ -1285,6 +1385,7 @@ mod tests {
                 last_seq: 40,
                 term: 5,
                 owed: Vec::new(),
+                requesters: Vec::new(),
             })
             .unwrap();
         drop(store);
@@ -1319,7 +1420,23 @@ mod tests {
                 let mut m = record(next(2) == 0);
                 m.key.internal_port = next(500) as u16;
                 m.expires = Timestamp(seq);
-                let change = match next(10) {
+                if next(4) == 0 {
+                    m.manager = Some(IpAddr::from([10, 1, 0, next(4) as u8]));
+                }
+                let change = match next(11) {
+                    10 => {
+                        let ip = IpAddr::from([10, 1, 0, next(4) as u8]);
+                        let state = (next(3) != 0).then(|| portkeep_server::RequesterState {
+                            port: 40_000 + next(100) as u16,
+                            anchor: (next(2) == 0).then_some(Timestamp(seq)),
+                            volatile: next(2) == 0,
+                        });
+                        match state {
+                            Some(st) => model.requesters.insert(ip, st),
+                            None => model.requesters.remove(&ip),
+                        };
+                        Change::Requester { ip, state }
+                    }
                     0..=5 => {
                         model.maps.insert(key_of(&m), m.clone());
                         Change::Upserted(m)

@@ -108,6 +108,7 @@ fn map(proto: Protocol, internal: &str, external: &str) -> MappingRecord {
         subscriber: SubscriberKeying::default().subscriber_of(i.ip()),
         third_party: false,
         followed: false,
+        manager: None,
     }
 }
 
