@@ -6,8 +6,9 @@
 # Starts node A (active) and node B (backup) linked over mutual TLS,
 # creates check-pointed and volatile mappings for two clients with the
 # `portkeep` CLI, kills A with SIGKILL, promotes B, and shows which
-# mappings survived and whose epoch was reset (RFC 7767; failure-scenarios
-# draft section 2.6). Needs nothing but the two binaries (built here if
+# mappings survived and what each client's epoch check (RFC 6887 section
+# 8.5) concludes across the failover (RFC 7767; failure-scenarios draft
+# section 2.6). Needs nothing but the two binaries (built here if
 # missing) and loopback; everything it creates lives in a temporary
 # directory removed on exit.
 set -euo pipefail
@@ -41,8 +42,6 @@ node_config() { # name peer-name role pcp link peer-link
 data_dir = "$work/$1"
 listen = ["$4"]
 workers = 1
-[third_party]
-allow = ["127.0.0.1/32"]   # the CLI runs on 127.0.0.1 on behalf of .2 and .3
 [checkpoint]
 default_class = "open"
 [checkpoint.classes.open]
@@ -70,10 +69,11 @@ for _ in $(seq 100); do
 done
 "$D" ctl --data-dir "$work/node-a" status | grep -E '^(role|term|ha\.link_state|ha\.in_sync):'
 
-# Two clients: 127.0.0.2 asks for check-points only; 127.0.0.3 also holds
-# a volatile mapping.
+# Two clients, each mapping for itself from its own loopback address:
+# 127.0.0.2 asks for check-points only; 127.0.0.3 also holds a volatile
+# mapping.
 map() { # client port [--checkpoint]
-    "$C" map tcp "$2" --server $PCP_A --third-party "$1" ${3:-} --json
+    "$C" map tcp "$2" --server $PCP_A --source "$1" ${3:-} --json
 }
 step "client 127.0.0.2: two check-pointed mappings"
 map 127.0.0.2 8080 --checkpoint | tee "$work/m1"; echo
@@ -88,6 +88,13 @@ step "the backup holds the check-pointed state (not the volatile mapping)"
 "$D" ctl --data-dir "$work/node-b" status | grep -E '^ha\.(in_sync|checkpointed_mappings|volatile_subscribers):'
 
 sleep 3
+# Each client renews a check-pointed mapping just before the failure: the
+# epoch it last saw, and when.
+renew() { # client port file server
+    "$C" map tcp "$2" --server "$4" --source "$1" --checkpoint --nonce "$(field nonce "$3")" --json
+}
+renew 127.0.0.2 8080 "$work/m1" $PCP_A >"$work/m1.before"; date +%s.%N >"$work/m1.t0"
+renew 127.0.0.3 9090 "$work/m3" $PCP_A >"$work/m3.before"; date +%s.%N >"$work/m3.t0"
 step "kill -9 A, promote B (what keepalived's notify hook would do)"
 { kill -9 "${pids[1]}"; wait "${pids[1]}"; } 2>/dev/null || true
 "$D" ctl --data-dir "$work/node-b" promote
@@ -95,14 +102,24 @@ step "kill -9 A, promote B (what keepalived's notify hook would do)"
 step "mappings on B, the new active"
 "$D" ctl --data-dir "$work/node-b" mappings
 echo
-# Refresh one check-pointed mapping of each client on B, with its nonce:
-# the reply carries that client's epoch.
+# Each client renews the same mapping on B and checks the epoch as RFC 6887
+# section 8.5 has it: valid means its state was kept; invalid means it
+# was lost, and the client re-creates its mappings.
+verdict() { # previous-epoch current-epoch seconds-apart
+    awk -v p="$1" -v c="$2" -v cd="$3" 'BEGIN {
+        sd = c - p
+        if (c < p - 1 || cd + 2 < sd - sd / 16 || sd + 2 < cd - cd / 16) print "invalid"; else print "valid"
+    }'
+}
 refresh() { # client port file
-    "$C" map tcp "$2" --server $PCP_B --third-party "$1" --checkpoint --nonce "$(field nonce "$3")" --json >"$3.after"
-    echo "  $1 tcp/$2: external port $(field external_port "$3") before, $(field external_port "$3.after") after; epoch $(field epoch "$3") before, $(field epoch "$3.after") after"
+    renew "$1" "$2" "$3" $PCP_B >"$3.after"
+    local apart before after
+    apart=$(awk -v a="$(cat "$3.t0")" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+    before=$(field epoch "$3.before") after=$(field epoch "$3.after")
+    echo "  $1 tcp/$2: external port $(field external_port "$3") before, $(field external_port "$3.after") after; epoch $before before, $after after, $apart s apart: $(verdict "$before" "$after" "$apart")"
 }
 refresh 127.0.0.2 8080 "$work/m1"
-echo "    (epoch continues: all of 127.0.0.2's state was check-pointed)"
+echo "    (valid: all of 127.0.0.2's state was check-pointed, so its epoch continues)"
 refresh 127.0.0.3 9090 "$work/m3"
-echo "    (epoch reset: 127.0.0.3 lost its volatile mapping; B sent it an ANNOUNCE)"
+echo "    (invalid: 127.0.0.3 lost its volatile mapping, so its epoch restarted; B also sent it an ANNOUNCE)"
 step "done: the check-pointed mappings kept their external ports; the volatile one is gone"

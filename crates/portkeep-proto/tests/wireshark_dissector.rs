@@ -13,11 +13,8 @@
 #![allow(clippy::unwrap_used, clippy::panic)]
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::{Ipv6Addr, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::path::Path;
 use std::time::Duration;
 
 use portkeep_proto::{
@@ -25,91 +22,11 @@ use portkeep_proto::{
     Protocol, Request, RequestHeader, Response, ResponseHeader, ResultCode,
 };
 
-const TSHARK: &str = "/usr/bin/tshark";
-
-/// Stops tshark (if still running) and removes the capture file, however
-/// the test ends.
-struct Capture {
-    child: Option<Child>,
-    file: PathBuf,
-}
-
-impl Capture {
-    /// Sends SIGINT (tshark then flushes and exits) and waits up to ~5 s.
-    fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if matches!(child.try_wait(), Ok(None)) {
-            let _ = Command::new("kill")
-                .args(["-INT", &child.id().to_string()])
-                .status();
-            for _ in 0..50 {
-                if !matches!(child.try_wait(), Ok(None)) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = child.kill();
-        }
-        let _ = child.wait();
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_file(&self.file);
-    }
-}
+use portkeep_test_support::capture::{Capture, TSHARK};
 
 /// This machine cannot run the test (under CI: the test fails).
 fn skip(why: &str) {
     portkeep_test_support::skip::skip("wireshark_dissector", why);
-}
-
-/// Starts tshark on `lo` for UDP port `port`, returning once it reports
-/// that it is capturing.
-fn start_capture(port: u16, count: usize) -> Capture {
-    let file =
-        std::env::temp_dir().join(format!("portkeep-ws-{}-{port}.pcapng", std::process::id()));
-    let mut child = Command::new(TSHARK)
-        .args(["-i", "lo", "-f", &format!("udp port {port}")])
-        // Exit by itself after our datagrams; `stop` is the fallback.
-        .args(["-c", &count.to_string()])
-        .arg("-w")
-        .arg(&file)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn tshark");
-    let stderr = child.stderr.take().unwrap();
-    let mut capture = Capture {
-        child: Some(child),
-        file,
-    };
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut seen = Vec::new();
-    loop {
-        match rx.recv_timeout(Duration::from_secs(8)) {
-            Ok(line) if line.contains("Capturing on") => break,
-            Ok(line) => seen.push(line),
-            Err(_) => {
-                capture.stop();
-                panic!("tshark did not start capturing: {seen:?}");
-            }
-        }
-    }
-    // "Capturing on" is printed as the capture starts; give the kernel
-    // filter a moment to be attached.
-    std::thread::sleep(Duration::from_millis(300));
-    capture
 }
 
 /// One row per frame: field name -> all its occurrences (in order).
@@ -155,24 +72,12 @@ const FIELDS: &[&str] = &[
     "_ws.expert.message",
 ];
 
-fn read_capture(file: &Path, port: u16) -> Vec<Frame> {
-    let mut cmd = Command::new(TSHARK);
-    cmd.arg("-r")
-        .arg(file)
-        .args(["-d", &format!("udp.port=={port},portcontrol")])
-        .args(["-T", "fields", "-E", "separator=/t"])
-        .args(["-E", "occurrence=a", "-E", "aggregator=|"]);
-    for f in FIELDS {
-        cmd.args(["-e", f]);
-    }
-    let out = cmd.output().expect("run tshark -r");
-    assert!(out.status.success(), "tshark -r failed: {out:?}");
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let cols: Vec<&str> = line.split('\t').collect();
-            assert_eq!(cols.len(), FIELDS.len(), "{line}");
+fn read_capture(capture: &mut Capture, port: u16) -> Vec<Frame> {
+    capture
+        .fields(port, FIELDS)
+        .into_iter()
+        .map(|cols| {
+            assert_eq!(cols.len(), FIELDS.len(), "{cols:?}");
             FIELDS
                 .iter()
                 .zip(cols)
@@ -489,7 +394,7 @@ fn wireshark_portcontrol_dissector_agrees() {
     let sink = UdpSocket::bind("127.0.0.1:0").unwrap();
     sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let port = sink.local_addr().unwrap().port();
-    let mut capture = start_capture(port, grams.len());
+    let mut capture = Capture::start(&format!("udp port {port}"), grams.len());
 
     let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut buf = [0u8; 2048];
@@ -499,21 +404,9 @@ fn wireshark_portcontrol_dissector_agrees() {
         let n = sink.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], &g.bytes[..]);
     }
-    // tshark exits on its own after `-c` frames; `stop` waits for that
-    // (or interrupts it after ~5 s).
-    for _ in 0..50 {
-        if capture
-            .child
-            .as_mut()
-            .is_none_or(|c| !matches!(c.try_wait(), Ok(None)))
-        {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    capture.stop();
-
-    let frames = read_capture(&capture.file, port);
+    // tshark exits on its own after `-c` frames.
+    capture.wait_done(Duration::from_secs(5));
+    let frames = read_capture(&mut capture, port);
     assert_eq!(frames.len(), grams.len(), "frames captured");
     let mut problems = Vec::new();
     for (n, (g, frame)) in grams.iter().zip(&frames).enumerate() {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use portkeep_proto::CodePoints;
 
+use crate::announce::AnnounceConfig;
 use crate::policy::CheckpointPolicy;
 use crate::prefix::Prefix;
 use crate::SubscriberKeying;
@@ -41,6 +42,9 @@ pub struct ServerConfig {
     pub code_points: CodePoints,
     /// Check-pointing classes, quotas and rates (RFC 7767 sections 3.2, 4, 5).
     pub checkpoint: CheckpointPolicy,
+    /// How unsolicited ANNOUNCEs are repeated and paced (RFC 6887
+    /// section 14.1.3).
+    pub announce: AnnounceConfig,
     /// Seed for port randomisation; fixed in tests, random in the daemon.
     pub seed: u64,
 }
@@ -62,6 +66,7 @@ impl Default for ServerConfig {
             third_party_clients: Vec::new(),
             code_points: CodePoints::default(),
             checkpoint: CheckpointPolicy::default(),
+            announce: AnnounceConfig::default(),
             seed: 0x5eed,
         }
     }

@@ -7,6 +7,7 @@
 //! and does no I/O, so tests drive it with made-up time; the daemon wraps
 //! it with sockets and hands its changes to the dataplane.
 
+pub mod announce;
 pub mod change;
 mod config;
 pub mod dataplane;
@@ -19,6 +20,7 @@ mod subscriber;
 mod table;
 mod time;
 
+pub use announce::{AnnounceConfig, Audience};
 pub use change::{
     Change, ChangeRecord, FilterRule, MappingKey, MappingKind, MappingRecord, RemoveReason,
     RequesterState,
@@ -30,6 +32,8 @@ pub use policy::{
     RefusalReason,
 };
 pub use prefix::Prefix;
-pub use server::{ClearSelector, Cleared, Outcome, RestoreReport, Restored, Server, Stats};
+pub use server::{
+    Announcement, ClearSelector, Cleared, Outcome, RestoreReport, Restored, Server, Stats,
+};
 pub use subscriber::{NamedSubscriber, SubscriberId, SubscriberKeying};
 pub use time::Timestamp;

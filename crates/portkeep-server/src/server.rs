@@ -11,6 +11,7 @@ use portkeep_proto::{
     HEADER_LEN, MAX_MESSAGE_LEN, VERSION,
 };
 
+use crate::announce::{Announcer, Audience};
 use crate::change::{
     Change, ChangeRecord, FilterRule, MappingKey, MappingKind, MappingRecord, RemoveReason,
     RequesterState,
@@ -73,6 +74,25 @@ impl Requester {
             volatile: self.volatile > 0,
         }
     }
+}
+
+/// An unsolicited ANNOUNCE due now ([`Server::poll_announcements`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Announcement {
+    /// To one client, with the epoch it sees.
+    Unicast {
+        /// Where: the client's address, and its request port if it is a
+        /// THIRD_PARTY client, else 5350.
+        to: SocketAddr,
+        /// The ANNOUNCE.
+        bytes: Vec<u8>,
+    },
+    /// To every client, with the server-wide epoch: multicast on the
+    /// configured interfaces and unicast to the configured addresses.
+    Everyone {
+        /// The ANNOUNCE.
+        bytes: Vec<u8>,
+    },
 }
 
 /// Counters for the control interface and logs.
@@ -240,9 +260,9 @@ pub struct Server {
     requesters: HashMap<IpAddr, Requester>,
     /// When requesters with nothing left to keep were last forgotten.
     requesters_swept: Timestamp,
-    /// Hosts owed an ANNOUNCE since [`Server::drain_announcements`] was
-    /// last called: one place that knows who to tell after any loss.
-    to_announce: Vec<(SubscriberId, IpAddr)>,
+    /// The ANNOUNCEs scheduled: one place that knows who to tell after
+    /// any loss, when, and how often.
+    announcer: Announcer,
 }
 
 fn sorted_hosts(hosts: &[(IpAddr, u32)]) -> Vec<IpAddr> {
@@ -272,6 +292,7 @@ impl Server {
             .classes
             .iter()
             .any(|c| c.mode == CheckpointMode::Always);
+        let announcer = Announcer::new(cfg.announce);
         Server {
             table: Table::new(pool, cfg.seed),
             cfg,
@@ -291,7 +312,7 @@ impl Server {
             owed: HashMap::new(),
             requesters: HashMap::new(),
             requesters_swept: now,
-            to_announce: Vec::new(),
+            announcer,
         }
     }
 
@@ -523,6 +544,47 @@ impl Server {
         affected.into_values().collect()
     }
 
+    /// Restarts every epoch at `now` and tells everyone, keeping the
+    /// mappings: state may have been lost that no one can name (a store
+    /// served in relaxed mode that stopped uncleanly may lack up to a
+    /// second of acknowledged changes). Failure-scenarios draft section
+    /// 2.6.1: every client that may have lost state must see a reset;
+    /// each host and THIRD_PARTY client known is owed an ANNOUNCE, and
+    /// everyone is told by multicast (RFC 6887 section 14.1.3).
+    pub fn reset_every_epoch(&mut self, now: Timestamp) {
+        let keying = &self.cfg.subscriber_keying;
+        let mut told: Vec<(SubscriberId, IpAddr)> = self
+            .table
+            .entries
+            .iter()
+            .filter_map(|(id, _)| self.table.record(id, keying))
+            .map(|m| (m.subscriber, m.key.internal_ip))
+            .chain(
+                self.requesters
+                    .keys()
+                    .map(|ip| (keying.subscriber_of(*ip), *ip)),
+            )
+            .collect();
+        told.sort_unstable();
+        told.dedup();
+        self.anchor = now;
+        self.subscribers.retain(|_, s| {
+            s.anchor = None;
+            s.mappings > 0
+        });
+        self.push(Change::ServerEpochReset { anchor: now });
+        let mut ips: Vec<IpAddr> = self.requesters.keys().copied().collect();
+        ips.sort_unstable();
+        for ip in ips {
+            if let Some(r) = self.requesters.get_mut(&ip) {
+                r.anchor = None;
+            }
+            self.push_requester(ip);
+        }
+        self.owe_announce(now, &told);
+        self.announce_everyone(now);
+    }
+
     /// Restarts one subscriber's epoch at `now` (RFC 6887 section 8.5).
     fn reset_subscriber_epoch(&mut self, now: Timestamp, sub: SubscriberId) {
         self.subscriber_mut(sub).anchor = Some(now);
@@ -653,16 +715,51 @@ impl Server {
             .collect()
     }
 
-    /// The hosts owed an ANNOUNCE since the last call ([`Server::owe_announce`],
-    /// which every loss the core sees calls: a clear, a restore that drops
-    /// mappings, a takeover's losses), each once: the driver sends each
-    /// one [`Server::announce_to`] now and repeats it (RFC 6887 section
-    /// 14.1.3).
-    pub fn drain_announcements(&mut self) -> Vec<(SubscriberId, IpAddr)> {
-        let mut v = std::mem::take(&mut self.to_announce);
-        v.sort_unstable();
-        v.dedup();
-        v
+    /// The unsolicited ANNOUNCEs due at `now` (RFC 6887 section 14.1.3),
+    /// each made now: to each client owed one after a loss
+    /// ([`Server::owe_announce`], which every loss the core sees calls: a
+    /// clear, a restore that drops mappings, a takeover's losses), and to
+    /// everyone after [`Server::announce_everyone`]. Each is repeated at
+    /// intervals that double from 250 ms, as often as
+    /// [`crate::AnnounceConfig::sends`] says, and all are paced by its
+    /// rate (late, never dropped). [`Server::poll_timeout`] says when the
+    /// next is due.
+    pub fn poll_announcements(&mut self, now: Timestamp) -> Vec<Announcement> {
+        self.now = self.now.max(now);
+        let due = self.announcer.poll(now);
+        let mut out = Vec::with_capacity(due.len());
+        for audience in due {
+            let mut bytes = Vec::with_capacity(24);
+            out.push(match audience {
+                Audience::Client(host) => Announcement::Unicast {
+                    to: self.announce_to(now, host, &mut bytes),
+                    bytes,
+                },
+                Audience::Everyone => {
+                    self.write_announce(self.epoch(now), &mut bytes);
+                    Announcement::Everyone { bytes }
+                }
+            });
+        }
+        out
+    }
+
+    /// Tells every client, by multicast and the configured unicast
+    /// addresses, the server-wide epoch (RFC 6887 section 14.1.3: after a
+    /// start, or a takeover, that may have lost state nobody can name).
+    pub fn announce_everyone(&mut self, now: Timestamp) {
+        self.announcer.schedule(now, Audience::Everyone);
+    }
+
+    /// Forgets every ANNOUNCE scheduled: a node that stops serving tells no
+    /// one anything (its successor does).
+    pub fn stop_announcing(&mut self) {
+        self.announcer.clear();
+    }
+
+    /// ANNOUNCE series under way (for the control interface and tests).
+    pub fn announcing(&self) -> usize {
+        self.announcer.pending()
     }
 
     /// Writes the unsolicited ANNOUNCE for `host` (RFC 6887 section
@@ -816,7 +913,10 @@ impl Server {
         if targets.is_empty() {
             return;
         }
-        self.to_announce.extend_from_slice(targets);
+        for (_, host) in targets {
+            self.announcer
+                .schedule(now, Audience::Client(canonical(*host)));
+        }
         let until = now + self.cfg.max_lifetime_duration();
         let mut by: std::collections::BTreeMap<SubscriberId, Vec<IpAddr>> =
             std::collections::BTreeMap::new();
@@ -960,9 +1060,14 @@ impl Server {
         }
     }
 
-    /// When [`Server::handle_timeout`] next has work (the earliest expiry).
+    /// When [`Server::handle_timeout`] next has work (the earliest expiry)
+    /// or [`Server::poll_announcements`] has an ANNOUNCE due, whichever
+    /// comes first.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        self.table.next_expiry()
+        match (self.table.next_expiry(), self.announcer.poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Removes every mapping whose lifetime ended by `now` (RFC 6887 section 15).

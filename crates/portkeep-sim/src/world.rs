@@ -14,8 +14,8 @@ use portkeep_ha::{
 use portkeep_proto::{Nonce, Protocol};
 use portkeep_server::record::key_of;
 use portkeep_server::{
-    BackupState, Change, ChangeRecord, MappingKind, MappingRecord, Outcome, Prefix, RequesterState,
-    Restored, Server, ServerConfig, SubscriberId, SubscriberKeying, Timestamp,
+    Announcement, BackupState, Change, ChangeRecord, MappingKind, MappingRecord, Outcome, Prefix,
+    RequesterState, Restored, Server, ServerConfig, SubscriberId, SubscriberKeying, Timestamp,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -103,13 +103,6 @@ enum Ev {
     PromoterAct {
         early: bool,
         target: Option<usize>,
-    },
-    AnnounceRepeat {
-        node: usize,
-        gen: u64,
-        targets: Vec<(SubscriberId, IpAddr)>,
-        left: u32,
-        interval: u64,
     },
 }
 
@@ -900,7 +893,15 @@ impl World {
                 put(x.0.saturating_sub(T0).max(n.next_timer_floor));
             }
             if let Some(x) = n.server.poll_timeout() {
-                put(x.0.saturating_sub(T0).max(n.next_timer_floor));
+                // ANNOUNCEs held until the node serves wait for a later
+                // event (the daemon's housekeeping polls).
+                let held = !n.ha.serving();
+                let floor = if held {
+                    n.next_timer_floor.max(self.now + 100)
+                } else {
+                    n.next_timer_floor
+                };
+                put(x.0.saturating_sub(T0).max(floor));
             }
             if n.link.is_some() && n.ha.role() == Role::Backup {
                 put((n.last_rx + link_cfg().dead_after.as_millis() as u64).max(n.next_timer_floor));
@@ -952,6 +953,7 @@ impl World {
                 self.nodes[n].server.handle_timeout(ts);
                 self.nodes[n].dirty = true;
                 self.submit(n, Reply::default(), None);
+                self.send_announcements(n);
             }
             let dead = link_cfg().dead_after.as_millis() as u64;
             if self.nodes[n].ha.role() == Role::Backup
@@ -1031,30 +1033,6 @@ impl World {
                 }
             }
             Ev::PromoterAct { early, target } => self.promoter_act(early, target),
-            Ev::AnnounceRepeat {
-                node,
-                gen,
-                targets,
-                left,
-                interval,
-            } => {
-                if self.nodes[node].gen == gen && self.nodes[node].up {
-                    self.announce_to(node, &targets);
-                    if left > 1 {
-                        let next = interval * 2;
-                        self.schedule(
-                            self.now + next,
-                            Ev::AnnounceRepeat {
-                                node,
-                                gen,
-                                targets,
-                                left: left - 1,
-                                interval: next,
-                            },
-                        );
-                    }
-                }
-            }
         }
     }
 
@@ -1719,38 +1697,39 @@ impl World {
         self.submit_after(n, r, None, after);
     }
 
-    /// ANNOUNCEs as the core makes them for each host, queued behind the
-    /// changes that caused them (`Shared::announce_to`).
-    fn announce_to(&mut self, n: usize, targets: &[(SubscriberId, IpAddr)]) {
+    /// `Shared::send_announcements`: the ANNOUNCEs the core says are due,
+    /// queued behind the changes that caused them; those to everyone reach
+    /// every client (multicast on the clients' segment). A node that does
+    /// not serve sends none: a backup forgets what was scheduled, an
+    /// active node not serving yet keeps them.
+    fn send_announcements(&mut self, n: usize) {
         let ts = self.ts();
+        if !self.nodes[n].ha.serving() {
+            if self.nodes[n].ha.role() == Role::Backup {
+                self.nodes[n].server.stop_announcing();
+            }
+            return;
+        }
+        let due = self.nodes[n].server.poll_announcements(ts);
+        if due.is_empty() {
+            return;
+        }
         let mut r = Reply {
             handled_at: self.now,
             out: Vec::new(),
             announce: true,
         };
-        for &(_, host) in targets {
-            let mut out = Vec::new();
-            let to = self.nodes[n].server.announce_to(ts, host, &mut out);
-            r.out.push((to.ip(), out));
+        for a in due {
+            match a {
+                Announcement::Unicast { to, bytes } => r.out.push((to.ip(), bytes)),
+                Announcement::Everyone { bytes } => {
+                    for c in self.clients.iter().filter(|c| !c.departed) {
+                        r.out.push((c.ip, bytes.clone()));
+                    }
+                }
+            }
         }
         self.submit(n, r, None);
-    }
-
-    fn schedule_announce(&mut self, n: usize, targets: Vec<(SubscriberId, IpAddr)>) {
-        if targets.is_empty() {
-            return;
-        }
-        let gen = self.nodes[n].gen;
-        self.schedule(
-            self.now + 250,
-            Ev::AnnounceRepeat {
-                node: n,
-                gen,
-                targets,
-                left: 3,
-                interval: 250,
-            },
-        );
     }
 
     // ------------------------------------------------------------------
@@ -1785,7 +1764,6 @@ impl World {
         node.was_serving = false;
         node.takeover = None;
         node.next_timer_floor = 0;
-        let mut lost = Vec::new();
         if node.cfg_role == Role::Active && node.store.exists {
             node.ha.set_position(portkeep_ha::Position {
                 term: node.store.term,
@@ -1795,8 +1773,8 @@ impl World {
             // Expiries found while restoring are stored before serving.
             let changes: Vec<ChangeRecord> = server.drain_changes().collect();
             node.store.apply(&changes);
-            // The restore owes an ANNOUNCE to whoever lost a mapping in it.
-            lost = server.drain_announcements();
+            // The restore scheduled an ANNOUNCE to whoever lost a mapping
+            // in it, sent once this node serves.
             node.server = server;
         } else {
             if !node.store.exists {
@@ -1818,9 +1796,7 @@ impl World {
             role.as_str()
         ));
         self.resync(n);
-        if !lost.is_empty() {
-            self.announce_to(n, &lost);
-        }
+        self.send_announcements(n);
         if role == Role::Active {
             self.try_connect(n);
         }
@@ -1984,8 +1960,11 @@ impl World {
         let cfg = self.server_cfg(n);
         let state = t.state.clone();
         let (mut server, report) = Server::restore_replica(cfg, ts, state.clone());
-        server.owe_announce(ts, &t.announce_targets(&report.dropped));
-        let targets = server.drain_announcements();
+        let targets = t.announce_targets(&report.dropped);
+        server.owe_announce(ts, &targets);
+        if matches!(t.kind, TakeoverKind::Cold | TakeoverKind::Stale) {
+            server.announce_everyone(ts);
+        }
         let name = self.nodes[n].name;
         self.trace(format!(
             "node {name}: promoted to term {} ({:?}, {} mappings, {} hosts to announce to, {} owed since an earlier loss)",
@@ -2005,10 +1984,7 @@ impl World {
         self.resync(n);
         self.after_ha(n);
         self.submit(n, Reply::default(), Some(state));
-        if !targets.is_empty() {
-            self.announce_to(n, &targets);
-            self.schedule_announce(n, targets);
-        }
+        self.send_announcements(n);
         let gen = self.nodes[n].gen;
         self.schedule(self.now + 20, Ev::ConnectRetry { node: n, gen });
     }

@@ -18,6 +18,7 @@
 // Test helpers: a failed setup fails the test that called it, loudly.
 #![allow(clippy::unwrap_used, clippy::panic, clippy::expect_used)]
 
+pub mod capture;
 pub mod daemon;
 pub mod keepalived;
 pub mod netns;

@@ -96,6 +96,11 @@ pub(crate) struct Common {
         value_parser = parse::timeout
     )]
     pub(crate) timeout: Duration,
+    /// Send from this local address (a host with several: its mappings
+    /// belong to the address they were made from, failure-scenarios
+    /// draft section 2.4); the system picks one when omitted.
+    #[arg(long, global = true, value_name = "IP")]
+    pub(crate) source: Option<std::net::IpAddr>,
     /// Print JSON instead of text (`list`: one array).
     #[arg(long, global = true)]
     pub(crate) json: bool,
@@ -113,6 +118,20 @@ pub(crate) struct Common {
 }
 
 impl Common {
+    /// A client of the server, from `--source` if given.
+    pub(crate) async fn client(
+        &self,
+        config: portkeep_client::ClientConfig,
+    ) -> Result<portkeep_client::Client, portkeep_client::ClientError> {
+        match self.source {
+            Some(ip) => {
+                let local = SocketAddr::new(ip, 0);
+                portkeep_client::Client::connect_from(self.server, local, config).await
+            }
+            None => portkeep_client::Client::connect_with(self.server, config).await,
+        }
+    }
+
     /// The code points of the draft's extensions, from the flags.
     pub(crate) fn code_points(&self) -> portkeep_proto::CodePoints {
         portkeep_proto::CodePoints {

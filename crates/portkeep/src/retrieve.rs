@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::CommandFactory;
-use portkeep_client::{Client, ClientConfig, ClientError, GetFilter, MappedEntry, RequestOptions};
+use portkeep_client::{ClientConfig, ClientError, GetFilter, MappedEntry, RequestOptions};
 use portkeep_proto::addr::from_wire;
 use portkeep_proto::{OptionCode, PcpOption, Protocol};
 use serde::Serialize;
@@ -134,7 +134,7 @@ async fn execute(
         code_points: common.code_points(),
         ..ClientConfig::default()
     };
-    let client = Client::connect_with(common.server, config).await?;
+    let client = common.client(config).await?;
     let opts = RequestOptions {
         max_duration: Some(common.timeout),
         ..RequestOptions::default()

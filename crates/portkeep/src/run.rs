@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::CommandFactory;
-use portkeep_client::{BuildError, Client, ClientError, Reply, RequestBuilder, RequestOptions};
+use portkeep_client::{
+    BuildError, ClientConfig, ClientError, Reply, RequestBuilder, RequestOptions,
+};
 use portkeep_proto::CodePoints;
 
 use crate::cli::{Cli, Command, Common, MappingArgs};
@@ -44,7 +46,7 @@ pub(crate) fn run(cli: Cli) -> ExitCode {
 }
 
 async fn execute(common: &Common, plan: &Plan) -> Result<Reply, ClientError> {
-    let client = Client::connect(common.server).await?;
+    let client = common.client(ClientConfig::default()).await?;
     let opts = RequestOptions {
         // Zero is the RFC's "no bound" and passes through as such.
         max_duration: Some(common.timeout),

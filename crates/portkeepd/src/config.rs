@@ -171,6 +171,10 @@ pub struct AnnounceSection {
     pub multicast_interfaces: Option<Vec<String>>,
     /// Client addresses to unicast them to.
     pub unicast: Option<Vec<String>>,
+    /// Sends per announcement (RFC 6887 section 14.1.3: at most ten).
+    pub sends: Option<u8>,
+    /// Most ANNOUNCEs per second, server-wide.
+    pub rate: Option<u32>,
 }
 
 /// `[extensions]`.
@@ -537,6 +541,29 @@ impl ConfigFile {
             .iter()
             .map(|s| parse_client(s).map_err(|m| invalid("announce.unicast", m)))
             .collect::<Result<Vec<_>, _>>()?;
+        let ad = portkeep_server::AnnounceConfig::default();
+        let announce = portkeep_server::AnnounceConfig {
+            sends: match self.announce.sends {
+                None => ad.sends,
+                Some(n @ 1..=10) => n,
+                Some(n) => {
+                    return Err(invalid(
+                        "announce.sends",
+                        format!("{n}: expected 1 to 10 (RFC 6887 section 14.1.3)"),
+                    ))
+                }
+            },
+            rate: match self.announce.rate {
+                None => ad.rate,
+                Some(0) => {
+                    return Err(invalid(
+                        "announce.rate",
+                        "must be at least 1 (ANNOUNCEs are delayed, never dropped)",
+                    ))
+                }
+                Some(n) => n,
+            },
+        };
         let dataplane = self.dataplane.validate()?;
         let workers = match self.workers {
             None | Some(0) => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -630,6 +657,7 @@ impl ConfigFile {
                 third_party_clients,
                 code_points: cp,
                 checkpoint,
+                announce,
                 seed: rand::random(),
             },
             announce_interfaces: self.announce.multicast_interfaces.unwrap_or_default(),

@@ -235,11 +235,11 @@ fn clear(shared: &Shared, req: &Value) -> Value {
     let now = shared.clock.now();
     let mut core = shared.lock();
     let cleared = core.server.clear(now, which);
-    // The hosts cleared and the THIRD_PARTY clients that managed them.
-    let targets = core.server.drain_announcements();
     let removed: usize = cleared.iter().map(|c| c.mappings).sum();
-    shared.announce_to(core, &targets);
-    shared.schedule_announce(targets.clone());
+    // The core scheduled ANNOUNCEs to the hosts cleared and the
+    // THIRD_PARTY clients that managed them: the first ones go now.
+    shared.submit_changes(core);
+    shared.send_announcements(shared.lock());
     json!({
         "ok": true,
         "removed": removed,
@@ -270,6 +270,7 @@ fn counters(shared: &Shared) -> Value {
         "received": stats.received,
         "dropped": stats.dropped,
         "created": stats.created,
+        "announcing": core.server.announcing(),
         "results": results,
         "mappings": core.server.mapping_count(),
         "checkpoint": checkpoint_counters(&core.server),

@@ -110,7 +110,11 @@ pub(crate) struct Shared {
     pub(crate) dataplane_kind: DataplaneKind,
     /// ANNOUNCEs to repeat: when, to whom, the interval after that, and how
     /// many more.
-    pub(crate) announces: Mutex<Vec<Repeat>>,
+    /// Where ANNOUNCEs to everyone go: (socket, interface index, group)
+    /// per interface and family (`runtime::multicast_senders`)...
+    pub(crate) announce_multicast: Vec<(usize, u32, IpAddr)>,
+    /// ...and these addresses (`[announce] unicast`).
+    pub(crate) announce_unicast: Vec<SocketAddr>,
     /// Bound of each reply queue (`[limits] max_queued_replies`).
     pub(crate) max_queued: usize,
     /// Replies handled by the core and waiting for the committer.
@@ -122,14 +126,6 @@ pub(crate) struct Shared {
     /// Microseconds from a job's arrival at the committer to its replies'
     /// release by the commit (`ctl counters`: `commit_latency_us`).
     pub(crate) commit_latency: Mutex<hdrhistogram::Histogram<u64>>,
-}
-
-/// A repeated unsolicited ANNOUNCE to hosts that lost state.
-pub(crate) struct Repeat {
-    due: portkeep_server::Timestamp,
-    interval: Duration,
-    left: u32,
-    targets: Vec<(SubscriberId, IpAddr)>,
 }
 
 fn log_change(c: &ChangeRecord) {
@@ -279,6 +275,11 @@ impl Shared {
         self.submit_after(core, replies, socket, 0);
     }
 
+    /// Hands the core's pending changes on, with no replies.
+    pub(crate) fn submit_changes(&self, core: MutexGuard<'_, Core>) {
+        self.submit(core, SendBatch::default(), 0);
+    }
+
     /// [`Shared::submit`] for replies that also depend on log position
     /// `after` (`portkeep_ha::Effect::Rewrite`).
     pub(crate) fn submit_after(
@@ -398,51 +399,6 @@ impl Shared {
         ocv.notify_one();
     }
 
-    /// Repeats the ANNOUNCE just sent to `targets` three more times, after
-    /// 250 ms, 750 ms and 1.75 s (the start of the schedule RFC 6886
-    /// section 3.2.1 uses for the same purpose): one lost datagram must
-    /// not leave a client unaware that its state is gone until its next
-    /// renewal (RFC 6887 section 14.1.1 lets the server send it more than
-    /// once).
-    pub(crate) fn schedule_announce(&self, targets: Vec<(SubscriberId, IpAddr)>) {
-        if targets.is_empty() {
-            return;
-        }
-        let interval = Duration::from_millis(250);
-        self.announces
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Repeat {
-                due: self.clock.now() + interval,
-                interval,
-                left: 3,
-                targets,
-            });
-    }
-
-    /// Sends the repeats that are due.
-    fn repeat_announces(&self) {
-        let now = self.clock.now();
-        let due: Vec<Vec<(SubscriberId, IpAddr)>> = {
-            let mut g = self.announces.lock().unwrap_or_else(|p| p.into_inner());
-            if g.is_empty() {
-                return;
-            }
-            let mut due = Vec::new();
-            for r in g.iter_mut().filter(|r| r.due <= now) {
-                due.push(r.targets.clone());
-                r.left -= 1;
-                r.interval *= 2;
-                r.due = now + r.interval;
-            }
-            g.retain(|r| r.left > 0);
-            due
-        };
-        for targets in due {
-            self.announce_to(self.lock(), &targets);
-        }
-    }
-
     /// A socket of the family of `dest`, to send ANNOUNCEs from.
     pub(crate) fn socket_for(&self, dest: SocketAddr) -> Option<usize> {
         self.sockets
@@ -450,37 +406,64 @@ impl Shared {
             .position(|s| s.local_addr().is_ok_and(|a| a.is_ipv4() == dest.is_ipv4()))
     }
 
-    /// Queues an ANNOUNCE to each host (RFC 6887 section 14.1.3), with the
-    /// epoch and at the port the core gives for it (`Server::announce_to`),
-    /// behind the changes that caused it.
-    pub(crate) fn announce_to(
-        &self,
-        core: MutexGuard<'_, Core>,
-        targets: &[(SubscriberId, IpAddr)],
-    ) {
-        let now = self.clock.now();
-        let mut by_socket: std::collections::BTreeMap<usize, SendBatch> = Default::default();
-        let mut out = Vec::new();
-        for &(_, host) in targets {
-            let dest = core.server.announce_to(now, host, &mut out);
-            let Some(i) = self.socket_for(dest) else {
-                continue;
-            };
-            by_socket.entry(i).or_default().push(dest, &out);
-        }
-        let mut core = Some(core);
-        if by_socket.is_empty() {
-            if let Some(c) = core.take() {
-                self.submit(c, SendBatch::default(), 0);
+    /// Sends the unsolicited ANNOUNCEs the core says are due
+    /// (`Server::poll_announcements`; RFC 6887 section 14.1.3): unicast
+    /// ones queued behind the changes that caused them, from a socket of
+    /// their family; those to everyone also multicast on the configured
+    /// interfaces, from the socket requests arrive on. A node that does
+    /// not serve sends none: a backup (or a deposed node) forgets what was
+    /// scheduled, its successor tells the clients; an active node that
+    /// does not serve yet (waiting for its peer) keeps them for when it
+    /// does.
+    pub(crate) fn send_announcements(&self, mut core: MutexGuard<'_, Core>) {
+        if !self.pair.serving() {
+            if self.pair.role() == portkeep_ha::Role::Backup {
+                core.server.stop_announcing();
             }
             return;
         }
+        let due = core.server.poll_announcements(self.clock.now());
+        if due.is_empty() {
+            return;
+        }
+        let mut by_socket: std::collections::BTreeMap<usize, SendBatch> = Default::default();
+        let mut multicast = Vec::new();
+        for a in due {
+            match a {
+                portkeep_server::Announcement::Unicast { to, bytes } => {
+                    if let Some(i) = self.socket_for(to) {
+                        by_socket.entry(i).or_default().push(to, &bytes);
+                    }
+                }
+                portkeep_server::Announcement::Everyone { bytes } => {
+                    for &to in &self.announce_unicast {
+                        if let Some(i) = self.socket_for(to) {
+                            by_socket.entry(i).or_default().push(to, &bytes);
+                        }
+                    }
+                    multicast.push(bytes);
+                }
+            }
+        }
+        let mut core = Some(core);
         for (i, batch) in by_socket {
             let guard = match core.take() {
                 Some(c) => c,
                 None => self.lock(),
             };
             self.submit(guard, batch, i);
+        }
+        drop(core);
+        for bytes in multicast {
+            for &(i, ifindex, group) in &self.announce_multicast {
+                let Some(s) = self.sockets.get(i) else {
+                    continue;
+                };
+                let port = portkeep_proto::CLIENT_PORT;
+                if let Err(e) = crate::mmsg::send_multicast(s, &bytes, ifindex, group, port) {
+                    tracing::debug!(%group, ifindex, error = %e, "ANNOUNCE not sent");
+                }
+            }
         }
     }
 }
@@ -812,9 +795,16 @@ pub(crate) fn promote(shared: &Arc<Shared>) -> Value {
     let state = takeover.state.clone();
     let (server, report) = Server::restore_replica(shared.server_cfg.clone(), now, state.clone());
     core.server = server;
-    core.server
-        .owe_announce(now, &takeover.announce_targets(&report.dropped));
-    let targets = core.server.drain_announcements();
+    let targets = takeover.announce_targets(&report.dropped);
+    core.server.owe_announce(now, &targets);
+    if matches!(
+        takeover.kind,
+        portkeep_ha::TakeoverKind::Cold | portkeep_ha::TakeoverKind::Stale
+    ) {
+        // Every epoch restarted, and clients this node never heard of may
+        // have lost state: everyone is told (RFC 6887 section 14.1.3).
+        core.server.announce_everyone(now);
+    }
     let mut rest = Vec::new();
     for e in effects {
         match e {
@@ -836,10 +826,7 @@ pub(crate) fn promote(shared: &Arc<Shared>) -> Value {
         },
     );
     act(shared, rest);
-    if !targets.is_empty() {
-        shared.announce_to(shared.lock(), &targets);
-        shared.schedule_announce(targets.clone());
-    }
+    shared.send_announcements(shared.lock());
     shared.pair.bump_role();
     let took = watch.micros();
     tracing::warn!(
@@ -975,6 +962,12 @@ fn commit_loop(shared: &Arc<Shared>, store: &mut Option<Store>) {
                 }
             }
             if shared.drained.load(Ordering::Relaxed) {
+                // A clean stop: nothing acknowledged is missing.
+                if let Some(st) = store.as_mut() {
+                    if let Err(e) = st.close(now) {
+                        fail(shared, &e);
+                    }
+                }
                 return;
             }
             continue;
@@ -1285,7 +1278,16 @@ pub(crate) fn housekeeping(shared: &Shared) {
             .poll_timeout()
             .map_or(POLL, |t| (t - now).clamp(Duration::from_millis(1), POLL));
         shared.submit(core, SendBatch::default(), 0);
-        shared.repeat_announces();
+        shared.send_announcements(shared.lock());
+        // An ANNOUNCE may be due before the next expiry (one held until
+        // this node serves is not: it waits for the next round).
+        let wait = if shared.pair.serving() {
+            shared.lock().server.poll_timeout().map_or(wait, |t| {
+                (t - shared.clock.now()).clamp(Duration::from_millis(1), wait)
+            })
+        } else {
+            POLL
+        };
         std::thread::sleep(wait);
     }
 }

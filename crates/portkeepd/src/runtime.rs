@@ -24,10 +24,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use anyhow::Context;
-use portkeep_server::{ChangeRecord, Outcome, Server, SubscriberId};
+use portkeep_server::{ChangeRecord, Outcome, Server};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::clock::Clock;
@@ -134,10 +133,9 @@ fn bind(addr: SocketAddr, reuse_port: bool) -> anyhow::Result<UdpSocket> {
 struct Start {
     server: Server,
     store: Option<Store>,
-    /// Whether state was restored (then no start-up ANNOUNCE storm).
+    /// Whether state was restored (then no start-up ANNOUNCE storm: the
+    /// restore scheduled ANNOUNCEs to the few that lost mappings in it).
     restored: bool,
-    /// Hosts whose state was lost in the restore, to ANNOUNCE to.
-    lost: Vec<(SubscriberId, IpAddr)>,
     /// A backup's store holding state it served before (it was active
     /// last: a node's store is emptied when it is demoted or deposed).
     served_before: Option<portkeep_server::Restored>,
@@ -162,7 +160,6 @@ fn load(
             server: Server::new(cfg, now),
             store: None,
             restored: false,
-            lost: Vec::new(),
             served_before: None,
             served_term: 0,
         });
@@ -179,7 +176,7 @@ fn load(
     )?;
     let mut served_before = None;
     let mut served_term = 0;
-    let (mut server, restored, lost) = match opened {
+    let (mut server, restored) = match opened {
         Opened::Fresh { moved_aside } => {
             tracing::info!(
                 "no usable store at {}: starting fresh, every epoch at 0{}",
@@ -190,7 +187,7 @@ fn load(
                 ))
             );
             dataplane.apply(&[])?;
-            (Server::new(cfg, now), false, Vec::new())
+            (Server::new(cfg, now), false)
         }
         Opened::Restored(state) if backup => {
             // A backup serves nothing of its own: what it will serve comes
@@ -203,7 +200,7 @@ fn load(
                 served_before = Some(state);
             }
             dataplane.apply(&[])?;
-            (Server::new(cfg, now), true, Vec::new())
+            (Server::new(cfg, now), true)
         }
         Opened::Restored(state) => {
             let stored = state.mappings.len();
@@ -242,10 +239,19 @@ fn load(
                 report.expired,
                 report.dropped.len()
             );
-            // The restore owes an ANNOUNCE to whoever lost a mapping in it.
+            // The restore scheduled an ANNOUNCE to whoever lost a mapping
+            // in it; the housekeeping thread sends them once serving.
             let mut server = server;
-            let lost = server.drain_announcements();
-            (server, true, lost)
+            if store.lost_unknown() {
+                // Served in relaxed mode and not stopped cleanly: up to a
+                // second of acknowledged changes may be missing, and whose
+                // cannot be known (failure-scenarios draft section 2.6.1).
+                tracing::warn!(
+                    "the store was served in relaxed mode and not stopped cleanly: every epoch resets and every client is told"
+                );
+                server.reset_every_epoch(now);
+            }
+            (server, true)
         }
     };
     // Expiries and resets found while restoring are stored before serving,
@@ -260,11 +266,12 @@ fn load(
             dataplane.apply(&changes)?;
         }
     }
+    // Durable before anyone is answered, and marked for how it is served.
+    store.mark_serving(now)?;
     Ok(Start {
         server,
         store: Some(store),
         restored,
-        lost,
         served_before,
         served_term,
     })
@@ -423,6 +430,25 @@ impl Daemon {
         // acknowledgement.
         let queue = (start.store.is_some() || settings.ha.role != Role::Standalone)
             .then(|| (Mutex::new(Queue::default()), Condvar::new()));
+        let announce_multicast: Vec<(usize, u32, IpAddr)> = settings
+            .announce_interfaces
+            .iter()
+            .flat_map(|i| match multicast_senders(&sockets, i) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(interface = %i, error = %e, "cannot send ANNOUNCE on interface");
+                    Vec::new()
+                }
+            })
+            .collect();
+        let mut start = start;
+        if settings.ha.role != Role::Backup
+            && !start.restored
+            && !(announce_multicast.is_empty() && settings.announce_unicast.is_empty())
+        {
+            // A start without state: every client may have lost some.
+            start.server.announce_everyone(clock.now());
+        }
         let shared = Arc::new(Shared {
             core: Mutex::new(Core {
                 server: start.server,
@@ -440,7 +466,8 @@ impl Daemon {
             pair,
             server_cfg: settings.server.clone(),
             dataplane_kind: settings.dataplane.clone(),
-            announces: Mutex::new(Vec::new()),
+            announce_multicast,
+            announce_unicast: settings.announce_unicast.clone(),
             max_queued: settings.max_queued_replies,
             queued: std::sync::atomic::AtomicUsize::new(0),
             outboxed: std::sync::atomic::AtomicUsize::new(0),
@@ -508,24 +535,6 @@ impl Daemon {
                 std::thread::Builder::new()
                     .name("control".into())
                     .spawn(move || control::serve(&shared, &control))?,
-            );
-        }
-        if settings.ha.role == Role::Backup {
-            // Not serving: nothing to announce until promoted.
-        } else if start.restored {
-            // State survived: no storm of ANNOUNCEs, except to the few
-            // subscribers that lost mappings in the restore.
-            if !start.lost.is_empty() {
-                shared.announce_to(shared.lock(), &start.lost);
-            }
-        } else {
-            let shared = shared.clone();
-            let unicast = settings.announce_unicast.clone();
-            let ifaces = settings.announce_interfaces.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name("announce".into())
-                    .spawn(move || announce(&shared, &unicast, &ifaces))?,
             );
         }
         Ok(Daemon {
@@ -649,55 +658,6 @@ pub(crate) fn worker(shared: &Shared, sock: &UdpSocket, index: usize) {
 /// on the configured interfaces, ten times at doubling intervals from
 /// 250 ms, the schedule NAT-PMP uses for the same purpose (RFC 6886 section
 /// 3.2.1).
-fn announce(shared: &Shared, unicast: &[SocketAddr], ifaces: &[String]) {
-    if unicast.is_empty() && ifaces.is_empty() {
-        return;
-    }
-    let multicast: Vec<(usize, u32, IpAddr)> = ifaces
-        .iter()
-        .flat_map(|i| match multicast_senders(&shared.sockets, i) {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(interface = %i, error = %e, "cannot send ANNOUNCE on interface");
-                Vec::new()
-            }
-        })
-        .collect();
-    let mut out = Vec::new();
-    let mut interval = Duration::from_millis(250);
-    for _ in 0..10 {
-        if shared.stop.load(Ordering::Relaxed) {
-            return;
-        }
-        shared
-            .lock()
-            .server
-            .unsolicited_announce(shared.clock.now(), &mut out);
-        for dest in unicast {
-            if let Some(s) = shared.socket_for(*dest).and_then(|i| shared.sockets.get(i)) {
-                if let Err(e) = s.send_to(&out, dest) {
-                    tracing::debug!(%dest, error = %e, "ANNOUNCE not sent");
-                }
-            }
-        }
-        for &(i, ifindex, group) in &multicast {
-            let Some(s) = shared.sockets.get(i) else {
-                continue;
-            };
-            let port = portkeep_proto::CLIENT_PORT;
-            if let Err(e) = mmsg::send_multicast(s, &out, ifindex, group, port) {
-                tracing::debug!(%group, ifindex, error = %e, "ANNOUNCE not sent");
-            }
-        }
-        let mut slept = Duration::ZERO;
-        while slept < interval && !shared.stop.load(Ordering::Relaxed) {
-            std::thread::sleep(POLL.min(interval - slept));
-            slept += POLL.min(interval - slept);
-        }
-        interval *= 2;
-    }
-}
-
 /// Where the ANNOUNCEs on `iface` leave from: for each address family
 /// this node accepts PCP requests in on that interface (a listening socket
 /// bound to the wildcard or to one of the interface's addresses), that
@@ -751,6 +711,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
 
     use std::net::Ipv6Addr;
+    use std::time::Duration;
 
     use portkeep_proto::{
         CodePoints, MapData, OpData, PcpOption, Protocol, Request, RequestHeader,

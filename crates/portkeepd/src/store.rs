@@ -65,6 +65,10 @@ const LOG_SERVER_EPOCH: u8 = 4;
 const LOG_OWED: u8 = 5;
 const LOG_REQUESTER: u8 = 6;
 
+/// Meta key set (to 1) while the store is served in relaxed mode and
+/// cleared by a clean stop ([`Store::mark_serving`], [`Store::close`]).
+const UNCLEAN: &str = "relaxed_unclean";
+
 /// Version of the store's layout; bumped on any incompatible change.
 const FORMAT: u64 = 2;
 /// The layout of earlier releases, migrated when opened.
@@ -191,6 +195,9 @@ pub struct Store {
     /// Tables committed without an fsync since the last durable commit.
     tables_dirty: bool,
     keying: SubscriberKeying,
+    /// The store was last served in relaxed mode and not closed cleanly:
+    /// acknowledged changes may be missing ([`Store::lost_unknown`]).
+    lost_unknown: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -422,6 +429,7 @@ impl Store {
             folded: 0,
             tables_dirty: false,
             keying: keying.clone(),
+            lost_unknown: false,
         })
     }
 
@@ -464,6 +472,12 @@ impl Store {
                 .map(|v| v.value())
                 .ok_or_else(|| damaged(path, format!("missing meta key `{k}`")))
         };
+        // Absent in stores written before it, and in stores only ever
+        // served durably.
+        let lost_unknown = meta
+            .get(UNCLEAN)
+            .map_err(|e| damaged(path, e))?
+            .is_some_and(|v| v.value() != 0);
         let format = get("format")?;
         if format != FORMAT && format != FORMAT_LOG_TABLE {
             return Err(damaged(
@@ -635,6 +649,7 @@ impl Store {
             folded,
             tables_dirty: false,
             keying: keying.clone(),
+            lost_unknown,
         };
         if format == FORMAT_LOG_TABLE {
             // Written once in this release's layout: from now on the
@@ -926,6 +941,50 @@ impl Store {
         self.folded = state.last_seq;
         self.tables_dirty = false;
         self.dirty = false;
+        Ok(())
+    }
+
+    /// Whether acknowledged changes may be missing from what was read: the
+    /// store was last served in relaxed mode and its server did not stop
+    /// cleanly, so up to a second of commits may never have reached the
+    /// disk. Which clients lost state then cannot be named; the server
+    /// resets every epoch (failure-scenarios draft section 2.6.1).
+    pub fn lost_unknown(&self) -> bool {
+        self.lost_unknown
+    }
+
+    /// Records, durably, how the store is served from now on (after what
+    /// was read, and any reset that followed, is durable): in relaxed
+    /// mode, that an unclean stop may lose acknowledged changes, until
+    /// [`Store::close`] says otherwise.
+    pub fn mark_serving(&mut self, now: Timestamp) -> Result<(), StoreError> {
+        self.flush(now)?;
+        self.set_unclean(self.durability == Durability::Relaxed)?;
+        self.lost_unknown = false;
+        Ok(())
+    }
+
+    /// A clean stop: everything committed is made durable, and a relaxed
+    /// store is marked as having lost nothing.
+    pub fn close(&mut self, now: Timestamp) -> Result<(), StoreError> {
+        self.flush(now)?;
+        if self.durability == Durability::Relaxed {
+            self.set_unclean(false)?;
+        }
+        Ok(())
+    }
+
+    fn set_unclean(&mut self, on: bool) -> Result<(), StoreError> {
+        let p = self.path.clone();
+        let e = |err: &dyn std::fmt::Display| io(&p, err);
+        let mut txn = self.db.begin_write().map_err(|x| e(&x))?;
+        txn.set_durability(redb::Durability::Immediate)
+            .map_err(|x| e(&x))?;
+        txn.open_table(META)
+            .map_err(|x| e(&x))?
+            .insert(UNCLEAN, u64::from(on))
+            .map_err(|x| e(&x))?;
+        txn.commit().map_err(|x| e(&x))?;
         Ok(())
     }
 
@@ -1360,6 +1419,48 @@ mod tests {
             requesters: r.requesters.into_iter().collect(),
             last_seq: r.last_seq,
         }
+    }
+
+    /// Failure-scenarios draft section 2.6.1: a store served in relaxed
+    /// mode says, when opened, whether its last server stopped without
+    /// closing it (then acknowledged changes may be missing); a durable
+    /// store never does.
+    #[test]
+    fn draft_s2_6_1_a_relaxed_store_tells_an_unclean_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.redb");
+        let open = |d: Durability| {
+            Store::open(
+                &path,
+                d,
+                Recovery::Fail,
+                1 << 20,
+                Timestamp(1),
+                &SubscriberKeying::default(),
+            )
+            .unwrap()
+            .0
+        };
+        let mut s = open(Durability::Relaxed);
+        assert!(!s.lost_unknown(), "a new store");
+        s.mark_serving(Timestamp(1)).unwrap();
+        drop(s);
+        let mut s = open(Durability::Relaxed);
+        assert!(s.lost_unknown(), "dropped without a clean stop");
+        s.mark_serving(Timestamp(2)).unwrap();
+        s.close(Timestamp(2)).unwrap();
+        drop(s);
+        let mut s = open(Durability::Relaxed);
+        assert!(!s.lost_unknown(), "closed cleanly");
+        s.mark_serving(Timestamp(3)).unwrap();
+        drop(s);
+        // Served durably after an unclean relaxed stop: told once, then
+        // never again.
+        let mut s = open(Durability::Durable);
+        assert!(s.lost_unknown());
+        s.mark_serving(Timestamp(4)).unwrap();
+        drop(s);
+        assert!(!open(Durability::Durable).lost_unknown());
     }
 
     /// Failure-scenarios draft section 2.6: what a node can vouch for

@@ -1192,8 +1192,9 @@ fn design_link_config_requires_tls_or_explicit_plaintext() {
 #[test]
 fn example_ha_loopback_script_shows_the_failover() {
     // The one-command demonstration in examples/ stays true: check-pointed
-    // mappings keep their external ports, the fully check-pointed client's
-    // epoch continues and the other one's resets.
+    // mappings keep their external ports; the RFC 6887 section 8.5 check
+    // of the fully check-pointed client finds its epoch continued, and the
+    // other client's finds it restarted.
     let bin = BINS.daemon();
     let out = Command::new("bash")
         .arg(examples_dir().join("ha-loopback.sh"))
@@ -1221,10 +1222,97 @@ fn example_ha_loopback_script_shows_the_failover() {
             w[e + 1].parse().unwrap(),
             w[e + 3].trim_end_matches(',').parse().unwrap(),
         );
+        assert!(
+            before >= 2,
+            "the epoch before the failure shows time passed: {l}"
+        );
+        let verdict = *w.last().unwrap();
         if l.contains("127.0.0.2") {
-            assert!(after >= before + 2, "epoch continues: {l}");
+            assert!(after >= before, "epoch continues: {l}");
+            assert_eq!(verdict, "valid", "{l}");
         } else {
-            assert_eq!(after, 0, "epoch reset: {l}");
+            assert_eq!(after, 0, "epoch restarted: {l}");
+            assert_eq!(verdict, "invalid", "{l}");
         }
+    }
+}
+
+/// RFC 6887 section 14.1.3 after a cold promotion: the node took over with
+/// no state at all, so clients it never heard of may have lost theirs.
+/// It tells everyone (the `[announce]` destinations), with the server's new
+/// epoch, from the address and port PCP requests arrive on (clients drop
+/// an ANNOUNCE from anywhere else), as a capture shows; as a backup it
+/// sent none.
+#[test]
+fn rfc6887_s14_1_3_a_cold_promotion_announces_from_the_pcp_address() {
+    const NAME: &str = "rfc6887_s14_1_3_a_cold_promotion_announces_from_the_pcp_address";
+    use portkeep_test_support::capture::{Capture, TSHARK};
+    use portkeep_test_support::skip::{is_root, skip};
+    if !Path::new(TSHARK).exists() {
+        return skip(
+            NAME,
+            "tshark not installed at /usr/bin/tshark (apt-get install tshark)",
+        );
+    }
+    if !is_root() {
+        return skip(NAME, "capturing on lo needs root");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_, mut sb) = pair(dir.path());
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = client.local_addr().unwrap().port();
+    sb.ha_extra = format!("\n[announce]\nunicast = [\"127.0.0.1:{port}\"]\nsends = 3\n");
+    let b = Node::start(&sb, "backup");
+    let mut capture = Capture::start(&format!("udp dst port {port}"), 3);
+    client
+        .set_read_timeout(Some(Duration::from_millis(600)))
+        .unwrap();
+    let mut buf = [0u8; 1100];
+    assert!(
+        client.recv_from(&mut buf).is_err(),
+        "a backup announces nothing"
+    );
+    let promoted = b.ctl(&["promote"]);
+    assert_eq!(promoted["takeover"], "cold", "{promoted}");
+    client
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let cp = CodePoints::default();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let (n, from) = client.recv_from(&mut buf).expect("an ANNOUNCE");
+        let r = Response::parse(&buf[..n], &cp).unwrap();
+        assert_eq!(r.data, OpData::Announce);
+        assert_eq!(r.header.result.0, 0);
+        got.push((from, r.header.epoch));
+    }
+    for (from, epoch) in &got {
+        assert_eq!(*from, sb.pcp, "sent from the PCP address: {got:?}");
+        assert!(*epoch <= 2, "the new epoch: {got:?}\n{}", b.log());
+    }
+    capture.wait_done(Duration::from_secs(5));
+    let rows = capture.fields(
+        port,
+        &[
+            "ip.src",
+            "udp.srcport",
+            "portcontrol.r",
+            "portcontrol.opcode",
+            "portcontrol.result_code",
+        ],
+    );
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    for row in &rows {
+        assert_eq!(
+            row,
+            &vec![
+                sb.pcp.ip().to_string(),
+                sb.pcp.port().to_string(),
+                "1".to_owned(),
+                "0".to_owned(),
+                "0".to_owned(),
+            ],
+            "{rows:?}"
+        );
     }
 }

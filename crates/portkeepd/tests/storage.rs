@@ -396,6 +396,84 @@ fn draft_s2_6_2_clearing_one_subscriber_leaves_the_others_epochs_untouched() {
     assert_eq!(epoch_check(&mut tb, addr, b), EpochVerdict::Valid);
 }
 
+/// Failure-scenarios draft section 2.6.1 with `store.mode = "relaxed"`:
+/// commits reach the disk within a second, so a crash may lose
+/// acknowledged changes, and whose cannot be known. A clean stop loses
+/// nothing and epochs continue; after `kill -9` under load every epoch
+/// resets and clients are told (RFC 6887 sections 8.5 and 14.1.3).
+#[test]
+fn draft_s2_6_1_a_relaxed_store_killed_under_load_resets_every_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let listener = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let cfg = dir.path().join("portkeepd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[store]\nmode = \"relaxed\"\n[announce]\nunicast = [\"{}\"]\nsends = 2\n",
+            listener.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    let addr = SocketAddr::new(LOCALHOST, restartable_port(LOCALHOST));
+    let client = IpAddr::from([127, 0, 0, 70]);
+    let mut d = daemon(addr, &data, &["--config", cfg]);
+    announcements(&listener, Duration::from_millis(600));
+    let mut tracker = EpochTracker::new();
+    assert_eq!(epoch_check(&mut tracker, addr, client), EpochVerdict::First);
+    let sock = UdpSocket::bind(SocketAddr::new(client, 0)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let req = map_request(client, 7000, 3600, [7; 12], false);
+    assert_eq!(exchange_once(&sock, addr, &req).unwrap().header.result.0, 0);
+    std::thread::sleep(Duration::from_millis(2200));
+    // A clean stop: everything is flushed, nothing lost, epochs continue.
+    d.signal_and_wait("TERM", Duration::from_secs(5)).unwrap();
+    d = daemon(addr, &data, &["--config", cfg]);
+    assert!(
+        announcements(&listener, Duration::from_millis(800)).is_empty(),
+        "a clean stop: no ANNOUNCE"
+    );
+    assert_eq!(
+        epoch_check(&mut tracker, addr, client),
+        EpochVerdict::Valid,
+        "epoch continues after a clean stop"
+    );
+    std::thread::sleep(Duration::from_millis(2200));
+    // Under load, kill -9.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let host = IpAddr::from([127, 0, 0, 71]);
+            let s = UdpSocket::bind(SocketAddr::new(host, 0)).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let mut port = 1u16;
+            while !stop.load(Ordering::Relaxed) {
+                let _ = exchange_once(&s, addr, &map_request(host, port, 3600, [9; 12], false));
+                port = port.wrapping_add(1).max(1);
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    d.signal_and_wait("KILL", Duration::from_secs(5)).unwrap();
+    stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    announcements(&listener, Duration::from_millis(50));
+    let _d = daemon(addr, &data, &["--config", cfg]);
+    let got = announcements(&listener, Duration::from_millis(800));
+    assert!(!got.is_empty(), "everyone is told");
+    assert!(got[0].header.epoch <= 1, "a new epoch: {got:?}");
+    assert!(
+        epoch_check(&mut tracker, addr, client).is_invalid(),
+        "the client's section 8.5 check sees the reset"
+    );
+    // Its mapping, durable long before the crash, is still held.
+    let again = exchange_once(&sock, addr, &req).unwrap();
+    assert_eq!(again.header.result.0, 0);
+}
+
 fn damaged_store_is_refused(damage: impl Fn(&Path)) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
