@@ -1316,3 +1316,130 @@ fn rfc6887_s14_1_3_a_cold_promotion_announces_from_the_pcp_address() {
         );
     }
 }
+
+/// A MAP from `client` for `host` (THIRD_PARTY), asking for a check-point
+/// or not.
+fn third_party_map(
+    client: IpAddr,
+    host: IpAddr,
+    port: u16,
+    nonce: u8,
+    checkpoint: bool,
+) -> Vec<u8> {
+    use portkeep_proto::{MapData, PcpOption, Protocol, Request, RequestHeader};
+    let mut options = vec![PcpOption::ThirdParty(portkeep_proto::addr::to_wire(host))];
+    if checkpoint {
+        options.push(PcpOption::CheckpointRequired);
+    }
+    Request {
+        header: RequestHeader {
+            lifetime: 3600,
+            client_ip: portkeep_proto::addr::to_wire(client),
+        },
+        data: OpData::Map(MapData {
+            nonce: [nonce; 12],
+            protocol: Protocol::TCP,
+            internal_port: port,
+            external_port: 0,
+            external_ip: std::net::Ipv6Addr::UNSPECIFIED,
+        }),
+        options,
+    }
+    .to_bytes(&CodePoints::default())
+    .unwrap()
+}
+
+/// Failure-scenarios draft section 2.6.1 across a takeover, for THIRD_PARTY
+/// clients (RFC 6887 section 13.1): each sees one epoch, its own. One of
+/// them made a volatile mapping for one of its hosts: after `kill -9` of
+/// the active and the backup's promotion its epoch has restarted (its
+/// section 8.5 check fails once), and it is told at the port its requests
+/// come from, by the new active's PCP address. The other made only
+/// check-pointed mappings: its epoch continues and nobody tells it
+/// anything.
+#[test]
+fn draft_s2_6_1_a_takeover_resets_exactly_the_third_party_client_that_held_volatile_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut sa, mut sb) = pair(dir.path());
+    let allow = "\n[third_party]\nallow = [\"127.0.0.80/28\"]\n".to_owned();
+    sa.ha_extra = allow.clone();
+    sb.ha_extra = allow;
+    let b = Node::start(&sb, "backup");
+    let mut a = Node::start(&sa, "active");
+    a.wait_in_sync();
+    let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+    let (m1, m2) = (ip("127.0.0.81"), ip("127.0.0.82"));
+    // (manager, host, port, check-point)
+    let plan = [
+        (m1, ip("127.0.0.91"), 80, true),
+        (m1, ip("127.0.0.92"), 80, false),
+        (m2, ip("127.0.0.93"), 80, true),
+        (m2, ip("127.0.0.94"), 80, true),
+    ];
+    let sockets: HashMap<IpAddr, UdpSocket> =
+        [m1, m2].iter().map(|&m| (m, client_socket(m))).collect();
+    let mut trackers: HashMap<IpAddr, EpochTracker> =
+        [m1, m2].iter().map(|&m| (m, EpochTracker::new())).collect();
+    let renew_all = |server: SocketAddr, trackers: &mut HashMap<IpAddr, EpochTracker>| {
+        let mut verdicts: HashMap<IpAddr, Vec<EpochVerdict>> = HashMap::new();
+        for (n, &(m, host, port, cp)) in plan.iter().enumerate() {
+            let req = third_party_map(m, host, port, n as u8 + 1, cp);
+            let r = exchange_once(&sockets[&m], server, &req).expect("answered");
+            assert_eq!(r.header.result.0, 0, "{r:?}");
+            // The new active has no backup: it honours no check-point.
+            assert_eq!(
+                r.checkpoint_honoured(),
+                cp && server == sa.pcp,
+                "{host}: {r:?}"
+            );
+            let v = trackers
+                .get_mut(&m)
+                .unwrap()
+                .observe(Instant::now(), r.header.epoch);
+            verdicts.entry(m).or_default().push(v);
+        }
+        verdicts
+    };
+    renew_all(sa.pcp, &mut trackers);
+    // Long enough for a reset to show in the section 8.5 check, which
+    // tolerates 2 s of disagreement.
+    std::thread::sleep(Duration::from_millis(3200));
+    let v = renew_all(sa.pcp, &mut trackers);
+    assert!(
+        v.values().flatten().all(|v| *v == EpochVerdict::Valid),
+        "{v:?}"
+    );
+    a.kill9();
+    let promoted = b.ctl(&["promote"]);
+    assert_eq!(promoted["takeover"], "hot", "{promoted}");
+    // m1 is told at once, at its request port, from B's PCP address.
+    let mut buf = [0u8; 1100];
+    let (n, from) = sockets[&m1].recv_from(&mut buf).expect("an ANNOUNCE to m1");
+    assert_eq!(from, sb.pcp);
+    let ann = Response::parse(&buf[..n], &CodePoints::default()).unwrap();
+    assert_eq!(ann.data, OpData::Announce);
+    assert!(
+        trackers
+            .get_mut(&m1)
+            .unwrap()
+            .observe(Instant::now(), ann.header.epoch)
+            .is_invalid(),
+        "m1's check sees the reset: epoch {}",
+        ann.header.epoch
+    );
+    sockets[&m2]
+        .set_read_timeout(Some(Duration::from_millis(600)))
+        .unwrap();
+    assert!(
+        sockets[&m2].recv_from(&mut buf).is_err(),
+        "m2 lost nothing and is told nothing"
+    );
+    // Renewals on B: m1's replies agree with its reset (one failure, not
+    // a loop), m2's epoch continues.
+    let v = renew_all(sb.pcp, &mut trackers);
+    assert!(
+        v.values().flatten().all(|v| *v == EpochVerdict::Valid),
+        "{v:?}\n{}",
+        b.log()
+    );
+}
