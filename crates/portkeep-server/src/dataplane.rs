@@ -18,6 +18,39 @@ pub struct DataplaneError {
     /// Sequence numbers of the changes that did not take effect (the rest
     /// of the batch did).
     pub failed: Vec<u64>,
+    /// Of `failed`, the changes to a mapping the forwarding plane still
+    /// holds as it was before them (a refused renewal: what the client was
+    /// granted earlier keeps working).
+    pub kept: Vec<u64>,
+    /// Of `failed`, the changes to a mapping the forwarding plane held
+    /// before them and holds no more, or may not (a dataplane in doubt
+    /// says so of every change it failed): its client lost it.
+    pub lost: Vec<u64>,
+}
+
+/// What a change the dataplane refused left of its mapping
+/// ([`crate::Server::refused`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Installed as it was before the change.
+    Kept,
+    /// Installed before the change, gone now (or maybe gone).
+    Lost,
+    /// Never installed: the change created it.
+    NotInstalled,
+}
+
+impl DataplaneError {
+    /// What change `seq`, one of [`DataplaneError::failed`], left.
+    pub fn refused(&self, seq: u64) -> Refused {
+        if self.kept.contains(&seq) {
+            Refused::Kept
+        } else if self.lost.contains(&seq) {
+            Refused::Lost
+        } else {
+            Refused::NotInstalled
+        }
+    }
 }
 
 /// Applies the change log to a forwarding plane.

@@ -26,7 +26,7 @@ pub use change::{
     RequesterState,
 };
 pub use config::ServerConfig;
-pub use dataplane::{Dataplane, DataplaneError, MemoryDataplane};
+pub use dataplane::{Dataplane, DataplaneError, MemoryDataplane, Refused};
 pub use policy::{
     BackupState, CheckpointClass, CheckpointMode, CheckpointPolicy, CheckpointStats, RateLimit,
     RefusalReason,

@@ -1041,23 +1041,55 @@ impl Server {
         true
     }
 
-    /// Takes back a mapping the dataplane could not install (RFC 6887
-    /// section 7.4: the request is answered NETWORK_FAILURE, so the mapping
-    /// must not exist either). Only the mapping `nonce` still owns is
-    /// removed; the removal is logged like any other. Returns whether it
-    /// was.
-    pub fn remove_failed(&mut self, key: &MappingKey, kind: MappingKind, nonce: Nonce) -> bool {
+    /// The dataplane refused the change that made the mapping `key` (of
+    /// `kind`, owned by `nonce`) what it is; its request is answered
+    /// NETWORK_FAILURE (RFC 6887 section 7.4: "a network failure"; the
+    /// client may retry soon). `how` says what the refusal left:
+    ///
+    /// - [`Refused::Kept`]: the forwarding plane still holds the mapping as
+    ///   it was before (a refused renewal). The mapping stays, and the
+    ///   client's earlier grant stands; nothing was lost, so no epoch
+    ///   moves (failure-scenarios draft section 2.6.1: the epoch MUST NOT
+    ///   reset otherwise). The core keeps what the renewal asked for (a
+    ///   later expiry, new filters), never less than the client holds;
+    ///   the next renewal the dataplane takes brings the two together.
+    /// - [`Refused::Lost`]: the forwarding plane held it and holds it no
+    ///   more (or may not): the mapping is taken back, and since its client
+    ///   held it, that is a loss: the subscriber's epoch restarts (and its
+    ///   THIRD_PARTY manager's), and the host is owed an ANNOUNCE.
+    /// - [`Refused::NotInstalled`]: a creation that failed; the mapping is
+    ///   taken back, and the client, which never held it, lost nothing.
+    ///
+    /// Only the mapping `nonce` still owns is touched. Returns whether it
+    /// was found (its reply then reports the failure).
+    pub fn refused(
+        &mut self,
+        now: Timestamp,
+        key: &MappingKey,
+        kind: MappingKind,
+        nonce: Nonce,
+        how: crate::Refused,
+    ) -> bool {
         let id = match kind {
             MappingKind::Map => self.table.map_entry(key),
             MappingKind::Peer { remote } => self.table.peer_entry(key, remote),
         };
-        match id {
-            Some(id) if self.table.get(id).is_some_and(|e| e.nonce == nonce) => {
+        let Some(id) = id.filter(|&id| self.table.get(id).is_some_and(|e| e.nonce == nonce)) else {
+            return false;
+        };
+        match how {
+            crate::Refused::Kept => {}
+            crate::Refused::NotInstalled => self.remove_entry(id, RemoveReason::Failed),
+            crate::Refused::Lost => {
+                let manager = self.table.get(id).and_then(Entry::manager);
+                let sub = self.cfg.subscriber_keying.subscriber_of(key.internal_ip);
+                self.requesters_lost(now, manager.into_iter().collect());
                 self.remove_entry(id, RemoveReason::Failed);
-                true
+                self.reset_subscriber_epoch(now, sub);
+                self.owe_announce(now, &[(sub, key.internal_ip)]);
             }
-            _ => false,
         }
+        true
     }
 
     /// When [`Server::handle_timeout`] next has work (the earliest expiry)

@@ -1062,3 +1062,96 @@ fn rfc6887_s15_restamping_never_turns_a_grant_into_a_deletion() {
     assert_eq!(r.header.lifetime, 0, "a deletion stays one");
     assert!(s.restamp(T0, ip(CLIENT), &[1, 2, 3], 3000).is_none());
 }
+
+// ---- Section 7.4: what a change the dataplane refused leaves -----------
+
+fn refused_setup() -> (Server, portkeep_server::MappingRecord) {
+    let mut s = server();
+    let r = send(&mut s, T0, CLIENT, &map(CLIENT, 80, 600, 1, vec![]));
+    assert_eq!(result(&r), ResultCode::SUCCESS);
+    s.drain_changes().for_each(drop);
+    // A renewal, 100 s later, that the dataplane then refuses.
+    let later = Timestamp(T0.0 + 100_000);
+    let r = send(&mut s, later, CLIENT, &map(CLIENT, 80, 600, 1, vec![]));
+    assert_eq!(result(&r), ResultCode::SUCCESS);
+    let m = s.mappings().pop().unwrap();
+    (s, m)
+}
+
+#[test]
+fn rfc6887_s7_4_a_refused_renewal_keeps_the_mapping_and_every_epoch() {
+    let (mut s, m) = refused_setup();
+    let now = Timestamp(T0.0 + 100_000);
+    assert!(s.refused(now, &m.key, m.kind, m.nonce, portkeep_server::Refused::Kept));
+    assert_eq!(
+        s.mapping_count(),
+        1,
+        "the NAT still holds it: so does the server"
+    );
+    assert!(
+        !s.drain_changes()
+            .any(|c| matches!(c.change, Change::Removed { .. } | Change::EpochReset { .. })),
+        "nothing removed, no epoch reset"
+    );
+    assert_eq!(s.requester_epoch(now, ip(CLIENT)), 100);
+    assert!(s.poll_announcements(now).is_empty(), "nobody lost anything");
+}
+
+#[test]
+fn rfc6887_s7_4_a_renewal_whose_mapping_the_nat_lost_resets_its_epoch_and_is_announced() {
+    let (mut s, m) = refused_setup();
+    let now = Timestamp(T0.0 + 100_000);
+    assert!(s.refused(now, &m.key, m.kind, m.nonce, portkeep_server::Refused::Lost));
+    assert_eq!(s.mapping_count(), 0, "taken back");
+    let changes: Vec<_> = s.drain_changes().collect();
+    assert!(changes.iter().any(|c| matches!(
+        c.change,
+        Change::Removed {
+            reason: RemoveReason::Failed,
+            ..
+        }
+    )));
+    assert!(changes
+        .iter()
+        .any(|c| matches!(c.change, Change::EpochReset { .. })));
+    assert_eq!(s.requester_epoch(now, ip(CLIENT)), 0, "its client lost it");
+    let told = s.poll_announcements(now);
+    assert!(
+        matches!(&told[..], [portkeep_server::Announcement::Unicast { to, .. }] if to.ip() == ip(CLIENT)),
+        "{told:?}"
+    );
+}
+
+#[test]
+fn rfc6887_s7_4_a_failed_creation_is_taken_back_and_loses_nothing() {
+    let mut s = server();
+    let r = send(&mut s, T0, CLIENT, &map(CLIENT, 80, 600, 1, vec![]));
+    assert_eq!(result(&r), ResultCode::SUCCESS);
+    let m = s.mappings().pop().unwrap();
+    let now = Timestamp(T0.0 + 5_000);
+    assert!(s.refused(
+        now,
+        &m.key,
+        m.kind,
+        m.nonce,
+        portkeep_server::Refused::NotInstalled
+    ));
+    assert_eq!(s.mapping_count(), 0);
+    assert!(!s
+        .drain_changes()
+        .any(|c| matches!(c.change, Change::EpochReset { .. })));
+    assert_eq!(s.requester_epoch(now, ip(CLIENT)), 5);
+    assert!(s.poll_announcements(now).is_empty());
+    // Another nonce's mapping is never touched.
+    let r = send(&mut s, now, CLIENT, &map(CLIENT, 81, 600, 2, vec![]));
+    assert_eq!(result(&r), ResultCode::SUCCESS);
+    let other = s.mappings().pop().unwrap();
+    assert!(!s.refused(
+        now,
+        &other.key,
+        other.kind,
+        [9; 12],
+        portkeep_server::Refused::Lost
+    ));
+    assert_eq!(s.mapping_count(), 1);
+}

@@ -110,11 +110,16 @@ impl std::fmt::Debug for Job {
     }
 }
 
+/// Every change failed, and what the NAT holds for each is in doubt: as
+/// lost, so every client that held one of them is told (fail closed).
 fn all_failed(name: &'static str, changes: &[ChangeRecord], message: String) -> DataplaneError {
+    let all: Vec<u64> = changes.iter().map(|c| c.seq).collect();
     DataplaneError {
         dataplane: name,
         message,
-        failed: changes.iter().map(|c| c.seq).collect(),
+        failed: all.clone(),
+        kept: Vec::new(),
+        lost: all,
     }
 }
 

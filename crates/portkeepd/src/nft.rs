@@ -640,6 +640,8 @@ struct Owner {
     seqs: Vec<u64>,
     /// Its elements after the batch (`None`: none).
     new: Option<Vec<Elem>>,
+    /// It had elements installed before the batch.
+    was_installed: bool,
 }
 
 /// One element message: an element of `owner`, added from its new
@@ -665,6 +667,8 @@ pub struct Batch {
     conntrack: Vec<CtMatch>,
     /// Changes that cannot be programmed, with why.
     rejected: Vec<(u64, String)>,
+    /// Of those, changes to an installed mapping, which keeps what it had.
+    rejected_kept: Vec<u64>,
 }
 
 impl Batch {
@@ -745,6 +749,14 @@ impl NftDataplane {
                 Change::Upserted(m) => match elements(m) {
                     Ok(e) => (m, Some(e)),
                     Err(why) => {
+                        let id = Ident {
+                            kind: m.kind,
+                            key: m.key,
+                        };
+                        if self.installed.contains_key(&id) && !b.rebuild {
+                            // Nothing is sent for it: what it had stays.
+                            b.rejected_kept.push(c.seq);
+                        }
                         b.rejected.push((c.seq, why));
                         continue;
                     }
@@ -775,6 +787,7 @@ impl NftDataplane {
                         id,
                         seqs: vec![c.seq],
                         new,
+                        was_installed: self.installed.contains_key(&id),
                     });
                 }
             }
@@ -787,6 +800,7 @@ impl NftDataplane {
                         id,
                         seqs: Vec::new(),
                         new: Some(els),
+                        was_installed: true,
                     });
                 }
             }
@@ -1261,6 +1275,7 @@ impl Dataplane for NftDataplane {
     fn apply(&mut self, changes: &[ChangeRecord]) -> Result<(), DataplaneError> {
         let mut b = self.plan(changes);
         let rejected = std::mem::take(&mut b.rejected);
+        let rejected_kept = std::mem::take(&mut b.rejected_kept);
         let cts = std::mem::take(&mut b.conntrack);
         let mut failed: Vec<u64> = rejected.iter().map(|(seq, _)| *seq).collect();
         let mut why: Vec<String> = rejected
@@ -1292,7 +1307,27 @@ impl Dataplane for NftDataplane {
             }
         }
         let doubt = Self::doubt_after(&b, &loaded);
+        let refused: Vec<(Ident, bool, Vec<u64>)> = b
+            .owners
+            .iter()
+            .zip(&loaded.failed)
+            .filter(|(o, f)| f.is_some() && !o.seqs.is_empty() && o.was_installed)
+            .map(|(o, _)| (o.id, o.new.is_some(), o.seqs.clone()))
+            .collect();
         self.commit(b, &loaded);
+        // A refused change to a mapping that was installed: what it had
+        // before is still there unless the table was rebuilt without it.
+        let (mut kept, mut lost) = (rejected_kept, Vec::new());
+        for (id, upsert, seqs) in refused {
+            if !upsert {
+                continue;
+            }
+            if self.installed.contains_key(&id) {
+                kept.extend(seqs);
+            } else {
+                lost.extend(seqs);
+            }
+        }
         if doubt {
             tracing::warn!("nft table in doubt: rebuilding it on the next batch");
             self.built = false;
@@ -1313,6 +1348,8 @@ impl Dataplane for NftDataplane {
             dataplane: "nftables",
             message: why.join("; "),
             failed,
+            kept,
+            lost,
         })
     }
 }

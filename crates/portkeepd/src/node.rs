@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use portkeep_ha::{Effect, Grant, SnapshotSource, Term};
 use portkeep_server::{
-    Change, ChangeRecord, Dataplane, MappingKind, MemoryDataplane, RemoveReason, Restored, Server,
-    ServerConfig, SubscriberId, Timestamp,
+    Change, ChangeRecord, Dataplane, DataplaneError, MappingKind, MemoryDataplane, RemoveReason,
+    Restored, Server, ServerConfig, SubscriberId, Timestamp,
 };
 use serde_json::{json, Value};
 
@@ -215,35 +215,39 @@ impl Shared {
         self.dataplane.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Applies changes to the dataplane; returns the sequence numbers of
-    /// those that did not take effect.
-    fn apply(&self, changes: &[ChangeRecord]) -> Vec<u64> {
+    /// Applies changes to the dataplane; returns what did not take effect.
+    fn apply(&self, changes: &[ChangeRecord]) -> Option<DataplaneError> {
         for c in changes {
             log_change(c);
         }
         apply_guarded(&mut **self.dataplane(), changes)
     }
 
-    /// RFC 6887 section 7.4: a mapping the dataplane could not install is
-    /// answered NETWORK_FAILURE ("a network failure ... unable to create
-    /// mapping"; a short-lifetime error: the client may retry soon) and
-    /// taken back from the core, so that what the server holds and what the
-    /// NAT does stay the same. `replies` are rewritten in place. A failed
-    /// removal needs nothing here: the core dropped the mapping already,
-    /// and the dataplane itself makes sure its rules go (the nftables one
-    /// rebuilds its table without them; [`crate::bounded`] keeps removals
-    /// it could not hand over for the next batch).
+    /// RFC 6887 section 7.4: a change the dataplane refused is answered
+    /// NETWORK_FAILURE ("a network failure ... unable to create mapping";
+    /// a short-lifetime error: the client may retry soon), and the core
+    /// decides what that leaves (`Server::refused`): a refused renewal
+    /// keeps the mapping the NAT still holds, a mapping the NAT lost is a
+    /// loss (its epoch restarts), a failed creation is taken back.
+    /// `replies` are rewritten in place, with the epoch their client now
+    /// sees. A failed removal needs nothing here: the core dropped the
+    /// mapping already, and the dataplane itself makes sure its rules go
+    /// (the nftables one rebuilds its table without them;
+    /// [`crate::bounded`] keeps removals it could not hand over for the
+    /// next batch).
     fn undo_failed(
         &self,
         core: &mut Core,
         changes: &[ChangeRecord],
-        failed: &[u64],
+        failed: &DataplaneError,
         replies: &mut [&mut SendBatch],
     ) {
+        let now = self.clock.now();
         let mut undone: Vec<(portkeep_proto::Nonce, portkeep_proto::Protocol, u16)> = Vec::new();
-        for c in changes.iter().filter(|c| failed.contains(&c.seq)) {
+        for c in changes.iter().filter(|c| failed.failed.contains(&c.seq)) {
             if let Change::Upserted(m) = &c.change {
-                if core.server.remove_failed(&m.key, m.kind, m.nonce) {
+                let how = failed.refused(c.seq);
+                if core.server.refused(now, &m.key, m.kind, m.nonce, how) {
                     undone.push((m.nonce, m.key.protocol, m.key.internal_port));
                 }
             }
@@ -251,11 +255,15 @@ impl Shared {
         if undone.is_empty() {
             return;
         }
-        let cfg = core.server.config();
+        let server = &core.server;
+        let cfg = server.config();
         let cp = cfg.code_points;
         let lifetime = cfg.short_error_lifetime;
         for r in replies.iter_mut() {
-            **r = r.rewrite(|_, bytes| network_failure(bytes, &cp, lifetime, &undone));
+            **r = r.rewrite(|to, bytes| {
+                let epoch = server.requester_epoch(now, to.ip());
+                network_failure(bytes, &cp, lifetime, epoch, &undone)
+            });
         }
     }
 
@@ -297,8 +305,7 @@ impl Shared {
         };
         match &self.queue {
             None => {
-                let failed = self.apply(&changes);
-                if !failed.is_empty() {
+                if let Some(failed) = self.apply(&changes) {
                     self.undo_failed(&mut core, &changes, &failed, &mut [&mut replies]);
                     let undo: Vec<ChangeRecord> = core.server.drain_changes().collect();
                     self.apply(&undo);
@@ -468,25 +475,42 @@ impl Shared {
     }
 }
 
-/// Applies `changes` to `dp`; returns the sequence numbers of those that
-/// did not take effect. A dataplane that panics installed nothing this
-/// node can vouch for: every change of the batch counts as failed, so no
-/// client is told SUCCESS for a mapping the NAT may not have (fail closed).
-pub(crate) fn apply_guarded(dp: &mut dyn Dataplane, changes: &[ChangeRecord]) -> Vec<u64> {
+/// Applies `changes` to `dp`; returns what did not take effect. A
+/// dataplane that panics installed nothing this node can vouch for: every
+/// change of the batch counts as failed, so no client is told SUCCESS for
+/// a mapping the NAT may not have, and as lost, so every client that held
+/// one of them is told (fail closed).
+pub(crate) fn apply_guarded(
+    dp: &mut dyn Dataplane,
+    changes: &[ChangeRecord],
+) -> Option<DataplaneError> {
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dp.apply(changes)));
     match r {
-        Ok(Ok(())) => Vec::new(),
+        Ok(Ok(())) => None,
         Ok(Err(e)) => {
             tracing::error!(error = %e, "dataplane did not apply {} change(s)", e.failed.len());
-            e.failed
+            Some(e)
         }
         Err(_) => {
             tracing::error!(
                 "the dataplane panicked: all {} change(s) of the batch count as failed",
                 changes.len()
             );
-            changes.iter().map(|c| c.seq).collect()
+            Some(in_doubt("the dataplane panicked", changes))
         }
+    }
+}
+
+/// Every change of `changes` failed, and what the NAT holds for each is in
+/// doubt.
+pub(crate) fn in_doubt(why: &str, changes: &[ChangeRecord]) -> DataplaneError {
+    let all: Vec<u64> = changes.iter().map(|c| c.seq).collect();
+    DataplaneError {
+        dataplane: "dataplane",
+        message: why.to_owned(),
+        failed: all.clone(),
+        kept: Vec::new(),
+        lost: all,
     }
 }
 
@@ -498,6 +522,7 @@ fn network_failure(
     bytes: &[u8],
     cp: &portkeep_proto::CodePoints,
     lifetime: u32,
+    epoch: u32,
     undone: &[(portkeep_proto::Nonce, portkeep_proto::Protocol, u16)],
 ) -> Option<Vec<u8>> {
     use portkeep_proto::{PcpOption, ResultCode};
@@ -511,6 +536,7 @@ fn network_failure(
         if hit {
             r.header.result = ResultCode::NETWORK_FAILURE;
             r.header.lifetime = lifetime;
+            r.header.epoch = epoch;
             r.options.retain(|o| *o != PcpOption::CheckpointRequired);
         }
         hit
@@ -1045,7 +1071,7 @@ fn commit(
                 // vouch for: every change of the batch failed.
                 let failed = dp.join().unwrap_or_else(|_| {
                     tracing::error!("the dataplane panicked: the whole batch counts as failed");
-                    changes.iter().map(|c| c.seq).collect()
+                    Some(in_doubt("the dataplane thread panicked", &changes))
                 });
                 (w, failed)
             })
@@ -1053,14 +1079,14 @@ fn commit(
             let w = store.as_mut().map_or(Ok(()), |st| st.write(&changes, now));
             match w {
                 Ok(()) => (Ok(()), shared.apply(&changes)),
-                Err(e) => (Err(e), Vec::new()),
+                Err(e) => (Err(e), None),
             }
         };
         if let Err(e) = written {
             fail(shared, &e);
             return false;
         }
-        if !failed.is_empty() {
+        if let Some(failed) = failed {
             let mut core = shared.lock();
             let mut all: Vec<&mut SendBatch> = jobs.iter_mut().map(|j| &mut j.replies).collect();
             shared.undo_failed(&mut core, &changes, &failed, &mut all);
@@ -1342,8 +1368,9 @@ mod tests {
     #[test]
     fn rfc6887_s7_4_a_panicking_dataplane_fails_the_whole_batch() {
         let changes = [upsert(1), upsert(2), upsert(3)];
-        let failed = apply_guarded(&mut Panicking, &changes);
-        assert_eq!(failed, vec![1, 2, 3]);
+        let failed = apply_guarded(&mut Panicking, &changes).unwrap();
+        assert_eq!(failed.failed, vec![1, 2, 3]);
+        assert_eq!(failed.lost, vec![1, 2, 3], "in doubt: lost");
     }
 
     /// RFC 7767 section 3.2: a reply that cannot be re-encoded after an
@@ -1359,7 +1386,13 @@ mod tests {
         let out = batch.rewrite(|_, b| portkeep_ha::strip_checkpoint(b, &cp));
         assert!(out.is_empty(), "the unparsable reply must not be sent");
         let out = batch.rewrite(|_, b| {
-            network_failure(b, &cp, 30, &[([1; 12], portkeep_proto::Protocol::TCP, 80)])
+            network_failure(
+                b,
+                &cp,
+                30,
+                0,
+                &[([1; 12], portkeep_proto::Protocol::TCP, 80)],
+            )
         });
         assert!(out.is_empty());
     }

@@ -224,6 +224,8 @@ fn load(
                         dataplane: "dataplane",
                         message: "panicked while loading the stored mappings".into(),
                         failed: Vec::new(),
+                        kept: Vec::new(),
+                        lost: Vec::new(),
                     })
                 });
                 (server, report, loaded)

@@ -10,6 +10,9 @@
 //! endpoint (`EEXIST`), as it would refuse any element it cannot take,
 //! and the rest of the batch must go in regardless.
 //!
+//! A renewal the kernel refuses is answered NETWORK_FAILURE too, but the
+//! mapping it renews stays, as the NAT still does it, and no epoch moves.
+//!
 //! Needs root, `ip` and `nft`: under CI (`CI=true`) it fails without them;
 //! elsewhere it prints `SKIPPED: <reason>` and passes.
 
@@ -60,6 +63,16 @@ esac
 }
 
 fn map_request(client: IpAddr, port: u16, nonce: u8) -> Vec<u8> {
+    map_with(client, port, nonce, vec![])
+}
+
+/// A MAP as [`map_request`] makes it, with `options`.
+fn map_with(
+    client: IpAddr,
+    port: u16,
+    nonce: u8,
+    options: Vec<portkeep_proto::PcpOption>,
+) -> Vec<u8> {
     Request {
         header: RequestHeader {
             lifetime: 3600,
@@ -74,7 +87,7 @@ fn map_request(client: IpAddr, port: u16, nonce: u8) -> Vec<u8> {
             external_port: port,
             external_ip: Ipv6Addr::UNSPECIFIED,
         }),
-        options: vec![],
+        options,
     }
     .to_bytes(&CodePoints::default())
     .unwrap()
@@ -163,4 +176,110 @@ fn exercise(nft: &std::path::Path) {
     let (n, _) = sock.recv_from(&mut buf).unwrap();
     let r = Response::parse(&buf[..n], &CodePoints::default()).unwrap();
     assert_eq!(r.header.result, ResultCode::NETWORK_FAILURE);
+}
+
+/// FILTER (RFC 6887 section 13.3) for an IPv4 prefix, any port.
+fn filter(prefix: [u8; 4], len: u8) -> portkeep_proto::PcpOption {
+    portkeep_proto::PcpOption::Filter(portkeep_proto::Filter {
+        prefix_len: 96 + len,
+        remote_port: 0,
+        remote_ip: std::net::Ipv4Addr::from(prefix).to_ipv6_mapped(),
+    })
+}
+
+#[test]
+fn rfc6887_s7_4_a_refused_renewal_keeps_the_mapping_and_the_epoch() {
+    let what = "refused renewal keeps the mapping";
+    let Some((lab, ns)) = netns::setup(what, &["ip", "nft"], || {
+        let mut lab = Lab::new("dpr")?;
+        let ns = format!("pkdr-{}", lab.id);
+        lab.add_ns(&ns)?;
+        Ok((lab, ns))
+    }) else {
+        return;
+    };
+    let nft = find_tool("nft").unwrap();
+    in_ns(&ns, move || refused_renewal(&nft));
+    drop(lab);
+}
+
+fn refused_renewal(nft: &std::path::Path) {
+    const PORT: u16 = 5100;
+    let d = Daemon::spawn(
+        &BINS,
+        &DaemonSpec {
+            config: Some("[dataplane]\nkind = \"nftables\"\non_stop = \"flush\"\n"),
+            ..DaemonSpec::default()
+        },
+    );
+    let client = LOCALHOST;
+    let sock = UdpSocket::bind(SocketAddr::new(client, 0)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let ask = |options: Vec<portkeep_proto::PcpOption>| {
+        sock.send_to(&map_with(client, PORT, 1, options), d.addr())
+            .unwrap();
+        let mut buf = [0u8; 1100];
+        let (n, _) = sock.recv_from(&mut buf).expect("answered");
+        Response::parse(&buf[..n], &CodePoints::default()).unwrap()
+    };
+    let made = ask(vec![filter([203, 0, 113, 0], 24)]);
+    assert_eq!(made.header.result, ResultCode::SUCCESS, "{}", d.log());
+    let ext = made.data.map_part().unwrap().external_port;
+    let mut tracker = portkeep_client::EpochTracker::new();
+    tracker.observe(std::time::Instant::now(), made.header.epoch);
+    // An element the renewal's new filter will overlap: the kernel refuses
+    // the daemon's.
+    let clash = format!(
+        "add element inet portkeep allow4 {{ 6 . 192.0.2.1 . {ext} . 198.51.100.0-198.51.100.127 . 0-65535 }}"
+    );
+    let out = std::process::Command::new(nft)
+        .arg(&clash)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    std::thread::sleep(Duration::from_millis(2200));
+    let renewed = ask(vec![filter([198, 51, 100, 0], 24)]);
+    assert_eq!(
+        renewed.header.result,
+        ResultCode::NETWORK_FAILURE,
+        "{}",
+        d.log()
+    );
+    assert_eq!(renewed.header.lifetime, 30);
+    assert_eq!(
+        tracker.observe(std::time::Instant::now(), renewed.header.epoch),
+        portkeep_client::EpochVerdict::Valid,
+        "nothing lost: the epoch continues"
+    );
+    // The server still holds it, and the NAT still forwards it.
+    let out = d.ctl(&["--json", "mappings"]);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let held: Vec<u64> = v["mappings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["internal_port"].as_u64().unwrap())
+        .collect();
+    assert_eq!(held, vec![u64::from(PORT)], "{}", d.log());
+    let list = std::process::Command::new(nft)
+        .args(["list", "map", "inet", "portkeep", "dnat4"])
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        list.contains(&format!("192.0.2.1 . {ext}")),
+        "still installed: {list}"
+    );
+    // Once the clash is gone, the next renewal goes in: same endpoint,
+    // and still no reset.
+    let del = clash.replacen("add", "delete", 1);
+    let out = std::process::Command::new(nft).arg(&del).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let again = ask(vec![]);
+    assert_eq!(again.header.result, ResultCode::SUCCESS, "{}", d.log());
+    assert_eq!(again.data.map_part().unwrap().external_port, ext);
+    assert_eq!(
+        tracker.observe(std::time::Instant::now(), again.header.epoch),
+        portkeep_client::EpochVerdict::Valid
+    );
 }
