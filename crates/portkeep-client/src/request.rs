@@ -218,6 +218,11 @@ impl RequestBuilder {
         self
     }
 
+    /// The host named by THIRD_PARTY, if any.
+    pub fn third_party_host(&self) -> Option<IpAddr> {
+        self.third_party
+    }
+
     /// The requested lifetime in seconds.
     pub fn lifetime_value(&self) -> u32 {
         self.lifetime

@@ -129,6 +129,9 @@ pub enum RecreateReason {
     /// The client's own address changed (failure-scenarios draft
     /// section 2.4).
     ClientAddressChanged,
+    /// A host the client maps for with THIRD_PARTY changed its address
+    /// (failure-scenarios draft section 2.4).
+    ThirdPartyHostChanged,
 }
 
 /// Something the session's owner should know.
@@ -650,6 +653,46 @@ impl Session {
         stale
     }
 
+    /// A host this client maps for with THIRD_PARTY moved from `old` to
+    /// `new` (failure-scenarios draft section 2.4, for a client that
+    /// manages other hosts' mappings): each of its mappings is installed
+    /// again for `new` (same nonce, suggesting the external endpoint it
+    /// had), and the returned datagrams delete those of `old` (MAP,
+    /// lifetime 0, same nonce, THIRD_PARTY `old`: RFC 6887 section 15),
+    /// for the caller to send now, before the re-creations: the old
+    /// address may soon be another host's, and must not keep receiving
+    /// this one's traffic. Best effort: a stale mapping nobody deletes
+    /// expires. Mappings of other hosts are untouched.
+    pub fn set_third_party_host(&mut self, now: Instant, old: IpAddr, new: IpAddr) -> Vec<Vec<u8>> {
+        if old == new {
+            return Vec::new();
+        }
+        let cp = self.config.code_points;
+        let client = self.client_ip;
+        let mut stale = Vec::new();
+        let mut moved = Vec::new();
+        for (id, e) in &mut self.entries {
+            if e.request.third_party_host() != Some(old) || e.removing {
+                continue;
+            }
+            if e.grant.is_some() || e.tx.is_some() {
+                if let Some(d) = e
+                    .request
+                    .delete_of()
+                    .and_then(|d| d.build(client).ok())
+                    .and_then(|r| r.to_bytes(&cp).ok())
+                {
+                    stale.push(d);
+                }
+            }
+            e.request = e.request.clone().third_party(new);
+            moved.push(*id);
+        }
+        self.counters.deletes += stale.len() as u64;
+        self.recreate(now, moved, RecreateReason::ThirdPartyHostChanged);
+        stale
+    }
+
     fn jitter(&mut self) -> Duration {
         let max = self.config.recreate_jitter;
         if max.is_zero() {
@@ -1075,12 +1118,17 @@ impl Session {
     }
 
     fn recreate_all(&mut self, now: Instant, except: Option<MappingId>, reason: RecreateReason) {
-        let mut ids: Vec<MappingId> = self
+        let ids: Vec<MappingId> = self
             .entries
             .iter()
             .filter(|(id, e)| Some(**id) != except && !e.removing)
             .map(|(id, _)| *id)
             .collect();
+        self.recreate(now, ids, reason);
+    }
+
+    /// Re-creates the mappings `ids` (each after its own jitter).
+    fn recreate(&mut self, now: Instant, mut ids: Vec<MappingId>, reason: RecreateReason) {
         // Jitter is drawn per mapping: in id order, so a seeded session
         // replays exactly (the map's iteration order is random).
         ids.sort_unstable();
@@ -1609,6 +1657,59 @@ mod tests {
             assert_eq!(portkeep_proto::addr::from_wire(r.header.client_ip), new_ip);
             assert_eq!(r.header.lifetime, 1000);
         }
+    }
+
+    /// Failure-scenarios draft section 2.4 for a THIRD_PARTY client: one
+    /// managed host moves; exactly its mappings are deleted at the old
+    /// address and created at the new one, with the same nonce and the
+    /// external port they had; the other host's are untouched.
+    #[test]
+    fn draft_s2_4_a_managed_host_that_moves_is_reinstalled_and_its_old_mappings_deleted() {
+        let t = t0();
+        let (h1, h2, moved): (IpAddr, IpAddr, IpAddr) = (
+            "192.0.2.11".parse().unwrap(),
+            "192.0.2.12".parse().unwrap(),
+            "192.0.2.21".parse().unwrap(),
+        );
+        let mut s = session(500);
+        s.insert(t, 1, map(1, 8001).third_party(h1)).unwrap();
+        s.insert(t, 2, map(2, 8002).third_party(h1)).unwrap();
+        s.insert(t, 3, map(3, 8003).third_party(h2)).unwrap();
+        s.handle_timeout(t);
+        for req in drain(&mut s) {
+            s.handle_input(t, server(), &answer(&req, 0, 1000, 5, 9000));
+        }
+        events(&mut s);
+        let third_party = |r: &Request| {
+            r.options.iter().find_map(|o| match o {
+                PcpOption::ThirdParty(a) => Some(portkeep_proto::addr::from_wire(*a)),
+                _ => None,
+            })
+        };
+        let stale = s.set_third_party_host(t, h1, moved);
+        assert_eq!(stale.len(), 2, "one delete per mapping of the host");
+        for d in &stale {
+            let r = Request::parse(d, &CodePoints::default()).unwrap();
+            assert_eq!(r.header.lifetime, 0, "a delete");
+            assert_eq!(third_party(&r), Some(h1), "of the old address");
+            assert_eq!(
+                portkeep_proto::addr::from_wire(r.header.client_ip),
+                client_ip(),
+                "from the managing client"
+            );
+        }
+        s.handle_timeout(t + Duration::from_millis(500));
+        let sent = drain(&mut s);
+        assert_eq!(sent.len(), 2, "only the moved host's mappings");
+        for r in &sent {
+            assert_eq!(third_party(r), Some(moved));
+            assert_eq!(r.header.lifetime, 1000);
+            let m = r.data.map_part().unwrap();
+            assert!(m.nonce == nonce(1) || m.nonce == nonce(2));
+            assert_eq!(m.external_port, 9000, "suggests what it had");
+        }
+        assert!(s.grant(3).is_some(), "the other host's mapping stands");
+        assert!(s.set_third_party_host(t, h2, h2).is_empty());
     }
 
     /// The application removes a mapping and adds it back (same nonce)

@@ -138,3 +138,74 @@ fn draft_s2_6_1_third_party_client_recreates_exactly_the_cleared_hosts_mapping_o
         );
     }
 }
+
+/// The server's table: internal address and port -> external port.
+fn held(d: &Daemon) -> std::collections::BTreeMap<(String, u64), String> {
+    let run = d.ctl(&["--json", "mappings"]);
+    assert_eq!(run.code, Some(0), "{run:?}");
+    run.json()["mappings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                (
+                    m["internal_ip"].as_str().unwrap().to_owned(),
+                    m["internal_port"].as_u64().unwrap(),
+                ),
+                m["external"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn draft_s2_4_a_managed_host_that_moves_keeps_its_mappings_at_its_new_address() {
+    let d = Daemon::with_config(&BINS, "[third_party]\nallow = [\"127.0.0.0/8\"]\n");
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut session = Session::new(
+        d.addr(),
+        "127.0.0.1".parse().unwrap(),
+        SessionConfig {
+            recreate_jitter: Duration::from_millis(100),
+            ..SessionConfig::default()
+        },
+        9,
+    );
+    let (h1, h2, moved) = ("127.0.0.31", "127.0.0.32", "127.0.0.33");
+    let start = now();
+    for (i, h) in [h1, h1, h2].iter().enumerate() {
+        let req = RequestBuilder::map(Protocol::TCP, 7100 + i as u16)
+            .lifetime(600)
+            .third_party(h.parse().unwrap());
+        session.insert(start, i as MappingId, req).unwrap();
+    }
+    drive(&mut session, &sock, start + Duration::from_secs(1));
+    let before = held(&d);
+    assert_eq!(before.len(), 3, "{before:?}");
+    // h1 moves (a new DHCP lease): the client learns of it.
+    let stale = session.set_third_party_host(now(), h1.parse().unwrap(), moved.parse().unwrap());
+    assert_eq!(stale.len(), 2);
+    for s in &stale {
+        sock.send_to(s, d.addr()).unwrap();
+    }
+    drive(&mut session, &sock, now() + Duration::from_secs(2));
+    let after = held(&d);
+    let hosts: std::collections::BTreeSet<&str> = after.keys().map(|(h, _)| h.as_str()).collect();
+    assert_eq!(
+        hosts,
+        [h2, moved].into_iter().collect(),
+        "the old address holds nothing: {after:?}"
+    );
+    for port in [7100u64, 7101] {
+        assert_eq!(
+            after[&(moved.to_owned(), port)],
+            before[&(h1.to_owned(), port)],
+            "the same external endpoint at the new address"
+        );
+    }
+    assert_eq!(
+        after[&(h2.to_owned(), 7102)],
+        before[&(h2.to_owned(), 7102)]
+    );
+}
