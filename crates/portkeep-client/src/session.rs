@@ -117,8 +117,9 @@ pub enum GrantKind {
     Recreated,
 }
 
-/// Why every mapping is being re-created.
+/// Why mappings are being re-created (more reasons may come).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RecreateReason {
     /// A response's epoch failed the check of RFC 6887 section 8.5.
     Epoch(EpochInvalid),

@@ -391,6 +391,8 @@ impl Agent {
                     RecreateReason::Announce(_) => "announce",
                     RecreateReason::ServerChanged => "server_changed",
                     RecreateReason::ClientAddressChanged => "client_address_changed",
+                    RecreateReason::ThirdPartyHostChanged => "third_party_host_changed",
+                    _ => "other",
                 };
                 self.emit(json!({"event": "recreating", "reason": reason, "count": count}));
             }
