@@ -673,6 +673,120 @@ fn rfc7767_s4_policy_file_overrides_application() {
         .all(|m| m["checkpoint_honoured"] == json!(false)));
 }
 
+/// RFC 7767 section 4, example 3: an application marks a check-point it
+/// must have (an emergency call) as mandatory; the user's settings cannot
+/// turn it off, the administrator's policy can. The precedence table is in
+/// docs/agent.md.
+#[test]
+fn rfc7767_s4_a_mandatory_checkpoint_beats_the_user_not_the_administrator() {
+    let ip = host_ip();
+    let server = Server::start(RELAXED);
+    let state = tempfile::tempdir().unwrap();
+    let user = state.path().join("user.toml");
+    let admin = state.path().join("admin.toml");
+    std::fs::write(
+        &user,
+        "[apps.sos]\ncheckpoint = false\n[apps.blocked]\ncheckpoint = false\n",
+    )
+    .unwrap();
+    std::fs::write(&admin, "[apps.blocked]\ncheckpoint = false\n").unwrap();
+    let mut agent = Agent::start(
+        &state.path().join("a"),
+        server.addr(),
+        ip,
+        &[
+            "--config",
+            user.to_str().unwrap(),
+            "--policy",
+            admin.to_str().unwrap(),
+        ],
+    );
+    let source = |v: &Value| (v["checkpoint"].clone(), v["checkpoint_source"].clone());
+    let sos = agent.add("sos", 911, json!({"checkpoint": true, "mandatory": true}));
+    assert_eq!(source(&sos), (json!(true), json!("application:mandatory")));
+    let plain = agent.add("sos", 912, json!({"checkpoint": true}));
+    assert_eq!(source(&plain), (json!(false), json!("config:app")));
+    let blocked = agent.add(
+        "blocked",
+        913,
+        json!({"checkpoint": true, "mandatory": true}),
+    );
+    assert_eq!(source(&blocked), (json!(false), json!("policy:app")));
+    // The mark survives the agent's restart (it is stored).
+    std::thread::sleep(Duration::from_millis(400)); // the store's batch
+    agent.kill9();
+    agent.spawn();
+    let listed = agent.list();
+    let m = listed.iter().find(|m| m["port"] == json!(911)).unwrap();
+    assert_eq!(m["checkpoint_source"], json!("application:mandatory"));
+}
+
+/// Runs `portkeep agent ...` as user `uid` (root only can do that).
+fn agent_cli_as(uid: u32, dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("setpriv")
+        .args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+        ])
+        .arg(BINS.cli())
+        .args(["agent", "--state-dir", dir.to_str().unwrap()])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The agent's socket takes requests from any local process it lets in;
+/// SO_PEERCRED names the caller's user, and a mapping can be removed only
+/// by the user who added it, or by root.
+#[test]
+fn agent_api_another_users_process_cannot_remove_an_applications_mapping() {
+    const NAME: &str = "agent_api_another_users_process_cannot_remove_an_applications_mapping";
+    if !portkeep_test_support::skip::is_root() {
+        return portkeep_test_support::skip::skip(NAME, "running as other users needs root");
+    }
+    let ip = host_ip();
+    let server = Server::start(RELAXED);
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().join("a");
+    let agent = Agent::start(&dir, server.addr(), ip, &[]);
+    // Let other users reach the socket (the operator's choice, by file
+    // permissions; the agent itself still checks who calls).
+    use std::os::unix::fs::PermissionsExt;
+    for d in [state.path(), dir.as_path()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(
+        dir.join("agent.sock"),
+        std::fs::Permissions::from_mode(0o666),
+    )
+    .unwrap();
+    let (alice, bob) = (60_001, 60_002);
+    let key = ["--app", "web", "--protocol", "tcp", "--port", "8080"];
+    let add = agent_cli_as(alice, &dir, &[&["add"][..], &key[..]].concat());
+    assert!(add.status.success(), "{add:?}");
+    let by_bob = agent_cli_as(bob, &dir, &[&["remove"][..], &key[..]].concat());
+    assert!(
+        !by_bob.status.success(),
+        "another user removed it: {by_bob:?}"
+    );
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&by_bob.stdout),
+        String::from_utf8_lossy(&by_bob.stderr)
+    );
+    assert!(said.contains("user 60001"), "{said}");
+    assert_eq!(agent.list().len(), 1, "still held");
+    let by_alice = agent_cli_as(alice, &dir, &[&["remove"][..], &key[..]].concat());
+    assert!(by_alice.status.success(), "{by_alice:?}");
+    assert!(agent.list().is_empty());
+    // Root may remove anyone's.
+    let add = agent_cli_as(alice, &dir, &[&["add"][..], &key[..]].concat());
+    assert!(add.status.success(), "{add:?}");
+    let r = agent.call(&json!({"op": "remove", "app": "web", "protocol": "tcp", "port": 8080}));
+    assert_eq!(r["ok"], json!(true), "{r}");
+}
+
 #[test]
 fn draft_s2_4_internal_address_change_reinstalls_and_deletes_stale() {
     let ip = host_ip();

@@ -13,8 +13,8 @@
 //!
 //! | op | fields | answer |
 //! |---|---|---|
-//! | `add` | `app`, `protocol` (name or number), `port`, optional `checkpoint`, `lifetime` | `id`, `checkpoint`, `checkpoint_source` |
-//! | `remove` | `app`, `protocol`, `port` | `id` |
+//! | `add` | `app`, `protocol` (name or number), `port`, optional `checkpoint`, `mandatory`, `lifetime` | `id`, `checkpoint`, `checkpoint_source` |
+//! | `remove` | `app`, `protocol`, `port` (only the user who added it, or root) | `id` |
 //! | `list` | | `mappings`: one object per mapping |
 //! | `status` | | server, client address, epoch, counters |
 //! | `subscribe` | | then events: `granted`, `failed`, `lost`, `recreating`, `removed`, `unknown_options`, `adopted`, `orphan_deleted` |
@@ -31,13 +31,7 @@ use serde_json::Value;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub(crate) enum ApiRequest {
-    Add {
-        app: String,
-        protocol: String,
-        port: u16,
-        checkpoint: Option<bool>,
-        lifetime: Option<u32>,
-    },
+    Add(AddRequest),
     Remove {
         app: String,
         protocol: String,
@@ -46,6 +40,20 @@ pub(crate) enum ApiRequest {
     List,
     Status,
     Subscribe,
+}
+
+/// `add`: an application asks for a mapping.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct AddRequest {
+    pub(crate) app: String,
+    pub(crate) protocol: String,
+    pub(crate) port: u16,
+    pub(crate) checkpoint: Option<bool>,
+    /// The check-point may not be turned off by the user's settings
+    /// (RFC 7767 section 4, example 3).
+    #[serde(default)]
+    pub(crate) mandatory: bool,
+    pub(crate) lifetime: Option<u32>,
 }
 
 /// Sends one request to the agent using `dir` and returns its answer.

@@ -36,7 +36,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UdpSocket, UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::api::ApiRequest;
+use super::api::{AddRequest, ApiRequest};
 use super::policy::{Policy, Source};
 use super::store::{self, AgentKey, Store, StoredGrant, StoredMapping, StoredOrphan};
 use super::watch::AddressWatch;
@@ -133,6 +133,12 @@ struct AppMapping {
     port: u16,
     lifetime: u32,
     app_checkpoint: Option<bool>,
+    /// The application marked the check-point mandatory (RFC 7767
+    /// section 4, example 3).
+    app_mandatory: bool,
+    /// Who added it: only that user, or root, may remove it (`None`: added
+    /// before the agent kept it, so root only).
+    owner_uid: Option<u32>,
     checkpoint: bool,
     source: Source,
     nonce: [u8; 12],
@@ -154,7 +160,9 @@ struct Orphan {
     checkpoint: bool,
 }
 
-type Command = (ApiRequest, oneshot::Sender<Value>);
+/// A request, the user id of the process that sent it (`SO_PEERCRED`;
+/// `None` if the kernel would not say), and where its answer goes.
+type Command = (ApiRequest, Option<u32>, oneshot::Sender<Value>);
 
 struct Agent {
     opts: RunOptions,
@@ -232,6 +240,8 @@ impl Agent {
                     port: m.port,
                     lifetime: m.lifetime,
                     app_checkpoint: m.app_checkpoint,
+                    app_mandatory: m.app_mandatory,
+                    owner_uid: m.owner_uid,
                     nonce: hex::encode(m.nonce),
                     grant: m.grant.clone(),
                     adds_unix_ms: m.adds.clone(),
@@ -418,16 +428,16 @@ impl Agent {
         }
     }
 
-    fn add(
-        &mut self,
-        now: Instant,
-        app: String,
-        protocol: &str,
-        port: u16,
-        checkpoint: Option<bool>,
-        lifetime: Option<u32>,
-    ) -> Value {
-        let protocol = match crate::parse::protocol(protocol) {
+    fn add(&mut self, now: Instant, req: AddRequest, caller: Option<u32>) -> Value {
+        let AddRequest {
+            app,
+            protocol,
+            port,
+            checkpoint,
+            mandatory,
+            lifetime,
+        } = req;
+        let protocol = match crate::parse::protocol(&protocol) {
             Ok(p) => p,
             Err(e) => return err(e),
         };
@@ -438,7 +448,7 @@ impl Agent {
             return err("a mapping needs a protocol and a non-zero port");
         }
         let wall = self.clock.wall_ms(now);
-        let (cp, source) = self.policy.checkpoint(&app, checkpoint);
+        let (cp, source) = self.policy.checkpoint(&app, checkpoint, mandatory);
         let asked_life = self.policy.lifetime(&app, lifetime, self.opts.lifetime);
         // The same application asking again for what it holds: it restarted.
         let existing = self
@@ -469,6 +479,7 @@ impl Agent {
             };
             let changed = m.lifetime != life_before || m.checkpoint != cp;
             m.app_checkpoint = checkpoint;
+            m.app_mandatory = mandatory;
             m.checkpoint = cp;
             m.source = source;
             let (life, want) = (m.lifetime, cp);
@@ -489,6 +500,8 @@ impl Agent {
             port,
             lifetime: asked_life,
             app_checkpoint: checkpoint,
+            app_mandatory: mandatory,
+            owner_uid: caller,
             checkpoint: cp,
             source,
             grant: None,
@@ -538,15 +551,10 @@ impl Agent {
         }
     }
 
-    fn api(&mut self, now: Instant, req: ApiRequest) -> Value {
+    /// One API request from a process of user `caller`.
+    fn api(&mut self, now: Instant, req: ApiRequest, caller: Option<u32>) -> Value {
         match req {
-            ApiRequest::Add {
-                app,
-                protocol,
-                port,
-                checkpoint,
-                lifetime,
-            } => self.add(now, app, &protocol, port, checkpoint, lifetime),
+            ApiRequest::Add(req) => self.add(now, req, caller),
             ApiRequest::Remove {
                 app,
                 protocol,
@@ -566,6 +574,17 @@ impl Agent {
                         proto_name(protocol)
                     ));
                 };
+                // Any local process can reach the socket: one may remove
+                // only what its own user added (root anything), so that
+                // one user cannot take another's mappings away.
+                let owner = self.mappings.get(&id).and_then(|m| m.owner_uid);
+                if caller != Some(0) && (caller.is_none() || owner != caller) {
+                    return err(format!(
+                        "{} {port} of app {app} was added by {}; only that user or root may remove it",
+                        proto_name(protocol),
+                        owner.map_or_else(|| "another user".to_owned(), |u| format!("user {u}"))
+                    ));
+                }
                 self.mappings.remove(&id);
                 self.by_port.remove(&(protocol, port));
                 self.session.remove(now, id);
@@ -665,7 +684,9 @@ impl Agent {
         self.policy = policy;
         let mut updates = Vec::new();
         for (&id, m) in &mut self.mappings {
-            let (cp, source) = self.policy.checkpoint(&m.app, m.app_checkpoint);
+            let (cp, source) = self
+                .policy
+                .checkpoint(&m.app, m.app_checkpoint, m.app_mandatory);
             m.source = source;
             if cp != m.checkpoint {
                 m.checkpoint = cp;
@@ -921,7 +942,10 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
             }
             for sm in st.mappings {
                 let protocol = Protocol(sm.protocol);
-                let (cp, source) = agent.policy.checkpoint(&sm.app, sm.app_checkpoint);
+                let (cp, source) =
+                    agent
+                        .policy
+                        .checkpoint(&sm.app, sm.app_checkpoint, sm.app_mandatory);
                 let nonce: Option<[u8; 12]> =
                     hex::decode(&sm.nonce).ok().and_then(|b| b.try_into().ok());
                 let m = AppMapping {
@@ -931,6 +955,8 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
                     port: sm.port,
                     lifetime: sm.lifetime,
                     app_checkpoint: sm.app_checkpoint,
+                    app_mandatory: sm.app_mandatory,
+                    owner_uid: sm.owner_uid,
                     checkpoint: cp,
                     source,
                     grant: sm.grant.clone(),
@@ -1060,7 +1086,15 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
     let ev_tx = agent.events.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(serve_connection(stream, cmd_tx.clone(), ev_tx.clone()));
+            // The kernel's word on who connected (SO_PEERCRED), taken
+            // once: it cannot change for the connection's life.
+            let caller = stream.peer_cred().ok().map(|c| c.uid());
+            tokio::spawn(serve_connection(
+                stream,
+                caller,
+                cmd_tx.clone(),
+                ev_tx.clone(),
+            ));
         }
     });
     use tokio::signal::unix::{signal, SignalKind};
@@ -1152,8 +1186,8 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
             Some((from, d)) = ann_rx.recv() => {
                 agent.session.handle_input(clock.now(), from, &d);
             }
-            Some((req, reply)) = cmd_rx.recv() => {
-                let answer = agent.api(clock.now(), req);
+            Some((req, caller, reply)) = cmd_rx.recv() => {
+                let answer = agent.api(clock.now(), req, caller);
                 let _ = reply.send(answer);
             }
             () = watch.changed() => {
@@ -1178,6 +1212,7 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
 
 async fn serve_connection(
     stream: UnixStream,
+    caller: Option<u32>,
     cmds: mpsc::Sender<Command>,
     events: broadcast::Sender<String>,
 ) {
@@ -1232,7 +1267,7 @@ async fn serve_connection(
             }
         }
         let (tx, rx) = oneshot::channel();
-        if cmds.send((req, tx)).await.is_err() {
+        if cmds.send((req, caller, tx)).await.is_err() {
             return;
         }
         let Ok(answer) = rx.await else { return };

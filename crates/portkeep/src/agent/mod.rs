@@ -117,6 +117,11 @@ pub(crate) struct AddArgs {
     /// The application does not want check-pointing.
     #[arg(long)]
     pub(crate) no_checkpoint: bool,
+    /// With --checkpoint: the user's settings cannot turn it off, only the
+    /// administrator's policy can (RFC 7767 section 4, example 3: an
+    /// emergency call).
+    #[arg(long, requires = "checkpoint")]
+    pub(crate) mandatory: bool,
     /// Requested lifetime in seconds.
     #[arg(long, value_name = "SECONDS")]
     pub(crate) lifetime: Option<u32>,
@@ -169,7 +174,7 @@ pub(crate) fn run(common: &Common, args: &AgentArgs) -> ExitCode {
                 _ => None,
             };
             json!({"op": "add", "app": a.key.app, "protocol": a.key.protocol, "port": a.key.port,
-                   "checkpoint": checkpoint, "lifetime": a.lifetime})
+                   "checkpoint": checkpoint, "mandatory": a.mandatory, "lifetime": a.lifetime})
         }
         AgentCommand::Remove(k) => {
             json!({"op": "remove", "app": k.app, "protocol": k.protocol, "port": k.port})

@@ -8,9 +8,13 @@
 //!
 //! 1. the policy file's `[apps.NAME] checkpoint` (administrator);
 //! 2. the policy file's `[all] checkpoint` (administrator);
-//! 3. the config file's `[apps.NAME] checkpoint` (user override);
-//! 4. the `checkpoint` the application sent with `add` (its shipped default);
-//! 5. the config file's `[defaults] checkpoint` (false when absent).
+//! 3. a check-point the application sent as `mandatory` with `add`: one the
+//!    user's settings cannot turn off (RFC 7767 section 4, example 3: "an
+//!    emergency call ... the user cannot disable"); only the administrator
+//!    overrides it;
+//! 4. the config file's `[apps.NAME] checkpoint` (user override);
+//! 5. the `checkpoint` the application sent with `add` (its shipped default);
+//! 6. the config file's `[defaults] checkpoint` (false when absent).
 //!
 //! Lifetimes resolve the same way without the policy file.
 
@@ -85,13 +89,22 @@ impl Policy {
     }
 
     /// The effective check-point choice for `app`, given what the
-    /// application asked for, and where it came from.
-    pub(crate) fn checkpoint(&self, app: &str, asked: Option<bool>) -> (bool, Source) {
+    /// application asked for (and whether it marked it mandatory), and
+    /// where it came from.
+    pub(crate) fn checkpoint(
+        &self,
+        app: &str,
+        asked: Option<bool>,
+        mandatory: bool,
+    ) -> (bool, Source) {
         if let Some(c) = self.admin.apps.get(app).and_then(|a| a.checkpoint) {
             return (c, "policy:app");
         }
         if let Some(c) = self.admin.all.checkpoint {
             return (c, "policy:all");
+        }
+        if mandatory && asked == Some(true) {
+            return (true, "application:mandatory");
         }
         if let Some(c) = self.user.apps.get(app).and_then(|a| a.checkpoint) {
             return (c, "config:app");
@@ -136,25 +149,66 @@ mod tests {
             "[apps.cam]\ncheckpoint = false\n",
             "[apps.cam]\ncheckpoint = true\n",
         );
-        assert_eq!(p.checkpoint("cam", Some(false)), (true, "policy:app"));
+        assert_eq!(
+            p.checkpoint("cam", Some(false), false),
+            (true, "policy:app")
+        );
         let p = policy(
             "[apps.cam]\ncheckpoint = true\n",
             "[all]\ncheckpoint = false\n",
         );
-        assert_eq!(p.checkpoint("cam", Some(true)), (false, "policy:all"));
+        assert_eq!(
+            p.checkpoint("cam", Some(true), false),
+            (false, "policy:all")
+        );
+        assert_eq!(
+            p.checkpoint("cam", Some(true), true),
+            (false, "policy:all"),
+            "the administrator overrides even a mandatory check-point"
+        );
     }
 
     #[test]
     fn rfc7767_s4_user_override_beats_app_default() {
         let p = policy("[apps.cam]\ncheckpoint = false\n", "");
-        assert_eq!(p.checkpoint("cam", Some(true)), (false, "config:app"));
-        assert_eq!(p.checkpoint("web", Some(true)), (true, "application"));
-        let p = policy("[defaults]\ncheckpoint = true\n", "");
-        assert_eq!(p.checkpoint("web", None), (true, "config:defaults"));
         assert_eq!(
-            Policy::default().checkpoint("web", None),
+            p.checkpoint("cam", Some(true), false),
+            (false, "config:app")
+        );
+        assert_eq!(
+            p.checkpoint("web", Some(true), false),
+            (true, "application")
+        );
+        let p = policy("[defaults]\ncheckpoint = true\n", "");
+        assert_eq!(p.checkpoint("web", None, false), (true, "config:defaults"));
+        assert_eq!(
+            Policy::default().checkpoint("web", None, false),
             (false, "built-in")
         );
+    }
+
+    /// RFC 7767 section 4, example 3: an emergency call's mapping is
+    /// check-pointed whatever the user's settings say; only the
+    /// administrator's policy overrides it.
+    #[test]
+    fn rfc7767_s4_a_mandatory_checkpoint_beats_the_user_not_the_administrator() {
+        let user_off = "[apps.sos]\ncheckpoint = false\n[defaults]\ncheckpoint = false\n";
+        let p = policy(user_off, "");
+        assert_eq!(
+            p.checkpoint("sos", Some(true), true),
+            (true, "application:mandatory")
+        );
+        assert_eq!(
+            p.checkpoint("sos", Some(true), false),
+            (false, "config:app")
+        );
+        // Mandatory only means something for a check-point asked for.
+        assert_eq!(
+            p.checkpoint("sos", Some(false), true),
+            (false, "config:app")
+        );
+        let p = policy(user_off, "[apps.sos]\ncheckpoint = false\n");
+        assert_eq!(p.checkpoint("sos", Some(true), true), (false, "policy:app"));
     }
 
     #[test]

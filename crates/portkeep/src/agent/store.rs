@@ -130,6 +130,14 @@ pub(crate) struct StoredMapping {
     pub(crate) lifetime: u32,
     /// What the application asked for (its default).
     pub(crate) app_checkpoint: Option<bool>,
+    /// The application marked the check-point as one the user's settings
+    /// cannot turn off (RFC 7767 section 4, example 3).
+    #[serde(default)]
+    pub(crate) app_mandatory: bool,
+    /// The user id of the process that added it (`None` in stores written
+    /// before it was kept: then only root may remove it).
+    #[serde(default)]
+    pub(crate) owner_uid: Option<u32>,
     /// Nonce, hex (also derivable from the key; kept so the store alone
     /// says what the server holds).
     pub(crate) nonce: String,
