@@ -721,6 +721,86 @@ fn rfc7767_s4_a_mandatory_checkpoint_beats_the_user_not_the_administrator() {
     assert_eq!(m["checkpoint_source"], json!("application:mandatory"));
 }
 
+/// Failure-scenarios draft section 2.2: an application's liveness bounds
+/// its mappings. One application dies (its API connection closes) and does
+/// not come back: its mapping is deleted once the grace period passes.
+/// Another restarts within it and resumes its mapping (same external
+/// endpoint, same nonce). A one-shot caller keeps its mapping with
+/// heartbeats; a `persistent` add and an application the config declares
+/// keep theirs without.
+#[test]
+fn draft_s2_2_an_applications_mappings_end_with_it_after_a_grace_period() {
+    let ip = host_ip();
+    let server = Server::start(RELAXED);
+    let state = tempfile::tempdir().unwrap();
+    let user = state.path().join("user.toml");
+    std::fs::write(&user, "[apps.declared]\n").unwrap();
+    let dir = state.path().join("a");
+    let agent = Agent::start(
+        &dir,
+        server.addr(),
+        ip,
+        &["--app-grace", "2", "--config", user.to_str().unwrap()],
+    );
+    let sock = dir.join("agent.sock");
+    // An application holds its connection open while it runs.
+    let session = |app: &str, port: u16| {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        let req = json!({"op": "add", "app": app, "protocol": "tcp", "port": port});
+        writeln!(s, "{req}").unwrap();
+        let mut line = String::new();
+        BufReader::new(s.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["ok"], json!(true), "{v}");
+        s
+    };
+    let dies = session("dies", 7001);
+    let restarts = session("restarts", 7002);
+    agent.add("oneshot", 7003, json!({}));
+    agent.add("kept", 7004, json!({"persistent": true}));
+    agent.add("declared", 7005, json!({}));
+    let before = agent.wait_granted(5, Duration::from_secs(5));
+    // Both applications go away; one comes back within the grace period.
+    drop(dies);
+    drop(restarts);
+    std::thread::sleep(Duration::from_millis(800));
+    let _restarted = session("restarts", 7002);
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(800));
+        let v = agent.call(&json!({"op": "heartbeat", "app": "oneshot"}));
+        assert_eq!(v["mappings"], json!(1), "{v}");
+    }
+    let held: Vec<u64> = agent
+        .list()
+        .iter()
+        .map(|m| m["port"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        held,
+        vec![7002, 7003, 7004, 7005],
+        "the dead application's mapping went, the others stay"
+    );
+    // Deleted on the server too, and the one that restarted is the same.
+    let on_server: Vec<u16> = server.mappings().iter().map(|m| m.0).collect();
+    assert!(!on_server.contains(&7001), "{on_server:?}");
+    let same = |port: u16| before.iter().find(|m| m.0 == port).cloned();
+    assert_eq!(
+        server.mappings().iter().find(|m| m.0 == 7002).cloned(),
+        same(7002),
+        "resumed: same external endpoint and nonce"
+    );
+    // Without heartbeats, the one-shot caller's mapping goes too.
+    std::thread::sleep(Duration::from_millis(2600));
+    let held: Vec<u64> = agent
+        .list()
+        .iter()
+        .map(|m| m["port"].as_u64().unwrap())
+        .collect();
+    assert_eq!(held, vec![7002, 7004, 7005]);
+}
+
 /// Runs `portkeep agent ...` as user `uid` (root only can do that).
 fn agent_cli_as(uid: u32, dir: &Path, args: &[&str]) -> std::process::Output {
     Command::new("setpriv")
@@ -939,7 +1019,14 @@ fn bench_agent_10k_mappings_recreated_after_clear() {
     let config = "[store]\nmode = \"relaxed\"\n[subscribers]\nmax_mappings = 20000\n";
     let server = Server::start(config);
     let state = tempfile::tempdir().unwrap();
-    let agent = Agent::start(&state.path().join("a"), server.addr(), ip, &[]);
+    // Mappings kept whatever becomes of the adding connection: the
+    // benchmark measures re-creation, not applications' liveness.
+    let agent = Agent::start(
+        &state.path().join("a"),
+        server.addr(),
+        ip,
+        &["--app-grace", "0"],
+    );
     // Pipelined adds on one connection: a writer thread and this reader.
     let t_add = now();
     let stream = UnixStream::connect(state.path().join("a").join("agent.sock")).unwrap();
@@ -999,7 +1086,12 @@ fn bench_agent_10k_renewal_cpu() {
     let config = "[store]\nmode = \"relaxed\"\n[subscribers]\nmax_mappings = 20000\n";
     let server = Server::start(config);
     let state = tempfile::tempdir().unwrap();
-    let agent = Agent::start(&state.path().join("a"), server.addr(), ip, &[]);
+    let agent = Agent::start(
+        &state.path().join("a"),
+        server.addr(),
+        ip,
+        &["--app-grace", "0"],
+    );
     let stream = UnixStream::connect(state.path().join("a").join("agent.sock")).unwrap();
     let mut w = stream.try_clone().unwrap();
     let writer = std::thread::spawn(move || {

@@ -15,6 +15,7 @@
 //! |---|---|---|
 //! | `add` | `app`, `protocol` (name or number), `port`, optional `checkpoint`, `mandatory`, `lifetime` | `id`, `checkpoint`, `checkpoint_source` |
 //! | `remove` | `app`, `protocol`, `port` (only the user who added it, or root) | `id` |
+//! | `heartbeat` | `app` | `mappings`: how many the heartbeat keeps |
 //! | `list` | | `mappings`: one object per mapping |
 //! | `status` | | server, client address, epoch, counters |
 //! | `subscribe` | | then events: `granted`, `failed`, `lost`, `recreating`, `removed`, `unknown_options`, `adopted`, `orphan_deleted` |
@@ -37,6 +38,10 @@ pub(crate) enum ApiRequest {
         protocol: String,
         port: u16,
     },
+    /// A one-shot caller says its application still runs.
+    Heartbeat {
+        app: String,
+    },
     List,
     Status,
     Subscribe,
@@ -54,6 +59,9 @@ pub(crate) struct AddRequest {
     #[serde(default)]
     pub(crate) mandatory: bool,
     pub(crate) lifetime: Option<u32>,
+    /// Kept until removed, whatever becomes of the caller's session.
+    #[serde(default)]
+    pub(crate) persistent: bool,
 }
 
 /// Sends one request to the agent using `dir` and returns its answer.

@@ -70,6 +70,9 @@ pub(crate) struct RunOptions {
     pub(crate) bind: Option<IpAddr>,
     pub(crate) announce_listen: Vec<SocketAddr>,
     pub(crate) adopt_grace: Duration,
+    /// How long mappings outlive their application's session (`None`:
+    /// forever).
+    pub(crate) app_grace: Option<Duration>,
     pub(crate) recreate_jitter: Duration,
     pub(crate) rate: u32,
     pub(crate) lifetime: u32,
@@ -139,6 +142,13 @@ struct AppMapping {
     /// Who added it: only that user, or root, may remove it (`None`: added
     /// before the agent kept it, so root only).
     owner_uid: Option<u32>,
+    /// Kept until removed, whatever becomes of the application.
+    persistent: bool,
+    /// The API connection that last added it, while open.
+    conn: Option<u64>,
+    /// Its application's session ended (or it was restored from the
+    /// store): deleted at this time unless the application comes back.
+    grace_until: Option<Instant>,
     checkpoint: bool,
     source: Source,
     nonce: [u8; 12],
@@ -160,9 +170,16 @@ struct Orphan {
     checkpoint: bool,
 }
 
-/// A request, the user id of the process that sent it (`SO_PEERCRED`;
-/// `None` if the kernel would not say), and where its answer goes.
-type Command = (ApiRequest, Option<u32>, oneshot::Sender<Value>);
+/// Who sent an API request: the user id of the process (`SO_PEERCRED`;
+/// `None` if the kernel would not say) and its connection.
+#[derive(Debug, Clone, Copy)]
+struct Caller {
+    uid: Option<u32>,
+    conn: u64,
+}
+
+/// A request, who sent it, and where its answer goes.
+type Command = (ApiRequest, Caller, oneshot::Sender<Value>);
 
 struct Agent {
     opts: RunOptions,
@@ -242,6 +259,7 @@ impl Agent {
                     app_checkpoint: m.app_checkpoint,
                     app_mandatory: m.app_mandatory,
                     owner_uid: m.owner_uid,
+                    persistent: m.persistent,
                     nonce: hex::encode(m.nonce),
                     grant: m.grant.clone(),
                     adds_unix_ms: m.adds.clone(),
@@ -428,7 +446,7 @@ impl Agent {
         }
     }
 
-    fn add(&mut self, now: Instant, req: AddRequest, caller: Option<u32>) -> Value {
+    fn add(&mut self, now: Instant, req: AddRequest, caller: Caller) -> Value {
         let AddRequest {
             app,
             protocol,
@@ -436,6 +454,7 @@ impl Agent {
             checkpoint,
             mandatory,
             lifetime,
+            persistent,
         } = req;
         let protocol = match crate::parse::protocol(&protocol) {
             Ok(p) => p,
@@ -482,6 +501,10 @@ impl Agent {
             m.app_mandatory = mandatory;
             m.checkpoint = cp;
             m.source = source;
+            // Back within the grace period: its session is this one.
+            m.persistent = persistent;
+            m.conn = Some(caller.conn);
+            m.grace_until = None;
             let (life, want) = (m.lifetime, cp);
             self.session
                 .update_request(id, |b| b.lifetime(life).checkpoint(want));
@@ -501,7 +524,10 @@ impl Agent {
             lifetime: asked_life,
             app_checkpoint: checkpoint,
             app_mandatory: mandatory,
-            owner_uid: caller,
+            owner_uid: caller.uid,
+            persistent,
+            conn: Some(caller.conn),
+            grace_until: None,
             checkpoint: cp,
             source,
             grant: None,
@@ -551,8 +577,70 @@ impl Agent {
         }
     }
 
-    /// One API request from a process of user `caller`.
-    fn api(&mut self, now: Instant, req: ApiRequest, caller: Option<u32>) -> Value {
+    /// Whether `app`'s mappings live only as long as its session with the
+    /// agent (failure-scenarios draft section 2.2): not when the grace is
+    /// off, nor for an application the user's config declares.
+    fn bound(&self, app: &str) -> bool {
+        self.opts.app_grace.is_some() && !self.policy.user.apps.contains_key(app)
+    }
+
+    fn remove(&mut self, now: Instant, id: MappingId) {
+        if let Some(m) = self.mappings.remove(&id) {
+            self.by_port.remove(&(m.protocol, m.port));
+        }
+        self.session.remove(now, id);
+        self.mark_dirty(now);
+    }
+
+    /// An API connection closed: the mappings it added (and no later
+    /// connection took over) outlive it by the grace period.
+    fn connection_closed(&mut self, now: Instant, conn: u64) {
+        let Some(grace) = self.opts.app_grace else {
+            return;
+        };
+        let ids: Vec<MappingId> = self
+            .mappings
+            .iter()
+            .filter(|(_, m)| m.conn == Some(conn))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let bound = self.mappings.get(&id).is_some_and(|m| self.bound(&m.app));
+            if let Some(m) = self.mappings.get_mut(&id) {
+                m.conn = None;
+                if bound && !m.persistent {
+                    m.grace_until = Some(now + grace);
+                }
+            }
+        }
+    }
+
+    /// Deletes the mappings whose application did not come back in time
+    /// (failure-scenarios draft section 2.2: an application's liveness
+    /// bounds its mappings).
+    fn expire_apps(&mut self, now: Instant) {
+        let gone: Vec<MappingId> = self
+            .mappings
+            .iter()
+            .filter(|(_, m)| m.grace_until.is_some_and(|t| t <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            if let Some(m) = self.mappings.get(&id) {
+                self.emit(json!({"event": "app_gone", "id": id, "app": m.app, "protocol": proto_name(m.protocol), "port": m.port}));
+            }
+            self.remove(now, id);
+        }
+    }
+
+    /// When [`Agent::expire_apps`] next has work.
+    fn next_app_expiry(&self) -> Option<Instant> {
+        self.mappings.values().filter_map(|m| m.grace_until).min()
+    }
+
+    /// One API request.
+    fn api(&mut self, now: Instant, req: ApiRequest, caller: Caller) -> Value {
+        let uid = caller.uid;
         match req {
             ApiRequest::Add(req) => self.add(now, req, caller),
             ApiRequest::Remove {
@@ -578,18 +666,27 @@ impl Agent {
                 // only what its own user added (root anything), so that
                 // one user cannot take another's mappings away.
                 let owner = self.mappings.get(&id).and_then(|m| m.owner_uid);
-                if caller != Some(0) && (caller.is_none() || owner != caller) {
+                if uid != Some(0) && (uid.is_none() || owner != uid) {
                     return err(format!(
                         "{} {port} of app {app} was added by {}; only that user or root may remove it",
                         proto_name(protocol),
                         owner.map_or_else(|| "another user".to_owned(), |u| format!("user {u}"))
                     ));
                 }
-                self.mappings.remove(&id);
-                self.by_port.remove(&(protocol, port));
-                self.session.remove(now, id);
-                self.mark_dirty(now);
+                self.remove(now, id);
                 json!({"ok": true, "id": id})
+            }
+            ApiRequest::Heartbeat { app } => {
+                let bound = self.bound(&app);
+                let until = self.opts.app_grace.map(|g| now + g);
+                let mut n = 0;
+                for m in self.mappings.values_mut().filter(|m| m.app == app) {
+                    n += 1;
+                    if bound && !m.persistent && m.conn.is_none() {
+                        m.grace_until = until;
+                    }
+                }
+                json!({"ok": true, "mappings": n})
             }
             ApiRequest::List => {
                 let list: Vec<Value> = self
@@ -948,6 +1045,9 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
                         .checkpoint(&sm.app, sm.app_checkpoint, sm.app_mandatory);
                 let nonce: Option<[u8; 12]> =
                     hex::decode(&sm.nonce).ok().and_then(|b| b.try_into().ok());
+                let bound = opts.app_grace.is_some()
+                    && !sm.persistent
+                    && !agent.policy.user.apps.contains_key(&sm.app);
                 let m = AppMapping {
                     nonce: nonce.unwrap_or_else(|| agent.key.nonce(&sm.app, protocol, sm.port)),
                     app: sm.app,
@@ -957,6 +1057,11 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
                     app_checkpoint: sm.app_checkpoint,
                     app_mandatory: sm.app_mandatory,
                     owner_uid: sm.owner_uid,
+                    persistent: sm.persistent,
+                    conn: None,
+                    // Its application must come back (or heartbeat) within
+                    // the grace period, as after its session ended.
+                    grace_until: opts.app_grace.filter(|_| bound).map(|g| now + g),
                     checkpoint: cp,
                     source,
                     grant: sm.grant.clone(),
@@ -1083,18 +1188,25 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
     let listener = UnixListener::bind(&sock_path)
         .map_err(|e| format!("cannot listen on {}: {e}", sock_path.display()))?;
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(256);
+    let (closed_tx, mut closed_rx) = mpsc::unbounded_channel::<u64>();
     let ev_tx = agent.events.clone();
     tokio::spawn(async move {
+        let mut next_conn = 0u64;
         while let Ok((stream, _)) = listener.accept().await {
             // The kernel's word on who connected (SO_PEERCRED), taken
             // once: it cannot change for the connection's life.
-            let caller = stream.peer_cred().ok().map(|c| c.uid());
-            tokio::spawn(serve_connection(
-                stream,
-                caller,
-                cmd_tx.clone(),
-                ev_tx.clone(),
-            ));
+            let caller = Caller {
+                uid: stream.peer_cred().ok().map(|c| c.uid()),
+                conn: next_conn,
+            };
+            next_conn += 1;
+            let (cmds, events, closed) = (cmd_tx.clone(), ev_tx.clone(), closed_tx.clone());
+            tokio::spawn(async move {
+                serve_connection(stream, caller, cmds, events).await;
+                // The application's session ended (failure-scenarios
+                // draft section 2.2).
+                let _ = closed.send(caller.conn);
+            });
         }
     });
     use tokio::signal::unix::{signal, SignalKind};
@@ -1134,6 +1246,10 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
             agent.delete_orphans(now);
             continue;
         }
+        if agent.next_app_expiry().is_some_and(|t| now >= t) {
+            agent.expire_apps(now);
+            continue;
+        }
         if agent.dirty.is_some_and(|d| now >= d) {
             agent.flush();
         }
@@ -1164,6 +1280,7 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
         let wake = [
             agent.session.poll_timeout(),
             agent.adopt_deadline,
+            agent.next_app_expiry(),
             agent.dirty,
             Some(relax_at),
             Some(addr_check_at),
@@ -1190,6 +1307,9 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
                 let answer = agent.api(clock.now(), req, caller);
                 let _ = reply.send(answer);
             }
+            Some(conn) = closed_rx.recv() => {
+                agent.connection_closed(clock.now(), conn);
+            }
             () = watch.changed() => {
                 // Draft sections 2.1 and 2.4: an address or route changed;
                 // re-check soon, not later than already due.
@@ -1212,7 +1332,7 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
 
 async fn serve_connection(
     stream: UnixStream,
-    caller: Option<u32>,
+    caller: Caller,
     cmds: mpsc::Sender<Command>,
     events: broadcast::Sender<String>,
 ) {

@@ -76,6 +76,14 @@ pub(crate) struct RunArgs {
     /// the mappings found on the server before they are deleted.
     #[arg(long, value_name = "SECONDS", default_value_t = 30.0)]
     pub(crate) adopt_grace: f64,
+    /// How long an application's mappings outlive its session with the
+    /// agent (its API connection, or its last heartbeat) before they are
+    /// deleted (failure-scenarios draft section 2.2); an application that
+    /// comes back on the same port within it resumes them. Applications
+    /// declared in the config and `persistent` adds are exempt. 0: never
+    /// (every mapping stays until removed).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    pub(crate) app_grace: f64,
     /// Re-creations after a server lost state spread over this many ms.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     pub(crate) recreate_jitter_ms: u64,
@@ -117,6 +125,10 @@ pub(crate) struct AddArgs {
     /// The application does not want check-pointing.
     #[arg(long)]
     pub(crate) no_checkpoint: bool,
+    /// Keep the mapping until it is removed, whatever becomes of the
+    /// caller (without it, a one-shot caller must send `heartbeat`s).
+    #[arg(long)]
+    pub(crate) persistent: bool,
     /// With --checkpoint: the user's settings cannot turn it off, only the
     /// administrator's policy can (RFC 7767 section 4, example 3: an
     /// emergency call).
@@ -143,6 +155,10 @@ pub(crate) fn run(common: &Common, args: &AgentArgs) -> ExitCode {
                 eprintln!("error: --adopt-grace must be a non-negative number of seconds");
                 return ExitCode::from(crate::exit::USAGE);
             };
+            let Ok(app_grace) = Duration::try_from_secs_f64(r.app_grace) else {
+                eprintln!("error: --app-grace must be a non-negative number of seconds");
+                return ExitCode::from(crate::exit::USAGE);
+            };
             return daemon::run(daemon::RunOptions {
                 state_dir: dir,
                 server: common.server,
@@ -151,6 +167,7 @@ pub(crate) fn run(common: &Common, args: &AgentArgs) -> ExitCode {
                 bind: r.bind,
                 announce_listen,
                 adopt_grace,
+                app_grace: (!app_grace.is_zero()).then_some(app_grace),
                 recreate_jitter: Duration::from_millis(r.recreate_jitter_ms),
                 rate: r.rate,
                 lifetime: r.lifetime,
@@ -174,7 +191,8 @@ pub(crate) fn run(common: &Common, args: &AgentArgs) -> ExitCode {
                 _ => None,
             };
             json!({"op": "add", "app": a.key.app, "protocol": a.key.protocol, "port": a.key.port,
-                   "checkpoint": checkpoint, "mandatory": a.mandatory, "lifetime": a.lifetime})
+                   "checkpoint": checkpoint, "mandatory": a.mandatory, "lifetime": a.lifetime,
+                   "persistent": a.persistent})
         }
         AgentCommand::Remove(k) => {
             json!({"op": "remove", "app": k.app, "protocol": k.protocol, "port": k.port})

@@ -138,6 +138,9 @@ pub(crate) struct StoredMapping {
     /// before it was kept: then only root may remove it).
     #[serde(default)]
     pub(crate) owner_uid: Option<u32>,
+    /// Kept until removed, whatever becomes of the application's session.
+    #[serde(default)]
+    pub(crate) persistent: bool,
     /// Nonce, hex (also derivable from the key; kept so the store alone
     /// says what the server holds).
     pub(crate) nonce: String,
