@@ -783,6 +783,12 @@ impl Server {
     pub fn requester_epoch(&self, now: Timestamp, requester: IpAddr) -> u32 {
         let requester = canonical(requester);
         let sub = self.cfg.subscriber_keying.subscriber_of(requester);
+        self.epoch_of_requester(now, requester, sub)
+    }
+
+    /// [`Server::requester_epoch`] of a canonical `requester` whose
+    /// subscriber `sub` the caller already knows.
+    fn epoch_of_requester(&self, now: Timestamp, requester: IpAddr, sub: SubscriberId) -> u32 {
         let mut anchor = self
             .subscribers
             .get(&sub)
@@ -1479,12 +1485,27 @@ impl Server {
         Ok(())
     }
 
-    /// Writes a SUCCESS response to `requester`, carrying its epoch
-    /// ([`Server::requester_epoch`]).
+    /// The requester of a MAP or PEER from `src` about a mapping of
+    /// subscriber `sub`, with its subscriber: without THIRD_PARTY the
+    /// mapping's own, so the hot path keys no subscriber twice.
+    fn requester_of(
+        &self,
+        src: IpAddr,
+        sub: SubscriberId,
+        third_party: Option<IpAddr>,
+    ) -> (IpAddr, SubscriberId) {
+        match third_party {
+            None => (src, sub),
+            Some(_) => (src, self.cfg.subscriber_keying.subscriber_of(src)),
+        }
+    }
+
+    /// Writes a SUCCESS response to `requester` (with its subscriber),
+    /// carrying its epoch ([`Server::requester_epoch`]).
     fn success(
         &self,
         now: Timestamp,
-        requester: IpAddr,
+        (requester, sub): (IpAddr, SubscriberId),
         lifetime: u32,
         data: OpData,
         options: Vec<PcpOption>,
@@ -1494,7 +1515,7 @@ impl Server {
             header: ResponseHeader {
                 result: ResultCode::SUCCESS,
                 lifetime,
-                epoch: self.requester_epoch(now, requester),
+                epoch: self.epoch_of_requester(now, requester, sub),
             },
             data,
             options,
@@ -1574,7 +1595,8 @@ impl Server {
         if req.header.lifetime == 0 {
             let external = self.delete_map(key, m.nonce).map_err(Some)?;
             let data = OpData::Map(assigned(*m, external));
-            return self.success(now, src, 0, data, Self::echo_options(req, false), out);
+            let by = self.requester_of(src, sub, o.third_party);
+            return self.success(now, by, 0, data, Self::echo_options(req, false), out);
         }
         let lifetime = self.clamp_lifetime(req.header.lifetime);
         let expires = now + Duration::from_secs(u64::from(lifetime));
@@ -1657,7 +1679,8 @@ impl Server {
         }
         let data = OpData::Map(assigned(*m, external));
         let options = Self::echo_options(req, checkpoint && o.checkpoint);
-        self.success(now, src, lifetime, data, options, out)
+        let by = self.requester_of(src, sub, o.third_party);
+        self.success(now, by, lifetime, data, options, out)
     }
 
     /// Section 12.3 (PEER).
@@ -1711,10 +1734,14 @@ impl Server {
                         e.lifetime = lifetime;
                     }
                     e.checkpoint = checkpoint;
-                    let desc = description
-                        .map(String::into_boxed_str)
-                        .or_else(|| e.extra.as_ref().and_then(|x| x.description.clone()));
-                    e.extra = make_extra(Vec::new(), desc, Some(remote), manager);
+                    // Rebuilt only when something in it changes: a PEER
+                    // renewal is the common case and allocates nothing.
+                    if description.is_some() || e.manager() != manager {
+                        let desc = description
+                            .map(String::into_boxed_str)
+                            .or_else(|| e.extra.as_ref().and_then(|x| x.description.clone()));
+                        e.extra = make_extra(Vec::new(), desc, Some(remote), manager);
+                    }
                 });
                 id
             }
@@ -1764,7 +1791,8 @@ impl Server {
         });
         let lifetime = u32::try_from(granted.as_secs()).unwrap_or(u32::MAX);
         let options = Self::echo_options(req, checkpoint && o.checkpoint);
-        self.success(now, src, lifetime, data, options, out)
+        let by = self.requester_of(src, sub, o.third_party);
+        self.success(now, by, lifetime, data, options, out)
     }
 
     /// The manager of entry `id` after a renewal from `src` (naming
