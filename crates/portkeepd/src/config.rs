@@ -345,8 +345,9 @@ pub struct Settings {
     pub workers: usize,
     /// The core's configuration.
     pub server: ServerConfig,
-    /// Interfaces for multicast ANNOUNCE.
-    pub announce_interfaces: Vec<String>,
+    /// Interfaces for multicast ANNOUNCE (`None`: those of the specific
+    /// `listen` addresses, see `runtime::listen_interfaces`).
+    pub announce_interfaces: Option<Vec<String>>,
     /// Unicast ANNOUNCE destinations.
     pub announce_unicast: Vec<SocketAddr>,
     /// Dataplane.
@@ -660,7 +661,7 @@ impl ConfigFile {
                 announce,
                 seed: rand::random(),
             },
-            announce_interfaces: self.announce.multicast_interfaces.unwrap_or_default(),
+            announce_interfaces: self.announce.multicast_interfaces,
             announce_unicast,
             dataplane,
             store,

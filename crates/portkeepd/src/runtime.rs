@@ -432,8 +432,11 @@ impl Daemon {
         // acknowledgement.
         let queue = (start.store.is_some() || settings.ha.role != Role::Standalone)
             .then(|| (Mutex::new(Queue::default()), Condvar::new()));
-        let announce_multicast: Vec<(usize, u32, IpAddr)> = settings
-            .announce_interfaces
+        let interfaces = match &settings.announce_interfaces {
+            Some(list) => list.clone(),
+            None => listen_interfaces(&local_addrs),
+        };
+        let announce_multicast: Vec<(usize, u32, IpAddr)> = interfaces
             .iter()
             .flat_map(|i| match multicast_senders(&sockets, i) {
                 Ok(v) => v,
@@ -660,6 +663,41 @@ pub(crate) fn worker(shared: &Shared, sock: &UdpSocket, index: usize) {
 /// on the configured interfaces, ten times at doubling intervals from
 /// 250 ms, the schedule NAT-PMP uses for the same purpose (RFC 6886 section
 /// 3.2.1).
+/// The interfaces `[announce] multicast_interfaces` means when it is not
+/// set: those that carry a `listen` address bound to one specific,
+/// non-loopback address, so that the default configuration tells the
+/// clients of a start that lost state (RFC 6887 section 14.1.3) on the
+/// links it serves, and only there. A wildcard or loopback listen address
+/// names no interface: set the list to choose.
+fn listen_interfaces(listen: &[SocketAddr]) -> Vec<String> {
+    let wanted: Vec<IpAddr> = listen
+        .iter()
+        .map(SocketAddr::ip)
+        .filter(|ip| !ip.is_unspecified() && !ip.is_loopback())
+        .collect();
+    if wanted.is_empty() {
+        return Vec::new();
+    }
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = addrs
+        .filter(|a| {
+            a.address.as_ref().is_some_and(|s| {
+                let ip = s
+                    .as_sockaddr_in()
+                    .map(|v4| IpAddr::V4(v4.ip()))
+                    .or_else(|| s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())));
+                ip.is_some_and(|ip| wanted.contains(&ip))
+            })
+        })
+        .map(|a| a.interface_name)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
 /// Where the ANNOUNCEs on `iface` leave from: for each address family
 /// this node accepts PCP requests in on that interface (a listening socket
 /// bound to the wildcard or to one of the interface's addresses), that

@@ -385,6 +385,25 @@ fn rfc6887_s14_1_1_unsolicited_announce_multicast_on_interface() {
         run_listener(&dev, ms);
         return;
     }
+    exercise(true);
+}
+
+/// The default configuration (no `[announce]`) tells the clients of a
+/// start that lost state on the links of its specific listen addresses:
+/// `pkm-a` carries `10.231.77.1`, and there it announces in every family
+/// it accepts requests in (IPv4 from that address, IPv6 through the
+/// wildcard socket), never on the lure interface.
+#[test]
+fn rfc6887_s14_1_3_the_default_config_announces_a_start_on_its_listen_links() {
+    if std::env::var(LISTENER_ENV).is_ok() {
+        return;
+    }
+    exercise(false);
+}
+
+/// Runs the daemon in A and the listener in B; `configured`: with
+/// `multicast_interfaces = ["pkm-a"]`, else with no `[announce]` at all.
+fn exercise(configured: bool) {
     if let Some(reason) = skip_reason() {
         skip(WHAT, &reason);
         return;
@@ -435,9 +454,13 @@ fn rfc6887_s14_1_1_unsolicited_announce_multicast_on_interface() {
             "listen = [\"{IP_A}:5351\", \"[::]:5351\"]\n\
              data_dir = \"{}\"\n\
              workers = 1\n\
-             [announce]\n\
-             multicast_interfaces = [\"{DEV_A}\"]\n",
-            dir.join("data").display()
+             {}",
+            dir.join("data").display(),
+            if configured {
+                format!("[announce]\nmulticast_interfaces = [\"{DEV_A}\"]\n")
+            } else {
+                String::new()
+            }
         ),
     )
     .unwrap();
