@@ -867,6 +867,61 @@ fn agent_api_another_users_process_cannot_remove_an_applications_mapping() {
     assert_eq!(r["ok"], json!(true), "{r}");
 }
 
+/// RFC 6887 section 13.1 with failure-scenarios draft section 2.6.1: one
+/// agent manages mappings for three hosts with THIRD_PARTY; the operator
+/// clears one host's subscriber. The agent's one epoch restarts (its
+/// section 8.5 check fails once, not in a loop), and the server makes anew
+/// exactly that host's two mappings, once, through several renewal cycles.
+#[test]
+fn draft_s2_6_1_an_agent_managing_three_hosts_recreates_exactly_the_cleared_ones_once() {
+    let ip = host_ip();
+    let IpAddr::V4(v4) = ip else { unreachable!() };
+    let [a, b, c, _] = v4.octets();
+    let hosts: Vec<IpAddr> = (11..14).map(|d| IpAddr::from([a, b, c, d])).collect();
+    let config = format!("[lifetime]\nmin = 4\n[third_party]\nallow = [\"{ip}/32\"]\n");
+    let server = Server::start(&config);
+    let state = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&state.path().join("a"), server.addr(), ip, &[]);
+    for (i, h) in hosts.iter().enumerate() {
+        for k in 0..2u16 {
+            let port = 7000 + i as u16 * 10 + k;
+            let v = agent.add(
+                "iwf",
+                port,
+                json!({"host": h.to_string(), "lifetime": 4, "persistent": true}),
+            );
+            assert_eq!(v["ok"], json!(true), "{v}");
+        }
+    }
+    agent.wait_granted(6, Duration::from_secs(5));
+    assert_eq!(server.mappings().len(), 6);
+    let created = |s: &Server| s.ctl(&["counters"])["created"].as_u64().unwrap();
+    assert_eq!(created(&server), 6);
+    // Long enough for the section 8.5 check to see a reset.
+    std::thread::sleep(Duration::from_millis(3000));
+    let cleared = server.ctl(&["clear", "--subscriber", &hosts[0].to_string()]);
+    assert_eq!(cleared["removed"], json!(2), "{cleared}");
+    // Several renewal cycles (lifetime 4 s: a renewal every 2 s or so).
+    std::thread::sleep(Duration::from_secs(9));
+    let st = agent.status();
+    assert_eq!(
+        counter(&st, "epoch_failures"),
+        1,
+        "one failed check, no loop: {st}"
+    );
+    assert_eq!(
+        created(&server),
+        8,
+        "exactly the cleared host's two mappings made anew, once"
+    );
+    assert_eq!(server.mappings().len(), 6, "all held again");
+    let listed = agent.list();
+    assert!(
+        listed.iter().all(|m| m["state"] == json!("granted")),
+        "{listed:?}"
+    );
+}
+
 #[test]
 fn draft_s2_4_internal_address_change_reinstalls_and_deletes_stale() {
     let ip = host_ip();

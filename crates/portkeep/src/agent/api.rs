@@ -13,8 +13,8 @@
 //!
 //! | op | fields | answer |
 //! |---|---|---|
-//! | `add` | `app`, `protocol` (name or number), `port`, optional `checkpoint`, `mandatory`, `lifetime` | `id`, `checkpoint`, `checkpoint_source` |
-//! | `remove` | `app`, `protocol`, `port` (only the user who added it, or root) | `id` |
+//! | `add` | `app`, `protocol` (name or number), `port`, optional `checkpoint`, `mandatory`, `lifetime`, `persistent`, `host` (THIRD_PARTY) | `id`, `checkpoint`, `checkpoint_source` |
+//! | `remove` | `app`, `protocol`, `port`, optional `host` (only the user who added it, or root) | `id` |
 //! | `heartbeat` | `app` | `mappings`: how many the heartbeat keeps |
 //! | `list` | | `mappings`: one object per mapping |
 //! | `status` | | server, client address, epoch, counters |
@@ -37,6 +37,9 @@ pub(crate) enum ApiRequest {
         app: String,
         protocol: String,
         port: u16,
+        /// The host it was added for, if another.
+        #[serde(default)]
+        host: Option<std::net::IpAddr>,
     },
     /// A one-shot caller says its application still runs.
     Heartbeat {
@@ -62,6 +65,10 @@ pub(crate) struct AddRequest {
     /// Kept until removed, whatever becomes of the caller's session.
     #[serde(default)]
     pub(crate) persistent: bool,
+    /// For another host, with THIRD_PARTY (RFC 6887 section 13.1): the
+    /// agent manages that host's mapping (the server must allow it).
+    #[serde(default)]
+    pub(crate) host: Option<std::net::IpAddr>,
 }
 
 /// Sends one request to the agent using `dir` and returns its answer.

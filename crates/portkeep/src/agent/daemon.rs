@@ -144,6 +144,8 @@ struct AppMapping {
     owner_uid: Option<u32>,
     /// Kept until removed, whatever becomes of the application.
     persistent: bool,
+    /// The host it is made for with THIRD_PARTY (`None`: this host).
+    host: Option<IpAddr>,
     /// The API connection that last added it, while open.
     conn: Option<u64>,
     /// Its application's session ended (or it was restored from the
@@ -190,7 +192,9 @@ struct Agent {
     policy: Policy,
     mappings: BTreeMap<MappingId, AppMapping>,
     /// (protocol, internal port) to mapping: the server's key for this host.
-    by_port: HashMap<(Protocol, u16), MappingId>,
+    /// (THIRD_PARTY host, protocol, internal port) to mapping: the
+    /// server's key (its own host's mappings have no host here).
+    by_port: HashMap<(Option<IpAddr>, Protocol, u16), MappingId>,
     next_id: u64,
     /// Orphans awaiting adoption, until `adopt_deadline`.
     orphans: Vec<Orphan>,
@@ -220,6 +224,9 @@ impl Agent {
             .nonce(m.nonce)
             .lifetime(m.lifetime)
             .description(self.description(&m.app));
+        if let Some(h) = m.host {
+            b = b.third_party(h);
+        }
         if m.checkpoint {
             b = b.checkpoint_required();
         }
@@ -260,6 +267,7 @@ impl Agent {
                     app_mandatory: m.app_mandatory,
                     owner_uid: m.owner_uid,
                     persistent: m.persistent,
+                    host: m.host,
                     nonce: hex::encode(m.nonce),
                     grant: m.grant.clone(),
                     adds_unix_ms: m.adds.clone(),
@@ -307,6 +315,7 @@ impl Agent {
             "app": m.app,
             "protocol": proto_name(m.protocol),
             "port": m.port,
+            "host": m.host.map(|h| h.to_string()),
             "lifetime": m.lifetime,
             "state": m.state,
             "external": m.grant.as_ref().and_then(|g| g.external).map(|e| e.to_string()),
@@ -455,6 +464,7 @@ impl Agent {
             mandatory,
             lifetime,
             persistent,
+            host,
         } = req;
         let protocol = match crate::parse::protocol(&protocol) {
             Ok(p) => p,
@@ -472,7 +482,7 @@ impl Agent {
         // The same application asking again for what it holds: it restarted.
         let existing = self
             .by_port
-            .get(&(protocol, port))
+            .get(&(host, protocol, port))
             .and_then(|id| Some((*id, self.mappings.get(id)?.app.clone())));
         if let Some((id, owner)) = existing {
             if owner != app {
@@ -517,7 +527,7 @@ impl Agent {
         let id = self.next_id;
         self.next_id += 1;
         let m = AppMapping {
-            nonce: self.key.nonce(&app, protocol, port),
+            nonce: self.key.nonce_for(&app, protocol, port, host),
             app,
             protocol,
             port,
@@ -526,6 +536,7 @@ impl Agent {
             app_mandatory: mandatory,
             owner_uid: caller.uid,
             persistent,
+            host,
             conn: Some(caller.conn),
             grace_until: None,
             checkpoint: cp,
@@ -536,11 +547,12 @@ impl Agent {
             adds: vec![wall],
         };
         let builder = self.builder(&m);
-        // An orphan found with GET after a lost store: take it back as it is.
-        let orphan = self
-            .orphans
-            .iter()
-            .position(|o| o.app == m.app && o.protocol == protocol && o.port == port);
+        // An orphan found with GET after a lost store: take it back as it
+        // is. (The walk finds this host's own mappings; THIRD_PARTY ones
+        // are not adopted.)
+        let orphan = self.orphans.iter().position(|o| {
+            host.is_none() && o.app == m.app && o.protocol == protocol && o.port == port
+        });
         let result = match orphan {
             Some(i) => {
                 let o = self.orphans.swap_remove(i);
@@ -565,7 +577,7 @@ impl Agent {
                     m.grant = Some(self.stored_grant(&g));
                     m.state = "granted";
                 }
-                self.by_port.insert((protocol, port), id);
+                self.by_port.insert((host, protocol, port), id);
                 self.mappings.insert(id, m);
                 // Written within FLUSH_DELAY, not before the request leaves:
                 // the nonce derives from the key, so a crash in between
@@ -586,7 +598,7 @@ impl Agent {
 
     fn remove(&mut self, now: Instant, id: MappingId) {
         if let Some(m) = self.mappings.remove(&id) {
-            self.by_port.remove(&(m.protocol, m.port));
+            self.by_port.remove(&(m.host, m.protocol, m.port));
         }
         self.session.remove(now, id);
         self.mark_dirty(now);
@@ -647,13 +659,14 @@ impl Agent {
                 app,
                 protocol,
                 port,
+                host,
             } => {
                 let Ok(protocol) = crate::parse::protocol(&protocol) else {
                     return err(format!("bad protocol {protocol}"));
                 };
                 let id = self
                     .by_port
-                    .get(&(protocol, port))
+                    .get(&(host, protocol, port))
                     .copied()
                     .filter(|id| self.mappings.get(id).is_some_and(|m| m.app == app));
                 let Some(id) = id else {
@@ -1049,7 +1062,9 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
                     && !sm.persistent
                     && !agent.policy.user.apps.contains_key(&sm.app);
                 let m = AppMapping {
-                    nonce: nonce.unwrap_or_else(|| agent.key.nonce(&sm.app, protocol, sm.port)),
+                    nonce: nonce.unwrap_or_else(|| {
+                        agent.key.nonce_for(&sm.app, protocol, sm.port, sm.host)
+                    }),
                     app: sm.app,
                     protocol,
                     port: sm.port,
@@ -1058,6 +1073,7 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
                     app_mandatory: sm.app_mandatory,
                     owner_uid: sm.owner_uid,
                     persistent: sm.persistent,
+                    host: sm.host,
                     conn: None,
                     // Its application must come back (or heartbeat) within
                     // the grace period, as after its session ended.
@@ -1089,7 +1105,7 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
                 match r {
                     Ok(()) => {
                         agent.next_id = agent.next_id.max(sm.id + 1);
-                        agent.by_port.insert((m.protocol, m.port), sm.id);
+                        agent.by_port.insert((m.host, m.protocol, m.port), sm.id);
                         agent.mappings.insert(sm.id, m);
                     }
                     Err(e) => eprintln!("portkeep agent: stored mapping {} dropped: {e}", sm.id),

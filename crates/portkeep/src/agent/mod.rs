@@ -129,6 +129,10 @@ pub(crate) struct AddArgs {
     /// caller (without it, a one-shot caller must send `heartbeat`s).
     #[arg(long)]
     pub(crate) persistent: bool,
+    /// Make the mapping for another host, with THIRD_PARTY (RFC 6887
+    /// section 13.1; the server must allow this host to).
+    #[arg(long, value_name = "IP")]
+    pub(crate) host: Option<IpAddr>,
     /// With --checkpoint: the user's settings cannot turn it off, only the
     /// administrator's policy can (RFC 7767 section 4, example 3: an
     /// emergency call).
@@ -192,7 +196,7 @@ pub(crate) fn run(common: &Common, args: &AgentArgs) -> ExitCode {
             };
             json!({"op": "add", "app": a.key.app, "protocol": a.key.protocol, "port": a.key.port,
                    "checkpoint": checkpoint, "mandatory": a.mandatory, "lifetime": a.lifetime,
-                   "persistent": a.persistent})
+                   "persistent": a.persistent, "host": a.host})
         }
         AgentCommand::Remove(k) => {
             json!({"op": "remove", "app": k.app, "protocol": k.protocol, "port": k.port})

@@ -77,8 +77,32 @@ impl AgentKey {
     /// unpredictable to others (RFC 6887 section 11.1 asks for that) and
     /// reproducible by this agent.
     pub(crate) fn nonce(&self, app: &str, protocol: Protocol, port: u16) -> Nonce {
+        self.nonce_for(app, protocol, port, None)
+    }
+
+    /// [`AgentKey::nonce`] of a mapping made for another `host` with
+    /// THIRD_PARTY (the host's address is part of the stream, so one
+    /// application's mappings for several hosts never share a nonce).
+    pub(crate) fn nonce_for(
+        &self,
+        app: &str,
+        protocol: Protocol,
+        port: u16,
+        host: Option<std::net::IpAddr>,
+    ) -> Nonce {
         let mut rng = rand_chacha::ChaCha20Rng::from_seed(self.0);
-        rng.set_stream(fnv1a(app, protocol, port));
+        let mut stream = fnv1a(app, protocol, port);
+        if let Some(h) = host {
+            let octets = match h {
+                std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+                std::net::IpAddr::V6(v6) => v6.octets(),
+            };
+            for b in octets {
+                stream ^= u64::from(b);
+                stream = stream.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+        rng.set_stream(stream);
         let mut n = [0u8; NONCE_LEN];
         rng.fill_bytes(&mut n);
         n
@@ -134,6 +158,9 @@ pub(crate) struct StoredMapping {
     /// cannot turn off (RFC 7767 section 4, example 3).
     #[serde(default)]
     pub(crate) app_mandatory: bool,
+    /// The host it is made for with THIRD_PARTY (`None`: this host).
+    #[serde(default)]
+    pub(crate) host: Option<std::net::IpAddr>,
     /// The user id of the process that added it (`None` in stores written
     /// before it was kept: then only root may remove it).
     #[serde(default)]
