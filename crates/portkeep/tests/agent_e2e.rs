@@ -629,29 +629,36 @@ fn rfc6887_s7_4_unknown_result_code_is_an_event_not_a_crash() {
     );
 }
 
+/// An agent in `state` whose user config holds `user` and whose
+/// administrator policy holds `admin`.
+fn agent_with_policy(server: &Server, ip: IpAddr, state: &Path, user: &str, admin: &str) -> Agent {
+    let (u, a) = (state.join("user.toml"), state.join("admin.toml"));
+    std::fs::write(&u, user).unwrap();
+    std::fs::write(&a, admin).unwrap();
+    Agent::start(
+        &state.join("a"),
+        server.addr(),
+        ip,
+        &[
+            "--config",
+            u.to_str().unwrap(),
+            "--policy",
+            a.to_str().unwrap(),
+        ],
+    )
+}
+
 #[test]
 fn rfc7767_s4_policy_file_overrides_application() {
     let ip = host_ip();
     let server = Server::start(RELAXED);
     let state = tempfile::tempdir().unwrap();
-    let user = state.path().join("user.toml");
-    let admin = state.path().join("admin.toml");
-    std::fs::write(
-        &user,
-        "[apps.web]\ncheckpoint = false\n[apps.cam]\ncheckpoint = true\n",
-    )
-    .unwrap();
-    std::fs::write(&admin, "[apps.web]\ncheckpoint = true\n").unwrap();
-    let agent = Agent::start(
-        &state.path().join("a"),
-        server.addr(),
+    let agent = agent_with_policy(
+        &server,
         ip,
-        &[
-            "--config",
-            user.to_str().unwrap(),
-            "--policy",
-            admin.to_str().unwrap(),
-        ],
+        state.path(),
+        "[apps.web]\ncheckpoint = false\n[apps.cam]\ncheckpoint = true\n",
+        "[apps.web]\ncheckpoint = true\n",
     );
     let web = agent.add("web", 8080, json!({"checkpoint": false}));
     assert_eq!(
@@ -682,24 +689,12 @@ fn rfc7767_s4_a_mandatory_checkpoint_beats_the_user_not_the_administrator() {
     let ip = host_ip();
     let server = Server::start(RELAXED);
     let state = tempfile::tempdir().unwrap();
-    let user = state.path().join("user.toml");
-    let admin = state.path().join("admin.toml");
-    std::fs::write(
-        &user,
-        "[apps.sos]\ncheckpoint = false\n[apps.blocked]\ncheckpoint = false\n",
-    )
-    .unwrap();
-    std::fs::write(&admin, "[apps.blocked]\ncheckpoint = false\n").unwrap();
-    let mut agent = Agent::start(
-        &state.path().join("a"),
-        server.addr(),
+    let mut agent = agent_with_policy(
+        &server,
         ip,
-        &[
-            "--config",
-            user.to_str().unwrap(),
-            "--policy",
-            admin.to_str().unwrap(),
-        ],
+        state.path(),
+        "[apps.sos]\ncheckpoint = false\n[apps.blocked]\ncheckpoint = false\n",
+        "[apps.blocked]\ncheckpoint = false\n",
     );
     let source = |v: &Value| (v["checkpoint"].clone(), v["checkpoint_source"].clone());
     let sos = agent.add("sos", 911, json!({"checkpoint": true, "mandatory": true}));

@@ -398,28 +398,8 @@ impl ReplicaStore {
         let maps = txn.open_table(MAPPINGS).map_err(|e| d(&e))?;
         let anchors_t = txn.open_table(ANCHORS).map_err(|e| d(&e))?;
         let volatile_t = txn.open_table(VOLATILE).map_err(|e| d(&e))?;
-        let mut owed_rows = Vec::new();
-        match txn.open_table(OWED) {
-            Ok(t) => {
-                for item in t.iter().map_err(|e| d(&e))? {
-                    let (k, v) = item.map_err(|e| d(&e))?;
-                    owed_rows.push((k.value().to_vec(), v.value().to_vec()));
-                }
-            }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(d(&e)),
-        }
-        let mut requester_rows = Vec::new();
-        match txn.open_table(REQUESTERS) {
-            Ok(t) => {
-                for item in t.iter().map_err(|e| d(&e))? {
-                    let (k, v) = item.map_err(|e| d(&e))?;
-                    requester_rows.push((k.value().to_vec(), v.value().to_vec()));
-                }
-            }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(d(&e)),
-        }
+        let owed_rows = crate::store::optional_rows(&txn, OWED).map_err(|e| d(&e))?;
+        let requester_rows = crate::store::optional_rows(&txn, REQUESTERS).map_err(|e| d(&e))?;
         let Some(meta) = meta else {
             // No replica: the tables are empty unless the file is damaged.
             let rows = maps.len().map_err(|e| d(&e))?

@@ -515,28 +515,15 @@ impl Store {
             let (k, v) = item.map_err(|e| damaged(path, e))?;
             subs_map.insert(k.value().to_vec(), v.value());
         }
-        let mut owed_map: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = Default::default();
-        match txn.open_table(OWED) {
-            Ok(t) => {
-                for item in t.iter().map_err(|e| damaged(path, e))? {
-                    let (k, v) = item.map_err(|e| damaged(path, e))?;
-                    owed_map.insert(k.value().to_vec(), v.value().to_vec());
-                }
-            }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(damaged(path, e)),
-        }
-        let mut requesters_map: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = Default::default();
-        match txn.open_table(REQUESTERS) {
-            Ok(t) => {
-                for item in t.iter().map_err(|e| damaged(path, e))? {
-                    let (k, v) = item.map_err(|e| damaged(path, e))?;
-                    requesters_map.insert(k.value().to_vec(), v.value().to_vec());
-                }
-            }
-            Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(damaged(path, e)),
-        }
+        let mut owed_map: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = optional_rows(&txn, OWED)
+            .map_err(|e| damaged(path, e))?
+            .into_iter()
+            .collect();
+        let mut requesters_map: std::collections::BTreeMap<Vec<u8>, Vec<u8>> =
+            optional_rows(&txn, REQUESTERS)
+                .map_err(|e| damaged(path, e))?
+                .into_iter()
+                .collect();
         let mut replay = |entry: LogEntry| match entry {
             LogEntry::Upsert { key, value } => {
                 maps.insert(key, value);
@@ -1001,6 +988,28 @@ impl Store {
     pub fn flush_due(&self, now: Timestamp) -> bool {
         self.dirty && now.as_millis() >= self.last_durable.as_millis() + 1000
     }
+}
+
+/// A table's rows, key and value.
+pub(crate) type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Every row of `table`, none if the file was written before the table
+/// existed.
+pub(crate) fn optional_rows(
+    txn: &redb::ReadTransaction,
+    table: TableDefinition<&[u8], &[u8]>,
+) -> Result<Rows, redb::Error> {
+    let t = match txn.open_table(table) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut rows = Vec::new();
+    for item in t.iter()? {
+        let (k, v) = item?;
+        rows.push((k.value().to_vec(), v.value().to_vec()));
+    }
+    Ok(rows)
 }
 
 /// One decoded log entry.

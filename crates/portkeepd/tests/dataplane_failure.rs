@@ -93,15 +93,33 @@ fn map_with(
     .unwrap()
 }
 
+/// A lab with one namespace, `PREFIX-ID` (`None`: skipped, see
+/// `netns::setup`).
+fn one_namespace(what: &str, prefix: &str) -> Option<(Lab, String)> {
+    netns::setup(what, &["ip", "nft"], || {
+        let mut lab = Lab::new(prefix)?;
+        let ns = format!("pk{prefix}-{}", lab.id);
+        lab.add_ns(&ns)?;
+        Ok((lab, ns))
+    })
+}
+
+/// The mappings the daemon holds, by internal port.
+fn held_ports(d: &Daemon) -> Vec<u64> {
+    let out = d.ctl(&["--json", "mappings"]);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    v["mappings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["internal_port"].as_u64().unwrap())
+        .collect()
+}
+
 #[test]
 fn rfc6887_s7_4_dataplane_failure_is_answered_network_failure_and_undone() {
     let what = "dataplane failure answered NETWORK_FAILURE";
-    let Some((lab, ns)) = netns::setup(what, &["ip", "nft"], || {
-        let mut lab = Lab::new("dpf")?;
-        let ns = format!("pkdf-{}", lab.id);
-        lab.add_ns(&ns)?;
-        Ok((lab, ns))
-    }) else {
+    let Some((lab, ns)) = one_namespace(what, "df") else {
         return;
     };
     let nft = clashing_nft(&lab.dir);
@@ -155,14 +173,7 @@ fn exercise(nft: &std::path::Path) {
         "a short-lifetime error: the client may retry soon"
     );
     // The server does not hold what the NAT does not do.
-    let out = d.ctl(&["--json", "mappings"]);
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-    let held: Vec<u64> = v["mappings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["internal_port"].as_u64().unwrap())
-        .collect();
+    let held = held_ports(&d);
     assert_eq!(held.len(), 10, "{held:?}");
     assert!(!held.contains(&u64::from(BAD_PORT)));
     assert!(
@@ -190,12 +201,7 @@ fn filter(prefix: [u8; 4], len: u8) -> portkeep_proto::PcpOption {
 #[test]
 fn rfc6887_s7_4_a_refused_renewal_keeps_the_mapping_and_the_epoch() {
     let what = "refused renewal keeps the mapping";
-    let Some((lab, ns)) = netns::setup(what, &["ip", "nft"], || {
-        let mut lab = Lab::new("dpr")?;
-        let ns = format!("pkdr-{}", lab.id);
-        lab.add_ns(&ns)?;
-        Ok((lab, ns))
-    }) else {
+    let Some((lab, ns)) = one_namespace(what, "dr") else {
         return;
     };
     let nft = find_tool("nft").unwrap();
@@ -252,14 +258,7 @@ fn refused_renewal(nft: &std::path::Path) {
         "nothing lost: the epoch continues"
     );
     // The server still holds it, and the NAT still forwards it.
-    let out = d.ctl(&["--json", "mappings"]);
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-    let held: Vec<u64> = v["mappings"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["internal_port"].as_u64().unwrap())
-        .collect();
+    let held = held_ports(&d);
     assert_eq!(held, vec![u64::from(PORT)], "{}", d.log());
     let list = std::process::Command::new(nft)
         .args(["list", "map", "inet", "portkeep", "dnat4"])
