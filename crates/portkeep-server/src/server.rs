@@ -201,6 +201,10 @@ pub enum ClearSelector {
     Subscriber(SubscriberId),
     /// Every mapping whose internal address is in the prefix.
     Prefix(Prefix),
+    /// One MAP mapping, by its internal address, protocol and port (RFC
+    /// 6887 section 11.1), and every PEER mapping of that internal
+    /// endpoint (they share its external endpoint, section 12.3).
+    Mapping(MappingKey),
 }
 
 /// A subscriber whose state `clear` removed: who to send an ANNOUNCE to.
@@ -489,6 +493,7 @@ impl Server {
                 ClearSelector::All => true,
                 ClearSelector::Subscriber(sub) => m.subscriber == sub,
                 ClearSelector::Prefix(p) => p.contains(m.key.internal_ip),
+                ClearSelector::Mapping(k) => m.key == k,
             })
             .collect();
         // Before the removals, which may leave a requester with nothing to

@@ -15,8 +15,8 @@ use std::time::Duration;
 use portkeep_proto::ResultCode;
 
 use portkeep_server::{
-    ClearSelector, MappingKind, MappingRecord, Prefix, RefusalReason, Server, SubscriberId,
-    Timestamp,
+    ClearSelector, MappingKey, MappingKind, MappingRecord, Prefix, RefusalReason, Server,
+    SubscriberId, Timestamp,
 };
 use serde_json::{json, Value};
 
@@ -208,6 +208,12 @@ fn checkpoint_counters(server: &Server) -> Value {
 /// id as `ctl mappings` shows it) or `{"prefix": "198.51.100.0/24"}`.
 fn clear(shared: &Shared, req: &Value) -> Value {
     let keying = shared.lock().server.config().subscriber_keying.clone();
+    if let Some(m) = req.get("mapping").and_then(Value::as_str) {
+        return match parse_mapping(m) {
+            Ok(key) => clear_selected(shared, ClearSelector::Mapping(key)),
+            Err(e) => error(format!("bad mapping `{m}`: {e}")),
+        };
+    }
     let which = match (
         req.get("all").and_then(Value::as_bool),
         req.get("subscriber").and_then(Value::as_str),
@@ -228,10 +234,38 @@ fn clear(shared: &Shared, req: &Value) -> Value {
             Ok(p) => ClearSelector::Prefix(p),
             Err(e) => return error(format!("bad prefix: {e}")),
         },
-        _ => {
-            return error("clear takes exactly one of \"all\": true, \"subscriber\" or \"prefix\"")
-        }
+        _ => return error(
+            "clear takes exactly one of \"all\": true, \"subscriber\", \"prefix\" or \"mapping\"",
+        ),
     };
+    clear_selected(shared, which)
+}
+
+/// `PROTO/IP:PORT` (`tcp/198.51.100.7:8080`, `udp/[2001:db8::7]:53`): a
+/// MAP mapping's internal side.
+fn parse_mapping(s: &str) -> Result<MappingKey, String> {
+    let (proto, endpoint) = s
+        .split_once('/')
+        .ok_or("expected PROTO/IP:PORT, e.g. tcp/198.51.100.7:8080")?;
+    let protocol = match proto.to_ascii_lowercase().as_str() {
+        "tcp" => portkeep_proto::Protocol::TCP,
+        "udp" => portkeep_proto::Protocol::UDP,
+        other => portkeep_proto::Protocol(
+            other
+                .parse::<u8>()
+                .map_err(|_| format!("unknown protocol `{proto}`"))?,
+        ),
+    };
+    let internal: std::net::SocketAddr =
+        endpoint.parse().map_err(|e| format!("`{endpoint}`: {e}"))?;
+    Ok(MappingKey {
+        internal_ip: portkeep_server::prefix::canonical(internal.ip()),
+        protocol,
+        internal_port: internal.port(),
+    })
+}
+
+fn clear_selected(shared: &Shared, which: ClearSelector) -> Value {
     let now = shared.clock.now();
     let mut core = shared.lock();
     let cleared = core.server.clear(now, which);

@@ -109,6 +109,10 @@ struct ClearArgs {
     /// Every mapping; the server-wide epoch restarts.
     #[arg(long)]
     all: bool,
+    /// One mapping: `PROTO/IP:PORT`, its internal side (and the PEER
+    /// mappings of that endpoint).
+    #[arg(long, value_name = "PROTO/IP:PORT")]
+    mapping: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -282,9 +286,10 @@ fn run_ctl(args: &Args, ctl: &CtlArgs) -> ExitCode {
         CtlCommand::Counters => serde_json::json!({ "command": "counters" }),
         CtlCommand::Promote => serde_json::json!({ "command": "promote" }),
         CtlCommand::Demote => serde_json::json!({ "command": "demote" }),
-        CtlCommand::Clear(c) => match (&c.subscriber, &c.prefix, c.all) {
-            (Some(s), _, _) => serde_json::json!({ "command": "clear", "subscriber": s }),
-            (_, Some(p), _) => serde_json::json!({ "command": "clear", "prefix": p }),
+        CtlCommand::Clear(c) => match (&c.subscriber, &c.prefix, &c.mapping, c.all) {
+            (Some(s), _, _, _) => serde_json::json!({ "command": "clear", "subscriber": s }),
+            (_, Some(p), _, _) => serde_json::json!({ "command": "clear", "prefix": p }),
+            (_, _, Some(m), _) => serde_json::json!({ "command": "clear", "mapping": m }),
             _ => serde_json::json!({ "command": "clear", "all": true }),
         },
     };

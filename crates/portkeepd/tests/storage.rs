@@ -474,6 +474,58 @@ fn draft_s2_6_1_a_relaxed_store_killed_under_load_resets_every_epoch() {
     assert_eq!(again.header.result.0, 0);
 }
 
+/// Failure-scenarios draft section 2.6.2 for one mapping: the operator
+/// deletes it (`ctl clear --mapping`); its host lost state, so its epoch
+/// resets and it is told, and its other mapping stays; nobody else's epoch
+/// moves.
+#[test]
+fn draft_s2_6_2_deleting_one_mapping_resets_its_hosts_epoch_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let addr = SocketAddr::new(LOCALHOST, restartable_port(LOCALHOST));
+    let (a, b) = (IpAddr::from([127, 0, 0, 63]), IpAddr::from([127, 0, 0, 64]));
+    let la = UdpSocket::bind(SocketAddr::new(a, 5350)).unwrap();
+    let _d = daemon(addr, &data, &[]);
+    for host in [a, b] {
+        let s = UdpSocket::bind(SocketAddr::new(host, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        for p in [80, 81] {
+            let r = exchange_once(&s, addr, &map_request(host, p, 3600, [1; 12], false)).unwrap();
+            assert_eq!(r.header.result.0, 0);
+        }
+    }
+    let (mut ta, mut tb) = (EpochTracker::new(), EpochTracker::new());
+    epoch_check(&mut ta, addr, a);
+    epoch_check(&mut tb, addr, b);
+    std::thread::sleep(Duration::from_millis(2200));
+    let reply = ctl(&data, &["clear", "--mapping", "tcp/127.0.0.63:80"]);
+    assert_eq!(reply["removed"], 1, "{reply}");
+    let told = announcements(&la, Duration::from_millis(400));
+    assert!(!told.is_empty(), "the host is told");
+    assert!(told.iter().all(|r| r.header.epoch == 0), "{told:?}");
+    assert!(epoch_check(&mut ta, addr, a).is_invalid());
+    assert_eq!(epoch_check(&mut tb, addr, b), EpochVerdict::Valid);
+    let left: Vec<(String, u64)> = ctl(&data, &["mappings"])["mappings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["internal_ip"].as_str().unwrap().to_owned(),
+                m["internal_port"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(left.len(), 3, "{left:?}");
+    assert!(!left.contains(&("127.0.0.63".to_owned(), 80)));
+    // A malformed mapping is refused, naming what was wrong.
+    let mut all = vec!["ctl", "--data-dir", data.to_str().unwrap(), "--json"];
+    all.extend_from_slice(&["clear", "--mapping", "tcp/nowhere"]);
+    let run = BINS.run_daemon_to_exit(&all, Duration::from_secs(10));
+    assert_ne!(run.code, Some(0));
+    assert!(run.stderr.contains("bad mapping"), "{run:?}");
+}
+
 fn damaged_store_is_refused(damage: impl Fn(&Path)) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
