@@ -37,9 +37,13 @@ pub struct AnnounceConfig {
 }
 
 impl Default for AnnounceConfig {
+    /// Four sends, over 1.75 s: enough against the loss of one or two,
+    /// and done before a client's next exchanges could overtake a late
+    /// one (a repeat delayed past a newer reply reads, to the section
+    /// 8.5 check, as an epoch gone backwards).
     fn default() -> Self {
         AnnounceConfig {
-            sends: 10,
+            sends: 4,
             rate: 10_000,
         }
     }

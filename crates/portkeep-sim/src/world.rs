@@ -137,6 +137,9 @@ enum Fault {
     BackupRestartLoss,
     BackupRestartLossCrash,
     BackupDiskStall,
+    /// The operator clears one subscriber's mappings (failure-scenarios
+    /// draft section 2.6.2).
+    OperatorClear,
 }
 
 impl Fault {
@@ -162,6 +165,7 @@ impl Fault {
             Fault::BackupRestartLoss => "backup-restart-then-active-loss",
             Fault::BackupRestartLossCrash => "backup-restart-then-active-loss-crash",
             Fault::BackupDiskStall => "backup-disk-stall",
+            Fault::OperatorClear => "operator-clear",
         }
     }
 }
@@ -830,6 +834,13 @@ impl World {
         if own.gen_bool(0.4) {
             let at = own.gen_range(lo..hi);
             self.schedule(at, Ev::Fault(Fault::BothDown, 0));
+        }
+        // An operator clears one subscriber, in a good third of the seeds,
+        // from a generator of its own too.
+        let mut own = ChaCha8Rng::seed_from_u64(self.opts.seed ^ 0xC1EA_0000_5B5C_0002);
+        if own.gen_bool(0.4) {
+            let at = own.gen_range(lo..hi);
+            self.schedule(at, Ev::Fault(Fault::OperatorClear, 0));
         }
         let enabled = self.opts.enable.clone();
         let hi = end.saturating_sub(60_000).max(120_001);
@@ -2394,6 +2405,12 @@ impl World {
                 let d = self.rng.gen_range(500..20_000);
                 self.partition_until = now + d;
             }
+            Fault::OperatorClear => {
+                if !(self.nodes[holder].up && self.nodes[holder].ha.serving()) {
+                    return postpone(self);
+                }
+                self.operator_clear(holder);
+            }
             Fault::CrashActive | Fault::FsyncFailure => {
                 if self.guards && !(pair_healthy && self.nodes[other].ever_synced) {
                     return postpone(self);
@@ -2749,6 +2766,78 @@ impl World {
         self.maps_of(n)
             .map(|(k, m)| (k, m.expires.as_millis().saturating_sub(T0)))
             .collect()
+    }
+
+    /// `portkeepd ctl clear --subscriber`: node `n` clears the subscriber of
+    /// one host a random client maps for. Every client with a mapping of
+    /// that subscriber (the host itself, or the THIRD_PARTY client that
+    /// manages it) lost state, so its epoch check may fail; nobody else's
+    /// may. Their check-points end with the mappings; a loss their check
+    /// cannot see must be told by an ANNOUNCE whose epoch restarted.
+    fn operator_clear(&mut self, n: usize) {
+        let ts = self.ts();
+        let now = self.now;
+        let live: Vec<usize> = (0..self.clients.len())
+            .filter(|&c| !self.clients[c].departed && !self.clients[c].maps.is_empty())
+            .collect();
+        if live.is_empty() {
+            return;
+        }
+        let c = live[self.rng.gen_range(0..live.len())];
+        let host = {
+            let maps = &self.clients[c].maps;
+            maps[self.rng.gen_range(0..maps.len())].host
+        };
+        let keying = SubscriberKeying::default();
+        let sub = keying.subscriber_of(host);
+        let cleared = self.nodes[n]
+            .server
+            .clear(ts, portkeep_server::ClearSelector::Subscriber(sub));
+        let removed: usize = cleared.iter().map(|c| c.mappings).sum();
+        self.trace(format!(
+            "fault: operator clears subscriber {sub} on node {} ({removed} mappings)",
+            self.nodes[n].name
+        ));
+        self.nodes[n].dirty = true;
+        self.submit(n, Reply::default(), None);
+        self.promises
+            .retain(|k, _| keying.subscriber_of(k.0) != sub);
+        self.promises_dirty = true;
+        self.last_served = self.table(n);
+        for c in 0..self.clients.len() {
+            let hit: Vec<usize> = (0..self.clients[c].maps.len())
+                .filter(|&i| keying.subscriber_of(self.clients[c].maps[i].host) == sub)
+                .collect();
+            if hit.is_empty() || self.clients[c].departed {
+                continue;
+            }
+            let held = hit.iter().any(|&i| {
+                let m = &self.clients[c].maps[i];
+                m.in_session && self.clients[c].session.grant(m.id).is_some()
+            });
+            for &i in &hit {
+                self.clients[c].maps[i].lost_told = true;
+            }
+            self.clients[c].excused_at = Some(now);
+            if !held {
+                continue;
+            }
+            let cl = &self.clients[c];
+            let visible = match cl.session.epoch() {
+                Some((e, t)) => EpochTracker::resume(e, t)
+                    .observe(
+                        self.inst(now),
+                        self.nodes[n].server.requester_epoch(ts, cl.ip),
+                    )
+                    .is_invalid(),
+                None => true,
+            };
+            if !visible {
+                self.obligations
+                    .push((cl.ip, now + ANNOUNCE_DEADLINE_MS, n, now));
+            }
+        }
+        self.send_announcements(n);
     }
 
     /// A node starts serving: which clients lost state there, and can

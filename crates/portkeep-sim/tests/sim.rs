@@ -46,6 +46,7 @@ fn default_faults_1000_seeds_hold_every_invariant() {
         "backup-restart-then-active-loss",
         "backup-disk-stall",
         "both-down",
+        "operator-clear",
         "promote-early",
         "promote-late",
         "old-active-return",
