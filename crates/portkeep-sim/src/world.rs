@@ -466,6 +466,8 @@ pub struct World {
     two_serving: bool,
     /// The table of the node that served last, when it stopped.
     last_served: HashMap<MapKey, (Nonce, SocketAddr)>,
+    /// When an operator last cleared each subscriber.
+    cleared: HashMap<SubscriberId, u64>,
     server_seeds: [u64; 2],
     report: Report,
     kept: BTreeMap<Invariant, usize>,
@@ -523,6 +525,7 @@ impl World {
             max_term_sent: 0,
             two_serving: false,
             last_served: HashMap::new(),
+            cleared: HashMap::new(),
             server_seeds,
             report: Report {
                 seed: opts.seed,
@@ -1152,7 +1155,14 @@ impl World {
                             }
                         ));
                     }
-                    if grant.checkpoint_honoured {
+                    // A reply made before an operator cleared the
+                    // mapping's subscriber promises nothing: the operator
+                    // took it away after (failure-scenarios draft 2.6.2).
+                    let voided = self
+                        .cleared
+                        .get(&SubscriberKeying::default().subscriber_of(key.0))
+                        .is_some_and(|&t| h <= t);
+                    if grant.checkpoint_honoured && !voided {
                         self.report.checkpoints_promised += 1;
                         self.promises.insert(
                             key,
@@ -2794,6 +2804,7 @@ impl World {
             .server
             .clear(ts, portkeep_server::ClearSelector::Subscriber(sub));
         let removed: usize = cleared.iter().map(|c| c.mappings).sum();
+        self.cleared.insert(sub, now);
         self.trace(format!(
             "fault: operator clears subscriber {sub} on node {} ({removed} mappings)",
             self.nodes[n].name
