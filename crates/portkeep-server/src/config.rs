@@ -7,7 +7,7 @@ use std::time::Duration;
 use portkeep_proto::CodePoints;
 
 use crate::announce::AnnounceConfig;
-use crate::policy::CheckpointPolicy;
+use crate::policy::{CheckpointPolicy, RateLimit};
 use crate::prefix::Prefix;
 use crate::SubscriberKeying;
 
@@ -45,6 +45,15 @@ pub struct ServerConfig {
     /// How unsolicited ANNOUNCEs are repeated and paced (RFC 6887
     /// section 14.1.3).
     pub announce: AnnounceConfig,
+    /// Datagrams one subscriber may send, whatever they ask; beyond it
+    /// they are dropped unanswered (its clients retransmit, RFC 6887
+    /// section 8.1.1). `None`: unlimited.
+    pub request_rate: Option<RateLimit>,
+    /// Error responses the whole server sends; beyond it a request that
+    /// would get one is dropped. An error answers even a 2-octet datagram
+    /// with 24 octets (RFC 6887 section 8.2), a reflector for forged
+    /// sources. `None`: unlimited.
+    pub error_rate: Option<RateLimit>,
     /// Seed for port randomisation; fixed in tests, random in the daemon.
     pub seed: u64,
 }
@@ -67,6 +76,14 @@ impl Default for ServerConfig {
             code_points: CodePoints::default(),
             checkpoint: CheckpointPolicy::default(),
             announce: AnnounceConfig::default(),
+            // Off: one busy client address (a CPE for a whole LAN, a
+            // load generator) would otherwise be cut; operators set theirs.
+            request_rate: None,
+            error_rate: Some(RateLimit {
+                count: 10_000,
+                per: Duration::from_secs(1),
+                burst: 10_000,
+            }),
             seed: 0x5eed,
         }
     }

@@ -109,6 +109,11 @@ pub struct Stats {
     pub results: [u64; 256],
     /// CHECKPOINT_REQUIRED decisions (RFC 7767).
     pub checkpoint: CheckpointStats,
+    /// Datagrams dropped because their subscriber sent faster than
+    /// [`ServerConfig::request_rate`].
+    pub rate_limited: u64,
+    /// Error responses not sent, beyond [`ServerConfig::error_rate`].
+    pub errors_suppressed: u64,
 }
 
 impl Default for Stats {
@@ -117,6 +122,8 @@ impl Default for Stats {
             received: 0,
             dropped: 0,
             created: 0,
+            rate_limited: 0,
+            errors_suppressed: 0,
             results: [0; 256],
             checkpoint: CheckpointStats::default(),
         }
@@ -267,6 +274,12 @@ pub struct Server {
     /// The ANNOUNCEs scheduled: one place that knows who to tell after
     /// any loss, when, and how often.
     announcer: Announcer,
+    /// Per subscriber, its rate of requests ([`ServerConfig::request_rate`]);
+    /// full buckets are swept out as for `idle_buckets`.
+    request_buckets: HashMap<SubscriberId, TokenBucket>,
+    request_sweep_at: usize,
+    /// The server's rate of error responses ([`ServerConfig::error_rate`]).
+    error_bucket: TokenBucket,
 }
 
 fn sorted_hosts(hosts: &[(IpAddr, u32)]) -> Vec<IpAddr> {
@@ -317,6 +330,9 @@ impl Server {
             requesters: HashMap::new(),
             requesters_swept: now,
             announcer,
+            request_buckets: HashMap::new(),
+            request_sweep_at: IDLE_SWEEP_MIN,
+            error_bucket: TokenBucket::default(),
         }
     }
 
@@ -1197,9 +1213,26 @@ impl Server {
         self.stats.received += 1;
         self.now = self.now.max(now);
         let src = canonical(source.ip());
+        if !self.admit_request(now, src) {
+            self.stats.rate_limited += 1;
+            self.stats.dropped += 1;
+            return Outcome::Drop;
+        }
         let outcome = match self.process(now, src, source.port(), datagram, out) {
             Ok(()) => Outcome::Reply,
             Err(None) => Outcome::Drop,
+            Err(Some(_))
+                if self
+                    .cfg
+                    .error_rate
+                    .is_some_and(|l| !self.error_bucket.take(now, &l)) =>
+            {
+                // Fail closed on reflection: silence, which the client
+                // treats as loss and retransmits into (section 8.1.1).
+                out.clear();
+                self.stats.errors_suppressed += 1;
+                Outcome::Drop
+            }
             Err(Some(fail)) => {
                 let lifetime = if fail.code.is_long_lifetime_error() {
                     self.cfg.long_error_lifetime
@@ -1228,6 +1261,30 @@ impl Server {
             Outcome::Drop => self.stats.dropped += 1,
         }
         outcome
+    }
+
+    /// Whether a datagram from `src` is within its subscriber's request
+    /// rate ([`ServerConfig::request_rate`], checked before anything else
+    /// so a flood costs one lookup per datagram).
+    fn admit_request(&mut self, now: Timestamp, src: IpAddr) -> bool {
+        let Some(limit) = self.cfg.request_rate else {
+            return true;
+        };
+        let sub = self.cfg.subscriber_keying.subscriber_of(src);
+        if !self
+            .request_buckets
+            .entry(sub)
+            .or_default()
+            .take(now, &limit)
+        {
+            return false;
+        }
+        if self.request_buckets.len() >= self.request_sweep_at {
+            // Only full buckets go: forgetting one hands nobody a token.
+            self.request_buckets.retain(|_, b| !b.is_full(now));
+            self.request_sweep_at = (self.request_buckets.len() * 2).max(IDLE_SWEEP_MIN);
+        }
+        true
     }
 
     /// RFC 6887 section 8.2, in its order. `Err(None)` drops silently.

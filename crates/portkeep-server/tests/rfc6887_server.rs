@@ -1155,3 +1155,86 @@ fn rfc6887_s7_4_a_failed_creation_is_taken_back_and_loses_nothing() {
     ));
     assert_eq!(s.mapping_count(), 1);
 }
+
+// ---- Carrier controls: request and error-response rates ---------------
+
+fn rate(count: u32, burst: u32) -> Option<portkeep_server::RateLimit> {
+    Some(portkeep_server::RateLimit {
+        count,
+        per: std::time::Duration::from_secs(1),
+        burst,
+    })
+}
+
+/// RFC 6887 section 8.1.1 lets a server drop what it cannot serve (the
+/// client retransmits): one subscriber sending faster than its request
+/// rate is dropped, others are not, and it gets through again as its
+/// bucket refills.
+#[test]
+fn rfc6887_s8_1_1_a_subscriber_over_its_request_rate_is_dropped_alone() {
+    let mut s = Server::new(
+        ServerConfig {
+            request_rate: rate(5, 5),
+            ..cfg()
+        },
+        T0,
+    );
+    let at = |ms: u64| Timestamp(T0.0 + ms);
+    let mut out = Vec::new();
+    for n in 0..5u8 {
+        let req = map(CLIENT, 80 + u16::from(n), 600, n, vec![]);
+        assert_eq!(s.handle(at(0), src(CLIENT), &req, &mut out), Outcome::Reply);
+    }
+    let req = map(CLIENT, 90, 600, 9, vec![]);
+    assert_eq!(s.handle(at(0), src(CLIENT), &req, &mut out), Outcome::Drop);
+    assert!(out.is_empty());
+    assert_eq!(s.stats().rate_limited, 1);
+    let other = "198.51.100.11";
+    let req = map(other, 80, 600, 1, vec![]);
+    assert_eq!(s.handle(at(0), src(other), &req, &mut out), Outcome::Reply);
+    // One token every 200 ms.
+    let req = map(CLIENT, 90, 600, 9, vec![]);
+    assert_eq!(
+        s.handle(at(150), src(CLIENT), &req, &mut out),
+        Outcome::Drop
+    );
+    assert_eq!(
+        s.handle(at(200), src(CLIENT), &req, &mut out),
+        Outcome::Reply
+    );
+    assert_eq!(s.stats().rate_limited, 2);
+}
+
+/// An error response answers even a 2-octet datagram with 24 octets
+/// (RFC 6887 section 8.2), a reflector for forged sources: past the
+/// server's error rate, such requests get no answer; successes are not
+/// limited by it.
+#[test]
+fn rfc6887_s8_2_error_responses_beyond_the_error_rate_are_not_sent() {
+    let mut s = Server::new(
+        ServerConfig {
+            error_rate: rate(3, 3),
+            ..cfg()
+        },
+        T0,
+    );
+    let mut out = Vec::new();
+    let bad = [0u8, 0];
+    let mut answered = 0;
+    for n in 0..5u8 {
+        let from = format!("198.51.100.{}", 20 + n);
+        if s.handle(T0, src(&from), &bad, &mut out) == Outcome::Reply {
+            answered += 1;
+            assert_eq!(out.len(), 24, "an UNSUPP_VERSION answer");
+        }
+    }
+    assert_eq!(answered, 3);
+    assert_eq!(s.stats().errors_suppressed, 2);
+    let r = send(&mut s, T0, CLIENT, &map(CLIENT, 80, 600, 1, vec![]));
+    assert_eq!(result(&r), ResultCode::SUCCESS);
+    let later = Timestamp(T0.0 + 400);
+    assert_eq!(
+        s.handle(later, src("198.51.100.30"), &bad, &mut out),
+        Outcome::Reply
+    );
+}

@@ -153,6 +153,12 @@ pub struct LimitSection {
     /// Replies handled and waiting for the committer, or committed and
     /// waiting for the sender, beyond which new datagrams are shed.
     pub max_queued_replies: Option<usize>,
+    /// Datagrams per subscriber (`N/s`, `N/min`, `N/h`, or "off").
+    pub subscriber_rate: Option<String>,
+    /// Back to back within `subscriber_rate`.
+    pub subscriber_burst: Option<u32>,
+    /// Error responses, server-wide (`N/s`, ..., or "off").
+    pub error_rate: Option<String>,
 }
 
 /// `[third_party]`.
@@ -542,6 +548,42 @@ impl ConfigFile {
             .iter()
             .map(|s| parse_client(s).map_err(|m| invalid("announce.unicast", m)))
             .collect::<Result<Vec<_>, _>>()?;
+        let rate_of = |key: &str,
+                       text: &Option<String>,
+                       fallback: Option<portkeep_server::RateLimit>,
+                       burst: Option<u32>| {
+            let Some(t) = text else {
+                return Ok(fallback.map(|r| portkeep_server::RateLimit {
+                    burst: burst.unwrap_or(r.burst),
+                    ..r
+                }));
+            };
+            if t == "off" {
+                return Ok(None);
+            }
+            let (count, per) =
+                crate::checkpoint_config::parse_rate(t).map_err(|m| invalid(key, m))?;
+            Ok(Some(portkeep_server::RateLimit {
+                count,
+                per,
+                burst: burst.unwrap_or(count).max(1),
+            }))
+        };
+        let request_rate = rate_of(
+            "limits.subscriber_rate",
+            &self.limits.subscriber_rate,
+            d.request_rate,
+            self.limits.subscriber_burst,
+        )?;
+        if self.limits.subscriber_burst == Some(0) {
+            return Err(invalid("limits.subscriber_burst", "must be at least 1"));
+        }
+        let error_rate = rate_of(
+            "limits.error_rate",
+            &self.limits.error_rate,
+            d.error_rate,
+            None,
+        )?;
         let ad = portkeep_server::AnnounceConfig::default();
         let announce = portkeep_server::AnnounceConfig {
             sends: match self.announce.sends {
@@ -659,6 +701,8 @@ impl ConfigFile {
                 code_points: cp,
                 checkpoint,
                 announce,
+                request_rate,
+                error_rate,
                 seed: rand::random(),
             },
             announce_interfaces: self.announce.multicast_interfaces,

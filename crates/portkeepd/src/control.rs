@@ -304,6 +304,8 @@ fn counters(shared: &Shared) -> Value {
         "received": stats.received,
         "dropped": stats.dropped,
         "created": stats.created,
+        "rate_limited": stats.rate_limited,
+        "errors_suppressed": stats.errors_suppressed,
         "announcing": core.server.announcing(),
         "results": results,
         "mappings": core.server.mapping_count(),

@@ -154,3 +154,35 @@ fn data_dir_is_created_private_and_cleaned_on_stop() {
         "socket removed on clean stop"
     );
 }
+
+/// `[limits] subscriber_rate` and `error_rate` reach the server: a
+/// subscriber over its rate and error responses over the server's are
+/// dropped and counted in `ctl counters`; a bad rate names its key.
+#[test]
+fn carrier_controls_request_and_error_rates_are_applied_and_counted() {
+    use std::net::UdpSocket;
+    let d = Daemon::with_config(
+        &BINS,
+        "[limits]\nsubscriber_rate = \"5/s\"\nerror_rate = \"3/s\"\n",
+    );
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    // Twenty 2-octet datagrams at once: at most five pass the
+    // subscriber's rate, three of those are answered (the server's error
+    // rate).
+    for _ in 0..20 {
+        sock.send_to(&[0, 0], d.addr()).unwrap();
+    }
+    let mut answered = 0;
+    let mut buf = [0u8; 64];
+    while sock.recv_from(&mut buf).is_ok() {
+        answered += 1;
+    }
+    assert_eq!(answered, 3);
+    let c = d.ctl(&["--json", "counters"]).json();
+    let n = |k: &str| c[k].as_u64().unwrap();
+    // The readiness probe of the test's start took one token too.
+    assert!((15..=16).contains(&n("rate_limited")), "{c}");
+    assert_eq!(n("rate_limited") + n("errors_suppressed") + 3, 20, "{c}");
+}

@@ -655,6 +655,16 @@ fn daemon_config_errors_exit_78_naming_the_key() {
         ("unknown.toml", "listne = [\"127.0.0.1\"]\n", "listne"),
         ("type.toml", "[lifetime]\nmin = \"x\"\n", "lifetime.min"),
         ("range.toml", "port_range = \"9-2\"\n", "port_range"),
+        (
+            "rate.toml",
+            "[limits]\nsubscriber_rate = \"5/sec\"\n",
+            "limits.subscriber_rate",
+        ),
+        (
+            "burst.toml",
+            "[limits]\nsubscriber_rate = \"5/s\"\nsubscriber_burst = 0\n",
+            "limits.subscriber_burst",
+        ),
     ];
     for (name, text, key) in cases {
         let path = dir.path().join(name);
