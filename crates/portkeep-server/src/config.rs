@@ -45,6 +45,11 @@ pub struct ServerConfig {
     /// How unsolicited ANNOUNCEs are repeated and paced (RFC 6887
     /// section 14.1.3).
     pub announce: AnnounceConfig,
+    /// The client addresses PCP is served to (empty: every one): others
+    /// get no answer at all (RFC 6887 section 8.2 leaves who may use the
+    /// server to its policy; an operator keeps the external side and
+    /// other customers out).
+    pub clients: Vec<Prefix>,
     /// Datagrams one subscriber may send, whatever they ask; beyond it
     /// they are dropped unanswered (its clients retransmit, RFC 6887
     /// section 8.1.1). `None`: unlimited.
@@ -76,6 +81,7 @@ impl Default for ServerConfig {
             code_points: CodePoints::default(),
             checkpoint: CheckpointPolicy::default(),
             announce: AnnounceConfig::default(),
+            clients: Vec::new(),
             // Off: one busy client address (a CPE for a whole LAN, a
             // load generator) would otherwise be cut; operators set theirs.
             request_rate: None,

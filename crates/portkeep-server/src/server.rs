@@ -114,6 +114,8 @@ pub struct Stats {
     pub rate_limited: u64,
     /// Error responses not sent, beyond [`ServerConfig::error_rate`].
     pub errors_suppressed: u64,
+    /// Datagrams from addresses outside [`ServerConfig::clients`].
+    pub not_clients: u64,
 }
 
 impl Default for Stats {
@@ -124,6 +126,7 @@ impl Default for Stats {
             created: 0,
             rate_limited: 0,
             errors_suppressed: 0,
+            not_clients: 0,
             results: [0; 256],
             checkpoint: CheckpointStats::default(),
         }
@@ -1213,6 +1216,13 @@ impl Server {
         self.stats.received += 1;
         self.now = self.now.max(now);
         let src = canonical(source.ip());
+        if !self.cfg.clients.is_empty() && !self.cfg.clients.iter().any(|p| p.contains(src)) {
+            // Not one of ours: no answer, not even an error, which would
+            // tell a scanner a PCP server is here.
+            self.stats.not_clients += 1;
+            self.stats.dropped += 1;
+            return Outcome::Drop;
+        }
         if !self.admit_request(now, src) {
             self.stats.rate_limited += 1;
             self.stats.dropped += 1;

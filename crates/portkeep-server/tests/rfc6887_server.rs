@@ -1238,3 +1238,30 @@ fn rfc6887_s8_2_error_responses_beyond_the_error_rate_are_not_sent() {
         Outcome::Reply
     );
 }
+
+/// RFC 6887 section 8.2 leaves who may use the server to its policy: with
+/// a client list, a datagram from anywhere else gets no answer at all,
+/// not even an error.
+#[test]
+fn rfc6887_s8_2_only_the_configured_clients_are_answered() {
+    let mut s = Server::new(
+        ServerConfig {
+            clients: vec!["198.51.100.0/28".parse().unwrap()],
+            ..cfg()
+        },
+        T0,
+    );
+    let mut out = Vec::new();
+    let inside = map(CLIENT, 80, 600, 1, vec![]);
+    assert_eq!(s.handle(T0, src(CLIENT), &inside, &mut out), Outcome::Reply);
+    let outsider = "203.0.113.5";
+    let req = map(outsider, 80, 600, 1, vec![]);
+    assert_eq!(s.handle(T0, src(outsider), &req, &mut out), Outcome::Drop);
+    assert!(out.is_empty());
+    assert_eq!(
+        s.handle(T0, src(outsider), &[0, 0], &mut out),
+        Outcome::Drop
+    );
+    assert_eq!(s.stats().not_clients, 2);
+    assert_eq!(s.mapping_count(), 1);
+}

@@ -159,6 +159,8 @@ pub struct LimitSection {
     pub subscriber_burst: Option<u32>,
     /// Error responses, server-wide (`N/s`, ..., or "off").
     pub error_rate: Option<String>,
+    /// Client prefixes served (default: every client).
+    pub clients: Option<Vec<String>>,
 }
 
 /// `[third_party]`.
@@ -584,6 +586,17 @@ impl ConfigFile {
             d.error_rate,
             None,
         )?;
+        let clients = self
+            .limits
+            .clients
+            .clone()
+            .unwrap_or_default()
+            .iter()
+            .map(|p| {
+                p.parse::<Prefix>()
+                    .map_err(|e| invalid("limits.clients", format!("`{p}`: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let ad = portkeep_server::AnnounceConfig::default();
         let announce = portkeep_server::AnnounceConfig {
             sends: match self.announce.sends {
@@ -703,6 +716,7 @@ impl ConfigFile {
                 announce,
                 request_rate,
                 error_rate,
+                clients,
                 seed: rand::random(),
             },
             announce_interfaces: self.announce.multicast_interfaces,

@@ -306,6 +306,7 @@ fn counters(shared: &Shared) -> Value {
         "created": stats.created,
         "rate_limited": stats.rate_limited,
         "errors_suppressed": stats.errors_suppressed,
+        "not_clients": stats.not_clients,
         "announcing": core.server.announcing(),
         "results": results,
         "mappings": core.server.mapping_count(),

@@ -186,3 +186,27 @@ fn carrier_controls_request_and_error_rates_are_applied_and_counted() {
     assert!((15..=16).contains(&n("rate_limited")), "{c}");
     assert_eq!(n("rate_limited") + n("errors_suppressed") + 3, 20, "{c}");
 }
+
+/// `[limits] clients`: a request from outside the list gets no answer at
+/// all (RFC 6887 section 8.2: who is served is the server's policy), and
+/// is counted; a client inside is served.
+#[test]
+fn carrier_controls_only_the_listed_clients_are_answered() {
+    use std::net::{IpAddr, SocketAddr, UdpSocket};
+    let d = Daemon::with_config(&BINS, "[limits]\nclients = [\"127.0.0.1/32\"]\n");
+    let ask = |from: &str| {
+        let ip: IpAddr = from.parse().unwrap();
+        let sock = UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(400)))
+            .unwrap();
+        let req = portkeep_test_support::pcp::map_request(ip, 8080, 600, [7; 12], false);
+        sock.send_to(&req, d.addr()).unwrap();
+        let mut buf = [0u8; 1100];
+        sock.recv_from(&mut buf).is_ok()
+    };
+    assert!(ask("127.0.0.1"), "a listed client is served");
+    assert!(!ask("127.0.0.77"), "another gets no answer");
+    let c = d.ctl(&["--json", "counters"]).json();
+    assert_eq!(c["not_clients"], 1, "{c}");
+    assert_eq!(c["mappings"], 1, "{c}");
+}
