@@ -135,7 +135,7 @@ pub struct Active {
     keying: SubscriberKeying,
     state: LinkState,
     out: Vec<u8>,
-    inbuf: Vec<u8>,
+    inbuf: crate::wire::FrameReader,
     events: VecDeque<ActiveEvent>,
     /// Highest position the backup acknowledged.
     acked: u64,
@@ -182,7 +182,7 @@ impl Active {
             keying,
             state: LinkState::Disconnected,
             out: Vec::new(),
-            inbuf: Vec::new(),
+            inbuf: crate::wire::FrameReader::default(),
             events: VecDeque::new(),
             acked: 0,
             sent: 0,
@@ -497,8 +497,8 @@ impl Active {
 
     /// Feeds bytes received from the backup.
     pub fn handle_input(&mut self, now: Timestamp, bytes: &[u8]) -> Result<(), FrameError> {
-        self.inbuf.extend_from_slice(bytes);
-        while let Some(m) = Message::decode(&mut self.inbuf, &self.keying)? {
+        self.inbuf.push(bytes);
+        while let Some(m) = self.inbuf.next(&self.keying)? {
             self.last_heard = now;
             if m.term() > self.term {
                 self.fence(m.term());

@@ -288,7 +288,7 @@ pub struct Backup {
     #[cfg(feature = "planted-ack-before-persist")]
     ack_before_persist: bool,
     out: Vec<u8>,
-    inbuf: Vec<u8>,
+    inbuf: crate::wire::FrameReader,
 }
 
 impl Backup {
@@ -315,7 +315,7 @@ impl Backup {
             #[cfg(feature = "planted-ack-before-persist")]
             ack_before_persist: false,
             out: Vec::new(),
-            inbuf: Vec::new(),
+            inbuf: crate::wire::FrameReader::default(),
         }
     }
 
@@ -494,8 +494,8 @@ impl Backup {
     /// Feeds bytes from the active, received at `now`.
     pub fn handle_input(&mut self, now: Timestamp, bytes: &[u8]) -> Result<(), FrameError> {
         self.last_now = self.last_now.max(now);
-        self.inbuf.extend_from_slice(bytes);
-        while let Some(m) = Message::decode(&mut self.inbuf, &self.keying)? {
+        self.inbuf.push(bytes);
+        while let Some(m) = self.inbuf.next(&self.keying)? {
             if m.term() < self.term {
                 // A deposed active still streaming: tell it the current
                 // term, and take nothing from it (fencing).

@@ -358,6 +358,61 @@ pub enum Message {
     },
 }
 
+/// The frames of a byte stream, read in place: each frame is decoded
+/// where it lies, and the buffer is compacted only once what was read
+/// makes up half of it, so a read that brings many frames (a snapshot)
+/// costs time in proportion to its size, never to its size times its
+/// frames.
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl FrameReader {
+    /// Appends bytes read from the stream.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 && self.start * 2 >= self.buf.len() {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next whole frame, if one is buffered.
+    pub fn next(&mut self, keying: &SubscriberKeying) -> Result<Option<Message>, FrameError> {
+        let rest = &self.buf[self.start..];
+        if rest.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        if len > MAX_FRAME {
+            return Err(FrameError::TooLong(len));
+        }
+        if rest.len() < 4 + len {
+            return Ok(None);
+        }
+        let msg = Message::parse(&rest[4..4 + len], keying);
+        self.start += 4 + len;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        msg.map(Some)
+    }
+
+    /// Forgets everything buffered (a new connection).
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.start = 0;
+    }
+
+    /// Octets buffered and not yet read as frames.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+}
+
 /// A frame that cannot be read: the link is closed and re-established.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameError {

@@ -1140,3 +1140,45 @@ fn draft_s2_6_1_a_stale_takeover_tells_every_third_party_client() {
     assert!(t.state.requesters.iter().all(|(_, r)| r.anchor.is_none()));
     assert_eq!(t.state.requesters.len(), 2);
 }
+
+/// The link's reader decodes frames where they lie: many frames in one
+/// read, frames split across reads, and the compaction between them all
+/// give back exactly what was sent.
+#[test]
+fn frames_are_read_in_place_whatever_the_reads() {
+    use portkeep_ha::wire::FrameReader;
+    let k = SubscriberKeying::default();
+    let msgs: Vec<Message> = (0..20_000u64)
+        .map(|i| Message::Heartbeat {
+            term: i,
+            now: at(i),
+        })
+        .collect();
+    let mut bytes = Vec::new();
+    for m in &msgs {
+        m.encode(&mut bytes);
+    }
+    // All at once.
+    let mut r = FrameReader::default();
+    r.push(&bytes);
+    let mut got = Vec::new();
+    while let Some(m) = r.next(&k).unwrap() {
+        got.push(m);
+    }
+    assert_eq!(got, msgs);
+    assert_eq!(r.buffered(), 0);
+    // In reads of awkward sizes, each followed by what it completes.
+    let mut r = FrameReader::default();
+    let mut got = Vec::new();
+    for chunk in bytes.chunks(7_777) {
+        r.push(chunk);
+        while let Some(m) = r.next(&k).unwrap() {
+            got.push(m);
+        }
+    }
+    assert_eq!(got, msgs);
+    // Too long a frame is refused.
+    let mut r = FrameReader::default();
+    r.push(&(portkeep_ha::wire::MAX_FRAME as u32 + 1).to_be_bytes());
+    assert!(r.next(&k).is_err());
+}
