@@ -74,7 +74,18 @@ pub(crate) fn run(shared: Arc<Shared>, link: LinkSettings, listener: std::net::T
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
+/// How long an incoming link connection has to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Incoming link connections that may be in their TLS handshake at once;
+/// more are closed at once. Anyone who can reach the link port can open
+/// connections, and each unfinished handshake holds memory and a task
+/// until it times out: the cap bounds that, and the pair's own peer, which
+/// handshakes in milliseconds, still finds a slot.
+const MAX_HANDSHAKES: usize = 16;
+
 async fn accept_loop(shared: Arc<Shared>, link: LinkSettings, listener: TcpListener) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     loop {
         let (tcp, from) = match listener.accept().await {
             Ok(x) => x,
@@ -87,12 +98,27 @@ async fn accept_loop(shared: Arc<Shared>, link: LinkSettings, listener: TcpListe
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
         let link = link.clone();
+        let permit = match link.tls {
+            None => None,
+            Some(_) => match handshakes.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    shared.pair.refused(
+                        from,
+                        &format!("{MAX_HANDSHAKES} TLS handshakes already in progress"),
+                    );
+                    continue;
+                }
+            },
+        };
         tokio::spawn(async move {
             let stream: Box<dyn Stream> = match &link.tls {
                 None => Box::new(tcp),
                 Some(tls) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
-                    match tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await {
+                    let done = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                    drop(permit);
+                    match done {
                         // The chain alone is not enough: any certificate of the
                         // pair's CA would pass; the active's name must match too.
                         Ok(Ok(s)) => match tls.check_peer(s.get_ref().1) {

@@ -1443,3 +1443,45 @@ fn draft_s2_6_1_a_takeover_resets_exactly_the_third_party_client_that_held_volat
         b.log()
     );
 }
+
+/// Anyone who can reach the link port can open connections that never
+/// finish their TLS handshake. At most 16 are held at once, each for at
+/// most 5 s: the next is closed at once, and the pair's own active still
+/// syncs once they time out.
+#[test]
+fn design_link_unfinished_handshakes_are_capped_and_time_out() {
+    use std::io::Read;
+    use std::net::TcpStream;
+    let dir = tempfile::tempdir().unwrap();
+    let (sa, sb) = pair(dir.path());
+    let b = Node::start(&sb, "backup");
+    let idle: Vec<TcpStream> = (0..16)
+        .map(|_| TcpStream::connect(sb.link).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut one_more = TcpStream::connect(sb.link).unwrap();
+    one_more
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let closed = match one_more.read(&mut buf) {
+        Ok(n) => n == 0,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    };
+    assert!(closed, "the 17th unfinished handshake is closed at once");
+    let st = b.status();
+    assert!(
+        st["ha"]["refused"]["last"]
+            .as_str()
+            .is_some_and(|l| l.contains("handshakes already in progress"))
+            || b.log().contains("handshakes already in progress"),
+        "{st}\n{}",
+        b.log()
+    );
+    let mut a = Node::start(&sa, "active");
+    a.wait_in_sync();
+    drop(idle);
+}
