@@ -690,7 +690,9 @@ impl Backup {
                 hosts.entry(*sub).or_default().extend(v.iter().copied());
             }
             // Every requester is told too; its epoch is the new server
-            // epoch like everyone's.
+            // epoch like everyone's, anchored at it so that the requester
+            // stays known (its port, for the ANNOUNCEs) even with no
+            // mapping left.
             for ip in st.requesters.keys() {
                 hosts
                     .entry(self.keying.subscriber_of(*ip))
@@ -700,7 +702,15 @@ impl Backup {
             let requesters = st
                 .requesters
                 .iter()
-                .map(|(ip, r)| (*ip, RequesterState { anchor: None, ..*r }))
+                .map(|(ip, r)| {
+                    (
+                        *ip,
+                        RequesterState {
+                            anchor: Some(now),
+                            ..*r
+                        },
+                    )
+                })
                 .collect();
             let reset = hosts
                 .into_iter()

@@ -1136,9 +1136,29 @@ fn draft_s2_6_1_a_stale_takeover_tells_every_third_party_client() {
         let ip: IpAddr = ip.parse().unwrap();
         assert!(targets.iter().any(|(_, h)| *h == ip), "{targets:?}");
     }
-    // Every epoch is the new server epoch; the ports are kept.
-    assert!(t.state.requesters.iter().all(|(_, r)| r.anchor.is_none()));
+    // Every epoch is the new server epoch (each requester anchored there,
+    // so it stays known with no mapping left); the ports are kept.
+    let now = at(1) + LEASE;
+    assert!(t
+        .state
+        .requesters
+        .iter()
+        .all(|(_, r)| r.anchor == Some(now)));
     assert_eq!(t.state.requesters.len(), 2);
+    let cfg = portkeep_server::ServerConfig {
+        external_addresses: vec!["192.0.2.1".parse().unwrap()],
+        ..portkeep_server::ServerConfig::default()
+    };
+    let (s, _) = portkeep_server::Server::restore_replica(cfg, now, t.state.clone());
+    // 10.1.0.2 manages no mapping that came over: it is still told at
+    // the port it asked from.
+    let mut out = Vec::new();
+    let m2: IpAddr = "10.1.0.2".parse().unwrap();
+    assert_eq!(
+        s.announce_to(now, m2, &mut out),
+        SocketAddr::new(m2, 42_000)
+    );
+    assert_eq!(s.requester_epoch(now, m2), 0);
 }
 
 /// The link's reader decodes frames where they lie: many frames in one

@@ -89,9 +89,15 @@ impl Announcer {
     }
 
     /// Starts a series of sends to `audience` at `now`; one already under
-    /// way starts again (a new loss: the client must hear of this one too).
+    /// way starts again (a new loss: the client must hear of this one
+    /// too), except one whose first send still waits (for the rate): it
+    /// keeps its place, and will say what is true when it leaves.
     pub fn schedule(&mut self, now: Timestamp, audience: Audience) {
-        if let Some((n, s)) = self.series.remove(&audience) {
+        if let Some(&(n, s)) = self.series.get(&audience) {
+            if s.left == self.cfg.sends && s.due <= now {
+                return;
+            }
+            self.series.remove(&audience);
             self.queue.remove(&(s.due, n));
         }
         self.insert(
@@ -217,6 +223,19 @@ mod tests {
         assert_eq!(a.poll(at(550)), vec![host(1)]);
         assert_eq!(a.poll(at(1050)), vec![host(1)]);
         assert_eq!(a.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_first_send_waiting_for_the_rate_keeps_its_place() {
+        let mut a = Announcer::new(AnnounceConfig { sends: 1, rate: 1 });
+        for n in 0..3 {
+            a.schedule(at(0), host(n));
+        }
+        assert_eq!(a.poll(at(0)), vec![host(0)]);
+        // Host 1 loses state again while it waits: not sent to the back.
+        a.schedule(at(500), host(1));
+        assert_eq!(a.poll(at(1_000)), vec![host(1)]);
+        assert_eq!(a.poll(at(2_000)), vec![host(2)]);
     }
 
     #[test]

@@ -600,8 +600,10 @@ impl Server {
         let mut ips: Vec<IpAddr> = self.requesters.keys().copied().collect();
         ips.sort_unstable();
         for ip in ips {
+            // Anchored at the new server epoch (the same epoch), so it
+            // stays known for its ANNOUNCEs with no mapping left.
             if let Some(r) = self.requesters.get_mut(&ip) {
-                r.anchor = None;
+                r.anchor = Some(now);
             }
             self.push_requester(ip);
         }
@@ -908,19 +910,29 @@ impl Server {
     }
 
     /// Forgets, once a minute at most, requesters that hold no mapping and
-    /// whose own epoch restarted longer ago than the longest lifetime: no
-    /// client of theirs can still hold a mapping from before it, so their
-    /// epoch may fall back to their subscriber's.
+    /// whose epoch is their subscriber's anyway (no anchor of their own,
+    /// or one no later than the subscriber's): forgetting one then moves
+    /// no epoch. One whose own epoch is later stays known, however long
+    /// it is idle: falling back to the subscriber's older epoch would jump
+    /// its epoch forward, which its client's section 8.5 check reads as
+    /// lost state. Bounded by the THIRD_PARTY clients that ever lost state.
     fn sweep_requesters(&mut self, now: Timestamp) {
         if self.requesters.is_empty() || now < self.requesters_swept + Duration::from_secs(60) {
             return;
         }
         self.requesters_swept = now;
-        let max = self.cfg.max_lifetime_duration();
+        let keying = &self.cfg.subscriber_keying;
         let idle: Vec<IpAddr> = self
             .requesters
             .iter()
-            .filter(|(_, r)| r.mappings == 0 && r.anchor.is_none_or(|a| a + max <= now))
+            .filter(|(ip, r)| {
+                let sub = self
+                    .subscribers
+                    .get(&keying.subscriber_of(**ip))
+                    .and_then(|s| s.anchor)
+                    .unwrap_or(self.anchor);
+                r.mappings == 0 && r.anchor.is_none_or(|a| a <= sub)
+            })
             .map(|(ip, _)| *ip)
             .collect();
         for ip in idle {

@@ -423,8 +423,8 @@ fn draft_s2_6_a_third_party_clients_epoch_and_port_survive_a_restart() {
     // Nothing was lost in the restart: nobody is owed an ANNOUNCE.
     assert!(told(&mut back, at(150)).is_empty());
     // The restored counts are right: deleting the manager's last mappings
-    // keeps it known (its epoch is its own) until the longest lifetime has
-    // passed, then forgets it.
+    // keeps it known, however long it stays idle, as its epoch is its own
+    // (later than its subscriber's): forgetting it would move its epoch.
     model.apply(back.drain_changes());
     for (i, h) in HOSTS.iter().enumerate().take(2) {
         for p in 0..2u16 {
@@ -440,18 +440,90 @@ fn draft_s2_6_a_third_party_clients_epoch_and_port_survive_a_restart() {
     model.apply(back.drain_changes());
     assert!(model.requesters.contains_key(&ip(MANAGER)));
     let max = u64::from(back.config().max_lifetime);
-    back.handle_timeout(at(100 + max + 61));
+    let late = at(100 + max + 61);
+    back.handle_timeout(late);
     model.apply(back.drain_changes());
-    assert!(!model.requesters.contains_key(&ip(MANAGER)));
-    assert!(
-        model.requesters.contains_key(&ip(OTHER_MANAGER)) || {
-            // Its mapping expired by then (lifetime 600): forgotten too.
-            model
-                .maps
-                .values()
-                .all(|m| m.manager != Some(ip(OTHER_MANAGER)))
-        }
+    assert!(model.requesters.contains_key(&ip(MANAGER)));
+    assert_eq!(
+        back.requester_epoch(late, ip(MANAGER)),
+        u32::try_from(max + 61).unwrap(),
+        "still counted from the clear at 100 s"
     );
+    // The other manager lost nothing: its epoch is its subscriber's, and
+    // once its mapping is gone (expired by then) it is forgotten.
+    assert!(!model.requesters.contains_key(&ip(OTHER_MANAGER)));
+}
+
+/// A requester whose epoch is its own and who keeps a mapping of its own
+/// (no THIRD_PARTY) goes on seeing that epoch long after its managed
+/// mappings are gone: no jump for its section 8.5 check to read as a loss.
+#[test]
+fn rfc6887_s8_5_an_idle_requesters_own_epoch_never_jumps() {
+    let mut s = Server::new(
+        ServerConfig {
+            max_lifetime: 300,
+            ..server().config().clone()
+        },
+        T0,
+    );
+    let own = send(
+        &mut s,
+        at(1),
+        from(MANAGER),
+        &map(MANAGER, MANAGER, 9000, 90, 300),
+    );
+    assert_eq!(own.header.result, ResultCode::SUCCESS);
+    let r = send(
+        &mut s,
+        at(1),
+        from(MANAGER),
+        &map(MANAGER, HOSTS[0], 1000, 1, 300),
+    );
+    assert_eq!(r.header.result, ResultCode::SUCCESS);
+    let keying = SubscriberKeying::default();
+    s.clear(
+        at(4001),
+        ClearSelector::Subscriber(keying.subscriber_of(ip(HOSTS[0]))),
+    );
+    let mut check = EpochCheck::default();
+    for t in [4100u64, 4250, 4301, 4400, 4550] {
+        s.handle_timeout(at(t));
+        let r = send(
+            &mut s,
+            at(t),
+            from(MANAGER),
+            &map(MANAGER, MANAGER, 9000, 90, 300),
+        );
+        assert!(
+            !check.observe(at(t), r.header.epoch),
+            "at {t} s: epoch {}",
+            r.header.epoch
+        );
+        assert_eq!(u64::from(r.header.epoch), t - 4001);
+    }
+}
+
+/// After every epoch restarts, a requester whose last mapping then goes is
+/// still told at its request port: it stays known.
+#[test]
+fn rfc6887_s14_1_3_after_every_epoch_restarts_requesters_are_told_at_their_port() {
+    let mut s = server();
+    populate(&mut s, at(1), 600);
+    s.reset_every_epoch(at(50));
+    assert!(told(&mut s, at(50)).contains(&SocketAddr::new(ip(MANAGER), MANAGER_PORT)));
+    for (i, h) in HOSTS.iter().enumerate() {
+        for p in 0..2u16 {
+            send(
+                &mut s,
+                at(50),
+                from(MANAGER),
+                &map(MANAGER, h, 1000 + p, (i * 2) as u8 + p as u8, 0),
+            );
+        }
+    }
+    // The repeat, 250 ms later, still finds its port.
+    assert!(told(&mut s, Timestamp(at(50).0 + 250))
+        .contains(&SocketAddr::new(ip(MANAGER), MANAGER_PORT)));
 }
 
 #[test]
