@@ -30,6 +30,14 @@
 //! # Ok(()) }
 //! ```
 
+/// How to embed the client: `docs/library.md`, whose examples compile as
+/// this module's doctests.
+#[doc = include_str!("../../../docs/library.md")]
+pub mod guide {
+    #[allow(unused_imports)]
+    use crate::{Client, EpochTracker, Mapping, Session, Transaction};
+}
+
 mod driver;
 mod epoch;
 mod error;
