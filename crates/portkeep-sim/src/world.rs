@@ -2800,6 +2800,9 @@ impl World {
         };
         let keying = SubscriberKeying::default();
         let sub = keying.subscriber_of(host);
+        // Only what the node holds is cleared: a mapping already lost (and
+        // not yet re-created) is no second loss.
+        let held_before = self.table(n);
         let cleared = self.nodes[n]
             .server
             .clear(ts, portkeep_server::ClearSelector::Subscriber(sub));
@@ -2817,7 +2820,13 @@ impl World {
         self.last_served = self.table(n);
         for c in 0..self.clients.len() {
             let hit: Vec<usize> = (0..self.clients[c].maps.len())
-                .filter(|&i| keying.subscriber_of(self.clients[c].maps[i].host) == sub)
+                .filter(|&i| {
+                    let m = &self.clients[c].maps[i];
+                    keying.subscriber_of(m.host) == sub
+                        && held_before
+                            .get(&m.key())
+                            .is_some_and(|(nonce, _)| *nonce == m.nonce)
+                })
                 .collect();
             if hit.is_empty() || self.clients[c].departed {
                 continue;
