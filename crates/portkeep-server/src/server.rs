@@ -1195,7 +1195,9 @@ impl Server {
     /// for a client's section 8.5 check to fail with nothing lost).
     ///
     /// The epoch is `to`'s ([`Server::requester_epoch`]), as when the reply
-    /// was made. `None` if the reply cannot be parsed and encoded again: the
+    /// was made. `None` if the mapping a success grants is gone by now
+    /// (cleared while the reply waited: the client must not believe in
+    /// it), or if the reply cannot be parsed and encoded again: the
     /// caller drops it (the client retransmits) rather than send a stale one.
     pub fn restamp(
         &self,
@@ -1206,6 +1208,16 @@ impl Server {
     ) -> Option<Vec<u8>> {
         let cp = &self.cfg.code_points;
         let mut r = Response::parse(reply, cp).ok()?;
+        if r.header.result == ResultCode::SUCCESS
+            && r.header.lifetime > 0
+            && !self.still_holds(to, &r)
+        {
+            // The mapping it grants went while it waited (an operator
+            // cleared it): sent, it would leave the client believing in a
+            // mapping the server no longer has. Dropped, the client asks
+            // again and makes it anew.
+            return None;
+        }
         r.header.epoch = self.requester_epoch(now, to);
         if r.header.lifetime > 0 {
             let waited = u32::try_from(waited_ms.div_ceil(1000)).unwrap_or(u32::MAX);
@@ -1214,6 +1226,43 @@ impl Server {
         let mut out = Vec::with_capacity(reply.len());
         r.encode(cp, &mut out).ok()?;
         Some(out)
+    }
+
+    /// Whether the MAP or PEER mapping a success reply to `to` grants is
+    /// still held, with that nonce (other replies: always).
+    fn still_holds(&self, to: IpAddr, r: &Response) -> bool {
+        let host = r
+            .options
+            .iter()
+            .find_map(|o| match o {
+                PcpOption::ThirdParty(a) => Some(canonical(from_wire(*a))),
+                _ => None,
+            })
+            .unwrap_or_else(|| canonical(to));
+        let (m, remote) = match &r.data {
+            OpData::Map(m) => (m, None),
+            OpData::Peer(p) => (
+                &p.map,
+                Some(SocketAddr::new(from_wire(p.remote_ip), p.remote_port)),
+            ),
+            _ => return true,
+        };
+        let internal_port = if m.protocol == Protocol::ALL {
+            0
+        } else {
+            m.internal_port
+        };
+        let key = MappingKey {
+            internal_ip: host,
+            protocol: m.protocol,
+            internal_port,
+        };
+        let id = match remote {
+            None => self.table.map_entry(&key),
+            Some(remote) => self.table.peer_entry(&key, remote),
+        };
+        id.and_then(|id| self.table.get(id))
+            .is_some_and(|e| e.nonce == m.nonce)
     }
 
     /// Handles one datagram from `source`, writing any reply into `out`.

@@ -1006,6 +1006,13 @@ fn rfc6887_s8_5_a_held_reply_takes_the_one_epoch_of_its_requester() {
         CLIENT,
         &map(CLIENT, 81, 3600, 2, vec![]),
     );
+    let other = PcpOption::ThirdParty(to_wire(ip("198.51.100.51")));
+    let for_other = send(
+        &mut s,
+        ms(10_000),
+        CLIENT,
+        &map(CLIENT, 82, 3600, 3, vec![other.clone()]),
+    );
     let restamped = |s: &Server, reply: &Response| {
         let out = s
             .restamp(ms(13_500), ip(CLIENT), &wire(reply), 3500)
@@ -1026,18 +1033,25 @@ fn rfc6887_s8_5_a_held_reply_takes_the_one_epoch_of_its_requester() {
         .unwrap()
         .subscriber;
     s.clear(ms(11_000), portkeep_server::ClearSelector::Subscriber(sub));
-    let r = restamped(&s, &made);
+    let r = restamped(&s, &for_other);
     assert_eq!(
         r.header.epoch, 2,
         "the requester's epoch, restarted at 11 s"
     );
-    assert_eq!(r.options, vec![tp]);
+    assert_eq!(r.options, vec![other]);
     assert_eq!(restamped(&s, &own).header.epoch, 2, "the same epoch");
+    // The cleared mapping's own reply is not sent at all.
+    assert!(s
+        .restamp(ms(13_500), ip(CLIENT), &wire(&made), 3500)
+        .is_none());
+    let _ = tp;
 }
 
 #[test]
 fn rfc6887_s15_restamping_never_turns_a_grant_into_a_deletion() {
-    let s = server();
+    let mut s = server();
+    // The grant must be one the server still holds, or it is not sent at all.
+    let granted = send(&mut s, T0, CLIENT, &map(CLIENT, 80, 600, 1, vec![]));
     let reply = |lifetime: u32| {
         wire(&Response {
             header: portkeep_proto::ResponseHeader {
@@ -1045,11 +1059,7 @@ fn rfc6887_s15_restamping_never_turns_a_grant_into_a_deletion() {
                 lifetime,
                 epoch: 0,
             },
-            data: OpData::Map(MapData {
-                external_port: 20000,
-                external_ip: to_wire(ip("192.0.2.1")),
-                ..map_data(Protocol::TCP, 80, 1)
-            }),
+            data: granted.data.clone(),
             options: vec![],
         })
     };
@@ -1264,4 +1274,29 @@ fn rfc6887_s8_2_only_the_configured_clients_are_answered() {
     );
     assert_eq!(s.stats().not_clients, 2);
     assert_eq!(s.mapping_count(), 1);
+}
+
+/// A reply held for the backup (RFC 7767 section 3.2) whose mapping an
+/// operator cleared meanwhile (failure-scenarios draft 2.6.2) is not sent
+/// as made: the client would believe in a mapping the server no longer
+/// has. It is dropped, and the client's retransmission makes it anew.
+#[test]
+fn rfc6887_s8_5_a_held_reply_whose_mapping_was_cleared_is_not_sent() {
+    let mut s = server();
+    let made = send(&mut s, T0, CLIENT, &map(CLIENT, 80, 3600, 1, vec![]));
+    let kept = send(&mut s, T0, CLIENT, &map(CLIENT, 81, 3600, 2, vec![]));
+    let later = Timestamp(T0.0 + 300);
+    assert!(s.restamp(later, ip(CLIENT), &wire(&made), 300).is_some());
+    let key = s
+        .mappings()
+        .iter()
+        .find(|m| m.key.internal_port == 80)
+        .unwrap()
+        .key;
+    s.clear(later, portkeep_server::ClearSelector::Mapping(key));
+    assert!(
+        s.restamp(later, ip(CLIENT), &wire(&made), 300).is_none(),
+        "its mapping is gone"
+    );
+    assert!(s.restamp(later, ip(CLIENT), &wire(&kept), 300).is_some());
 }
