@@ -359,6 +359,12 @@ impl Backup {
         std::mem::take(&mut self.service_handed)
     }
 
+    /// `term` was served somewhere (an external witness says so): a
+    /// promotion acts above it.
+    pub fn observe_term(&mut self, term: Term) {
+        self.term = self.term.max(term);
+    }
+
     /// The highest term seen.
     pub fn term(&self) -> Term {
         self.term

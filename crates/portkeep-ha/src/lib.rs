@@ -30,6 +30,7 @@ mod active;
 mod backup;
 mod node;
 pub mod wire;
+pub mod witness;
 
 pub use active::{encode_snapshot, Active, ActiveConfig, ActiveEvent, LinkState};
 pub use backup::{Backup, Replica, ReplicaWrite, Takeover, TakeoverKind};

@@ -1109,6 +1109,39 @@ impl<R> Node<R> {
         true
     }
 
+    /// The (term, log position) of the state this node holds: an active's
+    /// own log, a backup's replica (nothing: the zero position).
+    pub fn holds(&self) -> Position {
+        match (&self.role, &self.backup) {
+            (Role::Backup, Some(b)) => b.holds(),
+            (Role::Backup, None) => Position::default(),
+            _ => self.position,
+        }
+    }
+
+    /// What the backup has acknowledged of an active's state (its replica
+    /// holds at least this), or, before any acknowledgement in this term,
+    /// the position the term started from. `None` unless active.
+    pub fn acknowledged(&self) -> Option<Position> {
+        let a = self.active.as_ref()?;
+        (self.role == Role::Active).then(|| Position {
+            term: self.term,
+            seq: a.acked(),
+        })
+    }
+
+    /// A term above `floor` must be the next one this node acts in (an
+    /// external witness knows `floor` was served): the next promotion
+    /// takes the higher of the two.
+    pub fn observe_term(&mut self, floor: Term) {
+        if let Some(b) = self.backup.as_mut() {
+            b.observe_term(floor);
+        }
+        if self.role != Role::Active {
+            self.term = self.term.max(floor);
+        }
+    }
+
     /// The term a promotion would act in, to be persisted before
     /// [`Node::promote`] (fencing depends on never acting twice in one
     /// term).

@@ -11,6 +11,7 @@
 //! - [`pcp`]: raw PCP requests over UDP.
 //! - [`daemon`]: `portkeepd` on loopback ports, and the `portkeep` CLI.
 //! - [`keepalived`]: an active/backup pair under keepalived in namespaces.
+//! - [`etcd`]: a real etcd cluster on loopback.
 //!
 //! Binary paths come from the calling test (`env!("CARGO_BIN_EXE_...")`
 //! exists only in the crate that owns the binary), as [`process::Bins`].
@@ -20,6 +21,7 @@
 
 pub mod capture;
 pub mod daemon;
+pub mod etcd;
 pub mod keepalived;
 pub mod netns;
 pub mod pcp;

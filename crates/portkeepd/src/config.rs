@@ -839,6 +839,42 @@ mod tests {
         assert!(s.server.external_addresses.len() > 1);
     }
 
+    /// The etcd example names only keys that exist (its files are not
+    /// here, so it is parsed, not validated).
+    #[test]
+    fn etcd_example_parses() {
+        let text = include_str!("../../../examples/etcd/nat-a.toml");
+        ConfigFile::parse(text, "example").unwrap();
+    }
+
+    #[test]
+    fn ha_coordinator_errors_name_the_key() {
+        let pair = "[ha]\nrole = \"backup\"\nlisten = \"127.0.0.1:1\"\npeer = \"127.0.0.1:2\"\nplaintext = true\n[ha.coordinator]\n";
+        assert!(err(pair).contains("ha.coordinator.etcd"));
+        let with = |extra: &str| format!("{pair}etcd = [\"http://127.0.0.1:2379\"]\n{extra}");
+        assert!(err(&format!("{pair}etcd = [\"127.0.0.1:2379\"]")).contains("not an http"));
+        assert!(err(&with("ttl_s = 1")).contains("ha.coordinator.ttl_s"));
+        assert!(err(&with("margin_ms = 5000")).contains("ha.coordinator.margin_ms"));
+        assert!(err(&with("prefix = \"x\"")).contains("ha.coordinator.prefix"));
+        assert!(err(&with("name = \"a/b\"")).contains("ha.coordinator.name"));
+        assert!(err(&with("tls_cert = \"c.pem\"")).contains("ha.coordinator.tls_ca"));
+        assert!(err(&with("ttl = 3")).contains("unknown field `ttl`"));
+        let standalone = "[ha.coordinator]\netcd = [\"http://127.0.0.1:2379\"]\n";
+        assert!(err(standalone).contains("ha.coordinator"));
+        let built = ConfigFile::parse(&with("name = \"a\""), "x")
+            .unwrap()
+            .validate();
+        if cfg!(feature = "etcd") {
+            let s = built.unwrap();
+            let c = s.ha.coordinator.unwrap();
+            assert_eq!((c.name.as_str(), c.prefix.as_str()), ("a", "/portkeep"));
+            assert_eq!(c.timing.ttl, std::time::Duration::from_secs(3));
+        } else {
+            let e = built.unwrap_err().to_string();
+            assert!(e.contains("cargo feature `etcd`"), "{e}");
+        }
+    }
+
     #[test]
     fn errors_name_the_key() {
         assert!(err("listne = []").contains("unknown field `listne`"));

@@ -84,6 +84,10 @@ pub(crate) fn dispatch(shared: &Arc<Shared>, req: &Value) -> Value {
         "mappings" => mappings(shared),
         "counters" => counters(shared),
         "clear" => clear(shared, req),
+        "promote" | "demote" if shared.pair.settings.coordinator.is_some() => json!({
+            "ok": false,
+            "error": "the etcd coordinator ([ha.coordinator]) decides which node serves: promote and demote are its",
+        }),
         "promote" => crate::node::promote(shared),
         "demote" => crate::node::demote(shared),
         other => error(format!(

@@ -49,6 +49,169 @@ pub struct HaSection {
     /// How long a node configured active that cannot reach its peer at
     /// start waits for it before serving what it stored, ms.
     pub peer_wait_ms: Option<u64>,
+    /// `[ha.coordinator]`: an external witness decides which node serves.
+    pub coordinator: Option<CoordinatorSection>,
+}
+
+/// `[ha.coordinator]` as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorSection {
+    /// The etcd cluster's client URLs (`http://` or `https://`).
+    pub etcd: Option<Vec<String>>,
+    /// This node's name in the election (default: the host name).
+    pub name: Option<String>,
+    /// The keys' prefix in etcd: one per pair (default `/portkeep`).
+    pub prefix: Option<String>,
+    /// The lease's time to live, seconds.
+    pub ttl_s: Option<u64>,
+    /// How much sooner than the lease can end the holder stops serving, ms.
+    pub margin_ms: Option<u64>,
+    /// How long an elected node that holds less than its peer recorded
+    /// waits for the peer before serving what it has, ms.
+    pub peer_wait_ms: Option<u64>,
+    /// CA of the etcd servers' certificates (PEM), for `https://`.
+    pub tls_ca: Option<String>,
+    /// This node's client certificate for etcd (PEM), for mutual TLS.
+    pub tls_cert: Option<String>,
+    /// Its key (PEM).
+    pub tls_key: Option<String>,
+}
+
+/// Validated `[ha.coordinator]`.
+#[derive(Debug, Clone)]
+pub struct CoordinatorSettings {
+    /// Client URLs.
+    pub endpoints: Vec<String>,
+    /// This node's name.
+    pub name: String,
+    /// Key prefix.
+    pub prefix: String,
+    /// Lease timing.
+    pub timing: portkeep_ha::witness::WitnessConfig,
+    /// When the endpoints use TLS.
+    pub tls: Option<CoordinatorTls>,
+}
+
+/// TLS to etcd, as PEM.
+#[derive(Debug, Clone)]
+pub struct CoordinatorTls {
+    /// The etcd servers' CA.
+    pub ca: Vec<u8>,
+    /// This node's certificate and key, for mutual TLS.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl CoordinatorSection {
+    fn validate(self) -> Result<CoordinatorSettings, ConfigError> {
+        let endpoints = self.etcd.unwrap_or_default();
+        if endpoints.is_empty() {
+            return Err(invalid(
+                "ha.coordinator.etcd",
+                "needed: the etcd cluster's client URLs",
+            ));
+        }
+        for e in &endpoints {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return Err(invalid(
+                    "ha.coordinator.etcd",
+                    format!("`{e}` is not an http:// or https:// URL"),
+                ));
+            }
+        }
+        let name = match self.name {
+            Some(n) if n.is_empty() || n.contains('/') => {
+                return Err(invalid(
+                    "ha.coordinator.name",
+                    "a non-empty name without `/`",
+                ))
+            }
+            Some(n) => n,
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty() && !h.contains('/'))
+                .ok_or_else(|| invalid("ha.coordinator.name", "no host name: set one"))?,
+        };
+        let prefix = self.prefix.unwrap_or_else(|| "/portkeep".into());
+        if !prefix.starts_with('/') || prefix.ends_with('/') {
+            return Err(invalid(
+                "ha.coordinator.prefix",
+                "starts with `/` and does not end with one",
+            ));
+        }
+        let ttl_s = self.ttl_s.unwrap_or(3);
+        if !(2..=60).contains(&ttl_s) {
+            // etcd rounds a shorter lease up to its own minimum (about
+            // 1.5 election timeouts), which would break the deadline.
+            return Err(invalid("ha.coordinator.ttl_s", "expected 2 to 60"));
+        }
+        let ttl = Duration::from_secs(ttl_s);
+        let margin = ms(
+            "ha.coordinator.margin_ms",
+            self.margin_ms,
+            500,
+            100,
+            ttl_s * 1000 / 2,
+        )?;
+        let peer_wait = ms(
+            "ha.coordinator.peer_wait_ms",
+            self.peer_wait_ms,
+            10_000,
+            0,
+            3_600_000,
+        )?;
+        let any_tls = endpoints.iter().any(|e| e.starts_with("https://"));
+        let tls = match (self.tls_ca, self.tls_cert, self.tls_key) {
+            (None, None, None) if !any_tls => None,
+            (None, _, _) => {
+                return Err(invalid(
+                    "ha.coordinator.tls_ca",
+                    "needed with https:// endpoints or a client certificate",
+                ))
+            }
+            (Some(ca), cert, key) => {
+                let ca = read_pem_file("ha.coordinator.tls_ca", &ca)?;
+                let identity = match (cert, key) {
+                    (None, None) => None,
+                    (Some(c), Some(k)) => Some((
+                        read_pem_file("ha.coordinator.tls_cert", &c)?,
+                        read_pem_file("ha.coordinator.tls_key", &k)?,
+                    )),
+                    _ => {
+                        return Err(invalid(
+                            "ha.coordinator.tls_cert",
+                            "tls_cert and tls_key go together",
+                        ))
+                    }
+                };
+                Some(CoordinatorTls { ca, identity })
+            }
+        };
+        if tls.is_some() && !endpoints.iter().all(|e| e.starts_with("https://")) {
+            return Err(invalid(
+                "ha.coordinator.etcd",
+                "with TLS configured every endpoint is https://",
+            ));
+        }
+        if !cfg!(feature = "etcd") {
+            return Err(invalid(
+                "ha.coordinator",
+                "this portkeepd was built without the etcd coordinator (cargo feature `etcd`)",
+            ));
+        }
+        Ok(CoordinatorSettings {
+            endpoints,
+            name,
+            prefix,
+            timing: portkeep_ha::witness::WitnessConfig {
+                ttl,
+                margin,
+                peer_wait,
+            },
+            tls,
+        })
+    }
 }
 
 /// The node's role (the pair's state machine defines it).
@@ -126,6 +289,8 @@ pub struct HaSettings {
     pub role: Role,
     /// `None`: no link (standalone, or a cold standby).
     pub link: Option<LinkSettings>,
+    /// `None`: promotion is the operator's (or keepalived's).
+    pub coordinator: Option<CoordinatorSettings>,
 }
 
 impl Default for HaSettings {
@@ -133,6 +298,7 @@ impl Default for HaSettings {
         HaSettings {
             role: Role::Standalone,
             link: None,
+            coordinator: None,
         }
     }
 }
@@ -237,7 +403,19 @@ impl HaSection {
                 "role \"active\" needs the replication link (ha.listen and ha.peer)",
             ));
         }
-        Ok(HaSettings { role, link })
+        let coordinator = match self.coordinator {
+            None => None,
+            Some(_) if role == Role::Standalone => return Err(invalid(
+                "ha.coordinator",
+                "a coordinator decides between the nodes of a pair: role \"active\" or \"backup\"",
+            )),
+            Some(c) => Some(c.validate()?),
+        };
+        Ok(HaSettings {
+            role,
+            link,
+            coordinator,
+        })
     }
 }
 

@@ -9,6 +9,8 @@ pub mod clock;
 pub mod config;
 pub mod config_error;
 pub mod control;
+#[cfg(feature = "etcd")]
+mod coordinator;
 pub mod ha_config;
 pub mod link;
 pub mod mmsg;

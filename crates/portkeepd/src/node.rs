@@ -1159,9 +1159,13 @@ pub(crate) fn sender(shared: &Shared) {
             }
             g.batches.drain(..).collect()
         };
+        // A node frozen after its replies were queued and woken after the
+        // witness's lease ran out sends none of them: another node may
+        // serve by now.
+        let allowed = shared.pair.lease_allows();
         for (socket, mut replies) in batches {
             let n = replies.len();
-            if let Some(s) = shared.sockets.get(socket) {
+            if let Some(s) = shared.sockets.get(socket).filter(|_| allowed) {
                 let _ = replies.flush(s);
             }
             shared.outboxed.fetch_sub(n, Ordering::Relaxed);

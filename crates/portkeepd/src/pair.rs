@@ -170,6 +170,14 @@ pub(crate) struct Pair {
     /// that checks it under the core lock never answers for a node that
     /// stopped serving.
     serving: AtomicBool,
+    /// With a coordinator: the instant (the daemon's clock, ms) from which
+    /// this node must not answer PCP, as the witness's lease allows
+    /// (`portkeep_ha::witness`); `u64::MAX` without one. Read on every
+    /// batch and again before replies leave, against a clock that keeps
+    /// running while the process is frozen, so a node that wakes after
+    /// its lease ran out answers nothing it had queued.
+    fence: AtomicU64,
+    clock: crate::clock::Clock,
     /// Wakes the link's writer.
     pub(crate) wake: tokio::sync::Notify,
     term_path: PathBuf,
@@ -261,6 +269,7 @@ impl Pair {
         data_dir: &Path,
         keying: portkeep_server::SubscriberKeying,
         stored_replica: bool,
+        clock: crate::clock::Clock,
     ) -> anyhow::Result<Pair> {
         let term_path = data_dir.join("term");
         let term = read_term(&term_path)?;
@@ -277,8 +286,16 @@ impl Pair {
             .as_ref()
             .map_or(std::time::Duration::ZERO, |l| l.peer_wait);
         let node = Node::new(cfg, term, keying);
+        // With a witness, nothing is served before its lease is held.
+        let fence = if settings.coordinator.is_some() {
+            0
+        } else {
+            u64::MAX
+        };
         Ok(Pair {
             serving: AtomicBool::new(node.serving()),
+            fence: AtomicU64::new(fence),
+            clock,
             node: Mutex::new(node),
             settings,
             wake: tokio::sync::Notify::new(),
@@ -298,9 +315,29 @@ impl Pair {
         }
     }
 
-    /// Whether this node answers PCP (see [`Pair::serving`]'s field).
+    /// Whether this node answers PCP (see [`Pair::serving`]'s field), and
+    /// the witness's lease, if there is one, allows it now.
     pub(crate) fn serving(&self) -> bool {
-        self.serving.load(Ordering::SeqCst)
+        self.serving.load(Ordering::SeqCst) && self.lease_allows()
+    }
+
+    /// Whether the witness's lease (if any) allows answering PCP now.
+    pub(crate) fn lease_allows(&self) -> bool {
+        self.clock.now().as_millis() < self.fence.load(Ordering::SeqCst)
+    }
+
+    /// Sets the fence (see the field): `None` serves nothing.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    pub(crate) fn set_fence(&self, until: Option<Timestamp>) {
+        self.fence
+            .store(until.map_or(0, |t| t.as_millis()), Ordering::SeqCst);
+    }
+
+    /// The fence, for `ctl status`: ms of service left (`None`: no
+    /// coordinator).
+    fn fence_left_ms(&self) -> Option<u64> {
+        let f = self.fence.load(Ordering::SeqCst);
+        (f != u64::MAX).then(|| f.saturating_sub(self.clock.now().as_millis()))
     }
 
     /// The role now.
@@ -364,6 +401,11 @@ impl Pair {
             "responses_held": n.held(),
             "responses_released_unconfirmed": s.released_unconfirmed,
         });
+        if let Some(left) = self.fence_left_ms() {
+            // With a coordinator: how much longer the lease lets it serve.
+            v["lease_serve_left_ms"] = json!(left);
+            v["coordinator"] = json!(self.settings.coordinator.as_ref().map(|c| c.name.clone()));
+        }
         if let Some(a) = n.active() {
             let state = match a.state() {
                 LinkState::Disconnected => "disconnected",

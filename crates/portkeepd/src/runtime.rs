@@ -357,6 +357,7 @@ impl Daemon {
             &settings.data_dir,
             settings.server.subscriber_keying.clone(),
             replica.is_some(),
+            clock,
         )?;
         let (replica_store, resume) = replica.unzip();
         let resumed = matches!(resume, Some(Some(_)));
@@ -541,6 +542,10 @@ impl Daemon {
                     .name("control".into())
                     .spawn(move || control::serve(&shared, &control))?,
             );
+        }
+        #[cfg(feature = "etcd")]
+        if let Some(c) = settings.ha.coordinator.clone() {
+            threads.push(crate::coordinator::spawn(shared.clone(), c)?);
         }
         Ok(Daemon {
             shared,

@@ -1,0 +1,216 @@
+//! A real etcd cluster on loopback (Debian's `etcd-server`), started and
+//! removed by the test that asks for it: three members, each with its own
+//! data directory under a temporary directory and its own ports.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::process::wait_until;
+
+/// A TCP port free on 127.0.0.1 a moment ago.
+fn tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap()
+}
+
+/// One member.
+#[derive(Debug)]
+struct Member {
+    name: String,
+    client: u16,
+    peer: u16,
+    data: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+/// A cluster of members on 127.0.0.1; every member is killed and its
+/// directory removed on drop.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    dir: tempfile::TempDir,
+    members: Vec<Member>,
+    initial: String,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members and waits until the cluster answers.
+    pub fn start(n: usize) -> EtcdCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let members: Vec<Member> = (0..n)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client: tcp_port(),
+                peer: tcp_port(),
+                data: dir.path().join(format!("m{i}")),
+                log: dir.path().join(format!("m{i}.log")),
+                child: None,
+            })
+            .collect();
+        let initial = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = EtcdCluster {
+            dir,
+            members,
+            initial,
+        };
+        for i in 0..n {
+            c.start_member(i);
+        }
+        c.wait_healthy(Duration::from_secs(30));
+        c
+    }
+
+    fn start_member(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&m.log)
+            .unwrap();
+        let state = if m.data.exists() { "existing" } else { "new" };
+        let child = Command::new("etcd")
+            .args(["--name", &m.name])
+            .arg("--data-dir")
+            .arg(&m.data)
+            .args([
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{}", m.client),
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{}", m.client),
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{}", m.peer),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{}", m.peer),
+                "--initial-cluster",
+                &self.initial,
+                "--initial-cluster-state",
+                state,
+                "--initial-cluster-token",
+                "portkeep-test",
+                // Fast elections, so a member's loss costs well under a
+                // second; leases shorter than 1.5 election timeouts would
+                // be rounded up by etcd.
+                "--heartbeat-interval",
+                "50",
+                "--election-timeout",
+                "500",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start etcd: {e}"));
+        m.child = Some(child);
+    }
+
+    /// The client URLs, as `[ha.coordinator] etcd` takes them.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .collect()
+    }
+
+    /// The TOML array of [`EtcdCluster::endpoints`].
+    pub fn endpoints_toml(&self) -> String {
+        let quoted: Vec<String> = self
+            .endpoints()
+            .iter()
+            .map(|e| format!("\"{e}\""))
+            .collect();
+        format!("[{}]", quoted.join(", "))
+    }
+
+    /// Whether member `i` says it is healthy (it has a leader).
+    fn healthy(&self, i: usize) -> bool {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.members[i].client));
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(300)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .is_err()
+        {
+            return false;
+        }
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        body.contains("\"health\":\"true\"")
+    }
+
+    /// Waits until every running member is healthy.
+    pub fn wait_healthy(&self, within: Duration) {
+        wait_until("etcd healthy", within, || {
+            (0..self.members.len())
+                .filter(|&i| self.members[i].child.is_some())
+                .all(|i| self.healthy(i))
+                .then_some(())
+        });
+    }
+
+    /// Kills member `i` (`kill -9`).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Restarts member `i` on its data directory.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.start_member(i);
+    }
+
+    /// Sends `sig` (e.g. "STOP", "CONT") to every member.
+    pub fn signal_all(&self, sig: &str) {
+        for m in &self.members {
+            if let Some(c) = &m.child {
+                let _ = Command::new("kill")
+                    .arg(format!("-{sig}"))
+                    .arg(c.id().to_string())
+                    .status();
+            }
+        }
+    }
+
+    /// Every member's log, for a failure message.
+    pub fn logs(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| {
+                let text = std::fs::read_to_string(&m.log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(20).collect();
+                format!(
+                    "--- {} ---\n{}",
+                    m.name,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The temporary directory the cluster lives in.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        self.signal_all("CONT");
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
