@@ -84,6 +84,10 @@ pub struct Witness {
     cfg: WitnessConfig,
     /// Whether this node is the elected holder.
     elected: bool,
+    /// Whether what [`Witness::decide`] said was carried out: until then
+    /// the elected node does not serve (an active of an older term must
+    /// not answer from its stale state while it stands down).
+    settled: bool,
     /// The end of the lease as confirmed, less the margin.
     valid_until: Option<Timestamp>,
     /// Since when this node has been elected while behind the record.
@@ -96,6 +100,7 @@ impl Witness {
         Witness {
             cfg,
             elected: false,
+            settled: false,
             valid_until: None,
             behind_since: None,
         }
@@ -121,9 +126,17 @@ impl Witness {
         self.valid_until = Some(self.valid_until.map_or(until, |u| u.max(until)));
     }
 
-    /// This node won the election (with a lease confirmed before).
+    /// This node won the election (with a lease confirmed before). It
+    /// serves only once the verdict is carried out ([`Witness::settled`]).
     pub fn elected(&mut self) {
         self.elected = true;
+        self.settled = false;
+    }
+
+    /// The verdict ([`Verdict::Resume`] or [`Verdict::Promote`]) was
+    /// carried out: the node serves from now, while the lease lasts.
+    pub fn settled(&mut self) {
+        self.settled = self.elected;
     }
 
     /// The lease is gone, or its state unknown (the connection to the
@@ -131,12 +144,14 @@ impl Witness {
     /// still holds until it runs out.
     pub fn lost(&mut self) {
         self.elected = false;
+        self.settled = false;
     }
 
     /// The instant from which this node must not answer PCP; `None` if it
-    /// may not now. Before election the node may never serve.
+    /// may not now. Before election, and until its verdict is carried out,
+    /// the node may never serve.
     pub fn serve_until(&self) -> Option<Timestamp> {
-        if self.elected {
+        if self.elected && self.settled {
             self.valid_until
         } else {
             None
@@ -226,13 +241,22 @@ mod tests {
         w.confirmed(t(0), Duration::from_secs(3));
         assert!(!w.may_serve(t(1)));
         w.elected();
+        assert!(
+            !w.may_serve(t(1)),
+            "elected, but not yet resumed or promoted: a stale active standing down must not answer"
+        );
+        w.settled();
         assert!(w.may_serve(t(1)));
+        w.lost();
+        w.settled();
+        assert!(!w.may_serve(t(1)), "only an elected node settles");
     }
 
     #[test]
     fn the_deadline_counts_from_the_request_not_the_answer() {
         let mut w = Witness::new(cfg());
         w.elected();
+        w.settled();
         // Sent at 0, answered (say) 900 ms later: the witness may have
         // started counting at 1 ms, so the lease ends no sooner than 3 s
         // after the request, and the node stops 500 ms before that.
@@ -248,6 +272,7 @@ mod tests {
     fn a_late_answer_never_shortens_the_deadline() {
         let mut w = Witness::new(cfg());
         w.elected();
+        w.settled();
         w.confirmed(t(2_000), Duration::from_secs(3));
         w.confirmed(t(1_000), Duration::from_secs(3));
         assert_eq!(w.serve_until(), Some(t(4_500)));
@@ -257,6 +282,7 @@ mod tests {
     fn a_longer_ttl_than_asked_is_not_believed() {
         let mut w = Witness::new(cfg());
         w.elected();
+        w.settled();
         w.confirmed(t(0), Duration::from_secs(60));
         assert_eq!(w.serve_until(), Some(t(2_500)));
     }
@@ -265,6 +291,7 @@ mod tests {
     fn a_lease_reported_gone_ends_service_at_once() {
         let mut w = Witness::new(cfg());
         w.elected();
+        w.settled();
         w.confirmed(t(0), Duration::from_secs(3));
         w.confirmed(t(100), Duration::ZERO);
         assert!(!w.may_serve(t(101)));

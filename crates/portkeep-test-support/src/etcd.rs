@@ -18,6 +18,24 @@ fn tcp_port() -> u16 {
         .unwrap()
 }
 
+/// Whether the etcd member whose client port on 127.0.0.1 is `port` says
+/// it is healthy.
+fn healthy_at(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(300)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.contains("\"health\":\"true\"")
+}
+
 /// One member.
 #[derive(Debug)]
 struct Member {
@@ -36,11 +54,19 @@ pub struct EtcdCluster {
     dir: tempfile::TempDir,
     members: Vec<Member>,
     initial: String,
+    /// The network namespace the members run in (`None`: this one).
+    netns: Option<String>,
 }
 
 impl EtcdCluster {
     /// Starts `n` members and waits until the cluster answers.
     pub fn start(n: usize) -> EtcdCluster {
+        EtcdCluster::start_in(n, None)
+    }
+
+    /// [`EtcdCluster::start`], in network namespace `netns` (on its
+    /// loopback).
+    pub fn start_in(n: usize, netns: Option<&str>) -> EtcdCluster {
         let dir = tempfile::tempdir().unwrap();
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
@@ -61,6 +87,7 @@ impl EtcdCluster {
             dir,
             members,
             initial,
+            netns: netns.map(str::to_owned),
         };
         for i in 0..n {
             c.start_member(i);
@@ -77,7 +104,15 @@ impl EtcdCluster {
             .open(&m.log)
             .unwrap();
         let state = if m.data.exists() { "existing" } else { "new" };
-        let child = Command::new("etcd")
+        let mut cmd = match &self.netns {
+            None => Command::new("etcd"),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "etcd"]);
+                c
+            }
+        };
+        let child = cmd
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&m.data)
@@ -132,19 +167,11 @@ impl EtcdCluster {
 
     /// Whether member `i` says it is healthy (it has a leader).
     fn healthy(&self, i: usize) -> bool {
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.members[i].client));
-        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(300)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            .is_err()
-        {
-            return false;
+        let port = self.members[i].client;
+        match &self.netns {
+            None => healthy_at(port),
+            Some(ns) => crate::netns::in_ns(ns, move || healthy_at(port)),
         }
-        let mut body = String::new();
-        let _ = s.read_to_string(&mut body);
-        body.contains("\"health\":\"true\"")
     }
 
     /// Waits until every running member is healthy.

@@ -407,6 +407,7 @@ impl<'a> Session<'a> {
                 );
             }
         }
+        self.witness.settled();
         let mut last = self.record_now(&leader, record, true).await?;
         self.shared.pair.set_fence(self.witness.serve_until());
         // Held: renew, record now and then, until the lease is gone or

@@ -24,12 +24,14 @@ mod with_etcd {
     use std::net::{SocketAddr, UdpSocket};
     use std::path::PathBuf;
     use std::process::{Command, Stdio};
-    use std::sync::LazyLock;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, LazyLock};
     use std::time::{Duration, Instant};
 
     use portkeep_proto::addr::from_wire;
     use portkeep_proto::{CodePoints, Response};
     use portkeep_test_support::etcd::EtcdCluster;
+    use portkeep_test_support::netns::{in_ns, ns_exec, setup, Lab};
     use portkeep_test_support::pcp::{exchange_once, map_request, restartable_port, LOCALHOST};
     use portkeep_test_support::process::{gen_certs, wait_until, wall_ms, Bins, Portkeepd};
     use portkeep_test_support::skip;
@@ -63,6 +65,8 @@ mod with_etcd {
         certs: PathBuf,
         etcd: String,
         prefix: String,
+        /// The network namespace it runs in (`None`: this one).
+        netns: Option<String>,
     }
 
     impl Spec {
@@ -120,7 +124,14 @@ peer_wait_ms = 3000
             let cfg = spec.data.with_extension("toml");
             std::fs::write(&cfg, spec.config()).unwrap();
             let log = spec.data.with_extension(format!("{}.log", wall_ms()));
-            let mut cmd = Command::new(BINS.daemon());
+            let mut cmd = match &spec.netns {
+                None => Command::new(BINS.daemon()),
+                Some(ns) => {
+                    let mut c = Command::new("ip");
+                    c.args(["netns", "exec", ns]).arg(BINS.daemon());
+                    c
+                }
+            };
             cmd.args(["--config", cfg.to_str().unwrap(), "--log-level", "info"])
                 .env_remove("PORTKEEPD_LOG")
                 .stdin(Stdio::null())
@@ -190,6 +201,7 @@ peer_wait_ms = 3000
             certs: certs.clone(),
             etcd: etcd.endpoints_toml(),
             prefix: prefix.clone(),
+            netns: None,
         };
         let mut a = Node::start(spec("node-a", "node-b", la, lb));
         a.wait(Duration::from_secs(20), "a elected and serving", |s| {
@@ -468,5 +480,135 @@ peer_wait_ms = 3000
         assert!(err.contains("coordinator"), "{err}");
         assert!(!p.b.serving());
         assert!(p.a.serving());
+    }
+
+    // ---- A partition between the nodes, etcd reachable by both --------
+
+    /// The link port inside the partition test's namespace.
+    const LINK_PORT: u16 = 7000;
+
+    /// Failure-scenarios draft sections 2.6 and 6 with a witness: the
+    /// link between the nodes is cut, both alive and both reaching etcd.
+    /// Only the lease holder answers; when it then dies, the other answers
+    /// only after the holder's last answer (at most one node answers PCP
+    /// at any instant), and serves every check-point acknowledged before
+    /// the cut.
+    #[test]
+    fn draft_s2_6_etcd_a_partition_lets_at_most_one_node_answer() {
+        if !can_run() {
+            return;
+        }
+        let Some((lab, ns)) = setup("etcd partition", &["ip", "nft"], || {
+            let mut lab = Lab::new("etp")?;
+            let ns = format!("pketp-{}", lab.id);
+            lab.add_ns(&ns)?;
+            Ok((lab, ns))
+        }) else {
+            return;
+        };
+        let etcd = EtcdCluster::start_in(3, Some(&ns));
+        let certs = lab.dir.join("certs");
+        gen_certs(BINS.daemon(), &certs, &["node-a", "node-b"]);
+        let addr = |last: u8, port: u16| SocketAddr::from(([127, 0, 0, last], port));
+        let spec = |name, peer_name, me: u8, peer: u8| Spec {
+            name,
+            peer_name,
+            pcp: addr(me, 5351),
+            link: addr(me, LINK_PORT),
+            peer_link: addr(peer, LINK_PORT),
+            data: lab.dir.join(name),
+            certs: certs.clone(),
+            etcd: etcd.endpoints_toml(),
+            prefix: "/portkeep-partition".into(),
+            netns: Some(ns.clone()),
+        };
+        let mut a = Node::start(spec("node-a", "node-b", 1, 2));
+        a.wait(Duration::from_secs(20), "a elected and serving", |s| {
+            s["ha"]["serving"] == true
+        });
+        let b = Node::start(spec("node-b", "node-a", 2, 1));
+        a.wait(Duration::from_secs(20), "backup in sync", |s| {
+            s["ha"]["in_sync"] == true
+        });
+        let (pa, pb) = (a.spec.pcp, b.spec.pcp);
+        let acked = in_ns(&ns, move || checkpoint(pa, 8000..8030));
+        let rules = format!(
+            "add table inet pkcut; add chain inet pkcut out {{ type filter hook output priority 0; policy accept; }}; add rule inet pkcut out tcp dport {LINK_PORT} drop; add rule inet pkcut out tcp sport {LINK_PORT} drop"
+        );
+        ns_exec(&ns, &["nft", &rules]).unwrap();
+        // Both polled for three lease times: only the holder answers.
+        let (a_answered, b_answered) = in_ns(&ns, move || {
+            let sock = client();
+            let until = Instant::now() + Duration::from_secs(TTL_S * 3);
+            let (mut na, mut nb, mut port) = (0, 0, 9000u16);
+            while Instant::now() < until {
+                port += 1;
+                na += usize::from(answers(&sock, pa, port));
+                nb += usize::from(answers(&sock, pb, port));
+            }
+            (na, nb)
+        });
+        assert!(
+            a_answered > 0,
+            "the holder stopped answering during the cut"
+        );
+        assert_eq!(b_answered, 0, "the node without the lease answered");
+        // The holder dies during the cut: every answer of each node, as
+        // the client sees them, until the other serves.
+        let stop = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let stop = stop.clone();
+            let ns = ns.clone();
+            std::thread::spawn(move || {
+                in_ns(&ns, move || {
+                    let sock = client();
+                    let start = Instant::now();
+                    let mut seen: Vec<(char, u128)> = Vec::new();
+                    let mut port = 10_000u16;
+                    while !stop.load(Ordering::Relaxed) {
+                        port += 1;
+                        for (who, server) in [('a', pa), ('b', pb)] {
+                            if answers(&sock, server, port) {
+                                seen.push((who, start.elapsed().as_millis()));
+                            }
+                        }
+                        if seen.iter().filter(|(w, _)| *w == 'b').count() >= 5 {
+                            break;
+                        }
+                    }
+                    seen
+                })
+            })
+        };
+        std::thread::sleep(Duration::from_millis(500));
+        a.proc.kill9();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !watcher.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop.store(true, Ordering::Relaxed);
+        let seen = watcher.join().unwrap();
+        let last_a = seen
+            .iter()
+            .filter(|(w, _)| *w == 'a')
+            .map(|(_, t)| *t)
+            .max();
+        let first_b = seen
+            .iter()
+            .filter(|(w, _)| *w == 'b')
+            .map(|(_, t)| *t)
+            .min();
+        let first_b = first_b.unwrap_or_else(|| {
+            panic!(
+                "b never served after a died; log:\n{}\n{}",
+                b.proc.log(),
+                etcd.logs()
+            )
+        });
+        assert!(
+            last_a.is_none_or(|t| t < first_b),
+            "both nodes answered in one interval: a last at {last_a:?} ms, b first at {first_b} ms"
+        );
+        assert_holds(&b, &acked);
     }
 }
