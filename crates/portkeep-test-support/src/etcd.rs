@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -18,8 +18,8 @@ fn tcp_port() -> u16 {
         .unwrap()
 }
 
-/// Whether the etcd member whose client port on 127.0.0.1 is `port` says
-/// it is healthy.
+/// Whether the etcd member whose metrics port on 127.0.0.1 is `port`
+/// says it is healthy.
 fn healthy_at(port: u16) -> bool {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(300)) else {
@@ -42,6 +42,8 @@ struct Member {
     name: String,
     client: u16,
     peer: u16,
+    /// Plain HTTP `/health`, whatever the client URLs' scheme.
+    metrics: u16,
     data: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -56,6 +58,9 @@ pub struct EtcdCluster {
     initial: String,
     /// The network namespace the members run in (`None`: this one).
     netns: Option<String>,
+    /// Client TLS: (CA, server certificate, key); clients must present a
+    /// certificate of that CA.
+    tls: Option<[PathBuf; 3]>,
 }
 
 impl EtcdCluster {
@@ -67,12 +72,28 @@ impl EtcdCluster {
     /// [`EtcdCluster::start`], in network namespace `netns` (on its
     /// loopback).
     pub fn start_in(n: usize, netns: Option<&str>) -> EtcdCluster {
+        EtcdCluster::build(n, netns, None)
+    }
+
+    /// [`EtcdCluster::start`] with mutual TLS for clients: `ca`, the
+    /// members' certificate (valid for 127.0.0.1) and key; a client must
+    /// present a certificate issued by `ca`.
+    pub fn start_tls(n: usize, ca: &Path, cert: &Path, key: &Path) -> EtcdCluster {
+        EtcdCluster::build(
+            n,
+            None,
+            Some([ca.to_owned(), cert.to_owned(), key.to_owned()]),
+        )
+    }
+
+    fn build(n: usize, netns: Option<&str>, tls: Option<[PathBuf; 3]>) -> EtcdCluster {
         let dir = tempfile::tempdir().unwrap();
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
                 client: tcp_port(),
                 peer: tcp_port(),
+                metrics: tcp_port(),
                 data: dir.path().join(format!("m{i}")),
                 log: dir.path().join(format!("m{i}.log")),
                 child: None,
@@ -88,6 +109,7 @@ impl EtcdCluster {
             members,
             initial,
             netns: netns.map(str::to_owned),
+            tls,
         };
         for i in 0..n {
             c.start_member(i);
@@ -104,6 +126,7 @@ impl EtcdCluster {
             .open(&m.log)
             .unwrap();
         let state = if m.data.exists() { "existing" } else { "new" };
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let mut cmd = match &self.netns {
             None => Command::new("etcd"),
             Some(ns) => {
@@ -112,15 +135,16 @@ impl EtcdCluster {
                 c
             }
         };
-        let child = cmd
-            .args(["--name", &m.name])
+        cmd.args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&m.data)
             .args([
                 "--listen-client-urls",
-                &format!("http://127.0.0.1:{}", m.client),
+                &format!("{scheme}://127.0.0.1:{}", m.client),
                 "--advertise-client-urls",
-                &format!("http://127.0.0.1:{}", m.client),
+                &format!("{scheme}://127.0.0.1:{}", m.client),
+                "--listen-metrics-urls",
+                &format!("http://127.0.0.1:{}", m.metrics),
                 "--listen-peer-urls",
                 &format!("http://127.0.0.1:{}", m.peer),
                 "--initial-advertise-peer-urls",
@@ -138,7 +162,17 @@ impl EtcdCluster {
                 "50",
                 "--election-timeout",
                 "500",
-            ])
+            ]);
+        if let Some([ca, cert, key]) = &self.tls {
+            cmd.arg("--client-cert-auth")
+                .arg("--trusted-ca-file")
+                .arg(ca)
+                .arg("--cert-file")
+                .arg(cert)
+                .arg("--key-file")
+                .arg(key);
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -149,9 +183,10 @@ impl EtcdCluster {
 
     /// The client URLs, as `[ha.coordinator] etcd` takes them.
     pub fn endpoints(&self) -> Vec<String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         self.members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .map(|m| format!("{scheme}://127.0.0.1:{}", m.client))
             .collect()
     }
 
@@ -167,7 +202,7 @@ impl EtcdCluster {
 
     /// Whether member `i` says it is healthy (it has a leader).
     fn healthy(&self, i: usize) -> bool {
-        let port = self.members[i].client;
+        let port = self.members[i].metrics;
         match &self.netns {
             None => healthy_at(port),
             Some(ns) => crate::netns::in_ns(ns, move || healthy_at(port)),

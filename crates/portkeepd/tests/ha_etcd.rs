@@ -67,6 +67,8 @@ mod with_etcd {
         prefix: String,
         /// The network namespace it runs in (`None`: this one).
         netns: Option<String>,
+        /// TLS lines of `[ha.coordinator]`.
+        coordinator_tls: String,
     }
 
     impl Spec {
@@ -100,7 +102,7 @@ name = "{n}"
 prefix = "{prefix}"
 ttl_s = {TTL_S}
 peer_wait_ms = 3000
-"#,
+{coordinator_tls}"#,
                 data = self.data.display(),
                 pcp = self.pcp,
                 link = self.link,
@@ -110,6 +112,7 @@ peer_wait_ms = 3000
                 p = self.peer_name,
                 etcd = self.etcd,
                 prefix = self.prefix,
+                coordinator_tls = self.coordinator_tls,
             )
         }
     }
@@ -184,14 +187,30 @@ peer_wait_ms = 3000
     /// Node a first (it wins the lease and serves), then b, its backup,
     /// in sync.
     fn pair() -> Pair {
-        let etcd = EtcdCluster::start(3);
+        pair_with(false)
+    }
+
+    /// [`pair`]; with `tls`, etcd requires client certificates of the
+    /// pair's CA, node a presents one and node b presents none.
+    fn pair_with(tls: bool) -> Pair {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
-        gen_certs(BINS.daemon(), &certs, &["node-a", "node-b"]);
+        gen_certs(BINS.daemon(), &certs, &["node-a", "node-b", "127.0.0.1"]);
+        let etcd = if tls {
+            EtcdCluster::start_tls(
+                3,
+                &certs.join("ca.pem"),
+                &certs.join("127.0.0.1.pem"),
+                &certs.join("127.0.0.1.key"),
+            )
+        } else {
+            EtcdCluster::start(3)
+        };
         let port = || SocketAddr::new(LOCALHOST, restartable_port(LOCALHOST));
         let (la, lb) = (port(), port());
         let prefix = format!("/portkeep-test/{}", wall_ms());
-        let spec = |name, peer_name, link, peer_link| Spec {
+        let c = certs.display();
+        let spec = |name, peer_name, link, peer_link, coordinator_tls: String| Spec {
             name,
             peer_name,
             pcp: port(),
@@ -202,12 +221,21 @@ peer_wait_ms = 3000
             etcd: etcd.endpoints_toml(),
             prefix: prefix.clone(),
             netns: None,
+            coordinator_tls,
         };
-        let mut a = Node::start(spec("node-a", "node-b", la, lb));
+        let (tls_a, tls_b) = if tls {
+            (
+                format!("tls_ca = \"{c}/ca.pem\"\ntls_cert = \"{c}/node-a.pem\"\ntls_key = \"{c}/node-a.key\"\n"),
+                format!("tls_ca = \"{c}/ca.pem\"\n"),
+            )
+        } else {
+            (String::new(), String::new())
+        };
+        let mut a = Node::start(spec("node-a", "node-b", la, lb, tls_a));
         a.wait(Duration::from_secs(20), "a elected and serving", |s| {
             s["ha"]["serving"] == true && s["ha"]["role"] == "active"
         });
-        let b = Node::start(spec("node-b", "node-a", lb, la));
+        let b = Node::start(spec("node-b", "node-a", lb, la, tls_b));
         a.wait(Duration::from_secs(20), "backup in sync", |s| {
             s["ha"]["in_sync"] == true
         });
@@ -482,6 +510,35 @@ peer_wait_ms = 3000
         assert!(p.a.serving());
     }
 
+    /// Mutual TLS to etcd (`[ha.coordinator] tls_*`): a node presenting
+    /// a certificate of the CA etcd trusts is elected and serves; a node
+    /// presenting none is refused by etcd, so it never serves, not even
+    /// once the holder is dead.
+    #[test]
+    fn etcd_mutual_tls_only_a_node_with_a_client_certificate_is_elected() {
+        if !can_run() {
+            return;
+        }
+        let mut p = pair_with(true);
+        let acked = checkpoint(p.a.spec.pcp, 2500..2505);
+        assert_eq!(acked.len(), 5);
+        p.a.proc.kill9();
+        let sock = client();
+        let until = Instant::now() + Duration::from_secs(TTL_S * 3);
+        while Instant::now() < until {
+            assert!(
+                !answers(&sock, p.b.spec.pcp, 1),
+                "a node etcd refused served; log:\n{}",
+                p.b.proc.log()
+            );
+        }
+        assert!(
+            p.b.proc.log().contains("coordinator:"),
+            "no coordinator error logged:\n{}",
+            p.b.proc.log()
+        );
+    }
+
     // ---- A partition between the nodes, etcd reachable by both --------
 
     /// The link port inside the partition test's namespace.
@@ -521,6 +578,7 @@ peer_wait_ms = 3000
             etcd: etcd.endpoints_toml(),
             prefix: "/portkeep-partition".into(),
             netns: Some(ns.clone()),
+            coordinator_tls: String::new(),
         };
         let mut a = Node::start(spec("node-a", "node-b", 1, 2));
         a.wait(Duration::from_secs(20), "a elected and serving", |s| {
