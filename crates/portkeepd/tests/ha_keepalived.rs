@@ -96,16 +96,16 @@ fn other(i: usize) -> usize {
     1 - i
 }
 
-#[test]
-fn keepalived_moves_the_vip_and_promotes_the_backup_with_every_checkpoint() {
-    let Some(mut lab) = setup("keepalived failover", &["ip", "nft", "keepalived"], || {
-        Lab::with_switch("pkk", &["br0"])
-    }) else {
-        return;
-    };
+/// The switch, both node namespaces with their `portkeepd` and keepalived
+/// started, and the client's namespace; `None` where this machine cannot
+/// (the test is then skipped, and fails under CI).
+fn lab_with_pair(what: &str, prefix: &str) -> Option<(Lab, Vec<Node>, String)> {
+    let mut lab = setup(what, &["ip", "nft", "keepalived"], || {
+        Lab::with_switch(prefix, &["br0"])
+    })?;
     let id = lab.id.clone();
-    let ns = [format!("pkka-{id}"), format!("pkkb-{id}")];
-    let client_ns = format!("pkkc-{id}");
+    let ns = [format!("{prefix}a-{id}"), format!("{prefix}b-{id}")];
+    let client_ns = format!("{prefix}c-{id}");
     for (i, n) in ns.iter().enumerate() {
         lab.add_ns(n).unwrap();
         lab.plug(n, "lan0", "br0", &[&format!("{}/24", ADDR[i])])
@@ -114,7 +114,7 @@ fn keepalived_moves_the_vip_and_promotes_the_backup_with_every_checkpoint() {
     lab.add_ns(&client_ns).unwrap();
     lab.plug(&client_ns, "eth0", "br0", &[&format!("{CLIENT}/24")])
         .unwrap();
-    let mut nodes = start_pair(
+    let nodes = start_pair(
         &lab,
         BINS.daemon(),
         NAMES,
@@ -122,6 +122,14 @@ fn keepalived_moves_the_vip_and_promotes_the_backup_with_every_checkpoint() {
         |n, i| portkeepd_config(n, &lab, i),
         keepalived_conf,
     );
+    Some((lab, nodes, client_ns))
+}
+
+#[test]
+fn keepalived_moves_the_vip_and_promotes_the_backup_with_every_checkpoint() {
+    let Some((lab, mut nodes, client_ns)) = lab_with_pair("keepalived failover", "pkk") else {
+        return;
+    };
     // keepalived elects one (both start BACKUP; the higher priority's
     // timer runs out first) and its notify script promotes it.
     let t = now();
@@ -295,6 +303,96 @@ fn keepalived_moves_the_vip_and_promotes_the_backup_with_every_checkpoint() {
         nodes[old].wait(Duration::from_secs(5), "check-points replicated", |n| {
             n.ha()["checkpointed_mappings"] == 5
         });
+    }
+    let names = lab.names();
+    drop(nodes);
+    drop(lab);
+    assert_gone(&names);
+}
+
+/// Failure-scenarios draft section 2.6 with the keepalived layout of
+/// docs/ha.md (both nodes `role = "backup"`, keepalived's notify hook
+/// promotes): both nodes lost at once (a site's power loss), then back in
+/// either order, the node that was active first and then the node that
+/// was the backup first. Whichever keepalived promotes serves every
+/// acknowledged check-point with the same external endpoint and nonce
+/// (the former active from its store, the former backup from its stored
+/// replica), and the other becomes its backup in sync.
+#[test]
+fn draft_s2_6_keepalived_both_nodes_lost_then_back_in_either_order_keep_every_checkpoint() {
+    let Some((lab, mut nodes, client_ns)) = lab_with_pair("keepalived double failure", "pkd")
+    else {
+        return;
+    };
+    let mut active = wait_for_node(&nodes, Duration::from_secs(15), "promoted", Node::is_active);
+    nodes[active].wait(Duration::from_secs(15), "backup in sync", |n| {
+        n.ha()["in_sync"] == true
+    });
+    let client: IpAddr = CLIENT.parse().unwrap();
+    let server: SocketAddr = format!("{VIP}:5351").parse().unwrap();
+    let sock = udp_in(&client_ns, client, Duration::from_millis(1500));
+    let granted: Vec<Granted> = (1..=5u16)
+        .map(|k| map_ok(&sock, server, client, 8100 + k, [0x40 + k as u8; 12], true))
+        .collect();
+    assert!(granted.iter().all(|g| g.honoured), "{granted:?}");
+    nodes[other(active)].wait(Duration::from_secs(5), "check-points replicated", |n| {
+        n.ha()["checkpointed_mappings"] == 5
+    });
+    for (round, active_first) in [true, false].into_iter().enumerate() {
+        for n in &mut nodes {
+            n.crash();
+        }
+        let first = if active_first { active } else { other(active) };
+        for i in [first, other(first)] {
+            let cfg = portkeepd_config(&nodes[i], &lab, i);
+            nodes[i].start_portkeepd(&cfg);
+            let conf = keepalived_conf(&nodes[i]);
+            nodes[i].start_keepalived(&conf);
+            if i == first {
+                // Alone, keepalived makes it MASTER and promotes it.
+                nodes[i].wait(Duration::from_secs(20), "promoted alone", Node::is_active);
+            }
+        }
+        let t0 = now();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let (_, got) = refresh_until_answered(
+            &sock,
+            server,
+            client,
+            &granted[0],
+            t0,
+            Duration::from_secs(20),
+        );
+        assert_eq!(got.external, granted[0].external, "round {round}");
+        let now_active = wait_for_node(&nodes, Duration::from_secs(5), "active", Node::is_active);
+        assert_eq!(
+            now_active, first,
+            "round {round}: the node back first serves (nopreempt)"
+        );
+        assert_listed(&nodes[now_active], &granted);
+        sock.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        for g in &granted {
+            let r = map_ok(&sock, server, client, g.port, g.nonce, true);
+            assert_eq!(r.external, g.external, "round {round}: {g:?}");
+        }
+        nodes[now_active].wait(Duration::from_secs(20), "the other back in sync", |n| {
+            n.ha()["in_sync"] == true
+        });
+        // Renewed with a backup in sync: check-pointed again, replicated.
+        for g in &granted {
+            let r = map_ok(&sock, server, client, g.port, g.nonce, true);
+            assert!(r.honoured, "round {round}: {r:?}");
+        }
+        nodes[other(now_active)].wait(Duration::from_secs(5), "check-points replicated", |n| {
+            n.ha()["checkpointed_mappings"] == 5
+        });
+        eprintln!(
+            "round {round}: {} back first, served every check-point",
+            nodes[first].name
+        );
+        active = now_active;
     }
     let names = lab.names();
     drop(nodes);
