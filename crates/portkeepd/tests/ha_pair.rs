@@ -480,6 +480,53 @@ fn rfc7767_s3_2_kill_9_active_loses_no_acknowledged_checkpoint_and_epochs_follow
     }
 }
 
+/// Failure-scenarios draft section 2.6 and RFC 7767 section 3.2: under
+/// check-pointed load the backup is killed and restarted from its stored
+/// replica; it catches up from its position (`Message::Resume`), and the
+/// active is killed the moment it counts that resume, with replies held
+/// for the backup's acknowledgement still in flight. The backup, promoted,
+/// serves every check-point whose response carried the option, same
+/// external endpoint and nonce: a response is only ever released after the
+/// backup stored what it depends on.
+#[test]
+fn draft_s2_6_the_active_killed_during_a_backups_resume_loses_no_acknowledged_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sa, sb) = pair(dir.path());
+    let mut b = Node::start(&sb, "backup");
+    let mut a = Node::start(&sa, "active");
+    a.wait_in_sync();
+    let clients: Vec<(IpAddr, bool)> = vec![
+        ("127.0.0.93".parse().unwrap(), false),
+        ("127.0.0.94".parse().unwrap(), false),
+        ("127.0.0.95".parse().unwrap(), true),
+    ];
+    let acked: Arc<Mutex<HashMap<Key, Granted>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = load(sa.pcp, &clients, 1000, stop.clone(), acked.clone());
+    std::thread::sleep(Duration::from_millis(1500));
+    let resumes = a.status()["ha"]["resumes"].as_u64().unwrap();
+    b.kill9();
+    // Within the lease: the active holds what the backup has not
+    // acknowledged, and changes pile up for the resume.
+    std::thread::sleep(Duration::from_millis(500));
+    let b = Node::start(&sb, "backup");
+    let t = Instant::now();
+    while a.status()["ha"]["resumes"].as_u64().unwrap() == resumes {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no resume: {}\n{}",
+            a.status(),
+            a.log()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    a.kill9();
+    let acked = finish_load(&stop, threads, &acked);
+    let promoted = b.ctl(&["promote"]);
+    assert_eq!(promoted["ok"], true, "{promoted}");
+    verify_checkpoints(&b, &acked);
+}
+
 /// RFC 7767 section 3.2 (an acknowledged check-point survives the
 /// backup's crash too): under check-pointed load the backup is killed,
 /// then the active; the backup alone comes back, from its stored replica,
