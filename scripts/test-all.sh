@@ -5,7 +5,8 @@
 # end-to-end tests use (tshark for the Wireshark dissector check,
 # miniupnpd-nftables for client interop, nftables, conntrack, iproute2 and
 # procps for network namespaces, keepalived for the active/backup failover
-# tests, strace to inject fsync failures, etcd-server for the etcd
+# tests, strace to inject fsync failures, natpmpc for NAT-PMP interop,
+# etcd-server for the etcd
 # coordinator's tests and protobuf-compiler to build its client) and
 # cargo-fuzz for the fuzz
 # smoke run. As a normal user it
@@ -18,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
-packages=(tshark nftables miniupnpd-nftables iproute2 procps conntrack keepalived strace etcd-server protobuf-compiler)
+packages=(tshark nftables miniupnpd-nftables iproute2 procps conntrack keepalived strace etcd-server protobuf-compiler natpmpc)
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -86,7 +87,7 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked --quiet
 fi
 corpus=$(mktemp -d)
-for target in request response; do
+for target in request response natpmp; do
     mkdir -p "$corpus/$target"
     # cargo-fuzz needs nightly-only flags; RUSTC_BOOTSTRAP lets the stable
     # toolchain accept them (docs/fuzzing.md). New inputs go to the

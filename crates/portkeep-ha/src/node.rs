@@ -1213,8 +1213,14 @@ fn keep_for_backup(replicated: &mut HashSet<u64>, item: &Item, hash: Option<u64>
 /// was would report a check-point the backup never confirmed (RFC 7767
 /// section 3.2: a request that cannot be honoured is processed as if the
 /// option were absent, and the option is not echoed).
+///
+/// A NAT-PMP reply (version 0) carries no option to strip: it never said
+/// the mapping was check-pointed, and leaves as it is.
 pub fn strip_checkpoint(bytes: &[u8], cp: &portkeep_proto::CodePoints) -> Option<Vec<u8>> {
     use portkeep_proto::{PcpOption, Response};
+    if bytes.first() == Some(&portkeep_proto::NATPMP_VERSION) {
+        return Some(bytes.to_vec());
+    }
     let mut r = Response::parse(bytes, cp).ok()?;
     let before = r.options.len();
     r.options.retain(|o| *o != PcpOption::CheckpointRequired);

@@ -25,6 +25,7 @@ pub mod addr;
 mod codepoints;
 mod error;
 mod message;
+pub mod natpmp;
 mod options;
 
 pub use codepoints::{CodePoints, Opcode, OptionCode, Protocol, ResultCode};

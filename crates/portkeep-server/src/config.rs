@@ -59,6 +59,11 @@ pub struct ServerConfig {
     /// with 24 octets (RFC 6887 section 8.2), a reflector for forged
     /// sources. `None`: unlimited.
     pub error_rate: Option<RateLimit>,
+    /// Whether NAT-PMP (RFC 6886, version 0) is answered on the PCP port
+    /// (RFC 6886 section 5 asks for the switch). Off: a version-0
+    /// request gets PCP's UNSUPP_VERSION, which a NAT-PMP client reads as
+    /// "unsupported version" (RFC 6887 appendix A).
+    pub natpmp: bool,
     /// Seed for port randomisation; fixed in tests, random in the daemon.
     pub seed: u64,
 }
@@ -90,6 +95,7 @@ impl Default for ServerConfig {
                 per: Duration::from_secs(1),
                 burst: 10_000,
             }),
+            natpmp: true,
             seed: 0x5eed,
         }
     }

@@ -34,6 +34,7 @@ pub use policy::{
 pub use prefix::Prefix;
 pub use server::{
     Announcement, ClearSelector, Cleared, Outcome, RestoreReport, Restored, Server, Stats,
+    NATPMP_NONCE,
 };
 pub use subscriber::{NamedSubscriber, SubscriberId, SubscriberKeying};
 pub use time::Timestamp;

@@ -24,6 +24,9 @@ use crate::prefix::{canonical, Prefix};
 use crate::table::{AllocError, Entry, Extra, Id, Pool, Suggestion, Table};
 use crate::{ServerConfig, SubscriberId, Timestamp};
 
+mod natpmp;
+pub use natpmp::NATPMP_NONCE;
+
 /// What to do with a datagram after [`Server::handle`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -116,6 +119,8 @@ pub struct Stats {
     pub errors_suppressed: u64,
     /// Datagrams from addresses outside [`ServerConfig::clients`].
     pub not_clients: u64,
+    /// NAT-PMP requests answered (RFC 6886).
+    pub natpmp: u64,
 }
 
 impl Default for Stats {
@@ -127,6 +132,7 @@ impl Default for Stats {
             rate_limited: 0,
             errors_suppressed: 0,
             not_clients: 0,
+            natpmp: 0,
             results: [0; 256],
             checkpoint: CheckpointStats::default(),
         }
@@ -1206,6 +1212,9 @@ impl Server {
         reply: &[u8],
         waited_ms: u64,
     ) -> Option<Vec<u8>> {
+        if reply.first() == Some(&portkeep_proto::NATPMP_VERSION) {
+            return self.restamp_natpmp(now, to, reply, waited_ms);
+        }
         let cp = &self.cfg.code_points;
         let mut r = Response::parse(reply, cp).ok()?;
         if r.header.result == ResultCode::SUCCESS
@@ -1378,6 +1387,11 @@ impl Server {
         {
             return Err(None);
         }
+        if self.cfg.natpmp && datagram.first() == Some(&portkeep_proto::NATPMP_VERSION) {
+            if let IpAddr::V4(v4) = src {
+                return self.natpmp(now, v4, port, datagram, out);
+            }
+        }
         let req = match Request::parse(datagram, &cp) {
             Ok(r) => r,
             Err(e) => {
@@ -1401,7 +1415,7 @@ impl Server {
             OpData::Announce => self.announce(now, src, &req, out),
             OpData::Map(m) => {
                 let m = *m;
-                self.map(now, (src, port), &req, &m, out)
+                self.map(now, (src, port), &req, &m, false, out)
             }
             OpData::Peer(p) => {
                 let p = *p;
@@ -1702,12 +1716,17 @@ impl Server {
     }
 
     /// Section 11.3 (MAP), with deletion per section 15.
+    ///
+    /// `natpmp`: the request came as NAT-PMP (`natpmp::handle`), which
+    /// grants no more than asked but may grant less than PCP's minimum
+    /// (RFC 6886 section 3.3: "SHOULD NOT" grant more).
     fn map(
         &mut self,
         now: Timestamp,
         (src, port): (IpAddr, u16),
         req: &Request,
         m: &MapData,
+        natpmp: bool,
         out: &mut Vec<u8>,
     ) -> Result<(), Option<Fail>> {
         let o = self.check_options(req, src).map_err(Some)?;
@@ -1731,14 +1750,24 @@ impl Server {
             let by = self.requester_of(src, sub, o.third_party);
             return self.success(now, by, 0, data, Self::echo_options(req, false), out);
         }
-        let lifetime = self.clamp_lifetime(req.header.lifetime);
+        let lifetime = if natpmp {
+            req.header.lifetime.min(self.cfg.max_lifetime)
+        } else {
+            self.clamp_lifetime(req.header.lifetime)
+        };
         let expires = now + Duration::from_secs(u64::from(lifetime));
         let suggestion = Self::suggestion(m, o.prefer_failure);
         let checkpoint;
         let id = match self.table.map_entry(&key) {
             Some(id) => {
                 // Section 11.3: a refresh must come with the creator's nonce.
-                if self.table.get(id).map(|e| e.nonce) != Some(m.nonce) {
+                // A PCP request from the host takes over a mapping NAT-PMP
+                // made (which has no nonce to prove anything with); the
+                // other way round NAT-PMP gets NOT_AUTHORIZED, its result 2
+                // (docs/design.md, "NAT-PMP").
+                let owner = self.table.get(id).map(|e| e.nonce);
+                let taken_over = owner == Some(natpmp::NATPMP_NONCE) && !natpmp;
+                if owner != Some(m.nonce) && !taken_over {
                     return Err(Some(Fail::parsed(ResultCode::NOT_AUTHORIZED)));
                 }
                 let filters = apply_filters(
@@ -1757,7 +1786,9 @@ impl Server {
                 self.note_volatile(sub, internal_ip, Some(was), Some(was || checkpoint));
                 let manager = self.renew_manager(id, (src, port), o.third_party, was, checkpoint);
                 let description = o.description.clone();
+                let nonce = m.nonce;
                 self.table.update(id, |e| {
+                    e.nonce = nonce;
                     e.expires = expires;
                     e.lifetime = lifetime;
                     e.checkpoint = checkpoint;
@@ -2015,9 +2046,12 @@ impl Server {
                 .collect(),
             None => Vec::new(),
         };
-        let (mine, theirs): (Vec<Id>, Vec<Id>) = targets
-            .into_iter()
-            .partition(|&id| self.table.get(id).map(|e| e.nonce) == Some(nonce));
+        // A PCP request may delete what NAT-PMP made, as it may take it
+        // over (see `map`).
+        let (mine, theirs): (Vec<Id>, Vec<Id>) = targets.into_iter().partition(|&id| {
+            let owner = self.table.get(id).map(|e| e.nonce);
+            owner == Some(nonce) || owner == Some(natpmp::NATPMP_NONCE)
+        });
         if mine.is_empty() && !theirs.is_empty() {
             return Err(Fail::parsed(ResultCode::NOT_AUTHORIZED));
         }

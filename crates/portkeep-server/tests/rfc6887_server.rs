@@ -145,7 +145,15 @@ fn rfc6887_s9_unsupported_version_answers_version_2() {
 
 #[test]
 fn rfc6887_appendix_a_natpmp_request_reads_as_unsupported_version() {
-    let mut s = server();
+    // With NAT-PMP turned off (RFC 6886 section 5's switch; on, version 0
+    // is answered in NAT-PMP: tests/rfc6886_natpmp.rs).
+    let mut s = Server::new(
+        ServerConfig {
+            natpmp: false,
+            ..cfg()
+        },
+        T0,
+    );
     // NAT-PMP external address request: version 0, opcode 0.
     let (o, out) = raw(&mut s, CLIENT, &[0, 0]);
     assert_eq!(o, Outcome::Reply);
@@ -1229,7 +1237,8 @@ fn rfc6887_s8_2_error_responses_beyond_the_error_rate_are_not_sent() {
         T0,
     );
     let mut out = Vec::new();
-    let bad = [0u8, 0];
+    // Version 1: never PCP, never NAT-PMP (RFC 6886 section 1.1).
+    let bad = [1u8, 0];
     let mut answered = 0;
     for n in 0..5u8 {
         let from = format!("198.51.100.{}", 20 + n);

@@ -72,6 +72,9 @@ pub struct ConfigFile {
     /// Active/backup pair (RFC 7767).
     #[serde(default)]
     pub ha: crate::ha_config::HaSection,
+    /// NAT-PMP (RFC 6886) on the PCP port.
+    #[serde(default)]
+    pub natpmp: NatPmpSection,
 }
 
 /// `[store]`.
@@ -183,6 +186,15 @@ pub struct AnnounceSection {
     pub sends: Option<u8>,
     /// Most ANNOUNCEs per second, server-wide.
     pub rate: Option<u32>,
+}
+
+/// `[natpmp]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatPmpSection {
+    /// Answer NAT-PMP (version 0) requests (default true; RFC 6886
+    /// section 5's switch).
+    pub enabled: Option<bool>,
 }
 
 /// `[extensions]`.
@@ -717,6 +729,7 @@ impl ConfigFile {
                 request_rate,
                 error_rate,
                 clients,
+                natpmp: self.natpmp.enabled.unwrap_or(d.natpmp),
                 seed: rand::random(),
             },
             announce_interfaces: self.announce.multicast_interfaces,

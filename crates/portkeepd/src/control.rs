@@ -311,6 +311,8 @@ fn counters(shared: &Shared) -> Value {
         "rate_limited": stats.rate_limited,
         "errors_suppressed": stats.errors_suppressed,
         "not_clients": stats.not_clients,
+        // NAT-PMP (RFC 6886) requests answered, errors included.
+        "natpmp": stats.natpmp,
         "announcing": core.server.announcing(),
         "results": results,
         "mappings": core.server.mapping_count(),
