@@ -68,6 +68,10 @@ struct Args {
     /// bucket) up to the backup gate.
     #[arg(long)]
     checkpoint: bool,
+    /// The load speaks NAT-PMP (RFC 6886 map requests, TCP, 3600 s)
+    /// instead of PCP MAP, to the same server on the same port.
+    #[arg(long, conflicts_with = "checkpoint")]
+    natpmp: bool,
     /// Instead of loading a server over UDP, run the sans-IO core in this
     /// process and alternate short slices of refreshes without and with
     /// CHECKPOINT_REQUIRED (A/B in the same moments, so machine noise hits
@@ -178,7 +182,14 @@ struct VClient {
     waiting: usize,
     /// Still in the first pass over the ports (creates, not refreshes).
     creating: bool,
+    /// Speaks NAT-PMP (RFC 6886) instead of PCP.
+    natpmp: bool,
 }
+
+/// Offsets in a NAT-PMP map request and response (RFC 6886 section 3.3).
+const NATPMP_REQ_PORT_AT: usize = 4;
+const NATPMP_RESP_PORT_AT: usize = 8;
+const NATPMP_MAP_RESPONSE_LEN: usize = 16;
 
 /// Offsets in a MAP request (RFC 6887 sections 7.1, 11.1).
 const NONCE_AT: usize = 24;
@@ -436,8 +447,14 @@ fn send_round(
     for k in 0..n {
         let idx = (c.next + k) % per_client;
         let port = c.port0.wrapping_add(idx as u16);
-        c.template[NONCE_AT..NONCE_AT + 12].copy_from_slice(&nonce(c.index, port));
-        c.template[INTERNAL_PORT_AT..INTERNAL_PORT_AT + 2].copy_from_slice(&port.to_be_bytes());
+        if c.natpmp {
+            c.template[NATPMP_REQ_PORT_AT..NATPMP_REQ_PORT_AT + 2]
+                .copy_from_slice(&port.to_be_bytes());
+        } else {
+            c.template[NONCE_AT..NONCE_AT + 12].copy_from_slice(&nonce(c.index, port));
+            c.template[INTERNAL_PORT_AT..INTERNAL_PORT_AT + 2]
+                .copy_from_slice(&port.to_be_bytes());
+        }
         sb.push(server, &c.template);
         c.sent_at[idx] = Some(start);
     }
@@ -469,7 +486,14 @@ fn recv_round(
         let t = now();
         for (_, d) in rb.iter() {
             c.waiting = c.waiting.saturating_sub(1);
-            if d.len() < 44 || d[3] != 0 {
+            // Result 0 in octet 3 (PCP; octet 2 reserved) or octets 2-3
+            // (NAT-PMP's 16-bit result).
+            let (min, port_at) = if c.natpmp {
+                (NATPMP_MAP_RESPONSE_LEN, NATPMP_RESP_PORT_AT)
+            } else {
+                (44, INTERNAL_PORT_AT)
+            };
+            if d.len() < min || d[2] != 0 || d[3] != 0 {
                 res.errors += 1;
                 continue;
             }
@@ -481,7 +505,7 @@ fn recv_round(
             if res.mark_every > 0 && res.ok.is_multiple_of(res.mark_every) {
                 res.marks.push(t);
             }
-            let port = u16::from_be_bytes([d[INTERNAL_PORT_AT], d[INTERNAL_PORT_AT + 1]]);
+            let port = u16::from_be_bytes([d[port_at], d[port_at + 1]]);
             let idx = usize::from(port.wrapping_sub(c.port0));
             if let Some(Some(s)) = c.sent_at.get_mut(idx).map(Option::take) {
                 let _ = hist.record(t.duration_since(s).as_micros() as u64);
@@ -1115,10 +1139,21 @@ fn main() -> anyhow::Result<()> {
             index: i,
             port0,
             next: 0,
-            template: map_request(ip, i, port0, args.checkpoint),
+            template: if args.natpmp {
+                portkeep_proto::natpmp::NatPmpRequest::Map {
+                    protocol: portkeep_proto::natpmp::NatPmpProtocol::Tcp,
+                    internal_port: port0,
+                    suggested_external_port: 0,
+                    lifetime: 3600,
+                }
+                .to_bytes()
+            } else {
+                map_request(ip, i, port0, args.checkpoint)
+            },
             sent_at: vec![None; args.mappings_per_client],
             waiting: 0,
             creating: true,
+            natpmp: args.natpmp,
         });
     }
     let stop = Arc::new(AtomicBool::new(false));
