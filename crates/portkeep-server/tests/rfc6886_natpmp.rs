@@ -489,3 +489,28 @@ fn rfc6886_s3_6_a_held_reply_is_restamped_at_release() {
     s.clear(at(4), ClearSelector::Subscriber(sub));
     assert_eq!(s.restamp(at(5), ip(HOST), &out, 5_000), None);
 }
+
+/// RFC 6886 section 3.2.1: the announcement that goes with every ANNOUNCE
+/// to everyone is the external address response with the server-wide
+/// epoch; none with NAT-PMP turned off.
+#[test]
+fn rfc6886_s3_2_1_the_announcement_carries_the_address_and_the_epoch() {
+    let s = server();
+    let a = s.natpmp_announcement(at(7)).unwrap();
+    assert_eq!(
+        NatPmpReply::parse(&a),
+        Some(NatPmpReply::ExternalAddress {
+            result: NatPmpResult::SUCCESS,
+            epoch: 7,
+            address: Ipv4Addr::new(192, 0, 2, 1),
+        })
+    );
+    let off = Server::new(
+        ServerConfig {
+            natpmp: false,
+            ..cfg()
+        },
+        T0,
+    );
+    assert_eq!(off.natpmp_announcement(at(7)), None);
+}

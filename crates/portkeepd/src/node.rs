@@ -460,6 +460,15 @@ impl Shared {
             };
             self.submit(guard, batch, i);
         }
+        // NAT-PMP clients listen on the same group and port and learn of
+        // a lost state from their own announcement (RFC 6886 section
+        // 3.2.1), IPv4 only; the core says whether there is one.
+        let natpmp = if multicast.is_empty() {
+            None
+        } else {
+            let c = core.take().unwrap_or_else(|| self.lock());
+            c.server.natpmp_announcement(self.clock.now())
+        };
         drop(core);
         for bytes in multicast {
             for &(i, ifindex, group) in &self.announce_multicast {
@@ -469,6 +478,11 @@ impl Shared {
                 let port = portkeep_proto::CLIENT_PORT;
                 if let Err(e) = crate::mmsg::send_multicast(s, &bytes, ifindex, group, port) {
                     tracing::debug!(%group, ifindex, error = %e, "ANNOUNCE not sent");
+                }
+                if let (Some(n), true) = (&natpmp, group.is_ipv4()) {
+                    if let Err(e) = crate::mmsg::send_multicast(s, n, ifindex, group, port) {
+                        tracing::debug!(%group, ifindex, error = %e, "NAT-PMP announcement not sent");
+                    }
                 }
             }
         }

@@ -519,7 +519,11 @@ fn exercise(configured: bool) {
         } else {
             (a4, "224.0.0.1:5350")
         };
-        let got: Vec<&Seen> = seen.iter().filter(|s| s.v6 == v6).collect();
+        // NAT-PMP announcements (version 0) go with the IPv4 ones.
+        let got: Vec<&Seen> = seen
+            .iter()
+            .filter(|s| s.v6 == v6 && s.bytes.first() != Some(&0))
+            .collect();
         assert!(
             got.len() >= 2,
             "{family}: {} ANNOUNCEs to {group} within {WINDOW:?}, expected at least 2\n{context}",
@@ -562,6 +566,40 @@ fn exercise(configured: bool) {
             got.iter().map(|s| s.port).collect::<Vec<_>>(),
             got.iter().map(|s| s.at).collect::<Vec<_>>()
         );
+    }
+
+    // RFC 6886 section 3.2.1: NAT-PMP clients on the link hear of the
+    // start too, from the same address and port, with the external
+    // address and the seconds since the start of the epoch.
+    let natpmp: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| s.bytes.first() == Some(&0))
+        .collect();
+    assert!(
+        natpmp.len() >= 2,
+        "{} NAT-PMP announcements to 224.0.0.1:5350, expected at least 2\n{context}",
+        natpmp.len()
+    );
+    for s in &natpmp {
+        assert!(!s.v6, "a NAT-PMP announcement over IPv6\n{context}");
+        assert_eq!((s.src, s.port), (a4, 5351), "{context}");
+        match portkeep_proto::natpmp::NatPmpReply::parse(&s.bytes) {
+            Some(portkeep_proto::natpmp::NatPmpReply::ExternalAddress {
+                result,
+                epoch,
+                address,
+            }) => {
+                assert_eq!(result, portkeep_proto::natpmp::NatPmpResult::SUCCESS);
+                assert!(epoch <= 2, "epoch {epoch} for a fresh server\n{context}");
+                assert_eq!(
+                    address,
+                    "192.0.2.1".parse::<Ipv4Addr>().unwrap(),
+                    "{context}"
+                );
+                assert_eq!(s.bytes.len(), 12);
+            }
+            other => panic!("not a NAT-PMP announcement: {other:?}\n{context}"),
+        }
     }
 
     if counting {

@@ -37,6 +37,30 @@ fn result_of(code: ResultCode) -> NatPmpResult {
 }
 
 impl Server {
+    /// The NAT-PMP announcement (RFC 6886 section 3.2.1: the external
+    /// address response, unsolicited, to 224.0.0.1:5350) that goes with
+    /// every ANNOUNCE to everyone, carrying the server-wide epoch; `None`
+    /// with NAT-PMP turned off or no IPv4 external address.
+    pub fn natpmp_announcement(&self, now: Timestamp) -> Option<Vec<u8>> {
+        if !self.cfg.natpmp {
+            return None;
+        }
+        let address = self.cfg.external_addresses.iter().find_map(|&ip| {
+            match crate::prefix::canonical(ip) {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            }
+        })?;
+        let mut out = Vec::with_capacity(12);
+        NatPmpReply::ExternalAddress {
+            result: NatPmpResult::SUCCESS,
+            epoch: self.epoch(now),
+            address,
+        }
+        .encode(&mut out);
+        Some(out)
+    }
+
     /// [`Server::restamp`] for a NAT-PMP reply: its seconds since start of
     /// epoch as of its release, a granted lifetime shortened by the wait,
     /// and nothing at all if the mapping it grants went meanwhile.
