@@ -150,6 +150,82 @@ impl Client {
         self.request(&req, opts).await
     }
 
+    /// Sends a NAT-PMP request (RFC 6886) to the same server, with that
+    /// protocol's retransmission (section 3.1) bounded by `max_wait`, and
+    /// returns its response: a success, or [`ClientError::NatPmp`] with
+    /// the result code, or [`ClientError::UnsupportedVersion`] from a
+    /// PCP-only server. The NAT-PMP epoch check (section 3.6) is the
+    /// caller's ([`crate::natpmp::NatPmpEpoch`]).
+    pub async fn natpmp(
+        &self,
+        request: portkeep_proto::natpmp::NatPmpRequest,
+        max_wait: Duration,
+    ) -> Result<portkeep_proto::natpmp::NatPmpReply, ClientError> {
+        use crate::natpmp::{NatPmpOutcome, NatPmpTransaction};
+        use portkeep_proto::natpmp::{NatPmpReply, NatPmpResult};
+        let io = |source| ClientError::Io {
+            server: self.server,
+            source,
+        };
+        let _serialised = self.shared.lock().await;
+        let mut tx = NatPmpTransaction::new(clock_now(), request, max_wait);
+        let mut buf = vec![0u8; MAX_MESSAGE_LEN + 512];
+        while self.socket.try_recv(&mut buf).is_ok() {}
+        loop {
+            let now = clock_now();
+            if tx.timed_out(now) {
+                return Err(ClientError::Timeout {
+                    server: self.server,
+                    transmissions: tx.sends(),
+                    elapsed: tx.elapsed(now),
+                });
+            }
+            if let Some(d) = tx.poll_transmit(now) {
+                match self.socket.send(d).await {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                    Err(e) => return Err(io(e)),
+                }
+            }
+            let wake = tokio::time::Instant::from_std(tx.poll_timeout());
+            tokio::select! {
+                r = self.socket.recv(&mut buf) => match r {
+                    Ok(n) => match tx.handle_input(buf.get(..n).unwrap_or_default()) {
+                        Some(NatPmpOutcome::Reply(reply)) => {
+                            let result = match reply {
+                                NatPmpReply::ExternalAddress { result, .. }
+                                | NatPmpReply::Map { result, .. }
+                                | NatPmpReply::Other { result, .. } => result,
+                            };
+                            if result == NatPmpResult::SUCCESS {
+                                return Ok(reply);
+                            }
+                            return Err(ClientError::NatPmp {
+                                server: self.server,
+                                result: result.0,
+                            });
+                        }
+                        Some(NatPmpOutcome::Unsupported) => {
+                            return Err(ClientError::UnsupportedVersion {
+                                server: self.server,
+                                asked: "NAT-PMP",
+                                version: buf.first().copied().unwrap_or(0),
+                            })
+                        }
+                        None => {}
+                    },
+                    // Section 3.1: ICMP port unreachable says at once that
+                    // nothing listens.
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        return Err(io(e))
+                    }
+                    Err(e) => return Err(io(e)),
+                },
+                () = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
     /// Walks the server's table of this client's mappings matching
     /// `filter` with GET / NEXT (failure-scenarios draft section 4): each
     /// GET is an ordinary retransmitted transaction (RFC 6887 section
@@ -286,6 +362,15 @@ impl Client {
                 r = self.socket.recv(&mut buf) => match r {
                     Ok(n) => {
                         let datagram = buf.get(..n).unwrap_or_default();
+                        if is_natpmp_unsupported_version(datagram) {
+                            // A NAT-PMP-only gateway (RFC 6887 section 9,
+                            // appendix A): no PCP answer will come.
+                            return Err(ClientError::UnsupportedVersion {
+                                server: self.server,
+                                asked: "PCP",
+                                version: portkeep_proto::NATPMP_VERSION,
+                            });
+                        }
                         tx.handle_input(clock_now(), datagram);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
@@ -359,4 +444,12 @@ impl Walk<'_> {
         }
         Ok(all)
     }
+}
+
+/// Whether `datagram` is a NAT-PMP gateway's "unsupported version" (version
+/// 0, result 1; RFC 6886 section 3.5): the answer of a server that speaks
+/// NAT-PMP only to a PCP request (RFC 6887 section 9, appendix A). Its
+/// opcode octet is not checked: erratum 3618 notes gateways that send 0.
+fn is_natpmp_unsupported_version(datagram: &[u8]) -> bool {
+    datagram.len() >= 8 && datagram[0] == portkeep_proto::NATPMP_VERSION && datagram[2..4] == [0, 1]
 }

@@ -55,6 +55,27 @@ pub enum ClientError {
         /// The reply.
         reply: Box<Reply>,
     },
+    /// The server does not speak this protocol: it answered PCP as a
+    /// NAT-PMP-only gateway (version 0, RFC 6887 appendix A), or NAT-PMP
+    /// as a PCP-only server. `portkeep` then tries the other.
+    #[error("server {server} does not speak {asked} (it answered with version {version})")]
+    UnsupportedVersion {
+        /// The server.
+        server: SocketAddr,
+        /// What was asked: "PCP" or "NAT-PMP".
+        asked: &'static str,
+        /// The version it answered with.
+        version: u8,
+    },
+    /// A NAT-PMP request failed (RFC 6886 section 3.5 result code).
+    #[error("NAT-PMP result {result} from {server}")]
+    NatPmp {
+        /// The gateway.
+        server: SocketAddr,
+        /// Its result code (2 refused, 3 network failure, 4 out of
+        /// resources, 5 unsupported opcode).
+        result: u16,
+    },
     /// A socket operation failed.
     #[error("I/O error talking to PCP server {server}: {source}")]
     Io {

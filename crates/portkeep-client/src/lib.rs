@@ -42,6 +42,7 @@ mod driver;
 mod epoch;
 mod error;
 mod mapping;
+pub mod natpmp;
 mod reply;
 mod request;
 mod retransmit;

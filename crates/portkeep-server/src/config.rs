@@ -64,6 +64,10 @@ pub struct ServerConfig {
     /// request gets PCP's UNSUPP_VERSION, which a NAT-PMP client reads as
     /// "unsupported version" (RFC 6887 appendix A).
     pub natpmp: bool,
+    /// Whether PCP is answered. Off (a NAT-PMP-only gateway): a PCP
+    /// request gets NAT-PMP's 8-octet "unsupported version" (RFC 6887
+    /// section 9 step 4, appendix A), so a PCP client falls back.
+    pub pcp: bool,
     /// Seed for port randomisation; fixed in tests, random in the daemon.
     pub seed: u64,
 }
@@ -96,6 +100,7 @@ impl Default for ServerConfig {
                 burst: 10_000,
             }),
             natpmp: true,
+            pcp: true,
             seed: 0x5eed,
         }
     }

@@ -1392,6 +1392,9 @@ impl Server {
                 return self.natpmp(now, v4, port, datagram, out);
             }
         }
+        if !self.cfg.pcp {
+            return self.natpmp_only(now, src, datagram, out);
+        }
         let req = match Request::parse(datagram, &cp) {
             Ok(r) => r,
             Err(e) => {

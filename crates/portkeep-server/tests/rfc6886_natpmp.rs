@@ -514,3 +514,48 @@ fn rfc6886_s3_2_1_the_announcement_carries_the_address_and_the_epoch() {
     );
     assert_eq!(off.natpmp_announcement(at(7)), None);
 }
+
+/// A gateway speaking NAT-PMP only answers PCP with NAT-PMP's 8-octet
+/// "unsupported version" (RFC 6886 section 3.5, opcode 128 + the
+/// request's), which a PCP client takes as "fall back" (RFC 6887 section
+/// 9 step 4); NAT-PMP itself works as before.
+#[test]
+fn rfc6887_s9_a_natpmp_only_gateway_answers_pcp_with_version_0() {
+    let mut s = Server::new(
+        ServerConfig {
+            pcp: false,
+            ..cfg()
+        },
+        T0,
+    );
+    let pcp = Request {
+        header: RequestHeader {
+            lifetime: 600,
+            client_ip: to_wire(ip(HOST)),
+        },
+        data: OpData::Map(MapData {
+            nonce: [1; 12],
+            protocol: Protocol::TCP,
+            internal_port: 80,
+            external_port: 0,
+            external_ip: Ipv6Addr::UNSPECIFIED,
+        }),
+        options: vec![],
+    }
+    .to_bytes(&CodePoints::default())
+    .unwrap();
+    let mut out = Vec::new();
+    assert_eq!(
+        s.handle(at(3), SocketAddr::new(ip(HOST), 5000), &pcp, &mut out),
+        Outcome::Reply
+    );
+    assert_eq!(out, [0, 128 + 1, 0, 1, 0, 0, 0, 3]);
+    assert_eq!(s.mapping_count(), 0);
+    let r = mapped(send(
+        &mut s,
+        at(3),
+        HOST,
+        &map(NatPmpProtocol::Tcp, 80, 0, 600),
+    ));
+    assert_eq!(r.0, NatPmpResult::SUCCESS);
+}

@@ -166,9 +166,13 @@ impl Daemon {
                 let _ = sock.send_to(&req, addr);
                 let mut buf = [0u8; 1100];
                 if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                    // A server configured to speak NAT-PMP only answers
+                    // with NAT-PMP's "unsupported version": up too.
+                    let natpmp_only = n == 8 && buf[0] == 0 && buf[2..4] == [0, 1];
                     let ok = from == addr
-                        && Response::parse(&buf[..n], &CodePoints::default())
-                            .is_ok_and(|r| r.header.result.0 == 0);
+                        && (natpmp_only
+                            || Response::parse(&buf[..n], &CodePoints::default())
+                                .is_ok_and(|r| r.header.result.0 == 0));
                     if ok {
                         break;
                     }

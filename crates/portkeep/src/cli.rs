@@ -104,6 +104,12 @@ pub(crate) struct Common {
     /// Print JSON instead of text (`list`: one array).
     #[arg(long, global = true)]
     pub(crate) json: bool,
+    /// Speak NAT-PMP (RFC 6886) instead of PCP: `map` and `delete` of
+    /// tcp or udp, `announce` for the external address. Without it, a
+    /// server that answers PCP as a NAT-PMP-only gateway is asked again
+    /// in NAT-PMP (RFC 6887 section 9).
+    #[arg(long, global = true)]
+    pub(crate) natpmp: bool,
     /// GET opcode; must match the server's `extensions.get_opcode`
     /// (private use, docs/extensions.md).
     #[arg(long, global = true, value_name = "N", default_value_t = Opcode::GET.0)]
@@ -204,9 +210,10 @@ pub(crate) struct DeleteArgs {
     /// Internal port of the mapping.
     #[arg(value_name = "INTERNAL_PORT")]
     pub(crate) internal_port: u16,
-    /// The nonce the mapping was created with (24 hex digits).
+    /// The nonce the mapping was created with (24 hex digits); PCP needs
+    /// it (RFC 6887 section 11.3), NAT-PMP has none.
     #[arg(long, value_name = "HEX", value_parser = parse::nonce)]
-    pub(crate) nonce: Nonce,
+    pub(crate) nonce: Option<Nonce>,
     /// Delete on behalf of this internal host (THIRD_PARTY option).
     #[arg(long, value_name = "IP")]
     pub(crate) third_party: Option<IpAddr>,

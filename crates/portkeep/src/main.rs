@@ -7,6 +7,7 @@
 mod agent;
 mod cli;
 mod exit;
+mod natpmp;
 mod output;
 mod parse;
 mod retrieve;

@@ -27,10 +27,6 @@ pub(crate) fn run(cli: Cli) -> ExitCode {
     if matches!(cli.command, Command::List(_) | Command::Get(_)) {
         return crate::retrieve::run(&cli);
     }
-    let plan = match plan(&cli.command, cli.common.server) {
-        Ok(p) => p,
-        Err(e) => return exit::clap_error(&e),
-    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -41,7 +37,29 @@ pub(crate) fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(exit::FAILURE);
         }
     };
+    if cli.common.natpmp {
+        return match crate::natpmp::request_for(&cli.command) {
+            Ok(req) => crate::natpmp::run(&cli, &runtime, req),
+            Err(why) => exit::clap_error(&Cli::command().error(ErrorKind::ArgumentConflict, why)),
+        };
+    }
+    let plan = match plan(&cli.command, cli.common.server) {
+        Ok(p) => p,
+        Err(e) => return exit::clap_error(&e),
+    };
     let result = runtime.block_on(execute(&cli.common, &plan));
+    if let Err(ClientError::UnsupportedVersion { version: 0, .. }) = &result {
+        // RFC 6887 section 9 step 4 and RFC 6886 section 1.1: a
+        // NAT-PMP-only gateway; ask again in NAT-PMP if the request can
+        // be said in it (and try PCP first again next time).
+        if let Ok(req) = crate::natpmp::request_for(&cli.command) {
+            eprintln!(
+                "note: {} answers NAT-PMP only: asking in NAT-PMP",
+                cli.common.server
+            );
+            return crate::natpmp::run(&cli, &runtime, req);
+        }
+    }
     ExitCode::from(output::report(&cli.common, &plan, &result))
 }
 
@@ -98,7 +116,14 @@ fn plan(command: &Command, server: SocketAddr) -> Result<Plan, clap::Error> {
             Some(a.remote),
         ),
         Command::Delete(a) => {
-            let mut b = RequestBuilder::delete(a.proto, a.internal_port, a.nonce);
+            let Some(nonce) = a.nonce else {
+                return Err(Cli::command().error(
+                    ErrorKind::MissingRequiredArgument,
+                    "a PCP delete needs '--nonce <HEX>', the creator's nonce (RFC 6887 section \
+                     11.3); NAT-PMP ('--natpmp') has none",
+                ));
+            };
+            let mut b = RequestBuilder::delete(a.proto, a.internal_port, nonce);
             if let Some(ip) = a.third_party {
                 b = b.third_party(ip);
             }

@@ -195,6 +195,9 @@ pub struct NatPmpSection {
     /// Answer NAT-PMP (version 0) requests (default true; RFC 6886
     /// section 5's switch).
     pub enabled: Option<bool>,
+    /// Speak NAT-PMP only: PCP requests get NAT-PMP's "unsupported
+    /// version" (default false).
+    pub only: Option<bool>,
 }
 
 /// `[extensions]`.
@@ -697,6 +700,12 @@ impl ConfigFile {
                 "expected 64 to 16777216",
             ));
         }
+        if self.natpmp.only == Some(true) && self.natpmp.enabled == Some(false) {
+            return Err(invalid(
+                "natpmp.only",
+                "speaking NAT-PMP only needs NAT-PMP enabled",
+            ));
+        }
         Ok(Settings {
             max_queued_replies,
             data_dir,
@@ -730,6 +739,7 @@ impl ConfigFile {
                 error_rate,
                 clients,
                 natpmp: self.natpmp.enabled.unwrap_or(d.natpmp),
+                pcp: !self.natpmp.only.unwrap_or(false),
                 seed: rand::random(),
             },
             announce_interfaces: self.announce.multicast_interfaces,

@@ -174,6 +174,34 @@ impl Server {
         Ok(())
     }
 
+    /// A gateway that speaks NAT-PMP only ([`crate::ServerConfig::pcp`]
+    /// off) answers any other request with NAT-PMP's unsupported version
+    /// (RFC 6886 section 3.5: result 1; opcode 128 + the request's, as
+    /// erratum 3618 has it), which a PCP client reads as "fall back to
+    /// NAT-PMP" (RFC 6887 section 9 step 4). Responses and datagrams
+    /// under 2 octets are dropped.
+    pub(super) fn natpmp_only(
+        &mut self,
+        now: Timestamp,
+        src: IpAddr,
+        datagram: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), Option<Fail>> {
+        let (Some(_), Some(&op)) = (datagram.first(), datagram.get(1)) else {
+            return Err(None);
+        };
+        if op & portkeep_proto::natpmp::RESPONSE_BIT != 0 {
+            return Err(None);
+        }
+        NatPmpReply::Other {
+            opcode: op,
+            result: NatPmpResult::UNSUPPORTED_VERSION,
+            epoch: self.requester_epoch(now, src),
+        }
+        .encode(out);
+        Ok(())
+    }
+
     /// The external address NAT-PMP reports to `host` (RFC 6886 section
     /// 4.3.2: with several, act as if one were the only one): the one its
     /// mappings use, else the first IPv4 external address.
