@@ -452,8 +452,7 @@ fn send_round(
                 .copy_from_slice(&port.to_be_bytes());
         } else {
             c.template[NONCE_AT..NONCE_AT + 12].copy_from_slice(&nonce(c.index, port));
-            c.template[INTERNAL_PORT_AT..INTERNAL_PORT_AT + 2]
-                .copy_from_slice(&port.to_be_bytes());
+            c.template[INTERNAL_PORT_AT..INTERNAL_PORT_AT + 2].copy_from_slice(&port.to_be_bytes());
         }
         sb.push(server, &c.template);
         c.sent_at[idx] = Some(start);

@@ -168,11 +168,11 @@ fn carrier_controls_request_and_error_rates_are_applied_and_counted() {
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
-    // Twenty 2-octet datagrams at once: at most five pass the
-    // subscriber's rate, three of those are answered (the server's error
-    // rate).
+    // Twenty 2-octet datagrams of version 1 (neither PCP nor NAT-PMP:
+    // UNSUPP_VERSION errors) at once: at most five pass the subscriber's
+    // rate, three of those are answered (the server's error rate).
     for _ in 0..20 {
-        sock.send_to(&[0, 0], d.addr()).unwrap();
+        sock.send_to(&[1, 0], d.addr()).unwrap();
     }
     let mut answered = 0;
     let mut buf = [0u8; 64];
