@@ -12,7 +12,12 @@
 //!
 //! `docs/testing.md` describes the fault model, the invariants and the
 //! named schedules.
+//!
+//! With [`Options::witness`] the keepalived-like promoter gives way to a
+//! modelled etcd and, on each node, the logic of `portkeepd`'s
+//! `coordinator.rs` around a real `portkeep_ha::witness::Witness`.
 
+mod etcd;
 mod world;
 
 use std::collections::BTreeMap;
@@ -29,17 +34,44 @@ pub enum Schedule {
     /// The active is cut off from the backup and the promoter promotes the
     /// backup while the old active is alive.
     PartitionedOldActive,
+    /// The active's process is frozen (SIGSTOP, a paused VM) long enough
+    /// for the backup to be promoted, then resumes. Without the witness
+    /// nothing stops it answering; with it (`--witness`) this is
+    /// survivable.
+    FrozenOldActive,
+    /// Witness mode: etcd answers one node late (150 to 700 ms) for 2 to
+    /// 10 s, three times; its requests still arrive. The coordinator
+    /// keeps its fence open while it revokes the lease of a session that
+    /// failed (docs/testing.md), so two nodes serve.
+    EtcdSlow,
 }
 
 impl Schedule {
     /// Every named schedule.
-    pub const ALL: [Schedule; 2] = [Schedule::PromoteEmpty, Schedule::PartitionedOldActive];
+    pub const ALL: [Schedule; 4] = [
+        Schedule::PromoteEmpty,
+        Schedule::PartitionedOldActive,
+        Schedule::FrozenOldActive,
+        Schedule::EtcdSlow,
+    ];
+
+    /// Whether it lifts the default faults' guards (the active lost only
+    /// while the pair is healthy, and so on). The keepalived-era schedules
+    /// do; the later ones keep them, so what they show is theirs alone.
+    pub fn lifts_guards(self) -> bool {
+        matches!(
+            self,
+            Schedule::PromoteEmpty | Schedule::PartitionedOldActive
+        )
+    }
 
     /// The name `--enable` takes.
     pub fn name(self) -> &'static str {
         match self {
             Schedule::PromoteEmpty => "promote-empty",
             Schedule::PartitionedOldActive => "partitioned-old-active",
+            Schedule::FrozenOldActive => "frozen-old-active",
+            Schedule::EtcdSlow => "etcd-slow",
         }
     }
 
@@ -101,6 +133,14 @@ pub struct Options {
     pub planted: Option<PlantedBug>,
     /// Keep a trace of the run.
     pub trace: bool,
+    /// Witness mode: etcd decides which node serves (both nodes
+    /// configured `backup`, each running the coordinator's logic), not the
+    /// keepalived-like promoter; adds the `freeze` fault and invariant 6.
+    pub witness: bool,
+    /// Witness mode only: whether a node answers PCP only while its lease
+    /// allows (the fence). Off only to show invariant 6 catches its
+    /// absence.
+    pub witness_fence: bool,
 }
 
 impl Options {
@@ -114,6 +154,8 @@ impl Options {
             enable: Vec::new(),
             planted: None,
             trace: false,
+            witness: false,
+            witness_fence: true,
         }
     }
 }
@@ -132,6 +174,8 @@ pub enum Invariant {
     UniqueExternal,
     /// 5: queues and buffers stay within their bounds.
     Bounded,
+    /// 6 (witness mode): at most one node answers PCP at any instant.
+    OneAnswers,
 }
 
 impl Invariant {
@@ -143,6 +187,7 @@ impl Invariant {
             Invariant::Epochs => 3,
             Invariant::UniqueExternal => 4,
             Invariant::Bounded => 5,
+            Invariant::OneAnswers => 6,
         }
     }
 }
@@ -200,6 +245,14 @@ pub struct Report {
     pub handovers: u64,
     /// Steps taken.
     pub steps: u64,
+    /// Witness mode: elections won at etcd.
+    pub elections: u64,
+    /// Witness mode: elected nodes that held less than the record and gave
+    /// the lease back (`Verdict::Yield`).
+    pub yields: u64,
+    /// Witness mode: elected actives of an older term than the record's,
+    /// demoted first (`Verdict::StandDown`).
+    pub stand_downs: u64,
     /// The trace, when asked for.
     pub trace: Vec<String>,
 }
@@ -234,8 +287,15 @@ pub struct Totals {
     pub handovers: u64,
     /// Steps.
     pub steps: u64,
-    /// The fewest faults injected in one seed (promotions and returns of
-    /// the old active, which follow from other faults, not counted).
+    /// Elections won at etcd (witness mode).
+    pub elections: u64,
+    /// Yields (witness mode).
+    pub yields: u64,
+    /// Stand-downs (witness mode).
+    pub stand_downs: u64,
+    /// The fewest faults injected in one seed (promotions, returns of the
+    /// old active and frozen holders found replaced, which follow from
+    /// other faults, not counted).
     pub min_faults_per_seed: u64,
 }
 
@@ -244,7 +304,9 @@ impl Totals {
         let injected: u64 = r
             .faults
             .iter()
-            .filter(|(k, _)| !k.starts_with("promote-") && **k != "old-active-return")
+            .filter(|(k, _)| {
+                !k.starts_with("promote-") && **k != "old-active-return" && **k != "freeze-takeover"
+            })
             .map(|(_, n)| n)
             .sum();
         self.min_faults_per_seed = if self.seeds == 0 {
@@ -268,6 +330,9 @@ impl Totals {
         self.resumes += r.resumes;
         self.handovers += r.handovers;
         self.steps += r.steps;
+        self.elections += r.elections;
+        self.yields += r.yields;
+        self.stand_downs += r.stand_downs;
     }
 
     /// Seeds (of the examples) that failed, in order, without repeats.

@@ -5,6 +5,7 @@
 //! portkeep-sim --seed 42               # replay one seed with its trace
 //! portkeep-sim --seeds 200 --enable promote-empty
 //! portkeep-sim --seeds 1000 --planted release-before-ack
+//! portkeep-sim --seeds 2000 --witness  # etcd decides who serves; freezes
 //! ```
 
 use std::process::ExitCode;
@@ -27,7 +28,8 @@ struct Args {
     #[arg(long, value_name = "S")]
     seed: Option<u64>,
     /// Turn on a named schedule (promote-empty,
-    /// partitioned-old-active); repeatable.
+    /// partitioned-old-active, frozen-old-active, etcd-slow with
+    /// --witness); repeatable.
     #[arg(long, value_name = "NAME")]
     enable: Vec<String>,
     /// Switch on a planted defect (release-before-ack, skip-term-check,
@@ -40,18 +42,29 @@ struct Args {
     /// Worker threads for --seeds.
     #[arg(long, value_name = "N")]
     jobs: Option<usize>,
+    /// Witness mode: a modelled etcd decides which node serves (the
+    /// coordinator's logic on each node), nodes' processes freeze, and
+    /// invariant 6 holds at most one node answering at any instant.
+    #[arg(long)]
+    witness: bool,
+    /// Witness mode with the fence off (a planted defect: a node answers
+    /// whatever its lease says).
+    #[arg(long, requires = "witness")]
+    no_fence: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     let mut template = Options::new(0);
     template.duration_ms = args.minutes * 60_000;
+    template.witness = args.witness;
+    template.witness_fence = !args.no_fence;
     for e in &args.enable {
         match Schedule::parse(e) {
             Some(s) => template.enable.push(s),
             None => {
                 eprintln!(
-                    "unknown schedule {e:?}: expected one of promote-empty, partitioned-old-active"
+                    "unknown schedule {e:?}: expected one of promote-empty, partitioned-old-active, frozen-old-active, etcd-slow"
                 );
                 return ExitCode::from(2);
             }
@@ -66,6 +79,15 @@ fn main() -> ExitCode {
             }
         }
     }
+    let mode = format!(
+        "{}{}",
+        if template.witness { " --witness" } else { "" },
+        if template.witness && !template.witness_fence {
+            " --no-fence"
+        } else {
+            ""
+        }
+    );
     if let Some(seed) = args.seed {
         let mut o = template;
         o.seed = seed;
@@ -86,6 +108,12 @@ fn main() -> ExitCode {
             "not violations: check-points ended by an answer the client never received {}",
             r.unseen_downgrades
         );
+        if o.witness {
+            println!(
+                "witness: elections {}, yields {}, stand-downs {}",
+                r.elections, r.yields, r.stand_downs
+            );
+        }
         for v in &r.violations {
             println!("{v}");
         }
@@ -119,6 +147,12 @@ fn main() -> ExitCode {
         "not violations: check-points ended by an answer the client never received {}",
         t.unseen_downgrades
     );
+    if template.witness {
+        println!(
+            "witness: elections {}, yields {}, stand-downs {}",
+            t.elections, t.yields, t.stand_downs
+        );
+    }
     println!(
         "wall time {:.1} s on {threads} thread(s)",
         took.as_secs_f64()
@@ -126,7 +160,7 @@ fn main() -> ExitCode {
     for v in &t.examples {
         println!("{v}");
         println!(
-            "  replay: cargo run --release -p portkeep-sim -- --seed {}{}{}",
+            "  replay: cargo run --release -p portkeep-sim -- --seed {}{mode}{}{}",
             v.seed,
             template
                 .enable

@@ -2,11 +2,12 @@
 //! the invariants, on one virtual clock.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use portkeep_client::{EpochTracker, RequestBuilder, Session, SessionConfig, SessionEvent};
+use portkeep_ha::witness::{Record, Verdict, Witness, WitnessConfig};
 use portkeep_ha::{
     strip_checkpoint, ActiveConfig, Effect, Grant, Message, Node, NodeConfig, Replica,
     ReplicaWrite, Role, SnapshotSource, TakeoverKind,
@@ -20,6 +21,7 @@ use portkeep_server::{
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::etcd::{self, Etcd};
 use crate::{Invariant, Options, PlantedBug, Report, Schedule, Violation};
 
 /// Virtual time 0 as the cores see it (a wall-clock-like origin, as the
@@ -52,6 +54,22 @@ const EXCUSE_TTL_MS: u64 = 15 * 60 * 1000;
 const ANNOUNCE_DEADLINE_MS: u64 = 10_000;
 /// Violations kept per invariant per run (all are counted).
 const KEEP_PER_INVARIANT: usize = 3;
+/// Witness mode: the lease's time to live at etcd (`ttl_s`, its lowest
+/// allowed value).
+const WITNESS_TTL_MS: u64 = 2_000;
+/// Witness mode: how much sooner than the lease can end the holder stops
+/// (`margin_ms`, its default).
+const WITNESS_MARGIN_MS: u64 = 500;
+/// Witness mode: how long a node elected behind the record waits for its
+/// peer (`peer_wait_ms`, its default): both nodes of a `both-down` are
+/// back within it.
+const WITNESS_PEER_WAIT_MS: u64 = 10_000;
+/// Witness mode: `coordinator.rs`'s `call_timeout` (a sixth of the TTL, at
+/// least 200 ms).
+const CALL_TIMEOUT_MS: u64 = WITNESS_TTL_MS / 6;
+/// Witness mode: etcd members the coordinator knows (`keep_alive` tries as
+/// many, at least two, before it gives up on a renewal).
+const ETCD_ENDPOINTS: u8 = 3;
 
 type MapKey = (IpAddr, u8, u16);
 
@@ -104,6 +122,59 @@ enum Ev {
         early: bool,
         target: Option<usize>,
     },
+    /// A PCP datagram that reached the VIP while its node was frozen: it
+    /// waits in that node's socket.
+    ToNode {
+        node: usize,
+        gen: u64,
+        client: usize,
+        bytes: Vec<u8>,
+    },
+    /// A frozen node's process resumes.
+    Thaw {
+        node: usize,
+        gen: u64,
+    },
+    /// A node's call reaches etcd (witness mode).
+    ToEtcd {
+        node: usize,
+        gen: u64,
+        req: etcd::Req,
+    },
+    /// etcd's answer reaches a node.
+    FromEtcd {
+        node: usize,
+        gen: u64,
+        resp: etcd::Resp,
+    },
+    /// A lease may expire at etcd.
+    EtcdExpire {
+        lease: u64,
+    },
+    /// A timer of a node's coordinator.
+    Coord {
+        node: usize,
+        gen: u64,
+        t: CoordTimer,
+    },
+    /// Witness mode: keepalived's check script sees a node serve (`ctl
+    /// status`) and moves the address to it.
+    VipFollow {
+        node: usize,
+        gen: u64,
+    },
+}
+
+/// A timer of the coordinator.
+#[derive(Debug, Clone, Copy)]
+enum CoordTimer {
+    /// The end of a sleep (`run`'s between sessions, a pause after a
+    /// failed campaign), named by its token.
+    Wake(u64),
+    /// A call's `call_timeout`.
+    Timeout(u64),
+    /// The renewal due at this virtual ms.
+    Renew(u64),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -140,6 +211,14 @@ enum Fault {
     /// The operator clears one subscriber's mappings (failure-scenarios
     /// draft section 2.6.2).
     OperatorClear,
+    /// A node's process is paused for 0.5 to 6 s (witness mode).
+    Freeze,
+    /// etcd's answers to one node take 150 to 700 ms more for 2 to 10 s
+    /// (witness mode): its calls time out, its requests still arrive.
+    EtcdSlow,
+    /// The named schedule frozen-old-active: the active's process paused
+    /// long enough for the backup to be promoted.
+    FreezeOldActive,
 }
 
 impl Fault {
@@ -166,6 +245,9 @@ impl Fault {
             Fault::BackupRestartLossCrash => "backup-restart-then-active-loss-crash",
             Fault::BackupDiskStall => "backup-disk-stall",
             Fault::OperatorClear => "operator-clear",
+            Fault::Freeze => "freeze",
+            Fault::EtcdSlow => "etcd-slow",
+            Fault::FreezeOldActive => "frozen-old-active",
         }
     }
 }
@@ -312,6 +394,124 @@ struct ReplicaDisk {
     syncing: Option<Vec<(u64, ReplicaWrite)>>,
 }
 
+/// What a node's coordinator (`portkeepd`'s `coordinator.rs`, one
+/// sequential task) waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// `run`: asleep between sessions until its timer (`token`).
+    Idle { token: u64 },
+    /// `Session::start`: the lease grant sent at `sent`.
+    Granting { call: u64, sent: u64 },
+    /// `hold`: the campaign, under `alive` (renewals go on).
+    Campaigning { call: u64 },
+    /// `hold`: the 100 ms pause after a failed campaign, under `alive`.
+    Pausing { token: u64 },
+    /// `read_record`, first try (0) or after the member rotated (1).
+    Reading { call: u64, attempt: u8 },
+    /// `record_now`'s guarded write, first try or second.
+    Writing {
+        call: u64,
+        attempt: u8,
+        record: Record,
+        term_start: bool,
+    },
+    /// `resign`, after which `hold` returns.
+    Resigning { call: u64, then: AfterResign },
+    /// `hold`'s loop: asleep until the next renewal.
+    Holding,
+    /// The lease revoked as the session ends.
+    Revoking { call: u64 },
+}
+
+/// Why a coordinator resigned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterResign {
+    /// `Verdict::Yield`: the lease is given back, the session ends well.
+    Yielded,
+    /// The promotion was refused: the session fails.
+    Refused,
+    /// Deposed by a higher term over the link.
+    Deposed,
+}
+
+/// What `alive` did not poll while a renewal ran (it resumes with it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stash {
+    Won(u64),
+    CampaignFailed,
+    PauseOver,
+}
+
+/// A node's coordinator: the real `Witness` and where the daemon's task
+/// stands.
+#[derive(Debug)]
+struct Coord {
+    w: Witness,
+    step: Step,
+    /// The session's lease at etcd.
+    lease: Option<u64>,
+    /// The leader key's revision, once elected.
+    rev: Option<u64>,
+    /// When the lease is renewed next (virtual ms).
+    renew_at: u64,
+    /// The renewal a timer is set for.
+    renew_armed: u64,
+    /// A keepalive under way: (call, sent at, attempt).
+    renewing: Option<(u64, u64, u8)>,
+    stash: Option<Stash>,
+    /// The record read when elected, then as last recorded.
+    record: Option<Record>,
+    /// Renewals while holding (`hold`'s `n`).
+    renewals: u64,
+    /// `Pair::fence`: the virtual ms from which the node must not answer
+    /// PCP (0: it may not), set where `coordinator.rs` sets it.
+    fence: u64,
+}
+
+impl Coord {
+    fn new() -> Coord {
+        Coord {
+            w: Witness::new(WitnessConfig {
+                ttl: Duration::from_millis(WITNESS_TTL_MS),
+                margin: Duration::from_millis(WITNESS_MARGIN_MS),
+                peer_wait: Duration::from_millis(WITNESS_PEER_WAIT_MS),
+            }),
+            step: Step::Idle { token: 0 },
+            lease: None,
+            rev: None,
+            renew_at: 0,
+            renew_armed: 0,
+            renewing: None,
+            stash: None,
+            record: None,
+            renewals: 0,
+            fence: 0,
+        }
+    }
+
+    /// The call the task awaits, if it awaits one.
+    fn step_call(&self) -> Option<u64> {
+        match self.step {
+            Step::Granting { call, .. }
+            | Step::Campaigning { call }
+            | Step::Reading { call, .. }
+            | Step::Writing { call, .. }
+            | Step::Resigning { call, .. }
+            | Step::Revoking { call } => Some(call),
+            Step::Idle { .. } | Step::Pausing { .. } | Step::Holding => None,
+        }
+    }
+
+    /// Whether the task is inside `alive` or `hold`'s loop, where the
+    /// lease is renewed.
+    fn renews(&self) -> bool {
+        matches!(
+            self.step,
+            Step::Campaigning { .. } | Step::Pausing { .. } | Step::Holding
+        )
+    }
+}
+
 #[derive(Debug)]
 struct SimNode {
     name: &'static str,
@@ -352,6 +552,18 @@ struct SimNode {
     /// The kind of the takeover that made it active, until it serves.
     takeover: Option<TakeoverKind>,
     next_timer_floor: u64,
+    /// Frozen until then (virtual ms; not frozen at or after it).
+    frozen_until: u64,
+    /// Every freeze of this node: (from, until).
+    freezes: Vec<(u64, u64)>,
+    /// Witness mode: the coordinator, while the process runs.
+    coord: Option<Coord>,
+    /// Witness mode: the election it won last (world-wide numbering; 0:
+    /// none).
+    tenure: u64,
+    /// Witness mode: until when etcd's answers to it are slow, and by how
+    /// much (ms).
+    etcd_slow: (u64, u64),
 }
 
 #[derive(Debug)]
@@ -471,6 +683,18 @@ pub struct World {
     server_seeds: [u64; 2],
     report: Report,
     kept: BTreeMap<Invariant, usize>,
+    /// Witness mode's own randomness (message delays, freezes): the default
+    /// mode never draws from it, so its seeds replay as before.
+    wrng: ChaCha8Rng,
+    /// Witness mode: etcd.
+    etcd: Option<Etcd>,
+    next_call: u64,
+    next_tenure: u64,
+    /// Invariant 6: the (node, tenure) that answered last, and when.
+    answering: Option<((usize, u64), u64)>,
+    /// Tenures another tenure answered after: they must not answer again.
+    closed_tenures: BTreeSet<(usize, u64)>,
+    flagged: BTreeSet<((usize, u64), (usize, u64))>,
 }
 
 fn ip4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
@@ -494,7 +718,7 @@ impl World {
         let server_seeds = [rng.gen(), rng.gen()];
         let base = Instant::now();
         let end = opts.duration_ms;
-        let guards = opts.enable.is_empty();
+        let guards = !opts.enable.iter().any(|s| s.lifts_guards());
         let mut w = World {
             rng,
             base,
@@ -532,18 +756,29 @@ impl World {
                 ..Report::default()
             },
             kept: BTreeMap::new(),
+            wrng: ChaCha8Rng::seed_from_u64(opts.seed ^ 0x3E7C_D000_F1E2_0003),
+            etcd: opts.witness.then(|| Etcd::new(WITNESS_TTL_MS)),
+            next_call: 1,
+            next_tenure: 1,
+            answering: None,
+            closed_tenures: BTreeSet::new(),
+            flagged: BTreeSet::new(),
             opts,
         };
         w.base_loss = w.rng.gen_range(0.0..0.03);
         w.base_dup = w.rng.gen_range(0.0..0.03);
-        let roles = if keepalived {
+        // With the witness both nodes are configured `backup`
+        // (docs/config.md, `[ha.coordinator]`): the coordinator promotes.
+        let roles = if keepalived || w.opts.witness {
             [Role::Backup, Role::Backup]
         } else {
             [Role::Active, Role::Backup]
         };
         w.trace(format!(
             "layout: {} (node a {}, node b {}); base loss {:.3}, dup {:.3}",
-            if keepalived {
+            if w.opts.witness {
+                "etcd witness"
+            } else if keepalived {
                 "keepalived"
             } else {
                 "active+backup"
@@ -583,11 +818,16 @@ impl World {
                 both_down: false,
                 takeover: None,
                 next_timer_floor: 0,
+                frozen_until: 0,
+                freezes: Vec::new(),
+                coord: None,
+                tenure: 0,
+                etcd_slow: (0, 0),
             });
         }
         w.start_node(0);
         w.start_node(1);
-        if keepalived {
+        if keepalived && !w.opts.witness {
             // keepalived elects a master at start and its notify hook
             // promotes it.
             w.schedule(
@@ -845,6 +1085,15 @@ impl World {
             let at = own.gen_range(lo..hi);
             self.schedule(at, Ev::Fault(Fault::OperatorClear, 0));
         }
+        // Witness mode: one to three freezes of a node's process in every
+        // seed, from witness mode's own generator.
+        if self.opts.witness {
+            let n = self.wrng.gen_range(1..=3);
+            for _ in 0..n {
+                let at = self.wrng.gen_range(lo..hi);
+                self.schedule(at, Ev::Fault(Fault::Freeze, 0));
+            }
+        }
         let enabled = self.opts.enable.clone();
         let hi = end.saturating_sub(60_000).max(120_001);
         for s in enabled {
@@ -852,6 +1101,18 @@ impl World {
             let f = match s {
                 Schedule::PromoteEmpty => Fault::EmptyCrashBackup,
                 Schedule::PartitionedOldActive => Fault::PartitionOldActive,
+                Schedule::FrozenOldActive => Fault::FreezeOldActive,
+                Schedule::EtcdSlow => {
+                    // Three times, from witness mode's generator (nothing
+                    // without a witness).
+                    if self.opts.witness {
+                        for _ in 0..3 {
+                            let at = self.wrng.gen_range(lo..hi);
+                            self.schedule(at, Ev::Fault(Fault::EtcdSlow, 0));
+                        }
+                    }
+                    continue;
+                }
             };
             self.schedule(at, Ev::Fault(f, 0));
         }
@@ -899,8 +1160,9 @@ impl World {
                 put(self.ms_of(i));
             }
         }
-        for n in &self.nodes {
-            if !n.up {
+        for (i, n) in self.nodes.iter().enumerate() {
+            // A frozen process sets no timer: its thaw is an event.
+            if !n.up || self.now < n.frozen_until {
                 continue;
             }
             if let Some(x) = n.ha.poll_timeout() {
@@ -909,7 +1171,7 @@ impl World {
             if let Some(x) = n.server.poll_timeout() {
                 // ANNOUNCEs held until the node serves wait for a later
                 // event (the daemon's housekeeping polls).
-                let held = !n.ha.serving();
+                let held = !(n.ha.serving() && self.fence_allows(i));
                 let floor = if held {
                     n.next_timer_floor.max(self.now + 100)
                 } else {
@@ -941,7 +1203,7 @@ impl World {
             }
         }
         for n in 0..2 {
-            if !self.nodes[n].up || self.nodes[n].next_timer_floor > now {
+            if !self.nodes[n].up || self.nodes[n].next_timer_floor > now || self.frozen(n) {
                 continue;
             }
             let ts = self.ts();
@@ -992,9 +1254,114 @@ impl World {
         }
     }
 
-    fn handle(&mut self, ev: Ev) {
+    /// Until when `ev` must wait because the process it is for is frozen
+    /// (its timers, datagrams and link bytes queue up).
+    fn deferred_until(&self, ev: &Ev) -> Option<u64> {
+        let frozen = |n: usize| self.frozen(n).then_some(self.nodes[n].frozen_until);
         match ev {
-            Ev::ToVip { client, bytes } => self.pcp_at_vip(client, &bytes),
+            Ev::ToNode { node, .. }
+            | Ev::LinkFailed { node, .. }
+            | Ev::ConnectRetry { node, .. }
+            | Ev::FsyncDone { node, .. }
+            | Ev::ReplicaFsyncDone { node, .. }
+            | Ev::Coord { node, .. } => frozen(*node),
+            Ev::LinkDeliver { conn, dir } => {
+                let c = self.conns.get(conn)?;
+                frozen(if *dir == 0 { c.acceptor } else { c.connector })
+            }
+            Ev::LinkEstablish { conn } => {
+                let c = self.conns.get(conn)?;
+                frozen(c.connector).max(frozen(c.acceptor))
+            }
+            Ev::TellTermClose { conn } => frozen(self.conns.get(conn)?.acceptor),
+            _ => None,
+        }
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        if let Some(until) = self.deferred_until(&ev) {
+            self.schedule(until, ev);
+            return;
+        }
+        match ev {
+            Ev::ToVip { client, bytes } => {
+                let n = self.vip;
+                if self.frozen(n) {
+                    // It waits in the frozen node's socket.
+                    let gen = self.nodes[n].gen;
+                    let at = self.nodes[n].frozen_until;
+                    self.schedule(
+                        at,
+                        Ev::ToNode {
+                            node: n,
+                            gen,
+                            client,
+                            bytes,
+                        },
+                    );
+                } else {
+                    self.pcp_at(n, client, &bytes);
+                }
+            }
+            Ev::ToNode {
+                node,
+                gen,
+                client,
+                bytes,
+            } => {
+                if self.nodes[node].gen == gen {
+                    self.pcp_at(node, client, &bytes);
+                }
+            }
+            Ev::Thaw { node, gen } => {
+                if self.nodes[node].gen == gen && self.nodes[node].up {
+                    self.trace(format!("node {}: thaws", self.nodes[node].name));
+                    // An active that finds its peer active in a later term
+                    // was replaced while frozen.
+                    let p = Self::other(node);
+                    if self.nodes[node].ha.role() == Role::Active
+                        && self.nodes[p].up
+                        && self.nodes[p].ha.role() == Role::Active
+                        && self.nodes[p].ha.term() > self.nodes[node].ha.term()
+                    {
+                        self.count_fault("freeze-takeover");
+                    }
+                    self.coord_thawed(node);
+                }
+            }
+            Ev::ToEtcd { node, gen, req } => {
+                let now = self.now;
+                if let Some(e) = self.etcd.as_mut() {
+                    let out = e.handle(node, gen, req, now);
+                    self.etcd_out(out);
+                }
+            }
+            Ev::EtcdExpire { lease } => {
+                let now = self.now;
+                if let Some(e) = self.etcd.as_mut() {
+                    let before = e.leader();
+                    let out = e.expire(lease, now);
+                    let after = e.leader();
+                    if before != after {
+                        self.trace(format!(
+                            "etcd: a lease expired; leader now {}",
+                            after.map_or("none", |n| self.nodes[n].name)
+                        ));
+                    }
+                    self.etcd_out(out);
+                }
+            }
+            Ev::FromEtcd { node, gen, resp } => self.coord_answer(node, gen, resp),
+            Ev::VipFollow { node, gen } => {
+                if self.nodes[node].gen == gen && self.serving_now(node) && self.vip != node {
+                    self.vip = node;
+                    self.trace(format!(
+                        "the address moves to node {}",
+                        self.nodes[node].name
+                    ));
+                }
+            }
+            Ev::Coord { node, gen, t } => self.coord_timer(node, gen, t),
             Ev::ToHost {
                 host,
                 bytes,
@@ -1278,10 +1645,10 @@ impl World {
     // ------------------------------------------------------------------
     // Nodes: PCP, the committer, effects.
 
-    fn pcp_at_vip(&mut self, client: usize, bytes: &[u8]) {
-        let n = self.vip;
-        // Workers drop datagrams unless the node serves (runtime.rs).
-        if !self.nodes[n].up || !self.nodes[n].ha.serving() {
+    fn pcp_at(&mut self, n: usize, client: usize, bytes: &[u8]) {
+        // Workers drop datagrams unless the node serves and, with a
+        // witness, its lease allows (runtime.rs, `Pair::serving`).
+        if !self.nodes[n].up || !self.nodes[n].ha.serving() || !self.fence_allows(n) {
             return;
         }
         let src = SocketAddr::new(self.clients[client].ip, portkeep_proto::CLIENT_PORT);
@@ -1517,6 +1884,11 @@ impl World {
             match e {
                 Effect::Release(r) => self.release(n, r),
                 Effect::ReleaseAged { reply, waited_ms } => {
+                    if !self.fence_allows(n) {
+                        // The sender drops what the lease no longer
+                        // allows (`node.rs`, the outbox).
+                        continue;
+                    }
                     if !reply.out.is_empty() {
                         self.check_wait(n, reply.handled_at);
                     }
@@ -1606,12 +1978,15 @@ impl World {
                 }
                 Effect::TakeOver => {
                     // keepalived's check script moves the address to the
-                    // node that serves.
+                    // node that serves (with a witness, once it serves:
+                    // the coordinator decides that).
                     self.trace(format!(
                         "node {}: handed the service by its active",
                         self.nodes[n].name
                     ));
-                    self.vip = n;
+                    if !self.opts.witness {
+                        self.vip = n;
+                    }
                     self.promote(n);
                 }
             }
@@ -1632,6 +2007,11 @@ impl World {
         let ts = self.ts();
         self.nodes[n].server = Server::new(cfg, ts);
         self.nodes[n].replica = ReplicaDisk::default();
+        // An empty backup now: it has not synced since (the guards ask
+        // that of a backup before its active is lost). In the default
+        // faults a node only stands down after a restart, which resets
+        // this too; with a witness a frozen holder is deposed without one.
+        self.nodes[n].ever_synced = false;
         self.resync(n);
         let empty = Restored {
             anchor: ts,
@@ -1647,6 +2027,15 @@ impl World {
     fn release(&mut self, n: usize, r: Reply) {
         if r.out.is_empty() {
             return;
+        }
+        if !self.fence_allows(n) {
+            // The sender reads the fence again before replies leave: a
+            // node frozen after they were queued, woken after its lease
+            // ran out, sends none of them (`node.rs`, the outbox).
+            return;
+        }
+        if self.opts.witness {
+            self.note_answer(n);
         }
         self.check_wait(n, r.handled_at);
         let term = self.nodes[n].ha.term();
@@ -1725,7 +2114,7 @@ impl World {
     /// active node not serving yet keeps them.
     fn send_announcements(&mut self, n: usize) {
         let ts = self.ts();
-        if !self.nodes[n].ha.serving() {
+        if !self.nodes[n].ha.serving() || !self.fence_allows(n) {
             if self.nodes[n].ha.role() == Role::Backup {
                 self.nodes[n].server.stop_announcing();
             }
@@ -1821,6 +2210,11 @@ impl World {
         if role == Role::Active {
             self.try_connect(n);
         }
+        if self.opts.witness {
+            // The daemon starts its coordinator at once (`run`).
+            self.nodes[n].coord = Some(Coord::new());
+            self.coord_sleep(n, 0);
+        }
     }
 
     fn crash(&mut self, n: usize) {
@@ -1832,6 +2226,8 @@ impl World {
         let node = &mut self.nodes[n];
         node.up = false;
         node.gen += 1;
+        node.frozen_until = 0;
+        node.coord = None;
         node.holder_at_crash = holder;
         node.fail_next_fsync = false;
         node.store.queue.clear();
@@ -1877,7 +2273,16 @@ impl World {
         let down = self.rng.gen_range(1_000..20_000);
         let gen = self.nodes[n].gen;
         self.schedule(self.now + down, Ev::Restart { node: n, gen });
-        if holder && !self.promoter_pending {
+        if holder {
+            self.holder_lost();
+        }
+    }
+
+    /// keepalived notices the holder is gone (dead or frozen) and its
+    /// promoter acts, early or late. With a witness nobody does: the lease
+    /// expires.
+    fn holder_lost(&mut self) {
+        if !self.promoter_pending && !self.opts.witness {
             self.promoter_pending = true;
             let early = self.rng.gen_bool(0.4);
             let dead = link_cfg().dead_after.as_millis() as u64;
@@ -1927,7 +2332,10 @@ impl World {
 
     fn promoter_act(&mut self, early: bool, target: Option<usize>) {
         let holder = self.vip;
-        if target.is_none() && self.nodes[holder].up && self.nodes[holder].ha.role() == Role::Active
+        if target.is_none()
+            && self.nodes[holder].up
+            && self.nodes[holder].ha.role() == Role::Active
+            && !self.frozen(holder)
         {
             // The old active came back first: keepalived sees it again.
             self.promoter_pending = false;
@@ -1941,6 +2349,7 @@ impl World {
         // passed over, as keepalived's check script moves the address on.
         let pick = candidates.into_iter().find(|&c| {
             self.nodes[c].up
+                && !self.frozen(c)
                 && self.nodes[c].ha.role() == Role::Backup
                 && self.nodes[c].ha.promotion_term().is_ok()
         });
@@ -2351,10 +2760,15 @@ impl World {
         // promoter only acts after the active is lost; a backup is only
         // promoted once it has synced; a returning node configured active
         // can reach its peer at its first contact.
+        // With a witness, the holder also holds the lease, and neither
+        // process is frozen.
         let pair_healthy = self.nodes[holder].up
             && self.nodes[holder].ha.role() == Role::Active
             && self.nodes[holder].ha.serving()
+            && self.fence_allows(holder)
+            && !self.frozen(holder)
             && self.nodes[other].up
+            && !self.frozen(other)
             && self.nodes[other].ha.role() == Role::Backup
             && !self.promoter_pending;
         match f {
@@ -2404,6 +2818,10 @@ impl World {
                 if self.guards && self.first_contact_pending() {
                     return postpone(self);
                 }
+                // Both ends learn a reset at once: not a frozen one.
+                if self.frozen(0) || self.frozen(1) {
+                    return postpone(self);
+                }
                 if !self.reset_link() {
                     return postpone(self);
                 }
@@ -2416,7 +2834,11 @@ impl World {
                 self.partition_until = now + d;
             }
             Fault::OperatorClear => {
-                if !(self.nodes[holder].up && self.nodes[holder].ha.serving()) {
+                if !(self.nodes[holder].up
+                    && self.nodes[holder].ha.serving()
+                    && self.fence_allows(holder)
+                    && !self.frozen(holder))
+                {
                     return postpone(self);
                 }
                 self.operator_clear(holder);
@@ -2569,12 +2991,69 @@ impl World {
                 self.crash(holder);
             }
             Fault::PartitionPromote => {
-                if !self.nodes[other].up || self.nodes[other].ha.role() != Role::Backup {
+                if !self.nodes[other].up
+                    || self.frozen(other)
+                    || self.nodes[other].ha.role() != Role::Backup
+                {
                     return postpone(self);
                 }
-                self.promoter_pending = false;
-                self.vip = other;
-                self.promote(other);
+                // With a witness nobody promotes behind its back: the cut
+                // alone is left, which it settles.
+                if !self.opts.witness {
+                    self.promoter_pending = false;
+                    self.vip = other;
+                    self.promote(other);
+                }
+            }
+            Fault::Freeze => {
+                // The holder most of the time (the case the fence is for),
+                // else the backup. In the default faults a holder is only
+                // frozen while its backup has synced, as it is only lost
+                // then.
+                let target = if self.wrng.gen_bool(0.7) {
+                    holder
+                } else {
+                    other
+                };
+                let ok = pair_healthy && (target == other || self.nodes[other].ever_synced);
+                if self.guards && !ok {
+                    return postpone(self);
+                }
+                if !self.nodes[target].up || self.frozen(target) {
+                    return postpone(self);
+                }
+                let d = self.wrng.gen_range(500..=6_000);
+                self.freeze(target, d);
+            }
+            Fault::EtcdSlow => {
+                let target = if self.wrng.gen_bool(0.7) {
+                    holder
+                } else {
+                    other
+                };
+                // Its holder may lose the lease: as for a crash, only while
+                // the backup has synced.
+                let ok = pair_healthy && (target == other || self.nodes[other].ever_synced);
+                if self.guards && !ok {
+                    return postpone(self);
+                }
+                let d = self.wrng.gen_range(2_000..=10_000);
+                let extra = self.wrng.gen_range(150..=500);
+                self.nodes[target].etcd_slow = (now + d, extra);
+                self.trace(format!(
+                    "fault: etcd answers node {} {extra} to {} ms late for {d} ms",
+                    self.nodes[target].name,
+                    extra + 200
+                ));
+            }
+            Fault::FreezeOldActive => {
+                if !(pair_healthy && self.nodes[other].ever_synced) {
+                    return postpone(self);
+                }
+                // Long enough for the promoter (or the lease) to act.
+                let d = self.wrng.gen_range(4_500..=6_000);
+                self.freeze(holder, d);
+                self.holder_lost();
             }
         }
         let name = f.name();
@@ -2593,10 +3072,9 @@ impl World {
     fn check(&mut self) {
         let now = self.now;
         let ts = self.ts();
-        // 2: one node answers PCP at a time.
-        let serving: Vec<usize> = (0..2)
-            .filter(|&n| self.nodes[n].up && self.nodes[n].ha.serving())
-            .collect();
+        // 2: one node answers PCP at a time. With a witness a node serves
+        // only while its lease allows too (`Pair::serving`).
+        let serving: Vec<usize> = (0..2).filter(|&n| self.serving_now(n)).collect();
         if serving.len() > 1 {
             if !self.two_serving {
                 self.two_serving = true;
@@ -2614,6 +3092,19 @@ impl World {
             let s = serving.contains(&n);
             if s && !self.nodes[n].was_serving {
                 self.serving_started(n);
+            }
+            if !s && self.nodes[n].was_serving && self.opts.witness {
+                let why = if !self.nodes[n].up {
+                    "down"
+                } else if self.nodes[n].ha.serving() {
+                    "its lease no longer allows it"
+                } else {
+                    "no longer active"
+                };
+                self.trace(format!(
+                    "node {}: stops serving PCP ({why})",
+                    self.nodes[n].name
+                ));
             }
             if !s && self.nodes[n].was_serving && self.nodes[n].ha.role() == Role::Active {
                 // Stopped serving with its state (a crash, a failed
@@ -2695,7 +3186,7 @@ impl World {
                 .collect();
             self.obligations.retain(|o| o.1 > now);
             for (host, _, n, _) in due {
-                if !(self.nodes[n].up && self.nodes[n].ha.serving()) {
+                if !self.serving_now(n) {
                     continue;
                 }
                 self.violation(
@@ -2740,7 +3231,14 @@ impl World {
     /// backup's lease allow, whatever the backup does (a backup that
     /// answers heartbeats but acknowledges nothing included).
     fn check_wait(&mut self, n: usize, handled_at: u64) {
-        let waited = self.now.saturating_sub(handled_at);
+        // A frozen process holds everything: its own pause is not a wait
+        // the pair imposed.
+        let frozen: u64 = self.nodes[n]
+            .freezes
+            .iter()
+            .map(|&(a, b)| b.min(self.now).saturating_sub(a.max(handled_at)))
+            .sum();
+        let waited = self.now.saturating_sub(handled_at).saturating_sub(frozen);
         if waited > WAIT_BOUND_MS {
             let what = format!(
                 "node {}: a reply waited {waited} ms for its release",
@@ -2828,7 +3326,16 @@ impl World {
                             .is_some_and(|(nonce, _)| *nonce == m.nonce)
                 })
                 .collect();
-            if hit.is_empty() || self.clients[c].departed {
+            // The clear restarts the subscriber's epoch even when the node
+            // held nothing of it (`Server::clear`; docs/config.md: "clearing
+            // one subscriber's state resets only that subscriber's epoch"),
+            // so a host of that subscriber may see its check fail, though it
+            // lost nothing it must be told of (seeds 2260 and 2781). A
+            // THIRD_PARTY client's own epoch moves only if it managed a
+            // mapping that was cleared.
+            let own =
+                !self.clients[c].third_party && keying.subscriber_of(self.clients[c].ip) == sub;
+            if (hit.is_empty() && !own) || self.clients[c].departed {
                 continue;
             }
             let held = hit.iter().any(|&i| {
@@ -2967,5 +3474,711 @@ impl World {
     /// The report, once run.
     pub fn into_report(self) -> Report {
         self.report
+    }
+}
+
+// ----------------------------------------------------------------------
+// Witness mode: freezes, the fence, etcd's messages and the coordinator.
+
+impl World {
+    /// Whether node `n`'s process is frozen now.
+    fn frozen(&self, n: usize) -> bool {
+        self.nodes[n].up && self.now < self.nodes[n].frozen_until
+    }
+
+    /// Whether node `n`'s fence lets it answer PCP now: always without a
+    /// witness (or with the fence switched off); with one, `Pair::fence`
+    /// as the coordinator set it, and `Witness::may_serve`.
+    fn fence_allows(&self, n: usize) -> bool {
+        if !self.opts.witness || !self.opts.witness_fence {
+            return true;
+        }
+        let ts = self.ts();
+        self.nodes[n]
+            .coord
+            .as_ref()
+            .is_some_and(|c| self.now < c.fence && c.w.may_serve(ts))
+    }
+
+    /// Whether node `n` answers PCP now (`Pair::serving`).
+    fn serving_now(&self, n: usize) -> bool {
+        self.nodes[n].up && self.nodes[n].ha.serving() && self.fence_allows(n)
+    }
+
+    /// Pauses node `n`'s process for `d` ms: nothing meant for it is
+    /// handled until it thaws, and its clock runs on.
+    fn freeze(&mut self, n: usize, d: u64) {
+        let until = self.now + d;
+        self.nodes[n].frozen_until = until;
+        self.nodes[n].freezes.push((self.now, until));
+        let gen = self.nodes[n].gen;
+        self.schedule(until, Ev::Thaw { node: n, gen });
+        let role = self.nodes[n].ha.role().as_str();
+        self.trace(format!(
+            "fault: node {} ({role}) frozen for {d} ms",
+            self.nodes[n].name
+        ));
+    }
+
+    /// Invariant 6: node `n` sends a reply now. The replies of one tenure
+    /// (from an election won to the next) span an interval; two tenures'
+    /// intervals must not overlap: once another tenure answered, an
+    /// earlier one never answers again, and tenures of two nodes never
+    /// answer in the same millisecond.
+    fn note_answer(&mut self, n: usize) {
+        let label = (n, self.nodes[n].tenure);
+        let now = self.now;
+        let prev = self.answering;
+        self.answering = Some((label, now));
+        let Some((last, at)) = prev else {
+            return;
+        };
+        if last == label {
+            return;
+        }
+        self.closed_tenures.insert(last);
+        let overlap = self.closed_tenures.contains(&label) || (last.0 != n && at >= now);
+        if overlap && self.flagged.insert((label, last)) {
+            let what = format!(
+                "node {} answered PCP (tenure {}) while node {} (tenure {}) answered too, last at {}.{:03}s",
+                self.nodes[n].name,
+                label.1,
+                self.nodes[last.0].name,
+                last.1,
+                at / 1000,
+                at % 1000
+            );
+            self.violation(Invariant::OneAnswers, what);
+        }
+    }
+
+    fn next_call(&mut self) -> u64 {
+        self.next_call += 1;
+        self.next_call
+    }
+
+    fn coord(&self, n: usize) -> Option<&Coord> {
+        self.nodes[n].coord.as_ref()
+    }
+
+    fn coord_mut(&mut self, n: usize) -> Option<&mut Coord> {
+        self.nodes[n].coord.as_mut()
+    }
+
+    /// A call of node `n` leaves for etcd.
+    fn send_etcd(&mut self, n: usize, req: etcd::Req) {
+        let d = self.wrng.gen_range(1..=20);
+        let gen = self.nodes[n].gen;
+        self.schedule(self.now + d, Ev::ToEtcd { node: n, gen, req });
+    }
+
+    /// etcd's answers leave; its expiry is scheduled.
+    fn etcd_out(&mut self, out: etcd::Out) {
+        for (node, gen, resp) in out.answers {
+            let mut d = self.wrng.gen_range(1..=20);
+            let (until, extra) = self.nodes[node].etcd_slow;
+            if self.now < until {
+                d += extra + self.wrng.gen_range(0..=200);
+            }
+            self.schedule(self.now + d, Ev::FromEtcd { node, gen, resp });
+        }
+        if let Some((lease, at)) = out.expiry {
+            self.schedule(at, Ev::EtcdExpire { lease });
+        }
+    }
+
+    fn coord_schedule(&mut self, n: usize, at: u64, t: CoordTimer) {
+        let gen = self.nodes[n].gen;
+        self.schedule(at, Ev::Coord { node: n, gen, t });
+    }
+
+    /// `call` is awaited for at most `call_timeout`.
+    fn coord_call_timeout(&mut self, n: usize, call: u64) {
+        self.coord_schedule(n, self.now + CALL_TIMEOUT_MS, CoordTimer::Timeout(call));
+    }
+
+    /// `run`: asleep for `d` ms, then a new session.
+    fn coord_sleep(&mut self, n: usize, d: u64) {
+        let token = self.next_call();
+        if let Some(c) = self.coord_mut(n) {
+            c.step = Step::Idle { token };
+        }
+        self.coord_schedule(n, self.now + d, CoordTimer::Wake(token));
+    }
+
+    /// `Session::start`: a lease is granted.
+    fn coord_start_session(&mut self, n: usize) {
+        let call = self.next_call();
+        let sent = self.now;
+        if let Some(c) = self.coord_mut(n) {
+            c.step = Step::Granting { call, sent };
+        }
+        self.send_etcd(n, etcd::Req::Grant { call });
+        self.coord_call_timeout(n, call);
+    }
+
+    /// `hold`: campaigns (again, with the same lease: the same candidacy).
+    fn coord_campaign(&mut self, n: usize) {
+        let call = self.next_call();
+        let Some(c) = self.coord_mut(n) else {
+            return;
+        };
+        let Some(lease) = c.lease else {
+            return;
+        };
+        c.step = Step::Campaigning { call };
+        self.send_etcd(n, etcd::Req::Campaign { call, lease });
+        self.coord_arm_renew(n);
+    }
+
+    /// `hold`: a campaign failed; a pause of 100 ms, under `alive`.
+    fn coord_pause(&mut self, n: usize) {
+        let token = self.next_call();
+        if let Some(c) = self.coord_mut(n) {
+            c.step = Step::Pausing { token };
+        }
+        self.coord_schedule(n, self.now + 100, CoordTimer::Wake(token));
+        self.coord_arm_renew(n);
+    }
+
+    /// The renewal starts now if it is due, else a timer is set for it.
+    fn coord_arm_renew(&mut self, n: usize) {
+        let now = self.now;
+        let Some(c) = self.coord_mut(n) else {
+            return;
+        };
+        if c.renewing.is_some() || !c.renews() {
+            return;
+        }
+        if now >= c.renew_at {
+            self.coord_start_renew(n);
+        } else if c.renew_armed != c.renew_at {
+            c.renew_armed = c.renew_at;
+            let at = c.renew_at;
+            self.coord_schedule(n, at, CoordTimer::Renew(at));
+        }
+    }
+
+    /// `renew` / `keep_alive`: one keepalive, answered or not.
+    fn coord_start_renew(&mut self, n: usize) {
+        self.coord_keepalive(n, 0);
+    }
+
+    fn coord_keepalive(&mut self, n: usize, attempt: u8) {
+        let call = self.next_call();
+        let sent = self.now;
+        let Some(c) = self.coord_mut(n) else {
+            return;
+        };
+        let Some(lease) = c.lease else {
+            return;
+        };
+        c.renewing = Some((call, sent, attempt));
+        self.send_etcd(n, etcd::Req::KeepAlive { call, lease });
+        self.coord_call_timeout(n, call);
+    }
+
+    /// `renew` returns: `lease_gone` when etcd answered that the lease
+    /// expired.
+    fn coord_renewed(&mut self, n: usize, lease_gone: bool) {
+        let now = self.now;
+        let ts = self.ts();
+        let Some(c) = self.coord_mut(n) else {
+            return;
+        };
+        c.renewing = None;
+        if lease_gone {
+            self.coord_end_session(n, "the lease expired at etcd");
+            return;
+        }
+        c.renew_at = now + WITNESS_TTL_MS / 4;
+        if let Some(u) = c.w.serve_until() {
+            c.fence = u.as_millis().saturating_sub(T0);
+        }
+        if c.w.valid_until_passed(ts) {
+            self.coord_end_session(n, "the lease ran out (etcd unreachable)");
+            return;
+        }
+        let stash = c.stash.take();
+        match c.step {
+            Step::Campaigning { .. } => match stash {
+                Some(Stash::Won(rev)) => self.coord_won(n, rev),
+                Some(Stash::CampaignFailed) => self.coord_pause(n),
+                _ => self.coord_arm_renew(n),
+            },
+            Step::Pausing { .. } => {
+                if stash == Some(Stash::PauseOver) {
+                    self.coord_campaign(n);
+                } else {
+                    self.coord_arm_renew(n);
+                }
+            }
+            Step::Holding => self.coord_held_renewed(n),
+            _ => {}
+        }
+    }
+
+    /// `hold`'s loop after a renewal.
+    fn coord_held_renewed(&mut self, n: usize) {
+        if self.nodes[n].ha.role() != Role::Active {
+            // Deposed by a higher term over the link: that node serves;
+            // this one must not hold the lease it needs.
+            if let Some(c) = self.coord_mut(n) {
+                c.fence = 0;
+            }
+            self.trace(format!(
+                "node {}: coordinator: deposed over the link; resigning",
+                self.nodes[n].name
+            ));
+            self.coord_resign(n, AfterResign::Deposed);
+            return;
+        }
+        let Some(c) = self.coord_mut(n) else {
+            return;
+        };
+        c.renewals += 1;
+        if c.renewals.is_multiple_of(3) {
+            self.coord_record_now(n, false);
+        } else {
+            self.coord_arm_renew(n);
+        }
+    }
+
+    /// The campaign returned: this node's key leads.
+    fn coord_won(&mut self, n: usize, rev: u64) {
+        let tenure = self.next_tenure;
+        self.next_tenure += 1;
+        self.nodes[n].tenure = tenure;
+        self.report.elections += 1;
+        if let Some(c) = self.coord_mut(n) {
+            c.rev = Some(rev);
+            c.w.elected();
+        }
+        self.trace(format!(
+            "node {}: coordinator: elected at etcd (tenure {tenure})",
+            self.nodes[n].name
+        ));
+        self.coord_read_record(n, 0);
+    }
+
+    fn coord_read_record(&mut self, n: usize, attempt: u8) {
+        let call = self.next_call();
+        if let Some(c) = self.coord_mut(n) {
+            c.step = Step::Reading { call, attempt };
+        }
+        self.send_etcd(n, etcd::Req::Get { call });
+        self.coord_call_timeout(n, call);
+    }
+
+    /// `ctl demote`'s path (`node::demote`): the node stops serving, its
+    /// state goes, it waits for the active's link as a backup.
+    fn demote(&mut self, n: usize) {
+        if self.nodes[n].was_serving {
+            self.last_served = self.table(n);
+        }
+        if !self.nodes[n].ha.demote() {
+            return;
+        }
+        self.stand_down(n);
+        self.after_ha(n);
+    }
+
+    /// Elected, the record read: decide, and carry the verdict out.
+    fn coord_decide(&mut self, n: usize, record: Option<Record>) {
+        let ts = self.ts();
+        if let Some(c) = self.coord_mut(n) {
+            c.record = record;
+        }
+        let verdict = loop {
+            let (role, term, holds) = {
+                let h = &self.nodes[n].ha;
+                (h.role(), h.term(), h.holds())
+            };
+            let Some(c) = self.coord_mut(n) else {
+                return;
+            };
+            let v = c.w.decide(ts, role, term, holds, record);
+            if v == Verdict::StandDown {
+                self.report.stand_downs += 1;
+                self.trace(format!(
+                    "node {}: coordinator: elected, but term {} was served since its term {term}: standing down first",
+                    self.nodes[n].name,
+                    record.map_or(0, |r| r.term)
+                ));
+                self.demote(n);
+                continue;
+            }
+            break v;
+        };
+        match verdict {
+            Verdict::Yield => {
+                self.report.yields += 1;
+                let holds = self.nodes[n].ha.holds();
+                self.trace(format!(
+                    "node {}: coordinator: elected, holding {holds} against the record {}: yielding",
+                    self.nodes[n].name,
+                    record.map_or_else(String::new, |r| format!("{} of term {}", r.position, r.term))
+                ));
+                self.coord_resign(n, AfterResign::Yielded);
+                return;
+            }
+            Verdict::Promote { floor } => {
+                self.nodes[n].ha.observe_term(floor);
+                self.promote(n);
+                if self.nodes[n].ha.role() != Role::Active {
+                    self.trace(format!(
+                        "node {}: coordinator: elected, but promotion was refused",
+                        self.nodes[n].name
+                    ));
+                    self.coord_resign(n, AfterResign::Refused);
+                    return;
+                }
+                self.trace(format!(
+                    "node {}: coordinator: elected and promoted (floor {floor})",
+                    self.nodes[n].name
+                ));
+            }
+            Verdict::Resume | Verdict::StandDown => {
+                self.trace(format!(
+                    "node {}: coordinator: elected; serving on in term {}",
+                    self.nodes[n].name,
+                    self.nodes[n].ha.term()
+                ));
+            }
+        }
+        // The verdict is carried out: from now on the lease lets it serve.
+        if let Some(c) = self.coord_mut(n) {
+            c.w.settled();
+        }
+        self.coord_record_now(n, true);
+    }
+
+    /// `record_now`: at a term's start the position it starts from, then
+    /// what the backup acknowledged; written if it changed.
+    fn coord_record_now(&mut self, n: usize, term_start: bool) {
+        let (term, at) = {
+            let h = &self.nodes[n].ha;
+            let at = match h.acknowledged() {
+                Some(a) if !term_start => a,
+                _ => h.holds(),
+            };
+            (h.term(), at)
+        };
+        let Some(c) = self.coord(n) else {
+            return;
+        };
+        let previous = c.record;
+        let record = Witness::record(term, at, previous);
+        if previous == Some(record) {
+            self.coord_recorded(n, term_start);
+        } else {
+            self.coord_write_record(n, record, term_start, 0);
+        }
+    }
+
+    fn coord_write_record(&mut self, n: usize, record: Record, term_start: bool, attempt: u8) {
+        let call = self.next_call();
+        let Some(c) = self.coord_mut(n) else {
+            return;
+        };
+        let (Some(lease), Some(rev)) = (c.lease, c.rev) else {
+            return;
+        };
+        c.step = Step::Writing {
+            call,
+            attempt,
+            record,
+            term_start,
+        };
+        self.send_etcd(
+            n,
+            etcd::Req::Put {
+                call,
+                lease,
+                rev,
+                record,
+            },
+        );
+        self.coord_call_timeout(n, call);
+    }
+
+    /// The record stands; at a term's start the fence opens.
+    fn coord_recorded(&mut self, n: usize, term_start: bool) {
+        let Some(c) = self.coord_mut(n) else {
+            return;
+        };
+        if term_start {
+            c.fence =
+                c.w.serve_until()
+                    .map_or(0, |u| u.as_millis().saturating_sub(T0));
+            let (fence, record) = (c.fence, c.record);
+            // The address follows the node that serves (`ctl status`),
+            // once keepalived's check script notices.
+            let lag = self.wrng.gen_range(0..=1_000);
+            let gen = self.nodes[n].gen;
+            self.schedule(self.now + lag, Ev::VipFollow { node: n, gen });
+            let line = format!(
+                "node {}: coordinator: serving until {}.{:03}s, recorded {:?}",
+                self.nodes[n].name,
+                fence / 1000,
+                fence % 1000,
+                record
+            );
+            self.trace(line);
+        }
+        if let Some(c) = self.coord_mut(n) {
+            c.step = Step::Holding;
+        }
+        self.coord_arm_renew(n);
+    }
+
+    fn coord_resign(&mut self, n: usize, then: AfterResign) {
+        let call = self.next_call();
+        let Some(c) = self.coord_mut(n) else {
+            return;
+        };
+        let (Some(lease), Some(rev)) = (c.lease, c.rev) else {
+            self.coord_resigned(n, then);
+            return;
+        };
+        c.step = Step::Resigning { call, then };
+        self.send_etcd(n, etcd::Req::Resign { call, lease, rev });
+        self.coord_call_timeout(n, call);
+    }
+
+    fn coord_resigned(&mut self, n: usize, then: AfterResign) {
+        match then {
+            AfterResign::Yielded => {
+                if let Some(c) = self.coord_mut(n) {
+                    c.w.lost();
+                }
+                self.coord_end_session(n, "yielded");
+            }
+            AfterResign::Refused => self.coord_end_session(n, "promotion refused"),
+            AfterResign::Deposed => self.coord_end_session(n, "deposed"),
+        }
+    }
+
+    /// `hold` returned: the lease is revoked (best effort), then the
+    /// session is over.
+    fn coord_end_session(&mut self, n: usize, why: &str) {
+        let call = self.next_call();
+        self.trace(format!(
+            "node {}: coordinator: session ends: {why}",
+            self.nodes[n].name
+        ));
+        let Some(c) = self.coord_mut(n) else {
+            return;
+        };
+        // As `Session::start` does: the fence closes before the revoke,
+        // which hands the lease to the peer on arrival (seeds 4 and 213 of
+        // `etcd-slow` had both serving while the revoke waited).
+        c.w.lost();
+        c.fence =
+            c.w.serve_until()
+                .map_or(0, |u| u.as_millis().saturating_sub(T0));
+        c.renewing = None;
+        c.stash = None;
+        match c.lease {
+            Some(lease) => {
+                c.step = Step::Revoking { call };
+                self.send_etcd(n, etcd::Req::Revoke { call, lease });
+                self.coord_call_timeout(n, call);
+            }
+            None => self.coord_finish_session(n),
+        }
+    }
+
+    /// `run`, after a session: nothing is confirmed any more, the fence
+    /// closes, and it sleeps half a TTL before the next.
+    fn coord_finish_session(&mut self, n: usize) {
+        let Some(c) = self.coord_mut(n) else {
+            return;
+        };
+        c.w.lost();
+        c.fence =
+            c.w.serve_until()
+                .map_or(0, |u| u.as_millis().saturating_sub(T0));
+        c.lease = None;
+        c.rev = None;
+        c.renewing = None;
+        c.stash = None;
+        c.record = None;
+        c.renewals = 0;
+        self.coord_sleep(n, WITNESS_TTL_MS / 2);
+    }
+
+    fn coord_timer(&mut self, n: usize, gen: u64, t: CoordTimer) {
+        if self.nodes[n].gen != gen || !self.nodes[n].up {
+            return;
+        }
+        let Some(c) = self.coord_mut(n) else {
+            return;
+        };
+        match t {
+            CoordTimer::Wake(token) => match c.step {
+                Step::Idle { token: t } if t == token => self.coord_start_session(n),
+                Step::Pausing { token: t } if t == token => {
+                    if c.renewing.is_some() {
+                        c.stash = Some(Stash::PauseOver);
+                    } else {
+                        self.coord_campaign(n);
+                    }
+                }
+                _ => {}
+            },
+            CoordTimer::Timeout(call) => self.coord_call_failed(n, call),
+            CoordTimer::Renew(at) => {
+                if c.renew_at == at && c.renewing.is_none() && c.renews() {
+                    self.coord_start_renew(n);
+                }
+            }
+        }
+    }
+
+    /// `call` failed: timed out, or its connection broke.
+    fn coord_call_failed(&mut self, n: usize, call: u64) {
+        let Some(c) = self.coord_mut(n) else {
+            return;
+        };
+        if let Some((rc, _, attempt)) = c.renewing {
+            if rc == call {
+                // Not answered: the deadline already confirmed still
+                // holds; the next member is tried, up to as many as there
+                // are (at least two).
+                if attempt + 1 < ETCD_ENDPOINTS.max(2) {
+                    self.coord_keepalive(n, attempt + 1);
+                } else {
+                    self.coord_renewed(n, false);
+                }
+                return;
+            }
+        }
+        if c.step_call() != Some(call) {
+            return;
+        }
+        match c.step {
+            Step::Granting { .. } => {
+                self.trace(format!(
+                    "node {}: coordinator: lease grant failed",
+                    self.nodes[n].name
+                ));
+                // No session: nothing to revoke.
+                self.coord_finish_session(n);
+            }
+            Step::Campaigning { .. } => {
+                if c.renewing.is_some() {
+                    c.stash = Some(Stash::CampaignFailed);
+                } else {
+                    self.coord_pause(n);
+                }
+            }
+            Step::Reading { attempt, .. } => {
+                if attempt == 0 {
+                    self.coord_read_record(n, 1);
+                } else {
+                    self.coord_end_session(n, "reading the record failed");
+                }
+            }
+            Step::Writing {
+                attempt,
+                record,
+                term_start,
+                ..
+            } => {
+                if attempt == 0 {
+                    self.coord_write_record(n, record, term_start, 1);
+                } else {
+                    self.coord_end_session(n, "writing the record failed");
+                }
+            }
+            Step::Resigning { then, .. } => self.coord_resigned(n, then),
+            Step::Revoking { .. } => self.coord_finish_session(n),
+            Step::Idle { .. } | Step::Pausing { .. } | Step::Holding => {}
+        }
+    }
+
+    /// An answer from etcd reaches node `n`'s coordinator.
+    fn coord_answer(&mut self, n: usize, gen: u64, resp: etcd::Resp) {
+        if self.nodes[n].gen != gen || !self.nodes[n].up {
+            return;
+        }
+        if self.frozen(n) {
+            // Lost: the freeze breaks the connection (see `coord_thawed`).
+            return;
+        }
+        let ts_of = |ms: u64| Timestamp(T0 + ms);
+        let now = self.now;
+        let Some(c) = self.coord_mut(n) else {
+            return;
+        };
+        let call = resp.call();
+        if let Some((rc, sent, _)) = c.renewing {
+            if rc == call {
+                if let etcd::Resp::KeptAlive { ttl_ms, .. } = resp {
+                    c.w.confirmed(ts_of(sent), Duration::from_millis(ttl_ms));
+                    self.coord_renewed(n, ttl_ms == 0);
+                }
+                return;
+            }
+        }
+        if c.step_call() != Some(call) {
+            return;
+        }
+        match (c.step, resp) {
+            (Step::Granting { sent, .. }, etcd::Resp::Granted { lease, ttl_ms, .. }) => {
+                c.w.confirmed(ts_of(sent), Duration::from_millis(ttl_ms));
+                c.lease = Some(lease);
+                c.renew_at = now + WITNESS_TTL_MS / 4;
+                self.coord_campaign(n);
+            }
+            (Step::Campaigning { .. }, etcd::Resp::Campaign { won, .. }) => {
+                let stash = match won {
+                    Some(rev) => Stash::Won(rev),
+                    None => Stash::CampaignFailed,
+                };
+                if c.renewing.is_some() {
+                    c.stash = Some(stash);
+                } else if let Some(rev) = won {
+                    self.coord_won(n, rev);
+                } else {
+                    self.coord_pause(n);
+                }
+            }
+            (Step::Reading { .. }, etcd::Resp::Got { record, .. }) => self.coord_decide(n, record),
+            (
+                Step::Writing {
+                    record, term_start, ..
+                },
+                etcd::Resp::Put { ok, .. },
+            ) => {
+                if ok {
+                    c.record = Some(record);
+                    self.coord_recorded(n, term_start);
+                } else {
+                    self.coord_end_session(n, "no longer the leader at etcd");
+                }
+            }
+            (Step::Resigning { then, .. }, etcd::Resp::Done { .. }) => self.coord_resigned(n, then),
+            (Step::Revoking { .. }, etcd::Resp::Done { .. }) => self.coord_finish_session(n),
+            _ => {}
+        }
+    }
+
+    /// Node `n` thawed. The freeze broke its connection to etcd (the
+    /// client's keepalive pings went unanswered): what etcd sent meanwhile
+    /// was lost, and every call under way fails now.
+    fn coord_thawed(&mut self, n: usize) {
+        let Some(c) = self.coord(n) else {
+            return;
+        };
+        let renewing = c.renewing.map(|r| r.0);
+        let step = c.step_call();
+        if let Some(call) = renewing {
+            self.coord_call_failed(n, call);
+        }
+        if let Some(call) = step {
+            self.coord_call_failed(n, call);
+        }
     }
 }

@@ -163,6 +163,12 @@ impl<'a> Session<'a> {
             renew_at: shared.clock.now() + cfg.timing.ttl / 4,
         };
         let r = s.hold().await;
+        // The fence closes before the lease is given back: etcd hands the
+        // lease to the peer the moment the revoke arrives, and this node
+        // must not be answering then (the simulator found both serving
+        // while a slow revoke was still waiting for its answer).
+        s.witness.lost();
+        s.shared.pair.set_fence(s.witness.serve_until());
         // Whatever ended it, the lease goes at once rather than at its
         // expiry, so the peer need not wait (best effort: a lease that
         // cannot be revoked expires anyway).
