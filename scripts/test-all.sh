@@ -7,7 +7,8 @@
 # procps for network namespaces, keepalived for the active/backup failover
 # tests, strace to inject fsync failures, natpmpc for NAT-PMP interop,
 # etcd-server for the etcd
-# coordinator's tests and protobuf-compiler to build its client) and
+# coordinator's tests, protobuf-compiler and libprotobuf-dev (the
+# well-known .proto files it imports) to build its client) and
 # cargo-fuzz for the fuzz
 # smoke run. As a normal user it
 # installs nothing and the tests that need root skip with a loud message.
@@ -19,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
-packages=(tshark nftables miniupnpd-nftables iproute2 procps conntrack keepalived strace etcd-server protobuf-compiler natpmpc)
+packages=(tshark nftables miniupnpd-nftables iproute2 procps conntrack keepalived strace etcd-server protobuf-compiler libprotobuf-dev natpmpc)
 
 step() { printf '\n==> %s\n' "$*"; }
 
