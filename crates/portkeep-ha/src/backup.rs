@@ -17,7 +17,7 @@ struct State {
     mappings: BTreeMap<Vec<u8>, MappingRecord>,
     anchors: BTreeMap<SubscriberId, Timestamp>,
     server_anchor: Option<Timestamp>,
-    volatile: BTreeMap<SubscriberId, Vec<IpAddr>>,
+    volatile: BTreeMap<SubscriberId, (Vec<IpAddr>, Timestamp)>,
     owed: BTreeMap<SubscriberId, (Vec<IpAddr>, Timestamp)>,
     requesters: BTreeMap<IpAddr, RequesterState>,
 }
@@ -31,7 +31,11 @@ impl State {
             server_anchor: self.server_anchor,
             anchors: self.anchors.iter().map(|(s, a)| (*s, *a)).collect(),
             mappings: self.mappings.values().cloned().collect(),
-            volatile: self.volatile.iter().map(|(s, h)| (*s, h.clone())).collect(),
+            volatile: self
+                .volatile
+                .iter()
+                .map(|(s, (h, u))| (*s, h.clone(), *u))
+                .collect(),
             owed: self
                 .owed
                 .iter()
@@ -46,7 +50,11 @@ impl State {
             mappings: r.mappings.into_iter().map(|m| (key_of(&m), m)).collect(),
             anchors: r.anchors.into_iter().collect(),
             server_anchor: r.server_anchor,
-            volatile: r.volatile.into_iter().collect(),
+            volatile: r
+                .volatile
+                .into_iter()
+                .map(|(s, h, u)| (s, (h, u)))
+                .collect(),
             owed: r.owed.into_iter().map(|(s, h, u)| (s, (h, u))).collect(),
             requesters: r.requesters.into_iter().collect(),
         }
@@ -67,11 +75,15 @@ impl State {
                 self.server_anchor = Some(anchor);
                 self.anchors.clear();
             }
-            Item::Volatile { subscriber, hosts } => {
+            Item::Volatile {
+                subscriber,
+                hosts,
+                until,
+            } => {
                 if hosts.is_empty() {
                     self.volatile.remove(&subscriber);
                 } else {
-                    self.volatile.insert(subscriber, hosts);
+                    self.volatile.insert(subscriber, (hosts, until));
                 }
             }
             Item::AnnounceOwed {
@@ -118,8 +130,9 @@ pub struct Replica {
     /// The mappings the active replicates (check-pointed, or check-pointed
     /// once and not yet removed).
     pub mappings: Vec<MappingRecord>,
-    /// Subscribers' hosts that hold volatile state on the active.
-    pub volatile: Vec<(SubscriberId, Vec<IpAddr>)>,
+    /// Subscribers' hosts that hold volatile state on the active, and when
+    /// the last of it expires (the active's clock).
+    pub volatile: Vec<(SubscriberId, Vec<IpAddr>, Timestamp)>,
     /// Subscribers' hosts owed an ANNOUNCE after a loss, until when.
     pub owed: Vec<(SubscriberId, Vec<IpAddr>, Timestamp)>,
     /// THIRD_PARTY requesters (`portkeep_server::RequesterState`).
@@ -689,7 +702,7 @@ impl Backup {
                     .or_default()
                     .push(m.key.internal_ip);
             }
-            for (sub, v) in &st.volatile {
+            for (sub, (v, _)) in &st.volatile {
                 hosts.entry(*sub).or_default().extend(v.iter().copied());
             }
             for (sub, v, _) in &owed {
@@ -745,17 +758,25 @@ impl Backup {
         }
         let mut anchors: BTreeMap<SubscriberId, Timestamp> =
             st.anchors.iter().map(|(s, a)| (*s, local(*a))).collect();
+        // Volatile state that expired before now was not lost here, even
+        // if its expiry never reached this node (the active died first):
+        // its epoch stays (failure-scenarios draft 2.6.1: reset exactly
+        // when state was lost). The active made every later end known
+        // before answering the renewal that set it.
+        let alive = |until: Timestamp| local(until) > now;
         let mut reset = Vec::new();
-        for (sub, hosts) in &st.volatile {
-            anchors.insert(*sub, now);
-            reset.push((*sub, hosts.clone()));
+        for (sub, (hosts, until)) in &st.volatile {
+            if alive(*until) {
+                anchors.insert(*sub, now);
+                reset.push((*sub, hosts.clone()));
+            }
         }
         // A THIRD_PARTY client that held volatile mappings lost them with
         // the active: its own epoch restarts and it is told, at the port
         // its requests came from (failure-scenarios draft 2.6.1).
         let mut requesters = Vec::with_capacity(st.requesters.len());
         for (ip, r) in &st.requesters {
-            let anchor = if r.volatile {
+            let anchor = if r.volatile_until.is_some_and(alive) {
                 reset.push((self.keying.subscriber_of(*ip), vec![*ip]));
                 Some(now)
             } else {

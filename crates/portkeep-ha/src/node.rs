@@ -271,8 +271,8 @@ pub struct SnapshotSource {
     pub subscriber_anchors: Vec<(SubscriberId, Timestamp)>,
     /// Check-pointed mappings.
     pub mappings: Vec<MappingRecord>,
-    /// Subscribers' hosts with volatile mappings.
-    pub volatile: Vec<(SubscriberId, Vec<IpAddr>)>,
+    /// Subscribers' hosts with volatile mappings, and when those end.
+    pub volatile: Vec<(SubscriberId, Vec<IpAddr>, Timestamp)>,
     /// Subscribers' hosts owed an ANNOUNCE, until when
     /// (`portkeep_server::Server::owed_announces`).
     pub owed: Vec<(SubscriberId, Vec<IpAddr>, Timestamp)>,
@@ -307,8 +307,12 @@ impl SnapshotSource {
             .map(|m| hasher.hash_one(key_of(m)))
             .collect();
         items.extend(self.mappings.into_iter().map(Item::Upsert));
-        for (subscriber, hosts) in self.volatile {
-            items.push(Item::Volatile { subscriber, hosts });
+        for (subscriber, hosts, until) in self.volatile {
+            items.push(Item::Volatile {
+                subscriber,
+                hosts,
+                until,
+            });
         }
         for (subscriber, hosts, until) in self.owed {
             items.push(Item::AnnounceOwed {
@@ -598,7 +602,7 @@ impl<R> Node<R> {
     pub fn prepare(
         &self,
         changes: &[ChangeRecord],
-        volatile: Vec<(SubscriberId, Vec<IpAddr>)>,
+        volatile: Vec<(SubscriberId, Vec<IpAddr>, Timestamp)>,
     ) -> JobMeta {
         let mut m = JobMeta {
             last_seq: changes.last().map(|c| c.seq),
@@ -624,8 +628,13 @@ impl<R> Node<R> {
             };
             m.items.push((item, hash));
         }
-        for (subscriber, hosts) in volatile {
-            m.items.push((Item::Volatile { subscriber, hosts }, None));
+        for (subscriber, hosts, until) in volatile {
+            let item = Item::Volatile {
+                subscriber,
+                hosts,
+                until,
+            };
+            m.items.push((item, None));
         }
         m
     }

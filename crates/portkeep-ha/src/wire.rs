@@ -6,7 +6,7 @@
 
 use portkeep_server::record::{
     decode_mapping, decode_requester, decode_subscriber, encode_mapping, encode_requester,
-    encode_subscriber, key_of, Reader,
+    encode_requester_v1, encode_subscriber, key_of, Reader,
 };
 use portkeep_server::{
     Change, ChangeRecord, MappingRecord, RequesterState, SubscriberId, SubscriberKeying, Timestamp,
@@ -38,10 +38,12 @@ impl std::fmt::Display for Position {
 /// The link protocol version this release speaks: 2 added the fields of a
 /// Hello after `now` and [`Message::Handover`]; 3 added
 /// [`Item::Requester`] and mapping records that name their THIRD_PARTY
-/// manager ([`MappingRecord::manager`]). Each side speaks the lower of its
-/// own and its peer's version ([`Message::encode_for`]), so a pair can be
-/// upgraded one node at a time from version 2 on.
-pub const LINK_VERSION: u16 = 3;
+/// manager ([`MappingRecord::manager`]); 4 added when volatile state ends
+/// ([`Item::Volatile`]'s `until`, [`RequesterState::volatile_until`]).
+/// Each side speaks the lower of its own and its peer's version
+/// ([`Message::encode_for`]), so a pair can be upgraded one node at a time
+/// from version 2 on.
+pub const LINK_VERSION: u16 = 4;
 
 /// One unit of replicated state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,14 +66,20 @@ pub enum Item {
         anchor: Timestamp,
     },
     /// Which of a subscriber's hosts hold volatile (not check-pointed)
-    /// mappings; empty when none do. If any do when the backup takes over,
-    /// that subscriber lost state: its epoch resets and those hosts are
-    /// sent an ANNOUNCE (failure-scenarios draft section 2.6).
+    /// mappings, empty when none do, and when the last of those mappings
+    /// expires. If any still live when the backup takes over, that
+    /// subscriber lost state: its epoch resets and those hosts are sent an
+    /// ANNOUNCE (failure-scenarios draft section 2.6); if all ended before,
+    /// it lost nothing, even if their expiry never reached the backup.
     Volatile {
         /// Whose.
         subscriber: SubscriberId,
         /// Its hosts with volatile mappings.
         hosts: Vec<std::net::IpAddr>,
+        /// When the last of them expires, in the active's clock
+        /// (`Timestamp(u64::MAX)` from a peer of link version 3 or
+        /// earlier, which does not say: as if they never did).
+        until: Timestamp,
     },
     /// Which of a subscriber's hosts are owed an ANNOUNCE after a loss,
     /// until when (`portkeep_server::Change::AnnounceOwed`): a node that
@@ -162,9 +170,19 @@ impl Item {
                 out.push(4);
                 out.extend_from_slice(&anchor.as_millis().to_be_bytes());
             }
-            Item::Volatile { subscriber, hosts } => {
-                out.push(5);
-                out.extend_from_slice(&encode_subscriber(subscriber));
+            Item::Volatile {
+                subscriber,
+                hosts,
+                until,
+            } => {
+                if version >= 4 {
+                    out.push(8);
+                    out.extend_from_slice(&encode_subscriber(subscriber));
+                    out.extend_from_slice(&until.as_millis().to_be_bytes());
+                } else {
+                    out.push(5);
+                    out.extend_from_slice(&encode_subscriber(subscriber));
+                }
                 encode_hosts(hosts, out);
             }
             Item::AnnounceOwed {
@@ -183,7 +201,11 @@ impl Item {
                 match state {
                     None => out.push(0),
                     Some(st) => {
-                        let v = encode_requester(st);
+                        let v = if version >= 4 {
+                            encode_requester(st)
+                        } else {
+                            encode_requester_v1(st).to_vec()
+                        };
                         out.push(v.len() as u8);
                         out.extend_from_slice(&v);
                     }
@@ -213,6 +235,12 @@ impl Item {
             },
             5 => Item::Volatile {
                 subscriber: sub(r)?,
+                hosts: decode_hosts(r)?,
+                until: Timestamp(u64::MAX),
+            },
+            8 => Item::Volatile {
+                subscriber: sub(r)?,
+                until: Timestamp(r.u64()?),
                 hosts: decode_hosts(r)?,
             },
             6 => Item::AnnounceOwed {

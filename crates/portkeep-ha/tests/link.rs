@@ -105,9 +105,13 @@ fn snapshot_items() -> Vec<Item> {
         Item::Volatile {
             subscriber: SubscriberKeying::default().subscriber_of("198.51.100.2".parse().unwrap()),
             hosts: vec!["198.51.100.2".parse().unwrap()],
+            until: FAR,
         },
     ]
 }
+
+/// An end of volatile state beyond every takeover in these tests.
+const FAR: Timestamp = Timestamp(u64::MAX / 2);
 
 #[test]
 fn rfc7767_s3_2_resync_then_in_sync() {
@@ -602,7 +606,7 @@ fn frames_round_trip_and_reassemble_across_reads() {
                     state: Some(RequesterState {
                         port: 41_000,
                         anchor: Some(at(9)),
-                        volatile: true,
+                        volatile_until: Some(at(99)),
                     }),
                 },
                 Item::Requester {
@@ -995,7 +999,7 @@ fn requester(ip: &str, port: u16, anchor: Option<Timestamp>, volatile: bool) -> 
         state: Some(RequesterState {
             port,
             anchor,
-            volatile,
+            volatile_until: volatile.then_some(FAR),
         }),
     }
 }
@@ -1201,4 +1205,139 @@ fn frames_are_read_in_place_whatever_the_reads() {
     let mut r = FrameReader::default();
     r.push(&(portkeep_ha::wire::MAX_FRAME as u32 + 1).to_be_bytes());
     assert!(r.next(&k).is_err());
+}
+
+/// Failure-scenarios draft section 2.6.1: volatile state whose end passed
+/// before the takeover was not lost there, even though its expiry never
+/// reached the backup; the epochs of its holders stay. State still alive
+/// at the takeover is lost, as before.
+#[test]
+fn draft_s2_6_1_a_hot_takeover_after_volatile_state_ended_resets_nothing() {
+    let k = SubscriberKeying::default();
+    let host: IpAddr = "198.51.100.2".parse().unwrap();
+    let manager: IpAddr = "10.1.0.1".parse().unwrap();
+    let end = at(800);
+    let items = vec![
+        Item::ServerEpoch { anchor: T0 },
+        Item::Upsert(mapping("198.51.100.1", 80, true)),
+        Item::Volatile {
+            subscriber: k.subscriber_of(host),
+            hosts: vec![host],
+            until: end,
+        },
+        Item::Requester {
+            ip: manager,
+            state: Some(RequesterState {
+                port: 41_000,
+                anchor: None,
+                volatile_until: Some(end),
+            }),
+        },
+    ];
+    // The backup's clock runs 40 s behind the active's: the end is
+    // translated like every other time.
+    let skew = 40_000;
+    for (now, lost) in [(at(600), true), (end, false), (at(1_200), false)] {
+        let mut a = Active::new(3, ActiveConfig::default(), k.clone());
+        let mut b = Backup::new(3, k.clone());
+        a.connected(at(0), seq_pos(0), false);
+        b.connected(Timestamp(at(0).0 - skew));
+        pump_skewed(&mut a, &mut b, at(0), skew);
+        a.send_snapshot(at(1), 10, items.clone());
+        pump_skewed(&mut a, &mut b, at(1), skew);
+        let now = Timestamp(now.0 - skew);
+        let t = b.promote(now);
+        assert_eq!(t.kind, TakeoverKind::Hot);
+        let reset: Vec<IpAddr> = t.reset.iter().flat_map(|(_, h)| h.clone()).collect();
+        let requester = t.state.requesters.iter().find(|(i, _)| *i == manager);
+        if lost {
+            assert_eq!(reset.len(), 2, "at {now:?}: {reset:?}");
+            assert!(reset.contains(&host) && reset.contains(&manager));
+            assert_eq!(requester.unwrap().1.anchor, Some(now));
+        } else {
+            assert!(
+                reset.is_empty(),
+                "at {now:?}: nothing alive was lost: {reset:?}"
+            );
+            assert_eq!(requester.unwrap().1.anchor, None, "its epoch stays");
+            assert!(
+                !t.state
+                    .subscriber_anchors
+                    .iter()
+                    .any(|(s, _)| *s == k.subscriber_of(host)),
+                "the host's subscriber keeps the server's epoch"
+            );
+        }
+    }
+}
+
+/// A backup of link version 3 does not know when volatile state ends: it
+/// gets the version-3 forms (item 5, an 11-octet requester), which this
+/// release reads as state that never ends, the safe side.
+#[test]
+fn link_version_3_backups_get_volatile_state_without_its_end() {
+    let k = SubscriberKeying::default();
+    let mut a = Active::new(3, ActiveConfig::default(), k.clone());
+    a.connected(at(0), seq_pos(10), false);
+    let _ = a.poll_transmit();
+    let mut hello = Vec::new();
+    Message::Hello {
+        term: 3,
+        active: false,
+        applied: 0,
+        now: at(0),
+        version: 3,
+        holds: portkeep_ha::Position::default(),
+    }
+    .encode(&mut hello);
+    a.handle_input(at(0), &hello).unwrap();
+    assert_eq!(a.peer_version(), 3);
+    let host: IpAddr = "198.51.100.2".parse().unwrap();
+    let volatile = Item::Volatile {
+        subscriber: k.subscriber_of(host),
+        hosts: vec![host],
+        until: at(5_000),
+    };
+    a.send_snapshot(
+        at(1),
+        10,
+        vec![
+            Item::ServerEpoch { anchor: T0 },
+            volatile,
+            Item::Requester {
+                ip: "10.1.0.1".parse().unwrap(),
+                state: Some(RequesterState {
+                    port: 41_000,
+                    anchor: None,
+                    volatile_until: Some(at(5_000)),
+                }),
+            },
+        ],
+    );
+    let mut bytes = a.poll_transmit().unwrap();
+    let mut items = Vec::new();
+    while let Some(m) = Message::decode(&mut bytes, &k).unwrap() {
+        if let Message::SnapshotPart { items: it, .. } = m {
+            items.extend(it);
+        }
+    }
+    let never = Timestamp(u64::MAX);
+    assert_eq!(
+        items[1..],
+        [
+            Item::Volatile {
+                subscriber: k.subscriber_of(host),
+                hosts: vec![host],
+                until: never,
+            },
+            Item::Requester {
+                ip: "10.1.0.1".parse().unwrap(),
+                state: Some(RequesterState {
+                    port: 41_000,
+                    anchor: None,
+                    volatile_until: Some(never),
+                }),
+            },
+        ]
+    );
 }

@@ -249,7 +249,10 @@ fn draft_s2_6_unconfirmed_volatile_reply_waits_while_the_backup_may_take_over_ho
     let host = "198.51.100.9";
     let ip: IpAddr = host.parse().unwrap();
     let sub = SubscriberKeying::default().subscriber_of(ip);
-    let meta = a.prepare(&upsert(1, mapping(host, 80, false)), vec![(sub, vec![ip])]);
+    let meta = a.prepare(
+        &upsert(1, mapping(host, 80, false)),
+        vec![(sub, vec![ip], Timestamp(u64::MAX))],
+    );
     a.handle_commit(at(200), vec![(10, meta)]);
     assert!(
         effects(&mut a).is_empty(),
@@ -284,7 +287,10 @@ fn draft_s2_6_a_reply_with_nothing_of_its_own_waits_for_what_was_sent_before_it(
     let ip: IpAddr = host.parse().unwrap();
     let sub = SubscriberKeying::default().subscriber_of(ip);
     // A host's first volatile mapping: its marker travels to the backup.
-    let meta = a.prepare(&upsert(1, mapping(host, 80, false)), vec![(sub, vec![ip])]);
+    let meta = a.prepare(
+        &upsert(1, mapping(host, 80, false)),
+        vec![(sub, vec![ip], Timestamp(u64::MAX))],
+    );
     a.handle_commit(at(1), vec![(10, meta)]);
     // The request retransmitted and answered again: nothing new for the
     // backup, but the answer reports the same state, which the backup may
@@ -669,7 +675,10 @@ fn rfc6887_s8_5_a_held_reply_ages_from_when_it_was_made_not_from_its_commit() {
     // again; counted from its commit (0.8 s) it would leave a whole
     // second behind what the server says when it is sent.
     let meta = a
-        .prepare(&upsert(1, mapping(host, 80, false)), vec![(sub, vec![ip])])
+        .prepare(
+            &upsert(1, mapping(host, 80, false)),
+            vec![(sub, vec![ip], Timestamp(u64::MAX))],
+        )
         .made_at(at(900));
     a.handle_commit(at(1_200), vec![(10, meta)]);
     assert!(effects(&mut a).is_empty());
@@ -702,7 +711,10 @@ fn rfc6887_s8_5_a_reply_held_a_quarter_second_leaves_made_again() {
     let end = a.active().unwrap().lease_until().unwrap();
     let made = Timestamp(end.0 - 250);
     let meta = a
-        .prepare(&upsert(1, mapping(host, 80, false)), vec![(sub, vec![ip])])
+        .prepare(
+            &upsert(1, mapping(host, 80, false)),
+            vec![(sub, vec![ip], Timestamp(u64::MAX))],
+        )
         .made_at(made);
     a.handle_commit(made, vec![(10, meta)]);
     assert!(effects(&mut a).is_empty());

@@ -166,9 +166,12 @@ pub struct RequesterState {
     pub port: u16,
     /// When its epoch restarted, if later than its subscriber's epoch.
     pub anchor: Option<Timestamp>,
-    /// It holds mappings the backup does not follow: a takeover loses
-    /// them, so its epoch resets then (failure-scenarios draft 2.6).
-    pub volatile: bool,
+    /// It holds mappings the backup does not follow, the last of which
+    /// expires then: a takeover before that loses them, so its epoch
+    /// resets then (failure-scenarios draft 2.6); a takeover after it
+    /// lost nothing of its own. `Timestamp(u64::MAX)` when the end is
+    /// unknown (state written before it was recorded).
+    pub volatile_until: Option<Timestamp>,
 }
 
 /// A change with its position in the log.

@@ -192,28 +192,94 @@ pub fn decode_subscriber(b: &[u8]) -> Option<SubscriberId> {
 }
 
 /// A THIRD_PARTY requester's state as stored and replicated: port (2
-/// octets), flags (bit 0 volatile, bit 1 anchored), anchor (8 octets,
-/// milliseconds; 0 when not anchored).
-pub fn encode_requester(s: &crate::RequesterState) -> [u8; 11] {
+/// octets), flags (bit 0 volatile, bit 1 anchored, bit 2 the volatile
+/// state's end follows), anchor (8 octets, milliseconds; 0 when not
+/// anchored), and, when it holds volatile state, when that ends (8
+/// octets, milliseconds).
+pub fn encode_requester(s: &crate::RequesterState) -> Vec<u8> {
+    let mut v = encode_requester_v1(s).to_vec();
+    if let Some(t) = s.volatile_until {
+        v[2] |= 4;
+        v.extend_from_slice(&t.as_millis().to_be_bytes());
+    }
+    v
+}
+
+/// [`encode_requester`] as readers older than the volatile state's end
+/// read it: 11 octets, no end (they take volatile state as lasting).
+pub fn encode_requester_v1(s: &crate::RequesterState) -> [u8; 11] {
     let mut v = [0u8; 11];
     v[..2].copy_from_slice(&s.port.to_be_bytes());
-    v[2] = u8::from(s.volatile) | (u8::from(s.anchor.is_some()) << 1);
+    v[2] = u8::from(s.volatile_until.is_some()) | (u8::from(s.anchor.is_some()) << 1);
     v[3..].copy_from_slice(&s.anchor.map_or(0, |a| a.as_millis()).to_be_bytes());
     v
 }
 
-/// Reads what [`encode_requester`] wrote; `None` if malformed.
+/// Reads what [`encode_requester`] or [`encode_requester_v1`] wrote;
+/// `None` if malformed. Volatile state of unknown end is taken to last
+/// ([`crate::RequesterState::volatile_until`]): a takeover then resets the
+/// requester's epoch, as it did before ends were recorded.
 pub fn decode_requester(b: &[u8]) -> Option<crate::RequesterState> {
     let mut r = Reader(b);
     let port = r.u16()?;
     let flags = r.u8()?;
     let anchor = r.u64()?;
-    if !r.0.is_empty() || flags > 3 {
+    let volatile = flags & 1 != 0;
+    let volatile_until = match (volatile, flags & 4 != 0) {
+        (true, true) => Some(Timestamp(r.u64()?)),
+        (true, false) => Some(Timestamp(u64::MAX)),
+        (false, false) => None,
+        (false, true) => return None,
+    };
+    if !r.0.is_empty() || flags > 7 {
         return None;
     }
     Some(crate::RequesterState {
         port,
         anchor: (flags & 2 != 0).then_some(Timestamp(anchor)),
-        volatile: flags & 1 != 0,
+        volatile_until,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::RequesterState;
+
+    #[test]
+    fn requester_records_round_trip_and_old_ones_read_as_lasting() {
+        let states = [
+            RequesterState {
+                port: 41_000,
+                anchor: Some(Timestamp(9)),
+                volatile_until: Some(Timestamp(70_000)),
+            },
+            RequesterState {
+                port: 1,
+                anchor: None,
+                volatile_until: None,
+            },
+        ];
+        for st in states {
+            let v = encode_requester(&st);
+            assert_eq!(decode_requester(&v), Some(st));
+            for cut in 1..v.len() {
+                assert_eq!(decode_requester(&v[..cut]), None, "cut at {cut}");
+            }
+        }
+        // Written before the end was recorded: volatile, of unknown end.
+        let old = encode_requester_v1(&states[0]);
+        assert_eq!(
+            decode_requester(&old).map(|s| s.volatile_until),
+            Some(Some(Timestamp(u64::MAX)))
+        );
+        assert_eq!(
+            decode_requester(&encode_requester_v1(&states[1])),
+            Some(states[1])
+        );
+        // An end without the volatile flag is malformed.
+        let mut bad = encode_requester(&states[0]);
+        bad[2] &= !1;
+        assert_eq!(decode_requester(&bad), None);
+    }
 }

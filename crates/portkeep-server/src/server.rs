@@ -50,14 +50,14 @@ struct Subscriber {
 
 /// A THIRD_PARTY client as the server tracks it ([`RequesterState`], with
 /// counts that are rebuilt from the mappings on restore).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Requester {
     port: u16,
     anchor: Option<Timestamp>,
     /// Mappings it manages.
     mappings: u32,
-    /// Of those, the ones the backup does not follow.
-    volatile: u32,
+    /// The expiries of those the backup does not follow.
+    volatile: Expiries,
 }
 
 impl Requester {
@@ -66,7 +66,7 @@ impl Requester {
             port,
             anchor: None,
             mappings: 0,
-            volatile: 0,
+            volatile: Expiries::default(),
         }
     }
 
@@ -74,9 +74,50 @@ impl Requester {
         RequesterState {
             port: self.port,
             anchor: self.anchor,
-            volatile: self.volatile > 0,
+            volatile_until: self.volatile.latest(),
         }
     }
+}
+
+/// The expiries of a set of volatile mappings (a multiset), and the
+/// latest of them: when the last of that state would end by itself.
+///
+/// A backup must know not only who holds volatile state but until when:
+/// state that ended before a takeover was not lost there, and resetting
+/// an epoch for it tells a client an untruth (failure-scenarios draft
+/// section 2.6.1: the epoch resets exactly when state was lost).
+#[derive(Debug, Clone, Default)]
+struct Expiries {
+    all: Vec<Timestamp>,
+    latest: Timestamp,
+}
+
+impl Expiries {
+    fn add(&mut self, t: Timestamp) {
+        self.all.push(t);
+        self.latest = self.latest.max(t);
+    }
+
+    fn remove(&mut self, t: Timestamp) {
+        if let Some(i) = self.all.iter().position(|x| *x == t) {
+            self.all.swap_remove(i);
+            if t == self.latest {
+                self.latest = self.all.iter().copied().max().unwrap_or_default();
+            }
+        }
+    }
+
+    fn latest(&self) -> Option<Timestamp> {
+        (!self.all.is_empty()).then_some(self.latest)
+    }
+}
+
+/// A subscriber's hosts that hold volatile mappings, with how many each
+/// holds, and those mappings' expiries.
+#[derive(Debug, Clone, Default)]
+struct VolatileSet {
+    hosts: Vec<(IpAddr, u32)>,
+    expiries: Expiries,
 }
 
 /// An unsolicited ANNOUNCE due now ([`Server::poll_announcements`]).
@@ -265,12 +306,13 @@ pub struct Server {
     /// Size of `idle_buckets` at which full buckets are swept out.
     idle_sweep_at: usize,
     /// Per subscriber, its hosts holding volatile (not check-pointed)
-    /// mappings, with how many each holds. RFC 7767 saves replicating
-    /// volatile mappings, but the backup must still know who holds them:
-    /// on takeover exactly those subscribers lost state (failure-scenarios
-    /// draft section 2.6).
-    volatile: HashMap<SubscriberId, Vec<(IpAddr, u32)>>,
-    /// Subscribers whose set of volatile hosts changed since
+    /// mappings, with how many each holds, and until when the last of them
+    /// lives. RFC 7767 saves replicating volatile mappings, but the backup
+    /// must still know who holds them: on takeover exactly those
+    /// subscribers lost state whose volatile mappings were still alive
+    /// (failure-scenarios draft section 2.6).
+    volatile: HashMap<SubscriberId, VolatileSet>,
+    /// Subscribers whose set of volatile hosts or its end changed since
     /// [`Server::drain_volatile`] was last called.
     volatile_dirty: Vec<SubscriberId>,
     /// Hosts owed an ANNOUNCE after a loss, per subscriber, and until when
@@ -456,7 +498,7 @@ impl Server {
                 state.checkpointed += 1;
                 s.checkpointed += 1;
             }
-            let followed = Some(m.checkpoint || m.followed || replica);
+            let followed = Some((m.checkpoint || m.followed || replica, m.expires));
             s.note_volatile(sub, m.key.internal_ip, None, followed);
             if let Some(ip) = m.manager {
                 let port = s.requesters.get(&ip).map_or(CLIENT_PORT, |r| r.port);
@@ -718,20 +760,26 @@ impl Server {
 
     /// Every subscriber holding volatile mappings (neither check-pointed
     /// nor [replicated](Server::replicated_mappings)), with the hosts that
-    /// hold them: what a backup needs to know to reset
-    /// exactly the right epochs on takeover (failure-scenarios draft
-    /// section 2.6; RFC 7767 section 3.2 keeps the mappings themselves off
-    /// the link).
-    pub fn volatile_hosts(&self) -> Vec<(SubscriberId, Vec<IpAddr>)> {
+    /// hold them and when the last of those mappings expires: what a
+    /// backup needs to know to reset exactly the right epochs on takeover
+    /// (failure-scenarios draft section 2.6; RFC 7767 section 3.2 keeps
+    /// the mappings themselves off the link). A takeover after that time
+    /// lost nothing of theirs, even if their expiry never reached it.
+    pub fn volatile_hosts(&self) -> Vec<(SubscriberId, Vec<IpAddr>, Timestamp)> {
         self.volatile
             .iter()
-            .map(|(s, hosts)| (*s, sorted_hosts(hosts)))
+            .map(|(s, v)| (*s, sorted_hosts(&v.hosts), v.expiries.latest))
             .collect()
     }
 
-    /// The subscribers whose set of volatile hosts changed since the last
-    /// call, each with its current set (empty: none any more).
-    pub fn drain_volatile(&mut self) -> Vec<(SubscriberId, Vec<IpAddr>)> {
+    /// The subscribers whose set of volatile hosts, or the time their
+    /// volatile state ends, changed since the last call, each as
+    /// [`Server::volatile_hosts`] gives it (no hosts: none any more).
+    ///
+    /// A renewal that makes volatile state live longer changes it: the
+    /// backup must hear that before the renewal is answered, or a takeover
+    /// after the old end would lose a mapping without resetting its epoch.
+    pub fn drain_volatile(&mut self) -> Vec<(SubscriberId, Vec<IpAddr>, Timestamp)> {
         if self.volatile_dirty.is_empty() {
             return Vec::new();
         }
@@ -740,9 +788,9 @@ impl Server {
         dirty.dedup();
         dirty
             .into_iter()
-            .map(|s| {
-                let hosts = self.volatile.get(&s).map(|h| sorted_hosts(h));
-                (s, hosts.unwrap_or_default())
+            .map(|s| match self.volatile.get(&s) {
+                Some(v) => (s, sorted_hosts(&v.hosts), v.expiries.latest),
+                None => (s, Vec::new(), Timestamp::default()),
             })
             .collect()
     }
@@ -875,16 +923,17 @@ impl Server {
     }
 
     /// Counts a mapping of requester `ip` (asking from `port`) going from
-    /// `before` to `after` (`None`: absent; `Some(followed)`: present, and
-    /// whether the backup follows it), logging the requester's state when
+    /// `before` to `after` (`None`: absent; `Some((followed, expires))`:
+    /// present, whether the backup follows it, and when it expires),
+    /// logging the requester's state when
     /// what it stores changed. `touch`: a request from it just came, so
     /// its port is current.
     fn note_manager(
         &mut self,
         ip: IpAddr,
         port: u16,
-        before: Option<bool>,
-        after: Option<bool>,
+        before: Option<(bool, Timestamp)>,
+        after: Option<(bool, Timestamp)>,
         touch: bool,
     ) {
         let r = self
@@ -901,11 +950,11 @@ impl Server {
             (Some(_), None) => r.mappings = r.mappings.saturating_sub(1),
             _ => {}
         }
-        if before == Some(false) {
-            r.volatile = r.volatile.saturating_sub(1);
+        if let Some((false, t)) = before {
+            r.volatile.remove(t);
         }
-        if after == Some(false) {
-            r.volatile += 1;
+        if let Some((false, t)) = after {
+            r.volatile.add(t);
         }
         if r.mappings == 0 && r.anchor.is_none() {
             self.requesters.remove(&ip);
@@ -1785,9 +1834,11 @@ impl Server {
                     return Err(Some(Fail::parsed(ResultCode::EXCESSIVE_REMOTE_PEERS)));
                 }
                 let was = self.table.get(id).is_some_and(|e| e.replicated);
+                let old = self.table.get(id).map_or(expires, |e| e.expires);
                 checkpoint = self.renew_checkpoint(now, sub, id, o.checkpoint);
-                self.note_volatile(sub, internal_ip, Some(was), Some(was || checkpoint));
-                let manager = self.renew_manager(id, (src, port), o.third_party, was, checkpoint);
+                let after = (was || checkpoint, expires);
+                self.note_volatile(sub, internal_ip, Some((was, old)), Some(after));
+                let manager = self.renew_manager(id, (src, port), o.third_party, (was, old), after);
                 let description = o.description.clone();
                 let nonce = m.nonce;
                 self.table.update(id, |e| {
@@ -1832,9 +1883,9 @@ impl Server {
                 });
                 self.subscriber_mut(sub).mappings += 1;
                 self.stats.created += 1;
-                self.note_volatile(sub, internal_ip, None, Some(checkpoint));
+                self.note_volatile(sub, internal_ip, None, Some((checkpoint, expires)));
                 if o.third_party.is_some() {
-                    self.note_manager(src, port, None, Some(checkpoint), true);
+                    self.note_manager(src, port, None, Some((checkpoint, expires)), true);
                 }
                 id
             }
@@ -1890,9 +1941,12 @@ impl Server {
                     return Err(Some(Fail::parsed(ResultCode::NOT_AUTHORIZED)));
                 }
                 let was = self.table.get(id).is_some_and(|e| e.replicated);
+                let old = self.table.get(id).map_or(expires, |e| e.expires);
                 checkpoint = self.renew_checkpoint(now, sub, id, o.checkpoint);
-                self.note_volatile(sub, internal_ip, Some(was), Some(was || checkpoint));
-                let manager = self.renew_manager(id, (src, port), o.third_party, was, checkpoint);
+                // Section 12.3: the expiry only ever moves later.
+                let after = (was || checkpoint, expires.max(old));
+                self.note_volatile(sub, internal_ip, Some((was, old)), Some(after));
+                let manager = self.renew_manager(id, (src, port), o.third_party, (was, old), after);
                 let description = o.description.clone();
                 self.table.update(id, |e| {
                     e.replicated |= checkpoint;
@@ -1937,9 +1991,9 @@ impl Server {
                 });
                 self.subscriber_mut(sub).mappings += 1;
                 self.stats.created += 1;
-                self.note_volatile(sub, internal_ip, None, Some(checkpoint));
+                self.note_volatile(sub, internal_ip, None, Some((checkpoint, expires)));
                 if o.third_party.is_some() {
-                    self.note_manager(src, port, None, Some(checkpoint), true);
+                    self.note_manager(src, port, None, Some((checkpoint, expires)), true);
                 }
                 id
             }
@@ -1966,20 +2020,18 @@ impl Server {
     /// `third_party`, if any), with the requesters' counts moved: the
     /// THIRD_PARTY client that renews a mapping manages it from then on
     /// (RFC 6887 section 13.1 lets any authorised one, with the nonce); a
-    /// renewal by the host itself leaves it unmanaged. `was`: the backup
-    /// followed it before; it follows it after if it did or if
-    /// `checkpoint`.
+    /// renewal by the host itself leaves it unmanaged. `was` and `after`:
+    /// whether the backup follows it, and its expiry, before and after.
     fn renew_manager(
         &mut self,
         id: Id,
         (src, port): (IpAddr, u16),
         third_party: Option<IpAddr>,
-        was: bool,
-        checkpoint: bool,
+        was: (bool, Timestamp),
+        after: (bool, Timestamp),
     ) -> Option<IpAddr> {
         let old = self.table.get(id).and_then(Entry::manager);
         let new = third_party.map(|_| src);
-        let after = was || checkpoint;
         match (old, new) {
             (Some(o), Some(n)) if o == n => {
                 self.note_manager(n, port, Some(was), Some(after), true);
@@ -2077,13 +2129,13 @@ impl Server {
         let Some(record) = self.record(id) else {
             return;
         };
-        let replicated = self.table.get(id).is_some_and(|e| e.replicated);
+        let was = self.table.get(id).map(|e| (e.replicated, e.expires));
         self.table.remove(id);
         let sub = record.subscriber;
-        self.note_volatile(sub, record.key.internal_ip, Some(replicated), None);
+        self.note_volatile(sub, record.key.internal_ip, was, None);
         if let Some(ip) = record.manager {
             let port = self.requesters.get(&ip).map_or(CLIENT_PORT, |r| r.port);
-            self.note_manager(ip, port, Some(replicated), None, false);
+            self.note_manager(ip, port, was, None, false);
         }
         // RFC 7767 section 3.2: a deleted or expired mapping gives its
         // check-point back to the server's capacity and the subscriber's quota.
@@ -2220,43 +2272,53 @@ impl Server {
     }
 
     /// Keeps [`Server::volatile_hosts`] current as mapping `host` of `sub`
-    /// goes from `before` to `after` (`None`: absent; `Some(replicated)`:
-    /// present, [replicated](Server::replicated_mappings) or not).
+    /// goes from `before` to `after` (`None`: absent;
+    /// `Some((replicated, expires))`: present,
+    /// [replicated](Server::replicated_mappings) or not, and when it
+    /// expires).
     fn note_volatile(
         &mut self,
         sub: SubscriberId,
         host: IpAddr,
-        before: Option<bool>,
-        after: Option<bool>,
+        before: Option<(bool, Timestamp)>,
+        after: Option<(bool, Timestamp)>,
     ) {
-        let was = before == Some(false);
-        let is = after == Some(false);
+        let was = before.and_then(|(r, t)| (!r).then_some(t));
+        let is = after.and_then(|(r, t)| (!r).then_some(t));
         if was == is {
             return;
         }
-        let hosts = self.volatile.entry(sub).or_default();
-        let i = hosts.iter().position(|(h, _)| *h == host);
-        let changed = match (i, is) {
-            (Some(i), true) => {
-                hosts[i].1 += 1;
+        let set = self.volatile.entry(sub).or_default();
+        let end = set.expiries.latest();
+        if let Some(t) = was {
+            set.expiries.remove(t);
+        }
+        if let Some(t) = is {
+            set.expiries.add(t);
+        }
+        let i = set.hosts.iter().position(|(h, _)| *h == host);
+        let hosts_changed = match (i, was.is_some(), is.is_some()) {
+            (Some(i), false, true) => {
+                set.hosts[i].1 += 1;
                 false
             }
-            (None, true) => {
-                hosts.push((host, 1));
+            (None, false, true) => {
+                set.hosts.push((host, 1));
                 true
             }
-            (Some(i), false) => {
-                hosts[i].1 = hosts[i].1.saturating_sub(1);
-                if hosts[i].1 == 0 {
-                    hosts.swap_remove(i);
+            (Some(i), true, false) => {
+                set.hosts[i].1 = set.hosts[i].1.saturating_sub(1);
+                if set.hosts[i].1 == 0 {
+                    set.hosts.swap_remove(i);
                     true
                 } else {
                     false
                 }
             }
-            (None, false) => false,
+            _ => false,
         };
-        if hosts.is_empty() {
+        let changed = hosts_changed || set.expiries.latest() != end;
+        if set.hosts.is_empty() {
             self.volatile.remove(&sub);
         }
         if changed {

@@ -758,6 +758,15 @@ fn sub_of(s: &Server, client: &str) -> portkeep_server::SubscriberId {
     s.config().subscriber_keying.subscriber_of(ip(client))
 }
 
+/// What the backup hears of a subscriber's volatile state: its hosts and
+/// when the last of that state ends.
+type Marker = (portkeep_server::SubscriberId, Vec<IpAddr>, Timestamp);
+
+/// The end of a mapping made at `now` with the lifetime `r` granted.
+fn ends(now: Timestamp, r: &Response) -> Timestamp {
+    now + Duration::from_secs(u64::from(r.header.lifetime))
+}
+
 #[test]
 fn draft_2_6_volatile_hosts_are_tracked_per_subscriber() {
     let mut s = in_sync(unlimited());
@@ -765,14 +774,16 @@ fn draft_2_6_volatile_hosts_are_tracked_per_subscriber() {
     assert!(map_cp(&mut s, T0, A, 80));
     assert!(s.drain_volatile().is_empty());
     assert!(s.volatile_hosts().is_empty());
-    // The first volatile mapping of a host marks it, once.
-    send(&mut s, T0, A, &map_req(A, 81, 3600, 1, vec![]));
-    send(&mut s, T0, A, &map_req(A, 82, 3600, 1, vec![]));
+    // The first volatile mapping of a host marks it, once, with its end.
+    let r = send(&mut s, T0, A, &map_req(A, 81, 3600, 1, vec![]));
+    let end = ends(T0, &r);
     let a = sub_of(&s, A);
-    assert_eq!(s.drain_volatile(), vec![(a, vec![ip(A)])]);
-    assert!(s.drain_volatile().is_empty(), "drained");
+    assert_eq!(s.drain_volatile(), vec![(a, vec![ip(A)], end)]);
+    // A second one that ends no later changes nothing the backup knows.
+    send(&mut s, T0, A, &map_req(A, 82, 60, 1, vec![]));
+    assert!(s.drain_volatile().is_empty(), "drained, and nothing new");
     // A renewal without the option turns a check-pointed mapping volatile:
-    // no new host, so nothing to report.
+    // no new host, and it ends with the others.
     send(&mut s, T0, A, &map_req(A, 80, 3600, 1, vec![]));
     assert!(!flag(&s, A, 80));
     assert!(s.drain_volatile().is_empty());
@@ -780,28 +791,63 @@ fn draft_2_6_volatile_hosts_are_tracked_per_subscriber() {
     for port in [80, 81, 82] {
         send(&mut s, T0, A, &map_req(A, port, 0, 1, vec![]));
     }
-    assert_eq!(s.drain_volatile(), vec![(a, vec![])]);
+    let gone: Vec<Marker> = s.drain_volatile();
+    assert_eq!(gone.len(), 1);
+    assert_eq!((gone[0].0, gone[0].1.len()), (a, 0));
     assert!(s.volatile_hosts().is_empty());
+}
+
+/// Failure-scenarios draft section 2.6.1: the epoch resets exactly when
+/// state was lost, so the backup must know not just who holds volatile
+/// state but until when: a renewal that makes it last longer is news the
+/// backup must hear (its reply waits for that), and so is the end moving
+/// earlier when the longest-lived mapping goes.
+#[test]
+fn draft_2_6_1_the_backup_hears_when_volatile_state_ends() {
+    let mut s = in_sync(unlimited());
+    let a = sub_of(&s, A);
+    let r = send(&mut s, T0, A, &map_req(A, 81, 3000, 1, vec![]));
+    let first = ends(T0, &r);
+    let r = send(&mut s, T0, A, &map_req(A, 82, 600, 1, vec![]));
+    let short = ends(T0, &r);
+    assert!(short < first);
+    assert_eq!(s.drain_volatile(), vec![(a, vec![ip(A)], first)]);
+    // The renewal of the longest-lived one moves the end later.
+    let t1 = T0 + Duration::from_secs(30);
+    let r = send(&mut s, t1, A, &map_req(A, 81, 3000, 1, vec![]));
+    let later = ends(t1, &r);
+    assert!(later > first);
+    assert_eq!(s.drain_volatile(), vec![(a, vec![ip(A)], later)]);
+    assert_eq!(s.volatile_hosts(), vec![(a, vec![ip(A)], later)]);
+    // Deleting it moves the end back to the other's.
+    send(&mut s, t1, A, &map_req(A, 81, 0, 1, vec![]));
+    assert_eq!(s.drain_volatile(), vec![(a, vec![ip(A)], short)]);
+    // And its expiry ends it.
+    s.handle_timeout(short);
+    let gone = s.drain_volatile();
+    assert_eq!((gone.len(), gone[0].1.is_empty()), (1, true));
 }
 
 #[test]
 fn draft_2_6_volatile_markers_follow_peer_expiry_and_flag_changes() {
     let mut s = in_sync(unlimited());
     let b = sub_of(&s, B);
-    send(&mut s, T0, B, &peer_req(B, 5000, 2, vec![]));
-    assert_eq!(s.drain_volatile(), vec![(b, vec![ip(B)])]);
+    let r = send(&mut s, T0, B, &peer_req(B, 5000, 2, vec![]));
+    assert_eq!(s.drain_volatile(), vec![(b, vec![ip(B)], ends(T0, &r))]);
     // The renewal with the option check-points it: the host holds nothing
     // volatile any more.
     let r = send(&mut s, T0, B, &peer_req(B, 5000, 2, vec![CP]));
     assert!(r.checkpoint_honoured());
-    assert_eq!(s.drain_volatile(), vec![(b, vec![])]);
+    let gone = s.drain_volatile();
+    assert_eq!((gone.len(), gone[0].0, gone[0].1.is_empty()), (1, b, true));
     // Expiry of a volatile mapping unmarks its host too.
-    send(&mut s, T0, A, &map_req(A, 90, 60, 3, vec![]));
+    let r = send(&mut s, T0, A, &map_req(A, 90, 60, 3, vec![]));
     let a = sub_of(&s, A);
-    assert_eq!(s.volatile_hosts(), vec![(a, vec![ip(A)])]);
+    assert_eq!(s.volatile_hosts(), vec![(a, vec![ip(A)], ends(T0, &r))]);
     s.drain_volatile();
     s.handle_timeout(T0 + Duration::from_secs(100_000));
-    assert_eq!(s.drain_volatile(), vec![(a, vec![])]);
+    let gone = s.drain_volatile();
+    assert_eq!((gone.len(), gone[0].0, gone[0].1.is_empty()), (1, a, true));
 }
 
 #[test]

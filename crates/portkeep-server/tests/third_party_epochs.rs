@@ -13,8 +13,8 @@ use portkeep_proto::{
 };
 use portkeep_server::record::key_of;
 use portkeep_server::{
-    Announcement, Change, ChangeRecord, ClearSelector, MappingRecord, Outcome, Restored, Server,
-    ServerConfig, SubscriberKeying, Timestamp,
+    Announcement, Change, ChangeRecord, ClearSelector, MappingRecord, Outcome, RequesterState,
+    Restored, Server, ServerConfig, SubscriberKeying, Timestamp,
 };
 
 const T0: Timestamp = Timestamp(1_000_000);
@@ -545,4 +545,69 @@ fn draft_s2_6_a_restore_that_drops_a_managed_mapping_resets_and_tells_its_manage
     let to = told(&mut back, at(50));
     assert!(to.contains(&SocketAddr::new(ip(MANAGER), MANAGER_PORT)));
     assert!(to.iter().any(|a| a.ip() == ip(OTHER_MANAGER)));
+}
+
+/// The requester's state as the latest logged change says it (`Some(None)`:
+/// forgotten; `None`: nothing logged).
+fn requester_state(s: &mut Server, requester: &str) -> Option<Option<RequesterState>> {
+    let mut last = None;
+    for c in s.drain_changes() {
+        if let Change::Requester { ip: i, state } = c.change {
+            if i == ip(requester) {
+                last = Some(state);
+            }
+        }
+    }
+    last
+}
+
+/// Failure-scenarios draft section 2.6.1: the state stored and replicated
+/// for a THIRD_PARTY client says until when it holds volatile mappings, so
+/// a takeover after that resets nothing of it; renewing moves it later,
+/// deleting the longest-lived mapping moves it back.
+#[test]
+fn draft_s2_6_1_a_requester_s_volatile_state_has_an_end() {
+    let mut s = server();
+    let ends = |now: Timestamp, r: &Response| {
+        now + std::time::Duration::from_secs(u64::from(r.header.lifetime))
+    };
+    let r = send(
+        &mut s,
+        at(0),
+        from(MANAGER),
+        &map(MANAGER, HOSTS[0], 70, 1, 3000),
+    );
+    let long = ends(at(0), &r);
+    let r = send(
+        &mut s,
+        at(0),
+        from(MANAGER),
+        &map(MANAGER, HOSTS[1], 71, 2, 600),
+    );
+    let short = ends(at(0), &r);
+    assert!(short < long);
+    let st = requester_state(&mut s, MANAGER).flatten().expect("logged");
+    assert_eq!(st.volatile_until, Some(long));
+    let r = send(
+        &mut s,
+        at(30),
+        from(MANAGER),
+        &map(MANAGER, HOSTS[0], 70, 1, 3000),
+    );
+    let later = ends(at(30), &r);
+    let st = requester_state(&mut s, MANAGER).flatten();
+    let st = st.expect("the renewal is logged");
+    assert_eq!(st.volatile_until, Some(later));
+    send(
+        &mut s,
+        at(30),
+        from(MANAGER),
+        &map(MANAGER, HOSTS[0], 70, 1, 0),
+    );
+    let st = requester_state(&mut s, MANAGER).flatten();
+    let st = st.expect("the delete is logged");
+    assert_eq!(st.volatile_until, Some(short));
+    s.handle_timeout(short);
+    let st = requester_state(&mut s, MANAGER).expect("the expiry is logged");
+    assert_eq!(st.and_then(|st| st.volatile_until), None);
 }

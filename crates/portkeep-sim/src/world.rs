@@ -289,7 +289,7 @@ struct Reply {
 #[derive(Debug, Default)]
 struct Job {
     changes: Vec<ChangeRecord>,
-    volatile: Vec<(SubscriberId, Vec<IpAddr>)>,
+    volatile: Vec<(SubscriberId, Vec<IpAddr>, Timestamp)>,
     reply: Reply,
     reset: Option<Restored>,
     after: u64,

@@ -47,7 +47,7 @@ pub(crate) struct Job {
     socket: usize,
     /// Subscribers whose hosts with volatile mappings changed (for the
     /// backup; see `Server::drain_volatile`).
-    volatile: Vec<(SubscriberId, Vec<IpAddr>)>,
+    volatile: Vec<(SubscriberId, Vec<IpAddr>, Timestamp)>,
     /// Replace the store and the dataplane with this state first
     /// (promotion and demotion), in log order.
     reset: Option<Reset>,

@@ -37,6 +37,9 @@ use crate::wal::{FsDir, Wal, WalDir, WalError};
 
 const MAPPINGS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replica_mappings");
 const ANCHORS: TableDefinition<&[u8], u64> = TableDefinition::new("replica_anchors");
+/// Hosts with volatile state, per subscriber: the hosts (16 octets each),
+/// then when that state ends (8 octets). Rows written before the end was
+/// recorded have the hosts only: read as state that never ends.
 const VOLATILE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replica_volatile");
 /// Hosts owed an ANNOUNCE, per subscriber: until when (8 octets), then the
 /// hosts. Files written before it existed lack the table: read as empty.
@@ -194,6 +197,23 @@ impl Meta {
 
 fn encode_hosts(hosts: &[IpAddr]) -> Vec<u8> {
     hosts.iter().flat_map(|h| to_wire(*h).octets()).collect()
+}
+
+fn encode_volatile(hosts: &[IpAddr], until: Timestamp) -> Vec<u8> {
+    let mut v = encode_hosts(hosts);
+    v.extend_from_slice(&until.as_millis().to_be_bytes());
+    v
+}
+
+/// Reads what [`encode_volatile`] wrote, or a row of hosts alone.
+fn decode_volatile(b: &[u8]) -> Option<(Vec<IpAddr>, Timestamp)> {
+    if b.len() % 16 == 8 {
+        let (hosts, until) = b.split_at(b.len() - 8);
+        let until = u64::from_be_bytes(until.try_into().ok()?);
+        Some((decode_hosts(hosts)?, Timestamp(until)))
+    } else {
+        Some((decode_hosts(b)?, Timestamp(u64::MAX)))
+    }
 }
 
 fn decode_hosts(b: &[u8]) -> Option<Vec<IpAddr>> {
@@ -459,13 +479,13 @@ impl ReplicaStore {
                     hex::encode(k.value())
                 ))
             })?;
-            let hosts = decode_hosts(v.value()).ok_or_else(|| {
+            let (hosts, until) = decode_volatile(v.value()).ok_or_else(|| {
                 d(&format!(
                     "the volatile hosts of subscriber {} do not decode",
                     hex::encode(k.value())
                 ))
             })?;
-            volatile.push((sub, hosts));
+            volatile.push((sub, hosts, until));
         }
         let mut owed = Vec::with_capacity(owed_rows.len());
         for (k, v) in &owed_rows {
@@ -495,7 +515,7 @@ impl ReplicaStore {
         // The node keeps these ordered by subscriber, not by the stored
         // key's bytes.
         anchors.sort_by_key(|(s, _)| *s);
-        volatile.sort_by_key(|(s, _)| *s);
+        volatile.sort_by_key(|(s, _, _)| *s);
         owed.sort_by_key(|(s, _, _)| *s);
         drop((meta_t, maps, anchors_t, volatile_t, txn));
         let replica = Replica {
@@ -751,8 +771,8 @@ fn apply_to_tables(
                 for (s, a) in &r.anchors {
                     anchors.insert(encode_subscriber(s).as_slice(), a.as_millis())?;
                 }
-                for (s, hosts) in &r.volatile {
-                    put_volatile(&mut volatile, s, hosts)?;
+                for (s, hosts, until) in &r.volatile {
+                    put_volatile(&mut volatile, s, hosts, *until)?;
                 }
                 for (s, hosts, until) in &r.owed {
                     put_owed(&mut owed, s, hosts, *until)?;
@@ -781,8 +801,12 @@ fn apply_to_tables(
                         Item::ServerEpoch { .. } => {
                             anchors.retain(|_, _| false)?;
                         }
-                        Item::Volatile { subscriber, hosts } => {
-                            put_volatile(&mut volatile, subscriber, hosts)?;
+                        Item::Volatile {
+                            subscriber,
+                            hosts,
+                            until,
+                        } => {
+                            put_volatile(&mut volatile, subscriber, hosts, *until)?;
                         }
                         Item::AnnounceOwed {
                             subscriber,
@@ -811,12 +835,13 @@ fn put_volatile(
     t: &mut redb::Table<&[u8], &[u8]>,
     s: &SubscriberId,
     hosts: &[IpAddr],
+    until: Timestamp,
 ) -> Result<(), redb::StorageError> {
     let k = encode_subscriber(s);
     if hosts.is_empty() {
         t.remove(k.as_slice())?;
     } else {
-        t.insert(k.as_slice(), encode_hosts(hosts).as_slice())?;
+        t.insert(k.as_slice(), encode_volatile(hosts, until).as_slice())?;
     }
     Ok(())
 }
@@ -924,7 +949,11 @@ mod tests {
             server_anchor: Some(Timestamp(100)),
             anchors: vec![(sub(1), Timestamp(7)), (sub(2), Timestamp(8))],
             mappings,
-            volatile: vec![(sub(3), vec!["198.51.100.3".parse().unwrap()])],
+            volatile: vec![(
+                sub(3),
+                vec!["198.51.100.3".parse().unwrap()],
+                Timestamp(4_000),
+            )],
             owed: vec![(
                 sub(7),
                 vec!["198.51.100.7".parse().unwrap()],
@@ -936,7 +965,7 @@ mod tests {
                     portkeep_server::RequesterState {
                         port: 40_001,
                         anchor: Some(Timestamp(77)),
-                        volatile: true,
+                        volatile_until: Some(Timestamp(6_000)),
                     },
                 ),
                 (
@@ -944,7 +973,7 @@ mod tests {
                     portkeep_server::RequesterState {
                         port: 40_002,
                         anchor: None,
-                        volatile: false,
+                        volatile_until: None,
                     },
                 ),
             ],
@@ -963,6 +992,7 @@ mod tests {
                 Item::Volatile {
                     subscriber: sub(3),
                     hosts: vec![],
+                    until: Timestamp(0),
                 },
                 Item::Volatile {
                     subscriber: sub(5),
@@ -970,6 +1000,7 @@ mod tests {
                         "198.51.100.5".parse().unwrap(),
                         "2001:db8::5".parse().unwrap(),
                     ],
+                    until: Timestamp(8_000),
                 },
             ],
             vec![
@@ -1003,7 +1034,7 @@ mod tests {
                     state: Some(portkeep_server::RequesterState {
                         port: 5350,
                         anchor: Some(Timestamp(6_001)),
-                        volatile: false,
+                        volatile_until: None,
                     }),
                 },
             ],
@@ -1165,6 +1196,16 @@ mod tests {
             })
         );
         assert_eq!(decode_hosts(&[0; 15]), None);
+        // Volatile rows: with their end, or (written before the end was
+        // recorded) without, read as never ending.
+        let h: Vec<IpAddr> = vec!["198.51.100.3".parse().unwrap()];
+        let row = encode_volatile(&h, Timestamp(4_000));
+        assert_eq!(decode_volatile(&row), Some((h.clone(), Timestamp(4_000))));
+        let old = encode_hosts(&h);
+        assert_eq!(decode_volatile(&old), Some((h, Timestamp(u64::MAX))));
+        for cut in [1, 9, 20] {
+            assert_eq!(decode_volatile(&row[..row.len() - cut]), None, "cut {cut}");
+        }
 
         let all = writes();
         let disk = FaultyDisk::default();

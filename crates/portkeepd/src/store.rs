@@ -1539,7 +1539,7 @@ mod tests {
                         let state = (next(3) != 0).then(|| portkeep_server::RequesterState {
                             port: 40_000 + next(100) as u16,
                             anchor: (next(2) == 0).then_some(Timestamp(seq)),
-                            volatile: next(2) == 0,
+                            volatile_until: (next(2) == 0).then_some(Timestamp(seq + 60_000)),
                         });
                         match state {
                             Some(st) => model.requesters.insert(ip, st),
