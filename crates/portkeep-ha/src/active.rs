@@ -141,6 +141,10 @@ pub struct Active {
     acked: u64,
     /// Highest position sent.
     sent: u64,
+    /// The highest position sent that a reply must wait for even when it
+    /// carries nothing of its own: everything sent except what
+    /// [`Active::push_depending`] said no reply depends on.
+    awaited: u64,
     /// Sent, unacknowledged positions with when they were sent.
     pending: VecDeque<(u64, Timestamp)>,
     last_heard: Timestamp,
@@ -186,6 +190,7 @@ impl Active {
             events: VecDeque::new(),
             acked: 0,
             sent: 0,
+            awaited: 0,
             pending: VecDeque::new(),
             last_heard: Timestamp(0),
             last_sent: Timestamp(0),
@@ -281,6 +286,7 @@ impl Active {
             );
         }
         self.sent = top.max(applied);
+        self.awaited = self.sent;
         self.pending.push_back((self.sent, now));
         self.state = LinkState::Resyncing { seq: self.sent };
         self.resumes += 1;
@@ -314,6 +320,18 @@ impl Active {
     fn grant(&mut self, now: Timestamp, since: Timestamp) {
         let len = self.cfg.lease;
         if len.is_zero() || self.state != LinkState::InSync {
+            return;
+        }
+        // Nor one whose acknowledgement is overdue, even before the timer
+        // that marks it lagging has run: a hot takeover then always
+        // follows the send of anything unacknowledged by less than the
+        // acknowledgement bound plus one lease (which
+        // `Node::handle_commit` counts on).
+        if self
+            .pending
+            .front()
+            .is_some_and(|&(_, t)| now >= t + self.cfg.ack_timeout)
+        {
             return;
         }
         if self.granted_at.is_some_and(|g| now < g + len / 8) {
@@ -357,6 +375,13 @@ impl Active {
     /// Highest log position sent.
     pub fn sent(&self) -> u64 {
         self.sent
+    }
+
+    /// Highest log position sent that replies depend on: a reply with no
+    /// change of its own for the backup still waits for it (it may report
+    /// state that change made).
+    pub fn awaited(&self) -> u64 {
+        self.awaited
     }
 
     /// The term of the peer if, on this connection, it answered our hello
@@ -466,6 +491,7 @@ impl Active {
         }
         self.last_sent = now;
         self.sent = seq;
+        self.awaited = self.awaited.max(seq);
         self.pending.push_back((seq, now));
         self.state = LinkState::Resyncing { seq };
         if self.ring_floor.is_none() {
@@ -480,6 +506,21 @@ impl Active {
     /// whether they were sent (nothing is sent while disconnected, fenced,
     /// or before the snapshot: the snapshot will carry the state).
     pub fn push(&mut self, now: Timestamp, seq: u64, items: Vec<Item>) -> bool {
+        self.push_depending(now, seq, items, seq)
+    }
+
+    /// [`Active::push`], where replies depend on the items up to position
+    /// `depends` only ([`Active::awaited`]): the rest are news no reply
+    /// needs to wait for (an extension of volatile state the backup can
+    /// do without until well after any takeover it could make hot, see
+    /// `Node::handle_commit`).
+    pub fn push_depending(
+        &mut self,
+        now: Timestamp,
+        seq: u64,
+        items: Vec<Item>,
+        depends: u64,
+    ) -> bool {
         self.record(seq, &items);
         match self.state {
             LinkState::Resyncing { .. } | LinkState::InSync | LinkState::Lagging => {}
@@ -491,6 +532,7 @@ impl Active {
         let term = self.term;
         self.send(now, &Message::Changes { term, seq, items });
         self.sent = seq;
+        self.awaited = self.awaited.max(depends.min(seq));
         self.pending.push_back((seq, now));
         true
     }

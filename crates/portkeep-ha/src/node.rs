@@ -14,7 +14,7 @@
 //! job (the simulator uses its own), and does no I/O: it takes `now` and
 //! bytes and returns effects, like the link ends it drives.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::net::IpAddr;
 use std::time::Duration;
@@ -408,6 +408,9 @@ pub struct NodeStats {
     pub snapshot_acked_ms: Option<u64>,
     /// Takeovers done by this node.
     pub takeovers: u64,
+    /// Extensions of volatile state streamed without a reply waiting for
+    /// them (the backup's end lay far enough ahead).
+    pub extensions_unawaited: u64,
 }
 
 struct Held<R> {
@@ -474,6 +477,10 @@ pub struct Node<R> {
     /// Items committed while a requested snapshot is being copied: those
     /// after the snapshot's position follow it on the stream.
     deferred: Vec<(u64, Vec<HashedItem>)>,
+    /// Per subscriber, the volatile hosts and end last streamed to the
+    /// backup on this connection since its snapshot or resume (see
+    /// [`Node::handle_commit`]); forgotten whenever that chain breaks.
+    volatile_sent: HashMap<SubscriberId, (Vec<IpAddr>, Timestamp)>,
     /// A deterministic hasher: runs replay exactly (simulator seeds).
     hasher: BuildHasherDefault<DefaultHasher>,
     effects: VecDeque<Effect<R>>,
@@ -518,6 +525,7 @@ impl<R> Node<R> {
             held: VecDeque::new(),
             replicated: HashSet::new(),
             deferred: Vec::new(),
+            volatile_sent: HashMap::new(),
             hasher: BuildHasherDefault::default(),
             effects: VecDeque::new(),
             stats: NodeStats::default(),
@@ -670,8 +678,24 @@ impl<R> Node<R> {
         let in_sync = active.in_sync();
         let leased = active.lease_holds(now);
         let sent = active.sent();
+        // Failure-scenarios draft 2.6.1 has a takeover reset an epoch
+        // exactly when volatile state was lost, so the backup must never
+        // believe volatile state ended while it lives. A renewal that only
+        // moves a subscriber's end later need not wait for the backup if
+        // the end the backup already has lies beyond any hot takeover
+        // that could follow: no lease is granted while an acknowledgement
+        // is overdue (`Active::grant`), so a takeover that did not hear of
+        // this change comes within the acknowledgement bound plus one
+        // lease of its send, and the backup, still holding the old end,
+        // resets the subscriber then as it must. A second of margin covers
+        // the translation between the two clocks.
+        let headroom = self
+            .cfg
+            .link
+            .map(|l| l.ack_timeout + self.cfg.stale_after + Duration::from_secs(1));
         let mut items = Vec::new();
         let mut top = 0;
+        let mut depends = 0;
         let mut sorted = Vec::with_capacity(jobs.len());
         for (reply, meta) in jobs {
             let seq = meta.last_seq.unwrap_or(0);
@@ -684,12 +708,24 @@ impl<R> Node<R> {
                 // Jobs at or below the snapshot's position are in it.
                 for (item, hash) in meta.items {
                     if keep_for_backup(&mut self.replicated, &item, hash) {
+                        if extends_far_enough(&mut self.volatile_sent, &item, now, headroom) {
+                            self.stats.extensions_unawaited += 1;
+                        } else {
+                            needs = true;
+                        }
                         items.push(item);
-                        needs = true;
                     }
                 }
                 top = top.max(seq);
+                if needs {
+                    depends = depends.max(seq);
+                }
             } else {
+                for (item, _) in &meta.items {
+                    if let Item::Volatile { subscriber, .. } = item {
+                        self.volatile_sent.remove(subscriber);
+                    }
+                }
                 needs = !meta.items.is_empty();
                 if snapshot_pending && !meta.items.is_empty() {
                     // The snapshot being copied may stand for a position
@@ -715,13 +751,15 @@ impl<R> Node<R> {
             sorted.push((reply, meta.grants, seq.max(meta.after), needs, made));
         }
         if !items.is_empty() {
-            active.push(now, top.max(sent + 1), items);
+            let seq = top.max(sent + 1);
+            active.push_depending(now, seq, items, if depends == top { seq } else { depends });
         }
         // A reply with nothing of its own for the backup may still report
         // state that is: a retransmission answered again after the first
         // answer's change went out, a mapping made volatile by a change
-        // still in flight. It waits for everything sent before it.
-        let sent_after = active.sent();
+        // still in flight. It waits for everything sent before it that
+        // replies depend on.
+        let sent_after = active.awaited();
         #[allow(unused_mut)]
         let mut acked = active.acked();
         #[cfg(feature = "planted-release-before-ack")]
@@ -769,6 +807,7 @@ impl<R> Node<R> {
     /// accepted the active's connection).
     pub fn link_connected(&mut self, now: Timestamp) {
         let may_hand_over = self.first_contact && self.role == Role::Active;
+        self.volatile_sent.clear();
         if let Some(a) = self.active.as_mut() {
             a.connected(now, self.position, may_hand_over);
         } else if let Some(b) = self.backup.as_mut() {
@@ -781,6 +820,7 @@ impl<R> Node<R> {
         if let Some(a) = self.active.as_mut() {
             a.disconnected();
             self.deferred.clear();
+            self.volatile_sent.clear();
             self.drain_active_events(now);
             if self.first_contact {
                 // The peer cannot be reached: nobody deposed us (as far
@@ -982,6 +1022,7 @@ impl<R> Node<R> {
         let src_seq = snap.seq;
         active.send_encoded_snapshot(now, snap.term, snap.seq, snap.bytes);
         self.replicated = snap.hashes;
+        self.volatile_sent.clear();
         self.stats.resyncs += 1;
         self.stats.snapshot_items = snap.items;
         self.stats.snapshot_sent = Some(now);
@@ -1101,6 +1142,7 @@ impl<R> Node<R> {
         self.held.clear();
         self.replicated.clear();
         self.deferred.clear();
+        self.volatile_sent.clear();
         let b = Backup::new(self.term, self.keying.clone());
         self.backup = Some(with_planted(&self.cfg, b));
         self.effects.push_back(Effect::PersistTerm(self.term));
@@ -1190,6 +1232,7 @@ impl<R> Node<R> {
         self.held.clear();
         self.replicated.clear();
         self.deferred.clear();
+        self.volatile_sent.clear();
         self.serving = true;
         self.first_contact = false;
         self.stats.takeovers += 1;
@@ -1203,6 +1246,35 @@ impl<R> Node<R> {
 /// hashes of the keys the backup holds) up to date: check-pointed upserts
 /// always travel; other upserts and removals only for a key the backup
 /// holds, so volatile mappings cost the link nothing.
+/// Whether `item`, streamed at `now`, only moves a subscriber's volatile
+/// end later from one the backup already has at least `headroom` ahead
+/// (see [`Node::handle_commit`]); records what the backup will have.
+fn extends_far_enough(
+    sent: &mut HashMap<SubscriberId, (Vec<IpAddr>, Timestamp)>,
+    item: &Item,
+    now: Timestamp,
+    headroom: Option<Duration>,
+) -> bool {
+    let Item::Volatile {
+        subscriber,
+        hosts,
+        until,
+    } = item
+    else {
+        return false;
+    };
+    let far = match (sent.get(subscriber), headroom) {
+        (Some((h, end)), Some(room)) => h == hosts && until > end && *end >= now + room,
+        _ => false,
+    };
+    if hosts.is_empty() {
+        sent.remove(subscriber);
+    } else {
+        sent.insert(*subscriber, (hosts.clone(), *until));
+    }
+    far
+}
+
 fn keep_for_backup(replicated: &mut HashSet<u64>, item: &Item, hash: Option<u64>) -> bool {
     match (item, hash) {
         (Item::Upsert(r), Some(h)) if r.checkpoint => {

@@ -1341,3 +1341,32 @@ fn link_version_3_backups_get_volatile_state_without_its_end() {
         ]
     );
 }
+
+/// A hot takeover must follow the send of anything it did not hear within
+/// the acknowledgement bound plus one lease (what lets volatile renewals
+/// far from their end go unawaited): no lease is granted once an
+/// acknowledgement is overdue, even before the timer that marks the link
+/// lagging has run.
+#[test]
+fn draft_s2_6_no_lease_is_granted_while_an_acknowledgement_is_overdue() {
+    let (mut a, mut b) = linked(3);
+    a.send_snapshot(at(1), 10, snapshot_items());
+    pump(&mut a, &mut b, at(1));
+    let granted = a.lease_until();
+    assert!(granted.is_some());
+    // A change whose bytes never reach the backup.
+    assert!(a.push(at(10), 11, vec![Item::ServerEpoch { anchor: T0 }]));
+    let _ = a.poll_transmit();
+    // The backup's heartbeat arrives once the acknowledgement is overdue.
+    let late = at(10) + ActiveConfig::default().ack_timeout;
+    let mut hb = Vec::new();
+    Message::Heartbeat { term: 3, now: late }.encode(&mut hb);
+    a.handle_input(late, &hb).unwrap();
+    assert_eq!(a.lease_until(), granted, "no lease for a backup behind");
+    assert!(a.poll_transmit().is_none_or(|bytes| {
+        let k = SubscriberKeying::default();
+        let mut bytes = bytes;
+        !std::iter::from_fn(|| Message::decode(&mut bytes, &k).unwrap())
+            .any(|m| matches!(m, Message::Lease { .. }))
+    }));
+}

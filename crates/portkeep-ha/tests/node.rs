@@ -731,3 +731,67 @@ fn rfc6887_s8_5_a_reply_held_a_quarter_second_leaves_made_again() {
         "{e:?}"
     );
 }
+
+/// Failure-scenarios draft section 2.6.1: the backup must never believe
+/// volatile state ended while it lives, yet RFC 7767 keeps volatile
+/// renewals off the backup's critical path. A renewal that only moves a
+/// subscriber's end later, from one the backup has far ahead, is
+/// answered at once (a takeover that misses it still comes before the old
+/// end, and resets the subscriber); near that end, or for a new host, the
+/// reply waits for the acknowledgement.
+#[test]
+fn draft_s2_6_1_a_renewal_that_extends_volatile_state_far_from_its_end_does_not_wait() {
+    let (mut a, mut b) = in_sync_pair();
+    let host = "198.51.100.9";
+    let ip: IpAddr = host.parse().unwrap();
+    let sub = SubscriberKeying::default().subscriber_of(ip);
+    let marker = |until: u64| vec![(sub, vec![ip], at(until))];
+    // The host's first volatile mapping, ending at 60 s: the backup must
+    // hear of it first.
+    let meta = a.prepare(&upsert(1, mapping(host, 80, false)), marker(60_000));
+    a.handle_commit(at(1), vec![(10, meta)]);
+    assert!(released(&effects(&mut a)).is_empty());
+    assert_eq!(released(&pump(&mut a, &mut b, at(2))), vec![10]);
+    // Renewed at 30 s to end at 90 s: the backup's 60 s is far ahead.
+    let meta = a.prepare(&upsert(2, mapping(host, 80, false)), marker(90_000));
+    a.handle_commit(at(30_000), vec![(11, meta)]);
+    assert_eq!(released(&effects(&mut a)), vec![11], "answered at once");
+    // Nor does a reply with nothing of its own wait for that extension.
+    let meta = a.prepare(&upsert(3, mapping(host, 80, false)), vec![]);
+    a.handle_commit(at(30_001), vec![(12, meta)]);
+    assert_eq!(released(&effects(&mut a)), vec![12]);
+    assert_eq!(a.stats().extensions_unawaited, 1);
+    pump(&mut a, &mut b, at(30_002));
+    // Renewed 1.5 s before the end the backup has (less than the
+    // acknowledgement bound, one lease and a second): it waits.
+    let meta = a.prepare(&upsert(4, mapping(host, 80, false)), marker(200_000));
+    a.handle_commit(at(88_500), vec![(13, meta)]);
+    assert!(released(&effects(&mut a)).is_empty(), "waits near the end");
+    assert_eq!(released(&pump(&mut a, &mut b, at(88_501))), vec![13]);
+    // A second host of the subscriber is news the backup must hear.
+    let other: IpAddr = "198.51.100.10".parse().unwrap();
+    let meta = a.prepare(
+        &upsert(5, mapping("198.51.100.10", 80, false)),
+        vec![(sub, vec![ip, other], at(300_000))],
+    );
+    a.handle_commit(at(100_000), vec![(14, meta)]);
+    assert!(released(&effects(&mut a)).is_empty(), "a new host waits");
+    assert_eq!(released(&pump(&mut a, &mut b, at(100_001))), vec![14]);
+    // After the link was lost and came back, nothing is taken for known.
+    a.link_lost(at(100_002));
+    b.link_lost(at(100_002));
+    a.link_connected(at(100_003));
+    b.link_connected(at(100_003));
+    pump(&mut a, &mut b, at(100_003));
+    let meta = a.prepare(
+        &upsert(6, mapping(host, 80, false)),
+        vec![(sub, vec![ip, other], at(400_000))],
+    );
+    a.handle_commit(at(100_010), vec![(15, meta)]);
+    assert!(
+        released(&effects(&mut a)).is_empty(),
+        "waits after a reconnection"
+    );
+    assert_eq!(released(&pump(&mut a, &mut b, at(100_011))), vec![15]);
+    assert_eq!(a.stats().extensions_unawaited, 1);
+}

@@ -245,6 +245,9 @@ pub struct Report {
     pub handovers: u64,
     /// Steps taken.
     pub steps: u64,
+    /// Extensions of volatile state answered without waiting for the
+    /// backup (`NodeStats::extensions_unawaited`).
+    pub extensions_unawaited: u64,
     /// Witness mode: elections won at etcd.
     pub elections: u64,
     /// Witness mode: elected nodes that held less than the record and gave
@@ -287,6 +290,8 @@ pub struct Totals {
     pub handovers: u64,
     /// Steps.
     pub steps: u64,
+    /// Extensions of volatile state answered without waiting.
+    pub extensions_unawaited: u64,
     /// Elections won at etcd (witness mode).
     pub elections: u64,
     /// Yields (witness mode).
@@ -330,6 +335,7 @@ impl Totals {
         self.resumes += r.resumes;
         self.handovers += r.handovers;
         self.steps += r.steps;
+        self.extensions_unawaited += r.extensions_unawaited;
         self.elections += r.elections;
         self.yields += r.yields;
         self.stand_downs += r.stand_downs;

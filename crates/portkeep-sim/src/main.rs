@@ -147,6 +147,10 @@ fn main() -> ExitCode {
         "not violations: check-points ended by an answer the client never received {}",
         t.unseen_downgrades
     );
+    println!(
+        "volatile extensions answered without waiting for the backup {}",
+        t.extensions_unawaited
+    );
     if template.witness {
         println!(
             "witness: elections {}, yields {}, stand-downs {}",

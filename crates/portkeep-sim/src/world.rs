@@ -1864,7 +1864,10 @@ impl World {
         if seg.is_empty() {
             return;
         }
+        let before = self.nodes[n].ha.stats().extensions_unawaited;
         self.nodes[n].ha.handle_commit(ts, seg);
+        let after = self.nodes[n].ha.stats().extensions_unawaited;
+        self.report.extensions_unawaited += after.saturating_sub(before);
         self.after_ha(n);
     }
 

@@ -400,6 +400,7 @@ impl Pair {
             "takeovers": s.takeovers,
             "responses_held": n.held(),
             "responses_released_unconfirmed": s.released_unconfirmed,
+            "volatile_extensions_unawaited": s.extensions_unawaited,
         });
         if let Some(left) = self.fence_left_ms() {
             // With a coordinator: how much longer the lease lets it serve.
