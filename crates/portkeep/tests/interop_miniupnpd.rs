@@ -318,3 +318,64 @@ fn interop_miniupnpd_map_renew_delete() {
     assert_eq!(v["opcode"], "ANNOUNCE");
     assert!(v["epoch"].is_u64());
 }
+
+/// RFC 6886 from our NAT-PMP client against miniupnpd's (sections 3.2 to
+/// 3.4): the external address, a TCP mapping that miniupnpd installs as a
+/// DNAT rule, a renewal that keeps its port, and the deletion that removes
+/// the rule.
+#[test]
+fn rfc6886_interop_miniupnpd_natpmp_address_map_delete() {
+    if !Path::new(MINIUPNPD).is_file() {
+        skip(
+            "rfc6886_interop_miniupnpd",
+            &format!("{MINIUPNPD} not installed (apt-get install miniupnpd-nftables)"),
+        );
+        return;
+    }
+    let Some(mut topo) = setup("rfc6886_interop_miniupnpd", &["ip", "nft"], Topology::build) else {
+        return;
+    };
+    topo.start_miniupnpd().unwrap();
+
+    // Section 3.2: the external address, and the epoch.
+    let (code, v, err) = topo.portkeep(&["--natpmp", "announce"]);
+    assert_eq!(code, Some(0), "{v}\n{err}\n{}", topo.log());
+    assert_eq!(v["protocol"], "nat-pmp");
+    assert_eq!(v["result"], 0);
+    assert_eq!(v["external_address"], EXT_IP);
+    assert!(v["epoch"].is_u64());
+
+    // Section 3.3: a TCP mapping; miniupnpd grants what was asked within
+    // its bounds and installs the DNAT rule.
+    let (code, v, err) = topo.portkeep(&["--natpmp", "map", "tcp", "8080", "--lifetime", "600"]);
+    assert_eq!(code, Some(0), "{v}\n{err}\n{}", topo.log());
+    assert_eq!(v["protocol"], "nat-pmp");
+    assert_eq!(v["proto"], "tcp");
+    assert_eq!(v["internal_port"], 8080);
+    assert_eq!(v["lifetime"], 600);
+    let external = v["external"].as_str().unwrap().to_owned();
+    let (ext_ip, port) = external.rsplit_once(':').unwrap();
+    assert_eq!(ext_ip, EXT_IP);
+    let rules = topo.nat_rules();
+    assert!(
+        rules.contains(&format!("dport {port}")) && rules.contains(CLIENT_IP),
+        "no DNAT rule for the mapping:\n{rules}"
+    );
+
+    // A renewal (the same request again) keeps the external port.
+    let (code, v, err) = topo.portkeep(&["--natpmp", "map", "tcp", "8080", "--lifetime", "1200"]);
+    assert_eq!(code, Some(0), "{v}\n{err}");
+    assert_eq!(v["external"], external);
+    assert_eq!(v["lifetime"], 1200);
+
+    // Section 3.4: lifetime 0 deletes it, and the rule goes.
+    let (code, v, err) = topo.portkeep(&["--natpmp", "delete", "tcp", "8080"]);
+    assert_eq!(code, Some(0), "{v}\n{err}");
+    assert_eq!(v["lifetime"], 0);
+    assert!(v["external"].is_null());
+    let rules = topo.nat_rules();
+    assert!(
+        !rules.contains(&format!("dport {port}")),
+        "rule left behind:\n{rules}"
+    );
+}
