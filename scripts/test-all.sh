@@ -27,6 +27,7 @@ step() { printf '\n==> %s\n' "$*"; }
 skip_log=$(mktemp)
 export PORTKEEP_SKIP_LOG="$skip_log"
 corpus=""
+previous_src=""
 # Always the last words, whether the run passed or not: the skipped tests.
 finish() {
     local status=$?
@@ -36,6 +37,7 @@ finish() {
     sed 's/^/  /' "$skip_log"
     rm -f "$skip_log"
     if [ -n "$corpus" ]; then rm -rf "$corpus"; fi
+    if [ -n "$previous_src" ]; then rm -rf "$previous_src"; fi
     exit "$status"
 }
 trap finish EXIT
@@ -79,6 +81,25 @@ cargo clippy --workspace --all-targets --locked "${features[@]}" -- -D warnings
 
 step "build"
 cargo build --workspace --bins --locked "${features[@]}"
+
+# The rolling-upgrade test (crates/portkeepd/tests/ha_pair.rs) pairs the
+# previous release's portkeepd with this one. It is built from this
+# checkout's history into its own target directory, kept between runs like
+# target/ itself. Previous release: the last commit of link version 3 and
+# the stores without the end of volatile state.
+previous_release=e16d9393f86560441e1445e5605e23736dde7203
+step "the previous release's portkeepd (${previous_release:0:7}), for the upgrade test"
+if git cat-file -e "$previous_release^{commit}" 2>/dev/null; then
+    previous_src=$(mktemp -d)
+    git archive "$previous_release" | tar -x -C "$previous_src"
+    CARGO_TARGET_DIR="$PWD/target/previous-release" \
+        cargo build --locked -q --manifest-path "$previous_src/Cargo.toml" -p portkeepd --bin portkeepd
+    rm -rf "$previous_src"
+    previous_src=""
+    export PORTKEEP_PREVIOUS_RELEASE="$PWD/target/previous-release/debug/portkeepd"
+else
+    echo "!!! $previous_release is not in this checkout's history: the upgrade test will SKIP (FAIL under CI)" >&2
+fi
 
 step "tests"
 cargo test --workspace --locked --no-fail-fast "${features[@]}"

@@ -51,6 +51,8 @@ struct NodeSpec {
     ha_extra: String,
     /// The network namespace it runs in (`None`: this one).
     netns: Option<String>,
+    /// Another `portkeepd` to run (`None`: this build's).
+    bin: Option<PathBuf>,
 }
 
 const POLICY: &str = r#"
@@ -98,11 +100,12 @@ impl Node {
         let cfg = spec.data.with_extension(format!("{role}.toml"));
         std::fs::write(&cfg, spec.config(role)).unwrap();
         let log = spec.data.with_extension(format!("{}.log", wall_ms()));
+        let bin = spec.bin.as_deref().unwrap_or(BINS.daemon());
         let mut cmd = match &spec.netns {
-            None => Command::new(BINS.daemon()),
+            None => Command::new(bin),
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(BINS.daemon());
+                c.args(["netns", "exec", ns]).arg(bin);
                 c
             }
         };
@@ -113,7 +116,7 @@ impl Node {
             .stderr(File::create(&log).unwrap());
         let mut n = Node {
             spec: spec.clone(),
-            proc: Portkeepd::spawn(spec.name, BINS.daemon(), &mut cmd, spec.data.clone(), log),
+            proc: Portkeepd::spawn(spec.name, bin, &mut cmd, spec.data.clone(), log),
         };
         n.wait(Duration::from_secs(10), "control socket", |s| {
             s["ok"] == true
@@ -184,6 +187,7 @@ fn pair(dir: &Path) -> (NodeSpec, NodeSpec) {
         certs: certs_dir.clone(),
         ha_extra: String::new(),
         netns: None,
+        bin: None,
     };
     let b = NodeSpec {
         name: "node-b",
@@ -195,6 +199,7 @@ fn pair(dir: &Path) -> (NodeSpec, NodeSpec) {
         certs: certs_dir,
         ha_extra: String::new(),
         netns: None,
+        bin: None,
     };
     (a, b)
 }
@@ -1530,4 +1535,123 @@ fn design_link_unfinished_handshakes_are_capped_and_time_out() {
     let mut a = Node::start(&sa, "active");
     a.wait_in_sync();
     drop(idle);
+}
+
+/// The previous release's `portkeepd` (scripts/test-all.sh builds it from
+/// git history and names it in `PORTKEEP_PREVIOUS_RELEASE`).
+fn previous_release() -> Option<PathBuf> {
+    match std::env::var_os("PORTKEEP_PREVIOUS_RELEASE") {
+        Some(p) if Path::new(&p).is_file() => Some(PathBuf::from(p)),
+        other => {
+            portkeep_test_support::skip::skip(
+                "rolling upgrade",
+                &format!(
+                    "no previous release's portkeepd ({other:?}; scripts/test-all.sh builds it \
+                     and sets PORTKEEP_PREVIOUS_RELEASE)"
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// A rolling upgrade, one node at a time, from the previous release (link
+/// version 3, stores without the end of volatile state) under check-pointed
+/// and volatile load: the backup is upgraded first and resumes from its
+/// stored replica, speaking the old link version with the old active; the
+/// old active is then stopped and the upgraded node promoted hot (RFC 7767
+/// section 3.2: every acknowledged check-point served with its external
+/// endpoint and nonce; failure-scenarios draft 2.6: a fully check-pointed
+/// client keeps its epoch); the other node comes back upgraded as its
+/// backup, and a second failover to it keeps every check-point again. No
+/// step needs a cold promotion.
+#[test]
+fn draft_s2_6_rolling_upgrade_from_the_previous_release_keeps_every_checkpoint() {
+    let Some(old) = previous_release() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (mut sa, mut sb) = pair(dir.path());
+    sa.bin = Some(old.clone());
+    sb.bin = Some(old);
+    let b = Node::start(&sb, "backup");
+    let mut a = Node::start(&sa, "active");
+    a.wait_in_sync();
+    let full: IpAddr = "127.0.0.70".parse().unwrap();
+    let clients: Vec<(IpAddr, bool)> = vec![
+        (full, false),
+        ("127.0.0.71".parse().unwrap(), false),
+        ("127.0.0.72".parse().unwrap(), true),
+    ];
+    let mut tracker = EpochTracker::new();
+    assert_eq!(epoch_check(&mut tracker, sa.pcp, full), EpochVerdict::First);
+    let acked: Arc<Mutex<HashMap<Key, Granted>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = load(sa.pcp, &clients, 1000, stop.clone(), acked.clone());
+    // Long enough that a reset epoch would fail the section 8.5 check.
+    std::thread::sleep(Duration::from_millis(3000));
+    // Quiet while the backup is away: a check-point asked for then is not
+    // honoured, and the mapping made volatile would rightly reset its
+    // client's epoch at the takeover.
+    finish_load(&stop, threads, &acked);
+
+    // 1. The backup is upgraded: stopped cleanly, started from its stored
+    // replica by this release, which resumes with the old active (link
+    // version 3), and more check-points are made.
+    let mut b = b;
+    b.proc.stop("TERM");
+    sb.bin = None;
+    let b = Node::start(&sb, "backup");
+    a.wait_in_sync();
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = load(sa.pcp, &clients, 10_000, stop.clone(), acked.clone());
+    std::thread::sleep(Duration::from_millis(1500));
+    let acked_before = finish_load(&stop, threads, &acked);
+    verify_checkpoints_replicated(&a, &b);
+
+    // 2. The old active is stopped; the upgraded backup takes over hot.
+    a.kill9();
+    let promoted = b.ctl(&["promote"]);
+    assert_eq!(promoted["ok"], true, "{promoted}\n{}", b.log());
+    assert_eq!(promoted["takeover"], "hot", "{promoted}");
+    verify_checkpoints(&b, &acked_before);
+    assert_eq!(
+        epoch_check(&mut tracker, sb.pcp, full),
+        EpochVerdict::Valid,
+        "a fully check-pointed client keeps its epoch across the upgrade"
+    );
+
+    // 3. The other node comes back upgraded, as backup of the new active,
+    // and more check-points are made with both on this release.
+    sa.bin = None;
+    let mut b2 = b;
+    let a2 = Node::start(&sa, "backup");
+    b2.wait_in_sync();
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = load(sb.pcp, &clients, 20_000, stop.clone(), acked.clone());
+    std::thread::sleep(Duration::from_millis(1500));
+    let acked_all = finish_load(&stop, threads, &acked);
+    assert!(acked_all.len() > acked_before.len());
+
+    // 4. A second failover, to the node upgraded last.
+    b2.kill9();
+    let promoted = a2.ctl(&["promote"]);
+    assert_eq!(promoted["ok"], true, "{promoted}\n{}", a2.log());
+    assert_eq!(promoted["takeover"], "hot", "{promoted}");
+    verify_checkpoints(&a2, &acked_all);
+    assert_eq!(
+        epoch_check(&mut tracker, sa.pcp, full),
+        EpochVerdict::Valid,
+        "and keeps it across the second failover"
+    );
+}
+
+/// The backup of `active` holds as many check-pointed mappings as it.
+fn verify_checkpoints_replicated(active: &Node, backup: &Node) {
+    let st = backup.status();
+    assert_eq!(
+        st["ha"]["checkpointed_mappings"].as_u64(),
+        active.status()["checkpointed"].as_u64(),
+        "{st}"
+    );
 }
