@@ -58,7 +58,7 @@ code_point! {
         ANNOUNCE = 0,
         MAP = 1,
         PEER = 2,
-        /// RFC 7652; recognised by name only, not implemented.
+        /// RFC 7652 section 5.1 (`crate::auth`).
         AUTHENTICATION = 3,
         /// Failure-scenarios draft section 4.1 (private-use default).
         GET = 96,
@@ -66,11 +66,30 @@ code_point! {
 }
 
 code_point! {
-    /// PCP option code (RFC 6887 section 19.3, RFC 7220, RFC 7753, RFC 7767).
+    /// PCP option code (RFC 6887 section 19.3, RFC 7220, RFC 7652, RFC 7753,
+    /// RFC 7767).
     OptionCode {
         THIRD_PARTY = 1,
         PREFER_FAILURE = 2,
         FILTER = 3,
+        /// RFC 7652 section 5.3.
+        NONCE = 4,
+        /// RFC 7652 section 5.4: on MAP, PEER and ANNOUNCE messages.
+        AUTHENTICATION_TAG = 5,
+        /// RFC 7652 section 5.5: on PA messages.
+        PA_AUTHENTICATION_TAG = 6,
+        /// RFC 7652 section 5.6.
+        EAP_PAYLOAD = 7,
+        /// RFC 7652 section 5.7.
+        PSEUDO_RANDOM_FUNCTION = 8,
+        /// RFC 7652 section 5.8.
+        MAC_ALGORITHM = 9,
+        /// RFC 7652 section 5.9.
+        SESSION_LIFETIME = 10,
+        /// RFC 7652 section 5.10.
+        RECEIVED_PAK = 11,
+        /// RFC 7652 section 5.11.
+        ID_INDICATOR = 12,
         /// Failure-scenarios draft section 4.4 (private-use default, mandatory range).
         NEXT = 96,
         DESCRIPTION = 128,
@@ -96,6 +115,17 @@ code_point! {
         CANNOT_PROVIDE_EXTERNAL = 11,
         ADDRESS_MISMATCH = 12,
         EXCESSIVE_REMOTE_PEERS = 13,
+        /// RFC 7652 section 7 (14 to 23).
+        INITIATION = 14,
+        AUTHENTICATION_REQUIRED = 15,
+        AUTHENTICATION_FAILED = 16,
+        AUTHENTICATION_SUCCEEDED = 17,
+        AUTHORIZATION_FAILED = 18,
+        SESSION_TERMINATED = 19,
+        UNKNOWN_SESSION_ID = 20,
+        DOWNGRADE_ATTACK_DETECTED = 21,
+        AUTHENTICATION_REQUEST = 22,
+        AUTHENTICATION_REPLY = 23,
         /// Failure-scenarios draft section 4.2 (private-use default).
         NONEXIST_MAP = 192,
     }
@@ -127,9 +157,12 @@ impl ResultCode {
     /// Whether this error tells the client the same request will keep failing
     /// for a long time (RFC 6887 section 7.4: "long lifetime" errors) rather
     /// than a short, transient one (NETWORK_FAILURE, NO_RESOURCES,
-    /// USER_EX_QUOTA, CANNOT_PROVIDE_EXTERNAL).
+    /// USER_EX_QUOTA, CANNOT_PROVIDE_EXTERNAL; and RFC 7652's
+    /// AUTHENTICATION_REQUIRED and UNKNOWN_SESSION_ID, which the client
+    /// cures by authenticating, so they say nothing lasting: RFC 7652 gives
+    /// them no lifetime).
     pub fn is_long_lifetime_error(self) -> bool {
-        !matches!(self.0, 0 | 7 | 8 | 10 | 11)
+        !matches!(self.0, 0 | 7 | 8 | 10 | 11 | 15 | 20)
     }
 }
 

@@ -3,8 +3,9 @@
 //! Converts between bytes and typed PCP messages: RFC 6887 requests and
 //! responses (ANNOUNCE, MAP, PEER), the options THIRD_PARTY, PREFER_FAILURE,
 //! FILTER (RFC 6887 section 13), DESCRIPTION (RFC 7220), CHECKPOINT_REQUIRED
-//! (RFC 7767), and the GET opcode with its NEXT option from the PCP
-//! failure-scenarios draft (section 4).
+//! (RFC 7767), the GET opcode with its NEXT option from the PCP
+//! failure-scenarios draft (section 4), and RFC 7652's authentication
+//! messages and tags ([`auth`]).
 //!
 //! The crate does no I/O and reads no clock. Parsing checks structure once
 //! (lengths, padding, option framing); what a server *does* with a
@@ -22,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod auth;
 mod codepoints;
 mod error;
 mod message;

@@ -381,3 +381,110 @@ proptest! {
         parse_is_stable(&bytes, &cp);
     }
 }
+
+mod rfc7652 {
+    //! RFC 7652's PA messages and tags.
+    use super::*;
+    use portkeep_proto::auth::{self, MacAlgorithm, PaMessage, PaOption, Prf, TagKey};
+
+    /// PRF and MAC_ALGORITHM options (which may repeat), then at most one
+    /// EAP_PAYLOAD.
+    fn pa_options() -> impl Strategy<Value = Vec<PaOption>> {
+        (
+            proptest::collection::vec(any::<u32>(), 0..3),
+            proptest::collection::vec(any::<u32>(), 0..3),
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..300)),
+        )
+            .prop_map(|(prfs, macs, eap)| {
+                let mut v: Vec<PaOption> = prfs.into_iter().map(PaOption::Prf).collect();
+                v.extend(macs.into_iter().map(PaOption::MacAlgorithm));
+                v.extend(eap.map(PaOption::EapPayload));
+                v
+            })
+    }
+
+    fn pa_message() -> impl Strategy<Value = PaMessage> {
+        (
+            any::<bool>(),
+            any::<u8>(),
+            any::<u32>(),
+            ip(),
+            any::<u32>(),
+            any::<u32>(),
+            proptest::option::of(any::<u32>()),
+            pa_options(),
+            proptest::option::of(any::<u32>()),
+        )
+            .prop_map(
+                |(
+                    response,
+                    result,
+                    epoch,
+                    client_ip,
+                    session_id,
+                    seq,
+                    nonce,
+                    mut options,
+                    life,
+                )| {
+                    if let Some(n) = nonce {
+                        options.insert(0, PaOption::Nonce(n));
+                    }
+                    if let (true, Some(l)) = (response, life) {
+                        options.push(PaOption::SessionLifetime(l));
+                    }
+                    PaMessage {
+                        response,
+                        result: ResultCode(result),
+                        lifetime: 0,
+                        epoch: if response { epoch } else { 0 },
+                        client_ip: if response {
+                            Ipv6Addr::UNSPECIFIED
+                        } else {
+                            client_ip
+                        },
+                        session_id,
+                        seq,
+                        options,
+                    }
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn rfc7652_s5_pa_messages_round_trip_and_tags_verify(m in pa_message(), msk in proptest::collection::vec(any::<u8>(), 16..80)) {
+            let mut out = Vec::new();
+            prop_assert!(m.encode(&mut out).is_ok());
+            prop_assert_eq!(PaMessage::parse(&out), Ok(m));
+            let cp = CodePoints::default();
+            let k = auth::transport_key(Prf::HmacSha256, &msk, 1, 2, 3);
+            let key = TagKey::new(MacAlgorithm::HmacSha256_128, &k, 3).unwrap();
+            if auth::sign(&mut out, &key, (0, 0), &cp).is_ok() {
+                prop_assert_eq!(auth::verify(&out, &key, &cp), Ok(()));
+                prop_assert!(PaMessage::parse(&out).is_ok());
+            }
+        }
+
+        #[test]
+        fn rfc7652_s5_damaged_pa_messages_never_panic(
+            m in pa_message(),
+            at in any::<usize>(),
+            byte in any::<u8>(),
+            cut in any::<usize>(),
+        ) {
+            let mut out = Vec::new();
+            prop_assert!(m.encode(&mut out).is_ok());
+            let i = at % out.len();
+            out[i] = byte;
+            out.truncate(cut % (out.len() + 1));
+            if let Ok(again) = PaMessage::parse(&out) {
+                let mut re = Vec::new();
+                prop_assert!(again.encode(&mut re).is_ok());
+                prop_assert_eq!(PaMessage::parse(&re), Ok(again));
+            }
+            let cp = CodePoints::default();
+            let _ = auth::common_tag(&out, &cp);
+        }
+    }
+}
