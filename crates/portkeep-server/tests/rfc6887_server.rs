@@ -229,6 +229,49 @@ fn rfc6887_s7_3_unknown_mandatory_option_is_unsupp_option() {
     assert_eq!(s.mapping_count(), 0);
 }
 
+/// RFC 7652 section 5.4: AUTHENTICATION_TAG is in the mandatory range, so
+/// a server without PCP authentication sessions answers a tagged request
+/// UNSUPP_OPTION (RFC 6887 section 7.3) and makes nothing; a PA message
+/// (opcode AUTHENTICATION) gets UNSUPP_OPCODE.
+#[test]
+fn rfc7652_s5_4_without_sessions_a_tagged_request_is_unsupp_option() {
+    let cp = portkeep_proto::CodePoints::default();
+    let mut s = server();
+    let mut req = map(CLIENT, 80, 3600, 1, vec![]);
+    let k = portkeep_proto::auth::transport_key(
+        portkeep_proto::auth::Prf::HmacSha256,
+        &[1; 64],
+        1,
+        2,
+        1,
+    );
+    let key = portkeep_proto::auth::TagKey::new(
+        portkeep_proto::auth::MacAlgorithm::HmacSha256_128,
+        &k,
+        1,
+    )
+    .unwrap();
+    portkeep_proto::auth::sign(&mut req, &key, (1, 0), &cp).unwrap();
+    let r = send(&mut s, T0, CLIENT, &req);
+    assert_eq!(result(&r), ResultCode::UNSUPP_OPTION);
+    assert_eq!(s.mapping_count(), 0);
+    let mut pa = Vec::new();
+    portkeep_proto::auth::PaMessage {
+        response: false,
+        result: ResultCode::INITIATION,
+        lifetime: 0,
+        epoch: 0,
+        client_ip: portkeep_proto::addr::to_wire(ip(CLIENT)),
+        session_id: 0,
+        seq: 0,
+        options: vec![portkeep_proto::auth::PaOption::Nonce(7)],
+    }
+    .encode(&mut pa)
+    .unwrap();
+    let r = send(&mut s, T0, CLIENT, &pa);
+    assert_eq!(result(&r), ResultCode::UNSUPP_OPCODE);
+}
+
 #[test]
 fn rfc6887_s7_3_unknown_optional_option_is_ignored_and_not_echoed() {
     let mut s = server();
