@@ -72,6 +72,9 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+# The demo's mappings are the demo's: their nonces derive from a key of
+# its own, gone with it (portkeep --key-file).
+export PORTKEEP_KEY_FILE="$work/cli.key"
 
 ms() { date +%s%3N; }
 

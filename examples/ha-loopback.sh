@@ -29,6 +29,9 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
+# The demo's mappings are the demo's: their nonces derive from a key of
+# its own, gone with it (portkeep --key-file).
+export PORTKEEP_KEY_FILE="$work/cli.key"
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 

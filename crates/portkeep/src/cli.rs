@@ -104,6 +104,15 @@ pub(crate) struct Common {
     /// Print JSON instead of text (`list`: one array).
     #[arg(long, global = true)]
     pub(crate) json: bool,
+    /// The key this user's mapping nonces derive from (64 hex digits,
+    /// created on first use, mode 0600), so that running `map` again
+    /// renews the mapping and `delete` needs no `--nonce`. Default:
+    /// `$XDG_CONFIG_HOME/portkeep/cli.key`, else
+    /// `~/.config/portkeep/cli.key`; the environment variable
+    /// PORTKEEP_KEY_FILE when the option is absent. Empty: no key, a
+    /// fresh random nonce every run.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub(crate) key_file: Option<std::path::PathBuf>,
     /// Speak NAT-PMP (RFC 6886) instead of PCP: `map` and `delete` of
     /// tcp or udp, `announce` for the external address. Without it, a
     /// server that answers PCP as a NAT-PMP-only gateway is asked again
@@ -173,8 +182,10 @@ pub(crate) struct MappingArgs {
     /// failover (CHECKPOINT_REQUIRED, RFC 7767).
     #[arg(long)]
     pub(crate) checkpoint: bool,
-    /// Mapping nonce, 24 hex digits: reuse the one printed by an earlier
-    /// run to renew its mapping. Random when omitted.
+    /// Mapping nonce, 24 hex digits. When omitted it is derived from the
+    /// key file (`--key-file`), the server, the protocol, the internal
+    /// address and port (and the remote peer of a PEER): the same command
+    /// renews the same mapping.
     #[arg(long, value_name = "HEX", value_parser = parse::nonce)]
     pub(crate) nonce: Option<Nonce>,
 }
@@ -211,7 +222,8 @@ pub(crate) struct DeleteArgs {
     #[arg(value_name = "INTERNAL_PORT")]
     pub(crate) internal_port: u16,
     /// The nonce the mapping was created with (24 hex digits); PCP needs
-    /// it (RFC 6887 section 11.3), NAT-PMP has none.
+    /// it (RFC 6887 section 11.3). When omitted, the one `map` derives
+    /// from the key file; NAT-PMP has none.
     #[arg(long, value_name = "HEX", value_parser = parse::nonce)]
     pub(crate) nonce: Option<Nonce>,
     /// Delete on behalf of this internal host (THIRD_PARTY option).

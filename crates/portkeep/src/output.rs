@@ -188,6 +188,17 @@ pub(crate) fn report(common: &Common, plan: &Plan, result: &Result<Reply, Client
                 print_human(plan, reply);
             }
             eprintln!("error: {message}");
+            if reply.result() == portkeep_proto::ResultCode::NOT_AUTHORIZED
+                && plan.builder.nonce_value().is_some()
+            {
+                // RFC 6887 section 11.3: the mapping exists under another
+                // nonce.
+                eprintln!(
+                    "hint: the server holds this mapping under another nonce: it was made by \
+                     another client, with another key file (--key-file), or with --nonce; renew \
+                     or delete it with the nonce it was made with (--nonce), or let it expire"
+                );
+            }
             return exit::PCP_ERROR;
         }
         ClientError::Timeout { .. } => (exit::TIMEOUT, "timeout"),

@@ -43,6 +43,18 @@ pub(crate) fn run(cli: Cli) -> ExitCode {
             Err(why) => exit::clap_error(&Cli::command().error(ErrorKind::ArgumentConflict, why)),
         };
     }
+    let mut command = cli.command;
+    let derived = match derive_nonce(&cli.common, &mut command) {
+        Ok(d) => d,
+        Err(why) => {
+            eprintln!("error: {why}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    let mut cli = Cli {
+        common: cli.common,
+        command,
+    };
     let plan = match plan(&cli.command, cli.common.server) {
         Ok(p) => p,
         Err(e) => return exit::clap_error(&e),
@@ -51,7 +63,11 @@ pub(crate) fn run(cli: Cli) -> ExitCode {
     if let Err(ClientError::UnsupportedVersion { version: 0, .. }) = &result {
         // RFC 6887 section 9 step 4 and RFC 6886 section 1.1: a
         // NAT-PMP-only gateway; ask again in NAT-PMP if the request can
-        // be said in it (and try PCP first again next time).
+        // be said in it (and try PCP first again next time). NAT-PMP has
+        // no nonce: the derived one goes.
+        if derived {
+            clear_nonce(&mut cli.command);
+        }
         if let Ok(req) = crate::natpmp::request_for(&cli.command) {
             eprintln!(
                 "note: {} answers NAT-PMP only: asking in NAT-PMP",
@@ -61,6 +77,110 @@ pub(crate) fn run(cli: Cli) -> ExitCode {
         }
     }
     ExitCode::from(output::report(&cli.common, &plan, &result))
+}
+
+/// Fills in the nonce of a MAP, PEER or delete given without `--nonce`:
+/// derived from the user's key (`--key-file`) and what names the mapping
+/// to this client (the server, the protocol, the internal address and
+/// port, and a PEER's remote peer), so that the same command run again
+/// renews the mapping (RFC 6887 section 11.3: a renewal needs the
+/// creator's nonce) and `delete` finds it. The nonce stays unpredictable
+/// to others (section 11.1) as long as the key is secret.
+/// Returns whether it did.
+fn derive_nonce(common: &Common, command: &mut Command) -> Result<bool, String> {
+    let (mapping, remote) = match command {
+        Command::Map(a) if a.mapping.nonce.is_none() => (&mut a.mapping, None),
+        Command::Peer(a) if a.mapping.nonce.is_none() => (&mut a.mapping, Some(a.remote)),
+        Command::Delete(a) if a.nonce.is_none() => {
+            let n = nonce_for(common, a.proto, a.internal_port, a.third_party, None)?;
+            a.nonce = Some(n);
+            return Ok(true);
+        }
+        _ => return Ok(false),
+    };
+    let n = nonce_for(
+        common,
+        mapping.proto,
+        mapping.internal_port,
+        mapping.third_party,
+        remote,
+    )?;
+    mapping.nonce = Some(n);
+    Ok(true)
+}
+
+fn clear_nonce(command: &mut Command) {
+    match command {
+        Command::Map(a) => a.mapping.nonce = None,
+        Command::Peer(a) => a.mapping.nonce = None,
+        Command::Delete(a) => a.nonce = None,
+        _ => {}
+    }
+}
+
+fn nonce_for(
+    common: &Common,
+    proto: portkeep_proto::Protocol,
+    port: u16,
+    third_party: Option<IpAddr>,
+    remote: Option<SocketAddr>,
+) -> Result<portkeep_proto::Nonce, String> {
+    use crate::agent::store::AgentKey;
+    let key = match key_path(common)? {
+        None => AgentKey::ephemeral(),
+        Some(path) => AgentKey::load_or_create_file(&path)
+            .map_err(|e| format!("key file {}: {e} (--key-file)", path.display()))?,
+    };
+    let internal = match third_party {
+        Some(ip) => ip,
+        None => source_ip(common)?,
+    };
+    let name = match remote {
+        None => format!("cli {}", common.server),
+        Some(r) => format!("cli {} peer {r}", common.server),
+    };
+    Ok(key.nonce_for(&name, proto, port, Some(internal)))
+}
+
+/// The key file: `--key-file`, else `PORTKEEP_KEY_FILE`, else the XDG
+/// config directory's
+/// `portkeep/cli.key`; `None` when given empty (no key).
+fn key_path(common: &Common) -> Result<Option<std::path::PathBuf>, String> {
+    let given = common
+        .key_file
+        .clone()
+        .or_else(|| std::env::var_os("PORTKEEP_KEY_FILE").map(std::path::PathBuf::from));
+    if let Some(p) = given {
+        return Ok((!p.as_os_str().is_empty()).then_some(p));
+    }
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| std::path::Path::new(&h).join(".config"))
+        })
+        .ok_or("no --key-file, and neither XDG_CONFIG_HOME nor HOME is set")?;
+    Ok(Some(base.join("portkeep").join("cli.key")))
+}
+
+/// The address requests to the server leave from (`--source`, or the
+/// one the system routes from): the internal address of the mapping.
+fn source_ip(common: &Common) -> Result<IpAddr, String> {
+    if let Some(ip) = common.source {
+        return Ok(ip);
+    }
+    let any: IpAddr = match common.server {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let sock = std::net::UdpSocket::bind(SocketAddr::new(any, 0))
+        .and_then(|s| s.connect(common.server).map(|()| s))
+        .map_err(|e| format!("no route to {}: {e}", common.server))?;
+    sock.local_addr()
+        .map(|a| a.ip())
+        .map_err(|e| format!("no local address towards {}: {e}", common.server))
 }
 
 async fn execute(common: &Common, plan: &Plan) -> Result<Reply, ClientError> {

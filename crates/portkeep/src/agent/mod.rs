@@ -7,7 +7,7 @@
 pub(crate) mod api;
 mod daemon;
 mod policy;
-mod store;
+pub(crate) mod store;
 mod watch;
 
 use std::net::{IpAddr, SocketAddr};

@@ -72,6 +72,64 @@ impl AgentKey {
         }
     }
 
+    /// The key in file `path` (the CLI's, `portkeep --key-file`), created
+    /// on first use: the directories with mode 0700 and the file with
+    /// mode 0600, since whoever reads it can renew and delete this user's
+    /// mappings.
+    pub(crate) fn load_or_create_file(path: &Path) -> std::io::Result<AgentKey> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let bytes = hex::decode(text.trim()).ok();
+                let key: Option<[u8; 32]> = bytes.and_then(|b| b.try_into().ok());
+                key.map(AgentKey).ok_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("{} is not 64 hex digits", path.display()),
+                    )
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(dir)?;
+                }
+                let mut key = [0u8; 32];
+                rand::rngs::OsRng.fill_bytes(&mut key);
+                let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+                {
+                    let mut f = OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .mode(0o600)
+                        .open(&tmp)?;
+                    f.write_all(hex::encode(key).as_bytes())?;
+                    f.sync_all()?;
+                }
+                // Linked, not renamed: of two first runs at once, the
+                // first link wins and both read what it wrote.
+                let linked = std::fs::hard_link(&tmp, path);
+                let _ = std::fs::remove_file(&tmp);
+                match linked {
+                    Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+                    _ => {}
+                }
+                AgentKey::load_or_create_file(path)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A random key used once (no key file): its nonces repeat nothing.
+    pub(crate) fn ephemeral() -> AgentKey {
+        let mut key = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut key);
+        AgentKey(key)
+    }
+
     /// The nonce of one application's mapping: a ChaCha20 keystream under
     /// the agent key, on a stream chosen by (app, protocol, port). It is
     /// unpredictable to others (RFC 6887 section 11.1 asks for that) and
