@@ -645,7 +645,7 @@ impl Backup {
     /// backup that never completed a snapshot is a cold standby: every
     /// epoch resets.
     pub fn promote(self, now: Timestamp) -> Takeover {
-        let term = self.term + 1;
+        let term = self.term.saturating_add(1);
         if !self.has_state {
             return Takeover {
                 term,

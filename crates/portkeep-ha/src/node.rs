@@ -1202,7 +1202,11 @@ impl<R> Node<R> {
             Role::Standalone => Err(PromoteError::Standalone),
             Role::Backup => match self.handed_over {
                 Some((own, peer)) => Err(PromoteError::PeerFresher { own, peer }),
-                None => Ok(self.backup.as_ref().map_or(self.term, Backup::term) + 1),
+                None => Ok(self
+                    .backup
+                    .as_ref()
+                    .map_or(self.term, Backup::term)
+                    .saturating_add(1)),
             },
         }
     }

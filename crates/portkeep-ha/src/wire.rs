@@ -35,6 +35,11 @@ impl std::fmt::Display for Position {
     }
 }
 
+/// Terms at or above this are refused on the link ([`FrameError`]): far
+/// beyond any count of promotions, and so far below `u64::MAX` that the
+/// next term always exists.
+pub const MAX_TERM: Term = 1 << 62;
+
 /// The link protocol version this release speaks: 2 added the fields of a
 /// Hello after `now` and [`Message::Handover`]; 3 added
 /// [`Item::Requester`] and mapping records that name their THIRD_PARTY
@@ -671,7 +676,11 @@ impl Message {
             })
         })();
         match m {
-            Some(m) if r.0.is_empty() => Ok(m),
+            // A term no pair reaches (one per promotion) is refused: a peer
+            // that could make a node adopt one would leave it no higher
+            // term to fence with (found by fuzzing: u64::MAX overflowed
+            // the next promotion's term).
+            Some(m) if r.0.is_empty() && m.term() < MAX_TERM => Ok(m),
             _ => Err(bad),
         }
     }

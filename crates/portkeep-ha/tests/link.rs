@@ -1370,3 +1370,29 @@ fn draft_s2_6_no_lease_is_granted_while_an_acknowledgement_is_overdue() {
             .any(|m| matches!(m, Message::Lease { .. }))
     }));
 }
+
+/// Fencing needs a next term: a frame naming a term no pair reaches
+/// (u64::MAX, found by fuzzing the link: the next promotion's term
+/// overflowed) is malformed, the connection ends, and the node keeps its
+/// own term and can still be promoted above it.
+#[test]
+fn design_fencing_a_frame_with_an_unreachable_term_is_refused() {
+    let k = SubscriberKeying::default();
+    let mut b = Backup::new(3, k.clone());
+    b.connected(at(0));
+    for term in [u64::MAX, portkeep_ha::wire::MAX_TERM] {
+        let mut frame = Vec::new();
+        Message::Heartbeat { term, now: at(1) }.encode(&mut frame);
+        assert!(
+            Message::decode(&mut frame.clone(), &k).is_err(),
+            "term {term}"
+        );
+        assert!(b.handle_input(at(1), &frame).is_err(), "term {term}");
+    }
+    let mut ok = Vec::new();
+    let term = portkeep_ha::wire::MAX_TERM - 1;
+    Message::Heartbeat { term, now: at(1) }.encode(&mut ok);
+    assert!(Message::decode(&mut ok.clone(), &k).unwrap().is_some());
+    assert_eq!(b.term(), 3);
+    assert_eq!(b.promote(at(2)).term, 4);
+}

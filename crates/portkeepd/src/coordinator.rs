@@ -283,6 +283,13 @@ impl<'a> Session<'a> {
         ) else {
             return Err(format!("{} is not a record: {v}", self.key("record")));
         };
+        if term >= portkeep_ha::wire::MAX_TERM || pterm >= portkeep_ha::wire::MAX_TERM {
+            // As on the link: no next term would be left to fence with.
+            return Err(format!(
+                "{} names a term no pair reaches: {v}",
+                self.key("record")
+            ));
+        }
         Ok(Some(Record {
             term,
             position: Position { term: pterm, seq },
