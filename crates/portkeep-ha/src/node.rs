@@ -751,8 +751,8 @@ impl<R> Node<R> {
             sorted.push((reply, meta.grants, seq.max(meta.after), needs, made));
         }
         if !items.is_empty() {
-            let seq = top.max(sent + 1);
-            active.push_depending(now, seq, items, if depends == top { seq } else { depends });
+            // Streamed jobs are all past `sent`, so `top` is the position.
+            active.push_depending(now, top.max(sent + 1), items, depends);
         }
         // A reply with nothing of its own for the backup may still report
         // state that is: a retransmission answered again after the first
