@@ -433,16 +433,29 @@ impl<R> Held<R> {
     /// delay failed a check in the simulator, seeds 50872 and 66095).
     /// Shorter waits are the common case (the backup's acknowledgement)
     /// and skip the parse and encode.
-    fn release(self, now: Timestamp) -> Effect<R> {
-        let waited_ms = now.as_millis().saturating_sub(self.at.as_millis());
-        if waited_ms < RESTAMP_AFTER_MS {
-            Effect::Release(self.reply)
-        } else {
-            Effect::ReleaseAged {
-                reply: self.reply,
-                waited_ms,
-            }
-        }
+    ///
+    /// So is any reply made before an operator cleared mappings
+    /// ([`Node::cleared`]), however short its wait: what it grants may be
+    /// gone, and `Server::restamp` drops it then (RFC 6887 section 8.5: a
+    /// client that believes in a mapping the server lost can never learn
+    /// of it; simulator seeds 60350 and 90583).
+    fn release(self, now: Timestamp, cleared_at: Option<Timestamp>) -> Effect<R> {
+        release_made(self.reply, self.at, now, cleared_at)
+    }
+}
+
+/// [`Held::release`] for a reply made at `made`.
+fn release_made<R>(
+    reply: R,
+    made: Timestamp,
+    now: Timestamp,
+    cleared_at: Option<Timestamp>,
+) -> Effect<R> {
+    let waited_ms = now.as_millis().saturating_sub(made.as_millis());
+    if waited_ms < RESTAMP_AFTER_MS && cleared_at.is_none_or(|c| made > c) {
+        Effect::Release(reply)
+    } else {
+        Effect::ReleaseAged { reply, waited_ms }
     }
 }
 
@@ -481,6 +494,8 @@ pub struct Node<R> {
     /// backup on this connection since its snapshot or resume (see
     /// [`Node::handle_commit`]); forgotten whenever that chain breaks.
     volatile_sent: HashMap<SubscriberId, (Vec<IpAddr>, Timestamp)>,
+    /// When an operator last cleared mappings ([`Node::cleared`]).
+    cleared_at: Option<Timestamp>,
     /// A deterministic hasher: runs replay exactly (simulator seeds).
     hasher: BuildHasherDefault<DefaultHasher>,
     effects: VecDeque<Effect<R>>,
@@ -526,6 +541,7 @@ impl<R> Node<R> {
             replicated: HashSet::new(),
             deferred: Vec::new(),
             volatile_sent: HashMap::new(),
+            cleared_at: None,
             hasher: BuildHasherDefault::default(),
             effects: VecDeque::new(),
             stats: NodeStats::default(),
@@ -662,11 +678,14 @@ impl<R> Node<R> {
             self.stats.dropped_deposed += jobs.len() as u64;
             return;
         }
+        let cleared_at = self.cleared_at;
         let Some(active) = self.active.as_mut() else {
             // Standalone, or active without a peer: nothing to wait for
             // (and the core honoured no check-point).
-            for (r, _) in jobs {
-                self.effects.push_back(Effect::Release(r));
+            for (r, meta) in jobs {
+                let made = meta.made.map_or(now, |m| m.min(now));
+                self.effects
+                    .push_back(release_made(r, made, now, cleared_at));
             }
             return;
         };
@@ -775,7 +794,8 @@ impl<R> Node<R> {
             if seq <= acked {
                 self.stats.released += 1;
                 self.stats.checkpoints_acked += grants.len() as u64;
-                self.effects.push_back(Effect::Release(reply));
+                self.effects
+                    .push_back(release_made(reply, made, now, cleared_at));
             } else if in_sync || (leased && grants.is_empty()) {
                 // In sync, or out of sync but leased: the backup may still
                 // be promoted hot, so nothing it has not heard of leaves
@@ -791,7 +811,8 @@ impl<R> Node<R> {
                 // backup learns the rest from the next snapshot, and a
                 // promotion now resets every epoch.
                 self.stats.released_unconfirmed += 1;
-                self.effects.push_back(Effect::Release(reply));
+                self.effects
+                    .push_back(release_made(reply, made, now, cleared_at));
             } else {
                 self.stats.checkpoints_rewritten += grants.len() as u64;
                 self.effects.push_back(Effect::Rewrite {
@@ -951,7 +972,7 @@ impl<R> Node<R> {
         for h in std::mem::take(&mut self.held) {
             if h.grants.is_empty() {
                 self.stats.released_unconfirmed += 1;
-                self.effects.push_back(h.release(now));
+                self.effects.push_back(h.release(now, self.cleared_at));
             } else {
                 self.stats.checkpoints_rewritten += h.grants.len() as u64;
                 self.effects.push_back(Effect::Rewrite {
@@ -1060,7 +1081,7 @@ impl<R> Node<R> {
                         if let Some(h) = self.held.pop_front() {
                             self.stats.released += 1;
                             self.stats.checkpoints_acked += h.grants.len() as u64;
-                            self.effects.push_back(h.release(now));
+                            self.effects.push_back(h.release(now, self.cleared_at));
                         }
                     }
                 }
@@ -1093,7 +1114,7 @@ impl<R> Node<R> {
                             self.held.push_back(h);
                         } else {
                             self.stats.released_unconfirmed += 1;
-                            self.effects.push_back(h.release(now));
+                            self.effects.push_back(h.release(now, self.cleared_at));
                         }
                     }
                 }
@@ -1179,6 +1200,14 @@ impl<R> Node<R> {
             term: self.term,
             seq: a.acked(),
         })
+    }
+
+    /// An operator cleared mappings at `now` (under the core's lock, before
+    /// any reply made after it): every reply made until then is restamped
+    /// at its release, which drops one that grants a mapping the clear
+    /// took (see [`Effect::ReleaseAged`]).
+    pub fn cleared(&mut self, now: Timestamp) {
+        self.cleared_at = Some(self.cleared_at.map_or(now, |c| c.max(now)));
     }
 
     /// A term above `floor` must be the next one this node acts in (an

@@ -795,3 +795,46 @@ fn draft_s2_6_1_a_renewal_that_extends_volatile_state_far_from_its_end_does_not_
     assert_eq!(released(&pump(&mut a, &mut b, at(100_011))), vec![15]);
     assert_eq!(a.stats().extensions_unawaited, 1);
 }
+
+/// RFC 6887 section 8.5 (a client that believes in a mapping the server
+/// lost can never learn of it): a reply made before an operator cleared
+/// mappings is restamped at its release however short its wait, so
+/// `Server::restamp` can drop one whose mapping the clear took (seed
+/// 90583: released 24 ms after it was made, 3 ms after the clear); a
+/// reply made after the clear leaves as it is.
+#[test]
+fn rfc6887_s8_5_replies_made_before_a_clear_are_restamped_at_release() {
+    let (mut a, mut b) = in_sync_pair();
+    let meta = a
+        .prepare(&upsert(1, mapping("198.51.100.1", 80, true)), vec![])
+        .made_at(at(10));
+    a.handle_commit(at(11), vec![(10, meta)]);
+    a.cleared(at(12));
+    let e = pump(&mut a, &mut b, at(13));
+    assert!(
+        e.iter().any(|e| matches!(
+            e,
+            Effect::ReleaseAged {
+                reply: 10,
+                waited_ms: 3
+            }
+        )),
+        "held across the clear: restamped, {e:?}"
+    );
+    // Committed after the clear, but made before it: restamped too.
+    let meta = a
+        .prepare(&upsert(2, mapping("198.51.100.1", 81, false)), vec![])
+        .made_at(at(12));
+    a.handle_commit(at(14), vec![(11, meta)]);
+    let e = effects(&mut a);
+    assert!(
+        matches!(e.as_slice(), [Effect::ReleaseAged { reply: 11, .. }]),
+        "{e:?}"
+    );
+    // Made after it: as it is.
+    let meta = a
+        .prepare(&upsert(3, mapping("198.51.100.1", 82, false)), vec![])
+        .made_at(at(15));
+    a.handle_commit(at(16), vec![(12, meta)]);
+    assert_eq!(released(&effects(&mut a)), vec![12]);
+}

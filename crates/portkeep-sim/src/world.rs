@@ -3307,6 +3307,7 @@ impl World {
         let cleared = self.nodes[n]
             .server
             .clear(ts, portkeep_server::ClearSelector::Subscriber(sub));
+        self.nodes[n].ha.cleared(ts);
         let removed: usize = cleared.iter().map(|c| c.mappings).sum();
         self.cleared.insert(sub, now);
         self.trace(format!(

@@ -273,6 +273,10 @@ fn clear_selected(shared: &Shared, which: ClearSelector) -> Value {
     let now = shared.clock.now();
     let mut core = shared.lock();
     let cleared = core.server.clear(now, which);
+    // Replies made before the clear and not yet sent are restamped, so one
+    // granting a mapping the clear took is dropped (lock order: the core,
+    // then the node).
+    shared.pair.node().cleared(now);
     let removed: usize = cleared.iter().map(|c| c.mappings).sum();
     // The core scheduled ANNOUNCEs to the hosts cleared and the
     // THIRD_PARTY clients that managed them: the first ones go now.
