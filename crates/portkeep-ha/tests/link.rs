@@ -1004,25 +1004,43 @@ fn requester(ip: &str, port: u16, anchor: Option<Timestamp>, volatile: bool) -> 
     }
 }
 
-#[test]
-fn link_version_2_backups_get_nothing_they_cannot_read() {
-    let k = SubscriberKeying::default();
-    let mut a = Active::new(3, ActiveConfig::default(), k.clone());
+/// An active of term 3 whose backup's Hello says link `version`.
+fn active_with_backup_of_version(version: u16) -> Active {
+    let mut a = Active::new(3, ActiveConfig::default(), SubscriberKeying::default());
     a.connected(at(0), seq_pos(10), false);
     let _ = a.poll_transmit();
-    // A backup of the release before: its Hello says version 2.
     let mut hello = Vec::new();
     Message::Hello {
         term: 3,
         active: false,
         applied: 0,
         now: at(0),
-        version: 2,
+        version,
         holds: portkeep_ha::Position::default(),
     }
     .encode(&mut hello);
     a.handle_input(at(0), &hello).unwrap();
-    assert_eq!(a.peer_version(), 2);
+    assert_eq!(a.peer_version(), version);
+    a
+}
+
+/// The items of the snapshot `a` wrote, as its backup reads them.
+fn snapshot_items_sent(a: &mut Active, k: &SubscriberKeying) -> Vec<Item> {
+    let mut bytes = a.poll_transmit().unwrap();
+    let mut items = Vec::new();
+    while let Some(m) = Message::decode(&mut bytes, k).unwrap() {
+        if let Message::SnapshotPart { items: it, .. } = m {
+            items.extend(it);
+        }
+    }
+    items
+}
+
+#[test]
+fn link_version_2_backups_get_nothing_they_cannot_read() {
+    let k = SubscriberKeying::default();
+    // A backup of the release before: its Hello says version 2.
+    let mut a = active_with_backup_of_version(2);
     a.send_snapshot(
         at(1),
         10,
@@ -1032,13 +1050,7 @@ fn link_version_2_backups_get_nothing_they_cannot_read() {
             requester("10.1.0.1", 41_000, None, true),
         ],
     );
-    let mut bytes = a.poll_transmit().unwrap();
-    let mut items = Vec::new();
-    while let Some(m) = Message::decode(&mut bytes, &k).unwrap() {
-        if let Message::SnapshotPart { items: it, .. } = m {
-            items.extend(it);
-        }
-    }
+    let items = snapshot_items_sent(&mut a, &k);
     // No requester item (type 7), and the record without its manager,
     // in record version 1, the only one a version-2 reader accepts.
     assert_eq!(
@@ -1277,21 +1289,7 @@ fn draft_s2_6_1_a_hot_takeover_after_volatile_state_ended_resets_nothing() {
 #[test]
 fn link_version_3_backups_get_volatile_state_without_its_end() {
     let k = SubscriberKeying::default();
-    let mut a = Active::new(3, ActiveConfig::default(), k.clone());
-    a.connected(at(0), seq_pos(10), false);
-    let _ = a.poll_transmit();
-    let mut hello = Vec::new();
-    Message::Hello {
-        term: 3,
-        active: false,
-        applied: 0,
-        now: at(0),
-        version: 3,
-        holds: portkeep_ha::Position::default(),
-    }
-    .encode(&mut hello);
-    a.handle_input(at(0), &hello).unwrap();
-    assert_eq!(a.peer_version(), 3);
+    let mut a = active_with_backup_of_version(3);
     let host: IpAddr = "198.51.100.2".parse().unwrap();
     let volatile = Item::Volatile {
         subscriber: k.subscriber_of(host),
@@ -1314,13 +1312,7 @@ fn link_version_3_backups_get_volatile_state_without_its_end() {
             },
         ],
     );
-    let mut bytes = a.poll_transmit().unwrap();
-    let mut items = Vec::new();
-    while let Some(m) = Message::decode(&mut bytes, &k).unwrap() {
-        if let Message::SnapshotPart { items: it, .. } = m {
-            items.extend(it);
-        }
-    }
+    let items = snapshot_items_sent(&mut a, &k);
     let never = Timestamp(u64::MAX);
     assert_eq!(
         items[1..],

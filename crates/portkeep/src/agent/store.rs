@@ -52,21 +52,11 @@ impl AgentKey {
     pub(crate) fn load_or_create(dir: &Path) -> std::io::Result<AgentKey> {
         let path = dir.join(KEY_FILE);
         match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                let bytes = hex::decode(text.trim()).ok();
-                let key: Option<[u8; 32]> = bytes.and_then(|b| b.try_into().ok());
-                key.map(AgentKey).ok_or_else(|| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("{} is not 64 hex digits", path.display()),
-                    )
-                })
-            }
+            Ok(text) => AgentKey::parse(&text, &path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut key = [0u8; 32];
-                rand::rngs::OsRng.fill_bytes(&mut key);
-                write_atomically(&path, hex::encode(key).as_bytes())?;
-                Ok(AgentKey(key))
+                let key = AgentKey::ephemeral();
+                write_atomically(&path, hex::encode(key.0).as_bytes())?;
+                Ok(key)
             }
             Err(e) => Err(e),
         }
@@ -78,16 +68,7 @@ impl AgentKey {
     /// mappings.
     pub(crate) fn load_or_create_file(path: &Path) -> std::io::Result<AgentKey> {
         match std::fs::read_to_string(path) {
-            Ok(text) => {
-                let bytes = hex::decode(text.trim()).ok();
-                let key: Option<[u8; 32]> = bytes.and_then(|b| b.try_into().ok());
-                key.map(AgentKey).ok_or_else(|| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("{} is not 64 hex digits", path.display()),
-                    )
-                })
-            }
+            Ok(text) => AgentKey::parse(&text, path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -96,8 +77,7 @@ impl AgentKey {
                         .mode(0o700)
                         .create(dir)?;
                 }
-                let mut key = [0u8; 32];
-                rand::rngs::OsRng.fill_bytes(&mut key);
+                let key = AgentKey::ephemeral();
                 let tmp = path.with_extension(format!("tmp{}", std::process::id()));
                 {
                     let mut f = OpenOptions::new()
@@ -106,7 +86,7 @@ impl AgentKey {
                         .truncate(true)
                         .mode(0o600)
                         .open(&tmp)?;
-                    f.write_all(hex::encode(key).as_bytes())?;
+                    f.write_all(hex::encode(key.0).as_bytes())?;
                     f.sync_all()?;
                 }
                 // Linked, not renamed: of two first runs at once, the
@@ -128,6 +108,18 @@ impl AgentKey {
         let mut key = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut key);
         AgentKey(key)
+    }
+
+    /// A key file's text: 64 hex digits (surrounding space ignored).
+    fn parse(text: &str, path: &Path) -> std::io::Result<AgentKey> {
+        let bytes = hex::decode(text.trim()).ok();
+        let key: Option<[u8; 32]> = bytes.and_then(|b| b.try_into().ok());
+        key.map(AgentKey).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} is not 64 hex digits", path.display()),
+            )
+        })
     }
 
     /// The nonce of one application's mapping: a ChaCha20 keystream under
