@@ -339,6 +339,14 @@ fn sorted_hosts(hosts: &[(IpAddr, u32)]) -> Vec<IpAddr> {
     v
 }
 
+/// A granted lifetime shortened by a hold of `waited_ms`, rounded up to
+/// whole seconds, so the client's mapping never outlives the server's
+/// (never below one second: zero would read as a delete).
+fn lifetime_after_wait(lifetime: u32, waited_ms: u64) -> u32 {
+    let waited = u32::try_from(waited_ms.div_ceil(1000)).unwrap_or(u32::MAX);
+    lifetime.saturating_sub(waited).max(1)
+}
+
 /// Size of `idle_buckets` below which it is never swept.
 const IDLE_SWEEP_MIN: usize = 1024;
 
@@ -1278,8 +1286,7 @@ impl Server {
         }
         r.header.epoch = self.requester_epoch(now, to);
         if r.header.lifetime > 0 {
-            let waited = u32::try_from(waited_ms.div_ceil(1000)).unwrap_or(u32::MAX);
-            r.header.lifetime = r.header.lifetime.saturating_sub(waited).max(1);
+            r.header.lifetime = lifetime_after_wait(r.header.lifetime, waited_ms);
         }
         let mut out = Vec::with_capacity(reply.len());
         r.encode(cp, &mut out).ok()?;

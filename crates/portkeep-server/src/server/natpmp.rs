@@ -96,8 +96,7 @@ impl Server {
                     if !held {
                         return None;
                     }
-                    let waited = u32::try_from(waited_ms.div_ceil(1000)).unwrap_or(u32::MAX);
-                    lifetime = lifetime.saturating_sub(waited).max(1);
+                    lifetime = super::lifetime_after_wait(lifetime, waited_ms);
                 }
                 NatPmpReply::Map {
                     protocol,
