@@ -1300,10 +1300,16 @@ fn extends_far_enough(
         (Some((h, end)), Some(room)) => h == hosts && until > end && *end >= now + room,
         _ => false,
     };
-    if hosts.is_empty() {
-        sent.remove(subscriber);
-    } else {
-        sent.insert(*subscriber, (hosts.clone(), *until));
+    match sent.get_mut(subscriber) {
+        _ if hosts.is_empty() => {
+            sent.remove(subscriber);
+        }
+        // The common case, a renewal: only the end moves, nothing is
+        // allocated.
+        Some((h, end)) if h == hosts => *end = *until,
+        _ => {
+            sent.insert(*subscriber, (hosts.clone(), *until));
+        }
     }
     far
 }
