@@ -109,7 +109,7 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked --quiet
 fi
 corpus=$(mktemp -d)
-for target in request response natpmp auth link records; do
+for target in $(RUSTC_BOOTSTRAP=1 cargo fuzz list); do
     mkdir -p "$corpus/$target"
     # cargo-fuzz needs nightly-only flags; RUSTC_BOOTSTRAP lets the stable
     # toolchain accept them (docs/fuzzing.md). New inputs go to the

@@ -17,10 +17,14 @@ fuzz_target!(|data: &[u8]| {
     if let Some(reply) = NatPmpReply::parse(data) {
         let mut out = Vec::new();
         reply.encode(&mut out);
-        assert_eq!(NatPmpReply::parse(&out).map(|r| {
-            let mut again = Vec::new();
-            r.encode(&mut again);
-            again
-        }), Some(out.clone()), "re-encoding is stable");
+        assert_eq!(
+            NatPmpReply::parse(&out).map(|r| {
+                let mut again = Vec::new();
+                r.encode(&mut again);
+                again
+            }),
+            Some(out.clone()),
+            "re-encoding is stable"
+        );
     }
 });

@@ -27,6 +27,10 @@ fuzz_target!(|data: &[u8]| {
     if let Some(items) = decode_items(data, &keying) {
         let mut out = Vec::new();
         encode_items(&items, &mut out);
-        assert_eq!(decode_items(&out, &keying), Some(items), "item list round trip");
+        assert_eq!(
+            decode_items(&out, &keying),
+            Some(items),
+            "item list round trip"
+        );
     }
 });

@@ -24,6 +24,7 @@ use crate::prefix::{canonical, Prefix};
 use crate::table::{AllocError, Entry, Extra, Id, Pool, Suggestion, Table};
 use crate::{ServerConfig, SubscriberId, Timestamp};
 
+mod invariants;
 mod natpmp;
 pub use natpmp::NATPMP_NONCE;
 

@@ -757,4 +757,211 @@ impl Table {
             manager: extra.and_then(|x| x.manager),
         })
     }
+
+    /// Whether every index agrees with the entries and bindings: the
+    /// GET/NEXT order holds exactly the MAP entries under their binding's
+    /// key, the expiry index exactly the entries' expiries, and no
+    /// external endpoint is held by two bindings (RFC 6887 section 11.3:
+    /// an external port belongs to one internal endpoint). For tests and
+    /// fuzzing; linear in the table.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        let mut maps = 0usize;
+        let mut flows: HashMap<(Id, SocketAddr), Id> = HashMap::new();
+        let mut map_of: HashMap<Id, Id> = HashMap::new();
+        for (id, e) in self.entries.iter() {
+            let b = self
+                .bindings
+                .get(e.binding)
+                .ok_or_else(|| format!("entry {id} names missing binding {}", e.binding))?;
+            if !self.expiry.contains(&(e.expires, id)) {
+                return Err(format!("entry {id} is not in the expiry index"));
+            }
+            match e.remote() {
+                None => {
+                    maps += 1;
+                    if b.map_entry != Some(id) {
+                        return Err(format!(
+                            "binding {} does not name its MAP entry {id}",
+                            e.binding
+                        ));
+                    }
+                    if self.order.get(&self.order_key_of(b)) != Some(&id) {
+                        return Err(format!("MAP entry {id} is not in the GET/NEXT order"));
+                    }
+                    map_of.insert(e.binding, id);
+                }
+                Some(r) => {
+                    if flows.insert((e.binding, r), id).is_some() {
+                        return Err(format!(
+                            "two PEER entries for binding {} and {r}",
+                            e.binding
+                        ));
+                    }
+                }
+            }
+        }
+        if self.order.len() != maps {
+            return Err(format!(
+                "GET/NEXT order has {} keys for {maps} MAP entries",
+                self.order.len()
+            ));
+        }
+        if self.expiry.len() != self.entries.len {
+            return Err(format!(
+                "expiry index has {} for {} entries",
+                self.expiry.len(),
+                self.entries.len
+            ));
+        }
+        if flows != self.peer_by_flow {
+            return Err("the PEER flow index differs from the PEER entries".into());
+        }
+        let mut peers_of: HashMap<Id, usize> = HashMap::new();
+        for (b, _) in flows.keys() {
+            *peers_of.entry(*b).or_default() += 1;
+        }
+        let mut held: HashMap<(u16, u16), Vec<(Protocol, Id)>> = HashMap::new();
+        let mut on_addr = vec![0u32; self.on_addr.len()];
+        for (id, b) in self.bindings.iter() {
+            if b.map_entry != map_of.get(&id).copied() {
+                return Err(format!(
+                    "binding {id} names a MAP entry that is not its own"
+                ));
+            }
+            let peers = peers_of.get(&id).copied().unwrap_or(0);
+            if b.peers as usize != peers {
+                return Err(format!(
+                    "binding {id} counts {} PEERs, has {peers}",
+                    b.peers
+                ));
+            }
+            if b.map_entry.is_none() && peers == 0 {
+                return Err(format!("binding {id} is held by nothing"));
+            }
+            if self.binding_of(&b.key) != Some(id) {
+                return Err(format!("binding {id} is not found by its internal key"));
+            }
+            let n = on_addr
+                .get_mut(usize::from(b.ext_ip))
+                .ok_or_else(|| format!("binding {id} is on no pool address"))?;
+            *n += 1;
+            if b.ext_port == 0 {
+                if self.whole[usize::from(b.ext_ip)] != Some(id) {
+                    return Err(format!("whole-address binding {id} is not recorded"));
+                }
+            } else if self.binding_at_ext(b.ext()) != Some(id) {
+                return Err(format!(
+                    "binding {id} is not found by its external endpoint"
+                ));
+            }
+            let here = held.entry((b.ext_ip, b.ext_port)).or_default();
+            if here.iter().any(|(p, _)| {
+                *p == b.key.protocol || *p == Protocol::ALL || b.key.protocol == Protocol::ALL
+            }) {
+                return Err(format!(
+                    "external {}:{} held twice",
+                    self.pool_ip(b.ext_ip),
+                    b.ext_port
+                ));
+            }
+            here.push((b.key.protocol, id));
+        }
+        for (ip, whole) in self.whole.iter().enumerate() {
+            if whole.is_some() && on_addr[ip] != 1 {
+                return Err(format!(
+                    "an address held whole has {} bindings",
+                    on_addr[ip]
+                ));
+            }
+        }
+        if on_addr != self.on_addr {
+            return Err("per-address binding counts are off".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table_with_one_map() -> (Table, Id) {
+        let mut t = Table::new(
+            Pool {
+                addrs: vec![IpAddr::from([192, 0, 2, 1])],
+                port_lo: 2000,
+                port_hi: 2003,
+            },
+            7,
+        );
+        let key = MappingKey {
+            internal_ip: IpAddr::from([10, 0, 0, 1]),
+            protocol: Protocol::TCP,
+            internal_port: 80,
+        };
+        let s = Suggestion {
+            ip: None,
+            port: 0,
+            prefer_failure: false,
+        };
+        let binding = t.bind(key, s).unwrap();
+        let id = t.insert(Entry {
+            binding,
+            lifetime: 60,
+            expires: Timestamp(60_000),
+            nonce: [1; 12],
+            checkpoint: false,
+            replicated: false,
+            third_party: false,
+            extra: None,
+        });
+        (t, id)
+    }
+
+    #[test]
+    fn draft_s4_3_a_table_whose_get_order_lost_a_mapping_fails_its_check() {
+        let (mut t, id) = table_with_one_map();
+        assert_eq!(t.check(), Ok(()));
+        t.order.clear();
+        let e = t.check().unwrap_err();
+        assert!(
+            e.contains(&format!("MAP entry {id} is not in the GET/NEXT order")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn rfc6887_s11_3_an_external_port_held_twice_fails_the_check() {
+        let (mut t, _) = table_with_one_map();
+        let ext = t.bindings.iter().next().map(|(_, b)| b.ext_port).unwrap();
+        let key = MappingKey {
+            internal_ip: IpAddr::from([10, 0, 0, 2]),
+            protocol: Protocol::TCP,
+            internal_port: 80,
+        };
+        // Forced past the allocator onto the port the first binding holds.
+        let b = t.insert_binding(key, 0, ext);
+        t.insert(Entry {
+            binding: b,
+            lifetime: 60,
+            expires: Timestamp(60_000),
+            nonce: [2; 12],
+            checkpoint: false,
+            replicated: false,
+            third_party: false,
+            extra: None,
+        });
+        let e = t.check().unwrap_err();
+        assert!(
+            e.contains("held twice") || e.contains("not found by its external"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_expiry_index_must_follow_the_entries() {
+        let (mut t, _) = table_with_one_map();
+        t.expiry.clear();
+        assert!(t.check().unwrap_err().contains("expiry index"));
+    }
 }

@@ -61,6 +61,7 @@ proptest! {
         let mut out = Vec::new();
         let o = s.handle(Timestamp(0), "198.51.100.1:5000".parse().unwrap(), &bytes, &mut out);
         check_reply(o, &out);
+        s.check_invariants().unwrap();
     }
 
     #[test]
@@ -81,6 +82,7 @@ proptest! {
         let mut out = Vec::new();
         let o = s.handle(Timestamp(0), SocketAddr::new(client, 5000), &m, &mut out);
         check_reply(o, &out);
+        s.check_invariants().unwrap();
     }
 }
 
@@ -107,6 +109,7 @@ fn design_flood_of_requests_stays_within_quota() {
         }
     }
     assert_eq!(s.mapping_count(), 1000, "server-wide cap");
+    s.check_invariants().unwrap();
     let per_host = s.mappings().into_iter().fold(
         std::collections::HashMap::<IpAddr, u32>::new(),
         |mut m, r| {

@@ -542,6 +542,8 @@ struct SimNode {
     /// Which mappings hold each external endpoint (invariant 4).
     owners: HashMap<(u8, SocketAddr), Vec<(MapKey, SubscriberId)>>,
     full_check_at: u64,
+    /// When the table's own check (`Server::check_invariants`) next runs.
+    table_check_at: u64,
     dirty: bool,
     fail_next_fsync: bool,
     was_serving: bool,
@@ -811,6 +813,7 @@ impl World {
                 shadow: HashMap::new(),
                 owners: HashMap::new(),
                 full_check_at: 0,
+                table_check_at: 0,
                 dirty: true,
                 fail_next_fsync: false,
                 was_serving: false,
@@ -3205,7 +3208,16 @@ impl World {
             if !self.nodes[n].up {
                 continue;
             }
-            // 4 is checked as the log is applied to the shadow.
+            // 4 is checked as the log is applied to the shadow, and every
+            // 5 virtual seconds with the table's own check (linear in the
+            // table: every step would double the soak's time).
+            if now >= self.nodes[n].table_check_at {
+                self.nodes[n].table_check_at = now + 5_000;
+                if let Err(e) = self.nodes[n].server.check_invariants() {
+                    let what = format!("node {}: {e}", self.nodes[n].name);
+                    self.violation(Invariant::UniqueExternal, what);
+                }
+            }
             self.nodes[n].dirty = false;
             let held = self.nodes[n].ha.held();
             let q = self.nodes[n].store.queue.len();

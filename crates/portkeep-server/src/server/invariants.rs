@@ -1,0 +1,149 @@
+//! The server's own consistency, checked from outside: what the fuzz
+//! target and the property tests assert after every step.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use super::Server;
+use crate::{SubscriberId, Timestamp};
+
+impl Server {
+    /// Whether the table and every count kept beside it agree: the table's
+    /// indices (the GET/NEXT order equal to the MAP entries, no external
+    /// endpoint held twice), each subscriber's mapping and check-point
+    /// counts against the entries and within its quotas (RFC 6887 section
+    /// 17.2; RFC 7767 section 3.2), and the volatile state a backup is told
+    /// of (failure-scenarios draft section 2.6.1) against the mappings
+    /// that are not replicated. Linear in the table: for tests and fuzzing,
+    /// not for the serving path. The error names the first disagreement.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.table.check()?;
+        let keying = &self.cfg.subscriber_keying;
+        let mut per_sub: HashMap<SubscriberId, (u32, u32)> = HashMap::new();
+        let mut volatile: HashMap<SubscriberId, (Vec<IpAddr>, Vec<Timestamp>)> = HashMap::new();
+        let mut managed: HashMap<IpAddr, u32> = HashMap::new();
+        let mut checkpointed = 0u32;
+        for (_, e) in self.table.entries.iter() {
+            let b = self
+                .table
+                .bindings
+                .get(e.binding)
+                .ok_or("an entry without a binding")?;
+            let sub = keying.subscriber_of(b.key.internal_ip);
+            let counts = per_sub.entry(sub).or_default();
+            counts.0 += 1;
+            if e.checkpoint {
+                counts.1 += 1;
+                checkpointed += 1;
+            }
+            if !e.replicated {
+                let v = volatile.entry(sub).or_default();
+                v.0.push(b.key.internal_ip);
+                v.1.push(e.expires);
+            }
+            if let Some(m) = e.manager() {
+                *managed.entry(m).or_default() += 1;
+            }
+        }
+        if self.table.len() > self.cfg.max_mappings as usize {
+            return Err(format!(
+                "{} mappings, more than max_mappings {}",
+                self.table.len(),
+                self.cfg.max_mappings
+            ));
+        }
+        if checkpointed != self.checkpointed {
+            return Err(format!(
+                "{checkpointed} check-pointed mappings, counted {}",
+                self.checkpointed
+            ));
+        }
+        if checkpointed > self.cfg.checkpoint.max_mappings {
+            return Err(format!(
+                "{checkpointed} check-pointed mappings, more than the server's {}",
+                self.cfg.checkpoint.max_mappings
+            ));
+        }
+        for (sub, state) in &self.subscribers {
+            let (n, cp) = per_sub.get(sub).copied().unwrap_or_default();
+            if (state.mappings, state.checkpointed) != (n, cp) {
+                return Err(format!(
+                    "subscriber {sub:?} counts {} mappings ({} check-pointed), holds {n} ({cp})",
+                    state.mappings, state.checkpointed
+                ));
+            }
+        }
+        for (sub, (n, cp)) in &per_sub {
+            if !self.subscribers.contains_key(sub) {
+                return Err(format!(
+                    "subscriber {sub:?} holds {n} mappings but is not counted"
+                ));
+            }
+            if *n > self.cfg.max_mappings_per_subscriber {
+                return Err(format!(
+                    "subscriber {sub:?} holds {n} mappings, more than its quota {}",
+                    self.cfg.max_mappings_per_subscriber
+                ));
+            }
+            if let Some(max) = self.checkpoint_class_of(*sub).and_then(|c| c.max) {
+                if *cp > max {
+                    return Err(format!(
+                        "subscriber {sub:?} holds {cp} check-pointed mappings, more than its class's {max}"
+                    ));
+                }
+            }
+        }
+        for (sub, set) in &self.volatile {
+            let Some((hosts, ends)) = volatile.get(sub) else {
+                return Err(format!(
+                    "subscriber {sub:?} has volatile state but no volatile mapping"
+                ));
+            };
+            let mut counted: Vec<IpAddr> = set
+                .hosts
+                .iter()
+                .flat_map(|(h, n)| std::iter::repeat_n(*h, *n as usize))
+                .collect();
+            let mut hosts = hosts.clone();
+            counted.sort_unstable();
+            hosts.sort_unstable();
+            if counted != hosts {
+                return Err(format!(
+                    "subscriber {sub:?}'s volatile hosts differ from its mappings"
+                ));
+            }
+            let mut kept = set.expiries.all.clone();
+            let mut ends = ends.clone();
+            kept.sort_unstable();
+            ends.sort_unstable();
+            if kept != ends {
+                return Err(format!(
+                    "subscriber {sub:?}'s volatile ends differ from its mappings"
+                ));
+            }
+            if set.expiries.latest() != ends.last().copied() {
+                return Err(format!("subscriber {sub:?}'s latest volatile end is stale"));
+            }
+        }
+        if let Some(sub) = volatile.keys().find(|s| !self.volatile.contains_key(*s)) {
+            return Err(format!(
+                "subscriber {sub:?}'s volatile mappings are not tracked"
+            ));
+        }
+        for (ip, r) in &self.requesters {
+            let n = managed.get(ip).copied().unwrap_or(0);
+            if r.mappings != n {
+                return Err(format!(
+                    "THIRD_PARTY client {ip} counts {} mappings, manages {n}",
+                    r.mappings
+                ));
+            }
+        }
+        if let Some(ip) = managed.keys().find(|ip| !self.requesters.contains_key(*ip)) {
+            return Err(format!(
+                "THIRD_PARTY client {ip} manages mappings but is not tracked"
+            ));
+        }
+        Ok(())
+    }
+}
