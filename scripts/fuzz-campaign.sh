@@ -32,8 +32,10 @@ for t in "${targets[@]}"; do
     log="fuzz/logs/$t.log"
     echo "== $t: ${seconds} s, log $log"
     start=$(date +%s)
+    dict=()
+    [ -f "fuzz/dicts/$t.dict" ] && dict=(-dict="fuzz/dicts/$t.dict")
     if ! RUSTC_BOOTSTRAP=1 cargo fuzz run "$t" "$corpus/$t" "fuzz/seeds/$t" -- \
-        -max_total_time="$seconds" -print_final_stats=1 >"$log" 2>&1; then
+        -max_total_time="$seconds" -print_final_stats=1 "${dict[@]}" >"$log" 2>&1; then
         tail -n 40 "$log"
         echo "!! $t found something: see fuzz/artifacts/$t/" >&2
         exit 1

@@ -114,8 +114,10 @@ for target in $(RUSTC_BOOTSTRAP=1 cargo fuzz list); do
     # cargo-fuzz needs nightly-only flags; RUSTC_BOOTSTRAP lets the stable
     # toolchain accept them (docs/fuzzing.md). New inputs go to the
     # temporary corpus, never into the checked-in seeds.
+    dict=()
+    [ -f "fuzz/dicts/$target.dict" ] && dict=(-dict="fuzz/dicts/$target.dict")
     RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" "$corpus/$target" "fuzz/seeds/$target" -- \
-        -max_total_time=10 2>&1 | tail -n 2
+        -max_total_time=10 "${dict[@]}" 2>&1 | tail -n 2
 done
 
 step "all tests passed"

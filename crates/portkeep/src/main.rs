@@ -9,13 +9,13 @@ mod cli;
 mod exit;
 mod natpmp;
 mod output;
-mod parse;
 mod retrieve;
 mod run;
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use portkeep::parse;
 
 fn main() -> ExitCode {
     match cli::Cli::try_parse() {

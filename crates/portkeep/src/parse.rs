@@ -8,7 +8,7 @@ use portkeep_proto::{Filter, Nonce, Protocol, NONCE_LEN, SERVER_PORT};
 
 /// `tcp`, `udp`, another protocol name, `all` (0), or a number 0-255
 /// (RFC 6887 section 11.1 carries the IANA protocol number).
-pub(crate) fn protocol(s: &str) -> Result<Protocol, String> {
+pub fn protocol(s: &str) -> Result<Protocol, String> {
     let named = match s.to_ascii_lowercase().as_str() {
         "all" => Some(Protocol::ALL),
         "tcp" => Some(Protocol::TCP),
@@ -29,7 +29,7 @@ pub(crate) fn protocol(s: &str) -> Result<Protocol, String> {
 
 /// `IP:PORT`, `[IPv6]:PORT`, or a bare IP meaning port 5351
 /// (RFC 6887 section 19.1).
-pub(crate) fn server(s: &str) -> Result<SocketAddr, String> {
+pub fn server(s: &str) -> Result<SocketAddr, String> {
     if let Ok(sa) = s.parse::<SocketAddr>() {
         return Ok(sa);
     }
@@ -44,7 +44,7 @@ pub(crate) fn server(s: &str) -> Result<SocketAddr, String> {
 
 /// `IP`, `IP:PORT` or `[IPv6]:PORT`: an address and a port, 0 when
 /// omitted (a GET filter's wildcard, failure-scenarios draft section 4.1).
-pub(crate) fn endpoint(s: &str) -> Result<(IpAddr, u16), String> {
+pub fn endpoint(s: &str) -> Result<(IpAddr, u16), String> {
     if let Ok(sa) = s.parse::<SocketAddr>() {
         return Ok((sa.ip(), sa.port()));
     }
@@ -59,7 +59,7 @@ pub(crate) fn endpoint(s: &str) -> Result<(IpAddr, u16), String> {
 
 /// Seconds, fractions allowed; 0 means no bound (RFC 6887 section 8.1.1,
 /// MRD 0).
-pub(crate) fn timeout(s: &str) -> Result<Duration, String> {
+pub fn timeout(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
         .parse()
         .map_err(|_| "expected a number of seconds".to_owned())?;
@@ -70,7 +70,7 @@ pub(crate) fn timeout(s: &str) -> Result<Duration, String> {
 }
 
 /// 24 hexadecimal digits: the 96-bit mapping nonce (RFC 6887 section 11.1).
-pub(crate) fn nonce(s: &str) -> Result<Nonce, String> {
+pub fn nonce(s: &str) -> Result<Nonce, String> {
     let mut out = [0u8; NONCE_LEN];
     if s.len() != 2 * NONCE_LEN {
         return Err(format!(
@@ -85,7 +85,7 @@ pub(crate) fn nonce(s: &str) -> Result<Nonce, String> {
 
 /// A suggested external address: `IP:PORT`, `[IPv6]:PORT`, `IP` or `:PORT`
 /// (RFC 6887 section 11.1: address and port are each a hint or zero).
-pub(crate) fn suggest(s: &str) -> Result<(Option<IpAddr>, u16), String> {
+pub fn suggest(s: &str) -> Result<(Option<IpAddr>, u16), String> {
     const WANT: &str = "expected IP:PORT, [IPv6]:PORT, IP or :PORT";
     if let Some(port) = s.strip_prefix(':') {
         return port
@@ -106,14 +106,14 @@ pub(crate) fn suggest(s: &str) -> Result<(Option<IpAddr>, u16), String> {
 }
 
 /// A remote peer: `IP:PORT` or `[IPv6]:PORT`.
-pub(crate) fn remote(s: &str) -> Result<SocketAddr, String> {
+pub fn remote(s: &str) -> Result<SocketAddr, String> {
     s.parse::<SocketAddr>()
         .map_err(|_| "expected IP:PORT or [IPv6]:PORT".to_owned())
 }
 
 /// `PREFIX/LEN[:PORT]` for FILTER (RFC 6887 section 13.3). An IPv4 length
 /// counts IPv4 bits; the option carries it as the IPv4-mapped length (+96).
-pub(crate) fn filter(s: &str) -> Result<Filter, String> {
+pub fn filter(s: &str) -> Result<Filter, String> {
     const WANT: &str = "expected PREFIX/LEN or PREFIX/LEN:PORT";
     let (ip, rest) = s.split_once('/').ok_or_else(|| WANT.to_owned())?;
     let ip: IpAddr = ip

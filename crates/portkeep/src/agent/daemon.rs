@@ -36,10 +36,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UdpSocket, UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::api::{AddRequest, ApiRequest};
 use super::policy::{Policy, Source};
 use super::store::{self, AgentKey, Store, StoredGrant, StoredMapping, StoredOrphan};
 use super::watch::AddressWatch;
+use portkeep::api::{AddRequest, ApiRequest};
 
 /// How long a crash-looping application keeps short lifetimes after its
 /// last restart (failure-scenarios draft section 2.3).
@@ -49,7 +49,6 @@ const CRASH_ADDS: usize = 3;
 /// The short lifetime a crashing application gets, seconds.
 const CRASH_LIFETIME: u32 = 120;
 /// Longest API request line accepted, octets.
-const MAX_API_LINE: u64 = 64 * 1024;
 /// How often the source address (and gateway) towards the server is
 /// re-checked without a notification: the fallback when netlink cannot be
 /// opened, and a safety net against lost notifications otherwise.
@@ -456,9 +455,13 @@ impl Agent {
     }
 
     fn add(&mut self, now: Instant, req: AddRequest, caller: Caller) -> Value {
+        let protocol = match req.check() {
+            Ok(p) => p,
+            Err(e) => return err(e),
+        };
         let AddRequest {
             app,
-            protocol,
+            protocol: _,
             port,
             checkpoint,
             mandatory,
@@ -466,16 +469,6 @@ impl Agent {
             persistent,
             host,
         } = req;
-        let protocol = match crate::parse::protocol(&protocol) {
-            Ok(p) => p,
-            Err(e) => return err(e),
-        };
-        if app.is_empty() || app.len() > 64 || app.chars().any(char::is_control) {
-            return err("app must be 1 to 64 printable characters");
-        }
-        if protocol == Protocol::ALL || port == 0 {
-            return err("a mapping needs a protocol and a non-zero port");
-        }
         let wall = self.clock.wall_ms(now);
         let (cp, source) = self.policy.checkpoint(&app, checkpoint, mandatory);
         let asked_life = self.policy.lifetime(&app, lifetime, self.opts.lifetime);
@@ -1358,9 +1351,13 @@ async fn serve_connection(
         // A request is small; a client sending an endless line is cut off
         // rather than buffered without bound.
         let mut line = String::new();
-        match (&mut reader).take(MAX_API_LINE).read_line(&mut line).await {
+        match (&mut reader)
+            .take(portkeep::api::MAX_LINE as u64)
+            .read_line(&mut line)
+            .await
+        {
             Ok(0) | Err(_) => return,
-            Ok(_) if !line.ends_with('\n') && line.len() as u64 >= MAX_API_LINE => {
+            Ok(_) if !line.ends_with('\n') && line.len() >= portkeep::api::MAX_LINE => {
                 let _ = write
                     .write_all(b"{\"ok\":false,\"error\":\"request line too long\"}\n")
                     .await;
@@ -1368,13 +1365,11 @@ async fn serve_connection(
             }
             Ok(_) => {}
         }
-        if line.trim().is_empty() {
-            continue;
-        }
-        let req: ApiRequest = match serde_json::from_str(&line) {
-            Ok(r) => r,
+        let req = match ApiRequest::parse_line(&line) {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
             Err(e) => {
-                let mut out = err(format!("bad request: {e}")).to_string();
+                let mut out = err(e).to_string();
                 out.push('\n');
                 if write.write_all(out.as_bytes()).await.is_err() {
                     return;
