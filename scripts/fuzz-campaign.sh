@@ -3,21 +3,25 @@
 # checked-in seeds and a persistent working corpus, and prints libFuzzer's
 # final line per target: the figures docs/fuzzing.md records.
 #
-#   scripts/fuzz-campaign.sh [--seconds N] [--corpus DIR] [target ...]
+#   scripts/fuzz-campaign.sh [--seconds N] [--runs N] [--corpus DIR] [target ...]
 #
-# Defaults: 1800 s per target, corpus fuzz/corpus/<target> (not checked in).
+# Defaults: 1800 s per target, no limit on runs (with --runs, a target
+# stops at whichever limit it reaches first), corpus fuzz/corpus/<target>
+# (not checked in).
 # Stops at the first target that finds something, and names the artifact.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 seconds=1800
+runs=-1
 corpus=fuzz/corpus
 targets=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --seconds) seconds="$2"; shift 2 ;;
+        --runs) runs="$2"; shift 2 ;;
         --corpus) corpus="$2"; shift 2 ;;
-        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
         -*) echo "unknown option $1" >&2; exit 2 ;;
         *) targets+=("$1"); shift ;;
     esac
@@ -35,7 +39,7 @@ for t in "${targets[@]}"; do
     dict=()
     [ -f "fuzz/dicts/$t.dict" ] && dict=(-dict="fuzz/dicts/$t.dict")
     if ! RUSTC_BOOTSTRAP=1 cargo fuzz run "$t" "$corpus/$t" "fuzz/seeds/$t" -- \
-        -max_total_time="$seconds" -print_final_stats=1 "${dict[@]}" >"$log" 2>&1; then
+        -max_total_time="$seconds" -runs="$runs" -print_final_stats=1 "${dict[@]}" >"$log" 2>&1; then
         tail -n 40 "$log"
         echo "!! $t found something: see fuzz/artifacts/$t/" >&2
         exit 1

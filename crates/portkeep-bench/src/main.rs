@@ -155,6 +155,22 @@ struct Args {
     /// commit costs the disk at least. Replaces the load phases.
     #[arg(long, value_name = "DIR")]
     fsync_probe: Option<PathBuf>,
+    /// After the load phases, flood the server for this many seconds with
+    /// hostile datagrams (`portkeep_test_support::flood`: random,
+    /// quota-exhausting MAPs, NEXT walks, oversized, unauthorised
+    /// THIRD_PARTY) at `--flood-share` of the refresh phase's rate (the
+    /// server's capacity, measured in the same run), while a paced client
+    /// sends a MAP every millisecond; the same client runs
+    /// `--flood-baseline` seconds without the flood first. Reports both
+    /// clients' latency percentiles and the server's memory after the flood.
+    #[arg(long, value_name = "SECONDS")]
+    flood: Option<f64>,
+    /// With --flood: the flood's rate as a share of capacity.
+    #[arg(long, default_value_t = 0.8)]
+    flood_share: f64,
+    /// With --flood: seconds of the paced client alone, before the flood.
+    #[arg(long, default_value_t = 10.0)]
+    flood_baseline: f64,
     /// How long to wait for the replies of a batch before counting the rest
     /// as lost.
     #[arg(long, default_value_t = 200)]
@@ -557,6 +573,74 @@ fn run_phase(
         pass += 1;
     }
     (res, hist)
+}
+
+/// `--flood`: the paced client alone for `baseline` seconds, then with a
+/// hostile flood at `rate` datagrams/s for `secs` seconds (two sending
+/// threads, 128 sources each); the server's memory around the flood.
+fn flood_phase(
+    server: SocketAddr,
+    pid: Option<u32>,
+    probe_ip: Ipv4Addr,
+    rate: f64,
+    baseline: f64,
+    secs: f64,
+) -> anyhow::Result<serde_json::Value> {
+    use portkeep_test_support::flood::{flood, FloodConfig, FloodStats, KINDS};
+    let timed_probe = |secs: f64| -> anyhow::Result<Histogram<u64>> {
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|sc| {
+            let h = sc.spawn(|| probe(server, probe_ip, &stop));
+            std::thread::sleep(Duration::from_secs_f64(secs));
+            stop.store(true, Ordering::Relaxed);
+            h.join().map_err(|_| anyhow::anyhow!("probe panicked"))?
+        })
+    };
+    let alone = timed_probe(baseline)?;
+    let rss_before = pid.and_then(portkeep_test_support::flood::rss_kib);
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooders: Vec<_> = (0..2u16)
+        .map(|i| {
+            let stop = stop.clone();
+            let cfg = FloodConfig {
+                server,
+                first_source: i * 128,
+                sources: 128,
+                rate: Some(rate / 2.0),
+            };
+            std::thread::spawn(move || flood(&cfg, &stop))
+        })
+        .collect();
+    let flooded = timed_probe(secs);
+    stop.store(true, Ordering::Relaxed);
+    let mut sent = FloodStats::default();
+    for f in flooders {
+        let s = f.join().map_err(|_| anyhow::anyhow!("flooder panicked"))?;
+        for (a, b) in sent.sent.iter_mut().zip(s.sent) {
+            *a += b;
+        }
+        sent.send_errors += s.send_errors;
+    }
+    let flooded = flooded?;
+    let rss_after = pid.and_then(portkeep_test_support::flood::rss_kib);
+    let by_kind: serde_json::Map<String, serde_json::Value> = KINDS
+        .iter()
+        .zip(sent.sent)
+        .map(|(k, n)| ((*k).to_owned(), n.into()))
+        .collect();
+    Ok(serde_json::json!({
+        "rate": rate.round(),
+        "seconds": secs,
+        "sent": sent.total(),
+        "by_kind": by_kind,
+        "send_errors": sent.send_errors,
+        "client_alone": probe_json(&alone),
+        "client": probe_json(&flooded),
+        "p99_ratio": flooded.value_at_quantile(0.99) as f64 / alone.value_at_quantile(0.99).max(1) as f64,
+        "rss_before_kib": rss_before.map(|r| r.0),
+        "rss_after_kib": rss_after.map(|r| r.0),
+        "rss_peak_kib": rss_after.map(|r| r.1),
+    }))
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -1257,6 +1341,23 @@ fn main() -> anyhow::Result<()> {
         Some(s) => s.commit_latency()?,
         None => serde_json::Value::Null,
     };
+    let flooded = match (args.flood, &refresh) {
+        (Some(secs), Some(r)) => {
+            let capacity = r.ok as f64 / refresh_t.as_secs_f64();
+            flood_phase(
+                server,
+                pid,
+                client_ip(args.client_base, args.clients),
+                capacity * args.flood_share,
+                args.flood_baseline,
+                secs,
+            )?
+        }
+        (Some(_), None) => {
+            bail!("--flood needs a refresh phase (--duration > 0) to measure capacity")
+        }
+        _ => serde_json::Value::Null,
+    };
     let resume = match (&mut spawned, acked_before) {
         (Some(s), Some(acked)) => s.backup_back(acked)?,
         _ => serde_json::Value::Null,
@@ -1304,6 +1405,7 @@ fn main() -> anyhow::Result<()> {
         "batch": args.batch,
         "checkpoint": args.checkpoint,
         "phases": phases,
+        "flood": flooded,
         "server_memory": memory,
         "commit_latency_us": commit_latency,
     });
@@ -1339,6 +1441,16 @@ fn main() -> anyhow::Result<()> {
                 let t: Vec<String> = t.iter().map(ToString::to_string).collect();
                 println!("           req/s in each tenth: {}", t.join(" "));
             }
+        }
+        if !flooded.is_null() {
+            println!(
+                "  flood at {} datagrams/s ({} sent: {}): a MAP every ms, p50 {} us p99 {} us (alone: p50 {} us p99 {} us; p99 ratio {:.2}); server RSS {} KiB before the flood, {} KiB after {} s of it (peak {} KiB)",
+                flooded["rate"], flooded["sent"], flooded["by_kind"],
+                flooded["client"]["p50_us"], flooded["client"]["p99_us"],
+                flooded["client_alone"]["p50_us"], flooded["client_alone"]["p99_us"],
+                flooded["p99_ratio"].as_f64().unwrap_or(0.0),
+                flooded["rss_before_kib"], flooded["rss_after_kib"], flooded["seconds"], flooded["rss_peak_kib"],
+            );
         }
         if !resume.is_null() {
             println!(

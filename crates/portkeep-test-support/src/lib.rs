@@ -12,6 +12,8 @@
 //! - [`daemon`]: `portkeepd` on loopback ports, and the `portkeep` CLI.
 //! - [`keepalived`]: an active/backup pair under keepalived in namespaces.
 //! - [`etcd`]: a real etcd cluster on loopback.
+//! - [`flood`]: a hostile load (random, quota-exhausting, NEXT walks,
+//!   oversized, unauthorised THIRD_PARTY) and a process's memory.
 //!
 //! Binary paths come from the calling test (`env!("CARGO_BIN_EXE_...")`
 //! exists only in the crate that owns the binary), as [`process::Bins`].
@@ -22,6 +24,7 @@
 pub mod capture;
 pub mod daemon;
 pub mod etcd;
+pub mod flood;
 pub mod keepalived;
 pub mod netns;
 pub mod pcp;
