@@ -26,10 +26,15 @@ while [ $# -gt 0 ]; do
         *) targets+=("$1"); shift ;;
     esac
 done
-if [ ${#targets[@]} -eq 0 ]; then
-    mapfile -t targets < <(RUSTC_BOOTSTRAP=1 cargo fuzz list)
-fi
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --quiet
+if [ ${#targets[@]} -eq 0 ]; then
+    listed=$(RUSTC_BOOTSTRAP=1 cargo fuzz list)
+    mapfile -t targets <<<"$listed"
+fi
+if [ ${#targets[@]} -eq 0 ] || [ -z "${targets[0]}" ]; then
+    echo "no fuzz targets" >&2
+    exit 1
+fi
 
 for t in "${targets[@]}"; do
     mkdir -p "$corpus/$t" "fuzz/logs"
@@ -38,17 +43,23 @@ for t in "${targets[@]}"; do
     start=$(date +%s)
     dict=()
     [ -f "fuzz/dicts/$t.dict" ] && dict=(-dict="fuzz/dicts/$t.dict")
+    # One input may take at most 60 s: a hang is a finding too.
     if ! RUSTC_BOOTSTRAP=1 cargo fuzz run "$t" "$corpus/$t" "fuzz/seeds/$t" -- \
-        -max_total_time="$seconds" -runs="$runs" -print_final_stats=1 "${dict[@]}" >"$log" 2>&1; then
+        -max_total_time="$seconds" -runs="$runs" -timeout=60 -print_final_stats=1 \
+        ${dict[@]+"${dict[@]}"} >"$log" 2>&1; then
         tail -n 40 "$log"
-        echo "!! $t found something: see fuzz/artifacts/$t/" >&2
+        if ls "fuzz/artifacts/$t/"* >/dev/null 2>&1; then
+            echo "!! $t found something: see fuzz/artifacts/$t/" >&2
+        else
+            echo "!! $t failed to run: see $log" >&2
+        fi
         exit 1
     fi
     end=$(date +%s)
     # The last status line has the final cov/ft counters; the final stats
     # have the executions.
     status=$(grep -E '^#[0-9]+' "$log" | tail -n 1)
-    runs=$(grep -E '^stat::number_of_executed_units' "$log" | awk '{print $2}')
+    executed=$(grep -E '^stat::number_of_executed_units' "$log" | awk '{print $2}')
     speed=$(grep -E '^stat::average_exec_per_sec' "$log" | awk '{print $2}')
-    echo "$t: $((end - start)) s, executions $runs, exec/s $speed, last: $status"
+    echo "$t: $((end - start)) s, executions $executed, exec/s $speed, last: $status"
 done

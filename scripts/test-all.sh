@@ -109,7 +109,9 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked --quiet
 fi
 corpus=$(mktemp -d)
-for target in $(RUSTC_BOOTSTRAP=1 cargo fuzz list); do
+targets=$(RUSTC_BOOTSTRAP=1 cargo fuzz list)
+[ -n "$targets" ] || { echo "cargo fuzz list named no targets" >&2; exit 1; }
+for target in $targets; do
     mkdir -p "$corpus/$target"
     # cargo-fuzz needs nightly-only flags; RUSTC_BOOTSTRAP lets the stable
     # toolchain accept them (docs/fuzzing.md). New inputs go to the
@@ -117,7 +119,7 @@ for target in $(RUSTC_BOOTSTRAP=1 cargo fuzz list); do
     dict=()
     [ -f "fuzz/dicts/$target.dict" ] && dict=(-dict="fuzz/dicts/$target.dict")
     RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" "$corpus/$target" "fuzz/seeds/$target" -- \
-        -max_total_time=10 "${dict[@]}" 2>&1 | tail -n 2
+        -max_total_time=10 ${dict[@]+"${dict[@]}"} 2>&1 | tail -n 2
 done
 
 step "all tests passed"

@@ -19,12 +19,12 @@ use libfuzzer_sys::fuzz_target;
 use portkeep_proto::addr::to_wire;
 use portkeep_proto::{
     CodePoints, Filter, GetData, MapData, Next, NextItems, OpData, OptionCode, PcpOption, PeerData,
-    Protocol, Request, RequestHeader, Response,
+    Protocol, Request, RequestHeader, Response, ResultCode,
 };
 use portkeep_server::{
     BackupState, Change, CheckpointClass, CheckpointMode, CheckpointPolicy, ClearSelector,
-    MappingKey, MappingKind, MappingRecord, Outcome, Prefix, RateLimit, Refused, Server,
-    ServerConfig, SubscriberKeying, Timestamp,
+    MappingKey, MappingKind, MappingRecord, Outcome, Prefix, RateLimit, Refused, Restored, Server,
+    ServerConfig, SubscriberKeying, Timestamp, NATPMP_NONCE,
 };
 
 /// Sources: two hosts of one IPv4 subscriber (/24 keying), one of
@@ -209,7 +209,10 @@ struct Map {
     ext_port: Port,
     ext_ip: Addr,
     nonce: u8,
-    client_ip: Option<Addr>,
+    /// A client IP field other than the source (ADDRESS_MISMATCH, RFC
+    /// 6887 section 8.3), when the first octet is below 16: rare, or
+    /// nearly every request would stop there.
+    mismatch: (u8, Addr),
 }
 
 #[derive(Arbitrary, Debug, Clone)]
@@ -279,6 +282,11 @@ enum Step {
         how: u8,
     },
     Announcements,
+    /// A restart from the state the change log describes (a store's
+    /// restore), or a takeover from it (a backup's replica).
+    Restart {
+        replica: bool,
+    },
 }
 
 fn config(variant: u8) -> ServerConfig {
@@ -315,7 +323,7 @@ fn config(variant: u8) -> ServerConfig {
                 CheckpointClass {
                     name: "gold".into(),
                     mode: CheckpointMode::Always,
-                    max: Some(4),
+                    max: None,
                     rate: None,
                 },
                 CheckpointClass {
@@ -357,7 +365,9 @@ fn build(step: &Step, cp: &CodePoints) -> Option<(IpAddr, Vec<u8>)> {
     };
     let header = |from: IpAddr, life: Life, m: Option<&Map>| RequestHeader {
         lifetime: life.get(),
-        client_ip: m.and_then(|m| m.client_ip).map_or(to_wire(from), Addr::get),
+        client_ip: m
+            .filter(|m| m.mismatch.0 < 16)
+            .map_or(to_wire(from), |m| m.mismatch.1.get()),
     };
     let (from, req) = match step {
         Step::Map {
@@ -465,7 +475,7 @@ fn build(step: &Step, cp: &CodePoints) -> Option<(IpAddr, Vec<u8>)> {
     Some((from, bytes))
 }
 
-fn check_reply(out: &[u8], cp: &CodePoints) {
+fn check_reply(out: &[u8], cp: &CodePoints) -> Option<Response> {
     if out.first() == Some(&0) {
         assert!(
             [8, 12, 16].contains(&out.len()),
@@ -473,7 +483,7 @@ fn check_reply(out: &[u8], cp: &CodePoints) {
             out.len()
         );
         assert!(portkeep_proto::natpmp::NatPmpReply::parse(out).is_some());
-        return;
+        return None;
     }
     assert!(
         out.len() >= 24 && out.len() <= 1100 && out.len() % 4 == 0,
@@ -482,7 +492,7 @@ fn check_reply(out: &[u8], cp: &CodePoints) {
     );
     assert_eq!(out[0], 2, "version");
     assert_ne!(out[1] & 0x80, 0, "R bit");
-    let _ = Response::parse(out, cp);
+    Response::parse(out, cp).ok()
 }
 
 type Key = (MappingKind, MappingKey);
@@ -526,11 +536,28 @@ fuzz_target!(|input: Input| {
         if let Some((from, bytes)) = build(step, &cp) {
             let src = SocketAddr::new(from, 40_000);
             if s.handle(now, src, &bytes, &mut out) == Outcome::Reply {
-                check_reply(&out, &cp);
+                let parsed = check_reply(&out, &cp);
+                // A request the codec wrote gets a reply the codec reads.
+                let well_formed = matches!(
+                    step,
+                    Step::Map { .. } | Step::Peer { .. } | Step::Get { .. } | Step::Announce { .. }
+                );
+                if well_formed && out.first() == Some(&2) {
+                    assert!(parsed.is_some(), "the reply to {step:?} does not parse");
+                }
                 // A reply held while a backup acknowledges is restamped
-                // when released; that must work on every reply.
-                if let Some(again) = s.restamp(now, from, &out, 1500) {
-                    check_reply(&again, &cp);
+                // when released: a success that grants a mapping the
+                // table holds is restamped, never dropped.
+                let again = s.restamp(now, from, &out, 1500);
+                if let Some(a) = &again {
+                    check_reply(a, &cp);
+                }
+                if let Some(r) = parsed.filter(|r| {
+                    r.header.result == ResultCode::SUCCESS
+                        && r.header.lifetime > 0
+                        && matches!(r.data, OpData::Map(_) | OpData::Peer(_))
+                }) {
+                    assert!(again.is_some(), "a granted {:?} was not restamped", r.data);
                 }
             }
         }
@@ -546,7 +573,7 @@ fuzz_target!(|input: Input| {
             }
             Step::Clear { which, from } => {
                 let h = host(*from);
-                let sel = match which % 4 {
+                let sel = match which & 3 {
                     0 => ClearSelector::All,
                     1 => ClearSelector::Subscriber(s.config().subscriber_keying.subscriber_of(h)),
                     2 => ClearSelector::Prefix(
@@ -554,8 +581,12 @@ fuzz_target!(|input: Input| {
                     ),
                     _ => ClearSelector::Mapping(MappingKey {
                         internal_ip: h,
-                        protocol: Protocol::TCP,
-                        internal_port: 5000 + u16::from(which % 8),
+                        protocol: if which & 4 == 0 {
+                            Protocol::TCP
+                        } else {
+                            Protocol::UDP
+                        },
+                        internal_port: 5000 + u16::from(which >> 3 & 7),
                     }),
                 };
                 s.clear(now, sel);
@@ -584,11 +615,38 @@ fuzz_target!(|input: Input| {
                     1 => Refused::NotInstalled,
                     _ => Refused::Lost,
                 };
-                s.refused(now, &k, MappingKind::Map, [nonce % 4; 12], how);
+                let nonce = if nonce % 5 == 4 {
+                    NATPMP_NONCE
+                } else {
+                    [nonce % 4; 12]
+                };
+                s.refused(now, &k, MappingKind::Map, nonce, how);
             }
             Step::Announcements => {
                 let _ = s.poll_announcements(now);
                 let _ = s.drain_volatile();
+            }
+            Step::Restart { replica } => {
+                let state = Restored {
+                    anchor: s.anchor(),
+                    subscriber_anchors: s.subscriber_anchors(),
+                    mappings: mirror.values().cloned().collect(),
+                    last_seq: s.last_seq(),
+                    term: 0,
+                    owed: s.owed_announces(now),
+                    requesters: s.requesters(),
+                };
+                let cfg = s.config().clone();
+                if *replica {
+                    // A takeover writes the whole state it serves into the
+                    // node's store (`Store::replace`), replicated marks
+                    // included: the log starts again from it.
+                    s = Server::restore_replica(cfg, now, state).0;
+                    s.drain_changes().for_each(drop);
+                    mirror = s.mappings().into_iter().map(|m| (key(&m), m)).collect();
+                } else {
+                    s = Server::restore(cfg, now, state).0;
+                }
             }
             _ => {}
         }

@@ -267,19 +267,25 @@ fn map_request(ip: Ipv4Addr, client: usize, port: u16, checkpoint: bool) -> Vec<
 }
 
 /// Sends one batch of requests for `c`.
-/// Answer times (µs) of volatile MAPs sent from `ip` to `server` once a
+/// Answer times (µs) of volatile MAPs for `ports` internal ports in turn
+/// (creations, then renewals), sent from `ip` to `server` once a
 /// millisecond until `stop`, open loop (a request leaves on time whether or
 /// not earlier ones were answered, as independent clients' requests do, so
 /// a stall delays every request sent during it): what clients see while
 /// something else happens on the server. A MAP unanswered within 2 s of
 /// the end counts as 2 s.
-fn probe(server: SocketAddr, ip: Ipv4Addr, stop: &AtomicBool) -> anyhow::Result<Histogram<u64>> {
-    const PORTS: u16 = 20_000;
+fn probe(
+    server: SocketAddr,
+    ip: Ipv4Addr,
+    ports: u16,
+    stop: &AtomicBool,
+) -> anyhow::Result<Histogram<u64>> {
+    let ports = ports.clamp(1, 20_000);
     let sock = UdpSocket::bind(SocketAddr::new(IpAddr::V4(ip), 0))?;
     sock.set_read_timeout(Some(Duration::from_millis(20)))?;
     let rx = sock.try_clone()?;
     let sent: std::sync::Mutex<Vec<Option<Instant>>> =
-        std::sync::Mutex::new(vec![None; usize::from(PORTS)]);
+        std::sync::Mutex::new(vec![None; usize::from(ports)]);
     let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let sending_done = AtomicBool::new(false);
     std::thread::scope(|sc| -> anyhow::Result<()> {
@@ -287,7 +293,7 @@ fn probe(server: SocketAddr, ip: Ipv4Addr, stop: &AtomicBool) -> anyhow::Result<
             let start = now();
             let mut n: u64 = 0;
             while !stop.load(Ordering::Relaxed) {
-                let port = 40_000 + (n % u64::from(PORTS)) as u16;
+                let port = 40_000 + (n % u64::from(ports)) as u16;
                 let req = map_request(ip, usize::MAX, port, false);
                 if let Ok(mut g) = sent.lock() {
                     g[usize::from(port - 40_000)] = Some(now());
@@ -590,13 +596,19 @@ fn flood_phase(
     let timed_probe = |secs: f64| -> anyhow::Result<Histogram<u64>> {
         let stop = AtomicBool::new(false);
         std::thread::scope(|sc| {
-            let h = sc.spawn(|| probe(server, probe_ip, &stop));
+            // 1,000 ports: created in the first second alone, renewed
+            // every second after, within any quota.
+            let h = sc.spawn(|| probe(server, probe_ip, 1_000, &stop));
             std::thread::sleep(Duration::from_secs_f64(secs));
             stop.store(true, Ordering::Relaxed);
             h.join().map_err(|_| anyhow::anyhow!("probe panicked"))?
         })
     };
     let alone = timed_probe(baseline)?;
+    // The peak of the flood alone: reset the high-water mark (VmHWM).
+    if let Some(pid) = pid {
+        let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+    }
     let rss_before = pid.and_then(portkeep_test_support::flood::rss_kib);
     let stop = Arc::new(AtomicBool::new(false));
     let flooders: Vec<_> = (0..2u16)
@@ -896,7 +908,7 @@ impl Spawned {
         let quiet = {
             let stop = AtomicBool::new(false);
             std::thread::scope(|sc| {
-                let h = sc.spawn(|| probe(server, probe_ip, &stop));
+                let h = sc.spawn(|| probe(server, probe_ip, 20_000, &stop));
                 std::thread::sleep(Duration::from_secs(1));
                 stop.store(true, Ordering::Relaxed);
                 h.join().map_err(|_| anyhow::anyhow!("probe panicked"))?
@@ -904,7 +916,7 @@ impl Spawned {
         };
         let stop = AtomicBool::new(false);
         let (t, during) = std::thread::scope(|sc| -> anyhow::Result<_> {
-            let h = sc.spawn(|| probe(server, probe_ip, &stop));
+            let h = sc.spawn(|| probe(server, probe_ip, 20_000, &stop));
             let child = Self::launch(&self.bin, &bcfg)?;
             if let Some(b) = &mut self.backup {
                 b.0 = child;

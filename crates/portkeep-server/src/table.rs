@@ -838,6 +838,17 @@ impl Table {
             if b.map_entry.is_none() && peers == 0 {
                 return Err(format!("binding {id} is held by nothing"));
             }
+            let here = held.entry((b.ext_ip, b.ext_port)).or_default();
+            if here.iter().any(|(p, _)| {
+                *p == b.key.protocol || *p == Protocol::ALL || b.key.protocol == Protocol::ALL
+            }) {
+                return Err(format!(
+                    "external {}:{} held twice",
+                    self.pool_ip(b.ext_ip),
+                    b.ext_port
+                ));
+            }
+            here.push((b.key.protocol, id));
             if self.binding_of(&b.key) != Some(id) {
                 return Err(format!("binding {id} is not found by its internal key"));
             }
@@ -854,25 +865,41 @@ impl Table {
                     "binding {id} is not found by its external endpoint"
                 ));
             }
-            let here = held.entry((b.ext_ip, b.ext_port)).or_default();
-            if here.iter().any(|(p, _)| {
-                *p == b.key.protocol || *p == Protocol::ALL || b.key.protocol == Protocol::ALL
-            }) {
-                return Err(format!(
-                    "external {}:{} held twice",
-                    self.pool_ip(b.ext_ip),
-                    b.ext_port
-                ));
-            }
-            here.push((b.key.protocol, id));
         }
         for (ip, whole) in self.whole.iter().enumerate() {
-            if whole.is_some() && on_addr[ip] != 1 {
+            let Some(id) = whole else { continue };
+            let live = self
+                .bindings
+                .get(*id)
+                .is_some_and(|b| b.ext_port == 0 && usize::from(b.ext_ip) == ip);
+            if !live {
+                return Err(format!("address {ip} is held whole by no such binding"));
+            }
+            if on_addr[ip] != 1 {
                 return Err(format!(
                     "an address held whole has {} bindings",
                     on_addr[ip]
                 ));
             }
+        }
+        let whole = self.whole.iter().flatten().count();
+        if self.binding_by_key.len() != self.bindings.len
+            || self.binding_by_ext.len() + whole != self.bindings.len
+        {
+            return Err("the binding indices hold entries of no binding".into());
+        }
+        let mut used: HashMap<(u16, Protocol), u32> = HashMap::new();
+        for (_, b) in self.bindings.iter().filter(|(_, b)| b.ext_port != 0) {
+            *used.entry((b.ext_ip, b.key.protocol)).or_default() += 1;
+        }
+        let kept: HashMap<(u16, Protocol), u32> = self
+            .used
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, n)| (*k, *n))
+            .collect();
+        if used != kept {
+            return Err("ports in use per address and protocol are miscounted".into());
         }
         if on_addr != self.on_addr {
             return Err("per-address binding counts are off".into());

@@ -8,9 +8,9 @@
 //! - **random** octets, 0 to 1,200 of them (version and opcode bytes
 //!   anything);
 //! - **quota-exhausting MAPs**: each source asks for new internal ports
-//!   with the longest lifetime, until its quota and then the server's
-//!   capacity run out (RFC 6887 section 17.2's attack: one subscriber
-//!   holding what others need);
+//!   with the longest lifetime, until its quota runs out (and the server's
+//!   capacity, where the quotas add up to more: RFC 6887 section 17.2's
+//!   attack, one subscriber holding what others need);
 //! - **NEXT walks**: GET with NEXT from sources that hold mappings
 //!   (failure-scenarios draft section 4: each answer is as large as a
 //!   response may be);

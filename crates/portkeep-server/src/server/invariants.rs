@@ -14,14 +14,18 @@ impl Server {
     /// counts against the entries and within its quotas (RFC 6887 section
     /// 17.2; RFC 7767 section 3.2), and the volatile state a backup is told
     /// of (failure-scenarios draft section 2.6.1) against the mappings
-    /// that are not replicated. Linear in the table: for tests and fuzzing,
-    /// not for the serving path. The error names the first disagreement.
+    /// that are not replicated, and each THIRD_PARTY client's counts and
+    /// volatile end against the mappings it manages. Quotas are those of
+    /// the configuration the mappings were granted under: a restore under
+    /// lower quotas keeps what was granted, and fails this check. Linear in
+    /// the table: for tests and fuzzing, not for the serving path. The
+    /// error names the first disagreement.
     pub fn check_invariants(&self) -> Result<(), String> {
         self.table.check()?;
         let keying = &self.cfg.subscriber_keying;
         let mut per_sub: HashMap<SubscriberId, (u32, u32)> = HashMap::new();
         let mut volatile: HashMap<SubscriberId, (Vec<IpAddr>, Vec<Timestamp>)> = HashMap::new();
-        let mut managed: HashMap<IpAddr, u32> = HashMap::new();
+        let mut managed: HashMap<IpAddr, (u32, Vec<Timestamp>)> = HashMap::new();
         let mut checkpointed = 0u32;
         for (_, e) in self.table.entries.iter() {
             let b = self
@@ -42,7 +46,11 @@ impl Server {
                 v.1.push(e.expires);
             }
             if let Some(m) = e.manager() {
-                *managed.entry(m).or_default() += 1;
+                let r = managed.entry(m).or_default();
+                r.0 += 1;
+                if !e.replicated {
+                    r.1.push(e.expires);
+                }
             }
         }
         if self.table.len() > self.cfg.max_mappings as usize {
@@ -85,7 +93,13 @@ impl Server {
                     self.cfg.max_mappings_per_subscriber
                 ));
             }
-            if let Some(max) = self.checkpoint_class_of(*sub).and_then(|c| c.max) {
+            // An `always` class's quota is the server's capacity (see
+            // `policy::decide`); `max` binds only on-request grants.
+            if let Some(max) = self
+                .checkpoint_class_of(*sub)
+                .filter(|c| c.mode == crate::policy::CheckpointMode::OnRequest)
+                .and_then(|c| c.max)
+            {
                 if *cp > max {
                     return Err(format!(
                         "subscriber {sub:?} holds {cp} check-pointed mappings, more than its class's {max}"
@@ -131,11 +145,24 @@ impl Server {
             ));
         }
         for (ip, r) in &self.requesters {
-            let n = managed.get(ip).copied().unwrap_or(0);
+            let (n, mut ends) = managed.get(ip).cloned().unwrap_or_default();
             if r.mappings != n {
                 return Err(format!(
                     "THIRD_PARTY client {ip} counts {} mappings, manages {n}",
                     r.mappings
+                ));
+            }
+            let mut kept = r.volatile.all.clone();
+            kept.sort_unstable();
+            ends.sort_unstable();
+            if kept != ends {
+                return Err(format!(
+                    "THIRD_PARTY client {ip}'s volatile ends differ from the mappings it manages"
+                ));
+            }
+            if r.volatile.latest() != ends.last().copied() {
+                return Err(format!(
+                    "THIRD_PARTY client {ip}'s latest volatile end is stale"
                 ));
             }
         }
