@@ -21,10 +21,11 @@ use portkeep_proto::{
     CodePoints, Filter, GetData, MapData, Next, NextItems, OpData, OptionCode, PcpOption, PeerData,
     Protocol, Request, RequestHeader, Response, ResultCode,
 };
+use portkeep_server::StaticForward;
 use portkeep_server::{
     BackupState, Change, CheckpointClass, CheckpointMode, CheckpointPolicy, ClearSelector,
     MappingKey, MappingKind, MappingRecord, Outcome, Prefix, RateLimit, Refused, Restored, Server,
-    ServerConfig, SubscriberKeying, Timestamp, NATPMP_NONCE,
+    ServerConfig, SubscriberKeying, Timestamp, NATPMP_NONCE, STATIC_NONCE,
 };
 
 /// Sources: two hosts of one IPv4 subscriber (/24 keying), one of
@@ -351,6 +352,24 @@ fn config(variant: u8) -> ServerConfig {
     if variant & 4 != 0 {
         cfg.natpmp = false;
     }
+    if variant & 8 != 0 {
+        // The operator's forwards: one to a host the steps map from, on
+        // a port the steps use, and one outside the PCP port range.
+        cfg.static_forwards = vec![
+            StaticForward {
+                protocol: Protocol::TCP,
+                internal: SocketAddr::new(HOSTS[0], 5001),
+                external: SocketAddr::new(EXTERNAL[0], 2003),
+                description: Some("fwd".into()),
+            },
+            StaticForward {
+                protocol: Protocol::UDP,
+                internal: SocketAddr::new(HOSTS[4], 53),
+                external: SocketAddr::new(EXTERNAL[1], 53),
+                description: None,
+            },
+        ];
+    }
     cfg
 }
 
@@ -530,6 +549,7 @@ fuzz_target!(|input: Input| {
     let cp = cfg.code_points;
     let mut now = Timestamp(1_000_000);
     let mut s = Server::new(cfg, now);
+    assert!(s.install_static_forwards(now).is_empty());
     let mut mirror = BTreeMap::new();
     let mut out = Vec::new();
     for step in input.steps.iter().take(64) {
@@ -615,10 +635,10 @@ fuzz_target!(|input: Input| {
                     1 => Refused::NotInstalled,
                     _ => Refused::Lost,
                 };
-                let nonce = if nonce % 5 == 4 {
-                    NATPMP_NONCE
-                } else {
-                    [nonce % 4; 12]
+                let nonce = match nonce % 6 {
+                    4 => NATPMP_NONCE,
+                    5 => STATIC_NONCE,
+                    n => [n; 12],
                 };
                 s.refused(now, &k, MappingKind::Map, nonce, how);
             }

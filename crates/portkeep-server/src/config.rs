@@ -1,12 +1,13 @@
 //! Settings of the server core (already validated; the daemon turns its
 //! TOML file into this).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use portkeep_proto::CodePoints;
 
 use crate::announce::AnnounceConfig;
+use crate::change::MappingKey;
 use crate::policy::{CheckpointPolicy, RateLimit};
 use crate::prefix::Prefix;
 use crate::SubscriberKeying;
@@ -70,6 +71,36 @@ pub struct ServerConfig {
     pub pcp: bool,
     /// Seed for port randomisation; fixed in tests, random in the daemon.
     pub seed: u64,
+    /// Port forwards the operator configures: mappings no client made,
+    /// that never expire and that no client may change or delete
+    /// (`server::forwards`).
+    pub static_forwards: Vec<StaticForward>,
+}
+
+/// A port forward the operator configures: inbound `protocol` traffic to
+/// `external` goes to `internal`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticForward {
+    /// TCP, UDP or another protocol with ports.
+    pub protocol: portkeep_proto::Protocol,
+    /// The host and port behind the NAT.
+    pub internal: SocketAddr,
+    /// The public endpoint: an address of the pool, any port (inside the
+    /// PCP port range or not).
+    pub external: SocketAddr,
+    /// What the forward is for, shown as its DESCRIPTION.
+    pub description: Option<String>,
+}
+
+impl StaticForward {
+    /// The mapping's key.
+    pub fn key(&self) -> MappingKey {
+        MappingKey {
+            internal_ip: crate::prefix::canonical(self.internal.ip()),
+            protocol: self.protocol,
+            internal_port: self.internal.port(),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -102,6 +133,7 @@ impl Default for ServerConfig {
             natpmp: true,
             pcp: true,
             seed: 0x5eed,
+            static_forwards: Vec::new(),
         }
     }
 }

@@ -25,7 +25,7 @@ pub use change::{
     Change, ChangeRecord, FilterRule, MappingKey, MappingKind, MappingRecord, RemoveReason,
     RequesterState,
 };
-pub use config::ServerConfig;
+pub use config::{ServerConfig, StaticForward};
 pub use dataplane::{Dataplane, DataplaneError, MemoryDataplane, Refused};
 pub use policy::{
     BackupState, CheckpointClass, CheckpointMode, CheckpointPolicy, CheckpointStats, RateLimit,
@@ -34,7 +34,7 @@ pub use policy::{
 pub use prefix::Prefix;
 pub use server::{
     Announcement, ClearSelector, Cleared, Outcome, RestoreReport, Restored, Server, Stats,
-    NATPMP_NONCE,
+    NATPMP_NONCE, STATIC_NONCE,
 };
 pub use subscriber::{NamedSubscriber, SubscriberId, SubscriberKeying};
 pub use time::Timestamp;

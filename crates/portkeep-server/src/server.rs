@@ -24,8 +24,10 @@ use crate::prefix::{canonical, Prefix};
 use crate::table::{AllocError, Entry, Extra, Id, Pool, Suggestion, Table};
 use crate::{ServerConfig, SubscriberId, Timestamp};
 
+mod forwards;
 mod invariants;
 mod natpmp;
+pub use forwards::STATIC_NONCE;
 pub use natpmp::NATPMP_NONCE;
 
 /// What to do with a datagram after [`Server::handle`].
@@ -248,6 +250,10 @@ pub struct RestoreReport {
     /// pool, or their endpoint was claimed twice); their subscribers' epochs
     /// were reset, because those subscribers lost state.
     pub dropped: Vec<MappingRecord>,
+    /// Static forwards not installed: a client's mapping holds their
+    /// internal or external endpoint (the configuration changed while it
+    /// was granted).
+    pub forwards_skipped: Vec<crate::config::StaticForward>,
 }
 
 /// Which subscribers `portkeepd ctl clear` clears.
@@ -352,7 +358,9 @@ fn lifetime_after_wait(lifetime: u32, waited_ms: u64) -> u32 {
 const IDLE_SWEEP_MIN: usize = 1024;
 
 impl Server {
-    /// A server with an empty table whose epoch starts at `now`.
+    /// A server with an empty table whose epoch starts at `now`. A node
+    /// that starts serving it puts the operator's forwards in with
+    /// [`Server::install_static_forwards`]; a restore does that itself.
     pub fn new(cfg: ServerConfig, now: Timestamp) -> Server {
         let pool = Pool {
             addrs: cfg
@@ -550,6 +558,7 @@ impl Server {
                 s.owed.insert(sub, (hosts, until));
             }
         }
+        report.forwards_skipped = s.install_static_forwards(now);
         (s, report)
     }
 
@@ -564,6 +573,7 @@ impl Server {
             .table
             .entries
             .iter()
+            .filter(|(_, e)| e.nonce != STATIC_NONCE)
             .filter_map(|(id, _)| Some((id, self.table.record(id, keying)?)))
             .filter(|(_, m)| match which {
                 ClearSelector::All => true,
@@ -1212,7 +1222,11 @@ impl Server {
     pub fn handle_timeout(&mut self, now: Timestamp) {
         self.now = self.now.max(now);
         while let Some(id) = self.table.first_expired(now) {
-            self.remove_entry(id, RemoveReason::Expired);
+            if self.is_static(id) {
+                self.renew_static(now, id);
+            } else {
+                self.remove_entry(id, RemoveReason::Expired);
+            }
         }
         self.sweep_requesters(now);
     }
@@ -1827,7 +1841,7 @@ impl Server {
                 // (docs/design.md, "NAT-PMP").
                 let owner = self.table.get(id).map(|e| e.nonce);
                 let taken_over = owner == Some(natpmp::NATPMP_NONCE) && !natpmp;
-                if owner != Some(m.nonce) && !taken_over {
+                if self.is_static(id) || owner != Some(m.nonce) && !taken_over {
                     return Err(Some(Fail::parsed(ResultCode::NOT_AUTHORIZED)));
                 }
                 let filters = apply_filters(
@@ -2113,7 +2127,7 @@ impl Server {
         // over (see `map`).
         let (mine, theirs): (Vec<Id>, Vec<Id>) = targets.into_iter().partition(|&id| {
             let owner = self.table.get(id).map(|e| e.nonce);
-            owner == Some(nonce) || owner == Some(natpmp::NATPMP_NONCE)
+            !self.is_static(id) && (owner == Some(nonce) || owner == Some(natpmp::NATPMP_NONCE))
         });
         if mine.is_empty() && !theirs.is_empty() {
             return Err(Fail::parsed(ResultCode::NOT_AUTHORIZED));

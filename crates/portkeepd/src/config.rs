@@ -13,8 +13,8 @@ pub const DEFAULT_DATA_DIR: &str = "portkeep-data";
 /// Name of the control socket inside the data directory.
 pub const CONTROL_SOCKET: &str = "control.sock";
 
-use portkeep_proto::{CodePoints, Opcode, OptionCode, ResultCode};
-use portkeep_server::{Prefix, ServerConfig, SubscriberKeying};
+use portkeep_proto::{CodePoints, Opcode, OptionCode, Protocol, ResultCode};
+use portkeep_server::{Prefix, ServerConfig, StaticForward, SubscriberKeying};
 
 use crate::checkpoint_config::{
     checkpoint_policy, named_subscribers, CheckpointSection, NamedEntry,
@@ -75,6 +75,78 @@ pub struct ConfigFile {
     /// NAT-PMP (RFC 6886) on the PCP port.
     #[serde(default)]
     pub natpmp: NatPmpSection,
+    /// `[[forward]]`: static port forwards.
+    #[serde(default)]
+    pub forward: Vec<ForwardEntry>,
+}
+
+/// `[[forward]]`: one static port forward, as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardEntry {
+    /// `tcp`, `udp`, `sctp`, `dccp` or a protocol number.
+    pub protocol: String,
+    /// `IP:PORT` of the host behind the NAT.
+    pub internal: String,
+    /// `IP:PORT` on the public side; the address one of
+    /// `external_addresses`.
+    pub external: String,
+    /// Shown as the mapping's DESCRIPTION.
+    pub description: Option<String>,
+}
+
+impl ForwardEntry {
+    fn validate(&self, i: usize, pool: &[IpAddr]) -> Result<StaticForward, ConfigError> {
+        let key = |k: &str| format!("forward[{i}].{k}");
+        let protocol = match self.protocol.to_ascii_lowercase().as_str() {
+            "tcp" => Protocol::TCP,
+            "udp" => Protocol::UDP,
+            "sctp" => Protocol::SCTP,
+            "dccp" => Protocol::DCCP,
+            other => match other.parse::<u8>() {
+                Ok(n) if n > 0 => Protocol(n),
+                _ => {
+                    return Err(invalid(
+                        key("protocol"),
+                        format!(
+                            "`{other}`: expected tcp, udp, sctp, dccp or a protocol number 1-255"
+                        ),
+                    ))
+                }
+            },
+        };
+        let endpoint = |k: &str, v: &str| -> Result<SocketAddr, ConfigError> {
+            let a = v
+                .parse::<SocketAddr>()
+                .map_err(|_| invalid(key(k), format!("`{v}`: expected IP:PORT or [IPv6]:PORT")))?;
+            if a.port() == 0 {
+                return Err(invalid(key(k), "the port must not be 0"));
+            }
+            Ok(SocketAddr::new(
+                portkeep_server::prefix::canonical(a.ip()),
+                a.port(),
+            ))
+        };
+        let internal = endpoint("internal", &self.internal)?;
+        let external = endpoint("external", &self.external)?;
+        if !pool.contains(&external.ip()) {
+            return Err(invalid(
+                key("external"),
+                format!("{} is not one of external_addresses", external.ip()),
+            ));
+        }
+        if let Some(d) = &self.description {
+            if d.len() > 128 {
+                return Err(invalid(key("description"), "at most 128 octets"));
+            }
+        }
+        Ok(StaticForward {
+            protocol,
+            internal,
+            external,
+            description: self.description.clone(),
+        })
+    }
 }
 
 /// `[store]`.
@@ -706,6 +778,41 @@ impl ConfigFile {
                 "speaking NAT-PMP only needs NAT-PMP enabled",
             ));
         }
+        let mut static_forwards: Vec<StaticForward> = Vec::new();
+        let mut per_sub: std::collections::HashMap<portkeep_server::SubscriberId, u32> =
+            Default::default();
+        let keying = SubscriberKeying {
+            ipv4_prefix_len,
+            ipv6_prefix_len,
+            named: named.clone(),
+        };
+        for (i, f) in self.forward.iter().enumerate() {
+            let f = f.validate(i, &external_addresses)?;
+            if let Some(j) = static_forwards.iter().position(|g| {
+                g.key() == f.key() || g.protocol == f.protocol && g.external == f.external
+            }) {
+                return Err(invalid(
+                    format!("forward[{i}]"),
+                    format!("its internal or external endpoint is forward[{j}]'s too"),
+                ));
+            }
+            let n = per_sub
+                .entry(keying.subscriber_of(f.internal.ip()))
+                .or_default();
+            *n += 1;
+            if *n > max_per_subscriber {
+                return Err(invalid(
+                    format!("forward[{i}]"),
+                    format!(
+                        "more forwards to one subscriber than its quota (subscribers.max_mappings = {max_per_subscriber})"
+                    ),
+                ));
+            }
+            static_forwards.push(f);
+        }
+        if static_forwards.len() > max_mappings as usize {
+            return Err(invalid("forward", "more forwards than limits.max_mappings"));
+        }
         Ok(Settings {
             max_queued_replies,
             data_dir,
@@ -741,6 +848,7 @@ impl ConfigFile {
                 natpmp: self.natpmp.enabled.unwrap_or(d.natpmp),
                 pcp: !self.natpmp.only.unwrap_or(false),
                 seed: rand::random(),
+                static_forwards,
             },
             announce_interfaces: self.announce.multicast_interfaces,
             announce_unicast,
@@ -838,6 +946,48 @@ mod tests {
             Ok(_) => panic!("accepted: {text}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn static_forwards_are_read_and_every_error_names_its_forward() {
+        let base = "external_addresses = [\"192.0.2.1\"]\n";
+        let ok = format!(
+            "{base}[[forward]]\nprotocol = \"tcp\"\ninternal = \"192.168.1.20:22\"\nexternal = \"192.0.2.1:2222\"\ndescription = \"ssh\"\n\
+             [[forward]]\nprotocol = \"17\"\ninternal = \"[2001:db8::5]:53\"\nexternal = \"192.0.2.1:53\"\n"
+        );
+        let s = ConfigFile::parse(&ok, "x").unwrap().validate().unwrap();
+        let f = &s.server.static_forwards;
+        assert_eq!(f.len(), 2);
+        assert_eq!(f[0].protocol, Protocol::TCP);
+        assert_eq!(f[0].external, "192.0.2.1:2222".parse().unwrap());
+        assert_eq!(f[0].description.as_deref(), Some("ssh"));
+        assert_eq!(f[1].protocol, Protocol::UDP);
+        let one = |body: &str| err(&format!("{base}[[forward]]\n{body}"));
+        let e = one("protocol = \"gre\"\ninternal = \"10.0.0.1:1\"\nexternal = \"192.0.2.1:1\"\n");
+        assert!(e.contains("forward[0].protocol"), "{e}");
+        let e = one("protocol = \"tcp\"\ninternal = \"10.0.0.1\"\nexternal = \"192.0.2.1:1\"\n");
+        assert!(e.contains("forward[0].internal"), "{e}");
+        let e =
+            one("protocol = \"tcp\"\ninternal = \"10.0.0.1:1\"\nexternal = \"198.51.100.1:1\"\n");
+        assert!(
+            e.contains("forward[0].external") && e.contains("not one of external_addresses"),
+            "{e}"
+        );
+        let e = one("protocol = \"tcp\"\ninternal = \"10.0.0.1:0\"\nexternal = \"192.0.2.1:1\"\n");
+        assert!(e.contains("forward[0].internal"), "{e}");
+        let e = one(
+            "protocol = \"tcp\"\ninternal = \"10.0.0.1:1\"\nexternal = \"192.0.2.1:1\"\nport = 3\n",
+        );
+        assert!(e.contains("unknown field `port`"), "{e}");
+        let twice = format!(
+            "{base}[[forward]]\nprotocol = \"tcp\"\ninternal = \"10.0.0.1:1\"\nexternal = \"192.0.2.1:1\"\n\
+             [[forward]]\nprotocol = \"tcp\"\ninternal = \"10.0.0.2:1\"\nexternal = \"192.0.2.1:1\"\n"
+        );
+        let e = err(&twice);
+        assert!(
+            e.contains("forward[1]") && e.contains("forward[0]'s too"),
+            "{e}"
+        );
     }
 
     #[test]

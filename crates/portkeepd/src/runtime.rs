@@ -155,9 +155,14 @@ fn load(
     let backup = settings.ha.role == Role::Backup;
     let cfg = settings.server.clone();
     let Some(path) = settings.store.path.as_ref() else {
-        dataplane.apply(&[])?;
+        let mut server = Server::new(cfg, now);
+        if !backup {
+            warn_skipped(&server.install_static_forwards(now));
+        }
+        let changes: Vec<ChangeRecord> = server.drain_changes().collect();
+        dataplane.apply(&changes)?;
         return Ok(Start {
-            server: Server::new(cfg, now),
+            server,
             store: None,
             restored: false,
             served_before: None,
@@ -253,9 +258,13 @@ fn load(
                 );
                 server.reset_every_epoch(now);
             }
+            warn_skipped(&report.forwards_skipped);
             (server, true)
         }
     };
+    if !restored && !backup {
+        warn_skipped(&server.install_static_forwards(now));
+    }
     // Expiries and resets found while restoring are stored before serving,
     // and the dataplane, loaded with every stored mapping, follows: the
     // removals of those that expired while down or whose address left the
@@ -264,7 +273,7 @@ fn load(
     let changes: Vec<ChangeRecord> = server.drain_changes().collect();
     if !changes.is_empty() {
         store.write(&changes, now)?;
-        if restored && settings.ha.role != Role::Backup {
+        if !backup {
             dataplane.apply(&changes)?;
         }
     }
@@ -277,6 +286,17 @@ fn load(
         served_before,
         served_term,
     })
+}
+
+/// Says which configured static forwards a client's mapping kept out.
+fn warn_skipped(skipped: &[portkeep_server::StaticForward]) {
+    for f in skipped {
+        tracing::warn!(
+            internal = %f.internal,
+            external = %f.external,
+            "static forward not installed: a client's mapping holds its internal or external endpoint; it is installed once that mapping is gone and portkeepd restarts"
+        );
+    }
 }
 
 /// Opens the backup's stored replica beside the store (a pair with a store

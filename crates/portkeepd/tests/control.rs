@@ -210,3 +210,30 @@ fn carrier_controls_only_the_listed_clients_are_answered() {
     assert_eq!(c["not_clients"], 1, "{c}");
     assert_eq!(c["mappings"], 1, "{c}");
 }
+
+/// `[[forward]]`: the operator's static forward is in the table from the
+/// start (shown by `ctl mappings`, with its description), and the host it
+/// points at cannot delete it: NOT_AUTHORIZED, whatever nonce it sends
+/// (RFC 6887 section 11.3), even with the CLI's own key.
+#[test]
+fn static_forward_is_served_and_no_client_deletes_it() {
+    let d = Daemon::with_config(
+        &BINS,
+        "external_addresses = [\"192.0.2.1\"]\n\
+         [[forward]]\nprotocol = \"tcp\"\ninternal = \"127.0.0.1:2222\"\nexternal = \"192.0.2.1:22\"\ndescription = \"ssh to the NAS\"\n",
+    );
+    let reply = d.ctl(&["--json", "mappings"]).json();
+    let list = reply["mappings"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{reply}");
+    assert_eq!(list[0]["internal_port"], 2222);
+    assert_eq!(list[0]["external"], "192.0.2.1:22");
+    assert_eq!(list[0]["description"], "ssh to the NAS");
+    let delete = BINS.cli_at(&d.server(), &["--json", "delete", "tcp", "2222"]);
+    assert_ne!(delete.code, Some(0), "{delete:?}");
+    assert!(
+        delete.stdout.contains("NOT_AUTHORIZED") || delete.stderr.contains("NOT_AUTHORIZED"),
+        "{delete:?}"
+    );
+    let after = d.ctl(&["--json", "mappings"]).json();
+    assert_eq!(after["mappings"].as_array().unwrap().len(), 1, "{after}");
+}
