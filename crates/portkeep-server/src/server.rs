@@ -165,6 +165,9 @@ pub struct Stats {
     pub not_clients: u64,
     /// NAT-PMP requests answered (RFC 6886).
     pub natpmp: u64,
+    /// PCP requests received, by opcode (the seven bits after the R bit
+    /// of a version-2 datagram with the R bit clear).
+    pub by_opcode: [u64; 128],
 }
 
 impl Default for Stats {
@@ -179,6 +182,7 @@ impl Default for Stats {
             natpmp: 0,
             results: [0; 256],
             checkpoint: CheckpointStats::default(),
+            by_opcode: [0; 128],
         }
     }
 }
@@ -1355,6 +1359,11 @@ impl Server {
     ) -> Outcome {
         out.clear();
         self.stats.received += 1;
+        if let [2, op, ..] = datagram {
+            if op & 0x80 == 0 {
+                self.stats.by_opcode[usize::from(*op)] += 1;
+            }
+        }
         self.now = self.now.max(now);
         let src = canonical(source.ip());
         if !self.cfg.clients.is_empty() && !self.cfg.clients.iter().any(|p| p.contains(src)) {

@@ -78,6 +78,17 @@ pub struct ConfigFile {
     /// `[[forward]]`: static port forwards.
     #[serde(default)]
     pub forward: Vec<ForwardEntry>,
+    /// `[metrics]`: the Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// `IP:PORT` to serve `GET /metrics` on; none: no endpoint.
+    pub listen: Option<String>,
 }
 
 /// `[[forward]]`: one static port forward, as written.
@@ -454,6 +465,8 @@ pub struct Settings {
     /// Bound of each reply queue (committer, sender): past it, workers
     /// shed datagrams before the core handles them.
     pub max_queued_replies: usize,
+    /// Where to serve Prometheus metrics (`[metrics] listen`).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Default of `[limits] max_queued_replies`: about a quarter of a second
@@ -813,7 +826,17 @@ impl ConfigFile {
         if static_forwards.len() > max_mappings as usize {
             return Err(invalid("forward", "more forwards than limits.max_mappings"));
         }
+        let metrics_listen = match &self.metrics.listen {
+            None => None,
+            Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "metrics.listen",
+                    format!("`{a}`: expected IP:PORT or [IPv6]:PORT"),
+                )
+            })?),
+        };
         Ok(Settings {
+            metrics_listen,
             max_queued_replies,
             data_dir,
             control_socket,

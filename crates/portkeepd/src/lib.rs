@@ -13,6 +13,7 @@ pub mod control;
 mod coordinator;
 pub mod ha_config;
 pub mod link;
+pub mod metrics;
 pub mod mmsg;
 pub mod nfnl;
 pub mod nft;

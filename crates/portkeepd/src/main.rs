@@ -26,6 +26,10 @@ struct Args {
     /// (repeatable; a bare IP means port 5351).
     #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
     listen: Vec<std::net::SocketAddr>,
+    /// Serve Prometheus metrics (`GET /metrics`) on ADDR, replacing the
+    /// config's `[metrics] listen`.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Check the configuration, print a summary, and exit.
     #[arg(long)]
     check_config: bool,
@@ -171,6 +175,9 @@ fn main() -> ExitCode {
             return ExitCode::from(78);
         }
     };
+    if args.metrics_listen.is_some() {
+        settings.metrics_listen = args.metrics_listen;
+    }
     if !args.listen.is_empty() {
         settings.listen = args.listen.clone();
     }

@@ -531,6 +531,17 @@ impl Daemon {
             None => None,
         };
         let mut threads = Vec::new();
+        if let Some(addr) = settings.metrics_listen {
+            let listener = crate::metrics::bind(addr)
+                .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+            tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+            let shared = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("metrics".into())
+                    .spawn(move || crate::metrics::serve(shared, listener))?,
+            );
+        }
         if let Some((link, listener)) = link_listener {
             let shared = shared.clone();
             threads.push(
