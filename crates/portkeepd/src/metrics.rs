@@ -44,11 +44,14 @@ struct Exporter {
     queued: Gauge,
     unsent: Gauge,
     takeovers: Counter,
+    not_confirmed: Counter,
+    resyncs: Counter,
+    refused_peers: Counter,
     last: std::collections::HashMap<String, u64>,
 }
 
 impl Exporter {
-    fn new() -> Exporter {
+    fn new(shared: &Shared) -> Exporter {
         let mut registry = Registry::default();
         let requests = Family::<Labels, Counter>::default();
         let replies = Family::<Labels, Counter>::default();
@@ -60,6 +63,33 @@ impl Exporter {
             (Counter::default(), Counter::default(), Counter::default());
         let (mappings, checkpointed, term) = (Gauge::default(), Gauge::default(), Gauge::default());
         let (held, queued, unsent) = (Gauge::default(), Gauge::default(), Gauge::default());
+        let (not_confirmed, resyncs, refused_peers) =
+            (Counter::default(), Counter::default(), Counter::default());
+        registry.register(
+            "portkeep_commit_latency_seconds",
+            "From a job's arrival at the committer to its replies' release by the commit",
+            shared.commit_seconds.clone(),
+        );
+        registry.register(
+            "portkeep_commit_group_jobs",
+            "Jobs (worker batches with replies) released by one commit",
+            shared.commit_group.clone(),
+        );
+        registry.register(
+            "portkeep_checkpoints_not_confirmed",
+            "Check-points granted but answered without the option: the backup did not acknowledge in time (RFC 7767 section 3.2)",
+            not_confirmed.clone(),
+        );
+        registry.register(
+            "portkeep_resyncs",
+            "Full resynchronisations of the backup",
+            resyncs.clone(),
+        );
+        registry.register(
+            "portkeep_refused_peers",
+            "Replication link connections refused (TLS, name, term, handshake limits)",
+            refused_peers.clone(),
+        );
         registry.register(
             "portkeep_requests",
             "PCP requests received, by opcode (RFC 6887 section 7.1)",
@@ -152,6 +182,9 @@ impl Exporter {
             queued,
             unsent,
             takeovers,
+            not_confirmed,
+            resyncs,
+            refused_peers,
             last: Default::default(),
         }
     }
@@ -177,10 +210,11 @@ impl Exporter {
                 s.backup_state(),
             )
         };
-        let (role, term, held, takeovers) = {
+        let (role, term, held, pair_stats) = {
             let n = shared.pair.node();
-            (n.role(), n.term(), n.held(), n.stats().takeovers)
+            (n.role(), n.term(), n.held(), n.stats().clone())
         };
+        let refused_peers = shared.pair.refused_count();
         for (op, &n) in stats.by_opcode.iter().enumerate() {
             if n > 0 {
                 let name = portkeep_proto::Opcode(op as u8)
@@ -222,8 +256,18 @@ impl Exporter {
         self.advance("natpmp".into(), &c, stats.natpmp);
         let c = self.created.clone();
         self.advance("created".into(), &c, stats.created);
-        let c = self.takeovers.clone();
-        self.advance("takeovers".into(), &c, takeovers);
+        for (key, c, n) in [
+            ("takeovers", self.takeovers.clone(), pair_stats.takeovers),
+            (
+                "not_confirmed",
+                self.not_confirmed.clone(),
+                pair_stats.checkpoints_rewritten,
+            ),
+            ("resyncs", self.resyncs.clone(), pair_stats.resyncs),
+            ("refused_peers", self.refused_peers.clone(), refused_peers),
+        ] {
+            self.advance(key.into(), &c, n);
+        }
         let cp = &stats.checkpoint;
         let mut outcomes = vec![
             ("granted".to_owned(), cp.granted),
@@ -275,7 +319,7 @@ impl Exporter {
 
 /// Serves `GET /metrics` on `listener` until the daemon stops.
 pub(crate) fn serve(shared: Arc<Shared>, listener: TcpListener) {
-    let mut exporter = Exporter::new();
+    let mut exporter = Exporter::new(&shared);
     if let Err(e) = listener.set_nonblocking(true) {
         tracing::error!("metrics endpoint: {e}");
         return;

@@ -126,6 +126,24 @@ pub(crate) struct Shared {
     /// Microseconds from a job's arrival at the committer to its replies'
     /// release by the commit (`ctl counters`: `commit_latency_us`).
     pub(crate) commit_latency: Mutex<hdrhistogram::Histogram<u64>>,
+    /// The same, in seconds, and the jobs of each commit: the metrics
+    /// endpoint's histograms (`docs/metrics.md`).
+    pub(crate) commit_seconds: prometheus_client::metrics::histogram::Histogram,
+    pub(crate) commit_group: prometheus_client::metrics::histogram::Histogram,
+}
+
+/// Buckets of [`Shared::commit_seconds`]: 50 µs to about 3.3 s, doubling.
+pub(crate) fn commit_seconds_histogram() -> prometheus_client::metrics::histogram::Histogram {
+    prometheus_client::metrics::histogram::Histogram::new(
+        prometheus_client::metrics::histogram::exponential_buckets(50e-6, 2.0, 17),
+    )
+}
+
+/// Buckets of [`Shared::commit_group`]: 1 to 4,096 jobs, doubling.
+pub(crate) fn commit_group_histogram() -> prometheus_client::metrics::histogram::Histogram {
+    prometheus_client::metrics::histogram::Histogram::new(
+        prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 13),
+    )
 }
 
 fn log_change(c: &ChangeRecord) {
@@ -1138,8 +1156,11 @@ fn commit(
             .commit_latency
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        shared.commit_group.observe(arrived.len() as f64);
         for t in arrived {
-            h.saturating_record(t.micros());
+            let us = t.micros();
+            h.saturating_record(us);
+            shared.commit_seconds.observe(us as f64 / 1e6);
         }
     }
     // Under sustained load the committer is never idle: keep the log

@@ -369,6 +369,14 @@ impl Pair {
         r.last = Some(format!("{from}: {why}"));
     }
 
+    /// Link connections refused so far.
+    pub(crate) fn refused_count(&self) -> u64 {
+        self.refusals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .count
+    }
+
     /// Status for `ctl status`.
     pub(crate) fn status(&self, now: Timestamp) -> Value {
         let (count, last) = {

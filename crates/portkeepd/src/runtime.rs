@@ -504,6 +504,8 @@ impl Daemon {
                 hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
                     .unwrap_or_else(|_| unreachable!("valid histogram bounds")),
             ),
+            commit_seconds: node::commit_seconds_histogram(),
+            commit_group: node::commit_group_histogram(),
         });
         let committer = match (start.store, &shared.queue) {
             (store, Some(_)) => {

@@ -166,3 +166,72 @@ fn the_metrics_endpoint_exposes_exactly_the_documented_metrics_and_follows_traff
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The metric names a query text uses (`portkeep_...`), a histogram's
+/// series (`_bucket`, `_sum`, `_count`) read as the histogram.
+fn names_in(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("portkeep_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let name = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        out.insert(name.to_owned());
+        rest = &tail[end..];
+    }
+    out
+}
+
+#[test]
+fn the_example_alert_rules_and_dashboard_use_only_documented_metrics() {
+    let dir = examples_dir().join("monitoring");
+    let rules = std::fs::read_to_string(dir.join("portkeep-alerts.yml")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("portkeep-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .map(|t| t["expr"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(exprs.len() >= 9, "{exprs:?}");
+    let doc = documented();
+    for (what, used) in [
+        ("alert rules", names_in(&rules)),
+        ("dashboard", names_in(&exprs.join("\n"))),
+    ] {
+        assert!(!used.is_empty(), "{what} name no metric");
+        let unknown: Vec<&String> = used.difference(&doc).collect();
+        assert!(
+            unknown.is_empty(),
+            "{what} use metrics docs/metrics.md does not list: {unknown:?}"
+        );
+    }
+    let Some(promtool) = find_tool("promtool") else {
+        skip(
+            "promtool check rules",
+            "`promtool` not found (apt-get install prometheus)",
+        );
+        return;
+    };
+    let out = Command::new(promtool)
+        .args(["check", "rules"])
+        .arg(dir.join("portkeep-alerts.yml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
