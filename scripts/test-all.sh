@@ -20,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
-packages=(tshark nftables miniupnpd-nftables iproute2 procps conntrack keepalived strace etcd-server protobuf-compiler libprotobuf-dev natpmpc prometheus)
+packages=(tshark nftables miniupnpd-nftables iproute2 procps conntrack keepalived strace etcd-server protobuf-compiler libprotobuf-dev natpmpc prometheus systemd)
 
 step() { printf '\n==> %s\n' "$*"; }
 

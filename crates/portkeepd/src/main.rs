@@ -226,17 +226,90 @@ fn main() -> ExitCode {
         }
     };
     tracing::info!("portkeepd serving PCP: {summary}");
-    wait_for_signal(&daemon);
+    // The store is loaded and the dataplane holds every stored mapping:
+    // ready, for a Type=notify unit (sd_notify(3)).
+    notify(&format!("READY=1\nSTATUS=serving PCP: {summary}"));
+    let stop_watchdog = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        if let Some(every) = watchdog_interval() {
+            let (daemon, stop) = (&daemon, &stop_watchdog);
+            scope.spawn(move || feed_watchdog(daemon, every, stop));
+        }
+        wait_for_signal(&daemon);
+        stop_watchdog.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
     let failed = daemon.has_failed();
     if !failed {
         tracing::info!("shutting down");
     }
+    notify("STOPPING=1");
     daemon.shutdown();
     if failed {
         // EX_SOFTWARE-style: the store failed and the daemon stopped itself.
         return ExitCode::from(70);
     }
     ExitCode::SUCCESS
+}
+
+/// Sends one sd_notify(3) message to `$NOTIFY_SOCKET`, if systemd gave
+/// one (a path, or `@` and an abstract name); nothing otherwise.
+fn notify(msg: &str) {
+    use std::os::unix::ffi::OsStrExt;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = std::os::unix::net::UnixDatagram::unbound().and_then(|sock| {
+        match path.as_bytes().strip_prefix(b"@") {
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                sock.send_to_addr(msg.as_bytes(), &addr)
+            }
+            None => sock.send_to(msg.as_bytes(), &path),
+        }
+    });
+    if let Err(e) = sent {
+        tracing::warn!("cannot notify systemd ({}): {e}", path.to_string_lossy());
+    }
+}
+
+/// Half the watchdog timeout systemd set (`$WATCHDOG_USEC`, for this
+/// process when `$WATCHDOG_PID` names one), as sd_watchdog_enabled(3)
+/// advises; `None` without a watchdog.
+fn watchdog_interval() -> Option<std::time::Duration> {
+    if let Some(pid) = std::env::var_os("WATCHDOG_PID") {
+        if pid.to_str()?.parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+    }
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    (usec > 0).then(|| std::time::Duration::from_micros(usec / 2))
+}
+
+/// Feeds the watchdog only while every serving loop turns: a daemon whose
+/// worker, committer or sender hangs stops feeding it and systemd restarts
+/// it, where a timer would keep a hung daemon alive.
+fn feed_watchdog(
+    daemon: &Daemon,
+    every: std::time::Duration,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    let mut seen = Vec::new();
+    // Every loop turns at least every 100 ms: never look more often.
+    let every = every.max(std::time::Duration::from_millis(250));
+    let _ = daemon.stalled_loops(&mut seen);
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(every);
+        let stalled = daemon.stalled_loops(&mut seen);
+        if stalled.is_empty() {
+            notify("WATCHDOG=1");
+        } else {
+            tracing::error!(
+                "serving loops made no progress for {every:?}: {}; not feeding the watchdog",
+                stalled.join(", ")
+            );
+        }
+    }
 }
 
 /// Blocks until SIGINT or SIGTERM, or until the daemon stops itself.

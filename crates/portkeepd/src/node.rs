@@ -130,6 +130,55 @@ pub(crate) struct Shared {
     /// endpoint's histograms (`docs/metrics.md`).
     pub(crate) commit_seconds: prometheus_client::metrics::histogram::Histogram,
     pub(crate) commit_group: prometheus_client::metrics::histogram::Histogram,
+    /// One counter per serving loop, moved at every turn: what the
+    /// systemd watchdog is fed from ([`Beats`]).
+    pub(crate) beats: Beats,
+}
+
+/// The serving loops' progress: each loop (a PCP worker, the committer,
+/// the sender) moves its counter at every turn, idle turns included (each
+/// waits at most [`POLL`]), so a loop that stopped turning (a deadlock, a
+/// hang on a lock or a disk) shows as a counter that stood still.
+#[derive(Debug, Default)]
+pub(crate) struct Beats {
+    loops: Vec<(String, AtomicU64)>,
+}
+
+impl Beats {
+    /// Counters for loops with these names.
+    pub(crate) fn new(names: impl IntoIterator<Item = String>) -> Beats {
+        Beats {
+            loops: names.into_iter().map(|n| (n, AtomicU64::new(0))).collect(),
+        }
+    }
+
+    /// Loop `name` turned.
+    pub(crate) fn beat(&self, name: &str) {
+        if let Some((_, c)) = self.loops.iter().find(|(n, _)| n == name) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Loop number `i` turned.
+    pub(crate) fn beat_at(&self, i: usize) {
+        if let Some((_, c)) = self.loops.get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The loops whose counter did not move since `last` (updated).
+    pub(crate) fn stalled(&self, last: &mut Vec<u64>) -> Vec<String> {
+        last.resize(self.loops.len(), u64::MAX);
+        let mut out = Vec::new();
+        for ((name, c), seen) in self.loops.iter().zip(last.iter_mut()) {
+            let now = c.load(Ordering::Relaxed);
+            if now == *seen {
+                out.push(name.clone());
+            }
+            *seen = now;
+        }
+        out
+    }
 }
 
 /// Buckets of [`Shared::commit_seconds`]: 50 µs to about 3.3 s, doubling.
@@ -964,6 +1013,7 @@ fn commit_loop(shared: &Arc<Shared>, store: &mut Option<Store>) {
         return;
     };
     loop {
+        shared.beats.beat("committer");
         let mut waited = false;
         let jobs: Vec<Job> = {
             let mut g = q.lock().unwrap_or_else(|p| p.into_inner());
@@ -983,6 +1033,7 @@ fn commit_loop(shared: &Arc<Shared>, store: &mut Option<Store>) {
             while g.jobs.is_empty() && !shared.drained.load(Ordering::Relaxed) {
                 let (ng, _) = cv.wait_timeout(g, POLL).unwrap_or_else(|p| p.into_inner());
                 g = ng;
+                shared.beats.beat("committer");
                 waited = true;
                 if g.jobs.is_empty()
                     && store
@@ -1187,8 +1238,13 @@ pub(crate) fn sender(shared: &Shared) {
         let batches: Vec<(usize, SendBatch)> = {
             let mut g = q.lock().unwrap_or_else(|p| p.into_inner());
             while g.batches.is_empty() && !g.closed {
-                g = cv.wait(g).unwrap_or_else(|p| p.into_inner());
+                shared.beats.beat("sender");
+                g = cv
+                    .wait_timeout(g, POLL)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
             }
+            shared.beats.beat("sender");
             if g.batches.is_empty() {
                 return;
             }
@@ -1362,6 +1418,22 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
 
     use super::*;
+
+    #[test]
+    fn a_loop_that_stops_turning_is_named_stalled() {
+        let beats = Beats::new(["pcp-0".to_owned(), "committer".to_owned()]);
+        let mut seen = Vec::new();
+        assert!(
+            beats.stalled(&mut seen).is_empty(),
+            "the first look sees no history"
+        );
+        beats.beat_at(0);
+        beats.beat("committer");
+        assert!(beats.stalled(&mut seen).is_empty());
+        beats.beat("committer");
+        assert_eq!(beats.stalled(&mut seen), vec!["pcp-0".to_owned()]);
+        assert_eq!(beats.stalled(&mut seen).len(), 2);
+    }
     use portkeep_server::{DataplaneError, MappingKey};
 
     struct Panicking;

@@ -453,6 +453,7 @@ impl Daemon {
         // acknowledgement.
         let queue = (start.store.is_some() || settings.ha.role != Role::Standalone)
             .then(|| (Mutex::new(Queue::default()), Condvar::new()));
+        let queue_present = queue.is_some();
         let interfaces = match &settings.announce_interfaces {
             Some(list) => list.clone(),
             None => listen_interfaces(&local_addrs),
@@ -506,6 +507,14 @@ impl Daemon {
             ),
             commit_seconds: node::commit_seconds_histogram(),
             commit_group: node::commit_group_histogram(),
+            beats: node::Beats::new(
+                (0..flat.len()).map(|i| format!("pcp-{i}")).chain(
+                    queue_present
+                        .then(|| ["committer".to_owned(), "sender".to_owned()])
+                        .into_iter()
+                        .flatten(),
+                ),
+            ),
         });
         let committer = match (start.store, &shared.queue) {
             (store, Some(_)) => {
@@ -600,6 +609,14 @@ impl Daemon {
         self.shared.lock().server.mapping_count()
     }
 
+    /// The serving loops (PCP workers, committer, sender) that made no
+    /// turn since the last call (`last` keeps what was seen): what the
+    /// systemd watchdog is fed from. Each loop turns at least every 100 ms,
+    /// busy or idle.
+    pub fn stalled_loops(&self, last: &mut Vec<u64>) -> Vec<String> {
+        self.shared.beats.stalled(last)
+    }
+
     /// Whether the daemon stopped itself because its store failed.
     pub fn has_failed(&self) -> bool {
         self.shared.failed.load(Ordering::SeqCst)
@@ -655,6 +672,7 @@ pub(crate) fn worker(shared: &Shared, sock: &UdpSocket, index: usize) {
     let mut rb = RecvBatch::default();
     let mut out = Vec::with_capacity(mmsg::BUF);
     while !shared.stop.load(Ordering::Relaxed) {
+        shared.beats.beat_at(index);
         match mmsg::recv_batch(sock, &mut rb) {
             Ok(0) => continue,
             Ok(_) => {}

@@ -1196,6 +1196,14 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
     let _ = std::fs::remove_file(&sock_path);
     let listener = UnixListener::bind(&sock_path)
         .map_err(|e| format!("cannot listen on {}: {e}", sock_path.display()))?;
+    // Any local process may call the API (each caller's user id, from
+    // SO_PEERCRED, decides what it may remove): connecting needs write
+    // permission on the socket, whatever the agent's umask.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o666))
+            .map_err(|e| format!("cannot open {} to every user: {e}", sock_path.display()))?;
+    }
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(256);
     let (closed_tx, mut closed_rx) = mpsc::unbounded_channel::<u64>();
     let ev_tx = agent.events.clone();

@@ -1,0 +1,124 @@
+//! systemd integration: the units in `packaging/systemd/` pass
+//! `systemd-analyze verify` with no warning, and `portkeepd` speaks the
+//! sd_notify(3) protocol to a socket the test reads (CI has no systemd as
+//! PID 1): READY=1 once serving, WATCHDOG=1 while its loops turn and at
+//! about half `WATCHDOG_USEC`, STOPPING=1 on SIGTERM. Under CI a missing
+//! `systemd-analyze` fails the test.
+
+#![allow(clippy::unwrap_used, clippy::panic, clippy::disallowed_methods)]
+
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use portkeep_test_support::daemon::examples_dir;
+use portkeep_test_support::pcp::{free_port, v4};
+use portkeep_test_support::process::{now, Bins};
+use portkeep_test_support::skip::{find_tool, skip};
+
+static BINS: LazyLock<Bins> = LazyLock::new(|| Bins::from_daemon(env!("CARGO_BIN_EXE_portkeepd")));
+
+#[test]
+fn systemd_units_verify_without_warnings() {
+    let Some(analyze) = find_tool("systemd-analyze") else {
+        skip(
+            "systemd-analyze verify",
+            "`systemd-analyze` not found (apt-get install systemd)",
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let src = examples_dir().join("../packaging/systemd");
+    let mut units = Vec::new();
+    for name in ["portkeepd.service", "portkeep-agent.service"] {
+        // The installed paths, pointed at the binaries this build made
+        // (verify checks that each command exists and is executable).
+        let text = std::fs::read_to_string(src.join(name))
+            .unwrap()
+            .replace("/usr/sbin/portkeepd", BINS.daemon().to_str().unwrap())
+            .replace("/usr/bin/portkeep ", &format!("{} ", BINS.cli().display()));
+        assert!(
+            text.contains("NoNewPrivileges=yes"),
+            "{name}: hardening missing"
+        );
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        units.push(path);
+    }
+    let out = Command::new(analyze)
+        .args(["verify", "--man=no"])
+        .args(&units)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify: {said}"
+    );
+    let daemon = std::fs::read_to_string(src.join("portkeepd.service")).unwrap();
+    for line in [
+        "Type=notify",
+        "WatchdogSec=",
+        "StateDirectory=portkeep",
+        "User=portkeep",
+        "CapabilityBoundingSet=CAP_NET_ADMIN\n",
+    ] {
+        assert!(daemon.contains(line), "portkeepd.service lacks {line}");
+    }
+}
+
+fn next_message(sock: &UnixDatagram, within: Duration) -> Option<String> {
+    sock.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = sock.recv(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+#[test]
+fn sd_notify_ready_watchdog_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&notify).unwrap();
+    let port = free_port(v4("127.0.0.1"));
+    let mut child = Command::new(BINS.daemon())
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &notify)
+        .env("WATCHDOG_USEC", "1000000")
+        .env_remove("WATCHDOG_PID")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = next_message(&sock, Duration::from_secs(20)).expect("no READY=1 within 20 s");
+    assert!(ready.starts_with("READY=1\n"), "{ready:?}");
+    assert!(ready.contains("STATUS=serving PCP"), "{ready:?}");
+    // Half of WATCHDOG_USEC, twice in a row.
+    let t = now();
+    for _ in 0..2 {
+        let m = next_message(&sock, Duration::from_secs(3)).expect("no WATCHDOG=1");
+        assert_eq!(m, "WATCHDOG=1");
+    }
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let mut stopping = false;
+    while let Some(m) = next_message(&sock, Duration::from_secs(10)) {
+        if m == "STOPPING=1" {
+            stopping = true;
+            break;
+        }
+        assert_eq!(m, "WATCHDOG=1");
+    }
+    assert!(stopping, "no STOPPING=1 after SIGTERM");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+}
