@@ -171,6 +171,10 @@ struct Args {
     /// With --flood: seconds of the paced client alone, before the flood.
     #[arg(long, default_value_t = 10.0)]
     flood_baseline: f64,
+    /// With --spawn: serve Prometheus metrics and scrape them every second
+    /// while the load runs (the cost of the endpoint, docs/metrics.md).
+    #[arg(long, requires = "spawn")]
+    scrape_metrics: bool,
     /// How long to wait for the replies of a batch before counting the rest
     /// as lost.
     #[arg(long, default_value_t = 200)]
@@ -581,6 +585,29 @@ fn run_phase(
     (res, hist)
 }
 
+/// `--scrape-metrics`: `GET /metrics` once a second until `stop`, as a
+/// Prometheus server would; returns how many scrapes succeeded.
+fn scrape_every_second(addr: SocketAddr, stop: &AtomicBool) -> anyhow::Result<u64> {
+    use std::io::{Read, Write};
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+        let mut body = Vec::new();
+        s.read_to_end(&mut body)?;
+        if body.starts_with(b"HTTP/1.1 200") {
+            n += 1;
+        }
+        for _ in 0..10 {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(n)
+}
+
 /// `--flood`: the paced client alone for `baseline` seconds, then with a
 /// hostile flood at `rate` datagrams/s for `secs` seconds (two sending
 /// threads, 128 sources each); the server's memory around the flood.
@@ -670,6 +697,8 @@ struct Spawned {
     addr: SocketAddr,
     /// With --ha: the backup, its config and PCP address.
     backup: Option<(Child, PathBuf, SocketAddr)>,
+    /// With --scrape-metrics: the metrics endpoint.
+    metrics: Option<SocketAddr>,
 }
 
 impl Drop for Spawned {
@@ -707,12 +736,18 @@ impl Spawned {
         } else {
             String::new()
         };
+        let metrics_addr: Option<SocketAddr> = match args.scrape_metrics {
+            true => Some(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?),
+            false => None,
+        };
+        let metrics =
+            metrics_addr.map_or_else(String::new, |a| format!("[metrics]\nlisten = \"{a}\"\n"));
         std::fs::write(
             &cfg,
             format!(
                 "listen = [\"{addr}\"]\ndata_dir = \"{}\"\nexternal_addresses = [\"192.0.2.0/26\", \"198.18.0.0/26\"]\nworkers = {}\n\
                  [subscribers]\nmax_mappings = {}\n[limits]\nmax_mappings = {}\n[store]\nmode = \"{}\"\n{}\
-                 [dataplane]\nkind = \"{}\"\n{checkpoint}",
+                 [dataplane]\nkind = \"{}\"\n{checkpoint}{metrics}",
                 dir.join("data").display(),
                 args.server_workers,
                 args.mappings_per_client
@@ -739,6 +774,7 @@ impl Spawned {
             cfg,
             addr,
             backup,
+            metrics: metrics_addr,
         };
         s.wait_serving(Duration::from_secs(10))?;
         if args.ha {
@@ -1302,6 +1338,11 @@ fn main() -> anyhow::Result<()> {
         }
         (back, total, hist, start.elapsed())
     };
+    let scraper_stop = Arc::new(AtomicBool::new(false));
+    let scraper = spawned.as_ref().and_then(|s| s.metrics).map(|addr| {
+        let stop = scraper_stop.clone();
+        std::thread::spawn(move || scrape_every_second(addr, &stop))
+    });
     let (groups, create, create_hist, create_t) = phase(groups, None);
     let rss_after_create = pid.and_then(rss_kib);
     let acked_before = match (&mut spawned, args.resume) {
@@ -1315,6 +1356,14 @@ fn main() -> anyhow::Result<()> {
         (None, None, Duration::ZERO)
     };
     let rss_end = pid.and_then(rss_kib);
+    scraper_stop.store(true, Ordering::Relaxed);
+    let scrapes = match scraper {
+        Some(t) => Some(
+            t.join()
+                .map_err(|_| anyhow::anyhow!("scraper panicked"))??,
+        ),
+        None => None,
+    };
     let mappings = (args.clients * args.mappings_per_client) as u64;
     let report = |name: &str, r: &PhaseResult, h: &Histogram<u64>, t: Duration| {
         serde_json::json!({
@@ -1417,6 +1466,7 @@ fn main() -> anyhow::Result<()> {
         "batch": args.batch,
         "checkpoint": args.checkpoint,
         "phases": phases,
+        "metrics_scrapes": scrapes,
         "flood": flooded,
         "server_memory": memory,
         "commit_latency_us": commit_latency,
@@ -1453,6 +1503,9 @@ fn main() -> anyhow::Result<()> {
                 let t: Vec<String> = t.iter().map(ToString::to_string).collect();
                 println!("           req/s in each tenth: {}", t.join(" "));
             }
+        }
+        if let Some(n) = scrapes {
+            println!("  metrics scraped {n} times, once a second, during the load");
         }
         if !flooded.is_null() {
             println!(

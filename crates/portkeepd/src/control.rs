@@ -115,6 +115,7 @@ fn status(shared: &Shared) -> Value {
         "last_seq": core.server.last_seq(),
         "listen": shared.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "dataplane": dataplane,
+        "config_digest": crate::node::policy_digest(&shared.server_cfg),
     })
 }
 

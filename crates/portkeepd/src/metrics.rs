@@ -85,6 +85,17 @@ impl Exporter {
             "Full resynchronisations of the backup",
             resyncs.clone(),
         );
+        let info = Family::<Labels, Gauge>::default();
+        info.get_or_create(&vec![(
+            "digest",
+            crate::node::policy_digest(&shared.server_cfg),
+        )])
+        .set(1);
+        registry.register(
+            "portkeep_config_info",
+            "1, labelled with the digest of the policy served (equal on the two nodes of a pair when they answer alike)",
+            info,
+        );
         registry.register(
             "portkeep_refused_peers",
             "Replication link connections refused (TLS, name, term, handshake limits)",

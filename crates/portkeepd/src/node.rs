@@ -181,6 +181,18 @@ impl Beats {
     }
 }
 
+/// A digest of the policy a node serves (`ctl status`, the metrics'
+/// `portkeep_config_info`): the core's whole configuration but its port
+/// randomisation seed, so the two nodes of a pair, whose listen addresses
+/// and link settings differ by design, show the same digest exactly when
+/// they would answer a client alike. CRC-32 of its debug form: stable for
+/// one build, enough to spot a difference at a glance.
+pub(crate) fn policy_digest(cfg: &ServerConfig) -> String {
+    let mut c = cfg.clone();
+    c.seed = 0;
+    format!("{:08x}", crc32fast::hash(format!("{c:?}").as_bytes()))
+}
+
 /// Buckets of [`Shared::commit_seconds`]: 50 µs to about 3.3 s, doubling.
 pub(crate) fn commit_seconds_histogram() -> prometheus_client::metrics::histogram::Histogram {
     prometheus_client::metrics::histogram::Histogram::new(

@@ -235,3 +235,24 @@ fn the_example_alert_rules_and_dashboard_use_only_documented_metrics() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `ctl status` and the metrics carry a digest of the policy served: two
+/// nodes with the same policy (on different addresses and data
+/// directories) show the same, a changed quota another.
+#[test]
+fn the_config_digest_is_the_policy_s() {
+    let policy = "external_addresses = [\"192.0.2.1\"]\n[subscribers]\nmax_mappings = 100\n";
+    let digest = |d: &Daemon| {
+        d.ctl(&["--json", "status"]).json()["config_digest"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let a = Daemon::with_config(&BINS, policy);
+    let b = Daemon::with_config(&BINS, policy);
+    let c = Daemon::with_config(&BINS, &policy.replace("100", "101"));
+    assert_ne!(a.addr(), b.addr());
+    assert_eq!(digest(&a), digest(&b));
+    assert_ne!(digest(&a), digest(&c));
+    assert_eq!(digest(&a).len(), 8);
+}
