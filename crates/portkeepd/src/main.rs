@@ -46,6 +46,18 @@ struct Args {
         env = "PORTKEEPD_LOG"
     )]
     log_level: String,
+    /// Log lines as `text`, or `json` (one object per line: time, level,
+    /// message and fields), for log shippers. Under systemd (when
+    /// `JOURNAL_STREAM` is set) text lines carry no time or colour: the
+    /// journal stamps them.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -140,12 +152,22 @@ fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    tracing_subscriber::fmt()
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match (args.log_format, journal) {
+        (LogFormat::Json, _) => fmt
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        (LogFormat::Text, true) => fmt.without_time().with_ansi(false).init(),
+        (LogFormat::Text, false) => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     match &args.command {
         Some(Command::Ctl(ctl)) => return run_ctl(&args, ctl),
         Some(Command::GenCerts { dir, names }) => {

@@ -207,6 +207,14 @@ pub(crate) fn commit_group_histogram() -> prometheus_client::metrics::histogram:
     )
 }
 
+/// A PEER mapping's remote peer, empty for MAP.
+fn peer_of(m: &portkeep_server::MappingRecord) -> String {
+    match m.kind {
+        MappingKind::Map => String::new(),
+        MappingKind::Peer { remote } => remote.to_string(),
+    }
+}
+
 fn log_change(c: &ChangeRecord) {
     // Formatting costs more than the request itself; skip it when nobody
     // will read the line.
@@ -219,8 +227,20 @@ fn log_change(c: &ChangeRecord) {
                 MappingKind::Map => "MAP".to_owned(),
                 MappingKind::Peer { remote } => format!("PEER to {remote}"),
             };
+            // The fields are what a CGN operator keeps to answer who held
+            // an address and port when (docs/operations.md, "Logs").
             tracing::info!(
                 seq = c.seq,
+                record = "mapping",
+                event = "held",
+                protocol = m.key.protocol.0,
+                internal = %std::net::SocketAddr::new(m.key.internal_ip, m.key.internal_port),
+                external = %m.external,
+                remote = peer_of(m).as_str(),
+                subscriber = %m.subscriber,
+                lifetime = m.lifetime,
+                expires_ms = m.expires.as_millis(),
+                checkpoint = m.checkpoint,
                 "{kind} {} {}:{} -> {} lifetime {}s{}",
                 m.key.protocol,
                 m.key.internal_ip,
@@ -239,6 +259,15 @@ fn log_change(c: &ChangeRecord) {
             };
             tracing::info!(
                 seq = c.seq,
+                record = "mapping",
+                event = "ended",
+                reason = why,
+                protocol = m.key.protocol.0,
+                internal = %std::net::SocketAddr::new(m.key.internal_ip, m.key.internal_port),
+                external = %m.external,
+                remote = peer_of(m).as_str(),
+                subscriber = %m.subscriber,
+                checkpoint = m.checkpoint,
                 "{why}: {} {}:{} -> {}",
                 m.key.protocol,
                 m.key.internal_ip,

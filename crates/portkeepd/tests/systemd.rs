@@ -122,3 +122,74 @@ fn sd_notify_ready_watchdog_and_stopping() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// `--log-format json`: every line on stderr is one JSON object, and each
+/// mapping held and ended is one record carrying what an operator keeps
+/// (who held which external endpoint, when, until when, why it ended).
+#[test]
+fn json_logs_carry_one_record_per_mapping_event() {
+    use portkeep_client::RequestBuilder;
+    use portkeep_proto::{Protocol, ResultCode};
+    use portkeep_test_support::pcp::request;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port(v4("127.0.0.1"));
+    let server: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let log = dir.path().join("stderr.log");
+    let mut child = Command::new(BINS.daemon())
+        .args(["--log-format", "json", "--listen", &server.to_string()])
+        .args(["--data-dir", dir.path().join("data").to_str().unwrap()])
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("PORTKEEPD_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let client = v4("127.0.0.1");
+    let map = RequestBuilder::map(Protocol::TCP, 7777)
+        .nonce([5; 12])
+        .lifetime(600);
+    let granted = request(client, server, &map);
+    assert_eq!(granted.header.result, ResultCode::SUCCESS);
+    let gone = request(
+        client,
+        server,
+        &RequestBuilder::delete(Protocol::TCP, 7777, [5; 12]),
+    );
+    assert_eq!(gone.header.result, ResultCode::SUCCESS);
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines
+        .iter()
+        .all(|l| l["timestamp"].is_string() && l["level"].is_string()));
+    let of = |event: &str| {
+        lines
+            .iter()
+            .find(|l| {
+                l["record"] == "mapping" && l["event"] == event && l["internal"] == "127.0.0.1:7777"
+            })
+            .unwrap_or_else(|| panic!("no `{event}` record in:\n{text}"))
+            .clone()
+    };
+    let held = of("held");
+    assert_eq!(held["protocol"], 6);
+    assert_eq!(held["lifetime"], 600);
+    assert_eq!(held["checkpoint"], false);
+    assert_eq!(held["subscriber"], "127.0.0.1/32");
+    assert!(
+        held["external"].as_str().unwrap().starts_with("192.0.2.1:"),
+        "{held}"
+    );
+    assert!(held["expires_ms"].as_u64().unwrap() > 0);
+    let ended = of("ended");
+    assert_eq!(ended["reason"], "deleted");
+    assert_eq!(ended["external"], held["external"]);
+}
