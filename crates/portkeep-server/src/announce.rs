@@ -88,6 +88,14 @@ impl Announcer {
         }
     }
 
+    /// Takes a new configuration; what is scheduled stays scheduled.
+    pub fn set_config(&mut self, cfg: AnnounceConfig) {
+        self.cfg = AnnounceConfig {
+            sends: cfg.sends.clamp(1, 10),
+            rate: cfg.rate.max(1),
+        };
+    }
+
     /// Starts a series of sends to `audience` at `now`; one already under
     /// way starts again (a new loss: the client must hear of this one
     /// too), except one whose first send still waits (for the rate): it
@@ -157,6 +165,12 @@ impl Announcer {
                 .div_ceil(1000),
         );
         Some(due.max(free))
+    }
+
+    /// Everyone something is scheduled for, dropping the schedule.
+    pub fn poll_all_scheduled(&mut self) -> Vec<Audience> {
+        self.queue.clear();
+        self.series.drain().map(|(a, _)| a).collect()
     }
 
     /// Announcements scheduled (each series once).

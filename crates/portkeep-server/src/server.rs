@@ -27,6 +27,7 @@ use crate::{ServerConfig, SubscriberId, Timestamp};
 mod forwards;
 mod invariants;
 mod natpmp;
+mod reconfigure;
 pub use forwards::STATIC_NONCE;
 pub use natpmp::NATPMP_NONCE;
 

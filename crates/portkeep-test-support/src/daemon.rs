@@ -216,6 +216,12 @@ impl Daemon {
         self.dir.path().join("portkeep-data")
     }
 
+    /// The configuration file it was started with (`DaemonSpec::config`),
+    /// for a test that changes it and reloads.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("portkeepd.toml")
+    }
+
     /// Runs `portkeepd ctl --data-dir <its data dir> ARGS`.
     pub fn ctl(&self, args: &[&str]) -> CliRun {
         let dir = self.data_dir();

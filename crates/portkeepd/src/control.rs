@@ -88,12 +88,34 @@ pub(crate) fn dispatch(shared: &Arc<Shared>, req: &Value) -> Value {
             "ok": false,
             "error": "the etcd coordinator ([ha.coordinator]) decides which node serves: promote and demote are its",
         }),
+        "reload" => reload(shared),
         "promote" => crate::node::promote(shared),
         "demote" => crate::node::demote(shared),
         other => error(format!(
-            "unknown command `{other}` (known: status, mappings, counters, clear, promote, demote)"
+            "unknown command `{other}` (known: status, mappings, counters, clear, reload, promote, demote)"
         )),
     }
+}
+
+/// `reload`: asks the process to read its configuration again (SIGHUP
+/// does the same) and answers how it went, within 10 s.
+fn reload(shared: &Shared) -> Value {
+    let before = shared
+        .last_reload
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .0;
+    shared
+        .reload_requested
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..100 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let g = shared.last_reload.lock().unwrap_or_else(|p| p.into_inner());
+        if g.0 != before {
+            return g.1.clone();
+        }
+    }
+    error("the reload was requested but did not finish within 10 s")
 }
 
 fn status(shared: &Shared) -> Value {
@@ -115,7 +137,8 @@ fn status(shared: &Shared) -> Value {
         "last_seq": core.server.last_seq(),
         "listen": shared.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "dataplane": dataplane,
-        "config_digest": crate::node::policy_digest(&shared.server_cfg),
+        "config_digest": crate::node::policy_digest(core.server.config()),
+        "last_reload": shared.last_reload.lock().map(|g| g.1.clone()).unwrap_or_default(),
     })
 }
 

@@ -111,6 +111,10 @@ enum CtlCommand {
     /// Stop serving, drop this node's state and wait for the active's link
     /// as backup (keepalived's notify hook on BACKUP or FAULT).
     Demote,
+    /// Read the configuration file again and serve it (as SIGHUP does):
+    /// what takes a restart is named, a file that does not validate
+    /// changes nothing.
+    Reload,
 }
 
 #[derive(Debug, clap::Args)]
@@ -186,29 +190,12 @@ fn main() -> ExitCode {
         }
         None => {}
     }
-    let file = match &args.config {
-        Some(p) => ConfigFile::load(p),
-        None => Ok(ConfigFile::default()),
-    };
-    let mut settings = match file.and_then(ConfigFile::validate) {
+    let settings = match load_settings(&args) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("portkeepd: {e}");
             return ExitCode::from(78);
         }
-    };
-    if args.metrics_listen.is_some() {
-        settings.metrics_listen = args.metrics_listen;
-    }
-    if !args.listen.is_empty() {
-        settings.listen = args.listen.clone();
-    }
-    if let Some(dir) = &args.data_dir {
-        settings.set_data_dir(dir.clone());
-    }
-    settings.store.recovery = match args.store_recovery {
-        StoreRecovery::Fail => portkeepd::store::Recovery::Fail,
-        StoreRecovery::Fresh => portkeepd::store::Recovery::Fresh,
     };
     let s = &settings.server;
     let summary = format!(
@@ -257,7 +244,7 @@ fn main() -> ExitCode {
             let (daemon, stop) = (&daemon, &stop_watchdog);
             scope.spawn(move || feed_watchdog(daemon, every, stop));
         }
-        wait_for_signal(&daemon);
+        wait_for_signal(&daemon, &args);
         stop_watchdog.store(true, std::sync::atomic::Ordering::Relaxed);
     });
     let failed = daemon.has_failed();
@@ -334,8 +321,73 @@ fn feed_watchdog(
     }
 }
 
-/// Blocks until SIGINT or SIGTERM, or until the daemon stops itself.
-fn wait_for_signal(daemon: &Daemon) {
+/// The configuration file (or the embedded default) with the command
+/// line's overrides, validated.
+fn load_settings(args: &Args) -> Result<portkeepd::Settings, portkeepd::ConfigError> {
+    let file = match &args.config {
+        Some(p) => ConfigFile::load(p),
+        None => Ok(ConfigFile::default()),
+    };
+    let mut settings = file.and_then(ConfigFile::validate)?;
+    if args.metrics_listen.is_some() {
+        settings.metrics_listen = args.metrics_listen;
+    }
+    if !args.listen.is_empty() {
+        settings.listen = args.listen.clone();
+    }
+    if let Some(dir) = &args.data_dir {
+        settings.set_data_dir(dir.clone());
+    }
+    settings.store.recovery = match args.store_recovery {
+        StoreRecovery::Fail => portkeepd::store::Recovery::Fail,
+        StoreRecovery::Fresh => portkeepd::store::Recovery::Fresh,
+    };
+    Ok(settings)
+}
+
+/// SIGHUP or `ctl reload`: reads the configuration again and serves it;
+/// a file that does not validate changes nothing (the running
+/// configuration stays, and the log says why).
+fn reload(daemon: &Daemon, args: &Args) {
+    let outcome = match load_settings(args) {
+        Err(e) => {
+            tracing::error!("reload refused, still serving the previous configuration: {e}");
+            serde_json::json!({"ok": false, "error": e.to_string()})
+        }
+        Ok(settings) => match daemon.reload(&settings) {
+            Err(e) => {
+                tracing::error!("reload refused, still serving the previous configuration: {e:#}");
+                serde_json::json!({"ok": false, "error": format!("{e:#}")})
+            }
+            Ok(r) => {
+                if !r.need_restart.is_empty() {
+                    tracing::warn!(
+                        "reload: {} changed but take a restart; still as started",
+                        r.need_restart.join(", ")
+                    );
+                }
+                tracing::info!(
+                    ended = r.ended,
+                    config_digest = %r.config_digest,
+                    "reloaded the configuration{}",
+                    if r.ended > 0 {
+                        format!("; {} mappings ended (their external address left the pool), their subscribers told", r.ended)
+                    } else {
+                        String::new()
+                    }
+                );
+                let mut v = serde_json::to_value(&r).unwrap_or_default();
+                v["ok"] = serde_json::json!(true);
+                v
+            }
+        },
+    };
+    daemon.note_reload(outcome);
+}
+
+/// Blocks until SIGINT or SIGTERM, or until the daemon stops itself;
+/// reloads on SIGHUP and on `ctl reload`.
+fn wait_for_signal(daemon: &Daemon, args: &Args) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -353,15 +405,25 @@ fn wait_for_signal(daemon: &Daemon) {
             let _ = tokio::signal::ctrl_c().await;
             return;
         };
-        let failed = async {
-            while !daemon.has_failed() {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::error!("cannot wait for SIGHUP: reloads only through ctl reload");
+            return;
         };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-            _ = failed => {}
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                _ = hup.recv() => reload(daemon, args),
+                _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {
+                    if daemon.has_failed() {
+                        break;
+                    }
+                    if daemon.take_reload_request() {
+                        reload(daemon, args);
+                    }
+                }
+            }
         }
     });
 }
@@ -388,6 +450,7 @@ fn run_ctl(args: &Args, ctl: &CtlArgs) -> ExitCode {
         CtlCommand::Counters => serde_json::json!({ "command": "counters" }),
         CtlCommand::Promote => serde_json::json!({ "command": "promote" }),
         CtlCommand::Demote => serde_json::json!({ "command": "demote" }),
+        CtlCommand::Reload => serde_json::json!({ "command": "reload" }),
         CtlCommand::Clear(c) => match (&c.subscriber, &c.prefix, &c.mapping, c.all) {
             (Some(s), _, _, _) => serde_json::json!({ "command": "clear", "subscriber": s }),
             (_, Some(p), _, _) => serde_json::json!({ "command": "clear", "prefix": p }),

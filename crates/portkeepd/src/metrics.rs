@@ -47,6 +47,7 @@ struct Exporter {
     not_confirmed: Counter,
     resyncs: Counter,
     refused_peers: Counter,
+    info: Family<Labels, Gauge>,
     last: std::collections::HashMap<String, u64>,
 }
 
@@ -86,15 +87,10 @@ impl Exporter {
             resyncs.clone(),
         );
         let info = Family::<Labels, Gauge>::default();
-        info.get_or_create(&vec![(
-            "digest",
-            crate::node::policy_digest(&shared.server_cfg),
-        )])
-        .set(1);
         registry.register(
             "portkeep_config_info",
             "1, labelled with the digest of the policy served (equal on the two nodes of a pair when they answer alike)",
-            info,
+            info.clone(),
         );
         registry.register(
             "portkeep_refused_peers",
@@ -196,6 +192,7 @@ impl Exporter {
             not_confirmed,
             resyncs,
             refused_peers,
+            info,
             last: Default::default(),
         }
     }
@@ -211,7 +208,7 @@ impl Exporter {
     /// older scrapers read).
     fn scrape(&mut self, shared: &Shared, openmetrics: bool) -> String {
         let now = shared.clock.now();
-        let (stats, mappings, checkpointed, backup) = {
+        let (stats, mappings, checkpointed, backup, digest) = {
             let core = shared.lock();
             let s = &core.server;
             (
@@ -219,8 +216,12 @@ impl Exporter {
                 s.mapping_count(),
                 s.checkpointed_count(),
                 s.backup_state(),
+                crate::node::policy_digest(s.config()),
             )
         };
+        // One series: the digest of what is served now (a reload changes it).
+        self.info.clear();
+        self.info.get_or_create(&vec![("digest", digest)]).set(1);
         let (role, term, held, pair_stats) = {
             let n = shared.pair.node();
             (n.role(), n.term(), n.held(), n.stats().clone())

@@ -103,9 +103,6 @@ pub(crate) struct Shared {
     pub(crate) commit_delay: Duration,
     /// Role in an active/backup pair, and the replication link.
     pub(crate) pair: Pair,
-    /// The core's configuration, for the state a promotion or demotion
-    /// starts from.
-    pub(crate) server_cfg: ServerConfig,
     /// Which dataplane to build again on promotion and demotion.
     pub(crate) dataplane_kind: DataplaneKind,
     /// ANNOUNCEs to repeat: when, to whom, the interval after that, and how
@@ -114,7 +111,7 @@ pub(crate) struct Shared {
     /// per interface and family (`runtime::multicast_senders`)...
     pub(crate) announce_multicast: Vec<(usize, u32, IpAddr)>,
     /// ...and these addresses (`[announce] unicast`).
-    pub(crate) announce_unicast: Vec<SocketAddr>,
+    pub(crate) announce_unicast: Mutex<Vec<SocketAddr>>,
     /// Bound of each reply queue (`[limits] max_queued_replies`).
     pub(crate) max_queued: usize,
     /// Replies handled by the core and waiting for the committer.
@@ -133,6 +130,11 @@ pub(crate) struct Shared {
     /// One counter per serving loop, moved at every turn: what the
     /// systemd watchdog is fed from ([`Beats`]).
     pub(crate) beats: Beats,
+    /// `ctl reload` asked the process to read its configuration again
+    /// (the process, which knows the file, does it: `Daemon::reload`).
+    pub(crate) reload_requested: AtomicBool,
+    /// The outcome of the last reload, and how many there were.
+    pub(crate) last_reload: Mutex<(u64, serde_json::Value)>,
 }
 
 /// The serving loops' progress: each loop (a PCP worker, the committer,
@@ -551,7 +553,12 @@ impl Shared {
                     }
                 }
                 portkeep_server::Announcement::Everyone { bytes } => {
-                    for &to in &self.announce_unicast {
+                    let unicast = self
+                        .announce_unicast
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    for &to in &unicast {
                         if let Some(i) = self.socket_for(to) {
                             by_socket.entry(i).or_default().push(to, &bytes);
                         }
@@ -865,7 +872,7 @@ fn empty_state(now: Timestamp) -> Restored {
 fn deposed(shared: &Shared, term: Term) {
     let now = shared.clock.now();
     let mut core = shared.lock();
-    core.server = Server::new(shared.server_cfg.clone(), now);
+    core.server = Server::new(core.server.config().clone(), now);
     // The stored replica was cleared when the deposed effect was drained
     // (`NodeGuard::effects`), in order with the new backup's writes.
     shared.submit_reset(
@@ -900,7 +907,7 @@ pub(crate) fn demote(shared: &Arc<Shared>) -> Value {
     if !changed {
         return json!({"ok": true, "role": role.as_str(), "term": term, "changed": false});
     }
-    core.server = Server::new(shared.server_cfg.clone(), now);
+    core.server = Server::new(core.server.config().clone(), now);
     shared.submit_reset(
         core,
         Reset {
@@ -941,7 +948,8 @@ pub(crate) fn promote(shared: &Arc<Shared>) -> Value {
     let effects = n.effects();
     drop(n);
     let state = takeover.state.clone();
-    let (server, report) = Server::restore_replica(shared.server_cfg.clone(), now, state.clone());
+    let (server, report) =
+        Server::restore_replica(core.server.config().clone(), now, state.clone());
     core.server = server;
     let targets = takeover.announce_targets(&report.dropped);
     core.server.owe_announce(now, &targets);

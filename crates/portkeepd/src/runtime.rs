@@ -49,6 +49,23 @@ pub struct Daemon {
     replica_writer: Option<JoinHandle<()>>,
     local_addrs: Vec<SocketAddr>,
     data: DataDir,
+    /// What it was started with: what a reload may not change.
+    started: Settings,
+}
+
+/// What [`Daemon::reload`] did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Reloaded {
+    /// Settings that differ from the running ones but take a restart
+    /// (listen addresses, data directory, store, role, ...): not applied.
+    pub need_restart: Vec<&'static str>,
+    /// Mappings the new policy ended (their external address left the
+    /// pool): their subscribers' epochs reset and they are announced to.
+    pub ended: usize,
+    /// Static forwards a client's mapping keeps out.
+    pub forwards_skipped: usize,
+    /// The digest of the policy now served.
+    pub config_digest: String,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -363,6 +380,7 @@ impl Daemon {
     /// Opens the data directory and store, binds every listen address and
     /// starts serving.
     pub fn start(settings: Settings) -> anyhow::Result<Daemon> {
+        let settings_at_start = settings.clone();
         let data = DataDir::open(&settings.data_dir, &settings.control_socket)?;
         let control = UnixListener::bind(&settings.control_socket).with_context(|| {
             format!(
@@ -491,10 +509,9 @@ impl Daemon {
             outbox: (Mutex::new(Outbox::default()), Condvar::new()),
             commit_delay: settings.store.commit_delay,
             pair,
-            server_cfg: settings.server.clone(),
             dataplane_kind: settings.dataplane.clone(),
             announce_multicast,
-            announce_unicast: settings.announce_unicast.clone(),
+            announce_unicast: Mutex::new(settings.announce_unicast.clone()),
             max_queued: settings.max_queued_replies,
             queued: std::sync::atomic::AtomicUsize::new(0),
             outboxed: std::sync::atomic::AtomicUsize::new(0),
@@ -507,6 +524,8 @@ impl Daemon {
             ),
             commit_seconds: node::commit_seconds_histogram(),
             commit_group: node::commit_group_histogram(),
+            reload_requested: AtomicBool::new(false),
+            last_reload: Mutex::new((0, serde_json::Value::Null)),
             beats: node::Beats::new(
                 (0..flat.len()).map(|i| format!("pcp-{i}")).chain(
                     queue_present
@@ -596,6 +615,89 @@ impl Daemon {
             replica_writer,
             local_addrs,
             data,
+            started: settings_at_start,
+        })
+    }
+
+    /// Whether `ctl reload` asked for a reload since the last call.
+    pub fn take_reload_request(&self) -> bool {
+        self.shared.reload_requested.swap(false, Ordering::SeqCst)
+    }
+
+    /// Records how a reload went, for `ctl reload` and `ctl status`.
+    pub fn note_reload(&self, outcome: serde_json::Value) {
+        let mut g = self
+            .shared
+            .last_reload
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        g.0 += 1;
+        g.1 = outcome;
+    }
+
+    /// Serves `settings` from now on, as far as it can without a restart:
+    /// the core's whole policy (subscribers' quotas and classes, limits,
+    /// ACLs, lifetimes, the external pool, static forwards, NAT-PMP) and
+    /// the unicast ANNOUNCE targets. Mappings, epochs and the HA link are
+    /// untouched but for what the new policy no longer allows
+    /// (`Server::reconfigure`). What takes a restart is named in the
+    /// result and left as it runs. `Err` (and nothing changed) when the
+    /// core refuses the change.
+    pub fn reload(&self, settings: &Settings) -> anyhow::Result<Reloaded> {
+        let s = &self.started;
+        let mut need_restart = Vec::new();
+        let differs =
+            |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+        for (name, changed) in [
+            ("listen", differs(&s.listen, &settings.listen)),
+            ("data_dir", differs(&s.data_dir, &settings.data_dir)),
+            (
+                "control_socket",
+                differs(&s.control_socket, &settings.control_socket),
+            ),
+            ("workers", s.workers != settings.workers),
+            ("dataplane", differs(&s.dataplane, &settings.dataplane)),
+            ("store", differs(&s.store, &settings.store)),
+            ("ha", differs(&s.ha, &settings.ha)),
+            ("metrics", s.metrics_listen != settings.metrics_listen),
+            (
+                "limits.max_queued_replies",
+                s.max_queued_replies != settings.max_queued_replies,
+            ),
+            (
+                "announce.multicast_interfaces",
+                s.announce_interfaces != settings.announce_interfaces,
+            ),
+        ] {
+            if changed {
+                need_restart.push(name);
+            }
+        }
+        let now = self.shared.clock.now();
+        let mut core = self.shared.lock();
+        let report = if self.shared.pair.role() == Role::Backup {
+            // A backup serves nothing: its core is the empty state a
+            // promotion replaces, built again under the new policy.
+            core.server = Server::new(settings.server.clone(), now);
+            portkeep_server::RestoreReport::default()
+        } else {
+            core.server
+                .reconfigure(now, settings.server.clone())
+                .map_err(|e| anyhow::anyhow!(e))?
+        };
+        let digest = node::policy_digest(core.server.config());
+        self.shared.submit_changes(core);
+        *self
+            .shared
+            .announce_unicast
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = settings.announce_unicast.clone();
+        self.shared.send_announcements(self.shared.lock());
+        Ok(Reloaded {
+            need_restart,
+            ended: report.dropped.len(),
+            forwards_skipped: report.forwards_skipped.len(),
+            config_digest: digest,
         })
     }
 
@@ -889,7 +991,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(300));
         assert!(d.shared.pair.node().demote());
         let now = d.shared.clock.now();
-        core.server = Server::new(d.shared.server_cfg.clone(), now);
+        core.server = Server::new(core.server.config().clone(), now);
         drop(core);
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(

@@ -1,0 +1,174 @@
+//! Live reload against the real daemon (`ctl reload`, and SIGHUP): a
+//! changed quota is served at once; a broken file changes nothing and says
+//! why; what takes a restart is named, not silently ignored; an external
+//! address removed ends its mappings and resets exactly their
+//! subscribers' epochs (failure-scenarios draft section 2.6.1).
+
+#![allow(clippy::unwrap_used, clippy::panic, clippy::disallowed_methods)]
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use portkeep_client::RequestBuilder;
+use portkeep_proto::{OpData, Protocol, ResultCode};
+use portkeep_test_support::daemon::Daemon;
+use portkeep_test_support::pcp::{request, v4};
+use portkeep_test_support::process::{wait_until, Bins};
+
+static BINS: LazyLock<Bins> = LazyLock::new(|| Bins::from_daemon(env!("CARGO_BIN_EXE_portkeepd")));
+
+fn config(quota: u32, pool: &str, extra: &str) -> String {
+    format!(
+        "external_addresses = [{pool}]\nport_range = \"20000-20999\"\n[subscribers]\nmax_mappings = {quota}\n{extra}"
+    )
+}
+
+fn reload(d: &Daemon, text: &str) -> serde_json::Value {
+    std::fs::write(d.config_path(), text).unwrap();
+    let r = d.ctl(&["--json", "reload"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    r.json()
+}
+
+/// A reload the daemon refuses: `ctl` exits 1 and says why.
+fn refused_reload(d: &Daemon, text: &str) -> String {
+    std::fs::write(d.config_path(), text).unwrap();
+    let r = d.ctl(&["--json", "reload"]);
+    assert_eq!(r.code, Some(1), "{r:?}");
+    r.stderr
+}
+
+#[test]
+fn reload_serves_a_changed_quota_keeps_running_on_a_broken_file_and_names_what_takes_a_restart() {
+    let pool = "\"192.0.2.1\"";
+    let d = Daemon::with_config(&BINS, &config(2, pool, ""));
+    let me = v4("127.0.0.1");
+    let map = |port: u16| {
+        request(
+            me,
+            d.addr(),
+            &RequestBuilder::map(Protocol::TCP, port).nonce([7; 12]),
+        )
+    };
+    assert_eq!(map(1).header.result, ResultCode::SUCCESS);
+    assert_eq!(map(2).header.result, ResultCode::SUCCESS);
+    assert_eq!(map(3).header.result, ResultCode::USER_EX_QUOTA);
+    let digest = |d: &Daemon| d.ctl(&["--json", "status"]).json()["config_digest"].clone();
+    let before = digest(&d);
+
+    let r = reload(&d, &config(5, pool, ""));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["need_restart"], serde_json::json!([]), "{r}");
+    assert_ne!(digest(&d), before, "the digest follows the policy");
+    assert_eq!(
+        map(3).header.result,
+        ResultCode::SUCCESS,
+        "the new quota is served"
+    );
+
+    let served = digest(&d);
+    let why = refused_reload(&d, &config(5, pool, "[limits]\nmax_mappings = \"lots\"\n"));
+    assert!(why.contains("limits.max_mappings"), "{why}");
+    assert_eq!(
+        d.ctl(&["--json", "status"]).json()["last_reload"]["ok"],
+        false,
+        "ctl status keeps the outcome"
+    );
+    assert_eq!(digest(&d), served, "a broken file changes nothing");
+    assert_eq!(map(4).header.result, ResultCode::SUCCESS, "still serving");
+
+    let r = reload(
+        &d,
+        &format!(
+            "workers = 3\n{}",
+            config(5, pool, "[store]\nmode = \"memory\"\n")
+        ),
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(
+        r["need_restart"],
+        serde_json::json!(["workers", "store"]),
+        "{r}"
+    );
+    assert_eq!(
+        d.ctl(&["--json", "mappings"]).json()["mappings"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+
+    // SIGHUP does the same as ctl reload.
+    std::fs::write(d.config_path(), config(1, pool, "")).unwrap();
+    let ok = std::process::Command::new("kill")
+        .args(["-HUP", &d.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    wait_until("SIGHUP reload", Duration::from_secs(10), || {
+        let s = d.ctl(&["--json", "status"]).json();
+        (s["last_reload"]["ok"] == true && s["config_digest"] != served).then_some(())
+    });
+    assert_eq!(
+        map(9).header.result,
+        ResultCode::USER_EX_QUOTA,
+        "quota 1 now, 4 held"
+    );
+    assert_eq!(
+        map(1).header.result,
+        ResultCode::SUCCESS,
+        "what is held is renewed"
+    );
+}
+
+#[test]
+fn draft_s2_6_1_an_external_address_removed_by_reload_ends_its_mappings_and_resets_their_epochs() {
+    let d = Daemon::with_config(&BINS, &config(10, "\"192.0.2.1\", \"192.0.2.2\"", ""));
+    let (a, b) = (v4("127.0.0.1"), v4("127.0.0.2"));
+    let on = |host, ext: &str| {
+        let r = request(
+            host,
+            d.addr(),
+            &RequestBuilder::map(Protocol::TCP, 80)
+                .nonce([3; 12])
+                .suggest(Some(ext.parse().unwrap()), 0)
+                .prefer_failure(),
+        );
+        assert_eq!(r.header.result, ResultCode::SUCCESS, "{r:?}");
+        r
+    };
+    on(a, "192.0.2.1");
+    on(b, "192.0.2.2");
+    std::thread::sleep(Duration::from_millis(2100));
+    let r = reload(&d, &config(10, "\"192.0.2.1\"", ""));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["ended"], 1, "{r}");
+    let list = d.ctl(&["--json", "mappings"]).json();
+    let held: Vec<&str> = list["mappings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["internal_ip"].as_str().unwrap())
+        .collect();
+    assert_eq!(held, vec!["127.0.0.1"], "{list}");
+    // The host that lost its mapping sees a new epoch; the other does not.
+    let epoch = |host| {
+        request(host, d.addr(), &RequestBuilder::announce())
+            .header
+            .epoch
+    };
+    assert!(epoch(b) < 2, "127.0.0.2 lost state: its epoch restarts");
+    assert!(epoch(a) >= 2, "127.0.0.1 lost nothing: its epoch goes on");
+    let again = request(
+        b,
+        d.addr(),
+        &RequestBuilder::map(Protocol::TCP, 80).nonce([3; 12]),
+    );
+    match again.data {
+        OpData::Map(m) => assert_eq!(
+            m.external_ip,
+            portkeep_proto::addr::to_wire("192.0.2.1".parse().unwrap())
+        ),
+        other => panic!("{other:?}"),
+    }
+}
