@@ -48,6 +48,8 @@ struct Exporter {
     resyncs: Counter,
     refused_peers: Counter,
     info: Family<Labels, Gauge>,
+    link: Family<Labels, Gauge>,
+    dataplane_failures: Counter,
     last: std::collections::HashMap<String, u64>,
 }
 
@@ -85,6 +87,23 @@ impl Exporter {
             "portkeep_resyncs",
             "Full resynchronisations of the backup",
             resyncs.clone(),
+        );
+        let link = Family::<Labels, Gauge>::default();
+        let dataplane_failures = Counter::default();
+        registry.register(
+            "portkeep_link_state",
+            "1 for the replication link's state, on an active node of a pair",
+            link.clone(),
+        );
+        registry.register(
+            "portkeep_dataplane_apply_seconds",
+            "Time the dataplane took for each batch of changes",
+            shared.dataplane_seconds.clone(),
+        );
+        registry.register(
+            "portkeep_dataplane_failures",
+            "Changes the dataplane did not apply (answered NETWORK_FAILURE, RFC 6887 section 7.4)",
+            dataplane_failures.clone(),
         );
         let info = Family::<Labels, Gauge>::default();
         registry.register(
@@ -193,6 +212,8 @@ impl Exporter {
             resyncs,
             refused_peers,
             info,
+            link,
+            dataplane_failures,
             last: Default::default(),
         }
     }
@@ -227,6 +248,28 @@ impl Exporter {
             (n.role(), n.term(), n.held(), n.stats().clone())
         };
         let refused_peers = shared.pair.refused_count();
+        let link = shared.pair.link_state();
+        for st in [
+            "disconnected",
+            "handshake",
+            "snapshot_requested",
+            "resyncing",
+            "in_sync",
+            "lagging",
+            "fenced",
+        ] {
+            let g = self
+                .link
+                .get_or_create(&vec![("state", st.to_owned())])
+                .clone();
+            g.set(i64::from(link == Some(st)));
+        }
+        let c = self.dataplane_failures.clone();
+        self.advance(
+            "dataplane_failures".into(),
+            &c,
+            shared.dataplane_failures.load(Ordering::Relaxed),
+        );
         for (op, &n) in stats.by_opcode.iter().enumerate() {
             if n > 0 {
                 let name = portkeep_proto::Opcode(op as u8)

@@ -127,6 +127,9 @@ pub(crate) struct Shared {
     /// endpoint's histograms (`docs/metrics.md`).
     pub(crate) commit_seconds: prometheus_client::metrics::histogram::Histogram,
     pub(crate) commit_group: prometheus_client::metrics::histogram::Histogram,
+    /// Seconds each dataplane batch took, and changes it failed.
+    pub(crate) dataplane_seconds: prometheus_client::metrics::histogram::Histogram,
+    pub(crate) dataplane_failures: AtomicU64,
     /// One counter per serving loop, moved at every turn: what the
     /// systemd watchdog is fed from ([`Beats`]).
     pub(crate) beats: Beats,
@@ -330,7 +333,14 @@ impl Shared {
         for c in changes {
             log_change(c);
         }
-        apply_guarded(&mut **self.dataplane(), changes)
+        let watch = crate::clock::Stopwatch::start();
+        let failed = apply_guarded(&mut **self.dataplane(), changes);
+        self.dataplane_seconds.observe(watch.micros() as f64 / 1e6);
+        if let Some(e) = &failed {
+            self.dataplane_failures
+                .fetch_add(e.failed.len().max(1) as u64, Ordering::Relaxed);
+        }
+        failed
     }
 
     /// RFC 6887 section 7.4: a change the dataplane refused is answered

@@ -369,6 +369,21 @@ impl Pair {
         r.last = Some(format!("{from}: {why}"));
     }
 
+    /// The replication link's state as the active sees it (`None` on a
+    /// backup or a standalone node), named as `ctl status` names it.
+    pub(crate) fn link_state(&self) -> Option<&'static str> {
+        let n = self.node();
+        n.active().map(|a| match a.state() {
+            LinkState::Disconnected => "disconnected",
+            LinkState::Handshake => "handshake",
+            LinkState::NeedSnapshot => "snapshot_requested",
+            LinkState::Resyncing { .. } => "resyncing",
+            LinkState::InSync => "in_sync",
+            LinkState::Lagging => "lagging",
+            LinkState::Fenced { .. } => "fenced",
+        })
+    }
+
     /// Link connections refused so far.
     pub(crate) fn refused_count(&self) -> u64 {
         self.refusals

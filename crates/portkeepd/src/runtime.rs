@@ -524,6 +524,8 @@ impl Daemon {
             ),
             commit_seconds: node::commit_seconds_histogram(),
             commit_group: node::commit_group_histogram(),
+            dataplane_seconds: node::commit_seconds_histogram(),
+            dataplane_failures: std::sync::atomic::AtomicU64::new(0),
             reload_requested: AtomicBool::new(false),
             last_reload: Mutex::new((0, serde_json::Value::Null)),
             beats: node::Beats::new(
