@@ -288,6 +288,14 @@ enum Step {
     Restart {
         replica: bool,
     },
+    /// A new configuration while serving (`portkeepd` reload): quotas up
+    /// or down, the second external address in or out of the pool, the
+    /// forwards on or off.
+    Reconfigure {
+        quota: u8,
+        second_address: bool,
+        forwards: bool,
+    },
 }
 
 fn config(variant: u8) -> ServerConfig {
@@ -551,6 +559,7 @@ fuzz_target!(|input: Input| {
     let mut s = Server::new(cfg, now);
     assert!(s.install_static_forwards(now).is_empty());
     let mut mirror = BTreeMap::new();
+    let mut reconfigured = false;
     let mut out = Vec::new();
     for step in input.steps.iter().take(64) {
         if let Some((from, bytes)) = build(step, &cp) {
@@ -668,10 +677,36 @@ fuzz_target!(|input: Input| {
                     s = Server::restore(cfg, now, state).0;
                 }
             }
+            Step::Reconfigure {
+                quota,
+                second_address,
+                forwards,
+            } => {
+                let mut cfg = config(input.variant | if *forwards { 8 } else { 0 });
+                if !*forwards {
+                    cfg.static_forwards.clear();
+                }
+                cfg.max_mappings_per_subscriber = u32::from(*quota % 8);
+                if !*second_address {
+                    cfg.external_addresses.truncate(1);
+                    cfg.static_forwards
+                        .retain(|f| f.external.ip() == EXTERNAL[0]);
+                }
+                let _ = s.reconfigure(now, cfg);
+                // What was granted under a higher quota stays (a lowered
+                // quota only refuses new grants): from here on the table
+                // is checked for consistency, not against the quotas.
+                reconfigured = true;
+            }
             _ => {}
         }
         apply(&mut mirror, &mut s);
-        if let Err(e) = s.check_invariants() {
+        let checked = if reconfigured {
+            s.check_consistency()
+        } else {
+            s.check_invariants()
+        };
+        if let Err(e) = checked {
             panic!("invariant broken after {step:?}: {e}");
         }
         let mut table: Vec<MappingRecord> = s.mappings();
