@@ -228,7 +228,6 @@ impl Exporter {
     /// the Prometheus text format 0.0.4 (what `promtool check metrics` and
     /// older scrapers read).
     fn scrape(&mut self, shared: &Shared, openmetrics: bool) -> String {
-        let now = shared.clock.now();
         let (stats, mappings, checkpointed, backup, digest) = {
             let core = shared.lock();
             let s = &core.server;
@@ -360,7 +359,6 @@ impl Exporter {
             .set(shared.queued.load(Ordering::Relaxed) as i64);
         self.unsent
             .set(shared.outboxed.load(Ordering::Relaxed) as i64);
-        let _ = now;
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = if openmetrics {
