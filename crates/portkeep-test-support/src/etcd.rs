@@ -8,14 +8,29 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::process::wait_until;
-
-/// A TCP port free on 127.0.0.1 a moment ago.
+/// A TCP port free on 127.0.0.1 now, below the kernel's ephemeral range
+/// (32768 and up by default) so that no connection another test opens in
+/// the meantime can be given it as its local port, and distinct from every
+/// other port this process handed out. Test binaries running side by side
+/// start from different places (their process ids) in the range.
 fn tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 12_000;
+    const SPAN: u32 = 20_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id() * 97) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port between {LOW} and {}", LOW + SPAN);
 }
 
 /// Whether the etcd member whose metrics port on 127.0.0.1 is `port`
@@ -87,6 +102,24 @@ impl EtcdCluster {
     }
 
     fn build(n: usize, netns: Option<&str>, tls: Option<[PathBuf; 3]>) -> EtcdCluster {
+        // A member that cannot have its ports (another program took one
+        // between the check and etcd's bind) exits at once: start again on
+        // other ports rather than wait for a cluster that cannot form.
+        let mut last = String::new();
+        for _ in 0..3 {
+            match EtcdCluster::try_build(n, netns, tls.clone()) {
+                Ok(c) => return c,
+                Err(why) => last = why,
+            }
+        }
+        panic!("etcd did not start three times; the last time:\n{last}");
+    }
+
+    fn try_build(
+        n: usize,
+        netns: Option<&str>,
+        tls: Option<[PathBuf; 3]>,
+    ) -> Result<EtcdCluster, String> {
         let dir = tempfile::tempdir().unwrap();
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
@@ -114,8 +147,36 @@ impl EtcdCluster {
         for i in 0..n {
             c.start_member(i);
         }
-        c.wait_healthy(Duration::from_secs(30));
-        c
+        let deadline = crate::process::now() + Duration::from_secs(45);
+        loop {
+            if c.all_healthy() {
+                return Ok(c);
+            }
+            if let Some(i) = c.exited() {
+                return Err(format!("member m{i} exited\n{}", c.logs()));
+            }
+            if crate::process::now() > deadline {
+                return Err(format!("not healthy within 45 s\n{}", c.logs()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The first member that was started and has exited, if any.
+    fn exited(&mut self) -> Option<usize> {
+        (0..self.members.len()).find(|&i| {
+            self.members[i]
+                .child
+                .as_mut()
+                .is_some_and(|c| !matches!(c.try_wait(), Ok(None)))
+        })
+    }
+
+    /// Whether every running member is healthy.
+    fn all_healthy(&self) -> bool {
+        (0..self.members.len())
+            .filter(|&i| self.members[i].child.is_some())
+            .all(|i| self.healthy(i))
     }
 
     fn start_member(&mut self, i: usize) {
@@ -211,12 +272,15 @@ impl EtcdCluster {
 
     /// Waits until every running member is healthy.
     pub fn wait_healthy(&self, within: Duration) {
-        wait_until("etcd healthy", within, || {
-            (0..self.members.len())
-                .filter(|&i| self.members[i].child.is_some())
-                .all(|i| self.healthy(i))
-                .then_some(())
-        });
+        let deadline = crate::process::now() + within;
+        while !self.all_healthy() {
+            assert!(
+                crate::process::now() < deadline,
+                "etcd not healthy within {within:?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Kills member `i` (`kill -9`).
