@@ -175,6 +175,13 @@ struct Args {
     /// while the load runs (the cost of the endpoint, docs/metrics.md).
     #[arg(long, requires = "spawn")]
     scrape_metrics: bool,
+    /// Pipelined load: each client keeps up to this many requests
+    /// outstanding, sending a new batch (`--batch`) as soon as that many
+    /// replies are in, instead of waiting for whole rounds (`--inflight`
+    /// is then unused). Needs one client per load thread, and at most
+    /// `--mappings-per-client`.
+    #[arg(long, value_name = "REQUESTS")]
+    window: Option<usize>,
     /// How long to wait for the replies of a batch before counting the rest
     /// as lost.
     #[arg(long, default_value_t = 200)]
@@ -462,6 +469,19 @@ fn send_round(
     sb: &mut SendBatch,
     res: &mut PhaseResult,
 ) {
+    c.waiting = send_requests(c, server, per_client, batch, sb, res);
+}
+
+/// Sends up to `batch` requests for `c`'s next ports (during the create
+/// pass, only ports not yet asked for); returns how many left.
+fn send_requests(
+    c: &mut VClient,
+    server: SocketAddr,
+    per_client: usize,
+    batch: usize,
+    sb: &mut SendBatch,
+    res: &mut PhaseResult,
+) -> usize {
     let start = now();
     let n = batch.min(per_client);
     // The create pass covers each port exactly once.
@@ -489,11 +509,44 @@ fn send_round(
     }
     if sb.flush(&c.sock).is_err() {
         res.lost += n as u64;
-        c.waiting = 0;
-        return;
+        return 0;
     }
     res.sent += n as u64;
-    c.waiting = n;
+    n
+}
+
+/// Counts one reply `d`, received at `t`, to one of `c`'s requests.
+fn take_reply(
+    c: &mut VClient,
+    d: &[u8],
+    t: Instant,
+    hist: &mut Histogram<u64>,
+    res: &mut PhaseResult,
+) {
+    // Result 0 in octet 3 (PCP; octet 2 reserved) or octets 2-3
+    // (NAT-PMP's 16-bit result).
+    let (min, port_at) = if c.natpmp {
+        (NATPMP_MAP_RESPONSE_LEN, NATPMP_RESP_PORT_AT)
+    } else {
+        (44, INTERNAL_PORT_AT)
+    };
+    if d.len() < min || d[2] != 0 || d[3] != 0 {
+        res.errors += 1;
+        return;
+    }
+    res.ok += 1;
+    // The only option the server echoes here: CHECKPOINT_REQUIRED.
+    if d.len() > MAP_RESPONSE_LEN && d[MAP_RESPONSE_LEN] == 192 {
+        res.honoured += 1;
+    }
+    if res.mark_every > 0 && res.ok.is_multiple_of(res.mark_every) {
+        res.marks.push(t);
+    }
+    let port = u16::from_be_bytes([d[port_at], d[port_at + 1]]);
+    let idx = usize::from(port.wrapping_sub(c.port0));
+    if let Some(Some(s)) = c.sent_at.get_mut(idx).map(Option::take) {
+        let _ = hist.record(t.duration_since(s).as_micros() as u64);
+    }
 }
 
 /// Collects the replies to `c`'s outstanding batch.
@@ -511,30 +564,7 @@ fn recv_round(
         let t = now();
         for (_, d) in rb.iter() {
             c.waiting = c.waiting.saturating_sub(1);
-            // Result 0 in octet 3 (PCP; octet 2 reserved) or octets 2-3
-            // (NAT-PMP's 16-bit result).
-            let (min, port_at) = if c.natpmp {
-                (NATPMP_MAP_RESPONSE_LEN, NATPMP_RESP_PORT_AT)
-            } else {
-                (44, INTERNAL_PORT_AT)
-            };
-            if d.len() < min || d[2] != 0 || d[3] != 0 {
-                res.errors += 1;
-                continue;
-            }
-            res.ok += 1;
-            // The only option the server echoes here: CHECKPOINT_REQUIRED.
-            if d.len() > MAP_RESPONSE_LEN && d[MAP_RESPONSE_LEN] == 192 {
-                res.honoured += 1;
-            }
-            if res.mark_every > 0 && res.ok.is_multiple_of(res.mark_every) {
-                res.marks.push(t);
-            }
-            let port = u16::from_be_bytes([d[port_at], d[port_at + 1]]);
-            let idx = usize::from(port.wrapping_sub(c.port0));
-            if let Some(Some(s)) = c.sent_at.get_mut(idx).map(Option::take) {
-                let _ = hist.record(t.duration_since(s).as_micros() as u64);
-            }
+            take_reply(c, d, t, hist, res);
         }
     }
     res.lost += c.waiting as u64;
@@ -560,6 +590,10 @@ fn run_phase(
         // whether the rate holds as the table grows.
         res.mark_every = (clients.len() * per / 10) as u64;
     }
+    if let (Some(w), [c]) = (args.window, &mut *clients) {
+        run_window(c, args, w, server, deadline, stop, &mut hist, &mut res);
+        return (res, hist);
+    }
     let window = args.inflight.max(1);
     // Rounds per client: one pass over its ports for the create phase,
     // unbounded (until the deadline) for the refresh phase.
@@ -583,6 +617,61 @@ fn run_phase(
         pass += 1;
     }
     (res, hist)
+}
+
+/// `--window`: keeps up to `window` of `c`'s requests outstanding,
+/// topping up a batch at a time as replies come in, so the server always
+/// has work queued (as it has from many independent clients) rather than
+/// seeing a burst and then nothing while the client waits for the last
+/// reply of a round. A receive that times out counts what is outstanding
+/// as lost.
+#[allow(clippy::too_many_arguments)]
+fn run_window(
+    c: &mut VClient,
+    args: &Args,
+    window: usize,
+    server: SocketAddr,
+    deadline: Option<Instant>,
+    stop: &AtomicBool,
+    hist: &mut Histogram<u64>,
+    res: &mut PhaseResult,
+) {
+    let per = args.mappings_per_client;
+    let batch = args.batch.clamp(1, window);
+    let mut rb = RecvBatch::default();
+    let mut sb = SendBatch::default();
+    let mut outstanding = 0usize;
+    loop {
+        let ending = stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| now() >= d);
+        // The create pass sends each port once, then drains.
+        let sending = !ending && (deadline.is_some() || c.creating);
+        while sending && outstanding + batch <= window && (deadline.is_some() || c.creating) {
+            let n = send_requests(c, server, per, batch, &mut sb, res);
+            if n == 0 {
+                break;
+            }
+            outstanding += n;
+        }
+        if outstanding == 0 {
+            if ending || !sending {
+                return;
+            }
+            continue;
+        }
+        match recv_batch(&c.sock, &mut rb) {
+            Ok(n) if n > 0 => {}
+            _ => {
+                res.lost += outstanding as u64;
+                outstanding = 0;
+                continue;
+            }
+        }
+        let t = now();
+        for (_, d) in rb.iter() {
+            outstanding = outstanding.saturating_sub(1);
+            take_reply(c, d, t, hist, res);
+        }
+    }
 }
 
 /// `--scrape-metrics`: `GET /metrics` once a second until `stop`, as a
@@ -1286,6 +1375,19 @@ fn main() -> anyhow::Result<()> {
             creating: true,
             natpmp: args.natpmp,
         });
+    }
+    if let Some(w) = args.window {
+        anyhow::ensure!(
+            args.threads == args.clients,
+            "--window needs one client per load thread (--threads {} --clients {})",
+            args.threads,
+            args.clients
+        );
+        anyhow::ensure!(
+            (1..=args.mappings_per_client).contains(&w),
+            "--window must be 1 to --mappings-per-client ({}), not {w}",
+            args.mappings_per_client
+        );
     }
     let stop = Arc::new(AtomicBool::new(false));
     let threads = args.threads.min(args.clients);
