@@ -347,7 +347,6 @@ fn counters(shared: &Shared) -> Value {
         "checkpoint": checkpoint_counters(&core.server),
         "shed": shared.shed.load(Ordering::Relaxed),
         "queued_replies": shared.queued.load(Ordering::Relaxed),
-        "unsent_replies": shared.outboxed.load(Ordering::Relaxed),
         "commit_latency_us": commit_latency(shared),
     })
 }

@@ -42,7 +42,6 @@ struct Exporter {
     backup: Family<Labels, Gauge>,
     held: Gauge,
     queued: Gauge,
-    unsent: Gauge,
     takeovers: Counter,
     not_confirmed: Counter,
     resyncs: Counter,
@@ -65,7 +64,7 @@ impl Exporter {
         let (natpmp, created, takeovers) =
             (Counter::default(), Counter::default(), Counter::default());
         let (mappings, checkpointed, term) = (Gauge::default(), Gauge::default(), Gauge::default());
-        let (held, queued, unsent) = (Gauge::default(), Gauge::default(), Gauge::default());
+        let (held, queued) = (Gauge::default(), Gauge::default());
         let (not_confirmed, resyncs, refused_peers) =
             (Counter::default(), Counter::default(), Counter::default());
         registry.register(
@@ -182,11 +181,6 @@ impl Exporter {
             queued.clone(),
         );
         registry.register(
-            "portkeep_unsent_replies",
-            "Committed replies waiting to be sent",
-            unsent.clone(),
-        );
-        registry.register(
             "portkeep_takeovers",
             "Takeovers this node made",
             takeovers.clone(),
@@ -206,7 +200,6 @@ impl Exporter {
             backup,
             held,
             queued,
-            unsent,
             takeovers,
             not_confirmed,
             resyncs,
@@ -357,8 +350,6 @@ impl Exporter {
         self.held.set(held as i64);
         self.queued
             .set(shared.queued.load(Ordering::Relaxed) as i64);
-        self.unsent
-            .set(shared.outboxed.load(Ordering::Relaxed) as i64);
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = if openmetrics {

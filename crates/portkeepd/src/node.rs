@@ -74,13 +74,6 @@ pub(crate) struct Queue {
     jobs: VecDeque<Job>,
 }
 
-/// Replies whose changes are committed, waiting to be sent.
-#[derive(Default)]
-pub(crate) struct Outbox {
-    batches: VecDeque<(usize, SendBatch)>,
-    pub(crate) closed: bool,
-}
-
 pub(crate) struct Shared {
     pub(crate) core: Mutex<Core>,
     pub(crate) dataplane: Mutex<Box<dyn Dataplane>>,
@@ -97,8 +90,6 @@ pub(crate) struct Shared {
     pub(crate) sockets: Vec<UdpSocket>,
     /// `None` in memory mode.
     pub(crate) queue: Option<(Mutex<Queue>, Condvar)>,
-    /// Committed replies for the sender thread.
-    pub(crate) outbox: (Mutex<Outbox>, Condvar),
     /// How long the committer waits for more work before committing.
     pub(crate) commit_delay: Duration,
     /// Role in an active/backup pair, and the replication link.
@@ -116,8 +107,10 @@ pub(crate) struct Shared {
     pub(crate) max_queued: usize,
     /// Replies handled by the core and waiting for the committer.
     pub(crate) queued: AtomicUsize,
-    /// Replies committed and waiting for the sender.
-    pub(crate) outboxed: AtomicUsize,
+    /// Workers holding received datagrams whose job is not queued yet, or
+    /// whose last receive filled its batch: more work for the committer
+    /// is on its way (`runtime::worker`).
+    pub(crate) handling: AtomicUsize,
     /// Datagrams shed because a queue was full.
     pub(crate) shed: AtomicU64,
     /// Microseconds from a job's arrival at the committer to its replies'
@@ -394,7 +387,6 @@ impl Shared {
     /// worker.
     pub(crate) fn overloaded(&self) -> bool {
         self.queued.load(Ordering::Relaxed) >= self.max_queued
-            || self.outboxed.load(Ordering::Relaxed) >= self.max_queued
     }
 
     /// Hands the core's pending changes and the replies that depend on them
@@ -510,20 +502,23 @@ impl Shared {
         *slot = bounded(dp, &self.dataplane_kind);
     }
 
-    /// Hands replies whose changes are committed (and, for check-points,
-    /// acknowledged by the backup) to the sender thread.
+    /// Sends replies whose changes are committed (and, for check-points,
+    /// acknowledged by the backup), from the thread that released them:
+    /// the committer, or the link's for a reply that waited for the
+    /// backup. A hand-off to another thread would cost each reply a
+    /// wake-up (a tenth of the durable path's throughput, measured), and
+    /// a UDP send does not wait for the peer. A node frozen after the
+    /// commit and woken after the witness's lease ran out sends nothing:
+    /// another node may serve by now.
     pub(crate) fn send_committed(&self, batches: Vec<(usize, SendBatch)>) {
-        if batches.is_empty() {
+        if batches.is_empty() || !self.pair.lease_allows() {
             return;
         }
-        let n: usize = batches.iter().map(|(_, b)| b.len()).sum();
-        self.outboxed.fetch_add(n, Ordering::Relaxed);
-        let (oq, ocv) = &self.outbox;
-        oq.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .batches
-            .extend(batches);
-        ocv.notify_one();
+        for (socket, mut replies) in batches {
+            if let Some(s) = self.sockets.get(socket) {
+                let _ = replies.flush(s);
+            }
+        }
     }
 
     /// A socket of the family of `dest`, to send ANNOUNCEs from.
@@ -1054,9 +1049,9 @@ pub(crate) fn bounded(dp: Box<dyn Dataplane>, kind: &DataplaneKind) -> Box<dyn D
 }
 
 /// Group commit: everything queued goes into one transaction, then to the
-/// dataplane and (for an active node) to the backup; the replies then go to
-/// the sender thread, so the next commit starts while they are sent. A
-/// reply whose check-point the backup must confirm waits for that first.
+/// dataplane and (for an active node) to the backup; the committer then
+/// sends the replies itself. A reply whose check-point the backup must
+/// confirm waits for that first.
 pub(crate) fn committer(shared: &Arc<Shared>, mut store: Option<Store>) {
     commit_loop(shared, &mut store);
     if shared.failed.load(Ordering::SeqCst) {
@@ -1102,9 +1097,18 @@ fn commit_loop(shared: &Arc<Shared>, store: &mut Option<Store>) {
                     break;
                 }
             }
-            if waited && !g.jobs.is_empty() && !shared.commit_delay.is_zero() && store.is_some() {
-                // Work arrived after a quiet spell: give the rest of its
-                // burst a moment to join the same fsync.
+            if waited
+                && !g.jobs.is_empty()
+                && !shared.commit_delay.is_zero()
+                && store.is_some()
+                && shared.handling.load(Ordering::SeqCst) > 0
+            {
+                // Work arrived after a quiet spell and a worker is still
+                // reading or answering more of the burst: give it a moment
+                // (until its job is queued) to join the same fsync. When
+                // nothing more is on its way, waiting would only delay
+                // these replies: a client with a window of requests in
+                // flight sends no more until it has them.
                 let (ng, _) = cv
                     .wait_timeout(g, shared.commit_delay)
                     .unwrap_or_else(|p| p.into_inner());
@@ -1114,13 +1118,6 @@ fn commit_loop(shared: &Arc<Shared>, store: &mut Option<Store>) {
         };
         let n: usize = jobs.iter().map(|j| j.replies.len()).sum();
         shared.queued.fetch_sub(n, Ordering::Relaxed);
-        // A slow sender holds the committer back rather than let its queue
-        // grow: the committer's queue fills in turn and the workers shed.
-        while shared.outboxed.load(Ordering::Relaxed) > shared.max_queued
-            && !shared.stop.load(Ordering::Relaxed)
-        {
-            std::thread::sleep(Duration::from_millis(1));
-        }
         let now = shared.clock.now();
         if jobs.is_empty() {
             if let Some(st) = store.as_mut() {
@@ -1288,39 +1285,6 @@ fn commit(
         }
     }
     true
-}
-
-/// Sends replies whose changes are committed.
-pub(crate) fn sender(shared: &Shared) {
-    let (q, cv) = &shared.outbox;
-    loop {
-        let batches: Vec<(usize, SendBatch)> = {
-            let mut g = q.lock().unwrap_or_else(|p| p.into_inner());
-            while g.batches.is_empty() && !g.closed {
-                shared.beats.beat("sender");
-                g = cv
-                    .wait_timeout(g, POLL)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-            }
-            shared.beats.beat("sender");
-            if g.batches.is_empty() {
-                return;
-            }
-            g.batches.drain(..).collect()
-        };
-        // A node frozen after its replies were queued and woken after the
-        // witness's lease ran out sends none of them: another node may
-        // serve by now.
-        let allowed = shared.pair.lease_allows();
-        for (socket, mut replies) in batches {
-            let n = replies.len();
-            if let Some(s) = shared.sockets.get(socket).filter(|_| allowed) {
-                let _ = replies.flush(s);
-            }
-            shared.outboxed.fetch_sub(n, Ordering::Relaxed);
-        }
-    }
 }
 
 /// A promoted node's stored replica goes, durably, after the state it took

@@ -35,7 +35,7 @@ use crate::control;
 use crate::ha_config::Role;
 use crate::link;
 use crate::mmsg::{self, RecvBatch, SendBatch};
-use crate::node::{self, Core, Outbox, Queue, Shared, POLL};
+use crate::node::{self, Core, Queue, Shared, POLL};
 use crate::pair::Pair;
 use crate::replica::{ReplicaError, ReplicaStore};
 use crate::store::{Opened, Store};
@@ -44,7 +44,7 @@ use crate::store::{Opened, Store};
 pub struct Daemon {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
-    committer: Option<(JoinHandle<()>, JoinHandle<()>)>,
+    committer: Option<JoinHandle<()>>,
     /// Stores the backup's replica (with a store, in a pair).
     replica_writer: Option<JoinHandle<()>>,
     local_addrs: Vec<SocketAddr>,
@@ -506,7 +506,6 @@ impl Daemon {
             listen: local_addrs.clone(),
             sockets,
             queue,
-            outbox: (Mutex::new(Outbox::default()), Condvar::new()),
             commit_delay: settings.store.commit_delay,
             pair,
             dataplane_kind: settings.dataplane.clone(),
@@ -514,7 +513,7 @@ impl Daemon {
             announce_unicast: Mutex::new(settings.announce_unicast.clone()),
             max_queued: settings.max_queued_replies,
             queued: std::sync::atomic::AtomicUsize::new(0),
-            outboxed: std::sync::atomic::AtomicUsize::new(0),
+            handling: std::sync::atomic::AtomicUsize::new(0),
             shed: std::sync::atomic::AtomicU64::new(0),
             // 1 us to 1 h, three significant digits: fixed bounds, so
             // the constructor cannot fail.
@@ -529,25 +528,19 @@ impl Daemon {
             reload_requested: AtomicBool::new(false),
             last_reload: Mutex::new((0, serde_json::Value::Null)),
             beats: node::Beats::new(
-                (0..flat.len()).map(|i| format!("pcp-{i}")).chain(
-                    queue_present
-                        .then(|| ["committer".to_owned(), "sender".to_owned()])
-                        .into_iter()
-                        .flatten(),
-                ),
+                (0..flat.len())
+                    .map(|i| format!("pcp-{i}"))
+                    .chain(queue_present.then(|| "committer".to_owned())),
             ),
         });
         let committer = match (start.store, &shared.queue) {
             (store, Some(_)) => {
                 let s1 = shared.clone();
-                let s2 = shared.clone();
-                let c = std::thread::Builder::new()
-                    .name("committer".into())
-                    .spawn(move || node::committer(&s1, store))?;
-                let s = std::thread::Builder::new()
-                    .name("sender".into())
-                    .spawn(move || node::sender(&s2))?;
-                Some((c, s))
+                Some(
+                    std::thread::Builder::new()
+                        .name("committer".into())
+                        .spawn(move || node::committer(&s1, store))?,
+                )
             }
             (_, None) => None,
         };
@@ -742,12 +735,8 @@ impl Daemon {
         if let Some((_, cv)) = &self.shared.queue {
             cv.notify_all();
         }
-        if let Some((c, s)) = self.committer.take() {
+        if let Some(c) = self.committer.take() {
             let _ = c.join();
-            let (q, cv) = &self.shared.outbox;
-            q.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
-            cv.notify_all();
-            let _ = s.join();
         }
         // After the committer: a promotion it was carrying out may still
         // clear the replica.
@@ -775,47 +764,69 @@ impl Drop for Daemon {
 pub(crate) fn worker(shared: &Shared, sock: &UdpSocket, index: usize) {
     let mut rb = RecvBatch::default();
     let mut out = Vec::with_capacity(mmsg::BUF);
+    // Counted in `Shared::handling` from a receive that returned datagrams
+    // until their job is queued, and on through the next receive when the
+    // batch was full (more are waiting in the socket).
+    let mut counted = false;
     while !shared.stop.load(Ordering::Relaxed) {
         shared.beats.beat_at(index);
-        match mmsg::recv_batch(sock, &mut rb) {
-            Ok(0) => continue,
-            Ok(_) => {}
+        let n = match mmsg::recv_batch(sock, &mut rb) {
+            Ok(n) => n,
             Err(e) => {
                 tracing::error!(error = %e, "receive failed");
                 std::thread::sleep(POLL);
-                continue;
+                0
             }
+        };
+        if n > 0 && !counted {
+            shared.handling.fetch_add(1, Ordering::SeqCst);
+            counted = true;
         }
-        if !shared.pair.serving() {
-            // A backup, or an active node not yet sure it was not deposed:
-            // clients retransmit (RFC 6887 section 8.1.1) and reach
-            // whichever node serves.
-            continue;
+        if n > 0 {
+            handle_batch(shared, &rb, &mut out, index);
         }
-        if shared.overloaded() {
-            shared
-                .shed
-                .fetch_add(rb.iter().count() as u64, Ordering::Relaxed);
-            continue;
+        if counted && n < mmsg::BATCH {
+            shared.handling.fetch_sub(1, Ordering::SeqCst);
+            counted = false;
         }
-        let now = shared.clock.now();
-        let mut replies = SendBatch::default();
-        let mut core = shared.lock();
-        if !shared.pair.serving() {
-            // Demoted while this thread waited for the core: the core is
-            // now the empty state of a backup, and answering from it would
-            // be a deposed node answering PCP. Serving only turns off with
-            // the core locked (or, when deposed by a higher term, the node
-            // releases nothing), so this check under the lock is final.
-            continue;
-        }
-        for (src, data) in rb.iter() {
-            if core.server.handle(now, src, data, &mut out) == Outcome::Reply {
-                replies.push(src, &out);
-            }
-        }
-        shared.submit(core, replies, index);
     }
+    if counted {
+        shared.handling.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Answers one batch of received datagrams through the core and queues
+/// the replies behind the changes they depend on.
+fn handle_batch(shared: &Shared, rb: &RecvBatch, out: &mut Vec<u8>, index: usize) {
+    if !shared.pair.serving() {
+        // A backup, or an active node not yet sure it was not deposed:
+        // clients retransmit (RFC 6887 section 8.1.1) and reach
+        // whichever node serves.
+        return;
+    }
+    if shared.overloaded() {
+        shared
+            .shed
+            .fetch_add(rb.iter().count() as u64, Ordering::Relaxed);
+        return;
+    }
+    let now = shared.clock.now();
+    let mut replies = SendBatch::default();
+    let mut core = shared.lock();
+    if !shared.pair.serving() {
+        // Demoted while this thread waited for the core: the core is
+        // now the empty state of a backup, and answering from it would
+        // be a deposed node answering PCP. Serving only turns off with
+        // the core locked (or, when deposed by a higher term, the node
+        // releases nothing), so this check under the lock is final.
+        return;
+    }
+    for (src, data) in rb.iter() {
+        if core.server.handle(now, src, data, out) == Outcome::Reply {
+            replies.push(src, out);
+        }
+    }
+    shared.submit(core, replies, index);
 }
 
 /// Sends unsolicited ANNOUNCEs after a fresh start (RFC 6887 section

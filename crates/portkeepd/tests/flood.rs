@@ -42,9 +42,9 @@ const QUOTA: u32 = 64;
 
 /// The bound on the server's peak resident set: its table at most
 /// `SOURCES * QUOTA` + 8 mappings (16,392; about 430 octets each with
-/// their indices and the store's share, 7 MiB), its two reply queues
-/// (committer and sender) at most `max_queued_replies` (4,096 here)
-/// replies each of at most 1,100 octets (9 MiB), redb's cache (its
+/// their indices and the store's share, 7 MiB), its reply queue at most
+/// `max_queued_replies` (4,096 here) replies of at most 1,100 octets
+/// (5 MiB), redb's cache (its
 /// default 64 MiB is not reached by so small a store), the runtime and
 /// the binary: measured 36 MiB at the peak. The bound leaves room for the
 /// allocator; it would not catch a slow leak, only a table or queue
