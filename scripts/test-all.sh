@@ -8,9 +8,10 @@
 # tests, strace to inject fsync failures, natpmpc for NAT-PMP interop,
 # etcd-server for the etcd
 # coordinator's tests, protobuf-compiler and libprotobuf-dev (the
-# well-known .proto files it imports) to build its client) and
-# cargo-fuzz for the fuzz
-# smoke run. As a normal user it
+# well-known .proto files it imports) to build its client, prometheus and
+# systemd for the metrics and unit checks, dpkg-dev and binutils for the
+# Debian package), cargo-deb for the package test and cargo-fuzz for the
+# fuzz smoke run. As a normal user it
 # installs nothing and the tests that need root skip with a loud message.
 #
 # A test that cannot run here (not root, a tool missing) fails when CI is
@@ -20,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
-packages=(tshark nftables miniupnpd-nftables iproute2 procps conntrack keepalived strace etcd-server protobuf-compiler libprotobuf-dev natpmpc prometheus systemd)
+packages=(tshark nftables miniupnpd-nftables iproute2 procps conntrack keepalived strace etcd-server protobuf-compiler libprotobuf-dev natpmpc prometheus systemd dpkg-dev binutils)
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -99,6 +100,13 @@ if git cat-file -e "$previous_release^{commit}" 2>/dev/null; then
     export PORTKEEP_PREVIOUS_RELEASE="$PWD/target/previous-release/debug/portkeepd"
 else
     echo "!!! $previous_release is not in this checkout's history: the upgrade test will SKIP (FAIL under CI)" >&2
+fi
+
+# The package test (crates/portkeepd/tests/package.rs) builds the Debian
+# package with cargo-deb.
+if [ "$(id -u)" = 0 ] && ! cargo deb --version >/dev/null 2>&1; then
+    step "installing cargo-deb"
+    cargo install cargo-deb --locked --quiet
 fi
 
 step "tests"

@@ -47,6 +47,42 @@ pub(crate) enum Command {
     /// The host's mapping keeper: `agent run` is the daemon, the other
     /// verbs talk to it (JSON lines on a Unix socket).
     Agent(crate::agent::AgentArgs),
+    /// Write the manual pages and shell completions the package installs
+    /// (`man/`, `completions/{bash,zsh,fish}/` under DIR).
+    #[command(hide = true)]
+    PackageFiles {
+        /// Directory to write into (created if missing).
+        dir: std::path::PathBuf,
+    },
+}
+
+/// The manual pages (section 1; one page per visible subcommand, as
+/// `portkeep-map.1`) and the bash, zsh and fish completions, generated from
+/// the argument definitions above so they never drift from `--help`.
+pub(crate) fn package_files(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    fn pages(cmd: clap::Command, dir: &std::path::Path) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            pages(sub.clone(), dir)?;
+        }
+        clap_mangen::Man::new(cmd).section("1").generate_to(dir)?;
+        Ok(())
+    }
+    let man = dir.join("man");
+    std::fs::create_dir_all(&man)?;
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    pages(cmd.clone(), &man)?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        let out = dir.join("completions").join(shell.to_string());
+        std::fs::create_dir_all(&out)?;
+        clap_complete::generate_to(shell, &mut cmd, "portkeep", &out)?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Args)]

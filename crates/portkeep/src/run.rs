@@ -24,6 +24,15 @@ pub(crate) fn run(cli: Cli) -> ExitCode {
     if let Command::Agent(a) = &cli.command {
         return crate::agent::run(&cli.common, a);
     }
+    if let Command::PackageFiles { dir } = &cli.command {
+        return match crate::cli::package_files(dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: cannot write {}: {e}", dir.display());
+                ExitCode::from(exit::FAILURE)
+            }
+        };
+    }
     if matches!(cli.command, Command::List(_) | Command::Get(_)) {
         return crate::retrieve::run(&cli);
     }
@@ -250,7 +259,7 @@ fn plan(command: &Command, server: SocketAddr) -> Result<Plan, clap::Error> {
             (b, None)
         }
         Command::Announce => (RequestBuilder::announce(), None),
-        Command::List(_) | Command::Get(_) | Command::Agent(_) => {
+        Command::List(_) | Command::Get(_) | Command::Agent(_) | Command::PackageFiles { .. } => {
             return Err(Cli::command().error(ErrorKind::InvalidSubcommand, "not a MAP-like verb"))
         }
     };

@@ -462,7 +462,7 @@ pub struct Settings {
     pub store: StoreSettings,
     /// Role and replication link.
     pub ha: crate::ha_config::HaSettings,
-    /// Bound of each reply queue (committer, sender): past it, workers
+    /// Bound of the reply queue (the committer's): past it, workers
     /// shed datagrams before the core handles them.
     pub max_queued_replies: usize,
     /// Where to serve Prometheus metrics (`[metrics] listen`).

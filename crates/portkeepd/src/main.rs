@@ -80,6 +80,13 @@ enum Command {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// Write the manual pages and shell completions the package installs
+    /// (`man/`, `completions/{bash,zsh,fish}/` under DIR).
+    #[command(hide = true)]
+    PackageFiles {
+        /// Directory to write into (created if missing).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -184,6 +191,18 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("portkeepd gen-certs: {e:#}");
+                    ExitCode::from(73)
+                }
+            };
+        }
+        Some(Command::PackageFiles { dir }) => {
+            return match package_files(dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!(
+                        "portkeepd package-files: cannot write {}: {e}",
+                        dir.display()
+                    );
                     ExitCode::from(73)
                 }
             };
@@ -583,4 +602,34 @@ fn print_mappings(reply: &serde_json::Value) {
         list.len(),
         if list.len() == 1 { "" } else { "s" }
     );
+}
+
+/// The manual pages (section 8: a system daemon; one page per visible
+/// subcommand, as `portkeepd-ctl.8`) and the bash, zsh and fish completions,
+/// all generated from the argument definitions above so they never drift
+/// from `--help`.
+fn package_files(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    fn pages(cmd: clap::Command, dir: &std::path::Path) -> std::io::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            pages(sub.clone(), dir)?;
+        }
+        clap_mangen::Man::new(cmd).section("8").generate_to(dir)?;
+        Ok(())
+    }
+    let man = dir.join("man");
+    std::fs::create_dir_all(&man)?;
+    let mut cmd = Args::command().disable_help_subcommand(true);
+    cmd.build();
+    pages(cmd.clone(), &man)?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        let out = dir.join("completions").join(shell.to_string());
+        std::fs::create_dir_all(&out)?;
+        clap_complete::generate_to(shell, &mut cmd, "portkeepd", &out)?;
+    }
+    Ok(())
 }

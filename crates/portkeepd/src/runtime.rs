@@ -706,7 +706,7 @@ impl Daemon {
         self.shared.lock().server.mapping_count()
     }
 
-    /// The serving loops (PCP workers, committer, sender) that made no
+    /// The serving loops (PCP workers, committer) that made no
     /// turn since the last call (`last` keeps what was seen): what the
     /// systemd watchdog is fed from. Each loop turns at least every 100 ms,
     /// busy or idle.
