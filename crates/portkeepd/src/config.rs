@@ -81,6 +81,18 @@ pub struct ConfigFile {
     /// `[metrics]`: the Prometheus endpoint.
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// `[log]`: what the daemon logs.
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+/// `[log]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// A tracing filter (`info`, `warn,portkeepd::node=debug`, ...); the
+    /// command line's `--log-level` or `PORTKEEPD_LOG` wins over it.
+    pub level: Option<String>,
 }
 
 /// `[metrics]`.
@@ -467,6 +479,8 @@ pub struct Settings {
     pub max_queued_replies: usize,
     /// Where to serve Prometheus metrics (`[metrics] listen`).
     pub metrics_listen: Option<SocketAddr>,
+    /// The log filter (`[log] level`), checked; `None`: not set.
+    pub log_level: Option<String>,
 }
 
 /// Default of `[limits] max_queued_replies`: about a quarter of a second
@@ -835,7 +849,12 @@ impl ConfigFile {
                 )
             })?),
         };
+        if let Some(level) = &self.log.level {
+            tracing_subscriber::EnvFilter::try_new(level)
+                .map_err(|e| invalid("log.level", format!("`{level}`: {e}")))?;
+        }
         Ok(Settings {
+            log_level: self.log.level.clone(),
             metrics_listen,
             max_queued_replies,
             data_dir,

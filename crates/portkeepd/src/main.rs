@@ -39,13 +39,10 @@ struct Args {
     #[arg(long, value_enum, value_name = "HOW", default_value = "fail")]
     store_recovery: StoreRecovery,
     /// Log filter: error, warn, info, debug, trace, or a tracing directive.
-    #[arg(
-        long,
-        value_name = "LEVEL",
-        default_value = "info",
-        env = "PORTKEEPD_LOG"
-    )]
-    log_level: String,
+    /// Wins over the config's `[log] level`, which a reload can change;
+    /// without either: info.
+    #[arg(long, value_name = "LEVEL", env = "PORTKEEPD_LOG")]
+    log_level: Option<String>,
     /// Log lines as `text`, or `json` (one object per line: time, level,
     /// message and fields), for log shippers. Under systemd (when
     /// `JOURNAL_STREAM` is set) text lines carry no time or colour: the
@@ -156,29 +153,13 @@ fn main() -> ExitCode {
             };
         }
     };
-    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
-        Ok(f) => f,
+    let log = match LogLevel::init(&args) {
+        Ok(l) => l,
         Err(e) => {
-            eprintln!("portkeepd: bad --log-level `{}`: {e}", args.log_level);
+            eprintln!("portkeepd: {e}");
             return ExitCode::from(64);
         }
     };
-    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_writer(std::io::stderr);
-    match (args.log_format, journal) {
-        (LogFormat::Json, _) => fmt
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init(),
-        (LogFormat::Text, true) => fmt.without_time().with_ansi(false).init(),
-        (LogFormat::Text, false) => fmt
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-    }
     match &args.command {
         Some(Command::Ctl(ctl)) => return run_ctl(&args, ctl),
         Some(Command::GenCerts { dir, names }) => {
@@ -240,6 +221,7 @@ fn main() -> ExitCode {
         println!("configuration OK: {summary}");
         return ExitCode::SUCCESS;
     }
+    log.apply(settings.log_level.as_deref());
     let daemon = match Daemon::start(settings) {
         Ok(d) => d,
         Err(e) => {
@@ -263,7 +245,7 @@ fn main() -> ExitCode {
             let (daemon, stop) = (&daemon, &stop_watchdog);
             scope.spawn(move || feed_watchdog(daemon, every, stop));
         }
-        wait_for_signal(&daemon, &args);
+        wait_for_signal(&daemon, &args, &log);
         stop_watchdog.store(true, std::sync::atomic::Ordering::Relaxed);
     });
     let failed = daemon.has_failed();
@@ -367,7 +349,7 @@ fn load_settings(args: &Args) -> Result<portkeepd::Settings, portkeepd::ConfigEr
 /// SIGHUP or `ctl reload`: reads the configuration again and serves it;
 /// a file that does not validate changes nothing (the running
 /// configuration stays, and the log says why).
-fn reload(daemon: &Daemon, args: &Args) {
+fn reload(daemon: &Daemon, args: &Args, log: &LogLevel) {
     let outcome = match load_settings(args) {
         Err(e) => {
             tracing::error!("reload refused, still serving the previous configuration: {e}");
@@ -397,6 +379,10 @@ fn reload(daemon: &Daemon, args: &Args) {
                 );
                 let mut v = serde_json::to_value(&r).unwrap_or_default();
                 v["ok"] = serde_json::json!(true);
+                if let Some(level) = log.apply(settings.log_level.as_deref()) {
+                    tracing::warn!(level, "log level changed");
+                }
+                v["log_level"] = serde_json::json!(log.current());
                 v
             }
         },
@@ -406,7 +392,7 @@ fn reload(daemon: &Daemon, args: &Args) {
 
 /// Blocks until SIGINT or SIGTERM, or until the daemon stops itself;
 /// reloads on SIGHUP and on `ctl reload`.
-fn wait_for_signal(daemon: &Daemon, args: &Args) {
+fn wait_for_signal(daemon: &Daemon, args: &Args, log: &LogLevel) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -433,13 +419,13 @@ fn wait_for_signal(daemon: &Daemon, args: &Args) {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
-                _ = hup.recv() => reload(daemon, args),
+                _ = hup.recv() => reload(daemon, args, log),
                 _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {
                     if daemon.has_failed() {
                         break;
                     }
                     if daemon.take_reload_request() {
-                        reload(daemon, args);
+                        reload(daemon, args, log);
                     }
                 }
             }
@@ -632,4 +618,76 @@ fn package_files(dir: &std::path::Path) -> std::io::Result<()> {
         clap_complete::generate_to(shell, &mut cmd, "portkeepd", &out)?;
     }
     Ok(())
+}
+
+/// The log filter in force, changed by a reload when the command line did
+/// not fix it.
+struct LogLevel {
+    handle: tracing_subscriber::reload::Handle<
+        tracing_subscriber::EnvFilter,
+        tracing_subscriber::Registry,
+    >,
+    /// Set by `--log-level` or `PORTKEEPD_LOG`: `[log] level` is ignored.
+    fixed: bool,
+    current: std::sync::Mutex<String>,
+}
+
+impl LogLevel {
+    /// Installs the logger: `--log-format`, on stderr, with the command
+    /// line's filter or info until the configuration is read.
+    fn init(args: &Args) -> Result<LogLevel, String> {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        use tracing_subscriber::Layer;
+        let level = args.log_level.clone().unwrap_or_else(|| "info".to_owned());
+        let filter = tracing_subscriber::EnvFilter::try_new(&level)
+            .map_err(|e| format!("bad --log-level (or PORTKEEPD_LOG) `{level}`: {e}"))?;
+        let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+        let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_target(false)
+            .with_writer(std::io::stderr);
+        let fmt = match (args.log_format, journal) {
+            (LogFormat::Json, _) => fmt
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .boxed(),
+            (LogFormat::Text, true) => fmt.without_time().with_ansi(false).boxed(),
+            (LogFormat::Text, false) => fmt
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .boxed(),
+        };
+        tracing_subscriber::registry().with(filter).with(fmt).init();
+        Ok(LogLevel {
+            handle,
+            fixed: args.log_level.is_some(),
+            current: std::sync::Mutex::new(level),
+        })
+    }
+
+    /// Serves the configuration's `[log] level` (info when it has none),
+    /// unless the command line fixed the level; the new level if it
+    /// changed. The configuration checked the filter already.
+    fn apply(&self, configured: Option<&str>) -> Option<String> {
+        if self.fixed {
+            return None;
+        }
+        let want = configured.unwrap_or("info");
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if *current == want {
+            return None;
+        }
+        let filter = tracing_subscriber::EnvFilter::try_new(want).ok()?;
+        self.handle.reload(filter).ok()?;
+        want.clone_into(&mut current);
+        Some(want.to_owned())
+    }
+
+    fn current(&self) -> String {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }

@@ -172,3 +172,38 @@ fn draft_s2_6_1_an_external_address_removed_by_reload_ends_its_mappings_and_rese
         other => panic!("{other:?}"),
     }
 }
+
+/// `[log] level` is re-read by a reload: at `warn` the reload's own info
+/// line is not logged, at `info` again it is; a filter that does not parse
+/// is refused naming the key, and the level stays.
+#[test]
+fn reload_changes_the_log_level_and_refuses_a_bad_one() {
+    let pool = "\"192.0.2.1\"";
+    let level = |l: &str| config(2, pool, &format!("[log]\nlevel = \"{l}\"\n"));
+    let d = Daemon::with_config(&BINS, &level("warn"));
+    let reloaded = |d: &Daemon| d.log().matches("reloaded the configuration").count();
+    assert!(
+        !d.log().contains("portkeepd serving PCP"),
+        "info logged at warn:\n{}",
+        d.log()
+    );
+
+    let r = reload(&d, &level("warn"));
+    assert_eq!(r["log_level"], "warn", "{r}");
+    assert_eq!(reloaded(&d), 0, "info logged at warn:\n{}", d.log());
+
+    let r = reload(&d, &level("info"));
+    assert_eq!(r["log_level"], "info", "{r}");
+    wait_until("the level change logged", Duration::from_secs(5), || {
+        d.log().contains("log level changed").then_some(())
+    });
+    reload(&d, &level("info"));
+    wait_until("an info line at info", Duration::from_secs(5), || {
+        (reloaded(&d) >= 1).then_some(())
+    });
+
+    let why = refused_reload(&d, &level("info,=="));
+    assert!(why.contains("log.level"), "{why}");
+    let r = reload(&d, &config(2, pool, ""));
+    assert_eq!(r["log_level"], "info", "no [log] level means info: {r}");
+}
