@@ -61,6 +61,7 @@ pub(crate) fn install(n: usize, json: bool) -> anyhow::Result<()> {
     dp.apply(&[])?;
     let ups: Vec<ChangeRecord> = (0..n)
         .map(|i| ChangeRecord {
+            started: false,
             seq: i as u64 + 1,
             change: Change::Upserted(record(i)),
         })
@@ -70,6 +71,7 @@ pub(crate) fn install(n: usize, json: bool) -> anyhow::Result<()> {
     let install = t.elapsed();
     let downs: Vec<ChangeRecord> = (0..n)
         .map(|i| ChangeRecord {
+            started: false,
             seq: (n + i) as u64 + 1,
             change: Change::Removed {
                 mapping: record(i),

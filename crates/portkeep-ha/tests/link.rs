@@ -147,6 +147,7 @@ fn rfc7767_s3_2_one_acknowledgement_covers_many_changes() {
     events(&mut a);
     for (seq, port) in [(11, 81), (12, 82), (13, 83)] {
         let c = ChangeRecord {
+            started: false,
             seq,
             change: Change::Upserted(mapping("198.51.100.1", port, true)),
         };
@@ -205,10 +206,12 @@ fn rfc7767_s3_2_the_stored_replica_holds_everything_acknowledged() {
     let gone = mapping("198.51.100.2", 443, true);
     let changes = [
         ChangeRecord {
+            started: false,
             seq: 11,
             change: Change::Upserted(mapping("198.51.100.3", 22, true)),
         },
         ChangeRecord {
+            started: false,
             seq: 12,
             change: Change::Removed {
                 mapping: gone.clone(),
@@ -260,6 +263,7 @@ fn rfc7767_s3_2_the_stored_replica_holds_everything_acknowledged() {
 fn change(seq: u64, port: u16, remove: bool) -> Vec<Item> {
     let m = mapping("198.51.100.3", port, true);
     items_of(&[ChangeRecord {
+        started: false,
         seq,
         change: if remove {
             Change::Removed {
@@ -367,6 +371,7 @@ fn rfc7767_s3_2_a_backup_beyond_what_was_kept_takes_a_snapshot() {
 #[test]
 fn rfc7767_s3_2_changes_travel_as_upserts_and_removals() {
     let up = |c| ChangeRecord {
+        started: false,
         seq: 1,
         change: Change::Upserted(mapping("198.51.100.1", 80, c)),
     };
@@ -375,6 +380,7 @@ fn rfc7767_s3_2_changes_travel_as_upserts_and_removals() {
     // it is (the active sends it only for a mapping the backup follows).
     assert!(matches!(&items_of(&[up(false)])[..], [Item::Upsert(m)] if !m.checkpoint));
     let gone = ChangeRecord {
+        started: false,
         seq: 2,
         change: Change::Removed {
             mapping: mapping("198.51.100.1", 80, true),
@@ -797,6 +803,7 @@ fn draft_s2_6_heartbeats_without_acknowledgements_earn_no_lease() {
     pump(&mut a, &mut b, at(1));
     assert!(a.in_sync());
     let c = ChangeRecord {
+        started: false,
         seq: 11,
         change: Change::Upserted(mapping("198.51.100.1", 81, true)),
     };

@@ -45,6 +45,7 @@ fn mapping(host: &str, port: u16, checkpoint: bool) -> MappingRecord {
 
 fn upsert(seq: u64, m: MappingRecord) -> Vec<ChangeRecord> {
     vec![ChangeRecord {
+        started: false,
         seq,
         change: Change::Upserted(m),
     }]

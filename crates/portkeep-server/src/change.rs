@@ -181,4 +181,10 @@ pub struct ChangeRecord {
     pub seq: u64,
     /// The change.
     pub change: Change,
+    /// An [`Change::Upserted`] that made the mapping anew, rather than
+    /// renewing or updating one: a mapping record's `started` event in the
+    /// daemon's log (operators keep when each holding began). What the core
+    /// said as it handled the request; neither stored nor replicated, so
+    /// a record read back from either says false.
+    pub started: bool,
 }

@@ -252,6 +252,7 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, (a, b))| ChangeRecord {
+                started: false,
                 seq: i as u64 + 1,
                 change: Change::Upserted(record(a, b)),
             })
@@ -268,6 +269,7 @@ mod tests {
         let downs: Vec<_> = cases
             .iter()
             .map(|(a, b)| ChangeRecord {
+                started: false,
                 seq: 9,
                 change: Change::Removed {
                     mapping: record(a, b),

@@ -1842,6 +1842,7 @@ impl Server {
         let expires = now + Duration::from_secs(u64::from(lifetime));
         let suggestion = Self::suggestion(m, o.prefer_failure);
         let checkpoint;
+        let started = self.table.map_entry(&key).is_none();
         let id = match self.table.map_entry(&key) {
             Some(id) => {
                 // Section 11.3: a refresh must come with the creator's nonce.
@@ -1925,7 +1926,7 @@ impl Server {
         let record = self.record(id);
         let external = record.as_ref().map(|r| r.external);
         if let Some(r) = record {
-            self.push(Change::Upserted(r));
+            self.push_upsert(r, started);
         }
         let data = OpData::Map(assigned(*m, external));
         let options = Self::echo_options(req, checkpoint && o.checkpoint);
@@ -1967,6 +1968,7 @@ impl Server {
         // Section 12.3: a PEER behaves as if PREFER_FAILURE were present.
         let suggestion = Self::suggestion(&p.map, true);
         let checkpoint;
+        let started = self.table.peer_entry(&key, remote).is_none();
         let id = match self.table.peer_entry(&key, remote) {
             Some(id) => {
                 if self.table.get(id).map(|e| e.nonce) != Some(p.map.nonce) {
@@ -2036,7 +2038,7 @@ impl Server {
             None => (None, Duration::ZERO),
         };
         if let Some(r) = record {
-            self.push(Change::Upserted(r));
+            self.push_upsert(r, started);
         }
         let data = OpData::Peer(PeerData {
             map: assigned(p.map, external),
@@ -2361,8 +2363,19 @@ impl Server {
     fn push(&mut self, change: Change) {
         self.seq += 1;
         self.log.push(ChangeRecord {
+            started: false,
             seq: self.seq,
             change,
+        });
+    }
+
+    /// Logs mapping `r` as it now is; `started`: this change made it.
+    pub(crate) fn push_upsert(&mut self, r: MappingRecord, started: bool) {
+        self.seq += 1;
+        self.log.push(ChangeRecord {
+            seq: self.seq,
+            change: Change::Upserted(r),
+            started,
         });
     }
 }

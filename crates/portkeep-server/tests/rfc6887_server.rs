@@ -411,6 +411,32 @@ fn rfc6887_s11_3_refresh_with_same_nonce_keeps_external() {
     assert_eq!(s.mappings()[0].expires, Timestamp(later.0 + 7_200_000));
 }
 
+/// The change log says which upsert began a mapping (sections 11.3 and
+/// 12.3: a request with no mapping creates one, one with it renews it):
+/// the daemon's `started` and `renewed` log records.
+#[test]
+fn rfc6887_s11_3_s12_3_the_change_log_marks_a_creation_apart_from_a_renewal() {
+    let mut s = server();
+    let upserts = |s: &mut Server| -> Vec<bool> {
+        s.drain_changes()
+            .filter(|c| matches!(c.change, Change::Upserted(_)))
+            .map(|c| c.started)
+            .collect()
+    };
+    send(&mut s, T0, CLIENT, &map(CLIENT, 8080, 3600, 1, vec![]));
+    assert_eq!(upserts(&mut s), [true], "a MAP creation");
+    send(&mut s, T0, CLIENT, &map(CLIENT, 8080, 3600, 1, vec![]));
+    assert_eq!(upserts(&mut s), [false], "a MAP renewal");
+    send(&mut s, T0, CLIENT, &peer(CLIENT, 9090, "203.0.113.5:443", 600, 2));
+    assert_eq!(upserts(&mut s), [true], "a PEER creation");
+    send(&mut s, T0, CLIENT, &peer(CLIENT, 9090, "203.0.113.5:443", 600, 2));
+    assert_eq!(upserts(&mut s), [false], "a PEER renewal");
+    // Deleted and made again: a new holding begins.
+    send(&mut s, T0, CLIENT, &map(CLIENT, 8080, 0, 1, vec![]));
+    send(&mut s, T0, CLIENT, &map(CLIENT, 8080, 3600, 1, vec![]));
+    assert_eq!(upserts(&mut s), [true], "a MAP made again after its delete");
+}
+
 #[test]
 fn rfc6887_s11_3_nonce_mismatch_is_not_authorized_and_mapping_untouched() {
     let mut s = server();

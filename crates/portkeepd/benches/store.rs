@@ -57,6 +57,7 @@ fn main() {
         .map(|i| {
             seq += 1;
             ChangeRecord {
+                started: false,
                 seq,
                 change: Change::Upserted(record(i, 1)),
             }
@@ -77,6 +78,7 @@ fn main() {
                     seq += 1;
                     let i = ((c * batch + k) as u32 * 7919) % total;
                     ChangeRecord {
+                        started: false,
                         seq,
                         change: Change::Upserted(record(i, 2 + c as u64)),
                     }

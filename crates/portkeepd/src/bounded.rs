@@ -367,6 +367,7 @@ mod tests {
     fn batch(seqs: &[u64]) -> Vec<ChangeRecord> {
         seqs.iter()
             .map(|&seq| ChangeRecord {
+                started: false,
                 seq,
                 change: Change::ServerEpochReset {
                     anchor: portkeep_server::Timestamp(0),
@@ -399,6 +400,7 @@ mod tests {
         };
         seqs.iter()
             .map(|&seq| ChangeRecord {
+                started: false,
                 seq,
                 change: Change::Removed {
                     mapping: m.clone(),

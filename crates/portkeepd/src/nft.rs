@@ -1397,6 +1397,7 @@ mod tests {
 
     fn up(seq: u64, m: &MappingRecord) -> ChangeRecord {
         ChangeRecord {
+            started: false,
             seq,
             change: Change::Upserted(m.clone()),
         }
@@ -1404,6 +1405,7 @@ mod tests {
 
     fn down(seq: u64, m: &MappingRecord) -> ChangeRecord {
         ChangeRecord {
+            started: false,
             seq,
             change: Change::Removed {
                 mapping: m.clone(),

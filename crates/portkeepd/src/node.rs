@@ -230,7 +230,7 @@ fn log_change(c: &ChangeRecord) {
             tracing::info!(
                 seq = c.seq,
                 record = "mapping",
-                event = "held",
+                event = if c.started { "started" } else { "renewed" },
                 protocol = m.key.protocol.0,
                 internal = %std::net::SocketAddr::new(m.key.internal_ip, m.key.internal_port),
                 external = %m.external,
@@ -1016,6 +1016,7 @@ pub(crate) fn installs(mappings: &[portkeep_server::MappingRecord]) -> Vec<Chang
     mappings
         .iter()
         .map(|m| ChangeRecord {
+            started: false,
             seq: 0,
             change: Change::Upserted(m.clone()),
         })
@@ -1473,6 +1474,7 @@ mod tests {
     fn upsert(seq: u64) -> ChangeRecord {
         let ip: IpAddr = "198.51.100.1".parse().unwrap();
         ChangeRecord {
+            started: false,
             seq,
             change: Change::Upserted(portkeep_server::MappingRecord {
                 key: MappingKey {

@@ -1589,7 +1589,11 @@ mod tests {
                         }
                     }
                 };
-                batch.push(ChangeRecord { seq, change });
+                batch.push(ChangeRecord {
+                    started: false,
+                    seq,
+                    change,
+                });
             }
             model.last_seq = seq;
             store.write(&batch, Timestamp(round)).unwrap();
@@ -1701,7 +1705,11 @@ mod tests {
                         state.insert(key_of(&m), m.clone());
                         Change::Upserted(m)
                     };
-                    batch.push(ChangeRecord { seq, change });
+                    batch.push(ChangeRecord {
+                        started: false,
+                        seq,
+                        change,
+                    });
                 }
                 let last = round + 1 == rounds;
                 // The last commit of some trials hits a failing disk.
@@ -1826,6 +1834,7 @@ mod tests {
         store
             .write(
                 &[ChangeRecord {
+                    started: false,
                     seq: 6,
                     change: Change::Upserted(d),
                 }],
@@ -1858,6 +1867,7 @@ mod tests {
                 m.key.internal_port = (round * 20 + i) as u16;
                 state.insert(key_of(&m), m.clone());
                 batch.push(ChangeRecord {
+                    started: false,
                     seq: round * 20 + i + 1,
                     change: Change::Upserted(m),
                 });

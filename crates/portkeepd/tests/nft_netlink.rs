@@ -131,6 +131,7 @@ fn filtered(internal: &str, external: &str, prefix: &str, port: u16) -> MappingR
 
 fn up(seq: u64, m: &MappingRecord) -> ChangeRecord {
     ChangeRecord {
+        started: false,
         seq,
         change: Change::Upserted(m.clone()),
     }
@@ -138,6 +139,7 @@ fn up(seq: u64, m: &MappingRecord) -> ChangeRecord {
 
 fn down(seq: u64, m: &MappingRecord) -> ChangeRecord {
     ChangeRecord {
+        started: false,
         seq,
         change: Change::Removed {
             mapping: m.clone(),

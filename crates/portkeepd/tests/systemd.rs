@@ -124,7 +124,7 @@ fn sd_notify_ready_watchdog_and_stopping() {
 }
 
 /// `--log-format json`: every line on stderr is one JSON object, and each
-/// mapping held and ended is one record carrying what an operator keeps
+/// mapping's start, renewal and end is one record carrying what an operator keeps
 /// (who held which external endpoint, when, until when, why it ended).
 #[test]
 fn json_logs_carry_one_record_per_mapping_event() {
@@ -151,6 +151,8 @@ fn json_logs_carry_one_record_per_mapping_event() {
         .lifetime(600);
     let granted = request(client, server, &map);
     assert_eq!(granted.header.result, ResultCode::SUCCESS);
+    let renewed = request(client, server, &map);
+    assert_eq!(renewed.header.result, ResultCode::SUCCESS);
     let gone = request(
         client,
         server,
@@ -179,7 +181,21 @@ fn json_logs_carry_one_record_per_mapping_event() {
             .unwrap_or_else(|| panic!("no `{event}` record in:\n{text}"))
             .clone()
     };
-    let held = of("held");
+    let count = |event: &str| {
+        lines
+            .iter()
+            .filter(|l| l["record"] == "mapping" && l["event"] == event)
+            .count()
+    };
+    assert_eq!(
+        (count("started"), count("renewed"), count("ended")),
+        (1, 1, 1),
+        "one start, one renewal, one end:\n{text}"
+    );
+    let held = of("started");
+    let renewal = of("renewed");
+    assert_eq!(renewal["external"], held["external"]);
+    assert!(renewal["seq"].as_u64() > held["seq"].as_u64(), "{renewal}");
     assert_eq!(held["protocol"], 6);
     assert_eq!(held["lifetime"], 600);
     assert_eq!(held["checkpoint"], false);

@@ -100,7 +100,7 @@ impl Server {
             let sub = self.cfg.subscriber_keying.subscriber_of(f.internal.ip());
             self.subscriber_mut(sub).mappings += 1;
             if let Some(r) = self.record(id) {
-                self.push(Change::Upserted(r));
+                self.push_upsert(r, true);
             }
         }
         skipped
