@@ -720,6 +720,19 @@ impl Server {
         self.table.len()
     }
 
+    /// MAP and PEER mappings held: `(map, peer)`.
+    pub fn mapping_count_by_kind(&self) -> (usize, usize) {
+        let map = self.table.map_len();
+        (map, self.table.len().saturating_sub(map))
+    }
+
+    /// Subscribers the core keeps state for: those holding a mapping or an
+    /// epoch of their own (RFC 6887 section 8.5, failure-scenarios draft
+    /// section 2.6.2).
+    pub fn subscriber_count(&self) -> usize {
+        self.subscribers.len()
+    }
+
     /// Tells the core the state of its link to the backup, the last check
     /// of RFC 7767 section 3.2's "resources available for check-pointing":
     /// only [`BackupState::InSync`] lets a check-point be honoured. A

@@ -339,6 +339,12 @@ impl Table {
         self.entries.len
     }
 
+    /// MAP entries (every other entry is a PEER): the GET/NEXT order
+    /// holds exactly the MAP entries ([`Table::check`]).
+    pub(crate) fn map_len(&self) -> usize {
+        self.order.len()
+    }
+
     pub(crate) fn pool_ip(&self, idx: u16) -> IpAddr {
         self.pool
             .addrs

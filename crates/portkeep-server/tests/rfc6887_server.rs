@@ -427,9 +427,19 @@ fn rfc6887_s11_3_s12_3_the_change_log_marks_a_creation_apart_from_a_renewal() {
     assert_eq!(upserts(&mut s), [true], "a MAP creation");
     send(&mut s, T0, CLIENT, &map(CLIENT, 8080, 3600, 1, vec![]));
     assert_eq!(upserts(&mut s), [false], "a MAP renewal");
-    send(&mut s, T0, CLIENT, &peer(CLIENT, 9090, "203.0.113.5:443", 600, 2));
+    send(
+        &mut s,
+        T0,
+        CLIENT,
+        &peer(CLIENT, 9090, "203.0.113.5:443", 600, 2),
+    );
     assert_eq!(upserts(&mut s), [true], "a PEER creation");
-    send(&mut s, T0, CLIENT, &peer(CLIENT, 9090, "203.0.113.5:443", 600, 2));
+    send(
+        &mut s,
+        T0,
+        CLIENT,
+        &peer(CLIENT, 9090, "203.0.113.5:443", 600, 2),
+    );
     assert_eq!(upserts(&mut s), [false], "a PEER renewal");
     // Deleted and made again: a new holding begins.
     send(&mut s, T0, CLIENT, &map(CLIENT, 8080, 0, 1, vec![]));

@@ -42,6 +42,10 @@ struct Exporter {
     backup: Family<Labels, Gauge>,
     held: Gauge,
     queued: Gauge,
+    by_kind: Family<Labels, Gauge>,
+    subscribers: Gauge,
+    lag: Gauge,
+    snapshot_items: Gauge,
     takeovers: Counter,
     not_confirmed: Counter,
     resyncs: Counter,
@@ -65,6 +69,29 @@ impl Exporter {
             (Counter::default(), Counter::default(), Counter::default());
         let (mappings, checkpointed, term) = (Gauge::default(), Gauge::default(), Gauge::default());
         let (held, queued) = (Gauge::default(), Gauge::default());
+        let by_kind = Family::<Labels, Gauge>::default();
+        let (subscribers, lag, snapshot_items) =
+            (Gauge::default(), Gauge::default(), Gauge::default());
+        registry.register(
+            "portkeep_mappings_by_kind",
+            "Mappings in the table by kind (MAP, PEER)",
+            by_kind.clone(),
+        );
+        registry.register(
+            "portkeep_subscribers",
+            "Subscribers holding a mapping or an epoch of their own",
+            subscribers.clone(),
+        );
+        registry.register(
+            "portkeep_replication_lag_records",
+            "Change-log records the active committed that the backup has not acknowledged",
+            lag.clone(),
+        );
+        registry.register(
+            "portkeep_snapshot_items",
+            "Items (mappings and epochs) in the last full resynchronisation sent to the backup",
+            snapshot_items.clone(),
+        );
         let (not_confirmed, resyncs, refused_peers) =
             (Counter::default(), Counter::default(), Counter::default());
         registry.register(
@@ -200,6 +227,10 @@ impl Exporter {
             backup,
             held,
             queued,
+            by_kind,
+            subscribers,
+            lag,
+            snapshot_items,
             takeovers,
             not_confirmed,
             resyncs,
@@ -221,7 +252,7 @@ impl Exporter {
     /// the Prometheus text format 0.0.4 (what `promtool check metrics` and
     /// older scrapers read).
     fn scrape(&mut self, shared: &Shared, openmetrics: bool) -> String {
-        let (stats, mappings, checkpointed, backup, digest) = {
+        let (stats, mappings, checkpointed, backup, digest, kinds, subscribers) = {
             let core = shared.lock();
             let s = &core.server;
             (
@@ -230,14 +261,20 @@ impl Exporter {
                 s.checkpointed_count(),
                 s.backup_state(),
                 crate::node::policy_digest(s.config()),
+                s.mapping_count_by_kind(),
+                s.subscriber_count(),
             )
         };
         // One series: the digest of what is served now (a reload changes it).
         self.info.clear();
         self.info.get_or_create(&vec![("digest", digest)]).set(1);
-        let (role, term, held, pair_stats) = {
+        let (role, term, held, pair_stats, lag) = {
             let n = shared.pair.node();
-            (n.role(), n.term(), n.held(), n.stats().clone())
+            // Only an active has a backup to lag behind it.
+            let lag = n
+                .acknowledged()
+                .map_or(0, |acked| n.holds().seq.saturating_sub(acked.seq));
+            (n.role(), n.term(), n.held(), n.stats().clone(), lag)
         };
         let refused_peers = shared.pair.refused_count();
         let link = shared.pair.link_state();
@@ -348,6 +385,14 @@ impl Exporter {
             g.set(i64::from(backup.as_str().replace(' ', "_") == b));
         }
         self.held.set(held as i64);
+        for (kind, n) in [("map", kinds.0), ("peer", kinds.1)] {
+            self.by_kind
+                .get_or_create(&vec![("kind", kind.to_owned())])
+                .set(n as i64);
+        }
+        self.subscribers.set(subscribers as i64);
+        self.lag.set(i64::try_from(lag).unwrap_or(i64::MAX));
+        self.snapshot_items.set(pair_stats.snapshot_items as i64);
         self.queued
             .set(shared.queued.load(Ordering::Relaxed) as i64);
         let mut out = String::new();

@@ -1046,6 +1046,69 @@ fn rfc7767_s3_2_link_cut_answers_without_the_option_then_resyncs() {
     );
 }
 
+/// `portkeep_replication_lag_records` on the active: what it committed
+/// that the backup has not acknowledged (RFC 7767 section 3.2 holds a
+/// check-point's answer for that acknowledgement). Zero once the backup
+/// has confirmed everything, volatile traffic included; above zero while
+/// the backup is frozen; zero again when it caught up.
+#[test]
+fn rfc7767_s3_2_the_replication_lag_metric_counts_what_the_backup_has_not_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut sa, sb) = pair(dir.path());
+    let metrics = SocketAddr::new(LOCALHOST, fixed_port());
+    sa.ha_extra = format!("\n[metrics]\nlisten = \"{metrics}\"\n");
+    let b = Node::start(&sb, "backup");
+    let mut a = Node::start(&sa, "active");
+    a.wait_in_sync();
+    let lag = || -> u64 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(metrics).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body.lines()
+            .find_map(|l| l.strip_prefix("portkeep_replication_lag_records "))
+            .unwrap_or_else(|| panic!("no lag in:\n{body}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let settles = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lag() != 0 {
+            assert!(Instant::now() < deadline, "lag never back to 0 {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let client: IpAddr = "127.0.0.61".parse().unwrap();
+    let sock = client_socket(client);
+    for port in 1..=20u16 {
+        let req = map_request(client, port, 3600, [port as u8; 12], port % 2 == 0);
+        let r = exchange_once(&sock, sa.pcp, &req).expect("answered");
+        assert_eq!(r.header.result.0, 0);
+    }
+    settles("after check-pointed and volatile requests in sync");
+
+    b.signal("STOP");
+    // Not waited for: each is committed at once, and held for the frozen
+    // backup's acknowledgement.
+    for port in 21..=25u16 {
+        let req = map_request(client, port, 3600, [port as u8; 12], true);
+        sock.send_to(&req, sa.pcp).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut seen = 0;
+    while seen == 0 {
+        assert!(Instant::now() < deadline, "the lag never showed");
+        seen = lag();
+    }
+    assert!(seen >= 1, "frozen backup: lag {seen}");
+    b.signal("CONT");
+    a.wait_in_sync();
+    settles("once the backup caught up");
+}
+
 #[test]
 fn design_fencing_old_active_returns_and_becomes_backup() {
     let dir = tempfile::tempdir().unwrap();

@@ -103,8 +103,30 @@ fn the_metrics_endpoint_exposes_exactly_the_documented_metrics_and_follows_traff
         );
         assert_eq!(r.header.result, ResultCode::SUCCESS);
     }
+    let peer = request(
+        client,
+        d.addr(),
+        &RequestBuilder::peer(Protocol::TCP, 6000, "203.0.113.9:443".parse().unwrap()),
+    );
+    assert_eq!(peer.header.result, ResultCode::SUCCESS);
     let body = scrape(maddr);
     assert_eq!(exposed(&body), documented(), "scrape:\n{body}");
+    assert_eq!(
+        sample(&body, "portkeep_mappings_by_kind{kind=\"map\"}"),
+        20.0,
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "portkeep_mappings_by_kind{kind=\"peer\"}"),
+        1.0,
+        "{body}"
+    );
+    assert_eq!(sample(&body, "portkeep_subscribers "), 1.0, "{body}");
+    assert_eq!(
+        sample(&body, "portkeep_replication_lag_records "),
+        0.0,
+        "{body}"
+    );
     let om = scrape_as(maddr, true);
     assert_eq!(exposed(&om), documented(), "OpenMetrics scrape:\n{om}");
     assert!(om.ends_with("# EOF\n"), "{om}");
