@@ -157,6 +157,10 @@ pub struct Stats {
     pub results: [u64; 256],
     /// CHECKPOINT_REQUIRED decisions (RFC 7767).
     pub checkpoint: CheckpointStats,
+    /// The same, by the name of the class that decided (RFC 7767 section
+    /// 4: the operator's policy per subscriber); a class a reload removed
+    /// keeps its counts.
+    pub checkpoint_by_class: std::collections::BTreeMap<Box<str>, CheckpointStats>,
     /// Datagrams dropped because their subscriber sent faster than
     /// [`ServerConfig::request_rate`].
     pub rate_limited: u64,
@@ -183,6 +187,7 @@ impl Default for Stats {
             natpmp: 0,
             results: [0; 256],
             checkpoint: CheckpointStats::default(),
+            checkpoint_by_class: std::collections::BTreeMap::new(),
             by_opcode: [0; 128],
         }
     }
@@ -2286,24 +2291,27 @@ impl Server {
             }
             None => Decision::NotWanted,
         };
-        let stats = &mut self.stats.checkpoint;
-        let after = match decision {
-            Decision::NotWanted => false,
-            Decision::Grant => {
-                if requested {
-                    stats.granted += 1;
-                } else {
-                    stats.forced += 1;
-                }
-                true
-            }
-            Decision::Refuse(reason) => {
-                if requested {
-                    stats.count_refusal(reason);
-                }
-                false
-            }
+        let after = matches!(decision, Decision::Grant);
+        let counted = match decision {
+            Decision::NotWanted => None,
+            Decision::Grant => Some(None),
+            Decision::Refuse(_) if !requested => None,
+            Decision::Refuse(reason) => Some(Some(reason)),
         };
+        if let (Some(outcome), Some(class)) = (counted, class) {
+            let by_class = &mut self.stats.checkpoint_by_class;
+            if !by_class.contains_key(class.name.as_str()) {
+                by_class.insert(class.name.as_str().into(), CheckpointStats::default());
+            }
+            let per_class = by_class.get_mut(class.name.as_str());
+            for stats in std::iter::once(&mut self.stats.checkpoint).chain(per_class) {
+                match outcome {
+                    None if requested => stats.granted += 1,
+                    None => stats.forced += 1,
+                    Some(reason) => stats.count_refusal(reason),
+                }
+            }
+        }
         match (before, after) {
             (false, true) => {
                 self.checkpointed += 1;

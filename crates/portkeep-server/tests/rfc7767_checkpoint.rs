@@ -641,6 +641,17 @@ fn rfc7767_s4_gold_silver_bronze_behave_as_configured() {
     assert_eq!(c.granted, 3);
     assert_eq!(c.refused(RefusalReason::SubscriberQuota), 1);
     assert_eq!(c.refused(RefusalReason::Policy), 1);
+    // The same decisions, by the class that made them.
+    let by = &s.stats().checkpoint_by_class;
+    let gold = by["gold"];
+    assert_eq!((gold.forced, gold.granted, gold.refused_total()), (5, 1, 0));
+    let silver = by["silver"];
+    assert_eq!((silver.forced, silver.granted), (0, 2));
+    assert_eq!(silver.refused(RefusalReason::SubscriberQuota), 1);
+    assert_eq!(silver.refused_total(), 1);
+    let bronze = by["bronze"];
+    assert_eq!((bronze.forced, bronze.granted), (0, 0));
+    assert_eq!(bronze.refused(RefusalReason::Policy), 1);
 }
 
 #[test]

@@ -169,7 +169,7 @@ impl Exporter {
         );
         registry.register(
             "portkeep_checkpoint_decisions",
-            "CHECKPOINT_REQUIRED decisions (RFC 7767 section 3.2), by outcome",
+            "CHECKPOINT_REQUIRED decisions (RFC 7767 section 3.2), by class and outcome",
             checkpoint.clone(),
         );
         registry.register(
@@ -252,7 +252,7 @@ impl Exporter {
     /// the Prometheus text format 0.0.4 (what `promtool check metrics` and
     /// older scrapers read).
     fn scrape(&mut self, shared: &Shared, openmetrics: bool) -> String {
-        let (stats, mappings, checkpointed, backup, digest, kinds, subscribers) = {
+        let (stats, mappings, checkpointed, backup, digest, kinds, subscribers, classes) = {
             let core = shared.lock();
             let s = &core.server;
             (
@@ -263,6 +263,12 @@ impl Exporter {
                 crate::node::policy_digest(s.config()),
                 s.mapping_count_by_kind(),
                 s.subscriber_count(),
+                s.config()
+                    .checkpoint
+                    .classes
+                    .iter()
+                    .map(|c| c.name.clone())
+                    .collect::<Vec<_>>(),
             )
         };
         // One series: the digest of what is served now (a reload changes it).
@@ -352,20 +358,31 @@ impl Exporter {
         ] {
             self.advance(key.into(), &c, n);
         }
-        let cp = &stats.checkpoint;
-        let mut outcomes = vec![
-            ("granted".to_owned(), cp.granted),
-            ("forced".to_owned(), cp.forced),
-        ];
-        for r in portkeep_server::RefusalReason::ALL {
-            outcomes.push((format!("refused_{}", r.as_str()), cp.refused(r)));
+        // By class: a handful of operator-named classes, never a label per
+        // subscriber or address. Every configured class is shown from the
+        // start (at 0), and one a reload removed keeps its counts.
+        let mut by_class = stats.checkpoint_by_class.clone();
+        for c in classes {
+            by_class.entry(c.into_boxed_str()).or_default();
         }
-        for (outcome, n) in outcomes {
-            let c = self
-                .checkpoint
-                .get_or_create(&vec![("outcome", outcome.clone())])
-                .clone();
-            self.advance(format!("cp_{outcome}"), &c, n);
+        for (class, cp) in &by_class {
+            let mut outcomes = vec![
+                ("granted".to_owned(), cp.granted),
+                ("forced".to_owned(), cp.forced),
+            ];
+            for r in portkeep_server::RefusalReason::ALL {
+                outcomes.push((format!("refused_{}", r.as_str()), cp.refused(r)));
+            }
+            for (outcome, n) in outcomes {
+                let c = self
+                    .checkpoint
+                    .get_or_create(&vec![
+                        ("class", class.to_string()),
+                        ("outcome", outcome.clone()),
+                    ])
+                    .clone();
+                self.advance(format!("cp\u{1f}{class}\u{1f}{outcome}"), &c, n);
+            }
         }
         self.mappings.set(mappings as i64);
         self.checkpointed.set(i64::from(checkpointed));

@@ -85,7 +85,9 @@ fn sample(body: &str, prefix: &str) -> f64 {
 #[test]
 fn the_metrics_endpoint_exposes_exactly_the_documented_metrics_and_follows_traffic() {
     let maddr = SocketAddr::new(v4("127.0.0.1"), free_port(v4("127.0.0.1")));
-    let cfg = format!("[metrics]\nlisten = \"{maddr}\"\n");
+    let cfg = format!(
+        "[metrics]\nlisten = \"{maddr}\"\n[checkpoint]\ndefault_class = \"open\"\n[checkpoint.classes.open]\ncheckpoint = \"on-request\"\n"
+    );
     let d = Daemon::spawn(
         &BINS,
         &DaemonSpec {
@@ -122,6 +124,23 @@ fn the_metrics_endpoint_exposes_exactly_the_documented_metrics_and_follows_traff
         "{body}"
     );
     assert_eq!(sample(&body, "portkeep_subscribers "), 1.0, "{body}");
+    // A standalone node refuses every check-point (RFC 7767 section 3.2:
+    // no backup), counted under the class that decided.
+    let cp = request(
+        client,
+        d.addr(),
+        &RequestBuilder::map(Protocol::TCP, 6500).checkpoint_required(),
+    );
+    assert_eq!(cp.header.result, ResultCode::SUCCESS);
+    let after = scrape(maddr);
+    assert_eq!(
+        sample(
+            &after,
+            "portkeep_checkpoint_decisions_total{class=\"open\",outcome=\"refused_no_backup\"}"
+        ),
+        1.0,
+        "{after}"
+    );
     assert_eq!(
         sample(&body, "portkeep_replication_lag_records "),
         0.0,
