@@ -60,8 +60,8 @@ pub use request::{
 };
 pub use retransmit::{RetransmitParams, IRT, MRC, MRD, MRT};
 pub use session::{
-    Grant, GrantKind, MappingId, RecreateReason, Session, SessionConfig, SessionCounters,
-    SessionError, SessionEvent, MIN_RENEWAL_SPACING,
+    Grant, GrantKind, MappingId, RecreateCounts, RecreateReason, Session, SessionConfig,
+    SessionCounters, SessionError, SessionEvent, MIN_RENEWAL_SPACING,
 };
 pub use transaction::{Event, Ignored, MappingKey, ResponseKey, TimedOut, Transaction};
 pub use walk::{same_mapping, GetFilter, MappedEntry, WalkError, Walker};

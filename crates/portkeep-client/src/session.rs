@@ -240,6 +240,36 @@ pub struct SessionCounters {
     pub ignored: u64,
     /// Failed epoch checks.
     pub epoch_failures: u64,
+    /// Mappings put up for re-creation, by why.
+    pub recreated: RecreateCounts,
+}
+
+/// Mappings put up for re-creation, by [`RecreateReason`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecreateCounts {
+    /// A response's epoch failed its check (RFC 6887 section 8.5).
+    pub epoch: u64,
+    /// An ANNOUNCE's epoch failed its check (section 14.1.1).
+    pub announce: u64,
+    /// The server's address changed (failure-scenarios draft section 2.1).
+    pub server_changed: u64,
+    /// The client's address changed (draft section 2.4).
+    pub client_address_changed: u64,
+    /// A THIRD_PARTY host's address changed (draft section 2.4).
+    pub third_party_host_changed: u64,
+}
+
+impl RecreateCounts {
+    fn count(&mut self, reason: RecreateReason, n: u64) {
+        let slot = match reason {
+            RecreateReason::Epoch(_) => &mut self.epoch,
+            RecreateReason::Announce(_) => &mut self.announce,
+            RecreateReason::ServerChanged => &mut self.server_changed,
+            RecreateReason::ClientAddressChanged => &mut self.client_address_changed,
+            RecreateReason::ThirdPartyHostChanged => &mut self.third_party_host_changed,
+        };
+        *slot += n;
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1133,6 +1163,7 @@ impl Session {
         // Jitter is drawn per mapping: in id order, so a seeded session
         // replays exactly (the map's iteration order is random).
         ids.sort_unstable();
+        self.counters.recreated.count(reason, ids.len() as u64);
         self.events.push_back(SessionEvent::Recreating {
             reason,
             count: ids.len(),

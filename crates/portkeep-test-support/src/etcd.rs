@@ -3,34 +3,16 @@
 //! data directory under a temporary directory and its own ports.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// A TCP port free on 127.0.0.1 now, below the kernel's ephemeral range
-/// (32768 and up by default) so that no connection another test opens in
-/// the meantime can be given it as its local port, and distinct from every
-/// other port this process handed out. Test binaries running side by side
-/// start from different places (their process ids) in the range.
+/// A port free on 127.0.0.1, below the kernel's ephemeral range: no
+/// connection another test opens meanwhile can be given it as its local
+/// port before etcd binds it.
 fn tcp_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    const LOW: u32 = 12_000;
-    const SPAN: u32 = 20_000;
-    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
-    let _ = NEXT.compare_exchange(
-        u32::MAX,
-        (std::process::id() * 97) % SPAN,
-        Ordering::SeqCst,
-        Ordering::SeqCst,
-    );
-    for _ in 0..SPAN {
-        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free TCP port between {LOW} and {}", LOW + SPAN);
+    crate::pcp::restartable_port(crate::pcp::LOCALHOST)
 }
 
 /// Whether the etcd member whose metrics port on 127.0.0.1 is `port`

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-use portkeep_test_support::pcp::LOCALHOST;
+use portkeep_test_support::pcp::{restartable_port, LOCALHOST};
 use portkeep_test_support::process::{agent_call, ctl_json, now, wait_until, Bins, Portkeepd};
 use serde_json::{json, Value};
 
@@ -290,7 +290,13 @@ fn draft_s2_6_server_restart_with_lost_state_recreates_after_announce() {
     let config = format!("[store]\nmode = \"relaxed\"\n[announce]\nunicast = [\"{ip}\"]\n");
     let mut server = Server::start(&config);
     let state = tempfile::tempdir().unwrap();
-    let agent = Agent::start(&state.path().join("a"), server.addr(), ip, &[]);
+    let metrics = SocketAddr::new(LOCALHOST, restartable_port(LOCALHOST));
+    let agent = Agent::start(
+        &state.path().join("a"),
+        server.addr(),
+        ip,
+        &["--metrics-listen", &metrics.to_string()],
+    );
     agent.add("web", 8080, json!({}));
     agent.add("game", 27015, json!({}));
     agent.wait_granted(2, Duration::from_secs(5));
@@ -332,6 +338,118 @@ fn draft_s2_6_server_restart_with_lost_state_recreates_after_announce() {
     let st = agent.status();
     assert!(counter(&st, "epoch_failures") >= 1, "{st}");
     assert_eq!(counter(&st, "recreates"), 2, "{st}");
+    // The same through the metrics endpoint: two mappings put up for
+    // re-creation because an epoch check failed (the ANNOUNCE's, or a
+    // renewal's answer if it came first), none for any other cause.
+    let body = scrape(metrics);
+    let recreated = |cause: &str| {
+        sample(
+            &body,
+            &format!("portkeep_agent_recreated_total{{cause=\"{cause}\"}}"),
+        )
+    };
+    assert_eq!(recreated("announce") + recreated("epoch"), 2.0, "{body}");
+    for other in [
+        "server_changed",
+        "client_address_changed",
+        "third_party_host_changed",
+    ] {
+        assert_eq!(recreated(other), 0.0, "{body}");
+    }
+    assert!(
+        sample(&body, "portkeep_agent_epoch_failures_total") >= 1.0,
+        "{body}"
+    );
+    assert_eq!(sample(&body, "portkeep_agent_mappings"), 2.0, "{body}");
+    assert_eq!(
+        sample(&body, "portkeep_agent_granted_mappings"),
+        2.0,
+        "{body}"
+    );
+    assert_eq!(exposed(&body), documented(), "{body}");
+    promtool_accepts(&body);
+}
+
+/// `GET /metrics` of the agent at `addr`: the body.
+fn scrape(addr: SocketAddr) -> String {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text.split_once("\r\n\r\n").unwrap().1.to_owned()
+}
+
+/// The value of the sample whose name and labels are `series`.
+fn sample(body: &str, series: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in:\n{body}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The metric families a scrape exposes (`# TYPE` names, counters with
+/// their `_total`).
+fn exposed(body: &str) -> std::collections::BTreeSet<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| {
+            let mut w = l.split_whitespace();
+            let (name, kind) = (w.next().unwrap(), w.next().unwrap());
+            if kind == "counter" && !name.ends_with("_total") {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            }
+        })
+        .collect()
+}
+
+/// The metrics docs/agent.md lists.
+fn documented() -> std::collections::BTreeSet<String> {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/agent.md"))
+            .unwrap();
+    doc.lines()
+        .filter_map(|l| l.strip_prefix("| `portkeep_agent_"))
+        .map(|l| format!("portkeep_agent_{}", l.split('`').next().unwrap()))
+        .collect()
+}
+
+/// `promtool check metrics` passes the scrape (fails under CI without
+/// promtool).
+fn promtool_accepts(body: &str) {
+    let Some(promtool) = portkeep_test_support::skip::find_tool("promtool") else {
+        portkeep_test_support::skip::skip(
+            "promtool check metrics",
+            "`promtool` not found (apt-get install prometheus)",
+        );
+        return;
+    };
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{body}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

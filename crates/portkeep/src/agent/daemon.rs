@@ -79,6 +79,8 @@ pub(crate) struct RunOptions {
     /// Follow the default gateway as the server (re-checked on route
     /// changes).
     pub(crate) server_from_gateway: bool,
+    /// Where to serve Prometheus metrics.
+    pub(crate) metrics_listen: Option<SocketAddr>,
 }
 
 /// The boundary's clocks, each read in one place; `Instant`s are mapped
@@ -174,13 +176,24 @@ struct Orphan {
 /// Who sent an API request: the user id of the process (`SO_PEERCRED`;
 /// `None` if the kernel would not say) and its connection.
 #[derive(Debug, Clone, Copy)]
-struct Caller {
+pub(crate) struct Caller {
     uid: Option<u32>,
     conn: u64,
 }
 
+impl Caller {
+    /// The metrics endpoint: no user (it may only ask for the status), on
+    /// a connection number no API connection gets.
+    pub(crate) fn metrics() -> Caller {
+        Caller {
+            uid: None,
+            conn: u64::MAX,
+        }
+    }
+}
+
 /// A request, who sent it, and where its answer goes.
-type Command = (ApiRequest, Caller, oneshot::Sender<Value>);
+pub(crate) type Command = (ApiRequest, Caller, oneshot::Sender<Value>);
 
 struct Agent {
     opts: RunOptions,
@@ -723,6 +736,13 @@ impl Agent {
                         "ignored": c.ignored,
                         "epoch_failures": c.epoch_failures,
                     },
+                    "recreated": {
+                        "epoch": c.recreated.epoch,
+                        "announce": c.recreated.announce,
+                        "server_changed": c.recreated.server_changed,
+                        "client_address_changed": c.recreated.client_address_changed,
+                        "third_party_host_changed": c.recreated.third_party_host_changed,
+                    },
                 })
             }
             // Handled by the connection task.
@@ -1205,6 +1225,12 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
             .map_err(|e| format!("cannot open {} to every user: {e}", sock_path.display()))?;
     }
     let (cmd_tx, mut cmd_rx) = mpsc::channel::<Command>(256);
+    if let Some(addr) = agent.opts.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+        tokio::spawn(super::metrics::serve(listener, cmd_tx.clone()));
+    }
     let (closed_tx, mut closed_rx) = mpsc::unbounded_channel::<u64>();
     let ev_tx = agent.events.clone();
     tokio::spawn(async move {

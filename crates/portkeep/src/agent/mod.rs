@@ -6,6 +6,7 @@
 
 pub(crate) mod api;
 mod daemon;
+mod metrics;
 mod policy;
 pub(crate) mod store;
 mod watch;
@@ -99,6 +100,10 @@ pub(crate) struct RunArgs {
     /// Lifetime asked for when neither the application nor the config says.
     #[arg(long, value_name = "SECONDS", default_value_t = portkeep_client::DEFAULT_LIFETIME)]
     pub(crate) lifetime: u32,
+    /// Serve Prometheus metrics (`GET /metrics`) on ADDR: mappings kept,
+    /// re-creations by cause, epoch failures (docs/agent.md).
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -177,6 +182,7 @@ pub(crate) fn run(common: &Common, args: &AgentArgs) -> ExitCode {
                 lifetime: r.lifetime,
                 code_points: common.code_points(),
                 server_from_gateway: r.server_from_gateway,
+                metrics_listen: r.metrics_listen,
             });
         }
         AgentCommand::Subscribe => {
