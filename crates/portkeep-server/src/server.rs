@@ -313,6 +313,10 @@ pub struct Server {
     backup: BackupState,
     /// Check-pointed mappings held, against `checkpoint.max_mappings`.
     checkpointed: u32,
+    /// Mappings held by the subscribers of each check-point class (by
+    /// index in the policy's classes; RFC 7767 section 4), for the
+    /// metrics: kept as mappings come and go, rebuilt by a restore.
+    by_class: Vec<u64>,
     /// Whether any class check-points without being asked; when none does,
     /// requests without the option skip the policy entirely.
     any_always: bool,
@@ -372,6 +376,7 @@ impl Server {
     /// that starts serving it puts the operator's forwards in with
     /// [`Server::install_static_forwards`]; a restore does that itself.
     pub fn new(cfg: ServerConfig, now: Timestamp) -> Server {
+        let classes = cfg.checkpoint.classes.len();
         let pool = Pool {
             addrs: cfg
                 .external_addresses
@@ -399,6 +404,7 @@ impl Server {
             now,
             backup: BackupState::Standalone,
             checkpointed: 0,
+            by_class: vec![0; classes],
             any_always,
             idle_buckets: HashMap::new(),
             idle_sweep_at: IDLE_SWEEP_MIN,
@@ -519,6 +525,7 @@ impl Server {
             // RFC 7767 section 3.2: a restored check-pointed mapping holds
             // its slot in the server's capacity and its subscriber's quota;
             // its next renewal is decided afresh.
+            s.count_in_class(sub, true);
             let state = s.subscriber_mut(sub);
             state.mappings += 1;
             if m.checkpoint {
@@ -1933,6 +1940,7 @@ impl Server {
                     ),
                 });
                 self.subscriber_mut(sub).mappings += 1;
+                self.count_in_class(sub, true);
                 self.stats.created += 1;
                 self.note_volatile(sub, internal_ip, None, Some((checkpoint, expires)));
                 if o.third_party.is_some() {
@@ -2042,6 +2050,7 @@ impl Server {
                     ),
                 });
                 self.subscriber_mut(sub).mappings += 1;
+                self.count_in_class(sub, true);
                 self.stats.created += 1;
                 self.note_volatile(sub, internal_ip, None, Some((checkpoint, expires)));
                 if o.third_party.is_some() {
@@ -2194,6 +2203,7 @@ impl Server {
         if record.checkpoint {
             self.checkpointed = self.checkpointed.saturating_sub(1);
         }
+        self.count_in_class(sub, false);
         if let Some(s) = self.subscribers.get_mut(&sub) {
             s.mappings = s.mappings.saturating_sub(1);
             if record.checkpoint {
@@ -2209,6 +2219,26 @@ impl Server {
             mapping: record,
             reason,
         });
+    }
+
+    /// A mapping of `sub` was made (`added`) or went: its class's count.
+    fn count_in_class(&mut self, sub: SubscriberId, added: bool) {
+        let class = self.cfg.checkpoint.class_of(sub);
+        if let Some(n) = self.by_class.get_mut(class) {
+            *n = if added { *n + 1 } else { n.saturating_sub(1) };
+        }
+    }
+
+    /// Mappings held by the subscribers of each check-point class, by the
+    /// class's name (RFC 7767 section 4).
+    pub fn mapping_count_by_class(&self) -> Vec<(&str, u64)> {
+        self.cfg
+            .checkpoint
+            .classes
+            .iter()
+            .zip(&self.by_class)
+            .map(|(c, &n)| (c.name.as_str(), n))
+            .collect()
     }
 
     fn subscriber_mut(&mut self, sub: SubscriberId) -> &mut Subscriber {

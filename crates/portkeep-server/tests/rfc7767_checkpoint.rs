@@ -652,6 +652,12 @@ fn rfc7767_s4_gold_silver_bronze_behave_as_configured() {
     let bronze = by["bronze"];
     assert_eq!((bronze.forced, bronze.granted), (0, 0));
     assert_eq!(bronze.refused(RefusalReason::Policy), 1);
+    // Mappings by the class of their subscriber, check-pointed or not.
+    assert_eq!(
+        s.mapping_count_by_class(),
+        [("gold", 6), ("silver", 4), ("bronze", 1)]
+    );
+    s.check_invariants().unwrap();
 }
 
 #[test]

@@ -43,9 +43,11 @@ struct Exporter {
     held: Gauge,
     queued: Gauge,
     by_kind: Family<Labels, Gauge>,
+    by_class: Family<Labels, Gauge>,
     subscribers: Gauge,
     lag: Gauge,
     snapshot_items: Gauge,
+    resync_received: Gauge,
     takeovers: Counter,
     not_confirmed: Counter,
     resyncs: Counter,
@@ -70,8 +72,23 @@ impl Exporter {
         let (mappings, checkpointed, term) = (Gauge::default(), Gauge::default(), Gauge::default());
         let (held, queued) = (Gauge::default(), Gauge::default());
         let by_kind = Family::<Labels, Gauge>::default();
-        let (subscribers, lag, snapshot_items) =
-            (Gauge::default(), Gauge::default(), Gauge::default());
+        let by_class = Family::<Labels, Gauge>::default();
+        registry.register(
+            "portkeep_mappings_by_class",
+            "Mappings in the table by the check-point class of their subscriber",
+            by_class.clone(),
+        );
+        let (subscribers, lag, snapshot_items, resync_received) = (
+            Gauge::default(),
+            Gauge::default(),
+            Gauge::default(),
+            Gauge::default(),
+        );
+        registry.register(
+            "portkeep_resync_received_mappings",
+            "On a backup: mappings of the resynchronisation being received, so far",
+            resync_received.clone(),
+        );
         registry.register(
             "portkeep_mappings_by_kind",
             "Mappings in the table by kind (MAP, PEER)",
@@ -228,9 +245,11 @@ impl Exporter {
             held,
             queued,
             by_kind,
+            by_class,
             subscribers,
             lag,
             snapshot_items,
+            resync_received,
             takeovers,
             not_confirmed,
             resyncs,
@@ -252,7 +271,7 @@ impl Exporter {
     /// the Prometheus text format 0.0.4 (what `promtool check metrics` and
     /// older scrapers read).
     fn scrape(&mut self, shared: &Shared, openmetrics: bool) -> String {
-        let (stats, mappings, checkpointed, backup, digest, kinds, subscribers, classes) = {
+        let (stats, mappings, checkpointed, backup, digest, kinds, subscribers, classes, held_by) = {
             let core = shared.lock();
             let s = &core.server;
             (
@@ -269,18 +288,37 @@ impl Exporter {
                     .iter()
                     .map(|c| c.name.clone())
                     .collect::<Vec<_>>(),
+                s.mapping_count_by_class()
+                    .into_iter()
+                    .map(|(c, n)| (c.to_owned(), n))
+                    .collect::<Vec<_>>(),
             )
         };
+        // Only the classes served now: one a reload removed holds nothing.
+        self.by_class.clear();
+        for (class, n) in held_by {
+            self.by_class
+                .get_or_create(&vec![("class", class)])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
         // One series: the digest of what is served now (a reload changes it).
         self.info.clear();
         self.info.get_or_create(&vec![("digest", digest)]).set(1);
-        let (role, term, held, pair_stats, lag) = {
+        let (role, term, held, pair_stats, lag, resync_received) = {
             let n = shared.pair.node();
             // Only an active has a backup to lag behind it.
             let lag = n
                 .acknowledged()
                 .map_or(0, |acked| n.holds().seq.saturating_sub(acked.seq));
-            (n.role(), n.term(), n.held(), n.stats().clone(), lag)
+            let received = n.backup().and_then(|b| b.staging_count()).unwrap_or(0);
+            (
+                n.role(),
+                n.term(),
+                n.held(),
+                n.stats().clone(),
+                lag,
+                received,
+            )
         };
         let refused_peers = shared.pair.refused_count();
         let link = shared.pair.link_state();
@@ -410,6 +448,7 @@ impl Exporter {
         self.subscribers.set(subscribers as i64);
         self.lag.set(i64::try_from(lag).unwrap_or(i64::MAX));
         self.snapshot_items.set(pair_stats.snapshot_items as i64);
+        self.resync_received.set(resync_received as i64);
         self.queued
             .set(shared.queued.load(Ordering::Relaxed) as i64);
         let mut out = String::new();

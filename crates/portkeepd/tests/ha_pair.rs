@@ -1060,7 +1060,7 @@ fn rfc7767_s3_2_the_replication_lag_metric_counts_what_the_backup_has_not_acknow
     let b = Node::start(&sb, "backup");
     let mut a = Node::start(&sa, "active");
     a.wait_in_sync();
-    let lag = || -> u64 {
+    let gauge = |series: &str| -> u64 {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(metrics).unwrap();
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -1068,12 +1068,13 @@ fn rfc7767_s3_2_the_replication_lag_metric_counts_what_the_backup_has_not_acknow
         let mut body = String::new();
         s.read_to_string(&mut body).unwrap();
         body.lines()
-            .find_map(|l| l.strip_prefix("portkeep_replication_lag_records "))
-            .unwrap_or_else(|| panic!("no lag in:\n{body}"))
+            .find_map(|l| l.strip_prefix(series))
+            .unwrap_or_else(|| panic!("no {series} in:\n{body}"))
             .trim()
             .parse()
             .unwrap()
     };
+    let lag = || gauge("portkeep_replication_lag_records ");
     let settles = |what: &str| {
         let deadline = Instant::now() + Duration::from_secs(10);
         while lag() != 0 {
@@ -1107,6 +1108,23 @@ fn rfc7767_s3_2_the_replication_lag_metric_counts_what_the_backup_has_not_acknow
     b.signal("CONT");
     a.wait_in_sync();
     settles("once the backup caught up");
+
+    // A backup that lost its replica takes a full resynchronisation: its
+    // size is `portkeep_snapshot_items` (the 15 check-pointed mappings of
+    // the ports 2, 4, ... 20 and 21..=25, and the epochs that go with them).
+    let mut b = b;
+    b.kill9();
+    std::fs::remove_dir_all(&sb.data).unwrap();
+    let _b = Node::start(&sb, "backup");
+    a.wait_in_sync();
+    let snapshot = gauge("portkeep_snapshot_items ");
+    assert!(snapshot >= 15, "snapshot of {snapshot} items");
+    assert_eq!(
+        gauge("portkeep_resync_received_mappings "),
+        0,
+        "an active receives none"
+    );
+    settles("after the resync");
 }
 
 #[test]

@@ -124,6 +124,11 @@ fn the_metrics_endpoint_exposes_exactly_the_documented_metrics_and_follows_traff
         "{body}"
     );
     assert_eq!(sample(&body, "portkeep_subscribers "), 1.0, "{body}");
+    assert_eq!(
+        sample(&body, "portkeep_mappings_by_class{class=\"open\"}"),
+        21.0,
+        "{body}"
+    );
     // A standalone node refuses every check-point (RFC 7767 section 3.2:
     // no backup), counted under the class that decided.
     let cp = request(

@@ -99,6 +99,7 @@ impl Server {
             });
             let sub = self.cfg.subscriber_keying.subscriber_of(f.internal.ip());
             self.subscriber_mut(sub).mappings += 1;
+            self.count_in_class(sub, true);
             if let Some(r) = self.record(id) {
                 self.push_upsert(r, true);
             }

@@ -83,6 +83,18 @@ impl Server {
                 self.cfg.checkpoint.max_mappings
             ));
         }
+        let mut by_class = vec![0u64; self.cfg.checkpoint.classes.len()];
+        for (sub, (n, _)) in &per_sub {
+            if let Some(c) = by_class.get_mut(self.cfg.checkpoint.class_of(*sub)) {
+                *c += u64::from(*n);
+            }
+        }
+        if by_class != self.by_class {
+            return Err(format!(
+                "mappings by check-point class {by_class:?}, counted {:?}",
+                self.by_class
+            ));
+        }
         for (sub, state) in &self.subscribers {
             let (n, cp) = per_sub.get(sub).copied().unwrap_or_default();
             if (state.mappings, state.checkpointed) != (n, cp) {
