@@ -1,6 +1,7 @@
 //! Live reload against the real daemon (`ctl reload`, and SIGHUP): a
-//! changed quota is served at once; a broken file changes nothing and says
-//! why; what takes a restart is named, not silently ignored; an external
+//! changed quota, check-point class or log level is served at once; a
+//! broken file changes nothing and says why; what takes a restart (a
+//! listen address, the store, ...) is named, not silently ignored; an external
 //! address removed ends its mappings and resets exactly their
 //! subscribers' epochs (failure-scenarios draft section 2.6.1).
 
@@ -11,8 +12,8 @@ use std::time::Duration;
 
 use portkeep_client::RequestBuilder;
 use portkeep_proto::{OpData, Protocol, ResultCode};
-use portkeep_test_support::daemon::Daemon;
-use portkeep_test_support::pcp::{request, v4};
+use portkeep_test_support::daemon::{Daemon, DaemonSpec};
+use portkeep_test_support::pcp::{request, restartable_port, v4, LOCALHOST};
 use portkeep_test_support::process::{wait_until, Bins};
 
 static BINS: LazyLock<Bins> = LazyLock::new(|| Bins::from_daemon(env!("CARGO_BIN_EXE_portkeepd")));
@@ -206,4 +207,108 @@ fn reload_changes_the_log_level_and_refuses_a_bad_one() {
     assert!(why.contains("log.level"), "{why}");
     let r = reload(&d, &config(2, pool, ""));
     assert_eq!(r["log_level"], "info", "no [log] level means info: {r}");
+}
+
+/// SIGHUP with a changed check-point class is served at once (RFC 7767
+/// section 4: the operator's policy per subscriber): the subscriber's
+/// check-point requests, refused for want of a backup under an
+/// `on-request` class, are refused by policy under a `never` one.
+#[test]
+fn rfc7767_s4_sighup_with_a_changed_class_serves_it_at_once() {
+    let pool = "\"192.0.2.1\"";
+    let classes = |default: &str| {
+        config(
+            10,
+            pool,
+            &format!(
+                "[checkpoint]\ndefault_class = \"{default}\"\n[checkpoint.classes.open]\ncheckpoint = \"on-request\"\n[checkpoint.classes.closed]\ncheckpoint = \"never\"\n"
+            ),
+        )
+    };
+    let d = Daemon::with_config(&BINS, &classes("open"));
+    let me = v4("127.0.0.1");
+    let ask = |port: u16| {
+        let r = request(
+            me,
+            d.addr(),
+            &RequestBuilder::map(Protocol::TCP, port)
+                .nonce([3; 12])
+                .checkpoint_required(),
+        );
+        assert_eq!(r.header.result, ResultCode::SUCCESS);
+    };
+    let refused = |why: &str| {
+        d.ctl(&["--json", "counters"]).json()["checkpoint"]["refused"][why]
+            .as_u64()
+            .unwrap()
+    };
+    ask(1);
+    assert_eq!((refused("no_backup"), refused("policy")), (1, 0));
+
+    std::fs::write(d.config_path(), classes("closed")).unwrap();
+    let served = d.ctl(&["--json", "status"]).json()["config_digest"].clone();
+    let ok = std::process::Command::new("kill")
+        .args(["-HUP", &d.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    wait_until("SIGHUP reload", Duration::from_secs(10), || {
+        let s = d.ctl(&["--json", "status"]).json();
+        (s["last_reload"]["ok"] == true && s["config_digest"] != served).then_some(())
+    });
+    ask(2);
+    assert_eq!(
+        (refused("no_backup"), refused("policy")),
+        (1, 1),
+        "the new class decided"
+    );
+}
+
+/// A changed `listen` takes a restart: the reload names it and the daemon
+/// keeps serving where it listened (nothing answers at the new address).
+#[test]
+fn reload_names_a_changed_listen_address_and_keeps_serving_the_old_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (
+        std::net::SocketAddr::new(LOCALHOST, restartable_port(LOCALHOST)),
+        std::net::SocketAddr::new(LOCALHOST, restartable_port(LOCALHOST)),
+    );
+    let path = dir.path().join("portkeepd.toml");
+    let text = |listen: std::net::SocketAddr| {
+        format!(
+            "listen = [\"{listen}\"]\n{}",
+            config(10, "\"192.0.2.1\"", "")
+        )
+    };
+    std::fs::write(&path, text(old)).unwrap();
+    let d = Daemon::spawn(
+        &BINS,
+        &DaemonSpec {
+            raw_args: Some(vec!["--config".into(), path.display().to_string()]),
+            fixed_addrs: vec![old],
+            ..DaemonSpec::default()
+        },
+    );
+    std::fs::write(&path, text(new)).unwrap();
+    let r = d.ctl(&["--json", "reload"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = r.json();
+    assert_eq!(r["need_restart"], serde_json::json!(["listen"]), "{r}");
+    let me = v4("127.0.0.1");
+    let granted = request(me, old, &RequestBuilder::map(Protocol::TCP, 80));
+    assert_eq!(granted.header.result, ResultCode::SUCCESS);
+    let sock = std::net::UdpSocket::bind((me, 0)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let req = RequestBuilder::announce()
+        .build(me)
+        .unwrap()
+        .to_bytes(&portkeep_proto::CodePoints::default())
+        .unwrap();
+    sock.send_to(&req, new).unwrap();
+    let mut buf = [0u8; 1100];
+    assert!(
+        sock.recv_from(&mut buf).is_err(),
+        "something answered at the new address before a restart"
+    );
 }
