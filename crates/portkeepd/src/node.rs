@@ -76,6 +76,10 @@ pub(crate) struct Queue {
 
 pub(crate) struct Shared {
     pub(crate) core: Mutex<Core>,
+    /// The check-point classes served (RFC 7767 section 4), for the class
+    /// field of mapping log records: read by the committer without the
+    /// core's lock, replaced by a reload.
+    pub(crate) classes: std::sync::RwLock<Arc<portkeep_server::CheckpointPolicy>>,
     pub(crate) dataplane: Mutex<Box<dyn Dataplane>>,
     pub(crate) stop: AtomicBool,
     /// Set once the workers have stopped: the committer then drains the
@@ -213,12 +217,13 @@ fn peer_of(m: &portkeep_server::MappingRecord) -> String {
     }
 }
 
-fn log_change(c: &ChangeRecord) {
-    // Formatting costs more than the request itself; skip it when nobody
-    // will read the line.
-    if !tracing::enabled!(tracing::Level::INFO) {
-        return;
-    }
+fn log_change(c: &ChangeRecord, classes: &portkeep_server::CheckpointPolicy) {
+    let class_of = |m: &portkeep_server::MappingRecord| {
+        classes
+            .class(classes.class_of(m.subscriber))
+            .map_or("", |c| c.name.as_str())
+            .to_owned()
+    };
     match &c.change {
         Change::Upserted(m) => {
             let kind = match m.kind {
@@ -236,6 +241,7 @@ fn log_change(c: &ChangeRecord) {
                 external = %m.external,
                 remote = peer_of(m).as_str(),
                 subscriber = %m.subscriber,
+                class = class_of(m),
                 lifetime = m.lifetime,
                 expires_ms = m.expires.as_millis(),
                 checkpoint = m.checkpoint,
@@ -265,6 +271,7 @@ fn log_change(c: &ChangeRecord) {
                 external = %m.external,
                 remote = peer_of(m).as_str(),
                 subscriber = %m.subscriber,
+                class = class_of(m),
                 checkpoint = m.checkpoint,
                 "{why}: {} {}:{} -> {}",
                 m.key.protocol,
@@ -323,8 +330,17 @@ impl Shared {
 
     /// Applies changes to the dataplane; returns what did not take effect.
     fn apply(&self, changes: &[ChangeRecord]) -> Option<DataplaneError> {
-        for c in changes {
-            log_change(c);
+        // Formatting costs more than the request itself; skip it when
+        // nobody will read the lines.
+        if tracing::enabled!(tracing::Level::INFO) {
+            let classes = self
+                .classes
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            for c in changes {
+                log_change(c, &classes);
+            }
         }
         let watch = crate::clock::Stopwatch::start();
         let failed = apply_guarded(&mut **self.dataplane(), changes);

@@ -495,6 +495,7 @@ impl Daemon {
             start.server.announce_everyone(clock.now());
         }
         let shared = Arc::new(Shared {
+            classes: std::sync::RwLock::new(Arc::new(settings.server.checkpoint.clone())),
             core: Mutex::new(Core {
                 server: start.server,
             }),
@@ -681,6 +682,11 @@ impl Daemon {
                 .map_err(|e| anyhow::anyhow!(e))?
         };
         let digest = node::policy_digest(core.server.config());
+        *self
+            .shared
+            .classes
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(settings.server.checkpoint.clone());
         self.shared.submit_changes(core);
         *self
             .shared

@@ -200,6 +200,7 @@ fn json_logs_carry_one_record_per_mapping_event() {
     assert_eq!(held["lifetime"], 600);
     assert_eq!(held["checkpoint"], false);
     assert_eq!(held["subscriber"], "127.0.0.1/32");
+    assert_eq!(held["class"], "default", "the built-in check-point class");
     assert!(
         held["external"].as_str().unwrap().starts_with("192.0.2.1:"),
         "{held}"
