@@ -1891,8 +1891,8 @@ impl World {
                 Effect::Release(r) => self.release(n, r),
                 Effect::ReleaseAged { reply, waited_ms } => {
                     if !self.fence_allows(n) {
-                        // The sender drops what the lease no longer
-                        // allows (`node.rs`, the outbox).
+                        // Nothing leaves that the lease no longer
+                        // allows (`node.rs`, `send_committed`).
                         continue;
                     }
                     if !reply.out.is_empty() {
@@ -2035,9 +2035,9 @@ impl World {
             return;
         }
         if !self.fence_allows(n) {
-            // The sender reads the fence again before replies leave: a
-            // node frozen after they were queued, woken after its lease
-            // ran out, sends none of them (`node.rs`, the outbox).
+            // The fence is read again as replies leave: a node frozen
+            // after their commit, woken after its lease ran out, sends
+            // none of them (`node.rs`, `send_committed`).
             return;
         }
         if self.opts.witness {

@@ -248,8 +248,8 @@ pub struct LimitSection {
     pub max_mappings: Option<u32>,
     /// FILTER rules per mapping.
     pub max_filters: Option<usize>,
-    /// Replies handled and waiting for the committer, or committed and
-    /// waiting for the sender, beyond which new datagrams are shed.
+    /// Replies handled and waiting for the committer, beyond which new
+    /// datagrams are shed.
     pub max_queued_replies: Option<usize>,
     /// Datagrams per subscriber (`N/s`, `N/min`, `N/h`, or "off").
     pub subscriber_rate: Option<String>,

@@ -297,7 +297,7 @@ fn watchdog_interval() -> Option<std::time::Duration> {
 }
 
 /// Feeds the watchdog only while every serving loop turns: a daemon whose
-/// worker, committer or sender hangs stops feeding it and systemd restarts
+/// worker or the committer hangs stops feeding it and systemd restarts
 /// it, where a timer would keep a hung daemon alive.
 fn feed_watchdog(
     daemon: &Daemon,
@@ -379,9 +379,7 @@ fn reload(daemon: &Daemon, args: &Args, log: &LogLevel) {
                 );
                 let mut v = serde_json::to_value(&r).unwrap_or_default();
                 v["ok"] = serde_json::json!(true);
-                if let Some(level) = log.apply(settings.log_level.as_deref()) {
-                    tracing::warn!(level, "log level changed");
-                }
+                log.apply(settings.log_level.as_deref());
                 v["log_level"] = serde_json::json!(log.current());
                 v
             }
@@ -667,21 +665,33 @@ impl LogLevel {
     }
 
     /// Serves the configuration's `[log] level` (info when it has none),
-    /// unless the command line fixed the level; the new level if it
-    /// changed. The configuration checked the filter already.
-    fn apply(&self, configured: Option<&str>) -> Option<String> {
+    /// unless the command line fixed the level. The change is logged at
+    /// warn under whichever of the two filters shows it: the old one when
+    /// the level goes down, the new one when it goes up. The
+    /// configuration checked the filter already.
+    fn apply(&self, configured: Option<&str>) {
         if self.fixed {
-            return None;
+            return;
         }
         let want = configured.unwrap_or("info");
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         if *current == want {
-            return None;
+            return;
         }
-        let filter = tracing_subscriber::EnvFilter::try_new(want).ok()?;
-        self.handle.reload(filter).ok()?;
+        let Ok(filter) = tracing_subscriber::EnvFilter::try_new(want) else {
+            return;
+        };
+        let told = tracing::enabled!(tracing::Level::WARN);
+        if told {
+            tracing::warn!(from = %current, level = want, "log level changed");
+        }
+        if self.handle.reload(filter).is_err() {
+            return;
+        }
+        if !told {
+            tracing::warn!(from = %current, level = want, "log level changed");
+        }
         want.clone_into(&mut current);
-        Some(want.to_owned())
     }
 
     fn current(&self) -> String {

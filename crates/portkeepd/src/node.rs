@@ -137,8 +137,8 @@ pub(crate) struct Shared {
     pub(crate) last_reload: Mutex<(u64, serde_json::Value)>,
 }
 
-/// The serving loops' progress: each loop (a PCP worker, the committer,
-/// the sender) moves its counter at every turn, idle turns included (each
+/// The serving loops' progress: each loop (a PCP worker, the committer)
+/// moves its counter at every turn, idle turns included (each
 /// waits at most [`POLL`]), so a loop that stopped turning (a deadlock, a
 /// hang on a lock or a disk) shows as a counter that stood still.
 #[derive(Debug, Default)]
@@ -1273,8 +1273,8 @@ fn commit(
     // next timer tick.
     shared.pair.wake.notify_one();
     act(shared, effects);
-    // Handed to the sender (or, for a reply that waits for the backup,
-    // to the pair's state machine).
+    // Sent (or, for a reply that waits for the backup, handed to the
+    // pair's state machine).
     if !arrived.is_empty() {
         let mut h = shared
             .commit_latency

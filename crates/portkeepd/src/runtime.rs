@@ -770,10 +770,7 @@ impl Drop for Daemon {
 pub(crate) fn worker(shared: &Shared, sock: &UdpSocket, index: usize) {
     let mut rb = RecvBatch::default();
     let mut out = Vec::with_capacity(mmsg::BUF);
-    // Counted in `Shared::handling` from a receive that returned datagrams
-    // until their job is queued, and on through the next receive when the
-    // batch was full (more are waiting in the socket).
-    let mut counted = false;
+    let mut held = Holding::new(&shared.handling);
     while !shared.stop.load(Ordering::Relaxed) {
         shared.beats.beat_at(index);
         let n = match mmsg::recv_batch(sock, &mut rb) {
@@ -784,26 +781,67 @@ pub(crate) fn worker(shared: &Shared, sock: &UdpSocket, index: usize) {
                 0
             }
         };
-        if n > 0 && !counted {
-            shared.handling.fetch_add(1, Ordering::SeqCst);
-            counted = true;
+        if n == 0 {
+            held.set(false);
+            continue;
         }
-        if n > 0 {
-            handle_batch(shared, &rb, &mut out, index);
-        }
-        if counted && n < mmsg::BATCH {
-            shared.handling.fetch_sub(1, Ordering::SeqCst);
-            counted = false;
+        held.set(true);
+        // A full batch means more are waiting in the socket: the worker
+        // stays counted through its next receive. Otherwise nothing more
+        // of this burst is in hand once its job is queued.
+        let more = n == mmsg::BATCH;
+        handle_batch(shared, &rb, &mut out, index, &mut held, more);
+        held.set(more);
+    }
+}
+
+/// A worker's share of [`Shared::handling`]: counted from a receive that
+/// returned datagrams until their job is queued (or, after a full batch,
+/// through the next receive), and given back however the worker ends,
+/// a panic included, so the committer never waits for work that will not
+/// come.
+struct Holding<'a> {
+    count: &'a std::sync::atomic::AtomicUsize,
+    counted: bool,
+}
+
+impl<'a> Holding<'a> {
+    fn new(count: &'a std::sync::atomic::AtomicUsize) -> Holding<'a> {
+        Holding {
+            count,
+            counted: false,
         }
     }
-    if counted {
-        shared.handling.fetch_sub(1, Ordering::SeqCst);
+
+    fn set(&mut self, counted: bool) {
+        if counted && !self.counted {
+            self.count.fetch_add(1, Ordering::SeqCst);
+        } else if !counted && self.counted {
+            self.count.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.counted = counted;
+    }
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        self.set(false);
     }
 }
 
 /// Answers one batch of received datagrams through the core and queues
-/// the replies behind the changes they depend on.
-fn handle_batch(shared: &Shared, rb: &RecvBatch, out: &mut Vec<u8>, index: usize) {
+/// the replies behind the changes they depend on. Unless `more` are
+/// waiting in the socket, the worker stops counting as holding work just
+/// before the job is queued: the committer the queueing wakes then sees
+/// that nothing else is on its way.
+fn handle_batch(
+    shared: &Shared,
+    rb: &RecvBatch,
+    out: &mut Vec<u8>,
+    index: usize,
+    held: &mut Holding<'_>,
+    more: bool,
+) {
     if !shared.pair.serving() {
         // A backup, or an active node not yet sure it was not deposed:
         // clients retransmit (RFC 6887 section 8.1.1) and reach
@@ -832,6 +870,7 @@ fn handle_batch(shared: &Shared, rb: &RecvBatch, out: &mut Vec<u8>, index: usize
             replies.push(src, out);
         }
     }
+    held.set(more);
     shared.submit(core, replies, index);
 }
 

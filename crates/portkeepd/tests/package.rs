@@ -154,7 +154,13 @@ fn debian_package_installs_without_starting_checks_its_config_and_purges_clean()
             .lines()
             .filter(|l| !l.trim_start().starts_with('#'))
             .collect();
-        for verb in ["systemctl start", "systemctl enable", "systemctl restart"] {
+        for verb in [
+            "systemctl start",
+            "systemctl enable",
+            "systemctl restart",
+            "deb-systemd-invoke",
+            "invoke-rc.d",
+        ] {
             assert!(
                 !commands.iter().any(|l| l.contains(verb)),
                 "{script} runs `{verb}`"

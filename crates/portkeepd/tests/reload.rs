@@ -207,6 +207,14 @@ fn reload_changes_the_log_level_and_refuses_a_bad_one() {
     assert!(why.contains("log.level"), "{why}");
     let r = reload(&d, &config(2, pool, ""));
     assert_eq!(r["log_level"], "info", "no [log] level means info: {r}");
+    // Going quieter is logged too, under the level it leaves.
+    let changes = |d: &Daemon| d.log().matches("log level changed").count();
+    let before = changes(&d);
+    let r = reload(&d, &level("error"));
+    assert_eq!(r["log_level"], "error", "{r}");
+    wait_until("the change to error logged", Duration::from_secs(5), || {
+        (changes(&d) > before).then_some(())
+    });
 }
 
 /// SIGHUP with a changed check-point class is served at once (RFC 7767

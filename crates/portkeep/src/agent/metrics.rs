@@ -23,14 +23,30 @@ const MAX_HEAD: usize = 8 * 1024;
 
 type Labels = Vec<(&'static str, &'static str)>;
 
+/// Scrapes served at once; more wait to be accepted. A scraper makes one
+/// at a time: the bound keeps idle connections from using up the agent's
+/// file descriptors.
+const MAX_CONNECTIONS: usize = 8;
+
 /// Serves scrapes until the agent's loop goes away.
 pub(crate) async fn serve(listener: TcpListener, agent: mpsc::Sender<Command>) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of descriptors, say: try again later, not in a loop.
+                eprintln!("portkeep agent: metrics: accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let agent = agent.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let head =
                 tokio::time::timeout(std::time::Duration::from_secs(5), read_head(&mut stream))
                     .await
@@ -57,7 +73,10 @@ pub(crate) async fn serve(listener: TcpListener, agent: mpsc::Sender<Command>) {
 async fn read_head(stream: &mut tokio::net::TcpStream) -> String {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 512];
-    while buf.len() < MAX_HEAD && !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+    while buf.len() < MAX_HEAD
+        && !buf.windows(4).any(|w| w == b"\r\n\r\n")
+        && !buf.windows(2).any(|w| w == b"\n\n")
+    {
         match stream.read(&mut chunk).await {
             Ok(0) | Err(_) => break,
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
