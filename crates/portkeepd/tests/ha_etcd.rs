@@ -42,15 +42,23 @@ mod with_etcd {
     /// The lease's time to live, seconds.
     const TTL_S: u64 = 2;
 
-    fn can_run() -> bool {
+    /// Held by the test that runs: these tests run one at a time. Each
+    /// starts three etcd members and two daemons, and seven of them at
+    /// once on two cores starve etcd's elections (500 ms), so a lost
+    /// member looks like a lost etcd and the holder rightly stops serving.
+    static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// The right to run (`None`: etcd is missing, and the test skips, or
+    /// fails under CI).
+    fn can_run() -> Option<std::sync::MutexGuard<'static, ()>> {
         match skip::find_tool("etcd") {
-            Some(_) => true,
+            Some(_) => Some(ALONE.lock().unwrap_or_else(|p| p.into_inner())),
             None => {
                 skip::skip(
                     "etcd coordinator",
                     "`etcd` not found on PATH (scripts/test-all.sh installs it as root: apt-get install etcd-server)",
                 );
-                false
+                None
             }
         }
     }
@@ -328,9 +336,9 @@ peer_wait_ms = 3000
     /// check-point, same external endpoint, in a later term.
     #[test]
     fn draft_s2_6_etcd_the_holder_dies_the_backup_serves_every_checkpoint() {
-        if !can_run() {
+        let Some(_alone) = can_run() else {
             return;
-        }
+        };
         let mut p = pair();
         let acked = checkpoint(p.a.spec.pcp, 2000..2040);
         let term_a = p.a.status()["ha"]["term"].as_u64().unwrap();
@@ -362,9 +370,9 @@ peer_wait_ms = 3000
     /// node serves by then, and at most one node answers at any instant.
     #[test]
     fn draft_s2_6_etcd_a_frozen_holder_answers_nothing_when_it_wakes() {
-        if !can_run() {
+        let Some(_alone) = can_run() else {
             return;
-        }
+        };
         let p = pair();
         let acked = checkpoint(p.a.spec.pcp, 3000..3010);
         p.a.proc.signal("STOP");
@@ -406,9 +414,9 @@ peer_wait_ms = 3000
     /// keeps answering; the other node never takes over.
     #[test]
     fn etcd_a_member_lost_the_holder_keeps_serving() {
-        if !can_run() {
+        let Some(_alone) = can_run() else {
             return;
-        }
+        };
         let mut p = pair();
         let term = p.a.status()["ha"]["term"].as_u64().unwrap();
         let sock = client();
@@ -446,9 +454,9 @@ peer_wait_ms = 3000
     /// when etcd is back and a node serves again.
     #[test]
     fn etcd_unreachable_the_holder_stops_in_time_and_nothing_is_lost() {
-        if !can_run() {
+        let Some(_alone) = can_run() else {
             return;
-        }
+        };
         let p = pair();
         let acked = checkpoint(p.a.spec.pcp, 6000..6030);
         let sock = client();
@@ -489,9 +497,9 @@ peer_wait_ms = 3000
     /// Without the coordinator's say, a node is never promoted by hand.
     #[test]
     fn etcd_ctl_promote_is_refused_under_a_coordinator() {
-        if !can_run() {
+        let Some(_alone) = can_run() else {
             return;
-        }
+        };
         let p = pair();
         let out = Command::new(BINS.daemon())
             .arg("ctl")
@@ -513,9 +521,9 @@ peer_wait_ms = 3000
     /// once the holder is dead.
     #[test]
     fn etcd_mutual_tls_only_a_node_with_a_client_certificate_is_elected() {
-        if !can_run() {
+        let Some(_alone) = can_run() else {
             return;
-        }
+        };
         let mut p = pair_with(true);
         let acked = checkpoint(p.a.spec.pcp, 2500..2505);
         assert_eq!(acked.len(), 5);
@@ -549,9 +557,9 @@ peer_wait_ms = 3000
     /// the cut.
     #[test]
     fn draft_s2_6_etcd_a_partition_lets_at_most_one_node_answer() {
-        if !can_run() {
+        let Some(_alone) = can_run() else {
             return;
-        }
+        };
         let Some((lab, ns)) = setup("etcd partition", &["ip", "nft"], || {
             let mut lab = Lab::new("etp")?;
             let ns = format!("pketp-{}", lab.id);
