@@ -3,9 +3,9 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use portkeep_server::record::key_of;
+use portkeep_server::record::{hold_key, key_of};
 use portkeep_server::{
-    MappingRecord, RequesterState, Restored, SubscriberId, SubscriberKeying, Timestamp,
+    MappingRecord, PortHold, RequesterState, Restored, SubscriberId, SubscriberKeying, Timestamp,
 };
 
 use crate::wire::{FrameError, Item, Message, Position};
@@ -20,6 +20,8 @@ struct State {
     volatile: BTreeMap<SubscriberId, (Vec<IpAddr>, Timestamp)>,
     owed: BTreeMap<SubscriberId, (Vec<IpAddr>, Timestamp)>,
     requesters: BTreeMap<IpAddr, RequesterState>,
+    /// By `record::hold_key`: a later hold on an endpoint replaces one.
+    holds: BTreeMap<[u8; 19], PortHold>,
 }
 
 impl State {
@@ -42,6 +44,7 @@ impl State {
                 .map(|(s, (h, u))| (*s, h.clone(), *u))
                 .collect(),
             requesters: self.requesters.iter().map(|(ip, r)| (*ip, *r)).collect(),
+            holds: self.holds.values().copied().collect(),
         }
     }
 
@@ -57,6 +60,7 @@ impl State {
                 .collect(),
             owed: r.owed.into_iter().map(|(s, h, u)| (s, (h, u))).collect(),
             requesters: r.requesters.into_iter().collect(),
+            holds: r.holds.into_iter().map(|h| (hold_key(&h), h)).collect(),
         }
     }
 
@@ -96,6 +100,9 @@ impl State {
                 } else {
                     self.owed.insert(subscriber, (hosts, until));
                 }
+            }
+            Item::PortHeld(h) => {
+                self.holds.insert(hold_key(&h), h);
             }
             Item::Requester { ip, state } => match state {
                 Some(st) => {
@@ -137,6 +144,9 @@ pub struct Replica {
     pub owed: Vec<(SubscriberId, Vec<IpAddr>, Timestamp)>,
     /// THIRD_PARTY requesters (`portkeep_server::RequesterState`).
     pub requesters: Vec<(IpAddr, RequesterState)>,
+    /// External endpoints held after they were freed (RFC 6887 section
+    /// 15), until when in the active's clock.
+    pub holds: Vec<PortHold>,
 }
 
 /// What a backup must make durable before it acknowledges `seq`
@@ -172,6 +182,7 @@ impl Replica {
             volatile: Vec::new(),
             owed: r.owed.clone(),
             requesters: r.requesters.clone(),
+            holds: r.holds.clone(),
         }
     }
 
@@ -657,6 +668,7 @@ impl Backup {
                     term,
                     owed: Vec::new(),
                     requesters: Vec::new(),
+                    holds: Vec::new(),
                 },
                 reset: Vec::new(),
                 owed: Vec::new(),
@@ -682,6 +694,17 @@ impl Backup {
             .iter()
             .map(|(s, (h, u))| (*s, h.clone(), local(*u)))
             .filter(|(_, _, u)| *u > now)
+            .collect();
+        // Holds still running, in this node's clock: the endpoints stay
+        // back from other clients across the takeover (RFC 6887 section 15).
+        let holds: Vec<PortHold> = st
+            .holds
+            .values()
+            .map(|h| PortHold {
+                until: local(h.until),
+                ..*h
+            })
+            .filter(|h| h.until > now)
             .collect();
         let mappings: Vec<_> = st
             .mappings
@@ -749,6 +772,7 @@ impl Backup {
                     term,
                     owed,
                     requesters,
+                    holds,
                 },
                 reset,
                 owed: Vec::new(),
@@ -797,6 +821,7 @@ impl Backup {
                 term,
                 owed: owed.clone(),
                 requesters,
+                holds,
             },
             reset,
             owed: owed.into_iter().map(|(s, h, _)| (s, h)).collect(),

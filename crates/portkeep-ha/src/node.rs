@@ -278,6 +278,8 @@ pub struct SnapshotSource {
     pub owed: Vec<(SubscriberId, Vec<IpAddr>, Timestamp)>,
     /// THIRD_PARTY requesters (`portkeep_server::Server::requesters`).
     pub requesters: Vec<(IpAddr, RequesterState)>,
+    /// Held external endpoints (`portkeep_server::Server::port_holds`).
+    pub holds: Vec<portkeep_server::PortHold>,
     /// The link version of the backup it is for ([`Node::peer_version`]
     /// when it was copied).
     pub version: u16,
@@ -292,7 +294,8 @@ impl SnapshotSource {
                 + self.mappings.len()
                 + self.volatile.len()
                 + self.owed.len()
-                + self.requesters.len(),
+                + self.requesters.len()
+                + self.holds.len(),
         );
         items.push(Item::ServerEpoch {
             anchor: self.anchor,
@@ -327,6 +330,7 @@ impl SnapshotSource {
                 state: Some(state),
             });
         }
+        items.extend(self.holds.into_iter().map(Item::PortHeld));
         let n = items.len();
         EncodedSnapshot {
             term: self.term,
@@ -729,7 +733,11 @@ impl<R> Node<R> {
                     if keep_for_backup(&mut self.replicated, &item, hash) {
                         if extends_far_enough(&mut self.volatile_sent, &item, now, headroom) {
                             self.stats.extensions_unawaited += 1;
-                        } else {
+                        } else if !matches!(item, Item::PortHeld(_)) {
+                            // A hold travels without being waited for: no
+                            // reply reports it, and a takeover that misses
+                            // one hands a port on early (RFC 6887 section
+                            // 15's SHOULD), which is all it prevents.
                             needs = true;
                         }
                         items.push(item);

@@ -44,11 +44,12 @@ pub const MAX_TERM: Term = 1 << 62;
 /// Hello after `now` and [`Message::Handover`]; 3 added
 /// [`Item::Requester`] and mapping records that name their THIRD_PARTY
 /// manager ([`MappingRecord::manager`]); 4 added when volatile state ends
-/// ([`Item::Volatile`]'s `until`, [`RequesterState::volatile_until`]).
+/// ([`Item::Volatile`]'s `until`, [`RequesterState::volatile_until`]);
+/// 5 added [`Item::PortHeld`].
 /// Each side speaks the lower of its own and its peer's version
 /// ([`Message::encode_for`]), so a pair can be upgraded one node at a time
 /// from version 2 on.
-pub const LINK_VERSION: u16 = 4;
+pub const LINK_VERSION: u16 = 5;
 
 /// One unit of replicated state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,6 +98,11 @@ pub enum Item {
         /// Until when, in the active's clock.
         until: Timestamp,
     },
+    /// An external endpoint freed and held back from other clients
+    /// (`portkeep_server::Change::PortHeld`, RFC 6887 section 15), so a
+    /// node that takes over does not hand it to someone else early. Link
+    /// version 5 and later.
+    PortHeld(portkeep_server::PortHold),
     /// A THIRD_PARTY requester's state (`portkeep_server::Change::Requester`):
     /// where its ANNOUNCEs go, its own epoch, and whether it holds state a
     /// takeover would lose. Link version 3 and later.
@@ -137,12 +143,17 @@ impl Item {
                 ip: *ip,
                 state: *state,
             },
+            Change::PortHeld(h) => Item::PortHeld(*h),
         })
     }
 
     /// Whether a peer speaking link `version` can read this item.
     fn speaks(&self, version: u16) -> bool {
-        version >= 3 || !matches!(self, Item::Requester { .. })
+        match self {
+            Item::Requester { .. } => version >= 3,
+            Item::PortHeld(_) => version >= 5,
+            _ => true,
+        }
     }
 
     fn encode(&self, out: &mut Vec<u8>, version: u16) {
@@ -199,6 +210,11 @@ impl Item {
                 out.extend_from_slice(&encode_subscriber(subscriber));
                 out.extend_from_slice(&until.as_millis().to_be_bytes());
                 encode_hosts(hosts, out);
+            }
+            Item::PortHeld(h) => {
+                out.push(9);
+                out.extend_from_slice(&portkeep_server::record::hold_key(h));
+                out.extend_from_slice(&portkeep_server::record::encode_hold(h));
             }
             Item::Requester { ip, state } => {
                 out.push(7);
@@ -261,6 +277,10 @@ impl Item {
                     n => Some(decode_requester(r.take(n)?)?),
                 };
                 Item::Requester { ip, state }
+            }
+            9 => {
+                let key = r.take(19)?;
+                Item::PortHeld(portkeep_server::record::decode_hold(key, r.take(38)?)?)
             }
             _ => return None,
         })

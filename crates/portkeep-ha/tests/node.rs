@@ -111,6 +111,7 @@ fn pump(a: &mut Node<u32>, b: &mut Node<u32>, now: Timestamp) -> Vec<Effect<u32>
                     volatile: vec![],
                     owed: vec![],
                     requesters: Vec::new(),
+                    holds: Vec::new(),
                     version: a.peer_version(),
                 }
                 .encode(a.snapshot_part());
@@ -445,6 +446,7 @@ fn rfc7767_s1_changes_committed_while_a_snapshot_is_copied_follow_it() {
         volatile: vec![],
         owed: vec![],
         requesters: vec![],
+        holds: vec![],
         version: a.peer_version(),
     }
     .encode(a.snapshot_part());
@@ -838,4 +840,64 @@ fn rfc6887_s8_5_replies_made_before_a_clear_are_restamped_at_release() {
         .made_at(at(15));
     a.handle_commit(at(16), vec![(12, meta)]);
     assert_eq!(released(&effects(&mut a)), vec![12]);
+}
+
+/// A held port (RFC 6887 section 15) reaches the backup, so a node that
+/// takes over does not hand it to another client early; the reply to the
+/// delete that made it does not wait for it.
+#[test]
+fn rfc6887_s15_a_port_hold_travels_to_the_backup_and_survives_a_takeover() {
+    let (mut a, mut b) = in_sync_pair();
+    let m = mapping("198.51.100.1", 80, false);
+    let hold = portkeep_server::PortHold {
+        owner: m.key,
+        nonce: m.nonce,
+        external: m.external,
+        until: at(120_000),
+    };
+    let changes = vec![
+        ChangeRecord {
+            started: false,
+            seq: 1,
+            change: Change::Removed {
+                mapping: m,
+                reason: portkeep_server::RemoveReason::Deleted,
+            },
+        },
+        ChangeRecord {
+            started: false,
+            seq: 2,
+            change: Change::PortHeld(hold),
+        },
+    ];
+    let meta = a.prepare(&changes, vec![]);
+    a.handle_commit(at(1), vec![(10, meta)]);
+    assert_eq!(
+        released(&effects(&mut a)),
+        vec![10],
+        "a hold is not waited for"
+    );
+    pump(&mut a, &mut b, at(2));
+    b.link_lost(at(3));
+    let t = b.promote(at(4)).unwrap();
+    assert_eq!(t.kind, TakeoverKind::Hot);
+    assert_eq!(t.state.holds, vec![hold], "same clock here: unchanged");
+    // One whose end passed before the takeover is not carried over.
+    let (mut a, mut b) = in_sync_pair();
+    let short = portkeep_server::PortHold {
+        until: at(3),
+        ..hold
+    };
+    let meta = a.prepare(
+        &[ChangeRecord {
+            started: false,
+            seq: 1,
+            change: Change::PortHeld(short),
+        }],
+        vec![],
+    );
+    a.handle_commit(at(1), vec![(11, meta)]);
+    pump(&mut a, &mut b, at(2));
+    b.link_lost(at(3));
+    assert!(b.promote(at(4)).unwrap().state.holds.is_empty());
 }

@@ -138,6 +138,9 @@ pub enum Change {
         /// Until when.
         until: Timestamp,
     },
+    /// An external endpoint was freed and is held back from other
+    /// clients until the hold ends ([`PortHold`]).
+    PortHeld(PortHold),
     /// A THIRD_PARTY requester's state changed; `None`: forgotten (it
     /// holds no mapping and its epoch is the subscriber's again).
     Requester {
@@ -172,6 +175,29 @@ pub struct RequesterState {
     /// lost nothing of its own. `Timestamp(u64::MAX)` when the end is
     /// unknown (state written before it was recorded).
     pub volatile_until: Option<Timestamp>,
+}
+
+/// An external endpoint freed recently, and the client that held it.
+///
+/// RFC 6887 section 15: a freed external port "SHOULD NOT be reused for
+/// an interval" (late packets for the old holder would reach a new one),
+/// "however, within these time windows, the PCP server SHOULD allow an
+/// external port to be reclaimed by the same client, where 'same client'
+/// means 'same internal IP address, internal port, and mapping nonce'".
+/// Stored and replicated, so a restart or a takeover does not hand the
+/// port to someone else early. At most one hold exists per external
+/// endpoint, so the holds are bounded by the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortHold {
+    /// The client that held it: its internal address, protocol and port.
+    pub owner: MappingKey,
+    /// The nonce that owned the mapping.
+    pub nonce: Nonce,
+    /// The external endpoint held; port 0: the whole address (a mapping
+    /// for all ports, RFC 6887 section 11.1).
+    pub external: SocketAddr,
+    /// When another client may have it.
+    pub until: Timestamp,
 }
 
 /// A change with its position in the log.

@@ -69,6 +69,9 @@ pub struct ServerConfig {
     /// request gets NAT-PMP's 8-octet "unsupported version" (RFC 6887
     /// section 9 step 4, appendix A), so a PCP client falls back.
     pub pcp: bool,
+    /// How long a freed external endpoint is held back from other clients
+    /// (RFC 6887 section 15; [`crate::PortHold`]). Zero: not at all.
+    pub port_recycle_delay: Duration,
     /// Seed for port randomisation; fixed in tests, random in the daemon.
     pub seed: u64,
     /// Port forwards the operator configures: mappings no client made,
@@ -132,6 +135,9 @@ impl Default for ServerConfig {
             }),
             natpmp: true,
             pcp: true,
+            // RFC 6887 section 15: "typically, the maximum TCP segment
+            // lifetime of 2 minutes".
+            port_recycle_delay: Duration::from_secs(120),
             seed: 0x5eed,
             static_forwards: Vec::new(),
         }

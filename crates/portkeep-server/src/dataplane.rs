@@ -204,6 +204,7 @@ impl Dataplane for MemoryDataplane {
                 Change::EpochReset { .. }
                 | Change::ServerEpochReset { .. }
                 | Change::AnnounceOwed { .. }
+                | Change::PortHeld(_)
                 | Change::Requester { .. } => {}
             }
         }

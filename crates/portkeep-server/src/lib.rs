@@ -22,8 +22,8 @@ mod time;
 
 pub use announce::{AnnounceConfig, Audience};
 pub use change::{
-    Change, ChangeRecord, FilterRule, MappingKey, MappingKind, MappingRecord, RemoveReason,
-    RequesterState,
+    Change, ChangeRecord, FilterRule, MappingKey, MappingKind, MappingRecord, PortHold,
+    RemoveReason, RequesterState,
 };
 pub use config::{ServerConfig, StaticForward};
 pub use dataplane::{Dataplane, DataplaneError, MemoryDataplane, Refused};

@@ -241,10 +241,80 @@ pub fn decode_requester(b: &[u8]) -> Option<crate::RequesterState> {
     })
 }
 
+/// The key of a [`crate::PortHold`]: the endpoint held, protocol (1
+/// octet), address (16) and port (2), so a later hold on it replaces the
+/// earlier one.
+pub fn hold_key(h: &crate::PortHold) -> [u8; 19] {
+    let mut k = [0u8; 19];
+    k[0] = h.owner.protocol.0;
+    k[1..17].copy_from_slice(&to_wire(h.external.ip()).octets());
+    k[17..].copy_from_slice(&h.external.port().to_be_bytes());
+    k
+}
+
+/// A [`crate::PortHold`] after its [`hold_key`]: until when (8 octets,
+/// milliseconds), the owner's internal address (16) and port (2), its
+/// nonce (12).
+pub fn encode_hold(h: &crate::PortHold) -> [u8; 38] {
+    let mut v = [0u8; 38];
+    v[..8].copy_from_slice(&h.until.as_millis().to_be_bytes());
+    v[8..24].copy_from_slice(&to_wire(h.owner.internal_ip).octets());
+    v[24..26].copy_from_slice(&h.owner.internal_port.to_be_bytes());
+    v[26..].copy_from_slice(&h.nonce);
+    v
+}
+
+/// Reads a hold from its key and value; `None` if either is malformed.
+pub fn decode_hold(key: &[u8], value: &[u8]) -> Option<crate::PortHold> {
+    let mut k = Reader(key);
+    let protocol = Protocol(k.u8()?);
+    let ext_ip = k.ip()?;
+    let ext_port = k.u16()?;
+    let mut v = Reader(value);
+    let until = Timestamp(v.u64()?);
+    let internal_ip = v.ip()?;
+    let internal_port = v.u16()?;
+    let nonce: [u8; 12] = v.take(12)?.try_into().ok()?;
+    if !k.0.is_empty() || !v.0.is_empty() {
+        return None;
+    }
+    Some(crate::PortHold {
+        owner: MappingKey {
+            internal_ip,
+            protocol,
+            internal_port,
+        },
+        nonce,
+        external: SocketAddr::new(ext_ip, ext_port),
+        until,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::RequesterState;
+
+    #[test]
+    fn rfc6887_s15_hold_records_round_trip_and_malformed_ones_are_refused() {
+        let h = crate::PortHold {
+            owner: MappingKey {
+                internal_ip: "10.0.0.1".parse().unwrap(),
+                protocol: Protocol::TCP,
+                internal_port: 80,
+            },
+            nonce: [3; 12],
+            external: "192.0.2.1:20000".parse().unwrap(),
+            until: Timestamp(1_234_567),
+        };
+        let (k, v) = (hold_key(&h), encode_hold(&h));
+        assert_eq!(decode_hold(&k, &v), Some(h));
+        assert_eq!(decode_hold(&k[..18], &v), None);
+        assert_eq!(decode_hold(&k, &v[..37]), None);
+        let mut long = v.to_vec();
+        long.push(0);
+        assert_eq!(decode_hold(&k, &long), None);
+    }
 
     #[test]
     fn requester_records_round_trip_and_old_ones_read_as_lasting() {

@@ -13,8 +13,8 @@ use portkeep_proto::{
 
 use crate::announce::{Announcer, Audience};
 use crate::change::{
-    Change, ChangeRecord, FilterRule, MappingKey, MappingKind, MappingRecord, RemoveReason,
-    RequesterState,
+    Change, ChangeRecord, FilterRule, MappingKey, MappingKind, MappingRecord, PortHold,
+    RemoveReason, RequesterState,
 };
 use crate::getnext::{self, Answer, GetFilter, Query};
 use crate::policy::{
@@ -247,6 +247,9 @@ pub struct Restored {
     pub owed: Vec<(SubscriberId, Vec<IpAddr>, Timestamp)>,
     /// THIRD_PARTY requesters ([`Change::Requester`]).
     pub requesters: Vec<(IpAddr, RequesterState)>,
+    /// External endpoints held back after they were freed
+    /// ([`Change::PortHeld`]); those that ended are ignored.
+    pub holds: Vec<PortHold>,
 }
 
 /// What [`Server::restore`] did with the stored state.
@@ -393,8 +396,10 @@ impl Server {
             .iter()
             .any(|c| c.mode == CheckpointMode::Always);
         let announcer = Announcer::new(cfg.announce);
+        let mut table = Table::new(pool, cfg.seed);
+        table.set_hold_delay(cfg.port_recycle_delay);
         Server {
-            table: Table::new(pool, cfg.seed),
+            table,
             cfg,
             subscribers: HashMap::new(),
             anchor: now,
@@ -452,6 +457,7 @@ impl Server {
         replica: bool,
     ) -> (Server, RestoreReport) {
         let mut s = Server::new(cfg, state.anchor);
+        s.table.prune_holds(now);
         s.seq = state.last_seq;
         for (sub, anchor) in state.subscriber_anchors {
             s.subscriber_mut(sub).anchor = Some(anchor);
@@ -472,10 +478,22 @@ impl Server {
             let sub = s.cfg.subscriber_keying.subscriber_of(m.key.internal_ip);
             if m.expires <= now {
                 report.expired += 1;
+                // Its endpoint was freed when it expired: held from then
+                // (RFC 6887 section 15), if that has not ended yet.
+                let hold = PortHold {
+                    owner: m.key,
+                    nonce: m.nonce,
+                    external: m.external,
+                    until: m.expires + s.cfg.port_recycle_delay,
+                };
                 s.push(Change::Removed {
                     mapping: m,
                     reason: RemoveReason::Expired,
                 });
+                if hold.until > now && !s.cfg.port_recycle_delay.is_zero() {
+                    s.table.restore_hold(&hold);
+                    s.push(Change::PortHeld(hold));
+                }
                 continue;
             }
             let remote = match m.kind {
@@ -574,6 +592,9 @@ impl Server {
             if until > now && !hosts.is_empty() {
                 s.owed.insert(sub, (hosts, until));
             }
+        }
+        for h in &state.holds {
+            s.table.restore_hold(h);
         }
         report.forwards_skipped = s.install_static_forwards(now);
         (s, report)
@@ -1251,6 +1272,7 @@ impl Server {
     /// Removes every mapping whose lifetime ended by `now` (RFC 6887 section 15).
     pub fn handle_timeout(&mut self, now: Timestamp) {
         self.now = self.now.max(now);
+        self.table.prune_holds(now);
         while let Some(id) = self.table.first_expired(now) {
             if self.is_static(id) {
                 self.renew_static(now, id);
@@ -1391,6 +1413,7 @@ impl Server {
             }
         }
         self.now = self.now.max(now);
+        self.table.prune_holds(now);
         let src = canonical(source.ip());
         if !self.cfg.clients.is_empty() && !self.cfg.clients.iter().any(|p| p.contains(src)) {
             // Not one of ours: no answer, not even an error, which would
@@ -1914,7 +1937,7 @@ impl Server {
             }
             None => {
                 self.admit(sub)?;
-                let binding = self.bind(key, suggestion)?;
+                let binding = self.bind(key, suggestion, m.nonce)?;
                 // An existing binding (made by PEER) keeps its external
                 // endpoint; PREFER_FAILURE then fails if that is not what
                 // was suggested (section 13.2).
@@ -2028,7 +2051,7 @@ impl Server {
             }
             None => {
                 self.admit(sub)?;
-                let binding = self.bind(key, suggestion)?;
+                let binding = self.bind(key, suggestion, p.map.nonce)?;
                 if !self.table.binding_matches(binding, &suggestion) {
                     self.table.unbind_if_unused(binding);
                     return Err(Some(Fail::parsed(ResultCode::CANNOT_PROVIDE_EXTERNAL)));
@@ -2124,8 +2147,13 @@ impl Server {
         Ok(())
     }
 
-    fn bind(&mut self, key: MappingKey, s: Suggestion) -> Result<Id, Option<Fail>> {
-        self.table.bind(key, s).map_err(|e| {
+    fn bind(
+        &mut self,
+        key: MappingKey,
+        s: Suggestion,
+        nonce: portkeep_proto::Nonce,
+    ) -> Result<Id, Option<Fail>> {
+        self.table.bind(key, s, nonce).map_err(|e| {
             Some(Fail::parsed(match e {
                 AllocError::CannotProvide => ResultCode::CANNOT_PROVIDE_EXTERNAL,
                 AllocError::Exhausted => ResultCode::NO_RESOURCES,
@@ -2191,7 +2219,10 @@ impl Server {
             return;
         };
         let was = self.table.get(id).map(|e| (e.replicated, e.expires));
-        self.table.remove(id);
+        // A mapping the dataplane never installed carried no traffic that
+        // could arrive late: nothing to hold.
+        let hold = reason != RemoveReason::Failed;
+        let held = self.table.remove(id, hold).and_then(|(_, h)| h);
         let sub = record.subscriber;
         self.note_volatile(sub, record.key.internal_ip, was, None);
         if let Some(ip) = record.manager {
@@ -2219,6 +2250,9 @@ impl Server {
             mapping: record,
             reason,
         });
+        if let Some(h) = held {
+            self.push(Change::PortHeld(h));
+        }
     }
 
     /// A mapping of `sub` was made (`added`) or went: its class's count.
@@ -2227,6 +2261,17 @@ impl Server {
         if let Some(n) = self.by_class.get_mut(class) {
             *n = if added { *n + 1 } else { n.saturating_sub(1) };
         }
+    }
+
+    /// External endpoints freed recently and held back from other clients
+    /// (RFC 6887 section 15), in the order they end.
+    pub fn port_holds(&self) -> Vec<PortHold> {
+        self.table.holds()
+    }
+
+    /// How many [`Server::port_holds`] there are.
+    pub fn port_hold_count(&self) -> usize {
+        self.table.hold_count()
     }
 
     /// Mappings held by the subscribers of each check-point class, by the

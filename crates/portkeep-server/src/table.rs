@@ -17,7 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 use portkeep_proto::addr::to_wire;
 use portkeep_proto::{Nonce, Protocol};
 
-use crate::change::{FilterRule, MappingKey, MappingKind, MappingRecord};
+use crate::change::{FilterRule, MappingKey, MappingKind, MappingRecord, PortHold};
 use crate::{SubscriberKeying, Timestamp};
 
 /// Index of a binding or entry in its slab.
@@ -206,6 +206,53 @@ pub(crate) struct Table {
     /// The pool addresses in 128-bit wire order (index = rank).
     ext_sorted: Vec<u128>,
     rng: u64,
+    /// Recently freed endpoints: [`Holds`].
+    holds: Holds,
+}
+
+/// External endpoints freed recently, held back from every client but
+/// the one that held them (RFC 6887 section 15; [`PortHold`]).
+///
+/// Pruned by [`Table::prune_holds`], which every call that allocates runs
+/// first, so every hold present is live. One hold per endpoint: bounded by
+/// the pool, whatever the churn.
+#[derive(Debug, Default)]
+struct Holds {
+    /// How long a freed endpoint is held; zero: never.
+    delay: std::time::Duration,
+    /// The latest `now` the table was told (by `prune_holds`).
+    now: Timestamp,
+    /// Port holds by [`ext_key`] (their port is never 0).
+    ports: HashMap<u64, Hold>,
+    /// Per pool address: the hold on the whole address (a freed binding
+    /// for all ports).
+    whole: Vec<Option<Hold>>,
+    /// Per pool address: port holds on it (a whole address is free only
+    /// when none is held).
+    on_addr: Vec<u32>,
+    /// Every hold by its end: `(until, ext_key)`, or `WHOLE | address`
+    /// for a whole address.
+    order: BTreeSet<(Timestamp, u64)>,
+}
+
+/// Marks a whole-address hold in [`Holds::order`]; an `ext_key` never
+/// reaches bit 40 (8 + 16 + 16 bits).
+const WHOLE: u64 = 1 << 40;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Hold {
+    until: Timestamp,
+    owner: MappingKey,
+    nonce: Nonce,
+}
+
+impl Hold {
+    /// Whether it keeps the endpoint from `who` (RFC 6887 section 15:
+    /// "same client" is the same internal address, internal port and
+    /// nonce; the protocol is part of the endpoint).
+    fn bars(&self, who: Option<(&MappingKey, Nonce)>) -> bool {
+        who.is_none_or(|(k, n)| *k != self.owner || n != self.nonce)
+    }
 }
 
 /// A MAP entry's position in the GET/NEXT order.
@@ -322,7 +369,165 @@ impl Table {
             ext_sorted,
             // splitmix64 needs any non-zero-ish start; mix the seed once.
             rng: seed ^ 0x9e37_79b9_7f4a_7c15,
+            holds: Holds {
+                whole: vec![None; n],
+                on_addr: vec![0; n],
+                ..Holds::default()
+            },
         }
+    }
+
+    /// How long freed endpoints are held from now on.
+    pub(crate) fn set_hold_delay(&mut self, delay: std::time::Duration) {
+        self.holds.delay = delay;
+    }
+
+    /// Ends the holds due by `now` (RFC 6887 section 15's interval is
+    /// over: the endpoint is anyone's again).
+    pub(crate) fn prune_holds(&mut self, now: Timestamp) {
+        self.holds.now = self.holds.now.max(now);
+        while let Some(&(until, k)) = self.holds.order.first() {
+            if until > self.holds.now {
+                break;
+            }
+            self.holds.order.pop_first();
+            self.drop_hold(k, Some(until));
+        }
+    }
+
+    /// Removes the hold `k` (as in [`Holds::order`]); with `until`, only
+    /// if it still ends then (a later hold replaced it otherwise).
+    fn drop_hold(&mut self, k: u64, until: Option<Timestamp>) {
+        let h = &mut self.holds;
+        let due = |x: &Hold| until.is_none_or(|u| x.until == u);
+        if k & WHOLE != 0 {
+            let slot = h.whole.get_mut((k & 0xffff) as usize);
+            if let Some(slot) = slot {
+                if slot.as_ref().is_some_and(due) {
+                    let x = slot.take();
+                    if until.is_none() {
+                        if let Some(x) = x {
+                            h.order.remove(&(x.until, k));
+                        }
+                    }
+                }
+            }
+        } else if h.ports.get(&k).is_some_and(due) {
+            if let Some(x) = h.ports.remove(&k) {
+                if until.is_none() {
+                    h.order.remove(&(x.until, k));
+                }
+                let ip = ((k >> 16) & 0xffff) as usize;
+                if let Some(n) = h.on_addr.get_mut(ip) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+        }
+    }
+
+    /// Holds `ip`/`port` (port 0: the whole address) for `owner` until
+    /// `until`, replacing any hold on it.
+    fn put_hold(&mut self, ip: u16, port: u16, hold: Hold) {
+        let k = if port == 0 {
+            WHOLE | u64::from(ip)
+        } else {
+            ext_key(hold.owner.protocol, ip, port)
+        };
+        self.drop_hold(k, None);
+        let h = &mut self.holds;
+        if port == 0 {
+            if let Some(slot) = h.whole.get_mut(usize::from(ip)) {
+                *slot = Some(hold);
+            }
+        } else {
+            h.ports.insert(k, hold);
+            if let Some(n) = h.on_addr.get_mut(usize::from(ip)) {
+                *n += 1;
+            }
+        }
+        h.order.insert((hold.until, k));
+    }
+
+    /// Whether a hold keeps `protocol`/`ip`/`port` from `who`: its own,
+    /// or one on the whole address.
+    fn port_barred(
+        &self,
+        protocol: Protocol,
+        ip: u16,
+        port: u16,
+        who: Option<(&MappingKey, Nonce)>,
+    ) -> bool {
+        let h = &self.holds;
+        let whole = h.whole.get(usize::from(ip)).copied().flatten();
+        whole.is_some_and(|x| x.bars(who))
+            || h.ports
+                .get(&ext_key(protocol, ip, port))
+                .is_some_and(|x| x.bars(who))
+    }
+
+    /// Whether a hold keeps the whole address `ip` from `who`: one on the
+    /// address, or any port held on it.
+    fn whole_barred(&self, ip: u16, who: Option<(&MappingKey, Nonce)>) -> bool {
+        let h = &self.holds;
+        h.on_addr.get(usize::from(ip)).is_some_and(|&n| n > 0)
+            || h.whole
+                .get(usize::from(ip))
+                .copied()
+                .flatten()
+                .is_some_and(|x| x.bars(who))
+    }
+
+    /// Takes a stored or replicated hold back (a restart, a takeover, a
+    /// new configuration): kept if it has not ended and its endpoint is in
+    /// the pool and unused (a mapping restored there owns it now).
+    pub(crate) fn restore_hold(&mut self, hold: &PortHold) {
+        if hold.until <= self.holds.now {
+            return;
+        }
+        let Some(ip) = self.pool_index(crate::prefix::canonical(hold.external.ip())) else {
+            return;
+        };
+        let port = hold.external.port();
+        let free = if port == 0 {
+            self.on_addr[usize::from(ip)] == 0
+        } else {
+            self.port_free(hold.owner.protocol, ip, port)
+        };
+        if free {
+            let x = Hold {
+                until: hold.until,
+                owner: hold.owner,
+                nonce: hold.nonce,
+            };
+            self.put_hold(ip, port, x);
+        }
+    }
+
+    /// How many endpoints are held.
+    pub(crate) fn hold_count(&self) -> usize {
+        self.holds.order.len()
+    }
+
+    /// Every hold, in the order they end.
+    pub(crate) fn holds(&self) -> Vec<PortHold> {
+        let h = &self.holds;
+        h.order
+            .iter()
+            .filter_map(|&(_, k)| {
+                let (ip, port, x) = if k & WHOLE != 0 {
+                    let ip = (k & 0xffff) as u16;
+                    (ip, 0, h.whole.get(usize::from(ip)).copied().flatten()?)
+                } else {
+                    ((k >> 16) as u16, k as u16, *h.ports.get(&k)?)
+                };
+                Some(PortHold {
+                    owner: x.owner,
+                    nonce: x.nonce,
+                    external: SocketAddr::new(self.pool_ip(ip), port),
+                    until: x.until,
+                })
+            })
+            .collect()
     }
 
     /// splitmix64: deterministic under a seed, good enough to spread
@@ -397,20 +602,35 @@ impl Table {
         Some(SocketAddr::new(self.pool_ip(b.ext_ip), b.ext_port))
     }
 
-    /// Finds or allocates the binding for `key`.
-    pub(crate) fn bind(&mut self, key: MappingKey, s: Suggestion) -> Result<Id, AllocError> {
+    /// Finds or allocates the binding for `key`, for a request with
+    /// `nonce` (which may reclaim an endpoint held for it).
+    pub(crate) fn bind(
+        &mut self,
+        key: MappingKey,
+        s: Suggestion,
+        nonce: Nonce,
+    ) -> Result<Id, AllocError> {
         if let Some(b) = self.binding_of(&key) {
             return Ok(b);
         }
+        let who = Some((&key, nonce));
         let (ip, port) = if key.internal_port == 0 {
-            (self.alloc_whole(s)?, 0)
+            (self.alloc_whole(s, who)?, 0)
         } else {
-            self.alloc_port(key.protocol, s)?
+            self.alloc_port(key.protocol, s, who)?
         };
         Ok(self.insert_binding(key, ip, port))
     }
 
     fn insert_binding(&mut self, key: MappingKey, ip: u16, port: u16) -> Id {
+        // Whoever takes an endpoint ends its hold: it was reclaimed by its
+        // client, or restored to the mapping that owns it.
+        let held = if port == 0 {
+            WHOLE | u64::from(ip)
+        } else {
+            ext_key(key.protocol, ip, port)
+        };
+        self.drop_hold(held, None);
         let id = self.bindings.insert(Binding {
             key,
             ext_ip: ip,
@@ -484,8 +704,12 @@ impl Table {
 
     /// A whole external address, for protocol-0 or port-0 mappings
     /// (RFC 6887 section 11.1: "all protocols" / "all ports").
-    fn alloc_whole(&mut self, s: Suggestion) -> Result<u16, AllocError> {
-        let free = |t: &Table, i: u16| t.on_addr[usize::from(i)] == 0;
+    fn alloc_whole(
+        &mut self,
+        s: Suggestion,
+        who: Option<(&MappingKey, Nonce)>,
+    ) -> Result<u16, AllocError> {
+        let free = |t: &Table, i: u16| t.on_addr[usize::from(i)] == 0 && !t.whole_barred(i, who);
         if let Some(ip) = s.ip {
             match self.pool_index(ip) {
                 Some(i) if free(self, i) => return Ok(i),
@@ -505,7 +729,15 @@ impl Table {
             && self.binding_at_ext(ext_key(protocol, ip, port)).is_none()
     }
 
-    fn alloc_port(&mut self, protocol: Protocol, s: Suggestion) -> Result<(u16, u16), AllocError> {
+    fn alloc_port(
+        &mut self,
+        protocol: Protocol,
+        s: Suggestion,
+        who: Option<(&MappingKey, Nonce)>,
+    ) -> Result<(u16, u16), AllocError> {
+        let open = |t: &Table, ip: u16, port: u16| {
+            t.port_free(protocol, ip, port) && !t.port_barred(protocol, ip, port, who)
+        };
         let n = self.pool.addrs.len();
         if n == 0 {
             return Err(AllocError::Exhausted);
@@ -525,10 +757,7 @@ impl Table {
                 Some(i) => vec![i],
                 None => (0..n).filter_map(|i| u16::try_from(i).ok()).collect(),
             };
-            if let Some(&ip) = candidates
-                .iter()
-                .find(|&&ip| self.port_free(protocol, ip, s.port))
-            {
+            if let Some(&ip) = candidates.iter().find(|&&ip| open(self, ip, s.port)) {
                 return Ok((ip, s.port));
             }
         }
@@ -549,7 +778,9 @@ impl Table {
             let Ok(ip) = u16::try_from((start_ip + k) % n) else {
                 continue;
             };
-            if self.whole[usize::from(ip)].is_some() {
+            if self.whole[usize::from(ip)].is_some()
+                || self.holds.whole[usize::from(ip)].is_some_and(|x| x.bars(who))
+            {
                 continue;
             }
             if self.used.get(&(ip, protocol)).copied().unwrap_or(0) >= span {
@@ -561,7 +792,7 @@ impl Table {
                 let Ok(port) = u16::try_from(u32::from(self.pool.port_lo) + off) else {
                     continue;
                 };
-                if self.port_free(protocol, ip, port) {
+                if open(self, ip, port) {
                     return Ok((ip, port));
                 }
             }
@@ -572,13 +803,24 @@ impl Table {
         Err(AllocError::Exhausted)
     }
 
-    fn release_if_unused(&mut self, binding: Id) {
+    /// Frees `binding` if no entry uses it; with `held_for`, the nonce of
+    /// the last entry, holds its endpoint for that client and returns the
+    /// hold (RFC 6887 section 15).
+    fn release_if_unused(&mut self, binding: Id, held_for: Option<Nonce>) -> Option<PortHold> {
         let unused =
             matches!(self.bindings.get(binding), Some(b) if b.map_entry.is_none() && b.peers == 0);
         if !unused {
-            return;
+            return None;
         }
-        if let Some(b) = self.bindings.remove(binding) {
+        let b = self.bindings.remove(binding)?;
+        let hold = held_for
+            .filter(|_| !self.holds.delay.is_zero())
+            .map(|nonce| Hold {
+                until: self.holds.now + self.holds.delay,
+                owner: b.key,
+                nonce,
+            });
+        {
             let hk = self.hasher.hash_one(b.key);
             if let Ok(slot) = self.binding_by_key.find_entry(hk, |&id| id == binding) {
                 slot.remove();
@@ -597,11 +839,20 @@ impl Table {
             }
             self.on_addr[ip] = self.on_addr[ip].saturating_sub(1);
         }
+        let hold = hold?;
+        self.put_hold(b.ext_ip, b.ext_port, hold);
+        Some(PortHold {
+            owner: hold.owner,
+            nonce: hold.nonce,
+            external: SocketAddr::new(self.pool_ip(b.ext_ip), b.ext_port),
+            until: hold.until,
+        })
     }
 
-    /// Drops a binding that `bind` created but no entry took.
+    /// Drops a binding that `bind` created but no entry took: nobody held
+    /// its endpoint, so nothing is held back.
     pub(crate) fn unbind_if_unused(&mut self, binding: Id) {
-        self.release_if_unused(binding);
+        self.release_if_unused(binding, None);
     }
 
     pub(crate) fn insert(&mut self, entry: Entry) -> Id {
@@ -628,7 +879,10 @@ impl Table {
         id
     }
 
-    pub(crate) fn remove(&mut self, id: Id) -> Option<Entry> {
+    /// Removes an entry; when that frees its binding and `hold` is set,
+    /// the endpoint is held for the entry's client (RFC 6887 section 15)
+    /// and the hold returned.
+    pub(crate) fn remove(&mut self, id: Id, hold: bool) -> Option<(Entry, Option<PortHold>)> {
         let e = self.entries.remove(id)?;
         self.expiry.remove(&(e.expires, id));
         let order_key = self.bindings.get(e.binding).map(|b| self.order_key_of(b));
@@ -646,8 +900,8 @@ impl Table {
                 }
             }
         }
-        self.release_if_unused(e.binding);
-        Some(e)
+        let held = self.release_if_unused(e.binding, hold.then_some(e.nonce));
+        Some((e, held))
     }
 
     pub(crate) fn get(&self, id: Id) -> Option<&Entry> {
@@ -910,6 +1164,42 @@ impl Table {
         if on_addr != self.on_addr {
             return Err("per-address binding counts are off".into());
         }
+        self.check_holds()
+    }
+
+    /// Holds (RFC 6887 section 15) are indexed once each and never on an
+    /// endpoint a binding holds: taking an endpoint ends its hold.
+    fn check_holds(&self) -> Result<(), String> {
+        let h = &self.holds;
+        let wholes = h.whole.iter().flatten().count();
+        if h.order.len() != h.ports.len() + wholes {
+            return Err("the hold index and the holds disagree".into());
+        }
+        let mut on_addr = vec![0u32; h.on_addr.len()];
+        for (k, x) in &h.ports {
+            let ip = ((k >> 16) & 0xffff) as u16;
+            if !h.order.contains(&(x.until, *k)) {
+                return Err(format!("port hold {k:#x} is not in the hold index"));
+            }
+            if self.binding_at_ext(*k).is_some() {
+                return Err(format!("port hold {k:#x} is on an endpoint in use"));
+            }
+            if let Some(n) = on_addr.get_mut(usize::from(ip)) {
+                *n += 1;
+            }
+        }
+        for (ip, x) in h.whole.iter().enumerate() {
+            let Some(x) = x else { continue };
+            if !h.order.contains(&(x.until, WHOLE | ip as u64)) {
+                return Err(format!("the hold on address {ip} is not in the hold index"));
+            }
+            if self.whole[ip].is_some() {
+                return Err(format!("address {ip} is held back and held whole"));
+            }
+        }
+        if on_addr != h.on_addr {
+            return Err("per-address hold counts are off".into());
+        }
         Ok(())
     }
 }
@@ -937,7 +1227,7 @@ mod tests {
             port: 0,
             prefer_failure: false,
         };
-        let binding = t.bind(key, s).unwrap();
+        let binding = t.bind(key, s, [1; 12]).unwrap();
         let id = t.insert(Entry {
             binding,
             lifetime: 60,

@@ -82,6 +82,7 @@ fn snapshot(s: &Server) -> Restored {
         term: 0,
         owed: s.owed_announces(Timestamp(0)),
         requesters: Vec::new(),
+        holds: s.port_holds(),
     }
 }
 
@@ -106,13 +107,15 @@ fn draft_s2_6_restore_keeps_mappings_endpoints_and_epoch() {
         .collect();
     expected.sort_by_key(|m| m.key);
     assert_eq!(after, expected, "same endpoints, nonces, expiry, flags");
-    // The expiry is logged so the store forgets it; numbering continues.
+    // The expiry is logged so the store forgets it, and so is the hold on
+    // its endpoint (RFC 6887 section 15); numbering continues.
     let changes: Vec<_> = b.drain_changes().collect();
-    assert_eq!(changes.len(), 1);
+    assert_eq!(changes.len(), 2);
     assert_eq!(changes[0].seq, seq + 1);
     assert!(
         matches!(&changes[0].change, Change::Removed { reason: RemoveReason::Expired, mapping } if mapping.key.internal_port == 22)
     );
+    assert!(matches!(&changes[1].change, Change::PortHeld(h) if h.owner.internal_port == 22));
     // RFC 6887 section 8.5: the epoch continues (300 s since T0).
     assert_eq!(announce_epoch(&mut b, at(300), "198.51.100.1"), 300);
     // A refresh with the same nonce keeps the external endpoint.

@@ -620,7 +620,8 @@ fn rfc6887_s15_mappings_expire_on_the_timer() {
     assert_eq!(s.mapping_count(), 1);
     let ch: Vec<_> = s.drain_changes().collect();
     assert!(
-        matches!(&ch[..], [c] if matches!(&c.change, Change::Removed { reason: RemoveReason::Expired, mapping } if mapping.key.internal_port == 1))
+        matches!(&ch[..], [c, h] if matches!(&c.change, Change::Removed { reason: RemoveReason::Expired, mapping } if mapping.key.internal_port == 1)
+            && matches!(&h.change, Change::PortHeld(p) if p.owner.internal_port == 1))
     );
     assert_eq!(s.poll_timeout(), Some(Timestamp(T0.0 + 300_000)));
 }
@@ -1028,8 +1029,11 @@ fn design_every_state_change_is_in_the_change_log() {
     send(&mut s, T0, CLIENT, &map(CLIENT, 80, 0, 1, vec![]));
     s.handle_timeout(Timestamp(T0.0 + 601_000));
     let changes: Vec<_> = s.drain_changes().collect();
-    assert_eq!(changes.len(), 2);
+    // Each removal, then the hold on the endpoint it freed (section 15).
+    assert_eq!(changes.len(), 4);
     assert_eq!(changes[0].seq, 4);
+    assert!(matches!(changes[1].change, Change::PortHeld(_)));
+    assert!(matches!(changes[3].change, Change::PortHeld(_)));
     dp.apply(&changes).unwrap();
     assert_eq!(dp.inbound_len(), 0);
     assert_eq!(dp.outbound_len(), 0);

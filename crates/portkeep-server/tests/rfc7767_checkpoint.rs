@@ -750,6 +750,7 @@ fn rfc7767_s3_2_restored_checkpoints_keep_their_quota_and_clear_returns_it() {
         term: 0,
         owed: Vec::new(),
         requesters: Vec::new(),
+        holds: Vec::new(),
     };
     let (mut r, report) = Server::restore(cfg(p), T0, state);
     assert_eq!(report.restored, 1);
@@ -996,6 +997,7 @@ fn draft_2_6_a_mapping_that_lost_its_flag_stays_replicated() {
         term: 0,
         owed: Vec::new(),
         requesters: Vec::new(),
+        holds: Vec::new(),
     };
     let (taken_over, _) = Server::restore_replica(cfg(unlimited()), T0, state.clone());
     assert_eq!(taken_over.replicated_mappings(), followed);

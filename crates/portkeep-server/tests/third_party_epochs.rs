@@ -360,7 +360,7 @@ impl Model {
                     self.anchor = anchor;
                     self.subs.clear();
                 }
-                Change::AnnounceOwed { .. } => {}
+                Change::AnnounceOwed { .. } | Change::PortHeld(_) => {}
                 Change::Requester { ip, state } => match state {
                     Some(st) => {
                         self.requesters.insert(ip, st);

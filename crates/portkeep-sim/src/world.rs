@@ -304,6 +304,7 @@ struct Store {
     maps: BTreeMap<Vec<u8>, MappingRecord>,
     owed: BTreeMap<SubscriberId, (Vec<IpAddr>, Timestamp)>,
     requesters: BTreeMap<IpAddr, RequesterState>,
+    holds: BTreeMap<[u8; 19], portkeep_server::PortHold>,
     last_seq: u64,
     /// The term its state was served in.
     term: u64,
@@ -348,6 +349,9 @@ impl Store {
                         self.requesters.remove(ip);
                     }
                 },
+                Change::PortHeld(h) => {
+                    self.holds.insert(portkeep_server::record::hold_key(h), *h);
+                }
             }
             self.last_seq = self.last_seq.max(c.seq);
         }
@@ -363,6 +367,11 @@ impl Store {
             .map(|(s, h, u)| (*s, (h.clone(), *u)))
             .collect();
         self.requesters = r.requesters.iter().copied().collect();
+        self.holds = r
+            .holds
+            .iter()
+            .map(|h| (portkeep_server::record::hold_key(h), *h))
+            .collect();
         self.last_seq = r.last_seq;
         self.term = r.term;
     }
@@ -380,6 +389,7 @@ impl Store {
                 .map(|(s, (h, u))| (*s, h.clone(), *u))
                 .collect(),
             requesters: self.requesters.iter().map(|(ip, r)| (*ip, *r)).collect(),
+            holds: self.holds.values().copied().collect(),
         }
     }
 }
@@ -1936,6 +1946,7 @@ impl World {
                         volatile: node.server.volatile_hosts(),
                         owed: node.server.owed_announces(self.ts()),
                         requesters: node.server.requesters(),
+                        holds: node.server.port_holds(),
                         version: node.ha.peer_version(),
                     };
                     let ts = self.ts();

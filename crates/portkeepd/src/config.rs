@@ -240,6 +240,11 @@ pub struct SubscriberSection {
     pub named: Option<Vec<NamedEntry>>,
 }
 
+/// The longest `[limits] port_recycle_delay`: RFC 6887 section 15's
+/// longest interval is a TCP idle timeout (124 minutes, RFC 5382); a day
+/// is far past any, and keeps a typo from locking a pool for years.
+const MAX_RECYCLE_DELAY_S: u64 = 86_400;
+
 /// `[limits]`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -259,6 +264,9 @@ pub struct LimitSection {
     pub error_rate: Option<String>,
     /// Client prefixes served (default: every client).
     pub clients: Option<Vec<String>>,
+    /// Seconds a freed external port is held back from other clients
+    /// (RFC 6887 section 15); 0: not at all.
+    pub port_recycle_delay: Option<u64>,
 }
 
 /// `[third_party]`.
@@ -700,6 +708,16 @@ impl ConfigFile {
             d.error_rate,
             None,
         )?;
+        let port_recycle_delay = match self.limits.port_recycle_delay {
+            None => d.port_recycle_delay,
+            Some(s) if s <= MAX_RECYCLE_DELAY_S => std::time::Duration::from_secs(s),
+            Some(_) => {
+                return Err(invalid(
+                    "limits.port_recycle_delay",
+                    format!("at most {MAX_RECYCLE_DELAY_S} seconds (a day)"),
+                ))
+            }
+        };
         let clients = self
             .limits
             .clients
@@ -889,6 +907,7 @@ impl ConfigFile {
                 clients,
                 natpmp: self.natpmp.enabled.unwrap_or(d.natpmp),
                 pcp: !self.natpmp.only.unwrap_or(false),
+                port_recycle_delay,
                 seed: rand::random(),
                 static_forwards,
             },
@@ -988,6 +1007,29 @@ mod tests {
             Ok(_) => panic!("accepted: {text}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn rfc6887_s15_port_recycle_delay_is_read_and_bounded() {
+        let base = "external_addresses = [\"192.0.2.1\"]\n[limits]\n";
+        let delay = |body: &str| {
+            ConfigFile::parse(&format!("{base}{body}"), "x")
+                .unwrap()
+                .validate()
+                .unwrap()
+                .server
+                .port_recycle_delay
+        };
+        assert_eq!(delay(""), std::time::Duration::from_secs(120), "default");
+        assert_eq!(delay("port_recycle_delay = 0"), std::time::Duration::ZERO);
+        assert_eq!(
+            delay("port_recycle_delay = 7440"),
+            std::time::Duration::from_secs(7440)
+        );
+        let e = err(&format!("{base}port_recycle_delay = 86401"));
+        assert!(e.contains("limits.port_recycle_delay"), "{e}");
+        let e = err(&format!("{base}port_recycle_delay = -1"));
+        assert!(e.contains("port_recycle_delay"), "{e}");
     }
 
     #[test]

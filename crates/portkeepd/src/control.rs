@@ -344,6 +344,9 @@ fn counters(shared: &Shared) -> Value {
         "announcing": core.server.announcing(),
         "results": results,
         "mappings": core.server.mapping_count(),
+        // External endpoints freed and held back from other clients (RFC
+        // 6887 section 15, `[limits] port_recycle_delay`).
+        "ports_held": core.server.port_hold_count(),
         "checkpoint": checkpoint_counters(&core.server),
         "shed": shared.shed.load(Ordering::Relaxed),
         "queued_replies": shared.queued.load(Ordering::Relaxed),

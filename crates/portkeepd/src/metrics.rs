@@ -45,6 +45,7 @@ struct Exporter {
     by_kind: Family<Labels, Gauge>,
     by_class: Family<Labels, Gauge>,
     subscribers: Gauge,
+    ports_held: Gauge,
     lag: Gauge,
     snapshot_items: Gauge,
     resync_received: Gauge,
@@ -98,6 +99,12 @@ impl Exporter {
             "portkeep_subscribers",
             "Subscribers holding a mapping or an epoch of their own",
             subscribers.clone(),
+        );
+        let ports_held = Gauge::default();
+        registry.register(
+            "portkeep_ports_held",
+            "External endpoints freed recently and held back from other clients (RFC 6887 section 15)",
+            ports_held.clone(),
         );
         registry.register(
             "portkeep_replication_lag_records",
@@ -247,6 +254,7 @@ impl Exporter {
             by_kind,
             by_class,
             subscribers,
+            ports_held,
             lag,
             snapshot_items,
             resync_received,
@@ -271,7 +279,17 @@ impl Exporter {
     /// the Prometheus text format 0.0.4 (what `promtool check metrics` and
     /// older scrapers read).
     fn scrape(&mut self, shared: &Shared, openmetrics: bool) -> String {
-        let (stats, mappings, checkpointed, backup, digest, kinds, subscribers, classes, held_by) = {
+        let (
+            stats,
+            mappings,
+            checkpointed,
+            backup,
+            digest,
+            kinds,
+            (subscribers, ports_held),
+            classes,
+            held_by,
+        ) = {
             let core = shared.lock();
             let s = &core.server;
             (
@@ -281,7 +299,7 @@ impl Exporter {
                 s.backup_state(),
                 crate::node::policy_digest(s.config()),
                 s.mapping_count_by_kind(),
-                s.subscriber_count(),
+                (s.subscriber_count(), s.port_hold_count()),
                 s.config()
                     .checkpoint
                     .classes
@@ -446,6 +464,7 @@ impl Exporter {
                 .set(n as i64);
         }
         self.subscribers.set(subscribers as i64);
+        self.ports_held.set(ports_held as i64);
         self.lag.set(i64::try_from(lag).unwrap_or(i64::MAX));
         self.snapshot_items.set(pair_stats.snapshot_items as i64);
         self.resync_received.set(resync_received as i64);

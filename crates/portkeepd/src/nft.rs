@@ -770,6 +770,7 @@ impl NftDataplane {
                 Change::EpochReset { .. }
                 | Change::ServerEpochReset { .. }
                 | Change::AnnounceOwed { .. }
+                | Change::PortHeld(_)
                 | Change::Requester { .. } => continue,
             };
             let id = Ident {

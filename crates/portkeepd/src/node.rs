@@ -313,6 +313,17 @@ fn log_change(c: &ChangeRecord, classes: &portkeep_server::CheckpointPolicy) {
                 hosts.len()
             );
         }
+        Change::PortHeld(h) => {
+            tracing::debug!(
+                seq = c.seq,
+                "{} {} held for {}:{} until {} ms",
+                h.owner.protocol,
+                h.external,
+                h.owner.internal_ip,
+                h.owner.internal_port,
+                h.until.as_millis()
+            );
+        }
     }
 }
 
@@ -849,6 +860,7 @@ fn send_snapshot(shared: &Arc<Shared>) {
                 volatile: core.server.volatile_hosts(),
                 owed: core.server.owed_announces(shared.clock.now()),
                 requesters: core.server.requesters(),
+                holds: core.server.port_holds(),
                 version,
             },
             next,

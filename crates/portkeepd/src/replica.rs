@@ -48,6 +48,10 @@ const OWED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replica_announ
 /// `record::encode_requester` writes them. Files written before it existed
 /// lack the table: read as empty.
 const REQUESTERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replica_requesters");
+/// Held external endpoints, by `record::hold_key`, as
+/// `record::encode_hold` writes them. Files written before it existed lack
+/// the table: read as empty.
+const HOLDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("replica_port_holds");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("replica_meta");
 const META_KEY: &str = "replica";
 /// The write-ahead log's generation (4 octets, big-endian).
@@ -420,13 +424,15 @@ impl ReplicaStore {
         let volatile_t = txn.open_table(VOLATILE).map_err(|e| d(&e))?;
         let owed_rows = crate::store::optional_rows(&txn, OWED).map_err(|e| d(&e))?;
         let requester_rows = crate::store::optional_rows(&txn, REQUESTERS).map_err(|e| d(&e))?;
+        let hold_rows = crate::store::optional_rows(&txn, HOLDS).map_err(|e| d(&e))?;
         let Some(meta) = meta else {
             // No replica: the tables are empty unless the file is damaged.
             let rows = maps.len().map_err(|e| d(&e))?
                 + anchors_t.len().map_err(|e| d(&e))?
                 + volatile_t.len().map_err(|e| d(&e))?
                 + owed_rows.len() as u64
-                + requester_rows.len() as u64;
+                + requester_rows.len() as u64
+                + hold_rows.len() as u64;
             if rows != 0 {
                 return Err(d(&format!("{rows} rows without a meta row")));
             }
@@ -512,6 +518,16 @@ impl ReplicaStore {
             let ip = Reader(k).ip().ok_or_else(bad)?;
             requesters.push((ip, decode_requester(v).ok_or_else(bad)?));
         }
+        let mut holds = Vec::with_capacity(hold_rows.len());
+        for (k, v) in &hold_rows {
+            let bad = || {
+                d(&format!(
+                    "the record of held endpoint {} does not decode",
+                    hex::encode(k)
+                ))
+            };
+            holds.push(portkeep_server::record::decode_hold(k, v).ok_or_else(bad)?);
+        }
         // The node keeps these ordered by subscriber, not by the stored
         // key's bytes.
         anchors.sort_by_key(|(s, _)| *s);
@@ -528,6 +544,7 @@ impl ReplicaStore {
             volatile,
             owed,
             requesters,
+            holds,
         };
         Ok((
             ReplicaStore {
@@ -692,7 +709,7 @@ impl ReplicaStore {
             meta_t
                 .insert(GENERATION_KEY, generation.to_be_bytes().as_slice())
                 .map_err(|x| e(&x))?;
-            for t in [MAPPINGS, VOLATILE, OWED, REQUESTERS] {
+            for t in [MAPPINGS, VOLATILE, OWED, REQUESTERS, HOLDS] {
                 let mut t = txn.open_table(t).map_err(|x| e(&x))?;
                 t.retain(|_, _| false).map_err(|x| e(&x))?;
             }
@@ -750,6 +767,7 @@ fn apply_to_tables(
     let mut volatile = txn.open_table(VOLATILE)?;
     let mut owed = txn.open_table(OWED)?;
     let mut requesters = txn.open_table(REQUESTERS)?;
+    let mut holds = txn.open_table(HOLDS)?;
     for w in writes {
         match w {
             ReplicaWrite::Replace(r) => {
@@ -758,6 +776,7 @@ fn apply_to_tables(
                 volatile.retain(|_, _| false)?;
                 owed.retain(|_, _| false)?;
                 requesters.retain(|_, _| false)?;
+                holds.retain(|_, _| false)?;
                 let mut entries: Vec<(Vec<u8>, Vec<u8>)> = r
                     .mappings
                     .iter()
@@ -779,6 +798,9 @@ fn apply_to_tables(
                 }
                 for (ip, st) in &r.requesters {
                     put_requester(&mut requesters, *ip, Some(st))?;
+                }
+                for h in &r.holds {
+                    put_hold(&mut holds, h)?;
                 }
             }
             ReplicaWrite::Apply { items, .. } => {
@@ -818,6 +840,7 @@ fn apply_to_tables(
                         Item::Requester { ip, state } => {
                             put_requester(&mut requesters, *ip, state.as_ref())?;
                         }
+                        Item::PortHeld(h) => put_hold(&mut holds, h)?,
                     }
                 }
             }
@@ -829,6 +852,17 @@ fn apply_to_tables(
             .insert(META_KEY, m.encode().as_slice())?;
     }
     Ok(meta)
+}
+
+fn put_hold(
+    t: &mut redb::Table<&[u8], &[u8]>,
+    h: &portkeep_server::PortHold,
+) -> Result<(), redb::StorageError> {
+    t.insert(
+        portkeep_server::record::hold_key(h).as_slice(),
+        portkeep_server::record::encode_hold(h).as_slice(),
+    )?;
+    Ok(())
 }
 
 fn put_volatile(
@@ -933,6 +967,21 @@ mod tests {
         keying().subscriber_of(format!("198.51.100.{host}").parse().unwrap())
     }
 
+    /// A hold on port `port` of the pool until `until` (RFC 6887 section
+    /// 15).
+    fn hold(port: u16, until: u64) -> portkeep_server::PortHold {
+        portkeep_server::PortHold {
+            owner: portkeep_server::MappingKey {
+                internal_ip: "10.0.0.9".parse().unwrap(),
+                protocol: portkeep_proto::Protocol::UDP,
+                internal_port: 5000,
+            },
+            nonce: [9; 12],
+            external: std::net::SocketAddr::new("192.0.2.1".parse().unwrap(), port),
+            until: Timestamp(until),
+        }
+    }
+
     /// A snapshot, then stream items of every kind, as a backup hands
     /// them out.
     fn writes() -> Vec<ReplicaWrite> {
@@ -977,6 +1026,7 @@ mod tests {
                     },
                 ),
             ],
+            holds: vec![hold(20_001, 9_000), hold(20_002, 9_500)],
         })];
         let items = [
             vec![
@@ -1029,6 +1079,8 @@ mod tests {
                     ip: "10.1.0.2".parse().unwrap(),
                     state: None,
                 },
+                Item::PortHeld(hold(20_002, 12_000)),
+                Item::PortHeld(hold(20_003, 12_500)),
                 Item::Requester {
                     ip: "2001:db8::10".parse().unwrap(),
                     state: Some(portkeep_server::RequesterState {

@@ -29,8 +29,8 @@
 use std::path::{Path, PathBuf};
 
 use portkeep_server::record::{
-    decode_mapping, decode_requester, decode_subscriber, encode_mapping, encode_requester,
-    encode_subscriber, key_of, Reader,
+    decode_hold, decode_mapping, decode_requester, decode_subscriber, encode_hold, encode_mapping,
+    encode_requester, encode_subscriber, hold_key, key_of, Reader,
 };
 use portkeep_server::{Change, ChangeRecord, Restored, SubscriberKeying, Timestamp};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -49,6 +49,12 @@ const OWED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("announce_owed"
 /// `record::encode_requester` writes it. Stores written before it existed
 /// lack the table: read as empty.
 const REQUESTERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("requesters");
+/// External endpoints held after they were freed (RFC 6887 section 15),
+/// by `record::hold_key`: `record::encode_hold`. One row per endpoint
+/// (bounded by the pool); rows whose hold ended are ignored when read
+/// and dropped when the store is replaced. Stores written before it
+/// existed lack the table: read as empty.
+const HOLDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("port_holds");
 
 /// Most log entries folded by one checkpoint while requests are waiting.
 pub const CHECKPOINT_BUSY: usize = 16_384;
@@ -64,6 +70,7 @@ const LOG_EPOCH: u8 = 3;
 const LOG_SERVER_EPOCH: u8 = 4;
 const LOG_OWED: u8 = 5;
 const LOG_REQUESTER: u8 = 6;
+const LOG_HOLD: u8 = 7;
 
 /// Meta key set (to 1) while the store is served in relaxed mode and
 /// cleared by a clean stop ([`Store::mark_serving`], [`Store::close`]).
@@ -128,6 +135,8 @@ pub enum Logged {
         /// Its state; `None`: forgotten.
         state: Option<portkeep_server::RequesterState>,
     },
+    /// An endpoint held after it was freed (`Change::PortHeld`).
+    PortHeld(portkeep_server::PortHold),
 }
 
 /// How hard each commit works to survive a crash.
@@ -412,6 +421,7 @@ impl Store {
             txn.open_table(LOG).map_err(|e| io(path, e))?;
             txn.open_table(OWED).map_err(|e| io(path, e))?;
             txn.open_table(REQUESTERS).map_err(|e| io(path, e))?;
+            txn.open_table(HOLDS).map_err(|e| io(path, e))?;
         }
         txn.commit().map_err(|e| io(path, e))?;
         crate::wal::wipe(log.as_mut()).map_err(|e| io(path, e))?;
@@ -524,6 +534,11 @@ impl Store {
                 .map_err(|e| damaged(path, e))?
                 .into_iter()
                 .collect();
+        let mut holds_map: std::collections::BTreeMap<Vec<u8>, Vec<u8>> =
+            optional_rows(&txn, HOLDS)
+                .map_err(|e| damaged(path, e))?
+                .into_iter()
+                .collect();
         let mut replay = |entry: LogEntry| match entry {
             LogEntry::Upsert { key, value } => {
                 maps.insert(key, value);
@@ -551,6 +566,9 @@ impl Store {
                 } else {
                     requesters_map.insert(ip, value);
                 }
+            }
+            LogEntry::Hold { key, value } => {
+                holds_map.insert(key, value);
             }
         };
         // ...then every change logged since, in order: format 1's log
@@ -614,6 +632,11 @@ impl Store {
             let ip = Reader(k).ip().ok_or_else(bad)?;
             requesters.push((ip, decode_requester(v).ok_or_else(bad)?));
         }
+        let mut holds = Vec::with_capacity(holds_map.len());
+        for (k, v) in &holds_map {
+            let bad = || damaged(path, "a record of a held external port does not decode");
+            holds.push(decode_hold(k, v).ok_or_else(bad)?);
+        }
         drop((meta, table, subs, log_table, txn));
         let restored = Restored {
             anchor,
@@ -623,6 +646,7 @@ impl Store {
             term: served_term,
             owed,
             requesters,
+            holds,
         };
         let mut store = Store {
             db,
@@ -767,8 +791,14 @@ impl Store {
             let mut meta = txn.open_table(META).map_err(|x| e(&x))?;
             let mut owed = txn.open_table(OWED).map_err(|x| e(&x))?;
             let mut requesters = txn.open_table(REQUESTERS).map_err(|x| e(&x))?;
+            let mut holds = txn.open_table(HOLDS).map_err(|x| e(&x))?;
             for ep in epochs {
                 match ep {
+                    LogEntry::Hold { key, value } => {
+                        holds
+                            .insert(key.as_slice(), value.as_slice())
+                            .map_err(|x| e(&x))?;
+                    }
                     LogEntry::Requester { ip, value } if value.is_empty() => {
                         requesters.remove(ip.as_slice()).map_err(|x| e(&x))?;
                     }
@@ -851,6 +881,9 @@ impl Store {
                         Some(decode_requester(&value).ok_or_else(bad)?)
                     },
                 },
+                LogEntry::Hold { key, value } => {
+                    Logged::PortHeld(decode_hold(&key, &value).ok_or_else(bad)?)
+                }
             };
             out.push((seq, logged));
         }
@@ -907,6 +940,13 @@ impl Store {
                         portkeep_proto::addr::to_wire(*ip).octets().as_slice(),
                         encode_requester(st).as_slice(),
                     )
+                    .map_err(|x| e(&x))?;
+            }
+            let mut holds = txn.open_table(HOLDS).map_err(|x| e(&x))?;
+            holds.retain(|_, _| false).map_err(|x| e(&x))?;
+            for h in &state.holds {
+                holds
+                    .insert(hold_key(h).as_slice(), encode_hold(h).as_slice())
                     .map_err(|x| e(&x))?;
             }
             let mut meta = txn.open_table(META).map_err(|x| e(&x))?;
@@ -1038,6 +1078,11 @@ enum LogEntry {
         ip: Vec<u8>,
         value: Vec<u8>,
     },
+    /// A hold's key and value as the holds table stores them.
+    Hold {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
 }
 
 /// Until when, then the hosts, 16 octets each.
@@ -1097,6 +1142,11 @@ fn encode_log(change: &Change, out: &mut Vec<u8>) {
                 out.extend_from_slice(&encode_requester(st));
             }
         }
+        Change::PortHeld(h) => {
+            out.push(LOG_HOLD);
+            out.extend_from_slice(&hold_key(h));
+            out.extend_from_slice(&encode_hold(h));
+        }
     }
 }
 
@@ -1140,6 +1190,12 @@ fn decode_log(b: &[u8]) -> Option<LogEntry> {
                 decode_requester(&value)?;
             }
             LogEntry::Requester { ip, value }
+        }
+        LOG_HOLD => {
+            let key = r.take(19)?.to_vec();
+            let value = r.0.to_vec();
+            decode_hold(&key, &value)?;
+            LogEntry::Hold { key, value }
         }
         _ => return None,
     })
@@ -1312,7 +1368,7 @@ mod tests {
     use crate::wal::mem::{Crash as LogCrash, MemDir};
     use portkeep_proto::Protocol;
     use portkeep_server::{FilterRule, MappingKey, MappingKind, MappingRecord, SubscriberId};
-    use std::net::IpAddr;
+    use std::net::{IpAddr, SocketAddr};
 
     /// A durable store with a small cache and default keying.
     fn open_test_store(path: &Path, now: Timestamp) -> Result<(Store, Opened), StoreError> {
@@ -1404,6 +1460,7 @@ mod tests {
         subs: std::collections::BTreeMap<SubscriberId, u64>,
         owed: std::collections::BTreeMap<SubscriberId, (Vec<IpAddr>, u64)>,
         requesters: std::collections::BTreeMap<IpAddr, portkeep_server::RequesterState>,
+        holds: std::collections::BTreeMap<[u8; 19], portkeep_server::PortHold>,
         last_seq: u64,
     }
 
@@ -1426,6 +1483,7 @@ mod tests {
                 .map(|(s, h, u)| (s, (h, u.as_millis())))
                 .collect(),
             requesters: r.requesters.into_iter().collect(),
+            holds: r.holds.into_iter().map(|h| (hold_key(&h), h)).collect(),
             last_seq: r.last_seq,
         }
     }
@@ -1496,6 +1554,7 @@ mod tests {
                 term: 5,
                 owed: Vec::new(),
                 requesters: Vec::new(),
+                holds: Vec::new(),
             })
             .unwrap();
         drop(store);
@@ -1533,7 +1592,19 @@ mod tests {
                 if next(4) == 0 {
                     m.manager = Some(IpAddr::from([10, 1, 0, next(4) as u8]));
                 }
-                let change = match next(11) {
+                let change = match next(12) {
+                    11 => {
+                        // RFC 6887 section 15: one hold per endpoint, the
+                        // latest standing.
+                        let h = portkeep_server::PortHold {
+                            owner: m.key,
+                            nonce: m.nonce,
+                            external: SocketAddr::new(m.external.ip(), 20_000 + next(50) as u16),
+                            until: Timestamp(seq + 120_000),
+                        };
+                        model.holds.insert(hold_key(&h), h);
+                        Change::PortHeld(h)
+                    }
                     10 => {
                         let ip = IpAddr::from([10, 1, 0, next(4) as u8]);
                         let state = (next(3) != 0).then(|| portkeep_server::RequesterState {

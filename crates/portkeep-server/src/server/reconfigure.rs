@@ -45,6 +45,7 @@ impl Server {
             term: 0,
             owed: self.owed_announces(now),
             requesters: self.requesters(),
+            holds: self.port_holds(),
         };
         // What was logged and not yet drained stays ahead of what the new
         // server logs.
