@@ -423,11 +423,16 @@ fn rfc7767_s3_2_standalone_server_does_not_honour_checkpoint() {
 // Lifetimes and expiry.
 
 /// RFC 6887 section 15: the server clamps the requested lifetime into its
-/// configured range, and when the mapping's lifetime runs out the mapping
-/// and its external port are freed.
+/// configured range; when the mapping's lifetime runs out the mapping ends
+/// and its external port is held from other hosts for the recycle delay,
+/// while its own client (same internal address, port and nonce) may take
+/// it back; after the delay it is anyone's.
 #[test]
 fn rfc6887_s15_mapping_expires_and_frees_its_external_port() {
-    let d = Daemon::with_config(&BINS, "[lifetime]\nmin = 1\nmax = 2\n");
+    let d = Daemon::with_config(
+        &BINS,
+        "[lifetime]\nmin = 1\nmax = 2\n[limits]\nport_recycle_delay = 2\n",
+    );
     let s = d.server();
     // Asking for an hour gets the configured maximum.
     let j = ok_json(
@@ -461,20 +466,21 @@ fn rfc6887_s15_mapping_expires_and_frees_its_external_port() {
         "taken for {:?} of its 2 s: {r:?}",
         mapped_at.elapsed()
     );
-    // ... and granted once the lifetime has run out.
+    // ... and, once its lifetime has run out, for the recycle delay too.
     std::thread::sleep(Duration::from_millis(2500).saturating_sub(mapped_at.elapsed()));
     let r = probe("127.0.0.3");
     assert_eq!(
         r.header.result,
-        ResultCode::SUCCESS,
-        "port still held {:?} after a 2 s mapping: {r:?}\n{}",
+        ResultCode::CANNOT_PROVIDE_EXTERNAL,
+        "port handed on {:?} after a 2 s mapping, within the 2 s delay: {r:?}\n{}",
         mapped_at.elapsed(),
         d.log()
     );
-    assert_eq!(map_data(&r).external_port, port);
+    let counters = d.ctl(&["--json", "counters"]).json();
+    assert_eq!(counters["ports_held"], 2, "both expired ports: {counters}");
 
-    // The old owner's renewal now finds no mapping: it gets a new one, on
-    // another port, since its old port went to 127.0.0.3.
+    // The old owner re-creates with its nonce and its port: the same
+    // client reclaims it within the delay.
     let again = ok_json(
         &BINS.cli_at(
             &s,
@@ -486,12 +492,27 @@ fn rfc6887_s15_mapping_expires_and_frees_its_external_port() {
                 &n,
                 "--suggest",
                 &format!("{EXTERNAL}:{port}"),
+                "--lifetime",
+                "1",
                 "--json",
             ],
         ),
         &d,
     );
-    assert_ne!(external_port(&again), port, "{again}");
+    let again_at = now();
+    assert_eq!(external_port(&again), port, "{again}");
+
+    // It expires after 1 s; 2 s later the port is anyone's.
+    std::thread::sleep(Duration::from_millis(3500).saturating_sub(again_at.elapsed()));
+    let r = probe("127.0.0.3");
+    assert_eq!(
+        r.header.result,
+        ResultCode::SUCCESS,
+        "port still held {:?} after a 1 s mapping and a 2 s delay: {r:?}\n{}",
+        again_at.elapsed(),
+        d.log()
+    );
+    assert_eq!(map_data(&r).external_port, port);
 }
 
 // ---------------------------------------------------------------------------
