@@ -46,24 +46,30 @@ fn server_port() -> u16 {
 struct Server {
     proc: Option<Portkeepd>,
     dir: tempfile::TempDir,
+    ip: IpAddr,
     port: u16,
 }
 
 impl Server {
     fn start(config: &str) -> Server {
+        Server::start_on(LOCALHOST, server_port(), config)
+    }
+
+    fn start_on(ip: IpAddr, port: u16, config: &str) -> Server {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("portkeepd.toml"), config).unwrap();
         let mut s = Server {
             proc: None,
             dir,
-            port: server_port(),
+            ip,
+            port,
         };
         s.spawn();
         s
     }
 
     fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
+        SocketAddr::new(self.ip, self.port)
     }
 
     fn spawn(&mut self) {
@@ -1291,4 +1297,138 @@ fn bench_agent_10k_renewal_cpu() {
     );
     assert_eq!(counter(&s1, "recreates"), 0, "{s1}");
     assert_eq!(server.ctl(&["status"])["mappings"], json!(N));
+}
+
+/// An IPv4 address of this host other than loopback (a DHCP client
+/// discards loopback PCP servers, RFC 7291 section 4.2), from `ip`.
+fn global_v4() -> Option<IpAddr> {
+    let out = Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "scope", "global"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let cidr = l.split_whitespace().skip_while(|w| *w != "inet").nth(1)?;
+        cidr.split('/').next()?.parse().ok()
+    })
+}
+
+/// The IPv4 default gateway as /proc/net/route has it.
+fn default_gateway() -> Option<IpAddr> {
+    let text = std::fs::read_to_string("/proc/net/route").ok()?;
+    text.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let flags = u16::from_str_radix(f.get(3)?, 16).ok()?;
+        (f.get(1) == Some(&"00000000") && flags & 3 == 3).then_some(())?;
+        let gw = u32::from_str_radix(f.get(2)?, 16).ok()?;
+        Some(IpAddr::V4(Ipv4Addr::from(gw.to_le_bytes())))
+    })
+}
+
+/// A dhclient lease file naming `pcp` in option 158 (RFC 7291 section
+/// 4.1, written as dhclient writes an option it has no definition for).
+fn dhclient_lease(ip: IpAddr, pcp: Option<IpAddr>) -> String {
+    let option = match pcp {
+        Some(IpAddr::V4(a)) => {
+            let o = a.octets();
+            format!(
+                "  option unknown-158 4:{:x}:{:x}:{:x}:{:x};\n",
+                o[0], o[1], o[2], o[3]
+            )
+        }
+        _ => String::new(),
+    };
+    format!(
+        "lease {{\n  interface \"eth0\";\n  fixed-address {ip};\n  option dhcp-lease-time 86400;\n\
+         {option}  renew 4 2099/12/31 00:00:00;\n  rebind 4 2099/12/31 00:00:00;\n  \
+         expire 4 2099/12/31 00:00:00;\n}}\n"
+    )
+}
+
+#[test]
+fn rfc7291_s4_agent_maps_through_the_server_named_in_the_dhcp_lease() {
+    let Some(ip) = global_v4() else {
+        eprintln!("skipped: this host has no global IPv4 address to serve PCP on");
+        return;
+    };
+    // `--server` names loopback at the same port, where nothing answers:
+    // only the lease's server can grant the mapping.
+    let port = restartable_port(ip);
+    let server = Server::start_on(ip, port, RELAXED);
+    let state = tempfile::tempdir().unwrap();
+    let leases = state.path().join("leases");
+    std::fs::create_dir(&leases).unwrap();
+    std::fs::write(
+        leases.join("dhclient.eth0.leases"),
+        dhclient_lease(ip, Some(ip)),
+    )
+    .unwrap();
+    // A dhcpcd file that is not a DHCP message: ignored, logged once.
+    std::fs::write(leases.join("eth1.lease"), b"garbage").unwrap();
+    let lease_dir = leases.display().to_string();
+    let extra = [
+        "--server-from-dhcp",
+        "--dhcp-lease-dir",
+        lease_dir.as_str(),
+        "--no-announce-listen",
+    ];
+    let agent = Agent::start(
+        &state.path().join("a"),
+        SocketAddr::new(LOCALHOST, port),
+        ip,
+        &extra,
+    );
+    assert_eq!(
+        agent.status()["server"],
+        json!(server.addr().to_string()),
+        "{}",
+        agent.log()
+    );
+    agent.add("web", 8080, json!({}));
+    let t0 = now();
+    agent.wait_granted(1, Duration::from_secs(10));
+    eprintln!("granted through the lease's server in {:?}", now() - t0);
+    assert_eq!(server.mappings().len(), 1);
+    let log = agent.log();
+    assert!(
+        log.contains(&format!("PCP server {ip} from DHCPv4 option 158")),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("ignoring DHCP lease file").count(),
+        1,
+        "one line for the bad file: {log}"
+    );
+
+    // No option in the lease: the default gateway rule (RFC 6887
+    // section 8.1), else `--server`.
+    let state2 = tempfile::tempdir().unwrap();
+    let leases2 = state2.path().join("leases");
+    std::fs::create_dir(&leases2).unwrap();
+    std::fs::write(
+        leases2.join("dhclient.eth0.leases"),
+        dhclient_lease(ip, None),
+    )
+    .unwrap();
+    let lease_dir2 = leases2.display().to_string();
+    let fallback = Agent::start(
+        &state2.path().join("a"),
+        SocketAddr::new(LOCALHOST, port),
+        ip,
+        &[
+            "--server-from-dhcp",
+            "--dhcp-lease-dir",
+            lease_dir2.as_str(),
+            "--no-announce-listen",
+        ],
+    );
+    let want = SocketAddr::new(default_gateway().unwrap_or(LOCALHOST), port);
+    assert_eq!(
+        fallback.status()["server"],
+        json!(want.to_string()),
+        "{}",
+        fallback.log()
+    );
+    assert!(fallback
+        .log()
+        .contains("no PCP server option in any DHCP lease"));
 }

@@ -9,9 +9,10 @@
 //! - an ANNOUNCE on the listening sockets (section 14.1.1; port 5350 and
 //!   224.0.0.1 by default);
 //! - expiry without a successful renewal (section 11.2.1);
-//! - a new server address in the config file on SIGHUP, or a new default
-//!   gateway with `--server-from-gateway` (failure-scenarios draft
-//!   section 2.1);
+//! - a new server address in the config file on SIGHUP, a new PCP server
+//!   in the DHCP leases with `--server-from-dhcp` (RFC 7291), or a new
+//!   default gateway with `--server-from-gateway` (failure-scenarios
+//!   draft section 2.1);
 //! - a new source address towards the server (draft section 2.4), noticed
 //!   through netlink address and route notifications ([`super::watch`]);
 //! - the agent's own restart: mappings resume from the store without a
@@ -36,6 +37,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UdpSocket, UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use super::dhcp::Discovery;
 use super::policy::{Policy, Source};
 use super::store::{self, AgentKey, Store, StoredGrant, StoredMapping, StoredOrphan};
 use super::watch::AddressWatch;
@@ -79,6 +81,11 @@ pub(crate) struct RunOptions {
     /// Follow the default gateway as the server (re-checked on route
     /// changes).
     pub(crate) server_from_gateway: bool,
+    /// Take the server from the DHCP client's leases (RFC 7291), else
+    /// the default gateway (re-checked on route changes).
+    pub(crate) server_from_dhcp: bool,
+    /// Where the DHCP clients' lease files are.
+    pub(crate) dhcp_lease_dirs: Vec<PathBuf>,
     /// Where to serve Prometheus metrics.
     pub(crate) metrics_listen: Option<SocketAddr>,
 }
@@ -215,6 +222,8 @@ struct Agent {
     deleting_orphans: HashMap<MappingId, Orphan>,
     dirty: Option<Instant>,
     events: broadcast::Sender<String>,
+    /// Reads the DHCP leases for `--server-from-dhcp`.
+    dhcp: Discovery,
 }
 
 fn proto_name(p: Protocol) -> String {
@@ -902,13 +911,36 @@ fn parse_default_gateway(text: &str) -> Option<IpAddr> {
 }
 
 /// Where the server should be: `server` in the config file, else the
-/// default gateway when asked to follow it, else the command line's.
-fn wanted_server(agent: &Agent) -> Option<SocketAddr> {
+/// discovered one ([`discovered_server`]), else the command line's.
+fn wanted_server(agent: &mut Agent) -> Option<SocketAddr> {
     if let Some(s) = agent.policy.user.server.as_deref() {
         return crate::parse::server(s).ok();
     }
-    if agent.opts.server_from_gateway {
-        return default_gateway().map(|ip| SocketAddr::new(ip, agent.opts.server.port()));
+    let now = agent.clock.wall_ms(agent.clock.now()) / 1000;
+    discovered_server(&agent.opts, &mut agent.dhcp, now)
+}
+
+/// The server the network names, at the `--server` port: with
+/// `--server-from-dhcp`, the PCP server option of the DHCP leases (RFC
+/// 7291; the first server, its other addresses and the other servers as
+/// fallbacks, RFC 7488), else the default gateway (RFC 6887 section 8.1),
+/// which is all `--server-from-gateway` looks at. `None`: neither asked
+/// for nor found.
+fn discovered_server(
+    opts: &RunOptions,
+    dhcp: &mut Discovery,
+    now_unix_s: u64,
+) -> Option<SocketAddr> {
+    let port = opts.server.port();
+    if opts.server_from_dhcp {
+        let now = i64::try_from(now_unix_s).unwrap_or(i64::MAX);
+        let routable = |ip: IpAddr| route_source(SocketAddr::new(ip, port)).is_ok();
+        if let Some(ip) = dhcp.server(&opts.dhcp_lease_dirs, now, routable) {
+            return Some(SocketAddr::new(ip, port));
+        }
+    }
+    if opts.server_from_gateway || opts.server_from_dhcp {
+        return default_gateway().map(|ip| SocketAddr::new(ip, port));
     }
     None
 }
@@ -986,9 +1018,11 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
         }
     };
     let mut server = opts.server;
-    if opts.server_from_gateway {
-        match default_gateway() {
-            Some(gw) => server = SocketAddr::new(gw, opts.server.port()),
+    let mut dhcp = Discovery::default();
+    if (opts.server_from_gateway || opts.server_from_dhcp) && policy.user.server.is_none() {
+        let now = clock.wall_ms(clock.now()) / 1000;
+        match discovered_server(&opts, &mut dhcp, now) {
+            Some(s) => server = s,
             None => eprintln!("portkeep agent: no default gateway yet; using {server}"),
         }
     }
@@ -1054,6 +1088,7 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
         deleting_orphans: HashMap::new(),
         dirty: None,
         events,
+        dhcp,
         clock,
         opts: opts.clone(),
     };
@@ -1305,8 +1340,9 @@ async fn main_loop(opts: RunOptions) -> Result<(), String> {
             // kernel for the route's source (one connect() on a throw-away
             // socket) unless the address is fixed.
             addr_check_at = now + ADDRESS_POLL;
-            // Draft section 2.1: a new gateway is a new server.
-            if let Some(srv) = wanted_server(&agent).filter(|s| *s != agent.session.server()) {
+            // Draft section 2.1: a new gateway, or a new PCP server in the
+            // DHCP leases, is a new server.
+            if let Some(srv) = wanted_server(&mut agent).filter(|s| *s != agent.session.server()) {
                 eprintln!("portkeep agent: server is now {srv}; re-creating every mapping");
                 agent.session.set_server(now, srv);
                 agent.emit(json!({"event": "server_changed", "server": srv.to_string()}));

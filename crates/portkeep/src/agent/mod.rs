@@ -6,6 +6,7 @@
 
 pub(crate) mod api;
 mod daemon;
+mod dhcp;
 mod metrics;
 mod policy;
 pub(crate) mod store;
@@ -94,6 +95,18 @@ pub(crate) struct RunArgs {
     /// config file wins.
     #[arg(long)]
     pub(crate) server_from_gateway: bool,
+    /// Use the PCP server the host's DHCP client learned (RFC 7291 options
+    /// 158 and 86, read from dhclient and dhcpcd lease files; see
+    /// docs/agent.md), at the `--server` port; without one, the default
+    /// gateway as with `--server-from-gateway`. Re-checked with the
+    /// gateway. `server` in the config file wins.
+    #[arg(long)]
+    pub(crate) server_from_dhcp: bool,
+    /// Where `--server-from-dhcp` looks for lease files (repeatable;
+    /// default: /var/lib/dhcp, /var/lib/dhclient, /var/lib/NetworkManager,
+    /// /var/lib/dhcpcd, /var/db/dhcpcd).
+    #[arg(long, value_name = "DIR", requires = "server_from_dhcp")]
+    pub(crate) dhcp_lease_dir: Vec<PathBuf>,
     /// New requests per second at most (0: unlimited).
     #[arg(long, value_name = "N", default_value_t = 4000)]
     pub(crate) rate: u32,
@@ -182,6 +195,12 @@ pub(crate) fn run(common: &Common, args: &AgentArgs) -> ExitCode {
                 lifetime: r.lifetime,
                 code_points: common.code_points(),
                 server_from_gateway: r.server_from_gateway,
+                server_from_dhcp: r.server_from_dhcp,
+                dhcp_lease_dirs: if r.dhcp_lease_dir.is_empty() {
+                    dhcp::DEFAULT_LEASE_DIRS.iter().map(PathBuf::from).collect()
+                } else {
+                    r.dhcp_lease_dir.clone()
+                },
                 metrics_listen: r.metrics_listen,
             });
         }
