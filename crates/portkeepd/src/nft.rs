@@ -587,12 +587,15 @@ pub fn table_definition(s: &NftSettings) -> String {
 /// forward chain decides the rest).
 ///
 /// Firewall mode (RFC 6887 section 1, the "simple firewall" case; the
-/// shape of RFC 6092's recommendations): to a firewalled prefix, traffic
-/// of established flows and related to them (ICMPv6 errors) passes, a
-/// mapping's traffic passes (a MAP pinhole, section 11; a PEER's remote
+/// shape of RFC 6092's recommendations): to a firewalled prefix, the
+/// replies of flows the inside opened pass (and ICMPv6 errors related to
+/// them), a mapping's traffic passes (a MAP pinhole, section 11; a PEER's remote
 /// peer, section 12; FILTER, section 13.3, already dropped the sources it
 /// excludes in `filter_in`), and everything else is dropped, new and
-/// invalid alike. The chain runs just before the `filter` priority and
+/// invalid alike. A flow the outside opened passes only while its mapping
+/// lets it, established or not: its inbound packets stop the moment the
+/// mapping goes (RFC 6887 section 15), whatever becomes of its conntrack
+/// entry. The chain runs just before the `filter` priority and
 /// marks what it accepts with `accept_mark`: an accept here does not stop
 /// another table's forward chain, so an operator whose own chain drops by
 /// default accepts the mark with one rule (docs/config.md).
@@ -612,7 +615,7 @@ fn forward_chain(d: &mut String, s: &NftSettings, iif: &str) {
     if fw.is_some() {
         let _ = writeln!(
             d,
-            "\t\tip6 daddr @firewalled6 ct state established,related {acc}\n\
+            "\t\tip6 daddr @firewalled6 ct direction reply ct state established,related {acc}\n\
              \t\tip6 saddr @firewalled6 ct state established,related {acc}"
         );
     }
@@ -1729,7 +1732,12 @@ mod tests {
         let acc = "meta mark set meta mark | 0x100 accept";
         assert_eq!(
             rules.get(1).copied(),
-            Some(format!("ip6 daddr @firewalled6 ct state established,related {acc}").as_str())
+            Some(
+                format!(
+                    "ip6 daddr @firewalled6 ct direction reply ct state established,related {acc}"
+                )
+                .as_str()
+            )
         );
         // Every accept carries the mark; the one drop comes last and
         // only for what arrives on the external interfaces.
