@@ -74,6 +74,11 @@ pub struct ServerConfig {
     pub port_recycle_delay: Duration,
     /// Seed for port randomisation; fixed in tests, random in the daemon.
     pub seed: u64,
+    /// Internal prefixes the server is a firewall for, not a NAT
+    /// (RFC 6887 section 1: "the external address is the internal
+    /// address"): a MAP or PEER of a host inside one gets its own address
+    /// and port as its external endpoint, and no pool address.
+    pub firewall_prefixes: Vec<Prefix>,
     /// Port forwards the operator configures: mappings no client made,
     /// that never expire and that no client may change or delete
     /// (`server::forwards`).
@@ -140,11 +145,18 @@ impl Default for ServerConfig {
             port_recycle_delay: Duration::from_secs(120),
             seed: 0x5eed,
             static_forwards: Vec::new(),
+            firewall_prefixes: Vec::new(),
         }
     }
 }
 
 impl ServerConfig {
+    /// Whether `ip` is inside one of the [firewall
+    /// prefixes](ServerConfig::firewall_prefixes).
+    pub fn is_firewalled(&self, ip: IpAddr) -> bool {
+        self.firewall_prefixes.iter().any(|p| p.contains(ip))
+    }
+
     /// The longest lifetime as a duration.
     pub fn max_lifetime_duration(&self) -> Duration {
         Duration::from_secs(u64::from(self.max_lifetime))

@@ -280,7 +280,7 @@ fn matching<'t>(
                     && f.matches(
                         b.key.protocol,
                         b.key.internal_port,
-                        table.pool_ip(b.ext_ip),
+                        table.ext_ip_of(b),
                         b.ext_port,
                     )
             })
@@ -310,7 +310,7 @@ fn wanted_codes(n: &Next) -> Vec<OptionCode> {
 fn to_next(table: &Table, now: Timestamp, id: Id, codes: &[OptionCode]) -> Option<Next> {
     let (e, b) = table.entry_and_binding(id)?;
     let (internal_af, internal_ip) = to_af_wire(b.key.internal_ip);
-    let (external_af, external_ip) = to_af_wire(table.pool_ip(b.ext_ip));
+    let (external_af, external_ip) = to_af_wire(table.ext_ip_of(b));
     let extra = e.extra.as_deref();
     let mut items = Vec::new();
     for &code in codes {

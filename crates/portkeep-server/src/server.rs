@@ -515,7 +515,19 @@ impl Server {
                 report.dropped.push(m);
                 continue;
             }
-            let Ok(binding) = s.table.bind_exact(m.key, m.external) else {
+            let bound = if s.cfg.is_firewalled(m.key.internal_ip) {
+                // Its endpoint must still be its own: a mapping made
+                // before the prefix became firewalled translated.
+                let own = SocketAddr::new(m.key.internal_ip, m.key.internal_port);
+                if m.external == own {
+                    s.table.bind_identity(m.key)
+                } else {
+                    Err(crate::table::AllocError::CannotProvide)
+                }
+            } else {
+                s.table.bind_exact(m.key, m.external)
+            };
+            let Ok(binding) = bound else {
                 lost.push(sub);
                 lost_managers.extend(m.manager);
                 s.push(Change::Removed {
@@ -2147,13 +2159,24 @@ impl Server {
         Ok(())
     }
 
+    /// The binding of a new mapping: its own endpoint for a host the
+    /// server is a firewall for (RFC 6887 section 1, "the external address
+    /// is the internal address"; a suggestion of anything else is then
+    /// ignored, section 11.3, or fails with PREFER_FAILURE, section 13.2),
+    /// else an endpoint of the pool, where `nonce` may reclaim one held for
+    /// it (section 15).
     fn bind(
         &mut self,
         key: MappingKey,
         s: Suggestion,
         nonce: portkeep_proto::Nonce,
     ) -> Result<Id, Option<Fail>> {
-        self.table.bind(key, s, nonce).map_err(|e| {
+        let bound = if self.cfg.is_firewalled(key.internal_ip) {
+            self.table.bind_identity(key)
+        } else {
+            self.table.bind(key, s, nonce)
+        };
+        bound.map_err(|e| {
             Some(Fail::parsed(match e {
                 AllocError::CannotProvide => ResultCode::CANNOT_PROVIDE_EXTERNAL,
                 AllocError::Exhausted => ResultCode::NO_RESOURCES,

@@ -18,6 +18,7 @@ use portkeep_proto::addr::to_wire;
 use portkeep_proto::{Nonce, Protocol};
 
 use crate::change::{FilterRule, MappingKey, MappingKind, MappingRecord, PortHold};
+use crate::prefix::canonical;
 use crate::{SubscriberKeying, Timestamp};
 
 /// Index of a binding or entry in its slab.
@@ -94,7 +95,7 @@ impl<T> Slab<T> {
 #[derive(Debug)]
 pub(crate) struct Binding {
     pub(crate) key: MappingKey,
-    /// Index into the external address pool.
+    /// Index into the external address pool, or [`IDENTITY`].
     pub(crate) ext_ip: u16,
     /// External port; 0 when the binding holds the whole address.
     pub(crate) ext_port: u16,
@@ -104,7 +105,18 @@ pub(crate) struct Binding {
     pub(crate) peers: u32,
 }
 
+/// The `ext_ip` of a binding whose external endpoint is its internal one
+/// (RFC 6887 section 1: for a firewall "the external address is the
+/// internal address"). Such a binding uses no pool address and holds no
+/// external port: no other binding can have its internal endpoint.
+pub(crate) const IDENTITY: u16 = u16::MAX;
+
 impl Binding {
+    /// Whether the binding translates nothing ([`IDENTITY`]).
+    pub(crate) fn is_identity(&self) -> bool {
+        self.ext_ip == IDENTITY
+    }
+
     fn ext(&self) -> u64 {
         ext_key(self.key.protocol, self.ext_ip, self.ext_port)
     }
@@ -599,7 +611,48 @@ impl Table {
 
     pub(crate) fn external_of(&self, binding: Id) -> Option<SocketAddr> {
         let b = self.bindings.get(binding)?;
-        Some(SocketAddr::new(self.pool_ip(b.ext_ip), b.ext_port))
+        Some(SocketAddr::new(self.ext_ip_of(b), b.ext_port))
+    }
+
+    /// The external address of `b`: a pool address, or its internal
+    /// address for an [`IDENTITY`] binding.
+    pub(crate) fn ext_ip_of(&self, b: &Binding) -> IpAddr {
+        if b.is_identity() {
+            b.key.internal_ip
+        } else {
+            self.pool_ip(b.ext_ip)
+        }
+    }
+
+    /// Finds or creates the binding of `key` that translates nothing
+    /// (firewall mode, RFC 6887 section 1): its external endpoint is its
+    /// internal one. A binding of `key` that does translate stays (it can
+    /// only exist if the firewalled prefixes changed under it), and is
+    /// refused, as the client would be told an endpoint that is not its
+    /// own.
+    pub(crate) fn bind_identity(&mut self, key: MappingKey) -> Result<Id, AllocError> {
+        if let Some(b) = self.binding_of(&key) {
+            return match self.bindings.get(b) {
+                Some(x) if x.is_identity() => Ok(b),
+                _ => Err(AllocError::CannotProvide),
+            };
+        }
+        let id = self.bindings.insert(Binding {
+            key,
+            ext_ip: IDENTITY,
+            ext_port: key.internal_port,
+            map_entry: None,
+            peers: 0,
+        });
+        let Table {
+            bindings,
+            binding_by_key,
+            hasher,
+            ..
+        } = self;
+        let rehash_key = |&id: &Id| bindings.get(id).map_or(0, |b| hasher.hash_one(b.key));
+        binding_by_key.insert_unique(hasher.hash_one(key), id, rehash_key);
+        Ok(id)
     }
 
     /// Finds or allocates the binding for `key`, for a request with
@@ -698,8 +751,7 @@ impl Table {
         let Some(b) = self.bindings.get(binding) else {
             return false;
         };
-        (s.ip.is_none() || s.ip == Some(self.pool_ip(b.ext_ip)))
-            && (s.port == 0 || s.port == b.ext_port)
+        (s.ip.is_none() || s.ip == Some(self.ext_ip_of(b))) && (s.port == 0 || s.port == b.ext_port)
     }
 
     /// A whole external address, for protocol-0 or port-0 mappings
@@ -825,6 +877,10 @@ impl Table {
             if let Ok(slot) = self.binding_by_key.find_entry(hk, |&id| id == binding) {
                 slot.remove();
             }
+            if b.is_identity() {
+                // Its endpoint is its host's own: nobody else can get it.
+                return None;
+            }
             let ip = usize::from(b.ext_ip);
             if b.ext_port == 0 {
                 self.whole[ip] = None;
@@ -923,11 +979,14 @@ impl Table {
     }
 
     fn order_key_of(&self, b: &Binding) -> OrderKey {
-        let rank = self
-            .ext_rank
-            .get(usize::from(b.ext_ip))
-            .copied()
-            .unwrap_or(u16::MAX);
+        let rank = if b.is_identity() {
+            IDENTITY
+        } else {
+            self.ext_rank
+                .get(usize::from(b.ext_ip))
+                .copied()
+                .unwrap_or(IDENTITY)
+        };
         OrderKey::new(
             b.key.internal_ip,
             b.key.protocol,
@@ -951,6 +1010,16 @@ impl Table {
         ext_port: u16,
     ) -> (OrderKey, bool) {
         let w = u128::from(to_wire(external));
+        if canonical(external) == canonical(internal)
+            && self.pool_index(canonical(external)).is_none()
+        {
+            // Only an identity binding has an external address outside
+            // the pool, and it is the internal one: the locator can name it.
+            return (
+                OrderKey::new(internal, protocol, internal_port, IDENTITY, ext_port),
+                true,
+            );
+        }
         let pos = self.ext_sorted.partition_point(|&x| x < w);
         let exact = self.ext_sorted.get(pos) == Some(&w);
         let rank = u16::try_from(pos).unwrap_or(u16::MAX);
@@ -1004,7 +1073,7 @@ impl Table {
                 Some(remote) => MappingKind::Peer { remote },
             },
             key: b.key,
-            external: SocketAddr::new(self.pool_ip(b.ext_ip), b.ext_port),
+            external: SocketAddr::new(self.ext_ip_of(b), b.ext_port),
             nonce: e.nonce,
             expires: e.expires,
             lifetime: e.lifetime,
@@ -1082,6 +1151,7 @@ impl Table {
         }
         let mut held: HashMap<(u16, u16), Vec<(Protocol, Id)>> = HashMap::new();
         let mut on_addr = vec![0u32; self.on_addr.len()];
+        let mut identities = 0usize;
         for (id, b) in self.bindings.iter() {
             if b.map_entry != map_of.get(&id).copied() {
                 return Err(format!(
@@ -1097,6 +1167,16 @@ impl Table {
             }
             if b.map_entry.is_none() && peers == 0 {
                 return Err(format!("binding {id} is held by nothing"));
+            }
+            if b.is_identity() {
+                if b.ext_port != b.key.internal_port {
+                    return Err(format!("identity binding {id} moved its port"));
+                }
+                if self.binding_of(&b.key) != Some(id) {
+                    return Err(format!("binding {id} is not found by its internal key"));
+                }
+                identities += 1;
+                continue;
             }
             let here = held.entry((b.ext_ip, b.ext_port)).or_default();
             if here.iter().any(|(p, _)| {
@@ -1144,12 +1224,16 @@ impl Table {
         }
         let whole = self.whole.iter().flatten().count();
         if self.binding_by_key.len() != self.bindings.len
-            || self.binding_by_ext.len() + whole != self.bindings.len
+            || self.binding_by_ext.len() + whole + identities != self.bindings.len
         {
             return Err("the binding indices hold entries of no binding".into());
         }
         let mut used: HashMap<(u16, Protocol), u32> = HashMap::new();
-        for (_, b) in self.bindings.iter().filter(|(_, b)| b.ext_port != 0) {
+        for (_, b) in self
+            .bindings
+            .iter()
+            .filter(|(_, b)| b.ext_port != 0 && !b.is_identity())
+        {
             *used.entry((b.ext_ip, b.key.protocol)).or_default() += 1;
         }
         let kept: HashMap<(u16, Protocol), u32> = self

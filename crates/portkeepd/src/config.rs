@@ -337,6 +337,12 @@ pub struct DataplaneSection {
     pub conntrack_cleanup: Option<bool>,
     /// nftables: how long the committer waits for one batch.
     pub timeout_ms: Option<u64>,
+    /// "nat" (default) or "firewall".
+    pub mode: Option<String>,
+    /// firewall mode: the internal IPv6 prefixes Portkeep firewalls.
+    pub firewall_prefixes: Option<Vec<String>>,
+    /// firewall mode, nftables: the mark bits set on accepted packets.
+    pub accept_mark: Option<u32>,
 }
 
 /// Which dataplane to program.
@@ -358,9 +364,61 @@ impl std::fmt::Display for DataplaneKind {
 }
 
 impl DataplaneSection {
+    /// `mode` and `firewall_prefixes`: the prefixes Portkeep is a firewall
+    /// for (empty in NAT mode).
+    fn firewall_prefixes(&self) -> Result<Vec<Prefix>, ConfigError> {
+        const KEY: &str = "dataplane.firewall_prefixes";
+        match self.mode.as_deref() {
+            None | Some("nat") => {
+                if self.firewall_prefixes.is_some() || self.accept_mark.is_some() {
+                    return Err(invalid(
+                        "dataplane.mode",
+                        "firewall_prefixes and accept_mark need mode = \"firewall\"",
+                    ));
+                }
+                return Ok(Vec::new());
+            }
+            Some("firewall") => {}
+            Some(other) => {
+                return Err(invalid(
+                    "dataplane.mode",
+                    format!("unknown mode `{other}` (expected \"nat\" or \"firewall\")"),
+                ))
+            }
+        }
+        let items = self.firewall_prefixes.as_deref().unwrap_or_default();
+        if items.is_empty() {
+            return Err(invalid(
+                KEY,
+                "mode = \"firewall\" needs at least one IPv6 prefix",
+            ));
+        }
+        let mut out = Vec::with_capacity(items.len());
+        for s in items {
+            let p: Prefix = s
+                .parse()
+                .map_err(|e: portkeep_server::prefix::PrefixError| invalid(KEY, e.to_string()))?;
+            // An IPv4-mapped prefix stands for IPv4 addresses too.
+            let v4 = portkeep_server::prefix::canonical(p.addr()).is_ipv4() && p.len() >= 96;
+            if p.addr().is_ipv4() || v4 {
+                return Err(invalid(
+                    KEY,
+                    format!("`{s}` is not an IPv6 prefix (firewall mode is for IPv6 only)"),
+                ));
+            }
+            out.push(p);
+        }
+        Ok(out)
+    }
+
     /// Checks the section; every error names its key.
     fn validate(self) -> Result<DataplaneKind, ConfigError> {
+        let firewall_prefixes = self.firewall_prefixes()?;
+        if self.accept_mark == Some(0) {
+            return Err(invalid("dataplane.accept_mark", "must not be 0"));
+        }
         let nft_keys = self.table.is_some()
+            || self.accept_mark.is_some()
             || self.on_stop.is_some()
             || self.external_interfaces.is_some()
             || self.internal_interfaces.is_some()
@@ -453,6 +511,12 @@ impl DataplaneSection {
                 ));
             }
             n.timeout = std::time::Duration::from_millis(ms);
+        }
+        if !firewall_prefixes.is_empty() {
+            n.firewall = Some(crate::nft::FirewallSettings {
+                prefixes: firewall_prefixes,
+                accept_mark: self.accept_mark.unwrap_or(crate::nft::DEFAULT_ACCEPT_MARK),
+            });
         }
         Ok(DataplaneKind::Nftables(n))
     }
@@ -752,6 +816,24 @@ impl ConfigFile {
                 Some(n) => n,
             },
         };
+        let firewall_prefixes = self.dataplane.firewall_prefixes()?;
+        if let Some(a) = external_addresses
+            .iter()
+            .find(|a| firewall_prefixes.iter().any(|p| p.contains(**a)))
+        {
+            // Its mappings would translate to an address that is also
+            // some firewalled host's own.
+            return Err(invalid(
+                "dataplane.firewall_prefixes",
+                format!("external address {a} lies in a firewalled prefix"),
+            ));
+        }
+        if !firewall_prefixes.is_empty() && external_addresses.len() > usize::from(u16::MAX) {
+            return Err(invalid(
+                "dataplane.firewall_prefixes",
+                "firewall mode allows at most 65535 external addresses",
+            ));
+        }
         let dataplane = self.dataplane.validate()?;
         let workers = match self.workers {
             None | Some(0) => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -910,6 +992,7 @@ impl ConfigFile {
                 port_recycle_delay,
                 seed: rand::random(),
                 static_forwards,
+                firewall_prefixes,
             },
             announce_interfaces: self.announce.multicast_interfaces,
             announce_unicast,
@@ -1207,5 +1290,98 @@ mod tests {
         assert!(!n.conntrack_cleanup);
         assert_eq!(n.timeout, std::time::Duration::from_millis(500));
         assert_eq!(n.nft, PathBuf::from("nft"));
+        assert_eq!(n.firewall, None);
+        assert!(s.server.firewall_prefixes.is_empty());
+    }
+
+    #[test]
+    fn firewall_mode() {
+        let s = ConfigFile::parse(
+            "[dataplane]\nkind = \"nftables\"\nmode = \"firewall\"\n\
+             firewall_prefixes = [\"2001:db8:1::/48\", \"2001:db8:2::/48\"]\n\
+             accept_mark = 0x100",
+            "x",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        let DataplaneKind::Nftables(n) = s.dataplane else {
+            panic!("not nftables: {:?}", s.dataplane);
+        };
+        let fw = n.firewall.unwrap();
+        assert_eq!(fw.accept_mark, 0x100);
+        assert_eq!(fw.prefixes.len(), 2);
+        assert_eq!(s.server.firewall_prefixes, fw.prefixes);
+        // The server decides in any dataplane; the mark has its default.
+        let s = ConfigFile::parse(
+            "[dataplane]\nmode = \"firewall\"\nfirewall_prefixes = [\"2001:db8:1::/48\"]",
+            "x",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        assert_eq!(s.dataplane, DataplaneKind::Memory);
+        assert_eq!(s.server.firewall_prefixes.len(), 1);
+        let s = ConfigFile::parse(
+            "[dataplane]\nkind = \"nftables\"\nmode = \"firewall\"\n\
+             firewall_prefixes = [\"2001:db8:1::/48\"]",
+            "x",
+        )
+        .unwrap()
+        .validate()
+        .unwrap();
+        let DataplaneKind::Nftables(n) = s.dataplane else {
+            panic!("not nftables");
+        };
+        assert_eq!(
+            n.firewall.map(|f| f.accept_mark),
+            Some(crate::nft::DEFAULT_ACCEPT_MARK)
+        );
+    }
+
+    #[test]
+    fn firewall_mode_errors_name_their_key() {
+        let fw = "[dataplane]\nkind = \"nftables\"\nmode = \"firewall\"\n";
+        assert!(err("[dataplane]\nmode = \"bridge\"").contains("dataplane.mode"));
+        assert!(
+            err("[dataplane]\nfirewall_prefixes = [\"2001:db8::/32\"]").contains("dataplane.mode")
+        );
+        assert!(err("[dataplane]\nmode = \"nat\"\naccept_mark = 1").contains("dataplane.mode"));
+        assert!(err(fw).contains("dataplane.firewall_prefixes"));
+        assert!(err(&format!("{fw}firewall_prefixes = []")).contains("dataplane.firewall_prefixes"));
+        let e = err(&format!("{fw}firewall_prefixes = [\"192.0.2.0/24\"]"));
+        assert!(
+            e.contains("dataplane.firewall_prefixes") && e.contains("IPv6"),
+            "{e}"
+        );
+        assert!(err(&format!(
+            "{fw}firewall_prefixes = [\"::ffff:192.0.2.0/120\"]"
+        ))
+        .contains("dataplane.firewall_prefixes"));
+        assert!(err(&format!("{fw}firewall_prefixes = [\"nonsense\"]"))
+            .contains("dataplane.firewall_prefixes"));
+        assert!(
+            err(&format!("{fw}firewall_prefixes = [\"2001:db8::/200\"]"))
+                .contains("dataplane.firewall_prefixes")
+        );
+        let e = err(&format!(
+            "external_addresses = [\"2001:db8:1::1\"]\n{fw}firewall_prefixes = [\"2001:db8:1::/48\"]"
+        ));
+        assert!(
+            e.contains("dataplane.firewall_prefixes") && e.contains("2001:db8:1::1"),
+            "{e}"
+        );
+        assert!(err(&format!(
+            "{fw}firewall_prefixes = [\"2001:db8::/32\"]\naccept_mark = 0"
+        ))
+        .contains("dataplane.accept_mark"));
+        assert!(err(&format!(
+            "{fw}firewall_prefixes = [\"2001:db8::/32\"]\naccept_mark = -1"
+        ))
+        .contains("accept_mark"));
+        assert!(err(
+            "[dataplane]\nmode = \"firewall\"\nfirewall_prefixes = [\"2001:db8::/32\"]\naccept_mark = 1"
+        )
+        .contains("dataplane.kind"));
     }
 }

@@ -88,7 +88,26 @@ pub struct NftSettings {
     /// How long the committer waits for one batch (see
     /// [`crate::bounded`]).
     pub timeout: std::time::Duration,
+    /// Firewall mode (`mode = "firewall"`), or `None` for NAT only.
+    pub firewall: Option<FirewallSettings>,
 }
+
+/// Firewall mode: Portkeep is the IPv6 firewall of these prefixes (RFC
+/// 6887 section 1), and its mappings are the pinholes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirewallSettings {
+    /// The internal IPv6 prefixes new inbound flows to are dropped unless
+    /// a mapping lets them in.
+    pub prefixes: Vec<portkeep_server::Prefix>,
+    /// The packet mark bits Portkeep's forward chain sets on what it
+    /// accepts, so that an operator's own forward chain can accept it too
+    /// (an accept in one table does not stop another table's drop).
+    pub accept_mark: u32,
+}
+
+/// The default [`FirewallSettings::accept_mark`]: one bit, high enough to
+/// stay clear of the low bits routing daemons and VPNs commonly use.
+pub const DEFAULT_ACCEPT_MARK: u32 = 0x1000_0000;
 
 impl Default for NftSettings {
     fn default() -> Self {
@@ -100,6 +119,7 @@ impl Default for NftSettings {
             nft: PathBuf::from("nft"),
             conntrack_cleanup: true,
             timeout: std::time::Duration::from_millis(2000),
+            firewall: None,
         }
     }
 }
@@ -150,7 +170,7 @@ fn layout(set: &str) -> (&'static [Field], &'static [Field]) {
         "dnat_proto" | "snat_proto" => (&[Proto, Addr], &[Addr]),
         "dnat_all" | "snat_all" => (&[Addr], &[Addr]),
         "peer" => (&[Proto, Addr, Port, Addr, Port], &[Addr, Port]),
-        "allow" => (&[Proto, Addr, Port, Addr, Port], &[]),
+        "allow" | "peer_allow" => (&[Proto, Addr, Port, Addr, Port], &[]),
         "pinhole_proto" => (&[Proto, Addr], &[]),
         "pinhole_all" => (&[Addr], &[]),
         _ => (&[Proto, Addr, Port], &[]),
@@ -419,7 +439,21 @@ fn elements(m: &MappingRecord) -> Result<Vec<Elem>, String> {
                 return Err(unsupported(m, "PEER needs a protocol and ports"));
             }
             if int == ext && iport == eport {
-                // Nothing to translate.
+                // Nothing to translate, but the peer may speak first:
+                // RFC 6887 section 12 has PEER create a mapping that lets
+                // the remote peer's traffic in, and in firewall mode only
+                // this element lets a first inbound packet through.
+                out.push(elem(
+                    f.pick("peer4_allow", "peer6_allow"),
+                    regs(|v| {
+                        reg::proto(v, p);
+                        reg::addr(v, r);
+                        reg::port(v, remote.port());
+                        reg::addr(v, int);
+                        reg::port(v, iport);
+                    }),
+                    None,
+                ));
                 return Ok(out);
             }
             out.push(elem(
@@ -485,9 +519,22 @@ pub fn table_definition(s: &NftSettings) -> String {
              \tset allow{n} {{ type inet_proto . {a} . inet_service . {a} . inet_service; flags interval; }}\n\
              \tset pinhole{n} {{ type inet_proto . {a} . inet_service; }}\n\
              \tset pinhole{n}_proto {{ type inet_proto . {a}; }}\n\
-             \tset pinhole{n}_all {{ type {a}; }}"
+             \tset pinhole{n}_all {{ type {a}; }}\n\
+             \tset peer{n}_allow {{ type inet_proto . {a} . inet_service . {a} . inet_service; }}"
         );
     }
+    // The firewalled prefixes are part of the definition: they change
+    // only with the configuration, which rebuilds the table. Overlapping
+    // prefixes are merged rather than refused.
+    let _ = write!(
+        d,
+        "\tset firewalled6 {{ type ipv6_addr; flags interval; auto-merge;"
+    );
+    if let Some(fw) = s.firewall.as_ref().filter(|f| !f.prefixes.is_empty()) {
+        let list: Vec<String> = fw.prefixes.iter().map(ToString::to_string).collect();
+        let _ = write!(d, " elements = {{ {} }};", list.join(", "));
+    }
+    let _ = writeln!(d, " }}");
     let _ = writeln!(
         d,
         "\tchain filter_in {{\n\
@@ -514,21 +561,7 @@ pub fn table_definition(s: &NftSettings) -> String {
              \t\t{iif}dnat {ip} to {ip} daddr map @dnat{n}_all"
         );
     }
-    let _ = writeln!(
-        d,
-        "\t}}\n\
-         \tchain forward {{\n\
-         \t\ttype filter hook forward priority filter; policy accept;\n\
-         \t\tct status dnat accept"
-    );
-    for (n, ip) in [("4", "ip"), ("6", "ip6")] {
-        let _ = writeln!(
-            d,
-            "\t\tmeta l4proto . {ip} daddr . th dport @pinhole{n} accept\n\
-             \t\tmeta l4proto . {ip} daddr @pinhole{n}_proto accept\n\
-             \t\t{ip} daddr @pinhole{n}_all accept"
-        );
-    }
+    forward_chain(&mut d, s, &iif);
     let _ = writeln!(
         d,
         "\t}}\n\
@@ -546,6 +579,59 @@ pub fn table_definition(s: &NftSettings) -> String {
     }
     let _ = writeln!(d, "\t}}\n}}");
     d
+}
+
+/// The forward chain.
+///
+/// NAT mode: mappings are let through (policy accept; an operator's
+/// forward chain decides the rest).
+///
+/// Firewall mode (RFC 6887 section 1, the "simple firewall" case; the
+/// shape of RFC 6092's recommendations): to a firewalled prefix, the
+/// replies of flows the inside opened pass (and ICMPv6 errors related to
+/// them), a mapping's traffic passes (a MAP pinhole, section 11; a PEER's remote
+/// peer, section 12; FILTER, section 13.3, already dropped the sources it
+/// excludes in `filter_in`), and everything else is dropped, new and
+/// invalid alike. A flow the outside opened passes only while its mapping
+/// lets it, established or not: its inbound packets stop the moment the
+/// mapping goes (RFC 6887 section 15), whatever becomes of its conntrack
+/// entry. The chain runs just before the `filter` priority and
+/// marks what it accepts with `accept_mark`: an accept here does not stop
+/// another table's forward chain, so an operator whose own chain drops by
+/// default accepts the mark with one rule (docs/config.md).
+fn forward_chain(d: &mut String, s: &NftSettings, iif: &str) {
+    let fw = s.firewall.as_ref();
+    let prio = if fw.is_some() { "filter - 1" } else { "filter" };
+    let acc = fw.map_or_else(
+        || "accept".to_owned(),
+        |f| format!("meta mark set meta mark | 0x{:x} accept", f.accept_mark),
+    );
+    let _ = writeln!(
+        d,
+        "\t}}\n\
+         \tchain forward {{\n\
+         \t\ttype filter hook forward priority {prio}; policy accept;"
+    );
+    if fw.is_some() {
+        let _ = writeln!(
+            d,
+            "\t\tip6 daddr @firewalled6 ct direction reply ct state established,related {acc}\n\
+             \t\tip6 saddr @firewalled6 ct state established,related {acc}"
+        );
+    }
+    let _ = writeln!(d, "\t\tct status dnat {acc}");
+    for (n, ip) in [("4", "ip"), ("6", "ip6")] {
+        let _ = writeln!(
+            d,
+            "\t\tmeta l4proto . {ip} daddr . th dport @pinhole{n} {acc}\n\
+             \t\tmeta l4proto . {ip} daddr @pinhole{n}_proto {acc}\n\
+             \t\t{ip} daddr @pinhole{n}_all {acc}\n\
+             \t\tmeta l4proto . {ip} saddr . th sport . {ip} daddr . th dport @peer{n}_allow {acc}"
+        );
+    }
+    if fw.is_some() {
+        let _ = writeln!(d, "\t\t{iif}ip6 daddr @firewalled6 drop");
+    }
 }
 
 /// Protocols whose conntrack tuples carry ports (the ones `conntrack -p`
@@ -606,6 +692,16 @@ pub(crate) fn conntrack_matches(m: &MappingRecord, out: &mut Vec<CtMatch>) {
                     dport: Some(remote.port()),
                     ..none
                 });
+                if int == ext && iport == eport {
+                    // Untranslated, the peer may have opened the flow.
+                    out.push(CtMatch {
+                        src: Some(canonical(remote.ip())),
+                        sport: Some(remote.port()),
+                        dst: Some(int),
+                        dport: Some(iport),
+                        ..none
+                    });
+                }
             }
         }
     }
@@ -1576,6 +1672,126 @@ mod tests {
         );
         assert_eq!(b.rejected.len(), 1);
         assert_eq!(b.rejected[0].0, 3);
+    }
+
+    #[test]
+    fn rfc6887_s12_untranslated_peer_lets_the_peer_in() {
+        let mut dp = built();
+        let mut m = map(
+            Protocol::TCP,
+            "[2001:db8:1::5]:40000",
+            "[2001:db8:1::5]:40000",
+        );
+        m.kind = MappingKind::Peer {
+            remote: "[2001:db8:2::9]:443".parse().unwrap(),
+        };
+        let b = dp.plan(&[up(1, &m)]);
+        assert_eq!(
+            ops(&dp, &b),
+            ["add element inet portkeep peer6_allow { 6 . 2001:db8:2::9 . 443 . 2001:db8:1::5 . 40000 }"]
+        );
+        ok(&mut dp, b);
+        let b = dp.plan(&[down(2, &m)]);
+        // Whichever side opened the flow, it goes.
+        assert_eq!(b.conntrack.len(), 2);
+        assert_eq!(b.conntrack[1].src, Some("2001:db8:2::9".parse().unwrap()));
+        assert_eq!(b.conntrack[1].dport, Some(40000));
+    }
+
+    fn firewall_settings() -> NftSettings {
+        NftSettings {
+            external_interfaces: vec!["wan0".into()],
+            firewall: Some(FirewallSettings {
+                prefixes: vec![
+                    "2001:db8:1::/48".parse().unwrap(),
+                    "2001:db8:2::/48".parse().unwrap(),
+                ],
+                accept_mark: 0x100,
+            }),
+            ..NftSettings::default()
+        }
+    }
+
+    #[test]
+    fn rfc6887_s1_firewall_mode_forward_chain() {
+        let d = table_definition(&firewall_settings());
+        assert!(d.contains(
+            "set firewalled6 { type ipv6_addr; flags interval; auto-merge; \
+             elements = { 2001:db8:1::/48, 2001:db8:2::/48 }; }"
+        ));
+        let chain = d.split("chain forward {").nth(1).unwrap();
+        let chain = chain.split("chain postrouting").next().unwrap();
+        let rules: Vec<&str> = chain
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        assert_eq!(
+            rules.first().copied(),
+            Some("type filter hook forward priority filter - 1; policy accept;")
+        );
+        let acc = "meta mark set meta mark | 0x100 accept";
+        assert_eq!(
+            rules.get(1).copied(),
+            Some(
+                format!(
+                    "ip6 daddr @firewalled6 ct direction reply ct state established,related {acc}"
+                )
+                .as_str()
+            )
+        );
+        // Every accept carries the mark; the one drop comes last and
+        // only for what arrives on the external interfaces.
+        for r in &rules[1..rules.len() - 2] {
+            assert!(r.ends_with(acc), "{r}");
+        }
+        assert!(rules
+            .contains(&format!("meta l4proto . ip6 daddr . th dport @pinhole6 {acc}").as_str()));
+        assert!(rules.contains(
+            &format!(
+                "meta l4proto . ip6 saddr . th sport . ip6 daddr . th dport @peer6_allow {acc}"
+            )
+            .as_str()
+        ));
+        assert_eq!(
+            rules[rules.len() - 2],
+            "iifname { \"wan0\" } ip6 daddr @firewalled6 drop"
+        );
+    }
+
+    #[test]
+    fn nat_mode_forward_chain_is_unchanged() {
+        let d = table_definition(&NftSettings::default());
+        assert!(d.contains("type filter hook forward priority filter; policy accept;"));
+        assert!(d.contains("set firewalled6 { type ipv6_addr; flags interval; auto-merge; }"));
+        assert!(!d.contains("drop\n\t}\n\tchain postrouting"));
+        assert!(!d.contains("meta mark"));
+    }
+
+    #[test]
+    fn table_definitions_pass_nft_check() {
+        // `nft -c` parses and evaluates without touching the kernel's
+        // ruleset; without nft (or the rights it needs) there is nothing
+        // to check here: the netns tests load the table for real.
+        for s in [NftSettings::default(), firewall_settings()] {
+            let def = table_definition(&s);
+            let child = Command::new("nft")
+                .args(["-c", "-f", "-"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn();
+            let Ok(mut child) = child else { return };
+            if let Some(mut i) = child.stdin.take() {
+                i.write_all(def.as_bytes()).unwrap();
+            }
+            let out = child.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("Operation not permitted") {
+                return;
+            }
+            assert!(out.status.success(), "{err}\n{def}");
+        }
     }
 
     #[test]
