@@ -653,6 +653,10 @@ impl Daemon {
             ),
             ("workers", s.workers != settings.workers),
             ("dataplane", differs(&s.dataplane, &settings.dataplane)),
+            (
+                "dataplane.firewall_prefixes",
+                s.server.firewall_prefixes != settings.server.firewall_prefixes,
+            ),
             ("store", differs(&s.store, &settings.store)),
             ("ha", differs(&s.ha, &settings.ha)),
             ("metrics", s.metrics_listen != settings.metrics_listen),
@@ -671,14 +675,22 @@ impl Daemon {
         }
         let now = self.shared.clock.now();
         let mut core = self.shared.lock();
+        let mut server_cfg = settings.server.clone();
+        if need_restart.contains(&"dataplane.firewall_prefixes") {
+            // Which hosts the core answers as a firewall must match the
+            // table the dataplane programs, which only a restart rebuilds.
+            server_cfg
+                .firewall_prefixes
+                .clone_from(&core.server.config().firewall_prefixes);
+        }
         let report = if self.shared.pair.role() == Role::Backup {
             // A backup serves nothing: its core is the empty state a
             // promotion replaces, built again under the new policy.
-            core.server = Server::new(settings.server.clone(), now);
+            core.server = Server::new(server_cfg, now);
             portkeep_server::RestoreReport::default()
         } else {
             core.server
-                .reconfigure(now, settings.server.clone())
+                .reconfigure(now, server_cfg)
                 .map_err(|e| anyhow::anyhow!(e))?
         };
         let digest = node::policy_digest(core.server.config());

@@ -320,3 +320,57 @@ fn reload_names_a_changed_listen_address_and_keeps_serving_the_old_one() {
         "something answered at the new address before a restart"
     );
 }
+
+/// A reload that changes the firewall prefixes (RFC 6887 section 1: for
+/// them the external address is the internal one) is named as needing a
+/// restart, and the core keeps answering as the dataplane's table, built
+/// at start, still programs: as a NAT for a host the new file would
+/// firewall.
+#[test]
+fn reload_leaves_the_firewall_prefixes_to_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = std::net::SocketAddr::new("::1".parse().unwrap(), restartable_port(LOCALHOST));
+    let path = dir.path().join("portkeepd.toml");
+    let text = |prefix: &str| {
+        format!(
+            "listen = [\"{addr}\"]\nexternal_addresses = [\"2001:db8:ff::1\"]\n\
+             port_range = \"20000-20999\"\n\
+             [dataplane]\nmode = \"firewall\"\nfirewall_prefixes = [\"{prefix}\"]\n"
+        )
+    };
+    std::fs::write(&path, text("2001:db8:1::/48")).unwrap();
+    let d = Daemon::spawn(
+        &BINS,
+        &DaemonSpec {
+            raw_args: Some(vec!["--config".into(), path.display().to_string()]),
+            fixed_addrs: vec![addr],
+            ..DaemonSpec::default()
+        },
+    );
+    let me: std::net::IpAddr = "::1".parse().unwrap();
+    let external = |port: u16| {
+        let r = request(me, addr, &RequestBuilder::map(Protocol::TCP, port));
+        assert_eq!(r.header.result, ResultCode::SUCCESS, "{r:?}");
+        match r.data {
+            OpData::Map(m) => portkeep_proto::addr::from_wire(m.external_ip),
+            other => panic!("{other:?}"),
+        }
+    };
+    let pool: std::net::IpAddr = "2001:db8:ff::1".parse().unwrap();
+    assert_eq!(external(80), pool, "::1 is not firewalled: translated");
+    std::fs::write(&path, text("::1/128")).unwrap();
+    let r = d.ctl(&["--json", "reload"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = r.json();
+    assert_eq!(
+        r["need_restart"],
+        serde_json::json!(["dataplane.firewall_prefixes"]),
+        "{r}"
+    );
+    assert_eq!(r["ended"], 0, "nothing lost: {r}");
+    assert_eq!(
+        external(81),
+        pool,
+        "the table still translates ::1 until a restart"
+    );
+}
