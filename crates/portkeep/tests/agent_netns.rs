@@ -1,6 +1,7 @@
-//! `portkeep agent` where addresses really change: the agent and the
-//! server run in two network namespaces joined by a veth pair, and the
-//! test changes the agent's source address and its default gateway.
+//! `portkeep agent` where addresses really change, and where a DHCP lease
+//! names its server: the agent and the servers run in two network
+//! namespaces joined by a veth pair, and the tests change the agent's
+//! source address, its default gateway and its lease.
 //! Needs root and `ip`: under CI (`CI=true`) it fails without them;
 //! elsewhere it is skipped, saying so and recording the skip
 //! (`PORTKEEP_SKIP_LOG`).
@@ -307,6 +308,154 @@ fn draft_s2_1_and_2_4_addresses_change_under_a_running_agent() {
     assert!(
         st["counters"]["epoch_failures"].as_u64().unwrap() > failures0,
         "{st}\n{}",
+        log()
+    );
+}
+
+/// A dhclient lease naming `pcp` in option 158 (RFC 7291 section 4.1),
+/// written as dhclient writes an option it has no definition for, or no
+/// option at all.
+fn dhclient_lease(ip: &str, pcp: Option<&str>) -> String {
+    let option = pcp.map_or_else(String::new, |a| {
+        let o: Vec<String> = a
+            .split('.')
+            .map(|x| format!("{:x}", x.parse::<u8>().unwrap()))
+            .collect();
+        format!("  option unknown-158 4:{};\n", o.join(":"))
+    });
+    format!(
+        "lease {{\n  interface \"eth0\";\n  fixed-address {ip};\n  option dhcp-lease-time 86400;\n\
+         {option}  renew 4 2099/12/31 00:00:00;\n  rebind 4 2099/12/31 00:00:00;\n  \
+         expire 4 2099/12/31 00:00:00;\n}}\n"
+    )
+}
+
+/// RFC 7291 section 4: the agent with `--server-from-dhcp` maps through
+/// the PCP server its DHCP lease names (.4), not its default gateway (.1,
+/// RFC 6887 section 8.1's rule); a lease file that is not one is logged
+/// once and ignored; when a new lease names no server (read again on
+/// SIGHUP), the agent falls back to the gateway and its mapping follows.
+#[test]
+fn rfc7291_s4_agent_maps_through_the_server_its_dhcp_lease_names() {
+    let Some(net) = setup("agent DHCP discovery", &["ip"], Net::new) else {
+        return;
+    };
+    let p = net.prefix.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut procs = Children::default();
+    let mut dirs = Vec::new();
+    for host in ["1", "4"] {
+        let dir = tmp.path().join(format!("srv{host}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("pk.toml"), "[store]\nmode = \"relaxed\"\n").unwrap();
+        let args = vec![
+            "--config".to_owned(),
+            "pk.toml".to_owned(),
+            "--listen".to_owned(),
+            format!("{p}.{host}:5351"),
+        ];
+        procs
+            .0
+            .push(net.spawn(&net.s, BINS.daemon(), &args, &dir, &dir.join("log")));
+        dirs.push(dir.join("portkeep-data"));
+    }
+    net.exec_ok(
+        &net.a,
+        &["ip", "route", "add", "default", "via", &format!("{p}.1")],
+    );
+    let leases = tmp.path().join("leases");
+    std::fs::create_dir(&leases).unwrap();
+    let lease = leases.join("dhclient.eth0.leases");
+    std::fs::write(
+        &lease,
+        dhclient_lease(&format!("{p}.2"), Some(&format!("{p}.4"))),
+    )
+    .unwrap();
+    // A dhcpcd lease that is not a DHCP message: ignored, logged once.
+    std::fs::write(leases.join("eth1.lease"), b"garbage").unwrap();
+    let state = tmp.path().join("agent");
+    let args: Vec<String> = [
+        "--server",
+        "192.0.2.99:5351",
+        "agent",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "run",
+        "--server-from-dhcp",
+        "--dhcp-lease-dir",
+        leases.to_str().unwrap(),
+        "--no-announce-listen",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let agent = net.spawn(
+        &net.a,
+        BINS.cli(),
+        &args,
+        tmp.path(),
+        &tmp.path().join("agent.log"),
+    );
+    let agent_pid = agent.id();
+    procs.0.push(agent);
+    let sock = state.join("agent.sock");
+    let log = || std::fs::read_to_string(tmp.path().join("agent.log")).unwrap_or_default();
+    wait_until("the agent", Duration::from_secs(10), || {
+        agent_call(&sock, &json!({"op": "status"}))
+    });
+    let v = agent_call(
+        &sock,
+        &json!({"op": "add", "app": "web", "protocol": "tcp", "port": 8080}),
+    )
+    .unwrap();
+    assert_eq!(v["ok"], json!(true), "{v}");
+    wait_until(
+        "the mapping on the lease's server .4",
+        Duration::from_secs(10),
+        || (internal_ips(&dirs[1]) == vec![format!("{p}.2")]).then_some(()),
+    );
+    assert!(internal_ips(&dirs[0]).is_empty(), "nothing at the gateway");
+    let st = agent_call(&sock, &json!({"op": "status"})).unwrap();
+    assert_eq!(
+        st["server"],
+        json!(format!("{p}.4:5351")),
+        "{st}\n{}",
+        log()
+    );
+    assert!(
+        log().contains(&format!("PCP server {p}.4 from DHCPv4 option 158")),
+        "{}",
+        log()
+    );
+    assert_eq!(
+        log().matches("ignoring DHCP lease file").count(),
+        1,
+        "one line for the bad file: {}",
+        log()
+    );
+
+    // The lease renewed without the option: the gateway rule.
+    std::fs::write(&lease, dhclient_lease(&format!("{p}.2"), None)).unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &agent_pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    wait_until(
+        "the mapping on the gateway .1",
+        Duration::from_secs(12),
+        || (internal_ips(&dirs[0]) == vec![format!("{p}.2")]).then_some(()),
+    );
+    let st = agent_call(&sock, &json!({"op": "status"})).unwrap();
+    assert_eq!(
+        st["server"],
+        json!(format!("{p}.1:5351")),
+        "{st}\n{}",
+        log()
+    );
+    assert!(
+        log().contains("no PCP server option in any DHCP lease"),
+        "{}",
         log()
     );
 }
