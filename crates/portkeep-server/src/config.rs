@@ -51,6 +51,11 @@ pub struct ServerConfig {
     /// server to its policy; an operator keeps the external side and
     /// other customers out).
     pub clients: Vec<Prefix>,
+    /// The interfaces (by index) PCP is served on (empty: every one):
+    /// a datagram that arrived on another gets no answer at all (RFC 6887
+    /// section 8.2: never answer the external side, where an internal
+    /// source address can be forged).
+    pub interfaces: Vec<u32>,
     /// Datagrams one subscriber may send, whatever they ask; beyond it
     /// they are dropped unanswered (its clients retransmit, RFC 6887
     /// section 8.1.1). `None`: unlimited.
@@ -130,6 +135,7 @@ impl Default for ServerConfig {
             checkpoint: CheckpointPolicy::default(),
             announce: AnnounceConfig::default(),
             clients: Vec::new(),
+            interfaces: Vec::new(),
             // Off: one busy client address (a CPE for a whole LAN, a
             // load generator) would otherwise be cut; operators set theirs.
             request_rate: None,

@@ -168,6 +168,9 @@ pub struct Stats {
     pub errors_suppressed: u64,
     /// Datagrams from addresses outside [`ServerConfig::clients`].
     pub not_clients: u64,
+    /// Datagrams that arrived on an interface outside
+    /// [`ServerConfig::interfaces`].
+    pub wrong_interface: u64,
     /// NAT-PMP requests answered (RFC 6886).
     pub natpmp: u64,
     /// PCP requests received, by opcode (the seven bits after the R bit
@@ -184,6 +187,7 @@ impl Default for Stats {
             rate_limited: 0,
             errors_suppressed: 0,
             not_clients: 0,
+            wrong_interface: 0,
             natpmp: 0,
             results: [0; 256],
             checkpoint: CheckpointStats::default(),
@@ -1417,6 +1421,23 @@ impl Server {
         datagram: &[u8],
         out: &mut Vec<u8>,
     ) -> Outcome {
+        self.handle_on(now, source, None, datagram, out)
+    }
+
+    /// [`Server::handle`] for a datagram that arrived on the interface
+    /// numbered `arrived_on` (`None`: not known). With
+    /// [`ServerConfig::interfaces`] set, one that did not arrive on one of
+    /// them, or whose interface is not known, gets no answer at all (RFC
+    /// 6887 section 8.2: a PCP server never answers the external side,
+    /// and a source address alone can be forged from there).
+    pub fn handle_on(
+        &mut self,
+        now: Timestamp,
+        source: SocketAddr,
+        arrived_on: Option<u32>,
+        datagram: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Outcome {
         out.clear();
         self.stats.received += 1;
         if let [2, op, ..] = datagram {
@@ -1426,6 +1447,13 @@ impl Server {
         }
         self.now = self.now.max(now);
         self.table.prune_holds(now);
+        if !self.cfg.interfaces.is_empty()
+            && !arrived_on.is_some_and(|i| self.cfg.interfaces.contains(&i))
+        {
+            self.stats.wrong_interface += 1;
+            self.stats.dropped += 1;
+            return Outcome::Drop;
+        }
         let src = canonical(source.ip());
         if !self.cfg.clients.is_empty() && !self.cfg.clients.iter().any(|p| p.contains(src)) {
             // Not one of ours: no answer, not even an error, which would

@@ -1368,6 +1368,42 @@ fn rfc6887_s8_2_only_the_configured_clients_are_answered() {
     assert_eq!(s.mapping_count(), 1);
 }
 
+/// RFC 6887 section 8.2: a PCP server never answers the external side.
+/// With the interfaces it serves configured, a datagram that arrived on
+/// another one, or on one not known, gets no answer at all, whatever
+/// source address it carries (one from the inside can be forged).
+#[test]
+fn rfc6887_s8_2_only_the_configured_interfaces_are_answered() {
+    let mut s = Server::new(
+        ServerConfig {
+            interfaces: vec![3, 7],
+            ..cfg()
+        },
+        T0,
+    );
+    let mut out = Vec::new();
+    let req = map(CLIENT, 80, 600, 1, vec![]);
+    assert_eq!(
+        s.handle_on(T0, src(CLIENT), Some(7), &req, &mut out),
+        Outcome::Reply
+    );
+    let forged = map(CLIENT, 81, 600, 1, vec![]);
+    assert_eq!(
+        s.handle_on(T0, src(CLIENT), Some(2), &forged, &mut out),
+        Outcome::Drop,
+        "arrived on the external side"
+    );
+    assert!(out.is_empty());
+    assert_eq!(
+        s.handle_on(T0, src(CLIENT), None, &forged, &mut out),
+        Outcome::Drop,
+        "interface not known: fail closed"
+    );
+    assert_eq!(s.handle(T0, src(CLIENT), &[0, 0], &mut out), Outcome::Drop);
+    assert_eq!(s.stats().wrong_interface, 3);
+    assert_eq!(s.mapping_count(), 1);
+}
+
 /// A reply held for the backup (RFC 7767 section 3.2) whose mapping an
 /// operator cleared meanwhile (failure-scenarios draft 2.6.2) is not sent
 /// as made: the client would believe in a mapping the server no longer

@@ -240,6 +240,29 @@ pub struct SubscriberSection {
     pub named: Option<Vec<NamedEntry>>,
 }
 
+/// `[limits] interfaces` as the kernel numbers them now. An interface
+/// that does not exist is an error: serving every interface instead would
+/// open the external side (RFC 6887 section 8.2), and serving none would
+/// look like a dead server.
+fn interface_indexes(names: &[String]) -> Result<Vec<u32>, ConfigError> {
+    const KEY: &str = "limits.interfaces";
+    names
+        .iter()
+        .map(|name| {
+            let ok = !name.is_empty()
+                && name.len() <= 15
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_graphic() && c != '"' && c != '/' && c != '\\');
+            if !ok {
+                return Err(invalid(KEY, format!("`{name}` is not an interface name")));
+            }
+            nix::net::if_::if_nametoindex(name.as_str())
+                .map_err(|e| invalid(KEY, format!("no interface `{name}` here: {e}")))
+        })
+        .collect()
+}
+
 /// The longest `[limits] port_recycle_delay`: RFC 6887 section 15's
 /// longest interval is a TCP idle timeout (124 minutes, RFC 5382); a day
 /// is far past any, and keeps a typo from locking a pool for years.
@@ -267,6 +290,8 @@ pub struct LimitSection {
     /// Seconds a freed external port is held back from other clients
     /// (RFC 6887 section 15); 0: not at all.
     pub port_recycle_delay: Option<u64>,
+    /// Interfaces PCP is served on (default: every one).
+    pub interfaces: Option<Vec<String>>,
 }
 
 /// `[third_party]`.
@@ -793,6 +818,7 @@ impl ConfigFile {
                     .map_err(|e| invalid("limits.clients", format!("`{p}`: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let interfaces = interface_indexes(self.limits.interfaces.as_deref().unwrap_or_default())?;
         let ad = portkeep_server::AnnounceConfig::default();
         let announce = portkeep_server::AnnounceConfig {
             sends: match self.announce.sends {
@@ -990,6 +1016,7 @@ impl ConfigFile {
                 natpmp: self.natpmp.enabled.unwrap_or(d.natpmp),
                 pcp: !self.natpmp.only.unwrap_or(false),
                 port_recycle_delay,
+                interfaces,
                 seed: rand::random(),
                 static_forwards,
                 firewall_prefixes,
@@ -1090,6 +1117,24 @@ mod tests {
             Ok(_) => panic!("accepted: {text}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn rfc6887_s8_2_interfaces_are_resolved_and_an_unknown_one_is_an_error() {
+        let base = "external_addresses = [\"192.0.2.1\"]\n[limits]\n";
+        let s = ConfigFile::parse(&format!("{base}interfaces = [\"lo\"]"), "x")
+            .unwrap()
+            .validate()
+            .unwrap();
+        let lo = nix::net::if_::if_nametoindex("lo").unwrap();
+        assert_eq!(s.server.interfaces, vec![lo]);
+        let e = err(&format!("{base}interfaces = [\"pk-no-such0\"]"));
+        assert!(
+            e.contains("limits.interfaces") && e.contains("pk-no-such0"),
+            "{e}"
+        );
+        let e = err(&format!("{base}interfaces = [\"a/b\"]"));
+        assert!(e.contains("limits.interfaces"), "{e}");
     }
 
     #[test]

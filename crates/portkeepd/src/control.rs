@@ -339,6 +339,7 @@ fn counters(shared: &Shared) -> Value {
         "rate_limited": stats.rate_limited,
         "errors_suppressed": stats.errors_suppressed,
         "not_clients": stats.not_clients,
+        "wrong_interface": stats.wrong_interface,
         // NAT-PMP (RFC 6886) requests answered, errors included.
         "natpmp": stats.natpmp,
         "announcing": core.server.announcing(),

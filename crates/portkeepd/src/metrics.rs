@@ -382,12 +382,16 @@ impl Exporter {
                 self.advance(format!("rc{code}"), &c, n);
             }
         }
-        let silent = stats
-            .dropped
-            .saturating_sub(stats.rate_limited + stats.not_clients + stats.errors_suppressed);
+        let silent = stats.dropped.saturating_sub(
+            stats.rate_limited
+                + stats.not_clients
+                + stats.wrong_interface
+                + stats.errors_suppressed,
+        );
         for (reason, n) in [
             ("rate_limited", stats.rate_limited),
             ("not_client", stats.not_clients),
+            ("wrong_interface", stats.wrong_interface),
             ("error_limited", stats.errors_suppressed),
             ("silent", silent),
             ("shed", shared.shed.load(Ordering::Relaxed)),

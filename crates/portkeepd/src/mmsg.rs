@@ -13,7 +13,9 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 
 use nix::errno::Errno;
-use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
+use nix::sys::socket::{
+    recvmmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage,
+};
 use rustix::net::{sendmmsg, MMsgHdr, SendAncillaryBuffer, SendFlags, SocketAddrAny};
 
 /// Datagrams per system call.
@@ -32,7 +34,10 @@ pub const BUF: usize = portkeep_proto::MAX_MESSAGE_LEN + 4;
 pub struct RecvBatch {
     bufs: Vec<[u8; BUF]>,
     headers: MultiHeaders<SockaddrStorage>,
-    received: Vec<(SocketAddr, usize)>,
+    /// Source, length, and the interface it arrived on when asked for.
+    received: Vec<(SocketAddr, usize, Option<u32>)>,
+    /// Whether the headers have room for a packet-info message.
+    pktinfo: bool,
 }
 
 impl std::fmt::Debug for RecvBatch {
@@ -49,18 +54,49 @@ impl Default for RecvBatch {
             bufs: vec![[0u8; BUF]; BATCH],
             headers: MultiHeaders::preallocate(BATCH, None),
             received: Vec::with_capacity(BATCH),
+            pktinfo: false,
         }
     }
 }
 
 impl RecvBatch {
+    /// A batch that also reads the interface each datagram arrived on, from
+    /// a socket with [`enable_pktinfo`].
+    pub fn with_pktinfo() -> RecvBatch {
+        RecvBatch {
+            headers: MultiHeaders::preallocate(
+                BATCH,
+                Some(nix::cmsg_space!(nix::libc::in6_pktinfo)),
+            ),
+            pktinfo: true,
+            ..RecvBatch::default()
+        }
+    }
+
     /// The datagrams of the last receive, with their sources.
     pub fn iter(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> + '_ {
+        self.iter_on().map(|(from, _, data)| (from, data))
+    }
+
+    /// The datagrams of the last receive, with their sources and the
+    /// interface each arrived on (`None` unless [`RecvBatch::with_pktinfo`]).
+    pub fn iter_on(&self) -> impl Iterator<Item = (SocketAddr, Option<u32>, &[u8])> + '_ {
         self.received
             .iter()
             .zip(&self.bufs)
-            .map(|(&(from, len), buf)| (from, &buf[..len.min(BUF)]))
+            .map(|(&(from, len, on), buf)| (from, on, &buf[..len.min(BUF)]))
     }
+}
+
+/// Asks the kernel to tell, with each datagram `sock` receives, the
+/// interface it arrived on (`IP_PKTINFO`, `IPV6_RECVPKTINFO`).
+pub fn enable_pktinfo(sock: &UdpSocket) -> io::Result<()> {
+    if sock.local_addr()?.is_ipv6() {
+        setsockopt(sock, sockopt::Ipv6RecvPacketInfo, &true)?;
+    } else {
+        setsockopt(sock, sockopt::Ipv4PacketInfo, &true)?;
+    }
+    Ok(())
 }
 
 fn to_std(a: &SockaddrStorage) -> Option<SocketAddr> {
@@ -77,6 +113,7 @@ pub fn recv_batch(sock: &UdpSocket, batch: &mut RecvBatch) -> io::Result<usize> 
         bufs,
         headers,
         received,
+        pktinfo,
     } = batch;
     received.clear();
     let mut slices: Vec<[IoSliceMut<'_>; 1]> = bufs
@@ -103,7 +140,18 @@ pub fn recv_batch(sock: &UdpSocket, batch: &mut RecvBatch) -> io::Result<usize> 
             .as_ref()
             .and_then(to_std)
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-        received.push((from, m.bytes));
+        let on = if *pktinfo {
+            m.cmsgs().ok().and_then(|mut c| {
+                c.find_map(|c| match c {
+                    ControlMessageOwned::Ipv4PacketInfo(i) => u32::try_from(i.ipi_ifindex).ok(),
+                    ControlMessageOwned::Ipv6PacketInfo(i) => Some(i.ipi6_ifindex),
+                    _ => None,
+                })
+            })
+        } else {
+            None
+        };
+        received.push((from, m.bytes, on));
     }
     Ok(received.len())
 }

@@ -462,6 +462,13 @@ impl Daemon {
             }
         }
         let flat: Vec<UdpSocket> = per_worker.into_iter().flatten().collect();
+        // `[limits] interfaces` needs each datagram's arrival interface.
+        let by_interface = !settings.server.interfaces.is_empty();
+        if by_interface {
+            for s in &flat {
+                mmsg::enable_pktinfo(s).context("cannot read the interface datagrams arrive on")?;
+            }
+        }
         let sockets = flat
             .iter()
             .map(UdpSocket::try_clone)
@@ -581,7 +588,7 @@ impl Daemon {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("pcp-{i}"))
-                    .spawn(move || worker(&shared, &sock, i))?,
+                    .spawn(move || worker(&shared, &sock, i, by_interface))?,
             );
         }
         {
@@ -668,6 +675,10 @@ impl Daemon {
                 "announce.multicast_interfaces",
                 s.announce_interfaces != settings.announce_interfaces,
             ),
+            (
+                "limits.interfaces",
+                s.server.interfaces != settings.server.interfaces,
+            ),
         ] {
             if changed {
                 need_restart.push(name);
@@ -676,6 +687,10 @@ impl Daemon {
         let now = self.shared.clock.now();
         let mut core = self.shared.lock();
         let mut server_cfg = settings.server.clone();
+        // The sockets report arrival interfaces only if asked at start.
+        server_cfg
+            .interfaces
+            .clone_from(&core.server.config().interfaces);
         if need_restart.contains(&"dataplane.firewall_prefixes") {
             // Which hosts the core answers as a firewall must match the
             // table the dataplane programs, which only a restart rebuilds.
@@ -779,8 +794,12 @@ impl Drop for Daemon {
     }
 }
 
-pub(crate) fn worker(shared: &Shared, sock: &UdpSocket, index: usize) {
-    let mut rb = RecvBatch::default();
+pub(crate) fn worker(shared: &Shared, sock: &UdpSocket, index: usize, by_interface: bool) {
+    let mut rb = if by_interface {
+        RecvBatch::with_pktinfo()
+    } else {
+        RecvBatch::default()
+    };
     let mut out = Vec::with_capacity(mmsg::BUF);
     let mut held = Holding::new(&shared.handling);
     while !shared.stop.load(Ordering::Relaxed) {
@@ -877,8 +896,8 @@ fn handle_batch(
         // releases nothing), so this check under the lock is final.
         return;
     }
-    for (src, data) in rb.iter() {
-        if core.server.handle(now, src, data, out) == Outcome::Reply {
+    for (src, on, data) in rb.iter_on() {
+        if core.server.handle_on(now, src, on, data, out) == Outcome::Reply {
             replies.push(src, out);
         }
     }
