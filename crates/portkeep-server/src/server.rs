@@ -1267,7 +1267,9 @@ impl Server {
                 let manager = self.table.get(id).and_then(Entry::manager);
                 let sub = self.cfg.subscriber_keying.subscriber_of(key.internal_ip);
                 self.requesters_lost(now, manager.into_iter().collect());
-                self.remove_entry(id, RemoveReason::Failed);
+                // It was installed and carried traffic: its port is held
+                // for its client, who is told to re-create it (section 15).
+                self.remove_entry_holding(id, RemoveReason::Failed, true);
                 self.reset_subscriber_epoch(now, sub);
                 self.owe_announce(now, &[(sub, key.internal_ip)]);
             }
@@ -2266,13 +2268,18 @@ impl Server {
     }
 
     fn remove_entry(&mut self, id: Id, reason: RemoveReason) {
+        // A mapping the dataplane never installed carried no traffic that
+        // could arrive late: nothing to hold.
+        self.remove_entry_holding(id, reason, reason != RemoveReason::Failed);
+    }
+
+    /// Removes an entry; with `hold`, its endpoint, if that frees it, is
+    /// held for its client (RFC 6887 section 15).
+    fn remove_entry_holding(&mut self, id: Id, reason: RemoveReason, hold: bool) {
         let Some(record) = self.record(id) else {
             return;
         };
         let was = self.table.get(id).map(|e| (e.replicated, e.expires));
-        // A mapping the dataplane never installed carried no traffic that
-        // could arrive late: nothing to hold.
-        let hold = reason != RemoveReason::Failed;
         let held = self.table.remove(id, hold).and_then(|(_, h)| h);
         let sub = record.subscriber;
         self.note_volatile(sub, record.key.internal_ip, was, None);

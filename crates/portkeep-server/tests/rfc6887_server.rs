@@ -1215,6 +1215,10 @@ fn rfc6887_s7_4_a_renewal_whose_mapping_the_nat_lost_resets_its_epoch_and_is_ann
     assert!(changes
         .iter()
         .any(|c| matches!(c.change, Change::EpochReset { .. })));
+    // It carried traffic: its port is held for its client (section 15).
+    assert!(changes
+        .iter()
+        .any(|c| matches!(&c.change, Change::PortHeld(h) if h.external == m.external)));
     assert_eq!(s.requester_epoch(now, ip(CLIENT)), 0, "its client lost it");
     let told = s.poll_announcements(now);
     assert!(
@@ -1238,9 +1242,14 @@ fn rfc6887_s7_4_a_failed_creation_is_taken_back_and_loses_nothing() {
         portkeep_server::Refused::NotInstalled
     ));
     assert_eq!(s.mapping_count(), 0);
-    assert!(!s
-        .drain_changes()
+    let changes: Vec<_> = s.drain_changes().collect();
+    assert!(!changes
+        .iter()
         .any(|c| matches!(c.change, Change::EpochReset { .. })));
+    // Never installed, so nothing can arrive late for it: no hold.
+    assert!(!changes
+        .iter()
+        .any(|c| matches!(c.change, Change::PortHeld(_))));
     assert_eq!(s.requester_epoch(now, ip(CLIENT)), 5);
     assert!(s.poll_announcements(now).is_empty());
     // Another nonce's mapping is never touched.
