@@ -93,6 +93,7 @@ fn the_forward(s: &Server) -> MappingRecord {
 #[test]
 fn rfc6887_s11_3_no_client_renews_or_deletes_a_static_forward() {
     let mut s = serving(vec![forward()]);
+    assert_eq!(s.static_forward_count(), 1);
     let m = the_forward(&s);
     assert_eq!(m.external, "192.0.2.1:2000".parse().unwrap());
     assert_eq!(m.description.as_deref(), Some("ssh"));

@@ -348,6 +348,9 @@ fn counters(shared: &Shared) -> Value {
         // External endpoints freed and held back from other clients (RFC
         // 6887 section 15, `[limits] port_recycle_delay`).
         "ports_held": core.server.port_hold_count(),
+        // `[[forward]]` entries installed (RFC 6887 section 1's
+        // operator-configured mappings; the rest were reported at start).
+        "static_forwards": core.server.static_forward_count(),
         "checkpoint": checkpoint_counters(&core.server),
         "shed": shared.shed.load(Ordering::Relaxed),
         "queued_replies": shared.queued.load(Ordering::Relaxed),

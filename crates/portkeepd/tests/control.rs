@@ -236,4 +236,6 @@ fn static_forward_is_served_and_no_client_deletes_it() {
     );
     let after = d.ctl(&["--json", "mappings"]).json();
     assert_eq!(after["mappings"].as_array().unwrap().len(), 1, "{after}");
+    let counters = d.ctl(&["--json", "counters"]).json();
+    assert_eq!(counters["static_forwards"], 1, "{counters}");
 }

@@ -36,6 +36,17 @@ impl Server {
         self.table.get(id).is_some_and(|e| e.nonce == STATIC_NONCE)
     }
 
+    /// Static forwards in the table now (the configured ones a client's
+    /// mapping did not stand in the way of). Linear in the table: for the
+    /// control interface, not the request path.
+    pub fn static_forward_count(&self) -> usize {
+        self.table
+            .entries
+            .iter()
+            .filter(|(_, e)| e.nonce == STATIC_NONCE)
+            .count()
+    }
+
     /// Puts the configured forwards into the table when a node starts
     /// serving it ([`Server::restore`] and [`Server::restore_replica`] call
     /// it; a fresh start calls it after [`Server::new`]): those already
