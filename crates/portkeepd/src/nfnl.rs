@@ -1,6 +1,7 @@
 //! nf_tables set elements and conntrack deletes over netfilter netlink
 //! (`NETLINK_NETFILTER`): the few messages the nftables dataplane sends
-//! on its hot path, their encoding, and the decoding of the kernel's acks.
+//! on its hot path, their encoding, and the decoding of the kernel's acks
+//! and of conntrack dumps.
 //!
 //! Everything here is bytes in, bytes out: no text is produced for the
 //! kernel and none is read back. The layouts follow the kernel's uapi
@@ -27,13 +28,21 @@ const NFNL_MSG_BATCH_END: u16 = 17;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 /// `NFT_MSG_DELSETELEM`.
 const NFT_MSG_DELSETELEM: u16 = 14;
+/// `IPCTNL_MSG_CT_GET`.
+const IPCTNL_MSG_CT_GET: u16 = 1;
 /// `IPCTNL_MSG_CT_DELETE`.
 const IPCTNL_MSG_CT_DELETE: u16 = 2;
 
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
+/// `NLM_F_ROOT | NLM_F_MATCH`.
+const NLM_F_DUMP: u16 = 0x300;
 const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+/// `NLA_TYPE_MASK`: the type without `NLA_F_NESTED` and
+/// `NLA_F_NET_BYTEORDER`.
+const NLA_TYPE_MASK: u16 = 0x3fff;
 const NLA_F_NESTED: u16 = 0x8000;
 /// `sizeof(struct nlmsghdr)`.
 const NLMSG_HDRLEN: usize = 16;
@@ -59,6 +68,8 @@ const NFTA_DATA_VALUE: u16 = 1;
 // enum ctattr_type, ctattr_tuple, ctattr_ip, ctattr_l4proto, ctattr_filter
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
+const CTA_ID: u16 = 12;
+const CTA_ZONE: u16 = 18;
 const CTA_FILTER: u16 = 25;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
@@ -310,7 +321,7 @@ fn setelems_in(
 }
 
 /// Which part of a conntrack entry a [`CtMatch`] matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Dir {
     /// The original direction (`CTA_TUPLE_ORIG`).
     Orig,
@@ -320,10 +331,11 @@ pub enum Dir {
 
 /// Conntrack entries to delete: those whose tuple in direction `dir`
 /// has these fields (`None`: any). With every field given this is one
-/// entry, deleted by lookup; otherwise the kernel deletes every match in
-/// one pass (`CTA_FILTER` on `IPCTNL_MSG_CT_DELETE`, Linux 6.11 and
-/// later; older kernels answer `EOPNOTSUPP` or `EINVAL`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// entry, deleted by lookup; otherwise, for IPv4, the kernel deletes
+/// every match in one pass (`CTA_FILTER` on `IPCTNL_MSG_CT_DELETE`, Linux
+/// 6.11 and later; older kernels answer `EOPNOTSUPP` or `EINVAL`), and
+/// for IPv6 the matches are found in a dump ([`CtMatch::kernel_filters`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CtMatch {
     /// Which tuple the fields are of.
     pub dir: Dir,
@@ -350,6 +362,120 @@ impl CtMatch {
             && self.dst.is_some()
             && self.sport.is_some()
             && self.dport.is_some()
+    }
+
+    /// Whether the kernel can delete these entries itself: one entry by
+    /// its tuple, or IPv4 entries by a filter. Not IPv6 entries by a
+    /// filter: `ctnetlink_filter_match_tuple` compares IPv6 addresses with
+    /// `!ipv6_addr_cmp()`, which is true when they are equal, so a filter
+    /// on an IPv6 address skips the entries with that address and takes
+    /// every other one (since CTA_FILTER came, Linux 5.8, through 6.18 at
+    /// least). Those are matched here instead: see [`CtMatchSet`].
+    pub fn kernel_filters(&self) -> bool {
+        self.exact() || !self.v6
+    }
+
+    /// Whether `e` is one of these entries. A port matches only an entry
+    /// whose tuple has ports.
+    pub fn matches(&self, e: &CtEntry) -> bool {
+        let t = match self.dir {
+            Dir::Orig => &e.orig,
+            Dir::Reply => &e.reply,
+        };
+        fn eq<T: PartialEq>(want: Option<T>, have: Option<T>) -> bool {
+            want.is_none() || (have.is_some() && want == have)
+        }
+        self.v6 == (e.family == AF_INET6)
+            && eq(self.proto, t.proto)
+            && eq(self.src, t.src)
+            && eq(self.sport, t.sport)
+            && eq(self.dst, t.dst)
+            && eq(self.dport, t.dport)
+    }
+
+    /// Which fields are given.
+    fn shape(&self) -> Shape {
+        Shape {
+            dir: self.dir,
+            proto: self.proto.is_some(),
+            src: self.src.is_some(),
+            sport: self.sport.is_some(),
+            dst: self.dst.is_some(),
+            dport: self.dport.is_some(),
+        }
+    }
+}
+
+/// The fields a [`CtMatch`] gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Shape {
+    dir: Dir,
+    proto: bool,
+    src: bool,
+    sport: bool,
+    dst: bool,
+    dport: bool,
+}
+
+impl Shape {
+    /// The match of this shape that `e` would be, if it has every field.
+    fn of(&self, e: &CtEntry) -> Option<CtMatch> {
+        let t = match self.dir {
+            Dir::Orig => &e.orig,
+            Dir::Reply => &e.reply,
+        };
+        fn pick<T>(on: bool, v: Option<T>) -> Option<Option<T>> {
+            if on {
+                v.map(Some)
+            } else {
+                Some(None)
+            }
+        }
+        Some(CtMatch {
+            dir: self.dir,
+            v6: e.family == AF_INET6,
+            proto: pick(self.proto, t.proto)?,
+            src: pick(self.src, t.src)?,
+            sport: pick(self.sport, t.sport)?,
+            dst: pick(self.dst, t.dst)?,
+            dport: pick(self.dport, t.dport)?,
+        })
+    }
+}
+
+/// Many [`CtMatch`]es, to test entries of a dump against: a lookup per
+/// distinct shape (which fields are given), not a comparison per match.
+#[derive(Debug, Default)]
+pub struct CtMatchSet {
+    shapes: Vec<Shape>,
+    set: std::collections::HashSet<CtMatch>,
+}
+
+impl CtMatchSet {
+    /// The set of these matches.
+    pub fn new<'a>(matches: impl IntoIterator<Item = &'a CtMatch>) -> CtMatchSet {
+        let mut s = CtMatchSet::default();
+        for m in matches {
+            let shape = m.shape();
+            if !s.shapes.contains(&shape) {
+                s.shapes.push(shape);
+            }
+            s.set.insert(*m);
+        }
+        s
+    }
+
+    /// Whether there is no match.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+
+    /// Whether some match of the set matches `e` (as
+    /// [`CtMatch::matches`]).
+    pub fn matches(&self, e: &CtEntry) -> bool {
+        self.shapes
+            .iter()
+            .any(|s| s.of(e).is_some_and(|m| self.set.contains(&m)))
     }
 }
 
@@ -425,6 +551,248 @@ fn ct_delete_in(buf: &mut Vec<u8>, seq: u32, m: &CtMatch) -> Result<(), TooLong>
         attr(buf, CTA_FILTER_ORIG_FLAGS, &orig.to_ne_bytes())?;
         attr(buf, CTA_FILTER_REPLY_FLAGS, &reply.to_ne_bytes())?;
         nest_end(buf, filter)?;
+    }
+    msg_end(buf, at)
+}
+
+/// One `IPCTNL_MSG_CT_GET` dump request for the conntrack entries of one
+/// family (`ctnetlink_start`: a family in the header is a filter on it).
+pub fn ct_dump(buf: &mut Vec<u8>, seq: u32, v6: bool) {
+    let family = if v6 { AF_INET6 } else { AF_INET };
+    let at = msg_start(
+        buf,
+        (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        seq,
+        family,
+        0,
+    );
+    // 20 bytes: fits.
+    let _ = msg_end(buf, at);
+}
+
+/// The fields of a conntrack tuple that [`CtMatch`] compares; `None`
+/// where the kernel's dump had no such attribute (no ports for ICMP).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CtTuple {
+    /// `CTA_PROTO_NUM`.
+    pub proto: Option<u8>,
+    /// `CTA_IP_V4_SRC` or `CTA_IP_V6_SRC`.
+    pub src: Option<IpAddr>,
+    /// `CTA_PROTO_SRC_PORT`.
+    pub sport: Option<u16>,
+    /// `CTA_IP_V4_DST` or `CTA_IP_V6_DST`.
+    pub dst: Option<IpAddr>,
+    /// `CTA_PROTO_DST_PORT`.
+    pub dport: Option<u16>,
+}
+
+/// One conntrack entry of a dump: what [`CtMatch::matches`] reads, and
+/// what [`ct_delete_entry`] needs to delete exactly this entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CtEntry {
+    /// The `nfgen_family` of the entry (`AF_INET` or `AF_INET6`).
+    pub family: u8,
+    /// The original tuple.
+    pub orig: CtTuple,
+    /// The reply tuple.
+    pub reply: CtTuple,
+    /// The payload of `CTA_TUPLE_ORIG` as the kernel sent it, sent back
+    /// as it is (every protocol's fields, and a directional zone).
+    orig_attrs: Vec<u8>,
+    /// `CTA_ZONE` (big-endian), if the entry is in a zone.
+    zone: Option<[u8; 2]>,
+    /// `CTA_ID` (big-endian): a delete of an entry with another id, one
+    /// that took the tuple since the dump, fails with `ENOENT`.
+    id: Option<[u8; 4]>,
+}
+
+/// The attributes in `b`, as (type without flags, payload); `None` if an
+/// attribute's length does not fit. Fewer than 4 bytes left over end the
+/// list (`nla_for_each_attr`).
+fn attrs(b: &[u8]) -> Option<Vec<(u16, &[u8])>> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while b.len().saturating_sub(at) >= 4 {
+        let len = usize::from(read_u16(b, at)?);
+        let ty = read_u16(b, at + 2)? & NLA_TYPE_MASK;
+        if len < 4 {
+            return None;
+        }
+        let payload = b.get(at + 4..at.checked_add(len)?)?;
+        out.push((ty, payload));
+        at = at.checked_add((len + 3) & !3)?;
+    }
+    Some(out)
+}
+
+fn addr_of(ty: u16, p: &[u8]) -> Option<IpAddr> {
+    match ty {
+        CTA_IP_V4_SRC | CTA_IP_V4_DST => {
+            let a: [u8; 4] = p.try_into().ok()?;
+            Some(IpAddr::from(a))
+        }
+        CTA_IP_V6_SRC | CTA_IP_V6_DST => {
+            let a: [u8; 16] = p.try_into().ok()?;
+            Some(IpAddr::from(a))
+        }
+        _ => None,
+    }
+}
+
+fn port_of(p: &[u8]) -> Option<u16> {
+    Some(u16::from_be_bytes(p.try_into().ok()?))
+}
+
+/// A `CTA_TUPLE_*` payload; `None` if malformed.
+fn parse_tuple(b: &[u8]) -> Option<CtTuple> {
+    let mut t = CtTuple::default();
+    for (ty, p) in attrs(b)? {
+        match ty {
+            CTA_TUPLE_IP => {
+                for (ty, p) in attrs(p)? {
+                    match ty {
+                        CTA_IP_V4_SRC | CTA_IP_V6_SRC => t.src = addr_of(ty, p),
+                        CTA_IP_V4_DST | CTA_IP_V6_DST => t.dst = addr_of(ty, p),
+                        _ => {}
+                    }
+                }
+            }
+            CTA_TUPLE_PROTO => {
+                for (ty, p) in attrs(p)? {
+                    match ty {
+                        CTA_PROTO_NUM => t.proto = p.first().copied().filter(|_| p.len() == 1),
+                        CTA_PROTO_SRC_PORT => t.sport = port_of(p),
+                        CTA_PROTO_DST_PORT => t.dport = port_of(p),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(t)
+}
+
+/// One `IPCTNL_MSG_CT_NEW`/`_GET` message's payload (after `nlmsghdr`):
+/// its entry, or `None` if it lacks a tuple or is malformed.
+fn parse_entry(b: &[u8]) -> Option<CtEntry> {
+    let family = *b.first()?;
+    let mut orig = None;
+    let mut reply = None;
+    let mut orig_attrs = None;
+    let mut zone = None;
+    let mut id = None;
+    for (ty, p) in attrs(b.get(4..)?)? {
+        match ty {
+            CTA_TUPLE_ORIG => {
+                orig = Some(parse_tuple(p)?);
+                orig_attrs = Some(p.to_vec());
+            }
+            CTA_TUPLE_REPLY => reply = Some(parse_tuple(p)?),
+            CTA_ZONE => zone = p.try_into().ok(),
+            CTA_ID => id = p.try_into().ok(),
+            _ => {}
+        }
+    }
+    Some(CtEntry {
+        family,
+        orig: orig?,
+        reply: reply?,
+        orig_attrs: orig_attrs?,
+        zone,
+        id,
+    })
+}
+
+/// Where a dump stands after one datagram of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DumpStatus {
+    /// More datagrams follow.
+    More,
+    /// `NLMSG_DONE`: the dump is complete.
+    Done,
+    /// The kernel ended the dump with this negative errno.
+    Failed(i32),
+}
+
+/// The entries in one datagram of the dump with sequence number `seq`,
+/// each handed to `each`; messages of other sequence numbers (late acks)
+/// are skipped. Every length is checked against the datagram; an entry
+/// without both tuples is skipped.
+pub fn parse_ct_dump(
+    datagram: &[u8],
+    seq: u32,
+    mut each: impl FnMut(CtEntry),
+) -> Result<DumpStatus, DecodeError> {
+    let mut at = 0usize;
+    while at < datagram.len() {
+        let bad = DecodeError::Malformed(at);
+        let len = read_u32(datagram, at).ok_or(bad.clone())? as usize;
+        let ty = read_u16(datagram, at + 4).ok_or(bad.clone())?;
+        let got = read_u32(datagram, at + 8).ok_or(bad.clone())?;
+        let end = at.checked_add(len).ok_or(bad.clone())?;
+        if len < NLMSG_HDRLEN || end > datagram.len() {
+            return Err(bad);
+        }
+        let body = datagram.get(at + NLMSG_HDRLEN..end).ok_or(bad.clone())?;
+        if got == seq {
+            match ty {
+                NLMSG_DONE => return Ok(DumpStatus::Done),
+                NLMSG_ERROR => {
+                    let e = read_u32(body, 0).ok_or(bad)? as i32;
+                    return Ok(if e == 0 {
+                        DumpStatus::Done
+                    } else {
+                        DumpStatus::Failed(e)
+                    });
+                }
+                _ if ty >> 8 == NFNL_SUBSYS_CTNETLINK => {
+                    if let Some(e) = parse_entry(body) {
+                        each(e);
+                    }
+                }
+                _ => {}
+            }
+        }
+        at = match at.checked_add(len.saturating_add(3) & !3) {
+            Some(next) => next,
+            None => return Err(bad),
+        };
+    }
+    Ok(DumpStatus::More)
+}
+
+/// One `IPCTNL_MSG_CT_DELETE` of exactly the entry `e` of a dump, with
+/// `NLM_F_ACK`: by its original tuple as dumped, in its zone, and only
+/// while it has the dumped id. On error `buf` is left as it was.
+pub fn ct_delete_entry(buf: &mut Vec<u8>, seq: u32, e: &CtEntry) -> Result<(), TooLong> {
+    let start = buf.len();
+    let r = ct_delete_entry_in(buf, seq, e);
+    if r.is_err() {
+        buf.truncate(start);
+    }
+    r
+}
+
+fn ct_delete_entry_in(buf: &mut Vec<u8>, seq: u32, e: &CtEntry) -> Result<(), TooLong> {
+    let at = msg_start(
+        buf,
+        (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE,
+        NLM_F_REQUEST | NLM_F_ACK,
+        seq,
+        e.family,
+        0,
+    );
+    let tuple = nest_start(buf, CTA_TUPLE_ORIG);
+    buf.extend_from_slice(&e.orig_attrs);
+    pad4(buf);
+    nest_end(buf, tuple)?;
+    if let Some(z) = e.zone {
+        attr(buf, CTA_ZONE, &z)?;
+    }
+    if let Some(id) = e.id {
+        attr(buf, CTA_ID, &id)?;
     }
     msg_end(buf, at)
 }
@@ -697,7 +1065,53 @@ impl Socket {
         }
         Ok(tally.outcome())
     }
+    /// Dumps the conntrack entries of one family, handing each to `each`
+    /// as its datagram comes (the table is not held in memory).
+    pub fn ct_dump(&mut self, v6: bool, mut each: impl FnMut(CtEntry)) -> io::Result<()> {
+        use nix::errno::Errno;
+        use nix::sys::socket::{recv, MsgFlags};
+        use std::os::fd::AsRawFd as _;
+        let seq = self.seqs(1);
+        let mut req = Vec::with_capacity(20);
+        ct_dump(&mut req, seq, v6);
+        self.send(&req)?;
+        let mut buf = vec![0u8; DUMP_RECV];
+        loop {
+            // MSG_TRUNC: the datagram's length, also when it did not fit.
+            let n = match recv(self.sock.as_raw_fd(), &mut buf, MsgFlags::MSG_TRUNC) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "conntrack dump: no answer from the kernel within {:?}",
+                            self.reply_timeout
+                        ),
+                    ))
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let got = buf.get(..n).ok_or_else(|| {
+                io::Error::other(format!("conntrack dump: a {n}-byte datagram did not fit"))
+            })?;
+            match parse_ct_dump(got, seq, &mut each).map_err(io::Error::other)? {
+                DumpStatus::More => {}
+                DumpStatus::Done => return Ok(()),
+                DumpStatus::Failed(e) => {
+                    return Err(io::Error::other(format!(
+                        "conntrack dump: {}",
+                        errno_text(e)
+                    )))
+                }
+            }
+        }
+    }
 }
+
+/// Room for one datagram of a dump: the kernel fills at most 32 KiB
+/// (`netlink_recvmsg` caps `max_recvmsg_len` there).
+const DUMP_RECV: usize = 64 << 10;
 
 /// The answers to one batch, as they come.
 ///
@@ -1032,6 +1446,293 @@ mod tests {
         ]
         .concat();
         assert!(b.ends_with(&tail), "{b:02x?}");
+    }
+
+    #[test]
+    fn ipv6_partial_matches_are_not_left_to_the_kernel_filter() {
+        let m = CtMatch {
+            dir: Dir::Orig,
+            v6: true,
+            proto: Some(6),
+            src: None,
+            sport: None,
+            dst: Some("2001:db8:ffff::1".parse().unwrap()),
+            dport: Some(30000),
+        };
+        assert!(!m.kernel_filters());
+        assert!(CtMatch { v6: false, ..m }.kernel_filters());
+        let exact = CtMatch {
+            src: Some("2001:db8::7".parse().unwrap()),
+            sport: Some(41000),
+            ..m
+        };
+        assert!(exact.exact() && exact.kernel_filters());
+    }
+
+    #[test]
+    fn a_dump_request_names_the_family() {
+        let mut b = Vec::new();
+        ct_dump(&mut b, 9, true);
+        let mut want = Vec::new();
+        want.extend_from_slice(&20u32.to_ne_bytes());
+        want.extend_from_slice(&0x0101u16.to_ne_bytes());
+        want.extend_from_slice(&0x0301u16.to_ne_bytes());
+        want.extend_from_slice(&9u32.to_ne_bytes());
+        want.extend_from_slice(&0u32.to_ne_bytes());
+        want.extend_from_slice(&[10, 0, 0, 0]);
+        assert_eq!(b, want);
+    }
+
+    /// A tuple as `ctnetlink_dump_tuples` writes it: `CTA_TUPLE_IP`, then
+    /// `CTA_TUPLE_PROTO` with the protocol's own attributes.
+    fn dumped_tuple(src: &str, dst: &str, proto: u8, l4: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut b = Vec::new();
+        let ip = nest_start(&mut b, CTA_TUPLE_IP);
+        for (ty, a) in [(CTA_IP_V6_SRC, src), (CTA_IP_V6_DST, dst)] {
+            let a: std::net::Ipv6Addr = a.parse().unwrap();
+            attr(&mut b, ty, &a.octets()).unwrap();
+        }
+        nest_end(&mut b, ip).unwrap();
+        let p = nest_start(&mut b, CTA_TUPLE_PROTO);
+        attr(&mut b, CTA_PROTO_NUM, &[proto]).unwrap();
+        for (ty, v) in l4 {
+            attr(&mut b, *ty, v).unwrap();
+        }
+        nest_end(&mut b, p).unwrap();
+        b
+    }
+
+    /// One `IPCTNL_MSG_CT_GET` message of a dump.
+    fn dumped_entry(seq: u32, orig: &[u8], reply: &[u8], zone: Option<u16>, id: u32) -> Vec<u8> {
+        let mut b = Vec::new();
+        let at = msg_start(&mut b, 0x0101, 0x2, seq, AF_INET6, 0);
+        for (ty, t) in [(CTA_TUPLE_ORIG, orig), (CTA_TUPLE_REPLY, reply)] {
+            let n = nest_start(&mut b, ty);
+            b.extend_from_slice(t);
+            nest_end(&mut b, n).unwrap();
+        }
+        // CTA_STATUS, which is not read.
+        attr(&mut b, 3, &0x18eu32.to_be_bytes()).unwrap();
+        if let Some(z) = zone {
+            attr(&mut b, CTA_ZONE, &z.to_be_bytes()).unwrap();
+        }
+        attr(&mut b, CTA_ID, &id.to_be_bytes()).unwrap();
+        msg_end(&mut b, at).unwrap();
+        b
+    }
+
+    fn done(seq: u32) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&20u32.to_ne_bytes());
+        b.extend_from_slice(&NLMSG_DONE.to_ne_bytes());
+        b.extend_from_slice(&2u16.to_ne_bytes());
+        b.extend_from_slice(&seq.to_ne_bytes());
+        b.extend_from_slice(&0u32.to_ne_bytes());
+        b.extend_from_slice(&0u32.to_ne_bytes());
+        b
+    }
+
+    fn sample_dump() -> (Vec<u8>, Vec<u8>) {
+        let (o, r) = ([41000u16, 30000], [8080u16, 41000]);
+        let (o, r) = (o.map(u16::to_be_bytes), r.map(u16::to_be_bytes));
+        let ports = |p: &[[u8; 2]; 2]| -> [(u16, Vec<u8>); 2] {
+            [
+                (CTA_PROTO_SRC_PORT, p[0].to_vec()),
+                (CTA_PROTO_DST_PORT, p[1].to_vec()),
+            ]
+        };
+        let (o, r) = (ports(&o), ports(&r));
+        let o: Vec<(u16, &[u8])> = o.iter().map(|(t, v)| (*t, v.as_slice())).collect();
+        let r: Vec<(u16, &[u8])> = r.iter().map(|(t, v)| (*t, v.as_slice())).collect();
+        let orig = dumped_tuple("2001:db8:aaaa::7", "2001:db8:ffff::1", 6, &o);
+        let reply = dumped_tuple("2001:db8::2", "2001:db8:aaaa::7", 6, &r);
+        let mut d = dumped_entry(7, &orig, &reply, Some(3), 0xdead_beef);
+        // ICMPv6 echo: no ports.
+        let icmp: Vec<(u16, &[u8])> = vec![(7, &[0, 5][..]), (8, &[128][..]), (9, &[0][..])];
+        let o2 = dumped_tuple("2001:db8:aaaa::7", "2001:db8:ffff::1", 58, &icmp);
+        let r2 = dumped_tuple("2001:db8:ffff::1", "2001:db8:aaaa::7", 58, &icmp);
+        d.extend(dumped_entry(7, &o2, &r2, None, 1));
+        (d, orig)
+    }
+
+    #[test]
+    fn a_dump_is_read_into_entries() {
+        let (mut d, orig) = sample_dump();
+        let mut got = Vec::new();
+        assert_eq!(parse_ct_dump(&d, 7, |e| got.push(e)), Ok(DumpStatus::More));
+        assert_eq!(got.len(), 2, "{got:?}");
+        let e = &got[0];
+        assert_eq!(e.family, AF_INET6);
+        assert_eq!(
+            e.orig,
+            CtTuple {
+                proto: Some(6),
+                src: Some("2001:db8:aaaa::7".parse().unwrap()),
+                sport: Some(41000),
+                dst: Some("2001:db8:ffff::1".parse().unwrap()),
+                dport: Some(30000),
+            }
+        );
+        assert_eq!(e.reply.src, Some("2001:db8::2".parse().unwrap()));
+        assert_eq!(e.reply.sport, Some(8080));
+        assert_eq!(e.orig_attrs, orig);
+        assert_eq!(e.zone, Some([0, 3]));
+        assert_eq!(e.id, Some([0xde, 0xad, 0xbe, 0xef]));
+        assert_eq!((got[1].orig.proto, got[1].orig.sport), (Some(58), None));
+        // Another dump's messages are not this one's; DONE ends it.
+        got.clear();
+        d.extend(done(7));
+        assert_eq!(parse_ct_dump(&d, 8, |e| got.push(e)), Ok(DumpStatus::More));
+        assert!(got.is_empty());
+        assert_eq!(parse_ct_dump(&d, 7, |e| got.push(e)), Ok(DumpStatus::Done));
+        assert_eq!(got.len(), 2);
+        // An error ends it too.
+        let mut err = done(7);
+        err[4..6].copy_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        err[16..20].copy_from_slice(&(-105i32).to_ne_bytes());
+        assert_eq!(parse_ct_dump(&err, 7, |_| {}), Ok(DumpStatus::Failed(-105)));
+    }
+
+    #[test]
+    fn a_dumped_entry_is_deleted_by_its_own_tuple_zone_and_id() {
+        let (d, orig) = sample_dump();
+        let mut got = Vec::new();
+        parse_ct_dump(&d, 7, |e| got.push(e)).unwrap();
+        let mut b = Vec::new();
+        ct_delete_entry(&mut b, 4, &got[0]).unwrap();
+        let n = |v: u16| v.to_ne_bytes();
+        let mut want: Vec<u8> = Vec::new();
+        let len = 20 + 4 + orig.len() + 8 + 8;
+        want.extend_from_slice(&(len as u32).to_ne_bytes());
+        want.extend_from_slice(&n(0x0102));
+        want.extend_from_slice(&n(0x5));
+        want.extend_from_slice(&4u32.to_ne_bytes());
+        want.extend_from_slice(&0u32.to_ne_bytes());
+        want.extend_from_slice(&[10, 0, 0, 0]);
+        want.extend_from_slice(&n(4 + orig.len() as u16));
+        want.extend_from_slice(&n(0x8001));
+        want.extend_from_slice(&orig);
+        want.extend_from_slice(&n(6));
+        want.extend_from_slice(&n(CTA_ZONE));
+        want.extend_from_slice(&[0, 3, 0, 0]);
+        want.extend_from_slice(&n(8));
+        want.extend_from_slice(&n(CTA_ID));
+        want.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
+        assert_eq!(b, want);
+    }
+
+    #[test]
+    fn dumped_entries_match_by_the_given_fields_only() {
+        let (d, _) = sample_dump();
+        let mut got = Vec::new();
+        parse_ct_dump(&d, 7, |e| got.push(e)).unwrap();
+        let (tcp, icmp) = (&got[0], &got[1]);
+        let ext: IpAddr = "2001:db8:ffff::1".parse().unwrap();
+        let int: IpAddr = "2001:db8::2".parse().unwrap();
+        let inbound = CtMatch {
+            dir: Dir::Orig,
+            v6: true,
+            proto: Some(6),
+            src: None,
+            sport: None,
+            dst: Some(ext),
+            dport: Some(30000),
+        };
+        let from_int = CtMatch {
+            dir: Dir::Reply,
+            dst: None,
+            dport: None,
+            src: Some(int),
+            sport: Some(8080),
+            ..inbound
+        };
+        let any_proto = CtMatch {
+            proto: None,
+            dport: None,
+            ..inbound
+        };
+        let cases = [
+            (inbound, true, false),
+            (from_int, true, false),
+            (any_proto, true, true),
+            (
+                CtMatch {
+                    dport: Some(30001),
+                    ..inbound
+                },
+                false,
+                false,
+            ),
+            (
+                CtMatch {
+                    dst: Some(int),
+                    ..inbound
+                },
+                false,
+                false,
+            ),
+            (
+                CtMatch {
+                    dir: Dir::Reply,
+                    ..inbound
+                },
+                false,
+                false,
+            ),
+            (
+                CtMatch {
+                    v6: false,
+                    ..any_proto
+                },
+                false,
+                false,
+            ),
+            // A port never matches an entry without ports.
+            (
+                CtMatch {
+                    proto: Some(58),
+                    ..inbound
+                },
+                false,
+                false,
+            ),
+        ];
+        for (m, on_tcp, on_icmp) in cases {
+            assert_eq!(m.matches(tcp), on_tcp, "{m:?}");
+            assert_eq!(m.matches(icmp), on_icmp, "{m:?}");
+            let set = CtMatchSet::new([&m]);
+            assert_eq!(set.matches(tcp), on_tcp, "{m:?}");
+            assert_eq!(set.matches(icmp), on_icmp, "{m:?}");
+        }
+        let all: Vec<CtMatch> = cases.iter().map(|c| c.0).collect();
+        let set = CtMatchSet::new(&all);
+        assert!(set.matches(tcp) && set.matches(icmp));
+        let none = CtMatchSet::new(&all[3..5]);
+        assert!(!none.matches(tcp) && !none.matches(icmp));
+        assert!(CtMatchSet::new(&[]).is_empty());
+    }
+
+    /// Whatever the kernel sends, reading it neither panics nor loops.
+    #[test]
+    fn a_dump_is_read_with_bounds_checks() {
+        let (mut d, _) = sample_dump();
+        d.extend(done(7));
+        for cut in 0..d.len() {
+            let _ = parse_ct_dump(&d[..cut], 7, |_| {});
+        }
+        for at in 0..d.len() {
+            for v in [0u8, 1, 3, 4, 5, 15, 16, 17, 0x80, 0xff] {
+                let mut bad = d.clone();
+                bad[at] = v;
+                let _ = parse_ct_dump(&bad, 7, |e| {
+                    let mut b = Vec::new();
+                    let _ = ct_delete_entry(&mut b, 1, &e);
+                });
+            }
+        }
+        let mut huge = d.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_ne_bytes());
+        assert!(parse_ct_dump(&huge, 7, |_| {}).is_err());
     }
 
     #[test]

@@ -707,6 +707,13 @@ pub(crate) fn conntrack_matches(m: &MappingRecord, out: &mut Vec<CtMatch>) {
     }
 }
 
+/// One conntrack delete: by a match, or of one entry of a dump.
+#[derive(Debug)]
+enum CtRequest<'a> {
+    Match(&'a CtMatch),
+    Entry(&'a nfnl::CtEntry),
+}
+
 /// Elements per nf_tables batch (one kernel transaction), at most; larger
 /// applies take several batches. The kernel also queues every ack of a
 /// batch before the first can be read, so its messages must fit the
@@ -1169,8 +1176,11 @@ impl NftDataplane {
     }
 
     /// Deletes the flows of removed mappings over ctnetlink, one message
-    /// per match, all in one datagram. Failures are logged, not returned:
-    /// the rules are gone already, and a flow left behind ends on its own
+    /// per match, all in one datagram. The kernel filters IPv6 addresses
+    /// wrongly (see [`CtMatch::kernel_filters`]): IPv6 entries of partial
+    /// matches are found in a dump of the IPv6 table instead, and each is
+    /// deleted by its own tuple. Failures are logged, not returned: the
+    /// rules are gone already, and a flow left behind ends on its own
     /// timeout.
     fn flush_conntrack(&mut self, matches: &[CtMatch]) {
         if matches.is_empty() {
@@ -1183,17 +1193,47 @@ impl NftDataplane {
         let Some(sock) = self.socket.as_mut() else {
             return;
         };
-        let mut unsupported = false;
         let mut broken = false;
+        let dumped = nfnl::CtMatchSet::new(matches.iter().filter(|m| !m.kernel_filters()));
+        let mut entries = Vec::new();
+        if !dumped.is_empty() {
+            let r = sock.ct_dump(true, |e| {
+                if dumped.matches(&e) {
+                    entries.push(e);
+                }
+            });
+            if let Err(e) = r {
+                // What is left of the dump would be read as acks.
+                tracing::warn!("conntrack cleanup of IPv6 flows failed: netlink: {e}");
+                broken = true;
+            }
+        }
+        let mut requests: Vec<CtRequest<'_>> = matches
+            .iter()
+            .filter(|m| m.kernel_filters())
+            .map(CtRequest::Match)
+            .collect();
+        if !broken {
+            requests.extend(entries.iter().map(CtRequest::Entry));
+        }
+        let mut unsupported = false;
         let size = sock.max_acks().min(BATCH_MESSAGES);
-        for chunk in matches.chunks(size) {
+        for chunk in requests.chunks(size) {
+            if broken {
+                break;
+            }
             let first = sock.seqs(chunk.len() as u32);
             let mut buf = Vec::with_capacity(chunk.len() * 80);
-            let mut kept: Vec<&CtMatch> = Vec::with_capacity(chunk.len());
-            for m in chunk {
-                match nfnl::ct_delete(&mut buf, first + kept.len() as u32, m) {
-                    Ok(()) => kept.push(m),
-                    Err(e) => tracing::warn!("conntrack cleanup of {m:?} failed: {e}"),
+            let mut kept: Vec<&CtRequest<'_>> = Vec::with_capacity(chunk.len());
+            for r in chunk {
+                let seq = first + kept.len() as u32;
+                let encoded = match r {
+                    CtRequest::Match(m) => nfnl::ct_delete(&mut buf, seq, m),
+                    CtRequest::Entry(e) => nfnl::ct_delete_entry(&mut buf, seq, e),
+                };
+                match encoded {
+                    Ok(()) => kept.push(r),
+                    Err(e) => tracing::warn!("conntrack cleanup of {r:?} failed: {e}"),
                 }
             }
             let n = kept.len() as u32;
@@ -1210,7 +1250,8 @@ impl NftDataplane {
                         let what = kept.get(a.seq.wrapping_sub(first) as usize);
                         // A kernel without CTA_FILTER on deletes answers a
                         // partial tuple EOPNOTSUPP, or, older, EINVAL.
-                        let filtered = what.is_some_and(|m| !m.exact());
+                        let filtered =
+                            what.is_some_and(|r| matches!(r, CtRequest::Match(m) if !m.exact()));
                         if a.error == nfnl::EOPNOTSUPP || (filtered && a.error == nfnl::EINVAL) {
                             unsupported = true;
                             continue;
@@ -1227,7 +1268,6 @@ impl NftDataplane {
                 Err(e) => {
                     tracing::warn!("conntrack cleanup failed: netlink: {e}");
                     broken = true;
-                    break;
                 }
             }
         }
@@ -1238,8 +1278,8 @@ impl NftDataplane {
             self.ct_filter_unsupported = true;
             tracing::warn!(
                 "this kernel cannot delete conntrack entries by a partial tuple \
-                 (CTA_FILTER on IPCTNL_MSG_CT_DELETE, Linux 6.11+): flows of removed \
-                 mappings end on their own timeouts"
+                 (CTA_FILTER on IPCTNL_MSG_CT_DELETE, Linux 6.11+): IPv4 flows of \
+                 removed mappings end on their own timeouts"
             );
         }
     }

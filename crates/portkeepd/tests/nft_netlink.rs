@@ -494,6 +494,61 @@ fn removed_mappings_lose_their_conntrack_entries_over_ctnetlink() {
     assert!(after.contains("dport=30001"), "{after}");
 }
 
+/// RFC 6887 section 15, for IPv6: removing an IPv6 MAP deletes the
+/// conntrack entries of flows to its external endpoint (ESTABLISHED and
+/// TIME_WAIT alike) and of flows from its internal one; a flow to another
+/// port of the same external address, and one to the same port of
+/// another address, stay.
+#[test]
+fn rfc6887_s15_removed_ipv6_mapping_loses_its_conntrack_entries() {
+    let Some(ns) = setup(
+        "IPv6 conntrack cleanup over ctnetlink",
+        &["ip", "nft", "conntrack"],
+    ) else {
+        return;
+    };
+    let name = ns.name.clone();
+    let m = map(
+        Protocol::TCP,
+        "[2001:db8::2]:8080",
+        "[2001:db8:ffff::1]:30000",
+    );
+    let m2 = m.clone();
+    let dp = in_ns(&name, move || {
+        let mut dp = NftDataplane::new(settings());
+        dp.apply(&[up(1, &m2)]).unwrap();
+        dp
+    });
+    let insert = |args: &str| {
+        let mut v = vec!["conntrack", "-I"];
+        v.extend(args.split_whitespace());
+        v.extend(["-t", "300", "-u", "SEEN_REPLY"]);
+        ns.exec(&v).unwrap();
+    };
+    // Inbound to the mapping, DNATed to [2001:db8::2]:8080.
+    insert("-p tcp -s 2001:db8:aaaa::7 -d 2001:db8:ffff::1 --sport 41000 --dport 30000 -r 2001:db8::2 -q 2001:db8:aaaa::7 --reply-port-src 8080 --reply-port-dst 41000 --state ESTABLISHED");
+    insert("-p tcp -s 2001:db8:aaaa::8 -d 2001:db8:ffff::1 --sport 41002 --dport 30000 -r 2001:db8::2 -q 2001:db8:aaaa::8 --reply-port-src 8080 --reply-port-dst 41002 --state TIME_WAIT");
+    // Outbound from the internal endpoint, SNATed to the external one.
+    insert("-p tcp -s 2001:db8::2 -d 2001:db8:bbbb::9 --sport 8080 --dport 443 -r 2001:db8:bbbb::9 -q 2001:db8:ffff::1 --reply-port-src 443 --reply-port-dst 30000 --state ESTABLISHED");
+    // Someone else's flows: another port, another address.
+    insert("-p tcp -s 2001:db8:aaaa::7 -d 2001:db8:ffff::1 --sport 41001 --dport 30001 -r 2001:db8::9 -q 2001:db8:aaaa::7 --reply-port-src 8080 --reply-port-dst 41001 --state ESTABLISHED");
+    insert("-p tcp -s 2001:db8:aaaa::7 -d 2001:db8:ffff::2 --sport 41003 --dport 30000 -r 2001:db8::9 -q 2001:db8:aaaa::7 --reply-port-src 8080 --reply-port-dst 41003 --state ESTABLISHED");
+    let v6 = || {
+        ns.exec(&["conntrack", "-L", "-f", "ipv6"])
+            .unwrap_or_default()
+    };
+    let before = v6();
+    assert_eq!(before.lines().count(), 5, "{before}");
+    in_ns(&name, move || {
+        let mut dp = dp;
+        dp.apply(&[down(2, &m)]).unwrap();
+    });
+    let after = v6();
+    assert_eq!(after.lines().count(), 2, "{after}");
+    assert!(after.contains("dport=30001"), "{after}");
+    assert!(after.contains("dst=2001:db8:ffff::2"), "{after}");
+}
+
 /// An apply larger than one netlink batch (the acks of one batch must fit
 /// the socket's receive buffer) installs every element, and a rebuild
 /// loads them all again.
