@@ -92,27 +92,36 @@ impl Requester {
 /// section 2.6.1: the epoch resets exactly when state was lost).
 #[derive(Debug, Clone, Default)]
 struct Expiries {
-    all: Vec<Timestamp>,
-    latest: Timestamp,
+    /// Each expiry with how many mappings end then: an ordered multiset,
+    /// so a renewal of one of a subscriber's thousands of mappings costs a
+    /// logarithm, not a scan.
+    all: std::collections::BTreeMap<Timestamp, u32>,
 }
 
 impl Expiries {
     fn add(&mut self, t: Timestamp) {
-        self.all.push(t);
-        self.latest = self.latest.max(t);
+        *self.all.entry(t).or_insert(0) += 1;
     }
 
     fn remove(&mut self, t: Timestamp) {
-        if let Some(i) = self.all.iter().position(|x| *x == t) {
-            self.all.swap_remove(i);
-            if t == self.latest {
-                self.latest = self.all.iter().copied().max().unwrap_or_default();
+        if let std::collections::btree_map::Entry::Occupied(mut e) = self.all.entry(t) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
             }
         }
     }
 
     fn latest(&self) -> Option<Timestamp> {
-        (!self.all.is_empty()).then_some(self.latest)
+        self.all.last_key_value().map(|(t, _)| *t)
+    }
+
+    /// Every expiry, once per mapping, in order.
+    fn sorted(&self) -> Vec<Timestamp> {
+        self.all
+            .iter()
+            .flat_map(|(t, n)| std::iter::repeat_n(*t, *n as usize))
+            .collect()
     }
 }
 
@@ -854,7 +863,13 @@ impl Server {
     pub fn volatile_hosts(&self) -> Vec<(SubscriberId, Vec<IpAddr>, Timestamp)> {
         self.volatile
             .iter()
-            .map(|(s, v)| (*s, sorted_hosts(&v.hosts), v.expiries.latest))
+            .map(|(s, v)| {
+                (
+                    *s,
+                    sorted_hosts(&v.hosts),
+                    v.expiries.latest().unwrap_or_default(),
+                )
+            })
             .collect()
     }
 
@@ -875,7 +890,11 @@ impl Server {
         dirty
             .into_iter()
             .map(|s| match self.volatile.get(&s) {
-                Some(v) => (s, sorted_hosts(&v.hosts), v.expiries.latest),
+                Some(v) => (
+                    s,
+                    sorted_hosts(&v.hosts),
+                    v.expiries.latest().unwrap_or_default(),
+                ),
                 None => (s, Vec::new(), Timestamp::default()),
             })
             .collect()

@@ -259,11 +259,26 @@ struct Hold {
 }
 
 impl Hold {
-    /// Whether it keeps the endpoint from `who` (RFC 6887 section 15:
-    /// "same client" is the same internal address, internal port and
-    /// nonce; the protocol is part of the endpoint).
+    /// Whether it keeps the endpoint from `who`.
+    ///
+    /// RFC 6887 section 15 lets "the same client" reclaim it: "same
+    /// internal IP address, internal port, and mapping nonce". The nonce
+    /// is what proves ownership (section 11.3), so a client whose internal
+    /// address changed and re-creates its mapping with its nonce and its
+    /// old external endpoint (failure-scenarios draft section 2.4) is the
+    /// same client too: the late traffic the hold keeps from others was
+    /// for it. A nonce many clients share (NAT-PMP's, the operator's)
+    /// proves nothing, so for those the internal address must match.
     fn bars(&self, who: Option<(&MappingKey, Nonce)>) -> bool {
-        who.is_none_or(|(k, n)| *k != self.owner || n != self.nonce)
+        let Some((k, n)) = who else {
+            return true;
+        };
+        let shared = n == crate::NATPMP_NONCE || n == crate::STATIC_NONCE;
+        let same = n == self.nonce
+            && k.protocol == self.owner.protocol
+            && k.internal_port == self.owner.internal_port
+            && (!shared || k.internal_ip == self.owner.internal_ip);
+        !same
     }
 }
 

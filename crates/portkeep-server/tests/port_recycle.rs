@@ -201,6 +201,88 @@ fn rfc6887_s15_the_same_client_reclaims_its_port_and_no_other_does() {
     s.check_invariants().unwrap();
 }
 
+/// Failure-scenarios draft section 2.4: a host whose internal address
+/// changed re-creates its mapping from the new address with its nonce and
+/// its old external endpoint; the nonce proves it is the client the port
+/// is held for (RFC 6887 sections 11.3 and 15).
+#[test]
+fn rfc6887_s15_a_client_that_moved_reclaims_its_port_with_its_nonce() {
+    let mut s = Server::new(cfg(1, Duration::from_secs(120)), T0);
+    send(&mut s, at(0), &ask("10.0.0.1", 1));
+    let delete = Ask {
+        lifetime: 0,
+        ..ask("10.0.0.1", 1)
+    };
+    send(&mut s, at(1_000), &delete);
+    let moved = Ask {
+        suggest: PORT,
+        ..ask("10.0.0.9", 1)
+    };
+    assert_eq!(
+        send(&mut s, at(2_000), &moved),
+        (ResultCode::SUCCESS, ext(PORT))
+    );
+    // Another internal port with that nonce is another mapping.
+    let mut s = Server::new(cfg(1, Duration::from_secs(120)), T0);
+    send(&mut s, at(0), &ask("10.0.0.1", 1));
+    send(&mut s, at(1_000), &delete);
+    let other_port = Ask {
+        port: 81,
+        suggest: PORT,
+        ..ask("10.0.0.9", 1)
+    };
+    assert_eq!(
+        send(&mut s, at(2_000), &other_port).0,
+        ResultCode::NO_RESOURCES
+    );
+}
+
+/// NAT-PMP mappings all carry one fixed nonce (docs/design.md): it proves
+/// nothing, so a port held after a NAT-PMP mapping is reclaimed only from
+/// the same internal address (RFC 6887 section 15's "same client").
+#[test]
+fn rfc6887_s15_a_shared_nonce_reclaims_only_from_the_same_address() {
+    let mut s = Server::new(cfg(1, Duration::from_secs(120)), T0);
+    let natpmp = |client: &str, lifetime: u32| {
+        let mut req = vec![0u8, 2, 0, 0];
+        req.extend_from_slice(&80u16.to_be_bytes());
+        req.extend_from_slice(&PORT.to_be_bytes());
+        req.extend_from_slice(&lifetime.to_be_bytes());
+        req
+    };
+    let mut out = Vec::new();
+    let from = |ip: &str| SocketAddr::new(ip.parse().unwrap(), 5000);
+    let result = |out: &[u8]| u16::from_be_bytes([out[2], out[3]]);
+    s.handle(at(0), from("10.0.0.1"), &natpmp("10.0.0.1", 3600), &mut out);
+    assert_eq!(result(&out), 0, "mapped");
+    s.handle(
+        at(1_000),
+        from("10.0.0.1"),
+        &natpmp("10.0.0.1", 0),
+        &mut out,
+    );
+    assert_eq!(s.port_hold_count(), 1);
+    s.handle(
+        at(2_000),
+        from("10.0.0.2"),
+        &natpmp("10.0.0.2", 3600),
+        &mut out,
+    );
+    assert_eq!(
+        result(&out),
+        4,
+        "another host: out of resources (RFC 6886 result 4)"
+    );
+    s.handle(
+        at(3_000),
+        from("10.0.0.1"),
+        &natpmp("10.0.0.1", 3600),
+        &mut out,
+    );
+    assert_eq!(result(&out), 0, "the same host reclaims it");
+    assert_eq!(u16::from_be_bytes([out[10], out[11]]), PORT);
+}
+
 #[test]
 fn rfc6887_s15_an_expired_mapping_and_a_peer_hold_their_ports_too() {
     let mut s = Server::new(cfg(1, Duration::from_secs(120)), T0);

@@ -150,9 +150,8 @@ impl Server {
                     "subscriber {sub:?}'s volatile hosts differ from its mappings"
                 ));
             }
-            let mut kept = set.expiries.all.clone();
+            let kept = set.expiries.sorted();
             let mut ends = ends.clone();
-            kept.sort_unstable();
             ends.sort_unstable();
             if kept != ends {
                 return Err(format!(
@@ -176,8 +175,7 @@ impl Server {
                     r.mappings
                 ));
             }
-            let mut kept = r.volatile.all.clone();
-            kept.sort_unstable();
+            let kept = r.volatile.sorted();
             ends.sort_unstable();
             if kept != ends {
                 return Err(format!(
