@@ -243,7 +243,7 @@ fn rfc6887_s15_a_client_that_moved_reclaims_its_port_with_its_nonce() {
 #[test]
 fn rfc6887_s15_a_shared_nonce_reclaims_only_from_the_same_address() {
     let mut s = Server::new(cfg(1, Duration::from_secs(120)), T0);
-    let natpmp = |client: &str, lifetime: u32| {
+    let natpmp = |lifetime: u32| {
         let mut req = vec![0u8, 2, 0, 0];
         req.extend_from_slice(&80u16.to_be_bytes());
         req.extend_from_slice(&PORT.to_be_bytes());
@@ -253,32 +253,17 @@ fn rfc6887_s15_a_shared_nonce_reclaims_only_from_the_same_address() {
     let mut out = Vec::new();
     let from = |ip: &str| SocketAddr::new(ip.parse().unwrap(), 5000);
     let result = |out: &[u8]| u16::from_be_bytes([out[2], out[3]]);
-    s.handle(at(0), from("10.0.0.1"), &natpmp("10.0.0.1", 3600), &mut out);
+    s.handle(at(0), from("10.0.0.1"), &natpmp(3600), &mut out);
     assert_eq!(result(&out), 0, "mapped");
-    s.handle(
-        at(1_000),
-        from("10.0.0.1"),
-        &natpmp("10.0.0.1", 0),
-        &mut out,
-    );
+    s.handle(at(1_000), from("10.0.0.1"), &natpmp(0), &mut out);
     assert_eq!(s.port_hold_count(), 1);
-    s.handle(
-        at(2_000),
-        from("10.0.0.2"),
-        &natpmp("10.0.0.2", 3600),
-        &mut out,
-    );
+    s.handle(at(2_000), from("10.0.0.2"), &natpmp(3600), &mut out);
     assert_eq!(
         result(&out),
         4,
         "another host: out of resources (RFC 6886 result 4)"
     );
-    s.handle(
-        at(3_000),
-        from("10.0.0.1"),
-        &natpmp("10.0.0.1", 3600),
-        &mut out,
-    );
+    s.handle(at(3_000), from("10.0.0.1"), &natpmp(3600), &mut out);
     assert_eq!(result(&out), 0, "the same host reclaims it");
     assert_eq!(u16::from_be_bytes([out[10], out[11]]), PORT);
 }
