@@ -32,6 +32,11 @@ pub use policy::{
     RefusalReason,
 };
 pub use prefix::Prefix;
+#[cfg(any(
+    feature = "planted-refused-kept-removes",
+    feature = "planted-refused-lost-keeps-epoch"
+))]
+pub use server::Planted;
 pub use server::{
     Announcement, ClearSelector, Cleared, Outcome, RestoreReport, Restored, Server, Stats,
     NATPMP_NONCE, STATIC_NONCE,

@@ -368,6 +368,31 @@ pub struct Server {
     request_sweep_at: usize,
     /// The server's rate of error responses ([`ServerConfig::error_rate`]).
     error_bucket: TokenBucket,
+    /// Planted defects ([`Server::plant`]), in builds with their feature.
+    #[cfg(any(
+        feature = "planted-refused-kept-removes",
+        feature = "planted-refused-lost-keeps-epoch"
+    ))]
+    planted: Planted,
+}
+
+/// Defects that can be switched on in test builds, each behind its own
+/// cargo feature, so that a test can show the simulator catches it.
+#[cfg(any(
+    feature = "planted-refused-kept-removes",
+    feature = "planted-refused-lost-keeps-epoch"
+))]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Planted {
+    /// [`Server::refused`] takes a refused renewal back as if it had never
+    /// been installed (the mapping goes, no epoch moves), though the NAT
+    /// still holds it: its client loses it without being told.
+    #[cfg(feature = "planted-refused-kept-removes")]
+    pub refused_kept_removes: bool,
+    /// [`Server::refused`] removes a mapping the NAT lost without resetting
+    /// its subscriber's epoch or owing its host an ANNOUNCE.
+    #[cfg(feature = "planted-refused-lost-keeps-epoch")]
+    pub refused_lost_keeps_epoch: bool,
 }
 
 fn sorted_hosts(hosts: &[(IpAddr, u32)]) -> Vec<IpAddr> {
@@ -435,7 +460,21 @@ impl Server {
             request_buckets: HashMap::new(),
             request_sweep_at: IDLE_SWEEP_MIN,
             error_bucket: TokenBucket::default(),
+            #[cfg(any(
+                feature = "planted-refused-kept-removes",
+                feature = "planted-refused-lost-keeps-epoch"
+            ))]
+            planted: Planted::default(),
         }
+    }
+
+    /// Switches planted defects on (test builds with their feature).
+    #[cfg(any(
+        feature = "planted-refused-kept-removes",
+        feature = "planted-refused-lost-keeps-epoch"
+    ))]
+    pub fn plant(&mut self, planted: Planted) {
+        self.planted = planted;
     }
 
     /// Rebuilds a server from stable storage (failure-scenarios draft
@@ -1278,6 +1317,20 @@ impl Server {
         };
         let Some(id) = id.filter(|&id| self.table.get(id).is_some_and(|e| e.nonce == nonce)) else {
             return false;
+        };
+        #[cfg(feature = "planted-refused-kept-removes")]
+        let how = match how {
+            crate::Refused::Kept if self.planted.refused_kept_removes => {
+                crate::Refused::NotInstalled
+            }
+            how => how,
+        };
+        #[cfg(feature = "planted-refused-lost-keeps-epoch")]
+        let how = match how {
+            crate::Refused::Lost if self.planted.refused_lost_keeps_epoch => {
+                crate::Refused::NotInstalled
+            }
+            how => how,
         };
         match how {
             crate::Refused::Kept => {}

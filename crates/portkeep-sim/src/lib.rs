@@ -44,15 +44,22 @@ pub enum Schedule {
     /// keeps its fence open while it revokes the lease of a session that
     /// failed (docs/testing.md), so two nodes serve.
     EtcdSlow,
+    /// The active's dataplane refuses changes for 2 to 6 s, once or twice
+    /// a seed (`Refused::Kept`, `NotInstalled`, `Lost`). A reply queued
+    /// behind a refused change, granting the same mapping, still leaves
+    /// as a success while the core takes the mapping back
+    /// (docs/testing.md).
+    DataplaneRefusal,
 }
 
 impl Schedule {
     /// Every named schedule.
-    pub const ALL: [Schedule; 4] = [
+    pub const ALL: [Schedule; 5] = [
         Schedule::PromoteEmpty,
         Schedule::PartitionedOldActive,
         Schedule::FrozenOldActive,
         Schedule::EtcdSlow,
+        Schedule::DataplaneRefusal,
     ];
 
     /// Whether it lifts the default faults' guards (the active lost only
@@ -72,6 +79,7 @@ impl Schedule {
             Schedule::PartitionedOldActive => "partitioned-old-active",
             Schedule::FrozenOldActive => "frozen-old-active",
             Schedule::EtcdSlow => "etcd-slow",
+            Schedule::DataplaneRefusal => "dataplane-refusal",
         }
     }
 
@@ -81,8 +89,9 @@ impl Schedule {
     }
 }
 
-/// A defect planted in `portkeep_ha::Node` (a cargo feature of
-/// `portkeep-ha`, switched on per run).
+/// A defect planted in `portkeep_ha::Node` or `portkeep_server::Server`
+/// (a cargo feature of `portkeep-ha` or `portkeep-server`, switched on per
+/// run).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlantedBug {
     /// Replies leave without waiting for the backup's acknowledgement.
@@ -91,14 +100,23 @@ pub enum PlantedBug {
     SkipTermCheck,
     /// The backup acknowledges before it persisted.
     AckBeforePersist,
+    /// A renewal the dataplane refused, the NAT still holding the mapping
+    /// (`Refused::Kept`), is taken back as if never installed: the client
+    /// loses the mapping without being told.
+    RefusedKeptRemoves,
+    /// A mapping the NAT lost (`Refused::Lost`) is removed without
+    /// resetting its subscriber's epoch or owing an ANNOUNCE.
+    RefusedLostKeepsEpoch,
 }
 
 impl PlantedBug {
     /// Every planted defect.
-    pub const ALL: [PlantedBug; 3] = [
+    pub const ALL: [PlantedBug; 5] = [
         PlantedBug::ReleaseBeforeAck,
         PlantedBug::SkipTermCheck,
         PlantedBug::AckBeforePersist,
+        PlantedBug::RefusedKeptRemoves,
+        PlantedBug::RefusedLostKeepsEpoch,
     ];
 
     /// The name `--planted` takes.
@@ -107,6 +125,8 @@ impl PlantedBug {
             PlantedBug::ReleaseBeforeAck => "release-before-ack",
             PlantedBug::SkipTermCheck => "skip-term-check",
             PlantedBug::AckBeforePersist => "ack-before-persist",
+            PlantedBug::RefusedKeptRemoves => "refused-kept-removes",
+            PlantedBug::RefusedLostKeepsEpoch => "refused-lost-keeps-epoch",
         }
     }
 
@@ -176,6 +196,9 @@ pub enum Invariant {
     Bounded,
     /// 6 (witness mode): at most one node answers PCP at any instant.
     OneAnswers,
+    /// 7: after the dataplane refused a change, the core holds what the
+    /// NAT forwards, and only a loss moves an epoch.
+    Dataplane,
 }
 
 impl Invariant {
@@ -188,6 +211,7 @@ impl Invariant {
             Invariant::UniqueExternal => 4,
             Invariant::Bounded => 5,
             Invariant::OneAnswers => 6,
+            Invariant::Dataplane => 7,
         }
     }
 }
@@ -248,6 +272,14 @@ pub struct Report {
     /// Extensions of volatile state answered without waiting for the
     /// backup (`NodeStats::extensions_unawaited`).
     pub extensions_unawaited: u64,
+    /// Changes the dataplane refused (`dataplane-refusal` fault), by what
+    /// it said they left: a renewal it kept the mapping of
+    /// (`Refused::Kept`).
+    pub refused_kept: u64,
+    /// A creation it never installed (`Refused::NotInstalled`).
+    pub refused_not_installed: u64,
+    /// A mapping the NAT lost (`Refused::Lost`).
+    pub refused_lost: u64,
     /// Witness mode: elections won at etcd.
     pub elections: u64,
     /// Witness mode: elected nodes that held less than the record and gave
@@ -292,6 +324,12 @@ pub struct Totals {
     pub steps: u64,
     /// Extensions of volatile state answered without waiting.
     pub extensions_unawaited: u64,
+    /// Refused changes the NAT kept the mapping of.
+    pub refused_kept: u64,
+    /// Refused creations never installed.
+    pub refused_not_installed: u64,
+    /// Refused changes to mappings the NAT lost.
+    pub refused_lost: u64,
     /// Elections won at etcd (witness mode).
     pub elections: u64,
     /// Yields (witness mode).
@@ -336,6 +374,9 @@ impl Totals {
         self.handovers += r.handovers;
         self.steps += r.steps;
         self.extensions_unawaited += r.extensions_unawaited;
+        self.refused_kept += r.refused_kept;
+        self.refused_not_installed += r.refused_not_installed;
+        self.refused_lost += r.refused_lost;
         self.elections += r.elections;
         self.yields += r.yields;
         self.stand_downs += r.stand_downs;

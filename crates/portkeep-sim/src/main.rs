@@ -29,11 +29,11 @@ struct Args {
     seed: Option<u64>,
     /// Turn on a named schedule (promote-empty,
     /// partitioned-old-active, frozen-old-active, etcd-slow with
-    /// --witness); repeatable.
+    /// --witness, dataplane-refusal); repeatable.
     #[arg(long, value_name = "NAME")]
     enable: Vec<String>,
     /// Switch on a planted defect (release-before-ack, skip-term-check,
-    /// ack-before-persist).
+    /// ack-before-persist, refused-kept-removes, refused-lost-keeps-epoch).
     #[arg(long, value_name = "NAME")]
     planted: Option<String>,
     /// Virtual minutes per seed.
@@ -64,7 +64,7 @@ fn main() -> ExitCode {
             Some(s) => template.enable.push(s),
             None => {
                 eprintln!(
-                    "unknown schedule {e:?}: expected one of promote-empty, partitioned-old-active, frozen-old-active, etcd-slow"
+                    "unknown schedule {e:?}: expected one of promote-empty, partitioned-old-active, frozen-old-active, etcd-slow, dataplane-refusal"
                 );
                 return ExitCode::from(2);
             }
@@ -74,7 +74,11 @@ fn main() -> ExitCode {
         match PlantedBug::parse(p) {
             Some(b) => template.planted = Some(b),
             None => {
-                eprintln!("unknown planted defect {p:?}: expected one of release-before-ack, skip-term-check, ack-before-persist");
+                let names: Vec<&str> = PlantedBug::ALL.iter().map(|b| b.name()).collect();
+                eprintln!(
+                    "unknown planted defect {p:?}: expected one of {}",
+                    names.join(", ")
+                );
                 return ExitCode::from(2);
             }
         }
@@ -107,6 +111,10 @@ fn main() -> ExitCode {
         println!(
             "not violations: check-points ended by an answer the client never received {}",
             r.unseen_downgrades
+        );
+        println!(
+            "dataplane refusals: kept {}, not installed {}, lost {}",
+            r.refused_kept, r.refused_not_installed, r.refused_lost
         );
         if o.witness {
             println!(
@@ -150,6 +158,10 @@ fn main() -> ExitCode {
     println!(
         "volatile extensions answered without waiting for the backup {}",
         t.extensions_unawaited
+    );
+    println!(
+        "dataplane refusals: kept {}, not installed {}, lost {}",
+        t.refused_kept, t.refused_not_installed, t.refused_lost
     );
     if template.witness {
         println!(

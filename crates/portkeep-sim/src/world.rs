@@ -16,7 +16,8 @@ use portkeep_proto::{Nonce, Protocol};
 use portkeep_server::record::key_of;
 use portkeep_server::{
     Announcement, BackupState, Change, ChangeRecord, MappingKind, MappingRecord, Outcome, Prefix,
-    RequesterState, Restored, Server, ServerConfig, SubscriberId, SubscriberKeying, Timestamp,
+    Refused, RequesterState, Restored, Server, ServerConfig, SubscriberId, SubscriberKeying,
+    Timestamp,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -219,6 +220,11 @@ enum Fault {
     /// The named schedule frozen-old-active: the active's process paused
     /// long enough for the backup to be promoted.
     FreezeOldActive,
+    /// For 2 to 6 s the active's dataplane refuses some of the changes it
+    /// is given: a renewal whose mapping it keeps (`Refused::Kept`), a
+    /// creation it never installed (`Refused::NotInstalled`), a mapping
+    /// the NAT lost (`Refused::Lost`).
+    DataplaneRefusal,
 }
 
 impl Fault {
@@ -248,6 +254,7 @@ impl Fault {
             Fault::Freeze => "freeze",
             Fault::EtcdSlow => "etcd-slow",
             Fault::FreezeOldActive => "frozen-old-active",
+            Fault::DataplaneRefusal => "dataplane-refusal",
         }
     }
 }
@@ -573,6 +580,9 @@ struct SimNode {
     /// Witness mode: the election it won last (world-wide numbering; 0:
     /// none).
     tenure: u64,
+    /// A `dataplane-refusal` window: until when (virtual ms), how likely
+    /// each changed mapping is refused, and the process it is for (`gen`).
+    refusing: (u64, f64, u64),
     /// Witness mode: until when etcd's answers to it are slow, and by how
     /// much (ms).
     etcd_slow: (u64, u64),
@@ -692,6 +702,11 @@ pub struct World {
     last_served: HashMap<MapKey, (Nonce, SocketAddr)>,
     /// When an operator last cleared each subscriber.
     cleared: HashMap<SubscriberId, u64>,
+    /// When a node's NAT last lost each mapping (`Refused::Lost`).
+    nat_lost: HashMap<MapKey, u64>,
+    /// The `dataplane-refusal` fault's own randomness: seeds it is not
+    /// planted in never draw from it, so they replay as before.
+    drng: ChaCha8Rng,
     server_seeds: [u64; 2],
     report: Report,
     kept: BTreeMap<Invariant, usize>,
@@ -762,6 +777,8 @@ impl World {
             two_serving: false,
             last_served: HashMap::new(),
             cleared: HashMap::new(),
+            nat_lost: HashMap::new(),
+            drng: ChaCha8Rng::seed_from_u64(opts.seed ^ 0xDA7A_0000_4EF0_0004),
             server_seeds,
             report: Report {
                 seed: opts.seed,
@@ -835,9 +852,12 @@ impl World {
                 freezes: Vec::new(),
                 coord: None,
                 tenure: 0,
+                refusing: (0, 0.0, 0),
                 etcd_slow: (0, 0),
             });
         }
+        w.plant(0);
+        w.plant(1);
         w.start_node(0);
         w.start_node(1);
         if keepalived && !w.opts.witness {
@@ -934,13 +954,25 @@ impl World {
             Some(PlantedBug::ReleaseBeforeAck) => c.planted.release_before_ack = true,
             Some(PlantedBug::SkipTermCheck) => c.planted.skip_term_check = true,
             Some(PlantedBug::AckBeforePersist) => c.planted.ack_before_persist = true,
-            None => {}
+            Some(PlantedBug::RefusedKeptRemoves | PlantedBug::RefusedLostKeepsEpoch) | None => {}
         }
         c
     }
 
     fn other(n: usize) -> usize {
         1 - n
+    }
+
+    /// Switches the run's planted defect of `portkeep_server` (if any) on
+    /// in node `n`'s core, after every new core.
+    fn plant(&mut self, n: usize) {
+        let mut p = portkeep_server::Planted::default();
+        match self.opts.planted {
+            Some(PlantedBug::RefusedKeptRemoves) => p.refused_kept_removes = true,
+            Some(PlantedBug::RefusedLostKeepsEpoch) => p.refused_lost_keeps_epoch = true,
+            _ => return,
+        }
+        self.nodes[n].server.plant(p);
     }
 
     // ------------------------------------------------------------------
@@ -1098,6 +1130,17 @@ impl World {
             let at = own.gen_range(lo..hi);
             self.schedule(at, Ev::Fault(Fault::OperatorClear, 0));
         }
+        // The named schedule dataplane-refusal: the active's dataplane
+        // refuses changes for a few seconds, once or twice a seed, from
+        // the fault's own generator (which also draws everything the
+        // fault does after).
+        if self.opts.enable.contains(&Schedule::DataplaneRefusal) {
+            let n = self.drng.gen_range(1..=2);
+            for _ in 0..n {
+                let at = self.drng.gen_range(lo..hi);
+                self.schedule(at, Ev::Fault(Fault::DataplaneRefusal, 0));
+            }
+        }
         // Witness mode: one to three freezes of a node's process in every
         // seed, from witness mode's own generator.
         if self.opts.witness {
@@ -1115,6 +1158,8 @@ impl World {
                 Schedule::PromoteEmpty => Fault::EmptyCrashBackup,
                 Schedule::PartitionedOldActive => Fault::PartitionOldActive,
                 Schedule::FrozenOldActive => Fault::FreezeOldActive,
+                // Planted above, from its own generator.
+                Schedule::DataplaneRefusal => continue,
                 Schedule::EtcdSlow => {
                     // Three times, from witness mode's generator (nothing
                     // without a witness).
@@ -1538,10 +1583,13 @@ impl World {
                     // A reply made before an operator cleared the
                     // mapping's subscriber promises nothing: the operator
                     // took it away after (failure-scenarios draft 2.6.2).
+                    // Nor does one made before the NAT lost the mapping
+                    // (`Refused::Lost`): that loss is told by the epoch.
                     let voided = self
                         .cleared
                         .get(&SubscriberKeying::default().subscriber_of(key.0))
-                        .is_some_and(|&t| h <= t);
+                        .is_some_and(|&t| h <= t)
+                        || self.nat_lost.get(&key).is_some_and(|&t| h <= t);
                     if grant.checkpoint_honoured && !voided {
                         self.report.checkpoints_promised += 1;
                         self.promises.insert(
@@ -1852,13 +1900,37 @@ impl World {
         };
         let ts = self.ts();
         let mut segment: Vec<(Reply, portkeep_ha::JobMeta)> = Vec::new();
+        // Only while a `dataplane-refusal` window is open: the changes of
+        // the segment, and whether the dataplane held each changed mapping
+        // before it (the store is applied in the same order).
+        let refusing = {
+            let (until, _, gen) = self.nodes[n].refusing;
+            self.now < until && gen == self.nodes[n].gen
+        };
+        let mut applied: Vec<ChangeRecord> = Vec::new();
+        let mut installed: HashMap<Vec<u8>, bool> = HashMap::new();
         for mut job in jobs {
             if let Some(r) = job.reset.take() {
-                let seg = std::mem::take(&mut segment);
+                let mut seg = std::mem::take(&mut segment);
+                if refusing {
+                    self.dataplane_apply(n, &applied, &installed, &mut seg);
+                    applied.clear();
+                    installed.clear();
+                }
                 self.commit_segment(n, seg, ts);
                 self.nodes[n].store.replace(&r);
             }
             let node = &mut self.nodes[n];
+            if refusing {
+                for c in &job.changes {
+                    if let Change::Upserted(m) = &c.change {
+                        let k = key_of(m);
+                        let held = node.store.maps.contains_key(&k);
+                        installed.entry(k).or_insert(held);
+                    }
+                }
+                applied.extend(job.changes.iter().cloned());
+            }
             node.store.apply(&job.changes);
             let mut meta = node
                 .ha
@@ -1868,6 +1940,9 @@ impl World {
                 meta = meta.made_at(Timestamp(T0 + job.reply.handled_at));
             }
             segment.push((job.reply, meta));
+        }
+        if refusing {
+            self.dataplane_apply(n, &applied, &installed, &mut segment);
         }
         self.commit_segment(n, segment, ts);
         self.maybe_fsync(n);
@@ -1882,6 +1957,230 @@ impl World {
         let after = self.nodes[n].ha.stats().extensions_unawaited;
         self.report.extensions_unawaited += after.saturating_sub(before);
         self.after_ha(n);
+    }
+
+    /// The dataplane of the daemon's committer while a `dataplane-refusal`
+    /// window is open (`node.rs`: `commit`, then `Shared::undo_failed`):
+    /// the segment's changes are applied once stored, before the node
+    /// commits them (it replicates them as they were). Some changed
+    /// mappings are refused: one the dataplane held before the segment is
+    /// kept as it was (`Refused::Kept`) or was lost by the NAT
+    /// (`Refused::Lost`), one it did not hold is not installed
+    /// (`Refused::NotInstalled`). The core decides what that leaves
+    /// (`Server::refused`); every reply of the segment that grants a
+    /// refused mapping becomes NETWORK_FAILURE (RFC 6887 section 7.4), with
+    /// the epoch its client now sees and without CHECKPOINT_REQUIRED; the
+    /// removals the core made are committed in the next round.
+    fn dataplane_apply(
+        &mut self,
+        n: usize,
+        changes: &[ChangeRecord],
+        installed: &HashMap<Vec<u8>, bool>,
+        seg: &mut [(Reply, portkeep_ha::JobMeta)],
+    ) {
+        let ts = self.ts();
+        let p = self.nodes[n].refusing.1;
+        // One fate per mapping and batch, as the nftables dataplane gives
+        // (its changes in one batch load together).
+        let mut fate: HashMap<Vec<u8>, Option<Refused>> = HashMap::new();
+        let mut undone: Vec<(Nonce, Protocol, u16)> = Vec::new();
+        for c in changes {
+            let Change::Upserted(m) = &c.change else {
+                continue;
+            };
+            let k = key_of(m);
+            let how = match fate.get(&k) {
+                Some(h) => *h,
+                None => {
+                    let h = if !self.drng.gen_bool(p) {
+                        None
+                    } else if !installed.get(&k).copied().unwrap_or(false) {
+                        Some(Refused::NotInstalled)
+                    } else if self.drng.gen_bool(0.3) {
+                        Some(Refused::Lost)
+                    } else {
+                        Some(Refused::Kept)
+                    };
+                    fate.insert(k, h);
+                    h
+                }
+            };
+            let Some(how) = how else {
+                continue;
+            };
+            if self.refuse(n, m, how) {
+                undone.push((m.nonce, m.key.protocol, m.key.internal_port));
+            }
+        }
+        if undone.is_empty() {
+            return;
+        }
+        let server = &self.nodes[n].server;
+        let cfg = server.config();
+        let cp = cfg.code_points;
+        let lifetime = cfg.short_error_lifetime;
+        for (reply, _) in seg.iter_mut() {
+            let out = std::mem::take(&mut reply.out);
+            reply.out = out
+                .into_iter()
+                .filter_map(|(h, b)| {
+                    let epoch = server.requester_epoch(ts, h);
+                    network_failure(&b, &cp, lifetime, epoch, &undone).map(|b| (h, b))
+                })
+                .collect();
+        }
+        self.nodes[n].dirty = true;
+        self.submit(n, Reply::default(), None);
+    }
+
+    /// `Server::refused` for one change the dataplane refused, held to what
+    /// the dataplane says (invariant 7): after `Kept` the core still holds
+    /// the mapping the NAT forwards, after `NotInstalled` or `Lost` it
+    /// holds it no more; only `Lost` moves epochs: its subscriber's
+    /// restarts (and its THIRD_PARTY manager's), nobody else's, and its
+    /// host is owed an ANNOUNCE. Whether the core took the change back.
+    fn refuse(&mut self, n: usize, m: &MappingRecord, how: Refused) -> bool {
+        let ts = self.ts();
+        let keying = SubscriberKeying::default();
+        let sub = keying.subscriber_of(m.key.internal_ip);
+        let epochs = |w: &World| -> Vec<u32> {
+            w.clients
+                .iter()
+                .map(|c| w.nodes[n].server.requester_epoch(ts, c.ip))
+                .collect()
+        };
+        let before = epochs(self);
+        if !self.nodes[n]
+            .server
+            .refused(ts, &m.key, m.kind, m.nonce, how)
+        {
+            return false;
+        }
+        self.nodes[n].dirty = true;
+        match how {
+            Refused::Kept => self.report.refused_kept += 1,
+            Refused::NotInstalled => self.report.refused_not_installed += 1,
+            Refused::Lost => self.report.refused_lost += 1,
+        }
+        let name = self.nodes[n].name;
+        let what = format!(
+            "{}/{}:{}",
+            m.key.internal_ip, m.key.protocol.0, m.key.internal_port
+        );
+        self.trace(format!(
+            "node {name}: the dataplane refused a change of {what} ({how:?})"
+        ));
+        let server = &self.nodes[n].server;
+        let holds = server.mappings().iter().any(|r| {
+            r.kind == m.kind && r.key == m.key && r.nonce == m.nonce && r.external == m.external
+        });
+        let after = epochs(self);
+        let moved: Vec<usize> = (0..self.clients.len())
+            .filter(|&c| before[c] != after[c])
+            .collect();
+        let mut wrong = Vec::new();
+        if holds != (how == Refused::Kept) {
+            wrong.push(format!(
+                "the NAT {} it, the core {}",
+                if how == Refused::Kept {
+                    "holds"
+                } else {
+                    "does not hold"
+                },
+                if holds { "does" } else { "does not" }
+            ));
+        }
+        if how == Refused::Lost {
+            if server.epoch_of(ts, Some(sub)) != 0 {
+                wrong.push(format!("subscriber {sub}'s epoch did not restart"));
+            }
+            let owed = server
+                .owed_announces(ts)
+                .iter()
+                .any(|(s, hosts, _)| *s == sub && hosts.contains(&m.key.internal_ip));
+            if !owed {
+                wrong.push("its host is owed no ANNOUNCE".to_owned());
+            }
+        }
+        let stray: Vec<IpAddr> = moved
+            .iter()
+            .map(|&c| self.clients[c].ip)
+            .filter(|ip| {
+                how != Refused::Lost || (keying.subscriber_of(*ip) != sub && m.manager != Some(*ip))
+            })
+            .collect();
+        if !stray.is_empty() {
+            wrong.push(format!("the epochs of {stray:?} moved"));
+        }
+        for w in wrong {
+            let line = format!("node {name}: the dataplane refused {what} ({how:?}): {w}");
+            self.violation(Invariant::Dataplane, line);
+        }
+        if how == Refused::Lost {
+            self.nat_lost(n, m);
+        }
+        true
+    }
+
+    /// Node `n`'s NAT lost mapping `m` (`Refused::Lost`): every client with
+    /// that mapping, or whose epoch restarted with it (the host's own, the
+    /// THIRD_PARTY client managing it), lost state, so its epoch check may
+    /// fail; a loss its check cannot see must be told by an ANNOUNCE whose
+    /// epoch restarted (as after an operator's clear).
+    fn nat_lost(&mut self, n: usize, m: &MappingRecord) {
+        let now = self.now;
+        let ts = self.ts();
+        let keying = SubscriberKeying::default();
+        let sub = keying.subscriber_of(m.key.internal_ip);
+        let key: MapKey = (m.key.internal_ip, m.key.protocol.0, m.key.internal_port);
+        if m.kind == MappingKind::Map {
+            self.nat_lost.insert(key, now);
+            if self.promises.get(&key).is_some_and(|p| p.nonce == m.nonce) {
+                self.promises.remove(&key);
+                self.promises_dirty = true;
+            }
+        }
+        for c in 0..self.clients.len() {
+            if self.clients[c].departed {
+                continue;
+            }
+            let hit: Vec<usize> = (0..self.clients[c].maps.len())
+                .filter(|&i| {
+                    let s = &self.clients[c].maps[i];
+                    m.kind == MappingKind::Map && s.key() == key && s.nonce == m.nonce
+                })
+                .collect();
+            let ip = self.clients[c].ip;
+            let own = !self.clients[c].third_party && keying.subscriber_of(ip) == sub;
+            if hit.is_empty() && !own && m.manager != Some(ip) {
+                continue;
+            }
+            for &i in &hit {
+                self.clients[c].maps[i].lost_told = true;
+            }
+            self.clients[c].excused_at = Some(now);
+            let held = hit.iter().any(|&i| {
+                let s = &self.clients[c].maps[i];
+                s.in_session && self.clients[c].session.grant(s.id).is_some()
+            });
+            if !held {
+                continue;
+            }
+            let cl = &self.clients[c];
+            let visible = match cl.session.epoch() {
+                Some((e, t)) => EpochTracker::resume(e, t)
+                    .observe(
+                        self.inst(now),
+                        self.nodes[n].server.requester_epoch(ts, cl.ip),
+                    )
+                    .is_invalid(),
+                None => true,
+            };
+            if !visible {
+                self.obligations
+                    .push((cl.ip, now + ANNOUNCE_DEADLINE_MS, n, now));
+            }
+        }
     }
 
     /// Executes the node's effects, then moves its link bytes.
@@ -2023,6 +2322,7 @@ impl World {
         let cfg = self.server_cfg(n);
         let ts = self.ts();
         self.nodes[n].server = Server::new(cfg, ts);
+        self.plant(n);
         self.nodes[n].replica = ReplicaDisk::default();
         // An empty backup now: it has not synced since (the guards ask
         // that of a backup before its active is lost). In the default
@@ -2218,6 +2518,7 @@ impl World {
         let name = node.name;
         let role = node.cfg_role;
         let term = node.term;
+        self.plant(n);
         self.trace(format!(
             "node {name}: starts as {} in term {term}",
             role.as_str()
@@ -2428,6 +2729,7 @@ impl World {
         if let Some(c) = node.link {
             self.close_conn_side(c, n, false);
         }
+        self.plant(n);
         self.resync(n);
         self.after_ha(n);
         self.submit(n, Reply::default(), Some(state));
@@ -2859,6 +3161,29 @@ impl World {
                     return postpone(self);
                 }
                 self.operator_clear(holder);
+            }
+            Fault::DataplaneRefusal => {
+                if !(self.nodes[holder].up
+                    && self.nodes[holder].ha.role() == Role::Active
+                    && self.nodes[holder].ha.serving()
+                    && self.fence_allows(holder)
+                    && !self.frozen(holder))
+                {
+                    if attempt < 20 {
+                        let d = self.drng.gen_range(2_000..5_000);
+                        self.schedule(now + d, Ev::Fault(f, attempt + 1));
+                    }
+                    return;
+                }
+                let d = self.drng.gen_range(2_000..=6_000);
+                let p = self.drng.gen_range(0.3..0.8);
+                let gen = self.nodes[holder].gen;
+                self.nodes[holder].refusing = (now + d, p, gen);
+                self.trace(format!(
+                    "fault: node {}'s dataplane refuses {:.0} % of the changed mappings for {d} ms",
+                    self.nodes[holder].name,
+                    p * 100.0
+                ));
             }
             Fault::CrashActive | Fault::FsyncFailure => {
                 if self.guards && !(pair_healthy && self.nodes[other].ever_synced) {
@@ -4208,4 +4533,36 @@ impl World {
             self.coord_call_failed(n, call);
         }
     }
+}
+
+/// `portkeepd`'s `network_failure` (`node.rs`): a reply granting a mapping
+/// the dataplane refused is rewritten as NETWORK_FAILURE (RFC 6887 section
+/// 7.4) with the short error lifetime, the epoch its client now sees and
+/// no CHECKPOINT_REQUIRED; other replies go out as they were. `None` (the
+/// reply is dropped) when it cannot be parsed or encoded again.
+fn network_failure(
+    bytes: &[u8],
+    cp: &portkeep_proto::CodePoints,
+    lifetime: u32,
+    epoch: u32,
+    undone: &[(Nonce, Protocol, u16)],
+) -> Option<Vec<u8>> {
+    use portkeep_proto::{PcpOption, ResultCode};
+    let mut r = portkeep_proto::Response::parse(bytes, cp).ok()?;
+    let hit = r.header.result == ResultCode::SUCCESS
+        && r.data.map_part().is_some_and(|m| {
+            undone
+                .iter()
+                .any(|(n, p, port)| m.nonce == *n && m.protocol == *p && m.internal_port == *port)
+        });
+    if !hit {
+        return Some(bytes.to_vec());
+    }
+    r.header.result = ResultCode::NETWORK_FAILURE;
+    r.header.lifetime = lifetime;
+    r.header.epoch = epoch;
+    r.options.retain(|o| *o != PcpOption::CheckpointRequired);
+    let mut out = Vec::with_capacity(bytes.len());
+    r.encode(cp, &mut out).ok()?;
+    Some(out)
 }

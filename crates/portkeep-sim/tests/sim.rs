@@ -257,3 +257,51 @@ fn planted_skip_term_check_is_found() {
 fn planted_ack_before_persist_is_found() {
     planted_is_caught(PlantedBug::AckBeforePersist);
 }
+
+/// The named schedule dataplane-refusal: refusals of every kind happen,
+/// and every violation in these seeds is invariant 1's (the reply queued
+/// behind a refused change, docs/testing.md), never 3's or 7's.
+#[test]
+fn dataplane_refusals_of_every_kind_are_exercised() {
+    let mut o = Options::new(0);
+    o.enable = vec![Schedule::DataplaneRefusal];
+    let t = run_seeds(&o, 0, 100, threads());
+    assert!(t.faults.get("dataplane-refusal").copied().unwrap_or(0) >= 100);
+    assert!(
+        t.refused_kept > 50 && t.refused_not_installed > 20 && t.refused_lost > 20,
+        "kept {}, not installed {}, lost {}",
+        t.refused_kept,
+        t.refused_not_installed,
+        t.refused_lost
+    );
+    for v in &t.examples {
+        assert_eq!(v.invariant, Invariant::CheckpointServed, "{v}");
+    }
+}
+
+/// A planted defect of `Server::refused`, under the dataplane-refusal
+/// schedule: invariant 7 (or 3) finds it.
+fn planted_refusal_is_caught(bug: PlantedBug) {
+    let mut o = Options::new(0);
+    o.planted = Some(bug);
+    o.enable = vec![Schedule::DataplaneRefusal];
+    let t = run_seeds(&o, 0, 40, threads());
+    let v = t
+        .examples
+        .iter()
+        .find(|v| matches!(v.invariant, Invariant::Dataplane | Invariant::Epochs));
+    match v {
+        Some(v) => eprintln!("{} found: {v}", bug.name()),
+        None => panic!("{} went unnoticed in 40 seeds", bug.name()),
+    }
+}
+
+#[test]
+fn planted_refused_kept_removes_is_found() {
+    planted_refusal_is_caught(PlantedBug::RefusedKeptRemoves);
+}
+
+#[test]
+fn planted_refused_lost_keeps_epoch_is_found() {
+    planted_refusal_is_caught(PlantedBug::RefusedLostKeepsEpoch);
+}
