@@ -2015,11 +2015,16 @@ impl World {
         if undone.is_empty() {
             return;
         }
-        let server = &self.nodes[n].server;
+        let node = &mut self.nodes[n];
+        let server = &node.server;
         let cfg = server.config();
         let cp = cfg.code_points;
         let lifetime = cfg.short_error_lifetime;
-        for (reply, _) in seg.iter_mut() {
+        // The batch's replies, and those of jobs handled since and still
+        // queued (a retransmission answered from the state the refusal
+        // just took back), as the daemon's committer does.
+        let queued = node.store.queue.iter_mut().map(|j| &mut j.reply);
+        for reply in seg.iter_mut().map(|(r, _)| r).chain(queued) {
             let out = std::mem::take(&mut reply.out);
             reply.out = out
                 .into_iter()
@@ -2057,6 +2062,11 @@ impl World {
             return false;
         }
         self.nodes[n].dirty = true;
+        if how == Refused::Lost {
+            // As the daemon's committer: replies made before the loss are
+            // made again at their release (`Node::cleared`).
+            self.nodes[n].ha.cleared(ts);
+        }
         match how {
             Refused::Kept => self.report.refused_kept += 1,
             Refused::NotInstalled => self.report.refused_not_installed += 1,

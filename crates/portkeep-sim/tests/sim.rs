@@ -259,8 +259,9 @@ fn planted_ack_before_persist_is_found() {
 }
 
 /// The named schedule dataplane-refusal: refusals of every kind happen,
-/// and every violation in these seeds is invariant 1's (the reply queued
-/// behind a refused change, docs/testing.md), never 3's or 7's.
+/// and the server tells every client the truth through them (RFC 6887
+/// section 7.4; failure-scenarios draft section 2.6.1), replies queued
+/// behind a refused batch included.
 #[test]
 fn dataplane_refusals_of_every_kind_are_exercised() {
     let mut o = Options::new(0);
@@ -274,8 +275,15 @@ fn dataplane_refusals_of_every_kind_are_exercised() {
         t.refused_not_installed,
         t.refused_lost
     );
-    for v in &t.examples {
-        assert_eq!(v.invariant, Invariant::CheckpointServed, "{v}");
+    assert_eq!(t.violations, 0, "failing seeds {:?}", t.failing_seeds());
+    // Seeds 1003 and 1533: a request answered while its refused batch
+    // was applied waited in the committer's queue, and left as a grant of
+    // a mapping the refusal took back; seed 3132: a reply made before the
+    // NAT lost its mapping waited for the backup, and left as a grant
+    // (docs/testing.md, "What it found").
+    for seed in [1003, 1533, 3132] {
+        let t = run_seeds(&o, seed, 1, 1);
+        assert_eq!(t.violations, 0, "seed {seed}");
     }
 }
 

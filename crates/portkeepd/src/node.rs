@@ -384,16 +384,26 @@ impl Shared {
     ) {
         let now = self.clock.now();
         let mut undone: Vec<(portkeep_proto::Nonce, portkeep_proto::Protocol, u16)> = Vec::new();
+        let mut lost = false;
         for c in changes.iter().filter(|c| failed.failed.contains(&c.seq)) {
             if let Change::Upserted(m) = &c.change {
                 let how = failed.refused(c.seq);
                 if core.server.refused(now, &m.key, m.kind, m.nonce, how) {
                     undone.push((m.nonce, m.key.protocol, m.key.internal_port));
+                    lost |= how == portkeep_server::Refused::Lost;
                 }
             }
         }
         if undone.is_empty() {
             return;
+        }
+        if lost {
+            // A reply made before the loss and still waiting for the
+            // backup would grant what the NAT lost: like an operator's
+            // clear, every reply made before now is made again at its
+            // release, which drops one whose mapping is gone (lock order:
+            // the core, then the node).
+            self.pair.node().cleared(now);
         }
         let server = &core.server;
         let cfg = server.config();
@@ -1256,8 +1266,21 @@ fn commit(
         }
         if let Some(failed) = failed {
             let mut core = shared.lock();
+            // The batch's replies, and those of jobs handled since and
+            // still queued: a retransmission answered from the state the
+            // refusal now takes back must not leave as a grant (lock
+            // order: the core, then the queue, as `submit` takes them).
+            let mut queued = shared
+                .queue
+                .as_ref()
+                .map(|(q, _)| q.lock().unwrap_or_else(|p| p.into_inner()));
             let mut all: Vec<&mut SendBatch> = jobs.iter_mut().map(|j| &mut j.replies).collect();
+            if let Some(g) = queued.as_mut() {
+                all.extend(g.jobs.iter_mut().map(|j| &mut j.replies));
+            }
             shared.undo_failed(&mut core, &changes, &failed, &mut all);
+            drop(all);
+            drop(queued);
             // The removals are committed (and taken off the dataplane) in
             // the next round, like any change.
             shared.submit(core, SendBatch::default(), 0);
