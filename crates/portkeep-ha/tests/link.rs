@@ -1395,3 +1395,41 @@ fn design_fencing_a_frame_with_an_unreachable_term_is_refused() {
     assert_eq!(b.term(), 3);
     assert_eq!(b.promote(at(2)).term, 4);
 }
+
+/// Link version 5 added held ports (RFC 6887 section 15): a backup of
+/// version 4 is not sent them (it could not read the frame), this
+/// release's backup reads them back as they were.
+#[test]
+fn link_version_4_backups_get_no_held_ports() {
+    let k = SubscriberKeying::default();
+    let hold = portkeep_server::PortHold {
+        owner: portkeep_server::MappingKey {
+            internal_ip: "10.0.0.1".parse().unwrap(),
+            protocol: portkeep_proto::Protocol::TCP,
+            internal_port: 80,
+        },
+        nonce: [5; 12],
+        external: "192.0.2.1:20001".parse().unwrap(),
+        until: Timestamp(T0.0 + 120_000),
+    };
+    let mut a = active_with_backup_of_version(4);
+    a.send_snapshot(
+        at(1),
+        10,
+        vec![Item::ServerEpoch { anchor: T0 }, Item::PortHeld(hold)],
+    );
+    assert_eq!(
+        snapshot_items_sent(&mut a, &k),
+        vec![Item::ServerEpoch { anchor: T0 }]
+    );
+    let mut a = active_with_backup_of_version(5);
+    a.send_snapshot(
+        at(1),
+        10,
+        vec![Item::ServerEpoch { anchor: T0 }, Item::PortHeld(hold)],
+    );
+    assert_eq!(
+        snapshot_items_sent(&mut a, &k),
+        vec![Item::ServerEpoch { anchor: T0 }, Item::PortHeld(hold)]
+    );
+}
