@@ -528,9 +528,16 @@ fn key(r: &MappingRecord) -> Key {
     (r.kind, r.key)
 }
 
-fn apply(mirror: &mut BTreeMap<Key, MappingRecord>, s: &mut Server) {
+/// Holds on freed ports as the log has them (RFC 6887 section 15), by
+/// endpoint: what a store restarted from the log would read back.
+type Holds = BTreeMap<[u8; 19], portkeep_server::PortHold>;
+
+fn apply(mirror: &mut BTreeMap<Key, MappingRecord>, holds: &mut Holds, s: &mut Server) {
     for c in s.drain_changes() {
         match c.change {
+            Change::PortHeld(h) => {
+                holds.insert(portkeep_server::record::hold_key(&h), h);
+            }
             Change::Upserted(r) => {
                 mirror.insert(key(&r), r);
             }
@@ -559,6 +566,7 @@ fuzz_target!(|input: Input| {
     let mut s = Server::new(cfg, now);
     assert!(s.install_static_forwards(now).is_empty());
     let mut mirror = BTreeMap::new();
+    let mut holds = Holds::new();
     let mut reconfigured = false;
     let mut out = Vec::new();
     for step in input.steps.iter().take(64) {
@@ -664,6 +672,7 @@ fuzz_target!(|input: Input| {
                     term: 0,
                     owed: s.owed_announces(now),
                     requesters: s.requesters(),
+                    holds: holds.values().copied().collect(),
                 };
                 let cfg = s.config().clone();
                 if *replica {
@@ -673,6 +682,11 @@ fuzz_target!(|input: Input| {
                     s = Server::restore_replica(cfg, now, state).0;
                     s.drain_changes().for_each(drop);
                     mirror = s.mappings().into_iter().map(|m| (key(&m), m)).collect();
+                    holds = s
+                        .port_holds()
+                        .into_iter()
+                        .map(|h| (portkeep_server::record::hold_key(&h), h))
+                        .collect();
                 } else {
                     s = Server::restore(cfg, now, state).0;
                 }
@@ -700,7 +714,7 @@ fuzz_target!(|input: Input| {
             }
             _ => {}
         }
-        apply(&mut mirror, &mut s);
+        apply(&mut mirror, &mut holds, &mut s);
         let checked = if reconfigured {
             s.check_consistency()
         } else {
