@@ -12,6 +12,9 @@
 //!
 //! A renewal the kernel refuses is answered NETWORK_FAILURE too, but the
 //! mapping it renews stays, as the NAT still does it, and no epoch moves.
+//! Copies of a refused creation answered while its batch was applied are
+//! answered NETWORK_FAILURE as well (before the committer rewrote the
+//! replies queued behind a refused batch, 973 of 1,000 were grants).
 //!
 //! Needs root, `ip` and `nft`: under CI (`CI=true`) it fails without them;
 //! elsewhere it prints `SKIPPED: <reason>` and passes.
@@ -281,4 +284,63 @@ fn refused_renewal(nft: &std::path::Path) {
         tracker.observe(std::time::Instant::now(), again.header.epoch),
         portkeep_client::EpochVerdict::Valid
     );
+}
+
+/// RFC 6887 section 7.4: a creation the kernel refuses is answered
+/// NETWORK_FAILURE, and so is every copy of it (a retransmission, a
+/// duplicate) the server answered while the refused batch was applied:
+/// those waited in the committer's queue behind it, answered from the
+/// mapping the refusal then took back, and must not leave as grants.
+#[test]
+fn rfc6887_s7_4_no_copy_of_a_refused_creation_is_granted() {
+    let what = "copies of a refused creation answered NETWORK_FAILURE";
+    let Some((lab, ns)) = one_namespace(what, "dq") else {
+        return;
+    };
+    let nft = clashing_nft(&lab.dir);
+    in_ns(&ns, move || copies_of_a_refused_creation(&nft));
+    drop(lab);
+}
+
+fn copies_of_a_refused_creation(nft: &std::path::Path) {
+    let d = Daemon::spawn(
+        &BINS,
+        &DaemonSpec {
+            config: Some(&format!(
+                "[dataplane]\nkind = \"nftables\"\nnft_path = \"{}\"\non_stop = \"flush\"\n",
+                nft.display()
+            )),
+            ..DaemonSpec::default()
+        },
+    );
+    let client = LOCALHOST;
+    let sock = UdpSocket::bind(SocketAddr::new(client, 0)).unwrap();
+    let _ = socket2::SockRef::from(&sock).set_recv_buffer_size(8 << 20);
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    // One request sent many times back to back: the first creates the
+    // mapping and its batch is refused; copies the server answers while
+    // that batch is being applied find the mapping and renew it.
+    let req = map_request(client, BAD_PORT, 7);
+    const COPIES: usize = 1_000;
+    for _ in 0..COPIES {
+        sock.send_to(&req, d.addr()).unwrap();
+    }
+    let mut codes = std::collections::BTreeMap::<u8, usize>::new();
+    let mut buf = [0u8; 1100];
+    while let Ok((n, _)) = sock.recv_from(&mut buf) {
+        let r = Response::parse(&buf[..n], &CodePoints::default()).unwrap();
+        *codes.entry(r.header.result.0).or_default() += 1;
+    }
+    eprintln!("replies by result code: {codes:?}");
+    assert!(
+        codes.contains_key(&ResultCode::NETWORK_FAILURE.0),
+        "{codes:?}\n{}",
+        d.log()
+    );
+    assert_eq!(
+        codes.get(&ResultCode::SUCCESS.0),
+        None,
+        "a copy granted a mapping the NAT refused: {codes:?}"
+    );
+    assert!(!held_ports(&d).contains(&u64::from(BAD_PORT)));
 }
