@@ -2166,31 +2166,41 @@ impl World {
             if hit.is_empty() && !own && m.manager != Some(ip) {
                 continue;
             }
-            for &i in &hit {
-                self.clients[c].maps[i].lost_told = true;
-            }
-            self.clients[c].excused_at = Some(now);
-            let held = hit.iter().any(|&i| {
-                let s = &self.clients[c].maps[i];
-                s.in_session && self.clients[c].session.grant(s.id).is_some()
-            });
-            if !held {
-                continue;
-            }
-            let cl = &self.clients[c];
-            let visible = match cl.session.epoch() {
-                Some((e, t)) => EpochTracker::resume(e, t)
-                    .observe(
-                        self.inst(now),
-                        self.nodes[n].server.requester_epoch(ts, cl.ip),
-                    )
-                    .is_invalid(),
-                None => true,
-            };
-            if !visible {
-                self.obligations
-                    .push((cl.ip, now + ANNOUNCE_DEADLINE_MS, n, now));
-            }
+            self.client_lost(n, c, &hit, ts);
+        }
+    }
+
+    /// Client `c` lost state on node `n` (its mappings `hit`, or only its
+    /// epoch): its next failed epoch check is excused, and if it held a
+    /// lost mapping its check cannot see the loss, node `n` owes it an
+    /// ANNOUNCE that shows it (RFC 6887 section 14.1.3) within
+    /// [`ANNOUNCE_DEADLINE_MS`].
+    fn client_lost(&mut self, n: usize, c: usize, hit: &[usize], ts: Timestamp) {
+        let now = self.now;
+        let held = hit.iter().any(|&i| {
+            let m = &self.clients[c].maps[i];
+            m.in_session && self.clients[c].session.grant(m.id).is_some()
+        });
+        for &i in hit {
+            self.clients[c].maps[i].lost_told = true;
+        }
+        self.clients[c].excused_at = Some(now);
+        if !held {
+            return;
+        }
+        let cl = &self.clients[c];
+        let visible = match cl.session.epoch() {
+            Some((e, t)) => EpochTracker::resume(e, t)
+                .observe(
+                    self.inst(now),
+                    self.nodes[n].server.requester_epoch(ts, cl.ip),
+                )
+                .is_invalid(),
+            None => true,
+        };
+        if !visible {
+            self.obligations
+                .push((cl.ip, now + ANNOUNCE_DEADLINE_MS, n, now));
         }
     }
 
@@ -3701,31 +3711,7 @@ impl World {
             if (hit.is_empty() && !own) || self.clients[c].departed {
                 continue;
             }
-            let held = hit.iter().any(|&i| {
-                let m = &self.clients[c].maps[i];
-                m.in_session && self.clients[c].session.grant(m.id).is_some()
-            });
-            for &i in &hit {
-                self.clients[c].maps[i].lost_told = true;
-            }
-            self.clients[c].excused_at = Some(now);
-            if !held {
-                continue;
-            }
-            let cl = &self.clients[c];
-            let visible = match cl.session.epoch() {
-                Some((e, t)) => EpochTracker::resume(e, t)
-                    .observe(
-                        self.inst(now),
-                        self.nodes[n].server.requester_epoch(ts, cl.ip),
-                    )
-                    .is_invalid(),
-                None => true,
-            };
-            if !visible {
-                self.obligations
-                    .push((cl.ip, now + ANNOUNCE_DEADLINE_MS, n, now));
-            }
+            self.client_lost(n, c, &hit, ts);
         }
         self.send_announcements(n);
     }

@@ -240,6 +240,16 @@ pub struct SubscriberSection {
     pub named: Option<Vec<NamedEntry>>,
 }
 
+/// Whether `name` can be a Linux interface name (IFNAMSIZ is 16 with the
+/// terminating NUL) that nft and netlink take as it is.
+fn interface_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name
+            .chars()
+            .all(|c| c.is_ascii_graphic() && c != '"' && c != '/' && c != '\\')
+}
+
 /// `[limits] interfaces` as the kernel numbers them now. An interface
 /// that does not exist is an error: serving every interface instead would
 /// open the external side (RFC 6887 section 8.2), and serving none would
@@ -249,12 +259,7 @@ fn interface_indexes(names: &[String]) -> Result<Vec<u32>, ConfigError> {
     names
         .iter()
         .map(|name| {
-            let ok = !name.is_empty()
-                && name.len() <= 15
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_graphic() && c != '"' && c != '/' && c != '\\');
-            if !ok {
+            if !interface_name_ok(name) {
                 return Err(invalid(KEY, format!("`{name}` is not an interface name")));
             }
             nix::net::if_::if_nametoindex(name.as_str())
@@ -498,13 +503,7 @@ impl DataplaneSection {
         let ifaces = |key: &str, v: Option<Vec<String>>| -> Result<Vec<String>, ConfigError> {
             let v = v.unwrap_or_default();
             for name in &v {
-                // IFNAMSIZ is 16 with the terminating NUL.
-                let ok = !name.is_empty()
-                    && name.len() <= 15
-                    && name
-                        .chars()
-                        .all(|c| c.is_ascii_graphic() && c != '"' && c != '/' && c != '\\');
-                if !ok {
+                if !interface_name_ok(name) {
                     return Err(invalid(key, format!("`{name}` is not an interface name")));
                 }
             }
